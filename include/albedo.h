@@ -1,0 +1,287 @@
+/*
+ * albedo.h — the one public header of albedo, an inference engine for the
+ * Moondream vision-language models.
+ *
+ * Usage:
+ *
+ *     albedo_model *m;
+ *     albedo_model_params mp = albedo_model_params_default();
+ *     if (albedo_model_load("path/to/moondream2", &mp, &m) != ALBEDO_OK) {
+ *         fprintf(stderr, "%s\n", albedo_last_error());
+ *         return 1;
+ *     }
+ *     albedo_session *s;
+ *     albedo_session_new(m, &s);
+ *     albedo_image *img;
+ *     albedo_image_encode_file(s, "photo.jpg", &img);   // vision encoder + prefix, once
+ *
+ *     albedo_request r = albedo_request_default(ALBEDO_SKILL_QUERY);
+ *     r.image = img;
+ *     r.question = "What is in this image?";
+ *     const albedo_result *res;
+ *     if (albedo_session_run(s, &r, &res) == ALBEDO_OK)
+ *         printf("%s\n", res->text);                     // valid until the next call on s
+ *
+ *     albedo_image_free(img);
+ *     albedo_session_free(s);
+ *     albedo_model_free(m);
+ *
+ * Thread-safety:
+ *   - An albedo_model is immutable after loading: any number of threads may
+ *     create sessions on it and run them concurrently.
+ *   - An albedo_session (working memory, KV cache, the last result) must be
+ *     used by one thread at a time. Create one session per thread.
+ *   - An albedo_image is immutable after encoding and may be shared by
+ *     sessions of the same model on any thread; free it after its last use.
+ *   - albedo_last_error() is per thread; albedo_session_error() per session.
+ *
+ * Ownership: inputs are borrowed for the duration of a call. Objects created
+ * by the _new, _load and _encode functions are freed by the matching _free, which accepts
+ * NULL. Results are borrowed from the session and stay valid until the next
+ * call on that session.
+ *
+ * The library never prints, exits or aborts on bad input: every failure comes
+ * back as an albedo_status with a message naming what was wrong.
+ */
+#ifndef ALBEDO_H
+#define ALBEDO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define ALBEDO_API __declspec(dllexport)
+#else
+#define ALBEDO_API __attribute__((visibility("default")))
+#endif
+
+#define ALBEDO_VERSION_STRING "0.1.0"
+
+/* ---- Status ------------------------------------------------------------- */
+
+typedef enum albedo_status {
+    ALBEDO_OK = 0,
+    ALBEDO_ERR_INVALID_ARGUMENT, /* a parameter or setting is out of range */
+    ALBEDO_ERR_IO,               /* a file could not be opened or read */
+    ALBEDO_ERR_MODEL_FORMAT,     /* safetensors / config.json is corrupt or does not match */
+    ALBEDO_ERR_TOKENIZER,        /* tokenizer.json is corrupt or unsupported */
+    ALBEDO_ERR_IMAGE,            /* image bytes could not be decoded */
+    ALBEDO_ERR_LIMIT,            /* input exceeds a limit (image size, prompt length, context) */
+    ALBEDO_ERR_OUT_OF_MEMORY,
+    ALBEDO_ERR_CANCELLED,        /* the stream callback asked to stop */
+    ALBEDO_ERR_UNSUPPORTED,      /* valid input that this build cannot handle */
+    ALBEDO_ERR_NETWORK,          /* a download failed */
+    ALBEDO_ERR_INTERNAL,
+    ALBEDO_STATUS_COUNT
+} albedo_status;
+
+/* A fixed English message for a status ("invalid argument"). Never NULL. */
+ALBEDO_API const char *albedo_status_str(albedo_status st);
+
+/* The detailed message of the last failing call on this thread
+ * ("tensor model.text.wte: expected [51200, 2048], file has [51200, 1024]").
+ * Empty string if none. Valid until the next failing call on this thread. */
+ALBEDO_API const char *albedo_last_error(void);
+
+ALBEDO_API const char *albedo_version(void);
+
+/* ---- Model -------------------------------------------------------------- */
+
+typedef struct albedo_model albedo_model;
+
+typedef enum albedo_precision {
+    /* Activations in float32, weights widened exactly from 16 bits: the
+     * reference path, matching the official implementation's float32 run. */
+    ALBEDO_PRECISION_F32 = 0,
+    /* Activations rounded to bfloat16 for matrix products, float32
+     * accumulation: about twice as fast where the CPU has bf16 dot products.
+     * Like the official bf16 GPU run; compared against F32 by the tests. */
+    ALBEDO_PRECISION_BF16 = 1
+} albedo_precision;
+
+typedef struct albedo_model_params {
+    int n_threads;              /* 0 = all cores */
+    albedo_precision precision; /* default F32 */
+    const char *backend;        /* NULL or "auto" = best available; "ref" = scalar
+                                   reference; "avx2", "avx512", "neon" */
+    int max_context;            /* 0 = the model's max_context */
+    int max_image_side;         /* reject images wider or taller (default 16384) */
+    int64_t max_image_pixels;   /* reject images with more pixels (default 100e6) */
+} albedo_model_params;
+
+ALBEDO_API albedo_model_params albedo_model_params_default(void);
+
+/* Load a model directory holding config.json, model.safetensors and
+ * tokenizer.json. Every tensor's presence, dtype and shape is checked against
+ * the configuration. Weights are memory-mapped and stay 16-bit. */
+ALBEDO_API albedo_status albedo_model_load(const char *dir, const albedo_model_params *params,
+                                           albedo_model **out);
+ALBEDO_API void albedo_model_free(albedo_model *m);
+
+/* A one-line description: "moondream2 (text 2048x24, vision 1152x27), backend avx512, 2 threads". */
+ALBEDO_API const char *albedo_model_describe(const albedo_model *m);
+
+/* ---- Session ------------------------------------------------------------ */
+
+typedef struct albedo_session albedo_session;
+
+ALBEDO_API albedo_status albedo_session_new(albedo_model *m, albedo_session **out);
+ALBEDO_API void albedo_session_free(albedo_session *s);
+/* Detail of the last failing call on this session; empty string if none. */
+ALBEDO_API const char *albedo_session_error(const albedo_session *s);
+
+/* ---- Images ------------------------------------------------------------- */
+
+/* An image after the vision encoder and the 730-position prefix prefill: any
+ * number of requests can reuse it without running either again. */
+typedef struct albedo_image albedo_image;
+
+ALBEDO_API albedo_status albedo_image_encode_file(albedo_session *s, const char *path,
+                                                  albedo_image **out);
+/* JPEG, PNG, WebP or GIF bytes (first frame). */
+ALBEDO_API albedo_status albedo_image_encode_bytes(albedo_session *s, const void *data,
+                                                   size_t len, albedo_image **out);
+/* Packed 8-bit RGB, rows top to bottom, stride = 3 * width. */
+ALBEDO_API albedo_status albedo_image_encode_rgb(albedo_session *s, const uint8_t *rgb, int width,
+                                                 int height, albedo_image **out);
+ALBEDO_API void albedo_image_free(albedo_image *img);
+ALBEDO_API void albedo_image_size(const albedo_image *img, int *width, int *height);
+
+/* ---- Requests ----------------------------------------------------------- */
+
+typedef enum albedo_skill {
+    ALBEDO_SKILL_CAPTION = 0,
+    ALBEDO_SKILL_QUERY,
+    ALBEDO_SKILL_DETECT,
+    ALBEDO_SKILL_POINT
+} albedo_skill;
+
+typedef enum albedo_length {
+    ALBEDO_LENGTH_NORMAL = 0,
+    ALBEDO_LENGTH_SHORT,
+    ALBEDO_LENGTH_LONG
+} albedo_length;
+
+/* A spatial reference: a point (n = 2: x, y) or a box (n = 4: x_min, y_min,
+ * x_max, y_max), normalised to [0, 1]. */
+typedef struct albedo_spatial_ref {
+    int n;
+    double v[4];
+} albedo_spatial_ref;
+
+/* Streaming callback: receives each piece of answer/caption text as it is
+ * decoded (UTF-8, never splitting a character). Return nonzero to stop the
+ * generation, which then ends with ALBEDO_ERR_CANCELLED. */
+typedef int (*albedo_text_fn)(void *user, const char *text, size_t len);
+
+typedef struct albedo_request {
+    albedo_skill skill;
+    const albedo_image *image; /* NULL: text-only query */
+    const char *question;      /* query */
+    const char *object;        /* detect, point */
+    albedo_length length;      /* caption */
+    int reasoning;             /* query: think first, with grounding */
+    const albedo_spatial_ref *spatial_refs; /* query */
+    int n_spatial_refs;
+    float temperature; /* >= 0; 0 = greedy. Default 0.5 */
+    float top_p;       /* (0, 1]. Default 0.3 */
+    int max_tokens;    /* > 0. Default 768 */
+    int max_objects;   /* > 0. Default 50 */
+    uint64_t seed;     /* sampling seed; same seed, same output */
+    int ignore_eos;    /* keep generating until max_tokens (benchmarks) */
+    albedo_text_fn on_text;
+    void *user;
+} albedo_request;
+
+ALBEDO_API albedo_request albedo_request_default(albedo_skill skill);
+
+typedef struct albedo_box {
+    double x_min, y_min, x_max, y_max;
+} albedo_box;
+
+typedef struct albedo_point {
+    double x, y;
+} albedo_point;
+
+typedef struct albedo_grounding {
+    int start_idx, end_idx; /* character offsets into reasoning text */
+    int n_points;
+    const albedo_point *points;
+} albedo_grounding;
+
+typedef enum albedo_finish {
+    ALBEDO_FINISH_STOP = 0, /* end of sequence or object list */
+    ALBEDO_FINISH_LENGTH    /* max_tokens or max_objects reached */
+} albedo_finish;
+
+typedef struct albedo_metrics {
+    int input_tokens;  /* prompt tokens incl. the 730 image positions */
+    int output_tokens;
+    int cached_tokens; /* positions reused from an encoded image */
+    double prefill_time_ms;
+    double decode_time_ms;
+    double ttft_ms;
+} albedo_metrics;
+
+typedef struct albedo_result {
+    albedo_skill skill;
+    const char *text;            /* caption or answer, UTF-8 */
+    const char *reasoning;       /* reasoning text, or NULL */
+    int n_grounding;
+    const albedo_grounding *grounding;
+    int n_objects;
+    const albedo_box *objects;
+    int n_points;
+    const albedo_point *points;
+    albedo_finish finish;
+    albedo_metrics metrics;
+    const int32_t *tokens;       /* every token id fed after the image, in order */
+    int n_tokens;
+} albedo_result;
+
+/* Run one request. On success *out points at a result owned by the session,
+ * valid until the next call on s. */
+ALBEDO_API albedo_status albedo_session_run(albedo_session *s, const albedo_request *r,
+                                            const albedo_result **out);
+
+/* The REST API's response object for a result: {"caption": …}, {"answer": …,
+ * "reasoning": {…}}, {"objects": […]} or {"points": […]}. With metrics != 0,
+ * also "finish_reason" and "metrics". Returns a string owned by the session,
+ * valid until the next call on s. */
+ALBEDO_API const char *albedo_result_json(albedo_session *s, const albedo_result *res,
+                                          int metrics);
+
+/* ---- Tools: synthetic models and benchmarks --------------------------------- */
+
+/* Write a model directory (config.json, model.safetensors, tokenizer.json)
+ * with seeded random weights: preset "md2" (the full Moondream 2 shapes) or
+ * "md2-small" (the test fixture; with seed 20261127 it reproduces
+ * shared/fixtures/models/md2-small bit for bit). legacy_f16 writes the
+ * 2024-08-26 names in F16. tokenizer_json: a tokenizer.json to copy, or NULL
+ * for a minimal byte-level one. */
+ALBEDO_API albedo_status albedo_synth_write(const char *dir, const char *preset, uint64_t seed,
+                                            int legacy_f16, const char *tokenizer_json);
+
+typedef struct albedo_bench_result {
+    double vision_crop_ms;    /* one crop through the vision encoder */
+    double prefill730_tok_s;  /* the 730-position image prefix through the text model */
+    double decode_d740_tok_s; /* one decode step (incl. LM head) at depth 740 */
+} albedo_bench_result;
+
+/* Time the three stages, median of `repeats` runs each. */
+ALBEDO_API albedo_status albedo_model_bench(albedo_model *m, int repeats, albedo_bench_result *out);
+
+/* ---- Tokens (for tools and tests) ---------------------------------------- */
+
+/* Encode text with the model's tokenizer. Writes up to cap ids; returns the
+ * number of ids the text has (which may exceed cap), or -1 on error. */
+ALBEDO_API int albedo_tokenize(const albedo_model *m, const char *text, int32_t *ids, int cap);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* ALBEDO_H */

@@ -1,0 +1,345 @@
+/*
+ * albedo.c — the public API (include/albedo.h): model loading, sessions,
+ * image encoding and request execution, glued from the stage files. Every
+ * failure is turned into a status plus a message for albedo_last_error()
+ * and, where there is a session, albedo_session_error().
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "session.h"
+
+#define CONFIG_MAX_BYTES (1u << 20)
+
+static _Atomic uint64_t next_image_id = 1; /* unique ids for KV-cache reuse */
+
+static albedo_status fail(errbuf *e, albedo_status st) {
+    error_set_last(e->msg);
+    return st;
+}
+
+albedo_model_params albedo_model_params_default(void) {
+    albedo_model_params p;
+    memset(&p, 0, sizeof p);
+    p.n_threads = 0;
+    p.precision = ALBEDO_PRECISION_F32;
+    p.backend = NULL;
+    p.max_context = 0;
+    p.max_image_side = 16384;
+    p.max_image_pixels = 100000000;
+    return p;
+}
+
+static albedo_status path_join(char *out, size_t cap, const char *dir, const char *file, errbuf *e) {
+    int n = snprintf(out, cap, "%s/%s", dir, file);
+    if (n < 0 || (size_t)n >= cap) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "model path too long");
+    return ALBEDO_OK;
+}
+
+static albedo_status build_rope(albedo_model *m, errbuf *e) {
+    const md_config *c = &m->cfg;
+    const int half = c->rot_dims / 2, P = c->max_context;
+    m->rope_cos = malloc((size_t)P * half * sizeof(float));
+    m->rope_sin = malloc((size_t)P * half * sizeof(float));
+    if (!m->rope_cos || !m->rope_sin) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for rotary tables");
+    /* As the reference: inv_freq = 1 / θ^(2i/R) and angles p·inv_freq in float32. */
+    for (int i = 0; i < half; i++) {
+        float inv = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)c->rot_dims);
+        for (int p = 0; p < P; p++) {
+            float a = (float)p * inv;
+            m->rope_cos[(size_t)p * half + i] = cosf(a);
+            m->rope_sin[(size_t)p * half + i] = sinf(a);
+        }
+    }
+    return ALBEDO_OK;
+}
+
+albedo_status albedo_model_load(const char *dir, const albedo_model_params *params, albedo_model **out) {
+    errbuf e = {{0}};
+    if (!out) return fail(&e, errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "out is NULL"));
+    *out = NULL;
+    if (!dir || !*dir) return fail(&e, errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "model directory is empty"));
+    albedo_model *m = calloc(1, sizeof *m);
+    if (!m) return fail(&e, errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory"));
+    m->params = params ? *params : albedo_model_params_default();
+    if (m->params.max_image_side <= 0) m->params.max_image_side = 16384;
+    if (m->params.max_image_pixels <= 0) m->params.max_image_pixels = 100000000;
+    m->limits = (img_limits){m->params.max_image_side, m->params.max_image_pixels};
+
+    char path[4096];
+    uint8_t *cfg_json = NULL;
+    size_t cfg_len = 0;
+    albedo_status st = path_join(path, sizeof path, dir, "config.json", &e);
+    if (!st) st = read_file(path, CONFIG_MAX_BYTES, &cfg_json, &cfg_len, &e);
+    md_config_defaults(&m->cfg);
+    if (!st) {
+        errbuf sub;
+        st = md_config_parse(&m->cfg, (const char *)cfg_json, cfg_len, &sub);
+        if (st) errf(&e, st, "%s: %s", path, sub.msg);
+    }
+    free(cfg_json);
+    if (!st) st = path_join(path, sizeof path, dir, "model.safetensors", &e);
+    if (!st) st = st_open(path, &m->st, &e);
+    if (!st) {
+        errbuf sub;
+        st = md_weights_bind(&m->w, &m->cfg, m->st, &sub);
+        if (st) errf(&e, st, "%s: %s", path, sub.msg);
+    }
+    if (!st) st = path_join(path, sizeof path, dir, "tokenizer.json", &e);
+    if (!st) {
+        errbuf sub;
+        st = tok_load_file(path, &m->tok, &sub);
+        if (st) errf(&e, st, "%s: %s", path, sub.msg);
+    }
+    if (!st) st = build_rope(m, &e);
+    if (!st && m->params.max_context < 0)
+        st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "max_context must be >= 0");
+    if (!st && m->params.max_context > 0 && m->params.max_context <= m->cfg.prefix_attn + 2)
+        st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "max_context %d leaves no room after the %d-position image prefix",
+                  m->params.max_context, m->cfg.prefix_attn);
+    if (!st) {
+        /* Probe the backend now so that a bad name fails at load, not later. */
+        ops_ctx *probe = NULL;
+        st = ops_ctx_new(m->params.backend, 1, OPS_F32, &probe, &e);
+        if (!st) {
+            const md_config *c = &m->cfg;
+            snprintf(m->describe, sizeof m->describe,
+                     "moondream2 (text %dx%d, vision %dx%d, vocab %d), backend %s, %s, %d threads", c->dim,
+                     c->n_layers, c->enc_dim, c->enc_layers, c->vocab, ops_backend_name(probe),
+                     m->params.precision == ALBEDO_PRECISION_BF16 ? "bf16" : "f32",
+                     m->params.n_threads > 0 ? m->params.n_threads : ops_default_threads());
+        }
+        ops_ctx_free(probe);
+    }
+    if (st) {
+        albedo_model_free(m);
+        return fail(&e, st);
+    }
+    *out = m;
+    return ALBEDO_OK;
+}
+
+void albedo_model_free(albedo_model *m) {
+    if (!m) return;
+    md_weights_release(&m->w);
+    st_close(m->st);
+    tok_free(m->tok);
+    free(m->rope_cos);
+    free(m->rope_sin);
+    free(m);
+}
+
+const char *albedo_model_describe(const albedo_model *m) { return m ? m->describe : ""; }
+
+/* ---- sessions ---------------------------------------------------------------- */
+
+albedo_status albedo_session_new(albedo_model *m, albedo_session **out) {
+    errbuf e = {{0}};
+    if (!m || !out) return fail(&e, errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "model or out is NULL"));
+    *out = NULL;
+    albedo_session *s = calloc(1, sizeof *s);
+    if (!s) return fail(&e, errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory"));
+    s->m = m;
+    albedo_status st = md_state_init(&s->st, m, &e);
+    if (!st && sampler_init(&s->sp, m->cfg.vocab)) st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    if (st) {
+        albedo_session_free(s);
+        return fail(&e, st);
+    }
+    *out = s;
+    return ALBEDO_OK;
+}
+
+void albedo_session_free(albedo_session *s) {
+    if (!s) return;
+    md_state_free(&s->st);
+    sampler_free(&s->sp);
+    result_store *rs = &s->res;
+    free(rs->text.p);
+    free(rs->reasoning.p);
+    free(rs->json.p);
+    free(rs->gr);
+    free(rs->gpts);
+    free(rs->boxes);
+    free(rs->points);
+    free(rs->tokens);
+    free(s->emb);
+    free(s);
+}
+
+const char *albedo_session_error(const albedo_session *s) { return s ? s->err.msg : ""; }
+
+static albedo_status session_fail(albedo_session *s, albedo_status st) {
+    error_set_last(s->err.msg);
+    return st;
+}
+
+/* ---- images ------------------------------------------------------------------- */
+
+void albedo_image_free(albedo_image *img) {
+    if (!img) return;
+    if (img->m) {
+        for (int l = 0; l < img->m->cfg.n_layers; l++) {
+            if (img->k) free(img->k[l]);
+            if (img->v) free(img->v[l]);
+        }
+    }
+    free(img->k);
+    free(img->v);
+    free(img);
+}
+
+void albedo_image_size(const albedo_image *img, int *width, int *height) {
+    if (width) *width = img ? img->w : 0;
+    if (height) *height = img ? img->h : 0;
+}
+
+albedo_status image_encode(albedo_session *s, const img_rgb *im, albedo_image **out, errbuf *e) {
+    const albedo_model *m = s->m;
+    const md_config *c = &m->cfg;
+    img_crops crops = {0};
+    albedo_status st = img_make_crops(im, c->crop_size, c->patch, c->overlap_margin, c->max_crops, &crops, e);
+    if (st) return st;
+    const int np = c->prefix_attn - 1, n_pos = c->prefix_attn, dim = c->dim;
+    float *emb = malloc((size_t)n_pos * dim * sizeof(float));
+    albedo_image *img = calloc(1, sizeof *img);
+    if (!emb || !img) {
+        st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory encoding an image");
+        goto done;
+    }
+    img->m = m;
+    img->w = im->w;
+    img->h = im->h;
+    img->n_pos = n_pos;
+    /* [BOS embedding, 729 image embeddings] through the text model with the
+     * bidirectional prefix mask; only the K/V cache is kept. */
+    text_embed(m, c->bos, emb);
+    st = vision_encode(&s->st, &crops, emb + dim, NULL, e);
+    if (!st) st = text_forward(&s->st, emb, n_pos, 0, c->prefix_attn, 0, e);
+    if (st) goto done;
+    const size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
+    img->k = calloc((size_t)c->n_layers, sizeof *img->k);
+    img->v = calloc((size_t)c->n_layers, sizeof *img->v);
+    if (!img->k || !img->v) {
+        st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for the image's KV prefix");
+        goto done;
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        img->k[l] = malloc((size_t)n_pos * kvd * sizeof(float));
+        img->v[l] = malloc((size_t)n_pos * kvd * sizeof(float));
+        if (!img->k[l] || !img->v[l]) {
+            st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for the image's KV prefix");
+            goto done;
+        }
+        memcpy(img->k[l], s->st.k_cache[l], (size_t)n_pos * kvd * sizeof(float));
+        memcpy(img->v[l], s->st.v_cache[l], (size_t)n_pos * kvd * sizeof(float));
+    }
+    img->id = atomic_fetch_add(&next_image_id, 1);
+    s->kv_image = img->id;
+    (void)np;
+done:
+    free(emb);
+    img_crops_free(&crops);
+    if (st) {
+        albedo_image_free(img);
+        s->kv_image = 0;
+        return st;
+    }
+    *out = img;
+    return ALBEDO_OK;
+}
+
+static albedo_status encode_checked(albedo_session *s, albedo_image **out) {
+    if (!out) return errf(&s->err, ALBEDO_ERR_INVALID_ARGUMENT, "out is NULL");
+    *out = NULL;
+    return ALBEDO_OK;
+}
+
+albedo_status albedo_image_encode_bytes(albedo_session *s, const void *data, size_t len, albedo_image **out) {
+    if (!s) return ALBEDO_ERR_INVALID_ARGUMENT;
+    albedo_status st = encode_checked(s, out);
+    if (st) return session_fail(s, st);
+    if (!data || !len) return session_fail(s, errf(&s->err, ALBEDO_ERR_IMAGE, "image data is empty"));
+    img_rgb im = {0};
+    st = img_decode(data, len, &s->m->limits, &im, &s->err);
+    if (!st) st = image_encode(s, &im, out, &s->err);
+    img_free(&im);
+    return st ? session_fail(s, st) : ALBEDO_OK;
+}
+
+albedo_status albedo_image_encode_file(albedo_session *s, const char *path, albedo_image **out) {
+    if (!s) return ALBEDO_ERR_INVALID_ARGUMENT;
+    albedo_status st = encode_checked(s, out);
+    if (st) return session_fail(s, st);
+    if (!path) return session_fail(s, errf(&s->err, ALBEDO_ERR_INVALID_ARGUMENT, "image path is NULL"));
+    img_rgb im = {0};
+    st = img_load_file(path, &s->m->limits, &im, &s->err);
+    if (!st) st = image_encode(s, &im, out, &s->err);
+    img_free(&im);
+    return st ? session_fail(s, st) : ALBEDO_OK;
+}
+
+albedo_status albedo_image_encode_rgb(albedo_session *s, const uint8_t *rgb, int width, int height,
+                                      albedo_image **out) {
+    if (!s) return ALBEDO_ERR_INVALID_ARGUMENT;
+    albedo_status st = encode_checked(s, out);
+    if (st) return session_fail(s, st);
+    if (!rgb || width <= 0 || height <= 0)
+        return session_fail(s, errf(&s->err, ALBEDO_ERR_INVALID_ARGUMENT, "image is empty (%dx%d)", width, height));
+    if (width > s->m->limits.max_side || height > s->m->limits.max_side ||
+        (int64_t)width * height > s->m->limits.max_pixels)
+        return session_fail(s, errf(&s->err, ALBEDO_ERR_LIMIT, "image %dx%d exceeds the limits (side %d, %lld pixels)",
+                                    width, height, s->m->limits.max_side, (long long)s->m->limits.max_pixels));
+    img_rgb im = {width, height, (uint8_t *)rgb};
+    st = image_encode(s, &im, out, &s->err);
+    return st ? session_fail(s, st) : ALBEDO_OK;
+}
+
+/* ---- requests ------------------------------------------------------------------ */
+
+albedo_request albedo_request_default(albedo_skill skill) {
+    albedo_request r;
+    memset(&r, 0, sizeof r);
+    r.skill = skill;
+    r.length = ALBEDO_LENGTH_NORMAL;
+    r.temperature = 0.5f;
+    r.top_p = 0.3f;
+    r.max_tokens = 768;
+    r.max_objects = 50;
+    return r;
+}
+
+albedo_status albedo_session_run(albedo_session *s, const albedo_request *r, const albedo_result **out) {
+    if (!s) return ALBEDO_ERR_INVALID_ARGUMENT;
+    s->err.msg[0] = 0;
+    if (!r || !out) return session_fail(s, errf(&s->err, ALBEDO_ERR_INVALID_ARGUMENT, "request or out is NULL"));
+    *out = NULL;
+    albedo_status st = gen_run(s, r, &s->err);
+    if (st) return session_fail(s, st);
+    *out = &s->res.r;
+    return ALBEDO_OK;
+}
+
+const char *albedo_result_json(albedo_session *s, const albedo_result *res, int metrics) {
+    const char *out = NULL;
+    if (!s || !res) return NULL;
+    if (result_to_json(s, res, metrics, &out)) return NULL;
+    return out;
+}
+
+int albedo_tokenize(const albedo_model *m, const char *text, int32_t *ids, int cap) {
+    errbuf e = {{0}};
+    if (!m || !text) return -1;
+    int32_t *v = NULL;
+    int n = 0;
+    if (tok_encode(m->tok, text, strlen(text), &v, &n, &e)) {
+        error_set_last(e.msg);
+        return -1;
+    }
+    for (int i = 0; i < n && i < cap; i++) ids[i] = v[i];
+    free(v);
+    return n;
+}

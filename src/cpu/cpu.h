@@ -1,0 +1,149 @@
+/*
+ * cpu.h — internals of the CPU backend, shared by its files only: the
+ * context behind ops_ctx, the thread pool, and the per-ISA op tables.
+ * Stage code never includes this; it sees ops.h alone.
+ */
+#ifndef ALBEDO_CPU_H
+#define ALBEDO_CPU_H
+
+#include "../ops.h"
+
+/* A fixed pool of threads; the calling thread works too. */
+typedef struct threadpool threadpool;
+typedef void (*tp_fn)(void *arg, int task, int thread);
+
+threadpool *tp_new(int n_threads);
+void tp_free(threadpool *tp);
+int tp_size(const threadpool *tp);
+/* Run fn(arg, task, thread) for task in [0, n_tasks); thread in [0, size). */
+void tp_run(threadpool *tp, int n_tasks, tp_fn fn, void *arg);
+
+struct ops_ctx {
+    const ops *tab;
+    threadpool *tp;
+    int n_threads;
+    ops_precision prec;
+    /* Per-thread scratch, grown on demand by cpu_scratch; after the first
+     * step of a given shape no further allocation happens. */
+    void **scratch;
+    size_t *scratch_len;
+    int failed; /* set when scratch could not be allocated; see ops_failed */
+};
+
+/* Per-thread scratch of at least bytes (64-byte aligned), or NULL on OOM
+ * (then c->failed is set and the op returns without writing). */
+void *cpu_scratch(ops_ctx *c, int thread, size_t bytes);
+
+/* Element i of a 16/32-bit float vector of dtype dt (bias and LayerNorm
+ * parameters; never used in inner loops). */
+static inline float cpu_ld(const void *p, dtype dt, size_t i) {
+    switch (dt) {
+    case DT_BF16: return bf16_to_f32(((const uint16_t *)p)[i]);
+    case DT_F16: return f16_to_f32(((const uint16_t *)p)[i]);
+    default: return ((const float *)p)[i];
+    }
+}
+
+/* ---- Kernels and drivers ----------------------------------------------------
+ * Every fast table is the same set of drivers (ops_cpu.c: blocking, threading,
+ * masks, scratch) over one set of kernels per ISA (ops_avx512.c, ops_avx2.c,
+ * ops_neon.c, and portable C in ops_cpu.c). The kernels see plain pointers and
+ * counts; they never allocate and never start threads. */
+
+/* A packed-panel matrix product, the BLIS scheme: W is packed, a block of K
+ * at a time, into panels of nr weight rows laid out [kc][nr] (so one k of a
+ * panel is a contiguous vector), and a register tile of mr rows of x times
+ * one panel accumulates in registers. An element is one float, or, for the
+ * bf16 dot-product flavour, a pair of bf16 along K in one 32-bit word (x and
+ * W both; the hardware multiplies pairs and adds them into float lanes). */
+typedef struct cpu_gemm {
+    int mr, nr, kc; /* register tile rows, panel width, K block (elements) */
+    int pairs;      /* 1: elements are bf16 pairs, 0: floats */
+    /* dst [ec][nr] = elements [e0, e0+ec) of rows 0..nrows-1 of w (row
+     * stride ldw elements of dt, rows of K elements of dt), transposed;
+     * rows nrows..nr-1 are zero. Pairs read bf16 w and zero the half past K. */
+    void (*pack)(void *dst, const void *w, dtype dt, size_t ldw, int nrows, int e0, int ec,
+                 int K);
+    /* y[i][j] = init + sum_e x[i][e] * wp[e][j] for i < mr, j < ncols (the
+     * other columns of y are not touched); init is y itself when accumulate,
+     * else bias[j] when bias, else 0. x has row stride ldx elements. */
+    void (*kernel)(int mr, int kc, const void *x, size_t ldx, const void *wp, float *y,
+                   size_t ldy, int ncols, const float *bias, int accumulate);
+} cpu_gemm;
+
+typedef struct cpu_kernels {
+    const cpu_gemm *f32;  /* float elements, W widened from bf16/f16/f32 */
+    const cpu_gemm *bf16; /* bf16-pair dot products, or NULL */
+    int small_t;          /* linear with T < small_t uses gemv, which streams W once */
+    /* y[t][n] = b[n] + sum_k x[t][k] W[n][k] for t < T, n in [n0, n1); W [N, K]
+     * of dt; b of bdt or NULL. */
+    void (*gemv)(int T, int K, const float *x, size_t ldx, const void *w, dtype dt,
+                 const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy);
+    /* The same with x as bf16 pairs (ldx in pairs) and bf16 W, or NULL. */
+    void (*gemv_pairs)(int T, int K, const uint32_t *x, size_t ldx, const uint16_t *w,
+                       const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy);
+    /* dst[i] = src[i] rounded to bf16 (as f32_to_bf16), widened back. */
+    void (*round_bf16)(float *dst, const float *src, int n);
+    /* dst[i] = bf16 pair (src[2i], src[2i+1]) for i < ceil(n/2), zero-padded. */
+    void (*to_pairs)(uint32_t *dst, const float *src, int n);
+    /* s[i] = exp(s[i]*scale - max_j s[j]*scale) for i < n; returns the sum. */
+    float (*softmax)(float *s, int n, float scale);
+    /* out[j] = q . k[j] (D floats, key rows of stride ldk) for j < n. */
+    void (*dot_rows)(float *out, const float *q, const float *k, size_t ldk, int n, int D);
+    /* out[0..D) = s * sum_j p[j] v[j] (value rows of stride ldv) for j < n. */
+    void (*axpy_rows)(float *out, const float *p, const float *v, size_t ldv, int n, int D,
+                      float s);
+    /* One LayerNorm row with float g and b. */
+    void (*layernorm_row)(float *y, const float *x, int C, const float *g, const float *b,
+                          float eps);
+    void (*gelu_tanh)(float *x, size_t n);
+    void (*gelu_erf)(float *x, size_t n);
+    void (*add)(float *y, const float *x, size_t n);
+    /* Rotate H heads of D dims of one row; ct/st [half]. */
+    void (*rope_row)(float *x, int H, int D, int half, const float *ct, const float *st);
+} cpu_kernels;
+
+/* The drivers (ops_cpu.c), the entries of every table but the reference. */
+void cpu_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T,
+                const op_linear *L);
+void cpu_layernorm(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g, op_vec b,
+                   float eps);
+void cpu_gelu_tanh(ops_ctx *c, float *x, size_t n);
+void cpu_gelu_erf(ops_ctx *c, float *x, size_t n);
+void cpu_add(ops_ctx *c, float *y, const float *x, size_t n);
+void cpu_rope(ops_ctx *c, float *x, int ldx, int T, int H, int D, int R, int pos0,
+              const float *cos_t, const float *sin_t);
+void cpu_attention(ops_ctx *c, const op_attn *a);
+
+/* A driver-based table: the ops (first member, so that ctx->tab leads back
+ * here) and the kernels the drivers run. */
+typedef struct cpu_table {
+    ops ops;
+    const cpu_kernels *k;
+} cpu_table;
+
+#define CPU_DRIVER_OPS(NAME)                                                                  \
+    {                                                                                         \
+        .name = NAME, .linear = cpu_linear, .layernorm = cpu_layernorm,                       \
+        .gelu_tanh = cpu_gelu_tanh, .gelu_erf = cpu_gelu_erf, .add = cpu_add,                 \
+        .rope = cpu_rope, .attention = cpu_attention,                                         \
+    }
+
+/* The scalar reference: the specification of every op (single-threaded). */
+const ops *ops_ref_table(void);
+
+/* Fast tables; each returns NULL when not compiled in or not supported by
+ * this CPU. */
+const ops *ops_avx512_table(void);
+const ops *ops_avx2_table(void);
+const ops *ops_neon_table(void);
+/* Portable multithreaded C, the fallback when no ISA table applies. */
+const ops *ops_generic_table(void);
+/* The AVX-512 table without AVX512-BF16 dot products (what CPUs lacking
+ * them get); NULL where AVX-512 itself is missing. For tests. */
+const ops *ops_avx512_nobf16_table(void);
+
+/* Number of online CPUs. */
+int cpu_count(void);
+
+#endif

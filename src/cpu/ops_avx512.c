@@ -1,0 +1,622 @@
+/*
+ * ops_avx512.c — AVX-512 kernels of the CPU backend (cpu.h, cpu_kernels);
+ * the drivers in ops_cpu.c do the blocking and threading around them.
+ *
+ * Compiled with -mavx512{f,bw,vl,dq,bf16,vnni} -mfma -mf16c; the rest of the
+ * library is baseline x86-64, so nothing here runs before the getters below
+ * have checked the CPU. Two tables: with AVX512-BF16 (bf16 x bf16 dot
+ * products for OPS_BF16 on bf16 weights) and without (x rounded to bf16,
+ * then the float kernels, which is the same function, slower).
+ *
+ *   linear, T >= 4:  W packed per K block (256) into panels [256][32] of
+ *                    floats (or [256][32] bf16 pairs); register tile 12 rows
+ *                    of x x 32 columns = 24 zmm accumulators.
+ *   linear, T < 4:   gemv: 4 weight rows x T rows of x, W read once, in place.
+ *   attention:       q.k and p.v through the same tile (ops_cpu.c), exp here.
+ *
+ * The scalar reference of every kernel is its op in ops_ref.c.
+ */
+#include <immintrin.h>
+#include <math.h>
+
+#include "cpu.h"
+
+#define MR 12 /* rows of x per register tile */
+#define NR 32 /* weight rows per packed panel: two zmm */
+#define KC 256 /* K block: a panel is 32 KiB, 12 rows of x 12 KiB, both in L1 */
+
+#define INLINE static inline __attribute__((always_inline))
+
+static int imin(int a, int b) { return a < b ? a : b; }
+
+static __mmask16 mask16(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+
+/* 16 weights of dtype dt widened to float; lanes outside m are zero and
+ * their memory is not read (AVX-512 masked loads do not fault). */
+INLINE __m512 ld16(const void *p, dtype dt, __mmask16 m) {
+    switch (dt) {
+    case DT_BF16: /* bf16 is the top half of a float: widening is a shift */
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+    case DT_F16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+    default: return _mm512_maskz_loadu_ps(m, p);
+    }
+}
+
+/* Transpose a 16x16 block of 32-bit elements held as 16 rows. */
+INLINE void tr16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    /* r[4i+c], 128-bit lane l: column 4l+c of rows 4i..4i+3 */
+    for (int i = 0; i < 4; i++) {
+        __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+        __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    /* gather lane l of the four row groups into row 4l+c */
+    for (int c = 0; c < 4; c++) {
+        __m512 u0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44);
+        __m512 u1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xee);
+        __m512 u2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+        __m512 u3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xee);
+        t[c] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+        t[4 + c] = _mm512_shuffle_f32x4(u0, u2, 0xdd);
+        t[8 + c] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+        t[12 + c] = _mm512_shuffle_f32x4(u1, u3, 0xdd);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* ---- packing ---------------------------------------------------------------- */
+
+/* Floats: dst[e][j] = w[j][e0 + e], 16x16 blocks through registers. */
+static void pack_f32_avx512(void *dstv, const void *w, dtype dt, size_t ldw, int nrows, int e0,
+                            int ec, int K) {
+    (void)K;
+    float *dst = dstv;
+    const size_t es = dt == DT_F32 ? 4 : 2;
+    for (int r0 = 0; r0 < NR; r0 += 16) {
+        const int rn = imin(16, nrows - r0);
+        if (rn <= 0) {
+            for (int e = 0; e < ec; e++) _mm512_storeu_ps(dst + (size_t)e * NR + r0, _mm512_setzero_ps());
+            continue;
+        }
+        for (int k = 0; k < ec; k += 16) {
+            const int kn = imin(16, ec - k);
+            const __mmask16 m = mask16(kn);
+            __m512 r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = i < rn ? ld16((const char *)w + ((size_t)(r0 + i) * ldw + e0 + k) * es, dt, m)
+                              : _mm512_setzero_ps();
+            tr16(r);
+            for (int i = 0; i < kn; i++) _mm512_storeu_ps(dst + (size_t)(k + i) * NR + r0, r[i]);
+        }
+    }
+}
+
+/* bf16 pairs: dst[e][j] = (w[j][2(e0+e)], w[j][2(e0+e)+1]) as one 32-bit
+ * word, the half past K zero. The same transpose on 32-bit words. */
+static void pack_pairs_avx512(void *dstv, const void *w, dtype dt, size_t ldw, int nrows, int e0,
+                              int ec, int K) {
+    (void)dt;
+    float *dst = dstv;
+    const uint16_t *wb = w;
+    for (int r0 = 0; r0 < NR; r0 += 16) {
+        const int rn = imin(16, nrows - r0);
+        if (rn <= 0) {
+            for (int e = 0; e < ec; e++) _mm512_storeu_ps(dst + (size_t)e * NR + r0, _mm512_setzero_ps());
+            continue;
+        }
+        for (int k = 0; k < ec; k += 16) {
+            const int kn = imin(16, ec - k), b = 2 * (e0 + k), valid = K - b;
+            const __mmask32 m = valid >= 32 ? 0xffffffffu : (1u << valid) - 1;
+            __m512 r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = i < rn ? _mm512_castsi512_ps(
+                                    _mm512_maskz_loadu_epi16(m, wb + (size_t)(r0 + i) * ldw + b))
+                              : _mm512_setzero_ps();
+            tr16(r);
+            for (int i = 0; i < kn; i++) _mm512_storeu_ps(dst + (size_t)(k + i) * NR + r0, r[i]);
+        }
+    }
+}
+
+/* ---- register tiles ------------------------------------------------------------
+ * M rows of x x NV zmm of a panel (NV = 2: 32 columns; 1: the last <= 16).
+ * Instantiated for constant M and NV, so the accumulator arrays live in
+ * registers. PAIRS: x and the panel hold bf16 pairs, multiplied with
+ * vdpbf16ps (two products per lane, added in float). */
+INLINE void tile(const int M, const int NV, const int PAIRS, int kc, const void *xv, size_t ldx,
+                 const float *wp, float *y, size_t ldy, __mmask16 m0, __mmask16 m1,
+                 const float *bias, int accumulate) {
+    __m512 c[MR][2];
+    const __mmask16 mk[2] = {m0, m1};
+    for (int i = 0; i < M; i++)
+        for (int v = 0; v < NV; v++)
+            c[i][v] = accumulate ? _mm512_maskz_loadu_ps(mk[v], y + (size_t)i * ldy + 16 * v)
+                      : bias     ? _mm512_maskz_loadu_ps(mk[v], bias + 16 * v)
+                                 : _mm512_setzero_ps();
+    const float *xf = xv;
+    const int32_t *xi = xv;
+    for (int e = 0; e < kc; e++) {
+        __m512 w[2];
+        for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_ps(wp + (size_t)e * NR + 16 * v);
+        for (int i = 0; i < M; i++) {
+            if (PAIRS) {
+#if defined(__AVX512BF16__)
+                const __m512i xb = _mm512_set1_epi32(xi[(size_t)i * ldx + e]);
+                for (int v = 0; v < NV; v++)
+                    c[i][v] = _mm512_dpbf16_ps(c[i][v], (__m512bh)xb,
+                                               (__m512bh)_mm512_castps_si512(w[v]));
+#endif
+            } else {
+                const __m512 xb = _mm512_set1_ps(xf[(size_t)i * ldx + e]);
+                for (int v = 0; v < NV; v++) c[i][v] = _mm512_fmadd_ps(xb, w[v], c[i][v]);
+            }
+        }
+    }
+    for (int i = 0; i < M; i++)
+        for (int v = 0; v < NV; v++)
+            _mm512_mask_storeu_ps(y + (size_t)i * ldy + 16 * v, mk[v], c[i][v]);
+}
+
+#define TILE_CASES(NV, PAIRS)                                                                 \
+    switch (mr) {                                                                             \
+    case 1: tile(1, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 2: tile(2, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 3: tile(3, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 4: tile(4, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 5: tile(5, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 6: tile(6, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 7: tile(7, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 8: tile(8, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 9: tile(9, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 10: tile(10, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;  \
+    case 11: tile(11, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;  \
+    default: tile(12, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;  \
+    }
+
+static void gemm_f32_avx512(int mr, int kc, const void *x, size_t ldx, const void *wpv, float *y,
+                            size_t ldy, int ncols, const float *bias, int accumulate) {
+    const float *wp = wpv;
+    const __mmask16 m0 = mask16(ncols), m1 = mask16(ncols - 16 > 0 ? ncols - 16 : 0);
+    if (ncols > 16) TILE_CASES(2, 0) else TILE_CASES(1, 0)
+}
+
+#if defined(__AVX512BF16__)
+static void gemm_pairs_avx512(int mr, int kc, const void *x, size_t ldx, const void *wpv, float *y,
+                              size_t ldy, int ncols, const float *bias, int accumulate) {
+    const float *wp = wpv;
+    const __mmask16 m0 = mask16(ncols), m1 = mask16(ncols - 16 > 0 ? ncols - 16 : 0);
+    if (ncols > 16) TILE_CASES(2, 1) else TILE_CASES(1, 1)
+}
+#endif
+
+static const cpu_gemm gemm_f32 = {MR, NR, KC, 0, pack_f32_avx512, gemm_f32_avx512};
+#if defined(__AVX512BF16__)
+static const cpu_gemm gemm_pairs = {MR, NR, KC, 1, pack_pairs_avx512, gemm_pairs_avx512};
+#endif
+
+/* ---- gemv ------------------------------------------------------------------------
+ * T < 4 rows: every weight is used at most 3 times, so the op is bound by
+ * reading W. Four weight rows at a time (four sequential streams, prefetched
+ * ahead), x rows from L1, horizontal sums once per row at the end. */
+
+#define PF_AHEAD 1024 /* bytes ahead of each weight stream */
+
+INLINE float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+INLINE void gemv_tile(const int TN, const dtype DT, int K, const float *x, size_t ldx,
+                      const char *const wr[4], float acc_out[4][4]) {
+    const size_t es = DT == DT_F32 ? 4 : 2;
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < TN; t++) acc[r][t] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 w[4];
+        for (int r = 0; r < 4; r++) {
+            _mm_prefetch(wr[r] + k * es + PF_AHEAD, _MM_HINT_T0);
+            w[r] = ld16(wr[r] + k * es, DT, 0xffff);
+        }
+        for (int t = 0; t < TN; t++) {
+            const __m512 xv = _mm512_loadu_ps(x + (size_t)t * ldx + k);
+            for (int r = 0; r < 4; r++) acc[r][t] = _mm512_fmadd_ps(xv, w[r], acc[r][t]);
+        }
+    }
+    if (k < K) {
+        const __mmask16 m = mask16(K - k);
+        __m512 w[4];
+        for (int r = 0; r < 4; r++) w[r] = ld16(wr[r] + k * es, DT, m);
+        for (int t = 0; t < TN; t++) {
+            const __m512 xv = _mm512_maskz_loadu_ps(m, x + (size_t)t * ldx + k);
+            for (int r = 0; r < 4; r++) acc[r][t] = _mm512_fmadd_ps(xv, w[r], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < TN; t++) acc_out[r][t] = hsum(acc[r][t]);
+}
+
+INLINE void gemv_dt(const dtype DT, int T, int K, const float *x, size_t ldx, const void *w,
+                    const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+    const size_t es = DT == DT_F32 ? 4 : 2;
+    for (int n = n0; n < n1; n += 4) {
+        const int rn = imin(4, n1 - n);
+        const char *wr[4];
+        /* Past the end, repeat the last row: its sums are discarded. */
+        for (int r = 0; r < 4; r++) wr[r] = (const char *)w + (size_t)(n + imin(r, rn - 1)) * K * es;
+        for (int t0 = 0; t0 < T; t0 += 4) {
+            float s[4][4];
+            const float *xt = x + (size_t)t0 * ldx;
+            switch (imin(4, T - t0)) {
+            case 1: gemv_tile(1, DT, K, xt, ldx, wr, s); break;
+            case 2: gemv_tile(2, DT, K, xt, ldx, wr, s); break;
+            case 3: gemv_tile(3, DT, K, xt, ldx, wr, s); break;
+            default: gemv_tile(4, DT, K, xt, ldx, wr, s); break;
+            }
+            for (int r = 0; r < rn; r++) {
+                const float bn = b ? cpu_ld(b, bdt, (size_t)(n + r)) : 0.0f;
+                for (int t = 0; t < imin(4, T - t0); t++) y[(size_t)(t0 + t) * ldy + n + r] = s[r][t] + bn;
+            }
+        }
+    }
+}
+
+static void gemv_avx512(int T, int K, const float *x, size_t ldx, const void *w, dtype dt,
+                        const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+    switch (dt) {
+    case DT_BF16: gemv_dt(DT_BF16, T, K, x, ldx, w, b, bdt, n0, n1, y, ldy); break;
+    case DT_F16: gemv_dt(DT_F16, T, K, x, ldx, w, b, bdt, n0, n1, y, ldy); break;
+    default: gemv_dt(DT_F32, T, K, x, ldx, w, b, bdt, n0, n1, y, ldy); break;
+    }
+}
+
+#if defined(__AVX512BF16__)
+INLINE void gemv_pairs_tile(const int TN, int Kp, int K, const uint32_t *x, size_t ldx,
+                            const uint16_t *const wr[4], float acc_out[4][4]) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < TN; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int e = 0; e < Kp; e += 16) {
+        /* The last block: only the pairs (and bf16) that exist. */
+        const int valid = K - 2 * e;
+        const __mmask32 mw = valid >= 32 ? 0xffffffffu : (1u << valid) - 1;
+        const __mmask16 mx = mask16(Kp - e);
+        __m512i w[4];
+        for (int r = 0; r < 4; r++) {
+            _mm_prefetch((const char *)(wr[r] + 2 * e) + PF_AHEAD, _MM_HINT_T0);
+            w[r] = _mm512_maskz_loadu_epi16(mw, wr[r] + 2 * e);
+        }
+        for (int t = 0; t < TN; t++) {
+            const __m512i xv = _mm512_maskz_loadu_epi32(mx, x + (size_t)t * ldx + e);
+            for (int r = 0; r < 4; r++)
+                acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)xv, (__m512bh)w[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < TN; t++) acc_out[r][t] = hsum(acc[r][t]);
+}
+
+static void gemv_pairs_avx512(int T, int K, const uint32_t *x, size_t ldx, const uint16_t *w,
+                              const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+    const int Kp = (K + 1) / 2;
+    for (int n = n0; n < n1; n += 4) {
+        const int rn = imin(4, n1 - n);
+        const uint16_t *wr[4];
+        for (int r = 0; r < 4; r++) wr[r] = w + (size_t)(n + imin(r, rn - 1)) * K;
+        for (int t0 = 0; t0 < T; t0 += 4) {
+            float s[4][4];
+            const uint32_t *xt = x + (size_t)t0 * ldx;
+            switch (imin(4, T - t0)) {
+            case 1: gemv_pairs_tile(1, Kp, K, xt, ldx, wr, s); break;
+            case 2: gemv_pairs_tile(2, Kp, K, xt, ldx, wr, s); break;
+            case 3: gemv_pairs_tile(3, Kp, K, xt, ldx, wr, s); break;
+            default: gemv_pairs_tile(4, Kp, K, xt, ldx, wr, s); break;
+            }
+            for (int r = 0; r < rn; r++) {
+                const float bn = b ? cpu_ld(b, bdt, (size_t)(n + r)) : 0.0f;
+                for (int t = 0; t < imin(4, T - t0); t++) y[(size_t)(t0 + t) * ldy + n + r] = s[r][t] + bn;
+            }
+        }
+    }
+}
+#endif
+
+/* ---- bf16 rounding of activations --------------------------------------------- */
+
+/* Round to nearest even on the bit pattern, as f32_to_bf16 (common.h) does,
+ * NaN kept a quiet NaN; the result in the top half of each 32-bit lane. */
+INLINE __m512i round_bf16_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+    return _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
+}
+
+static void round_bf16_avx512(float *dst, const float *src, int n) {
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = mask16(n - i);
+        _mm512_mask_storeu_ps(dst + i, m,
+                              _mm512_castsi512_ps(round_bf16_bits(_mm512_maskz_loadu_ps(m, src + i))));
+    }
+}
+
+static void to_pairs_avx512(uint32_t *dst, const float *src, int n) {
+    /* 16-bit lane o of the result is the top half (16-bit lane 2o+1) of
+     * rounded float o of the 32 in (lo, hi). */
+    static const int16_t idx[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+                                    33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+    const __m512i perm = _mm512_loadu_si512(idx);
+    for (int i = 0; i < n; i += 32) {
+        const __m512i lo = round_bf16_bits(_mm512_maskz_loadu_ps(mask16(n - i), src + i));
+        const __m512i hi =
+            round_bf16_bits(_mm512_maskz_loadu_ps(mask16(n - i - 16 > 0 ? n - i - 16 : 0), src + i + 16));
+        const int pairs = (imin(32, n - i) + 1) / 2;
+        _mm512_mask_storeu_epi32(dst + i / 2, mask16(pairs), _mm512_permutex2var_epi16(lo, perm, hi));
+    }
+}
+
+/* ---- exp and friends -------------------------------------------------------------
+ * exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2, e^r by the Cephes
+ * expf polynomial (about 1 ulp); 2^n applied with vscalefps, which gives 0
+ * and inf at the ends without special cases. */
+INLINE __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(100.0f)), _mm512_set1_ps(-104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static float softmax_avx512(float *s, int n, float scale) {
+    const __m512 sc = _mm512_set1_ps(scale);
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = mask16(n - i);
+        mx = _mm512_mask_max_ps(mx, m, mx, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + i), sc));
+    }
+    const __m512 vm = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = mask16(n - i);
+        const __m512 p = exp512(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + i), sc), vm));
+        _mm512_mask_storeu_ps(s + i, m, p);
+        sum = _mm512_mask_add_ps(sum, m, sum, p);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+/* Sums of four vectors: lane i of the result is the sum of vector i. */
+INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
+    __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
+    __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
+    __m256 ab = _mm256_hadd_ps(a8, b8), cd = _mm256_hadd_ps(c8, d8);
+    __m256 abcd = _mm256_hadd_ps(ab, cd); /* per 128-bit half: a b c d */
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+static void dot_rows_avx512(float *out, const float *q, const float *k, size_t ldk, int n, int D) {
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = k + (size_t)j * ldk;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int d = 0; d < D; d += 16) {
+            const __mmask16 m = mask16(D - d);
+            const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
+            a0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k0 + d), a0);
+            a1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k0 + ldk + d), a1);
+            a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k0 + 2 * ldk + d), a2);
+            a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k0 + 3 * ldk + d), a3);
+        }
+        _mm_storeu_ps(out + j, hsum4(a0, a1, a2, a3));
+    }
+    for (; j < n; j++) {
+        const float *kj = k + (size_t)j * ldk;
+        __m512 a = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 16) {
+            const __mmask16 m = mask16(D - d);
+            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), _mm512_maskz_loadu_ps(m, kj + d), a);
+        }
+        out[j] = _mm512_reduce_add_ps(a);
+    }
+}
+
+static void axpy_rows_avx512(float *out, const float *p, const float *v, size_t ldv, int n, int D,
+                             float s) {
+    /* 64 columns at a time, keys in pairs (two accumulator sets hide the
+     * FMA latency). */
+    for (int d0 = 0; d0 < D; d0 += 64) {
+        __mmask16 m[4];
+        __m512 a[4], b[4];
+        for (int i = 0; i < 4; i++) {
+            const int left = D - d0 - 16 * i;
+            m[i] = mask16(left > 0 ? left : 0);
+            a[i] = b[i] = _mm512_setzero_ps();
+        }
+        int j = 0;
+        for (; j + 2 <= n; j += 2) {
+            const float *v0 = v + (size_t)j * ldv + d0, *v1 = v0 + ldv;
+            const __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
+            for (int i = 0; i < 4; i++) {
+                if (!m[i]) break;
+                a[i] = _mm512_fmadd_ps(p0, _mm512_maskz_loadu_ps(m[i], v0 + 16 * i), a[i]);
+                b[i] = _mm512_fmadd_ps(p1, _mm512_maskz_loadu_ps(m[i], v1 + 16 * i), b[i]);
+            }
+        }
+        if (j < n) {
+            const float *v0 = v + (size_t)j * ldv + d0;
+            const __m512 p0 = _mm512_set1_ps(p[j]);
+            for (int i = 0; i < 4 && m[i]; i++)
+                a[i] = _mm512_fmadd_ps(p0, _mm512_maskz_loadu_ps(m[i], v0 + 16 * i), a[i]);
+        }
+        const __m512 vs = _mm512_set1_ps(s);
+        for (int i = 0; i < 4 && m[i]; i++)
+            _mm512_mask_storeu_ps(out + d0 + 16 * i, m[i], _mm512_mul_ps(_mm512_add_ps(a[i], b[i]), vs));
+    }
+}
+
+/* ---- LayerNorm, GELU, add, rope ------------------------------------------------- */
+
+static void layernorm_row_avx512(float *y, const float *x, int C, const float *g, const float *b,
+                                 float eps) {
+    /* Statistics in double like the reference: a float sum of a few
+     * thousand activations with a large mean would lose digits the
+     * centring then exposes. */
+    __m512d s0 = _mm512_setzero_pd(), s1 = s0;
+    for (int i = 0; i < C; i += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(mask16(C - i), x + i);
+        s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+        s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)));
+    }
+    const double mean = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1)) / C;
+    const __m512d md = _mm512_set1_pd(mean);
+    s0 = s1 = _mm512_setzero_pd();
+    for (int i = 0; i < C; i += 16) {
+        const __mmask16 m = mask16(C - i);
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        __m512d d0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), md);
+        __m512d d1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)), md);
+        d0 = _mm512_maskz_mov_pd((__mmask8)(m & 0xff), d0);
+        d1 = _mm512_maskz_mov_pd((__mmask8)(m >> 8), d1);
+        s0 = _mm512_fmadd_pd(d0, d0, s0);
+        s1 = _mm512_fmadd_pd(d1, d1, s1);
+    }
+    const double var = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1)) / C;
+    const __m512 inv = _mm512_set1_ps((float)(1.0 / sqrt(var + eps)));
+    const __m512 mf = _mm512_set1_ps((float)mean);
+    for (int i = 0; i < C; i += 16) {
+        const __mmask16 m = mask16(C - i);
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        const __m512 t = _mm512_mul_ps(_mm512_sub_ps(v, mf), inv);
+        _mm512_mask_storeu_ps(y + i, m,
+                              _mm512_add_ps(_mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, g + i)),
+                                            _mm512_maskz_loadu_ps(m, b + i)));
+    }
+}
+
+/* 0.5 v (1 + tanh u) = v / (1 + e^{-2u}): the same function without the
+ * cancellation of 1 + tanh u for negative u. */
+static void gelu_tanh_avx512(float *x, size_t n) {
+    const __m512 k2 = _mm512_set1_ps(-2.0f * 0.7978845608028654f), c = _mm512_set1_ps(0.044715f);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (size_t i = 0; i < n; i += 16) {
+        const __mmask16 m = mask16((int)(n - i < 16 ? n - i : 16));
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        const __m512 u = _mm512_fmadd_ps(_mm512_mul_ps(c, v), _mm512_mul_ps(v, v), v);
+        const __m512 e = exp512(_mm512_mul_ps(k2, u));
+        _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(v, _mm512_add_ps(one, e)));
+    }
+}
+
+/* 1 + erf z from erfc |z| = t exp(-z^2 + P(t)), t = 1/(1 + |z|/2)
+ * (Numerical Recipes erfcc, relative error < 1.2e-7 everywhere): no
+ * cancellation for negative z, where 1 + erf z is small. */
+INLINE __m512 one_plus_erf(__m512 z) {
+    const __m512 a = _mm512_abs_ps(z);
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                   _mm512_fmadd_ps(_mm512_set1_ps(0.5f), a, _mm512_set1_ps(1.0f)));
+    __m512 p = _mm512_set1_ps(0.17087277f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.82215223f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.48851587f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.13520398f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.27886807f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.18628806f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.09678418f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.37409196f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.00002368f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.26551223f));
+    const __m512 r = _mm512_mul_ps(t, exp512(_mm512_fnmadd_ps(a, a, p)));
+    const __mmask16 pos = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GE_OQ);
+    return _mm512_mask_sub_ps(r, pos, _mm512_set1_ps(2.0f), r);
+}
+
+static void gelu_erf_avx512(float *x, size_t n) {
+    for (size_t i = 0; i < n; i += 16) {
+        const __mmask16 m = mask16((int)(n - i < 16 ? n - i : 16));
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        const __m512 e = one_plus_erf(_mm512_mul_ps(v, _mm512_set1_ps(0.7071067811865476f)));
+        _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), e));
+    }
+}
+
+static void add_avx512(float *y, const float *x, size_t n) {
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64)
+        for (int u = 0; u < 4; u++)
+            _mm512_storeu_ps(y + i + 16 * u, _mm512_add_ps(_mm512_loadu_ps(y + i + 16 * u),
+                                                           _mm512_loadu_ps(x + i + 16 * u)));
+    for (; i < n; i += 16) {
+        const __mmask16 m = mask16((int)(n - i < 16 ? n - i : 16));
+        _mm512_mask_storeu_ps(y + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i),
+                                                      _mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+static void rope_row_avx512(float *x, int H, int D, int half, const float *ct, const float *st) {
+    for (int h = 0; h < H; h++) {
+        float *v = x + (size_t)h * D;
+        for (int i = 0; i < half; i += 16) {
+            const __mmask16 m = mask16(half - i);
+            const __m512 a = _mm512_maskz_loadu_ps(m, v + i), b = _mm512_maskz_loadu_ps(m, v + i + half);
+            const __m512 c = _mm512_maskz_loadu_ps(m, ct + i), s = _mm512_maskz_loadu_ps(m, st + i);
+            /* products rounded separately, as in the reference */
+            _mm512_mask_storeu_ps(v + i, m, _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s)));
+            _mm512_mask_storeu_ps(v + i + half, m, _mm512_add_ps(_mm512_mul_ps(a, s), _mm512_mul_ps(b, c)));
+        }
+    }
+}
+
+/* ---- tables ------------------------------------------------------------------------ */
+
+#define AVX512_KERNELS(BF16_GEMM, BF16_GEMV)                                                  \
+    {                                                                                         \
+        .f32 = &gemm_f32, .bf16 = BF16_GEMM, .small_t = 4, .gemv = gemv_avx512,               \
+        .gemv_pairs = BF16_GEMV, .round_bf16 = round_bf16_avx512, .to_pairs = to_pairs_avx512, \
+        .softmax = softmax_avx512, .dot_rows = dot_rows_avx512, .axpy_rows = axpy_rows_avx512, \
+        .layernorm_row = layernorm_row_avx512, .gelu_tanh = gelu_tanh_avx512,                 \
+        .gelu_erf = gelu_erf_avx512, .add = add_avx512, .rope_row = rope_row_avx512,          \
+    }
+
+#if defined(__AVX512BF16__)
+static const cpu_kernels kernels_bf16 = AVX512_KERNELS(&gemm_pairs, gemv_pairs_avx512);
+static const cpu_table table_bf16 = {CPU_DRIVER_OPS("avx512"), &kernels_bf16};
+#endif
+static const cpu_kernels kernels_f32 = AVX512_KERNELS(NULL, NULL);
+static const cpu_table table_f32 = {CPU_DRIVER_OPS("avx512"), &kernels_f32};
+
+/* F16C and FMA come with every AVX-512 CPU; checked anyway since this file
+ * is compiled to use them. */
+static int cpu_has_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+const ops *ops_avx512_table(void) {
+    if (!cpu_has_avx512()) return NULL;
+#if defined(__AVX512BF16__)
+    if (__builtin_cpu_supports("avx512bf16")) return &table_bf16.ops;
+#endif
+    return &table_f32.ops;
+}
+
+const ops *ops_avx512_nobf16_table(void) { return cpu_has_avx512() ? &table_f32.ops : NULL; }

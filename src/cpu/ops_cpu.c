@@ -1,0 +1,729 @@
+/*
+ * ops_cpu.c — the CPU backend's front: context creation, run-time choice of
+ * the op table for this CPU, per-thread scratch, and the portable
+ * multithreaded table used when no ISA-specific table applies.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdlib.h>
+
+#include "cpu.h"
+
+void *cpu_scratch(ops_ctx *c, int thread, size_t bytes) {
+    if (bytes == 0) bytes = 64;
+    if (c->scratch_len[thread] < bytes) {
+        size_t want = (bytes + 4095) & ~(size_t)4095;
+        void *p = NULL;
+        if (posix_memalign(&p, 64, want)) {
+            c->failed = 1;
+            return NULL;
+        }
+        free(c->scratch[thread]);
+        c->scratch[thread] = p;
+        c->scratch_len[thread] = want;
+    }
+    return c->scratch[thread];
+}
+
+int ops_failed(ops_ctx *c) {
+    int f = c->failed;
+    c->failed = 0;
+    return f;
+}
+
+const ops *ops_of(const ops_ctx *c) { return c->tab; }
+int ops_n_threads(const ops_ctx *c) { return c->n_threads; }
+int ops_default_threads(void) { return cpu_count(); }
+const char *ops_backend_name(const ops_ctx *c) { return c->tab->name; }
+
+typedef struct pf_arg {
+    ops_task_fn fn;
+    void *arg;
+} pf_arg;
+
+static void pf_tramp(void *p, int task, int thread) {
+    (void)thread;
+    pf_arg *a = p;
+    a->fn(a->arg, task);
+}
+
+void ops_parallel_for(ops_ctx *c, int n, ops_task_fn fn, void *arg) {
+    pf_arg a = {fn, arg};
+    tp_run(c->tp, n, pf_tramp, &a);
+}
+
+albedo_status ops_ctx_new(const char *name, int n_threads, ops_precision prec, ops_ctx **out,
+                          errbuf *e) {
+    *out = NULL;
+    const ops *tab = NULL;
+    if (!name || !*name || !strcmp(name, "auto")) {
+        tab = ops_avx512_table();
+        if (!tab) tab = ops_avx2_table();
+        if (!tab) tab = ops_neon_table();
+        if (!tab) tab = ops_generic_table();
+    } else if (!strcmp(name, "ref")) {
+        tab = ops_ref_table();
+    } else if (!strcmp(name, "generic")) {
+        tab = ops_generic_table();
+    } else if (!strcmp(name, "avx512")) {
+        tab = ops_avx512_table();
+    } else if (!strcmp(name, "avx2")) {
+        tab = ops_avx2_table();
+    } else if (!strcmp(name, "neon")) {
+        tab = ops_neon_table();
+    } else {
+        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT,
+                    "unknown backend '%s' (expected auto, ref, generic, avx2, avx512, neon)", name);
+    }
+    if (!tab)
+        return errf(e, ALBEDO_ERR_UNSUPPORTED, "backend '%s' is not supported by this CPU or build",
+                    name);
+    if (n_threads <= 0) n_threads = cpu_count();
+    if (n_threads > 256) n_threads = 256;
+    ops_ctx *c = calloc(1, sizeof *c);
+    if (!c) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    c->tab = tab;
+    c->prec = prec;
+    c->tp = tp_new(n_threads);
+    c->n_threads = c->tp ? tp_size(c->tp) : 0;
+    c->scratch = calloc((size_t)(c->n_threads ? c->n_threads : 1), sizeof *c->scratch);
+    c->scratch_len = calloc((size_t)(c->n_threads ? c->n_threads : 1), sizeof *c->scratch_len);
+    if (!c->tp || !c->scratch || !c->scratch_len) {
+        ops_ctx_free(c);
+        return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory creating %d threads", n_threads);
+    }
+    *out = c;
+    return ALBEDO_OK;
+}
+
+void ops_ctx_free(ops_ctx *c) {
+    if (!c) return;
+    if (c->tp) tp_free(c->tp);
+    for (int i = 0; c->scratch && i < c->n_threads; i++) free(c->scratch[i]);
+    free(c->scratch);
+    free(c->scratch_len);
+    free(c);
+}
+
+/* ---- Drivers ------------------------------------------------------------------
+ * Blocking, threading, masks and scratch for every driver-based table; the
+ * arithmetic is in the table's kernels (cpu.h, cpu_kernels). */
+
+static const cpu_kernels *kern_of(const ops_ctx *c) {
+    return ((const cpu_table *)(const void *)c->tab)->k;
+}
+
+#define MAX_THREADS 256 /* ops_ctx_new caps n_threads here */
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+static int imin(int a, int b) { return a < b ? a : b; }
+static int imax(int a, int b) { return a > b ? a : b; }
+static int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+/* Scratch for a parallel op: `each` bytes per thread, and `shared` bytes that
+ * all threads read, in front of thread 0's block. Taken by the calling thread
+ * before the workers start, because cpu_scratch may free and replace a
+ * buffer. Returns the shared block (or thread 0's when shared is 0), NULL on
+ * out-of-memory (then c->failed is set). */
+static char *scratch_all(ops_ctx *c, size_t shared, size_t each, char **sp) {
+    shared = align64(shared);
+    each = align64(each);
+    char *base = cpu_scratch(c, 0, shared + each);
+    if (!base) return NULL;
+    sp[0] = base + shared;
+    for (int i = 1; i < c->n_threads; i++) {
+        sp[i] = each ? cpu_scratch(c, i, each) : NULL;
+        if (each && !sp[i]) return NULL;
+    }
+    return base;
+}
+
+/* -- linear -- */
+
+/* W is packed at most this many panels at a time per task, so that a task's
+ * packed block (8 x 32 x kc floats = 256 KiB at kc 256) stays in L2 while the
+ * rows of x go by. */
+#define LIN_MAX_PANELS 8
+/* Rows of x converted (to bf16 pairs or bf16-rounded floats) per pass, which
+ * bounds the shared scratch: 1024 x 8192 x 4 bytes at most. */
+#define LIN_T_PASS 1024
+/* Below this many multiply-adds a linear runs on the calling thread alone:
+ * waking the pool costs more. */
+#define LIN_SERIAL_MACS 32768
+
+typedef struct lin_job {
+    const cpu_kernels *k;
+    const cpu_gemm *g;
+    const op_linear *L;
+    float *y;
+    size_t ldy;
+    const char *x; /* f32 elements or bf16 pairs, 4 bytes each */
+    size_t ldx;    /* in elements */
+    int T, K, Ke;  /* rows, K, elements along K (K or ceil(K/2)) */
+    int pairs;
+    /* gemm split */
+    int n_panels, n_chunks, t_per, max_panels;
+    /* gemv split */
+    int n_per;
+    char **sp;
+    /* conversion of x */
+    const float *xsrc;
+    size_t ldxsrc;
+    int rows_per;
+} lin_job;
+
+static size_t dt_bytes(dtype dt) { return dt == DT_F32 ? 4 : 2; }
+
+static void lin_gemm_task(void *arg, int task, int thread) {
+    const lin_job *j = arg;
+    const cpu_gemm *g = j->g;
+    const op_linear *L = j->L;
+    const int nr = g->nr, N = L->n_out;
+    const int nc = task % j->n_chunks, tc = task / j->n_chunks;
+    const int p0 = (int)((long long)nc * j->n_panels / j->n_chunks);
+    const int p1 = (int)((long long)(nc + 1) * j->n_panels / j->n_chunks);
+    const int t0 = tc * j->t_per, t1 = imin(j->T, t0 + j->t_per);
+    if (p0 >= p1 || t0 >= t1) return;
+    char *wp = j->sp[thread];
+    float *bias = (float *)(wp + (size_t)j->max_panels * nr * g->kc * 4);
+    if (L->b)
+        for (int n = p0 * nr; n < imin(p1 * nr, N); n++)
+            bias[n - p0 * nr] = cpu_ld(L->b, L->bdt, (size_t)n);
+    const size_t esz = dt_bytes(L->dt);
+    for (int e0 = 0; e0 < j->Ke; e0 += g->kc) {
+        const int ec = imin(g->kc, j->Ke - e0);
+        const size_t panel_bytes = (size_t)ec * nr * 4;
+        for (int p = p0; p < p1; p++) {
+            const int n0 = p * nr;
+            g->pack(wp + (p - p0) * panel_bytes, (const char *)L->w + (size_t)n0 * j->K * esz,
+                    L->dt, (size_t)j->K, imin(nr, N - n0), e0, ec, j->K);
+        }
+        /* One register tile of x rows stays in L1 while it meets every panel
+         * of the block, which streams from L2. */
+        for (int t = t0; t < t1; t += g->mr) {
+            const int m = imin(g->mr, t1 - t);
+            const char *xt = j->x + ((size_t)t * j->ldx + (size_t)e0) * 4;
+            for (int p = p0; p < p1; p++) {
+                const int n0 = p * nr;
+                g->kernel(m, ec, xt, j->ldx, wp + (p - p0) * panel_bytes, j->y + (size_t)t * j->ldy + n0,
+                          j->ldy, imin(nr, N - n0), (e0 == 0 && L->b) ? bias + (n0 - p0 * nr) : NULL,
+                          e0 > 0);
+            }
+        }
+    }
+}
+
+static void lin_gemv_task(void *arg, int task, int thread) {
+    (void)thread;
+    const lin_job *j = arg;
+    const op_linear *L = j->L;
+    const int n0 = task * j->n_per, n1 = imin(L->n_out, n0 + j->n_per);
+    if (n0 >= n1) return;
+    if (j->pairs)
+        j->k->gemv_pairs(j->T, j->K, (const uint32_t *)(const void *)j->x, j->ldx, L->w, L->b,
+                         L->bdt, n0, n1, j->y, j->ldy);
+    else
+        j->k->gemv(j->T, j->K, (const float *)(const void *)j->x, j->ldx, L->w, L->dt, L->b,
+                   L->bdt, n0, n1, j->y, j->ldy);
+}
+
+static void lin_convert_task(void *arg, int task, int thread) {
+    (void)thread;
+    const lin_job *j = arg;
+    const int t0 = task * j->rows_per, t1 = imin(j->T, t0 + j->rows_per);
+    for (int t = t0; t < t1; t++) {
+        const float *src = j->xsrc + (size_t)t * j->ldxsrc;
+        void *dst = (void *)(j->x + (size_t)t * j->ldx * 4);
+        if (j->pairs) j->k->to_pairs(dst, src, j->K);
+        else j->k->round_bf16(dst, src, j->K);
+    }
+}
+
+/* Reference for what the fast paths do not cover (block formats), on the
+ * calling thread. */
+static void lin_fallback(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T,
+                         const op_linear *L) {
+    ops_ref_table()->linear(c, y, ldy, x, ldx, T, L);
+}
+
+void cpu_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T,
+                const op_linear *L) {
+    const cpu_kernels *k = kern_of(c);
+    const int K = L->n_in, N = L->n_out;
+    if (T <= 0 || N <= 0) return;
+    if ((L->dt != DT_BF16 && L->dt != DT_F16 && L->dt != DT_F32) || K <= 0) {
+        lin_fallback(c, y, ldy, x, ldx, T, L);
+        return;
+    }
+    const int small = T < k->small_t;
+    const int bf = c->prec == OPS_BF16;
+    const int pairs = bf && L->dt == DT_BF16 && (small ? k->gemv_pairs != NULL : k->bf16 != NULL);
+    const int convert = bf; /* pairs, or x rounded to bf16 for the float kernels */
+    const cpu_gemm *g = pairs ? k->bf16 : k->f32;
+    const int Ke = pairs ? (K + 1) / 2 : K;
+    const size_t ldxc = convert ? (size_t)((Ke + 15) & ~15) : (size_t)ldx;
+    const int nt = c->n_threads;
+    const int pass = convert ? LIN_T_PASS : T;
+    char *sp[MAX_THREADS];
+
+    for (int ts = 0; ts < T; ts += pass) {
+        const int tn = imin(pass, T - ts);
+        const double macs = (double)tn * N * K;
+        lin_job j = {.k = k, .g = g, .L = L, .y = y + (size_t)ts * ldy, .ldy = (size_t)ldy,
+                     .T = tn, .K = K, .Ke = Ke, .pairs = pairs, .sp = sp};
+        size_t each = 0;
+        int n_tasks;
+        if (small) {
+            /* Contiguous row ranges, a few per thread: each streams its part
+             * of W once; several per thread even out a busy core. */
+            int tasks = macs < LIN_SERIAL_MACS ? 1 : imin(nt * 4, cdiv(N, 16));
+            j.n_per = cdiv(N, tasks);
+            n_tasks = cdiv(N, j.n_per);
+        } else {
+            const int P = cdiv(N, g->nr);
+            int nch = cdiv(P, LIN_MAX_PANELS);
+            if (nch % nt) nch += nt - nch % nt; /* equal shares per thread */
+            nch = imin(nch, P);
+            int tch = 1;
+            /* Too few panels for the threads: split the rows too (each row
+             * chunk repacks W, so not below 128 rows). */
+            if (nch < 2 * nt) tch = imax(1, imin(cdiv(2 * nt, nch), tn / 128));
+            if (macs < LIN_SERIAL_MACS) nch = tch = 1;
+            j.n_panels = P;
+            j.n_chunks = nch;
+            j.t_per = cdiv(cdiv(tn, tch), g->mr) * g->mr;
+            j.max_panels = cdiv(P, nch);
+            n_tasks = nch * cdiv(tn, j.t_per);
+            each = (size_t)j.max_panels * g->nr * ((size_t)g->kc + 1) * 4;
+        }
+        char *shared = scratch_all(c, convert ? (size_t)tn * ldxc * 4 : 0, each, sp);
+        if (!shared) return;
+        if (convert) {
+            j.x = shared;
+            j.ldx = ldxc;
+            j.xsrc = x + (size_t)ts * ldx;
+            j.ldxsrc = (size_t)ldx;
+            int ctasks = (double)tn * K < 65536 ? 1 : imin(tn, nt * 2);
+            j.rows_per = cdiv(tn, ctasks);
+            tp_run(c->tp, cdiv(tn, j.rows_per), lin_convert_task, &j);
+        } else {
+            j.x = (const char *)(x + (size_t)ts * ldx);
+            j.ldx = (size_t)ldx;
+        }
+        tp_run(c->tp, n_tasks, small ? lin_gemv_task : lin_gemm_task, &j);
+    }
+}
+
+/* -- attention -- */
+
+/* Keys visible to the query at absolute position p: always a prefix [0, lim)
+ * of the keys (ops.h: causal, widened to the whole bidirectional prefix for
+ * queries inside it). */
+static int attn_lim(const op_attn *a, int p) {
+    int lim = p < a->n_prefix ? a->n_prefix : p + 1;
+    return imin(lim, a->S);
+}
+
+/* Below this many query rows per kv head, keys are read in place (dot
+ * products per key) instead of being packed for the matrix kernels. */
+#define ATTN_PACK_ROWS 8
+
+typedef struct attn_job {
+    const cpu_kernels *k;
+    const op_attn *a;
+    int group, q_per, n_qchunks, Spad, ldsc;
+    char **sp;
+} attn_job;
+
+static void attn_zero_row(float *o, int D) {
+    for (int d = 0; d < D; d++) o[d] = 0.0f;
+}
+
+/* Small T (decode, short prompts): one (head, row) per task, keys in place. */
+static void attn_row_task(void *arg, int task, int thread) {
+    const attn_job *j = arg;
+    const op_attn *a = j->a;
+    const cpu_kernels *k = j->k;
+    const int h = task % a->H, t = task / a->H, g = h / j->group;
+    float *sc = (float *)(void *)j->sp[thread];
+    float *o = a->out + (size_t)t * a->ldo + (size_t)h * a->D;
+    const int L = attn_lim(a, a->pos0 + t);
+    if (L <= 0) {
+        attn_zero_row(o, a->D);
+        return;
+    }
+    k->dot_rows(sc, a->q + (size_t)t * a->ldq + (size_t)h * a->D, a->k + (size_t)g * a->D,
+                (size_t)a->ldk, L, a->D);
+    float sum = k->softmax(sc, L, a->scale);
+    k->axpy_rows(o, sc, a->v + (size_t)g * a->D, (size_t)a->ldv, L, a->D, 1.0f / sum);
+}
+
+/* Larger T: per (kv head, chunk of rows), pack Kᵀ and V of the visible keys
+ * once, then for each head of the group and each register tile of rows:
+ * scores = q·Kᵀ (gemm kernel), softmax per row over its own visible keys,
+ * out = p·V (gemm kernel), scaled by 1/sum. */
+static void attn_block_task(void *arg, int task, int thread) {
+    const attn_job *j = arg;
+    const op_attn *a = j->a;
+    const cpu_kernels *k = j->k;
+    const cpu_gemm *gm = k->f32;
+    const int nr = gm->nr, D = a->D;
+    const int g = task % a->Hkv, qc = task / a->Hkv;
+    const int t0 = qc * j->q_per, t1 = imin(a->T, t0 + j->q_per);
+    if (t0 >= t1) return;
+    const int Lmax = attn_lim(a, a->pos0 + t1 - 1); /* lim grows with the position */
+    const int nkp = cdiv(imax(Lmax, 1), nr), ndp = cdiv(D, nr);
+    float *kt = (float *)(void *)j->sp[thread];          /* [nkp][D][nr] */
+    float *vp = kt + (size_t)j->Spad * D;                 /* [ndp][Spad][nr] */
+    float *sc = vp + (size_t)ndp * j->Spad * nr;          /* [mr][ldsc] */
+    for (int p = 0; p < nkp; p++)
+        gm->pack(kt + (size_t)p * D * nr, a->k + (size_t)p * nr * a->ldk + (size_t)g * D, DT_F32,
+                 (size_t)a->ldk, imin(nr, Lmax - p * nr), 0, D, D);
+    for (int dp = 0; dp < ndp; dp++) {
+        const int nc = imin(nr, D - dp * nr);
+        float *dst = vp + (size_t)dp * j->Spad * nr;
+        for (int s = 0; s < Lmax; s++) {
+            const float *src = a->v + (size_t)s * a->ldv + (size_t)g * D + (size_t)dp * nr;
+            memcpy(dst + (size_t)s * nr, src, (size_t)nc * 4);
+            memset(dst + (size_t)s * nr + nc, 0, (size_t)(nr - nc) * 4);
+        }
+    }
+    float inv[64];
+    for (int hi = 0; hi < j->group; hi++) {
+        const int h = g * j->group + hi;
+        for (int t = t0; t < t1; t += gm->mr) {
+            const int m = imin(gm->mr, t1 - t);
+            const int L = attn_lim(a, a->pos0 + t + m - 1);
+            const float *q = a->q + (size_t)t * a->ldq + (size_t)h * D;
+            float *o = a->out + (size_t)t * a->ldo + (size_t)h * D;
+            if (L <= 0) {
+                for (int i = 0; i < m; i++) attn_zero_row(o + (size_t)i * a->ldo, D);
+                continue;
+            }
+            /* Only the key panels some row of the tile sees. */
+            for (int p = 0; p < cdiv(L, nr); p++)
+                gm->kernel(m, D, q, (size_t)a->ldq, kt + (size_t)p * D * nr, sc + p * nr,
+                           (size_t)j->ldsc, nr, NULL, 0);
+            for (int i = 0; i < m; i++) {
+                float *s = sc + (size_t)i * j->ldsc;
+                const int Li = attn_lim(a, a->pos0 + t + i);
+                inv[i] = 1.0f / k->softmax(s, Li, a->scale);
+                for (int s2 = Li; s2 < L; s2++) s[s2] = 0.0f; /* masked for this row */
+            }
+            for (int dp = 0; dp < ndp; dp++)
+                gm->kernel(m, L, sc, (size_t)j->ldsc, vp + (size_t)dp * j->Spad * nr,
+                           o + dp * nr, (size_t)a->ldo, imin(nr, D - dp * nr), NULL, 0);
+            for (int i = 0; i < m; i++) {
+                float *oi = o + (size_t)i * a->ldo;
+                for (int d = 0; d < D; d++) oi[d] *= inv[i];
+            }
+        }
+    }
+}
+
+void cpu_attention(ops_ctx *c, const op_attn *a) {
+    const cpu_kernels *k = kern_of(c);
+    if (a->T <= 0 || a->H <= 0 || a->D <= 0) return;
+    const int nt = c->n_threads, group = a->H / a->Hkv;
+    char *sp[MAX_THREADS];
+    attn_job j = {.k = k, .a = a, .group = group, .sp = sp};
+    if (a->T < ATTN_PACK_ROWS || k->f32->mr > 64) {
+        if (!scratch_all(c, 0, (size_t)imax(a->S, 1) * 4 + 64, sp)) return;
+        tp_run(c->tp, a->T * a->H, attn_row_task, &j);
+        return;
+    }
+    const int nr = k->f32->nr, mr = k->f32->mr;
+    /* Enough (kv head, row chunk) tasks to keep the threads busy; each chunk
+     * packs K and V again, so chunks stay at 32 rows or more. */
+    int qch = 1;
+    if (a->Hkv < 4 * nt) qch = imax(1, imin(cdiv(4 * nt, a->Hkv), a->T / 32));
+    j.q_per = cdiv(cdiv(a->T, qch), mr) * mr;
+    j.n_qchunks = cdiv(a->T, j.q_per);
+    const int Smax = imax(attn_lim(a, a->pos0 + a->T - 1), 1);
+    j.Spad = cdiv(Smax, nr) * nr;
+    j.ldsc = j.Spad;
+    size_t each = ((size_t)j.Spad * a->D + (size_t)cdiv(a->D, nr) * j.Spad * nr +
+                   (size_t)mr * j.ldsc) * 4;
+    if (!scratch_all(c, 0, each, sp)) return;
+    tp_run(c->tp, a->Hkv * j.n_qchunks, attn_block_task, &j);
+}
+
+/* -- layernorm, elementwise, rope -- */
+
+typedef struct rows_job {
+    const cpu_kernels *k;
+    float *y;
+    const float *x;
+    int T, C, rows_per;
+    const float *g, *b;
+    float eps;
+    /* rope */
+    int ldx, H, D, half, pos0;
+    const float *cos_t, *sin_t;
+} rows_job;
+
+static void ln_task(void *arg, int task, int thread) {
+    (void)thread;
+    const rows_job *j = arg;
+    const int t0 = task * j->rows_per, t1 = imin(j->T, t0 + j->rows_per);
+    for (int t = t0; t < t1; t++)
+        j->k->layernorm_row(j->y + (size_t)t * j->C, j->x + (size_t)t * j->C, j->C, j->g, j->b,
+                            j->eps);
+}
+
+/* Tasks for n elements of work spread over rows: serial when small. */
+static int row_tasks(const ops_ctx *c, int rows, double work) {
+    if (work < 65536 || c->n_threads == 1) return 1;
+    return imin(rows, c->n_threads * 4);
+}
+
+void cpu_layernorm(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g, op_vec b,
+                   float eps) {
+    if (T <= 0 || C <= 0) return;
+    char *sp[MAX_THREADS];
+    float *gb = (float *)(void *)scratch_all(c, (size_t)2 * C * 4, 0, sp);
+    if (!gb) return;
+    for (int i = 0; i < C; i++) {
+        gb[i] = cpu_ld(g.p, g.dt, (size_t)i);
+        gb[C + i] = cpu_ld(b.p, b.dt, (size_t)i);
+    }
+    rows_job j = {.k = kern_of(c), .y = y, .x = x, .T = T, .C = C, .g = gb, .b = gb + C, .eps = eps};
+    int tasks = row_tasks(c, T, (double)T * C);
+    j.rows_per = cdiv(T, tasks);
+    tp_run(c->tp, cdiv(T, j.rows_per), ln_task, &j);
+}
+
+typedef struct ew_job {
+    const cpu_kernels *k;
+    float *y;
+    const float *x;
+    size_t n, per;
+    int kind;
+} ew_job;
+
+static void ew_task(void *arg, int task, int thread) {
+    (void)thread;
+    const ew_job *j = arg;
+    const size_t i0 = (size_t)task * j->per;
+    const size_t n = j->n - i0 < j->per ? j->n - i0 : j->per;
+    if (j->kind == 0) j->k->gelu_tanh(j->y + i0, n);
+    else if (j->kind == 1) j->k->gelu_erf(j->y + i0, n);
+    else j->k->add(j->y + i0, j->x + i0, n);
+}
+
+/* Elementwise ops are memory- or exp-bound and cheap: below 64 Ki elements
+ * waking the pool costs more than it saves. Chunks are multiples of 16
+ * floats so that threads never share a cache line. */
+static void ew_run(ops_ctx *c, float *y, const float *x, size_t n, int kind) {
+    ew_job j = {kern_of(c), y, x, n, n, kind};
+    if (n == 0) return;
+    if (n < 65536 || c->n_threads == 1) {
+        ew_task(&j, 0, 0);
+        return;
+    }
+    size_t tasks = (size_t)c->n_threads * 4;
+    j.per = ((n + tasks - 1) / tasks + 15) & ~(size_t)15;
+    tp_run(c->tp, (int)((n + j.per - 1) / j.per), ew_task, &j);
+}
+
+void cpu_gelu_tanh(ops_ctx *c, float *x, size_t n) { ew_run(c, x, NULL, n, 0); }
+void cpu_gelu_erf(ops_ctx *c, float *x, size_t n) { ew_run(c, x, NULL, n, 1); }
+void cpu_add(ops_ctx *c, float *y, const float *x, size_t n) { ew_run(c, y, x, n, 2); }
+
+static void rope_task(void *arg, int task, int thread) {
+    (void)thread;
+    const rows_job *j = arg;
+    const int t0 = task * j->rows_per, t1 = imin(j->T, t0 + j->rows_per);
+    for (int t = t0; t < t1; t++) {
+        const size_t p = (size_t)(j->pos0 + t) * j->half;
+        j->k->rope_row(j->y + (size_t)t * j->ldx, j->H, j->D, j->half, j->cos_t + p, j->sin_t + p);
+    }
+}
+
+void cpu_rope(ops_ctx *c, float *x, int ldx, int T, int H, int D, int R, int pos0,
+              const float *cos_t, const float *sin_t) {
+    if (T <= 0 || H <= 0 || R < 2) return;
+    rows_job j = {.k = kern_of(c), .y = x, .T = T, .ldx = ldx, .H = H, .D = D, .half = R / 2,
+                  .pos0 = pos0, .cos_t = cos_t, .sin_t = sin_t};
+    int tasks = row_tasks(c, T, (double)T * H * R);
+    j.rows_per = cdiv(T, tasks);
+    tp_run(c->tp, cdiv(T, j.rows_per), rope_task, &j);
+}
+
+/* ---- Portable kernels: the generic table -----------------------------------
+ * Plain C for any CPU, written so that compilers vectorise the inner loops
+ * (a register tile of 4 x 16 floats). The ISA files hold the fast versions
+ * of the same kernels. */
+
+#define GEN_MR 4
+#define GEN_NR 16
+#define GEN_KC 256
+
+static inline float gen_w(const void *w, dtype dt, size_t i) { return cpu_ld(w, dt, i); }
+
+static void pack_f32_generic(void *dstv, const void *w, dtype dt, size_t ldw, int nrows, int e0,
+                             int ec, int K) {
+    (void)K;
+    float *dst = dstv;
+    for (int j = 0; j < GEN_NR; j++)
+        for (int e = 0; e < ec; e++)
+            dst[(size_t)e * GEN_NR + j] = j < nrows ? gen_w(w, dt, (size_t)j * ldw + e0 + e) : 0.0f;
+}
+
+static void gemm_f32_generic(int mr, int kc, const void *xv, size_t ldx, const void *wpv, float *y,
+                             size_t ldy, int ncols, const float *bias, int accumulate) {
+    const float *x = xv, *wp = wpv;
+    for (int i = 0; i < mr; i++) {
+        float acc[GEN_NR];
+        for (int j = 0; j < GEN_NR; j++) acc[j] = 0.0f;
+        const float *xi = x + (size_t)i * ldx;
+        for (int e = 0; e < kc; e++) {
+            const float xe = xi[e];
+            for (int j = 0; j < GEN_NR; j++) acc[j] += xe * wp[(size_t)e * GEN_NR + j];
+        }
+        float *yi = y + (size_t)i * ldy;
+        for (int j = 0; j < ncols; j++)
+            yi[j] = acc[j] + (accumulate ? yi[j] : bias ? bias[j] : 0.0f);
+    }
+}
+
+static const cpu_gemm gemm_f32_gen = {GEN_MR, GEN_NR, GEN_KC, 0, pack_f32_generic,
+                                      gemm_f32_generic};
+
+static void gemv_generic(int T, int K, const float *x, size_t ldx, const void *w, dtype dt,
+                         const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+    float wb[256];
+    for (int n = n0; n < n1; n++) {
+        for (int t0 = 0; t0 < T; t0 += 4) {
+            const int tn = imin(4, T - t0);
+            float acc[4] = {0, 0, 0, 0};
+            for (int k0 = 0; k0 < K; k0 += 256) {
+                const int kn = imin(256, K - k0);
+                for (int kk = 0; kk < kn; kk++) wb[kk] = gen_w(w, dt, (size_t)n * K + k0 + kk);
+                for (int t = 0; t < tn; t++) {
+                    const float *xt = x + (size_t)(t0 + t) * ldx + k0;
+                    float s = 0.0f;
+                    for (int kk = 0; kk < kn; kk++) s += xt[kk] * wb[kk];
+                    acc[t] += s;
+                }
+            }
+            const float bn = b ? cpu_ld(b, bdt, (size_t)n) : 0.0f;
+            for (int t = 0; t < tn; t++) y[(size_t)(t0 + t) * ldy + n] = acc[t] + bn;
+        }
+    }
+}
+
+static void round_bf16_generic(float *dst, const float *src, int n) {
+    for (int i = 0; i < n; i++) dst[i] = bf16_to_f32(f32_to_bf16(src[i]));
+}
+
+static void to_pairs_generic(uint32_t *dst, const float *src, int n) {
+    for (int i = 0; 2 * i < n; i++) {
+        uint32_t lo = f32_to_bf16(src[2 * i]);
+        uint32_t hi = 2 * i + 1 < n ? f32_to_bf16(src[2 * i + 1]) : 0;
+        dst[i] = lo | hi << 16;
+    }
+}
+
+static float softmax_generic(float *s, int n, float scale) {
+    float mx = -INFINITY;
+    for (int i = 0; i < n; i++) {
+        s[i] *= scale;
+        if (s[i] > mx) mx = s[i];
+    }
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        s[i] = expf(s[i] - mx);
+        sum += s[i];
+    }
+    return sum;
+}
+
+static void dot_rows_generic(float *out, const float *q, const float *k, size_t ldk, int n, int D) {
+    for (int j = 0; j < n; j++) {
+        const float *kj = k + (size_t)j * ldk;
+        float s = 0.0f;
+        for (int d = 0; d < D; d++) s += q[d] * kj[d];
+        out[j] = s;
+    }
+}
+
+static void axpy_rows_generic(float *out, const float *p, const float *v, size_t ldv, int n, int D,
+                              float s) {
+    for (int d = 0; d < D; d++) out[d] = 0.0f;
+    for (int j = 0; j < n; j++) {
+        const float *vj = v + (size_t)j * ldv;
+        for (int d = 0; d < D; d++) out[d] += p[j] * vj[d];
+    }
+    for (int d = 0; d < D; d++) out[d] *= s;
+}
+
+static void layernorm_row_generic(float *y, const float *x, int C, const float *g, const float *b,
+                                  float eps) {
+    double mean = 0, var = 0;
+    for (int i = 0; i < C; i++) mean += x[i];
+    mean /= C;
+    for (int i = 0; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
+    var /= C;
+    const float inv = (float)(1.0 / sqrt(var + eps)), m = (float)mean;
+    for (int i = 0; i < C; i++) y[i] = ((x[i] - m) * inv) * g[i] + b[i];
+}
+
+static void gelu_tanh_generic(float *x, size_t n) {
+    const float k = 0.7978845608028654f;
+    for (size_t i = 0; i < n; i++) {
+        float v = x[i];
+        x[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+    }
+}
+
+static void gelu_erf_generic(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.7071067811865476f));
+}
+
+static void add_generic(float *y, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+static void rope_row_generic(float *x, int H, int D, int half, const float *ct, const float *st) {
+    for (int h = 0; h < H; h++) {
+        float *v = x + (size_t)h * D;
+        for (int i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * ct[i] - b * st[i];
+            v[i + half] = a * st[i] + b * ct[i];
+        }
+    }
+}
+
+static const cpu_kernels generic_kernels = {
+    .f32 = &gemm_f32_gen,
+    .bf16 = NULL,
+    .small_t = 4,
+    .gemv = gemv_generic,
+    .gemv_pairs = NULL,
+    .round_bf16 = round_bf16_generic,
+    .to_pairs = to_pairs_generic,
+    .softmax = softmax_generic,
+    .dot_rows = dot_rows_generic,
+    .axpy_rows = axpy_rows_generic,
+    .layernorm_row = layernorm_row_generic,
+    .gelu_tanh = gelu_tanh_generic,
+    .gelu_erf = gelu_erf_generic,
+    .add = add_generic,
+    .rope_row = rope_row_generic,
+};
+
+static const cpu_table generic_table = {CPU_DRIVER_OPS("generic"), &generic_kernels};
+
+const ops *ops_generic_table(void) { return &generic_table.ops; }
+
+/* ISA tables not compiled into this build. */
+#if !defined(ALBEDO_X86)
+const ops *ops_avx512_table(void) { return NULL; }
+const ops *ops_avx512_nobf16_table(void) { return NULL; }
+const ops *ops_avx2_table(void) { return NULL; }
+#endif
+#if !defined(ALBEDO_ARM64)
+const ops *ops_neon_table(void) { return NULL; }
+#endif

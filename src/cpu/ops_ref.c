@@ -1,0 +1,168 @@
+/*
+ * ops_ref.c — the scalar reference of every op in ops.h. It is the
+ * specification: plain loops, float32 arithmetic with double where a sum is
+ * long (LayerNorm statistics), no threads, no SIMD. Fast backends are tested
+ * against it (tests/test_ops.c), and `--backend ref` runs the whole model on
+ * it.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "cpu.h"
+
+/* Read element i of a 16/32-bit float vector. */
+static inline float ld(const void *p, dtype dt, size_t i) {
+    switch (dt) {
+    case DT_BF16: return bf16_to_f32(((const uint16_t *)p)[i]);
+    case DT_F16: return f16_to_f32(((const uint16_t *)p)[i]);
+    default: return ((const float *)p)[i];
+    }
+}
+
+float op_vec_get(op_vec v, size_t i) { return ld(v.p, v.dt, i); }
+
+/* Dequantise one row of a linear layer's weight to float32. */
+void ref_weight_row(const op_linear *L, int n, float *out);
+
+void ref_weight_row(const op_linear *L, int n, float *out) {
+    const int K = L->n_in;
+    switch (L->dt) {
+    case DT_BF16:
+    case DT_F16:
+    case DT_F32:
+        for (int k = 0; k < K; k++) out[k] = ld(L->w, L->dt, (size_t)n * K + k);
+        break;
+    default: /* block formats are dequantised by their own backend code */
+        for (int k = 0; k < K; k++) out[k] = 0.0f;
+        break;
+    }
+}
+
+static void ref_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T,
+                       const op_linear *L) {
+    const int K = L->n_in, N = L->n_out;
+    float *wrow = cpu_scratch(c, 0, (size_t)K * sizeof(float));
+    if (!wrow) return;
+    for (int n = 0; n < N; n++) {
+        ref_weight_row(L, n, wrow);
+        float b = L->b ? ld(L->b, L->bdt, (size_t)n) : 0.0f;
+        for (int t = 0; t < T; t++) {
+            const float *xt = x + (size_t)t * ldx;
+            float s = 0.0f;
+            if (c->prec == OPS_BF16) {
+                for (int k = 0; k < K; k++) s += bf16_to_f32(f32_to_bf16(xt[k])) * wrow[k];
+            } else {
+                for (int k = 0; k < K; k++) s += xt[k] * wrow[k];
+            }
+            y[(size_t)t * ldy + n] = s + b;
+        }
+    }
+}
+
+static void ref_layernorm(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g, op_vec b,
+                          float eps) {
+    (void)c;
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (size_t)t * C;
+        float *yt = y + (size_t)t * C;
+        double mean = 0, var = 0;
+        for (int i = 0; i < C; i++) mean += xt[i];
+        mean /= C;
+        for (int i = 0; i < C; i++) var += (xt[i] - mean) * (xt[i] - mean);
+        var /= C;
+        float inv = (float)(1.0 / sqrt(var + eps));
+        for (int i = 0; i < C; i++)
+            yt[i] = ((xt[i] - (float)mean) * inv) * ld(g.p, g.dt, i) + ld(b.p, b.dt, i);
+    }
+}
+
+static void ref_gelu_tanh(ops_ctx *c, float *x, size_t n) {
+    (void)c;
+    const float k = 0.7978845608028654f; /* sqrt(2/pi) */
+    for (size_t i = 0; i < n; i++) {
+        float v = x[i];
+        x[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+    }
+}
+
+static void ref_gelu_erf(ops_ctx *c, float *x, size_t n) {
+    (void)c;
+    for (size_t i = 0; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.7071067811865476f));
+}
+
+static void ref_add(ops_ctx *c, float *y, const float *x, size_t n) {
+    (void)c;
+    for (size_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+static void ref_rope(ops_ctx *c, float *x, int ldx, int T, int H, int D, int R, int pos0,
+                     const float *cos_t, const float *sin_t) {
+    (void)c;
+    const int half = R / 2;
+    for (int t = 0; t < T; t++) {
+        const float *ct = cos_t + (size_t)(pos0 + t) * half, *st = sin_t + (size_t)(pos0 + t) * half;
+        for (int h = 0; h < H; h++) {
+            float *v = x + (size_t)t * ldx + (size_t)h * D;
+            for (int i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * ct[i] - b * st[i];
+                v[i + half] = a * st[i] + b * ct[i];
+            }
+        }
+    }
+}
+
+/* Whether query at absolute position p sees key j (ops.h, op_attn). */
+static inline int visible(int p, int j, int n_prefix) { return j <= p || (p < n_prefix && j < n_prefix); }
+
+static void ref_attention(ops_ctx *c, const op_attn *a) {
+    float *sc = cpu_scratch(c, 0, (size_t)a->S * sizeof(float));
+    if (!sc) return;
+    const int group = a->H / a->Hkv;
+    for (int t = 0; t < a->T; t++) {
+        const int p = a->pos0 + t;
+        for (int h = 0; h < a->H; h++) {
+            const float *q = a->q + (size_t)t * a->ldq + (size_t)h * a->D;
+            const int g = h / group;
+            float mx = -INFINITY;
+            for (int j = 0; j < a->S; j++) {
+                if (!visible(p, j, a->n_prefix)) {
+                    sc[j] = -INFINITY;
+                    continue;
+                }
+                const float *k = a->k + (size_t)j * a->ldk + (size_t)g * a->D;
+                float s = 0.0f;
+                for (int d = 0; d < a->D; d++) s += q[d] * k[d];
+                sc[j] = s * a->scale;
+                if (sc[j] > mx) mx = sc[j];
+            }
+            double sum = 0;
+            for (int j = 0; j < a->S; j++) {
+                sc[j] = sc[j] == -INFINITY ? 0.0f : expf(sc[j] - mx);
+                sum += sc[j];
+            }
+            float inv = (float)(1.0 / sum);
+            float *o = a->out + (size_t)t * a->ldo + (size_t)h * a->D;
+            for (int d = 0; d < a->D; d++) o[d] = 0.0f;
+            for (int j = 0; j < a->S; j++) {
+                if (sc[j] == 0.0f) continue;
+                const float *v = a->v + (size_t)j * a->ldv + (size_t)g * a->D;
+                float w = sc[j] * inv;
+                for (int d = 0; d < a->D; d++) o[d] += w * v[d];
+            }
+        }
+    }
+}
+
+static const ops ref_ops = {
+    .name = "ref",
+    .linear = ref_linear,
+    .layernorm = ref_layernorm,
+    .gelu_tanh = ref_gelu_tanh,
+    .gelu_erf = ref_gelu_erf,
+    .add = ref_add,
+    .rope = ref_rope,
+    .attention = ref_attention,
+};
+
+const ops *ops_ref_table(void) { return &ref_ops; }

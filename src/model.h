@@ -1,0 +1,156 @@
+/*
+ * model.h — the model's configuration, its weights as views into the mapped
+ * checkpoint, and the internal objects behind the public handles. Shared by
+ * the stage files (vision.c, text.c, region.c, generate.c) and the API glue
+ * (albedo.c); never seen by backends.
+ */
+#ifndef ALBEDO_MODEL_H
+#define ALBEDO_MODEL_H
+
+#include "common.h"
+#include "image.h"
+#include "ops.h"
+#include "safetensors.h"
+#include "tokenizer.h"
+
+#define MD_MAX_TEMPLATE 16
+
+/* A prompt template: a short list of token ids. */
+typedef struct md_tmpl {
+    int n;
+    int32_t ids[MD_MAX_TEMPLATE];
+} md_tmpl;
+
+typedef struct md_config {
+    /* vision (spec/model.md §2.1) */
+    int crop_size, patch, in_ch, enc_dim, enc_layers, enc_heads, enc_ff;
+    int max_crops, overlap_margin, proj_inner, proj_out;
+    /* text (§2.2) */
+    int dim, ff_dim, n_layers, vocab, max_context, n_heads, n_kv_heads;
+    int prefix_attn; /* 1 + (crop_size/patch)^2: the bidirectional prefix */
+    int head_dim, rot_dims;
+    float rope_theta;
+    /* region (§2.3) */
+    int r_dim, coord_feat, coord_out, size_feat, size_out, r_inner;
+    /* tokenizer ids (§2.4) */
+    int bos, eos, answer_id, thinking_id, coord_id, size_id, start_ground_id, end_ground_id;
+    /* prompt templates (§7.3) */
+    md_tmpl caption[3]; /* indexed by albedo_length */
+    md_tmpl query_prefix, query_suffix, detect_prefix, detect_suffix, point_prefix, point_suffix;
+    /* generation defaults (§13.1) */
+    float default_temperature, default_top_p;
+    int default_max_tokens, default_max_objects;
+} md_config;
+
+/* Fill c with the Moondream 2 (2025-06-21) defaults. */
+void md_config_defaults(md_config *c);
+/* Apply config.json's "config" overrides (the Hugging Face wrapper format;
+ * a bare config object is accepted too). */
+albedo_status md_config_parse(md_config *c, const char *json, size_t len, errbuf *e);
+
+typedef struct vit_block {
+    op_vec ln1_w, ln1_b, ln2_w, ln2_b; /* [enc_dim] */
+    op_linear qkv;                     /* [3*enc_dim, enc_dim] */
+    op_linear proj;                    /* [enc_dim, enc_dim] */
+    op_linear fc1;                     /* [enc_ff, enc_dim] */
+    op_linear fc2;                     /* [enc_dim, enc_ff] */
+} vit_block;
+
+typedef struct txt_block {
+    op_vec ln_w, ln_b; /* [dim] */
+    op_linear qkv;     /* [(H + 2*Hkv)*D, dim] */
+    op_linear proj;    /* [dim, H*D] */
+    op_linear fc1;     /* [ff_dim, dim] */
+    op_linear fc2;     /* [dim, ff_dim] */
+} txt_block;
+
+typedef struct md_weights {
+    /* vision */
+    op_linear patch_emb; /* [enc_dim, in_ch*patch*patch] */
+    op_vec pos_emb;      /* [1, n_patches, enc_dim] */
+    vit_block *vb;       /* [enc_layers] */
+    op_vec post_ln_w, post_ln_b;
+    op_linear proj_fc1; /* [proj_inner, 2*enc_dim] */
+    op_linear proj_fc2; /* [proj_out, proj_inner] */
+    /* text */
+    op_vec wte; /* [vocab, dim] */
+    txt_block *tb;
+    op_vec tpost_w, tpost_b;
+    op_linear lm_head; /* [vocab, dim] */
+    /* region */
+    op_vec coord_features; /* [1, coord_feat/2] (or transposed in legacy files) */
+    op_vec size_features;  /* [2, size_feat/2] (or transposed) */
+    int features_transposed;
+    op_linear coord_enc;            /* [r_dim, coord_feat] */
+    op_linear coord_fc1, coord_fc2; /* [r_inner, r_dim], [coord_out, r_inner] */
+    op_linear size_enc;             /* [r_dim, size_feat] */
+    op_linear size_fc1, size_fc2;   /* [r_inner, r_dim], [size_out, r_inner] */
+} md_weights;
+
+/* Bind weights to the tensors of a safetensors file (2025 or legacy names),
+ * checking presence, dtype and shape of every tensor against c. */
+albedo_status md_weights_bind(md_weights *w, const md_config *c, const st_file *f, errbuf *e);
+void md_weights_release(md_weights *w);
+
+struct albedo_model {
+    md_config cfg;
+    md_weights w;
+    st_file *st;
+    tokenizer *tok;
+    albedo_model_params params;
+    img_limits limits;
+    float *rope_cos, *rope_sin; /* [max_context, rot_dims/2] */
+    char describe[256];
+};
+
+/* ---- stages ------------------------------------------------------------- */
+
+/* Working memory of one session: buffers sized from the config, the KV
+ * cache and the ops context (threads). */
+typedef struct md_state {
+    const albedo_model *m;
+    ops_ctx *ops;
+    int max_ctx;
+    /* KV cache, per layer [max_ctx, Hkv*D] float32 */
+    float **k_cache, **v_cache;
+    /* text scratch for up to t_cap rows */
+    int t_cap;
+    float *x, *h, *qkv, *att, *mlp, *proj;
+    float *logits; /* [max(vocab, coord_out, size_out)] */
+    float *feat;   /* [max(coord_feat, size_feat)]: Fourier features */
+    float *hidden; /* [dim]: last row of the last forward, before post_ln */
+} md_state;
+
+albedo_status md_state_init(md_state *s, const albedo_model *m, errbuf *e);
+void md_state_free(md_state *s);
+/* Ensure the text scratch holds T rows. */
+albedo_status md_state_reserve(md_state *s, int T, errbuf *e);
+
+/* vision.c: crops [n, cs, cs, 3] u8 → img_emb [n_patches, dim]. If enc_out is
+ * not NULL it receives the encoder output [n, n_patches, enc_dim]. */
+albedo_status vision_encode(md_state *s, const img_crops *crops, float *img_emb, float *enc_out,
+                            errbuf *e);
+
+/* vision.c: the encoder alone on n crops [n, cs, cs, 3] → out [n, np, enc_dim]. */
+albedo_status vision_encode_crops(md_state *s, const uint8_t *crops, int n, float *out, errbuf *e);
+
+/* text.c: run T input embeddings [T, dim] at positions pos0.. through the
+ * decoder, writing K/V at those positions. Leaves the last row's hidden state
+ * (before post_ln) in s->hidden, and its logits in s->logits if want_logits.
+ * n_prefix: bidirectional prefix length (prefix_attn with an image, 0 for
+ * text-only). */
+albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n_prefix,
+                           int want_logits, errbuf *e);
+/* The token embedding of id into out [dim]. */
+void text_embed(const albedo_model *m, int32_t id, float *out);
+/* logits [vocab] = lm_head(post_ln(h)). */
+void text_logits(md_state *s, const float *h, float *logits);
+
+/* region.c */
+void region_encode_coord(md_state *s, float v, float *out);         /* out [dim] */
+void region_encode_size(md_state *s, float w, float h, float *out); /* out [dim] */
+/* Argmax bins of the coordinate / size decoders on hidden h [dim]. */
+int region_decode_coord(md_state *s, const float *h, float *margin);
+void region_decode_size(md_state *s, const float *h, int *w_bin, int *h_bin);
+
+#endif

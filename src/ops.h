@@ -1,0 +1,116 @@
+/*
+ * ops.h — the backend interface: every piece of math the model stages do
+ * goes through this small table of ops. The scalar reference of each op
+ * (cpu/ops_ref.c) is its specification; fast versions (cpu/ops_cpu.c with
+ * cpu/ops_avx2.c, cpu/ops_avx512.c, cpu/ops_neon.c) must compute the same
+ * function within the per-dtype tolerance of tests/test_ops.c.
+ *
+ * Dimension legend:
+ *   T  tokens (rows of an activation matrix)
+ *   K  input channels of a linear layer      N  output channels
+ *   C  channels of a normalised row          H  query heads, Hkv key/value heads
+ *   D  head dimension                        R  rotated dims of a head
+ *   S  key positions visible to attention    P  positions of a rotary table
+ * Activations are float32, row-major, with an explicit row stride (ld*) in
+ * elements where a matrix may be a view into a wider one. Weights keep the
+ * dtype of the file (BF16, F16 or F32) or an albedo block format (Q8, Q4).
+ * Ops know shapes and dtypes, never models.
+ */
+#ifndef ALBEDO_OPS_H
+#define ALBEDO_OPS_H
+
+#include "common.h"
+
+/* A linear layer y = x·Wᵀ + b: W [N, K] of dtype dt, b [N] (dtype bdt) or NULL.
+ * For DT_Q8 / DT_Q4, w points at a block-format matrix (see qformat below). */
+typedef struct op_linear {
+    const void *w; /* [N, K] */
+    const void *b; /* [N] or NULL */
+    dtype dt, bdt;
+    int n_out, n_in; /* N, K */
+} op_linear;
+
+/* A vector parameter (LayerNorm weight/bias): [C] of dtype dt. */
+typedef struct op_vec {
+    const void *p;
+    dtype dt;
+} op_vec;
+
+/* Attention masks. Query row i sits at absolute position pos0 + i and sees
+ * key j when j <= pos0 + i, or when both pos0 + i and j are < n_prefix (the
+ * bidirectional image prefix). n_prefix = S makes it fully bidirectional. */
+typedef struct op_attn {
+    int T, S;          /* queries, visible keys (keys 0..S-1) */
+    int H, Hkv, D;     /* heads; query head h reads kv head h / (H / Hkv) */
+    int pos0;          /* absolute position of query row 0 */
+    int n_prefix;      /* bidirectional prefix length (0: plain causal) */
+    float scale;       /* usually 1/sqrt(D) */
+    const float *q;    /* [T, ldq], head h at column h*D */
+    const float *k;    /* [S, ldk], kv head g at column g*D */
+    const float *v;    /* [S, ldv] */
+    float *out;        /* [T, ldo], head h at column h*D */
+    int ldq, ldk, ldv, ldo;
+} op_attn;
+
+typedef struct ops_ctx ops_ctx; /* backend state: thread pool, scratch */
+
+typedef struct ops {
+    const char *name;
+
+    /* y[T, N] (row stride ldy) = x[T, K] (row stride ldx) · Wᵀ + b.
+     * With ctx precision BF16 the backend may round x to bf16 first. */
+    void (*linear)(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T,
+                   const op_linear *L);
+
+    /* y[T, C] = (x - mean) / sqrt(var + eps) * g + b, per row (biased var). y may be x. */
+    void (*layernorm)(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g, op_vec b,
+                      float eps);
+
+    /* In place on n contiguous floats. */
+    void (*gelu_tanh)(ops_ctx *c, float *x, size_t n);
+    void (*gelu_erf)(ops_ctx *c, float *x, size_t n);
+
+    /* y[i] += x[i] */
+    void (*add)(ops_ctx *c, float *y, const float *x, size_t n);
+
+    /* Rotary embedding, half-split (NeoX) pairing on the first R dims of each
+     * of H heads of D dims, for rows at positions pos0 .. pos0+T-1:
+     *   a = x[i], b = x[i + R/2] (i < R/2), angle = pos * inv_freq[i],
+     *   x[i] = a cos - b sin, x[i + R/2] = a sin + b cos.
+     * cos/sin tables are [P, R/2] (P > pos0 + T - 1). x is [T, ldx]. */
+    void (*rope)(ops_ctx *c, float *x, int ldx, int T, int H, int D, int R, int pos0,
+                 const float *cos_t, const float *sin_t);
+
+    /* out = softmax(mask(q·kᵀ·scale))·v, per head. */
+    void (*attention)(ops_ctx *c, const op_attn *a);
+} ops;
+
+/* Backends. ops_ctx_new picks the best backend for this CPU unless name
+ * selects one ("ref", "avx2", "avx512", "neon"; NULL or "auto" = best). */
+typedef enum ops_precision { OPS_F32 = 0, OPS_BF16 = 1 } ops_precision;
+
+albedo_status ops_ctx_new(const char *name, int n_threads, ops_precision prec, ops_ctx **out,
+                          errbuf *e);
+void ops_ctx_free(ops_ctx *c);
+const ops *ops_of(const ops_ctx *c);
+int ops_n_threads(const ops_ctx *c);
+/* Threads used when the caller asks for 0: the online CPUs. */
+int ops_default_threads(void);
+const char *ops_backend_name(const ops_ctx *c);
+/* Nonzero if an op could not get working memory since the last call; the
+ * flag is cleared by the call. Stage code checks it once per forward pass. */
+int ops_failed(ops_ctx *c);
+
+/* Run fn(arg, i) for i in [0, n) on the context's threads; returns when all
+ * are done. Stage code uses it for embarrassingly parallel loops. */
+typedef void (*ops_task_fn)(void *arg, int i);
+void ops_parallel_for(ops_ctx *c, int n, ops_task_fn fn, void *arg);
+
+/* Convenience for stage code. */
+static inline const ops *O(ops_ctx *c) { return ops_of(c); }
+
+/* Element read of a 16/32-bit vector parameter (for stage code that needs a
+ * scalar of a weight, e.g. Fourier frequencies). */
+float op_vec_get(op_vec v, size_t i);
+
+#endif

@@ -1,0 +1,283 @@
+/*
+ * weights.c — binds the model's weights to the tensors of a checkpoint.
+ *
+ * Every tensor name is first brought to its canonical 2025 form
+ * (spec/model.md §3): the "model." prefix and torch.compile's "._orig_mod"
+ * are dropped, and 2024-08-26 legacy names (§3.4) are renamed. Then each
+ * weight the config calls for is looked up, and its dtype (F16, BF16 or F32)
+ * and shape are checked; a mismatch is an error naming the tensor and both
+ * shapes. Nothing is copied: the weights stay in the mapped file, 16-bit.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "model.h"
+
+typedef struct named {
+    char *canon;
+    const st_tensor *t;
+    int legacy;
+} named;
+
+typedef struct name_index {
+    named *v;
+    int n;
+} name_index;
+
+static int cmp_named(const void *a, const void *b) {
+    return strcmp(((const named *)a)->canon, ((const named *)b)->canon);
+}
+
+static int starts(const char *s, const char *p) { return !strncmp(s, p, strlen(p)); }
+
+/* Rewrite a legacy name into out; returns 1 if it was a legacy name. */
+static int legacy_rename(const char *n, char *out, size_t cap) {
+    static const struct {
+        const char *from, *to;
+    } flat[] = {
+        {"vision_encoder.encoder.model.visual.patch_embed.linear.", "vision.patch_emb."},
+        {"vision_encoder.encoder.model.visual.pos_embed", "vision.pos_emb"},
+        {"vision_encoder.encoder.model.visual.norm.", "vision.post_ln."},
+        {"vision_encoder.projection.mlp.", "vision.proj_mlp."},
+        {"text_model.transformer.embd.wte.weight", "text.wte"},
+        {"text_model.lm_head.ln.", "text.post_ln."},
+        {"text_model.lm_head.linear.", "text.lm_head."},
+        {"region_model.coordinate_features.weight", "region.coord_features"},
+        {"region_model.size_features.weight", "region.size_features"},
+        {"region_model.coordinate_encoder.", "region.coord_encoder."},
+        {"region_model.coordinate_decoder.", "region.coord_decoder."},
+        {"region_model.size_encoder.", "region.size_encoder."},
+        {"region_model.size_decoder.", "region.size_decoder."},
+    };
+    for (size_t i = 0; i < sizeof flat / sizeof flat[0]; i++) {
+        if (starts(n, flat[i].from)) {
+            snprintf(out, cap, "%s%s", flat[i].to, n + strlen(flat[i].from));
+            return 1;
+        }
+    }
+    static const struct {
+        const char *from, *to;
+    } rest_vision[] = {{"norm1.", "ln1."}, {"norm2.", "ln2."}},
+      rest_text[] = {{"mixer.Wqkv.", "attn.qkv."}, {"mixer.out_proj.", "attn.proj."}};
+    const char *vp = "vision_encoder.encoder.model.visual.blocks.", *tp = "text_model.transformer.h.";
+    int is_v = starts(n, vp), is_t = starts(n, tp);
+    if (!is_v && !is_t) return 0;
+    const char *p = n + strlen(is_v ? vp : tp);
+    char *end;
+    long blk = strtol(p, &end, 10);
+    if (end == p || *end != '.') return 0;
+    const char *rest = end + 1;
+    const char *mapped = rest, *tail = "";
+    size_t nr = is_v ? 2 : 2;
+    for (size_t i = 0; i < nr; i++) {
+        const char *from = is_v ? rest_vision[i].from : rest_text[i].from;
+        if (starts(rest, from)) {
+            mapped = is_v ? rest_vision[i].to : rest_text[i].to;
+            tail = rest + strlen(from);
+            break;
+        }
+    }
+    snprintf(out, cap, "%s.blocks.%ld.%s%s", is_v ? "vision" : "text", blk, mapped, tail);
+    return 1;
+}
+
+static albedo_status build_index(name_index *ix, const st_file *f, errbuf *e) {
+    ix->n = 0;
+    ix->v = calloc((size_t)st_count(f) + 1, sizeof *ix->v);
+    if (!ix->v) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    for (int i = 0; i < st_count(f); i++) {
+        const st_tensor *t = st_at(f, i);
+        char buf[512], out[600];
+        /* drop every "._orig_mod" */
+        size_t k = 0;
+        for (const char *p = t->name; *p && k + 1 < sizeof buf;) {
+            if (starts(p, "._orig_mod")) {
+                p += 10;
+                continue;
+            }
+            buf[k++] = *p++;
+        }
+        buf[k] = 0;
+        const char *n = starts(buf, "model.") ? buf + 6 : buf;
+        int legacy = legacy_rename(n, out, sizeof out);
+        if (!legacy) snprintf(out, sizeof out, "%s", n);
+        ix->v[ix->n].canon = strdup(out);
+        if (!ix->v[ix->n].canon) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+        ix->v[ix->n].t = t;
+        ix->v[ix->n].legacy = legacy;
+        ix->n++;
+    }
+    qsort(ix->v, (size_t)ix->n, sizeof *ix->v, cmp_named);
+    for (int i = 1; i < ix->n; i++) {
+        if (!strcmp(ix->v[i].canon, ix->v[i - 1].canon))
+            return errf(e, ALBEDO_ERR_MODEL_FORMAT, "tensors %s and %s both stand for %s", ix->v[i - 1].t->name,
+                        ix->v[i].t->name, ix->v[i].canon);
+    }
+    return ALBEDO_OK;
+}
+
+static void free_index(name_index *ix) {
+    for (int i = 0; i < ix->n; i++) free(ix->v[i].canon);
+    free(ix->v);
+}
+
+static const named *lookup(const name_index *ix, const char *canon) {
+    named key = {.canon = (char *)canon};
+    return bsearch(&key, ix->v, (size_t)ix->n, sizeof *ix->v, cmp_named);
+}
+
+static void shape_str(char *out, size_t cap, int nd, const int64_t *d) {
+    size_t k = (size_t)snprintf(out, cap, "[");
+    for (int i = 0; i < nd && k < cap; i++) k += (size_t)snprintf(out + k, cap - k, "%s%lld", i ? ", " : "", (long long)d[i]);
+    if (k < cap) snprintf(out + k, cap - k, "]");
+}
+
+typedef struct binder {
+    const name_index *ix;
+    errbuf *e;
+    albedo_status st;
+    int used;
+} binder;
+
+/* Find canon with the given shape; on mismatch record an error. */
+static const named *need(binder *b, const char *canon, int nd, const int64_t *dims) {
+    if (b->st) return NULL;
+    const named *n = lookup(b->ix, canon);
+    char want[96], have[96];
+    shape_str(want, sizeof want, nd, dims);
+    if (!n) {
+        b->st = errf(b->e, ALBEDO_ERR_MODEL_FORMAT, "tensor model.%s %s is missing from the checkpoint", canon, want);
+        return NULL;
+    }
+    const st_tensor *t = n->t;
+    if (t->dt != DT_BF16 && t->dt != DT_F16 && t->dt != DT_F32) {
+        b->st = errf(b->e, ALBEDO_ERR_MODEL_FORMAT, "tensor %s: dtype %s (expected BF16, F16 or F32)", t->name, dtype_name(t->dt));
+        return NULL;
+    }
+    int ok = t->ndim == nd;
+    for (int i = 0; ok && i < nd; i++) ok = t->shape[i] == dims[i];
+    if (!ok) {
+        shape_str(have, sizeof have, t->ndim, t->shape);
+        b->st = errf(b->e, ALBEDO_ERR_MODEL_FORMAT, "tensor %s: expected %s, file has %s", t->name, want, have);
+        return NULL;
+    }
+    b->used++;
+    return n;
+}
+
+static op_vec vec(binder *b, const char *canon, int64_t n) {
+    const named *x = need(b, canon, 1, (int64_t[]){n});
+    return x ? (op_vec){x->t->data, x->t->dt} : (op_vec){0};
+}
+
+static op_linear lin(binder *b, const char *prefix, int n_out, int n_in, int bias) {
+    char nw[256], nb[256];
+    snprintf(nw, sizeof nw, "%s.weight", prefix);
+    snprintf(nb, sizeof nb, "%s.bias", prefix);
+    op_linear L = {0};
+    const named *w = need(b, nw, 2, (int64_t[]){n_out, n_in});
+    if (!w) return L;
+    L.w = w->t->data;
+    L.dt = w->t->dt;
+    L.n_out = n_out;
+    L.n_in = n_in;
+    if (bias) {
+        const named *bb = need(b, nb, 1, (int64_t[]){n_out});
+        if (!bb) return L;
+        L.b = bb->t->data;
+        L.bdt = bb->t->dt;
+    }
+    return L;
+}
+
+albedo_status md_weights_bind(md_weights *w, const md_config *c, const st_file *f, errbuf *e) {
+    memset(w, 0, sizeof *w);
+    name_index ix = {0};
+    albedo_status st = build_index(&ix, f, e);
+    if (st) {
+        free_index(&ix);
+        return st;
+    }
+    binder b = {&ix, e, ALBEDO_OK, 0};
+    char nm[128];
+    const int pd = c->in_ch * c->patch * c->patch, np = (c->crop_size / c->patch) * (c->crop_size / c->patch);
+
+    /* vision */
+    w->patch_emb = lin(&b, "vision.patch_emb", c->enc_dim, pd, 1);
+    const named *pe = need(&b, "vision.pos_emb", 3, (int64_t[]){1, np, c->enc_dim});
+    if (pe) w->pos_emb = (op_vec){pe->t->data, pe->t->dt};
+    w->vb = calloc((size_t)c->enc_layers, sizeof *w->vb);
+    w->tb = calloc((size_t)c->n_layers, sizeof *w->tb);
+    if (!w->vb || !w->tb) {
+        free_index(&ix);
+        md_weights_release(w);
+        return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    for (int i = 0; i < c->enc_layers && !b.st; i++) {
+        vit_block *v = &w->vb[i];
+#define NM(fmt) (snprintf(nm, sizeof nm, fmt, i), nm)
+        v->ln1_w = vec(&b, NM("vision.blocks.%d.ln1.weight"), c->enc_dim);
+        v->ln1_b = vec(&b, NM("vision.blocks.%d.ln1.bias"), c->enc_dim);
+        v->ln2_w = vec(&b, NM("vision.blocks.%d.ln2.weight"), c->enc_dim);
+        v->ln2_b = vec(&b, NM("vision.blocks.%d.ln2.bias"), c->enc_dim);
+        v->qkv = lin(&b, NM("vision.blocks.%d.attn.qkv"), 3 * c->enc_dim, c->enc_dim, 1);
+        v->proj = lin(&b, NM("vision.blocks.%d.attn.proj"), c->enc_dim, c->enc_dim, 1);
+        v->fc1 = lin(&b, NM("vision.blocks.%d.mlp.fc1"), c->enc_ff, c->enc_dim, 1);
+        v->fc2 = lin(&b, NM("vision.blocks.%d.mlp.fc2"), c->enc_dim, c->enc_ff, 1);
+    }
+    w->post_ln_w = vec(&b, "vision.post_ln.weight", c->enc_dim);
+    w->post_ln_b = vec(&b, "vision.post_ln.bias", c->enc_dim);
+    w->proj_fc1 = lin(&b, "vision.proj_mlp.fc1", c->proj_inner, 2 * c->enc_dim, 1);
+    w->proj_fc2 = lin(&b, "vision.proj_mlp.fc2", c->proj_out, c->proj_inner, 1);
+
+    /* text */
+    const named *wte = need(&b, "text.wte", 2, (int64_t[]){c->vocab, c->dim});
+    if (wte) w->wte = (op_vec){wte->t->data, wte->t->dt};
+    const int qkv_out = (c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
+    for (int i = 0; i < c->n_layers && !b.st; i++) {
+        txt_block *t = &w->tb[i];
+        t->ln_w = vec(&b, NM("text.blocks.%d.ln.weight"), c->dim);
+        t->ln_b = vec(&b, NM("text.blocks.%d.ln.bias"), c->dim);
+        t->qkv = lin(&b, NM("text.blocks.%d.attn.qkv"), qkv_out, c->dim, 1);
+        t->proj = lin(&b, NM("text.blocks.%d.attn.proj"), c->dim, c->n_heads * c->head_dim, 1);
+        t->fc1 = lin(&b, NM("text.blocks.%d.mlp.fc1"), c->ff_dim, c->dim, 1);
+        t->fc2 = lin(&b, NM("text.blocks.%d.mlp.fc2"), c->dim, c->ff_dim, 1);
+#undef NM
+    }
+    w->tpost_w = vec(&b, "text.post_ln.weight", c->dim);
+    w->tpost_b = vec(&b, "text.post_ln.bias", c->dim);
+    w->lm_head = lin(&b, "text.lm_head", c->vocab, c->dim, 1);
+
+    /* region: Fourier matrices are [1, F/2] and [2, F/2], stored transposed
+     * ([F/2, 1], [F/2, 2]) under the legacy names. */
+    const named *cf = lookup(&ix, "region.coord_features");
+    int legacy = cf && cf->legacy;
+    w->features_transposed = legacy;
+    const named *cfn = need(&b, "region.coord_features", 2,
+                            legacy ? (int64_t[]){c->coord_feat / 2, 1} : (int64_t[]){1, c->coord_feat / 2});
+    const named *sfn = need(&b, "region.size_features", 2,
+                            legacy ? (int64_t[]){c->size_feat / 2, 2} : (int64_t[]){2, c->size_feat / 2});
+    if (cfn) w->coord_features = (op_vec){cfn->t->data, cfn->t->dt};
+    if (sfn) w->size_features = (op_vec){sfn->t->data, sfn->t->dt};
+    w->coord_enc = lin(&b, "region.coord_encoder", c->r_dim, c->coord_feat, 1);
+    w->coord_fc1 = lin(&b, "region.coord_decoder.fc1", c->r_inner, c->r_dim, 1);
+    w->coord_fc2 = lin(&b, "region.coord_decoder.fc2", c->coord_out, c->r_inner, 1);
+    w->size_enc = lin(&b, "region.size_encoder", c->r_dim, c->size_feat, 1);
+    w->size_fc1 = lin(&b, "region.size_decoder.fc1", c->r_inner, c->r_dim, 1);
+    w->size_fc2 = lin(&b, "region.size_decoder.fc2", c->size_out, c->r_inner, 1);
+
+    free_index(&ix);
+    if (b.st) {
+        md_weights_release(w);
+        return b.st;
+    }
+    return ALBEDO_OK;
+}
+
+void md_weights_release(md_weights *w) {
+    free(w->vb);
+    free(w->tb);
+    w->vb = NULL;
+    w->tb = NULL;
+}

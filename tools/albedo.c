@@ -1,0 +1,458 @@
+/*
+ * albedo.c — the command-line tool. A client of the library: it includes
+ * only albedo.h.
+ *
+ *   albedo caption IMAGE [--length short|normal|long]
+ *   albedo query   [IMAGE] QUESTION [--reasoning] [--spatial-refs JSON]
+ *   albedo detect  IMAGE OBJECT [--max-objects N]
+ *   albedo point   IMAGE OBJECT
+ *   albedo bench   (--synthetic md2 | --model DIR) [--threads N] [--json]
+ *   albedo synth   --preset md2|md2-small --out DIR [--seed N] [--legacy-f16]
+ *   albedo tokenize --model DIR TEXT
+ *
+ * Options are named after the REST API's fields (spec/api.md §2).
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "albedo.h"
+
+typedef struct opts {
+    const char *cmd;
+    const char *model, *image, *question, *object, *length, *spatial_refs;
+    const char *backend, *precision, *synthetic, *preset, *out, *tokenizer;
+    int reasoning, stream, json, threads, legacy_f16, repeats, max_context;
+    float temperature, top_p;
+    int max_tokens, max_objects;
+    int has_temperature, has_top_p, has_max_tokens, has_max_objects;
+    unsigned long long seed;
+    int n_pos;
+    const char *pos[4];
+} opts;
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "albedo %s — Moondream inference\n\n"
+            "usage:\n"
+            "  albedo caption IMAGE [--length short|normal|long]\n"
+            "  albedo query [IMAGE] QUESTION [--reasoning] [--spatial-refs '[[x,y],[x1,y1,x2,y2]]']\n"
+            "  albedo detect IMAGE OBJECT\n"
+            "  albedo point IMAGE OBJECT\n"
+            "  albedo bench (--synthetic md2 | --model DIR) [--threads N] [--repeats N] [--json]\n"
+            "  albedo synth --preset md2|md2-small --out DIR [--seed N] [--legacy-f16] [--tokenizer FILE]\n"
+            "  albedo tokenize --model DIR TEXT\n\n"
+            "options:\n"
+            "  --model DIR          model directory (config.json, model.safetensors, tokenizer.json);\n"
+            "                       default $ALBEDO_MODEL\n"
+            "  --image PATH         image file (JPEG, PNG, WebP, GIF); or the first positional argument\n"
+            "  --question TEXT      --object TEXT      --length short|normal|long\n"
+            "  --reasoning          think before answering (query), with grounded points\n"
+            "  --spatial-refs JSON  points [x,y] and boxes [x_min,y_min,x_max,y_max] for query\n"
+            "  --temperature T      --top-p P      --max-tokens N      --max-objects N      --seed N\n"
+            "  --threads N          CPU threads (default: all cores)\n"
+            "  --backend NAME       auto, ref, generic, avx2, avx512, neon\n"
+            "  --precision f32|bf16 activation precision of matrix products (default f32)\n"
+            "  --max-context N      KV-cache positions (default: the model's)\n"
+            "  --stream             print text as it is generated\n"
+            "  --json               print the REST API's response object\n",
+            albedo_version());
+}
+
+static int parse_int(const char *s, int *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || *end || end == s || v < -2147483647L || v > 2147483647L) return -1;
+    *out = (int)v;
+    return 0;
+}
+
+static int parse_float(const char *s, float *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || *end || end == s) return -1;
+    *out = (float)v;
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, opts *o) {
+    memset(o, 0, sizeof *o);
+    o->repeats = 3;
+    if (argc < 2) return -1;
+    o->cmd = argv[1];
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define STR(name, field)                                                              \
+    if (!strcmp(a, name)) {                                                           \
+        if (!v) return fprintf(stderr, "albedo: %s needs a value\n", name), -1;       \
+        o->field = v;                                                                 \
+        i++;                                                                          \
+        continue;                                                                     \
+    }
+#define INT(name, field, flag)                                                        \
+    if (!strcmp(a, name)) {                                                           \
+        if (!v || parse_int(v, &o->field))                                            \
+            return fprintf(stderr, "albedo: %s needs an integer\n", name), -1;        \
+        flag;                                                                         \
+        i++;                                                                          \
+        continue;                                                                     \
+    }
+#define FLT(name, field, flag)                                                        \
+    if (!strcmp(a, name)) {                                                           \
+        if (!v || parse_float(v, &o->field))                                          \
+            return fprintf(stderr, "albedo: %s needs a number\n", name), -1;          \
+        flag;                                                                         \
+        i++;                                                                          \
+        continue;                                                                     \
+    }
+        STR("--model", model)
+        STR("--image", image)
+        STR("--question", question)
+        STR("--object", object)
+        STR("--length", length)
+        STR("--spatial-refs", spatial_refs)
+        STR("--backend", backend)
+        STR("--precision", precision)
+        STR("--synthetic", synthetic)
+        STR("--preset", preset)
+        STR("--out", out)
+        STR("--tokenizer", tokenizer)
+        INT("--threads", threads, (void)0)
+        INT("--repeats", repeats, (void)0)
+        INT("--max-context", max_context, (void)0)
+        INT("--max-tokens", max_tokens, o->has_max_tokens = 1)
+        INT("--max-objects", max_objects, o->has_max_objects = 1)
+        FLT("--temperature", temperature, o->has_temperature = 1)
+        FLT("--top-p", top_p, o->has_top_p = 1)
+#undef STR
+#undef INT
+#undef FLT
+        if (!strcmp(a, "--seed")) {
+            char *end;
+            if (!v) return fprintf(stderr, "albedo: --seed needs a value\n"), -1;
+            errno = 0;
+            o->seed = strtoull(v, &end, 10);
+            if (errno || *end) return fprintf(stderr, "albedo: --seed needs an integer\n"), -1;
+            i++;
+            continue;
+        }
+        if (!strcmp(a, "--reasoning")) { o->reasoning = 1; continue; }
+        if (!strcmp(a, "--stream")) { o->stream = 1; continue; }
+        if (!strcmp(a, "--json")) { o->json = 1; continue; }
+        if (!strcmp(a, "--legacy-f16")) { o->legacy_f16 = 1; continue; }
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) return -1;
+        if (a[0] == '-' && a[1] == '-') return fprintf(stderr, "albedo: unknown option %s\n", a), -1;
+        if (o->n_pos == 4) return fprintf(stderr, "albedo: too many arguments\n"), -1;
+        o->pos[o->n_pos++] = a;
+    }
+    return 0;
+}
+
+/* "[[0.25,0.5],[0.1,0.2,0.6,0.7]]" → refs; returns count or -1. */
+static int parse_refs(const char *s, albedo_spatial_ref *refs, int cap) {
+    const char *p = s;
+    int n = 0;
+    while (*p == ' ') p++;
+    if (*p++ != '[') return -1;
+    while (*p == ' ') p++;
+    if (*p == ']') return 0;
+    for (;;) {
+        while (*p == ' ') p++;
+        if (*p++ != '[' || n == cap) return -1;
+        albedo_spatial_ref *r = &refs[n++];
+        r->n = 0;
+        for (;;) {
+            char *end;
+            double v = strtod(p, &end);
+            if (end == p || r->n == 4) return -1;
+            r->v[r->n++] = v;
+            p = end;
+            while (*p == ' ') p++;
+            if (*p == ',') { p++; continue; }
+            if (*p == ']') { p++; break; }
+            return -1;
+        }
+        while (*p == ' ') p++;
+        if (*p == ',') { p++; continue; }
+        if (*p == ']') { p++; break; }
+        return -1;
+    }
+    while (*p == ' ') p++;
+    return *p ? -1 : n;
+}
+
+static int on_text(void *user, const char *text, size_t len) {
+    (void)user;
+    fwrite(text, 1, len, stdout);
+    fflush(stdout);
+    return 0;
+}
+
+static int on_text_json(void *user, const char *text, size_t len) {
+    (void)user;
+    /* one {"chunk": ...} line per piece, as the REST stream's data lines */
+    fputs("{\"chunk\": \"", stdout);
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)text[i];
+        if (c == '"' || c == '\\') printf("\\%c", c);
+        else if (c == '\n') fputs("\\n", stdout);
+        else if (c < 0x20) printf("\\u%04x", c);
+        else putchar(c);
+    }
+    fputs("\"}\n", stdout);
+    fflush(stdout);
+    return 0;
+}
+
+static albedo_model_params model_params(const opts *o) {
+    albedo_model_params p = albedo_model_params_default();
+    p.n_threads = o->threads;
+    p.backend = o->backend;
+    p.max_context = o->max_context;
+    if (o->precision && !strcmp(o->precision, "bf16")) p.precision = ALBEDO_PRECISION_BF16;
+    return p;
+}
+
+static int check_precision(const opts *o) {
+    if (o->precision && strcmp(o->precision, "f32") && strcmp(o->precision, "bf16")) {
+        fprintf(stderr, "albedo: --precision must be f32 or bf16\n");
+        return -1;
+    }
+    return 0;
+}
+
+static int load_model(const opts *o, albedo_model **m) {
+    const char *dir = o->model ? o->model : getenv("ALBEDO_MODEL");
+    if (!dir) {
+        fprintf(stderr, "albedo: no model: pass --model DIR or set ALBEDO_MODEL\n");
+        return 2;
+    }
+    albedo_model_params p = model_params(o);
+    if (albedo_model_load(dir, &p, m) != ALBEDO_OK) {
+        fprintf(stderr, "albedo: %s\n", albedo_last_error());
+        return 1;
+    }
+    return 0;
+}
+
+static int cmd_skill(opts *o) {
+    albedo_request r;
+    int need_image = 1, pi = 0;
+    if (!strcmp(o->cmd, "caption")) r = albedo_request_default(ALBEDO_SKILL_CAPTION);
+    else if (!strcmp(o->cmd, "query")) r = albedo_request_default(ALBEDO_SKILL_QUERY), need_image = 0;
+    else if (!strcmp(o->cmd, "detect")) r = albedo_request_default(ALBEDO_SKILL_DETECT);
+    else r = albedo_request_default(ALBEDO_SKILL_POINT);
+
+    /* Positional shortcuts: IMAGE first (for query only if it names a file),
+     * then the question or object. */
+    struct stat sb;
+    if (!o->image && pi < o->n_pos && (need_image || o->n_pos >= 2 || stat(o->pos[pi], &sb) == 0)) o->image = o->pos[pi++];
+    if (r.skill == ALBEDO_SKILL_QUERY && !o->question && pi < o->n_pos) o->question = o->pos[pi++];
+    if ((r.skill == ALBEDO_SKILL_DETECT || r.skill == ALBEDO_SKILL_POINT) && !o->object && pi < o->n_pos)
+        o->object = o->pos[pi++];
+    if (pi < o->n_pos) return fprintf(stderr, "albedo: unexpected argument '%s'\n", o->pos[pi]), 2;
+    if (need_image && !o->image) return fprintf(stderr, "albedo: %s needs an image (--image PATH)\n", o->cmd), 2;
+    if (r.skill == ALBEDO_SKILL_QUERY && !o->question) return fprintf(stderr, "albedo: query needs a question\n"), 2;
+    if ((r.skill == ALBEDO_SKILL_DETECT || r.skill == ALBEDO_SKILL_POINT) && !o->object)
+        return fprintf(stderr, "albedo: %s needs an object\n", o->cmd), 2;
+    if (o->length) {
+        if (!strcmp(o->length, "short")) r.length = ALBEDO_LENGTH_SHORT;
+        else if (!strcmp(o->length, "normal")) r.length = ALBEDO_LENGTH_NORMAL;
+        else if (!strcmp(o->length, "long")) r.length = ALBEDO_LENGTH_LONG;
+        else return fprintf(stderr, "albedo: --length must be short, normal or long\n"), 2;
+    }
+    albedo_spatial_ref refs[64];
+    if (o->spatial_refs) {
+        int n = parse_refs(o->spatial_refs, refs, 64);
+        if (n < 0) return fprintf(stderr, "albedo: --spatial-refs: expected JSON like [[0.25,0.5],[0.1,0.2,0.6,0.7]]\n"), 2;
+        r.spatial_refs = refs;
+        r.n_spatial_refs = n;
+    }
+    if (check_precision(o)) return 2;
+    r.question = o->question;
+    r.object = o->object;
+    r.reasoning = o->reasoning;
+    if (o->has_temperature) r.temperature = o->temperature;
+    if (o->has_top_p) r.top_p = o->top_p;
+    if (o->has_max_tokens) r.max_tokens = o->max_tokens;
+    if (o->has_max_objects) r.max_objects = o->max_objects;
+    r.seed = o->seed;
+    if (o->stream) r.on_text = o->json ? on_text_json : on_text;
+
+    albedo_model *m = NULL;
+    albedo_session *s = NULL;
+    albedo_image *img = NULL;
+    int rc = load_model(o, &m);
+    if (rc) return rc;
+    if (albedo_session_new(m, &s) != ALBEDO_OK) {
+        fprintf(stderr, "albedo: %s\n", albedo_last_error());
+        albedo_model_free(m);
+        return 1;
+    }
+    if (o->image && albedo_image_encode_file(s, o->image, &img) != ALBEDO_OK) {
+        fprintf(stderr, "albedo: %s\n", albedo_session_error(s));
+        rc = 1;
+        goto done;
+    }
+    r.image = img;
+    const albedo_result *res;
+    if (albedo_session_run(s, &r, &res) != ALBEDO_OK) {
+        if (o->stream) putchar('\n');
+        fprintf(stderr, "albedo: %s\n", albedo_session_error(s));
+        rc = 1;
+        goto done;
+    }
+    if (o->json) {
+        printf("%s\n", albedo_result_json(s, res, 1));
+    } else if (o->stream) {
+        putchar('\n');
+    } else {
+        switch (res->skill) {
+        case ALBEDO_SKILL_CAPTION:
+        case ALBEDO_SKILL_QUERY:
+            if (res->reasoning) printf("reasoning: %s\nanswer: ", res->reasoning);
+            printf("%s\n", res->text);
+            break;
+        case ALBEDO_SKILL_DETECT:
+            for (int i = 0; i < res->n_objects; i++)
+                printf("%.4f %.4f %.4f %.4f\n", res->objects[i].x_min, res->objects[i].y_min, res->objects[i].x_max,
+                       res->objects[i].y_max);
+            break;
+        case ALBEDO_SKILL_POINT:
+            for (int i = 0; i < res->n_points; i++) printf("%.4f %.4f\n", res->points[i].x, res->points[i].y);
+            break;
+        }
+    }
+done:
+    albedo_image_free(img);
+    albedo_session_free(s);
+    albedo_model_free(m);
+    return rc;
+}
+
+static int cmd_synth(opts *o) {
+    if (!o->preset || !o->out) return fprintf(stderr, "albedo: synth needs --preset and --out\n"), 2;
+    unsigned long long seed = o->seed ? o->seed : 20261127ull;
+    if (albedo_synth_write(o->out, o->preset, seed, o->legacy_f16, o->tokenizer) != ALBEDO_OK) {
+        fprintf(stderr, "albedo: %s\n", albedo_last_error());
+        return 1;
+    }
+    return 0;
+}
+
+/* The synthetic full-size model lives in a cache directory, written once. */
+static int synthetic_dir(const char *preset, char *out, size_t cap) {
+    const char *base = getenv("ALBEDO_CACHE");
+    char tmp[4096];
+    if (!base) {
+        const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+        if (xdg) snprintf(tmp, sizeof tmp, "%s/albedo", xdg);
+        else snprintf(tmp, sizeof tmp, "%s/.cache/albedo", home ? home : "/tmp");
+        base = tmp;
+    }
+    char parent[4096];
+    snprintf(parent, sizeof parent, "%s", base);
+    for (char *p = parent + 1; *p; p++)
+        if (*p == '/') {
+            *p = 0;
+            mkdir(parent, 0755);
+            *p = '/';
+        }
+    mkdir(parent, 0755);
+    snprintf(out, cap, "%s/synthetic-%s", base, preset);
+    char probe[8192];
+    struct stat sb;
+    snprintf(probe, sizeof probe, "%s/model.safetensors", out);
+    if (stat(probe, &sb) == 0) return 0;
+    fprintf(stderr, "albedo: writing the synthetic %s model to %s (once)\n", preset, out);
+    if (albedo_synth_write(out, preset, 1, 0, NULL) != ALBEDO_OK) {
+        fprintf(stderr, "albedo: %s\n", albedo_last_error());
+        return -1;
+    }
+    return 0;
+}
+
+static int cmd_bench(opts *o) {
+    char dir[4300];
+    if (check_precision(o)) return 2;
+    if (o->synthetic) {
+        if (synthetic_dir(o->synthetic, dir, sizeof dir)) return 1;
+        o->model = dir;
+    }
+    albedo_model *m = NULL;
+    int rc = load_model(o, &m);
+    if (rc) return rc;
+    albedo_bench_result b;
+    if (albedo_model_bench(m, o->repeats, &b) != ALBEDO_OK) {
+        fprintf(stderr, "albedo: %s\n", albedo_last_error());
+        albedo_model_free(m);
+        return 1;
+    }
+    if (o->json) {
+        printf("{\"vision_crop_ms\": %.1f, \"prefill730_tok_s\": %.1f, \"decode_d740_tok_s\": %.2f}\n",
+               b.vision_crop_ms, b.prefill730_tok_s, b.decode_d740_tok_s);
+    } else {
+        printf("model: %s\n", albedo_model_describe(m));
+        printf("| stage | albedo |\n|---|---:|\n");
+        printf("| vision encoder, one 378x378 crop | %.1f ms |\n", b.vision_crop_ms);
+        printf("| prefill, 730 positions | %.1f tok/s |\n", b.prefill730_tok_s);
+        printf("| decode at depth 740 | %.2f tok/s |\n", b.decode_d740_tok_s);
+    }
+    albedo_model_free(m);
+    return 0;
+}
+
+static int cmd_tokenize(opts *o) {
+    if (o->n_pos != 1) return fprintf(stderr, "albedo: tokenize needs one TEXT argument\n"), 2;
+    albedo_model *m = NULL;
+    int rc = load_model(o, &m);
+    if (rc) return rc;
+    int n = albedo_tokenize(m, o->pos[0], NULL, 0);
+    if (n < 0) {
+        fprintf(stderr, "albedo: %s\n", albedo_last_error());
+        albedo_model_free(m);
+        return 1;
+    }
+    int32_t *ids = malloc(((size_t)n + 1) * sizeof *ids);
+    if (!ids) {
+        albedo_model_free(m);
+        return 1;
+    }
+    albedo_tokenize(m, o->pos[0], ids, n);
+    printf("[");
+    for (int i = 0; i < n; i++) printf("%s%d", i ? ", " : "", ids[i]);
+    printf("]\n");
+    free(ids);
+    albedo_model_free(m);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    opts o;
+    if (parse_args(argc, argv, &o)) {
+        usage(stderr);
+        return 2;
+    }
+    if (!strcmp(o.cmd, "caption") || !strcmp(o.cmd, "query") || !strcmp(o.cmd, "detect") || !strcmp(o.cmd, "point"))
+        return cmd_skill(&o);
+    if (!strcmp(o.cmd, "bench")) return cmd_bench(&o);
+    if (!strcmp(o.cmd, "synth")) return cmd_synth(&o);
+    if (!strcmp(o.cmd, "tokenize")) return cmd_tokenize(&o);
+    if (!strcmp(o.cmd, "version") || !strcmp(o.cmd, "--version")) {
+        printf("albedo %s\n", albedo_version());
+        return 0;
+    }
+    if (!strcmp(o.cmd, "help") || !strcmp(o.cmd, "--help") || !strcmp(o.cmd, "-h")) {
+        usage(stdout);
+        return 0;
+    }
+    fprintf(stderr, "albedo: unknown command '%s'\n", o.cmd);
+    usage(stderr);
+    return 2;
+}
