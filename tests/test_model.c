@@ -20,6 +20,8 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <jansson.h>
+#include <sys/stat.h>
+#include <zlib.h>
 #include <math.h>
 #include <unistd.h>
 
@@ -27,7 +29,7 @@
 #include "test.h"
 
 static const char *g_shared;
-static char g_data[4096]; /* tests/data */
+static char g_data[2048]; /* tests/data */
 
 static double rel_l2(const float *a, const float *b, size_t n) {
     double num = 0, den = 0;
@@ -417,6 +419,19 @@ static void check_generator(const char *gen_dir) {
     st_close(fb);
 }
 
+/* Decompress the repository's copy of the GPT-2 tokenizer into the build dir. */
+static int gunzip(const char *src, const char *dst) {
+    gzFile in = gzopen(src, "rb");
+    FILE *out = fopen(dst, "wb");
+    int ok = in && out;
+    char buf[65536];
+    int n;
+    while (ok && (n = gzread(in, buf, sizeof buf)) > 0) ok = fwrite(buf, 1, (size_t)n, out) == (size_t)n;
+    if (in) gzclose(in);
+    if (out && fclose(out)) ok = 0;
+    return ok ? 0 : -1;
+}
+
 int main(void) {
     g_shared = test_shared_dir();
     snprintf(g_data, sizeof g_data, "%s/tests/data", test_source_dir());
@@ -430,7 +445,10 @@ int main(void) {
         printf("note: ../shared is absent: tensor comparisons skipped, e2e cases run on the regenerated model\n");
         snprintf(cases_path, sizeof cases_path, "%s/md2-small/cases.json", g_data);
         snprintf(image_dir, sizeof image_dir, "%s/images", g_data);
-        snprintf(tok_path, sizeof tok_path, "%s/tokenizer/gpt2.tokenizer.json", ALBEDO_BINARY_DIR);
+        snprintf(tok_path, sizeof tok_path, "%s/gpt2.tokenizer.json", ALBEDO_BINARY_DIR);
+        char gz[4200];
+        snprintf(gz, sizeof gz, "%s/tokenizer/gpt2.tokenizer.json.gz", g_data);
+        CHECK(gunzip(gz, tok_path) == 0, "cannot decompress %s", gz);
     }
     json_error_t je;
     json_t *root = json_load_file(cases_path, 0, &je);
