@@ -6,13 +6,13 @@
  * It is not the vision encoder: crops leave here as u8 [n, 378, 378, 3];
  * normalisation to [-1, 1] and patchification belong to vision.c.
  *
- *     bytes ──sniff──> jpeg | png | webp | gif ──> img_rgb [H, W, 3] u8
- *                                                    │
- *              ┌─────────────────────────────────────┴──────────────┐
- *              │ resize to 378x378                                  │ resize to
- *              v                                                    v (th·266+112) x (tw·266+112)
- *          crop 0 (global)                          th x tw windows of 378x378 at 266-px steps
- *                                                   = crops 1 .. th·tw (row-major)
+ *     bytes --sniff--> jpeg | png | webp | gif --> img_rgb [H, W, 3] u8
+ *                                                      |
+ *              +-------------------------+-------------+
+ *              | resize to 378x378       | resize to (th*266+112) x (tw*266+112)
+ *              v                         v
+ *       crop 0 (global)        th x tw windows of 378x378 at 266-px steps
+ *                              = crops 1 .. th*tw (row-major)
  *
  * Why so much care about exactness: the reference decoded with Pillow and
  * resized with Pillow's Lanczos, and the fixtures require identical crops, so
@@ -34,9 +34,10 @@
 
 #include <gif_lib.h>
 #include <jpeglib.h>
-#include <jerror.h>
 #include <png.h>
 #include <webp/decode.h>
+
+#include <jerror.h> /* after jpeglib.h: message codes (JWRN_JPEG_EOF) */
 
 /* The Lanczos coefficients below must round exactly as Pillow's do. A fused
  * multiply-add rounds once where Pillow's C rounds twice, which can move a
@@ -68,8 +69,9 @@ static albedo_status check_dims(const char *fmt, int64_t w, int64_t h, const img
         return errf(e, ALBEDO_ERR_IMAGE, "%s: image has zero size (%lldx%lld)", fmt, (long long)w,
                     (long long)h);
     if (w > lim->max_side || h > lim->max_side)
-        return errf(e, ALBEDO_ERR_LIMIT, "%s: image is %lldx%lld, larger than the %d-pixel side limit",
-                    fmt, (long long)w, (long long)h, lim->max_side);
+        return errf(e, ALBEDO_ERR_LIMIT,
+                    "%s: image is %lldx%lld, larger than the %d-pixel side limit", fmt,
+                    (long long)w, (long long)h, lim->max_side);
     if (w * h > lim->max_pixels)
         return errf(e, ALBEDO_ERR_LIMIT,
                     "%s: image is %lldx%lld = %lld pixels, more than the limit of %lld", fmt,
@@ -130,7 +132,7 @@ static void jpg_output_message(j_common_ptr cinfo) { (void)cinfo; }
 /* Pillow reads CMYK JPEGs as "CMYK;I" (Adobe's inverted polarity, which
  * Photoshop writes and libjpeg hands back unchanged) and converts CMYK to RGB
  * as r = (255 - k) - round((255 - k) * c / 255) with c and k the un-inverted
- * values; MULDIV255 below is its rounding of that product. */
+ * values, rounding the product as its MULDIV255 macro does. */
 static inline uint8_t cmyk_channel(uint8_t raw_c, uint8_t raw_k) {
     int c = 255 - raw_c, nk = raw_k; /* nk = 255 - (255 - raw_k) */
     int t = c * nk + 128;
@@ -297,8 +299,8 @@ static uint32_t be32(const uint8_t *p) {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits *lim,
-                                img_rgb *out, errbuf *e) {
+static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out,
+                                errbuf *e) {
     /* IHDR must be the first chunk; its size is checked against the limits
      * before libpng sees the file, so an absurd header costs nothing. */
     if (len < 33 || memcmp(buf + 12, "IHDR", 4) != 0)
@@ -307,8 +309,8 @@ static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits
     if (st0 != ALBEDO_OK) return st0;
 
     png_ctx ctx = {buf, len, 0, {0}};
-    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &ctx, png_on_error,
-                                             png_on_warning);
+    png_structp png =
+        png_create_read_struct(PNG_LIBPNG_VER_STRING, &ctx, png_on_error, png_on_warning);
     if (!png) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "PNG: out of memory");
     png_infop info = png_create_info_struct(png);
     if (!info) {
@@ -356,7 +358,7 @@ static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits
     px = malloc((size_t)w * (size_t)h * 3);
     /* Interlaced images arrive in passes that each touch every row, so they
      * need the whole raw image; others go one row at a time. */
-    raw = malloc(passes > 1 ? rowbytes * (size_t)h : rowbytes);
+    raw = passes > 1 ? calloc((size_t)h, rowbytes) : malloc(rowbytes);
     if (!px || !raw) {
         st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "PNG: out of memory for %dx%d pixels", w, h);
         png_longjmp(png, 1);
@@ -365,8 +367,8 @@ static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits
         for (int p = 0; p < passes; p++)
             for (int y = 0; y < h; y++) png_read_row(png, raw + rowbytes * (size_t)y, NULL);
         for (int y = 0; y < h; y++)
-            png_row_to_rgb(raw + rowbytes * (size_t)y, px + (size_t)y * (size_t)w * 3, w,
-                           channels, odepth);
+            png_row_to_rgb(raw + rowbytes * (size_t)y, px + (size_t)y * (size_t)w * 3, w, channels,
+                           odepth);
     } else {
         for (int y = 0; y < h; y++) {
             png_read_row(png, raw, NULL);
@@ -385,7 +387,9 @@ static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits
 
 /* ---- WebP (libwebp) -------------------------------------------------------- */
 
-static uint32_t le24(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16; }
+static uint32_t le24(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
+}
 static uint32_t le32(const uint8_t *p) { return le24(p) | (uint32_t)p[3] << 24; }
 
 /* An animated WebP's first frame, as Pillow (libwebp's WebPAnimDecoder) gives
@@ -533,8 +537,8 @@ static int gif_is_ramp(const ColorMapObject *cm) {
  * else the global one, with entries past the table's end black; with neither
  * (or a grey ramp, see gif_is_ramp) index i is grey i. The background colour
  * index is not used. */
-static albedo_status decode_gif(const uint8_t *buf, size_t len, const img_limits *lim,
-                                img_rgb *out, errbuf *e) {
+static albedo_status decode_gif(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out,
+                                errbuf *e) {
     gif_src src = {buf, len, 0, 0};
     int err = 0;
     GifFileType *g = DGifOpen(&src, gif_read_mem, &err);
@@ -551,8 +555,10 @@ static albedo_status decode_gif(const uint8_t *buf, size_t len, const img_limits
         if (rt == EXTENSION_RECORD_TYPE) {
             int code;
             GifByteType *ext;
-            if (DGifGetExtension(g, &code, &ext) == GIF_ERROR) return gif_fail(g, NULL, g->Error, e);
-            if (code == GRAPHICS_EXT_FUNC_CODE && ext && ext[0] >= 4 && (ext[1] & 1)) trans = ext[4];
+            if (DGifGetExtension(g, &code, &ext) == GIF_ERROR)
+                return gif_fail(g, NULL, g->Error, e);
+            if (code == GRAPHICS_EXT_FUNC_CODE && ext && ext[0] >= 4 && (ext[1] & 1))
+                trans = ext[4];
             while (ext) {
                 if (DGifGetExtensionNext(g, &ext) == GIF_ERROR)
                     return gif_fail(g, NULL, g->Error, e);
@@ -639,7 +645,8 @@ albedo_status img_decode(const uint8_t *buf, size_t len, const img_limits *lim, 
 
     /* Formats people do send that this build does not decode: say which. */
     const char *known = NULL;
-    if (len >= 2 && buf[0] == 'B' && buf[1] == 'M') known = "BMP";
+    if (len >= 2 && buf[0] == 'B' && buf[1] == 'M')
+        known = "BMP";
     else if (len >= 4 && (memcmp(buf, "II*\0", 4) == 0 || memcmp(buf, "MM\0*", 4) == 0))
         known = "TIFF";
     else if (len >= 12 && memcmp(buf + 4, "ftyp", 4) == 0)
@@ -841,8 +848,11 @@ albedo_status img_resize_lanczos(const img_rgb *src, int out_w, int out_h, img_r
     if (!src || !src->px || src->w <= 0 || src->h <= 0)
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "resize: empty source image");
     if (out_w <= 0 || out_h <= 0 || out_w > RS_MAX_SIDE || out_h > RS_MAX_SIDE)
-        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "resize: output size %dx%d out of range",
-                    out_w, out_h);
+        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "resize: output size %dx%d out of range", out_w,
+                    out_h);
+    /* Beyond this, Pillow's int arithmetic (filter length) would overflow. */
+    if (src->w > (1 << 28) || src->h > (1 << 28))
+        return errf(e, ALBEDO_ERR_LIMIT, "resize: source %dx%d is too large", src->w, src->h);
     int sw = src->w, sh = src->h;
     albedo_status st = alloc_rgb(dst, out_w, out_h, e);
     if (st != ALBEDO_OK) return st;
@@ -930,8 +940,8 @@ void img_select_tiling(int h, int w, int c, int max_crops, int *th, int *tw) {
                 rh = M / rw;
         }
     }
-    *th = rh < 1 ? 1 : (int)rh;
-    *tw = rw < 1 ? 1 : (int)rw;
+    *th = rh < 1 ? 1 : rh > INT_MAX ? INT_MAX : (int)rh;
+    *tw = rw < 1 ? 1 : rw > INT_MAX ? INT_MAX : (int)rw;
 }
 
 void img_crops_free(img_crops *c) {
@@ -946,19 +956,27 @@ albedo_status img_make_crops(const img_rgb *im, int crop_size, int patch_size, i
     memset(out, 0, sizeof *out);
     if (!im || !im->px || im->w <= 0 || im->h <= 0)
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "crops: empty image");
-    int margin = margin_patches * patch_size; /* 56 px for Moondream 2 */
-    int window = crop_size - 2 * margin;      /* 266 px: each tile's own area */
-    if (crop_size <= 0 || patch_size <= 0 || margin_patches < 0 || window <= 0 || max_crops < 1 ||
-        crop_size > RS_MAX_SIDE)
+    /* Range checks first, so that the products below cannot overflow. */
+    if (crop_size <= 0 || crop_size > RS_MAX_SIDE || patch_size <= 0 || patch_size > crop_size ||
+        margin_patches < 0 || margin_patches > crop_size || max_crops < 1 ||
+        crop_size - 2 * margin_patches * patch_size <= 0)
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT,
                     "crops: bad geometry (crop %d, patch %d, margin %d patches, max crops %d)",
                     crop_size, patch_size, margin_patches, max_crops);
+    int margin = margin_patches * patch_size; /* 56 px for Moondream 2 */
+    int window = crop_size - 2 * margin;      /* 266 px: each tile's own area */
 
     int th, tw;
     img_select_tiling(im->h - 2 * margin, im->w - 2 * margin, window, max_crops, &th, &tw);
-    int rh = th * window + 2 * margin, rw = tw * window + 2 * margin;
+    /* A huge max_crops can ask for an absurd upscale: refuse it before
+     * allocating. */
+    int64_t rh64 = (int64_t)th * window + 2 * margin, rw64 = (int64_t)tw * window + 2 * margin;
     size_t crop_bytes = (size_t)crop_size * (size_t)crop_size * 3;
-    int n = th * tw + 1;
+    int64_t n64 = (int64_t)th * tw + 1;
+    if (rh64 > RS_MAX_SIDE || rw64 > RS_MAX_SIDE || n64 > (int64_t)(SIZE_MAX / 2 / crop_bytes))
+        return errf(e, ALBEDO_ERR_LIMIT, "crops: tiling %dx%d needs a %lldx%lld resize", th, tw,
+                    (long long)rw64, (long long)rh64);
+    int rh = (int)rh64, rw = (int)rw64, n = (int)n64;
     uint8_t *px = malloc(crop_bytes * (size_t)n);
     if (!px) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "crops: out of memory for %d crops", n);
 
