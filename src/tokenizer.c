@@ -221,6 +221,7 @@ static const uint8_t replacement_char[3] = {0xEF, 0xBF, 0xBD}; /* U+FFFD */
  * number of bytes consumed is returned through *used. */
 static bool utf8_lossy(bytebuf *out, const uint8_t *s, size_t n, bool hold_tail, size_t *used) {
     size_t i = 0, run = 0; /* s[run..i) is valid and not yet copied */
+    if (!s) s = (const uint8_t *)""; /* an empty buffer never allocated */
     while (i < n) {
         if (s[i] < 0x80) {
             i++;

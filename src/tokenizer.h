@@ -39,7 +39,9 @@ int tok_token_bytes(const tokenizer *t, int32_t id, const uint8_t **bytes, size_
 
 /* Decode ids to a malloc'ed NUL-terminated UTF-8 string, as the tokenizers
  * library does: bytes concatenated, invalid UTF-8 replaced by U+FFFD (one per
- * maximal invalid subsequence), special tokens skipped when skip_special. */
+ * maximal invalid subsequence), special tokens skipped when skip_special.
+ * The text may itself contain NUL bytes (a token for byte 0): *out_len is its
+ * length. An id outside the vocabulary is ALBEDO_ERR_INVALID_ARGUMENT. */
 albedo_status tok_decode(const tokenizer *t, const int32_t *ids, int n, int skip_special,
                          char **out, size_t *out_len, errbuf *e);
 
@@ -53,7 +55,8 @@ typedef struct tok_stream {
 
 void tok_stream_init(tok_stream *s);
 /* Appends the final text for id to out (malloc'ed/realloc'ed buffer with
- * *out_len used bytes and *out_cap capacity). Returns 0, or -1 on OOM. */
+ * *out_len used bytes and *out_cap capacity, kept NUL-terminated). Returns 0,
+ * or -1 on OOM or an id outside the vocabulary. */
 int tok_stream_push(const tokenizer *t, tok_stream *s, int32_t id, int skip_special, char **out,
                     size_t *out_len, size_t *out_cap);
 int tok_stream_finish(tok_stream *s, char **out, size_t *out_len, size_t *out_cap);
