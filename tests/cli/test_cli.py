@@ -119,7 +119,7 @@ def main():
             case = dict(case)
             if case["image"]:
                 case["image_path"] = os.path.join(images, case["image"])
-            cmd = [albedo] + case_args(case) + ["--model", model, "--threads", "2"]
+            cmd = [albedo] + case_args(case) + ["--model", model, "--threads", "1"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             label = f"{model_name} case {i} ({case['image']} {case['task']})"
             if r.returncode != 0:
@@ -150,7 +150,7 @@ def main():
             if k in a:
                 req[k] = a[k]
         lines.append(json.dumps(req))
-    r = subprocess.run([albedo, "batch", "-", "--model", legacy, "--threads", "2"], input="\n".join(lines) + "\n",
+    r = subprocess.run([albedo, "batch", "-", "--model", legacy, "--threads", "1"], input="\n".join(lines) + "\n",
                        capture_output=True, text=True)
     outs = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
     if r.returncode != 0 or len(outs) != len(cases):
