@@ -62,13 +62,12 @@ typedef struct cpu_gemm {
     /* dst [ec][nr] = elements [e0, e0+ec) of rows 0..nrows-1 of w (row
      * stride ldw elements of dt, rows of K elements of dt), transposed;
      * rows nrows..nr-1 are zero. Pairs read bf16 w and zero the half past K. */
-    void (*pack)(void *dst, const void *w, dtype dt, size_t ldw, int nrows, int e0, int ec,
-                 int K);
+    void (*pack)(void *dst, const void *w, dtype dt, size_t ldw, int nrows, int e0, int ec, int K);
     /* y[i][j] = init + sum_e x[i][e] * wp[e][j] for i < mr, j < ncols (the
      * other columns of y are not touched); init is y itself when accumulate,
      * else bias[j] when bias, else 0. x has row stride ldx elements. */
-    void (*kernel)(int mr, int kc, const void *x, size_t ldx, const void *wp, float *y,
-                   size_t ldy, int ncols, const float *bias, int accumulate);
+    void (*kernel)(int mr, int kc, const void *x, size_t ldx, const void *wp, float *y, size_t ldy,
+                   int ncols, const float *bias, int accumulate);
 } cpu_gemm;
 
 typedef struct cpu_kernels {
@@ -76,15 +75,17 @@ typedef struct cpu_kernels {
     const cpu_gemm *bf16; /* bf16-pair dot products, or NULL */
     int small_t;          /* linear with T < small_t uses gemv, which streams W once */
     /* y[t][n] = b[n] + sum_k x[t][k] W[n][k] for t < T, n in [n0, n1); W [N, K]
-     * of dt; b of bdt or NULL. */
-    void (*gemv)(int T, int K, const float *x, size_t ldx, const void *w, dtype dt,
-                 const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy);
+     * of dt, read in place (no packing); b of bdt or NULL. Any T works; it
+     * is meant for the small T that make a linear bound by reading W. */
+    void (*gemv)(int T, int K, const float *x, size_t ldx, const void *w, dtype dt, const void *b,
+                 dtype bdt, int n0, int n1, float *y, size_t ldy);
     /* The same with x as bf16 pairs (ldx in pairs) and bf16 W, or NULL. */
     void (*gemv_pairs)(int T, int K, const uint32_t *x, size_t ldx, const uint16_t *w,
                        const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy);
     /* dst[i] = src[i] rounded to bf16 (as f32_to_bf16), widened back. */
     void (*round_bf16)(float *dst, const float *src, int n);
-    /* dst[i] = bf16 pair (src[2i], src[2i+1]) for i < ceil(n/2), zero-padded. */
+    /* dst[i] = bf16 pair (src[2i], src[2i+1]) for i < ceil(n/2), zero-padded
+     * (rounded as f32_to_bf16); NULL when bf16 and gemv_pairs are. */
     void (*to_pairs)(uint32_t *dst, const float *src, int n);
     /* s[i] = exp(s[i]*scale - max_j s[j]*scale) for i < n; returns the sum. */
     float (*softmax)(float *s, int n, float scale);
@@ -104,8 +105,7 @@ typedef struct cpu_kernels {
 } cpu_kernels;
 
 /* The drivers (ops_cpu.c), the entries of every table but the reference. */
-void cpu_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T,
-                const op_linear *L);
+void cpu_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T, const op_linear *L);
 void cpu_layernorm(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g, op_vec b,
                    float eps);
 void cpu_gelu_tanh(ops_ctx *c, float *x, size_t n);
@@ -122,11 +122,11 @@ typedef struct cpu_table {
     const cpu_kernels *k;
 } cpu_table;
 
-#define CPU_DRIVER_OPS(NAME)                                                                  \
-    {                                                                                         \
-        .name = NAME, .linear = cpu_linear, .layernorm = cpu_layernorm,                       \
-        .gelu_tanh = cpu_gelu_tanh, .gelu_erf = cpu_gelu_erf, .add = cpu_add,                 \
-        .rope = cpu_rope, .attention = cpu_attention,                                         \
+#define CPU_DRIVER_OPS(NAME)                                                                       \
+    {                                                                                              \
+        .name = NAME, .linear = cpu_linear, .layernorm = cpu_layernorm,                            \
+        .gelu_tanh = cpu_gelu_tanh, .gelu_erf = cpu_gelu_erf, .add = cpu_add, .rope = cpu_rope,    \
+        .attention = cpu_attention,                                                                \
     }
 
 /* The scalar reference: the specification of every op (single-threaded). */

@@ -27,16 +27,28 @@
 
 #define SPIN_ITERS 200000
 
+/* Synchronisation, in short: the caller publishes a job by making the
+ * generation odd (setup), waiting until no worker is inside the previous job,
+ * writing the job, and making the generation even again. A worker joins by
+ * counting itself inside and then re-reading the generation; if it changed,
+ * it leaves again. Both sides use sequentially consistent atomics, so either
+ * the caller sees the worker inside, or the worker sees the new generation
+ * (the Dekker pattern). The caller returns as soon as every task is done —
+ * it never waits for a worker that has not woken up, which matters when the
+ * machine is oversubscribed and a worker's time slice is far away. */
 struct threadpool {
     int n;
     pthread_t *threads;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    atomic_uint generation; /* bumped for every job */
+    atomic_uint generation; /* even: a job is published; odd: being set up */
     atomic_int next_task;
-    atomic_int n_done; /* workers finished with the current job */
+    atomic_int done_tasks;
+    atomic_int inside;   /* workers between joining and leaving a job */
+    atomic_int sleepers; /* workers blocked on cv */
     atomic_int quit;
-    /* The current job. Written by the caller before bumping generation. */
+    /* The current job: written only while the generation is odd and no
+     * worker is inside. */
     tp_fn fn;
     void *arg;
     int n_tasks;
@@ -49,9 +61,10 @@ typedef struct worker_arg {
 
 static void run_tasks(threadpool *tp, int thread) {
     for (;;) {
-        int t = atomic_fetch_add_explicit(&tp->next_task, 1, memory_order_relaxed);
+        int t = atomic_fetch_add(&tp->next_task, 1);
         if (t >= tp->n_tasks) break;
         tp->fn(tp->arg, t, thread);
+        atomic_fetch_add(&tp->done_tasks, 1);
     }
 }
 
@@ -64,21 +77,24 @@ static void *worker_main(void *p) {
     for (;;) {
         unsigned g;
         int spins = 0;
-        while ((g = atomic_load_explicit(&tp->generation, memory_order_acquire)) == seen &&
-               !atomic_load(&tp->quit)) {
+        while (((g = atomic_load(&tp->generation)) == seen || (g & 1u)) && !atomic_load(&tp->quit)) {
             if (++spins < SPIN_ITERS) {
                 cpu_relax();
                 continue;
             }
             pthread_mutex_lock(&tp->mu);
-            while (atomic_load(&tp->generation) == seen && !atomic_load(&tp->quit))
+            atomic_fetch_add(&tp->sleepers, 1);
+            while (((g = atomic_load(&tp->generation)) == seen || (g & 1u)) && !atomic_load(&tp->quit))
                 pthread_cond_wait(&tp->cv, &tp->mu);
+            atomic_fetch_sub(&tp->sleepers, 1);
             pthread_mutex_unlock(&tp->mu);
+            spins = 0;
         }
         if (atomic_load(&tp->quit)) break;
         seen = g;
-        run_tasks(tp, id);
-        atomic_fetch_add_explicit(&tp->n_done, 1, memory_order_acq_rel);
+        atomic_fetch_add(&tp->inside, 1);
+        if (atomic_load(&tp->generation) == g) run_tasks(tp, id);
+        atomic_fetch_sub(&tp->inside, 1);
     }
     return NULL;
 }
@@ -97,7 +113,11 @@ threadpool *tp_new(int n_threads) {
     }
     for (int i = 1; i < n_threads; i++) {
         worker_arg *wa = malloc(sizeof *wa);
-        if (!wa || pthread_create(&tp->threads[i], NULL, worker_main, wa ? (wa->tp = tp, wa->id = i, wa) : NULL)) {
+        if (wa) {
+            wa->tp = tp;
+            wa->id = i;
+        }
+        if (!wa || pthread_create(&tp->threads[i], NULL, worker_main, wa)) {
             free(wa);
             tp->n = i; /* run with the threads we got */
             break;
@@ -127,17 +147,21 @@ void tp_run(threadpool *tp, int n_tasks, tp_fn fn, void *arg) {
         for (int t = 0; t < n_tasks; t++) fn(arg, t, 0);
         return;
     }
+    atomic_fetch_add(&tp->generation, 1); /* odd: setting up */
+    while (atomic_load(&tp->inside) != 0) cpu_relax();
     tp->fn = fn;
     tp->arg = arg;
     tp->n_tasks = n_tasks;
-    atomic_store_explicit(&tp->next_task, 0, memory_order_relaxed);
-    atomic_store_explicit(&tp->n_done, 0, memory_order_relaxed);
-    pthread_mutex_lock(&tp->mu);
-    atomic_fetch_add_explicit(&tp->generation, 1, memory_order_release);
-    pthread_cond_broadcast(&tp->cv);
-    pthread_mutex_unlock(&tp->mu);
+    atomic_store(&tp->next_task, 0);
+    atomic_store(&tp->done_tasks, 0);
+    atomic_fetch_add(&tp->generation, 1); /* even: published */
+    if (atomic_load(&tp->sleepers) > 0) {
+        pthread_mutex_lock(&tp->mu);
+        pthread_cond_broadcast(&tp->cv);
+        pthread_mutex_unlock(&tp->mu);
+    }
     run_tasks(tp, 0);
-    while (atomic_load_explicit(&tp->n_done, memory_order_acquire) < tp->n - 1) cpu_relax();
+    while (atomic_load(&tp->done_tasks) < n_tasks) cpu_relax();
 }
 
 int cpu_count(void) {

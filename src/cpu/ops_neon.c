@@ -1,0 +1,447 @@
+/*
+ * ops_neon.c — AArch64 NEON kernels of the CPU backend (cpu.h,
+ * cpu_kernels); the drivers in ops_cpu.c do the blocking and threading.
+ * Compiled only for aarch64, where NEON (and the f16 <-> f32 conversions)
+ * are part of the base ISA, so the table needs no run-time check.
+ *
+ *   linear, T >= 16: panels [256][16] of floats, register tile 5 x 16 (20 q
+ *                    registers of accumulators);
+ *   linear, T < 16:  "gemv": W read once, in place, 4 weight rows x up to 4
+ *                    rows of x (not tuned on hardware: qemu-tested only);
+ *   bf16 weights:   widened by a 16-bit shift (vshll); OPS_BF16 rounds x to
+ *                   bf16 and uses the float kernels (no BFDOT assumed).
+ * The scalar reference of every kernel is its op in ops_ref.c.
+ */
+#include <arm_neon.h>
+#include <math.h>
+
+#include "cpu.h"
+
+#define MR 5
+#define NR 16
+#define KC 256
+
+#define INLINE static inline __attribute__((always_inline))
+
+static int imin(int a, int b) { return a < b ? a : b; }
+
+/* 4 weights of dtype dt widened to float. */
+INLINE float32x4_t ld4w(const void *p, dtype dt) {
+    switch (dt) {
+    case DT_BF16: return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16));
+    case DT_F16: return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+    default: return vld1q_f32(p);
+    }
+}
+
+/* The first n (< 4) weights, zeros after, reading only those n. */
+INLINE float32x4_t ld4w_part(const void *p, dtype dt, int n) {
+    uint32_t tmp[4] = {0, 0, 0, 0};
+    memcpy(tmp, p, (size_t)n * (dt == DT_F32 ? 4 : 2));
+    return ld4w(tmp, dt);
+}
+
+/* The first n (0..4) floats, zeros after. */
+INLINE float32x4_t ld4_part(const float *p, int n) {
+    float tmp[4] = {0, 0, 0, 0};
+    memcpy(tmp, p, (size_t)(n < 0 ? 0 : n > 4 ? 4 : n) * 4);
+    return vld1q_f32(tmp);
+}
+
+INLINE void st4_part(float *p, float32x4_t v, int n) {
+    float tmp[4];
+    vst1q_f32(tmp, v);
+    memcpy(p, tmp, (size_t)(n < 0 ? 0 : n > 4 ? 4 : n) * 4);
+}
+
+/* ---- packing and the register tile --------------------------------------------------- */
+
+static void pack_f32_neon(void *dstv, const void *w, dtype dt, size_t ldw, int nrows, int e0,
+                          int ec, int K) {
+    (void)K;
+    float *dst = dstv;
+    const size_t es = dt == DT_F32 ? 4 : 2;
+    for (int r0 = 0; r0 < NR; r0 += 4) {
+        const int rn = imin(4, nrows - r0);
+        for (int k = 0; k < ec; k += 4) {
+            const int kn = imin(4, ec - k);
+            float32x4_t r[4];
+            for (int i = 0; i < 4; i++) {
+                const char *p = (const char *)w + ((size_t)(r0 + i) * ldw + e0 + k) * es;
+                r[i] = i >= rn ? vdupq_n_f32(0.0f) : kn == 4 ? ld4w(p, dt) : ld4w_part(p, dt, kn);
+            }
+            /* 4x4 transpose */
+            const float32x4_t t0 = vtrn1q_f32(r[0], r[1]), t1 = vtrn2q_f32(r[0], r[1]);
+            const float32x4_t t2 = vtrn1q_f32(r[2], r[3]), t3 = vtrn2q_f32(r[2], r[3]);
+            float32x4_t c[4];
+            c[0] = vreinterpretq_f32_f64(
+                vtrn1q_f64(vreinterpretq_f64_f32(t0), vreinterpretq_f64_f32(t2)));
+            c[1] = vreinterpretq_f32_f64(
+                vtrn1q_f64(vreinterpretq_f64_f32(t1), vreinterpretq_f64_f32(t3)));
+            c[2] = vreinterpretq_f32_f64(
+                vtrn2q_f64(vreinterpretq_f64_f32(t0), vreinterpretq_f64_f32(t2)));
+            c[3] = vreinterpretq_f32_f64(
+                vtrn2q_f64(vreinterpretq_f64_f32(t1), vreinterpretq_f64_f32(t3)));
+            for (int i = 0; i < kn; i++) vst1q_f32(dst + (size_t)(k + i) * NR + r0, c[i]);
+        }
+    }
+}
+
+/* A 5 x 16 register tile: 20 accumulators, 4 weight vectors and 5 values of
+ * x fit the 32 registers (6 rows spilled). Named variables, because with an
+ * array of accumulators GCC 12 kept them on the stack inside the loop (a
+ * store per multiply-add). Rows past mr repeat the last row of x and are
+ * not stored; initial values and partial stores go through a small buffer. */
+#define ACC_ROW(i) float32x4_t c##i##0, c##i##1, c##i##2, c##i##3
+#define INIT_ROW(i)                                                                                \
+    c##i##0 = vld1q_f32(&buf[i][0]), c##i##1 = vld1q_f32(&buf[i][4]),                              \
+    c##i##2 = vld1q_f32(&buf[i][8]), c##i##3 = vld1q_f32(&buf[i][12])
+#define FMA_ROW(i)                                                                                 \
+    do {                                                                                           \
+        const float xe = xr[i][e];                                                                 \
+        c##i##0 = vfmaq_n_f32(c##i##0, w0, xe), c##i##1 = vfmaq_n_f32(c##i##1, w1, xe);            \
+        c##i##2 = vfmaq_n_f32(c##i##2, w2, xe), c##i##3 = vfmaq_n_f32(c##i##3, w3, xe);            \
+    } while (0)
+#define SAVE_ROW(i)                                                                                \
+    vst1q_f32(&buf[i][0], c##i##0), vst1q_f32(&buf[i][4], c##i##1),                                \
+        vst1q_f32(&buf[i][8], c##i##2), vst1q_f32(&buf[i][12], c##i##3)
+
+static void gemm_f32_neon(int mr, int kc, const void *xv, size_t ldx, const void *wpv, float *y,
+                          size_t ldy, int ncols, const float *bias, int accumulate) {
+    const float *x = xv, *wp = wpv;
+    const float *xr[MR];
+    float buf[MR][NR];
+    for (int i = 0; i < MR; i++) xr[i] = x + (size_t)imin(i, mr - 1) * ldx;
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++)
+            buf[i][j] = j >= ncols || i >= mr ? 0.0f
+                        : accumulate          ? y[(size_t)i * ldy + j]
+                        : bias                ? bias[j]
+                                              : 0.0f;
+    ACC_ROW(0);
+    ACC_ROW(1);
+    ACC_ROW(2);
+    ACC_ROW(3);
+    ACC_ROW(4);
+    INIT_ROW(0);
+    INIT_ROW(1);
+    INIT_ROW(2);
+    INIT_ROW(3);
+    INIT_ROW(4);
+    for (int e = 0; e < kc; e++) {
+        const float *we = wp + (size_t)e * NR;
+        const float32x4_t w0 = vld1q_f32(we), w1 = vld1q_f32(we + 4);
+        const float32x4_t w2 = vld1q_f32(we + 8), w3 = vld1q_f32(we + 12);
+        FMA_ROW(0);
+        FMA_ROW(1);
+        FMA_ROW(2);
+        FMA_ROW(3);
+        FMA_ROW(4);
+    }
+    SAVE_ROW(0);
+    SAVE_ROW(1);
+    SAVE_ROW(2);
+    SAVE_ROW(3);
+    SAVE_ROW(4);
+    for (int i = 0; i < mr; i++) memcpy(y + (size_t)i * ldy, buf[i], (size_t)ncols * 4);
+}
+
+static const cpu_gemm gemm_f32 = {MR, NR, KC, 0, pack_f32_neon, gemm_f32_neon};
+
+/* ---- gemv ------------------------------------------------------------------------------ */
+
+INLINE void gemv_tile(const int TN, const dtype DT, int K, const float *x, size_t ldx,
+                      const char *const wr[4], float out[4][4]) {
+    const size_t es = DT == DT_F32 ? 4 : 2;
+    float32x4_t acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < TN; t++) acc[r][t] = vdupq_n_f32(0.0f);
+    int k = 0;
+    for (; k + 4 <= K; k += 4) {
+        float32x4_t w[4];
+        for (int r = 0; r < 4; r++) {
+            if (!(k & 31)) __builtin_prefetch(wr[r] + k * es + 1024);
+            w[r] = ld4w(wr[r] + k * es, DT);
+        }
+        for (int t = 0; t < TN; t++) {
+            const float32x4_t xv = vld1q_f32(x + (size_t)t * ldx + k);
+            for (int r = 0; r < 4; r++) acc[r][t] = vfmaq_f32(acc[r][t], xv, w[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < TN; t++) out[r][t] = vaddvq_f32(acc[r][t]);
+    /* The last K % 4 in scalar code: partial vector loads here made GCC 12
+     * keep the accumulators on the stack in the loop above. */
+    for (; k < K; k++)
+        for (int r = 0; r < 4; r++) {
+            const float wv = cpu_ld(wr[r], DT, (size_t)k);
+            for (int t = 0; t < TN; t++) out[r][t] += x[(size_t)t * ldx + k] * wv;
+        }
+}
+
+INLINE void gemv_dt(const dtype DT, int T, int K, const float *x, size_t ldx, const void *w,
+                    const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+    const size_t es = DT == DT_F32 ? 4 : 2;
+    for (int n = n0; n < n1; n += 4) {
+        const int rn = imin(4, n1 - n);
+        const char *wr[4];
+        /* Past the end, repeat the last row: its sums are discarded. */
+        for (int r = 0; r < 4; r++)
+            wr[r] = (const char *)w + (size_t)(n + imin(r, rn - 1)) * K * es;
+        for (int t0 = 0; t0 < T; t0 += 4) {
+            float s[4][4];
+            const float *xt = x + (size_t)t0 * ldx;
+            switch (imin(4, T - t0)) {
+            case 1: gemv_tile(1, DT, K, xt, ldx, wr, s); break;
+            case 2: gemv_tile(2, DT, K, xt, ldx, wr, s); break;
+            case 3: gemv_tile(3, DT, K, xt, ldx, wr, s); break;
+            default: gemv_tile(4, DT, K, xt, ldx, wr, s); break;
+            }
+            for (int r = 0; r < rn; r++) {
+                const float bn = b ? cpu_ld(b, bdt, (size_t)(n + r)) : 0.0f;
+                for (int t = 0; t < imin(4, T - t0); t++)
+                    y[(size_t)(t0 + t) * ldy + n + r] = s[r][t] + bn;
+            }
+        }
+    }
+}
+
+static void gemv_neon(int T, int K, const float *x, size_t ldx, const void *w, dtype dt,
+                      const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+    switch (dt) {
+    case DT_BF16: gemv_dt(DT_BF16, T, K, x, ldx, w, b, bdt, n0, n1, y, ldy); break;
+    case DT_F16: gemv_dt(DT_F16, T, K, x, ldx, w, b, bdt, n0, n1, y, ldy); break;
+    default: gemv_dt(DT_F32, T, K, x, ldx, w, b, bdt, n0, n1, y, ldy); break;
+    }
+}
+
+/* ---- bf16 rounding ------------------------------------------------------------------- */
+
+/* Round to nearest even on the bit pattern, as f32_to_bf16 (common.h). */
+INLINE float32x4_t round_bf16_4(float32x4_t v) {
+    const uint32x4_t u = vreinterpretq_u32_f32(v);
+    const uint32x4_t lsb = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
+    uint32x4_t r = vaddq_u32(vaddq_u32(u, vdupq_n_u32(0x7fff)), lsb);
+    const uint32x4_t num = vceqq_f32(v, v); /* all ones unless NaN */
+    r = vbslq_u32(num, r, vorrq_u32(u, vdupq_n_u32(0x400000)));
+    return vreinterpretq_f32_u32(vandq_u32(r, vdupq_n_u32(0xffff0000u)));
+}
+
+static void round_bf16_neon(float *dst, const float *src, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(dst + i, round_bf16_4(vld1q_f32(src + i)));
+    if (i < n) st4_part(dst + i, round_bf16_4(ld4_part(src + i, n - i)), n - i);
+}
+
+/* ---- exp and friends --------------------------------------------------------------------
+ * exp(x) = 2^n e^r with the Cephes expf polynomial (about 1 ulp); 2^n built
+ * in the exponent field in two halves, so that the two multiplies give the
+ * right denormal, 0 or inf. */
+INLINE float32x4_t exp4(float32x4_t x) {
+    x = vmaxq_f32(vminq_f32(x, vdupq_n_f32(100.0f)), vdupq_n_f32(-104.0f));
+    const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+    p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+    p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), p, vmulq_f32(r, r));
+    const int32x4_t ni = vcvtq_s32_f32(n);
+    const int32x4_t h1 = vshrq_n_s32(ni, 1), h2 = vsubq_s32(ni, h1);
+    const float32x4_t s1 = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(h1, vdupq_n_s32(127)), 23));
+    const float32x4_t s2 = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(h2, vdupq_n_s32(127)), 23));
+    return vmulq_f32(vmulq_f32(p, s1), s2);
+}
+
+static float softmax_neon(float *s, int n, float scale) {
+    float32x4_t mx = vdupq_n_f32(-INFINITY);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) mx = vmaxq_f32(mx, vmulq_n_f32(vld1q_f32(s + i), scale));
+    float m = vmaxvq_f32(mx);
+    for (int j = i; j < n; j++) m = fmaxf(m, s[j] * scale);
+    const float32x4_t vm = vdupq_n_f32(m);
+    float32x4_t sum = vdupq_n_f32(0.0f);
+    for (i = 0; i + 4 <= n; i += 4) {
+        const float32x4_t p = exp4(vsubq_f32(vmulq_n_f32(vld1q_f32(s + i), scale), vm));
+        vst1q_f32(s + i, p);
+        sum = vaddq_f32(sum, p);
+    }
+    float total = vaddvq_f32(sum);
+    if (i < n) {
+        float tail[4];
+        vst1q_f32(tail, exp4(vsubq_f32(vmulq_n_f32(ld4_part(s + i, n - i), scale), vm)));
+        for (int j = 0; j < n - i; j++) {
+            s[i + j] = tail[j];
+            total += tail[j];
+        }
+    }
+    return total;
+}
+
+/* Column tails in scalar code here and below: partial vector loads inside
+ * these loops made GCC 12 keep the accumulators on the stack. */
+static void dot_rows_neon(float *out, const float *q, const float *k, size_t ldk, int n, int D) {
+    const int D8 = D & ~7, D4 = D & ~3;
+    for (int j = 0; j < n; j++) {
+        const float *kj = k + (size_t)j * ldk;
+        float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0;
+        int d = 0;
+        for (; d < D8; d += 8) {
+            a0 = vfmaq_f32(a0, vld1q_f32(q + d), vld1q_f32(kj + d));
+            a1 = vfmaq_f32(a1, vld1q_f32(q + d + 4), vld1q_f32(kj + d + 4));
+        }
+        if (d < D4) a0 = vfmaq_f32(a0, vld1q_f32(q + d), vld1q_f32(kj + d));
+        float sum = vaddvq_f32(vaddq_f32(a0, a1));
+        for (d = D4; d < D; d++) sum += q[d] * kj[d];
+        out[j] = sum;
+    }
+}
+
+static void axpy_rows_neon(float *out, const float *p, const float *v, size_t ldv, int n, int D,
+                           float s) {
+    int d0 = 0;
+    for (; d0 + 16 <= D; d0 += 16) {
+        float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = 0; j < n; j++) {
+            const float *vj = v + (size_t)j * ldv + d0;
+            a0 = vfmaq_n_f32(a0, vld1q_f32(vj), p[j]);
+            a1 = vfmaq_n_f32(a1, vld1q_f32(vj + 4), p[j]);
+            a2 = vfmaq_n_f32(a2, vld1q_f32(vj + 8), p[j]);
+            a3 = vfmaq_n_f32(a3, vld1q_f32(vj + 12), p[j]);
+        }
+        vst1q_f32(out + d0, vmulq_n_f32(a0, s));
+        vst1q_f32(out + d0 + 4, vmulq_n_f32(a1, s));
+        vst1q_f32(out + d0 + 8, vmulq_n_f32(a2, s));
+        vst1q_f32(out + d0 + 12, vmulq_n_f32(a3, s));
+    }
+    for (; d0 + 4 <= D; d0 += 4) {
+        float32x4_t a0 = vdupq_n_f32(0.0f);
+        for (int j = 0; j < n; j++) a0 = vfmaq_n_f32(a0, vld1q_f32(v + (size_t)j * ldv + d0), p[j]);
+        vst1q_f32(out + d0, vmulq_n_f32(a0, s));
+    }
+    for (; d0 < D; d0++) {
+        float a = 0.0f;
+        for (int j = 0; j < n; j++) a += p[j] * v[(size_t)j * ldv + d0];
+        out[d0] = a * s;
+    }
+}
+
+/* ---- LayerNorm, GELU, add, rope ------------------------------------------------------- */
+
+static void layernorm_row_neon(float *y, const float *x, int C, const float *g, const float *b,
+                               float eps) {
+    /* statistics in double, like the reference */
+    float64x2_t s0 = vdupq_n_f64(0.0), s1 = s0;
+    int i = 0;
+    for (; i + 4 <= C; i += 4) {
+        const float32x4_t v = vld1q_f32(x + i);
+        s0 = vaddq_f64(s0, vcvt_f64_f32(vget_low_f32(v)));
+        s1 = vaddq_f64(s1, vcvt_high_f64_f32(v));
+    }
+    double sum = vaddvq_f64(vaddq_f64(s0, s1));
+    for (int j = i; j < C; j++) sum += x[j];
+    const double mean = sum / C;
+    const float64x2_t md = vdupq_n_f64(mean);
+    s0 = s1 = vdupq_n_f64(0.0);
+    for (i = 0; i + 4 <= C; i += 4) {
+        const float32x4_t v = vld1q_f32(x + i);
+        const float64x2_t d0 = vsubq_f64(vcvt_f64_f32(vget_low_f32(v)), md);
+        const float64x2_t d1 = vsubq_f64(vcvt_high_f64_f32(v), md);
+        s0 = vfmaq_f64(s0, d0, d0);
+        s1 = vfmaq_f64(s1, d1, d1);
+    }
+    double var = vaddvq_f64(vaddq_f64(s0, s1));
+    for (int j = i; j < C; j++) var += (x[j] - mean) * (x[j] - mean);
+    var /= C;
+    const float inv = (float)(1.0 / sqrt(var + eps)), mf = (float)mean;
+    for (i = 0; i + 4 <= C; i += 4) {
+        const float32x4_t t = vmulq_n_f32(vsubq_f32(vld1q_f32(x + i), vdupq_n_f32(mf)), inv);
+        vst1q_f32(y + i, vaddq_f32(vmulq_f32(t, vld1q_f32(g + i)), vld1q_f32(b + i)));
+    }
+    for (; i < C; i++) y[i] = ((x[i] - mf) * inv) * g[i] + b[i];
+}
+
+/* 0.5 v (1 + tanh u) = v / (1 + e^{-2u}): no cancellation for negative u. */
+INLINE float32x4_t gelu_tanh4(float32x4_t v) {
+    const float32x4_t u = vfmaq_f32(v, vmulq_n_f32(v, 0.044715f), vmulq_f32(v, v));
+    const float32x4_t e = exp4(vmulq_n_f32(u, -2.0f * 0.7978845608028654f));
+    return vdivq_f32(v, vaddq_f32(vdupq_n_f32(1.0f), e));
+}
+
+/* 0.5 v (1 + erf z), 1 + erf z from erfc |z| (Numerical Recipes erfcc,
+ * relative error < 1.2e-7): no cancellation for negative z. */
+INLINE float32x4_t gelu_erf4(float32x4_t v) {
+    static const float c[10] = {0.17087277f, -0.82215223f, 1.48851587f, -1.13520398f,
+                                0.27886807f, -0.18628806f, 0.09678418f, 0.37409196f,
+                                1.00002368f, -1.26551223f};
+    const float32x4_t z = vmulq_n_f32(v, 0.7071067811865476f), a = vabsq_f32(z);
+    const float32x4_t t = vdivq_f32(vdupq_n_f32(1.0f), vfmaq_n_f32(vdupq_n_f32(1.0f), a, 0.5f));
+    float32x4_t p = vdupq_n_f32(c[0]);
+    for (int i = 1; i < 10; i++) p = vfmaq_f32(vdupq_n_f32(c[i]), p, t);
+    const float32x4_t r = vmulq_f32(t, exp4(vfmsq_f32(p, a, a)));
+    const uint32x4_t pos = vcgeq_f32(z, vdupq_n_f32(0.0f));
+    const float32x4_t e = vbslq_f32(pos, vsubq_f32(vdupq_n_f32(2.0f), r), r);
+    return vmulq_f32(vmulq_n_f32(v, 0.5f), e);
+}
+
+static void gelu_tanh_neon(float *x, size_t n) {
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(x + i, gelu_tanh4(vld1q_f32(x + i)));
+    if (i < n) st4_part(x + i, gelu_tanh4(ld4_part(x + i, (int)(n - i))), (int)(n - i));
+}
+
+static void gelu_erf_neon(float *x, size_t n) {
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(x + i, gelu_erf4(vld1q_f32(x + i)));
+    if (i < n) st4_part(x + i, gelu_erf4(ld4_part(x + i, (int)(n - i))), (int)(n - i));
+}
+
+static void add_neon(float *y, const float *x, size_t n) {
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vaddq_f32(vld1q_f32(y + i), vld1q_f32(x + i)));
+    for (; i < n; i++) y[i] += x[i];
+}
+
+static void rope_row_neon(float *x, int H, int D, int half, const float *ct, const float *st) {
+    for (int h = 0; h < H; h++) {
+        float *v = x + (size_t)h * D;
+        int i = 0;
+        for (; i + 4 <= half; i += 4) {
+            const float32x4_t a = vld1q_f32(v + i), b = vld1q_f32(v + i + half);
+            const float32x4_t c = vld1q_f32(ct + i), s = vld1q_f32(st + i);
+            /* products rounded separately, as in the reference */
+            vst1q_f32(v + i, vsubq_f32(vmulq_f32(a, c), vmulq_f32(b, s)));
+            vst1q_f32(v + i + half, vaddq_f32(vmulq_f32(a, s), vmulq_f32(b, c)));
+        }
+        for (; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * ct[i] - b * st[i];
+            v[i + half] = a * st[i] + b * ct[i];
+        }
+    }
+}
+
+static const cpu_kernels kernels = {
+    .f32 = &gemm_f32,
+    .bf16 = NULL,
+    .small_t = 16,
+    .gemv = gemv_neon,
+    .gemv_pairs = NULL,
+    .round_bf16 = round_bf16_neon,
+    .to_pairs = NULL, /* only used with bf16 dot products */
+    .softmax = softmax_neon,
+    .dot_rows = dot_rows_neon,
+    .axpy_rows = axpy_rows_neon,
+    .layernorm_row = layernorm_row_neon,
+    .gelu_tanh = gelu_tanh_neon,
+    .gelu_erf = gelu_erf_neon,
+    .add = add_neon,
+    .rope_row = rope_row_neon,
+};
+
+static const cpu_table table = {CPU_DRIVER_OPS("neon"), &kernels};
+
+const ops *ops_neon_table(void) { return &table.ops; }

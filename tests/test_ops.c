@@ -1,0 +1,446 @@
+/*
+ * test_ops.c — every op of every CPU table this machine can run (generic,
+ * avx2, avx512 with and without its bf16 dot products, neon) against the
+ * scalar reference (ops_ref.c), with 1, 2 and 3 threads (3 gives uneven
+ * splits on any machine).
+ *
+ * Inputs are seeded random, never zero, with sizes that are not multiples of
+ * any vector width or tile, row strides wider than the rows, and NaN
+ * poison in every byte an op must not touch: row padding, guards before and
+ * after each buffer, and keys no query may see. A kernel that reads poison
+ * produces NaN somewhere; one that writes it is caught by the guard check.
+ *
+ * Tolerances, relative to the sum of the magnitudes of the terms (what
+ * reordering a float sum can change):
+ *   linear (F32 and BF16 precision, any weight dtype): 1e-6 sqrt(K) + 1e-6;
+ *     in BF16 precision both sides multiply bf16-rounded x, products of two
+ *     bf16 values are exact in float, so only the summation order differs.
+ *   attention: 2e-5 of max |v| + 1e-5 relative.
+ *   layernorm, rope: 2e-6 (1 + |ref|).  gelu: 1e-6 relative + 1e-6.  add: exact.
+ *
+ * Needs only the CPU backend: src/cpu/{ops_ref,ops_cpu,threadpool}.c, the
+ * ISA files and src/error.c (scripts/test-arm64.sh builds it that way).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu/cpu.h"
+#include "test.h"
+
+/* ---- inputs and poison ---------------------------------------------------- */
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+
+static uint64_t rng_next(void) {
+    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* Uniform in [lo, hi), never exactly zero. */
+static float rnd(float lo, float hi) {
+    float u = (float)(rng_next() >> 40) / 16777216.0f;
+    float v = lo + (hi - lo) * u;
+    return v == 0.0f ? 0.5f : v;
+}
+
+#define GUARD 64                           /* poisoned elements before and after buffers */
+static const uint32_t POISON = 0x7fc0dead; /* a NaN with a recognisable payload */
+
+static float poison_f(void) {
+    float f;
+    memcpy(&f, &POISON, 4);
+    return f;
+}
+
+static int is_poison(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u == POISON;
+}
+
+/* n floats with GUARD poisoned floats either side, all poisoned. */
+static float *fbuf(size_t n) {
+    float *p = malloc((n + 2 * GUARD) * sizeof *p);
+    if (!p) abort();
+    for (size_t i = 0; i < n + 2 * GUARD; i++) p[i] = poison_f();
+    return p + GUARD;
+}
+
+static void ffree(float *p) {
+    if (p) free(p - GUARD);
+}
+
+/* Count poison bytes that were overwritten: the guards around a [rows, ld]
+ * matrix and the columns cols..ld-1 of each row. */
+static int guard_damage(const float *p, int rows, int cols, int ld) {
+    int bad = 0;
+    for (int i = 1; i <= GUARD; i++) bad += !is_poison(p[-i]);
+    size_t n = (size_t)rows * ld;
+    for (int i = 0; i < GUARD; i++) bad += !is_poison(p[n + i]);
+    for (int r = 0; r < rows; r++)
+        for (int c = cols; c < ld; c++) bad += !is_poison(p[(size_t)r * ld + c]);
+    return bad;
+}
+
+/* A vector of dtype dt holding rounded copies of f[0..n), followed by
+ * GUARD NaN elements (reading past the end poisons the result). */
+static void *typed(const float *f, size_t n, dtype dt) {
+    size_t es = dt == DT_F32 ? 4 : 2;
+    unsigned char *p = malloc((n + GUARD) * es);
+    if (!p) abort();
+    for (size_t i = 0; i < n + GUARD; i++) {
+        if (dt == DT_F32) {
+            float v = i < n ? f[i] : poison_f();
+            memcpy(p + 4 * i, &v, 4);
+        } else {
+            uint16_t h = dt == DT_BF16 ? (i < n ? f32_to_bf16(f[i]) : 0x7fc1)
+                                       : (i < n ? f32_to_f16(f[i]) : 0x7e01);
+            memcpy(p + 2 * i, &h, 2);
+        }
+    }
+    return p;
+}
+
+static float typed_get(const void *p, dtype dt, size_t i) { return cpu_ld(p, dt, i); }
+
+static const char *dt_str(int dt) {
+    return dt < 0 ? "none" : dt == DT_BF16 ? "bf16" : dt == DT_F16 ? "f16" : "f32";
+}
+
+/* ---- contexts ------------------------------------------------------------------ */
+
+#define MAX_CTX 24
+static ops_ctx *ref_ctx;
+static ops_ctx *ctxs[MAX_CTX];
+static const char *ctx_label[MAX_CTX];
+static int n_ctx;
+
+static void add_tables(const ops *tab, const char *label) {
+    static const int threads[] = {1, 2, 3};
+    if (!tab) return;
+    for (int i = 0; i < 3 && n_ctx < MAX_CTX; i++) {
+        errbuf e;
+        ops_ctx *c;
+        if (ops_ctx_new("generic", threads[i], OPS_F32, &c, &e) != ALBEDO_OK) {
+            CHECK(0, "ops_ctx_new: %s", e.msg);
+            continue;
+        }
+        c->tab = tab; /* the table under test; the context is backend-neutral */
+        ctxs[n_ctx] = c;
+        ctx_label[n_ctx++] = label;
+    }
+}
+
+/* ---- linear -------------------------------------------------------------------- */
+
+static void test_linear(int T, int K, int N, dtype dt, int bdt, int xpad, int ypad) {
+    const int ldx = K + xpad, ldy = N + ypad;
+    float *wf = malloc((size_t)N * K * sizeof *wf), *bf = malloc((size_t)N * sizeof *bf);
+    for (size_t i = 0; i < (size_t)N * K; i++) wf[i] = rnd(-1, 1);
+    for (int i = 0; i < N; i++) bf[i] = rnd(-1, 1);
+    void *w = typed(wf, (size_t)N * K, dt);
+    void *b = bdt >= 0 ? typed(bf, (size_t)N, (dtype)bdt) : NULL;
+    float *x = fbuf((size_t)T * ldx);
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < K; k++) x[(size_t)t * ldx + k] = rnd(-2, 2);
+    op_linear L = {w, b, dt, bdt >= 0 ? (dtype)bdt : DT_F32, N, K};
+    float *ref = fbuf((size_t)T * ldy), *y = fbuf((size_t)T * ldy);
+    double *mag = malloc((size_t)T * N * sizeof *mag);
+    const double tol = 1e-6 * sqrt((double)K) + 1e-6;
+
+    for (int prec = OPS_F32; prec <= OPS_BF16; prec++) {
+        ref_ctx->prec = (ops_precision)prec;
+        ops_ref_table()->linear(ref_ctx, ref, ldy, x, ldx, T, &L);
+        for (int t = 0; t < T; t++)
+            for (int n = 0; n < N; n++) {
+                double s = b ? fabs(typed_get(b, (dtype)bdt, (size_t)n)) : 0.0;
+                for (int k = 0; k < K; k++) {
+                    float xv = x[(size_t)t * ldx + k];
+                    if (prec == OPS_BF16) xv = bf16_to_f32(f32_to_bf16(xv));
+                    s += fabs((double)xv * typed_get(w, dt, (size_t)n * K + k));
+                }
+                mag[(size_t)t * N + n] = s;
+            }
+        for (int ci = 0; ci < n_ctx; ci++) {
+            ops_ctx *c = ctxs[ci];
+            c->prec = (ops_precision)prec;
+            for (size_t i = 0; i < (size_t)T * ldy + GUARD; i++) y[i] = poison_f();
+            ops_of(c)->linear(c, y, ldy, x, ldx, T, &L);
+            double worst = 0;
+            int wt = 0, wn = 0;
+            for (int t = 0; t < T; t++)
+                for (int n = 0; n < N; n++) {
+                    size_t i = (size_t)t * ldy + n;
+                    double e = fabs((double)y[i] - ref[i]) / (tol * mag[(size_t)t * N + n] + 1e-30);
+                    if (!(e <= worst)) { /* NaN counts as worst */
+                        worst = isnan(e) ? INFINITY : e;
+                        wt = t, wn = n;
+                    }
+                }
+            CHECK(worst <= 1.0 && !ops_failed(c),
+                  "linear %s x%d %s T=%d K=%d N=%d w=%s b=%s ldx=%d ldy=%d: worst [%d,%d] got %.9g "
+                  "want %.9g (err %.3g of tolerance)",
+                  ctx_label[ci], ops_n_threads(c), prec ? "BF16" : "F32", T, K, N, dt_str(dt),
+                  dt_str(bdt), ldx, ldy, wt, wn, y[(size_t)wt * ldy + wn],
+                  ref[(size_t)wt * ldy + wn], worst);
+            int dmg = guard_damage(y, T, N, ldy);
+            CHECK(dmg == 0, "linear %s x%d T=%d K=%d N=%d ldy=%d: %d poisoned floats written",
+                  ctx_label[ci], ops_n_threads(c), T, K, N, ldy, dmg);
+        }
+    }
+    ref_ctx->prec = OPS_F32;
+    free(wf), free(bf), free(w), free(b), free(mag);
+    ffree(x), ffree(ref), ffree(y);
+}
+
+static void test_linears(void) {
+    static const int Ts[] = {1, 2, 3, 4, 5, 7, 13, 23, 24, 48, 64, 100};
+    static const int Ks[] = {1, 15, 17, 144, 292, 588, 1000};
+    static const int Ns[] = {1, 3, 31, 200, 432};
+    static const dtype dts[] = {DT_BF16, DT_F16, DT_F32};
+    int i = 0;
+    for (int ik = 0; ik < 7; ik++)
+        for (int in = 0; in < 5; in++)
+            for (int id = 0; id < 3; id++, i++) {
+                int T = Ts[(i * 5 + id) % 12];
+                /* keep the reference's run time down on the largest shapes */
+                if ((double)T * Ks[ik] * Ns[in] > 2e7) T = Ts[i % 5];
+                test_linear(T, Ks[ik], Ns[in], dts[id], i % 4 == 3 ? -1 : (int)dts[(i / 3) % 3],
+                            i % 2 ? 0 : 1 + i % 7, i % 3 ? 3 + i % 5 : 0);
+            }
+    /* rows split across tasks (few panels, many rows) */
+    test_linear(300, 17, 40, DT_BF16, DT_F32, 1, 2);
+    test_linear(260, 40, 3, DT_F16, -1, 0, 1);
+    /* more rows than one conversion pass of BF16 precision */
+    test_linear(1030, 9, 5, DT_BF16, DT_BF16, 2, 0);
+    /* several K blocks (and an odd K for the bf16 pairs) on the packed path */
+    test_linear(64, 1001, 70, DT_BF16, DT_BF16, 3, 1);
+    test_linear(100, 600, 45, DT_F16, -1, 0, 2);
+    test_linear(50, 777, 33, DT_F32, DT_F16, 1, 0);
+    /* a Moondream-like layer, small T */
+    test_linear(37, 1152, 100, DT_BF16, DT_BF16, 0, 0);
+    test_linear(2, 2048, 64, DT_BF16, DT_BF16, 0, 0);
+}
+
+/* ---- attention ---------------------------------------------------------------------- */
+
+static void test_attention(int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int pad) {
+    const int ldq = H * D + pad, ldk = Hkv * D + pad, ldv = Hkv * D + 2 * pad, ldo = H * D + pad;
+    float *q = fbuf((size_t)T * ldq), *k = fbuf((size_t)S * ldk), *v = fbuf((size_t)S * ldv);
+    float *ref = fbuf((size_t)T * ldo), *o = fbuf((size_t)T * ldo);
+    /* Keys no query sees stay poisoned: an op must skip them, not mask them. */
+    int plast = pos0 + T - 1, seen = plast < n_prefix ? n_prefix : plast + 1;
+    if (seen > S) seen = S;
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < H * D; i++) q[(size_t)t * ldq + i] = rnd(-1, 1);
+    for (int s = 0; s < seen; s++)
+        for (int i = 0; i < Hkv * D; i++) {
+            k[(size_t)s * ldk + i] = rnd(-1, 1);
+            v[(size_t)s * ldv + i] = rnd(-1, 1);
+        }
+    op_attn a = {T, S, H, Hkv, D,   pos0, n_prefix, 1.0f / sqrtf((float)D),
+                 q, k, v, ref, ldq, ldk,  ldv,      ldo};
+    ops_ref_table()->attention(ref_ctx, &a);
+    for (int ci = 0; ci < n_ctx; ci++) {
+        ops_ctx *c = ctxs[ci];
+        for (size_t i = 0; i < (size_t)T * ldo + GUARD; i++) o[i] = poison_f();
+        a.out = o;
+        ops_of(c)->attention(c, &a);
+        double worst = 0;
+        int wt = 0, wi = 0;
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < H * D; i++) {
+                size_t j = (size_t)t * ldo + i;
+                double e = fabs((double)o[j] - ref[j]) / (2e-5 + 1e-5 * fabs(ref[j]));
+                if (!(e <= worst)) {
+                    worst = isnan(e) ? INFINITY : e;
+                    wt = t, wi = i;
+                }
+            }
+        CHECK(worst <= 1.0 && !ops_failed(c),
+              "attention %s x%d T=%d S=%d H=%d Hkv=%d D=%d pos0=%d n_prefix=%d: worst [%d,%d] got "
+              "%.9g want %.9g",
+              ctx_label[ci], ops_n_threads(c), T, S, H, Hkv, D, pos0, n_prefix, wt, wi,
+              o[(size_t)wt * ldo + wi], ref[(size_t)wt * ldo + wi]);
+        int dmg = guard_damage(o, T, H * D, ldo);
+        CHECK(dmg == 0, "attention %s x%d T=%d S=%d H=%d D=%d: %d poisoned floats written",
+              ctx_label[ci], ops_n_threads(c), T, S, H, D, dmg);
+    }
+    ffree(q), ffree(k), ffree(v), ffree(ref), ffree(o);
+}
+
+static void test_attentions(void) {
+    /*             T    S   H Hkv  D  pos0 n_prefix pad */
+    test_attention(1, 1, 1, 1, 1, 0, 0, 0);
+    test_attention(1, 300, 5, 5, 64, 299, 10, 3); /* decode */
+    test_attention(1, 40, 4, 2, 72, 20, 0, 0);    /* decode, keys past pos0 unseen */
+    test_attention(2, 50, 3, 1, 17, 48, 30, 1);
+    test_attention(3, 7, 3, 1, 5, 4, 0, 0);
+    test_attention(5, 5, 2, 2, 8, 0, 8, 0);    /* n_prefix > S */
+    test_attention(7, 7, 2, 2, 72, 0, 7, 5);   /* fully bidirectional */
+    test_attention(9, 9, 1, 1, 17, 0, 0, 0);   /* plain causal */
+    test_attention(13, 20, 4, 2, 64, 5, 9, 2); /* prefix < S, pos0 > 0, unseen keys */
+    test_attention(40, 40, 3, 3, 33, 0, 17, 0);
+    test_attention(37, 90, 4, 4, 64, 53, 30, 1); /* a later prompt after an image */
+    test_attention(70, 75, 6, 2, 16, 5, 0, 0);
+    test_attention(100, 100, 2, 1, 72, 0, 100, 0); /* vision-like */
+    test_attention(61, 61, 3, 3, 64, 0, 61, 0);
+    test_attention(45, 45, 1, 1, 100, 0, 20, 3);
+}
+
+/* ---- layernorm, gelu, add, rope ----------------------------------------------------------- */
+
+static void test_layernorm(int T, int C, dtype gdt, dtype bdt, float offset, int inplace) {
+    float *gf = malloc((size_t)C * sizeof *gf), *bf = malloc((size_t)C * sizeof *bf);
+    for (int i = 0; i < C; i++) gf[i] = rnd(0.5f, 1.5f), bf[i] = rnd(-0.5f, 0.5f);
+    void *g = typed(gf, (size_t)C, gdt), *b = typed(bf, (size_t)C, bdt);
+    float *x = fbuf((size_t)T * C), *ref = fbuf((size_t)T * C), *y = fbuf((size_t)T * C);
+    for (size_t i = 0; i < (size_t)T * C; i++) x[i] = offset + rnd(-3, 3);
+    op_vec G = {g, gdt}, B = {b, bdt};
+    ops_ref_table()->layernorm(ref_ctx, ref, x, T, C, G, B, 1e-5f);
+    for (int ci = 0; ci < n_ctx; ci++) {
+        ops_ctx *c = ctxs[ci];
+        if (inplace)
+            memcpy(y, x, (size_t)T * C * sizeof *y);
+        else
+            for (size_t i = 0; i < (size_t)T * C; i++) y[i] = poison_f();
+        ops_of(c)->layernorm(c, y, inplace ? y : x, T, C, G, B, 1e-5f);
+        double worst = 0;
+        size_t wi = 0;
+        for (size_t i = 0; i < (size_t)T * C; i++) {
+            double e = fabs((double)y[i] - ref[i]) / (2e-6 * (1 + fabs(ref[i])));
+            if (!(e <= worst)) worst = isnan(e) ? INFINITY : e, wi = i;
+        }
+        CHECK(worst <= 1.0 && !ops_failed(c),
+              "layernorm %s x%d T=%d C=%d g=%s b=%s offset=%g%s: worst %zu got %.9g want %.9g",
+              ctx_label[ci], ops_n_threads(c), T, C, dt_str(gdt), dt_str(bdt), offset,
+              inplace ? " in place" : "", wi, y[wi], ref[wi]);
+        CHECK(guard_damage(y, 1, T * C, T * C) == 0, "layernorm %s: guard written", ctx_label[ci]);
+    }
+    free(gf), free(bf), free(g), free(b);
+    ffree(x), ffree(ref), ffree(y);
+}
+
+/* kind 0: gelu_tanh, 1: gelu_erf, 2: add */
+static void test_elementwise(int kind, size_t n) {
+    static const char *names[] = {"gelu_tanh", "gelu_erf", "add"};
+    static const float special[] = {1e-3f, -1e-3f, 1e-6f,  3.0f,  -3.0f,  5.5f,   -5.5f,   9.0f,
+                                    -9.0f, 20.0f,  -20.0f, 50.0f, -50.0f, 100.0f, -100.0f, 1e-30f};
+    float *x = fbuf(n), *x2 = fbuf(n), *ref = fbuf(n), *y = fbuf(n);
+    for (size_t i = 0; i < n; i++) {
+        x[i] = rnd(-8, 8);
+        x2[i] = rnd(-8, 8);
+        if (i % 97 == 5) x[i] = special[(i / 97) % 16];
+    }
+    memcpy(ref, x, n * sizeof *ref);
+    const ops *r = ops_ref_table();
+    if (kind == 0)
+        r->gelu_tanh(ref_ctx, ref, n);
+    else if (kind == 1)
+        r->gelu_erf(ref_ctx, ref, n);
+    else
+        r->add(ref_ctx, ref, x2, n);
+    for (int ci = 0; ci < n_ctx; ci++) {
+        ops_ctx *c = ctxs[ci];
+        memcpy(y, x, n * sizeof *y);
+        if (kind == 0)
+            ops_of(c)->gelu_tanh(c, y, n);
+        else if (kind == 1)
+            ops_of(c)->gelu_erf(c, y, n);
+        else
+            ops_of(c)->add(c, y, x2, n);
+        double worst = 0;
+        size_t wi = 0;
+        for (size_t i = 0; i < n; i++) {
+            double tol = kind == 2 ? 0.0 : 1e-6 * fabs(ref[i]) + 1e-6;
+            double e = fabs((double)y[i] - ref[i]);
+            e = tol > 0 ? e / tol : (e > 0 ? INFINITY : 0);
+            if (!(e <= worst)) worst = isnan(e) ? INFINITY : e, wi = i;
+        }
+        CHECK(worst <= 1.0, "%s %s x%d n=%zu: worst %zu: x=%.9g got %.9g want %.9g", names[kind],
+              ctx_label[ci], ops_n_threads(c), n, wi, x[wi], y[wi], ref[wi]);
+        CHECK(guard_damage(y, 1, (int)n, (int)n) == 0, "%s %s: guard written", names[kind],
+              ctx_label[ci]);
+    }
+    ffree(x), ffree(x2), ffree(ref), ffree(y);
+}
+
+static void test_rope(int T, int H, int D, int R, int pos0, int pad) {
+    const int ldx = H * D + pad, half = R / 2, P = pos0 + T + 3;
+    float *ct = malloc((size_t)P * half * sizeof *ct + 4),
+          *st = malloc((size_t)P * half * sizeof *st + 4);
+    for (int p = 0; p < P; p++)
+        for (int i = 0; i < half; i++) {
+            float ang = p * powf(10000.0f, -2.0f * i / R);
+            ct[(size_t)p * half + i] = cosf(ang);
+            st[(size_t)p * half + i] = sinf(ang);
+        }
+    float *x = fbuf((size_t)T * ldx), *ref = fbuf((size_t)T * ldx), *y = fbuf((size_t)T * ldx);
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < H * D; i++) x[(size_t)t * ldx + i] = rnd(-2, 2);
+    memcpy(ref, x, (size_t)T * ldx * sizeof *ref);
+    ops_ref_table()->rope(ref_ctx, ref, ldx, T, H, D, R, pos0, ct, st);
+    for (int ci = 0; ci < n_ctx; ci++) {
+        ops_ctx *c = ctxs[ci];
+        memcpy(y, x, (size_t)T * ldx * sizeof *y);
+        ops_of(c)->rope(c, y, ldx, T, H, D, R, pos0, ct, st);
+        double worst = 0;
+        size_t wi = 0;
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < H * D; i++) {
+                size_t j = (size_t)t * ldx + i;
+                double e = fabs((double)y[j] - ref[j]) / (2e-6 * (1 + fabs(ref[j])));
+                if (!(e <= worst)) worst = isnan(e) ? INFINITY : e, wi = j;
+            }
+        CHECK(worst <= 1.0, "rope %s x%d T=%d H=%d D=%d R=%d pos0=%d: worst %zu got %.9g want %.9g",
+              ctx_label[ci], ops_n_threads(c), T, H, D, R, pos0, wi, y[wi], ref[wi]);
+        CHECK(guard_damage(y, T, H * D, ldx) == 0, "rope %s: guard written", ctx_label[ci]);
+    }
+    free(ct), free(st);
+    ffree(x), ffree(ref), ffree(y);
+}
+
+int main(void) {
+    errbuf e;
+    if (ops_ctx_new("ref", 1, OPS_F32, &ref_ctx, &e) != ALBEDO_OK) {
+        CHECK(0, "ref context: %s", e.msg);
+        TEST_MAIN_END();
+    }
+    add_tables(ops_generic_table(), "generic");
+    add_tables(ops_avx2_table(), "avx2");
+    add_tables(ops_avx512_table(), "avx512");
+    if (ops_avx512_table() && ops_avx512_nobf16_table() != ops_avx512_table())
+        add_tables(ops_avx512_nobf16_table(), "avx512-nobf16");
+    add_tables(ops_neon_table(), "neon");
+    /* The automatic choice is one of the tables tested here. */
+    ops_ctx *autoc = NULL;
+    CHECK(ops_ctx_new(NULL, 1, OPS_F32, &autoc, &e) == ALBEDO_OK, "auto context: %s", e.msg);
+    ops_ctx_free(autoc);
+
+    test_linears();
+    test_attentions();
+    static const dtype vdt[] = {DT_BF16, DT_F16, DT_F32};
+    test_layernorm(1, 1, DT_F32, DT_F32, 0.0f, 0);
+    test_layernorm(3, 17, DT_BF16, DT_F16, 0.0f, 0);
+    test_layernorm(5, 144, DT_F16, DT_BF16, 100.0f, 1);
+    test_layernorm(100, 1152, vdt[1], vdt[2], 0.0f, 0);
+    test_layernorm(40, 2051, vdt[0], vdt[0], -30.0f, 1);
+    for (int kind = 0; kind < 3; kind++) {
+        static const size_t ns[] = {1, 15, 17, 1000, 100003};
+        for (int i = 0; i < 5; i++) test_elementwise(kind, ns[i]);
+    }
+    test_rope(1, 1, 8, 8, 0, 0);
+    test_rope(5, 3, 64, 32, 7, 3);
+    test_rope(300, 4, 72, 72, 0, 1);
+    test_rope(9, 32, 64, 64, 730, 0);
+    test_rope(2, 3, 20, 14, 2, 5);
+
+    for (int i = 0; i < n_ctx; i++) ops_ctx_free(ctxs[i]);
+    ops_ctx_free(ref_ctx);
+    TEST_MAIN_END();
+}
