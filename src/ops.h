@@ -50,7 +50,19 @@ typedef struct op_attn {
     const float *v;    /* [S, ldv] */
     float *out;        /* [T, ldo], head h at column h*D */
     int ldq, ldk, ldv, ldo;
+    /* Paged keys and values (optional): when blocks is not NULL, key j is row
+     * blocks[j / block_size]·block_size + j % block_size of k and v, so a
+     * sequence's cache can live in fixed-size blocks of a shared pool. */
+    const int32_t *blocks;
+    int block_size;
 } op_attn;
+
+/* Row j of the keys (or values, with ld = ldv and base = v) of a. */
+static inline const float *op_attn_row(const op_attn *a, const float *base, int ld, int j) {
+    size_t r = a->blocks ? (size_t)a->blocks[j / a->block_size] * (size_t)a->block_size + (size_t)(j % a->block_size)
+                         : (size_t)j;
+    return base + r * (size_t)ld;
+}
 
 typedef struct ops_ctx ops_ctx; /* backend state: thread pool, scratch */
 

@@ -244,7 +244,7 @@ static void test_attention(int T, int S, int H, int Hkv, int D, int pos0, int n_
             v[(size_t)s * ldv + i] = rnd(-1, 1);
         }
     op_attn a = {T, S, H, Hkv, D,   pos0, n_prefix, 1.0f / sqrtf((float)D),
-                 q, k, v, ref, ldq, ldk,  ldv,      ldo};
+                 q, k, v, ref, ldq, ldk,  ldv,      ldo, NULL, 0};
     ops_ref_table()->attention(ref_ctx, &a);
     for (int ci = 0; ci < n_ctx; ci++) {
         ops_ctx *c = ctxs[ci];
@@ -274,7 +274,54 @@ static void test_attention(int T, int S, int H, int Hkv, int D, int pos0, int n_
     ffree(q), ffree(k), ffree(v), ffree(ref), ffree(o);
 }
 
+/* Paged keys and values: the sequence's blocks scattered over a pool in
+ * reverse order with a spare block between them; every backend (and the
+ * reference itself) must equal the reference on the contiguous layout. */
+static void test_attention_paged(int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int bs) {
+    const int ldq = H * D, ldk = Hkv * D, ldo = H * D, nb = (S + bs - 1) / bs, pool_rows = 2 * nb * bs;
+    float *q = fbuf((size_t)T * ldq), *k = fbuf((size_t)S * ldk), *v = fbuf((size_t)S * ldk);
+    float *pk = fbuf((size_t)pool_rows * ldk), *pv = fbuf((size_t)pool_rows * ldk);
+    float *ref = fbuf((size_t)T * ldo), *o = fbuf((size_t)T * ldo);
+    int32_t *blocks = malloc((size_t)nb * sizeof *blocks);
+    for (int b = 0; b < nb; b++) blocks[b] = 2 * (nb - 1 - b) + 1;
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < H * D; i++) q[(size_t)t * ldq + i] = rnd(-1, 1);
+    for (int j = 0; j < S; j++) {
+        float *dk = pk + ((size_t)blocks[j / bs] * bs + j % bs) * ldk, *dv = pv + ((size_t)blocks[j / bs] * bs + j % bs) * ldk;
+        for (int i = 0; i < ldk; i++) {
+            k[(size_t)j * ldk + i] = dk[i] = rnd(-1, 1);
+            v[(size_t)j * ldk + i] = dv[i] = rnd(-1, 1);
+        }
+    }
+    op_attn a = {T, S, H, Hkv, D, pos0, n_prefix, 1.0f / sqrtf((float)D), q, k, v, ref, ldq, ldk, ldk, ldo, NULL, 0};
+    ops_ref_table()->attention(ref_ctx, &a);
+    op_attn p = a;
+    p.k = pk;
+    p.v = pv;
+    p.blocks = blocks;
+    p.block_size = bs;
+    for (int ci = -1; ci < n_ctx; ci++) {
+        ops_ctx *c = ci < 0 ? ref_ctx : ctxs[ci];
+        for (size_t i = 0; i < (size_t)T * ldo + GUARD; i++) o[i] = poison_f();
+        p.out = o;
+        (ci < 0 ? ops_ref_table() : ops_of(c))->attention(c, &p);
+        double worst = 0;
+        for (size_t i = 0; i < (size_t)T * ldo; i++) {
+            double e = fabs((double)o[i] - ref[i]) / (2e-5 + 1e-5 * fabs(ref[i]));
+            if (!(e <= worst)) worst = isnan(e) ? INFINITY : e;
+        }
+        CHECK(worst <= 1.0, "paged attention %s T=%d S=%d bs=%d: worst %.3g", ci < 0 ? "ref" : ctx_label[ci], T, S, bs, worst);
+    }
+    free(blocks);
+    ffree(q), ffree(k), ffree(v), ffree(pk), ffree(pv), ffree(ref), ffree(o);
+}
+
 static void test_attentions(void) {
+    test_attention_paged(1, 200, 4, 2, 64, 199, 100, 64);  /* decode over a paged cache */
+    test_attention_paged(1, 150, 3, 3, 72, 149, 0, 16);
+    test_attention_paged(40, 200, 4, 4, 64, 160, 130, 64); /* prompt after a paged prefix */
+    test_attention_paged(37, 130, 2, 1, 64, 93, 0, 32);
+    test_attention_paged(20, 90, 2, 2, 16, 70, 0, 48);     /* block not a multiple of the tile */
     /*             T    S   H Hkv  D  pos0 n_prefix pad */
     test_attention(1, 1, 1, 1, 1, 0, 0, 0);
     test_attention(1, 300, 5, 5, 64, 299, 10, 3); /* decode */

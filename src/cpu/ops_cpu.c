@@ -381,10 +381,25 @@ static void attn_row_task(void *arg, int task, int thread) {
             attn_zero_row(o, a->D);
             continue;
         }
-        k->dot_rows(sc, a->q + (size_t)t * a->ldq + (size_t)h * a->D, a->k + (size_t)g * a->D,
-                    (size_t)a->ldk, L, a->D);
+        const float *q = a->q + (size_t)t * a->ldq + (size_t)h * a->D;
+        /* Keys are contiguous within a block (or in all of k when unpaged). */
+        const int bs = a->blocks ? a->block_size : L;
+        for (int j0 = 0; j0 < L; j0 += bs)
+            k->dot_rows(sc + j0, q, op_attn_row(a, a->k, a->ldk, j0) + (size_t)g * a->D, (size_t)a->ldk,
+                        imin(bs, L - j0), a->D);
         const float sum = k->softmax(sc, L, a->scale);
-        k->axpy_rows(o, sc, a->v + (size_t)g * a->D, (size_t)a->ldv, L, a->D, 1.0f / sum);
+        if (!a->blocks) {
+            k->axpy_rows(o, sc, a->v + (size_t)g * a->D, (size_t)a->ldv, L, a->D, 1.0f / sum);
+            continue;
+        }
+        /* axpy_rows writes its sum; add up one block at a time. */
+        float *tmp = sc + ((a->S + 15) & ~15);
+        attn_zero_row(o, a->D);
+        for (int j0 = 0; j0 < L; j0 += bs) {
+            k->axpy_rows(tmp, sc + j0, op_attn_row(a, a->v, a->ldv, j0) + (size_t)g * a->D, (size_t)a->ldv,
+                         imin(bs, L - j0), a->D, 1.0f / sum);
+            for (int d = 0; d < a->D; d++) o[d] += tmp[d];
+        }
     }
 }
 
@@ -406,14 +421,16 @@ static void attn_block_task(void *arg, int task, int thread) {
     float *kt = (float *)(void *)j->sp[thread];  /* [nkp][D][nr] */
     float *vp = kt + (size_t)j->Spad * D;        /* [ndp][Spad][nr] */
     float *sc = vp + (size_t)ndp * j->Spad * nr; /* [mr][ldsc] */
+    /* With paged keys the block size is a multiple of nr (checked by the
+     * caller), so a panel never straddles two blocks. */
     for (int p = 0; p < nkp; p++)
-        gm->pack(kt + (size_t)p * D * nr, a->k + (size_t)p * nr * a->ldk + (size_t)g * D, DT_F32,
+        gm->pack(kt + (size_t)p * D * nr, op_attn_row(a, a->k, a->ldk, p * nr) + (size_t)g * D, DT_F32,
                  (size_t)a->ldk, imin(nr, Lmax - p * nr), 0, D, D);
     for (int dp = 0; dp < ndp; dp++) {
         const int nc = imin(nr, D - dp * nr);
         float *dst = vp + (size_t)dp * j->Spad * nr;
         for (int s = 0; s < Lmax; s++) {
-            const float *src = a->v + (size_t)s * a->ldv + (size_t)g * D + (size_t)dp * nr;
+            const float *src = op_attn_row(a, a->v, a->ldv, s) + (size_t)g * D + (size_t)dp * nr;
             memcpy(dst + (size_t)s * nr, src, (size_t)nc * 4);
             memset(dst + (size_t)s * nr + nc, 0, (size_t)(nr - nc) * 4);
         }
@@ -457,8 +474,8 @@ void cpu_attention(ops_ctx *c, const op_attn *a) {
     const int nt = c->n_threads, group = a->H / a->Hkv;
     char *sp[MAX_THREADS];
     attn_job j = {.k = k, .a = a, .group = group, .sp = sp};
-    if (a->T < ATTN_PACK_ROWS || k->f32->mr > 64) {
-        if (!scratch_all(c, 0, (size_t)imax(a->S, 1) * 4 + 64, sp)) return;
+    if (a->T < ATTN_PACK_ROWS || k->f32->mr > 64 || (a->blocks && a->block_size % k->f32->nr)) {
+        if (!scratch_all(c, 0, ((size_t)((a->S + 15) & ~15) + (size_t)a->D) * 4 + 64, sp)) return;
         tp_run(c->tp, a->H, attn_row_task, &j);
         return;
     }

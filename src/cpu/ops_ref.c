@@ -130,7 +130,7 @@ static void ref_attention(ops_ctx *c, const op_attn *a) {
                     sc[j] = -INFINITY;
                     continue;
                 }
-                const float *k = a->k + (size_t)j * a->ldk + (size_t)g * a->D;
+                const float *k = op_attn_row(a, a->k, a->ldk, j) + (size_t)g * a->D;
                 float s = 0.0f;
                 for (int d = 0; d < a->D; d++) s += q[d] * k[d];
                 sc[j] = s * a->scale;
@@ -146,7 +146,7 @@ static void ref_attention(ops_ctx *c, const op_attn *a) {
             for (int d = 0; d < a->D; d++) o[d] = 0.0f;
             for (int j = 0; j < a->S; j++) {
                 if (sc[j] == 0.0f) continue;
-                const float *v = a->v + (size_t)j * a->ldv + (size_t)g * a->D;
+                const float *v = op_attn_row(a, a->v, a->ldv, j) + (size_t)g * a->D;
                 float w = sc[j] * inv;
                 for (int d = 0; d < a->D; d++) o[d] += w * v[d];
             }
