@@ -281,6 +281,48 @@ ALBEDO_API albedo_status albedo_model_bench(albedo_model *m, int repeats, albedo
  * number of ids the text has (which may exceed cap), or -1 on error. */
 ALBEDO_API int albedo_tokenize(const albedo_model *m, const char *text, int32_t *ids, int cap);
 
+/* ---- Model download ------------------------------------------------------------
+ *
+ * Models from the Hugging Face hub, stored in its standard cache layout
+ * (models--owner--repo/{blobs,snapshots,refs}) so that files huggingface_hub
+ * already downloaded are reused and the other way round.
+ */
+
+/* Progress of one file: done of total bytes (total 0 = unknown). Called on
+ * the downloading thread; the library itself never prints. */
+typedef void (*albedo_progress_fn)(void *user, const char *file, uint64_t done, uint64_t total);
+
+typedef struct albedo_fetch_params {
+    const char *endpoint;     /* NULL: $HF_ENDPOINT, else https://huggingface.co */
+    const char *token;        /* NULL: $HF_TOKEN (sent as Authorization: Bearer) */
+    const char *hub_cache;    /* NULL: $HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub */
+    const char *albedo_cache; /* NULL: $ALBEDO_CACHE, $XDG_CACHE_HOME/albedo, ~/.cache/albedo */
+    int offline;              /* -1: from $HF_HUB_OFFLINE; 1: cache only; 0: network allowed */
+    int max_retries;          /* resumed attempts after a dropped transfer (default 3) */
+    long connect_timeout_s;   /* default 10 */
+    albedo_progress_fn progress;
+    void *user;
+} albedo_fetch_params;
+
+ALBEDO_API albedo_fetch_params albedo_fetch_params_default(void);
+
+/* Resolve a model spec to a directory that albedo_model_load accepts, writing
+ * it (NUL-terminated) to out_dir:
+ *   - an existing directory: returned as is, nothing downloaded;
+ *   - "moondream2": config.json and model.safetensors of vikhyatk/moondream2
+ *     at revision 2025-06-21 plus tokenizer.json of moondream/starmie-v1,
+ *     merged by symlinks in <albedo cache>/models/moondream2;
+ *   - "owner/repo[@revision]" (default revision main): the three files of that
+ *     repo (tokenizer.json from moondream/starmie-v1 if the repo has none).
+ * Files already in the cache are used without network, except that a
+ * revision "main" is re-checked when the network is allowed. Downloads resume
+ * from a partial ".incomplete" file with an HTTP Range request, and LFS files
+ * are checked against the SHA-256 the hub announces. Fails with
+ * ALBEDO_ERR_NETWORK (naming the URL) when a file is neither cached nor
+ * downloadable, ALBEDO_ERR_IO for cache directory trouble. */
+ALBEDO_API albedo_status albedo_model_fetch(const char *spec, const albedo_fetch_params *params, char *out_dir,
+                                            size_t cap);
+
 #ifdef __cplusplus
 }
 #endif

@@ -18,8 +18,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "albedo.h"
+#include "batch.h"
+#include "serve.h"
 
 typedef struct opts {
     const char *cmd;
@@ -44,6 +47,7 @@ static void usage(FILE *f) {
             "  albedo point IMAGE OBJECT\n"
             "  albedo bench (--synthetic md2 | --model DIR) [--threads N] [--repeats N] [--json]\n"
             "  albedo synth --preset md2|md2-small --out DIR [--seed N] [--legacy-f16] [--tokenizer FILE]\n"
+            "  albedo batch [FILE.jsonl|-] --model DIR   one JSON request per line, one result per line\n"
             "  albedo tokenize --model DIR TEXT\n\n"
             "options:\n"
             "  --model DIR          model directory (config.json, model.safetensors, tokenizer.json);\n"
@@ -227,11 +231,27 @@ static int check_precision(const opts *o) {
     return 0;
 }
 
+/* --model takes a directory, "moondream2" or a Hugging Face owner/repo[@rev];
+ * the last two are found in (or downloaded to) the Hugging Face cache. */
+static void fetch_progress(void *user, const char *file, uint64_t done, uint64_t total) {
+    (void)user;
+    if (!isatty(2) || !total) return;
+    fprintf(stderr, "\ralbedo: downloading %s %3d%%", file, (int)(done * 100 / total));
+    if (done >= total) fputc('\n', stderr);
+}
+
 static int load_model(const opts *o, albedo_model **m) {
-    const char *dir = o->model ? o->model : getenv("ALBEDO_MODEL");
-    if (!dir) {
-        fprintf(stderr, "albedo: no model: pass --model DIR or set ALBEDO_MODEL\n");
+    const char *spec = o->model ? o->model : getenv("ALBEDO_MODEL");
+    if (!spec) {
+        fprintf(stderr, "albedo: no model: pass --model DIR|moondream2|owner/repo[@rev] or set ALBEDO_MODEL\n");
         return 2;
+    }
+    char dir[4096];
+    albedo_fetch_params fp = albedo_fetch_params_default();
+    fp.progress = fetch_progress;
+    if (albedo_model_fetch(spec, &fp, dir, sizeof dir) != ALBEDO_OK) {
+        fprintf(stderr, "albedo: %s\n", albedo_last_error());
+        return 1;
     }
     albedo_model_params p = model_params(o);
     if (albedo_model_load(dir, &p, m) != ALBEDO_OK) {
@@ -408,6 +428,22 @@ static int cmd_bench(opts *o) {
     return 0;
 }
 
+static int cmd_batch(opts *o) {
+    FILE *in = stdin;
+    const char *path = o->n_pos ? o->pos[0] : NULL;
+    if (check_precision(o)) return 2;
+    if (path && strcmp(path, "-") && !(in = fopen(path, "r"))) {
+        fprintf(stderr, "albedo: %s: %s\n", path, strerror(errno));
+        return 1;
+    }
+    albedo_model *m = NULL;
+    int rc = load_model(o, &m);
+    if (!rc) rc = albedo_batch_run(m, in);
+    albedo_model_free(m);
+    if (in != stdin) fclose(in);
+    return rc;
+}
+
 static int cmd_tokenize(opts *o) {
     if (o->n_pos != 1) return fprintf(stderr, "albedo: tokenize needs one TEXT argument\n"), 2;
     albedo_model *m = NULL;
@@ -435,6 +471,8 @@ static int cmd_tokenize(opts *o) {
 
 int main(int argc, char **argv) {
     opts o;
+    if (argc >= 2 && !strcmp(argv[1], "serve")) return albedo_serve_main(argc, argv);
+    if (argc >= 2 && !strcmp(argv[1], "pull")) return albedo_pull_main(argc, argv);
     if (parse_args(argc, argv, &o)) {
         usage(stderr);
         return 2;
@@ -444,6 +482,7 @@ int main(int argc, char **argv) {
     if (!strcmp(o.cmd, "bench")) return cmd_bench(&o);
     if (!strcmp(o.cmd, "synth")) return cmd_synth(&o);
     if (!strcmp(o.cmd, "tokenize")) return cmd_tokenize(&o);
+    if (!strcmp(o.cmd, "batch")) return cmd_batch(&o);
     if (!strcmp(o.cmd, "version") || !strcmp(o.cmd, "--version")) {
         printf("albedo %s\n", albedo_version());
         return 0;
