@@ -23,7 +23,7 @@ build() {
 part build build || { echo "build failed"; exit 1; }
 part "C tests" ctest --test-dir build-ci --output-on-failure
 part "CLI cases" python3 tests/cli/test_cli.py build-ci
-[ -x tests/server/run.sh ] && part "server and Python package" tests/server/run.sh build-ci
+[ -x tests/server/run.sh ] && part "server and Python package" env ALBEDO_BUILD_DIR="$root/build-ci" ALBEDO_TEST_PIP=1 tests/server/run.sh
 [ -x scripts/test-arm64.sh ] && part "ARM64 NEON under qemu" scripts/test-arm64.sh
 [ -x scripts/sanitize.sh ] && part "sanitizers and fuzz replay" scripts/sanitize.sh
 [ -x scripts/check-format.sh ] && part "formatting" scripts/check-format.sh

@@ -48,6 +48,8 @@ static void usage(FILE *f) {
             "  albedo bench (--synthetic md2 | --model DIR) [--threads N] [--repeats N] [--json]\n"
             "  albedo synth --preset md2|md2-small --out DIR [--seed N] [--legacy-f16] [--tokenizer FILE]\n"
             "  albedo batch [FILE.jsonl|-] --model DIR   one JSON request per line, one result per line\n"
+            "  albedo serve [--host H] [--port 2020] [--model DIR]   Moondream REST API (docs/SERVER.md)\n"
+            "  albedo pull [moondream2|owner/repo@revision]          download into the Hugging Face cache\n"
             "  albedo tokenize --model DIR TEXT\n\n"
             "options:\n"
             "  --model DIR          model directory (config.json, model.safetensors, tokenizer.json);\n"
