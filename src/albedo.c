@@ -5,10 +5,12 @@
  * and, where there is a session, albedo_session_error().
  */
 #define _POSIX_C_SOURCE 200809L
+#include <jansson.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "session.h"
 
@@ -37,6 +39,80 @@ static albedo_status path_join(char *out, size_t cap, const char *dir, const cha
     int n = snprintf(out, cap, "%s/%s", dir, file);
     if (n < 0 || (size_t)n >= cap) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "model path too long");
     return ALBEDO_OK;
+}
+
+/* Open the checkpoint: model.safetensors, or the shards listed by
+ * model.safetensors.index.json ({"weight_map": {tensor: file}}). Every shard
+ * is memory-mapped; nothing is copied. Shard names must be plain file names
+ * in the model directory, and every tensor the index names must be in its
+ * shard. */
+#define INDEX_MAX_BYTES (64u << 20)
+#define MAX_SHARDS 4096
+
+static albedo_status open_shards(albedo_model *m, const char *dir, errbuf *e) {
+    char path[4096];
+    albedo_status st = path_join(path, sizeof path, dir, "model.safetensors", e);
+    if (st) return st;
+    m->st = calloc(1, sizeof *m->st);
+    if (!m->st) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    char ipath[4096];
+    if (access(path, F_OK) == 0 || path_join(ipath, sizeof ipath, dir, "model.safetensors.index.json", e) ||
+        access(ipath, F_OK) != 0) {
+        st = st_open(path, &m->st[0], e);
+        if (!st) m->n_st = 1;
+        return st;
+    }
+    uint8_t *txt = NULL;
+    size_t len = 0;
+    if ((st = read_file(ipath, INDEX_MAX_BYTES, &txt, &len, e))) return st;
+    json_error_t je;
+    json_t *root = json_loadb((const char *)txt, len, 0, &je);
+    free(txt);
+    json_t *map = root ? json_object_get(root, "weight_map") : NULL;
+    if (!json_is_object(map)) {
+        json_decref(root);
+        return errf(e, ALBEDO_ERR_MODEL_FORMAT, "%s: expected {\"weight_map\": {tensor: file, ...}}", ipath);
+    }
+    /* The distinct shard names, in order of first appearance. */
+    const char **names = calloc(json_object_size(map) + 1, sizeof *names);
+    int n = 0;
+    const char *key;
+    json_t *v;
+    if (!names) st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    json_object_foreach(map, key, v) {
+        if (st) break;
+        const char *f = json_string_value(v);
+        if (!f || !*f || strchr(f, '/') || strchr(f, '\\') || !strcmp(f, ".") || !strcmp(f, "..")) {
+            st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "%s: tensor %s: shard name must be a file name in the model directory", ipath, key);
+            break;
+        }
+        int seen = 0;
+        for (int i = 0; i < n && !seen; i++) seen = !strcmp(names[i], f);
+        if (!seen) names[n++] = f;
+    }
+    if (!st && (n == 0 || n > MAX_SHARDS)) st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "%s: %d shards", ipath, n);
+    if (!st) {
+        st_file **p = realloc(m->st, (size_t)n * sizeof *p);
+        if (!p) st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+        else m->st = p;
+    }
+    for (int i = 0; i < n && !st; i++) {
+        m->st[i] = NULL;
+        if (!(st = path_join(path, sizeof path, dir, names[i], e)) && !(st = st_open(path, &m->st[i], e))) m->n_st = i + 1;
+    }
+    /* Every tensor of the index is where the index says. */
+    json_object_foreach(map, key, v) {
+        if (st) break;
+        const char *f = json_string_value(v);
+        for (int i = 0; i < n; i++)
+            if (!strcmp(names[i], f) && !st_find(m->st[i], key)) {
+                st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "%s: tensor %s is not in shard %s", ipath, key, f);
+                break;
+            }
+    }
+    free(names);
+    json_decref(root);
+    return st;
 }
 
 static albedo_status build_rope(albedo_model *m, errbuf *e) {
@@ -81,13 +157,15 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
         if (st) errf(&e, st, "%s: %s", path, sub.msg);
     }
     free(cfg_json);
-    if (!st) st = path_join(path, sizeof path, dir, "model.safetensors", &e);
-    if (!st) st = st_open(path, &m->st, &e);
+    if (!st) st = open_shards(m, dir, &e);
     if (!st) {
         errbuf sub;
-        st = md_weights_bind(&m->w, &m->cfg, m->st, &sub);
-        if (st) errf(&e, st, "%s: %s", path, sub.msg);
+        const st_file *const *files = (const st_file *const *)m->st;
+        st = md_config_from_tensors(&m->cfg, files, m->n_st, &sub);
+        if (!st) st = md_weights_bind_files(&m->w, &m->cfg, files, m->n_st, &sub);
+        if (st) errf(&e, st, "%s/%s: %s", dir, m->n_st > 1 ? "model.safetensors.index.json" : "model.safetensors", sub.msg);
     }
+    m->cfg.tau_pos_bf16 = m->params.precision == ALBEDO_PRECISION_BF16;
     if (!st) st = path_join(path, sizeof path, dir, "tokenizer.json", &e);
     if (!st) {
         errbuf sub;
@@ -106,9 +184,14 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
         st = ops_ctx_new(m->params.backend, 1, OPS_F32, &probe, &e);
         if (!st) {
             const md_config *c = &m->cfg;
+            char moe[96] = "";
+            if (c->moe_experts)
+                snprintf(moe, sizeof moe, ", moe %d experts top-%d from layer %d", c->moe_experts, c->moe_topk,
+                         c->moe_start);
             snprintf(m->describe, sizeof m->describe,
-                     "moondream2 (text %dx%d, vision %dx%d, vocab %d), backend %s, %s, %d threads", c->dim,
-                     c->n_layers, c->enc_dim, c->enc_layers, c->vocab, ops_backend_name(probe),
+                     "%s (text %dx%d%s, vision %dx%d, vocab %d), backend %s, %s, %d threads",
+                     c->md3 ? "moondream3" : "moondream2", c->dim, c->n_layers, moe, c->enc_dim, c->enc_layers,
+                     c->vocab, ops_backend_name(probe),
                      m->params.precision == ALBEDO_PRECISION_BF16 ? "bf16" : "f32",
                      m->params.n_threads > 0 ? m->params.n_threads : ops_default_threads());
         }
@@ -125,7 +208,8 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
 void albedo_model_free(albedo_model *m) {
     if (!m) return;
     md_weights_release(&m->w);
-    st_close(m->st);
+    for (int i = 0; i < m->n_st; i++) st_close(m->st[i]);
+    free(m->st);
     tok_free(m->tok);
     free(m->rope_cos);
     free(m->rope_sin);

@@ -7,6 +7,12 @@
  * "vision": {...}, "region": {...}}}; an empty "config" means the real
  * Moondream 2. Unknown keys are ignored (newer files may add some); a known
  * key with the wrong type or an impossible value is an error naming it.
+ *
+ * Moondream 3 (spec/model.md §10) is recognised by "moe" nested under "text"
+ * ({"num_experts", "experts_per_token", "expert_inner_dim", "start_layer"});
+ * it switches the rotary θ and context defaults and the generation rules.
+ * A checkpoint whose config has no "moe" but whose tensors are Moondream 3's
+ * is switched later, from the tensors (weights.c, md_config_from_tensors).
  */
 #include <jansson.h>
 #include <math.h>
@@ -74,10 +80,58 @@ void md_config_defaults(md_config *c) {
     TMPL(c->point_prefix, 1, 2581, 2);
     TMPL(c->point_suffix, 3);
 
+    c->query_suffix_twice = 1;
+    c->reasoning_after_suffix = 1;
+    c->points_coord_or_eos = 0;
+
     c->default_temperature = 0.5f;
     c->default_top_p = 0.3f;
     c->default_max_tokens = 768;
     c->default_max_objects = 50;
+}
+
+void md_config_set_md3(md_config *c) {
+    c->md3 = 1;
+    /* The HF reference config: θ 1.5e6 and a 4096-position cache. */
+    if (!c->set_rope_theta) c->rope_theta = 1500000.0f;
+    if (!c->set_max_context) c->max_context = 4096;
+    c->query_suffix_twice = 0;
+    c->reasoning_after_suffix = 0;
+    c->points_coord_or_eos = 1;
+    /* §13.1. The HF code also reasons by default; albedo keeps reasoning an
+     * explicit request flag (albedo_request.reasoning) for both generations. */
+    c->default_temperature = 0.5f;
+    c->default_top_p = 0.9f;
+    c->default_max_tokens = 768;
+    c->default_max_objects = 150;
+}
+
+/* text.moe: every key optional, defaulting to the real Moondream 3's. */
+static albedo_status parse_moe(md_config *c, json_t *moe, errbuf *e) {
+    if (!json_is_object(moe)) return errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: config.text.moe must be an object");
+    static const struct {
+        const char *key;
+        size_t off;
+        int def, min, max;
+    } keys[] = {
+        {"num_experts", offsetof(md_config, moe_experts), 64, 1, 4096},
+        {"experts_per_token", offsetof(md_config, moe_topk), 8, 1, 4096},
+        {"expert_inner_dim", offsetof(md_config, moe_inner), 1024, 1, 1 << 16},
+        {"start_layer", offsetof(md_config, moe_start), 4, 0, 1 << 16},
+    };
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+        int *dst = (int *)((char *)c + keys[i].off);
+        json_t *v = json_object_get(moe, keys[i].key);
+        if (!v || json_is_null(v)) {
+            *dst = keys[i].def;
+            continue;
+        }
+        if (!json_is_integer(v) || json_integer_value(v) < keys[i].min || json_integer_value(v) > keys[i].max)
+            return errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: config.text.moe.%s: expected an integer in [%d, %d]",
+                        keys[i].key, keys[i].min, keys[i].max);
+        *dst = (int)json_integer_value(v);
+    }
+    return ALBEDO_OK;
 }
 
 typedef struct field {
@@ -209,11 +263,25 @@ albedo_status md_config_parse(md_config *c, const char *json, size_t len, errbuf
         st = parse_templates(c, json_object_get(tok, "templates"), e);
         if (st) goto done;
     }
-    /* Moondream 3 nests "moe" under "text"; this build implements Moondream 2. */
     json_t *text = json_object_get(cfg, "text");
+    if (json_is_object(text)) {
+        json_t *mc = json_object_get(text, "max_context");
+        c->set_max_context = mc && !json_is_null(mc);
+        json_t *th = json_object_get(text, "rope_theta");
+        if (th && !json_is_null(th)) {
+            double v = json_number_value(th);
+            if (!json_is_number(th) || !(v > 1.0 && v < 1e12)) {
+                st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: config.text.rope_theta: expected a number > 1");
+                goto done;
+            }
+            c->rope_theta = (float)v;
+            c->set_rope_theta = 1;
+        }
+    }
+    /* Moondream 3 nests "moe" under "text". */
     if (json_is_object(text) && json_object_get(text, "moe") && !json_is_null(json_object_get(text, "moe"))) {
-        st = errf(e, ALBEDO_ERR_UNSUPPORTED, "config.json: config.text.moe: Moondream 3 (mixture of experts) is not supported by this build yet");
-        goto done;
+        if ((st = parse_moe(c, json_object_get(text, "moe"), e))) goto done;
+        md_config_set_md3(c);
     }
     if (json_is_object(text) && json_object_get(text, "group_size") && !json_is_null(json_object_get(text, "group_size"))) {
         st = errf(e, ALBEDO_ERR_UNSUPPORTED, "config.json: config.text.group_size: int4 checkpoints are not supported yet");
@@ -249,6 +317,19 @@ albedo_status md_config_parse(md_config *c, const char *json, size_t len, errbuf
         }
         if (c->coord_feat % 2 || c->size_feat % 2 || c->size_out % 2) {
             st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: region feature and size widths must be even");
+            goto done;
+        }
+        if (c->moe_experts) {
+            if (c->moe_topk > c->moe_experts || c->moe_start > c->n_layers) {
+                st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: config.text.moe: %d experts per token of %d, start layer %d of %d layers",
+                          c->moe_topk, c->moe_experts, c->moe_start, c->n_layers);
+                goto done;
+            }
+        }
+        if (c->md3 && c->n_kv_heads != c->n_heads) {
+            /* tau scales each value head by its query head's temperature */
+            st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: Moondream 3's tau attention needs n_kv_heads (%d) == n_heads (%d)",
+                      c->n_kv_heads, c->n_heads);
             goto done;
         }
         if (c->proj_out != c->dim || c->r_dim != c->dim) {

@@ -9,6 +9,13 @@
  *   detect    prompt = prefix + " "+object + suffix   → {x, y, size} × objects
  *   point     prompt = prefix + " "+object + suffix   → {x, y} × objects
  *
+ * Moondream 3 (§10.6) differs in three rules, flagged in md_config: the query
+ * suffix is fed once; the reasoning prompt is q + thinking (no suffix before
+ * it); after each detected/pointed object the continue-or-stop choice is
+ * between coord_id and EOS only (two rows of the LM head, not the full
+ * vocabulary). Reasoning stays an explicit request flag for both (the HF
+ * Moondream 3 code reasons by default; albedo's callers choose).
+ *
  * The answer loop stops at EOS or max_tokens and masks answer_id on every
  * decode step after the first; the reasoning loop stops when answer_id is
  * sampled and masks EOS and size_id. Region steps feed coordinate and size
@@ -375,6 +382,26 @@ static albedo_status reasoning_loop(gen *g) {
     return st;
 }
 
+/* The last step of an object. Moondream 2 computes the full logits and
+ * continues unless their argmax is EOS; Moondream 3 computes only the
+ * logits of coord_id and EOS and continues iff coord_id's is larger. */
+static albedo_status step_last(gen *g, const float *emb, int *tok) {
+    albedo_session *s = g->s;
+    const md_config *c = g->c;
+    if (!c->points_coord_or_eos) {
+        albedo_status st = step(g, emb, 1, 1);
+        if (!st) *tok = sampler_argmax(s->st.logits, c->vocab, NULL);
+        return st;
+    }
+    albedo_status st = step(g, emb, 1, 0);
+    if (st) return st;
+    const int32_t ids[2] = {c->eos, c->coord_id};
+    float two[2];
+    text_logits_of(&s->st, s->st.hidden, ids, 2, two);
+    *tok = two[1] > two[0] ? c->coord_id : c->eos;
+    return ALBEDO_OK;
+}
+
 /* Detect / point loop (reference _generate_points). */
 static albedo_status points_loop(gen *g, int with_size) {
     albedo_session *s = g->s;
@@ -394,8 +421,8 @@ static albedo_status points_loop(gen *g, int with_size) {
         float x = (float)region_decode_coord(&s->st, s->st.hidden, NULL) / (float)c->coord_out;
         if ((st = step_coord(g, x))) break;
         float y = (float)region_decode_coord(&s->st, s->st.hidden, NULL) / (float)c->coord_out;
-        if ((st = step_coord(g, y))) break;
         if (with_size) {
+            if ((st = step_coord(g, y))) break;
             int wb, hb;
             region_decode_size(&s->st, s->st.hidden, &wb, &hb);
             /* size = 2^((bin / 1023) · 10 − 10), in float32 as the reference. */
@@ -403,7 +430,7 @@ static albedo_status points_loop(gen *g, int with_size) {
             float w = powf(2.0f, ((float)wb / top) * 10.0f - 10.0f);
             float h = powf(2.0f, ((float)hb / top) * 10.0f - 10.0f);
             region_encode_size(&s->st, feed_value(s, w), feed_value(s, h), s->emb);
-            if ((st = step(g, s->emb, 1, 1))) break;
+            if ((st = step_last(g, s->emb, &tok))) break;
             if (GROW(rs->boxes, rs->n_boxes, rs->cap_boxes)) {
                 st = errf(g->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
                 break;
@@ -411,6 +438,8 @@ static albedo_status points_loop(gen *g, int with_size) {
             double xd = x, yd = y, wd = w, hd = h;
             rs->boxes[rs->n_boxes++] = (albedo_box){xd - wd / 2, yd - hd / 2, xd + wd / 2, yd + hd / 2};
         } else {
+            region_encode_coord(&s->st, feed_value(s, y), s->emb);
+            if ((st = step_last(g, s->emb, &tok))) break;
             if (GROW(rs->points, rs->n_points, rs->cap_points)) {
                 st = errf(g->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
                 break;
@@ -419,7 +448,6 @@ static albedo_status points_loop(gen *g, int with_size) {
         }
         n_obj++;
         g->n_out += per_obj;
-        tok = sampler_argmax(s->st.logits, c->vocab, NULL);
     }
     return st;
 }
@@ -581,9 +609,13 @@ albedo_status gen_run(albedo_session *s, const albedo_request *r, errbuf *e) {
             oom |= pr_add(&p, refs, r->spatial_refs[i].n == 2 ? 2 : 3);
         }
         if (!oom) st = pr_text(&p, tok, "", r->question, e);
-        oom |= pr_tmpl(&p, &c->query_suffix);
-        if (r->reasoning) oom |= pr_add(&p, &(int32_t){c->thinking_id}, 1);
-        else oom |= pr_tmpl(&p, &c->query_suffix);
+        if (r->reasoning) {
+            if (c->reasoning_after_suffix) oom |= pr_tmpl(&p, &c->query_suffix);
+            oom |= pr_add(&p, &(int32_t){c->thinking_id}, 1);
+        } else {
+            oom |= pr_tmpl(&p, &c->query_suffix);
+            if (c->query_suffix_twice) oom |= pr_tmpl(&p, &c->query_suffix);
+        }
         break;
     case ALBEDO_SKILL_DETECT:
         oom |= pr_tmpl(&p, &c->detect_prefix);

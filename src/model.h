@@ -32,14 +32,32 @@ typedef struct md_config {
     float rope_theta;
     /* region (§2.3) */
     int r_dim, coord_feat, coord_out, size_feat, size_out, r_inner;
+    /* Moondream 3 (§10): tau attention in every layer and mixture-of-experts
+     * MLPs from layer moe_start on (moe_experts experts, moe_topk per token,
+     * expert inner width moe_inner). moe_experts == 0 and md3 == 0 for
+     * Moondream 2. */
+    int md3;
+    int moe_experts, moe_topk, moe_inner, moe_start;
+    /* Tau's position term reads ln(p + 1) with p rounded to bf16 first, as the
+     * reference does when its activations are bf16; set for BF16 precision.
+     * The fixture's float32 run uses exact positions. */
+    int tau_pos_bf16;
     /* tokenizer ids (§2.4) */
     int bos, eos, answer_id, thinking_id, coord_id, size_id, start_ground_id, end_ground_id;
     /* prompt templates (§7.3) */
     md_tmpl caption[3]; /* indexed by albedo_length */
     md_tmpl query_prefix, query_suffix, detect_prefix, detect_suffix, point_prefix, point_suffix;
+    /* generation rules that differ between the generations (§7.3, §10.6):
+     *   MD2: query = prefix + q + suffix + suffix; reasoning = ... + suffix + thinking;
+     *        detect/point continue while argmax(full vocabulary) != eos.
+     *   MD3: query = prefix + q + suffix;          reasoning = ... + q + thinking;
+     *        after each object, continue iff logit[coord_id] > logit[eos]. */
+    int query_suffix_twice, reasoning_after_suffix, points_coord_or_eos;
     /* generation defaults (§13.1) */
     float default_temperature, default_top_p;
     int default_max_tokens, default_max_objects;
+    /* Which of the generation-dependent defaults config.json set itself. */
+    int set_max_context, set_rope_theta;
 } md_config;
 
 /* Fill c with the Moondream 2 (2025-06-21) defaults. */
@@ -47,6 +65,9 @@ void md_config_defaults(md_config *c);
 /* Apply config.json's "config" overrides (the Hugging Face wrapper format;
  * a bare config object is accepted too). */
 albedo_status md_config_parse(md_config *c, const char *json, size_t len, errbuf *e);
+/* Switch c to Moondream 3: its generation rules and defaults (rotary θ 1.5e6,
+ * context 4096 unless config.json set them, top_p 0.9, max_objects 150). */
+void md_config_set_md3(md_config *c);
 
 typedef struct vit_block {
     op_vec ln1_w, ln1_b, ln2_w, ln2_b; /* [enc_dim] */
@@ -60,8 +81,17 @@ typedef struct txt_block {
     op_vec ln_w, ln_b; /* [dim] */
     op_linear qkv;     /* [(H + 2*Hkv)*D, dim] */
     op_linear proj;    /* [dim, H*D] */
-    op_linear fc1;     /* [ff_dim, dim] */
+    op_linear fc1;     /* [ff_dim, dim] (dense layers) */
     op_linear fc2;     /* [dim, ff_dim] */
+    /* Moondream 3 tau attention (every layer) */
+    op_linear tau_wq, tau_wv; /* [H, (H + 2*Hkv)*D], no bias */
+    op_vec tau_alpha;         /* [H] */
+    /* Moondream 3 mixture of experts (layers >= moe_start) */
+    int moe;
+    op_linear router;      /* [E, dim] with bias */
+    const void *exp_fc1;   /* [E, 2*inner, dim]: rows [0, inner) the GELU half, [inner, 2*inner) the gate */
+    const void *exp_fc2;   /* [E, dim, inner] */
+    dtype exp_fc1_dt, exp_fc2_dt;
 } txt_block;
 
 typedef struct md_weights {
@@ -85,17 +115,34 @@ typedef struct md_weights {
     op_linear coord_fc1, coord_fc2; /* [r_inner, r_dim], [coord_out, r_inner] */
     op_linear size_enc;             /* [r_dim, size_feat] */
     op_linear size_fc1, size_fc2;   /* [r_inner, r_dim], [size_out, r_inner] */
+    /* Moondream 3: single linear decoders, optionally behind a LayerNorm */
+    int region_linear;
+    op_linear coord_dec, size_dec; /* [coord_out, r_dim], [size_out, r_dim] */
+    int region_ln;
+    op_vec region_ln_w, region_ln_b; /* [r_dim] */
 } md_weights;
 
 /* Bind weights to the tensors of a safetensors file (2025 or legacy names),
  * checking presence, dtype and shape of every tensor against c. */
 albedo_status md_weights_bind(md_weights *w, const md_config *c, const st_file *f, errbuf *e);
+/* The same over the shards of a checkpoint (each tensor in exactly one). */
+albedo_status md_weights_bind_files(md_weights *w, const md_config *c, const st_file *const *files, int n_files,
+                                    errbuf *e);
+/* A checkpoint whose tensors are Moondream 3's (tau, routers) under a
+ * config.json without "moe": take the expert geometry from the tensors and
+ * switch c to Moondream 3. No-op otherwise. */
+albedo_status md_config_from_tensors(md_config *c, const st_file *const *files, int n_files, errbuf *e);
 void md_weights_release(md_weights *w);
+
+/* An expert's slice of a 3-D expert tensor as a linear layer: rows
+ * [row0, row0 + n_out) of expert e's [rows_per_expert, n_in] matrix. */
+op_linear md_expert_linear(const void *w, dtype dt, int e, int rows_per_expert, int row0, int n_out, int n_in);
 
 struct albedo_model {
     md_config cfg;
     md_weights w;
-    st_file *st;
+    st_file **st; /* the checkpoint's shards, memory-mapped */
+    int n_st;
     tokenizer *tok;
     albedo_model_params params;
     img_limits limits;
@@ -119,6 +166,18 @@ typedef struct md_state {
     float *logits; /* [max(vocab, coord_out, size_out)] */
     float *feat;   /* [max(coord_feat, size_feat)]: Fourier features */
     float *hidden; /* [dim]: last row of the last forward, before post_ln */
+    float *rln;    /* [dim]: region LayerNorm output */
+    /* Moondream 3 scratch for up to t_cap rows (NULL for Moondream 2) */
+    float *tau_f;              /* [T, (H+2*Hkv)*D]: gelu_erf(qkv) */
+    float *tau_q, *tau_v;      /* [T, H] */
+    float *moe_logits;         /* [T, E] router logits */
+    float *moe_x, *moe_y;      /* [T, dim]: rows gathered for one expert, its output */
+    float *moe_a, *moe_g;      /* [T, inner]: the two halves of the up projection */
+    int32_t *moe_sel;          /* [T, k] selected experts per token */
+    float *moe_w;              /* [T, k] their weights */
+    int32_t *moe_rows;         /* [T*k] token of each (expert-sorted) assignment */
+    float *moe_roww;           /* [T*k] its weight */
+    int32_t *moe_count;        /* [E + 1] assignments per expert, then offsets */
 } md_state;
 
 albedo_status md_state_init(md_state *s, const albedo_model *m, errbuf *e);
@@ -145,6 +204,8 @@ albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n
 void text_embed(const albedo_model *m, int32_t id, float *out);
 /* logits [vocab] = lm_head(post_ln(h)). */
 void text_logits(md_state *s, const float *h, float *logits);
+/* out[i] = logit of token ids[i] only (n rows of the LM head). */
+void text_logits_of(md_state *s, const float *h, const int32_t *ids, int n, float *out);
 
 /* region.c */
 void region_encode_coord(md_state *s, float v, float *out);         /* out [dim] */
@@ -152,5 +213,12 @@ void region_encode_size(md_state *s, float w, float h, float *out); /* out [dim]
 /* Argmax bins of the coordinate / size decoders on hidden h [dim]. */
 int region_decode_coord(md_state *s, const float *h, float *margin);
 void region_decode_size(md_state *s, const float *h, int *w_bin, int *h_bin);
+
+/* synth.c (internal): write preset with its safetensors split into shards
+ * of at most shard_bytes (0: one file) plus model.safetensors.index.json;
+ * and the tensor and parameter counts of a preset without writing it. */
+albedo_status synth_write_sharded(const char *dir, const char *preset, uint64_t seed, int legacy_f16,
+                                  const char *tokenizer_json, uint64_t shard_bytes);
+albedo_status synth_plan(const char *preset, int *n_tensors, int64_t *n_params);
 
 #endif

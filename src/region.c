@@ -8,6 +8,12 @@
  *   (w, h)          → [cos 2π·(w,h)·B ‖ sin …] (B [2, 256])   → size_encoder  → [dim]
  *   hidden [dim] (before post_ln) → fc1 → gelu_tanh → fc2 → 1024 coord bins
  *                                                         → 2×1024 size bins
+ *
+ * Moondream 3 (§10.4) decodes with single linear layers, behind the region
+ * LayerNorm when the checkpoint has one (the September 2025 HF code has
+ * none; the current checkpoint does):
+ *   hidden [dim] (before post_ln) → [ln] → coord_decoder → 1024 coord bins
+ *                                        → size_decoder  → 2×1024 size bins
  */
 #include <math.h>
 #include <stdlib.h>
@@ -66,11 +72,22 @@ static int argmax(const float *v, int n, float *margin) {
 }
 
 /* out = fc2(gelu_tanh(fc1(h))); md_state sizes s->mlp for r_inner and
- * s->logits for the decoders' outputs. */
-static void decoder(md_state *s, const float *h, const op_linear *fc1, const op_linear *fc2, float *out) {
+ * s->logits for the decoders' outputs. Moondream 3: out = lin([ln](h)). */
+static void decoder(md_state *s, const float *h, const op_linear *fc1, const op_linear *fc2, const op_linear *lin,
+                    float *out) {
     const ops *o = O(s->ops);
+    const md_weights *w = &s->m->w;
+    const int dim = s->m->cfg.dim;
+    if (w->region_linear) {
+        if (w->region_ln) {
+            o->layernorm(s->ops, s->rln, h, 1, dim, w->region_ln_w, w->region_ln_b, 1e-5f);
+            h = s->rln;
+        }
+        o->linear(s->ops, out, lin->n_out, h, dim, 1, lin);
+        return;
+    }
     float *mid = s->mlp;
-    o->linear(s->ops, mid, fc1->n_out, h, s->m->cfg.dim, 1, fc1);
+    o->linear(s->ops, mid, fc1->n_out, h, dim, 1, fc1);
     o->gelu_tanh(s->ops, mid, (size_t)fc1->n_out);
     o->linear(s->ops, out, fc2->n_out, mid, fc1->n_out, 1, fc2);
 }
@@ -78,14 +95,14 @@ static void decoder(md_state *s, const float *h, const op_linear *fc1, const op_
 int region_decode_coord(md_state *s, const float *h, float *margin) {
     const albedo_model *m = s->m;
     float *out = s->logits;
-    decoder(s, h, &m->w.coord_fc1, &m->w.coord_fc2, out);
+    decoder(s, h, &m->w.coord_fc1, &m->w.coord_fc2, &m->w.coord_dec, out);
     return argmax(out, m->cfg.coord_out, margin);
 }
 
 void region_decode_size(md_state *s, const float *h, int *w_bin, int *h_bin) {
     const albedo_model *m = s->m;
     float *out = s->logits;
-    decoder(s, h, &m->w.size_fc1, &m->w.size_fc2, out);
+    decoder(s, h, &m->w.size_fc1, &m->w.size_fc2, &m->w.size_dec, out);
     const int half = m->cfg.size_out / 2;
     *w_bin = argmax(out, half, NULL);
     *h_bin = argmax(out + half, half, NULL);

@@ -2,12 +2,22 @@
  * synth.c — model directories with seeded random weights.
  *
  * Real Moondream weights cannot be downloaded everywhere the engine is built
- * and tested, so the project makes its own: the full Moondream 2 shapes for
- * benchmarks, and the fixtures' md2-small, bit for bit, from the recipe in
- * shared/fixtures/README.md (every element offset + scale·r with r from
- * splitmix64 keyed by FNV-1a of the tensor name, rounded to bf16). Legacy
- * 2024-08-26 names in F16 are written from the same values to test that
- * loader path.
+ * and tested, so the project makes its own: the full Moondream 2 and 3
+ * shapes for benchmarks, and the fixtures' md2-small and md3-small, bit for
+ * bit, from the recipe in shared/fixtures/README.md (every element offset +
+ * scale·r with r from splitmix64 keyed by FNV-1a of the tensor name, rounded
+ * to bf16). Legacy 2024-08-26 names in F16 are written from the same values
+ * to test that loader path.
+ *
+ * Presets:
+ *   md2        Moondream 2, 1.93 B parameters (3.9 GB), one file
+ *   md2-small  the fixture's md2-small (seed 20261127)
+ *   md3        Moondream 3 preview, 9.27 B parameters (18.5 GB) with the
+ *              region LayerNorm of the current checkpoint, in 5 GB shards
+ *              (model-0000k-of-0000N.safetensors + index), written one shard
+ *              at a time so that memory stays at one shard
+ *   md3-small  the fixture's md3-small (seed 31337): tau in every layer, 64
+ *              experts from layer 1, single-layer region decoders, no region LN
  *
  * This file must be compiled without floating-point contraction: the recipe
  * is defined in separate float multiply and add.
@@ -19,6 +29,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <unistd.h>
+
+#include <jansson.h>
 
 #include "model.h"
 
@@ -90,7 +103,29 @@ static int add_ln(spec_list *l, const char *prefix, int dim) {
     return add(l, n, 1, dim, 0, 0, 0.0f, 0.1f);
 }
 
-static int build_specs(const md_config *c, spec_list *l) {
+/* Moondream 3 extras of a text block (tau; experts instead of the dense MLP). */
+static int add_md3_block(spec_list *l, const md_config *c, int i, int qkv) {
+    char p[160];
+    int r = 0;
+    const float tau_scale = (float)(1.0 / sqrt((double)qkv));
+    snprintf(p, sizeof p, "text.blocks.%d.attn.tau.wq", i), r |= add(l, p, 2, c->n_heads, qkv, 0, 0.0f, tau_scale);
+    snprintf(p, sizeof p, "text.blocks.%d.attn.tau.wv", i), r |= add(l, p, 2, c->n_heads, qkv, 0, 0.0f, tau_scale);
+    snprintf(p, sizeof p, "text.blocks.%d.attn.tau.alpha", i), r |= add(l, p, 1, c->n_heads, 0, 0, 0.0f, 1.0f);
+    return r;
+}
+
+static int add_experts(spec_list *l, const md_config *c, int i) {
+    char p[160];
+    int r = 0;
+    snprintf(p, sizeof p, "text.blocks.%d.mlp.router", i), r |= add_linear(l, p, c->moe_experts, c->dim, 0);
+    snprintf(p, sizeof p, "text.blocks.%d.mlp.fc1.weight", i);
+    r |= add(l, p, 3, c->moe_experts, 2 * c->moe_inner, c->dim, 0.0f, (float)(1.0 / sqrt((double)c->dim)));
+    snprintf(p, sizeof p, "text.blocks.%d.mlp.fc2.weight", i);
+    r |= add(l, p, 3, c->moe_experts, c->dim, c->moe_inner, 0.0f, (float)(1.0 / sqrt((double)c->moe_inner)));
+    return r;
+}
+
+static int build_specs(const md_config *c, int region_ln, spec_list *l) {
     char p[160];
     const int np = (c->crop_size / c->patch) * (c->crop_size / c->patch);
     int r = 0;
@@ -113,6 +148,11 @@ static int build_specs(const md_config *c, spec_list *l) {
         snprintf(p, sizeof p, "text.blocks.%d.ln", i), r |= add_ln(l, p, c->dim);
         snprintf(p, sizeof p, "text.blocks.%d.attn.qkv", i), r |= add_linear(l, p, qkv, c->dim, 0);
         snprintf(p, sizeof p, "text.blocks.%d.attn.proj", i), r |= add_linear(l, p, c->dim, c->n_heads * c->head_dim, 0);
+        if (c->md3) r |= add_md3_block(l, c, i, qkv);
+        if (c->moe_experts && i >= c->moe_start) {
+            r |= add_experts(l, c, i);
+            continue;
+        }
         snprintf(p, sizeof p, "text.blocks.%d.mlp.fc1", i), r |= add_linear(l, p, c->ff_dim, c->dim, 0);
         snprintf(p, sizeof p, "text.blocks.%d.mlp.fc2", i), r |= add_linear(l, p, c->dim, c->ff_dim, 0);
     }
@@ -121,9 +161,16 @@ static int build_specs(const md_config *c, spec_list *l) {
     r |= add(l, "region.coord_features", 2, 1, c->coord_feat / 2, 0, 0.0f, 3.0f);
     r |= add(l, "region.size_features", 2, 2, c->size_feat / 2, 0, 0.0f, 3.0f);
     r |= add_linear(l, "region.coord_encoder", c->r_dim, c->coord_feat, 0);
+    r |= add_linear(l, "region.size_encoder", c->r_dim, c->size_feat, 0);
+    if (c->md3) {
+        /* single linear decoders (+ the LayerNorm of the current checkpoint) */
+        r |= add_linear(l, "region.coord_decoder", c->coord_out, c->r_dim, 0);
+        r |= add_linear(l, "region.size_decoder", c->size_out, c->r_dim, 0);
+        if (region_ln) r |= add_ln(l, "region.ln", c->r_dim);
+        return r;
+    }
     r |= add_linear(l, "region.coord_decoder.fc1", c->r_inner, c->r_dim, 0);
     r |= add_linear(l, "region.coord_decoder.fc2", c->coord_out, c->r_inner, 0);
-    r |= add_linear(l, "region.size_encoder", c->r_dim, c->size_feat, 0);
     r |= add_linear(l, "region.size_decoder.fc1", c->r_inner, c->r_dim, 0);
     r |= add_linear(l, "region.size_decoder.fc2", c->size_out, c->r_inner, 0);
     return r;
@@ -204,7 +251,7 @@ static void *fill_thread(void *p) {
     return NULL;
 }
 
-static const char *small_config_json =
+static const char small_config_json[] =
     "{\n  \"architectures\": [\"HfMoondream\"],\n  \"model_type\": \"moondream1\",\n  \"torch_dtype\": \"bfloat16\",\n"
     "  \"config\": {\n"
     "    \"text\": {\"dim\": 128, \"ff_dim\": 264, \"n_layers\": 3, \"vocab_size\": 51200, \"max_context\": 2048,\n"
@@ -215,9 +262,42 @@ static const char *small_config_json =
     "    \"region\": {\"dim\": 128, \"coord_feat_dim\": 256, \"coord_out_dim\": 1024, \"size_feat_dim\": 512,\n"
     "               \"size_out_dim\": 2048, \"inner_dim\": 160}\n  }\n}\n";
 
-static const char *full_config_json =
+static const char full_config_json[] =
     "{\n  \"architectures\": [\"HfMoondream\"],\n  \"model_type\": \"moondream1\",\n  \"torch_dtype\": \"bfloat16\",\n"
     "  \"config\": {}\n}\n";
+
+/* Byte for byte the fixture's md3-small/config.json. */
+static const char md3_small_config_json[] =
+    "{\n  \"architectures\": [\n    \"HfMoondream\"\n  ],\n  \"model_type\": \"moondream1\",\n"
+    "  \"torch_dtype\": \"bfloat16\",\n  \"config\": {\n    \"text\": {\n      \"dim\": 128,\n      \"ff_dim\": 264,\n"
+    "      \"n_layers\": 3,\n      \"vocab_size\": 51200,\n      \"max_context\": 4096,\n      \"n_heads\": 2,\n"
+    "      \"n_kv_heads\": 2,\n      \"prefix_attn\": 730,\n      \"moe\": {\n        \"num_experts\": 64,\n"
+    "        \"start_layer\": 1,\n        \"experts_per_token\": 8,\n        \"expert_inner_dim\": 40\n      }\n    },\n"
+    "    \"vision\": {\n      \"enc_dim\": 144,\n      \"enc_patch_size\": 14,\n      \"enc_n_layers\": 27,\n"
+    "      \"enc_ff_dim\": 292,\n      \"enc_n_heads\": 2,\n      \"proj_out_dim\": 128,\n      \"crop_size\": 378,\n"
+    "      \"in_channels\": 3,\n      \"max_crops\": 12,\n      \"overlap_margin\": 4,\n      \"proj_inner_dim\": 200\n"
+    "    },\n    \"region\": {\n      \"dim\": 128,\n      \"coord_feat_dim\": 256,\n      \"coord_out_dim\": 1024,\n"
+    "      \"size_feat_dim\": 512,\n      \"size_out_dim\": 2048\n    }\n  }\n}";
+
+/* Moondream 3 preview: the Moondream 2 shapes plus the experts; θ and the
+ * 4096-position context are Moondream 3's defaults. */
+static const char md3_config_json[] =
+    "{\n  \"architectures\": [\"HfMoondream\"],\n  \"model_type\": \"moondream1\",\n  \"torch_dtype\": \"bfloat16\",\n"
+    "  \"config\": {\n    \"text\": {\"moe\": {\"num_experts\": 64, \"start_layer\": 4, \"experts_per_token\": 8,\n"
+    "                      \"expert_inner_dim\": 1024}}\n  }\n}\n";
+
+typedef struct preset {
+    const char *name, *config_json;
+    int region_ln;
+    uint64_t shard_bytes; /* default shard size; 0: one file */
+} preset;
+
+static const preset presets[] = {
+    {"md2", full_config_json, 0, 0},
+    {"md2-small", small_config_json, 0, 0},
+    {"md3", md3_config_json, 1, 5000000000ull},
+    {"md3-small", md3_small_config_json, 0, 0},
+};
 
 /* A byte-level BPE tokenizer with the 256 single-byte tokens and no merges:
  * enough to run synthetic models whose vocabulary is random anyway. */
@@ -270,57 +350,62 @@ static int copy_file(const char *from, const char *to) {
     return ok ? 0 : -1;
 }
 
-albedo_status albedo_synth_write(const char *dir, const char *preset, uint64_t seed, int legacy_f16,
-                                 const char *tokenizer_json) {
+/* The preset's config and tensor list. */
+static albedo_status plan(const char *name, const preset **out, md_config *c, spec_list *l, errbuf *e) {
+    const preset *p = NULL;
+    for (size_t i = 0; name && i < sizeof presets / sizeof presets[0]; i++)
+        if (!strcmp(presets[i].name, name)) p = &presets[i];
+    if (!p) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "synth: unknown preset '%s' (md2, md2-small, md3, md3-small)", name ? name : "");
+    md_config_defaults(c);
+    albedo_status st = md_config_parse(c, p->config_json, strlen(p->config_json), e);
+    if (st) return st;
+    if (build_specs(c, p->region_ln, l)) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    *out = p;
+    return ALBEDO_OK;
+}
+
+static int64_t numel(const spec *s) {
+    int64_t n = 1;
+    for (int d = 0; d < s->ndim; d++) n *= s->shape[d];
+    return n;
+}
+
+albedo_status synth_plan(const char *name, int *n_tensors, int64_t *n_params) {
     errbuf e = {{0}};
-    albedo_status st = ALBEDO_OK;
-    const char *cfg_json = NULL;
-    if (!dir || !preset) st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "synth: dir and preset are required");
-    else if (!strcmp(preset, "md2")) cfg_json = full_config_json;
-    else if (!strcmp(preset, "md2-small")) cfg_json = small_config_json;
-    else st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "synth: unknown preset '%s' (md2, md2-small)", preset);
-    if (st) {
-        error_set_last(e.msg);
-        return st;
-    }
+    const preset *p;
     md_config c;
-    md_config_defaults(&c);
-    if ((st = md_config_parse(&c, cfg_json, strlen(cfg_json), &e))) {
-        error_set_last(e.msg);
-        return st;
-    }
-    if (mkdir(dir, 0755) && errno != EEXIST) {
-        errf(&e, ALBEDO_ERR_IO, "%s: %s", dir, strerror(errno));
-        error_set_last(e.msg);
-        return ALBEDO_ERR_IO;
-    }
-    char path[4096];
     spec_list l = {0};
-    st_tensor *ts = NULL;
-    uint16_t *data = NULL;
-    if (build_specs(&c, &l)) {
-        st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
-        goto done;
+    albedo_status st = plan(name, &p, &c, &l, &e);
+    if (!st) {
+        int64_t total = 0;
+        for (int i = 0; i < l.n; i++) total += numel(&l.v[i]);
+        *n_tensors = l.n;
+        *n_params = total;
+    } else {
+        error_set_last(e.msg);
     }
+    free(l.v);
+    return st;
+}
+
+/* Fill tensors [i0, i1) of l into one safetensors file at path. */
+static albedo_status write_shard(const char *path, const spec_list *l, int i0, int i1, uint64_t seed, int legacy_f16,
+                                 errbuf *e) {
+    albedo_status st = ALBEDO_OK;
     size_t total = 0;
-    for (int i = 0; i < l.n; i++) {
-        int64_t n = 1;
-        for (int d = 0; d < l.v[i].ndim; d++) n *= l.v[i].shape[d];
-        total += (size_t)n;
-    }
-    ts = calloc(l.n > 0 ? (size_t)l.n : 1, sizeof *ts);
-    data = malloc(total * sizeof *data);
+    for (int i = i0; i < i1; i++) total += (size_t)numel(&l->v[i]);
+    st_tensor *ts = calloc((size_t)(i1 - i0) + 1, sizeof *ts);
+    uint16_t *data = malloc((total ? total : 1) * sizeof *data);
     if (!ts || !data) {
-        st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "synth: out of memory for %zu weights", total);
+        st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "synth: out of memory for %zu weights", total);
         goto done;
     }
     size_t off = 0;
-    for (int i = 0; i < l.n; i++) {
-        const spec *s = &l.v[i];
+    for (int i = i0; i < i1; i++) {
+        const spec *s = &l->v[i];
         char full[200], stored[220];
         snprintf(full, sizeof full, "model.%s", s->name);
-        int64_t n = 1;
-        for (int d = 0; d < s->ndim; d++) n *= s->shape[d];
+        int64_t n = numel(s);
         int transpose = legacy_f16 && !strncmp(s->name, "region.", 7) && strstr(s->name, "_features") ? (int)s->shape[0] : 0;
         fill_job j = {s, data + off, fnv1a64(full) ^ seed, (uint64_t)n, legacy_f16, transpose};
         int nt = n > (1 << 20) ? 4 : 1;
@@ -338,7 +423,7 @@ albedo_status albedo_synth_write(const char *dir, const char *preset, uint64_t s
         fill(&j, ta[0].i0, ta[0].i1);
         for (int t = 1; t < nt; t++)
             if (started & (1 << t)) pthread_join(th[t], NULL);
-        st_tensor *t = &ts[i];
+        st_tensor *t = &ts[i - i0];
         if (legacy_f16) {
             char lg[200];
             legacy_name(s->name, lg, sizeof lg);
@@ -348,7 +433,7 @@ albedo_status albedo_synth_write(const char *dir, const char *preset, uint64_t s
         }
         t->name = strdup(stored);
         if (!t->name) {
-            st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+            st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
             goto done;
         }
         t->dt = legacy_f16 ? DT_F16 : DT_BF16;
@@ -363,11 +448,93 @@ albedo_status albedo_synth_write(const char *dir, const char *preset, uint64_t s
         t->nbytes = (size_t)n * 2;
         off += (size_t)n;
     }
-    snprintf(path, sizeof path, "%s/model.safetensors", dir);
-    if ((st = st_write(path, ts, l.n, &e))) goto done;
+    st = st_write(path, ts, i1 - i0, e);
+done:
+    if (ts)
+        for (int i = 0; i < i1 - i0; i++) free(ts[i].name);
+    free(ts);
+    free(data);
+    return st;
+}
+
+/* model.safetensors.index.json of the Hugging Face sharded layout. */
+static albedo_status write_index(const char *path, const spec_list *l, const int *shard_of, int n_shards, errbuf *e) {
+    json_t *root = json_object(), *meta = json_object(), *map = json_object();
+    int64_t bytes = 0;
+    char file[64], name[200];
+    for (int i = 0; i < l->n; i++) {
+        bytes += 2 * numel(&l->v[i]);
+        snprintf(file, sizeof file, "model-%05d-of-%05d.safetensors", shard_of[i] + 1, n_shards);
+        snprintf(name, sizeof name, "model.%s", l->v[i].name);
+        json_object_set_new(map, name, json_string(file));
+    }
+    json_object_set_new(meta, "total_size", json_integer((json_int_t)bytes));
+    json_object_set_new(root, "metadata", meta);
+    json_object_set_new(root, "weight_map", map);
+    int r = json_dump_file(root, path, JSON_INDENT(2) | JSON_SORT_KEYS);
+    json_decref(root);
+    return r ? errf(e, ALBEDO_ERR_IO, "%s: cannot write", path) : ALBEDO_OK;
+}
+
+albedo_status synth_write_sharded(const char *dir, const char *preset_name, uint64_t seed, int legacy_f16,
+                                  const char *tokenizer_json, uint64_t shard_bytes) {
+    errbuf e = {{0}};
+    albedo_status st = ALBEDO_OK;
+    const preset *p = NULL;
+    md_config c;
+    spec_list l = {0};
+    int *shard_of = NULL;
+    char path[4096];
+    if (!dir || !preset_name) {
+        st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "synth: dir and preset are required");
+        goto done;
+    }
+    if ((st = plan(preset_name, &p, &c, &l, &e))) goto done;
+    if (legacy_f16 && c.md3) {
+        st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "synth: legacy 2024-08-26 names exist for Moondream 2 presets only");
+        goto done;
+    }
+    if (mkdir(dir, 0755) && errno != EEXIST) {
+        st = errf(&e, ALBEDO_ERR_IO, "%s: %s", dir, strerror(errno));
+        goto done;
+    }
+    /* Consecutive tensors fill a shard up to shard_bytes (a larger tensor
+     * gets a shard of its own). */
+    shard_of = malloc((size_t)(l.n > 0 ? l.n : 1) * sizeof *shard_of);
+    if (!shard_of) {
+        st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+        goto done;
+    }
+    int n_shards = 1;
+    uint64_t cur = 0;
+    for (int i = 0; i < l.n; i++) {
+        uint64_t b = 2 * (uint64_t)numel(&l.v[i]);
+        if (shard_bytes && cur > 0 && cur + b > shard_bytes) {
+            n_shards++;
+            cur = 0;
+        }
+        cur += b;
+        shard_of[i] = n_shards - 1;
+    }
+    /* Drop the other layout's files so that the loader cannot pick a stale one. */
+    snprintf(path, sizeof path, "%s/%s", dir, n_shards > 1 ? "model.safetensors" : "model.safetensors.index.json");
+    unlink(path);
+    for (int k = 0, i0 = 0; k < n_shards && !st; k++) {
+        int i1 = i0;
+        while (i1 < l.n && shard_of[i1] == k) i1++;
+        if (n_shards > 1) snprintf(path, sizeof path, "%s/model-%05d-of-%05d.safetensors", dir, k + 1, n_shards);
+        else snprintf(path, sizeof path, "%s/model.safetensors", dir);
+        st = write_shard(path, &l, i0, i1, seed, legacy_f16, &e);
+        i0 = i1;
+    }
+    if (!st && n_shards > 1) {
+        snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+        st = write_index(path, &l, shard_of, n_shards, &e);
+    }
+    if (st) goto done;
     snprintf(path, sizeof path, "%s/config.json", dir);
     FILE *f = fopen(path, "wb");
-    if (!f || fputs(cfg_json, f) < 0 || fclose(f)) {
+    if (!f || fputs(p->config_json, f) < 0 || fclose(f)) {
         if (f) fclose(f);
         st = errf(&e, ALBEDO_ERR_IO, "%s: cannot write", path);
         goto done;
@@ -376,11 +543,16 @@ albedo_status albedo_synth_write(const char *dir, const char *preset, uint64_t s
     if (tokenizer_json ? copy_file(tokenizer_json, path) : write_byte_tokenizer(path, c.vocab))
         st = errf(&e, ALBEDO_ERR_IO, "%s: cannot write the tokenizer", path);
 done:
-    if (ts)
-        for (int i = 0; i < l.n; i++) free(ts[i].name);
-    free(ts);
-    free(data);
+    free(shard_of);
     free(l.v);
     if (st) error_set_last(e.msg);
     return st;
+}
+
+albedo_status albedo_synth_write(const char *dir, const char *preset_name, uint64_t seed, int legacy_f16,
+                                 const char *tokenizer_json) {
+    uint64_t shard = 0;
+    for (size_t i = 0; preset_name && i < sizeof presets / sizeof presets[0]; i++)
+        if (!strcmp(presets[i].name, preset_name)) shard = presets[i].shard_bytes;
+    return synth_write_sharded(dir, preset_name, seed, legacy_f16, tokenizer_json, shard);
 }

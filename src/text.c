@@ -14,6 +14,20 @@
  *
  * The mask is causal, except that positions inside the image prefix (BOS +
  * 729 image tokens) see each other bidirectionally.
+ *
+ * Moondream 3 (§10.2, §10.3) changes two things per block:
+ *
+ *   tau attention: f = gelu_erf(qkv) over the whole biased row; per head hd,
+ *       τ = tanh(f·w[hd]) + 1 + (sigmoid(α[hd]·ln(p + 1)) − 0.5) with w = wq
+ *       for the query, wv for the value; Q and V of head hd are multiplied by
+ *       their τ before RoPE and caching (K is not scaled, V is cached scaled).
+ *   mixture of experts from moe_start on, in place of fc1/fc2:
+ *       r = router(h) [E]; the top k logits, softmax over those k only;
+ *       expert e: u = h·W1[e]ᵀ [2·inner], a = u[:inner], g = u[inner:],
+ *       y_e = (gelu_erf(a)·(g + 1))·W2[e]ᵀ; mlp = Σ w_k·y_{e_k}.
+ *   Tokens are grouped by expert: each expert's rows are gathered, go through
+ *   one linear per weight matrix (only the selected experts' weights are
+ *   read), and are scattered back with their weights.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -32,6 +46,139 @@ void text_logits(md_state *s, const float *h, float *logits) {
     /* s->h has room for at least one row */
     o->layernorm(s->ops, s->h, h, 1, dim, m->w.tpost_w, m->w.tpost_b, 1e-5f);
     o->linear(s->ops, logits, m->cfg.vocab, s->h, dim, 1, &m->w.lm_head);
+}
+
+void text_logits_of(md_state *s, const float *h, const int32_t *ids, int n, float *out) {
+    const albedo_model *m = s->m;
+    const int dim = m->cfg.dim;
+    const ops *o = O(s->ops);
+    const op_linear *L = &m->w.lm_head;
+    o->layernorm(s->ops, s->h, h, 1, dim, m->w.tpost_w, m->w.tpost_b, 1e-5f);
+    for (int i = 0; i < n; i++) {
+        /* one row of the LM head (16/32-bit weights: rows are addressable) */
+        op_linear row = *L;
+        row.w = (const char *)L->w + (size_t)ids[i] * (size_t)dim * dtype_size(L->dt);
+        row.b = L->b ? (const char *)L->b + (size_t)ids[i] * dtype_size(L->bdt) : NULL;
+        row.n_out = 1;
+        o->linear(s->ops, out + i, 1, s->h, dim, 1, &row);
+    }
+}
+
+/* ---- Moondream 3: tau attention ------------------------------------------------ */
+
+/* ln(p + 1) of a position. With tau_pos_bf16 the position and p + 1 are
+ * rounded to bf16 as the reference does with bf16 activations (730 → 728). */
+static float log_pos(const md_config *c, int p) {
+    float x = (float)p;
+    if (c->tau_pos_bf16) {
+        x = bf16_to_f32(f32_to_bf16(x));
+        x = bf16_to_f32(f32_to_bf16(x + 1.0f));
+        return bf16_to_f32(f32_to_bf16(logf(x)));
+    }
+    return logf(x + 1.0f);
+}
+
+/* Scale Q and V of T rows of qkv [T, ld] at positions pos0.. in place. */
+static void tau_scale(md_state *s, const txt_block *b, float *qkv, int ld, int T, int pos0) {
+    const md_config *c = &s->m->cfg;
+    ops_ctx *oc = s->ops;
+    const ops *o = O(oc);
+    const int H = c->n_heads, D = c->head_dim, qd = H * D, kvd = c->n_kv_heads * D;
+    float *f = s->tau_f, *tq = s->tau_q, *tv = s->tau_v;
+    memcpy(f, qkv, (size_t)T * ld * sizeof(float));
+    o->gelu_erf(oc, f, (size_t)T * ld);
+    o->linear(oc, tq, H, f, ld, T, &b->tau_wq);
+    o->linear(oc, tv, H, f, ld, T, &b->tau_wv);
+    for (int t = 0; t < T; t++) {
+        const float lp = log_pos(c, pos0 + t);
+        float *q = qkv + (size_t)t * ld, *v = q + qd + kvd;
+        for (int hd = 0; hd < H; hd++) {
+            const float a = op_vec_get(b->tau_alpha, (size_t)hd);
+            const float sig = 1.0f / (1.0f + expf(-(a * lp)));
+            const float tau_pos = 1.0f + (sig - 0.5f);
+            const float sq = tanhf(tq[(size_t)t * H + hd]) + tau_pos;
+            const float sv = tanhf(tv[(size_t)t * H + hd]) + tau_pos;
+            for (int d = 0; d < D; d++) {
+                q[hd * D + d] *= sq;
+                v[hd * D + d] *= sv;
+            }
+        }
+    }
+}
+
+/* ---- Moondream 3: mixture of experts ---------------------------------------------- */
+
+/* out [T, dim] = the MoE MLP of h [T, dim]. */
+static void moe_forward(md_state *s, const txt_block *b, const float *h, int T, float *out) {
+    const md_config *c = &s->m->cfg;
+    ops_ctx *oc = s->ops;
+    const ops *o = O(oc);
+    const int E = c->moe_experts, K = c->moe_topk, I = c->moe_inner, dim = c->dim;
+    float *lg = s->moe_logits;
+    int32_t *sel = s->moe_sel, *cnt = s->moe_count, *rows = s->moe_rows;
+    float *wt = s->moe_w, *roww = s->moe_roww;
+
+    /* Route: top-k of the E router logits per token (ties to the lower
+     * index), softmax over those k in float32 as the reference. */
+    o->linear(oc, lg, E, h, dim, T, &b->router);
+    memset(cnt, 0, (size_t)(E + 1) * sizeof *cnt);
+    for (int t = 0; t < T; t++) {
+        const float *l = lg + (size_t)t * E;
+        int32_t *st = sel + (size_t)t * K;
+        float *wk = wt + (size_t)t * K;
+        int n = 0;
+        for (int e = 0; e < E; e++) {
+            /* insertion into the sorted top list (descending) */
+            if (n == K && !(l[e] > l[st[K - 1]])) continue;
+            int j = n < K ? n++ : K - 1;
+            while (j > 0 && l[e] > l[st[j - 1]]) {
+                st[j] = st[j - 1];
+                j--;
+            }
+            st[j] = e;
+        }
+        const float mx = l[st[0]];
+        float sum = 0.0f;
+        for (int k = 0; k < K; k++) sum += wk[k] = expf(l[st[k]] - mx);
+        for (int k = 0; k < K; k++) {
+            wk[k] /= sum;
+            cnt[st[k] + 1]++;
+        }
+    }
+    /* Group the T·K assignments by expert: offsets, then (token, weight) lists. */
+    for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < K; k++) {
+            int e = sel[(size_t)t * K + k], at = cnt[e]++;
+            rows[at] = t;
+            roww[at] = wt[(size_t)t * K + k];
+        }
+    /* cnt[e] is now the end of expert e's run (= start of e + 1) */
+    memset(out, 0, (size_t)T * dim * sizeof(float));
+    for (int e = 0, start = 0; e < E; start = cnt[e++]) {
+        const int n = cnt[e] - start;
+        if (n == 0) continue;
+        const float *x = h;
+        if (T > 1) {
+            for (int i = 0; i < n; i++)
+                memcpy(s->moe_x + (size_t)i * dim, h + (size_t)rows[start + i] * dim, (size_t)dim * sizeof(float));
+            x = s->moe_x;
+        }
+        const op_linear up_a = md_expert_linear(b->exp_fc1, b->exp_fc1_dt, e, 2 * I, 0, I, dim);
+        const op_linear up_g = md_expert_linear(b->exp_fc1, b->exp_fc1_dt, e, 2 * I, I, I, dim);
+        const op_linear down = md_expert_linear(b->exp_fc2, b->exp_fc2_dt, e, dim, 0, dim, I);
+        float *a = s->moe_a, *g = s->moe_g, *y = s->moe_y;
+        o->linear(oc, a, I, x, dim, n, &up_a);
+        o->linear(oc, g, I, x, dim, n, &up_g);
+        o->gelu_erf(oc, a, (size_t)n * I);
+        for (size_t j = 0; j < (size_t)n * I; j++) a[j] *= g[j] + 1.0f;
+        o->linear(oc, y, dim, a, I, n, &down);
+        for (int i = 0; i < n; i++) {
+            float *dst = out + (size_t)rows[start + i] * dim;
+            const float w = roww[start + i], *src = y + (size_t)i * dim;
+            for (int d = 0; d < dim; d++) dst[d] += w * src[d];
+        }
+    }
 }
 
 albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n_prefix, int want_logits,
@@ -55,6 +202,7 @@ albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n
         const txt_block *b = &w->tb[l];
         o->layernorm(oc, h, x, T, dim, b->ln_w, b->ln_b, 1e-5f);
         o->linear(oc, qkv, ld, h, dim, T, &b->qkv);
+        if (c->md3) tau_scale(s, b, qkv, ld, T, pos0);
         o->rope(oc, qkv, ld, T, H, D, c->rot_dims, pos0, m->rope_cos, m->rope_sin);
         o->rope(oc, qkv + qd, ld, T, Hkv, D, c->rot_dims, pos0, m->rope_cos, m->rope_sin);
         float *kc = s->k_cache[l], *vc = s->v_cache[l];
@@ -67,6 +215,12 @@ albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n
                       .ldq = ld, .ldk = kvd, .ldv = kvd, .ldo = qd};
         o->attention(oc, &at);
         o->linear(oc, pr, dim, att, qd, T, &b->proj);
+        if (b->moe) {
+            o->add(oc, x, pr, (size_t)T * dim);
+            moe_forward(s, b, h, T, pr);
+            o->add(oc, x, pr, (size_t)T * dim);
+            continue;
+        }
         o->linear(oc, mlp, c->ff_dim, h, dim, T, &b->fc1);
         o->gelu_tanh(oc, mlp, (size_t)T * c->ff_dim);
         o->add(oc, x, pr, (size_t)T * dim);
@@ -99,7 +253,9 @@ albedo_status md_state_init(md_state *s, const albedo_model *m, errbuf *e) {
     s->logits = malloc(nl * sizeof(float));
     s->hidden = malloc((size_t)c->dim * sizeof(float));
     s->feat = malloc((size_t)(c->coord_feat > c->size_feat ? c->coord_feat : c->size_feat) * sizeof(float));
-    if (!s->k_cache || !s->v_cache || !s->logits || !s->hidden || !s->feat) goto oom;
+    s->rln = malloc((size_t)c->dim * sizeof(float));
+    if (!s->k_cache || !s->v_cache || !s->logits || !s->hidden || !s->feat || !s->rln) goto oom;
+    if (c->moe_experts && !(s->moe_count = malloc((size_t)(c->moe_experts + 1) * sizeof *s->moe_count))) goto oom;
     for (int l = 0; l < c->n_layers; l++) {
         /* Untouched pages of the cache are never faulted in, so a short
          * conversation costs only the positions it uses. */
@@ -131,6 +287,20 @@ void md_state_free(md_state *s) {
     free(s->logits);
     free(s->hidden);
     free(s->feat);
+    free(s->rln);
+    free(s->tau_f);
+    free(s->tau_q);
+    free(s->tau_v);
+    free(s->moe_logits);
+    free(s->moe_x);
+    free(s->moe_y);
+    free(s->moe_a);
+    free(s->moe_g);
+    free(s->moe_sel);
+    free(s->moe_w);
+    free(s->moe_rows);
+    free(s->moe_roww);
+    free(s->moe_count);
     ops_ctx_free(s->ops);
     memset(s, 0, sizeof *s);
 }
@@ -139,15 +309,28 @@ albedo_status md_state_reserve(md_state *s, int T, errbuf *e) {
     if (T <= s->t_cap) return ALBEDO_OK;
     const md_config *c = &s->m->cfg;
     const size_t D = (size_t)c->head_dim, qkv = (size_t)(c->n_heads + 2 * c->n_kv_heads) * D;
-    float *p[6];
     /* mlp also serves the region decoders' hidden layer (1 row). */
-    size_t mlp = (size_t)(c->ff_dim > c->r_inner ? c->ff_dim : c->r_inner);
-    size_t widths[6] = {(size_t)c->dim, (size_t)c->dim, qkv, (size_t)c->n_heads * D, mlp, (size_t)c->dim};
-    float **dst[6] = {&s->x, &s->h, &s->qkv, &s->att, &s->mlp, &s->proj};
-    for (int i = 0; i < 6; i++) {
-        p[i] = realloc(*dst[i], (size_t)T * widths[i] * sizeof(float));
-        if (!p[i]) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for %d tokens", T);
-        *dst[i] = p[i];
+    const int r_inner = s->m->w.region_linear ? 0 : c->r_inner;
+    size_t mlp = (size_t)(c->ff_dim > r_inner ? c->ff_dim : r_inner);
+    /* Moondream 3's buffers have width 0 (stay NULL) for Moondream 2. */
+    const size_t H = (size_t)c->n_heads, E = (size_t)c->moe_experts, K = E ? (size_t)c->moe_topk : 0;
+    const size_t I = (size_t)c->moe_inner, dim = (size_t)c->dim, tau = c->md3 ? 1 : 0, moe = E ? 1 : 0;
+    size_t widths[] = {dim, dim, qkv, H * D, mlp, dim, tau * qkv, tau * H, tau * H, E, moe * dim, moe * dim, I, I,
+                       K, K};
+    float **dst[] = {&s->x,     &s->h,     &s->qkv,        &s->att,   &s->mlp,   &s->proj,
+                     &s->tau_f, &s->tau_q, &s->tau_v,      &s->moe_logits, &s->moe_x, &s->moe_y,
+                     &s->moe_a, &s->moe_g, &s->moe_w,      &s->moe_roww};
+    for (size_t i = 0; i < sizeof widths / sizeof widths[0]; i++) {
+        if (!widths[i]) continue;
+        float *p = realloc(*dst[i], (size_t)T * widths[i] * sizeof(float));
+        if (!p) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for %d tokens", T);
+        *dst[i] = p;
+    }
+    int32_t **idst[] = {&s->moe_sel, &s->moe_rows};
+    for (int i = 0; i < 2 && K; i++) {
+        int32_t *p = realloc(*idst[i], (size_t)T * K * sizeof(int32_t));
+        if (!p) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for %d tokens", T);
+        *idst[i] = p;
     }
     s->t_cap = T;
     return ALBEDO_OK;

@@ -7,6 +7,16 @@
  * weight the config calls for is looked up, and its dtype (F16, BF16 or F32)
  * and shape are checked; a mismatch is an error naming the tensor and both
  * shapes. Nothing is copied: the weights stay in the mapped file, 16-bit.
+ *
+ * A checkpoint may be split into several files (model-0000k-of-0000N, as the
+ * real Moondream 3 is): the name index spans all of them, and a tensor found
+ * in two shards is an error.
+ *
+ * Moondream 3 (§10.5) adds per layer attn.tau.{wq, wv, alpha}; from
+ * moe.start_layer on, mlp.router.{weight, bias} and the 3-D expert tensors
+ * mlp.fc1.weight [E, 2·inner, dim] and mlp.fc2.weight [E, dim, inner] (no
+ * expert biases) replace the dense MLP; the region decoders are single
+ * linear layers, with region.ln in front when the checkpoint has it.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
@@ -82,10 +92,8 @@ static int legacy_rename(const char *n, char *out, size_t cap) {
     return 1;
 }
 
-static albedo_status build_index(name_index *ix, const st_file *f, errbuf *e) {
-    ix->n = 0;
-    ix->v = calloc((size_t)st_count(f) + 1, sizeof *ix->v);
-    if (!ix->v) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+/* Add the tensors of one file to the index under their canonical names. */
+static albedo_status index_file(name_index *ix, const st_file *f, errbuf *e) {
     for (int i = 0; i < st_count(f); i++) {
         const st_tensor *t = st_at(f, i);
         char buf[512], out[600];
@@ -107,6 +115,19 @@ static albedo_status build_index(name_index *ix, const st_file *f, errbuf *e) {
         ix->v[ix->n].t = t;
         ix->v[ix->n].legacy = legacy;
         ix->n++;
+    }
+    return ALBEDO_OK;
+}
+
+static albedo_status build_index(name_index *ix, const st_file *const *files, int n_files, errbuf *e) {
+    ix->n = 0;
+    size_t total = 0;
+    for (int fi = 0; fi < n_files; fi++) total += (size_t)st_count(files[fi]);
+    ix->v = calloc(total + 1, sizeof *ix->v);
+    if (!ix->v) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    for (int fi = 0; fi < n_files; fi++) {
+        albedo_status st = index_file(ix, files[fi], e);
+        if (st) return st;
     }
     qsort(ix->v, (size_t)ix->n, sizeof *ix->v, cmp_named);
     for (int i = 1; i < ix->n; i++) {
@@ -171,6 +192,36 @@ static op_vec vec(binder *b, const char *canon, int64_t n) {
     return x ? (op_vec){x->t->data, x->t->dt} : (op_vec){0};
 }
 
+/* A 3-D expert tensor [E, rows, cols]: its data and dtype. */
+static const void *experts(binder *b, const char *canon, int64_t E, int64_t rows, int64_t cols, dtype *dt) {
+    const named *x = need(b, canon, 3, (int64_t[]){E, rows, cols});
+    if (!x) return NULL;
+    *dt = x->t->dt;
+    return x->t->data;
+}
+
+op_linear md_expert_linear(const void *w, dtype dt, int e, int rows_per_expert, int row0, int n_out, int n_in) {
+    size_t row = (size_t)e * (size_t)rows_per_expert + (size_t)row0;
+    op_linear L = {0};
+    L.w = (const char *)w + row * (size_t)n_in * dtype_size(dt);
+    L.dt = dt;
+    L.n_out = n_out;
+    L.n_in = n_in;
+    return L;
+}
+
+/* A bare 2-D tensor (no ".weight" suffix, no bias) used as a linear layer. */
+static op_linear mat(binder *b, const char *canon, int n_out, int n_in) {
+    const named *x = need(b, canon, 2, (int64_t[]){n_out, n_in});
+    op_linear L = {0};
+    if (!x) return L;
+    L.w = x->t->data;
+    L.dt = x->t->dt;
+    L.n_out = n_out;
+    L.n_in = n_in;
+    return L;
+}
+
 static op_linear lin(binder *b, const char *prefix, int n_out, int n_in, int bias) {
     char nw[256], nb[256];
     snprintf(nw, sizeof nw, "%s.weight", prefix);
@@ -192,9 +243,62 @@ static op_linear lin(binder *b, const char *prefix, int n_out, int n_in, int bia
 }
 
 albedo_status md_weights_bind(md_weights *w, const md_config *c, const st_file *f, errbuf *e) {
+    return md_weights_bind_files(w, c, &f, 1, e);
+}
+
+/* First MoE layer of the tensors, or -1: the lowest N with text.blocks.N.mlp.router.weight. */
+static int first_router(const name_index *ix, const md_config *c) {
+    char nm[96];
+    for (int i = 0; i < c->n_layers; i++) {
+        snprintf(nm, sizeof nm, "text.blocks.%d.mlp.router.weight", i);
+        if (lookup(ix, nm)) return i;
+    }
+    return -1;
+}
+
+albedo_status md_config_from_tensors(md_config *c, const st_file *const *files, int n_files, errbuf *e) {
+    if (c->md3) return ALBEDO_OK;
+    name_index ix = {0};
+    albedo_status st = build_index(&ix, files, n_files, e);
+    if (st) {
+        free_index(&ix);
+        return st;
+    }
+    int tau = lookup(&ix, "text.blocks.0.attn.tau.wq") != NULL, r0 = first_router(&ix, c);
+    if (tau || r0 >= 0) {
+        if (r0 >= 0) {
+            /* Expert geometry from the tensors; the top-k is not in them:
+             * Moondream 3's 8 (capped by the expert count). */
+            char nm[96];
+            snprintf(nm, sizeof nm, "text.blocks.%d.mlp.fc1.weight", r0);
+            const named *r = NULL, *f1 = lookup(&ix, nm);
+            snprintf(nm, sizeof nm, "text.blocks.%d.mlp.router.weight", r0);
+            r = lookup(&ix, nm);
+            if (!f1 || f1->t->ndim != 3 || r->t->ndim != 2 || f1->t->shape[0] != r->t->shape[0] || f1->t->shape[1] % 2 ||
+                f1->t->shape[0] < 1 || f1->t->shape[0] > 4096 || f1->t->shape[1] < 2 || f1->t->shape[1] > (2 << 16)) {
+                st = errf(e, ALBEDO_ERR_MODEL_FORMAT,
+                          "tensor model.text.blocks.%d.mlp.fc1.weight: expected [experts, 2*inner, dim] beside the router", r0);
+            } else {
+                c->moe_experts = (int)f1->t->shape[0];
+                c->moe_inner = (int)(f1->t->shape[1] / 2);
+                c->moe_start = r0;
+                c->moe_topk = c->moe_experts < 8 ? c->moe_experts : 8;
+            }
+        }
+        if (!st && c->n_kv_heads != c->n_heads)
+            st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "Moondream 3 tensors with n_kv_heads %d != n_heads %d", c->n_kv_heads,
+                      c->n_heads);
+        if (!st) md_config_set_md3(c);
+    }
+    free_index(&ix);
+    return st;
+}
+
+albedo_status md_weights_bind_files(md_weights *w, const md_config *c, const st_file *const *files, int n_files,
+                                    errbuf *e) {
     memset(w, 0, sizeof *w);
     name_index ix = {0};
-    albedo_status st = build_index(&ix, f, e);
+    albedo_status st = build_index(&ix, files, n_files, e);
     if (st) {
         free_index(&ix);
         return st;
@@ -241,8 +345,22 @@ albedo_status md_weights_bind(md_weights *w, const md_config *c, const st_file *
         t->ln_b = vec(&b, NM("text.blocks.%d.ln.bias"), c->dim);
         t->qkv = lin(&b, NM("text.blocks.%d.attn.qkv"), qkv_out, c->dim, 1);
         t->proj = lin(&b, NM("text.blocks.%d.attn.proj"), c->dim, c->n_heads * c->head_dim, 1);
-        t->fc1 = lin(&b, NM("text.blocks.%d.mlp.fc1"), c->ff_dim, c->dim, 1);
-        t->fc2 = lin(&b, NM("text.blocks.%d.mlp.fc2"), c->dim, c->ff_dim, 1);
+        if (c->md3) {
+            t->tau_wq = mat(&b, NM("text.blocks.%d.attn.tau.wq"), c->n_heads, qkv_out);
+            t->tau_wv = mat(&b, NM("text.blocks.%d.attn.tau.wv"), c->n_heads, qkv_out);
+            t->tau_alpha = vec(&b, NM("text.blocks.%d.attn.tau.alpha"), c->n_heads);
+        }
+        if (c->moe_experts && i >= c->moe_start) {
+            t->moe = 1;
+            t->router = lin(&b, NM("text.blocks.%d.mlp.router"), c->moe_experts, c->dim, 1);
+            t->exp_fc1 = experts(&b, NM("text.blocks.%d.mlp.fc1.weight"), c->moe_experts, 2 * c->moe_inner, c->dim,
+                                 &t->exp_fc1_dt);
+            t->exp_fc2 = experts(&b, NM("text.blocks.%d.mlp.fc2.weight"), c->moe_experts, c->dim, c->moe_inner,
+                                 &t->exp_fc2_dt);
+        } else {
+            t->fc1 = lin(&b, NM("text.blocks.%d.mlp.fc1"), c->ff_dim, c->dim, 1);
+            t->fc2 = lin(&b, NM("text.blocks.%d.mlp.fc2"), c->dim, c->ff_dim, 1);
+        }
 #undef NM
     }
     w->tpost_w = vec(&b, "text.post_ln.weight", c->dim);
@@ -261,11 +379,24 @@ albedo_status md_weights_bind(md_weights *w, const md_config *c, const st_file *
     if (cfn) w->coord_features = (op_vec){cfn->t->data, cfn->t->dt};
     if (sfn) w->size_features = (op_vec){sfn->t->data, sfn->t->dt};
     w->coord_enc = lin(&b, "region.coord_encoder", c->r_dim, c->coord_feat, 1);
-    w->coord_fc1 = lin(&b, "region.coord_decoder.fc1", c->r_inner, c->r_dim, 1);
-    w->coord_fc2 = lin(&b, "region.coord_decoder.fc2", c->coord_out, c->r_inner, 1);
     w->size_enc = lin(&b, "region.size_encoder", c->r_dim, c->size_feat, 1);
-    w->size_fc1 = lin(&b, "region.size_decoder.fc1", c->r_inner, c->r_dim, 1);
-    w->size_fc2 = lin(&b, "region.size_decoder.fc2", c->size_out, c->r_inner, 1);
+    /* Decoders: MLPs (Moondream 2) or, when the checkpoint has
+     * region.coord_decoder.weight itself, single linear layers (Moondream 3). */
+    if (lookup(&ix, "region.coord_decoder.weight")) {
+        w->region_linear = 1;
+        w->coord_dec = lin(&b, "region.coord_decoder", c->coord_out, c->r_dim, 1);
+        w->size_dec = lin(&b, "region.size_decoder", c->size_out, c->r_dim, 1);
+        if (lookup(&ix, "region.ln.weight")) {
+            w->region_ln = 1;
+            w->region_ln_w = vec(&b, "region.ln.weight", c->r_dim);
+            w->region_ln_b = vec(&b, "region.ln.bias", c->r_dim);
+        }
+    } else {
+        w->coord_fc1 = lin(&b, "region.coord_decoder.fc1", c->r_inner, c->r_dim, 1);
+        w->coord_fc2 = lin(&b, "region.coord_decoder.fc2", c->coord_out, c->r_inner, 1);
+        w->size_fc1 = lin(&b, "region.size_decoder.fc1", c->r_inner, c->r_dim, 1);
+        w->size_fc2 = lin(&b, "region.size_decoder.fc2", c->size_out, c->r_inner, 1);
+    }
 
     free_index(&ix);
     if (b.st) {

@@ -1,0 +1,193 @@
+/*
+ * ops_cuda.h — the CUDA backend: kernels and their launchers, exposed to C.
+ * Every pointer an op takes is a DEVICE pointer; every op is asynchronous
+ * on the context's stream and returns an albedo_status (the detail of a
+ * failure is in cuda_ctx_error). Nothing here exits, aborts or prints.
+ * Ops know shapes and dtypes, never models (the dimension legend is
+ * ops.h's: T tokens, K inputs, N outputs, C channels, H/Hkv heads, D head
+ * dim, R rotated dims, S keys, V vocabulary).
+ *
+ * Activations (docs/CUDA.md has the reasoning):
+ *   * matrix operands are bf16 (the tensor cores' input type), every sum and
+ *     every softmax is float32: linear reads a bf16 x and bf16 W with fp32
+ *     accumulation; attention reads bf16 q/k/v and writes bf16;
+ *   * the residual stream may stay float32: linear can write float32 and
+ *     add into its output (accumulate), so x += proj(attn) and
+ *     x += fc2(mlp) need no separate add, and layernorm reads float32 or
+ *     bf16 and writes either.
+ * A "void *" activation carries its dtype beside it (DT_F32 or DT_BF16).
+ * Weights are bf16 (DT_BF16); biases and LayerNorm parameters bf16 or f32.
+ *
+ * A context is not thread-safe: use one per host thread (and stream). All
+ * of an op's work is enqueued on the stream, so a sequence of ops can be
+ * captured into a CUDA graph (the ops allocate nothing after
+ * cuda_ctx_new; cuda_linear's first call for a new shape queries cuBLASLt's
+ * heuristics on the host, so run a shape once before capturing it).
+ */
+#ifndef ALBEDO_OPS_CUDA_H
+#define ALBEDO_OPS_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include "../common.h"
+
+typedef struct cuda_ctx cuda_ctx;
+
+/* ---- context and memory ------------------------------------------------- */
+
+/* A context on device ordinal `device`: a stream, a cuBLASLt handle with its
+ * workspace, and the scratch of split attention. */
+albedo_status cuda_ctx_new(int device, cuda_ctx **out, errbuf *e);
+void cuda_ctx_free(cuda_ctx *c); /* NULL is a no-op */
+/* Detail of the last failure of an op on c ("" if none). */
+const char *cuda_ctx_error(const cuda_ctx *c);
+/* The context's cudaStream_t, as void * so that C callers need no CUDA header. */
+void *cuda_ctx_stream(cuda_ctx *c);
+/* Counters of cuda_linear's paths since the context was made: cuBLASLt with
+ * the epilogue fused, cuBLASLt followed by a bias/activation kernel, and the
+ * hand-written GEMV. */
+void cuda_ctx_counters(const cuda_ctx *c, long *lt_fused, long *lt_unfused, long *gemv);
+
+/* Programmatic dependent launch of the backend's kernels (on by default on
+ * sm_90 and newer, where it overlaps each small kernel's launch with the end
+ * of the one before; off elsewhere). For measuring its effect. */
+void cuda_ctx_set_pdl(cuda_ctx *c, int on);
+
+albedo_status cuda_alloc(cuda_ctx *c, void **p, size_t bytes);
+void cuda_free(void *p); /* NULL is a no-op */
+/* Synchronous copies (they wait for the context's stream first). */
+albedo_status cuda_upload(cuda_ctx *c, void *dst, const void *src, size_t bytes);
+albedo_status cuda_download(cuda_ctx *c, void *dst, const void *src, size_t bytes);
+/* Upload n elements of a host tensor of dtype dt (F32, F16 or BF16) as bf16:
+ * the weight upload step (round to nearest even, as torch). */
+albedo_status cuda_upload_bf16(cuda_ctx *c, uint16_t *dst, const void *src, dtype dt, size_t n);
+albedo_status cuda_sync(cuda_ctx *c);
+
+/* ---- linear --------------------------------------------------------------- */
+
+typedef enum cuda_act {
+    CUDA_ACT_NONE = 0,
+    CUDA_ACT_GELU_TANH = 1, /* y = gelu_tanh(x·Wᵀ + b), fused into the GEMM */
+} cuda_act;
+
+typedef struct cuda_linear_w {
+    const uint16_t *w; /* [N, K] bf16 */
+    const void *b;     /* [N] of bdt (DT_BF16 or DT_F32), or NULL */
+    dtype bdt;
+    int n_out, n_in; /* N, K */
+} cuda_linear_w;
+
+/* y[T, N] (row stride ldy, dtype ydt F32 or BF16) = act(x[T, K]·Wᵀ + b)
+ * (+ y when accumulate; accumulate and an activation do not combine).
+ * x is bf16 with row stride ldx. T <= 8 runs the GEMV kernel (W streamed
+ * once, 16-byte loads); larger T runs cuBLASLt (bf16 × bf16, fp32
+ * accumulation, bias and GELU in its epilogue where cuBLASLt offers them).
+ * Needs K % 8 == 0, ldx % 8 == 0 and x, W 16-byte aligned. */
+albedo_status cuda_linear(cuda_ctx *c, void *y, dtype ydt, int ldy, const uint16_t *x, int ldx,
+                          int T, const cuda_linear_w *L, cuda_act act, int accumulate);
+
+/* ---- normalisation, activations, elementwise ------------------------------ */
+
+/* y[T, C] = (x - mean) / sqrt(var + eps) * g + b per row (biased variance);
+ * x and y of dtypes xdt, ydt (F32 or BF16), g and b [C] of pdt. y may be x
+ * when xdt == ydt. */
+albedo_status cuda_layernorm(cuda_ctx *c, void *y, dtype ydt, const void *x, dtype xdt, int T,
+                             int C, const void *g, const void *b, dtype pdt, float eps);
+
+/* In place on n elements of dtype dt. */
+albedo_status cuda_gelu_tanh(cuda_ctx *c, void *x, dtype dt, size_t n);
+albedo_status cuda_gelu_erf(cuda_ctx *c, void *x, dtype dt, size_t n);
+
+/* y[i] += x[i], each of its own dtype. */
+albedo_status cuda_add(cuda_ctx *c, void *y, dtype ydt, const void *x, dtype xdt, size_t n);
+
+/* x[t, :] = table[ids[t], :] as float32, for t < T; table [V, C] bf16, ids
+ * int32 on the device (so a sampled token never visits the host). An id
+ * outside [0, V) writes NaN. */
+albedo_status cuda_embed(cuda_ctx *c, float *x, const uint16_t *table, int V, int C,
+                         const int32_t *ids, int T);
+
+/* ---- rotary embedding fused with the KV-cache write ----------------------- */
+
+typedef struct cuda_rope {
+    /* x [T, ldx] bf16: H query heads of D dims at columns h*D, then Hkv key
+     * heads at (H + g)*D, then Hkv value heads at (H + Hkv + g)*D (a fused
+     * qkv projection's output). */
+    uint16_t *x;
+    int ldx;
+    int T, H, Hkv, D, R; /* R rotated dims (even, <= D) of each head */
+    int pos0;            /* absolute position of row 0 */
+    const float *cos_t, *sin_t; /* [P, R/2], P > pos0 + T - 1 */
+    /* Caches [Hkv, n_ctx, D] bf16 (kv head g, position p at (g*n_ctx + p)*D),
+     * or NULL: then the key heads are rotated in place and values left. */
+    uint16_t *k_cache, *v_cache;
+    int n_ctx;
+} cuda_rope;
+
+/* Half-split (NeoX) rotation of ops.h's rope on the first R dims of each
+ * query and key head; queries rotated in place; rotated keys and the values
+ * written to the caches at positions pos0 .. pos0+T-1. Hkv = 0 rotates the
+ * H heads of x only (ops.h's rope). */
+albedo_status cuda_rope_kv(cuda_ctx *c, const cuda_rope *r);
+
+/* ---- attention ------------------------------------------------------------ */
+
+/* out = softmax(mask(q·kᵀ·scale))·v per head and sequence, with ops.h's
+ * mask: query row t (position pos0 + t) sees key j when j <= pos0 + t, or
+ * when both are < n_prefix. All n_seq sequences (the crops of an image, or
+ * a batch) run in one launch. bf16 in and out, float32 softmax. Element
+ * addresses (in elements):
+ *   q:   q + s*q_seq + t*ldq + h*D            (t < T, h < H)
+ *   k,v: k + s*k_seq + g*k_head + j*ldk + d   (j < S, g < Hkv; g = h / (H/Hkv))
+ *   out: out + s*o_seq + t*ldo + h*D
+ * so k/v may be token-major (k_head = D) or a head-major cache (ldk = D,
+ * k_head = n_ctx*D). T <= 8 runs split-key decode attention (key chunks
+ * spread over the SMs, merged by the last block); larger T runs the
+ * tensor-core flash kernel (64 queries × 64 keys per tile, online softmax).
+ * Needs D % 8 == 0, D <= 128, H % Hkv == 0, and q, k, v 16-byte aligned
+ * with every stride a multiple of 8 elements. */
+typedef struct cuda_attn {
+    int T, S, H, Hkv, D;
+    int pos0, n_prefix;
+    float scale;
+    int n_seq;
+    const uint16_t *q;
+    long ldq, q_seq;
+    const uint16_t *k;
+    long ldk, k_head, k_seq;
+    const uint16_t *v;
+    long ldv, v_head, v_seq;
+    uint16_t *out;
+    long ldo, o_seq;
+} cuda_attn;
+
+albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a);
+
+/* ---- sampling --------------------------------------------------------------- */
+
+/* ids[r] = argmax of row r of logits [n_rows, ld] (float32, V columns);
+ * the first index wins a tie, NaN never wins. */
+albedo_status cuda_argmax(cuda_ctx *c, int32_t *ids, const float *logits, int n_rows, int V,
+                          long ld);
+
+/* Nucleus sampling with temperature, per row: p ∝ exp(logit / temperature),
+ * the kept set is the tokens whose strictly more probable tokens hold at
+ * most top_p of the mass (sampler.c's rule), and one of them is drawn with
+ * its probability. The draw is a hash of (seed, row, counter[row]), and
+ * counter[row] is incremented, so a replayed graph draws fresh numbers;
+ * counter may be NULL (then the counter is 0). temperature <= 0 is argmax.
+ * V <= 65536. ld may be 0 (every row reads the same logits). */
+albedo_status cuda_sample(cuda_ctx *c, int32_t *ids, const float *logits, int n_rows, int V,
+                          long ld, float temperature, float top_p, uint64_t seed,
+                          uint64_t *counter);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
