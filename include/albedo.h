@@ -115,8 +115,10 @@ typedef struct albedo_model_params {
 
 ALBEDO_API albedo_model_params albedo_model_params_default(void);
 
-/* Load a model directory holding config.json, model.safetensors and
- * tokenizer.json. Every tensor's presence, dtype and shape is checked against
+/* Load a model directory holding config.json, model.safetensors (or shards
+ * model-0000i-of-0000n.safetensors with model.safetensors.index.json) and
+ * tokenizer.json. Moondream 2 and Moondream 3 are told apart by the config
+ * and the tensors. Every tensor's presence, dtype and shape is checked against
  * the configuration. Weights are memory-mapped and stay 16-bit. */
 ALBEDO_API albedo_status albedo_model_load(const char *dir, const albedo_model_params *params,
                                            albedo_model **out);
@@ -198,6 +200,9 @@ typedef struct albedo_request {
 } albedo_request;
 
 ALBEDO_API albedo_request albedo_request_default(albedo_skill skill);
+/* The same with the model's own generation defaults (Moondream 3: top_p 0.9,
+ * max_objects 150). */
+ALBEDO_API albedo_request albedo_model_request_default(const albedo_model *m, albedo_skill skill);
 
 typedef struct albedo_box {
     double x_min, y_min, x_max, y_max;

@@ -396,6 +396,17 @@ albedo_request albedo_request_default(albedo_skill skill) {
     return r;
 }
 
+albedo_request albedo_model_request_default(const albedo_model *m, albedo_skill skill) {
+    albedo_request r = albedo_request_default(skill);
+    if (m) {
+        r.temperature = m->cfg.default_temperature;
+        r.top_p = m->cfg.default_top_p;
+        r.max_tokens = m->cfg.default_max_tokens;
+        r.max_objects = m->cfg.default_max_objects;
+    }
+    return r;
+}
+
 albedo_status albedo_session_run(albedo_session *s, const albedo_request *r, const albedo_result **out) {
     if (!s) return ALBEDO_ERR_INVALID_ARGUMENT;
     s->err.msg[0] = 0;

@@ -312,6 +312,12 @@ static int cmd_skill(opts *o) {
     albedo_image *img = NULL;
     int rc = load_model(o, &m);
     if (rc) return rc;
+    /* The model's own defaults for what the command line left unset. */
+    albedo_request md = albedo_model_request_default(m, r.skill);
+    if (!o->has_temperature) r.temperature = md.temperature;
+    if (!o->has_top_p) r.top_p = md.top_p;
+    if (!o->has_max_tokens) r.max_tokens = md.max_tokens;
+    if (!o->has_max_objects) r.max_objects = md.max_objects;
     if (albedo_session_new(m, &s) != ALBEDO_OK) {
         fprintf(stderr, "albedo: %s\n", albedo_last_error());
         albedo_model_free(m);

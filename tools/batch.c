@@ -29,13 +29,13 @@ static void print_error(json_t *id, const char *code, const char *msg) {
 }
 
 /* Fill r from one line; returns an error message or NULL. */
-static const char *parse_line(json_t *o, albedo_request *r, albedo_spatial_ref *refs, int cap) {
+static const char *parse_line(const albedo_model *m, json_t *o, albedo_request *r, albedo_spatial_ref *refs, int cap) {
     const char *skill = json_string_value(json_object_get(o, "skill"));
     if (!skill) return "\"skill\" is missing (caption, query, detect or point)";
-    if (!strcmp(skill, "caption")) *r = albedo_request_default(ALBEDO_SKILL_CAPTION);
-    else if (!strcmp(skill, "query")) *r = albedo_request_default(ALBEDO_SKILL_QUERY);
-    else if (!strcmp(skill, "detect")) *r = albedo_request_default(ALBEDO_SKILL_DETECT);
-    else if (!strcmp(skill, "point")) *r = albedo_request_default(ALBEDO_SKILL_POINT);
+    if (!strcmp(skill, "caption")) *r = albedo_model_request_default(m, ALBEDO_SKILL_CAPTION);
+    else if (!strcmp(skill, "query")) *r = albedo_model_request_default(m, ALBEDO_SKILL_QUERY);
+    else if (!strcmp(skill, "detect")) *r = albedo_model_request_default(m, ALBEDO_SKILL_DETECT);
+    else if (!strcmp(skill, "point")) *r = albedo_model_request_default(m, ALBEDO_SKILL_POINT);
     else return "unknown skill (caption, query, detect or point)";
     json_t *v;
     if ((v = json_object_get(o, "length"))) {
@@ -119,7 +119,7 @@ int albedo_batch_run(albedo_model *m, FILE *in) {
         json_t *id = json_object_get(o, "id");
         albedo_request r;
         albedo_spatial_ref refs[64];
-        const char *err = parse_line(o, &r, refs, 64);
+        const char *err = parse_line(m, o, &r, refs, 64);
         const char *path = json_string_value(json_object_get(o, "image"));
         if (!err && path && (!cur_path || strcmp(cur_path, path))) {
             albedo_image_free(img);
