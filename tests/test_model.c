@@ -424,9 +424,9 @@ static int gunzip(const char *src, const char *dst) {
     gzFile in = gzopen(src, "rb");
     FILE *out = fopen(dst, "wb");
     int ok = in && out;
-    char buf[65536];
+    char chunk[65536];
     int n;
-    while (ok && (n = gzread(in, buf, sizeof buf)) > 0) ok = fwrite(buf, 1, (size_t)n, out) == (size_t)n;
+    while (ok && (n = gzread(in, chunk, sizeof chunk)) > 0) ok = fwrite(chunk, 1, (size_t)n, out) == (size_t)n;
     if (in) gzclose(in);
     if (out && fclose(out)) ok = 0;
     return ok ? 0 : -1;

@@ -10,6 +10,7 @@ first step whose reference margin is below 1e-3.
 
 Usage: test_cli.py BUILD_DIR   (prints "N passed, N failed"; exit 1 on failure)
 """
+import gzip
 import json
 import os
 import subprocess
@@ -101,10 +102,16 @@ def main():
         main_model = os.path.join(SHARED, "fixtures/models/md2-small")
         tok = os.path.join(main_model, "tokenizer.json")
     else:
+        # No fixtures beside the repository: md2-small from its seed, with
+        # the repository's copy of its tokenizer.
         cases_path = os.path.join(ROOT, "tests/data/md2-small/cases.json")
         images = os.path.join(ROOT, "tests/data/images")
-        main_model = os.path.join(build, "md2-small-gen")
-        tok = os.path.join(build, "gpt2.tokenizer.json")
+        main_model = os.path.join(build, "cli-md2-small-gen")
+        tok = os.path.join(build, "cli-gpt2.tokenizer.json")
+        with gzip.open(os.path.join(ROOT, "tests/data/tokenizer/gpt2.tokenizer.json.gz"), "rb") as f:
+            open(tok, "wb").write(f.read())
+        subprocess.run([albedo, "synth", "--preset", "md2-small", "--out", main_model, "--seed", "20261127",
+                        "--tokenizer", tok], check=True)
     legacy = os.path.join(build, "cli-md2-small-legacy-f16")
     passed = failed = 0
     r = subprocess.run([albedo, "synth", "--preset", "md2-small", "--out", legacy, "--legacy-f16",
