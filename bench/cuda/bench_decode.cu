@@ -1,0 +1,566 @@
+/*
+ * bench_decode.cu — the CUDA backend at Moondream 2's full shapes with
+ * random bf16 weights (never zeros), timed with device events after
+ * warm-up, median of many CUDA-graph replays. Prints a table:
+ *
+ *   1. decode, batch 1, at depth 740 (an image prefix of 730 + 10 tokens):
+ *      embedding row -> 24 × {LN, qkv GEMV, rope + KV write, attention
+ *      over 741 keys, proj GEMV (+= x), fc1 GEMV + gelu, fc2 GEMV (+= x)}
+ *      -> LN -> lm_head GEMV -> argmax, all in one graph whose argmax
+ *      feeds the next replay's embedding; against the floor = bytes read
+ *      per token / the copy bandwidth measured in the same run;
+ *   2. prefill of the 730-token image prefix (T = 730, bidirectional),
+ *      and 3. the vision encoder's 27 layers over 9 crops (T = 6561): the
+ *      linears alone through cuBLASLt, attention alone, and whole layers,
+ *      in TFLOP/s and as a fraction of 790 TFLOP/s (an 8192³ bf16 GEMM
+ *      through the same cuda_linear is measured beside it).
+ *
+ *   bench_decode [replays=100]
+ * Build: cmake -S . -B build-cuda -DALBEDO_CUDA=ON && cmake --build build-cuda --target bench_decode
+ * Pass -DALBEDO_COMMIT='"<hash>"' (CMAKE_CUDA_FLAGS) to have the commit printed.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/ops_cuda.h"
+
+#ifndef ALBEDO_COMMIT
+#define ALBEDO_COMMIT "unknown"
+#endif
+
+static cuda_ctx *G;
+static cudaStream_t S;
+
+#define CK(call)                                                                                  \
+    do {                                                                                          \
+        cudaError_t e_ = (call);                                                                  \
+        if (e_ != cudaSuccess) {                                                                  \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+            exit(1);                                                                              \
+        }                                                                                         \
+    } while (0)
+
+#define OP(call)                                                                                  \
+    do {                                                                                          \
+        albedo_status s_ = (call);                                                                \
+        if (s_ != ALBEDO_OK) {                                                                    \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cuda_ctx_error(G));     \
+            exit(1);                                                                              \
+        }                                                                                         \
+    } while (0)
+
+/* ---- random device tensors ---------------------------------------------------- */
+
+__global__ void fill_bf16_kernel(uint16_t *p, size_t n, uint64_t seed, float lo, float hi) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint64_t z = seed + i * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        float u = (float)(z >> 40) * 0x1.0p-24f, v = lo + (hi - lo) * u;
+        if (v == 0.0f) v = hi * 0.5f;
+        __nv_bfloat16 b = __float2bfloat16_rn(v);
+        p[i] = *(uint16_t *)&b;
+    }
+}
+
+static uint64_t g_seed = 1;
+
+static uint16_t *rand_bf16(size_t n, float lo, float hi) {
+    uint16_t *p;
+    CK(cudaMalloc((void **)&p, n * 2));
+    fill_bf16_kernel<<<1024, 256, 0, S>>>(p, n, (g_seed++) * 0x1234567ull, lo, hi);
+    CK(cudaGetLastError());
+    return p;
+}
+
+__global__ void fill_f32_kernel(float *p, size_t n, uint64_t seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint64_t z = seed + i * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        p[i] = (float)(z >> 40) * 0x1.0p-23f - 1.0f + 0x1.0p-25f; /* (-1, 1), never 0 */
+    }
+}
+
+static float *rand_f32(size_t n) {
+    float *p;
+    CK(cudaMalloc((void **)&p, n * 4));
+    fill_f32_kernel<<<1024, 256, 0, S>>>(p, n, (g_seed++) * 0x7654321ull);
+    CK(cudaGetLastError());
+    return p;
+}
+
+/* A plain copy kernel, four 16-byte loads in flight per thread: the copy
+ * engine behind cudaMemcpy does not always reach what kernels can. */
+__global__ void copy_kernel(uint4 *dst, const uint4 *src, size_t n) {
+    const size_t st = (size_t)gridDim.x * blockDim.x;
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    for (; i + 3 * st < n; i += 4 * st) {
+        uint4 a = src[i], b = src[i + st], c = src[i + 2 * st], d = src[i + 3 * st];
+        dst[i] = a, dst[i + st] = b, dst[i + 2 * st] = c, dst[i + 3 * st] = d;
+    }
+    for (; i < n; i += st) dst[i] = src[i];
+}
+
+static void *dalloc(size_t bytes) {
+    void *p;
+    CK(cudaMalloc(&p, bytes));
+    CK(cudaMemsetAsync(p, 0, bytes, S));
+    return p;
+}
+
+/* A linear layer with weights ~ U(-a, a), a = sqrt(3/K): unit-variance outputs. */
+static cuda_linear_w lin(int N, int K) {
+    float a = sqrtf(3.0f / K);
+    cuda_linear_w L;
+    L.w = rand_bf16((size_t)N * K, -a, a);
+    L.b = rand_bf16((size_t)N, -0.1f, 0.1f);
+    L.bdt = DT_BF16;
+    L.n_out = N;
+    L.n_in = K;
+    return L;
+}
+
+static size_t lin_bytes(const cuda_linear_w *L) { return (size_t)L->n_out * L->n_in * 2 + (size_t)L->n_out * 2; }
+static double lin_flops(const cuda_linear_w *L, int T) { return 2.0 * T * L->n_out * L->n_in; }
+
+/* ---- timing --------------------------------------------------------------------- */
+
+static int cmp_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Median milliseconds of one replay of g over reps timed replays (after
+ * warm-up replays). */
+static float time_graph(cudaGraphExec_t g, int reps, int warm) {
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    for (int i = 0; i < warm; i++) CK(cudaGraphLaunch(g, S));
+    CK(cudaStreamSynchronize(S));
+    float *t = (float *)malloc(reps * sizeof(float));
+    for (int i = 0; i < reps; i++) {
+        CK(cudaEventRecord(e0, S));
+        CK(cudaGraphLaunch(g, S));
+        CK(cudaEventRecord(e1, S));
+        CK(cudaEventSynchronize(e1));
+        CK(cudaEventElapsedTime(&t[i], e0, e1));
+    }
+    qsort(t, reps, sizeof(float), cmp_float);
+    float m = t[reps / 2];
+    free(t);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    return m;
+}
+
+typedef void (*step_fn)(void *);
+
+/* Run fn once eagerly (cuBLASLt plans are made then), capture it into a
+ * graph, and return the median replay time. */
+static float time_step(step_fn fn, void *arg, int reps) {
+    fn(arg);
+    CK(cudaStreamSynchronize(S));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CK(cudaStreamBeginCapture(S, cudaStreamCaptureModeGlobal));
+    fn(arg);
+    CK(cudaStreamEndCapture(S, &graph));
+    CK(cudaGraphInstantiate(&exec, graph, 0));
+    float ms = time_graph(exec, reps, 5);
+    CK(cudaGraphExecDestroy(exec));
+    CK(cudaGraphDestroy(graph));
+    return ms;
+}
+
+/* ---- the text model ----------------------------------------------------------------- */
+
+enum { TC = 2048, TH = 32, TD = 64, TR = 32, TF = 8192, TV = 51200, TL = 24, NCTX = 2048 };
+enum { DEPTH = 740, PREFIX = 730 };
+
+typedef struct tlayer {
+    uint16_t *ln_g, *ln_b;
+    cuda_linear_w qkv, proj, fc1, fc2;
+    uint16_t *kc, *vc; /* [TH, NCTX, TD] */
+} tlayer;
+
+typedef struct text {
+    tlayer l[TL];
+    uint16_t *wte, *post_g, *post_b;
+    cuda_linear_w head;
+    float *cos_t, *sin_t;
+    int T, pos0, n_prefix; /* the step's shape */
+    float *x, *logits;
+    uint16_t *h, *qkv, *att, *f;
+    int32_t *ids;
+    int what;
+} text;
+
+/* what: 0 the whole step; 1 the linears alone; 2, 3, 4 the 24 layernorms,
+ * rope + KV writes, or attentions alone (the decode breakdown). */
+static void text_step(void *arg) {
+    text *m = (text *)arg;
+    const int T = m->T, all = m->what == 0;
+    /* Decode embeds the token the last replay chose; a prefill's rows (the
+     * image embeddings) are already in x. */
+    if (all && T == 1) OP(cuda_embed(G, m->x, m->wte, TV, TC, m->ids, 1));
+    for (int i = 0; i < TL; i++) {
+        tlayer *L = &m->l[i];
+        if (all || m->what == 2)
+            OP(cuda_layernorm(G, m->h, DT_BF16, m->x, DT_F32, T, TC, L->ln_g, L->ln_b, DT_BF16, 1e-5f));
+        if (all || m->what == 1)
+            OP(cuda_linear(G, m->qkv, DT_BF16, 3 * TC, m->h, TC, T, &L->qkv, CUDA_ACT_NONE, 0));
+        if (all || m->what == 3) {
+            cuda_rope r;
+            memset(&r, 0, sizeof r);
+            r.x = m->qkv, r.ldx = 3 * TC, r.T = T, r.H = TH, r.Hkv = TH, r.D = TD, r.R = TR, r.pos0 = m->pos0;
+            r.cos_t = m->cos_t, r.sin_t = m->sin_t, r.k_cache = L->kc, r.v_cache = L->vc, r.n_ctx = NCTX;
+            OP(cuda_rope_kv(G, &r));
+        }
+        if (all || m->what == 4) {
+            cuda_attn a;
+            memset(&a, 0, sizeof a);
+            a.T = T, a.S = m->pos0 + T, a.H = TH, a.Hkv = TH, a.D = TD, a.pos0 = m->pos0;
+            a.n_prefix = m->n_prefix, a.scale = 0.125f, a.n_seq = 1;
+            a.q = m->qkv, a.ldq = 3 * TC;
+            a.k = L->kc, a.ldk = TD, a.k_head = (long)NCTX * TD;
+            a.v = L->vc, a.ldv = TD, a.v_head = (long)NCTX * TD;
+            a.out = m->att, a.ldo = TC;
+            OP(cuda_attention(G, &a));
+        }
+        if (all || m->what == 1) {
+            OP(cuda_linear(G, m->x, DT_F32, TC, m->att, TC, T, &L->proj, CUDA_ACT_NONE, 1));
+            OP(cuda_linear(G, m->f, DT_BF16, TF, m->h, TC, T, &L->fc1, CUDA_ACT_GELU_TANH, 0));
+            OP(cuda_linear(G, m->x, DT_F32, TC, m->f, TF, T, &L->fc2, CUDA_ACT_NONE, 1));
+        }
+    }
+    /* Logits of the last row only. */
+    const float *xl = m->x + (size_t)(T - 1) * TC;
+    uint16_t *hl = m->h + (size_t)(T - 1) * TC;
+    if (all) OP(cuda_layernorm(G, hl, DT_BF16, xl, DT_F32, 1, TC, m->post_g, m->post_b, DT_BF16, 1e-5f));
+    if (all || m->what == 1) OP(cuda_linear(G, m->logits, DT_F32, TV, hl, TC, 1, &m->head, CUDA_ACT_NONE, 0));
+    if (all) OP(cuda_argmax(G, m->ids, m->logits, 1, TV, TV));
+}
+
+static void text_init(text *m, int T_max) {
+    memset(m, 0, sizeof *m);
+    for (int i = 0; i < TL; i++) {
+        tlayer *L = &m->l[i];
+        L->ln_g = rand_bf16(TC, 0.8f, 1.2f);
+        L->ln_b = rand_bf16(TC, -0.1f, 0.1f);
+        L->qkv = lin(3 * TC, TC);
+        L->proj = lin(TC, TC);
+        L->fc1 = lin(TF, TC);
+        L->fc2 = lin(TC, TF);
+        L->kc = rand_bf16((size_t)TH * NCTX * TD, -1, 1);
+        L->vc = rand_bf16((size_t)TH * NCTX * TD, -1, 1);
+    }
+    m->wte = rand_bf16((size_t)TV * TC, -1, 1);
+    m->post_g = rand_bf16(TC, 0.8f, 1.2f);
+    m->post_b = rand_bf16(TC, -0.1f, 0.1f);
+    m->head = lin(TV, TC);
+    const int half = TR / 2;
+    float *cs = (float *)malloc((size_t)NCTX * half * 4), *sn = (float *)malloc((size_t)NCTX * half * 4);
+    for (int p = 0; p < NCTX; p++)
+        for (int i = 0; i < half; i++) {
+            double a = p * pow(10000.0, -2.0 * i / TR);
+            cs[p * half + i] = (float)cos(a);
+            sn[p * half + i] = (float)sin(a);
+        }
+    m->cos_t = (float *)dalloc((size_t)NCTX * half * 4);
+    m->sin_t = (float *)dalloc((size_t)NCTX * half * 4);
+    CK(cudaMemcpy(m->cos_t, cs, (size_t)NCTX * half * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(m->sin_t, sn, (size_t)NCTX * half * 4, cudaMemcpyHostToDevice));
+    free(cs), free(sn);
+    m->x = rand_f32((size_t)T_max * TC);
+    m->h = (uint16_t *)dalloc((size_t)T_max * TC * 2);
+    m->qkv = (uint16_t *)dalloc((size_t)T_max * 3 * TC * 2);
+    m->att = (uint16_t *)dalloc((size_t)T_max * TC * 2);
+    m->f = (uint16_t *)dalloc((size_t)T_max * TF * 2);
+    m->logits = (float *)dalloc((size_t)TV * 4);
+    m->ids = (int32_t *)dalloc(sizeof(int32_t) * 8);
+}
+
+/* Bytes a decode step must read: every weight once, the KV cache up to S. */
+static double decode_bytes(const text *m, int S) {
+    double b = 0;
+    for (int i = 0; i < TL; i++) {
+        const tlayer *L = &m->l[i];
+        b += lin_bytes(&L->qkv) + lin_bytes(&L->proj) + lin_bytes(&L->fc1) + lin_bytes(&L->fc2) + 4.0 * TC;
+        b += 2.0 * S * TH * TD * 2; /* K and V */
+    }
+    return b + lin_bytes(&m->head) + 4.0 * TC + 2.0 * TC;
+}
+
+/* ---- the vision encoder ---------------------------------------------------------------- */
+
+enum { VC = 1152, VH = 16, VD = 72, VF = 4304, VL = 27, VTOK = 729, CROPS = 9 };
+
+typedef struct vlayer {
+    uint16_t *ln1_g, *ln1_b, *ln2_g, *ln2_b;
+    cuda_linear_w qkv, proj, fc1, fc2;
+} vlayer;
+
+typedef struct vision {
+    vlayer l[VL];
+    float *x;
+    uint16_t *h, *qkv, *att, *f;
+    int what; /* 0 whole layers, 1 linears only, 2 attention only */
+} vision;
+
+static void vision_step(void *arg) {
+    vision *m = (vision *)arg;
+    const int T = VTOK * CROPS;
+    for (int i = 0; i < VL; i++) {
+        vlayer *L = &m->l[i];
+        if (m->what == 0)
+            OP(cuda_layernorm(G, m->h, DT_BF16, m->x, DT_F32, T, VC, L->ln1_g, L->ln1_b, DT_BF16, 1e-5f));
+        if (m->what != 2) OP(cuda_linear(G, m->qkv, DT_BF16, 3 * VC, m->h, VC, T, &L->qkv, CUDA_ACT_NONE, 0));
+        if (m->what != 1) {
+            cuda_attn a;
+            memset(&a, 0, sizeof a);
+            a.T = VTOK, a.S = VTOK, a.H = VH, a.Hkv = VH, a.D = VD, a.pos0 = 0, a.n_prefix = VTOK;
+            a.scale = 1.0f / sqrtf((float)VD), a.n_seq = CROPS;
+            a.q = m->qkv, a.ldq = 3 * VC, a.q_seq = (long)VTOK * 3 * VC;
+            a.k = m->qkv + VC, a.ldk = 3 * VC, a.k_head = VD, a.k_seq = (long)VTOK * 3 * VC;
+            a.v = m->qkv + 2 * VC, a.ldv = 3 * VC, a.v_head = VD, a.v_seq = (long)VTOK * 3 * VC;
+            a.out = m->att, a.ldo = VC, a.o_seq = (long)VTOK * VC;
+            OP(cuda_attention(G, &a));
+        }
+        if (m->what == 2) continue;
+        OP(cuda_linear(G, m->x, DT_F32, VC, m->att, VC, T, &L->proj, CUDA_ACT_NONE, 1));
+        if (m->what == 0)
+            OP(cuda_layernorm(G, m->h, DT_BF16, m->x, DT_F32, T, VC, L->ln2_g, L->ln2_b, DT_BF16, 1e-5f));
+        OP(cuda_linear(G, m->f, DT_BF16, VF, m->h, VC, T, &L->fc1, CUDA_ACT_GELU_TANH, 0));
+        OP(cuda_linear(G, m->x, DT_F32, VC, m->f, VF, T, &L->fc2, CUDA_ACT_NONE, 1));
+    }
+}
+
+static void vision_init(vision *m) {
+    memset(m, 0, sizeof *m);
+    const int T = VTOK * CROPS;
+    for (int i = 0; i < VL; i++) {
+        vlayer *L = &m->l[i];
+        L->ln1_g = rand_bf16(VC, 0.8f, 1.2f), L->ln1_b = rand_bf16(VC, -0.1f, 0.1f);
+        L->ln2_g = rand_bf16(VC, 0.8f, 1.2f), L->ln2_b = rand_bf16(VC, -0.1f, 0.1f);
+        L->qkv = lin(3 * VC, VC);
+        L->proj = lin(VC, VC);
+        L->fc1 = lin(VF, VC);
+        L->fc2 = lin(VC, VF);
+    }
+    m->x = rand_f32((size_t)T * VC);
+    m->h = rand_bf16((size_t)T * VC, -2, 2);
+    m->qkv = rand_bf16((size_t)T * 3 * VC, -2, 2);
+    m->att = rand_bf16((size_t)T * VC, -1, 1);
+    m->f = rand_bf16((size_t)T * VF, -1, 1);
+}
+
+/* ---- main ------------------------------------------------------------------------------------ */
+
+typedef struct gemm_arg {
+    cuda_linear_w L;
+    uint16_t *x, *y;
+    int T;
+} gemm_arg;
+
+static void gemm_step(void *arg) {
+    gemm_arg *g = (gemm_arg *)arg;
+    OP(cuda_linear(G, g->y, DT_BF16, g->L.n_out, g->x, g->L.n_in, g->T, &g->L, CUDA_ACT_NONE, 0));
+}
+
+int main(int argc, char **argv) {
+    int reps = argc > 1 ? atoi(argv[1]) : 100;
+    if (reps < 50) reps = 50;
+    errbuf e;
+    if (cuda_ctx_new(0, &G, &e) != ALBEDO_OK) {
+        fprintf(stderr, "cuda_ctx_new: %s\n", e.msg);
+        return 1;
+    }
+    S = (cudaStream_t)cuda_ctx_stream(G);
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    int rt = 0, drv = 0;
+    cudaRuntimeGetVersion(&rt);
+    cudaDriverGetVersion(&drv);
+    printf("bench_decode: %s, sm_%d%d, %d SMs, %.0f MiB L2, %.1f GiB; CUDA runtime %d, driver %d; commit %s\n",
+           prop.name, prop.major, prop.minor, prop.multiProcessorCount, prop.l2CacheSize / 1048576.0,
+           prop.totalGlobalMem / 1073741824.0, rt, drv, ALBEDO_COMMIT);
+    printf("Moondream 2 shapes, random bf16 weights; medians of %d graph replays after warm-up\n\n", reps);
+
+    /* Copy bandwidth: 1 GiB device-to-device, counting bytes read + written. */
+    const size_t cb = (size_t)1 << 30;
+    void *c0 = dalloc(cb), *c1 = dalloc(cb);
+    float copy_ms, copy_kernel_ms;
+    {
+        cudaGraph_t gr;
+        cudaGraphExec_t ex;
+        CK(cudaStreamBeginCapture(S, cudaStreamCaptureModeGlobal));
+        CK(cudaMemcpyAsync(c1, c0, cb, cudaMemcpyDeviceToDevice, S));
+        CK(cudaStreamEndCapture(S, &gr));
+        CK(cudaGraphInstantiate(&ex, gr, 0));
+        copy_ms = time_graph(ex, 20, 3);
+        cudaGraphExecDestroy(ex);
+        cudaGraphDestroy(gr);
+        CK(cudaStreamBeginCapture(S, cudaStreamCaptureModeGlobal));
+        copy_kernel<<<prop.multiProcessorCount * 4, 512, 0, S>>>((uint4 *)c1, (const uint4 *)c0, cb / 16);
+        CK(cudaStreamEndCapture(S, &gr));
+        CK(cudaGraphInstantiate(&ex, gr, 0));
+        copy_kernel_ms = time_graph(ex, 20, 3);
+        cudaGraphExecDestroy(ex);
+        cudaGraphDestroy(gr);
+    }
+    CK(cudaFree(c0));
+    CK(cudaFree(c1));
+    const double copy_bw_memcpy = 2.0 * cb / (copy_ms * 1e-3), copy_bw_kernel = 2.0 * cb / (copy_kernel_ms * 1e-3);
+    const double copy_bw = copy_bw_memcpy > copy_bw_kernel ? copy_bw_memcpy : copy_bw_kernel;
+
+    /* GEMM peak through cuda_linear: 8192³ bf16. */
+    float peak_tf;
+    {
+        gemm_arg g;
+        g.L = lin(8192, 8192);
+        g.x = rand_bf16((size_t)8192 * 8192, -1, 1);
+        CK(cudaMalloc((void **)&g.y, (size_t)8192 * 8192 * 2));
+        g.T = 8192;
+        float ms = time_step(gemm_step, &g, 20);
+        peak_tf = (float)(lin_flops(&g.L, 8192) / (ms * 1e-3) / 1e12);
+        cudaFree((void *)g.L.w), cudaFree((void *)g.L.b), cudaFree(g.x), cudaFree(g.y);
+    }
+
+    /* ---- decode ---- */
+    static text tm;
+    text_init(&tm, PREFIX);
+    CK(cudaStreamSynchronize(S));
+    tm.T = 1, tm.pos0 = DEPTH, tm.n_prefix = PREFIX;
+    const float dec_ms = time_step(text_step, &tm, reps);
+    /* Eager (no graph) for comparison. */
+    float eager_ms;
+    {
+        cudaEvent_t e0, e1;
+        CK(cudaEventCreate(&e0));
+        CK(cudaEventCreate(&e1));
+        float t[21];
+        for (int i = 0; i < 21; i++) {
+            CK(cudaEventRecord(e0, S));
+            text_step(&tm);
+            CK(cudaEventRecord(e1, S));
+            CK(cudaEventSynchronize(e1));
+            CK(cudaEventElapsedTime(&t[i], e0, e1));
+        }
+        qsort(t, 21, sizeof(float), cmp_float);
+        eager_ms = t[10];
+    }
+    /* Without programmatic dependent launch, for comparison. */
+    cuda_ctx_set_pdl(G, 0);
+    const float dec_nopdl_ms = time_step(text_step, &tm, reps);
+    const float dec_ms2 = (cuda_ctx_set_pdl(G, 1), time_step(text_step, &tm, reps));
+    /* The weight GEMVs alone (no attention, norms, rope, argmax), with and
+     * without PDL, and the other kernels of the step by kind. */
+    tm.what = 1;
+    const float gemv_ms = time_step(text_step, &tm, reps);
+    cuda_ctx_set_pdl(G, 0);
+    const float gemv_nopdl_ms = time_step(text_step, &tm, reps);
+    cuda_ctx_set_pdl(G, 1);
+    float part_ms[5] = {0};
+    for (int w = 2; w <= 4; w++) {
+        tm.what = w;
+        part_ms[w] = time_step(text_step, &tm, reps);
+    }
+    tm.what = 0;
+    int32_t tok = -1;
+    float *lg = (float *)malloc(TV * 4);
+    CK(cudaStreamSynchronize(S));
+    CK(cudaMemcpy(&tok, tm.ids, 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(lg, tm.logits, TV * 4, cudaMemcpyDeviceToHost));
+    int nonfinite = 0;
+    for (int i = 0; i < TV; i++) nonfinite += !isfinite(lg[i]);
+    free(lg);
+    const double dbytes = decode_bytes(&tm, DEPTH + 1);
+    double wbytes = 0;
+    for (int i = 0; i < TL; i++)
+        wbytes += lin_bytes(&tm.l[i].qkv) + lin_bytes(&tm.l[i].proj) + lin_bytes(&tm.l[i].fc1) + lin_bytes(&tm.l[i].fc2);
+    wbytes += lin_bytes(&tm.head);
+    const double floor_ms = dbytes / copy_bw * 1e3;
+
+    /* ---- prefill 730 ---- */
+    tm.T = PREFIX, tm.pos0 = 0, tm.n_prefix = PREFIX;
+    const float pre_ms = time_step(text_step, &tm, reps / 2);
+    tm.what = 1;
+    const float pre_lin_ms = time_step(text_step, &tm, reps / 2);
+    tm.what = 0;
+    double pre_lin_flops = 0;
+    for (int i = 0; i < TL; i++)
+        pre_lin_flops += lin_flops(&tm.l[i].qkv, PREFIX) + lin_flops(&tm.l[i].proj, PREFIX) +
+                         lin_flops(&tm.l[i].fc1, PREFIX) + lin_flops(&tm.l[i].fc2, PREFIX);
+    pre_lin_flops += lin_flops(&tm.head, 1);
+    const double pre_att_flops = 4.0 * PREFIX * PREFIX * TD * TH * TL;
+
+    /* ---- vision 9 crops ---- */
+    static vision vm;
+    vision_init(&vm);
+    CK(cudaStreamSynchronize(S));
+    vm.what = 1;
+    const float vis_lin_ms = time_step(vision_step, &vm, reps / 4);
+    vm.what = 2;
+    const float vis_att_ms = time_step(vision_step, &vm, reps / 4);
+    vm.what = 0;
+    const float vis_ms = time_step(vision_step, &vm, reps / 4);
+    const int VT = VTOK * CROPS;
+    double vis_lin_flops = 0;
+    for (int i = 0; i < VL; i++)
+        vis_lin_flops += lin_flops(&vm.l[i].qkv, VT) + lin_flops(&vm.l[i].proj, VT) + lin_flops(&vm.l[i].fc1, VT) +
+                         lin_flops(&vm.l[i].fc2, VT);
+    const double vis_att_flops = 4.0 * CROPS * (double)VTOK * VTOK * VD * VH * VL;
+
+    long fused, unfused, gemv;
+    cuda_ctx_counters(G, &fused, &unfused, &gemv);
+    CK(cudaDeviceSynchronize());
+
+    const double P = 790e12;
+    printf("device-to-device copy (1 GiB, read + written): cudaMemcpy %.0f GB/s, copy kernel %.0f GB/s\n",
+           copy_bw_memcpy / 1e9, copy_bw_kernel / 1e9);
+    printf("bf16 GEMM 8192^3 through cuda_linear: %.0f TFLOP/s\n\n", peak_tf);
+    printf("%-46s %10s %12s %s\n", "what", "ms", "rate", "vs floor / anchor");
+    printf("%-46s %10.3f %9.0f tok/s  floor %.3f ms (%.2f GB at copy bw): %.0f%%; target >= 800 tok/s, "
+           "PyTorch compiled 218\n",
+           "decode b=1, depth 740, CUDA graph", dec_ms, 1e3 / dec_ms, floor_ms, dbytes / 1e9,
+           100.0 * floor_ms / dec_ms);
+    printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, same graph again (run-to-run)", dec_ms2, 1e3 / dec_ms2);
+    printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, graph without PDL", dec_nopdl_ms, 1e3 / dec_nopdl_ms);
+    printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, eager launches", eager_ms, 1e3 / eager_ms);
+    printf("%-46s %10.3f %9.0f GB/s   %.0f%% of copy bandwidth (%.2f GB of weights)\n",
+           "decode weight GEMVs alone (97 launches)", gemv_ms, wbytes / (gemv_ms * 1e-3) / 1e9,
+           100.0 * wbytes / (gemv_ms * 1e-3) / copy_bw, wbytes / 1e9);
+    printf("%-46s %10.3f %9.0f GB/s\n", "decode weight GEMVs alone, without PDL", gemv_nopdl_ms,
+           wbytes / (gemv_ms * 1e-3) / 1e9 * gemv_ms / gemv_nopdl_ms);
+    printf("%-46s %10.3f %9.1f us each\n", "decode: the 24 layernorms alone", part_ms[2], part_ms[2] * 1e3 / TL);
+    printf("%-46s %10.3f %9.1f us each\n", "decode: the 24 rope + KV writes alone", part_ms[3], part_ms[3] * 1e3 / TL);
+    printf("%-46s %10.3f %9.1f us each (%.0f MB of K/V)\n", "decode: the 24 attentions (741 keys) alone", part_ms[4],
+           part_ms[4] * 1e3 / TL, 2.0 * (DEPTH + 1) * TH * TD * 2 * TL / 1e6);
+    printf("%-46s %10.3f %9.0f TFLOP/s %.0f%% of 790 (floor ~2.7 ms for ~2.1 TFLOP)\n",
+           "prefill 730 tokens, whole step", pre_ms, (pre_lin_flops + pre_att_flops) / (pre_ms * 1e-3) / 1e12,
+           100.0 * (pre_lin_flops + pre_att_flops) / (pre_ms * 1e-3) / P);
+    printf("%-46s %10.3f %9.0f TFLOP/s %.0f%% of 790\n", "prefill 730 tokens, linears alone (cuBLASLt)",
+           pre_lin_ms, pre_lin_flops / (pre_lin_ms * 1e-3) / 1e12,
+           100.0 * pre_lin_flops / (pre_lin_ms * 1e-3) / P);
+    printf("%-46s %10.3f %9.0f TFLOP/s %.0f%% of 790 (floor ~7.6 ms for ~6.0 TFLOP)\n",
+           "vision 9 crops (T=6561), 27 whole layers", vis_ms,
+           (vis_lin_flops + vis_att_flops) / (vis_ms * 1e-3) / 1e12,
+           100.0 * (vis_lin_flops + vis_att_flops) / (vis_ms * 1e-3) / P);
+    printf("%-46s %10.3f %9.0f TFLOP/s %.0f%% of 790\n", "vision 9 crops, linears alone (cuBLASLt)", vis_lin_ms,
+           vis_lin_flops / (vis_lin_ms * 1e-3) / 1e12, 100.0 * vis_lin_flops / (vis_lin_ms * 1e-3) / P);
+    printf("%-46s %10.3f %9.0f TFLOP/s %.0f%% of 790\n", "vision 9 crops, attention alone (flash)", vis_att_ms,
+           vis_att_flops / (vis_att_ms * 1e-3) / 1e12, 100.0 * vis_att_flops / (vis_att_ms * 1e-3) / P);
+    printf("\nlast token %d, non-finite logits %d; linear paths: cuBLASLt+epilogue %ld, +bias kernel %ld, GEMV %ld\n",
+           tok, nonfinite, fused, unfused, gemv);
+    cuda_ctx_free(G);
+    return nonfinite || tok < 0 || tok >= TV ? 1 : 0;
+}
