@@ -20,9 +20,24 @@ import pytest
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SHARED = os.environ.get("ALBEDO_SHARED", os.path.join(ROOT, "..", "shared"))
 BIN = os.environ.get("ALBEDO_BIN", os.path.join(ROOT, "build", "albedo"))
-MODEL = os.path.join(SHARED, "fixtures", "models", "md2-small")
-IMAGES = os.path.join(SHARED, "fixtures", "images")
-CASES_FILE = os.path.join(SHARED, "fixtures", "reference", "md2-small", "cases.json")
+if os.path.exists(os.path.join(SHARED, "fixtures", "README.md")):
+    MODEL = os.path.join(SHARED, "fixtures", "models", "md2-small")
+    IMAGES = os.path.join(SHARED, "fixtures", "images")
+    CASES_FILE = os.path.join(SHARED, "fixtures", "reference", "md2-small", "cases.json")
+else:
+    # No fixtures beside the repository: the compact copies in tests/data and
+    # md2-small regenerated from its seed next to the binary under test.
+    import gzip
+
+    IMAGES = os.path.join(ROOT, "tests", "data", "images")
+    CASES_FILE = os.path.join(ROOT, "tests", "data", "md2-small", "cases.json")
+    MODEL = os.path.join(os.path.dirname(os.path.abspath(BIN)), "server-md2-small-gen")
+    if not os.path.exists(os.path.join(MODEL, "model.safetensors")):
+        _tok = os.path.join(os.path.dirname(os.path.abspath(BIN)), "server-gpt2.tokenizer.json")
+        with gzip.open(os.path.join(ROOT, "tests", "data", "tokenizer", "gpt2.tokenizer.json.gz"), "rb") as _f:
+            open(_tok, "wb").write(_f.read())
+        subprocess.run([BIN, "synth", "--preset", "md2-small", "--out", MODEL, "--seed", "20261127", "--tokenizer", _tok],
+                       check=True)
 # The reference outputs were made with these settings (fixtures/README.md).
 REF_SETTINGS = {"temperature": 0, "max_tokens": 24, "max_objects": 4}
 REF_FLAGS = ["--default-temperature", "0", "--default-max-tokens", "24", "--default-max-objects", "4"]
