@@ -111,6 +111,8 @@ typedef struct albedo_model_params {
     int max_context;            /* 0 = the model's max_context */
     int max_image_side;         /* reject images wider or taller (default 16384) */
     int64_t max_image_pixels;   /* reject images with more pixels (default 100e6) */
+    const char *weights;        /* text decoder weights: NULL or "bf16" = as stored; "q8",
+                                   "q4" = albedo block formats made at load (docs/QUANT.md) */
 } albedo_model_params;
 
 ALBEDO_API albedo_model_params albedo_model_params_default(void);
@@ -123,6 +125,12 @@ ALBEDO_API albedo_model_params albedo_model_params_default(void);
 ALBEDO_API albedo_status albedo_model_load(const char *dir, const albedo_model_params *params,
                                            albedo_model **out);
 ALBEDO_API void albedo_model_free(albedo_model *m);
+
+/* Load dir with params (params->weights "q8" or "q4") and write its quantised
+ * copy to out_dir (created if missing): config.json, tokenizer.json and one
+ * model.safetensors that later loads map without converting. */
+ALBEDO_API albedo_status albedo_model_quantize(const char *dir, const albedo_model_params *params,
+                                               const char *out_dir);
 
 /* A one-line description: "moondream2 (text 2048x24, vision 1152x27), backend avx512, 2 threads". */
 ALBEDO_API const char *albedo_model_describe(const albedo_model *m);
@@ -230,6 +238,7 @@ typedef struct albedo_metrics {
     double prefill_time_ms;
     double decode_time_ms;
     double ttft_ms;
+    double queue_time_ms; /* engine: submit to admission (0 for a session) */
 } albedo_metrics;
 
 typedef struct albedo_result {
@@ -259,6 +268,89 @@ ALBEDO_API albedo_status albedo_session_run(albedo_session *s, const albedo_requ
  * valid until the next call on s. */
 ALBEDO_API const char *albedo_result_json(albedo_session *s, const albedo_result *res,
                                           int metrics);
+
+/* ---- Asynchronous engine -----------------------------------------------------
+ *
+ * Many requests at once over one model: a scheduler thread owns the working
+ * memory, a paged KV cache of kv_bytes and a cache of image prefixes keyed by
+ * the image bytes' content, and batches the forward passes of up to
+ * max_batch running requests per step (decode rows first, then prompt
+ * chunks, up to token_budget rows; an image's 730-position prefix always in
+ * one piece). Requests wait in a FIFO queue and are admitted in order when a
+ * batch slot and KV blocks for their prompt plus max_tokens (or max_objects)
+ * are free; unused image prefixes are evicted least recently used first. A
+ * second request on the same image bytes reuses the prefix: no vision
+ * encoder, no prefix prefill, metrics.cached_tokens = 730.
+ *
+ *     albedo_engine *eng;
+ *     albedo_engine_params ep = albedo_engine_params_default();
+ *     albedo_engine_new(model, &ep, &eng);
+ *     albedo_request r = albedo_request_default(ALBEDO_SKILL_QUERY);
+ *     r.question = "What is the highest bar?";
+ *     albedo_ticket *t;
+ *     albedo_engine_submit(eng, &r, jpeg, jpeg_len, NULL, &t);
+ *     const albedo_result *res;
+ *     if (albedo_ticket_wait(t, &res) == ALBEDO_OK) printf("%s\n", res->text);
+ *     albedo_ticket_free(t);
+ *     albedo_engine_free(eng);
+ *
+ * Thread-safety: every function may be called from any thread. Callbacks
+ * run on engine threads: on_text on the request's own thread, on_done on the
+ * scheduler thread; they must return quickly and must not free the ticket.
+ * Results are identical to albedo_session_run's up to the rounding of
+ * batched matrix products (different row counts per product).
+ */
+
+typedef struct albedo_engine albedo_engine;
+typedef struct albedo_ticket albedo_ticket;
+
+typedef struct albedo_engine_params {
+    int max_batch;    /* concurrently running sequences (default 16) */
+    size_t kv_bytes;  /* KV cache budget; 0 = min(25% of RAM, 8 GiB) */
+    int block_size;   /* positions per KV block (default 16) */
+    int max_queue;    /* waiting requests; more fail with ALBEDO_ERR_LIMIT (default 1024) */
+    int token_budget; /* rows per forward step (default 512) */
+    int n_threads;    /* ops threads of the scheduler; 0 = the model's */
+} albedo_engine_params;
+
+ALBEDO_API albedo_engine_params albedo_engine_params_default(void);
+
+/* Called once per ticket when it ends (st: its status; res: its result when
+ * st is ALBEDO_OK, else NULL). */
+typedef void (*albedo_done_fn)(void *user, albedo_ticket *t, albedo_status st, const albedo_result *res);
+
+typedef struct albedo_submit_params {
+    albedo_text_fn on_text; /* streaming, as albedo_request.on_text (which is ignored here) */
+    albedo_done_fn on_done;
+    void *user;
+    double deadline_ms; /* > 0: fail with ALBEDO_ERR_CANCELLED this long after submit */
+} albedo_submit_params;
+
+ALBEDO_API albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *params,
+                                           albedo_engine **out);
+/* Cancels what is queued or running, waits for the scheduler, frees. Tickets
+ * stay valid (all ended) until albedo_ticket_free. */
+ALBEDO_API void albedo_engine_free(albedo_engine *e);
+
+/* Queue a request. image: encoded image bytes (JPEG, PNG, WebP, GIF), or
+ * NULL for a text-only query; r->image must be NULL. Both are copied. Fails
+ * at once with ALBEDO_ERR_INVALID_ARGUMENT for a bad request and
+ * ALBEDO_ERR_LIMIT when max_queue requests are waiting. params may be NULL. */
+ALBEDO_API albedo_status albedo_engine_submit(albedo_engine *e, const albedo_request *r, const void *image,
+                                              size_t image_len, const albedo_submit_params *params,
+                                              albedo_ticket **out);
+/* Block until the ticket ends; *res (may be NULL) gets its result, valid
+ * until albedo_ticket_free, when the status is ALBEDO_OK. */
+ALBEDO_API albedo_status albedo_ticket_wait(albedo_ticket *t, const albedo_result **res);
+/* 1 if the ticket has ended (then albedo_ticket_wait returns at once), else 0. */
+ALBEDO_API int albedo_ticket_poll(const albedo_ticket *t);
+/* Ask the ticket to end with ALBEDO_ERR_CANCELLED: at once when queued, at
+ * its next forward step when running. No effect once ended. */
+ALBEDO_API void albedo_ticket_cancel(albedo_ticket *t);
+/* The detail of a failed ticket; empty string if none. */
+ALBEDO_API const char *albedo_ticket_error(const albedo_ticket *t);
+/* Cancel if still running, wait for the end, free. NULL is a no-op. */
+ALBEDO_API void albedo_ticket_free(albedo_ticket *t);
 
 /* ---- Tools: synthetic models and benchmarks --------------------------------- */
 

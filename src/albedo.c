@@ -163,6 +163,9 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
         const st_file *const *files = (const st_file *const *)m->st;
         st = md_config_from_tensors(&m->cfg, files, m->n_st, &sub);
         if (!st) st = md_weights_bind_files(&m->w, &m->cfg, files, m->n_st, &sub);
+        dtype wdt;
+        if (!st && !(st = md_weights_format(m->params.weights, &wdt, &sub)))
+            st = md_weights_quantize(&m->w, &m->cfg, wdt, &sub);
         if (st) errf(&e, st, "%s/%s: %s", dir, m->n_st > 1 ? "model.safetensors.index.json" : "model.safetensors", sub.msg);
     }
     m->cfg.tau_pos_bf16 = m->params.precision == ALBEDO_PRECISION_BF16;
@@ -189,8 +192,9 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
                 snprintf(moe, sizeof moe, ", moe %d experts top-%d from layer %d", c->moe_experts, c->moe_topk,
                          c->moe_start);
             snprintf(m->describe, sizeof m->describe,
-                     "%s (text %dx%d%s, vision %dx%d, vocab %d), backend %s, %s, %d threads",
-                     c->md3 ? "moondream3" : "moondream2", c->dim, c->n_layers, moe, c->enc_dim, c->enc_layers,
+                     "%s (text %dx%d%s%s, vision %dx%d, vocab %d), backend %s, %s, %d threads",
+                     c->md3 ? "moondream3" : "moondream2", c->dim, c->n_layers, moe,
+                     m->w.tb[0].qkv.dt == DT_Q8 ? ", q8" : m->w.tb[0].qkv.dt == DT_Q4 ? ", q4" : "", c->enc_dim, c->enc_layers,
                      c->vocab, ops_backend_name(probe),
                      m->params.precision == ALBEDO_PRECISION_BF16 ? "bf16" : "f32",
                      m->params.n_threads > 0 ? m->params.n_threads : ops_default_threads());

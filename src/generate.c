@@ -132,6 +132,7 @@ typedef struct gen {
     int n_prefix; /* bidirectional prefix (image) or 0 */
     double t_start, t_first;
     int n_out; /* generated tokens / region steps */
+    const gen_io *io; /* engine: where forward passes run, or NULL */
     errbuf *e;
 } gen;
 
@@ -148,7 +149,8 @@ static albedo_status reserve_emb(albedo_session *s, int T, errbuf *e) {
 static albedo_status step(gen *g, const float *emb, int T, int want_logits) {
     if (g->pos + T > g->s->st.max_ctx)
         return errf(g->e, ALBEDO_ERR_LIMIT, "the request needs more than the %d-position context", g->s->st.max_ctx);
-    albedo_status st = text_forward(&g->s->st, emb, T, g->pos, g->n_prefix, want_logits, g->e);
+    albedo_status st = g->io ? g->io->forward(g->io->user, emb, T, g->pos, g->n_prefix, want_logits, g->e)
+                             : text_forward(&g->s->st, emb, T, g->pos, g->n_prefix, want_logits, g->e);
     if (st) return st;
     if (want_logits && g->s->on_logits) g->s->on_logits(g->s->on_logits_user, g->s->st.logits, g->c->vocab);
     g->pos += T;
@@ -462,13 +464,13 @@ static albedo_status check_text(const char *what, const char *t, errbuf *e) {
     return ALBEDO_OK;
 }
 
-static albedo_status validate(const albedo_session *s, const albedo_request *r, errbuf *e) {
+static albedo_status validate(const albedo_session *s, const albedo_request *r, int has_image, errbuf *e) {
     albedo_status st;
     if ((int)r->skill < ALBEDO_SKILL_CAPTION || r->skill > ALBEDO_SKILL_POINT)
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "unknown skill %d", (int)r->skill);
     if (r->image && r->image->m != s->m)
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "the image was encoded by another model");
-    if (!r->image && r->skill != ALBEDO_SKILL_QUERY)
+    if (!has_image && r->skill != ALBEDO_SKILL_QUERY)
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "%s needs an image",
                     r->skill == ALBEDO_SKILL_CAPTION ? "caption" : r->skill == ALBEDO_SKILL_DETECT ? "detect" : "point");
     if (!(r->temperature >= 0.0f) || !isfinite(r->temperature))
@@ -488,7 +490,7 @@ static albedo_status validate(const albedo_session *s, const albedo_request *r, 
         if (r->n_spatial_refs < 0 || (r->n_spatial_refs > 0 && !r->spatial_refs))
             return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "spatial_refs: bad count");
         if (r->n_spatial_refs > 64) return errf(e, ALBEDO_ERR_LIMIT, "spatial_refs: at most 64 references");
-        if (r->n_spatial_refs && !r->image)
+        if (r->n_spatial_refs && !has_image)
             return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "spatial_refs can only be used with an image");
         for (int i = 0; i < r->n_spatial_refs; i++) {
             const albedo_spatial_ref *sr = &r->spatial_refs[i];
@@ -578,20 +580,30 @@ static void reset_result(result_store *rs) {
     memset(&rs->r, 0, sizeof rs->r);
 }
 
-albedo_status gen_run(albedo_session *s, const albedo_request *r, errbuf *e) {
+albedo_status gen_check(const albedo_session *s, const albedo_request *r, int has_image, errbuf *e) {
+    return validate(s, r, has_image, e);
+}
+
+albedo_status gen_run(albedo_session *s, const albedo_request *r, errbuf *e) { return gen_run_io(s, r, NULL, e); }
+
+albedo_status gen_run_io(albedo_session *s, const albedo_request *r, const gen_io *io, errbuf *e) {
     result_store *rs = &s->res;
     reset_result(rs);
-    albedo_status st = validate(s, r, e);
+    albedo_status st = validate(s, r, r->image || (io && io->image_pos), e);
     if (st) return st;
     const md_config *c = &s->m->cfg;
-    gen g = {.s = s, .r = r, .c = c, .e = e, .t_start = now_ms()};
+    gen g = {.s = s, .r = r, .c = c, .e = e, .t_start = now_ms(), .io = io};
     sampler_seed(&s->sp, r->seed);
     if ((st = reserve_emb(s, 1, e))) return st;
 
     prompt p = {0};
     const tokenizer *tok = s->m->tok;
     int oom = 0;
-    if (r->image) {
+    if (io && io->image_pos) {
+        /* The engine placed the image prefix in the request's own cache. */
+        g.pos = io->image_pos;
+        g.n_prefix = c->prefix_attn;
+    } else if (r->image) {
         load_prefix(s, r->image);
         g.pos = r->image->n_pos;
         g.n_prefix = c->prefix_attn;

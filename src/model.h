@@ -120,6 +120,9 @@ typedef struct md_weights {
     op_linear coord_dec, size_dec; /* [coord_out, r_dim], [size_out, r_dim] */
     int region_ln;
     op_vec region_ln_w, region_ln_b; /* [r_dim] */
+    /* quant.c: the block-format copies of the text linears, owned here */
+    void *quant_mem;
+    dtype quant_dt; /* their format, DT_Q8 or DT_Q4 (0 when none) */
 } md_weights;
 
 /* Bind weights to the tensors of a safetensors file (2025 or legacy names),
@@ -133,6 +136,18 @@ albedo_status md_weights_bind_files(md_weights *w, const md_config *c, const st_
  * switch c to Moondream 3. No-op otherwise. */
 albedo_status md_config_from_tensors(md_config *c, const st_file *const *files, int n_files, errbuf *e);
 void md_weights_release(md_weights *w);
+
+/* quant.c: replace the text decoder's linears (attn.qkv, attn.proj, dense
+ * mlp.fc1/fc2 of every layer) by copies in block format dt (DT_Q8 or DT_Q4;
+ * DT_BF16 leaves the weights as they are), owned by w and freed by
+ * md_weights_quant_free (which md_weights_release calls). Linears already
+ * in dt are kept; other block formats are requantised from their values.
+ * The vision encoder, LM head, region model and MoE experts keep their
+ * file dtype. n_threads 0: all cores. */
+albedo_status md_weights_quantize(md_weights *w, const md_config *c, dtype dt, errbuf *e);
+void md_weights_quant_free(md_weights *w);
+/* "bf16" (or NULL / ""), "q8", "q4" → DT_BF16, DT_Q8, DT_Q4. */
+albedo_status md_weights_format(const char *name, dtype *dt, errbuf *e);
 
 /* An expert's slice of a 3-D expert tensor as a linear layer: rows
  * [row0, row0 + n_out) of expert e's [rows_per_expert, n_in] matrix. */
@@ -181,6 +196,9 @@ typedef struct md_state {
 } md_state;
 
 albedo_status md_state_init(md_state *s, const albedo_model *m, errbuf *e);
+/* The same with n_threads ops threads, and without the contiguous KV cache
+ * when with_kv is 0 (the engine's states: their caches live in its pool). */
+albedo_status md_state_init_ex(md_state *s, const albedo_model *m, int n_threads, int with_kv, errbuf *e);
 void md_state_free(md_state *s);
 /* Ensure the text scratch holds T rows. */
 albedo_status md_state_reserve(md_state *s, int T, errbuf *e);
@@ -200,6 +218,27 @@ albedo_status vision_encode_crops(md_state *s, const uint8_t *crops, int n, floa
  * text-only). */
 albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n_prefix,
                            int want_logits, errbuf *e);
+/* text.c, batched: one segment of a batch — T consecutive rows of the input
+ * at positions pos0.., attending over keys 0 .. pos0+T-1 of its own cache.
+ * k, v are per-layer cache bases [rows, Hkv*D]; with blocks the segment's
+ * position p lives in row blocks[p / block_size]·block_size + p % block_size
+ * (the paged pool of kvcache.h), without it in row p (a session's cache). */
+typedef struct txt_seg {
+    float *const *k, *const *v; /* [n_layers] cache bases */
+    const int32_t *blocks;      /* block table, or NULL: contiguous */
+    int block_size;
+    int pos0, T, n_prefix;
+    float *hidden; /* out [dim]: the last row, before post_ln */
+    float *logits; /* out [vocab] when not NULL: lm_head(post_ln(hidden)) */
+} txt_seg;
+
+/* Run the segments' rows emb [ΣT, dim] (segment after segment) through the
+ * decoder at once: per-row work (LayerNorm, linears, MLP / MoE) over all
+ * rows, per-segment work (tau's position term, rotary, cache writes,
+ * attention) per segment. logits_scratch [n_logits, vocab] is needed when
+ * more than one segment wants logits. text_forward is the one-segment case. */
+albedo_status text_forward_batch(md_state *s, const float *emb, txt_seg *segs, int n_seg, float *logits_scratch,
+                                 errbuf *e);
 /* The token embedding of id into out [dim]. */
 void text_embed(const albedo_model *m, int32_t id, float *out);
 /* logits [vocab] = lm_head(post_ln(h)). */

@@ -30,6 +30,36 @@ typedef struct op_linear {
     int n_out, n_in; /* N, K */
 } op_linear;
 
+/* ---- qformat: albedo's block formats (docs/QUANT.md) -------------------------
+ * A [N, K] matrix is stored row-major, row n at n * q_row_bytes(dt, K) bytes;
+ * a row is ceil(K/32) blocks of 32 consecutive weights along K, in order.
+ * The last block of a row is zero-padded when K is not a multiple of 32.
+ * Every block is symmetric with its own scale d (IEEE half, little-endian):
+ *
+ *   DT_Q8, 34 bytes: d (f16), q[32] int8 in [-127, 127];   w[i] = d * q[i]
+ *     d = max|w| / 127, q = round(w / d).
+ *   DT_Q4, 18 bytes: d (f16), qs[16] bytes; weight i < 16 is the low nibble
+ *     of qs[i], weight i + 16 its high nibble; w[i] = d * (nibble - 8)
+ *     d = m / -8 where m is the weight of largest magnitude (sign kept), so
+ *     that m maps to nibble 0 exactly; nibble = clamp(round(w / d) + 8, 0, 15).
+ *
+ * Bytes per weight: Q8 1.0625, Q4 0.5625. Scales are unaligned (a block is
+ * not a multiple of 4 bytes); kernels read them with memcpy or unaligned
+ * loads. The reference (ops_ref.c) dequantises a row with q_dequantize_row
+ * and multiplies in float32; fast backends may also quantise x to int8 per
+ * block of 32 (d_x = max|x|/127) for integer dot products, which the op
+ * tests allow for (tests/test_ops.c). */
+#define Q_BLOCK 32
+#define Q8_BLOCK_BYTES 34
+#define Q4_BLOCK_BYTES 18
+
+/* Bytes of one row of K weights in block format dt (0 for other dtypes). */
+size_t q_row_bytes(dtype dt, int K);
+/* Quantise K floats into one row of dt (q_row_bytes(dt, K) bytes at dst). */
+void q_quantize_row(dtype dt, const float *x, int K, void *dst);
+/* Dequantise one row of K weights of dt into out[0..K). */
+void q_dequantize_row(dtype dt, const void *src, int K, float *out);
+
 /* A vector parameter (LayerNorm weight/bias): [C] of dtype dt. */
 typedef struct op_vec {
     const void *p;

@@ -27,6 +27,8 @@ struct st_file {
     size_t map_len;
     int n;
     st_tensor *t;
+    char **meta; /* "__metadata__" string entries: key, value, key, value, ... */
+    int n_meta;
 };
 
 static int parse_dtype(const char *s, dtype *out) {
@@ -77,7 +79,29 @@ static albedo_status parse(st_file *f, const uint8_t *buf, size_t len, errbuf *e
     const char *key;
     json_t *v;
     json_object_foreach(root, key, v) {
-        if (!strcmp(key, "__metadata__")) continue;
+        if (!strcmp(key, "__metadata__")) {
+            /* String entries only (the format's rule); others are ignored. */
+            const char *mk;
+            json_t *mv;
+            size_t nm = json_is_object(v) ? json_object_size(v) : 0;
+            f->meta = nm ? calloc(2 * nm, sizeof *f->meta) : NULL;
+            if (nm && !f->meta) {
+                st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "safetensors: out of memory");
+                break;
+            }
+            if (nm) json_object_foreach(v, mk, mv) {
+                if (!json_is_string(mv)) continue;
+                f->meta[2 * f->n_meta] = strdup(mk);
+                f->meta[2 * f->n_meta + 1] = strdup(json_string_value(mv));
+                f->n_meta++;
+                if (!f->meta[2 * f->n_meta - 2] || !f->meta[2 * f->n_meta - 1]) {
+                    st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "safetensors: out of memory");
+                    break;
+                }
+            }
+            if (st) break;
+            continue;
+        }
         st_tensor *t = &f->t[f->n];
         t->name = strdup(key);
         if (!t->name) {
@@ -196,6 +220,8 @@ void st_close(st_file *f) {
     if (!f) return;
     for (int i = 0; i < f->n; i++) free(f->t[i].name);
     free(f->t);
+    for (int i = 0; i < 2 * f->n_meta; i++) free(f->meta[i]);
+    free(f->meta);
     if (f->map) munmap(f->map, f->map_len);
     free(f);
 }
@@ -208,8 +234,24 @@ const st_tensor *st_find(const st_file *f, const char *name) {
     return bsearch(&key, f->t, (size_t)f->n, sizeof *f->t, cmp_name);
 }
 
+const char *st_meta(const st_file *f, const char *key) {
+    for (int i = 0; i < f->n_meta; i++)
+        if (!strcmp(f->meta[2 * i], key)) return f->meta[2 * i + 1];
+    return NULL;
+}
+
 albedo_status st_write(const char *path, const st_tensor *ts, int n, errbuf *e) {
+    return st_write_meta(path, ts, n, NULL, 0, e);
+}
+
+albedo_status st_write_meta(const char *path, const st_tensor *ts, int n, const char *const *meta,
+                            int n_meta, errbuf *e) {
     json_t *root = json_object();
+    if (root && n_meta > 0) {
+        json_t *m = json_object();
+        for (int i = 0; i < n_meta && m; i++) json_object_set_new(m, meta[2 * i], json_string(meta[2 * i + 1]));
+        if (m) json_object_set_new(root, "__metadata__", m);
+    }
     uint64_t off = 0;
     for (int i = 0; i < n && root; i++) {
         json_t *shape = json_array();

@@ -36,7 +36,13 @@ int st_count(const st_file *f);
 const st_tensor *st_at(const st_file *f, int i);
 const st_tensor *st_find(const st_file *f, const char *name); /* NULL if absent */
 
+/* The string value of key in the header's "__metadata__", or NULL. */
+const char *st_meta(const st_file *f, const char *key);
+
 /* Write tensors to a new file (tensors' data pointers are read). */
 albedo_status st_write(const char *path, const st_tensor *ts, int n, errbuf *e);
+/* The same with "__metadata__" entries meta[2i] = meta[2i + 1], i < n_meta. */
+albedo_status st_write_meta(const char *path, const st_tensor *ts, int n, const char *const *meta,
+                            int n_meta, errbuf *e);
 
 #endif

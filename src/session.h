@@ -61,6 +61,30 @@ struct albedo_session {
 
 /* generate.c */
 albedo_status gen_run(albedo_session *s, const albedo_request *r, errbuf *e);
+
+/* Where a request's forward passes run. The blocking session runs them
+ * itself (text_forward on its own cache); the engine (scheduler.c) hands
+ * them to its scheduler thread, which batches them with other requests'
+ * over the paged cache. forward runs emb [T, dim] at positions pos0.. and
+ * leaves the last row's hidden state in s->st.hidden and, if want_logits,
+ * its logits in s->st.logits, like text_forward. image_pos > 0: the image
+ * prefix (that many positions) is already in the request's cache, so the
+ * request needs no albedo_image. */
+typedef struct gen_io {
+    albedo_status (*forward)(void *user, const float *emb, int T, int pos0, int n_prefix, int want_logits, errbuf *e);
+    void *user;
+    int image_pos;
+} gen_io;
+
+/* The generation loops over io (NULL: the session itself). */
+albedo_status gen_run_io(albedo_session *s, const albedo_request *r, const gen_io *io, errbuf *e);
+/* Validate a request up front (the engine checks at submit time). */
+albedo_status gen_check(const albedo_session *s, const albedo_request *r, int has_image, errbuf *e);
+/* scheduler.c, for tests: once the engine is idle, its free and total KV
+ * blocks (after dropping every cached prefix if drop_prefixes), and the
+ * prefix cache's counters. */
+void engine_debug_blocks(albedo_engine *e, int drop_prefixes, int *n_free, int *n_total);
+void engine_debug_prefix_stats(albedo_engine *e, uint64_t *hits, uint64_t *misses, uint64_t *evictions);
 /* albedo.c: the image-encoding core shared by the three entry points. */
 albedo_status image_encode(albedo_session *s, const img_rgb *im, albedo_image **out, errbuf *e);
 /* json_out.c */

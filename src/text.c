@@ -78,20 +78,29 @@ static float log_pos(const md_config *c, int p) {
     return logf(x + 1.0f);
 }
 
-/* Scale Q and V of T rows of qkv [T, ld] at positions pos0.. in place. */
-static void tau_scale(md_state *s, const txt_block *b, float *qkv, int ld, int T, int pos0) {
-    const md_config *c = &s->m->cfg;
+/* Tau's two head scores of Ttot rows of qkv [Ttot, ld] into s->tau_q and
+ * s->tau_v [Ttot, H]: position-independent, so computed for all rows of a
+ * batch at once. */
+static void tau_scores(md_state *s, const txt_block *b, const float *qkv, int ld, int Ttot) {
     ops_ctx *oc = s->ops;
     const ops *o = O(oc);
+    const int H = s->m->cfg.n_heads;
+    float *f = s->tau_f;
+    memcpy(f, qkv, (size_t)Ttot * ld * sizeof(float));
+    o->gelu_erf(oc, f, (size_t)Ttot * ld);
+    o->linear(oc, s->tau_q, H, f, ld, Ttot, &b->tau_wq);
+    o->linear(oc, s->tau_v, H, f, ld, Ttot, &b->tau_wv);
+}
+
+/* Scale Q and V of T rows of qkv [T, ld] (rows r0.. of the batch, scores in
+ * tau_q/tau_v at the same rows) at positions pos0.. in place. */
+static void tau_scale(md_state *s, const txt_block *b, float *qkv, int ld, int r0, int T, int pos0) {
+    const md_config *c = &s->m->cfg;
     const int H = c->n_heads, D = c->head_dim, qd = H * D, kvd = c->n_kv_heads * D;
-    float *f = s->tau_f, *tq = s->tau_q, *tv = s->tau_v;
-    memcpy(f, qkv, (size_t)T * ld * sizeof(float));
-    o->gelu_erf(oc, f, (size_t)T * ld);
-    o->linear(oc, tq, H, f, ld, T, &b->tau_wq);
-    o->linear(oc, tv, H, f, ld, T, &b->tau_wv);
+    const float *tq = s->tau_q + (size_t)r0 * H, *tv = s->tau_v + (size_t)r0 * H;
     for (int t = 0; t < T; t++) {
         const float lp = log_pos(c, pos0 + t);
-        float *q = qkv + (size_t)t * ld, *v = q + qd + kvd;
+        float *q = qkv + (size_t)(r0 + t) * ld, *v = q + qd + kvd;
         for (int hd = 0; hd < H; hd++) {
             const float a = op_vec_get(b->tau_alpha, (size_t)hd);
             const float sig = 1.0f / (1.0f + expf(-(a * lp)));
@@ -181,16 +190,33 @@ static void moe_forward(md_state *s, const txt_block *b, const float *h, int T, 
     }
 }
 
-albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n_prefix, int want_logits,
-                           errbuf *e) {
+/* Row of a segment's cache for position pos: through its block table when
+ * paged, else the position itself. */
+static float *seg_row(const txt_seg *g, float *base, int kvd, int pos) {
+    size_t r = g->blocks ? (size_t)g->blocks[pos / g->block_size] * (size_t)g->block_size + (size_t)(pos % g->block_size)
+                         : (size_t)pos;
+    return base + r * (size_t)kvd;
+}
+
+albedo_status text_forward_batch(md_state *s, const float *emb, txt_seg *segs, int n_seg, float *logits_scratch,
+                                 errbuf *e) {
     const albedo_model *m = s->m;
     const md_config *c = &m->cfg;
     const md_weights *w = &m->w;
     ops_ctx *oc = s->ops;
     const ops *o = O(oc);
+    int T = 0, n_logits = 0;
+    for (int i = 0; i < n_seg; i++) {
+        const txt_seg *g = &segs[i];
+        if (g->T <= 0) return errf(e, ALBEDO_ERR_INTERNAL, "text: empty segment");
+        if (g->pos0 + g->T > s->max_ctx)
+            return errf(e, ALBEDO_ERR_LIMIT, "context length %d exceeds the maximum of %d positions", g->pos0 + g->T,
+                        s->max_ctx);
+        T += g->T;
+        n_logits += g->logits != NULL;
+    }
     if (T <= 0) return errf(e, ALBEDO_ERR_INTERNAL, "text: empty input");
-    if (pos0 + T > s->max_ctx)
-        return errf(e, ALBEDO_ERR_LIMIT, "context length %d exceeds the maximum of %d positions", pos0 + T, s->max_ctx);
+    if (n_logits > 1 && !logits_scratch) return errf(e, ALBEDO_ERR_INTERNAL, "text: no logits scratch");
     albedo_status st = md_state_reserve(s, T, e);
     if (st) return st;
     const int dim = c->dim, H = c->n_heads, Hkv = c->n_kv_heads, D = c->head_dim;
@@ -202,18 +228,26 @@ albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n
         const txt_block *b = &w->tb[l];
         o->layernorm(oc, h, x, T, dim, b->ln_w, b->ln_b, 1e-5f);
         o->linear(oc, qkv, ld, h, dim, T, &b->qkv);
-        if (c->md3) tau_scale(s, b, qkv, ld, T, pos0);
-        o->rope(oc, qkv, ld, T, H, D, c->rot_dims, pos0, m->rope_cos, m->rope_sin);
-        o->rope(oc, qkv + qd, ld, T, Hkv, D, c->rot_dims, pos0, m->rope_cos, m->rope_sin);
-        float *kc = s->k_cache[l], *vc = s->v_cache[l];
-        for (int t = 0; t < T; t++) {
-            memcpy(kc + (size_t)(pos0 + t) * kvd, qkv + (size_t)t * ld + qd, (size_t)kvd * sizeof(float));
-            memcpy(vc + (size_t)(pos0 + t) * kvd, qkv + (size_t)t * ld + qd + kvd, (size_t)kvd * sizeof(float));
+        if (c->md3) tau_scores(s, b, qkv, ld, T);
+        /* Position-dependent work, per segment: tau's position term, rotary,
+         * the cache writes and attention over the segment's own keys. */
+        for (int i = 0, r0 = 0; i < n_seg; r0 += segs[i++].T) {
+            const txt_seg *g = &segs[i];
+            float *q = qkv + (size_t)r0 * ld;
+            if (c->md3) tau_scale(s, b, qkv, ld, r0, g->T, g->pos0);
+            o->rope(oc, q, ld, g->T, H, D, c->rot_dims, g->pos0, m->rope_cos, m->rope_sin);
+            o->rope(oc, q + qd, ld, g->T, Hkv, D, c->rot_dims, g->pos0, m->rope_cos, m->rope_sin);
+            float *kc = g->k[l], *vc = g->v[l];
+            for (int t = 0; t < g->T; t++) {
+                memcpy(seg_row(g, kc, kvd, g->pos0 + t), q + (size_t)t * ld + qd, (size_t)kvd * sizeof(float));
+                memcpy(seg_row(g, vc, kvd, g->pos0 + t), q + (size_t)t * ld + qd + kvd, (size_t)kvd * sizeof(float));
+            }
+            op_attn at = {.T = g->T, .S = g->pos0 + g->T, .H = H, .Hkv = Hkv, .D = D, .pos0 = g->pos0,
+                          .n_prefix = g->n_prefix, .scale = 1.0f / sqrtf((float)D), .q = q, .k = kc, .v = vc,
+                          .out = att + (size_t)r0 * qd, .ldq = ld, .ldk = kvd, .ldv = kvd, .ldo = qd,
+                          .blocks = g->blocks, .block_size = g->block_size};
+            o->attention(oc, &at);
         }
-        op_attn at = {.T = T, .S = pos0 + T, .H = H, .Hkv = Hkv, .D = D, .pos0 = pos0, .n_prefix = n_prefix,
-                      .scale = 1.0f / sqrtf((float)D), .q = qkv, .k = kc, .v = vc, .out = att,
-                      .ldq = ld, .ldk = kvd, .ldv = kvd, .ldo = qd};
-        o->attention(oc, &at);
         o->linear(oc, pr, dim, att, qd, T, &b->proj);
         if (b->moe) {
             o->add(oc, x, pr, (size_t)T * dim);
@@ -227,21 +261,46 @@ albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n
         o->linear(oc, pr, dim, mlp, c->ff_dim, T, &b->fc2);
         o->add(oc, x, pr, (size_t)T * dim);
     }
-    memcpy(s->hidden, x + (size_t)(T - 1) * dim, (size_t)dim * sizeof(float));
-    if (want_logits) text_logits(s, s->hidden, s->logits);
+    for (int i = 0, r0 = 0; i < n_seg; r0 += segs[i++].T)
+        memcpy(segs[i].hidden, x + (size_t)(r0 + segs[i].T - 1) * dim, (size_t)dim * sizeof(float));
+    if (n_logits == 1) {
+        /* One row: the same single-row LM head as the blocking session. */
+        for (int i = 0; i < n_seg; i++)
+            if (segs[i].logits) text_logits(s, segs[i].hidden, segs[i].logits);
+    } else if (n_logits > 1) {
+        /* post_ln + lm_head over just the rows that want logits, one linear. */
+        for (int i = 0, k = 0; i < n_seg; i++)
+            if (segs[i].logits) memcpy(x + (size_t)k++ * dim, segs[i].hidden, (size_t)dim * sizeof(float));
+        o->layernorm(oc, h, x, n_logits, dim, w->tpost_w, w->tpost_b, 1e-5f);
+        o->linear(oc, logits_scratch, c->vocab, h, dim, n_logits, &w->lm_head);
+        for (int i = 0, k = 0; i < n_seg; i++)
+            if (segs[i].logits)
+                memcpy(segs[i].logits, logits_scratch + (size_t)k++ * c->vocab, (size_t)c->vocab * sizeof(float));
+    }
     if (ops_failed(oc)) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "text: out of working memory");
     return ALBEDO_OK;
+}
+
+albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n_prefix, int want_logits,
+                           errbuf *e) {
+    txt_seg g = {.k = s->k_cache, .v = s->v_cache, .pos0 = pos0, .T = T, .n_prefix = n_prefix,
+                 .hidden = s->hidden, .logits = want_logits ? s->logits : NULL};
+    return text_forward_batch(s, emb, &g, 1, NULL, e);
 }
 
 /* ---- session state -------------------------------------------------------- */
 
 albedo_status md_state_init(md_state *s, const albedo_model *m, errbuf *e) {
+    return md_state_init_ex(s, m, m->params.n_threads, 1, e);
+}
+
+albedo_status md_state_init_ex(md_state *s, const albedo_model *m, int n_threads, int with_kv, errbuf *e) {
     memset(s, 0, sizeof *s);
     s->m = m;
     const md_config *c = &m->cfg;
     s->max_ctx = m->params.max_context > 0 && m->params.max_context < c->max_context ? m->params.max_context
                                                                                         : c->max_context;
-    albedo_status st = ops_ctx_new(m->params.backend, m->params.n_threads,
+    albedo_status st = ops_ctx_new(m->params.backend, n_threads,
                                    m->params.precision == ALBEDO_PRECISION_BF16 ? OPS_BF16 : OPS_F32, &s->ops, e);
     if (st) return st;
     const size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
@@ -256,7 +315,7 @@ albedo_status md_state_init(md_state *s, const albedo_model *m, errbuf *e) {
     s->rln = malloc((size_t)c->dim * sizeof(float));
     if (!s->k_cache || !s->v_cache || !s->logits || !s->hidden || !s->feat || !s->rln) goto oom;
     if (c->moe_experts && !(s->moe_count = malloc((size_t)(c->moe_experts + 1) * sizeof *s->moe_count))) goto oom;
-    for (int l = 0; l < c->n_layers; l++) {
+    for (int l = 0; l < c->n_layers && with_kv; l++) {
         /* Untouched pages of the cache are never faulted in, so a short
          * conversation costs only the positions it uses. */
         s->k_cache[l] = malloc((size_t)s->max_ctx * kvd * sizeof(float));

@@ -28,6 +28,7 @@ typedef struct named {
     char *canon;
     const st_tensor *t;
     int legacy;
+    dtype qdt; /* DT_Q8 / DT_Q4 when the file says its U8 tensors are albedo blocks (quant.c) */
 } named;
 
 typedef struct name_index {
@@ -94,6 +95,8 @@ static int legacy_rename(const char *n, char *out, size_t cap) {
 
 /* Add the tensors of one file to the index under their canonical names. */
 static albedo_status index_file(name_index *ix, const st_file *f, errbuf *e) {
+    const char *fmt = st_meta(f, "albedo.format");
+    const dtype qdt = !fmt ? DT_U8 : !strcmp(fmt, "q8") ? DT_Q8 : !strcmp(fmt, "q4") ? DT_Q4 : DT_U8;
     for (int i = 0; i < st_count(f); i++) {
         const st_tensor *t = st_at(f, i);
         char buf[512], out[600];
@@ -114,6 +117,7 @@ static albedo_status index_file(name_index *ix, const st_file *f, errbuf *e) {
         if (!ix->v[ix->n].canon) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
         ix->v[ix->n].t = t;
         ix->v[ix->n].legacy = legacy;
+        ix->v[ix->n].qdt = qdt;
         ix->n++;
     }
     return ALBEDO_OK;
@@ -227,10 +231,26 @@ static op_linear lin(binder *b, const char *prefix, int n_out, int n_in, int bia
     snprintf(nw, sizeof nw, "%s.weight", prefix);
     snprintf(nb, sizeof nb, "%s.bias", prefix);
     op_linear L = {0};
-    const named *w = need(b, nw, 2, (int64_t[]){n_out, n_in});
+    /* A linear stored quantised by `albedo quantize`: U8 [n_out, row bytes]
+     * in a file whose metadata names the block format (ops.h qformat). */
+    const named *q = b->st ? NULL : lookup(b->ix, nw);
+    if (q && q->t->dt == DT_U8 && q->qdt != DT_U8) {
+        const int64_t rb = (int64_t)q_row_bytes(q->qdt, n_in);
+        if (q->t->ndim != 2 || q->t->shape[0] != n_out || q->t->shape[1] != rb) {
+            char have[96];
+            shape_str(have, sizeof have, q->t->ndim, q->t->shape);
+            b->st = errf(b->e, ALBEDO_ERR_MODEL_FORMAT, "tensor %s: %s blocks of [%d, %d] are [%d, %lld] bytes, file has %s",
+                         q->t->name, dtype_name(q->qdt), n_out, n_in, n_out, (long long)rb, have);
+            return L;
+        }
+        b->used++;
+        L.w = q->t->data;
+        L.dt = q->qdt;
+    }
+    const named *w = L.w ? q : need(b, nw, 2, (int64_t[]){n_out, n_in});
     if (!w) return L;
     L.w = w->t->data;
-    L.dt = w->t->dt;
+    L.dt = L.dt == DT_Q8 || L.dt == DT_Q4 ? L.dt : w->t->dt;
     L.n_out = n_out;
     L.n_in = n_in;
     if (bias) {
@@ -407,6 +427,7 @@ albedo_status md_weights_bind_files(md_weights *w, const md_config *c, const st_
 }
 
 void md_weights_release(md_weights *w) {
+    md_weights_quant_free(w);
     free(w->vb);
     free(w->tb);
     w->vb = NULL;

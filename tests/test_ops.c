@@ -16,6 +16,7 @@
  *     in BF16 precision both sides multiply bf16-rounded x, products of two
  *     bf16 values are exact in float, so only the summation order differs.
  *   attention: 2e-5 of max |v| + 1e-5 relative.
+ *   linear over block formats (Q8, Q4): see test_linear_q.
  *   layernorm, rope: 2e-6 (1 + |ref|).  gelu: 1e-6 relative + 1e-6.  add: exact.
  *
  * Needs only the CPU backend: src/cpu/{ops_ref,ops_cpu,threadpool}.c, the
@@ -225,6 +226,163 @@ static void test_linears(void) {
     /* a Moondream-like layer, small T */
     test_linear(37, 1152, 100, DT_BF16, DT_BF16, 0, 0);
     test_linear(2, 2048, 64, DT_BF16, DT_BF16, 0, 0);
+}
+
+/* ---- linear over block formats (ops.h qformat) -------------------------------------
+ * W quantised with q_quantize_row; the reference multiplies float x by the
+ * dequantised rows (ref_weight_row), so the weights themselves agree
+ * exactly and only the arithmetic differs:
+ *   float paths (gemm with dequantising packs, the portable gemv):
+ *     the float tolerance above, 1e-6 sqrt(K) + 1e-6 of sum |x w| + |b|;
+ *   integer paths (cpu_kernels.gemv_q, T < small_t): x rounded to int8 per
+ *     block moves each x[k] by at most max|x_block(k)| / 254, and BF16
+ *     precision's rounding of x on the reference side by at most |x| / 512,
+ *     so the error is within sum_k |w_k| max|x_block(k)| / 160 (plus the
+ *     float tolerance).
+ * Guard blocks with a NaN scale follow the matrix: a kernel reading past
+ * the last row produces NaN. */
+
+static void test_linear_q(int T, int K, int N, dtype dt, int bdt, int xpad, int ypad) {
+    const int ldx = K + xpad, ldy = N + ypad;
+    const size_t rb = q_row_bytes(dt, K), bb = dt == DT_Q8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
+    const size_t guard_bytes = 8 * bb;
+    float *wf = malloc((size_t)N * K * sizeof *wf), *bf = malloc((size_t)N * sizeof *bf);
+    float *wd = malloc((size_t)N * K * sizeof *wd);
+    unsigned char *w = malloc((size_t)N * rb + guard_bytes);
+    if (!wf || !bf || !wd || !w) abort();
+    for (size_t i = 0; i < (size_t)N * K; i++) wf[i] = rnd(-1, 1);
+    for (int i = 0; i < N; i++) bf[i] = rnd(-1, 1);
+    for (int n = 0; n < N; n++) {
+        q_quantize_row(dt, wf + (size_t)n * K, K, w + (size_t)n * rb);
+        q_dequantize_row(dt, w + (size_t)n * rb, K, wd + (size_t)n * K);
+    }
+    for (size_t g = 0; g < guard_bytes; g += bb) {
+        memset(w + (size_t)N * rb + g, 0x7f, bb);
+        w[(size_t)N * rb + g] = 0x01, w[(size_t)N * rb + g + 1] = 0x7e; /* f16 NaN scale */
+    }
+    void *b = bdt >= 0 ? typed(bf, (size_t)N, (dtype)bdt) : NULL;
+    float *x = fbuf((size_t)T * ldx);
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < K; k++) x[(size_t)t * ldx + k] = rnd(-2, 2);
+    op_linear L = {w, b, dt, bdt >= 0 ? (dtype)bdt : DT_F32, N, K};
+    float *ref = fbuf((size_t)T * ldy), *y = fbuf((size_t)T * ldy);
+    double *mag = malloc((size_t)T * N * sizeof *mag), *magq = malloc((size_t)T * N * sizeof *magq);
+    const double tol = 1e-6 * sqrt((double)K) + 1e-6;
+
+    for (int prec = OPS_F32; prec <= OPS_BF16; prec++) {
+        ref_ctx->prec = (ops_precision)prec;
+        ops_ref_table()->linear(ref_ctx, ref, ldy, x, ldx, T, &L);
+        for (int t = 0; t < T; t++)
+            for (int n = 0; n < N; n++) {
+                double s = b ? fabs(typed_get(b, (dtype)bdt, (size_t)n)) : 0.0, sq = 0.0;
+                for (int k0 = 0; k0 < K; k0 += 32) {
+                    double amax = 0.0;
+                    for (int k = k0; k < K && k < k0 + 32; k++)
+                        amax = fmax(amax, fabs(x[(size_t)t * ldx + k]));
+                    for (int k = k0; k < K && k < k0 + 32; k++) {
+                        float xv = x[(size_t)t * ldx + k];
+                        if (prec == OPS_BF16) xv = bf16_to_f32(f32_to_bf16(xv));
+                        s += fabs((double)xv * wd[(size_t)n * K + k]);
+                        sq += fabs(wd[(size_t)n * K + k]) * amax;
+                    }
+                }
+                mag[(size_t)t * N + n] = s;
+                magq[(size_t)t * N + n] = sq;
+            }
+        for (int ci = 0; ci < n_ctx; ci++) {
+            ops_ctx *c = ctxs[ci];
+            const cpu_kernels *kk = ((const cpu_table *)(const void *)c->tab)->k;
+            const int int8 = kk->gemv_q != NULL && T < kk->small_t;
+            c->prec = (ops_precision)prec;
+            for (size_t i = 0; i < (size_t)T * ldy + GUARD; i++) y[i] = poison_f();
+            ops_of(c)->linear(c, y, ldy, x, ldx, T, &L);
+            double worst = 0;
+            int wt = 0, wn = 0;
+            for (int t = 0; t < T; t++)
+                for (int n = 0; n < N; n++) {
+                    size_t i = (size_t)t * ldy + n, m = (size_t)t * N + n;
+                    double lim = tol * mag[m] + (int8 ? magq[m] / 160.0 : 0.0);
+                    double e = fabs((double)y[i] - ref[i]) / (lim + 1e-30);
+                    if (!(e <= worst)) {
+                        worst = isnan(e) ? INFINITY : e;
+                        wt = t, wn = n;
+                    }
+                }
+            CHECK(worst <= 1.0 && !ops_failed(c),
+                  "linear %s x%d %s T=%d K=%d N=%d w=%s b=%s ldx=%d ldy=%d: worst [%d,%d] got %.9g "
+                  "want %.9g (err %.3g of tolerance)",
+                  ctx_label[ci], ops_n_threads(c), prec ? "BF16" : "F32", T, K, N,
+                  dt == DT_Q8 ? "q8" : "q4", dt_str(bdt), ldx, ldy, wt, wn,
+                  y[(size_t)wt * ldy + wn], ref[(size_t)wt * ldy + wn], worst);
+            int dmg = guard_damage(y, T, N, ldy);
+            CHECK(dmg == 0, "linear %s x%d T=%d K=%d N=%d ldy=%d: %d poisoned floats written",
+                  ctx_label[ci], ops_n_threads(c), T, K, N, ldy, dmg);
+        }
+    }
+    ref_ctx->prec = OPS_F32;
+    free(wf), free(bf), free(wd), free(w), free(b), free(mag), free(magq);
+    ffree(x), ffree(ref), ffree(y);
+}
+
+/* The format itself: round trip within half a step, exact zeros, padding. */
+static void test_qformat(void) {
+    static const int Ks[] = {1, 31, 32, 33, 100};
+    for (int di = 0; di < 2; di++) {
+        const dtype dt = di ? DT_Q4 : DT_Q8;
+        for (int ik = 0; ik < 5; ik++) {
+            const int K = Ks[ik];
+            float v[100], out[100];
+            unsigned char buf[4 * Q8_BLOCK_BYTES];
+            for (int k = 0; k < K; k++) v[k] = rnd(-3, 3);
+            if (K > 2) v[1] = 0.0f;
+            CHECK(q_row_bytes(dt, K) == (size_t)((K + 31) / 32) * (dt == DT_Q8 ? 34u : 18u),
+                  "q_row_bytes(%d)", K);
+            q_quantize_row(dt, v, K, buf);
+            q_dequantize_row(dt, buf, K, out);
+            double worst = 0.0;
+            for (int k0 = 0; k0 < K; k0 += 32) {
+                float amax = 0.0f;
+                for (int k = k0; k < K && k < k0 + 32; k++) amax = fmaxf(amax, fabsf(v[k]));
+                /* Q8: half a step; Q4: half a step, except on the side
+                 * opposite the largest weight, which tops out at 7 steps
+                 * of amax/8 (one step short); plus the f16 rounding of
+                 * the scale. */
+                const double lim = dt == DT_Q8 ? 0.5 * amax / 127.0 : amax / 8.0;
+                for (int k = k0; k < K && k < k0 + 32; k++)
+                    worst = fmax(worst, fabs(out[k] - v[k]) / (lim * 1.01 + 1e-3 * fabs(v[k])));
+            }
+            CHECK(worst <= 1.0, "%s round trip K=%d: error %.3g of the bound",
+                  dt == DT_Q8 ? "q8" : "q4", K, worst);
+            if (K > 2) CHECK(out[1] == 0.0f, "%s: zero not exact (%g)", dt == DT_Q8 ? "q8" : "q4", out[1]);
+        }
+    }
+}
+
+static void test_linears_q(void) {
+    static const int Ts[] = {1, 2, 3, 4, 5, 7, 13, 23, 24, 47, 48, 100};
+    static const int Ks[] = {1, 17, 32, 33, 100, 288, 1000, 2048};
+    static const int Ns[] = {1, 3, 31, 200};
+    test_qformat();
+    int i = 0;
+    for (int ik = 0; ik < 8; ik++)
+        for (int in = 0; in < 4; in++)
+            for (int id = 0; id < 2; id++, i++) {
+                int T = Ts[(i * 5 + id) % 12];
+                if ((double)T * Ks[ik] * Ns[in] > 1e7) T = Ts[i % 5];
+                test_linear_q(T, Ks[ik], Ns[in], id ? DT_Q4 : DT_Q8,
+                              i % 4 == 3 ? -1 : (int)(i % 3 ? DT_BF16 : DT_F32), i % 2 ? 0 : 1 + i % 7,
+                              i % 3 ? 3 + i % 5 : 0);
+            }
+    /* every T through the small-T paths on one shape, both formats */
+    for (int T = 1; T <= 50; T += 7) {
+        test_linear_q(T, 300, 37, DT_Q8, DT_BF16, 1, 1);
+        test_linear_q(T, 300, 37, DT_Q4, -1, 0, 2);
+    }
+    /* several K blocks on the packed path, and a Moondream-like decode row */
+    test_linear_q(64, 1001, 70, DT_Q8, DT_BF16, 3, 1);
+    test_linear_q(60, 600, 45, DT_Q4, DT_F32, 0, 2);
+    test_linear_q(1, 2048, 256, DT_Q8, DT_BF16, 0, 0);
+    test_linear_q(1, 8192, 64, DT_Q4, DT_BF16, 0, 0);
 }
 
 /* ---- attention ---------------------------------------------------------------------- */
@@ -470,6 +628,7 @@ int main(void) {
     ops_ctx_free(autoc);
 
     test_linears();
+    test_linears_q();
     test_attentions();
     static const dtype vdt[] = {DT_BF16, DT_F16, DT_F32};
     test_layernorm(1, 1, DT_F32, DT_F32, 0.0f, 0);

@@ -9,6 +9,7 @@
  *   albedo bench   (--synthetic md2 | --model DIR) [--threads N] [--json]
  *   albedo synth   --preset md2|md2-small --out DIR [--seed N] [--legacy-f16]
  *   albedo tokenize --model DIR TEXT
+ *   albedo quantize --model DIR --weights q8|q4 --out DIR2
  *
  * Options are named after the REST API's fields (spec/api.md §2).
  */
@@ -22,12 +23,13 @@
 
 #include "albedo.h"
 #include "batch.h"
+#include "bench_chartqa.h"
 #include "serve.h"
 
 typedef struct opts {
     const char *cmd;
     const char *model, *image, *question, *object, *length, *spatial_refs;
-    const char *backend, *precision, *synthetic, *preset, *out, *tokenizer;
+    const char *backend, *precision, *synthetic, *preset, *out, *tokenizer, *weights;
     int reasoning, stream, json, threads, legacy_f16, repeats, max_context;
     float temperature, top_p;
     int max_tokens, max_objects;
@@ -46,11 +48,14 @@ static void usage(FILE *f) {
             "  albedo detect IMAGE OBJECT\n"
             "  albedo point IMAGE OBJECT\n"
             "  albedo bench (--synthetic md2 | --model DIR) [--threads N] [--repeats N] [--json]\n"
+            "  albedo bench chartqa (--synthetic md2 | --model DIR) [--batch 1,4,16,64] [--mode direct,cot]\n"
+            "        [--images N] [--threads N] [--json]\n"
             "  albedo synth --preset md2|md2-small --out DIR [--seed N] [--legacy-f16] [--tokenizer FILE]\n"
             "  albedo batch [FILE.jsonl|-] --model DIR   one JSON request per line, one result per line\n"
             "  albedo serve [--host H] [--port 2020] [--model DIR]   Moondream REST API (docs/SERVER.md)\n"
             "  albedo pull [moondream2|owner/repo@revision]          download into the Hugging Face cache\n"
-            "  albedo tokenize --model DIR TEXT\n\n"
+            "  albedo tokenize --model DIR TEXT\n"
+            "  albedo quantize --model DIR --weights q8|q4 --out DIR2   store quantised weights\n\n"
             "options:\n"
             "  --model DIR          model directory (config.json, model.safetensors, tokenizer.json);\n"
             "                       default $ALBEDO_MODEL\n"
@@ -62,6 +67,7 @@ static void usage(FILE *f) {
             "  --threads N          CPU threads (default: all cores)\n"
             "  --backend NAME       auto, ref, generic, avx2, avx512, neon\n"
             "  --precision f32|bf16 activation precision of matrix products (default f32)\n"
+            "  --weights bf16|q8|q4 text decoder weights (default bf16: as stored; docs/QUANT.md)\n"
             "  --max-context N      KV-cache positions (default: the model's)\n"
             "  --stream             print text as it is generated\n"
             "  --json               print the REST API's response object\n",
@@ -129,6 +135,7 @@ static int parse_args(int argc, char **argv, opts *o) {
         STR("--preset", preset)
         STR("--out", out)
         STR("--tokenizer", tokenizer)
+        STR("--weights", weights)
         INT("--threads", threads, (void)0)
         INT("--repeats", repeats, (void)0)
         INT("--max-context", max_context, (void)0)
@@ -222,6 +229,7 @@ static albedo_model_params model_params(const opts *o) {
     p.backend = o->backend;
     p.max_context = o->max_context;
     if (o->precision && !strcmp(o->precision, "bf16")) p.precision = ALBEDO_PRECISION_BF16;
+    p.weights = o->weights;
     return p;
 }
 
@@ -406,6 +414,52 @@ static int synthetic_dir(const char *preset, char *out, size_t cap) {
     return 0;
 }
 
+/* albedo bench chartqa (--synthetic md2 | --model DIR) [--batch 1,4,16,64]
+ *   [--mode direct,cot] [--images N] [--threads N] [--json] */
+static int cmd_bench_chartqa(int argc, char **argv) {
+    albedo_chartqa_opts co = {.batches = {1, 4, 16, 64}, .n_batches = 4, .modes = 3, .n_images = 4};
+    opts o;
+    memset(&o, 0, sizeof o);
+    for (int i = 3; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--json")) {
+            co.json = 1;
+            continue;
+        }
+        if (!v) return fprintf(stderr, "albedo: %s needs a value\n", a), 2;
+        i++;
+        if (!strcmp(a, "--synthetic")) o.synthetic = v;
+        else if (!strcmp(a, "--model")) o.model = v;
+        else if (!strcmp(a, "--threads") && !parse_int(v, &o.threads)) co.n_threads = o.threads;
+        else if (!strcmp(a, "--images") && !parse_int(v, &co.n_images) && co.n_images > 0) continue;
+        else if (!strcmp(a, "--mode")) co.modes = (strstr(v, "direct") ? 1 : 0) | (strstr(v, "cot") ? 2 : 0);
+        else if (!strcmp(a, "--batch")) {
+            co.n_batches = 0;
+            for (const char *p = v; *p && co.n_batches < 8;) {
+                char *end;
+                long b = strtol(p, &end, 10);
+                if (end == p || b < 1 || b > 4096) return fprintf(stderr, "albedo: bad --batch %s\n", v), 2;
+                co.batches[co.n_batches++] = (int)b;
+                p = *end == ',' ? end + 1 : end;
+            }
+        } else
+            return fprintf(stderr, "albedo: bench chartqa: unknown or bad option %s %s\n", a, v), 2;
+    }
+    if (!co.modes || !co.n_batches) return fprintf(stderr, "albedo: bench chartqa: nothing to run\n"), 2;
+    char dir[4300];
+    if (o.synthetic) {
+        if (synthetic_dir(o.synthetic, dir, sizeof dir)) return 1;
+        o.model = dir;
+    }
+    if (!o.model) return fprintf(stderr, "albedo: bench chartqa needs --synthetic md2 or --model DIR\n"), 2;
+    albedo_model *m = NULL;
+    int rc = load_model(&o, &m);
+    if (rc) return rc;
+    rc = albedo_bench_chartqa(m, &co);
+    albedo_model_free(m);
+    return rc;
+}
+
 static int cmd_bench(opts *o) {
     char dir[4300];
     if (check_precision(o)) return 2;
@@ -433,6 +487,19 @@ static int cmd_bench(opts *o) {
         printf("| decode at depth 740 | %.2f tok/s |\n", b.decode_d740_tok_s);
     }
     albedo_model_free(m);
+    return 0;
+}
+
+static int cmd_quantize(opts *o) {
+    if (!o->model || !o->out || !o->weights) {
+        fprintf(stderr, "albedo: quantize needs --model DIR --weights q8|q4 --out DIR2\n");
+        return 2;
+    }
+    albedo_model_params p = model_params(o);
+    if (albedo_model_quantize(o->model, &p, o->out) != ALBEDO_OK) {
+        fprintf(stderr, "albedo: %s\n", albedo_last_error());
+        return 1;
+    }
     return 0;
 }
 
@@ -479,6 +546,7 @@ static int cmd_tokenize(opts *o) {
 
 int main(int argc, char **argv) {
     opts o;
+    if (argc >= 3 && !strcmp(argv[1], "bench") && !strcmp(argv[2], "chartqa")) return cmd_bench_chartqa(argc, argv);
     if (argc >= 2 && !strcmp(argv[1], "serve")) return albedo_serve_main(argc, argv);
     if (argc >= 2 && !strcmp(argv[1], "pull")) return albedo_pull_main(argc, argv);
     if (parse_args(argc, argv, &o)) {
@@ -490,6 +558,7 @@ int main(int argc, char **argv) {
     if (!strcmp(o.cmd, "bench")) return cmd_bench(&o);
     if (!strcmp(o.cmd, "synth")) return cmd_synth(&o);
     if (!strcmp(o.cmd, "tokenize")) return cmd_tokenize(&o);
+    if (!strcmp(o.cmd, "quantize")) return cmd_quantize(&o);
     if (!strcmp(o.cmd, "batch")) return cmd_batch(&o);
     if (!strcmp(o.cmd, "version") || !strcmp(o.cmd, "--version")) {
         printf("albedo %s\n", albedo_version());

@@ -53,7 +53,8 @@ class Request(Structure):
 
 class Metrics(Structure):
     _fields_ = [("input_tokens", c_int), ("output_tokens", c_int), ("cached_tokens", c_int),
-                ("prefill_time_ms", c_double), ("decode_time_ms", c_double), ("ttft_ms", c_double)]
+                ("prefill_time_ms", c_double), ("decode_time_ms", c_double), ("ttft_ms", c_double),
+                ("queue_time_ms", c_double)]
 
 
 class Result(Structure):

@@ -82,6 +82,12 @@ typedef struct cpu_kernels {
     /* The same with x as bf16 pairs (ldx in pairs) and bf16 W, or NULL. */
     void (*gemv_pairs)(int T, int K, const uint32_t *x, size_t ldx, const uint16_t *w,
                        const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy);
+    /* Block-format W (DT_Q8, DT_Q4; ops.h qformat), small T: the same sum
+     * with x given quantised per block of 32 (cpu_quantize_x; row stride
+     * ldxq bytes), integer dot products per block. NULL: the driver's
+     * portable path, which dequantises W rows and multiplies float x. */
+    void (*gemv_q)(int T, int K, const void *xq, size_t ldxq, const void *w, dtype dt, const void *b,
+                   dtype bdt, int n0, int n1, float *y, size_t ldy);
     /* dst[i] = src[i] rounded to bf16 (as f32_to_bf16), widened back. */
     void (*round_bf16)(float *dst, const float *src, int n);
     /* dst[i] = bf16 pair (src[2i], src[2i+1]) for i < ceil(n/2), zero-padded
@@ -103,6 +109,15 @@ typedef struct cpu_kernels {
     /* Rotate H heads of D dims of one row; ct/st [half]. */
     void (*rope_row)(float *x, int H, int D, int half, const float *ct, const float *st);
 } cpu_kernels;
+
+/* x quantised for gemv_q: per row, nb = ceil(K/32) blocks of 32 int8
+ * (q = round(x/d), d = max|x|/127 per block, zero past K), then nb float
+ * scales d; rows cpu_qx_row_bytes(K) apart (a multiple of 64). */
+static inline size_t cpu_qx_row_bytes(int K) {
+    const size_t nb = (size_t)(K + 31) / 32;
+    return (nb * 36 + 63) & ~(size_t)63;
+}
+void cpu_quantize_x(const float *x, int K, void *dst);
 
 /* The drivers (ops_cpu.c), the entries of every table but the reference. */
 void cpu_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T, const op_linear *L);

@@ -457,12 +457,22 @@ static void rope_row_avx2(float *x, int H, int D, int half, const float *ct, con
     }
 }
 
+/* ---- block formats: integer dot products (vpmaddubsw + vpmaddwd) ------------------ */
+
+INLINE __m256i qdot_avx2(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+#define QDOT(u, s) qdot_avx2((u), (s))
+#define QT_MAX 2 /* 16 ymm registers: 8 accumulators */
+#include "gemv_q_x86.h"
+
 static const cpu_kernels kernels = {
     .f32 = &gemm_f32,
     .bf16 = NULL,
     .small_t = 48,
     .gemv = gemv_avx2,
     .gemv_pairs = NULL,
+    .gemv_q = gemv_q_x86,
     .round_bf16 = round_bf16_avx2,
     .to_pairs = NULL, /* only used with bf16 dot products */
     .softmax = softmax_avx2,

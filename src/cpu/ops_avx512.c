@@ -650,11 +650,18 @@ static void rope_row_avx512(float *x, int H, int D, int half, const float *ct, c
     }
 }
 
+/* ---- block formats: integer dot products (vpdpbusd) -------------------------------- */
+
+#define QDOT(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
+#define QT_MAX 4
+#include "gemv_q_x86.h"
+
 /* ---- tables ------------------------------------------------------------------------ */
 
 #define AVX512_KERNELS(BF16_GEMM, BF16_GEMV)                                                       \
     {                                                                                              \
         .f32 = &gemm_f32, .bf16 = BF16_GEMM, .small_t = 24, .gemv = gemv_avx512,                   \
+        .gemv_q = gemv_q_x86,                                                                      \
         .gemv_pairs = BF16_GEMV, .round_bf16 = round_bf16_avx512, .to_pairs = to_pairs_avx512,     \
         .softmax = softmax_avx512, .dot_rows = dot_rows_avx512, .axpy_rows = axpy_rows_avx512,     \
         .layernorm_row = layernorm_row_avx512, .gelu_tanh = gelu_tanh_avx512,                      \

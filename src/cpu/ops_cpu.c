@@ -163,6 +163,8 @@ static char *scratch_all(ops_ctx *c, size_t shared, size_t each, char **sp) {
 /* Below this many multiply-adds a linear runs on the calling thread alone:
  * waking the pool costs more. */
 #define LIN_SERIAL_MACS 32768
+/* Floats of a block-format row dequantised at a time (a multiple of 32). */
+#define LIN_PACK_TMP 256
 
 typedef struct lin_job {
     const cpu_kernels *k;
@@ -174,6 +176,8 @@ typedef struct lin_job {
     size_t ldx;    /* in elements */
     int T, K, Ke;  /* rows, K, elements along K (K or ceil(K/2)) */
     int pairs;
+    int q;  /* W in a block format (ops.h qformat) */
+    int qx; /* x quantised for k->gemv_q (ldx then counts 4-byte units) */
     /* gemm split */
     int n_panels, n_chunks, t_per, max_panels;
     /* gemv split */
@@ -186,6 +190,74 @@ typedef struct lin_job {
 } lin_job;
 
 static size_t dt_bytes(dtype dt) { return dt == DT_F32 ? 4 : 2; }
+
+/* ---- block formats (ops.h qformat): the portable pieces ------------------------ */
+
+void cpu_quantize_x(const float *x, int K, void *dst) {
+    const int nb = (K + 31) / 32;
+    int8_t *q = dst;
+    float *d = (float *)(void *)((char *)dst + (size_t)nb * 32);
+    for (int b = 0; b < nb; b++) {
+        const int k0 = b * 32, kn = imin(32, K - k0);
+        float amax = 0.0f;
+        for (int i = 0; i < kn; i++) amax = fmaxf(amax, fabsf(x[k0 + i]));
+        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        for (int i = 0; i < 32; i++) q[k0 + i] = i < kn ? (int8_t)lrintf(x[k0 + i] * id) : 0;
+        d[b] = amax / 127.0f;
+    }
+}
+
+/* Panel of block-format rows for the float gemm kernels: dst[e][j] =
+ * W[j][e0 + e] dequantised, for e < ec, j < nr (rows nrows..nr-1 zero). */
+static void pack_q(float *dst, const char *w, dtype dt, size_t row_bytes, int nrows, int nr,
+                   int e0, int ec, int K) {
+    const size_t bb = dt == DT_Q8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
+    const int b0 = e0 / 32, b1 = (e0 + ec + 31) / 32, off = e0 - b0 * 32;
+    float tmp[LIN_PACK_TMP];
+    for (int j = 0; j < nr; j++) {
+        if (j >= nrows) {
+            for (int e = 0; e < ec; e++) dst[(size_t)e * nr + j] = 0.0f;
+            continue;
+        }
+        /* blocks b0..b1-1 cover [e0, e0 + ec); dequantised in pieces */
+        for (int bs = b0; bs < b1; bs += LIN_PACK_TMP / 32) {
+            const int be = imin(b1, bs + LIN_PACK_TMP / 32);
+            const int kn = imin(K, be * 32) - bs * 32;
+            q_dequantize_row(dt, w + (size_t)j * row_bytes + (size_t)bs * bb, kn, tmp);
+            for (int i = 0; i < kn; i++) {
+                const int e = bs * 32 + i - b0 * 32 - off;
+                if (e >= 0 && e < ec) dst[(size_t)e * nr + j] = tmp[i];
+            }
+        }
+    }
+}
+
+/* Portable small-T path for block formats: W rows dequantised a piece at a
+ * time (in L1), dotted with float x. */
+static void gemv_q_float(int T, int K, const float *x, size_t ldx, const void *w, dtype dt,
+                         const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+    const size_t rb = q_row_bytes(dt, K), bb = dt == DT_Q8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
+    float wb[LIN_PACK_TMP];
+    for (int n = n0; n < n1; n++) {
+        const char *wr = (const char *)w + (size_t)n * rb;
+        for (int t0 = 0; t0 < T; t0 += 4) {
+            const int tn = imin(4, T - t0);
+            float acc[4] = {0, 0, 0, 0};
+            for (int k0 = 0; k0 < K; k0 += LIN_PACK_TMP) {
+                const int kn = imin(LIN_PACK_TMP, K - k0);
+                q_dequantize_row(dt, wr + (size_t)(k0 / 32) * bb, kn, wb);
+                for (int t = 0; t < tn; t++) {
+                    const float *xt = x + (size_t)(t0 + t) * ldx + k0;
+                    float s = 0.0f;
+                    for (int kk = 0; kk < kn; kk++) s += xt[kk] * wb[kk];
+                    acc[t] += s;
+                }
+            }
+            const float bn = b ? cpu_ld(b, bdt, (size_t)n) : 0.0f;
+            for (int t = 0; t < tn; t++) y[(size_t)(t0 + t) * ldy + n] = acc[t] + bn;
+        }
+    }
+}
 
 static void lin_gemm_task(void *arg, int task, int thread) {
     const lin_job *j = arg;
@@ -202,14 +274,19 @@ static void lin_gemm_task(void *arg, int task, int thread) {
     if (L->b)
         for (int n = p0 * nr; n < imin(p1 * nr, N); n++)
             bias[n - p0 * nr] = cpu_ld(L->b, L->bdt, (size_t)n);
-    const size_t esz = dt_bytes(L->dt);
+    const size_t esz = j->q ? 0 : dt_bytes(L->dt), rb = j->q ? q_row_bytes(L->dt, j->K) : 0;
     for (int e0 = 0; e0 < j->Ke; e0 += g->kc) {
         const int ec = imin(g->kc, j->Ke - e0);
         const size_t panel_bytes = (size_t)ec * nr * 4;
         for (int p = p0; p < p1; p++) {
             const int n0 = p * nr;
-            g->pack(wp + (p - p0) * panel_bytes, (const char *)L->w + (size_t)n0 * j->K * esz,
-                    L->dt, (size_t)j->K, imin(nr, N - n0), e0, ec, j->K);
+            if (j->q)
+                pack_q((float *)(void *)(wp + (p - p0) * panel_bytes),
+                       (const char *)L->w + (size_t)n0 * rb, L->dt, rb, imin(nr, N - n0), nr, e0,
+                       ec, j->K);
+            else
+                g->pack(wp + (p - p0) * panel_bytes, (const char *)L->w + (size_t)n0 * j->K * esz,
+                        L->dt, (size_t)j->K, imin(nr, N - n0), e0, ec, j->K);
         }
         /* One register tile of x rows stays in L1 while it meets every panel
          * of the block, which streams from L2. */
@@ -232,7 +309,13 @@ static void lin_gemv_task(void *arg, int task, int thread) {
     const op_linear *L = j->L;
     const int n0 = task * j->n_per, n1 = imin(L->n_out, n0 + j->n_per);
     if (n0 >= n1) return;
-    if (j->pairs)
+    if (j->qx)
+        j->k->gemv_q(j->T, j->K, j->x, j->ldx * 4, L->w, L->dt, L->b, L->bdt, n0, n1, j->y,
+                     j->ldy);
+    else if (j->q)
+        gemv_q_float(j->T, j->K, (const float *)(const void *)j->x, j->ldx, L->w, L->dt, L->b,
+                     L->bdt, n0, n1, j->y, j->ldy);
+    else if (j->pairs)
         j->k->gemv_pairs(j->T, j->K, (const uint32_t *)(const void *)j->x, j->ldx, L->w, L->b,
                          L->bdt, n0, n1, j->y, j->ldy);
     else
@@ -247,7 +330,9 @@ static void lin_convert_task(void *arg, int task, int thread) {
     for (int t = t0; t < t1; t++) {
         const float *src = j->xsrc + (size_t)t * j->ldxsrc;
         void *dst = (void *)(j->x + (size_t)t * j->ldx * 4);
-        if (j->pairs)
+        if (j->qx)
+            cpu_quantize_x(src, j->K, dst);
+        else if (j->pairs)
             j->k->to_pairs(dst, src, j->K);
         else
             j->k->round_bf16(dst, src, j->K);
@@ -265,17 +350,23 @@ void cpu_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T, c
     const cpu_kernels *k = kern_of(c);
     const int K = L->n_in, N = L->n_out;
     if (T <= 0 || N <= 0) return;
-    if ((L->dt != DT_BF16 && L->dt != DT_F16 && L->dt != DT_F32) || K <= 0) {
+    const int q = L->dt == DT_Q8 || L->dt == DT_Q4;
+    if ((L->dt != DT_BF16 && L->dt != DT_F16 && L->dt != DT_F32 && !q) || K <= 0) {
         lin_fallback(c, y, ldy, x, ldx, T, L);
         return;
     }
     const int small = T < k->small_t;
     const int bf = c->prec == OPS_BF16;
     const int pairs = bf && L->dt == DT_BF16 && (small ? k->gemv_pairs != NULL : k->bf16 != NULL);
-    const int convert = bf; /* pairs, or x rounded to bf16 for the float kernels */
+    /* Block formats at small T: x quantised to int8 blocks when the table
+     * has integer dot products (then BF16 rounding is moot). */
+    const int qx = q && small && k->gemv_q != NULL;
+    const int convert = bf || qx; /* pairs, int8 blocks, or x rounded to bf16 */
     const cpu_gemm *g = pairs ? k->bf16 : k->f32;
     const int Ke = pairs ? (K + 1) / 2 : K;
-    const size_t ldxc = convert ? (size_t)((Ke + 15) & ~15) : (size_t)ldx;
+    const size_t ldxc = qx        ? cpu_qx_row_bytes(K) / 4
+                        : convert ? (size_t)((Ke + 15) & ~15)
+                                  : (size_t)ldx;
     const int nt = c->n_threads;
     const int pass = convert ? LIN_T_PASS : T;
     char *sp[MAX_THREADS];
@@ -292,6 +383,8 @@ void cpu_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T, c
                      .K = K,
                      .Ke = Ke,
                      .pairs = pairs,
+                     .q = q,
+                     .qx = qx,
                      .sp = sp};
         size_t each = 0;
         int n_tasks;

@@ -21,6 +21,109 @@ static inline float ld(const void *p, dtype dt, size_t i) {
 
 float op_vec_get(op_vec v, size_t i) { return ld(v.p, v.dt, i); }
 
+/* ---- block formats (ops.h, qformat) ------------------------------------------ */
+
+size_t q_row_bytes(dtype dt, int K) {
+    const size_t nb = (size_t)(K + Q_BLOCK - 1) / Q_BLOCK;
+    return dt == DT_Q8 ? nb * Q8_BLOCK_BYTES : dt == DT_Q4 ? nb * Q4_BLOCK_BYTES : 0;
+}
+
+static float q_round(float v) { return v >= 0.0f ? floorf(v + 0.5f) : -floorf(-v + 0.5f); }
+
+/* Squared error of a Q4 block of scale d (as stored: f16). */
+static float q4_sse(const float *v, float d) {
+    d = f16_to_f32(f32_to_f16(d));
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    float e = 0.0f;
+    for (int i = 0; i < Q_BLOCK; i++) {
+        float q = q_round(v[i] * id);
+        q = q < -8.0f ? -8.0f : q > 7.0f ? 7.0f : q;
+        e += (v[i] - d * q) * (v[i] - d * q);
+    }
+    return e;
+}
+
+/* The Q4 scale of a block: m / -8 (m the weight of largest magnitude) maps m
+ * exactly, but 4 bits leave the rounding error large, so nearby scales are
+ * tried too, each with its least-squares refinement d = sum(v q) / sum(q q)
+ * for the levels it picks, and the one of least squared error is kept
+ * (the search of llama.cpp's make_qx_quants, reduced). */
+static float q4_scale(const float *v, float m) {
+    if (m == 0.0f) return 0.0f;
+    float best = m / -8.0f, best_e = q4_sse(v, best);
+    for (int is = -6; is <= 6; is++) {
+        const float d = m / (-8.0f + 0.125f * (float)is), id = 1.0f / d;
+        float sxq = 0.0f, sqq = 0.0f;
+        for (int i = 0; i < Q_BLOCK; i++) {
+            float q = q_round(v[i] * id);
+            q = q < -8.0f ? -8.0f : q > 7.0f ? 7.0f : q;
+            sxq += v[i] * q, sqq += q * q;
+        }
+        const float cand[2] = {d, sqq > 0.0f ? sxq / sqq : d};
+        for (int c = 0; c < 2; c++) {
+            const float e = q4_sse(v, cand[c]);
+            if (e < best_e) best_e = e, best = cand[c];
+        }
+    }
+    return best;
+}
+
+void q_quantize_row(dtype dt, const float *x, int K, void *dst) {
+    uint8_t *p = dst;
+    for (int k0 = 0; k0 < K; k0 += Q_BLOCK) {
+        float v[Q_BLOCK];
+        const int kn = K - k0 < Q_BLOCK ? K - k0 : Q_BLOCK;
+        for (int i = 0; i < Q_BLOCK; i++) v[i] = i < kn ? x[k0 + i] : 0.0f;
+        float amax = 0.0f, m = 0.0f;
+        for (int i = 0; i < Q_BLOCK; i++)
+            if (fabsf(v[i]) > amax) amax = fabsf(v[i]), m = v[i];
+        /* The scale is stored as f16; quantise with the stored value so that
+         * d * q reproduces the weights as closely as the format allows. */
+        const uint16_t dh = f32_to_f16(dt == DT_Q8 ? amax / 127.0f : q4_scale(v, m));
+        const float d = f16_to_f32(dh), id = d != 0.0f ? 1.0f / d : 0.0f;
+        memcpy(p, &dh, 2);
+        if (dt == DT_Q8) {
+            int8_t *q = (int8_t *)(p + 2);
+            for (int i = 0; i < Q_BLOCK; i++) {
+                float r = q_round(v[i] * id);
+                q[i] = (int8_t)(r > 127.0f ? 127 : r < -127.0f ? -127 : r);
+            }
+            p += Q8_BLOCK_BYTES;
+        } else {
+            uint8_t *qs = p + 2;
+            for (int i = 0; i < Q_BLOCK / 2; i++) {
+                int lo = (int)q_round(v[i] * id) + 8, hi = (int)q_round(v[i + 16] * id) + 8;
+                lo = lo < 0 ? 0 : lo > 15 ? 15 : lo;
+                hi = hi < 0 ? 0 : hi > 15 ? 15 : hi;
+                qs[i] = (uint8_t)(lo | hi << 4);
+            }
+            p += Q4_BLOCK_BYTES;
+        }
+    }
+}
+
+void q_dequantize_row(dtype dt, const void *src, int K, float *out) {
+    const uint8_t *p = src;
+    for (int k0 = 0; k0 < K; k0 += Q_BLOCK) {
+        uint16_t dh;
+        memcpy(&dh, p, 2);
+        const float d = f16_to_f32(dh);
+        const int kn = K - k0 < Q_BLOCK ? K - k0 : Q_BLOCK;
+        if (dt == DT_Q8) {
+            const int8_t *q = (const int8_t *)(p + 2);
+            for (int i = 0; i < kn; i++) out[k0 + i] = d * (float)q[i];
+            p += Q8_BLOCK_BYTES;
+        } else {
+            const uint8_t *qs = p + 2;
+            for (int i = 0; i < kn; i++) {
+                const int nib = i < 16 ? qs[i] & 15 : qs[i - 16] >> 4;
+                out[k0 + i] = d * (float)(nib - 8);
+            }
+            p += Q4_BLOCK_BYTES;
+        }
+    }
+}
+
 /* Dequantise one row of a linear layer's weight to float32. */
 void ref_weight_row(const op_linear *L, int n, float *out);
 
@@ -32,7 +135,11 @@ void ref_weight_row(const op_linear *L, int n, float *out) {
     case DT_F32:
         for (int k = 0; k < K; k++) out[k] = ld(L->w, L->dt, (size_t)n * K + k);
         break;
-    default: /* block formats are dequantised by their own backend code */
+    case DT_Q8:
+    case DT_Q4:
+        q_dequantize_row(L->dt, (const char *)L->w + (size_t)n * q_row_bytes(L->dt, K), K, out);
+        break;
+    default:
         for (int k = 0; k < K; k++) out[k] = 0.0f;
         break;
     }

@@ -1,0 +1,121 @@
+/*
+ * gemv_q_x86.h — the small-T linear over block-format weights (ops.h
+ * qformat), for x86. Included by ops_avx2.c and ops_avx512.c, each compiled
+ * for its ISA, after defining
+ *
+ *   QDOT(u8, s8)  __m256i of 8 int32 lanes, each the sum of four products
+ *                 u8[i]*s8[i] (unsigned x signed bytes): vpdpbusd with
+ *                 AVX512-VNNI, vpmaddubsw + vpmaddwd on plain AVX2 (its 16-bit
+ *                 pair sums cannot saturate: |x| <= 127 and |w| <= 127).
+ *   QT_MAX        rows of x per tile (accumulators: 4 x QT_MAX ymm).
+ *   INLINE, imin  as in the including file.
+ *
+ * x arrives quantised per block of 32 (cpu_quantize_x: int8 q_x, float d_x).
+ * One block of one weight row against one row of x:
+ *   s = sum_i q_w[i] q_x[i]  (exact in int32)    y += (d_w d_x) s
+ * vpdpbusd needs one unsigned operand: |q_x| and q_w with the sign of q_x
+ * give the same products (vpsignb; q_w is never -128: Q8 stops at -127 and
+ * Q4 spans -8..7). The 8 lanes of s are kept, converted and scaled per
+ * block, and summed horizontally once per row at the end.
+ *
+ * Four weight rows at a time (four streams, prefetched), up to QT_MAX rows
+ * of x from L1. The scalar reference is ref_linear over q_dequantize_row
+ * (ops_ref.c); this differs from it by the rounding of x to int8.
+ */
+#ifndef ALBEDO_GEMV_Q_X86_H
+#define ALBEDO_GEMV_Q_X86_H
+
+#define QPF_AHEAD 768 /* bytes ahead of each weight stream */
+
+/* The 32 weights of a block as signed bytes. */
+INLINE __m256i q_block(const dtype DT, const uint8_t *blk) {
+    if (DT == DT_Q8) return _mm256_loadu_si256((const __m256i *)(const void *)(blk + 2));
+    const __m128i b = _mm_loadu_si128((const __m128i *)(const void *)(blk + 2));
+    const __m128i m = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+}
+
+INLINE float q_scale(const uint8_t *blk) {
+    uint16_t h;
+    memcpy(&h, blk, 2);
+    return _cvtsh_ss(h);
+}
+
+INLINE float q_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INLINE void gemv_q_tile(const int TN, const dtype DT, int nb, const int8_t *xq, size_t ldxq,
+                        const uint8_t *const wr[4], float out[4][QT_MAX]) {
+    const size_t bb = DT == DT_Q8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
+    __m256 acc[4][QT_MAX];
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < TN; t++) acc[r][t] = _mm256_setzero_ps();
+    const float *dx[QT_MAX];
+    for (int t = 0; t < TN; t++) dx[t] = (const float *)(const void *)(xq + (size_t)t * ldxq + (size_t)nb * 32);
+    for (int b = 0; b < nb; b++) {
+        __m256i w[4];
+        float dw[4];
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *blk = wr[r] + (size_t)b * bb;
+            _mm_prefetch((const char *)blk + QPF_AHEAD, _MM_HINT_T0);
+            w[r] = q_block(DT, blk);
+            dw[r] = q_scale(blk);
+        }
+        for (int t = 0; t < TN; t++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(xq + (size_t)t * ldxq + (size_t)b * 32));
+            const __m256i ax = _mm256_abs_epi8(xv);
+            const float d = dx[t][b];
+            for (int r = 0; r < 4; r++) {
+                const __m256i s = QDOT(ax, _mm256_sign_epi8(w[r], xv));
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw[r] * d), acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int t = 0; t < TN; t++) out[r][t] = q_hsum8(acc[r][t]);
+}
+
+INLINE void gemv_q_dt(const dtype DT, int T, int K, const void *xqv, size_t ldxq, const void *w,
+                      const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+    const size_t rb = q_row_bytes(DT, K);
+    const int nb = (K + 31) / 32;
+    const int8_t *xq = xqv;
+    for (int n = n0; n < n1; n += 4) {
+        const int rn = imin(4, n1 - n);
+        const uint8_t *wr[4];
+        /* Past the end, repeat the last row: its sums are discarded. */
+        for (int r = 0; r < 4; r++) wr[r] = (const uint8_t *)w + (size_t)(n + imin(r, rn - 1)) * rb;
+        for (int t0 = 0; t0 < T; t0 += QT_MAX) {
+            float s[4][QT_MAX];
+            const int8_t *xt = xq + (size_t)t0 * ldxq;
+            const int tn = imin(QT_MAX, T - t0);
+            switch (tn) {
+            case 1: gemv_q_tile(1, DT, nb, xt, ldxq, wr, s); break;
+#if QT_MAX > 2
+            case 2: gemv_q_tile(2, DT, nb, xt, ldxq, wr, s); break;
+            case 3: gemv_q_tile(3, DT, nb, xt, ldxq, wr, s); break;
+#endif
+            default: gemv_q_tile(QT_MAX, DT, nb, xt, ldxq, wr, s); break;
+            }
+            for (int r = 0; r < rn; r++) {
+                const float bn = b ? cpu_ld(b, bdt, (size_t)(n + r)) : 0.0f;
+                for (int t = 0; t < tn; t++) y[(size_t)(t0 + t) * ldy + n + r] = s[r][t] + bn;
+            }
+        }
+    }
+}
+
+static void gemv_q_x86(int T, int K, const void *xq, size_t ldxq, const void *w, dtype dt,
+                       const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+    if (dt == DT_Q8)
+        gemv_q_dt(DT_Q8, T, K, xq, ldxq, w, b, bdt, n0, n1, y, ldy);
+    else
+        gemv_q_dt(DT_Q4, T, K, xq, ldxq, w, b, bdt, n0, n1, y, ldy);
+}
+
+#endif
