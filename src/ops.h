@@ -40,8 +40,10 @@ typedef struct op_linear {
  *     d = max|w| / 127, q = round(w / d).
  *   DT_Q4, 18 bytes: d (f16), qs[16] bytes; weight i < 16 is the low nibble
  *     of qs[i], weight i + 16 its high nibble; w[i] = d * (nibble - 8)
- *     d = m / -8 where m is the weight of largest magnitude (sign kept), so
- *     that m maps to nibble 0 exactly; nibble = clamp(round(w / d) + 8, 0, 15).
+ *     nibble = clamp(round(w / d) + 8, 0, 15); d is the scale of least
+ *     squared error among m / -8 (m the weight of largest magnitude, sign
+ *     kept) and nearby candidates with their least-squares refinements
+ *     (q_quantize_row). Readers need only d and the nibbles.
  *
  * Bytes per weight: Q8 1.0625, Q4 0.5625. Scales are unaligned (a block is
  * not a multiple of 4 bytes); kernels read them with memcpy or unaligned

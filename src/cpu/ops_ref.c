@@ -28,7 +28,10 @@ size_t q_row_bytes(dtype dt, int K) {
     return dt == DT_Q8 ? nb * Q8_BLOCK_BYTES : dt == DT_Q4 ? nb * Q4_BLOCK_BYTES : 0;
 }
 
-static float q_round(float v) { return v >= 0.0f ? floorf(v + 0.5f) : -floorf(-v + 0.5f); }
+/* Round half away from zero; |v| stays far below 2^31 here (at most 128 plus
+ * rounding), and the truncating conversion is one instruction where floorf
+ * is a library call on baseline x86-64. */
+static float q_round(float v) { return (float)(int32_t)(v + (v >= 0.0f ? 0.5f : -0.5f)); }
 
 /* Squared error of a Q4 block of scale d (as stored: f16). */
 static float q4_sse(const float *v, float d) {
@@ -51,8 +54,8 @@ static float q4_sse(const float *v, float d) {
 static float q4_scale(const float *v, float m) {
     if (m == 0.0f) return 0.0f;
     float best = m / -8.0f, best_e = q4_sse(v, best);
-    for (int is = -6; is <= 6; is++) {
-        const float d = m / (-8.0f + 0.125f * (float)is), id = 1.0f / d;
+    for (int is = -3; is <= 3; is++) {
+        const float d = m / (-8.0f + 0.25f * (float)is), id = 1.0f / d;
         float sxq = 0.0f, sqq = 0.0f;
         for (int i = 0; i < Q_BLOCK; i++) {
             float q = q_round(v[i] * id);
