@@ -12,7 +12,7 @@
 
 /* ---- cases ------------------------------------------------------------------- */
 
-static void flatten(json_t *v, double *out, int *n, int cap) {
+static inline void flatten(json_t *v, double *out, int *n, int cap) {
     if (json_is_array(v)) {
         size_t i;
         json_t *x;
@@ -22,7 +22,7 @@ static void flatten(json_t *v, double *out, int *n, int cap) {
     }
 }
 
-static int first_low(json_t *margins, double thr) {
+static inline int first_low(json_t *margins, double thr) {
     double v[4096];
     int n = 0;
     flatten(margins, v, &n, 4096);
@@ -31,7 +31,7 @@ static int first_low(json_t *margins, double thr) {
     return INT32_MAX;
 }
 
-static albedo_request case_request(json_t *c, albedo_spatial_ref *refs) {
+static inline albedo_request case_request(json_t *c, albedo_spatial_ref *refs) {
     const char *task = json_string_value(json_object_get(c, "task"));
     json_t *args = json_object_get(c, "args");
     albedo_request r = albedo_request_default(ALBEDO_SKILL_QUERY);
@@ -62,7 +62,7 @@ static albedo_request case_request(json_t *c, albedo_spatial_ref *refs) {
 }
 
 /* Compare one case's result with the reference, up to the low-margin limits. */
-static void check_case(const char *label, json_t *c, const albedo_result *res) {
+static inline void check_case(const char *label, json_t *c, const albedo_result *res) {
     json_t *out = json_object_get(c, "output");
     int lim_logit = first_low(json_object_get(c, "logit_margins"), 1e-3);
     int lim_coord = first_low(json_object_get(c, "coord_margins"), 1e-3);
