@@ -298,6 +298,17 @@ albedo_status md_config_parse(md_config *c, const char *json, size_t len, errbuf
                   c->enc_dim, c->enc_heads, c->dim, c->n_heads, c->n_kv_heads);
         goto done;
     }
+    /* Products of configured sizes must stay far from overflow: bound the
+     * patch vector and the number of patches per crop (real models: 588 and
+     * 729). */
+    if ((int64_t)c->in_ch * c->patch * c->patch > (1 << 20)) {
+        st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: patches of %d x %d x %d values are too large", c->in_ch, c->patch, c->patch);
+        goto done;
+    }
+    if ((int64_t)(c->crop_size / c->patch) * (c->crop_size / c->patch) > (1 << 20)) {
+        st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: crop_size %d / enc_patch_size %d gives too many patches", c->crop_size, c->patch);
+        goto done;
+    }
     {
         int side = c->crop_size / c->patch;
         if (2 * c->overlap_margin >= side) {
