@@ -106,9 +106,10 @@ albedo_status result_to_json(albedo_session *s, const albedo_result *res, int me
         const albedo_metrics *m = &res->metrics;
         bad |= buf_printf(b,
                           ", \"finish_reason\": \"%s\", \"metrics\": {\"input_tokens\": %d, \"output_tokens\": %d, "
-                          "\"cached_tokens\": %d, \"prefill_time_ms\": %.3f, \"decode_time_ms\": %.3f, \"ttft_ms\": %.3f}",
+                          "\"cached_tokens\": %d, \"prefill_time_ms\": %.3f, \"decode_time_ms\": %.3f, \"ttft_ms\": %.3f, "
+                          "\"queue_time_ms\": %.3f}",
                           res->finish == ALBEDO_FINISH_LENGTH ? "length" : "stop", m->input_tokens, m->output_tokens,
-                          m->cached_tokens, m->prefill_time_ms, m->decode_time_ms, m->ttft_ms);
+                          m->cached_tokens, m->prefill_time_ms, m->decode_time_ms, m->ttft_ms, m->queue_time_ms);
     }
     bad |= buf_put(b, "}", 1);
     if (bad) return ALBEDO_ERR_OUT_OF_MEMORY;
