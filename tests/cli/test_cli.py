@@ -44,7 +44,7 @@ def case_args(case):
         args += ["--length", a["length"]]
     elif task == "query":
         args += ["--question", a["question"]]
-        if a.get("reasoning"):
+        if a.get("reasoning") or "reasoning" in case["output"]:
             args.append("--reasoning")
         if a.get("spatial_refs"):
             args += ["--spatial-refs", json.dumps(a["spatial_refs"])]
@@ -76,9 +76,17 @@ def compare(case, got):
     per = 3 if task == "detect" else 2
     lm = flat(case["logit_margins"])
     limit = len(want) + 1
-    for j in range(len(want) + 1):
-        if per * j < len(lm) and lm[per * j] < 1e-3:
-            limit = min(limit, j)
+    if "eos_coord_margins" in case:
+        # Moondream 3: the first object is decided by the prompt's logits row,
+        # each later one by the two-way {coord, EOS} choice after an object.
+        decisions = lm[:1] + flat(case["eos_coord_margins"])
+        for j, m in enumerate(decisions):
+            if m < 1e-3:
+                limit = min(limit, j)
+    else:
+        for j in range(len(want) + 1):
+            if per * j < len(lm) and lm[per * j] < 1e-3:
+                limit = min(limit, j)
     c = first_low(case.get("coord_margins", []))
     if c is not None:
         limit = min(limit, c // 2)
@@ -145,6 +153,33 @@ def main():
                 failed += 1
             else:
                 passed += 1
+    # Moondream 3: every md3-small case through `albedo <task> ... --json`.
+    # (The reference's text-only case reasoned by default: it gets --reasoning.)
+    if HAVE_SHARED:
+        md3_cases = json.load(open(os.path.join(SHARED, "fixtures/reference/md3-small/cases.json")))["cases"]
+        md3_model = os.path.join(SHARED, "fixtures/models/md3-small")
+    else:
+        md3_cases = json.load(open(os.path.join(ROOT, "tests/data/md3-small/cases.json")))["cases"]
+        md3_model = os.path.join(build, "cli-md3-small-gen")
+        subprocess.run([albedo, "synth", "--preset", "md3-small", "--out", md3_model, "--seed", "31337",
+                        "--tokenizer", tok], check=True)
+    for i, case in enumerate(md3_cases):
+        case = dict(case)
+        if case["image"]:
+            case["image_path"] = os.path.join(images, case["image"])
+        cmd = [albedo] + case_args(case) + ["--model", md3_model, "--threads", "1"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        label = f"md3-small case {i} ({case['image']} {case['task']})"
+        try:
+            got = json.loads(r.stdout) if r.returncode == 0 else None
+        except ValueError:
+            got = None
+        problems = compare(case, got) if got is not None else [f"exit {r.returncode}: {r.stderr.strip()[:200]}"]
+        if problems:
+            print(f"FAIL {label}: " + "; ".join(problems))
+            failed += 1
+        else:
+            passed += 1
     # The legacy F16 model: every case through `albedo batch` (one process,
     # each image encoded once), whose lines carry the same settings.
     lines = []
