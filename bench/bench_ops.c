@@ -117,12 +117,17 @@ static void bench_linear(ops_ctx *c, const char *what, int T, int K, int N, dtyp
 /* Decode (T = 1) cycles through copies of the keys and values, so that
  * they come from memory as a real KV cache does. */
 static void bench_attention(ops_ctx *c, const char *what, int T, int S, int H, int D, int pos0,
-                            int n_prefix) {
+                            int n_prefix, dtype kvdt) {
     const int copies = T == 1 ? 8 : 1;
-    const size_t kv = (size_t)S * H * D;
+    const size_t kv = (size_t)S * H * D, es = kvdt == DT_BF16 ? 2 : 4;
     float *q = malloc((size_t)T * H * D * 4), *o = malloc((size_t)T * H * D * 4);
     float *k = malloc(kv * copies * 4), *v = malloc(kv * copies * 4);
     fill(q, (size_t)T * H * D, 3), fill(k, kv * copies, 4), fill(v, kv * copies, 5);
+    if (kvdt == DT_BF16) /* the same buffers as bf16 (the first half of each) */
+        for (size_t i = 0; i < kv * copies; i++) {
+            ((uint16_t *)(void *)k)[i] = f32_to_bf16(k[i]);
+            ((uint16_t *)(void *)v)[i] = f32_to_bf16(v[i]);
+        }
     double flops = 0;
     for (int t = 0; t < T; t++) {
         int p = pos0 + t, lim = p < n_prefix ? n_prefix : p + 1;
@@ -131,15 +136,15 @@ static void bench_attention(ops_ctx *c, const char *what, int T, int S, int H, i
     int reps = T == 1 ? runs * 8 : runs;
     double *ms = malloc((size_t)reps * sizeof *ms);
     for (int r = -1; r < reps; r++) {
-        const size_t off = kv * (size_t)((r + copies) % copies);
-        op_attn a = {T, S,       H,       H, D,     pos0,  n_prefix, 1.0f / sqrtf((float)D),
-                     q, k + off, v + off, o, H * D, H * D, H * D,    H * D};
+        const size_t off = kv * (size_t)((r + copies) % copies) * es;
+        op_attn a = {T, S, H, H, D, pos0, n_prefix, 1.0f / sqrtf((float)D), q, (const char *)k + off,
+                     (const char *)v + off, o, H * D, H * D, H * D, H * D, NULL, 0, kvdt};
         double t0 = now_ms();
         ops_of(c)->attention(c, &a);
         if (r >= 0) ms[r] = now_ms() - t0;
     }
     double m = median(ms, reps);
-    printf("| %-23s | %4d | %5d | %2d | %3d | %8.3f | %8.1f | %8.1f |\n", what, T, S, H, D, m,
+    printf("| %-18s %4s | %4d | %5d | %2d | %3d | %8.3f | %8.1f | %8.1f |\n", what, kvdt == DT_BF16 ? "bf16" : "f32", T, S, H, D, m,
            flops / (m * 1e6), flops / (ms[0] * 1e6));
     free(q), free(k), free(v), free(o), free(ms);
 }
@@ -210,15 +215,19 @@ int main(int argc, char **argv) {
     bench_linear(c, "vision fc1", 729, 1152, 4304, DT_F32, OPS_F32);
     bench_linear(c, "decode fc1", 1, 2048, 8192, DT_F16, OPS_F32);
 
-    printf("\n| attention               |    T |     S |  H |   D |       ms |  GFLOP/s |     best "
+    printf("\n| attention           kv  |    T |     S |  H |   D |       ms |  GFLOP/s |     best "
            "|\n");
     printf(
         "|-------------------------|-----:|------:|---:|----:|---------:|---------:|---------:|\n");
-    bench_attention(c, "vision (bidirectional)", 729, 729, 16, 72, 0, 729);
-    bench_attention(c, "text prefill", 730, 730, 32, 64, 0, 730);
-    bench_attention(c, "text prompt after image", 10, 740, 32, 64, 730, 730);
-    bench_attention(c, "decode", 1, 740, 32, 64, 739, 730);
-    bench_attention(c, "decode deep", 1, 2048, 32, 64, 2047, 730);
+    bench_attention(c, "vision (bidirectional)", 729, 729, 16, 72, 0, 729, DT_F32);
+    bench_attention(c, "text prefill", 730, 730, 32, 64, 0, 730, DT_F32);
+    bench_attention(c, "text prefill", 730, 730, 32, 64, 0, 730, DT_BF16);
+    bench_attention(c, "text prompt after image", 10, 740, 32, 64, 730, 730, DT_F32);
+    bench_attention(c, "text prompt after image", 10, 740, 32, 64, 730, 730, DT_BF16);
+    bench_attention(c, "decode", 1, 740, 32, 64, 739, 730, DT_F32);
+    bench_attention(c, "decode", 1, 740, 32, 64, 739, 730, DT_BF16);
+    bench_attention(c, "decode deep", 1, 2048, 32, 64, 2047, 730, DT_F32);
+    bench_attention(c, "decode deep", 1, 2048, 32, 64, 2047, 730, DT_BF16);
 
     printf("\n| elementwise            |         n |        ms |  Gelem/s |\n");
     printf("|------------------------|----------:|----------:|---------:|\n");

@@ -6,18 +6,20 @@
 
 #include <stdlib.h>
 
-size_t kv_block_bytes(int n_layers, int kvd, int block) {
-    return (size_t)2 * n_layers * (size_t)kvd * (size_t)block * sizeof(float);
+size_t kv_block_bytes(int n_layers, int kvd, size_t elem, int block) {
+    return (size_t)2 * n_layers * (size_t)kvd * (size_t)block * elem;
 }
 
-albedo_status kv_pool_init(kv_pool *p, int n_layers, int kvd, int block, size_t bytes, int min_blocks, errbuf *e) {
+albedo_status kv_pool_init(kv_pool *p, int n_layers, int kvd, size_t elem, int block, size_t bytes, int min_blocks,
+                           errbuf *e) {
     memset(p, 0, sizeof *p);
-    size_t per = kv_block_bytes(n_layers, kvd, block);
+    size_t per = kv_block_bytes(n_layers, kvd, elem, block);
     size_t nb = bytes / per;
     if (nb < (size_t)min_blocks) nb = (size_t)min_blocks;
     if (nb > (1u << 24)) nb = 1u << 24;
     p->n_layers = n_layers;
     p->kvd = kvd;
+    p->elem = elem;
     p->block = block;
     p->n_blocks = (int)nb;
     p->k = calloc((size_t)n_layers, sizeof *p->k);
@@ -28,8 +30,8 @@ albedo_status kv_pool_init(kv_pool *p, int n_layers, int kvd, int block, size_t 
     for (int l = 0; ok && l < n_layers; l++) {
         /* Pages never written are never faulted in: a large budget costs
          * address space, not memory, until it is used. */
-        p->k[l] = malloc(nb * (size_t)block * (size_t)kvd * sizeof(float));
-        p->v[l] = malloc(nb * (size_t)block * (size_t)kvd * sizeof(float));
+        p->k[l] = malloc(nb * (size_t)block * (size_t)kvd * elem);
+        p->v[l] = malloc(nb * (size_t)block * (size_t)kvd * elem);
         ok = p->k[l] && p->v[l];
     }
     if (!ok) {
@@ -101,12 +103,11 @@ int kv_seq_fork(kv_pool *p, kv_seq *s, const kv_seq *src, int n_pos) {
     s->n_blocks = full;
     if (part) {
         int b = pool_take(p);
-        size_t row = (size_t)p->kvd * sizeof(float);
+        const size_t row = (size_t)p->kvd * p->elem, blk = (size_t)p->block * row;
         for (int l = 0; l < p->n_layers; l++) {
-            memcpy(p->k[l] + (size_t)b * p->block * p->kvd, p->k[l] + (size_t)src->blocks[full] * p->block * p->kvd,
-                   (size_t)part * row);
-            memcpy(p->v[l] + (size_t)b * p->block * p->kvd, p->v[l] + (size_t)src->blocks[full] * p->block * p->kvd,
-                   (size_t)part * row);
+            char *k = p->k[l], *v = p->v[l];
+            memcpy(k + (size_t)b * blk, k + (size_t)src->blocks[full] * blk, (size_t)part * row);
+            memcpy(v + (size_t)b * blk, v + (size_t)src->blocks[full] * blk, (size_t)part * row);
         }
         s->blocks[s->n_blocks++] = b;
     }

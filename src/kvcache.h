@@ -14,16 +14,19 @@
 
 typedef struct kv_pool {
     int n_layers, kvd, block, n_blocks;
-    float **k, **v; /* per layer [n_blocks * block, kvd] */
+    size_t elem;    /* bytes per element: 4 (float32) or 2 (bf16), the model's kv_dt */
+    void **k, **v;  /* per layer [n_blocks * block, kvd] */
     int *ref;       /* per block: holders (sequences and prefix entries) */
     int *free_list;
     int n_free;
 } kv_pool;
 
-/* A pool of as many blocks as fit in bytes (at least min_blocks). */
-albedo_status kv_pool_init(kv_pool *p, int n_layers, int kvd, int block, size_t bytes, int min_blocks, errbuf *e);
+/* A pool of as many blocks as fit in bytes (at least min_blocks), of
+ * elements of elem bytes. */
+albedo_status kv_pool_init(kv_pool *p, int n_layers, int kvd, size_t elem, int block, size_t bytes, int min_blocks,
+                           errbuf *e);
 void kv_pool_free(kv_pool *p);
-size_t kv_block_bytes(int n_layers, int kvd, int block);
+size_t kv_block_bytes(int n_layers, int kvd, size_t elem, int block);
 
 /* A sequence's block table. */
 typedef struct kv_seq {
@@ -44,8 +47,9 @@ int kv_seq_fork(kv_pool *p, kv_seq *s, const kv_seq *src, int n_pos);
 static inline int kv_blocks_for(const kv_pool *p, int n_pos) { return (n_pos + p->block - 1) / p->block; }
 
 /* Row of position pos in layer l's K or V pool. */
-static inline float *kv_row(const kv_pool *p, float *const *base, int l, const kv_seq *s, int pos) {
-    return base[l] + ((size_t)s->blocks[pos / p->block] * (size_t)p->block + (size_t)(pos % p->block)) * (size_t)p->kvd;
+static inline void *kv_row(const kv_pool *p, void *const *base, int l, const kv_seq *s, int pos) {
+    return (char *)base[l] +
+           ((size_t)s->blocks[pos / p->block] * (size_t)p->block + (size_t)(pos % p->block)) * (size_t)p->kvd * p->elem;
 }
 
 /* ---- prefix cache: encoded image prefixes by content key ------------------ */

@@ -78,22 +78,32 @@ typedef struct op_attn {
     int n_prefix;      /* bidirectional prefix length (0: plain causal) */
     float scale;       /* usually 1/sqrt(D) */
     const float *q;    /* [T, ldq], head h at column h*D */
-    const float *k;    /* [S, ldk], kv head g at column g*D */
-    const float *v;    /* [S, ldv] */
+    const void *k;     /* [S, ldk] of kv_dt, kv head g at column g*D */
+    const void *v;     /* [S, ldv] of kv_dt */
     float *out;        /* [T, ldo], head h at column h*D */
-    int ldq, ldk, ldv, ldo;
+    int ldq, ldk, ldv, ldo; /* row strides in elements */
     /* Paged keys and values (optional): when blocks is not NULL, key j is row
      * blocks[j / block_size]·block_size + j % block_size of k and v, so a
      * sequence's cache can live in fixed-size blocks of a shared pool. */
     const int32_t *blocks;
     int block_size;
+    /* Element type of k and v: DT_F32 (the zero value) or DT_BF16 (the KV
+     * cache of BF16 precision; widened exactly to float when read). */
+    dtype kv_dt;
 } op_attn;
 
+/* Bytes of one element of a KV cache of dtype dt (DT_F32 or DT_BF16). */
+static inline size_t kv_elem_bytes(dtype dt) { return dt == DT_BF16 ? 2 : 4; }
+
 /* Row j of the keys (or values, with ld = ldv and base = v) of a. */
-static inline const float *op_attn_row(const op_attn *a, const float *base, int ld, int j) {
+static inline const void *op_attn_row(const op_attn *a, const void *base, int ld, int j) {
     size_t r = a->blocks ? (size_t)a->blocks[j / a->block_size] * (size_t)a->block_size + (size_t)(j % a->block_size)
                          : (size_t)j;
-    return base + r * (size_t)ld;
+    return (const char *)base + r * (size_t)ld * kv_elem_bytes(a->kv_dt);
+}
+/* Element i of a KV row of dtype dt. */
+static inline float kv_get(const void *row, dtype dt, size_t i) {
+    return dt == DT_BF16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
 typedef struct ops_ctx ops_ctx; /* backend state: thread pool, scratch */
@@ -102,7 +112,9 @@ typedef struct ops {
     const char *name;
 
     /* y[T, N] (row stride ldy) = x[T, K] (row stride ldx) · Wᵀ + b.
-     * With ctx precision BF16 the backend may round x to bf16 first. */
+     * With ctx precision BF16 the backend may round x to bf16 first, and the
+     * dequantised values of block-format weights too (on the packed path,
+     * where they meet bf16 x bf16 dot products). */
     void (*linear)(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T,
                    const op_linear *L);
 

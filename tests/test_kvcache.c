@@ -16,15 +16,16 @@ static int rnd(int n) {
 static void fill(kv_pool *p, const kv_seq *s, int from, int to, float tag) {
     for (int l = 0; l < p->n_layers; l++)
         for (int pos = from; pos < to; pos++) {
-            kv_row(p, p->k, l, s, pos)[0] = tag + (float)pos;
-            kv_row(p, p->v, l, s, pos)[p->kvd - 1] = -tag - (float)pos;
+            ((float *)kv_row(p, p->k, l, s, pos))[0] = tag + (float)pos;
+            ((float *)kv_row(p, p->v, l, s, pos))[p->kvd - 1] = -tag - (float)pos;
         }
 }
 
 static int rows_ok(kv_pool *p, const kv_seq *s, int n, float tag) {
     for (int l = 0; l < p->n_layers; l++)
         for (int pos = 0; pos < n; pos++)
-            if (kv_row(p, p->k, l, s, pos)[0] != tag + (float)pos || kv_row(p, p->v, l, s, pos)[p->kvd - 1] != -tag - (float)pos)
+            if (((float *)kv_row(p, p->k, l, s, pos))[0] != tag + (float)pos ||
+                ((float *)kv_row(p, p->v, l, s, pos))[p->kvd - 1] != -tag - (float)pos)
                 return 0;
     return 1;
 }
@@ -33,7 +34,7 @@ int main(void) {
     errbuf e;
     kv_pool p;
     const int block = 16, kvd = 8, layers = 2;
-    CHECK(kv_pool_init(&p, layers, kvd, block, kv_block_bytes(layers, kvd, block) * 64, 1, &e) == ALBEDO_OK, "%s", e.msg);
+    CHECK(kv_pool_init(&p, layers, kvd, sizeof(float), block, kv_block_bytes(layers, kvd, sizeof(float), block) * 64, 1, &e) == ALBEDO_OK, "%s", e.msg);
     CHECK(p.n_blocks == 64 && p.n_free == 64, "pool of %d blocks, %d free", p.n_blocks, p.n_free);
 
     /* fork: whole blocks shared, the partial block copied */

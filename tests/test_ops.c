@@ -238,7 +238,10 @@ static void test_linears(void) {
  *     block moves each x[k] by at most max|x_block(k)| / 254, and BF16
  *     precision's rounding of x on the reference side by at most |x| / 512,
  *     so the error is within sum_k |w_k| max|x_block(k)| / 160 (plus the
- *     float tolerance).
+ *     float tolerance);
+ *   BF16 precision on the packed path (T >= small_t): the dequantised
+ *     weights are rounded to bf16 as well (ops.h), each by at most 2^-9 of
+ *     itself, so the error is within sum_k |x_k w_k| / 256 (plus the above).
  * Guard blocks with a NaN scale follow the matrix: a kernel reading past
  * the last row produces NaN. */
 
@@ -293,6 +296,7 @@ static void test_linear_q(int T, int K, int N, dtype dt, int bdt, int xpad, int 
             ops_ctx *c = ctxs[ci];
             const cpu_kernels *kk = ((const cpu_table *)(const void *)c->tab)->k;
             const int int8 = kk->gemv_q != NULL && T < kk->small_t;
+            const int wround = prec == OPS_BF16 && T >= kk->small_t && kk->bf16 != NULL;
             c->prec = (ops_precision)prec;
             for (size_t i = 0; i < (size_t)T * ldy + GUARD; i++) y[i] = poison_f();
             ops_of(c)->linear(c, y, ldy, x, ldx, T, &L);
@@ -301,7 +305,7 @@ static void test_linear_q(int T, int K, int N, dtype dt, int bdt, int xpad, int 
             for (int t = 0; t < T; t++)
                 for (int n = 0; n < N; n++) {
                     size_t i = (size_t)t * ldy + n, m = (size_t)t * N + n;
-                    double lim = tol * mag[m] + (int8 ? magq[m] / 160.0 : 0.0);
+                    double lim = tol * mag[m] + (int8 ? magq[m] / 160.0 : 0.0) + (wround ? mag[m] / 256.0 : 0.0);
                     double e = fabs((double)y[i] - ref[i]) / (lim + 1e-30);
                     if (!(e <= worst)) {
                         worst = isnan(e) ? INFINITY : e;
@@ -387,7 +391,26 @@ static void test_linears_q(void) {
 
 /* ---- attention ---------------------------------------------------------------------- */
 
+/* k and v [rows, ld] as a KV cache of dtype dt: the floats themselves, or
+ * a bf16 copy (the caller's floats rounded to it, so that both sides of a
+ * comparison see the same values). Free with free(). */
+static void *kv_copy(float *x, size_t n, dtype dt) {
+    if (dt != DT_BF16) return NULL;
+    uint16_t *h = malloc(n * sizeof *h + 64);
+    for (size_t i = 0; i < n; i++) {
+        h[i] = f32_to_bf16(x[i]);
+        x[i] = bf16_to_f32(h[i]);
+    }
+    return h;
+}
+
+static void test_attention_dt(int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int pad, dtype kvdt);
 static void test_attention(int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int pad) {
+    test_attention_dt(T, S, H, Hkv, D, pos0, n_prefix, pad, DT_F32);
+    test_attention_dt(T, S, H, Hkv, D, pos0, n_prefix, pad, DT_BF16);
+}
+
+static void test_attention_dt(int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int pad, dtype kvdt) {
     const int ldq = H * D + pad, ldk = Hkv * D + pad, ldv = Hkv * D + 2 * pad, ldo = H * D + pad;
     float *q = fbuf((size_t)T * ldq), *k = fbuf((size_t)S * ldk), *v = fbuf((size_t)S * ldv);
     float *ref = fbuf((size_t)T * ldo), *o = fbuf((size_t)T * ldo);
@@ -401,8 +424,11 @@ static void test_attention(int T, int S, int H, int Hkv, int D, int pos0, int n_
             k[(size_t)s * ldk + i] = rnd(-1, 1);
             v[(size_t)s * ldv + i] = rnd(-1, 1);
         }
+    /* Unseen keys keep a poison that is NaN in bf16 too. */
+    void *kh = kv_copy(k, (size_t)S * ldk, kvdt), *vh = kv_copy(v, (size_t)S * ldv, kvdt);
     op_attn a = {T, S, H, Hkv, D,   pos0, n_prefix, 1.0f / sqrtf((float)D),
-                 q, k, v, ref, ldq, ldk,  ldv,      ldo, NULL, 0};
+                 q, k, v, ref, ldq, ldk,  ldv,      ldo, NULL, 0, DT_F32};
+    if (kvdt == DT_BF16) a.k = kh, a.v = vh, a.kv_dt = DT_BF16;
     ops_ref_table()->attention(ref_ctx, &a);
     for (int ci = 0; ci < n_ctx; ci++) {
         ops_ctx *c = ctxs[ci];
@@ -421,21 +447,28 @@ static void test_attention(int T, int S, int H, int Hkv, int D, int pos0, int n_
                 }
             }
         CHECK(worst <= 1.0 && !ops_failed(c),
-              "attention %s x%d T=%d S=%d H=%d Hkv=%d D=%d pos0=%d n_prefix=%d: worst [%d,%d] got "
+              "attention %s x%d kv %s T=%d S=%d H=%d Hkv=%d D=%d pos0=%d n_prefix=%d: worst [%d,%d] got "
               "%.9g want %.9g",
-              ctx_label[ci], ops_n_threads(c), T, S, H, Hkv, D, pos0, n_prefix, wt, wi,
+              ctx_label[ci], ops_n_threads(c), kvdt == DT_BF16 ? "bf16" : "f32", T, S, H, Hkv, D, pos0, n_prefix, wt, wi,
               o[(size_t)wt * ldo + wi], ref[(size_t)wt * ldo + wi]);
         int dmg = guard_damage(o, T, H * D, ldo);
         CHECK(dmg == 0, "attention %s x%d T=%d S=%d H=%d D=%d: %d poisoned floats written",
               ctx_label[ci], ops_n_threads(c), T, S, H, D, dmg);
     }
+    free(kh), free(vh);
     ffree(q), ffree(k), ffree(v), ffree(ref), ffree(o);
 }
 
 /* Paged keys and values: the sequence's blocks scattered over a pool in
  * reverse order with a spare block between them; every backend (and the
  * reference itself) must equal the reference on the contiguous layout. */
+static void test_attention_paged_dt(int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int bs, dtype kvdt);
 static void test_attention_paged(int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int bs) {
+    test_attention_paged_dt(T, S, H, Hkv, D, pos0, n_prefix, bs, DT_F32);
+    test_attention_paged_dt(T, S, H, Hkv, D, pos0, n_prefix, bs, DT_BF16);
+}
+
+static void test_attention_paged_dt(int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int bs, dtype kvdt) {
     const int ldq = H * D, ldk = Hkv * D, ldo = H * D, nb = (S + bs - 1) / bs, pool_rows = 2 * nb * bs;
     float *q = fbuf((size_t)T * ldq), *k = fbuf((size_t)S * ldk), *v = fbuf((size_t)S * ldk);
     float *pk = fbuf((size_t)pool_rows * ldk), *pv = fbuf((size_t)pool_rows * ldk);
@@ -451,11 +484,15 @@ static void test_attention_paged(int T, int S, int H, int Hkv, int D, int pos0, 
             v[(size_t)j * ldk + i] = dv[i] = rnd(-1, 1);
         }
     }
-    op_attn a = {T, S, H, Hkv, D, pos0, n_prefix, 1.0f / sqrtf((float)D), q, k, v, ref, ldq, ldk, ldk, ldo, NULL, 0};
+    /* The pool's rows outside the sequence stay poisoned (NaN in bf16 too). */
+    void *kh = kv_copy(k, (size_t)S * ldk, kvdt), *vh = kv_copy(v, (size_t)S * ldk, kvdt);
+    void *pkh = kv_copy(pk, (size_t)pool_rows * ldk, kvdt), *pvh = kv_copy(pv, (size_t)pool_rows * ldk, kvdt);
+    op_attn a = {T, S, H, Hkv, D, pos0, n_prefix, 1.0f / sqrtf((float)D), q, k, v, ref, ldq, ldk, ldk, ldo, NULL, 0, DT_F32};
+    if (kvdt == DT_BF16) a.k = kh, a.v = vh, a.kv_dt = DT_BF16;
     ops_ref_table()->attention(ref_ctx, &a);
     op_attn p = a;
-    p.k = pk;
-    p.v = pv;
+    p.k = kvdt == DT_BF16 ? (const void *)pkh : (const void *)pk;
+    p.v = kvdt == DT_BF16 ? (const void *)pvh : (const void *)pv;
     p.blocks = blocks;
     p.block_size = bs;
     for (int ci = -1; ci < n_ctx; ci++) {
@@ -468,8 +505,10 @@ static void test_attention_paged(int T, int S, int H, int Hkv, int D, int pos0, 
             double e = fabs((double)o[i] - ref[i]) / (2e-5 + 1e-5 * fabs(ref[i]));
             if (!(e <= worst)) worst = isnan(e) ? INFINITY : e;
         }
-        CHECK(worst <= 1.0, "paged attention %s T=%d S=%d bs=%d: worst %.3g", ci < 0 ? "ref" : ctx_label[ci], T, S, bs, worst);
+        CHECK(worst <= 1.0, "paged attention %s kv %s T=%d S=%d bs=%d: worst %.3g", ci < 0 ? "ref" : ctx_label[ci],
+              kvdt == DT_BF16 ? "bf16" : "f32", T, S, bs, worst);
     }
+    free(kh), free(vh), free(pkh), free(pvh);
     free(blocks);
     ffree(q), ffree(k), ffree(v), ffree(pk), ffree(pv), ffree(ref), ffree(o);
 }
@@ -622,6 +661,7 @@ int main(void) {
     if (ops_avx512_table() && ops_avx512_nobf16_table() != ops_avx512_table())
         add_tables(ops_avx512_nobf16_table(), "avx512-nobf16");
     add_tables(ops_neon_table(), "neon");
+    if (ops_neon_base_table() != ops_neon_table()) add_tables(ops_neon_base_table(), "neon-base");
     /* The automatic choice is one of the tables tested here. */
     ops_ctx *autoc = NULL;
     CHECK(ops_ctx_new(NULL, 1, OPS_F32, &autoc, &e) == ALBEDO_OK, "auto context: %s", e.msg);

@@ -70,6 +70,9 @@ typedef struct cpu_gemm {
                    int ncols, const float *bias, int accumulate);
 } cpu_gemm;
 
+#define ATTN_PART_SCRATCH(H, D, n) \
+    ((((size_t)(H) * (size_t)(n) + 15) & ~(size_t)15) + 2 * (size_t)(H) * (((size_t)(D) + 31) / 32) * 32)
+
 typedef struct cpu_kernels {
     const cpu_gemm *f32;  /* float elements, W widened from bf16/f16/f32 */
     const cpu_gemm *bf16; /* bf16-pair dot products, or NULL */
@@ -95,11 +98,19 @@ typedef struct cpu_kernels {
     void (*to_pairs)(uint32_t *dst, const float *src, int n);
     /* s[i] = exp(s[i]*scale - max_j s[j]*scale) for i < n; returns the sum. */
     float (*softmax)(float *s, int n, float scale);
-    /* out[j] = q . k[j] (D floats, key rows of stride ldk) for j < n. */
-    void (*dot_rows)(float *out, const float *q, const float *k, size_t ldk, int n, int D);
-    /* out[0..D) = s * sum_j p[j] v[j] (value rows of stride ldv) for j < n. */
-    void (*axpy_rows)(float *out, const float *p, const float *v, size_t ldv, int n, int D,
+    /* out[j] = q . k[j] (D elements of dtype kdt, DT_F32 or DT_BF16; key
+     * rows of stride ldk elements) for j < n. */
+    void (*dot_rows)(float *out, const float *q, const void *k, dtype kdt, size_t ldk, int n, int D);
+    /* out[0..D) = s * sum_j p[j] v[j] (value rows of dtype vdt, stride ldv
+     * elements) for j < n. */
+    void (*axpy_rows)(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D,
                       float s);
+    /* Optional (NULL: per-head dot_rows/axpy_rows): the part of query row
+     * t's attention over keys [j0, j1) (all visible), for every head h:
+     * m[h] = max of the scaled scores, l[h] = sum of exp(score - m[h]),
+     * o[h*D..] = that exp-weighted sum of value rows; sc is
+     * ATTN_PART_SCRATCH(H, D, j1 - j0) floats of scratch. Ranges are merged by the caller (ops_cpu.c). */
+    void (*attn_part)(const op_attn *a, int t, int j0, int j1, float *sc, float *m, float *l, float *o);
     /* One LayerNorm row with float g and b. */
     void (*layernorm_row)(float *y, const float *x, int C, const float *g, const float *b,
                           float eps);
@@ -157,6 +168,10 @@ const ops *ops_generic_table(void);
 /* The AVX-512 table without AVX512-BF16 dot products (what CPUs lacking
  * them get); NULL where AVX-512 itself is missing. For tests. */
 const ops *ops_avx512_nobf16_table(void);
+/* The NEON table without the optional DotProd and BF16 kernels (what plain
+ * ARMv8.0 CPUs get); NULL off AArch64. ops_neon_table() adds what this
+ * CPU has. For tests. */
+const ops *ops_neon_base_table(void);
 
 /* Number of online CPUs. */
 int cpu_count(void);

@@ -18,14 +18,14 @@
  * Q4 spans -8..7). The 8 lanes of s are kept, converted and scaled per
  * block, and summed horizontally once per row at the end.
  *
- * Four weight rows at a time (four streams, prefetched), up to QT_MAX rows
- * of x from L1. The scalar reference is ref_linear over q_dequantize_row
+ * One weight row at a time, front to back (one sequential stream per
+ * thread, prefetched), against up to QT_MAX rows of x from L1. The scalar reference is ref_linear over q_dequantize_row
  * (ops_ref.c); this differs from it by the rounding of x to int8.
  */
 #ifndef ALBEDO_GEMV_Q_X86_H
 #define ALBEDO_GEMV_Q_X86_H
 
-#define QPF_AHEAD 768 /* bytes ahead of each weight stream */
+#define QPF_AHEAD 2048 /* bytes ahead of the weight stream */
 
 /* The 32 weights of a block as signed bytes. */
 INLINE __m256i q_block(const dtype DT, const uint8_t *blk) {
@@ -49,35 +49,30 @@ INLINE float q_hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-INLINE void gemv_q_tile(const int TN, const dtype DT, int nb, const int8_t *xq, size_t ldxq,
-                        const uint8_t *const wr[4], float out[4][QT_MAX]) {
+INLINE void gemv_q_row(const int TN, const dtype DT, int nb, const int8_t *xq, size_t ldxq, const uint8_t *wr,
+                       float out[QT_MAX]) {
     const size_t bb = DT == DT_Q8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
-    __m256 acc[4][QT_MAX];
-    for (int r = 0; r < 4; r++)
-        for (int t = 0; t < TN; t++) acc[r][t] = _mm256_setzero_ps();
+    /* Two accumulators per row of x (even and odd blocks) hide the FMA
+     * latency. */
+    __m256 acc[QT_MAX][2];
+    for (int t = 0; t < TN; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     const float *dx[QT_MAX];
     for (int t = 0; t < TN; t++) dx[t] = (const float *)(const void *)(xq + (size_t)t * ldxq + (size_t)nb * 32);
     for (int b = 0; b < nb; b++) {
-        __m256i w[4];
-        float dw[4];
-        for (int r = 0; r < 4; r++) {
-            const uint8_t *blk = wr[r] + (size_t)b * bb;
+        const uint8_t *blk = wr + (size_t)b * bb;
+        if (!(b & 1)) {
             _mm_prefetch((const char *)blk + QPF_AHEAD, _MM_HINT_T0);
-            w[r] = q_block(DT, blk);
-            dw[r] = q_scale(blk);
+            if (DT == DT_Q8) _mm_prefetch((const char *)blk + QPF_AHEAD + 64, _MM_HINT_T0);
         }
+        const __m256i w = q_block(DT, blk);
+        const float dw = q_scale(blk);
         for (int t = 0; t < TN; t++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(xq + (size_t)t * ldxq + (size_t)b * 32));
-            const __m256i ax = _mm256_abs_epi8(xv);
-            const float d = dx[t][b];
-            for (int r = 0; r < 4; r++) {
-                const __m256i s = QDOT(ax, _mm256_sign_epi8(w[r], xv));
-                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw[r] * d), acc[r][t]);
-            }
+            const __m256i s = QDOT(_mm256_abs_epi8(xv), _mm256_sign_epi8(w, xv));
+            acc[t][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * dx[t][b]), acc[t][b & 1]);
         }
     }
-    for (int r = 0; r < 4; r++)
-        for (int t = 0; t < TN; t++) out[r][t] = q_hsum8(acc[r][t]);
+    for (int t = 0; t < TN; t++) out[t] = q_hsum8(_mm256_add_ps(acc[t][0], acc[t][1]));
 }
 
 INLINE void gemv_q_dt(const dtype DT, int T, int K, const void *xqv, size_t ldxq, const void *w,
@@ -85,27 +80,22 @@ INLINE void gemv_q_dt(const dtype DT, int T, int K, const void *xqv, size_t ldxq
     const size_t rb = q_row_bytes(DT, K);
     const int nb = (K + 31) / 32;
     const int8_t *xq = xqv;
-    for (int n = n0; n < n1; n += 4) {
-        const int rn = imin(4, n1 - n);
-        const uint8_t *wr[4];
-        /* Past the end, repeat the last row: its sums are discarded. */
-        for (int r = 0; r < 4; r++) wr[r] = (const uint8_t *)w + (size_t)(n + imin(r, rn - 1)) * rb;
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *wr = (const uint8_t *)w + (size_t)n * rb;
+        const float bn = b ? cpu_ld(b, bdt, (size_t)n) : 0.0f;
         for (int t0 = 0; t0 < T; t0 += QT_MAX) {
-            float s[4][QT_MAX];
+            float s[QT_MAX];
             const int8_t *xt = xq + (size_t)t0 * ldxq;
             const int tn = imin(QT_MAX, T - t0);
             switch (tn) {
-            case 1: gemv_q_tile(1, DT, nb, xt, ldxq, wr, s); break;
+            case 1: gemv_q_row(1, DT, nb, xt, ldxq, wr, s); break;
 #if QT_MAX > 2
-            case 2: gemv_q_tile(2, DT, nb, xt, ldxq, wr, s); break;
-            case 3: gemv_q_tile(3, DT, nb, xt, ldxq, wr, s); break;
+            case 2: gemv_q_row(2, DT, nb, xt, ldxq, wr, s); break;
+            case 3: gemv_q_row(3, DT, nb, xt, ldxq, wr, s); break;
 #endif
-            default: gemv_q_tile(QT_MAX, DT, nb, xt, ldxq, wr, s); break;
+            default: gemv_q_row(QT_MAX, DT, nb, xt, ldxq, wr, s); break;
             }
-            for (int r = 0; r < rn; r++) {
-                const float bn = b ? cpu_ld(b, bdt, (size_t)(n + r)) : 0.0f;
-                for (int t = 0; t < tn; t++) y[(size_t)(t0 + t) * ldy + n + r] = s[r][t] + bn;
-            }
+            for (int t = 0; t < tn; t++) y[(size_t)(t0 + t) * ldy + n] = s[t] + bn;
         }
     }
 }

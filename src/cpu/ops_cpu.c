@@ -232,6 +232,32 @@ static void pack_q(float *dst, const char *w, dtype dt, size_t row_bytes, int nr
     }
 }
 
+/* The same into bf16 pairs (BF16 precision, cpu_gemm.pairs): dst[e][j] =
+ * (w[j][2(e0+e)], w[j][2(e0+e)+1]), each dequantised value rounded to bf16
+ * (ops.h: BF16 precision may round block-format weights), the half past K
+ * zero. e0 is a multiple of 16 pairs, so element 2·e0 starts a block. */
+static void pack_q_pairs(uint32_t *dst, const char *w, dtype dt, size_t row_bytes, int nrows, int nr, int e0, int ec,
+                         int K) {
+    const size_t bb = dt == DT_Q8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
+    const int k0 = 2 * e0, k1 = imin(K, 2 * (e0 + ec));
+    float tmp[LIN_PACK_TMP];
+    for (int j = 0; j < nr; j++) {
+        if (j >= nrows) {
+            for (int e = 0; e < ec; e++) dst[(size_t)e * nr + j] = 0;
+            continue;
+        }
+        for (int ks = k0; ks < k1; ks += LIN_PACK_TMP) {
+            const int kn = imin(LIN_PACK_TMP, k1 - ks);
+            q_dequantize_row(dt, w + (size_t)j * row_bytes + (size_t)(ks / 32) * bb, kn, tmp);
+            for (int i = 0; i < kn; i += 2) {
+                const uint32_t lo = f32_to_bf16(tmp[i]), hi = i + 1 < kn ? f32_to_bf16(tmp[i + 1]) : 0;
+                dst[(size_t)((ks + i) / 2 - e0) * nr + j] = lo | hi << 16;
+            }
+        }
+        for (int e = (k1 + 1) / 2 - e0; e < ec; e++) dst[(size_t)e * nr + j] = 0;
+    }
+}
+
 /* Portable small-T path for block formats: W rows dequantised a piece at a
  * time (in L1), dotted with float x. */
 static void gemv_q_float(int T, int K, const float *x, size_t ldx, const void *w, dtype dt,
@@ -280,7 +306,10 @@ static void lin_gemm_task(void *arg, int task, int thread) {
         const size_t panel_bytes = (size_t)ec * nr * 4;
         for (int p = p0; p < p1; p++) {
             const int n0 = p * nr;
-            if (j->q)
+            if (j->q && j->pairs)
+                pack_q_pairs((uint32_t *)(void *)(wp + (p - p0) * panel_bytes), (const char *)L->w + (size_t)n0 * rb,
+                             L->dt, rb, imin(nr, N - n0), nr, e0, ec, j->K);
+            else if (j->q)
                 pack_q((float *)(void *)(wp + (p - p0) * panel_bytes),
                        (const char *)L->w + (size_t)n0 * rb, L->dt, rb, imin(nr, N - n0), nr, e0,
                        ec, j->K);
@@ -357,7 +386,10 @@ void cpu_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T, c
     }
     const int small = T < k->small_t;
     const int bf = c->prec == OPS_BF16;
-    const int pairs = bf && L->dt == DT_BF16 && (small ? k->gemv_pairs != NULL : k->bf16 != NULL);
+    /* bf16 pairs: bf16 weights, and block formats on the packed path (their
+     * dequantised values rounded to bf16 as they are packed). */
+    const int pairs = bf && (small ? L->dt == DT_BF16 && k->gemv_pairs != NULL
+                                   : (L->dt == DT_BF16 || q) && k->bf16 != NULL);
     /* Block formats at small T: x quantised to int8 blocks when the table
      * has integer dot products (then BF16 rounding is moot). */
     const int qx = q && small && k->gemv_q != NULL;
@@ -451,6 +483,8 @@ typedef struct attn_job {
     const cpu_kernels *k;
     const op_attn *a;
     int group, q_per, n_qchunks, Spad, ldsc;
+    int n_parts;  /* attn_part: key ranges per row */
+    float *parts; /* attn_part: [T][n_parts][H * (D + 2)]: m, l, o */
     char **sp;
 } attn_job;
 
@@ -475,25 +509,73 @@ static void attn_row_task(void *arg, int task, int thread) {
             continue;
         }
         const float *q = a->q + (size_t)t * a->ldq + (size_t)h * a->D;
+        const size_t off = (size_t)g * a->D * kv_elem_bytes(a->kv_dt); /* head g's columns */
         /* Keys are contiguous within a block (or in all of k when unpaged). */
         const int bs = a->blocks ? a->block_size : L;
         for (int j0 = 0; j0 < L; j0 += bs)
-            k->dot_rows(sc + j0, q, op_attn_row(a, a->k, a->ldk, j0) + (size_t)g * a->D, (size_t)a->ldk,
-                        imin(bs, L - j0), a->D);
+            k->dot_rows(sc + j0, q, (const char *)op_attn_row(a, a->k, a->ldk, j0) + off, a->kv_dt,
+                        (size_t)a->ldk, imin(bs, L - j0), a->D);
         const float sum = k->softmax(sc, L, a->scale);
         if (!a->blocks) {
-            k->axpy_rows(o, sc, a->v + (size_t)g * a->D, (size_t)a->ldv, L, a->D, 1.0f / sum);
+            k->axpy_rows(o, sc, (const char *)a->v + off, a->kv_dt, (size_t)a->ldv, L, a->D, 1.0f / sum);
             continue;
         }
         /* axpy_rows writes its sum; add up one block at a time. */
         float *tmp = sc + ((a->S + 15) & ~15);
         attn_zero_row(o, a->D);
         for (int j0 = 0; j0 < L; j0 += bs) {
-            k->axpy_rows(tmp, sc + j0, op_attn_row(a, a->v, a->ldv, j0) + (size_t)g * a->D, (size_t)a->ldv,
-                         imin(bs, L - j0), a->D, 1.0f / sum);
+            k->axpy_rows(tmp, sc + j0, (const char *)op_attn_row(a, a->v, a->ldv, j0) + off, a->kv_dt,
+                         (size_t)a->ldv, imin(bs, L - j0), a->D, 1.0f / sum);
             for (int d = 0; d < a->D; d++) o[d] += tmp[d];
         }
     }
+}
+
+/* Small T with the ISA's attn_part kernel (flash-decoding): each row's
+ * visible keys are cut into n_parts ranges, one task per (row, range)
+ * reads its key and value rows front to back for every head and leaves a
+ * partial (m, l, o) in parts; attn_merge then combines the ranges. */
+static float *attn_part_at(const attn_job *j, int t, int r) {
+    const op_attn *a = j->a;
+    return j->parts + ((size_t)t * j->n_parts + (size_t)r) * ((size_t)a->H * (a->D + 2));
+}
+
+static void attn_part_task(void *arg, int task, int thread) {
+    const attn_job *j = arg;
+    const op_attn *a = j->a;
+    const int t = task / j->n_parts, r = task % j->n_parts, L = attn_lim(a, a->pos0 + t);
+    const int j0 = (int)((long long)L * r / j->n_parts), j1 = (int)((long long)L * (r + 1) / j->n_parts);
+    float *p = attn_part_at(j, t, r), *m = p, *l = p + a->H, *o = p + 2 * a->H;
+    if (j0 >= j1) { /* an empty range: nothing to add */
+        for (int h = 0; h < a->H; h++) m[h] = -INFINITY, l[h] = 0.0f;
+        return;
+    }
+    j->k->attn_part(a, t, j0, j1, (float *)(void *)j->sp[thread], m, l, o);
+}
+
+static void attn_merge(const attn_job *j) {
+    const op_attn *a = j->a;
+    for (int t = 0; t < a->T; t++)
+        for (int h = 0; h < a->H; h++) {
+            float *out = a->out + (size_t)t * a->ldo + (size_t)h * a->D;
+            if (attn_lim(a, a->pos0 + t) <= 0) {
+                attn_zero_row(out, a->D);
+                continue;
+            }
+            float mx = -INFINITY, sum = 0.0f;
+            for (int r = 0; r < j->n_parts; r++) mx = fmaxf(mx, attn_part_at(j, t, r)[h]);
+            attn_zero_row(out, a->D);
+            for (int r = 0; r < j->n_parts; r++) {
+                const float *p = attn_part_at(j, t, r);
+                if (p[a->H + h] == 0.0f) continue; /* empty range */
+                const float w = expf(p[h] - mx);
+                sum += w * p[a->H + h];
+                const float *o = p + 2 * a->H + (size_t)h * a->D;
+                for (int d = 0; d < a->D; d++) out[d] += w * o[d];
+            }
+            const float inv = 1.0f / sum;
+            for (int d = 0; d < a->D; d++) out[d] *= inv;
+        }
 }
 
 /* Larger T: per (kv head, chunk of rows), pack Kᵀ and V of the visible keys
@@ -516,15 +598,20 @@ static void attn_block_task(void *arg, int task, int thread) {
     float *sc = vp + (size_t)ndp * j->Spad * nr; /* [mr][ldsc] */
     /* With paged keys the block size is a multiple of nr (checked by the
      * caller), so a panel never straddles two blocks. */
+    const size_t es = kv_elem_bytes(a->kv_dt);
     for (int p = 0; p < nkp; p++)
-        gm->pack(kt + (size_t)p * D * nr, op_attn_row(a, a->k, a->ldk, p * nr) + (size_t)g * D, DT_F32,
-                 (size_t)a->ldk, imin(nr, Lmax - p * nr), 0, D, D);
+        gm->pack(kt + (size_t)p * D * nr, (const char *)op_attn_row(a, a->k, a->ldk, p * nr) + (size_t)g * D * es,
+                 a->kv_dt, (size_t)a->ldk, imin(nr, Lmax - p * nr), 0, D, D);
     for (int dp = 0; dp < ndp; dp++) {
         const int nc = imin(nr, D - dp * nr);
         float *dst = vp + (size_t)dp * j->Spad * nr;
         for (int s = 0; s < Lmax; s++) {
-            const float *src = op_attn_row(a, a->v, a->ldv, s) + (size_t)g * D + (size_t)dp * nr;
-            memcpy(dst + (size_t)s * nr, src, (size_t)nc * 4);
+            const void *src = op_attn_row(a, a->v, a->ldv, s);
+            const size_t c0 = (size_t)g * D + (size_t)dp * nr;
+            if (a->kv_dt == DT_F32)
+                memcpy(dst + (size_t)s * nr, (const float *)src + c0, (size_t)nc * 4);
+            else
+                for (int i = 0; i < nc; i++) dst[(size_t)s * nr + i] = kv_get(src, a->kv_dt, c0 + (size_t)i);
             memset(dst + (size_t)s * nr + nc, 0, (size_t)(nr - nc) * 4);
         }
     }
@@ -567,6 +654,19 @@ void cpu_attention(ops_ctx *c, const op_attn *a) {
     const int nt = c->n_threads, group = a->H / a->Hkv;
     char *sp[MAX_THREADS];
     attn_job j = {.k = k, .a = a, .group = group, .sp = sp};
+    if (a->T < ATTN_PACK_ROWS && k->attn_part) {
+        const int Lmax = imax(attn_lim(a, a->pos0 + a->T - 1), 1);
+        j.n_parts = imax(1, imin(2 * nt, Lmax / 64));
+        const int per = cdiv(Lmax, j.n_parts) + 1;
+        float *parts = (float *)(void *)scratch_all(
+            c, (size_t)a->T * j.n_parts * (size_t)a->H * (a->D + 2) * 4, ATTN_PART_SCRATCH(a->H, a->D, per) * 4 + 64,
+            sp);
+        if (!parts) return;
+        j.parts = parts;
+        tp_run(c->tp, a->T * j.n_parts, attn_part_task, &j);
+        attn_merge(&j);
+        return;
+    }
     if (a->T < ATTN_PACK_ROWS || k->f32->mr > 64 || (a->blocks && a->block_size % k->f32->nr)) {
         if (!scratch_all(c, 0, ((size_t)((a->S + 15) & ~15) + (size_t)a->D) * 4 + 64, sp)) return;
         tp_run(c->tp, a->H, attn_row_task, &j);
@@ -791,21 +891,23 @@ static float softmax_generic(float *s, int n, float scale) {
     return sum;
 }
 
-static void dot_rows_generic(float *out, const float *q, const float *k, size_t ldk, int n, int D) {
+static void dot_rows_generic(float *out, const float *q, const void *k, dtype kdt, size_t ldk, int n, int D) {
+    const size_t es = kv_elem_bytes(kdt);
     for (int j = 0; j < n; j++) {
-        const float *kj = k + (size_t)j * ldk;
+        const void *kj = (const char *)k + (size_t)j * ldk * es;
         float s = 0.0f;
-        for (int d = 0; d < D; d++) s += q[d] * kj[d];
+        for (int d = 0; d < D; d++) s += q[d] * kv_get(kj, kdt, (size_t)d);
         out[j] = s;
     }
 }
 
-static void axpy_rows_generic(float *out, const float *p, const float *v, size_t ldv, int n, int D,
+static void axpy_rows_generic(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D,
                               float s) {
+    const size_t es = kv_elem_bytes(vdt);
     for (int d = 0; d < D; d++) out[d] = 0.0f;
     for (int j = 0; j < n; j++) {
-        const float *vj = v + (size_t)j * ldv;
-        for (int d = 0; d < D; d++) out[d] += p[j] * vj[d];
+        const void *vj = (const char *)v + (size_t)j * ldv * es;
+        for (int d = 0; d < D; d++) out[d] += p[j] * kv_get(vj, vdt, (size_t)d);
     }
     for (int d = 0; d < D; d++) out[d] *= s;
 }
@@ -878,4 +980,5 @@ const ops *ops_avx2_table(void) { return NULL; }
 #endif
 #if !defined(ALBEDO_ARM64)
 const ops *ops_neon_table(void) { return NULL; }
+const ops *ops_neon_base_table(void) { return NULL; }
 #endif

@@ -6,10 +6,14 @@
  *
  *   linear, T >= 16: panels [256][16] of floats, register tile 5 x 16 (20 q
  *                    registers of accumulators);
- *   linear, T < 16:  "gemv": W read once, in place, 4 weight rows x up to 4
- *                    rows of x (not tuned on hardware: qemu-tested only);
+ *   linear, T < 16:  "gemv": W read once, in place, one weight row at a time
+ *                    x up to 4 rows of x (not tuned on hardware: qemu-tested);
  *   bf16 weights:   widened by a 16-bit shift (vshll); OPS_BF16 rounds x to
- *                   bf16 and uses the float kernels (no BFDOT assumed).
+ *                   bf16 and uses the float kernels, or with the BF16
+ *                   extension BFDOT at small T (gemv_pairs_bf);
+ *   Q8/Q4 weights:  with the DotProd extension, SDOT against int8 x at small
+ *                   T (gemv_q_dot); without it the portable path.
+ * The extension kernels are picked at run time from getauxval(AT_HWCAP*).
  * The scalar reference of every kernel is its op in ops_ref.c.
  */
 #include <arm_neon.h>
@@ -148,60 +152,51 @@ static void gemm_f32_neon(int mr, int kc, const void *xv, size_t ldx, const void
 
 static const cpu_gemm gemm_f32 = {MR, NR, KC, 0, pack_f32_neon, gemm_f32_neon};
 
-/* ---- gemv ------------------------------------------------------------------------------ */
+/* ---- gemv ------------------------------------------------------------------------------
+ * One weight row at a time, front to back: a thread's share of W is one
+ * sequential stream (as on x86, where it streams 45 GB/s against 32 GB/s for
+ * four interleaved rows), meeting up to 4 rows of x from L1. */
 
-INLINE void gemv_tile(const int TN, const dtype DT, int K, const float *x, size_t ldx,
-                      const char *const wr[4], float out[4][4]) {
+INLINE void gemv_row(const int TN, const dtype DT, int K, const float *x, size_t ldx, const char *wr,
+                     float out[4]) {
     const size_t es = DT == DT_F32 ? 4 : 2;
-    float32x4_t acc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int t = 0; t < TN; t++) acc[r][t] = vdupq_n_f32(0.0f);
+    float32x4_t acc[4][2];
+    for (int t = 0; t < TN; t++) acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);
     int k = 0;
-    for (; k + 4 <= K; k += 4) {
-        float32x4_t w[4];
-        for (int r = 0; r < 4; r++) {
-            if (!(k & 31)) __builtin_prefetch(wr[r] + k * es + 1024);
-            w[r] = ld4w(wr[r] + k * es, DT);
-        }
+    for (; k + 8 <= K; k += 8) {
+        if (!(k & 31)) __builtin_prefetch(wr + k * es + 2048);
+        const float32x4_t w0 = ld4w(wr + k * es, DT), w1 = ld4w(wr + (k + 4) * es, DT);
         for (int t = 0; t < TN; t++) {
-            const float32x4_t xv = vld1q_f32(x + (size_t)t * ldx + k);
-            for (int r = 0; r < 4; r++) acc[r][t] = vfmaq_f32(acc[r][t], xv, w[r]);
+            acc[t][0] = vfmaq_f32(acc[t][0], vld1q_f32(x + (size_t)t * ldx + k), w0);
+            acc[t][1] = vfmaq_f32(acc[t][1], vld1q_f32(x + (size_t)t * ldx + k + 4), w1);
         }
     }
-    for (int r = 0; r < 4; r++)
-        for (int t = 0; t < TN; t++) out[r][t] = vaddvq_f32(acc[r][t]);
-    /* The last K % 4 in scalar code: partial vector loads here made GCC 12
-     * keep the accumulators on the stack in the loop above. */
-    for (; k < K; k++)
-        for (int r = 0; r < 4; r++) {
-            const float wv = cpu_ld(wr[r], DT, (size_t)k);
-            for (int t = 0; t < TN; t++) out[r][t] += x[(size_t)t * ldx + k] * wv;
-        }
+    for (int t = 0; t < TN; t++) out[t] = vaddvq_f32(vaddq_f32(acc[t][0], acc[t][1]));
+    /* The last K % 8 in scalar code (partial vector loads in the loop above
+     * made GCC 12 keep the accumulators on the stack). */
+    for (; k < K; k++) {
+        const float wv = cpu_ld(wr, DT, (size_t)k);
+        for (int t = 0; t < TN; t++) out[t] += x[(size_t)t * ldx + k] * wv;
+    }
 }
 
 INLINE void gemv_dt(const dtype DT, int T, int K, const float *x, size_t ldx, const void *w,
                     const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
     const size_t es = DT == DT_F32 ? 4 : 2;
-    for (int n = n0; n < n1; n += 4) {
-        const int rn = imin(4, n1 - n);
-        const char *wr[4];
-        /* Past the end, repeat the last row: its sums are discarded. */
-        for (int r = 0; r < 4; r++)
-            wr[r] = (const char *)w + (size_t)(n + imin(r, rn - 1)) * K * es;
+    for (int n = n0; n < n1; n++) {
+        const char *wr = (const char *)w + (size_t)n * K * es;
+        const float bn = b ? cpu_ld(b, bdt, (size_t)n) : 0.0f;
         for (int t0 = 0; t0 < T; t0 += 4) {
-            float s[4][4];
+            float s[4];
             const float *xt = x + (size_t)t0 * ldx;
-            switch (imin(4, T - t0)) {
-            case 1: gemv_tile(1, DT, K, xt, ldx, wr, s); break;
-            case 2: gemv_tile(2, DT, K, xt, ldx, wr, s); break;
-            case 3: gemv_tile(3, DT, K, xt, ldx, wr, s); break;
-            default: gemv_tile(4, DT, K, xt, ldx, wr, s); break;
+            const int tn = imin(4, T - t0);
+            switch (tn) {
+            case 1: gemv_row(1, DT, K, xt, ldx, wr, s); break;
+            case 2: gemv_row(2, DT, K, xt, ldx, wr, s); break;
+            case 3: gemv_row(3, DT, K, xt, ldx, wr, s); break;
+            default: gemv_row(4, DT, K, xt, ldx, wr, s); break;
             }
-            for (int r = 0; r < rn; r++) {
-                const float bn = b ? cpu_ld(b, bdt, (size_t)(n + r)) : 0.0f;
-                for (int t = 0; t < imin(4, T - t0); t++)
-                    y[(size_t)(t0 + t) * ldy + n + r] = s[r][t] + bn;
-            }
+            for (int t = 0; t < tn; t++) y[(size_t)(t0 + t) * ldy + n] = s[t] + bn;
         }
     }
 }
@@ -283,34 +278,42 @@ static float softmax_neon(float *s, int n, float scale) {
 
 /* Column tails in scalar code here and below: partial vector loads inside
  * these loops made GCC 12 keep the accumulators on the stack. */
-static void dot_rows_neon(float *out, const float *q, const float *k, size_t ldk, int n, int D) {
+/* 4 KV elements of dtype dt (DT_F32 or DT_BF16) at element i of row p. */
+static inline float32x4_t ldkv4(const void *p, dtype dt, size_t i) {
+    if (dt == DT_BF16) return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t *)p + i), 16));
+    return vld1q_f32((const float *)p + i);
+}
+
+static void dot_rows_neon(float *out, const float *q, const void *k, dtype kdt, size_t ldk, int n, int D) {
     const int D8 = D & ~7, D4 = D & ~3;
+    const size_t ld = ldk * kv_elem_bytes(kdt);
     for (int j = 0; j < n; j++) {
-        const float *kj = k + (size_t)j * ldk;
+        const void *kj = (const char *)k + (size_t)j * ld;
         float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0;
         int d = 0;
         for (; d < D8; d += 8) {
-            a0 = vfmaq_f32(a0, vld1q_f32(q + d), vld1q_f32(kj + d));
-            a1 = vfmaq_f32(a1, vld1q_f32(q + d + 4), vld1q_f32(kj + d + 4));
+            a0 = vfmaq_f32(a0, vld1q_f32(q + d), ldkv4(kj, kdt, (size_t)d));
+            a1 = vfmaq_f32(a1, vld1q_f32(q + d + 4), ldkv4(kj, kdt, (size_t)d + 4));
         }
-        if (d < D4) a0 = vfmaq_f32(a0, vld1q_f32(q + d), vld1q_f32(kj + d));
+        if (d < D4) a0 = vfmaq_f32(a0, vld1q_f32(q + d), ldkv4(kj, kdt, (size_t)d));
         float sum = vaddvq_f32(vaddq_f32(a0, a1));
-        for (d = D4; d < D; d++) sum += q[d] * kj[d];
+        for (d = D4; d < D; d++) sum += q[d] * kv_get(kj, kdt, (size_t)d);
         out[j] = sum;
     }
 }
 
-static void axpy_rows_neon(float *out, const float *p, const float *v, size_t ldv, int n, int D,
+static void axpy_rows_neon(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D,
                            float s) {
+    const size_t ld = ldv * kv_elem_bytes(vdt);
     int d0 = 0;
     for (; d0 + 16 <= D; d0 += 16) {
         float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
         for (int j = 0; j < n; j++) {
-            const float *vj = v + (size_t)j * ldv + d0;
-            a0 = vfmaq_n_f32(a0, vld1q_f32(vj), p[j]);
-            a1 = vfmaq_n_f32(a1, vld1q_f32(vj + 4), p[j]);
-            a2 = vfmaq_n_f32(a2, vld1q_f32(vj + 8), p[j]);
-            a3 = vfmaq_n_f32(a3, vld1q_f32(vj + 12), p[j]);
+            const void *vj = (const char *)v + (size_t)j * ld;
+            a0 = vfmaq_n_f32(a0, ldkv4(vj, vdt, (size_t)d0), p[j]);
+            a1 = vfmaq_n_f32(a1, ldkv4(vj, vdt, (size_t)d0 + 4), p[j]);
+            a2 = vfmaq_n_f32(a2, ldkv4(vj, vdt, (size_t)d0 + 8), p[j]);
+            a3 = vfmaq_n_f32(a3, ldkv4(vj, vdt, (size_t)d0 + 12), p[j]);
         }
         vst1q_f32(out + d0, vmulq_n_f32(a0, s));
         vst1q_f32(out + d0 + 4, vmulq_n_f32(a1, s));
@@ -319,12 +322,12 @@ static void axpy_rows_neon(float *out, const float *p, const float *v, size_t ld
     }
     for (; d0 + 4 <= D; d0 += 4) {
         float32x4_t a0 = vdupq_n_f32(0.0f);
-        for (int j = 0; j < n; j++) a0 = vfmaq_n_f32(a0, vld1q_f32(v + (size_t)j * ldv + d0), p[j]);
+        for (int j = 0; j < n; j++) a0 = vfmaq_n_f32(a0, ldkv4((const char *)v + (size_t)j * ld, vdt, (size_t)d0), p[j]);
         vst1q_f32(out + d0, vmulq_n_f32(a0, s));
     }
     for (; d0 < D; d0++) {
         float a = 0.0f;
-        for (int j = 0; j < n; j++) a += p[j] * v[(size_t)j * ldv + d0];
+        for (int j = 0; j < n; j++) a += p[j] * kv_get((const char *)v + (size_t)j * ld, vdt, (size_t)d0);
         out[d0] = a * s;
     }
 }
@@ -424,6 +427,99 @@ static void rope_row_neon(float *x, int H, int D, int half, const float *ct, con
     }
 }
 
+/* ---- optional extensions: dot products (ARMv8.2 DotProd) and bf16 (ARMv8.6 BF16) --------
+ * Compiled for their architecture level by function attribute and reached
+ * only through the table that getauxval() selects at run time, so the base
+ * table still runs on any ARMv8-A. */
+
+#define QT_MAX 4
+
+/* Q8/Q4 weights against x quantised per block of 32 (cpu_quantize_x):
+ * per block, sum_i q_w[i] q_x[i] by SDOT (exact in int32), scaled by
+ * d_w d_x in float, as gemv_q_x86.h does; one weight row at a time. */
+__attribute__((target("arch=armv8.2-a+dotprod"))) static void
+gemv_q_dot(int T, int K, const void *xqv, size_t ldxq, const void *w, dtype dt, const void *b, dtype bdt, int n0,
+           int n1, float *y, size_t ldy) {
+    const int nb = (K + 31) / 32;
+    const size_t rb = q_row_bytes(dt, K), bb = dt == DT_Q8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
+    const int8_t *xq = xqv;
+    const uint8x16_t low4 = vdupq_n_u8(15);
+    const int8x16_t eight = vdupq_n_s8(8);
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *wr = (const uint8_t *)w + (size_t)n * rb;
+        const float bn = b ? cpu_ld(b, bdt, (size_t)n) : 0.0f;
+        for (int t0 = 0; t0 < T; t0 += QT_MAX) {
+            const int tn = imin(QT_MAX, T - t0);
+            float32x4_t acc[QT_MAX];
+            for (int t = 0; t < tn; t++) acc[t] = vdupq_n_f32(0.0f);
+            for (int k = 0; k < nb; k++) {
+                const uint8_t *blk = wr + (size_t)k * bb;
+                if (!(k & 1)) __builtin_prefetch(blk + 2048);
+                int8x16_t w0, w1;
+                if (dt == DT_Q8) {
+                    w0 = vld1q_s8((const int8_t *)(blk + 2));
+                    w1 = vld1q_s8((const int8_t *)(blk + 18));
+                } else {
+                    const uint8x16_t qs = vld1q_u8(blk + 2);
+                    w0 = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(qs, low4)), eight);
+                    w1 = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(qs, 4)), eight);
+                }
+                uint16_t h;
+                memcpy(&h, blk, 2);
+                const float dw = vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+                for (int t = 0; t < tn; t++) {
+                    const int8_t *xb = xq + (size_t)(t0 + t) * ldxq + (size_t)k * 32;
+                    const float dx = ((const float *)(const void *)(xq + (size_t)(t0 + t) * ldxq + (size_t)nb * 32))[k];
+                    int32x4_t s = vdotq_s32(vdupq_n_s32(0), w0, vld1q_s8(xb));
+                    s = vdotq_s32(s, w1, vld1q_s8(xb + 16));
+                    acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(s), dw * dx);
+                }
+            }
+            for (int t = 0; t < tn; t++) y[(size_t)(t0 + t) * ldy + n] = vaddvq_f32(acc[t]) + bn;
+        }
+    }
+}
+
+/* bf16 x bf16 dot products (BFDOT) on bf16 weights against x as bf16 pairs
+ * (to_pairs): 8 weights per instruction, one weight row at a time. */
+__attribute__((target("arch=armv8.6-a+bf16"))) static void
+gemv_pairs_bf(int T, int K, const uint32_t *x, size_t ldx, const uint16_t *w, const void *b, dtype bdt, int n0, int n1,
+              float *y, size_t ldy) {
+    const int K8 = K & ~7;
+    for (int n = n0; n < n1; n++) {
+        const uint16_t *wr = w + (size_t)n * K;
+        const float bn = b ? cpu_ld(b, bdt, (size_t)n) : 0.0f;
+        for (int t0 = 0; t0 < T; t0 += 4) {
+            const int tn = imin(4, T - t0);
+            float32x4_t acc[4];
+            for (int t = 0; t < tn; t++) acc[t] = vdupq_n_f32(0.0f);
+            for (int k = 0; k < K8; k += 8) {
+                if (!(k & 31)) __builtin_prefetch(wr + k + 1024);
+                const bfloat16x8_t wv = vreinterpretq_bf16_u16(vld1q_u16(wr + k));
+                for (int t = 0; t < tn; t++)
+                    acc[t] = vbfdotq_f32(acc[t], wv,
+                                         vreinterpretq_bf16_u32(vld1q_u32(x + (size_t)(t0 + t) * ldx + k / 2)));
+            }
+            for (int t = 0; t < tn; t++) {
+                float sum = vaddvq_f32(acc[t]);
+                const uint32_t *xt = x + (size_t)(t0 + t) * ldx;
+                for (int k = K8; k < K; k++) {
+                    const uint16_t xh = (uint16_t)(k & 1 ? xt[k / 2] >> 16 : xt[k / 2] & 0xffff);
+                    sum += bf16_to_f32(xh) * bf16_to_f32(wr[k]);
+                }
+                y[(size_t)(t0 + t) * ldy + n] = sum + bn;
+            }
+        }
+    }
+}
+
+static void to_pairs_neon(uint32_t *dst, const float *src, int n) {
+    for (int i = 0; 2 * i < n; i++) {
+        const uint32_t lo = f32_to_bf16(src[2 * i]), hi = 2 * i + 1 < n ? f32_to_bf16(src[2 * i + 1]) : 0;
+        dst[i] = lo | hi << 16;
+    }
+}
+
 static const cpu_kernels kernels = {
     .f32 = &gemm_f32,
     .bf16 = NULL,
@@ -444,4 +540,31 @@ static const cpu_kernels kernels = {
 
 static const cpu_table table = {CPU_DRIVER_OPS("neon"), &kernels};
 
-const ops *ops_neon_table(void) { return &table.ops; }
+/* The table with the extensions this CPU has, made once. */
+#include <pthread.h>
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1UL << 20)
+#endif
+#ifndef HWCAP2_BF16
+#define HWCAP2_BF16 (1UL << 14)
+#endif
+static cpu_kernels kernels_ext;
+static cpu_table table_ext;
+static int have_ext;
+static pthread_once_t ext_once = PTHREAD_ONCE_INIT;
+
+static void make_ext(void) {
+    const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+    kernels_ext = kernels;
+    if (hw & HWCAP_ASIMDDP) kernels_ext.gemv_q = gemv_q_dot, have_ext = 1;
+    if (hw2 & HWCAP2_BF16) kernels_ext.gemv_pairs = gemv_pairs_bf, kernels_ext.to_pairs = to_pairs_neon, have_ext = 1;
+    table_ext = (cpu_table){CPU_DRIVER_OPS("neon"), &kernels_ext};
+}
+
+const ops *ops_neon_table(void) {
+    pthread_once(&ext_once, make_ext);
+    return have_ext ? &table_ext.ops : &table.ops;
+}
+
+const ops *ops_neon_base_table(void) { return &table.ops; }

@@ -240,9 +240,9 @@ static void ref_attention(ops_ctx *c, const op_attn *a) {
                     sc[j] = -INFINITY;
                     continue;
                 }
-                const float *k = op_attn_row(a, a->k, a->ldk, j) + (size_t)g * a->D;
+                const void *k = op_attn_row(a, a->k, a->ldk, j);
                 float s = 0.0f;
-                for (int d = 0; d < a->D; d++) s += q[d] * k[d];
+                for (int d = 0; d < a->D; d++) s += q[d] * kv_get(k, a->kv_dt, (size_t)g * a->D + d);
                 sc[j] = s * a->scale;
                 if (sc[j] > mx) mx = sc[j];
             }
@@ -256,9 +256,9 @@ static void ref_attention(ops_ctx *c, const op_attn *a) {
             for (int d = 0; d < a->D; d++) o[d] = 0.0f;
             for (int j = 0; j < a->S; j++) {
                 if (sc[j] == 0.0f) continue;
-                const float *v = op_attn_row(a, a->v, a->ldv, j) + (size_t)g * a->D;
+                const void *v = op_attn_row(a, a->v, a->ldv, j);
                 float w = sc[j] * inv;
-                for (int d = 0; d < a->D; d++) o[d] += w * v[d];
+                for (int d = 0; d < a->D; d++) o[d] += w * kv_get(v, a->kv_dt, (size_t)g * a->D + d);
             }
         }
     }
