@@ -2,21 +2,22 @@
  * attention.cu — softmax(mask(q·kᵀ·scale))·v for bf16 q/k/v (ops_cuda.h,
  * cuda_attention), in two kernels:
  *
- *   flash_attn_kernel (T > 8: vision crops, prefill). One block = 64 query
- *   rows of one head of one sequence, 4 warps of 16 rows each. Key/value
- *   tiles of 64 rows go through shared memory; the warp computes its
- *   16×64 score tile with bf16 tensor-core MMAs (WMMA 16×16×16, fp32
- *   accumulate), then each lane pair owns one query row: masking, the
- *   online softmax (running max m, running sum l, rescale of the output
- *   by 2^(m_old - m_new)), P rounded to bf16, and O += P·V again on the
- *   tensor cores. O lives in registers (DP/2 floats per lane). The head
- *   dimension is padded with zeros to DP, a multiple of 16 (72 -> 80).
- *   Only key tiles that some row of the block can see are visited.
+ *   flash_attn_kernel (T > 8: vision crops, prefill), FlashAttention-2
+ *   style on mma.sync (m16n8k16, bf16 in, fp32 accumulate; sm_80+). One
+ *   block = 64 query rows of one head of one sequence, 4 warps of 16 rows
+ *   each. Key/value tiles of 64 rows are copied into shared memory with
+ *   cp.async, tile i+1 while tile i is computed. Each warp keeps its Q
+ *   fragments, its 16×64 score tile S, and its 16×DP output O in
+ *   registers: S = Q·Kᵀ (K fragments by ldmatrix), masking and the online
+ *   softmax on the accumulators (a row's running max m and sum l; a quad
+ *   of lanes shares a row), P rounded to bf16 and reused in place as the A
+ *   operand of O += P·V (V fragments by ldmatrix.trans). Nothing goes back
+ *   through shared memory. The head dimension is padded with zeros to DP,
+ *   a multiple of 16 (72 -> 80). Only key tiles that some row of the block
+ *   can see are visited.
  *
- *     Qs [64][DP+8] bf16   Ks, Vs [2][64][DP+8] (cp.async double buffer)
- *     Sc [4 warps][16][max(64,DP)+4] f32   Ps [4][16][72] bf16
- *   (rows padded against bank conflicts). Tile i+1 is copied with cp.async
- *   while tile i is computed.
+ *     Qs [64][DP+8] bf16   Ks, Vs [2][64][DP+8]
+ *   (rows padded by 16 bytes: ldmatrix rows land in distinct banks).
  *
  *   attn_decode_kernel (T <= 8: decode). Flash-decoding: the visible keys
  *   are cut into chunks so that about two blocks per SM run even for one
@@ -26,11 +27,7 @@
  *   arrival counter — merges the chunks and resets the counter, so the
  *   whole op is one launch and graph replays need no memset.
  */
-#include <mma.h>
-
 #include "cuda_internal.cuh"
-
-using namespace nvcuda;
 
 #define LOG2E 1.4426950408889634f
 
@@ -52,11 +49,8 @@ __device__ __forceinline__ int key_end(int p, int n_prefix, int S) {
 #define FA_WARPS 4
 
 template <int DP> struct fa_shape {
-    static constexpr int LDK = DP + 8;                          /* Q/K/V smem row, bf16 */
-    static constexpr int LDS = (DP > FA_BK ? DP : FA_BK) + 4;   /* score/PV scratch row, f32 */
-    static constexpr int LDP = FA_BK + 8;                       /* P row, bf16 */
-    static constexpr size_t bytes = (size_t)5 * 64 * LDK * 2 + (size_t)FA_WARPS * 16 * LDS * 4 +
-                                    (size_t)FA_WARPS * 16 * LDP * 2;
+    static constexpr int LDK = DP + 8; /* Q/K/V smem row, bf16 */
+    static constexpr size_t bytes = (size_t)5 * 64 * LDK * 2;
 };
 
 /* 16-byte asynchronous copy global -> shared (sm_80+); src_bytes 0 writes
@@ -98,25 +92,54 @@ __device__ __forceinline__ void fa_load_tile(bf16 *dst, const bf16 *src, long ld
     }
 }
 
+__device__ __forceinline__ unsigned smem_u32(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x2(uint32_t &r0, uint32_t &r1, const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+/* c += a·b on the tensor cores: a 16×16 (row), b 16×8 (col), c 16×8 f32.
+ * Lane (g = lane/4, t = lane%4) holds a: (g, 2t..2t+1), (g+8, ..),
+ * (g, 2t+8..), (g+8, 2t+8..); b: (2t..2t+1, g), (2t+8.., g); c: (g, 2t),
+ * (g, 2t+1), (g+8, 2t), (g+8, 2t+1). */
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *(uint32_t *)&v;
+}
+
 template <int DP>
 __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, float scale_log2) {
     pdl_trigger();
     pdl_wait();
-    typedef fa_shape<DP> sh;
-    constexpr int LDK = sh::LDK, LDS = sh::LDS, LDP = sh::LDP, NO = DP / 2;
+    constexpr int LDK = fa_shape<DP>::LDK, KS = DP / 16, NT = FA_BK / 8, OT = DP / 8;
     extern __shared__ __align__(128) unsigned char smem[];
     bf16 *Qs = (bf16 *)smem;
-    bf16 *Ks = Qs + 64 * LDK;      /* two buffers: tile i+1 loads while tile i computes */
+    bf16 *Ks = Qs + 64 * LDK; /* two buffers: tile i+1 loads while tile i computes */
     bf16 *Vs = Ks + 2 * 64 * LDK;
-    float *Sc = (float *)(Vs + 2 * 64 * LDK);
-    bf16 *Ps = (bf16 *)(Sc + FA_WARPS * 16 * LDS);
 
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int q0 = blockIdx.x * FA_BQ, h = blockIdx.y, s = blockIdx.z;
-    const int g = h / (a.H / a.Hkv);
+    const int hk = h / (a.H / a.Hkv);
     const bf16 *q = (const bf16 *)a.q + s * a.q_seq + (long)h * a.D;
-    const bf16 *k = (const bf16 *)a.k + s * a.k_seq + (long)g * a.k_head;
-    const bf16 *v = (const bf16 *)a.v + s * a.v_seq + (long)g * a.v_head;
+    const bf16 *k = (const bf16 *)a.k + s * a.k_seq + (long)hk * a.k_head;
+    const bf16 *v = (const bf16 *)a.v + s * a.v_seq + (long)hk * a.v_head;
 
     /* The last row of the block sees the furthest key. */
     const int last = (q0 + FA_BQ < a.T ? q0 + FA_BQ : a.T) - 1;
@@ -127,21 +150,21 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
     fa_load_tile_async<DP>(Vs, v, a.ldv, 0, kend, a.D);
     cp_async_commit();
     fa_load_tile<DP>(Qs, q + (long)q0 * a.ldq, a.ldq, 0, a.T - q0, a.D);
-
-    /* This lane's query row (within the warp's 16) and column parity. */
-    const int r = lane >> 1, hf = lane & 1;
-    const int p = a.pos0 + q0 + warp * 16 + r;
-    float m = -INFINITY, l = 0.0f, o[NO];
-#pragma unroll
-    for (int i = 0; i < NO; i++) o[i] = 0.0f;
-
     __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> qf[DP / 16];
-#pragma unroll
-    for (int kk = 0; kk < DP / 16; kk++) wmma::load_matrix_sync(qf[kk], Qs + warp * 16 * LDK + kk * 16, LDK);
 
-    float *sc = Sc + warp * 16 * LDS;
-    bf16 *ps = Ps + warp * 16 * LDP;
+    /* This warp's Q fragments (rows warp·16 .. +15), kept for every tile. */
+    uint32_t qf[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++)
+        ldsm_x4(qf[kk], Qs + (warp * 16 + (lane & 15)) * LDK + kk * 16 + (lane >> 4) * 8);
+
+    /* This lane's two rows (g and g + 8 of the warp's 16) and their state. */
+    const int p0 = a.pos0 + q0 + warp * 16 + g, p1 = p0 + 8;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    float o[OT][4];
+#pragma unroll
+    for (int i = 0; i < OT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+
     for (int it = 0; it < n_tiles; it++) {
         const int j0 = it * FA_BK;
         const bf16 *Kb = Ks + (it & 1) * 64 * LDK, *Vb = Vs + (it & 1) * 64 * LDK;
@@ -156,81 +179,107 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
         }
         __syncthreads(); /* ... and every thread's */
 
-        /* S = Q Kᵀ for this warp's 16 rows × 64 keys. */
+        /* S = Q·Kᵀ: 16 rows × 64 keys, NT tiles of 8 keys. */
+        float sc[NT][4];
 #pragma unroll
-        for (int nt = 0; nt < FA_BK / 16; nt++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
-            wmma::fill_fragment(sf, 0.0f);
+        for (int nt = 0; nt < NT; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < DP / 16; kk++) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> kf;
-                wmma::load_matrix_sync(kf, Kb + nt * 16 * LDK + kk * 16, LDK);
-                wmma::mma_sync(sf, qf[kk], kf, sf);
+            for (int kk = 0; kk < KS; kk++) {
+                uint32_t b0, b1;
+                ldsm_x2(b0, b1, Kb + (nt * 8 + (lane & 7)) * LDK + kk * 16 + ((lane >> 3) & 1) * 8);
+                mma16816(sc[nt], qf[kk], b0, b1);
             }
-            wmma::store_matrix_sync(sc + nt * 16, sf, LDS, wmma::mem_row_major);
         }
-        __syncwarp();
 
-        /* Online softmax on row r; the lane pair splits the 64 keys by
-         * parity, which spreads the scratch reads over the banks. */
-        float sv[32], mt = -INFINITY;
+        /* Mask, scale (log2 domain), row maxima over the quad. A tile that
+         * every row of the block sees whole (all of vision's but the last;
+         * a prefix's below the diagonal) skips the mask. */
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+        const int jl = j0 + FA_BK - 1;
+        const bool whole = jl < kend && (jl <= a.pos0 + q0 || (a.pos0 + last < a.n_prefix && jl < a.n_prefix));
+        if (whole) {
 #pragma unroll
-        for (int i = 0; i < 32; i++) {
-            const int j = j0 + 2 * i + hf;
-            const float x = sc[r * LDS + 2 * i + hf] * scale_log2;
-            sv[i] = (j < kend && visible(p, j, a.n_prefix)) ? x : -INFINITY;
-            mt = fmaxf(mt, sv[i]);
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    sc[nt][e] *= scale_log2;
+                    sc[nt][2 + e] *= scale_log2;
+                    mx0 = fmaxf(mx0, sc[nt][e]);
+                    mx1 = fmaxf(mx1, sc[nt][2 + e]);
+                }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int j = j0 + nt * 8 + 2 * t4 + e;
+                    const bool in = j < kend;
+                    sc[nt][e] = in && visible(p0, j, a.n_prefix) ? sc[nt][e] * scale_log2 : -INFINITY;
+                    sc[nt][2 + e] = in && visible(p1, j, a.n_prefix) ? sc[nt][2 + e] * scale_log2 : -INFINITY;
+                    mx0 = fmaxf(mx0, sc[nt][e]);
+                    mx1 = fmaxf(mx1, sc[nt][2 + e]);
+                }
         }
-        mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
-        const float mn = fmaxf(m, mt);
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
         /* A row that has seen no key yet keeps m = -inf and o = l = 0. */
-        const float base = mn == -INFINITY ? 0.0f : mn;
-        const float alpha = exp2f(m - base);
-        float ls = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 32; i++) {
-            const float pv = exp2f(sv[i] - base);
-            ls += pv;
-            ps[r * LDP + 2 * i + hf] = __float2bfloat16_rn(pv);
-        }
-        ls += __shfl_xor_sync(0xffffffffu, ls, 1);
-        l = l * alpha + ls;
-        m = mn;
-#pragma unroll
-        for (int i = 0; i < NO; i++) o[i] *= alpha;
-        __syncwarp();
+        const float b0s = mn0 == -INFINITY ? 0.0f : mn0, b1s = mn1 == -INFINITY ? 0.0f : mn1;
+        const float al0 = exp2f(m0 - b0s), al1 = exp2f(m1 - b1s);
+        m0 = mn0, m1 = mn1;
 
-        /* O += P V: 16 rows × DP, through the scratch tile. */
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> pf[FA_BK / 16];
+        /* P = 2^(S - m), rounded to bf16 straight into A fragments: score
+         * tiles 2c and 2c+1 are the 16 keys of chunk c. */
+        uint32_t pa[NT / 2][4];
+        float ls0 = 0.0f, ls1 = 0.0f;
 #pragma unroll
-        for (int kk = 0; kk < FA_BK / 16; kk++) wmma::load_matrix_sync(pf[kk], ps + kk * 16, LDP);
-#pragma unroll
-        for (int nt = 0; nt < DP / 16; nt++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> of;
-            wmma::fill_fragment(of, 0.0f);
-#pragma unroll
-            for (int kk = 0; kk < FA_BK / 16; kk++) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> vf;
-                wmma::load_matrix_sync(vf, Vb + kk * 16 * LDK + nt * 16, LDK);
-                wmma::mma_sync(of, pf[kk], vf, of);
-            }
-            wmma::store_matrix_sync(sc + nt * 16, of, LDS, wmma::mem_row_major);
+        for (int nt = 0; nt < NT; nt++) {
+            const float x0 = exp2f(sc[nt][0] - b0s), x1 = exp2f(sc[nt][1] - b0s);
+            const float y0 = exp2f(sc[nt][2] - b1s), y1 = exp2f(sc[nt][3] - b1s);
+            ls0 += x0 + x1;
+            ls1 += y0 + y1;
+            pa[nt / 2][(nt & 1) * 2 + 0] = pack_bf16(x0, x1);
+            pa[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(y0, y1);
         }
-        __syncwarp();
+        l0 = l0 * al0 + ls0;
+        l1 = l1 * al1 + ls1;
 #pragma unroll
-        for (int i = 0; i < NO; i++) o[i] += sc[r * LDS + 2 * i + hf];
-        __syncthreads(); /* all warps are done with this K/V buffer and their scratch */
+        for (int i = 0; i < OT; i++) {
+            o[i][0] *= al0, o[i][1] *= al0;
+            o[i][2] *= al1, o[i][3] *= al1;
+        }
+
+        /* O += P·V: V fragments by transposing loads, two 8-dim tiles at once. */
+#pragma unroll
+        for (int c = 0; c < NT / 2; c++)
+#pragma unroll
+            for (int ot = 0; ot < OT; ot += 2) {
+                uint32_t vb[4];
+                ldsm_x4_t(vb, Vb + (c * 16 + (lane & 15)) * LDK + (ot + (lane >> 4)) * 8);
+                mma16816(o[ot], pa[c], vb[0], vb[1]);
+                mma16816(o[ot + 1], pa[c], vb[2], vb[3]);
+            }
+        __syncthreads(); /* every warp is done with this K/V buffer */
     }
 
-    const int t = q0 + warp * 16 + r;
-    if (t < a.T) {
-        const float inv = 1.0f / l;
-        bf16 *out = (bf16 *)a.out + s * a.o_seq + (long)t * a.ldo + (long)h * a.D;
+    /* Row sums over the quad, then the two rows' outputs. */
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const int t0 = q0 + warp * 16 + g, t1 = t0 + 8;
+    bf16 *out = (bf16 *)a.out + s * a.o_seq + (long)h * a.D;
 #pragma unroll
-        for (int i = 0; i < NO; i++) {
-            const int d = 2 * i + hf;
-            if (d < a.D) out[d] = __float2bfloat16_rn(o[i] * inv);
-        }
+    for (int i = 0; i < OT; i++) {
+        const int d = i * 8 + 2 * t4;
+        if (d >= a.D) continue; /* D is a multiple of 8: both columns or neither */
+        if (t0 < a.T)
+            *(__nv_bfloat162 *)(out + (long)t0 * a.ldo + d) = __floats2bfloat162_rn(o[i][0] / l0, o[i][1] / l0);
+        if (t1 < a.T)
+            *(__nv_bfloat162 *)(out + (long)t1 * a.ldo + d) = __floats2bfloat162_rn(o[i][2] / l1, o[i][3] / l1);
     }
 }
 
@@ -255,8 +304,14 @@ __global__ void __launch_bounds__(DEC_THREADS)
     const int s = z / a.T, t = z % a.T;
     const int g = h / (a.H / a.Hkv);
     const int D = a.D;
-    const int p = a.pos0 + t;
-    const int kend = key_end(p, a.n_prefix, a.S);
+    /* With a device position (graph replay), the keys visible now are
+     * spread over the launch's n_chunks blocks: chunks of at most the
+     * launch's chunk (sized from the capacity a.S). */
+    const int pos0 = a.pos_dev ? *a.pos_dev : a.pos0;
+    const int S = a.pos_dev ? pos0 + a.T : a.S;
+    if (a.pos_dev) chunk = ((S + n_chunks - 1) / n_chunks + 31) / 32 * 32;
+    const int p = pos0 + t;
+    const int kend = key_end(p, a.n_prefix, S);
     const int j0 = ci * chunk, j1 = j0 + chunk < kend ? j0 + chunk : kend;
     const bf16 *q = (const bf16 *)a.q + s * a.q_seq + (long)t * a.ldq + (long)h * D;
     const bf16 *k = (const bf16 *)a.k + s * a.k_seq + (long)g * a.k_head;
@@ -375,6 +430,8 @@ albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a) {
     const float sl2 = a->scale * LOG2E;
 
     if (a->T > 8) {
+        CU_ARG(c, !a->pos_dev);
+        CU_ARG(c, is_aligned(a->out, 4) && a->ldo % 2 == 0 && a->o_seq % 2 == 0); /* bf16 pairs are stored */
         CU_ARG(c, a->n_seq <= 65535 && a->H <= 65535);
         const dim3 grid((a->T + FA_BQ - 1) / FA_BQ, a->H, a->n_seq), block(FA_WARPS * 32);
 #define FA_CASE(DP)                                                                               \
@@ -392,7 +449,7 @@ albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a) {
      * keys and a multiple of 32, within the partial-result scratch. */
     const long rows = (long)a->n_seq * a->T * a->H;
     CU_ARG(c, (long)a->n_seq * a->T <= 65535);
-    const int kmax = a->S; /* no row sees past key S-1 */
+    const int kmax = a->S; /* no row sees past key S-1 (with pos_dev: the capacity) */
     int n_chunks = (int)((2L * c->n_sm + rows - 1) / rows);
     const int min_chunks = (kmax + DEC_MAX_CHUNK - 1) / DEC_MAX_CHUNK;
     if (n_chunks < min_chunks) n_chunks = min_chunks;

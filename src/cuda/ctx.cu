@@ -33,6 +33,8 @@ void cuda_ctx_counters(const cuda_ctx *c, long *lt_fused, long *lt_unfused, long
     if (gemv) *gemv = c->n_gemv;
 }
 
+void cuda_ctx_set_gemv_max(cuda_ctx *c, int t) { c->gemv_max_t = t < 1 ? 1 : t > 8 ? 8 : t; }
+
 void cuda_ctx_set_pdl(cuda_ctx *c, int on) {
     int major = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c->device);
@@ -97,6 +99,9 @@ albedo_status cuda_ctx_new(int device, cuda_ctx **out, errbuf *e) {
 #undef NEW_TRY
     const char *env = getenv("ALBEDO_CUDA_PDL");
     cuda_ctx_set_pdl(c, !(env && env[0] == '0'));
+    /* ALBEDO_CUDA_GEMV_MAX_T (1..8) moves the GEMV/cuBLASLt switch, for measuring it. */
+    env = getenv("ALBEDO_CUDA_GEMV_MAX_T");
+    c->gemv_max_t = env && atoi(env) >= 1 && atoi(env) <= 8 ? atoi(env) : 8;
     st = cuda_attention_init(c);
     if (st != ALBEDO_OK) return new_fail(c, e, st);
     *out = c;

@@ -49,6 +49,7 @@ struct cuda_ctx {
     float *attn_part; /* [ATTN_SLOTS][ATTN_DSTRIDE] */
     int *attn_count;  /* [ATTN_SLOTS] arrival counters, zero between launches */
     int pdl; /* launch our kernels with programmatic dependent launch (sm_90+) */
+    int gemv_max_t; /* cuda_linear runs the GEMV up to this many rows, cuBLASLt above */
     long n_lt_fused, n_lt_unfused, n_gemv;
     char err[512];
 };

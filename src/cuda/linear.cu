@@ -319,7 +319,7 @@ albedo_status cuda_linear(cuda_ctx *c, void *y, dtype ydt, int ldy, const uint16
     CU_ARG(c, !(accumulate && act != CUDA_ACT_NONE));
     CU_ARG(c, K % 8 == 0 && ldx % 8 == 0 && ldx >= K && ldy >= N);
     CU_ARG(c, is_aligned(x, 16) && is_aligned(L->w, 16));
-    if (T <= 8) return gemv(c, y, ydt, ldy, x, ldx, T, L, act, accumulate);
+    if (T <= c->gemv_max_t) return gemv(c, y, ydt, ldy, x, ldx, T, L, act, accumulate);
 
     lt_key k;
     memset(&k, 0, sizeof k); /* padding too: keys are compared with memcmp */

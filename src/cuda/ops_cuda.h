@@ -58,6 +58,9 @@ void cuda_ctx_counters(const cuda_ctx *c, long *lt_fused, long *lt_unfused, long
  * sm_90 and newer, where it overlaps each small kernel's launch with the end
  * of the one before; off elsewhere). For measuring its effect. */
 void cuda_ctx_set_pdl(cuda_ctx *c, int on);
+/* cuda_linear runs the GEMV for T <= t rows (1..8; default 8, or
+ * ALBEDO_CUDA_GEMV_MAX_T) and cuBLASLt above. */
+void cuda_ctx_set_gemv_max(cuda_ctx *c, int t);
 
 albedo_status cuda_alloc(cuda_ctx *c, void **p, size_t bytes);
 void cuda_free(void *p); /* NULL is a no-op */
@@ -85,8 +88,8 @@ typedef struct cuda_linear_w {
 
 /* y[T, N] (row stride ldy, dtype ydt F32 or BF16) = act(x[T, K]·Wᵀ + b)
  * (+ y when accumulate; accumulate and an activation do not combine).
- * x is bf16 with row stride ldx. T <= 8 runs the GEMV kernel (W streamed
- * once, 16-byte loads); larger T runs cuBLASLt (bf16 × bf16, fp32
+ * x is bf16 with row stride ldx. T <= 8 (cuda_ctx_set_gemv_max) runs the
+ * GEMV kernel (W streamed once, 16-byte loads); larger T runs cuBLASLt (bf16 × bf16, fp32
  * accumulation, bias and GELU in its epilogue where cuBLASLt offers them).
  * Needs K % 8 == 0, ldx % 8 == 0 and x, W 16-byte aligned. */
 albedo_status cuda_linear(cuda_ctx *c, void *y, dtype ydt, int ldy, const uint16_t *x, int ldx,
@@ -99,6 +102,11 @@ albedo_status cuda_linear(cuda_ctx *c, void *y, dtype ydt, int ldy, const uint16
  * when xdt == ydt. */
 albedo_status cuda_layernorm(cuda_ctx *c, void *y, dtype ydt, const void *x, dtype xdt, int T,
                              int C, const void *g, const void *b, dtype pdt, float eps);
+/* The same with row strides: x [T, ldx], y [T, ldy] (ldx, ldy >= C; the
+ * columns C..ld-1 of y are not written). cuda_layernorm is ldx = ldy = C. */
+albedo_status cuda_layernorm_ld(cuda_ctx *c, void *y, dtype ydt, int ldy, const void *x, dtype xdt,
+                                int ldx, int T, int C, const void *g, const void *b, dtype pdt,
+                                float eps);
 
 /* In place on n elements of dtype dt. */
 albedo_status cuda_gelu_tanh(cuda_ctx *c, void *x, dtype dt, size_t n);
@@ -128,6 +136,10 @@ typedef struct cuda_rope {
      * or NULL: then the key heads are rotated in place and values left. */
     uint16_t *k_cache, *v_cache;
     int n_ctx;
+    /* When not NULL, the position of row 0 is read from this device int at
+     * run time instead of pos0 (so that a captured graph replays at every
+     * position); the caller guarantees *pos_dev + T <= n_ctx. */
+    const int *pos_dev;
 } cuda_rope;
 
 /* Half-split (NeoX) rotation of ops.h's rope on the first R dims of each
@@ -165,6 +177,11 @@ typedef struct cuda_attn {
     long ldv, v_head, v_seq;
     uint16_t *out;
     long ldo, o_seq;
+    /* Decode (T <= 8) only: when not NULL, pos0 is read from this device int
+     * at run time and the visible keys are S = *pos_dev + T; the S field is
+     * then the capacity (the most keys any replay may see), which sizes the
+     * launch. For CUDA graphs replayed at every position. */
+    const int *pos_dev;
 } cuda_attn;
 
 albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a);

@@ -131,8 +131,13 @@ static int bpoison(const buf *b, long i) {
     return memcmp(p, &POISON16, 2) == 0;
 }
 
+/* The copy goes through the legacy stream, which the context's non-blocking
+ * stream does not wait for, and a pageable cudaMemcpy may return before its
+ * DMA lands: synchronise, or an op can run before its inputs arrive (seen:
+ * the poison upload landing after a rope's cache write). */
 static void up(buf *b) {
-    if (cudaMemcpy(b->d, b->h, (b->n + 2 * GUARD) * b->es, cudaMemcpyHostToDevice) != cudaSuccess) {
+    if (cudaMemcpy(b->d, b->h, (b->n + 2 * GUARD) * b->es, cudaMemcpyHostToDevice) != cudaSuccess ||
+        cudaDeviceSynchronize() != cudaSuccess) {
         fprintf(stderr, "upload failed\n");
         exit(2);
     }
@@ -347,6 +352,37 @@ static void test_layernorm(int T, int C, dtype xdt, dtype ydt, dtype pdt, int in
     if (!inplace) buf_free(&y);
 }
 
+/* Row strides: x [T, C + 5], y [T, round8(C) + 8]; y's padding must stay
+ * poisoned (the model runner keeps zeros there for K-padded linears). */
+static void test_layernorm_ld(int T, int C, dtype xdt, dtype ydt) {
+    const int ldx = C + 5, ldy = (C + 7) / 8 * 8 + 8;
+    buf x = buf_new(xdt, (size_t)T * ldx), g = buf_new(DT_F32, C), bb = buf_new(DT_F32, C);
+    buf y = buf_new(ydt, (size_t)T * ldy);
+    float *xf = fill(&x, T, C, ldx, -1.5f, 2.5f);
+    float *gf = fill(&g, 1, C, C, 0.5f, 1.5f);
+    float *bf = fill(&bb, 1, C, C, -0.5f, 0.5f);
+    up(&x), up(&g), up(&bb), up(&y);
+    char what[160];
+    snprintf(what, sizeof what, "layernorm_ld T=%d C=%d ldx=%d ldy=%d x=%s y=%s", T, C, ldx, ldy, dts(xdt), dts(ydt));
+    albedo_status st = cuda_layernorm_ld(G, dp(&y), ydt, ldy, dp(&x), xdt, ldx, T, C, dp(&g), dp(&bb), DT_F32, 1e-5f);
+    check_st(st, what);
+    if (down(&y) == 0 && st == ALBEDO_OK) {
+        float *ref = (float *)malloc((size_t)T * C * sizeof *ref), *xc = (float *)malloc((size_t)T * C * sizeof *xc);
+        for (int t = 0; t < T; t++) memcpy(xc + (size_t)t * C, xf + (size_t)t * ldx, (size_t)C * sizeof(float));
+        op_vec G2 = {gf, DT_F32}, B2 = {bf, DT_F32};
+        O(REF)->layernorm(REF, ref, xc, T, C, G2, B2, 1e-5f);
+        cmp c = compare(&y, T, C, ldy, ref, C);
+        report(what, &c, ydt == DT_BF16 ? 1e-2 : 1e-5);
+        free(ref), free(xc);
+    }
+    /* A shorter stride than the row is refused. */
+    CHECK(cuda_layernorm_ld(G, dp(&y), ydt, C - 1, dp(&x), xdt, ldx, T, C, dp(&g), dp(&bb), DT_F32, 1e-5f) ==
+              ALBEDO_ERR_INVALID_ARGUMENT,
+          "layernorm_ld: ldy < C is refused");
+    free(xf), free(gf), free(bf);
+    buf_free(&x), buf_free(&g), buf_free(&bb), buf_free(&y);
+}
+
 static void test_gelu(dtype dt, int erf_kind, size_t n) {
     buf x = buf_new(dt, n);
     float *xf = fill(&x, 1, (int)n, (int)n, -5, 5);
@@ -429,7 +465,19 @@ static void rope_tables(int P, int R, float **cs, float **sn) {
         }
 }
 
-static void test_rope(int T, int H, int Hkv, int D, int R, int pos0, int with_cache) {
+/* A device int holding v (for the graph forms of rope and attention). */
+static int *dev_int(int v) {
+    int *d = NULL;
+    if (cudaMalloc((void **)&d, sizeof(int)) != cudaSuccess || cudaMemcpy(d, &v, sizeof v, cudaMemcpyHostToDevice) != cudaSuccess ||
+        cudaDeviceSynchronize() != cudaSuccess) {
+        fprintf(stderr, "dev_int failed\n");
+        exit(2);
+    }
+    return d;
+}
+
+/* dyn: the position comes from device memory (r.pos_dev), r.pos0 is 0. */
+static void test_rope(int T, int H, int Hkv, int D, int R, int pos0, int with_cache, int dyn = 0) {
     const int n_ctx = pos0 + T + 9, P = n_ctx;
     const int width = (H + 2 * Hkv) * D, ldx = width + 8;
     buf x = buf_new(DT_BF16, (size_t)T * ldx);
@@ -449,6 +497,8 @@ static void test_rope(int T, int H, int Hkv, int D, int R, int pos0, int with_ca
     r.x = (uint16_t *)dp(&x);
     r.ldx = ldx;
     r.T = T, r.H = H, r.Hkv = Hkv, r.D = D, r.R = R, r.pos0 = pos0;
+    int *dpos = NULL;
+    if (dyn) r.pos0 = 0, r.pos_dev = dpos = dev_int(pos0);
     r.cos_t = dcs, r.sin_t = dsn;
     if (with_cache) {
         r.k_cache = (uint16_t *)dp(&kc);
@@ -456,8 +506,8 @@ static void test_rope(int T, int H, int Hkv, int D, int R, int pos0, int with_ca
         r.n_ctx = n_ctx;
     }
     char what[160];
-    snprintf(what, sizeof what, "rope T=%d H=%d Hkv=%d D=%d R=%d pos0=%d %s", T, H, Hkv, D, R, pos0,
-             with_cache ? "kv-cache" : "in place");
+    snprintf(what, sizeof what, "rope T=%d H=%d Hkv=%d D=%d R=%d pos0=%d%s %s", T, H, Hkv, D, R, pos0,
+             dyn ? " (device)" : "", with_cache ? "kv-cache" : "in place");
     albedo_status st = cuda_rope_kv(G, &r);
     check_st(st, what);
     int ok_dl = down(&x) == 0 && down(&kc) == 0 && down(&vc) == 0;
@@ -512,7 +562,7 @@ static void test_rope(int T, int H, int Hkv, int D, int R, int pos0, int with_ca
         free(ref);
     }
     free(xf), free(cs), free(sn);
-    cudaFree(dcs), cudaFree(dsn);
+    cudaFree(dcs), cudaFree(dsn), cudaFree(dpos);
     buf_free(&x), buf_free(&kc), buf_free(&vc);
 }
 
@@ -520,13 +570,19 @@ static void test_rope(int T, int H, int Hkv, int D, int R, int pos0, int with_ca
 
 /* layout 0: packed qkv rows [n_seq*T, 3*H*D (+pad)] with S == T (vision);
  * layout 1: q [n_seq*T, H*D + 8], k/v head-major caches [n_seq][Hkv][n_ctx][D]. */
-static void test_attention(int n_seq, int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int layout) {
+/* dyn (decode, layout 1, S == pos0 + T): the position comes from device
+ * memory and a.S is the capacity, larger than the keys seen (the graph
+ * form); the keys past S are poison, so reading one shows. */
+static void test_attention(int n_seq, int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int layout,
+                           int dyn = 0) {
     const float scale = 1.0f / sqrtf((float)D);
-    const int n_ctx = S + 13;
+    const int n_ctx = S + (dyn ? 700 : 13);
     cuda_attn a;
     memset(&a, 0, sizeof a);
     a.T = T, a.S = S, a.H = H, a.Hkv = Hkv, a.D = D, a.pos0 = pos0, a.n_prefix = n_prefix;
     a.scale = scale, a.n_seq = n_seq;
+    int *dpos = NULL;
+    if (dyn) a.S = n_ctx, a.pos0 = 0, a.pos_dev = dpos = dev_int(pos0);
     buf qkv = buf_new(DT_BF16, 8), q = buf_new(DT_BF16, 8), kc = buf_new(DT_BF16, 8), vc = buf_new(DT_BF16, 8);
     const int ldo = H * D + 8;
     buf out = buf_new(DT_BF16, (size_t)n_seq * T * ldo);
@@ -588,8 +644,8 @@ static void test_attention(int n_seq, int T, int S, int H, int Hkv, int D, int p
     up(&out);
     a.out = (uint16_t *)dp(&out), a.ldo = ldo, a.o_seq = (long)T * ldo;
     char what[200];
-    snprintf(what, sizeof what, "attention seq=%d T=%d S=%d H=%d/%d D=%d pos0=%d prefix=%d %s", n_seq, T, S, H,
-             Hkv, D, pos0, n_prefix, layout == 0 ? "qkv" : "cache");
+    snprintf(what, sizeof what, "attention seq=%d T=%d S=%d H=%d/%d D=%d pos0=%d prefix=%d %s%s", n_seq, T, S, H,
+             Hkv, D, pos0, n_prefix, layout == 0 ? "qkv" : "cache", dyn ? " (device pos, capacity S+700)" : "");
     albedo_status st = cuda_attention(G, &a);
     check_st(st, what);
     if (down(&out) == 0 && st == ALBEDO_OK) {
@@ -610,6 +666,7 @@ static void test_attention(int n_seq, int T, int S, int H, int Hkv, int D, int p
         free(ref);
     }
     free(qr), free(kr), free(vr);
+    cudaFree(dpos);
     buf_free(&qkv), buf_free(&q), buf_free(&kc), buf_free(&vc), buf_free(&out);
 }
 
@@ -631,12 +688,22 @@ static void test_attentions(void) {
     test_attention(1, 1, 5, 2, 2, 64, 4, 0, 1); /* fewer keys than one chunk */
     test_attention(1, 1, 2048, 2, 2, 64, 2047, 730, 1);
     if (!g_small) test_attention(1, 1, 4100, 2, 2, 64, 4099, 0, 1); /* chunks capped at 2048 keys */
+    /* The graph form: position from device memory, launch sized by a capacity. */
+    test_attention(1, 1, 741, 32, 32, 64, 740, 730, 1, 1);
+    test_attention(3, 1, 100, 4, 4, 64, 99, 0, 1, 1);
+    test_attention(1, 3, 103, 4, 2, 64, 100, 0, 1, 1);
+    test_attention(1, 1, 5, 2, 2, 64, 4, 0, 1, 1);
+    test_attention(1, 1, 2048, 2, 2, 64, 2047, 730, 1, 1);
 
     /* Bad arguments come back as statuses. */
     cuda_attn a;
     memset(&a, 0, sizeof a);
     a.T = 1, a.S = 4, a.H = 2, a.Hkv = 2, a.D = 12, a.n_seq = 1;
     CHECK(cuda_attention(G, &a) == ALBEDO_ERR_INVALID_ARGUMENT, "D %% 8 != 0 is refused");
+    int *dpos = dev_int(0);
+    a.D = 64, a.T = 9, a.S = 9, a.pos_dev = dpos;
+    CHECK(cuda_attention(G, &a) == ALBEDO_ERR_INVALID_ARGUMENT, "a device position with T > 8 is refused");
+    cudaFree(dpos);
 }
 
 /* ---- sampling -------------------------------------------------------------------------- */
@@ -921,6 +988,15 @@ int main(int argc, char **argv) {
         test_layernorm(4, lnC[i], DT_BF16, DT_F32, DT_BF16, 0);
     }
     test_layernorm(3, 1151, DT_F32, DT_F32, DT_BF16, 1);
+    /* Many rows: the warp-per-row kernel (from 2048 rows). */
+    test_layernorm(2048, 1151, DT_F32, DT_BF16, DT_F32, 0);
+    test_layernorm(2061, 77, DT_BF16, DT_BF16, DT_F32, 0);
+    test_layernorm(2100, 1151, DT_F32, DT_F32, DT_F32, 1);
+    test_layernorm(730, 2048, DT_F32, DT_F32, DT_BF16, 0); /* a prefix: still a block per row */
+    test_layernorm_ld(2050, 588, DT_F32, DT_BF16);
+    test_layernorm_ld(6, 588, DT_F32, DT_BF16);
+    test_layernorm_ld(3, 1151, DT_F32, DT_F32);
+    test_layernorm_ld(2, 77, DT_BF16, DT_BF16);
 
     const size_t n = g_small ? 10007 : 100003;
     for (int k = 0; k < 2; k++) {
@@ -937,6 +1013,10 @@ int main(int argc, char **argv) {
     test_rope(1, 32, 32, 64, 32, 740, 1); /* Moondream decode shape */
     test_rope(5, 3, 1, 72, 32, 0, 0);   /* in place, keys too */
     test_rope(4, 5, 0, 64, 64, 3, 0);   /* ops.h rope: R = D */
+    test_rope(1, 32, 32, 64, 32, 740, 1, 1); /* the decode graph's form: position on the device */
+    test_rope(3, 4, 2, 64, 32, 11, 1, 1);
+    test_rope(37, 32, 32, 64, 32, 0, 1);  /* many rows: a prefix's shape */
+    test_rope(9, 3, 3, 72, 40, 5, 1);     /* D - R unrotated dims copied into the cache */
 
     test_attentions();
     test_argmax();

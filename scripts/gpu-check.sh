@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# gpu-check.sh — every GPU test and benchmark of the CUDA backend in one go,
+# on a machine with an NVIDIA GPU (docs/CUDA.md), from a CUDA build:
+#
+#   1. test_ops_cuda     every kernel against the CPU reference
+#   2. test_model_cuda   Moondream 2 end to end through backend "cuda" against
+#                        the CPU float32 path and the fixtures (bf16 tolerances)
+#   3. bench_decode      the kernels at Moondream 2's full shapes (graphs)
+#   4. bench_e2e         the full model through the API: start-up, cold and
+#                        warm direct query, decode tok/s, ChartQA-like batch 1
+#   (SANITIZE=1 adds compute-sanitizer memcheck over test_ops_cuda --small.)
+#
+#   scripts/gpu-check.sh [BUILD_DIR]     (default build-cuda)
+#
+# Each step's output goes to $OUT/<step>.log (or BUILD_DIR/gpu-check/); the
+# tail of each is printed with its exit status; the script exits nonzero if
+# any step failed. BUILD_DIR/devlibs (scripts/gpu-bundle.sh) joins the library
+# path when present. The full-size synthetic model is written once to
+# $ALBEDO_CACHE/synthetic-md2 (default /tmp/albedo-cache).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+B=${1:-build-cuda}
+LOG=${OUT:-$B/gpu-check}
+mkdir -p "$LOG"
+if [ -d "$B/devlibs" ]; then export LD_LIBRARY_PATH="$PWD/$B/devlibs:${LD_LIBRARY_PATH:-}"; fi
+if [ -d /usr/local/cuda/lib64 ]; then export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:/usr/local/cuda/lib64"; fi
+export ALBEDO_SRC="$PWD" ALBEDO_WORK="${ALBEDO_WORK:-/tmp/albedo-gpu-check}" ALBEDO_CACHE="${ALBEDO_CACHE:-/tmp/albedo-cache}"
+mkdir -p "$ALBEDO_WORK" "$ALBEDO_CACHE"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$LOG/gpu.log"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo +changes)"
+
+fail=0
+step() {
+    local name=$1 lines=$2
+    shift 2
+    echo "== $name: $*"
+    local t0=$SECONDS
+    "$@" >"$LOG/$name.log" 2>&1
+    local rc=$?
+    tail -n "$lines" "$LOG/$name.log"
+    echo "== $name: exit $rc in $((SECONDS - t0)) s"
+    [ $rc -eq 0 ] || fail=1
+}
+step ops 4 "$B/test_ops_cuda"
+step model 12 "$B/test_model_cuda"
+step decode 20 "$B/bench_decode" 100
+step e2e 24 "$B/bench_e2e" --image tests/data/images/rocket.jpg
+if [ "${SANITIZE:-0}" = 1 ]; then
+    step memcheck 4 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/test_ops_cuda" --small
+fi
+echo "gpu-check: $([ $fail -eq 0 ] && echo all passed || echo FAILURES)"
+exit $fail

@@ -1,0 +1,992 @@
+/*
+ * model_cuda.cu — Moondream 2 on the GPU, whole stages at a time
+ * (model_cuda.h): the weight upload, a session's device memory, and the
+ * three stages the stage files hand over — vision, the image prefix, and
+ * text forwards — composed from the kernels of ops_cuda.h plus the few
+ * model-shaped kernels below (patchify, position embeddings, crop
+ * stitching and pooling). Not a backend of ops.h: the stages run here
+ * end to end so that activations never visit the host.
+ *
+ *   vision, n crops u8 [n, 378, 378, 3] (groups of max_crops + 1)
+ *     patchify_kernel                 patches bf16 [n·729, 592] (588 + zeros)
+ *     pos_kernel; linear(+=)          vx f32 [n·729, 1152] = pos + patch·Wᵀ + b
+ *     27 × { layernorm → vh bf16; linear → vqkv bf16 [.., 3456];
+ *            attention (n crops in one launch) → vatt bf16; linear(+=) → vx;
+ *            layernorm → vh; linear+gelu → vf bf16 [.., 4304]; linear(+=) → vx }
+ *     layernorm in place (post_ln)
+ *     global_kernel (crop 0), pool_kernel (tiles stitched, margins trimmed,
+ *       adaptive average 27×27, accumulated group by group) → cat bf16 [729, 2304]
+ *     linear+gelu → mid bf16 [729, 8192]; linear → x rows 1..729 (f32)
+ *   prefix: embed(BOS) → x row 0; text layers over T = 730, bidirectional
+ *   text, T rows at pos0 (x f32 [T, 2048]):
+ *     24 × { layernorm → h bf16; linear → qkv bf16 [T, 6144];
+ *            rope + KV-cache write; attention over the cache → att bf16;
+ *            linear(+=) → x; linear+gelu → f bf16 [T, 8192]; linear(+=) → x }
+ *     layernorm(last row) → linear → logits f32 [51200]
+ *
+ * Linears whose K is not a multiple of 8 (patch embedding 588; some test
+ * widths) get weights padded with zero columns at upload and activations
+ * whose padding columns hold zeros: the buffers are zeroed once when the
+ * state is made and nothing writes their padding afterwards.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_internal.cuh"
+#include "model_cuda.h"
+
+static int round8(int v) { return (v + 7) / 8 * 8; }
+
+/* ---- model-shaped kernels ----------------------------------------------------- */
+
+/* Row t = crop·np + py·ns + px of the patch matrix: element ch·P·P + dy·P + dx
+ * (patch_emb's column order) is pixel (py·P + dy, px·P + dx) of channel ch,
+ * scaled to [-1, 1] as the reference's (x/255 - 0.5)/0.5. Columns pd..ld-1
+ * are zeros. */
+__global__ void patchify_kernel(bf16 *out, int ld, const uint8_t *px, int cs, int P, int ns, int pd) {
+    pdl_trigger();
+    pdl_wait();
+    const int t = blockIdx.x, npp = ns * ns;
+    const int crop = t / npp, pi = t % npp, py = pi / ns, pxi = pi % ns;
+    const uint8_t *img = px + (size_t)crop * cs * cs * 3;
+    for (int e = threadIdx.x; e < ld; e += blockDim.x) {
+        float v = 0.0f;
+        if (e < pd) {
+            const int ch = e / (P * P), rem = e % (P * P), dy = rem / P, dx = rem % P;
+            const uint8_t u = img[((size_t)(py * P + dy) * cs + (pxi * P + dx)) * 3 + ch];
+            v = ((float)u / 255.0f - 0.5f) / 0.5f;
+        }
+        out[(size_t)t * ld + e] = __float2bfloat16_rn(v);
+    }
+}
+
+/* x[t, :] = pos[t % np, :] for T rows of C: the position embeddings, which
+ * the patch embedding then adds into (linear with accumulate). */
+__global__ void pos_kernel(float *x, const float *pos, int np, int C, long n) {
+    pdl_trigger();
+    pdl_wait();
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const long t = i / C;
+        x[i] = pos[(t % np) * C + i % C];
+    }
+}
+
+/* cat[p, 0:C] = feat[p, :] (the global crop) for np rows. */
+__global__ void global_kernel(bf16 *cat, int ldc, const float *feat, int C) {
+    pdl_trigger();
+    pdl_wait();
+    const int p = blockIdx.x;
+    for (int c = threadIdx.x; c < C; c += blockDim.x)
+        cat[(size_t)p * ldc + c] = __float2bfloat16_rn(feat[(size_t)p * C + c]);
+}
+
+/* Grid row (or column) y of the stitched tiles: its tile i and the row in
+ * that tile. Tile i contributes rows [mg, ns - mg) (the first from 0, the
+ * last up to ns) placed at i·step + row, step = ns - 2·mg (vision.c's
+ * pool_local). */
+__device__ __forceinline__ int tile_of(int y, int mg, int step, int n_tiles) {
+    int i = y < mg ? 0 : (y - mg) / step;
+    return i < n_tiles - 1 ? i : n_tiles - 1;
+}
+
+/* The adaptive average pool of the stitched local tiles, output cell
+ * blockIdx.x = r·ns + q covering grid rows [⌊r·Hg/ns⌋, ⌈(r+1)·Hg/ns⌉) and
+ * the same for columns (torch adaptive_avg_pool2d): adds the mean's terms
+ * of the tiles k0 <= k < k1 (local tile k's features at feat + (k - kofs)
+ * crops) into pool [np, C]. Called once per group of crops. */
+__global__ void pool_kernel(float *pool, const float *feat, int C, int ns, int mg, int th, int tw, int k0, int k1,
+                            int kofs) {
+    pdl_trigger();
+    pdl_wait();
+    const int cell = blockIdx.x, r = cell / ns, q = cell % ns;
+    const int step = ns - 2 * mg, Hg = step * th + 2 * mg, Wg = step * tw + 2 * mg;
+    const int y0 = (r * Hg) / ns, y1 = ((r + 1) * Hg + ns - 1) / ns;
+    const int x0 = (q * Wg) / ns, x1 = ((q + 1) * Wg + ns - 1) / ns;
+    const float inv = 1.0f / (float)((y1 - y0) * (x1 - x0));
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float s = 0.0f;
+        for (int y = y0; y < y1; y++) {
+            const int i = tile_of(y, mg, step, th), rr = y - i * step;
+            for (int x = x0; x < x1; x++) {
+                const int j = tile_of(x, mg, step, tw), cc = x - j * step, k = i * tw + j;
+                if (k >= k0 && k < k1) s += feat[(((size_t)(k - kofs) * ns + rr) * ns + cc) * C + c];
+            }
+        }
+        pool[(size_t)cell * C + c] += s * inv;
+    }
+}
+
+/* cat[p, C:2C] = pool[p, :]; columns 2C..ldc-1 zeros. */
+__global__ void local_kernel(bf16 *cat, int ldc, const float *pool, int C) {
+    pdl_trigger();
+    pdl_wait();
+    const int p = blockIdx.x;
+    for (int c = C + threadIdx.x; c < ldc; c += blockDim.x)
+        cat[(size_t)p * ldc + c] = __float2bfloat16_rn(c < 2 * C ? pool[(size_t)p * C + c - C] : 0.0f);
+}
+
+/* ---- the device model ------------------------------------------------------------ */
+
+typedef struct dlin {
+    cuda_linear_w w; /* w.n_in: K padded to a multiple of 8 (the row stride of w) */
+    int k;           /* the layer's own K */
+} dlin;
+
+typedef struct dvblock {
+    float *ln1_w, *ln1_b, *ln2_w, *ln2_b; /* [enc_dim] */
+    dlin qkv, proj, fc1, fc2;
+} dvblock;
+
+typedef struct dtblock {
+    float *ln_w, *ln_b; /* [dim] */
+    dlin qkv, proj, fc1, fc2;
+} dtblock;
+
+#define PREFIX_SLOTS_MAX 64
+
+struct mdc_model {
+    int device;
+    mdc_desc d; /* shapes; its host pointers are not used after the upload */
+    /* derived shapes */
+    int ns, np, pd, vD, qkvw, H, Hkv, D;
+    unsigned char *wmem; /* every weight, one allocation */
+    size_t wbytes;
+    dlin patch_emb, proj_fc1, proj_fc2, lm_head;
+    float *pos_emb;                /* [np, enc_dim] */
+    dvblock vb[128];
+    float *post_w, *post_b;        /* [enc_dim] */
+    uint16_t *wte;                 /* [vocab, dim] bf16 */
+    dtblock tb[128];
+    float *tpost_w, *tpost_b;      /* [dim] */
+    float *cos_t, *sin_t;          /* [max_context, rot_dims/2] */
+    /* image prefix KV slots: [n_layers][k|v][Hkv][prefix_attn][D] bf16 each */
+    pthread_mutex_t mu;
+    size_t prefix_bytes;
+    unsigned char *slot_mem;
+    int n_slots;
+    unsigned char slot_used[PREFIX_SLOTS_MAX];
+    char describe[320];
+};
+
+struct mdc_prefix {
+    mdc_model *m;
+    unsigned char *p;
+    int slot; /* -1: its own allocation */
+};
+
+struct mdc_state {
+    mdc_model *m;
+    cuda_ctx *ctx;
+    cudaStream_t st;
+    int max_ctx, vcap; /* text rows; crops per vision group */
+    unsigned char *mem;
+    size_t mem_bytes;
+    /* text */
+    float *x;        /* [max_ctx, dim] */
+    uint16_t *h;     /* [max_ctx, dimp] */
+    uint16_t *qkv;   /* [max_ctx, qkvw] */
+    uint16_t *att;   /* [max_ctx, H*D] */
+    uint16_t *f;     /* [max_ctx, ffp] */
+    float *logits;   /* [vocab] */
+    int32_t *ids;    /* [8]: ids[0] = bos */
+    int *pos_dev;    /* [1]: the decode graph's position */
+    uint16_t *kv;    /* [n_layers][2][Hkv][max_ctx][D] */
+    /* vision */
+    uint8_t *crops;  /* [vcap, cs, cs, 3] */
+    uint16_t *patches; /* [vcap·np, pdp] */
+    float *vx;       /* [vcap·np, C] */
+    uint16_t *vh;    /* [vcap·np, Cp] */
+    uint16_t *vqkv;  /* [vcap·np, 3C] */
+    uint16_t *vatt;  /* [vcap·np, C] */
+    uint16_t *vf;    /* [vcap·np, ffvp] */
+    float *pool;     /* [np, C] */
+    uint16_t *cat;   /* [np, catp] */
+    uint16_t *mid;   /* [np, pip] */
+    /* host */
+    float *stage;     /* pinned: [STAGE_ROWS, dim] rows up, one row (hidden) down, the position */
+    float *stage_hidden;
+    int *stage_pos;
+    float *logits_pin; /* pinned [vocab], when logits_host could not be page-locked */
+    float *logits_host, *hidden_host;
+    int reg_logits;
+    /* decode graph */
+    int graphs;      /* allowed */
+    cudaGraphExec_t graph;
+    int n_captured, last_graph;
+    char graph_err[512]; /* why capturing failed, if it did */
+    albedo_status sticky; /* a failed asynchronous prefix load, reported by the next forward */
+    char sticky_msg[256];
+};
+
+#define STAGE_ROWS 64
+
+/* ---- errors ---------------------------------------------------------------------- */
+
+#define CK(call)                                                                                   \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess)                                                                     \
+            return errf(e, cuda_status_of(e_), "cuda: %s: %s", #call, cudaGetErrorString(e_));   \
+    } while (0)
+
+/* An op of ops_cuda.h: its detail is in the context. */
+#define OPK(call)                                                                                  \
+    do {                                                                                           \
+        albedo_status s_ = (call);                                                                 \
+        if (s_ != ALBEDO_OK) return errf(e, s_, "cuda: %s", cuda_ctx_error(s->ctx));              \
+    } while (0)
+
+#define LAUNCH(kern, grid, block, ...)                                                             \
+    do {                                                                                           \
+        cudaError_t e_ = launch_k(s->ctx, kern, dim3(grid), dim3(block), 0, __VA_ARGS__);          \
+        if (e_ == cudaSuccess) e_ = cudaGetLastError();                                            \
+        if (e_ != cudaSuccess)                                                                     \
+            return errf(e, cuda_status_of(e_), "cuda: %s: %s", #kern, cudaGetErrorString(e_));    \
+    } while (0)
+
+/* ---- weight upload ------------------------------------------------------------------- */
+
+/* Two passes over the weights: the first sizes the allocation (pointers
+ * stay NULL), the second places and copies. Conversions (F16/F32 to bf16,
+ * K padding, float32 parameters) go through a host staging buffer. */
+typedef struct upl {
+    mdc_model *m;
+    int pass;
+    size_t off;
+    albedo_status st;
+    errbuf *e;
+    void *stage;
+    size_t stage_bytes;
+} upl;
+
+static void *take(upl *u, size_t bytes) {
+    const size_t o = (u->off + 255) & ~(size_t)255;
+    u->off = o + bytes;
+    return u->pass ? u->m->wmem + o : NULL;
+}
+
+static float host_get(const void *p, dtype dt, size_t i) {
+    if (dt == DT_F32) return ((const float *)p)[i];
+    if (dt == DT_F16) return f16_to_f32(((const uint16_t *)p)[i]);
+    return bf16_to_f32(((const uint16_t *)p)[i]);
+}
+
+static int plain_dt(dtype dt) { return dt == DT_F32 || dt == DT_F16 || dt == DT_BF16; }
+
+static void upl_copy(upl *u, void *dst, const void *src, size_t bytes) {
+    if (u->st) return;
+    cudaError_t ce = cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice);
+    if (ce != cudaSuccess)
+        u->st = errf(u->e, cuda_status_of(ce), "cuda: uploading weights: %s", cudaGetErrorString(ce));
+}
+
+/* n elements of a host vector as float32 on the device. */
+static float *put_f32(upl *u, const void *p, dtype dt, size_t n, const char *what) {
+    float *d = (float *)take(u, n * 4);
+    if (!u->pass || u->st) return d;
+    if (!p || !plain_dt(dt)) {
+        u->st = errf(u->e, ALBEDO_ERR_UNSUPPORTED, "cuda: %s: dtype %s", what, p ? dtype_name(dt) : "(missing)");
+        return d;
+    }
+    const size_t chunk = u->stage_bytes / 4;
+    float *tmp = (float *)u->stage;
+    for (size_t i0 = 0; i0 < n && !u->st; i0 += chunk) {
+        const size_t k = n - i0 < chunk ? n - i0 : chunk;
+        for (size_t i = 0; i < k; i++) tmp[i] = host_get(p, dt, i0 + i);
+        upl_copy(u, d + i0, tmp, k * 4);
+    }
+    return d;
+}
+
+/* A [rows, K] host matrix as bf16 [rows, Kp] on the device, zero padded. */
+static uint16_t *put_bf16(upl *u, const void *p, dtype dt, int rows, int K, int Kp, const char *what) {
+    uint16_t *d = (uint16_t *)take(u, (size_t)rows * Kp * 2);
+    if (!u->pass || u->st) return d;
+    if (!p || !plain_dt(dt)) {
+        u->st = errf(u->e, ALBEDO_ERR_UNSUPPORTED, "cuda: %s: dtype %s (the CUDA backend takes F32, F16 or BF16 weights)",
+                     what, p ? dtype_name(dt) : "(missing)");
+        return d;
+    }
+    if (dt == DT_BF16 && K == Kp) {
+        upl_copy(u, d, p, (size_t)rows * K * 2);
+        return d;
+    }
+    const int per = (int)(u->stage_bytes / 2 / (size_t)Kp);
+    uint16_t *tmp = (uint16_t *)u->stage;
+    for (int r0 = 0; r0 < rows && !u->st; r0 += per) {
+        const int k = rows - r0 < per ? rows - r0 : per;
+        for (int r = 0; r < k; r++)
+            for (int c = 0; c < Kp; c++)
+                tmp[(size_t)r * Kp + c] =
+                    c < K ? f32_to_bf16(host_get(p, dt, (size_t)(r0 + r) * K + c)) : (uint16_t)0;
+        upl_copy(u, d + (size_t)r0 * Kp, tmp, (size_t)k * Kp * 2);
+    }
+    return d;
+}
+
+/* A linear layer; its bias in float32 when the layer writes float32 (the
+ * residual adds, the LM head), else bf16, so that cuBLASLt fuses it. */
+static void put_lin(upl *u, dlin *dl, const op_linear *L, int bias_f32, const char *what) {
+    const int N = L->n_out, K = L->n_in, Kp = round8(K);
+    dl->k = K;
+    dl->w.n_out = N;
+    dl->w.n_in = Kp;
+    dl->w.w = put_bf16(u, L->w, L->dt, N, K, Kp, what);
+    dl->w.b = NULL;
+    dl->w.bdt = bias_f32 ? DT_F32 : DT_BF16;
+    if (!L->b) return;
+    if (bias_f32) {
+        dl->w.b = put_f32(u, L->b, L->bdt, (size_t)N, what);
+    } else {
+        dl->w.b = put_bf16(u, L->b, L->bdt, 1, N, N, what);
+    }
+}
+
+static void upload(upl *u) {
+    mdc_model *m = u->m;
+    const mdc_desc *d = &m->d;
+    char what[96];
+    put_lin(u, &m->patch_emb, &d->patch_emb, 1, "vision patch embedding");
+    m->pos_emb = put_f32(u, d->pos_emb.p, d->pos_emb.dt, (size_t)m->np * d->enc_dim, "vision pos_emb");
+    for (int l = 0; l < d->enc_layers; l++) {
+        const mdc_vblock *b = &d->vb[l];
+        dvblock *o = &m->vb[l];
+        snprintf(what, sizeof what, "vision block %d", l);
+        o->ln1_w = put_f32(u, b->ln1_w.p, b->ln1_w.dt, (size_t)d->enc_dim, what);
+        o->ln1_b = put_f32(u, b->ln1_b.p, b->ln1_b.dt, (size_t)d->enc_dim, what);
+        o->ln2_w = put_f32(u, b->ln2_w.p, b->ln2_w.dt, (size_t)d->enc_dim, what);
+        o->ln2_b = put_f32(u, b->ln2_b.p, b->ln2_b.dt, (size_t)d->enc_dim, what);
+        put_lin(u, &o->qkv, &b->qkv, 0, what);
+        put_lin(u, &o->proj, &b->proj, 1, what);
+        put_lin(u, &o->fc1, &b->fc1, 0, what);
+        put_lin(u, &o->fc2, &b->fc2, 1, what);
+    }
+    m->post_w = put_f32(u, d->post_ln_w.p, d->post_ln_w.dt, (size_t)d->enc_dim, "vision post_ln");
+    m->post_b = put_f32(u, d->post_ln_b.p, d->post_ln_b.dt, (size_t)d->enc_dim, "vision post_ln");
+    put_lin(u, &m->proj_fc1, &d->proj_fc1, 0, "vision projection fc1");
+    put_lin(u, &m->proj_fc2, &d->proj_fc2, 1, "vision projection fc2");
+    m->wte = put_bf16(u, d->wte.p, d->wte.dt, d->vocab, d->dim, d->dim, "text wte");
+    for (int l = 0; l < d->n_layers; l++) {
+        const mdc_tblock *b = &d->tb[l];
+        dtblock *o = &m->tb[l];
+        snprintf(what, sizeof what, "text block %d", l);
+        o->ln_w = put_f32(u, b->ln_w.p, b->ln_w.dt, (size_t)d->dim, what);
+        o->ln_b = put_f32(u, b->ln_b.p, b->ln_b.dt, (size_t)d->dim, what);
+        put_lin(u, &o->qkv, &b->qkv, 0, what);
+        put_lin(u, &o->proj, &b->proj, 1, what);
+        put_lin(u, &o->fc1, &b->fc1, 0, what);
+        put_lin(u, &o->fc2, &b->fc2, 1, what);
+    }
+    m->tpost_w = put_f32(u, d->tpost_w.p, d->tpost_w.dt, (size_t)d->dim, "text post_ln");
+    m->tpost_b = put_f32(u, d->tpost_b.p, d->tpost_b.dt, (size_t)d->dim, "text post_ln");
+    put_lin(u, &m->lm_head, &d->lm_head, 1, "text lm_head");
+    const size_t rope_n = (size_t)d->max_context * (d->rot_dims / 2);
+    m->cos_t = put_f32(u, d->rope_cos, DT_F32, rope_n, "rotary table");
+    m->sin_t = put_f32(u, d->rope_sin, DT_F32, rope_n, "rotary table");
+}
+
+/* ---- a session's memory plan --------------------------------------------------------- */
+
+/* Carve the state's buffers out of one allocation (base NULL: size only). */
+static size_t state_layout(mdc_state *s, const mdc_model *m, int max_ctx, unsigned char *base) {
+    const mdc_desc *d = &m->d;
+    size_t off = 0;
+#define CARVE(field, type, n)                                                                      \
+    do {                                                                                           \
+        off = (off + 255) & ~(size_t)255;                                                          \
+        if (base) s->field = (type *)(base + off);                                                 \
+        off += (size_t)(n) * sizeof(type);                                                         \
+    } while (0)
+    const size_t R = (size_t)max_ctx, vt = (size_t)(d->max_crops + 1) * m->np, np = (size_t)m->np;
+    const int C = d->enc_dim;
+    CARVE(x, float, R * d->dim);
+    CARVE(h, uint16_t, R * round8(d->dim));
+    CARVE(qkv, uint16_t, R * m->qkvw);
+    CARVE(att, uint16_t, R * m->H * m->D);
+    CARVE(f, uint16_t, R * round8(d->ff_dim));
+    CARVE(logits, float, d->vocab);
+    CARVE(ids, int32_t, 8);
+    CARVE(pos_dev, int, 1);
+    CARVE(kv, uint16_t, (size_t)d->n_layers * 2 * m->Hkv * R * m->D);
+    CARVE(crops, uint8_t, (size_t)(d->max_crops + 1) * d->crop_size * d->crop_size * 3);
+    CARVE(patches, uint16_t, vt * round8(m->pd));
+    CARVE(vx, float, vt * C);
+    CARVE(vh, uint16_t, vt * round8(C));
+    CARVE(vqkv, uint16_t, vt * 3 * C);
+    CARVE(vatt, uint16_t, vt * C);
+    CARVE(vf, uint16_t, vt * round8(d->enc_ff));
+    CARVE(pool, float, np * C);
+    CARVE(cat, uint16_t, np * round8(2 * C));
+    CARVE(mid, uint16_t, np * round8(d->proj_inner));
+#undef CARVE
+    return off;
+}
+
+/* What one session needs besides the weights: its buffers, the context's
+ * cuBLASLt workspace and attention scratch (ctx.cu) and some slack. */
+static size_t session_bytes(const mdc_model *m, int max_ctx) {
+    mdc_state tmp;
+    return state_layout(&tmp, m, max_ctx, NULL) + ((size_t)48 << 20);
+}
+
+/* ---- model ------------------------------------------------------------------------------ */
+
+int mdc_device_count(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError(); /* clear the sticky "no device" */
+        return 0;
+    }
+    return n;
+}
+
+void mdc_model_free(mdc_model *m) {
+    if (!m) return;
+    cudaSetDevice(m->device);
+    cudaFree(m->wmem);
+    cudaFree(m->slot_mem);
+    pthread_mutex_destroy(&m->mu);
+    free(m);
+}
+
+const char *mdc_model_describe(const mdc_model *m) { return m ? m->describe : ""; }
+
+static albedo_status check_shapes(const mdc_desc *d, errbuf *e) {
+    const char *why = NULL;
+    if (d->enc_heads <= 0 || d->enc_dim % d->enc_heads) why = "the vision width is not a multiple of its heads";
+    else if ((d->enc_dim / d->enc_heads) % 8 || d->enc_dim / d->enc_heads > 128)
+        why = "the vision head dimension is not a multiple of 8 up to 128";
+    else if (d->head_dim % 8 || d->head_dim > 128) why = "the text head dimension is not a multiple of 8 up to 128";
+    else if (d->n_kv_heads <= 0 || d->n_heads % d->n_kv_heads) why = "the query heads are not a multiple of the KV heads";
+    else if (d->rot_dims % 2 || d->rot_dims > d->head_dim) why = "the rotated dimensions are odd or exceed the head";
+    else if (d->in_ch != 3) why = "the vision input has other than 3 channels";
+    else if (d->proj_out != d->dim) why = "the projection's output is not the text width";
+    else if (d->enc_layers > 128 || d->n_layers > 128) why = "more than 128 layers";
+    if (why) return errf(e, ALBEDO_ERR_UNSUPPORTED, "cuda: %s", why);
+    return ALBEDO_OK;
+}
+
+albedo_status mdc_model_new(const mdc_desc *d, int device, mdc_model **out, errbuf *e) {
+    *out = NULL;
+    albedo_status st = check_shapes(d, e);
+    if (st) return st;
+    int n_dev = mdc_device_count();
+    if (n_dev <= 0) return errf(e, ALBEDO_ERR_UNSUPPORTED, "cuda: no CUDA device is available");
+    if (device < 0 || device >= n_dev)
+        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "cuda: device %d does not exist (%d found)", device, n_dev);
+    CK(cudaSetDevice(device));
+    mdc_model *m = (mdc_model *)calloc(1, sizeof *m);
+    if (!m) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    pthread_mutex_init(&m->mu, NULL);
+    m->device = device;
+    m->d = *d;
+    m->ns = d->crop_size / d->patch;
+    m->np = m->ns * m->ns;
+    m->pd = d->in_ch * d->patch * d->patch;
+    m->vD = d->enc_dim / d->enc_heads;
+    m->H = d->n_heads;
+    m->Hkv = d->n_kv_heads;
+    m->D = d->head_dim;
+    m->qkvw = (m->H + 2 * m->Hkv) * m->D;
+    if (m->np + 1 != d->prefix_attn) {
+        mdc_model_free(m);
+        return errf(e, ALBEDO_ERR_UNSUPPORTED, "cuda: the prefix is not the image tokens plus BOS");
+    }
+
+    upl u;
+    memset(&u, 0, sizeof u);
+    u.m = m;
+    u.e = e;
+    upload(&u); /* pass 0: sizes */
+    m->wbytes = u.off;
+    size_t free_b = 0, total_b = 0;
+    cudaError_t ce = cudaMemGetInfo(&free_b, &total_b);
+    if (ce != cudaSuccess) {
+        mdc_model_free(m);
+        return errf(e, cuda_status_of(ce), "cuda: cudaMemGetInfo: %s", cudaGetErrorString(ce));
+    }
+    const size_t wbytes = m->wbytes, need = wbytes + session_bytes(m, d->max_context);
+    if (need > free_b) {
+        mdc_model_free(m);
+        return errf(e, ALBEDO_ERR_OUT_OF_MEMORY,
+                    "cuda: the model needs %.2f GiB of GPU memory (%.2f GiB of weights and %.2f GiB for one session), "
+                    "device %d has %.2f GiB free of %.2f GiB",
+                    need / 1073741824.0, wbytes / 1073741824.0, (need - wbytes) / 1073741824.0, device,
+                    free_b / 1073741824.0, total_b / 1073741824.0);
+    }
+    ce = cudaMalloc((void **)&m->wmem, wbytes);
+    if (ce != cudaSuccess) {
+        mdc_model_free(m);
+        return errf(e, cuda_status_of(ce), "cuda: %.2f GiB for the weights: %s", wbytes / 1073741824.0,
+                    cudaGetErrorString(ce));
+    }
+    u.pass = 1;
+    u.off = 0;
+    u.stage_bytes = (size_t)16 << 20;
+    u.stage = malloc(u.stage_bytes);
+    if (!u.stage) u.st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    else upload(&u);
+    free(u.stage);
+    if (u.st) {
+        mdc_model_free(m);
+        return u.st;
+    }
+
+    /* Image prefix slots: ALBEDO_CUDA_IMAGE_SLOTS (default 4), within a
+     * quarter of what one session leaves free. */
+    m->prefix_bytes = (size_t)d->n_layers * 2 * m->Hkv * d->prefix_attn * m->D * 2;
+    const char *env = getenv("ALBEDO_CUDA_IMAGE_SLOTS");
+    int slots = env && *env ? atoi(env) : 4;
+    if (slots > PREFIX_SLOTS_MAX) slots = PREFIX_SLOTS_MAX;
+    const size_t left = free_b > need ? free_b - need : 0;
+    while (slots > 0 && (size_t)slots * m->prefix_bytes > left / 4) slots--;
+    if (slots > 0 && cudaMalloc((void **)&m->slot_mem, (size_t)slots * m->prefix_bytes) != cudaSuccess) {
+        cudaGetLastError();
+        slots = 0;
+        m->slot_mem = NULL;
+    }
+    m->n_slots = slots;
+    /* The uploads went through the legacy stream, which sessions' streams do
+     * not wait for, and a pageable cudaMemcpy may return before its DMA
+     * lands: finish them here. */
+    ce = cudaDeviceSynchronize();
+    if (ce != cudaSuccess) {
+        mdc_model_free(m);
+        return errf(e, cuda_status_of(ce), "cuda: uploading the weights: %s", cudaGetErrorString(ce));
+    }
+
+    cudaDeviceProp prop;
+    ce = cudaGetDeviceProperties(&prop, device);
+    if (ce != cudaSuccess) {
+        mdc_model_free(m);
+        return errf(e, cuda_status_of(ce), "cuda: cudaGetDeviceProperties: %s", cudaGetErrorString(ce));
+    }
+    snprintf(m->describe, sizeof m->describe, "cuda (%s, sm_%d%d, %.2f GiB of weights)", prop.name, prop.major,
+             prop.minor, m->wbytes / 1073741824.0);
+    *out = m;
+    return ALBEDO_OK;
+}
+
+/* ---- session state ------------------------------------------------------------------------ */
+
+void mdc_state_free(mdc_state *s) {
+    if (!s) return;
+    cudaSetDevice(s->m->device);
+    if (s->st) cudaStreamSynchronize(s->st);
+    if (s->graph) cudaGraphExecDestroy(s->graph);
+    if (s->reg_logits) cudaHostUnregister(s->logits_host);
+    cudaFreeHost(s->stage);
+    cudaFreeHost(s->logits_pin);
+    cudaFree(s->mem);
+    cuda_ctx_free(s->ctx);
+    free(s);
+}
+
+albedo_status mdc_state_new(mdc_model *m, int max_ctx, float *logits_host, float *hidden_host, mdc_state **out,
+                            errbuf *e) {
+    *out = NULL;
+    if (max_ctx < m->d.prefix_attn || max_ctx > m->d.max_context)
+        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "cuda: %d positions of context", max_ctx);
+    CK(cudaSetDevice(m->device));
+    mdc_state *s = (mdc_state *)calloc(1, sizeof *s);
+    if (!s) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    s->m = m;
+    s->max_ctx = max_ctx;
+    s->vcap = m->d.max_crops + 1;
+    const char *env = getenv("ALBEDO_CUDA_GRAPH");
+    s->graphs = !(env && env[0] == '0');
+    albedo_status st = cuda_ctx_new(m->device, &s->ctx, e);
+    if (st) {
+        mdc_state_free(s);
+        return st;
+    }
+    s->st = (cudaStream_t)cuda_ctx_stream(s->ctx);
+    /* Measured on an H100 (docs/CUDA.md): the GEMV wins up to 2 rows,
+     * cuBLASLt from 4 on; ALBEDO_CUDA_GEMV_MAX_T overrides. */
+    if (!getenv("ALBEDO_CUDA_GEMV_MAX_T")) cuda_ctx_set_gemv_max(s->ctx, 2);
+    s->mem_bytes = state_layout(s, m, max_ctx, NULL);
+    cudaError_t ce = cudaMalloc((void **)&s->mem, s->mem_bytes);
+    if (ce == cudaSuccess) ce = cudaMemset(s->mem, 0, s->mem_bytes);
+    if (ce == cudaSuccess)
+        ce = cudaHostAlloc((void **)&s->stage, (size_t)(STAGE_ROWS + 1) * m->d.dim * sizeof(float) + 64,
+                           cudaHostAllocDefault);
+    if (ce != cudaSuccess) {
+        st = errf(e, cuda_status_of(ce), "cuda: %.2f GiB of session memory: %s", s->mem_bytes / 1073741824.0,
+                  cudaGetErrorString(ce));
+        mdc_state_free(s);
+        return st;
+    }
+    state_layout(s, m, max_ctx, s->mem);
+    s->stage_hidden = s->stage + (size_t)STAGE_ROWS * m->d.dim;
+    s->stage_pos = (int *)(s->stage_hidden + m->d.dim);
+    /* The logits land straight in the session's host buffer, page-locked so
+     * that the copy is DMA; where registering fails, through a pinned copy. */
+    s->logits_host = logits_host;
+    s->hidden_host = hidden_host;
+    s->reg_logits = cudaHostRegister(logits_host, (size_t)m->d.vocab * sizeof(float), cudaHostRegisterDefault) ==
+                    cudaSuccess;
+    cudaGetLastError();
+    if (!s->reg_logits &&
+        (ce = cudaHostAlloc((void **)&s->logits_pin, (size_t)m->d.vocab * sizeof(float), cudaHostAllocDefault)) !=
+            cudaSuccess) {
+        st = errf(e, cuda_status_of(ce), "cuda: pinned logits: %s", cudaGetErrorString(ce));
+        mdc_state_free(s);
+        return st;
+    }
+    const int32_t ids[8] = {m->d.bos, m->d.bos, m->d.bos, m->d.bos, m->d.bos, m->d.bos, m->d.bos, m->d.bos};
+    ce = cudaMemcpy(s->ids, ids, sizeof ids, cudaMemcpyHostToDevice);
+    /* The zeroing and the copy ran on the legacy stream, asynchronously:
+     * finished before the session's own stream touches the memory. */
+    if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
+    if (ce != cudaSuccess) {
+        st = errf(e, cuda_status_of(ce), "cuda: %s", cudaGetErrorString(ce));
+        mdc_state_free(s);
+        return st;
+    }
+    *out = s;
+    return ALBEDO_OK;
+}
+
+/* ---- vision ------------------------------------------------------------------------------ */
+
+/* The encoder on n <= vcap crops already in s->crops: vx [n·np, C] after
+ * post_ln. */
+static albedo_status encode_group(mdc_state *s, int n, errbuf *e) {
+    const mdc_model *m = s->m;
+    const mdc_desc *d = &m->d;
+    const int np = m->np, C = d->enc_dim, Cp = round8(C), T = n * np, H = d->enc_heads, D = m->vD;
+    const int pdp = round8(m->pd), ffp = round8(d->enc_ff);
+    LAUNCH(patchify_kernel, T, 128, (bf16 *)s->patches, pdp, (const uint8_t *)s->crops, d->crop_size, d->patch,
+           m->ns, m->pd);
+    const long nx = (long)T * C;
+    LAUNCH(pos_kernel, (int)((nx + 255) / 256 < 4096 ? (nx + 255) / 256 : 4096), 256, s->vx, (const float *)m->pos_emb,
+           np, C, nx);
+    OPK(cuda_linear(s->ctx, s->vx, DT_F32, C, s->patches, pdp, T, &m->patch_emb.w, CUDA_ACT_NONE, 1));
+    for (int l = 0; l < d->enc_layers; l++) {
+        const dvblock *b = &m->vb[l];
+        OPK(cuda_layernorm_ld(s->ctx, s->vh, DT_BF16, Cp, s->vx, DT_F32, C, T, C, b->ln1_w, b->ln1_b, DT_F32, 1e-5f));
+        OPK(cuda_linear(s->ctx, s->vqkv, DT_BF16, 3 * C, s->vh, Cp, T, &b->qkv.w, CUDA_ACT_NONE, 0));
+        cuda_attn a;
+        memset(&a, 0, sizeof a);
+        a.T = np, a.S = np, a.H = H, a.Hkv = H, a.D = D, a.pos0 = 0, a.n_prefix = np;
+        a.scale = 1.0f / sqrtf((float)D), a.n_seq = n;
+        a.q = s->vqkv, a.ldq = 3 * C, a.q_seq = (long)np * 3 * C;
+        a.k = s->vqkv + C, a.ldk = 3 * C, a.k_head = D, a.k_seq = (long)np * 3 * C;
+        a.v = s->vqkv + 2 * C, a.ldv = 3 * C, a.v_head = D, a.v_seq = (long)np * 3 * C;
+        a.out = s->vatt, a.ldo = C, a.o_seq = (long)np * C;
+        OPK(cuda_attention(s->ctx, &a));
+        OPK(cuda_linear(s->ctx, s->vx, DT_F32, C, s->vatt, C, T, &b->proj.w, CUDA_ACT_NONE, 1));
+        OPK(cuda_layernorm_ld(s->ctx, s->vh, DT_BF16, Cp, s->vx, DT_F32, C, T, C, b->ln2_w, b->ln2_b, DT_F32, 1e-5f));
+        OPK(cuda_linear(s->ctx, s->vf, DT_BF16, ffp, s->vh, Cp, T, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
+        OPK(cuda_linear(s->ctx, s->vx, DT_F32, C, s->vf, ffp, T, &b->fc2.w, CUDA_ACT_NONE, 1));
+    }
+    OPK(cuda_layernorm(s->ctx, s->vx, DT_F32, s->vx, DT_F32, T, C, m->post_w, m->post_b, DT_F32, 1e-5f));
+    return ALBEDO_OK;
+}
+
+static albedo_status upload_crops(mdc_state *s, const uint8_t *crops_host, int n, errbuf *e) {
+    const size_t bytes = (size_t)n * s->m->d.crop_size * s->m->d.crop_size * 3;
+    CK(cudaMemcpyAsync(s->crops, crops_host, bytes, cudaMemcpyHostToDevice, s->st));
+    return ALBEDO_OK;
+}
+
+/* Vision and projection on all n crops: img_emb into x rows 1..np (f32);
+ * the encoder output of every crop to enc_out_host when not NULL. */
+static albedo_status vision_all(mdc_state *s, const uint8_t *crops_host, int n, int th, int tw, float *enc_out_host,
+                                errbuf *e) {
+    const mdc_model *m = s->m;
+    const mdc_desc *d = &m->d;
+    const int np = m->np, C = d->enc_dim, catp = round8(2 * C), pip = round8(d->proj_inner);
+    const size_t crop_bytes = (size_t)d->crop_size * d->crop_size * 3;
+    if (n < 1 || n != th * tw + 1) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: %d crops for a %dx%d tiling", n, th, tw);
+    CK(cudaMemsetAsync(s->pool, 0, (size_t)np * C * sizeof(float), s->st));
+    for (int g0 = 0; g0 < n; g0 += s->vcap) {
+        const int gn = n - g0 < s->vcap ? n - g0 : s->vcap;
+        albedo_status st = upload_crops(s, crops_host + (size_t)g0 * crop_bytes, gn, e);
+        if (!st) st = encode_group(s, gn, e);
+        if (st) return st;
+        if (enc_out_host)
+            CK(cudaMemcpyAsync(enc_out_host + (size_t)g0 * np * C, s->vx, (size_t)gn * np * C * sizeof(float),
+                               cudaMemcpyDeviceToHost, s->st));
+        if (g0 == 0) LAUNCH(global_kernel, np, 256, (bf16 *)s->cat, catp, (const float *)s->vx, C);
+        /* Local tile k is crop k + 1. */
+        const int k0 = g0 > 0 ? g0 - 1 : 0, k1 = g0 + gn - 1;
+        if (k1 > k0)
+            LAUNCH(pool_kernel, np, 256, s->pool, (const float *)s->vx, C, m->ns, d->overlap_margin, th, tw, k0, k1,
+                   g0 - 1);
+    }
+    LAUNCH(local_kernel, np, 256, (bf16 *)s->cat, catp, (const float *)s->pool, C);
+    OPK(cuda_linear(s->ctx, s->mid, DT_BF16, pip, s->cat, catp, np, &m->proj_fc1.w, CUDA_ACT_GELU_TANH, 0));
+    OPK(cuda_linear(s->ctx, s->x + d->dim, DT_F32, d->dim, s->mid, pip, np, &m->proj_fc2.w, CUDA_ACT_NONE, 0));
+    return ALBEDO_OK;
+}
+
+static albedo_status finish(mdc_state *s, errbuf *e) {
+    CK(cudaStreamSynchronize(s->st));
+    return ALBEDO_OK;
+}
+
+albedo_status mdc_vision(mdc_state *s, const uint8_t *crops_host, int n, int th, int tw, float *img_emb_host,
+                         float *enc_out_host, errbuf *e) {
+    CK(cudaSetDevice(s->m->device));
+    albedo_status st = vision_all(s, crops_host, n, th, tw, enc_out_host, e);
+    if (st) return st;
+    const mdc_desc *d = &s->m->d;
+    CK(cudaMemcpyAsync(img_emb_host, s->x + d->dim, (size_t)s->m->np * d->dim * sizeof(float), cudaMemcpyDeviceToHost,
+                       s->st));
+    return finish(s, e);
+}
+
+albedo_status mdc_vision_crops(mdc_state *s, const uint8_t *crops_host, int n, float *out_host, errbuf *e) {
+    CK(cudaSetDevice(s->m->device));
+    const mdc_desc *d = &s->m->d;
+    const int np = s->m->np, C = d->enc_dim;
+    const size_t crop_bytes = (size_t)d->crop_size * d->crop_size * 3;
+    for (int g0 = 0; g0 < n; g0 += s->vcap) {
+        const int gn = n - g0 < s->vcap ? n - g0 : s->vcap;
+        albedo_status st = upload_crops(s, crops_host + (size_t)g0 * crop_bytes, gn, e);
+        if (!st) st = encode_group(s, gn, e);
+        if (st) return st;
+        CK(cudaMemcpyAsync(out_host + (size_t)g0 * np * C, s->vx, (size_t)gn * np * C * sizeof(float),
+                           cudaMemcpyDeviceToHost, s->st));
+    }
+    return finish(s, e);
+}
+
+/* ---- text ----------------------------------------------------------------------------------- */
+
+/* The decoder over x rows 0..T-1 at positions pos0.. (or *pos_dev when not
+ * NULL: the graph's form, T = 1), the last row's logits when want_logits. */
+static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_dev, int n_prefix, int want_logits,
+                                 errbuf *e) {
+    const mdc_model *m = s->m;
+    const mdc_desc *d = &m->d;
+    const int dim = d->dim, dimp = round8(dim), ffp = round8(d->ff_dim), qd = m->H * m->D;
+    const size_t head = (size_t)s->max_ctx * m->D, layer = 2 * (size_t)m->Hkv * head;
+    for (int l = 0; l < d->n_layers; l++) {
+        const dtblock *b = &m->tb[l];
+        uint16_t *kc = s->kv + (size_t)l * layer, *vc = kc + (size_t)m->Hkv * head;
+        OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->x, DT_F32, dim, T, dim, b->ln_w, b->ln_b, DT_F32, 1e-5f));
+        OPK(cuda_linear(s->ctx, s->qkv, DT_BF16, m->qkvw, s->h, dimp, T, &b->qkv.w, CUDA_ACT_NONE, 0));
+        cuda_rope r;
+        memset(&r, 0, sizeof r);
+        r.x = s->qkv, r.ldx = m->qkvw, r.T = T, r.H = m->H, r.Hkv = m->Hkv, r.D = m->D, r.R = d->rot_dims;
+        r.pos0 = pos0, r.pos_dev = pos_dev, r.cos_t = m->cos_t, r.sin_t = m->sin_t;
+        r.k_cache = kc, r.v_cache = vc, r.n_ctx = s->max_ctx;
+        OPK(cuda_rope_kv(s->ctx, &r));
+        cuda_attn a;
+        memset(&a, 0, sizeof a);
+        a.T = T, a.S = pos_dev ? s->max_ctx : pos0 + T, a.H = m->H, a.Hkv = m->Hkv, a.D = m->D;
+        a.pos0 = pos0, a.pos_dev = pos_dev, a.n_prefix = n_prefix, a.scale = 1.0f / sqrtf((float)m->D), a.n_seq = 1;
+        a.q = s->qkv, a.ldq = m->qkvw;
+        a.k = kc, a.ldk = m->D, a.k_head = (long)head;
+        a.v = vc, a.ldv = m->D, a.v_head = (long)head;
+        a.out = s->att, a.ldo = qd;
+        OPK(cuda_attention(s->ctx, &a));
+        OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->att, qd, T, &b->proj.w, CUDA_ACT_NONE, 1));
+        OPK(cuda_linear(s->ctx, s->f, DT_BF16, ffp, s->h, dimp, T, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
+        OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->f, ffp, T, &b->fc2.w, CUDA_ACT_NONE, 1));
+    }
+    if (want_logits) {
+        uint16_t *hl = s->h + (size_t)(T - 1) * dimp;
+        OPK(cuda_layernorm(s->ctx, hl, DT_BF16, s->x + (size_t)(T - 1) * dim, DT_F32, 1, dim, m->tpost_w, m->tpost_b,
+                           DT_F32, 1e-5f));
+        OPK(cuda_linear(s->ctx, s->logits, DT_F32, d->vocab, hl, dimp, 1, &m->lm_head.w, CUDA_ACT_NONE, 0));
+    }
+    return ALBEDO_OK;
+}
+
+/* Capture the one-row decode step with the position read from pos_dev. */
+static albedo_status capture_decode(mdc_state *s, errbuf *e) {
+    CK(cudaStreamBeginCapture(s->st, cudaStreamCaptureModeThreadLocal));
+    errbuf sub;
+    albedo_status st = text_layers(s, 1, 0, s->pos_dev, 0, 1, &sub);
+    cudaGraph_t g = NULL;
+    cudaError_t ce = cudaStreamEndCapture(s->st, &g);
+    if (st) {
+        if (g) cudaGraphDestroy(g);
+        return errf(e, st, "%s (while capturing the decode graph)", sub.msg);
+    }
+    if (ce == cudaSuccess) ce = cudaGraphInstantiate(&s->graph, g, 0);
+    if (g) cudaGraphDestroy(g);
+    if (ce != cudaSuccess) {
+        s->graph = NULL;
+        return errf(e, cuda_status_of(ce), "cuda: capturing the decode graph: %s", cudaGetErrorString(ce));
+    }
+    s->n_captured++;
+    return ALBEDO_OK;
+}
+
+albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int pos0, int n_prefix, int want_logits,
+                               errbuf *e) {
+    const mdc_desc *d = &s->m->d;
+    if (s->sticky) {
+        albedo_status st = s->sticky;
+        s->sticky = ALBEDO_OK;
+        return errf(e, st, "%s", s->sticky_msg);
+    }
+    if (T < 1 || pos0 < 0 || pos0 + T > s->max_ctx)
+        return errf(e, ALBEDO_ERR_LIMIT, "context length %d exceeds the maximum of %d positions", pos0 + T, s->max_ctx);
+    CK(cudaSetDevice(s->m->device));
+    const size_t row = (size_t)d->dim * sizeof(float);
+    const int use_graph = s->graphs && T == 1 && want_logits && pos0 >= n_prefix;
+    if (use_graph && !s->graph) {
+        /* Captured on an idle stream, before this step's uploads. A capture
+         * that fails leaves the session on eager launches (the reason is kept
+         * for mdc_graph_error). */
+        errbuf sub;
+        CK(cudaStreamSynchronize(s->st));
+        if (capture_decode(s, &sub)) {
+            s->graphs = 0;
+            snprintf(s->graph_err, sizeof s->graph_err, "%s", sub.msg);
+            cudaGetLastError();
+        }
+    }
+    if (T <= STAGE_ROWS) {
+        memcpy(s->stage, emb_host, (size_t)T * row);
+        CK(cudaMemcpyAsync(s->x, s->stage, (size_t)T * row, cudaMemcpyHostToDevice, s->st));
+    } else {
+        CK(cudaMemcpyAsync(s->x, emb_host, (size_t)T * row, cudaMemcpyHostToDevice, s->st));
+    }
+    s->last_graph = 0;
+    if (use_graph && s->graph) {
+        *s->stage_pos = pos0;
+        CK(cudaMemcpyAsync(s->pos_dev, s->stage_pos, sizeof(int), cudaMemcpyHostToDevice, s->st));
+        CK(cudaGraphLaunch(s->graph, s->st));
+        s->last_graph = 1;
+    } else {
+        albedo_status st = text_layers(s, T, pos0, NULL, n_prefix, want_logits, e);
+        if (st) return st;
+    }
+    CK(cudaMemcpyAsync(s->stage_hidden, s->x + (size_t)(T - 1) * d->dim, row, cudaMemcpyDeviceToHost, s->st));
+    float *lg = s->reg_logits ? s->logits_host : s->logits_pin;
+    if (want_logits) CK(cudaMemcpyAsync(lg, s->logits, (size_t)d->vocab * sizeof(float), cudaMemcpyDeviceToHost, s->st));
+    albedo_status st = finish(s, e);
+    if (st) return st;
+    memcpy(s->hidden_host, s->stage_hidden, row);
+    if (want_logits && !s->reg_logits) memcpy(s->logits_host, s->logits_pin, (size_t)d->vocab * sizeof(float));
+    return ALBEDO_OK;
+}
+
+/* ---- image prefix ----------------------------------------------------------------------------- */
+
+/* Rows (layer, k|v, kv head) of the cache: the first n_pos positions. */
+static cudaError_t copy_prefix(mdc_state *s, unsigned char *dst, const unsigned char *src, int to_cache, int n_pos) {
+    const mdc_model *m = s->m;
+    const size_t w = (size_t)n_pos * m->D * 2, pitch = (size_t)s->max_ctx * m->D * 2;
+    const size_t rows = (size_t)m->d.n_layers * 2 * m->Hkv;
+    if (to_cache) return cudaMemcpy2DAsync(dst, pitch, src, w, w, rows, cudaMemcpyDeviceToDevice, s->st);
+    return cudaMemcpy2DAsync(dst, w, src, pitch, w, rows, cudaMemcpyDeviceToDevice, s->st);
+}
+
+albedo_status mdc_image_prefix(mdc_state *s, const uint8_t *crops_host, int n, int th, int tw, mdc_prefix **out,
+                               errbuf *e) {
+    mdc_model *m = s->m;
+    const mdc_desc *d = &m->d;
+    if (out) *out = NULL;
+    CK(cudaSetDevice(m->device));
+    albedo_status st = vision_all(s, crops_host, n, th, tw, NULL, e);
+    if (st) return st;
+    OPK(cuda_embed(s->ctx, s->x, m->wte, d->vocab, d->dim, s->ids, 1));
+    st = text_layers(s, d->prefix_attn, 0, NULL, d->prefix_attn, 0, e);
+    if (st) return st;
+    mdc_prefix *p = NULL;
+    if (out) {
+        p = (mdc_prefix *)calloc(1, sizeof *p);
+        if (!p) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+        p->m = m;
+        p->slot = -1;
+        pthread_mutex_lock(&m->mu);
+        for (int i = 0; i < m->n_slots && p->slot < 0; i++)
+            if (!m->slot_used[i]) {
+                m->slot_used[i] = 1;
+                p->slot = i;
+                p->p = m->slot_mem + (size_t)i * m->prefix_bytes;
+            }
+        pthread_mutex_unlock(&m->mu);
+        cudaError_t ce = cudaSuccess;
+        if (p->slot < 0) ce = cudaMalloc((void **)&p->p, m->prefix_bytes);
+        if (ce == cudaSuccess) ce = copy_prefix(s, p->p, (const unsigned char *)s->kv, 0, d->prefix_attn);
+        if (ce != cudaSuccess) {
+            mdc_prefix_free(p);
+            return errf(e, cuda_status_of(ce), "cuda: the image's prefix KV (%.0f MiB): %s",
+                        m->prefix_bytes / 1048576.0, cudaGetErrorString(ce));
+        }
+    }
+    /* Other sessions (other streams) may load the prefix next: it is
+     * complete when this returns. */
+    st = finish(s, e);
+    if (st) {
+        mdc_prefix_free(p);
+        return st;
+    }
+    if (out) *out = p;
+    return ALBEDO_OK;
+}
+
+albedo_status mdc_prefix_load(mdc_state *s, const mdc_prefix *p, errbuf *e) {
+    CK(cudaSetDevice(s->m->device));
+    cudaError_t ce = copy_prefix(s, (unsigned char *)s->kv, p->p, 1, s->m->d.prefix_attn);
+    if (ce != cudaSuccess) {
+        s->sticky = cuda_status_of(ce);
+        snprintf(s->sticky_msg, sizeof s->sticky_msg, "cuda: loading an image's prefix KV: %s", cudaGetErrorString(ce));
+        return errf(e, s->sticky, "%s", s->sticky_msg);
+    }
+    return ALBEDO_OK;
+}
+
+void mdc_prefix_free(mdc_prefix *p) {
+    if (!p) return;
+    mdc_model *m = p->m;
+    if (p->slot >= 0) {
+        pthread_mutex_lock(&m->mu);
+        m->slot_used[p->slot] = 0;
+        pthread_mutex_unlock(&m->mu);
+    } else if (p->p) {
+        cudaSetDevice(m->device);
+        cudaFree(p->p);
+    }
+    free(p);
+}
+
+/* ---- test hooks -------------------------------------------------------------------------------- */
+
+albedo_status mdc_kv_download(mdc_state *s, int l, int n_pos, float *k_host, float *v_host, errbuf *e) {
+    const mdc_model *m = s->m;
+    if (l < 0 || l >= m->d.n_layers || n_pos < 1 || n_pos > s->max_ctx)
+        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "cuda: layer %d, %d positions", l, n_pos);
+    CK(cudaSetDevice(m->device));
+    const int Hkv = m->Hkv, D = m->D;
+    const size_t head = (size_t)s->max_ctx * D;
+    uint16_t *tmp = (uint16_t *)malloc((size_t)2 * Hkv * n_pos * D * 2);
+    if (!tmp) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    const uint16_t *base = s->kv + (size_t)l * 2 * Hkv * head;
+    cudaError_t ce = cudaStreamSynchronize(s->st);
+    /* rows (k|v, head): n_pos·D elements each */
+    if (ce == cudaSuccess)
+        ce = cudaMemcpy2D(tmp, (size_t)n_pos * D * 2, base, head * 2, (size_t)n_pos * D * 2, (size_t)2 * Hkv,
+                          cudaMemcpyDeviceToHost);
+    if (ce != cudaSuccess) {
+        free(tmp);
+        return errf(e, cuda_status_of(ce), "cuda: %s", cudaGetErrorString(ce));
+    }
+    for (int kind = 0; kind < 2; kind++)
+        for (int g = 0; g < Hkv; g++)
+            for (int p = 0; p < n_pos; p++)
+                for (int dd = 0; dd < D; dd++) {
+                    const float v = bf16_to_f32(tmp[(((size_t)kind * Hkv + g) * n_pos + p) * D + dd]);
+                    (kind ? v_host : k_host)[(size_t)p * Hkv * D + (size_t)g * D + dd] = v;
+                }
+    free(tmp);
+    return ALBEDO_OK;
+}
+
+void mdc_graph_stats(const mdc_state *s, int *last_used_graph, int *n_captured) {
+    if (last_used_graph) *last_used_graph = s->last_graph;
+    if (n_captured) *n_captured = s->n_captured;
+}
+
+const char *mdc_graph_error(const mdc_state *s) { return s->graph_err; }

@@ -1,0 +1,133 @@
+/*
+ * model_cuda.h — Moondream 2 on the GPU, whole stages at a time: the device
+ * half of the CUDA backend (docs/CUDA.md). C reaches it through this
+ * extern "C" header only; src/backend_cuda.c translates the model's
+ * weights and configuration (model.h) into an mdc_desc and calls it from
+ * the stage files' hooks.
+ *
+ *   mdc_model   the weights on one device, uploaded once at load as bf16
+ *               (linears; K padded with zeros to a multiple of 8), float32
+ *               (LayerNorm parameters, biases of float32 outputs, position
+ *               embeddings, rotary tables); shared by every session, and a
+ *               pool of image-prefix KV slots. Immutable after load except
+ *               for the pool, which has its own lock.
+ *   mdc_state   one session's device memory, allocated once when the session
+ *               is made (sized from the configuration and max_ctx, never per
+ *               request): a context (stream, cuBLASLt), the text workspace
+ *               for max_ctx rows, the KV cache (bf16, [layer][k|v][Hkv]
+ *               [max_ctx][D]), the vision workspace for max_crops + 1 crops
+ *               (more crops run in groups), pinned staging, the decode graph.
+ *
+ * Activations follow ops_cuda.h: bf16 matrix operands, float32 sums, a
+ * float32 residual stream. Host pointers are named so; every call returns
+ * when its results are on the host (one stream synchronisation per call).
+ * Moondream 3 and block-quantised weights are not supported here
+ * (ALBEDO_ERR_UNSUPPORTED from the glue).
+ */
+#ifndef ALBEDO_MODEL_CUDA_H
+#define ALBEDO_MODEL_CUDA_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include "../ops.h"
+
+/* Host views of one block's weights (pointers into the mapped checkpoint). */
+typedef struct mdc_vblock {
+    op_vec ln1_w, ln1_b, ln2_w, ln2_b;
+    op_linear qkv, proj, fc1, fc2;
+} mdc_vblock;
+
+typedef struct mdc_tblock {
+    op_vec ln_w, ln_b;
+    op_linear qkv, proj, fc1, fc2;
+} mdc_tblock;
+
+/* What the device model is made from. Shapes are model.h's md_config. */
+typedef struct mdc_desc {
+    /* vision */
+    int crop_size, patch, in_ch, enc_dim, enc_layers, enc_heads, enc_ff;
+    int max_crops, overlap_margin, proj_inner, proj_out;
+    op_linear patch_emb;
+    op_vec pos_emb; /* [n_patches, enc_dim] */
+    const mdc_vblock *vb;
+    op_vec post_ln_w, post_ln_b;
+    op_linear proj_fc1, proj_fc2;
+    /* text */
+    int dim, ff_dim, n_layers, vocab, n_heads, n_kv_heads, head_dim, rot_dims;
+    int prefix_attn, max_context, bos;
+    op_vec wte; /* [vocab, dim] */
+    const mdc_tblock *tb;
+    op_vec tpost_w, tpost_b;
+    op_linear lm_head;
+    const float *rope_cos, *rope_sin; /* [max_context, rot_dims/2] */
+} mdc_desc;
+
+typedef struct mdc_model mdc_model;
+typedef struct mdc_state mdc_state;
+typedef struct mdc_prefix mdc_prefix; /* an image's prefix KV on the device */
+
+/* Number of CUDA devices (0 when there is none or no driver). */
+int mdc_device_count(void);
+
+/* Upload the weights to device `device`. Fails with ALBEDO_ERR_OUT_OF_MEMORY
+ * and a message giving both sizes when the weights and one session's
+ * working memory do not fit the card's free memory; with
+ * ALBEDO_ERR_UNSUPPORTED for shapes the kernels cannot take. */
+albedo_status mdc_model_new(const mdc_desc *d, int device, mdc_model **out, errbuf *e);
+void mdc_model_free(mdc_model *m); /* NULL is a no-op */
+/* "cuda (NVIDIA H100 80GB HBM3, sm_90, 2.93 GiB of weights)" */
+const char *mdc_model_describe(const mdc_model *m);
+
+/* A session on m with max_ctx positions of KV cache. logits_host [vocab]
+ * and hidden_host [dim] are the session's host buffers that text forwards
+ * fill; they are page-locked for the state's lifetime. */
+albedo_status mdc_state_new(mdc_model *m, int max_ctx, float *logits_host, float *hidden_host,
+                            mdc_state **out, errbuf *e);
+void mdc_state_free(mdc_state *s); /* NULL is a no-op */
+
+/* The vision encoder and projection on n crops [n, cs, cs, 3] (host): the
+ * global crop first, then th × tw tiles row-major (n = th*tw + 1). Writes
+ * img_emb_host [np, dim] and, when not NULL, enc_out_host [n, np, enc_dim]
+ * (the encoder's output after post_ln). */
+albedo_status mdc_vision(mdc_state *s, const uint8_t *crops_host, int n, int th, int tw,
+                         float *img_emb_host, float *enc_out_host, errbuf *e);
+/* The encoder alone on n crops → out_host [n, np, enc_dim]. */
+albedo_status mdc_vision_crops(mdc_state *s, const uint8_t *crops_host, int n, float *out_host,
+                               errbuf *e);
+
+/* The image prefix: vision on the crops, then [BOS embedding, img_emb]
+ * through the text decoder at positions 0 .. prefix_attn-1 with the
+ * bidirectional prefix mask, all on the device; the prefix KV is left in
+ * s's cache and, when out is not NULL, copied into a new mdc_prefix. */
+albedo_status mdc_image_prefix(mdc_state *s, const uint8_t *crops_host, int n, int th, int tw,
+                               mdc_prefix **out, errbuf *e);
+/* Copy an image's prefix KV into positions 0 .. prefix_attn-1 of s's cache
+ * (stream-ordered before the next forward). */
+albedo_status mdc_prefix_load(mdc_state *s, const mdc_prefix *p, errbuf *e);
+void mdc_prefix_free(mdc_prefix *p); /* NULL is a no-op */
+
+/* text_forward on the device: emb_host [T, dim] at positions pos0.., K/V
+ * into the cache, n_prefix the bidirectional prefix. hidden_host (the
+ * state's) gets the last row before post_ln; logits_host too when
+ * want_logits. A step of one row with logits at pos0 >= n_prefix replays a
+ * CUDA graph (captured at the session's first such step, with the position
+ * read from device memory) unless ALBEDO_CUDA_GRAPH=0. */
+albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int pos0, int n_prefix,
+                               int want_logits, errbuf *e);
+
+/* For tests: layer l's keys and values at positions 0 .. n_pos-1 as float
+ * [n_pos, Hkv*D] (the CPU cache's layout). */
+albedo_status mdc_kv_download(mdc_state *s, int l, int n_pos, float *k_host, float *v_host, errbuf *e);
+/* For tests and benchmarks: whether the last text forward replayed the
+ * decode graph, and how many graphs the state has captured. */
+void mdc_graph_stats(const mdc_state *s, int *last_used_graph, int *n_captured);
+/* Why capturing the decode graph failed ("" if it did not; the session then
+ * runs eagerly). */
+const char *mdc_graph_error(const mdc_state *s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
