@@ -17,6 +17,12 @@
  * changes). What is not here: the hub's metadata API, nested file paths,
  * git-sha1 checks of small non-LFS files (their size is checked instead).
  *
+ * A model is config.json, its weights and tokenizer.json. The weights are
+ * model.safetensors or, when the repo has none (Moondream 3 preview), the
+ * shards that model.safetensors.index.json names, each fetched like any LFS
+ * file (resumed, SHA-256 checked). Aliases: moondream2, moondream3 (the
+ * preview) and moondream3.1, each with the Starmie tokenizer.
+ *
  * The library never prints: progress goes to the caller's callback.
  */
 /* realpath, flock */
@@ -25,7 +31,9 @@
 #include <ctype.h>
 #include <stdarg.h>
 #include <curl/curl.h>
+#include <dirent.h>
 #include <errno.h>
+#include <jansson.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -38,10 +46,22 @@
 
 #include "common.h"
 
-#define MD2_REPO "vikhyatk/moondream2"
-#define MD2_REVISION "2025-06-21"
 #define TOKENIZER_REPO "moondream/starmie-v1"
 #define TOKENIZER_REVISION "main"
+#define INDEX_FILE "model.safetensors.index.json"
+#define INDEX_MAX_BYTES (64 << 20)
+#define MAX_SHARDS 1024
+
+/* Names that albedo pull and --model accept for the official checkpoints.
+ * All of them take tokenizer.json from moondream/starmie-v1, as the
+ * reference code does (Tokenizer.from_pretrained("moondream/starmie-v1")). */
+static const struct alias {
+    const char *name, *repo, *revision;
+} aliases[] = {
+    {"moondream2", "vikhyatk/moondream2", "2025-06-21"},
+    {"moondream3", "moondream/moondream3-preview", "main"},
+    {"moondream3.1", "moondream/moondream3.1-9B-A2B", "main"},
+};
 
 /* ---- SHA-256 (FIPS 180-4) --------------------------------------------------------- */
 
@@ -311,7 +331,7 @@ static size_t on_head_header(char *line, size_t size, size_t nitems, void *user)
     header_value(line, n, "Location", hi->location, sizeof hi->location);
     /* X-Linked-Etag (LFS, the sha256) wins over ETag, whatever their order. */
     header_value(line, n, "X-Linked-Etag", tmp, sizeof tmp);
-    if (tmp[0]) snprintf(hi->etag, sizeof hi->etag, "~%s", tmp);
+    if (tmp[0]) snprintf(hi->etag, sizeof hi->etag, "~%.254s", tmp); /* "~" marks it; an etag is far shorter */
     tmp[0] = 0;
     header_value(line, n, "ETag", tmp, sizeof tmp);
     if (tmp[0] && hi->etag[0] != '~') snprintf(hi->etag, sizeof hi->etag, "%s", tmp);
@@ -713,42 +733,168 @@ static int looks_like_repo(const char *s) {
     return 1;
 }
 
-/* A directory of symlinks to files of different snapshots. */
-static albedo_status merge_dir(const hub *h, const char *name, char paths[3][PATH_MAX + 1024], char *out, size_t cap) {
-    static const char *const names[3] = {"config.json", "model.safetensors", "tokenizer.json"};
+/* The files of one model: names in the model directory and their snapshot paths. */
+typedef struct file_list {
+    int n, cap;
+    char (*name)[256];
+    char (*path)[PATH_MAX + 1024];
+} file_list;
+
+static int list_add(file_list *l, const char *name) {
+    if (l->n == l->cap) {
+        int cap = l->cap ? 2 * l->cap : 8;
+        void *a = realloc(l->name, (size_t)cap * sizeof *l->name);
+        if (a) l->name = a;
+        void *b = a ? realloc(l->path, (size_t)cap * sizeof *l->path) : NULL;
+        if (!b) return -1;
+        l->path = b;
+        l->cap = cap;
+    }
+    snprintf(l->name[l->n], sizeof l->name[l->n], "%s", name);
+    l->path[l->n][0] = 0;
+    return l->n++;
+}
+
+static void list_free(file_list *l) {
+    free(l->name);
+    free(l->path);
+}
+
+/* A directory of symlinks to files of different snapshots. Links of an
+ * earlier pull that this model no longer has (model.safetensors after a
+ * switch to shards, say) are removed: the loader must not pick a stale one. */
+static albedo_status merge_dir(const hub *h, const char *name, const file_list *l, char *out, size_t cap) {
     char dir[PATH_MAX];
     fmt(dir, sizeof dir, "%s/models/%s", h->albedo_cache, name);
     if (mkdirs(dir)) return errf(h->e, ALBEDO_ERR_IO, "%s: %s", dir, strerror(errno));
-    for (int i = 0; i < 3; i++) {
-        char real[PATH_MAX], link[PATH_MAX + 64];
-        if (!realpath(paths[i], real)) return errf(h->e, ALBEDO_ERR_IO, "%s: %s", paths[i], strerror(errno));
-        snprintf(link, sizeof link, "%s/%s", dir, names[i]);
+    for (int i = 0; i < l->n; i++) {
+        char real[PATH_MAX], link[PATH_MAX + 300];
+        if (!realpath(l->path[i], real)) return errf(h->e, ALBEDO_ERR_IO, "%s: %s", l->path[i], strerror(errno));
+        snprintf(link, sizeof link, "%s/%s", dir, l->name[i]);
         if (relink(real, link)) return errf(h->e, ALBEDO_ERR_IO, "%s: %s", link, strerror(errno));
     }
+    DIR *d = opendir(dir);
+    for (struct dirent *de; d && (de = readdir(d));) {
+        int keep = de->d_name[0] == '.';
+        for (int i = 0; i < l->n && !keep; i++) keep = !strcmp(de->d_name, l->name[i]);
+        char link[PATH_MAX + 300];
+        struct stat sb;
+        snprintf(link, sizeof link, "%s/%s", dir, de->d_name);
+        if (!keep && lstat(link, &sb) == 0 && S_ISLNK(sb.st_mode)) unlink(link);
+    }
+    if (d) closedir(d);
     if (strlen(dir) + 1 > cap) return errf(h->e, ALBEDO_ERR_INVALID_ARGUMENT, "output buffer too small for %s", dir);
     memcpy(out, dir, strlen(dir) + 1);
     return ALBEDO_OK;
 }
 
+/* A shard name from an index that came over the network: it becomes a URL
+ * segment and a cache file name, so only plain names of the hub's pattern. */
+static int shard_name_ok(const char *f) {
+    size_t n = strlen(f);
+    if (n == 0 || n > 200 || f[0] == '.' || n < 12 || strcmp(f + n - 12, ".safetensors")) return 0;
+    for (const char *p = f; *p; p++)
+        if (!isalnum((unsigned char)*p) && !strchr("-_.", *p)) return 0;
+    return 1;
+}
+
+/* Add the distinct shards of the index at path (in order of first
+ * appearance in its weight_map) to l. */
+static albedo_status add_shards(const hub *h, const char *path, const char *url, file_list *l) {
+    long long size = file_size(path);
+    if (size < 0 || size > INDEX_MAX_BYTES) return errf(h->e, ALBEDO_ERR_MODEL_FORMAT, "%s: missing or too large", path);
+    json_error_t je;
+    json_t *root = json_load_file(path, 0, &je);
+    json_t *map = root ? json_object_get(root, "weight_map") : NULL;
+    albedo_status st = ALBEDO_OK;
+    if (!json_is_object(map) || json_object_size(map) == 0) {
+        st = errf(h->e, ALBEDO_ERR_MODEL_FORMAT, "%s: expected {\"weight_map\": {tensor: shard file, ...}}%s%s", url,
+                  root ? "" : ": ", root ? "" : je.text);
+        json_decref(root);
+        return st;
+    }
+    const int first = l->n;
+    const char *key;
+    json_t *v;
+    json_object_foreach(map, key, v) {
+        const char *f = json_string_value(v);
+        if (!f || !shard_name_ok(f)) {
+            st = errf(h->e, ALBEDO_ERR_MODEL_FORMAT, "%s: tensor %s: shard '%s' is not a plain *.safetensors file name",
+                      url, key, f ? f : "(not a string)");
+            break;
+        }
+        int seen = 0;
+        for (int i = first; i < l->n && !seen; i++) seen = !strcmp(l->name[i], f);
+        if (seen) continue;
+        if (l->n - first == MAX_SHARDS) {
+            st = errf(h->e, ALBEDO_ERR_MODEL_FORMAT, "%s: more than %d shards", url, MAX_SHARDS);
+            break;
+        }
+        if (list_add(l, f) < 0) {
+            st = errf(h->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+            break;
+        }
+    }
+    json_decref(root);
+    return st;
+}
+
 static albedo_status fetch_model(hub *h, const char *repo, const char *rev, int tok_from_repo, const char *name,
                                  char *out, size_t cap) {
-    char paths[3][PATH_MAX + 1024];
+    file_list l = {0};
     albedo_status st = ALBEDO_ERR_INTERNAL;
-    if (fetch_file(h, repo, rev, "config.json", 0, paths[0], sizeof paths[0], &st) != FILE_OK) return st;
-    if (fetch_file(h, repo, rev, "model.safetensors", 0, paths[1], sizeof paths[1], &st) != FILE_OK) return st;
-    int r = tok_from_repo ? fetch_file(h, repo, rev, "tokenizer.json", 1, paths[2], sizeof paths[2], &st) : FILE_ABSENT;
-    if (r == FILE_ERROR) return st;
-    if (r == FILE_OK) { /* all three in one snapshot: that is the model directory */
-        char *slash = strrchr(paths[0], '/');
-        *slash = 0;
-        if (strlen(paths[0]) + 1 > cap) return errf(h->e, ALBEDO_ERR_INVALID_ARGUMENT, "output buffer too small");
-        memcpy(out, paths[0], strlen(paths[0]) + 1);
-        return ALBEDO_OK;
+    char url[4096];
+    int r = FILE_ERROR, tok = -1, single = -1;
+    if (list_add(&l, "config.json") < 0 || (single = list_add(&l, "model.safetensors")) < 0) {
+        st = errf(h->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+        goto done;
     }
-    /* Moondream 2 since 2025-06-21 uses the Starmie tokenizer, kept in its own repo. */
-    if (fetch_file(h, TOKENIZER_REPO, TOKENIZER_REVISION, "tokenizer.json", 0, paths[2], sizeof paths[2], &st) != FILE_OK)
-        return st;
-    return merge_dir(h, name, paths, out, cap);
+    if (fetch_file(h, repo, rev, "config.json", 0, l.path[0], sizeof l.path[0], &st) != FILE_OK) goto done;
+    /* One file, or an index and its shards. */
+    r = fetch_file(h, repo, rev, "model.safetensors", 1, l.path[single], sizeof l.path[single], &st);
+    if (r == FILE_ERROR) goto done;
+    if (r == FILE_ABSENT) {
+        snprintf(l.name[single], sizeof l.name[single], "%s", INDEX_FILE);
+        r = fetch_file(h, repo, rev, INDEX_FILE, 1, l.path[single], sizeof l.path[single], &st);
+        if (r == FILE_ERROR) goto done;
+        snprintf(url, sizeof url, "%s/%s/resolve/%s/", h->endpoint, repo, rev);
+        if (r == FILE_ABSENT) {
+            st = errf(h->e, ALBEDO_ERR_NETWORK, "%smodel.safetensors: %s, nor %s", url,
+                      h->offline ? "not in the cache and HF_HUB_OFFLINE is set" : "not found (HTTP 404)", INDEX_FILE);
+            goto done;
+        }
+        strncat(url, INDEX_FILE, sizeof url - strlen(url) - 1);
+        const int first = l.n;
+        if ((st = add_shards(h, l.path[single], url, &l))) goto done;
+        for (int i = first; i < l.n; i++)
+            if (fetch_file(h, repo, rev, l.name[i], 0, l.path[i], sizeof l.path[i], &st) != FILE_OK) goto done;
+    }
+    if ((tok = list_add(&l, "tokenizer.json")) < 0) {
+        st = errf(h->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+        goto done;
+    }
+    r = tok_from_repo ? fetch_file(h, repo, rev, "tokenizer.json", 1, l.path[tok], sizeof l.path[tok], &st) : FILE_ABSENT;
+    if (r == FILE_ERROR) goto done;
+    if (r == FILE_OK) { /* every file in one snapshot: that is the model directory */
+        char *slash = strrchr(l.path[0], '/');
+        *slash = 0;
+        if (strlen(l.path[0]) + 1 > cap) {
+            st = errf(h->e, ALBEDO_ERR_INVALID_ARGUMENT, "output buffer too small");
+            goto done;
+        }
+        memcpy(out, l.path[0], strlen(l.path[0]) + 1);
+        st = ALBEDO_OK;
+        goto done;
+    }
+    /* Moondream 2 since 2025-06-21 and Moondream 3 use the Starmie tokenizer,
+     * kept in its own repo. */
+    if (fetch_file(h, TOKENIZER_REPO, TOKENIZER_REVISION, "tokenizer.json", 0, l.path[tok], sizeof l.path[tok], &st) !=
+        FILE_OK)
+        goto done;
+    st = merge_dir(h, name, &l, out, cap);
+done:
+    list_free(&l);
+    return st;
 }
 
 ALBEDO_API albedo_status albedo_model_fetch(const char *spec, const albedo_fetch_params *params, char *out_dir,
@@ -775,8 +921,11 @@ ALBEDO_API albedo_status albedo_model_fetch(const char *spec, const albedo_fetch
         st = errf(&e, ALBEDO_ERR_NETWORK, "cannot initialise libcurl: %s", curl_easy_strerror(curl_init_rc));
         goto done;
     }
-    if (!strcmp(spec, "moondream2")) {
-        st = fetch_model(&h, MD2_REPO, MD2_REVISION, 0, "moondream2", out_dir, cap);
+    const struct alias *a = NULL;
+    for (size_t i = 0; i < sizeof aliases / sizeof aliases[0]; i++)
+        if (!strcmp(spec, aliases[i].name)) a = &aliases[i];
+    if (a) {
+        st = fetch_model(&h, a->repo, a->revision, 0, a->name, out_dir, cap);
     } else if (looks_like_repo(spec)) {
         char repo[512], rev[256] = "main", name[800];
         const char *at = strchr(spec, '@');
@@ -791,7 +940,9 @@ ALBEDO_API albedo_status albedo_model_fetch(const char *spec, const albedo_fetch
             if (*p == '/') *p = '-';
         st = fetch_model(&h, repo, rev, 1, name, out_dir, cap);
     } else {
-        st = errf(&e, ALBEDO_ERR_IO, "%s: no such model directory (nor moondream2, nor a Hugging Face owner/repo[@revision])",
+        st = errf(&e, ALBEDO_ERR_IO,
+                  "%s: no such model directory (nor moondream2, moondream3, moondream3.1, nor a Hugging Face "
+                  "owner/repo[@revision])",
                   spec);
     }
 done:

@@ -1,27 +1,40 @@
 /*
  * quant.c — quantised weights (docs/QUANT.md): the text decoder's linears
- * converted at load time into albedo's block formats (ops.h qformat), and
- * `albedo quantize`, which stores them so that later loads map them from
- * the file instead.
+ * and Moondream 3's experts converted at load time into albedo's block
+ * formats (ops.h qformat), and `albedo quantize`, which stores them so that
+ * later loads map them from the file instead.
  *
- *   which:  per text layer attn.qkv, attn.proj and (dense layers) mlp.fc1,
- *           mlp.fc2 — about 93% of Moondream 2's decode bytes. The vision
- *           encoder keeps 16 bits (it runs once per image, compute-bound);
- *           the LM head, region model and MoE experts keep their dtype
- *           (text_logits_of and md_expert_linear address rows by element
- *           size, which a block format does not have).
+ *   which:  per text layer attn.qkv, attn.proj and either the dense
+ *           mlp.fc1, mlp.fc2 or (MoE layers) the expert tensors
+ *           mlp.fc1.weight [E, 2·inner, dim] and mlp.fc2.weight
+ *           [E, dim, inner], each seen as one [E·rows, K] matrix: row r of
+ *           expert e is row e·rows + r, at (e·rows + r)·q_row_bytes(K)
+ *           (md_expert_linear). The vision encoder keeps 16 bits (it runs
+ *           once per image, compute-bound); the LM head and region model
+ *           keep their dtype (text_logits_of addresses rows by element size).
+ *           The routers stay as stored: [E, dim] is tiny and routing is
+ *           sensitive (a flipped top-8 choice changes the whole MLP).
  *   how:    row by row with q_quantize_row (ops_ref.c), the rows of each
  *           matrix split over all cores; one allocation owns every copy.
+ *           Once a matrix is converted, the pages of its 16-bit source are
+ *           released from the process (madvise): the file mapping stays,
+ *           so nothing is lost, but the source no longer counts towards the
+ *           resident set, which for Moondream 3 (16 GB of bf16 experts)
+ *           would otherwise reach the machine's memory during the load.
  *   stored: model.safetensors with each quantised weight as a U8 tensor
- *           [N, q_row_bytes(K)] under its usual name, and "__metadata__"
- *           {"albedo.format": "q8"|"q4", "albedo.version": "1"}; weights.c
- *           binds those tensors as DT_Q8 / DT_Q4 in place (mapped, no copy).
+ *           [N, q_row_bytes(K)] (experts: [E, rows, q_row_bytes(K)]) under
+ *           its usual name, and "__metadata__" {"albedo.format": "q8"|"q4",
+ *           "albedo.version": "1"}; weights.c binds those tensors as DT_Q8 /
+ *           DT_Q4 in place (mapped, no copy).
  */
+#define _DEFAULT_SOURCE /* madvise */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "model.h"
 
@@ -33,44 +46,74 @@ albedo_status md_weights_format(const char *name, dtype *dt, errbuf *e) {
     return ALBEDO_OK;
 }
 
-/* The linears quant.c converts, in a fixed order; returns their count
- * (at most 4 per layer). */
-static int text_linears(md_weights *w, const md_config *c, op_linear **out) {
+/* One matrix quant.c converts: a linear's [N, K] weight, or a 3-D expert
+ * tensor [E, N/E, K] taken as N rows. *w and *dt are what the model reads:
+ * they are pointed at the copy. */
+typedef struct qmat {
+    const void **w;
+    dtype *dt;
+    int n_rows, n_in; /* N (all experts' rows), K */
+    int n_experts;    /* 0: a 2-D linear; E: a 3-D expert tensor */
+} qmat;
+
+#define QMATS_PER_LAYER 4
+
+/* The matrices quant.c converts, in a fixed order; returns their count. */
+static int text_mats(md_weights *w, const md_config *c, qmat *out) {
     int n = 0;
     for (int i = 0; i < c->n_layers; i++) {
         txt_block *t = &w->tb[i];
-        out[n++] = &t->qkv;
-        out[n++] = &t->proj;
+        out[n++] = (qmat){&t->qkv.w, &t->qkv.dt, t->qkv.n_out, t->qkv.n_in, 0};
+        out[n++] = (qmat){&t->proj.w, &t->proj.dt, t->proj.n_out, t->proj.n_in, 0};
         if (!t->moe) {
-            out[n++] = &t->fc1;
-            out[n++] = &t->fc2;
+            out[n++] = (qmat){&t->fc1.w, &t->fc1.dt, t->fc1.n_out, t->fc1.n_in, 0};
+            out[n++] = (qmat){&t->fc2.w, &t->fc2.dt, t->fc2.n_out, t->fc2.n_in, 0};
+        } else {
+            const int E = c->moe_experts, I = c->moe_inner;
+            out[n++] = (qmat){&t->exp_fc1, &t->exp_fc1_dt, E * 2 * I, c->dim, E};
+            out[n++] = (qmat){&t->exp_fc2, &t->exp_fc2_dt, E * c->dim, I, E};
         }
     }
     return n;
 }
 
-/* Row n of L's weight as float32, for any weight dtype. */
-static void weight_row(const op_linear *L, int n, float *out) {
-    const int K = L->n_in;
-    if (L->dt == DT_Q8 || L->dt == DT_Q4) {
-        q_dequantize_row(L->dt, (const char *)L->w + (size_t)n * q_row_bytes(L->dt, K), K, out);
+/* Row n of a [N, K] matrix of any weight dtype as float32. */
+static void weight_row(const void *w, dtype dt, int K, size_t n, float *out) {
+    if (dt == DT_Q8 || dt == DT_Q4) {
+        q_dequantize_row(dt, (const char *)w + n * q_row_bytes(dt, K), K, out);
         return;
     }
-    const size_t base = (size_t)n * (size_t)K;
+    const size_t base = n * (size_t)K;
     for (int k = 0; k < K; k++) {
-        switch (L->dt) {
-        case DT_BF16: out[k] = bf16_to_f32(((const uint16_t *)L->w)[base + k]); break;
-        case DT_F16: out[k] = f16_to_f32(((const uint16_t *)L->w)[base + k]); break;
-        default: out[k] = ((const float *)L->w)[base + k]; break;
+        switch (dt) {
+        case DT_BF16: out[k] = bf16_to_f32(((const uint16_t *)w)[base + k]); break;
+        case DT_F16: out[k] = f16_to_f32(((const uint16_t *)w)[base + k]); break;
+        default: out[k] = ((const float *)w)[base + k]; break;
         }
     }
+}
+
+/* Bytes of a matrix in dt (block formats: rows of q_row_bytes). */
+static size_t mat_bytes(dtype dt, int n_rows, int n_in) {
+    const size_t rb = q_row_bytes(dt, n_in);
+    return (rb ? rb : (size_t)n_in * dtype_size(dt)) * (size_t)n_rows;
+}
+
+/* Drop the whole pages of [p, p + n) from the resident set. Only for the
+ * read-only file mappings of the checkpoint: a later read faults the bytes
+ * back in from the file (they usually still sit in the page cache). */
+static void release_pages(const void *p, size_t n) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = ((uintptr_t)p + page - 1) & ~(page - 1), b = ((uintptr_t)p + n) & ~(page - 1);
+    if (page > 1 && b > a) madvise((void *)a, b - a, MADV_DONTNEED);
 }
 
 #define QUANT_TASKS 64 /* row chunks per matrix: a few per core, evenly loaded */
 
 typedef struct quant_job {
-    const op_linear *src;
-    dtype dt;
+    const void *src;
+    dtype src_dt, dt;
+    int n_rows, n_in;
     char *dst;
     size_t rb;
     float **rowbuf; /* one [K] buffer per task */
@@ -78,12 +121,12 @@ typedef struct quant_job {
 
 static void quant_task(void *arg, int task) {
     const quant_job *j = arg;
-    const int N = j->src->n_out;
-    const int r0 = (int)((long long)task * N / QUANT_TASKS), r1 = (int)((long long)(task + 1) * N / QUANT_TASKS);
+    const size_t N = (size_t)j->n_rows;
+    const size_t r0 = task * N / QUANT_TASKS, r1 = (task + 1) * N / QUANT_TASKS;
     float *row = j->rowbuf[task];
-    for (int n = r0; n < r1; n++) {
-        weight_row(j->src, n, row);
-        q_quantize_row(j->dt, row, j->src->n_in, j->dst + (size_t)n * j->rb);
+    for (size_t n = r0; n < r1; n++) {
+        weight_row(j->src, j->src_dt, j->n_in, n, row);
+        q_quantize_row(j->dt, row, j->n_in, j->dst + n * j->rb);
     }
 }
 
@@ -97,18 +140,18 @@ albedo_status md_weights_quantize(md_weights *w, const md_config *c, dtype dt, e
     if (dt == DT_BF16) return ALBEDO_OK;
     if (dt != DT_Q8 && dt != DT_Q4) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "quantize: dtype %s is not a block format", dtype_name(dt));
     if (!w->tb) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "quantize: weights are not bound");
-    op_linear **ls = calloc((size_t)c->n_layers * 4 + 1, sizeof *ls);
-    if (!ls) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
-    const int n = text_linears(w, c, ls);
+    qmat *ms = calloc((size_t)c->n_layers * QMATS_PER_LAYER + 1, sizeof *ms);
+    if (!ms) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    const int n = text_mats(w, c, ms);
     /* One allocation for every matrix not already in dt, each 64-byte aligned. */
     size_t total = 0, max_k = 1;
     for (int i = 0; i < n; i++) {
-        if (ls[i]->dt == dt) continue;
-        total += (q_row_bytes(dt, ls[i]->n_in) * (size_t)ls[i]->n_out + 63) & ~(size_t)63;
-        if ((size_t)ls[i]->n_in > max_k) max_k = (size_t)ls[i]->n_in;
+        if (*ms[i].dt == dt) continue;
+        total += (mat_bytes(dt, ms[i].n_rows, ms[i].n_in) + 63) & ~(size_t)63;
+        if ((size_t)ms[i].n_in > max_k) max_k = (size_t)ms[i].n_in;
     }
     if (total == 0) {
-        free(ls);
+        free(ms);
         return ALBEDO_OK;
     }
     void *mem = NULL;
@@ -118,28 +161,32 @@ albedo_status md_weights_quantize(md_weights *w, const md_config *c, dtype dt, e
     if (posix_memalign(&mem, 64, total) || !rows)
         st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for %.1f MB of %s weights", (double)total / 1e6,
                   dtype_name(dt));
-    if (!st) st = ops_ctx_new("generic", 0, OPS_F32, &ctx, e);
+    if (!st) st = ops_ctx_new("generic", 0, OPS_F32, &ctx, e); /* 0 threads: every core */
     if (st) {
         free(mem);
         free(rows);
-        free(ls);
+        free(ms);
         return st;
     }
     float *rowbuf[QUANT_TASKS];
     for (int i = 0; i < QUANT_TASKS; i++) rowbuf[i] = rows + (size_t)i * max_k;
     char *p = mem;
     for (int i = 0; i < n; i++) {
-        op_linear *L = ls[i];
-        if (L->dt == dt) continue;
-        quant_job j = {L, dt, p, q_row_bytes(dt, L->n_in), rowbuf};
+        const qmat *q = &ms[i];
+        if (*q->dt == dt) continue;
+        quant_job j = {*q->w, *q->dt, dt, q->n_rows, q->n_in, p, q_row_bytes(dt, q->n_in), rowbuf};
         ops_parallel_for(ctx, QUANT_TASKS, quant_task, &j);
-        L->w = p;
-        L->dt = dt;
-        p += (j.rb * (size_t)L->n_out + 63) & ~(size_t)63;
+        /* 16/32-bit sources are the mapped checkpoint; a block-format source
+         * may be an earlier call's copy (freed below), never released. */
+        if (j.src_dt == DT_BF16 || j.src_dt == DT_F16 || j.src_dt == DT_F32)
+            release_pages(j.src, mat_bytes(j.src_dt, q->n_rows, q->n_in));
+        *q->w = p;
+        *q->dt = dt;
+        p += (j.rb * (size_t)q->n_rows + 63) & ~(size_t)63;
     }
     ops_ctx_free(ctx);
     free(rows);
-    free(ls);
+    free(ms);
     free(w->quant_mem); /* copies of an earlier call, no longer referenced */
     w->quant_mem = mem;
     w->quant_dt = dt;
@@ -171,19 +218,19 @@ albedo_status albedo_model_quantize(const char *dir, const albedo_model_params *
         error_set_last(e.msg);
         return st;
     }
-    /* Load as stored, remember where each linear's tensor lies, then convert. */
+    /* Load as stored, remember where each matrix's tensor lies, then convert. */
     p.weights = NULL;
     albedo_model *m = NULL;
     if ((st = albedo_model_load(dir, &p, &m))) return st; /* albedo_last_error is set */
-    op_linear **ls = calloc((size_t)m->cfg.n_layers * 4 + 1, sizeof *ls);
-    const void **orig = calloc((size_t)m->cfg.n_layers * 4 + 1, sizeof *orig);
+    qmat *ms = calloc((size_t)m->cfg.n_layers * QMATS_PER_LAYER + 1, sizeof *ms);
+    const void **orig = calloc((size_t)m->cfg.n_layers * QMATS_PER_LAYER + 1, sizeof *orig);
     int n = 0, nt = 0;
     for (int i = 0; i < m->n_st; i++) nt += st_count(m->st[i]);
     st_tensor *ts = calloc((size_t)nt + 1, sizeof *ts);
-    if (!ls || !orig || !ts) st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    if (!ms || !orig || !ts) st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
     if (!st) {
-        n = text_linears(&m->w, &m->cfg, ls);
-        for (int i = 0; i < n; i++) orig[i] = ls[i]->w;
+        n = text_mats(&m->w, &m->cfg, ms);
+        for (int i = 0; i < n; i++) orig[i] = *ms[i].w;
         st = md_weights_quantize(&m->w, &m->cfg, dt, &e);
     }
     if (!st && mkdir(out_dir, 0755) && errno != EEXIST) st = errf(&e, ALBEDO_ERR_IO, "%s: %s", out_dir, strerror(errno));
@@ -196,14 +243,22 @@ albedo_status albedo_model_quantize(const char *dir, const albedo_model_params *
                 ts[k] = *t;
                 for (int l = 0; l < n; l++) {
                     if (orig[l] != t->data) continue;
-                    const size_t rb = q_row_bytes(dt, ls[l]->n_in);
+                    const qmat *q = &ms[l];
+                    const size_t rb = q_row_bytes(dt, q->n_in);
                     ts[k].dt = DT_U8;
-                    ts[k].ndim = 2;
-                    ts[k].shape[0] = ls[l]->n_out;
-                    ts[k].shape[1] = (int64_t)rb;
-                    ts[k].numel = (int64_t)(rb * (size_t)ls[l]->n_out);
-                    ts[k].nbytes = rb * (size_t)ls[l]->n_out;
-                    ts[k].data = ls[l]->w;
+                    if (q->n_experts) { /* [E, rows, row bytes] */
+                        ts[k].ndim = 3;
+                        ts[k].shape[0] = q->n_experts;
+                        ts[k].shape[1] = q->n_rows / q->n_experts;
+                        ts[k].shape[2] = (int64_t)rb;
+                    } else {
+                        ts[k].ndim = 2;
+                        ts[k].shape[0] = q->n_rows;
+                        ts[k].shape[1] = (int64_t)rb;
+                    }
+                    ts[k].numel = (int64_t)(rb * (size_t)q->n_rows);
+                    ts[k].nbytes = rb * (size_t)q->n_rows;
+                    ts[k].data = *q->w;
                     break;
                 }
                 k++;
@@ -218,7 +273,7 @@ albedo_status albedo_model_quantize(const char *dir, const albedo_model_params *
         snprintf(path, sizeof path, "%s/%s", out_dir, copies[i]);
         st = copy_file(from, path, &e);
     }
-    free(ls);
+    free(ms);
     free(orig);
     free(ts);
     albedo_model_free(m);

@@ -556,3 +556,8 @@ albedo_status albedo_synth_write(const char *dir, const char *preset_name, uint6
         if (!strcmp(presets[i].name, preset_name)) shard = presets[i].shard_bytes;
     return synth_write_sharded(dir, preset_name, seed, legacy_f16, tokenizer_json, shard);
 }
+
+albedo_status albedo_synth_write_shards(const char *dir, const char *preset_name, uint64_t seed,
+                                        const char *tokenizer_json, uint64_t shard_bytes) {
+    return synth_write_sharded(dir, preset_name, seed, 0, tokenizer_json, shard_bytes);
+}

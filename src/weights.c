@@ -196,8 +196,25 @@ static op_vec vec(binder *b, const char *canon, int64_t n) {
     return x ? (op_vec){x->t->data, x->t->dt} : (op_vec){0};
 }
 
-/* A 3-D expert tensor [E, rows, cols]: its data and dtype. */
+/* A 3-D expert tensor [E, rows, cols]: its data and dtype. Stored by
+ * `albedo quantize` it is U8 [E, rows, q_row_bytes(cols)] in block format. */
 static const void *experts(binder *b, const char *canon, int64_t E, int64_t rows, int64_t cols, dtype *dt) {
+    const named *q = b->st ? NULL : lookup(b->ix, canon);
+    if (q && q->t->dt == DT_U8 && q->qdt != DT_U8) {
+        const int64_t rb = (int64_t)q_row_bytes(q->qdt, (int)cols);
+        if (q->t->ndim != 3 || q->t->shape[0] != E || q->t->shape[1] != rows || q->t->shape[2] != rb) {
+            char have[96];
+            shape_str(have, sizeof have, q->t->ndim, q->t->shape);
+            b->st = errf(b->e, ALBEDO_ERR_MODEL_FORMAT,
+                         "tensor %s: %s blocks of [%lld, %lld, %lld] are [%lld, %lld, %lld] bytes, file has %s", q->t->name,
+                         dtype_name(q->qdt), (long long)E, (long long)rows, (long long)cols, (long long)E, (long long)rows,
+                         (long long)rb, have);
+            return NULL;
+        }
+        b->used++;
+        *dt = q->qdt;
+        return q->t->data;
+    }
     const named *x = need(b, canon, 3, (int64_t[]){E, rows, cols});
     if (!x) return NULL;
     *dt = x->t->dt;
@@ -205,9 +222,11 @@ static const void *experts(binder *b, const char *canon, int64_t E, int64_t rows
 }
 
 op_linear md_expert_linear(const void *w, dtype dt, int e, int rows_per_expert, int row0, int n_out, int n_in) {
-    size_t row = (size_t)e * (size_t)rows_per_expert + (size_t)row0;
+    const size_t row = (size_t)e * (size_t)rows_per_expert + (size_t)row0;
+    /* Block formats have no element size: a row is q_row_bytes long. */
+    const size_t row_bytes = q_row_bytes(dt, n_in) ? q_row_bytes(dt, n_in) : (size_t)n_in * dtype_size(dt);
     op_linear L = {0};
-    L.w = (const char *)w + row * (size_t)n_in * dtype_size(dt);
+    L.w = (const char *)w + row * row_bytes;
     L.dt = dt;
     L.n_out = n_out;
     L.n_in = n_in;

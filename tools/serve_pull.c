@@ -1,7 +1,7 @@
 /*
- * serve_pull.c — `albedo pull [moondream2|owner/repo[@rev]|DIR]`: download a
- * model into the Hugging Face cache (or find it there) and print the model
- * directory that --model accepts. It sits beside the server because both are
+ * serve_pull.c — `albedo pull [moondream2|moondream3|moondream3.1|owner/repo[@rev]|DIR]`:
+ * download a model into the Hugging Face cache (or find it there) and print
+ * the model directory that --model accepts. It sits beside the server because both are
  * the tool's network-facing commands; the work is the library's
  * albedo_model_fetch (src/hub.c). The progress bar is drawn here, on stderr
  * and only for a terminal: the library itself never prints.
@@ -57,10 +57,16 @@ int albedo_pull_main(int argc, char **argv) {
     }
     if (!spec) {
         fprintf(stderr,
-                "usage: albedo pull [--quiet] moondream2|owner/repo[@revision]\n\n"
-                "Downloads config.json, model.safetensors and tokenizer.json into the Hugging Face\n"
-                "cache ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub) and prints the model\n"
-                "directory. Honours HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE=1.\n");
+                "usage: albedo pull [--quiet] moondream2|moondream3|moondream3.1|owner/repo[@revision]\n\n"
+                "Downloads config.json, the weights (model.safetensors, or the shards that\n"
+                "model.safetensors.index.json names) and tokenizer.json into the Hugging Face cache\n"
+                "($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub) and prints the model\n"
+                "directory. Interrupted downloads resume. Honours HF_ENDPOINT, HF_TOKEN and\n"
+                "HF_HUB_OFFLINE=1.\n\n"
+                "  moondream2     vikhyatk/moondream2@2025-06-21\n"
+                "  moondream3     moondream/moondream3-preview (about 18.5 GB in shards)\n"
+                "  moondream3.1   moondream/moondream3.1-9B-A2B\n"
+                "  (all three with tokenizer.json of moondream/starmie-v1)\n");
         return 2;
     }
     bar b = {.tty = !quiet && isatty(2), .last_pct = -1};

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import BIN, IMAGES, MODEL, Server, get, load_cases, post, data_url
+from conftest import BIN, IMAGES, MODEL, SHARED, Server, get, load_cases, post, data_url
 from hub_server import Hub
 
 COMMIT_MD2 = "a1" * 20
@@ -234,3 +234,144 @@ def test_python_fetch(env, hub, tmp_path, monkeypatch):
     with pytest.raises(albedo.AlbedoError) as e:
         albedo.fetch("test/md2-small", offline=True)
     assert "HF_HUB_OFFLINE" in str(e.value)
+
+
+# ---- Moondream 3: sharded checkpoints (model.safetensors.index.json + shards) ----------
+
+COMMIT_MD3 = "d4" * 20
+SHARED_MD3 = os.path.join(SHARED, "fixtures", "reference", "md3-small", "cases.json")
+
+
+def md3_cases():
+    """md3-small's reference cases: the fixture's, or the repository's compact copy."""
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    for p in (SHARED_MD3, os.path.join(root, "tests", "data", "md3-small", "cases.json")):
+        if os.path.exists(p):
+            import json
+            with open(p) as f:
+                return json.load(f)["cases"]
+    raise FileNotFoundError("md3-small cases.json")
+
+
+@pytest.fixture(scope="module")
+def md3_sharded(tmp_path_factory):
+    """md3-small written by `albedo synth` in 12 MiB shards (41.5 MB: 4 shards
+    plus the index), with the fixture's tokenizer (md2-small's, the same file)."""
+    d = tmp_path_factory.mktemp("md3") / "md3-small-sharded"
+    r = subprocess.run([BIN, "synth", "--preset", "md3-small", "--out", str(d), "--seed", "31337", "--shard-mb", "12",
+                        "--tokenizer", os.path.join(MODEL, "tokenizer.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    shards = sorted(n for n in os.listdir(d) if n.startswith("model-"))
+    assert len(shards) >= 3 and not (d / "model.safetensors").exists(), shards
+    return d, shards
+
+
+@pytest.fixture
+def hub3(md3_sharded):
+    d, shards = md3_sharded
+    files = {n: str(d / n) for n in ["config.json", "model.safetensors.index.json"] + shards}
+    h = Hub({"moondream/moondream3-preview": {"commit": COMMIT_MD3, "files": files},
+             "moondream/starmie-v1": {"commit": COMMIT_TOK, "files": {"tokenizer.json": str(d / "tokenizer.json")}}})
+    yield h
+    h.stop()
+
+
+@pytest.fixture
+def env3(tmp_path, hub3):
+    e = dict(os.environ)
+    for k in ("HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE", "XDG_CACHE_HOME", "ALBEDO_MODEL"):
+        e.pop(k, None)
+    e.update(HF_ENDPOINT=hub3.url, HF_HUB_CACHE=str(tmp_path / "hf"), ALBEDO_CACHE=str(tmp_path / "albedo"),
+             HOME=str(tmp_path / "home"))
+    return e
+
+
+def test_md3_sharded_pull_and_run(env3, hub3, md3_sharded, tmp_path):
+    d, shards = md3_sharded
+    r = pull(env3, "moondream3")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.strip()
+    assert out == str(tmp_path / "albedo" / "models" / "moondream3")
+    for n in ["config.json", "model.safetensors.index.json", "tokenizer.json"] + shards:
+        assert sha256(os.path.join(out, n)) == sha256(d / n), n
+    assert not os.path.lexists(os.path.join(out, "model.safetensors"))
+    repo = tmp_path / "hf" / "models--moondream--moondream3-preview"
+    assert (repo / "refs" / "main").read_text() == COMMIT_MD3
+    for n in shards:  # each shard is an LFS blob named by its SHA-256
+        assert os.readlink(repo / "snapshots" / COMMIT_MD3 / n) == f"../../blobs/{sha256(d / n)}"
+    # the hub said 404 for model.safetensors: remembered as huggingface_hub does
+    assert (repo / ".no_exist" / COMMIT_MD3 / "model.safetensors").is_file()
+    cdn = [p for m, p, _ in hub3.log if m == "GET" and p.startswith("/cdn/")]
+    assert len(cdn) == len(shards)
+    # the downloaded model runs offline with the hub gone: the fixture's point case
+    hub3.stop()
+    case = next(c for c in md3_cases() if c["image"] == "tiny.png" and c["task"] == "point")
+    o = subprocess.run([BIN, "point", os.path.join(IMAGES, "tiny.png"), case["args"]["object"], "--model", "moondream3",
+                        "--json", "--temperature", "0", "--max-objects", "4", "--threads", "1"],
+                       env=dict(env3, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert o.returncode == 0, o.stderr
+    import json
+    got, want = json.loads(o.stdout)["points"], case["output"]["points"]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert abs(g["x"] - w["x"]) < 1e-6 and abs(g["y"] - w["y"]) < 1e-6, (got, want)
+    r2 = pull(env3, "moondream3", HF_HUB_OFFLINE="1")
+    assert r2.returncode == 0 and r2.stdout == r.stdout, r2.stderr
+
+
+def test_md3_shard_resumed_and_checked(env3, hub3, md3_sharded, tmp_path):
+    d, shards = md3_sharded
+    hub3.drop_once.add(shards[1])
+    r = pull(env3, "moondream3")
+    assert r.returncode == 0, r.stderr
+    assert sha256(os.path.join(r.stdout.strip(), shards[1])) == sha256(d / shards[1])
+    sha = sha256(d / shards[1])
+    gets = [rng for m, p, rng in hub3.log if m == "GET" and p.startswith(f"/cdn/{sha}")]
+    assert len(gets) == 2 and gets[0] is None and gets[1].startswith("bytes=")
+    start = int(gets[1][len("bytes="):].split("-")[0])
+    assert 0 < start < os.path.getsize(d / shards[1])
+
+
+def test_md3_shard_bad_checksum(env3, hub3, md3_sharded, tmp_path):
+    d, shards = md3_sharded
+    hub3.bad_sha.add(shards[-1])
+    r = pull(env3, "moondream3")
+    assert r.returncode == 1
+    assert "checksum mismatch" in r.stderr and shards[-1] in r.stderr and sha256(d / shards[-1]) in r.stderr
+    blobs = tmp_path / "hf" / "models--moondream--moondream3-preview" / "blobs"
+    assert not list(blobs.glob("*.incomplete")) and not (blobs / ("0" * 64)).exists()
+
+
+def test_md3_index_with_bad_shard_name(env3, hub3, tmp_path):
+    """An index that came over the network must not steer a shard outside the cache."""
+    import json
+    bad = tmp_path / "index.json"
+    bad.write_text(json.dumps({"metadata": {}, "weight_map": {"model.text.wte": "../../escape.safetensors"}}))
+    data = bad.read_bytes()
+    f = hub3.repos["moondream/moondream3-preview"]["files"]["model.safetensors.index.json"]
+    f["data"], f["sha256"] = data, hashlib.sha256(data).hexdigest()
+    r = pull(env3, "moondream3")
+    assert r.returncode == 1 and "not a plain *.safetensors file name" in r.stderr, r.stderr
+    assert not any(p.startswith("/moondream/moondream3-preview/resolve/main/..") for _, p, _ in hub3.log)
+
+
+def test_md3_neither_weights_file(env3, hub3):
+    del hub3.repos["moondream/moondream3-preview"]["files"]["model.safetensors.index.json"]
+    r = pull(env3, "moondream3")
+    assert r.returncode == 1
+    assert "model.safetensors: not found (HTTP 404), nor model.safetensors.index.json" in r.stderr, r.stderr
+
+
+def test_alias_moondream31(env3, hub3, md3_sharded):
+    """moondream3.1 names moondream/moondream3.1-9B-A2B (here: a single model.safetensors)."""
+    d, _ = md3_sharded
+    hub3.repos["moondream/moondream3.1-9B-A2B"] = {
+        "commit": "e5" * 20, "revisions": {"main", "e5" * 20},
+        "files": {"config.json": hub3.repos["moondream/moondream3-preview"]["files"]["config.json"],
+                  "model.safetensors": {"data": b"x" * 100, "sha256": hashlib.sha256(b"x" * 100).hexdigest(),
+                                        "lfs": True}}}
+    hub3.blobs[hashlib.sha256(b"x" * 100).hexdigest()] = b"x" * 100
+    r = pull(env3, "moondream3.1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("/models/moondream3.1")
+    assert open(os.path.join(r.stdout.strip(), "model.safetensors"), "rb").read() == b"x" * 100
