@@ -20,23 +20,6 @@
 int json_put_string(buf *b, const char *s, size_t n);
 int json_put_double(buf *b, double v);
 
-static int utf8_ok(const uint8_t *s, size_t n) {
-    for (size_t i = 0; i < n;) {
-        uint8_t c = s[i];
-        size_t k = c < 0x80 ? 1 : (c & 0xe0) == 0xc0 ? 2 : (c & 0xf0) == 0xe0 ? 3 : (c & 0xf8) == 0xf0 ? 4 : 0;
-        if (!k || i + k > n) return 0;
-        uint32_t cp = k == 1 ? c : k == 2 ? c & 0x1fu : k == 3 ? c & 0x0fu : c & 0x07u;
-        for (size_t j = 1; j < k; j++) {
-            if ((s[i + j] & 0xc0) != 0x80) return 0;
-            cp = cp << 6 | (s[i + j] & 0x3fu);
-        }
-        static const uint32_t min[5] = {0, 0, 0x80, 0x800, 0x10000};
-        if (cp < min[k] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
-        i += k;
-    }
-    return 1;
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < 1) return 0;
     buf b = {0};
@@ -49,7 +32,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         for (size_t i = 0; i < b.len; i++)
             FUZZ_CHECK((uint8_t)b.p[i] >= 0x20 && b.p[i] != 0x7f, "raw control byte 0x%02x in output",
                        (unsigned)(uint8_t)b.p[i]);
-        if (utf8_ok(p, n)) {
+        if (fuzz_utf8_ok(p, n)) {
             json_t *j = json_loadb(b.p, b.len, JSON_DECODE_ANY | JSON_ALLOW_NUL, &je);
             FUZZ_CHECK(j && json_is_string(j), "output does not parse: %s", je.text);
             FUZZ_CHECK(json_string_length(j) == n && memcmp(json_string_value(j), p, n) == 0,

@@ -313,9 +313,141 @@ def json_out_corpus():
     put("fuzz_json_out", "doubles-inf.bin", b"\1" + struct.pack("<3d", float("inf"), -float("inf"), 2.5e-310))
 
 
+# ---- the REST server: bodies, data URLs, SSE writers, HTTP requests ------
+
+def tiny_png():
+    """A 1x1 RGB PNG, written without Pillow."""
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)) +
+            chunk(b"IDAT", zlib.compress(b"\0\x80\x40\x20")) + chunk(b"IEND", b""))
+
+
+def rest_corpus():
+    import base64
+    png = base64.b64encode(tiny_png()).decode()
+    url = "data:image/png;base64," + png
+    # fuzz_api: byte 0 = route (0 caption, 1 query, 2 detect, 3 point, 4 chat) | defaults bits.
+    bodies = [
+        (0, "caption", {"image_url": url, "length": "short", "stream": True,
+                        "settings": {"temperature": 0, "top_p": 0.5, "max_tokens": 24, "seed": 7}}),
+        (0, "caption-bare", {"image_url": png, "length": "long", "model": "moondream2"}),
+        (0, "caption-nulls", {"image_url": url, "length": None, "stream": None, "settings": None}),
+        (1, "query", {"image_url": url, "question": "What is this?", "reasoning": True,
+                      "spatial_refs": [[0.25, 0.5], [0.1, 0.2, 0.6, 0.7]], "stream": False}),
+        (1, "query-text", {"question": "Hello there, who are you?", "settings": {"max_tokens": 1000000}}),
+        (2, "detect", {"image_url": url, "object": "face", "settings": {"max_objects": 4}, "stream": True}),
+        (3, "point", {"image_url": url, "object": "eye", "settings": {"max_objects": 1000001}}),
+        (4, "chat", {"model": "moondream2", "stream": True, "reasoning": False, "temperature": 0.5, "top_p": 0.9,
+                     "max_completion_tokens": 8, "seed": 1,
+                     "messages": [{"role": "system", "content": "be brief"},
+                                  {"role": "user", "content": [{"type": "text", "text": "Describe it."},
+                                                               {"type": "image_url", "image_url": {"url": url}}]},
+                                  {"role": "assistant", "content": "ok"},
+                                  {"role": "user", "content": [{"type": "text", "text": "More."},
+                                                               {"type": "image_url", "image_url": url}]}]}),
+        (4, "chat-string", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+        (0, "bad-settings", {"image_url": url, "settings": {"temperature": -1, "top_p": 0, "max_tokens": 2.5}}),
+        (1, "bad-refs", {"question": "q", "spatial_refs": [[0.5], [0.5, 7]]}),
+        (4, "bad-part", {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}),
+        (0, "remote-url", {"image_url": "http://example.com/cat.jpg"}),
+        (0, "bad-base64", {"image_url": "data:image/png;base64,@@@@"}),
+        (0, "not-image", {"image_url": base64.b64encode(b"hello, not an image").decode()}),
+    ]
+    for route, name, body in bodies:
+        put("fuzz_api", name + ".bin", bytes([route]) + json.dumps(body).encode())
+    put("fuzz_api", "defaults.bin", bytes([0x78]) + json.dumps({"image_url": url}).encode())
+    put("fuzz_api", "not-json.bin", b"\0{not json")
+    put("fuzz_api", "array.bin", b"\1[1, 2]")
+    put("fuzz_api", "escapes.bin", b"\1" + '{"question": "caf\\u00e9 \\ud83d\\ude00 \u00e9\\n"}'.encode())
+
+    # fuzz_dataurl: the image_url string itself.
+    jpeg = base64.b64encode(b"\xff\xd8\xff\xe0" + bytes(12)).decode()
+    gif = base64.b64encode(b"GIF89a" + bytes(10)).decode()
+    webp = base64.b64encode(b"RIFF\0\0\0\0WEBPVP8 " + bytes(8)).decode()
+    for name, u in [("png-url", url), ("png-bare", png), ("png-nopad", png.rstrip("=")),
+                    ("png-urlsafe", png.replace("+", "-").replace("/", "_")),
+                    ("png-wrapped", "\n".join(png[i:i + 16] for i in range(0, len(png), 16))),
+                    ("jpeg", "data:image/jpeg;base64," + jpeg), ("gif", "data:image/gif;charset=x;base64," + gif),
+                    ("webp", webp), ("no-comma", "data:image/png;base64"), ("not-base64-url", "data:image/png,raw"),
+                    ("http", "http://example.com/a.png"), ("https", "https://example.com/a.png"),
+                    ("pad-middle", "iVBO=Rw0KGgo"), ("pad-three", "iVBORw0KGgo==="), ("one-extra", "iVBORw0KGgoA"),
+                    ("empty", ""), ("path", "/etc/passwd"), ("file-url", "file:///etc/passwd")]:
+        put("fuzz_dataurl", name + ".txt", u)
+
+    # fuzz_sse: byte 0 = route (0 caption, 1 query, 2 chat) | 4 stream | 8 reasoning | 16 length | 32 fail;
+    # then NUL-separated: model name, [reasoning], chunks..., [error message].
+    parts = ["moondream2", "A cat ", "on a \"mat\".\n", "caf\u00e9 \U0001f600", "\x01\x7f"]
+    seeds = [("caption-stream", 0 | 4, parts), ("caption", 0, parts), ("query-reasoning", 1 | 4 | 8,
+             ["m", "Thinking about \u00e9", "yes"]), ("chat-stream", 2 | 4 | 16, parts), ("chat", 2, parts),
+             ("fail-stream", 1 | 4 | 32, ["m", "partial ", "engine failed: caf\u00e9"]),
+             ("fail-before", 0 | 4 | 32, ["m", "out of memory"]),
+             ("long-model", 2 | 4, ["x" * 126 + "\u00e9\u00e9", "hi"])]
+    for name, flags, ps in seeds:
+        put("fuzz_sse", name + ".bin", bytes([flags]) + b"\0".join(p.encode() for p in ps))
+
+    # fuzz_http: byte 0 = 1 ready | 8 key "fuzz-key" | 16*mode (0 full, 1 closed, 2 at once, 3 async) |
+    # 64 "Connection: close"; then the raw request.
+    def req(method, path, body=None, headers=(), chunked=False):
+        h = [f"{method} {path} HTTP/1.1", "Host: x"] + list(headers)
+        data = b""
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            h.append("Content-Type: application/json")
+            if chunked:
+                h.append("Transfer-Encoding: chunked")
+                data = b"".join(b"%x\r\n%s\r\n" % (len(data[i:i + 7]), data[i:i + 7])
+                                for i in range(0, len(data), 7)) + b"0\r\n\r\n"
+            else:
+                h.append(f"Content-Length: {len(data)}")
+        return ("\r\n".join(h) + "\r\n\r\n").encode() + data
+    q = {"question": "hi"}
+    qs = {"question": "hi", "stream": True}
+    cases = [
+        ("health", 1, req("GET", "/health")), ("health-head", 1, req("HEAD", "/health")),
+        ("health-loading", 2, req("GET", "/health")), ("health-failed", 3, req("GET", "/health")),
+        ("health-stopping", 1 | 4, req("GET", "/health")),
+        ("models", 1, req("GET", "/v1/models")), ("metrics", 1, req("GET", "/metrics")),
+        ("not-found", 1, req("GET", "/v1/nope")), ("wrong-method", 1, req("GET", "/v1/caption")),
+        ("post-health", 1, req("POST", "/health", {})),
+        ("query-at-once", 1 | 32, req("POST", "/v1/query", q)),
+        ("query-async", 1 | 48, req("POST", "/v1/query", q)),
+        ("stream-at-once", 1 | 32, req("POST", "/v1/query", qs)),
+        ("stream-async", 1 | 48 | 64, req("POST", "/v1/query", qs)),
+        ("queue-full", 1, req("POST", "/v1/query", q)), ("closed", 1 | 16, req("POST", "/v1/query", q)),
+        ("not-ready", 2, req("POST", "/v1/query", q)),
+        ("chat-stream", 1 | 48, req("POST", "/v1/chat/completions",
+                                    {"messages": [{"role": "user", "content": "hi"}], "stream": True})),
+        ("caption-bad-image", 1 | 32, req("POST", "/v1/caption", {"image_url": "@@"})),
+        ("key-moondream", 1 | 8 | 32, req("POST", "/v1/query", q, ["X-Moondream-Auth: fuzz-key"])),
+        ("key-bearer", 1 | 8 | 48, req("POST", "/v1/query", qs, ["Authorization: Bearer fuzz-key"])),
+        ("key-wrong", 1 | 8 | 32, req("POST", "/v1/query", q, ["Authorization: Bearer fuzz-ke"])),
+        ("key-missing-metrics", 1 | 8, req("GET", "/metrics")),
+        ("key-health", 1 | 8, req("GET", "/health")),
+        ("chunked", 1 | 32, req("POST", "/v1/query", q, chunked=True)),
+        ("too-large", 1 | 32, req("POST", "/v1/query", {"question": "x" * 1100})),
+        ("too-large-chunked", 1 | 32, req("POST", "/v1/query", {"question": "x" * 1100}, chunked=True)),
+        ("too-large-expect", 1 | 32, req("POST", "/v1/query", {"question": "x" * 1100},
+                                         ["Expect: 100-continue"])),
+        ("expect", 1 | 48, req("POST", "/v1/query", q, ["Expect: 100-continue"])),
+        ("length-huge", 1, b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{}"),
+        ("short-body", 1 | 32, b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Length: 24\r\n\r\n{\"q"),
+        ("pipelined", 1 | 32, req("GET", "/health") + req("POST", "/v1/query", q) + req("GET", "/v1/models")),
+        ("http10", 1 | 32, req("POST", "/v1/query", q).replace(b"HTTP/1.1", b"HTTP/1.0")),
+        ("escaped-path", 1, req("GET", "/v1/%6dodels%0a")),
+        ("query-string", 1 | 8, req("GET", "/health?key=fuzz-key")),
+    ]
+    for name, flags, data in cases:
+        put("fuzz_http", name + ".bin", bytes([flags]) + data)
+
+
+ALL = {"images": images, "safetensors": safetensors_corpus, "config": config_corpus,
+       "tokenizer": tokenizer_corpus, "json_out": json_out_corpus, "rest": rest_corpus}
+
 if __name__ == "__main__":
-    images()
-    safetensors_corpus()
-    config_corpus()
-    tokenizer_corpus()
-    json_out_corpus()
+    # No argument: everything; else the named parts (e.g. "rest", which
+    # needs no Pillow).
+    for part in sys.argv[1:] or list(ALL):
+        ALL[part]()

@@ -4,15 +4,25 @@
 #      the whole ctest suite;
 #   2. build-fuzz/: the fuzz targets (libFuzzer, ASan+UBSan), each replayed
 #      over its committed corpus fuzz/corpus/<target>/ and saved crashes
-#      fuzz/regressions/<target>/.
+#      fuzz/regressions/<target>/;
+#   3. (only when asked: SANITIZE_STEPS=tsan, its own part of scripts/test.sh)
+#      build-tsan/ (TSAN_BUILD_DIR): ThreadSanitizer over the threaded code —
+#      the engine's scheduler (tests/test_engine.c) and the HTTP server
+#      (tests/server: REST, errors, slow and vanishing clients, queue and
+#      deadline, limits, shutdown, batching and cancellation). A data race
+#      fails the run: test_engine and every server the tests start exit
+#      nonzero (66) after a report. The SIMD kernel files are left
+#      uninstrumented (CMakeLists.txt), which keeps this to a few minutes.
 # Exits nonzero on the first failure. Works from a clean clone: installs
 # clang, its sanitizer/libFuzzer runtimes and the build dependencies with
 # apt-get when they are missing (as root, Debian 12).
 #
-#   scripts/sanitize.sh            # both steps
+#   scripts/sanitize.sh            # steps 1 and 2
 #   SANITIZE_STEPS=fuzz scripts/sanitize.sh   # only the replay ("asan" for only ctest)
+#   SANITIZE_STEPS=tsan scripts/sanitize.sh   # only the thread sanitizer
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$(pwd)
 JOBS=${JOBS:-$(nproc)}
 STEPS=${SANITIZE_STEPS:-"asan fuzz"}
 
@@ -62,5 +72,27 @@ if [[ " $STEPS " == *" fuzz "* ]]; then
   cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DALBEDO_FUZZ=ON -DALBEDO_TESTS=OFF
   cmake --build build-fuzz -j"$JOBS" --target albedo_fuzz
   (cd build-fuzz/fuzz && ctest -L fuzz --output-on-failure)
+fi
+
+if [[ " $STEPS " == *" tsan "* ]]; then
+  tsan=${TSAN_BUILD_DIR:-build-tsan}
+  [[ $tsan == /* ]] || tsan=$root/$tsan
+  echo "== ThreadSanitizer: engine and server ($tsan/)"
+  # second_deadlock_stack: both stacks of a lock-order report.
+  export TSAN_OPTIONS=${TSAN_OPTIONS:-second_deadlock_stack=1}
+  cmake -S . -B "$tsan" -DCMAKE_C_COMPILER=clang -DALBEDO_TSAN=ON -DCMAKE_BUILD_TYPE=Release >/dev/null
+  cmake --build "$tsan" -j"$JOBS" --target test_engine albedo_cli albedo
+  # test_engine reads md2-small from ../shared, or from $tsan/md2-small-gen
+  # (test_model writes it in the full suite; here the CLI regenerates it).
+  if [ ! -f ../shared/fixtures/README.md ] && [ -z "${ALBEDO_SHARED:-}" ] &&
+     [ ! -f "$tsan/md2-small-gen/model.safetensors" ]; then
+    gunzip -c tests/data/tokenizer/gpt2.tokenizer.json.gz >"$tsan/gpt2.tokenizer.json"
+    "$tsan/albedo" synth --preset md2-small --out "$tsan/md2-small-gen" --seed 20261127 \
+      --tokenizer "$tsan/gpt2.tokenizer.json" >/dev/null
+  fi
+  (cd "$tsan" && tests/test_engine)
+  # The server suites that need no Python package (a TSan libalbedo.so cannot
+  # be loaded into an uninstrumented Python).
+  ALBEDO_BUILD_DIR="$tsan" tests/server/run.sh test_rest.py test_errors.py test_limits.py test_batching.py
 fi
 echo "sanitize.sh: all passed"
