@@ -6,6 +6,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <jansson.h>
+#include <limits.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -169,6 +170,7 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
         if (st) errf(&e, st, "%s/%s: %s", dir, m->n_st > 1 ? "model.safetensors.index.json" : "model.safetensors", sub.msg);
     }
     m->cfg.tau_pos_bf16 = m->params.precision == ALBEDO_PRECISION_BF16;
+    m->kv_dt = m->params.precision == ALBEDO_PRECISION_BF16 ? DT_BF16 : DT_F32;
     if (!st) st = path_join(path, sizeof path, dir, "tokenizer.json", &e);
     if (!st) {
         errbuf sub;
@@ -181,10 +183,11 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
     if (!st && m->params.max_context > 0 && m->params.max_context <= m->cfg.prefix_attn + 2)
         st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "max_context %d leaves no room after the %d-position image prefix",
                   m->params.max_context, m->cfg.prefix_attn);
+    if (!st && md_cuda_requested(m->params.backend)) st = md_cuda_model_load(m, &e); /* backend_cuda.c */
     if (!st) {
         /* Probe the backend now so that a bad name fails at load, not later. */
         ops_ctx *probe = NULL;
-        st = ops_ctx_new(m->params.backend, 1, OPS_F32, &probe, &e);
+        st = ops_ctx_new(m->cuda ? NULL : m->params.backend, 1, OPS_F32, &probe, &e);
         if (!st) {
             const md_config *c = &m->cfg;
             char moe[96] = "";
@@ -195,7 +198,7 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
                      "%s (text %dx%d%s%s, vision %dx%d, vocab %d), backend %s, %s, %d threads",
                      c->md3 ? "moondream3" : "moondream2", c->dim, c->n_layers, moe,
                      m->w.tb[0].qkv.dt == DT_Q8 ? ", q8" : m->w.tb[0].qkv.dt == DT_Q4 ? ", q4" : "", c->enc_dim, c->enc_layers,
-                     c->vocab, ops_backend_name(probe),
+                     c->vocab, m->cuda ? md_cuda_describe(m) : ops_backend_name(probe),
                      m->params.precision == ALBEDO_PRECISION_BF16 ? "bf16" : "f32",
                      m->params.n_threads > 0 ? m->params.n_threads : ops_default_threads());
         }
@@ -211,6 +214,8 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
 
 void albedo_model_free(albedo_model *m) {
     if (!m) return;
+    albedo_engine_free(atomic_load(&m->engine));
+    md_cuda_model_free(m);
     md_weights_release(&m->w);
     for (int i = 0; i < m->n_st; i++) st_close(m->st[i]);
     free(m->st);
@@ -269,6 +274,9 @@ static albedo_status session_fail(albedo_session *s, albedo_status st) {
 
 void albedo_image_free(albedo_image *img) {
     if (!img) return;
+    albedo_engine *eng = img->m ? atomic_load(&img->m->engine) : NULL;
+    if (eng && img->id) engine_forget_image(eng, img->id);
+    md_cuda_prefix_free(img->dev_kv);
     if (img->m) {
         for (int l = 0; l < img->m->cfg.n_layers; l++) {
             if (img->k) free(img->k[l]);
@@ -304,11 +312,16 @@ albedo_status image_encode(albedo_session *s, const img_rgb *im, albedo_image **
     img->n_pos = n_pos;
     /* [BOS embedding, 729 image embeddings] through the text model with the
      * bidirectional prefix mask; only the K/V cache is kept. */
+    if (s->st.cu) { /* backend_cuda.c: vision, prefix and the prefix KV stay on the GPU */
+        st = md_cuda_image_prefix(&s->st, &crops, &img->dev_kv, e);
+        if (st) goto done;
+        goto keep;
+    }
     text_embed(m, c->bos, emb);
     st = vision_encode(&s->st, &crops, emb + dim, NULL, e);
     if (!st) st = text_forward(&s->st, emb, n_pos, 0, c->prefix_attn, 0, e);
     if (st) goto done;
-    const size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
+    const size_t kvd = (size_t)c->n_kv_heads * c->head_dim * kv_elem_bytes(m->kv_dt); /* bytes per row */
     img->k = calloc((size_t)c->n_layers, sizeof *img->k);
     img->v = calloc((size_t)c->n_layers, sizeof *img->v);
     if (!img->k || !img->v) {
@@ -316,15 +329,16 @@ albedo_status image_encode(albedo_session *s, const img_rgb *im, albedo_image **
         goto done;
     }
     for (int l = 0; l < c->n_layers; l++) {
-        img->k[l] = malloc((size_t)n_pos * kvd * sizeof(float));
-        img->v[l] = malloc((size_t)n_pos * kvd * sizeof(float));
+        img->k[l] = malloc((size_t)n_pos * kvd);
+        img->v[l] = malloc((size_t)n_pos * kvd);
         if (!img->k[l] || !img->v[l]) {
             st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for the image's KV prefix");
             goto done;
         }
-        memcpy(img->k[l], s->st.k_cache[l], (size_t)n_pos * kvd * sizeof(float));
-        memcpy(img->v[l], s->st.v_cache[l], (size_t)n_pos * kvd * sizeof(float));
+        memcpy(img->k[l], s->st.k_cache[l], (size_t)n_pos * kvd);
+        memcpy(img->v[l], s->st.v_cache[l], (size_t)n_pos * kvd);
     }
+keep:
     img->id = atomic_fetch_add(&next_image_id, 1);
     s->kv_image = img->id;
     (void)np;
@@ -411,12 +425,44 @@ albedo_request albedo_model_request_default(const albedo_model *m, albedo_skill 
     return r;
 }
 
+/* The model's engine for blocking runs, made at the first: the default
+ * parameters with the model's threads and an unbounded queue (each waiting
+ * caller holds one entry). Concurrent first calls may both make one; the
+ * loser frees its own. */
+static albedo_status model_engine(albedo_model *m, albedo_engine **out, errbuf *e) {
+    albedo_engine *eng = atomic_load(&m->engine);
+    if (!eng) {
+        albedo_engine_params p = albedo_engine_params_default();
+        p.max_queue = INT_MAX;
+        albedo_status st = albedo_engine_new(m, &p, &eng);
+        if (st) return errf(e, st, "%s", albedo_last_error());
+        albedo_engine *none = NULL;
+        if (!atomic_compare_exchange_strong(&m->engine, &none, eng)) {
+            albedo_engine_free(eng);
+            eng = none;
+        }
+    }
+    *out = eng;
+    return ALBEDO_OK;
+}
+
 albedo_status albedo_session_run(albedo_session *s, const albedo_request *r, const albedo_result **out) {
     if (!s) return ALBEDO_ERR_INVALID_ARGUMENT;
     s->err.msg[0] = 0;
     if (!r || !out) return session_fail(s, errf(&s->err, ALBEDO_ERR_INVALID_ARGUMENT, "request or out is NULL"));
     *out = NULL;
-    albedo_status st = gen_run(s, r, &s->err);
+    albedo_status st;
+    if (s->m->cuda) {
+        /* A GPU model's session runs in place on the device (its KV cache
+         * and image prefixes live there; the engine's pool is in host
+         * memory). */
+        st = gen_run(s, r, &s->err);
+    } else {
+        albedo_engine *eng = NULL;
+        st = gen_check(s, r, r->image != NULL, &s->err);
+        if (!st) st = model_engine(s->m, &eng, &s->err);
+        if (!st) st = engine_run_session(eng, s, r, &s->err);
+    }
     if (st) return session_fail(s, st);
     *out = &s->res.r;
     return ALBEDO_OK;

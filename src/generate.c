@@ -513,11 +513,16 @@ static albedo_status validate(const albedo_session *s, const albedo_request *r, 
 /* Load the image's prefix into the KV cache unless it is already there. */
 static void load_prefix(albedo_session *s, const albedo_image *img) {
     if (s->kv_image == img->id) return;
+    if (img->dev_kv) { /* backend_cuda.c: a device-to-device copy (errors surface at the next forward) */
+        md_cuda_prefix_load(&s->st, img->dev_kv);
+        s->kv_image = img->id;
+        return;
+    }
     const md_config *c = &s->m->cfg;
-    const size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
+    const size_t rb = (size_t)c->n_kv_heads * c->head_dim * kv_elem_bytes(s->m->kv_dt); /* bytes per row */
     for (int l = 0; l < c->n_layers; l++) {
-        memcpy(s->st.k_cache[l], img->k[l], (size_t)img->n_pos * kvd * sizeof(float));
-        memcpy(s->st.v_cache[l], img->v[l], (size_t)img->n_pos * kvd * sizeof(float));
+        memcpy(s->st.k_cache[l], img->k[l], (size_t)img->n_pos * rb);
+        memcpy(s->st.v_cache[l], img->v[l], (size_t)img->n_pos * rb);
     }
     s->kv_image = img->id;
 }

@@ -1,42 +1,66 @@
 /*
  * scheduler.c — the asynchronous engine (albedo.h, "Asynchronous engine"):
- * a FIFO queue, admission bounded by batch slots and KV blocks, and one
+ * a FIFO queue, admission bounded by batch slots and KV blocks, one
  * scheduler thread that batches the forward passes of the running requests
- * over the paged KV cache (kvcache.c) with text_forward_batch.
+ * over the paged KV cache (kvcache.c) with text_forward_batch, and an image
+ * worker thread that builds new image prefixes meanwhile.
  *
- *   submit ──► queue (FIFO) ──admit──► running ≤ max_batch ──► done
- *                  │                     │  each step: decode rows, then
- *                  │                     │  prompt chunks, then image
- *                  │                     │  prefixes (730 rows, one piece),
- *                  │                     │  up to token_budget rows
- *                  └─ cancel/deadline    └─ cancel/deadline frees blocks
+ *   submit ──► queue (FIFO) ──admit──► running ≤ max_batch ──────────► done
+ *                  │                     │ new image: image worker      ▲
+ *                  │                     │ (decode, vision, prefix      │
+ *                  │                     │  prefill into its blocks) ───┤
+ *                  │                     │ each step: decode rows, then │
+ *                  │                     │ prompt chunks, ≤ token_budget│
+ *                  └─ cancel/deadline    └─ cancel/deadline frees blocks┘
  *
  * How a request runs. The generation loops of generate.c are written as
  * straight-line code (prompt, answer loop, reasoning loop, region steps);
  * rather than keep a second, hand-synced copy of them as a state machine,
  * each running request executes gen_run_io on a thread of its own whose
- * forward passes are handed to the scheduler (gen_io.forward): the request
- * thread posts its input rows and sleeps until the scheduler has run them in
- * a batch with the other requests' rows and written the hidden state and
+ * forward passes are handed to the engine (gen_io.forward): the request
+ * thread posts its input rows and sleeps until a step has run them in a
+ * batch with the other requests' rows and written the hidden state and
  * logits into the request's session. So the request threads only sample,
- * stream and decode regions (with a one-thread ops context each), one step
- * at a time in lock step with the scheduler, and all heavy math runs on the
- * scheduler thread's ops threads. The blocking albedo_session_run runs the
- * very same loops with the forward passes done in place.
+ * stream and decode regions (engine tickets with a one-thread ops context
+ * each), one step at a time in lock step, and the decoder's math runs on
+ * the engine's ops threads. A step starts when every running request has
+ * posted, or when the first post has waited as long as the last step took
+ * (a slow stream callback delays the others by at most one step).
  *
- * Images: the scheduler hashes nothing itself (submit computes the 128-bit
- * key of the image bytes); at admission it either forks the cached prefix
- * (shared blocks, copy on write of the partial last block) or decodes the
- * image and runs the vision encoder — on the scheduler thread for now, so a
- * new image stalls the running requests for one encoder pass (TODO(engine):
- * move vision to a worker thread) — and prefills the prefix as a segment of
- * the next step, after which it enters the prefix cache.
+ * Blocking session runs (albedo_session_run, through engine_run_session)
+ * are tickets too, of the model's own engine: the caller's thread is the
+ * request thread and the caller's session the request's session, so
+ * results, on_logits and the logits rows land where the session API puts
+ * them. Their image is an albedo_image: its prefix K/V is copied into the
+ * ticket's blocks by the caller's thread at the first use and then cached
+ * under the image's id until the image is freed (engine_forget_image).
  *
- * Locking: one mutex guards the queue, the states and the rendezvous fields
- * of every ticket; the pool, the prefix cache and md_state are touched by
- * the scheduler thread only.
+ * Images of engine tickets: submit computes the 128-bit key of the image
+ * bytes; at admission the scheduler either forks the cached prefix (shared
+ * blocks, copy on write of the partial last block) or reserves the blocks
+ * and hands the ticket to the image worker, which decodes the image, runs
+ * the vision encoder and prefills the 730-position prefix straight into
+ * those blocks on its own ops threads (the prefix attends bidirectionally,
+ * so it cannot be split into chunks of the scheduler's steps). Running
+ * requests keep decoding meanwhile; the finished prefix enters the prefix
+ * cache and the ticket starts.
+ *
+ * Who runs a step: the request thread whose post completes it (every
+ * running request has posted), else the scheduler thread once the grace has
+ * passed; one at a time (stepping). The scheduler thread admits, starts,
+ * reaps and times out requests.
+ *
+ * Locking: one mutex (mu) guards the queues, the states and the rendezvous
+ * fields of every ticket, the counters, the pool's bookkeeping (block
+ * tables, free list) and the prefix cache. A step's math runs with mu
+ * released, on the step's rows and blocks and the engine's md_state, which
+ * only the stepping thread touches. The image worker and a caller that
+ * imports a prefix write only into the blocks reserved for their ticket,
+ * which nothing else touches until they report back.
  */
 #define _POSIX_C_SOURCE 200809L
+#include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,40 +70,63 @@
 #include "kvcache.h"
 #include "session.h"
 
-typedef enum { TK_QUEUED, TK_PREFIX, TK_RUNNING, TK_ENDING, TK_DONE } tk_state;
+/* Second half of the prefix key of an albedo_image (the first is its id):
+ * content keys of image bytes are hashes and never meet it in practice. */
+#define IMAGE_KEY_TAG 0x616c6265646f2d69ull /* "albedo-i" */
+
+typedef enum { TK_QUEUED, TK_ENCODE, TK_RUNNING, TK_ENDING, TK_DONE } tk_state;
 
 struct albedo_ticket {
     albedo_engine *eng;
-    albedo_ticket *next; /* queue link */
-    albedo_request req;  /* owned copy; image NULL, on_text from the submit params */
+    albedo_ticket *next;   /* link in the engine's queue, then in the worker's */
+    albedo_request req;    /* engine tickets: an owned copy (image NULL, on_text from the
+                              submit params); session tickets: the caller's request */
     char *question, *object;
     albedo_spatial_ref *refs;
-    uint8_t *image;
+    uint8_t *image;        /* engine tickets: the image bytes until the worker decoded them */
     size_t image_len;
-    uint64_t key[2];
+    const albedo_image *img; /* session tickets: the encoded image, or NULL */
+    int has_image;
+    int caller;            /* a session ticket: the caller's thread runs the loops */
+    uint64_t key[2];       /* prefix cache key */
     albedo_submit_params cb;
-    int est_pos; /* positions reserved: prefix + prompt + outputs */
+    int est_pos;           /* positions reserved: prefix + prompt + outputs */
+    double t_submit;
     /* under eng->mu */
     tk_state state;
     int cancel;
     int posted, served, finished;
-    const float *emb;
+    int built;             /* TK_ENCODE: the prefix is in the blocks (or build_st says why not) */
+    albedo_status build_st;
+    const float *emb;      /* posted rows [T, dim] at positions pos0.. */
     int T, pos0, n_prefix, want_logits;
+    int done_rows;         /* of the posted rows, run by earlier steps (a long prompt) */
+    double t_post;
     albedo_status step_st;
     char step_err[sizeof(((errbuf *)0)->msg)];
-    pthread_cond_t cv; /* served, done */
+    pthread_cond_t cv;     /* served, state changes */
+    double t_admit, t_gen_start;
     /* scheduler-owned */
-    albedo_session *sess;
+    albedo_session *sess;  /* engine tickets: a light session of their own */
     kv_seq seq;
-    int cached;         /* prefix from the cache */
-    float *prefix_emb;  /* [prefix_attn, dim] while TK_PREFIX */
+    int cached;            /* prefix from the cache */
     pthread_t th;
     int th_started;
     albedo_status status;
     errbuf err;
-    double t_submit, t_admit, t_gen_start;
-    int seq_no;
 };
+
+/* The image worker: builds image prefixes on its own ops threads. */
+typedef struct img_worker {
+    md_state st;
+    float *emb;    /* [prefix_attn, dim] BOS + image embeddings */
+    float *hidden; /* [dim] discarded */
+    pthread_t th;
+    int started, quit;
+    pthread_cond_t cv;
+    albedo_ticket *head, *tail; /* waiting tickets, under mu */
+    albedo_ticket *busy;        /* the one being built, under mu */
+} img_worker;
 
 struct albedo_engine {
     albedo_model *m;
@@ -87,51 +134,71 @@ struct albedo_engine {
     md_state st;
     kv_pool pool;
     kv_prefix_cache pc;
-    float *prefix_hidden; /* [dim]: discarded output of prefix segments */
     float *emb;           /* [emb_cap, dim] the step's input rows */
     int emb_cap;
     float *logits;        /* [max_batch, vocab] */
     txt_seg *segs;        /* [max_batch] */
     albedo_ticket **step; /* [max_batch] tickets of the step */
+    int *take;            /* [max_batch] their rows in the step */
+    double last_step_ms; /* under mu: the last step's duration, the grace of the next */
+    int stepping; /* a thread (the scheduler or a request's) runs a step */
     pthread_mutex_t mu;
-    pthread_cond_t cv; /* wakes the scheduler */
+    pthread_cond_t cv; /* wakes the scheduler (monotonic clock) */
     pthread_t th;
     int th_started, stop;
     albedo_ticket *q_head, *q_tail;
     int n_queued;
     albedo_ticket **run; /* [max_batch] */
     int n_run;
-    int next_seq;
+    img_worker w;
+    uint64_t *forget; /* [n_forget][2] keys of freed albedo_images */
+    int n_forget, cap_forget;
     /* Counts every event that can give the scheduler work (submit, post,
-     * finish, cancel, stop): it sleeps only while the count is unchanged
-     * since it last looked, so no wake-up is lost while it works unlocked. */
+     * finish, cancel, a built prefix, stop): it sleeps only while the count
+     * is unchanged since it last looked, so no wake-up is lost while it
+     * works unlocked. */
     unsigned long events;
     int in_admit; /* setting a request up with mu released */
+    albedo_engine_stats stats; /* counters, under mu */
     errbuf err;
 };
 
 albedo_engine_params albedo_engine_params_default(void) {
     albedo_engine_params p = {.max_batch = 16, .kv_bytes = 0, .block_size = 16, .max_queue = 1024,
-                              .token_budget = 512, .n_threads = 0};
+                              .token_budget = 512, .n_threads = 0, .vision_threads = 0};
     return p;
 }
-
-/* ---- the request side ------------------------------------------------------ */
 
 static int expired(const albedo_ticket *t, double now) {
     return t->cb.deadline_ms > 0 && now - t->t_submit > t->cb.deadline_ms;
 }
 
-/* gen_io.forward: post the rows, sleep until the scheduler served them. */
+static albedo_status cancel_status(albedo_ticket *t, double now, const char *where) {
+    if (!t->cancel && expired(t, now))
+        return errf(&t->err, ALBEDO_ERR_CANCELLED, "the request's deadline of %.0f ms passed%s", t->cb.deadline_ms,
+                    where);
+    return errf(&t->err, ALBEDO_ERR_CANCELLED, "the request was cancelled");
+}
+
+/* ---- the request side ------------------------------------------------------ */
+
+static int step_due(const albedo_engine *E, double now, double *wake);
+static int run_step(albedo_engine *E);
+
+/* gen_io.forward: post the rows, sleep until a step served them. The post
+ * that completes a step runs it on this thread: a request alone in the
+ * engine (a blocking session run, most often) never waits for another
+ * thread to wake up. */
 static albedo_status tk_forward(void *user, const float *emb, int T, int pos0, int n_prefix, int want_logits,
                                 errbuf *e) {
     albedo_ticket *t = user;
     albedo_engine *E = t->eng;
     pthread_mutex_lock(&E->mu);
     albedo_status st = ALBEDO_OK;
+    const double now = now_ms();
     if (t->cancel) {
         st = errf(e, ALBEDO_ERR_CANCELLED, "the request was cancelled");
-    } else if (expired(t, now_ms())) {
+    } else if (expired(t, now)) {
         st = errf(e, ALBEDO_ERR_CANCELLED, "the request's deadline of %.0f ms passed", t->cb.deadline_ms);
     } else {
         t->emb = emb;
@@ -139,10 +206,13 @@ static albedo_status tk_forward(void *user, const float *emb, int T, int pos0, i
         t->pos0 = pos0;
         t->n_prefix = n_prefix;
         t->want_logits = want_logits;
+        t->done_rows = 0;
+        t->t_post = now;
         t->served = 0;
         t->posted = 1;
         E->events++;
-        pthread_cond_signal(&E->cv);
+        double wake = INFINITY;
+        if (E->stepping || !step_due(E, now, &wake) || !run_step(E)) pthread_cond_signal(&E->cv);
         while (!t->served) pthread_cond_wait(&t->cv, &E->mu);
         st = t->step_st;
         if (st) errf(e, st, "%s", t->step_err);
@@ -151,11 +221,11 @@ static albedo_status tk_forward(void *user, const float *emb, int T, int pos0, i
     return st;
 }
 
-static void *tk_main(void *arg) {
-    albedo_ticket *t = arg;
+/* The generation loops of a running ticket, then tell the scheduler. */
+static void tk_run(albedo_ticket *t) {
     albedo_engine *E = t->eng;
     t->t_gen_start = now_ms();
-    gen_io io = {.forward = tk_forward, .user = t, .image_pos = t->image ? E->m->cfg.prefix_attn : 0};
+    gen_io io = {.forward = tk_forward, .user = t, .image_pos = t->has_image ? E->m->cfg.prefix_attn : 0};
     albedo_status st = gen_run_io(t->sess, &t->req, &io, &t->err);
     pthread_mutex_lock(&E->mu);
     t->status = st;
@@ -163,7 +233,112 @@ static void *tk_main(void *arg) {
     E->events++;
     pthread_cond_signal(&E->cv);
     pthread_mutex_unlock(&E->mu);
+}
+
+static void *tk_main(void *arg) {
+    tk_run(arg);
     return NULL;
+}
+
+/* ---- the image worker ------------------------------------------------------- */
+
+/* Decode t's image, run the vision encoder and prefill the prefix into t's
+ * blocks. Runs on the worker thread with mu released. */
+static albedo_status build_prefix(albedo_engine *E, albedo_ticket *t) {
+    img_worker *W = &E->w;
+    const md_config *c = &E->m->cfg;
+    img_rgb im = {0};
+    img_crops crops = {0};
+    errbuf sub = {{0}};
+    albedo_status st = img_decode(t->image, t->image_len, &E->m->limits, &im, &sub);
+    free(t->image); /* the bytes are not needed past this point */
+    t->image = NULL;
+    if (!st) st = img_make_crops(&im, c->crop_size, c->patch, c->overlap_margin, c->max_crops, &crops, &sub);
+    img_free(&im);
+    if (st) {
+        img_crops_free(&crops);
+        return errf(&t->err, st, "image: %s", sub.msg);
+    }
+    text_embed(E->m, c->bos, W->emb);
+    st = vision_encode(&W->st, &crops, W->emb + c->dim, NULL, &t->err);
+    img_crops_free(&crops);
+    if (st) return st;
+    txt_seg g = {.k = E->pool.k, .v = E->pool.v, .blocks = t->seq.blocks, .block_size = E->pool.block, .pos0 = 0,
+                 .T = c->prefix_attn, .n_prefix = c->prefix_attn, .hidden = W->hidden};
+    return text_forward_batch(&W->st, W->emb, &g, 1, NULL, &t->err);
+}
+
+static void *worker_main(void *arg) {
+    albedo_engine *E = arg;
+    img_worker *W = &E->w;
+    pthread_mutex_lock(&E->mu);
+    for (;;) {
+        while (!W->head && !W->quit) pthread_cond_wait(&W->cv, &E->mu);
+        albedo_ticket *t = W->head;
+        if (!t) break;
+        W->head = t->next;
+        if (!W->head) W->tail = NULL;
+        t->next = NULL;
+        W->busy = t;
+        pthread_mutex_unlock(&E->mu);
+        albedo_status st = build_prefix(E, t);
+        pthread_mutex_lock(&E->mu);
+        W->busy = NULL;
+        t->built = 1;
+        t->build_st = st;
+        E->events++;
+        pthread_cond_signal(&E->cv);
+    }
+    pthread_mutex_unlock(&E->mu);
+    return NULL;
+}
+
+/* Made at the first image that needs it; called by the scheduler. */
+static albedo_status worker_start(albedo_engine *E, errbuf *e) {
+    img_worker *W = &E->w;
+    const md_config *c = &E->m->cfg;
+    const int n = E->p.vision_threads ? E->p.vision_threads : E->p.n_threads ? E->p.n_threads : E->m->params.n_threads;
+    albedo_status st = md_state_init_ex(&W->st, E->m, n, 0, e);
+    if (!st) {
+        W->emb = malloc((size_t)c->prefix_attn * c->dim * sizeof(float));
+        W->hidden = malloc((size_t)c->dim * sizeof(float));
+        if (!W->emb || !W->hidden) st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for the image worker");
+    }
+    if (!st && pthread_create(&W->th, NULL, worker_main, E))
+        st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "cannot start the image worker");
+    if (st) { /* a later image tries again */
+        md_state_free(&W->st);
+        free(W->emb);
+        free(W->hidden);
+        W->emb = W->hidden = NULL;
+        return st;
+    }
+    W->started = 1;
+    return ALBEDO_OK;
+}
+
+static void worker_push(albedo_engine *E, albedo_ticket *t) {
+    img_worker *W = &E->w;
+    t->next = NULL;
+    if (W->tail) W->tail->next = t;
+    else W->head = t;
+    W->tail = t;
+    pthread_cond_signal(&W->cv);
+}
+
+/* Take t off the worker's queue; 0 if it is not there (being built). */
+static int worker_unqueue(albedo_engine *E, albedo_ticket *t) {
+    img_worker *W = &E->w;
+    albedo_ticket *prev = NULL;
+    for (albedo_ticket *x = W->head; x; prev = x, x = x->next) {
+        if (x != t) continue;
+        if (prev) prev->next = t->next;
+        else W->head = t->next;
+        if (W->tail == t) W->tail = prev;
+        t->next = NULL;
+        return 1;
+    }
+    return 0;
 }
 
 /* ---- the scheduler side ---------------------------------------------------- */
@@ -171,41 +346,38 @@ static void *tk_main(void *arg) {
 /* Positions a request may need: its prefix, prompt and outputs. */
 static int estimate_positions(const albedo_engine *E, const albedo_ticket *t) {
     const md_config *c = &E->m->cfg;
-    int n = t->image ? c->prefix_attn : 1;
-    n += 3 * MD_MAX_TEMPLATE + 3 * t->req.n_spatial_refs + 2;
-    const char *txt = t->req.skill == ALBEDO_SKILL_QUERY ? t->question : t->object;
+    const albedo_request *r = &t->req;
+    int n = t->has_image ? c->prefix_attn : 1;
+    n += 3 * MD_MAX_TEMPLATE + 3 * r->n_spatial_refs + 2;
+    const char *txt = r->skill == ALBEDO_SKILL_QUERY ? r->question : r->object;
     if (txt) {
         int k = albedo_tokenize(E->m, txt, NULL, 0);
         n += k > 0 ? k + 1 : (int)strlen(txt) + 1;
     }
-    switch (t->req.skill) {
-    case ALBEDO_SKILL_DETECT: n += 3 * t->req.max_objects + 2; break;
-    case ALBEDO_SKILL_POINT: n += 2 * t->req.max_objects + 2; break;
-    default: n += (t->req.reasoning ? 2 : 1) * t->req.max_tokens + MD_MAX_TEMPLATE + 2; break;
+    switch (r->skill) {
+    case ALBEDO_SKILL_DETECT: n += 3 * r->max_objects + 2; break;
+    case ALBEDO_SKILL_POINT: n += 2 * r->max_objects + 2; break;
+    default: n += (r->reasoning ? 2 : 1) * r->max_tokens + MD_MAX_TEMPLATE + 2; break;
     }
     return n < E->st.max_ctx ? n : E->st.max_ctx;
-}
-
-static void tk_release(albedo_engine *E, albedo_ticket *t) {
-    kv_seq_release(&E->pool, &t->seq);
-    free(t->prefix_emb);
-    t->prefix_emb = NULL;
 }
 
 /* End t (any state but DONE) with status st. Called with mu held; drops it
  * around on_done. */
 static void tk_end(albedo_engine *E, albedo_ticket *t, albedo_status st) {
     t->status = st;
-    tk_release(E, t);
+    kv_seq_release(&E->pool, &t->seq);
     const albedo_result *res = NULL;
     if (!st && t->sess) {
         albedo_metrics *mt = &t->sess->res.r.metrics;
-        /* Prefill covers the vision encoder and the prefix from admission on. */
+        /* Prefill covers the image's prefix (built or copied in) from
+         * admission on. */
         const double lead = t->t_gen_start - t->t_admit;
         mt->queue_time_ms = t->t_admit - t->t_submit;
         mt->prefill_time_ms += lead;
         mt->ttft_ms += lead;
-        mt->cached_tokens = t->cached ? E->m->cfg.prefix_attn : 0;
+        /* A session's image was encoded before the run: all of it is reused. */
+        mt->cached_tokens = t->img ? t->img->n_pos : t->cached ? E->m->cfg.prefix_attn : 0;
         res = &t->sess->res.r;
     }
     t->state = TK_ENDING;
@@ -218,8 +390,12 @@ static void tk_end(albedo_engine *E, albedo_ticket *t, albedo_status st) {
     pthread_cond_broadcast(&t->cv);
 }
 
-static void run_remove(albedo_engine *E, int i) {
-    E->run[i] = E->run[--E->n_run];
+static void run_remove(albedo_engine *E, const albedo_ticket *t) {
+    for (int i = 0; i < E->n_run; i++)
+        if (E->run[i] == t) {
+            E->run[i] = E->run[--E->n_run];
+            return;
+        }
 }
 
 static albedo_session *light_session(albedo_model *m, errbuf *e) {
@@ -242,27 +418,9 @@ static kv_prefix *prefix_lookup(kv_prefix_cache *c, const uint64_t key[2]) {
 static int prefix_building(const albedo_engine *E, const uint64_t key[2]) {
     for (int i = 0; i < E->n_run; i++) {
         const albedo_ticket *r = E->run[i];
-        if (r->state == TK_PREFIX && r->key[0] == key[0] && r->key[1] == key[1]) return 1;
+        if (r->state == TK_ENCODE && r->key[0] == key[0] && r->key[1] == key[1]) return 1;
     }
     return 0;
-}
-
-/* Decode the image and run the vision encoder into t->prefix_emb. */
-static albedo_status encode_image(albedo_engine *E, albedo_ticket *t) {
-    const md_config *c = &E->m->cfg;
-    img_rgb im = {0};
-    img_crops crops = {0};
-    albedo_status st = img_decode(t->image, t->image_len, &E->m->limits, &im, &t->err);
-    if (!st) st = img_make_crops(&im, c->crop_size, c->patch, c->overlap_margin, c->max_crops, &crops, &t->err);
-    if (!st && !(t->prefix_emb = malloc((size_t)c->prefix_attn * c->dim * sizeof(float))))
-        st = errf(&t->err, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory encoding an image");
-    if (!st) {
-        text_embed(E->m, c->bos, t->prefix_emb);
-        st = vision_encode(&E->st, &crops, t->prefix_emb + c->dim, NULL, &t->err);
-    }
-    img_crops_free(&crops);
-    img_free(&im);
-    return st;
 }
 
 static albedo_status start_thread(albedo_ticket *t) {
@@ -272,39 +430,69 @@ static albedo_status start_thread(albedo_ticket *t) {
     return ALBEDO_OK;
 }
 
+/* Let an admitted ticket generate: its thread, or its waiting caller. */
+static albedo_status go_running(albedo_ticket *t) {
+    t->state = TK_RUNNING;
+    if (t->caller) {
+        pthread_cond_broadcast(&t->cv);
+        return ALBEDO_OK;
+    }
+    return start_thread(t);
+}
+
+/* End every queued ticket that was cancelled or whose deadline passed,
+ * wherever it stands in the queue. Called with mu held. */
+static void sweep_queue(albedo_engine *E, double now) {
+    albedo_ticket *dead = NULL, *dead_tail = NULL, *last = NULL;
+    for (albedo_ticket **pp = &E->q_head; *pp;) {
+        albedo_ticket *t = *pp;
+        if (!t->cancel && !expired(t, now)) {
+            last = t;
+            pp = &t->next;
+            continue;
+        }
+        *pp = t->next;
+        E->n_queued--;
+        t->next = NULL;
+        if (dead_tail) dead_tail->next = t;
+        else dead = t;
+        dead_tail = t;
+    }
+    E->q_tail = last;
+    while (dead) {
+        albedo_ticket *t = dead;
+        dead = t->next;
+        t->next = NULL;
+        t->t_admit = now;
+        tk_end(E, t, cancel_status(t, now, " while queued"));
+    }
+}
+
 /* Admit queue heads while a slot and their blocks are free. FIFO: a head
  * that cannot start yet blocks the ones behind it. Called with mu held. */
 static void admit(albedo_engine *E) {
     const md_config *c = &E->m->cfg;
+    sweep_queue(E, now_ms());
     while (E->q_head && E->n_run < E->p.max_batch) {
         albedo_ticket *t = E->q_head;
-        double now = now_ms();
         albedo_status st = ALBEDO_OK;
-        if (t->cancel) st = errf(&t->err, ALBEDO_ERR_CANCELLED, "the request was cancelled");
-        else if (expired(t, now))
-            st = errf(&t->err, ALBEDO_ERR_CANCELLED, "the request's deadline of %.0f ms passed while queued",
-                      t->cb.deadline_ms);
-        if (!st && t->image && prefix_building(E, t->key)) return; /* wait for that prefix */
-        int need = 0;
-        kv_prefix *hit = NULL;
-        if (!st) {
-            hit = t->image ? prefix_lookup(&E->pc, t->key) : NULL;
-            need = kv_blocks_for(&E->pool, t->est_pos) - (hit ? c->prefix_attn / E->pool.block : 0);
-            if (kv_blocks_for(&E->pool, t->est_pos) > E->pool.n_blocks)
-                st = errf(&t->err, ALBEDO_ERR_LIMIT, "the request needs %d KV blocks, the cache has %d",
-                          kv_blocks_for(&E->pool, t->est_pos), E->pool.n_blocks);
-        }
+        if (t->has_image && prefix_building(E, t->key)) return; /* wait for that prefix */
+        kv_prefix *hit = t->has_image ? prefix_lookup(&E->pc, t->key) : NULL;
+        const int total = kv_blocks_for(&E->pool, t->est_pos);
+        const int need = total - (hit ? c->prefix_attn / E->pool.block : 0);
+        if (total > E->pool.n_blocks)
+            st = errf(&t->err, ALBEDO_ERR_LIMIT, "the request needs %d KV blocks, the cache has %d", total,
+                      E->pool.n_blocks);
         if (!st && E->pool.n_free < need) {
             if (hit) hit->pinned = 1;
             kv_prefix_evict(&E->pool, &E->pc, need);
-            hit = t->image ? prefix_lookup(&E->pc, t->key) : NULL;
+            hit = t->has_image ? prefix_lookup(&E->pc, t->key) : NULL;
             if (hit) hit->pinned = 0;
             if (E->pool.n_free < need) {
                 if (E->n_run > 0) return; /* wait for running requests to free blocks */
                 /* Nothing runs and the pinned hit holds the rest: drop it too. */
                 if (hit) {
                     kv_prefix_evict(&E->pool, &E->pc, need + 1);
-                    hit = NULL;
                     continue;
                 }
                 st = errf(&t->err, ALBEDO_ERR_LIMIT, "not enough KV blocks for the request");
@@ -313,72 +501,141 @@ static void admit(albedo_engine *E) {
         /* Dequeue. */
         E->q_head = t->next;
         if (!E->q_head) E->q_tail = NULL;
+        t->next = NULL;
         E->n_queued--;
-        t->t_admit = now;
+        t->t_admit = now_ms();
         if (st) {
             tk_end(E, t, st);
             continue;
         }
-        /* The setup below runs with mu released: only this thread touches
-         * the pool, the prefix cache and md_state. */
-        E->in_admit = 1;
-        pthread_mutex_unlock(&E->mu);
-        if (!(t->sess = light_session(E->m, &t->err)))
-            st = errf(&t->err, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for a request");
-        if (!st && hit) {
-            E->pc.hits++;
-            hit->last_use = ++E->pc.clock;
-            if (kv_seq_fork(&E->pool, &t->seq, &hit->seq, hit->n_pos))
-                st = errf(&t->err, ALBEDO_ERR_LIMIT, "no KV block free for the request");
-            t->cached = 1;
-        } else if (!st && t->image) {
-            E->pc.misses++;
-            st = encode_image(E, t);
+        if (t->has_image) {
+            if (hit) E->pc.hits++;
+            else E->pc.misses++;
         }
+        if (hit) hit->last_use = ++E->pc.clock;
+        if (hit && kv_seq_fork(&E->pool, &t->seq, &hit->seq, hit->n_pos))
+            st = errf(&t->err, ALBEDO_ERR_LIMIT, "no KV block free for the request");
         if (!st && kv_seq_reserve(&E->pool, &t->seq, t->est_pos))
             st = errf(&t->err, ALBEDO_ERR_LIMIT, "no KV blocks free for the request");
-        if (!st) {
-            t->state = t->image && !hit ? TK_PREFIX : TK_RUNNING;
-            if (t->state == TK_RUNNING) st = start_thread(t);
-        }
+        const int need_worker = !st && t->image && !hit && !E->w.started;
+        /* The setup below runs with mu released (only this thread starts
+         * the worker). */
+        E->in_admit = 1;
+        pthread_mutex_unlock(&E->mu);
+        if (!st && !t->caller && !(t->sess = light_session(E->m, &t->err)))
+            st = errf(&t->err, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for a request");
+        if (!st && need_worker) st = worker_start(E, &t->err);
         pthread_mutex_lock(&E->mu);
         E->in_admit = 0;
         if (st) {
             tk_end(E, t, st);
             continue;
         }
+        t->cached = hit != NULL;
         E->run[E->n_run++] = t;
+        if (t->has_image && !hit) {
+            /* The prefix is built off this thread: by the image worker, or
+             * copied in by the waiting caller from its albedo_image. */
+            t->state = TK_ENCODE;
+            if (t->caller) pthread_cond_broadcast(&t->cv);
+            else worker_push(E, t);
+        } else if ((st = go_running(t))) {
+            run_remove(E, t);
+            tk_end(E, t, st);
+        }
     }
 }
 
-/* Join and end the requests whose thread returned. Called with mu held. */
-static void reap(albedo_engine *E) {
+/* Start the tickets whose prefix is built, caching the prefix. Called with
+ * mu held. */
+static void collect(albedo_engine *E) {
+    const md_config *c = &E->m->cfg;
     for (int i = 0; i < E->n_run;) {
         albedo_ticket *t = E->run[i];
-        if (!t->finished && !(t->state == TK_PREFIX && t->cancel)) {
+        if (t->state != TK_ENCODE || !t->built) {
             i++;
             continue;
         }
-        run_remove(E, i);
+        albedo_status st = t->build_st;
+        /* A finished prefix is kept even if its request was cancelled
+         * meanwhile: the work is done. On OOM it is just not cached. */
+        if (!st) kv_prefix_put(&E->pool, &E->pc, t->key, &t->seq, c->prefix_attn);
+        const double now = now_ms();
+        if (!st && (t->cancel || expired(t, now))) st = cancel_status(t, now, "");
+        if (!st && !(st = go_running(t))) {
+            i++;
+            continue;
+        }
+        run_remove(E, t);
+        tk_end(E, t, st);
+    }
+}
+
+/* End the requests whose loops returned (joining their thread), and the
+ * cancelled or expired ones still waiting for the image worker. Called with
+ * mu held. */
+static void reap(albedo_engine *E) {
+    const double now = now_ms();
+    for (int i = 0; i < E->n_run;) {
+        albedo_ticket *t = E->run[i];
+        albedo_status st = t->status;
+        int end = t->finished;
+        if (!end && t->state == TK_ENCODE && !t->built && !t->caller && (t->cancel || expired(t, now)) &&
+            worker_unqueue(E, t)) {
+            end = 1;
+            st = cancel_status(t, now, " while its image waited");
+        }
+        if (!end) {
+            i++;
+            continue;
+        }
+        E->run[i] = E->run[--E->n_run];
         if (t->th_started) {
             pthread_mutex_unlock(&E->mu);
             pthread_join(t->th, NULL);
             pthread_mutex_lock(&E->mu);
             t->th_started = 0;
-            tk_end(E, t, t->status);
-        } else {
-            tk_end(E, t, errf(&t->err, ALBEDO_ERR_CANCELLED, "the request was cancelled"));
         }
+        tk_end(E, t, st);
     }
 }
 
-/* Every running request has posted its rows or finished. */
-static int all_ready(const albedo_engine *E) {
+/* Drop the prefixes of freed albedo_images. Called with mu held. */
+static void forget(albedo_engine *E) {
+    for (int k = 0; k < E->n_forget; k++) {
+        kv_prefix_cache *c = &E->pc;
+        for (int i = 0; i < c->n; i++)
+            if (c->e[i].key[0] == E->forget[2 * k] && c->e[i].key[1] == E->forget[2 * k + 1]) {
+                kv_seq_release(&E->pool, &c->e[i].seq);
+                c->e[i] = c->e[--c->n];
+                break;
+            }
+    }
+    E->n_forget = 0;
+}
+
+/* Whether to run a step now: every running request has posted its rows, or
+ * the first post has waited as long as the last step took (at least 2 ms).
+ * Otherwise *wake gets the time to look again. */
+static int step_due(const albedo_engine *E, double now, double *wake) {
+    int any = 0, all = 1;
+    double first = 0;
     for (int i = 0; i < E->n_run; i++) {
         const albedo_ticket *t = E->run[i];
-        if (t->state == TK_RUNNING && !t->posted && !t->finished) return 0;
+        if (t->state != TK_RUNNING || t->finished) continue;
+        if (!t->posted) {
+            all = 0;
+        } else if (!any || t->t_post < first) {
+            first = t->t_post;
+            any = 1;
+        }
     }
-    return 1;
+    if (!any) return 0;
+    if (all) return 1;
+    const double grace = E->last_step_ms > 2.0 ? E->last_step_ms : 2.0;
+    if (now - first >= grace) return 1;
+    if (first + grace < *wake) *wake = first + grace;
+    return 0;
 }
 
 static int reserve_rows(albedo_engine *E, int T) {
@@ -390,84 +647,98 @@ static int reserve_rows(albedo_engine *E, int T) {
     return 0;
 }
 
-/* One forward step over the posted rows. Called with mu held; runs the
- * math with it released. Returns 0 if there was nothing to run. */
+/* Serve t with status st (a step failed for it). Called with mu held. */
+static void serve_error(albedo_ticket *t, albedo_status st, const char *msg) {
+    t->step_st = st;
+    snprintf(t->step_err, sizeof t->step_err, "%s", msg);
+    t->posted = 0;
+    t->served = 1;
+    pthread_cond_broadcast(&t->cv);
+}
+
+/* One forward step over the posted rows: decode rows first, then prompts,
+ * a prompt beyond the token budget split over steps (its rows are causal).
+ * Called with mu held and no step running; runs the math with mu released.
+ * Returns 0 if there was nothing to run. */
 static int run_step(albedo_engine *E) {
     const md_config *c = &E->m->cfg;
     int n = 0, rows = 0;
-    /* Pass 0: decode rows; pass 1: prompt chunks; pass 2: image prefixes. */
-    for (int pass = 0; pass < 3; pass++)
+    for (int pass = 0; pass < 2; pass++)
         for (int i = 0; i < E->n_run; i++) {
             albedo_ticket *t = E->run[i];
-            int T;
-            if (pass < 2) {
-                if (t->state != TK_RUNNING || !t->posted || (t->T == 1) != (pass == 0)) continue;
-                T = t->T;
-            } else {
-                if (t->state != TK_PREFIX || t->cancel) continue;
-                T = c->prefix_attn;
+            if (t->state != TK_RUNNING || !t->posted || t->finished) continue;
+            const int left = t->T - t->done_rows;
+            if ((left == 1) != (pass == 0)) continue;
+            const int take = left < E->p.token_budget - rows ? left : E->p.token_budget - rows;
+            if (take <= 0) continue;
+            /* The estimate covers every request the loops can make; grow
+             * the table all the same if one goes past it. */
+            if (kv_seq_reserve(&E->pool, &t->seq, t->pos0 + t->done_rows + take)) {
+                serve_error(t, ALBEDO_ERR_LIMIT, "a request outgrew its KV reservation");
+                continue;
             }
-            if (n > 0 && rows + T > E->p.token_budget) continue;
-            E->step[n++] = t;
-            rows += T;
+            E->step[n] = t;
+            E->take[n++] = take;
+            rows += take;
         }
     if (!n) return 0;
-    for (int i = 0; i < n; i++) E->step[i]->posted = 0;
+    E->stats.steps++;
+    E->stats.step_sequences += (uint64_t)n;
+    E->stats.step_rows += (uint64_t)rows;
+    if (E->w.busy) E->stats.steps_while_encoding++;
+    E->stepping = 1;
     pthread_mutex_unlock(&E->mu);
+    const double t0 = now_ms();
     albedo_status st = ALBEDO_OK;
     if (reserve_rows(E, rows)) st = errf(&E->err, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for a step of %d rows", rows);
     for (int i = 0, r0 = 0; i < n && !st; i++) {
-        albedo_ticket *t = E->step[i];
-        txt_seg *g = &E->segs[i];
-        const int prefix = t->state == TK_PREFIX;
-        *g = (txt_seg){.k = E->pool.k, .v = E->pool.v, .block_size = E->pool.block,
-                       .pos0 = prefix ? 0 : t->pos0, .T = prefix ? c->prefix_attn : t->T,
-                       .n_prefix = prefix ? c->prefix_attn : t->n_prefix,
-                       .hidden = prefix ? E->prefix_hidden : t->sess->st.hidden,
-                       .logits = !prefix && t->want_logits ? t->sess->st.logits : NULL};
-        /* The estimate covers every request the loops can make; grow the
-         * table all the same if one goes past it. */
-        if (kv_seq_reserve(&E->pool, &t->seq, g->pos0 + g->T)) {
-            st = errf(&E->err, ALBEDO_ERR_LIMIT, "a request outgrew its KV reservation");
-            break;
-        }
-        g->blocks = t->seq.blocks;
-        memcpy(E->emb + (size_t)r0 * c->dim, prefix ? t->prefix_emb : t->emb, (size_t)g->T * c->dim * sizeof(float));
-        r0 += g->T;
+        const albedo_ticket *t = E->step[i];
+        const int last = t->done_rows + E->take[i] == t->T;
+        E->segs[i] = (txt_seg){.k = E->pool.k, .v = E->pool.v, .blocks = t->seq.blocks, .block_size = E->pool.block,
+                               .pos0 = t->pos0 + t->done_rows, .T = E->take[i], .n_prefix = t->n_prefix,
+                               .hidden = t->sess->st.hidden,
+                               .logits = last && t->want_logits ? t->sess->st.logits : NULL};
+        memcpy(E->emb + (size_t)r0 * c->dim, t->emb + (size_t)t->done_rows * c->dim,
+               (size_t)E->take[i] * c->dim * sizeof(float));
+        r0 += E->take[i];
     }
     if (!st) st = text_forward_batch(&E->st, E->emb, E->segs, n, E->logits, &E->err);
-    /* Finished prefixes enter the prefix cache. */
-    for (int i = 0; i < n && !st; i++) {
-        albedo_ticket *t = E->step[i];
-        if (t->state != TK_PREFIX) continue;
-        free(t->prefix_emb);
-        t->prefix_emb = NULL;
-        kv_prefix_put(&E->pool, &E->pc, t->key, &t->seq, c->prefix_attn); /* on OOM: just not cached */
-    }
+    const double took = now_ms() - t0;
     pthread_mutex_lock(&E->mu);
+    E->stepping = 0;
+    E->last_step_ms = took;
     for (int i = 0; i < n; i++) {
         albedo_ticket *t = E->step[i];
-        if (t->state == TK_PREFIX) {
-            albedo_status s2 = st;
-            if (!s2 && t->cancel) s2 = errf(&t->err, ALBEDO_ERR_CANCELLED, "the request was cancelled");
-            if (!s2) {
-                t->state = TK_RUNNING;
-                s2 = start_thread(t);
-            }
-            if (s2) {
-                if (st) errf(&t->err, st, "%s", E->err.msg);
-                for (int k = 0; k < E->n_run; k++)
-                    if (E->run[k] == t) run_remove(E, k);
-                tk_end(E, t, s2);
-            }
-            continue;
+        t->done_rows += E->take[i];
+        if (st) {
+            serve_error(t, st, E->err.msg);
+        } else if (t->done_rows == t->T) {
+            t->step_st = ALBEDO_OK;
+            t->posted = 0;
+            t->served = 1;
+            pthread_cond_broadcast(&t->cv); /* the request thread; ticket_wait ignores it */
         }
-        t->step_st = st;
-        if (st) snprintf(t->step_err, sizeof t->step_err, "%s", E->err.msg);
-        t->served = 1;
-        pthread_cond_broadcast(&t->cv); /* the request thread; ticket_wait ignores it */
     }
+    /* Rows left over (a prompt's next chunk, a post during the step): the
+     * scheduler decides when they run. */
+    for (int i = 0; i < E->n_run; i++)
+        if (E->run[i]->posted) {
+            E->events++;
+            pthread_cond_signal(&E->cv);
+            break;
+        }
     return 1;
+}
+
+/* The earliest deadline of a ticket that is waiting (queued, or for the
+ * image worker), or INFINITY. Called with mu held. */
+static double next_deadline(const albedo_engine *E) {
+    double d = INFINITY;
+    for (const albedo_ticket *t = E->q_head; t; t = t->next)
+        if (t->cb.deadline_ms > 0 && t->t_submit + t->cb.deadline_ms < d) d = t->t_submit + t->cb.deadline_ms;
+    for (const albedo_ticket *t = E->w.head; t; t = t->next)
+        if (t->cb.deadline_ms > 0 && t->t_submit + t->cb.deadline_ms < d) d = t->t_submit + t->cb.deadline_ms;
+    return d;
 }
 
 static void *sched_main(void *arg) {
@@ -475,16 +746,31 @@ static void *sched_main(void *arg) {
     pthread_mutex_lock(&E->mu);
     for (;;) {
         const unsigned long seen = E->events;
+        forget(E);
+        collect(E);
         reap(E);
         if (E->stop) {
-            /* Cancel everything; running requests end at their next step. */
+            /* Cancel everything; running requests end at their next step,
+             * prefixes being built when they are. */
             for (albedo_ticket *t = E->q_head; t; t = t->next) t->cancel = 1;
             for (int i = 0; i < E->n_run; i++) E->run[i]->cancel = 1;
+            reap(E);
         }
         admit(E);
+        E->stats.kv_blocks_used = E->pool.n_blocks - E->pool.n_free;
         if (E->stop && !E->q_head && !E->n_run) break;
-        if (all_ready(E) && run_step(E)) continue;
-        while (E->events == seen) pthread_cond_wait(&E->cv, &E->mu);
+        double wake = next_deadline(E);
+        if (!E->stepping && step_due(E, now_ms(), &wake) && run_step(E)) continue;
+        if (E->events != seen) continue;
+        if (wake == INFINITY) {
+            while (E->events == seen) pthread_cond_wait(&E->cv, &E->mu);
+            continue;
+        }
+        /* 1 ms late at most: a deadline is then past for certain. */
+        const double at = wake + 1.0;
+        struct timespec ts = {(time_t)(at / 1e3), (long)(fmod(at, 1e3) * 1e6)};
+        while (E->events == seen && now_ms() < wake)
+            if (pthread_cond_timedwait(&E->cv, &E->mu, &ts) == ETIMEDOUT) break;
     }
     pthread_mutex_unlock(&E->mu);
     return NULL;
@@ -510,7 +796,7 @@ albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *par
     albedo_engine_params p = params ? *params : albedo_engine_params_default();
     albedo_status st = ALBEDO_OK;
     if (p.max_batch < 1 || p.max_batch > 4096 || p.block_size < 1 || p.block_size > 4096 || p.max_queue < 0 ||
-        p.token_budget < 1 || p.n_threads < 0)
+        p.token_budget < 1 || p.n_threads < 0 || p.vision_threads < 0)
         st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "engine parameters out of range");
     albedo_engine *E = st ? NULL : calloc(1, sizeof *E);
     if (!st && !E) st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
@@ -523,19 +809,28 @@ albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *par
     E->p = p;
     const md_config *c = &m->cfg;
     pthread_mutex_init(&E->mu, NULL);
-    pthread_cond_init(&E->cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* now_ms's clock, for deadlines */
+    pthread_cond_init(&E->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_cond_init(&E->w.cv, NULL);
     kv_prefix_init(&E->pc);
     st = md_state_init_ex(&E->st, m, p.n_threads ? p.n_threads : m->params.n_threads, 0, &e);
-    if (!st)
-        st = kv_pool_init(&E->pool, c->n_layers, c->n_kv_heads * c->head_dim, p.block_size, p.kv_bytes,
-                          (c->prefix_attn + 64 + p.block_size - 1) / p.block_size + 1, &e);
     if (!st) {
-        E->prefix_hidden = malloc((size_t)c->dim * sizeof(float));
+        /* At least one request of the full context always fits. */
+        const int min_blocks = (E->st.max_ctx + p.block_size - 1) / p.block_size + 1;
+        st = kv_pool_init(&E->pool, c->n_layers, c->n_kv_heads * c->head_dim, kv_elem_bytes(m->kv_dt), p.block_size,
+                          p.kv_bytes, min_blocks, &e);
+    }
+    if (!st) {
+        E->stats.kv_blocks_total = E->pool.n_blocks;
         E->logits = malloc((size_t)p.max_batch * c->vocab * sizeof(float));
         E->segs = calloc((size_t)p.max_batch, sizeof *E->segs);
         E->step = calloc((size_t)p.max_batch, sizeof *E->step);
+        E->take = calloc((size_t)p.max_batch, sizeof *E->take);
         E->run = calloc((size_t)p.max_batch, sizeof *E->run);
-        if (!E->prefix_hidden || !E->logits || !E->segs || !E->step || !E->run)
+        if (!E->logits || !E->segs || !E->step || !E->take || !E->run)
             st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for the engine");
     }
     if (!st && pthread_create(&E->th, NULL, sched_main, E))
@@ -560,15 +855,28 @@ void albedo_engine_free(albedo_engine *E) {
         pthread_mutex_unlock(&E->mu);
         pthread_join(E->th, NULL);
     }
+    img_worker *W = &E->w;
+    if (W->started) {
+        pthread_mutex_lock(&E->mu);
+        W->quit = 1;
+        pthread_cond_signal(&W->cv);
+        pthread_mutex_unlock(&E->mu);
+        pthread_join(W->th, NULL);
+    }
+    md_state_free(&W->st);
+    free(W->emb);
+    free(W->hidden);
     kv_prefix_free(&E->pool, &E->pc);
     kv_pool_free(&E->pool);
     md_state_free(&E->st);
-    free(E->prefix_hidden);
     free(E->emb);
     free(E->logits);
     free(E->segs);
     free(E->step);
+    free(E->take);
     free(E->run);
+    free(E->forget);
+    pthread_cond_destroy(&W->cv);
     pthread_cond_destroy(&E->cv);
     pthread_mutex_destroy(&E->mu);
     free(E);
@@ -587,10 +895,19 @@ static void tk_destroy(albedo_ticket *t) {
     free(t->object);
     free(t->refs);
     free(t->image);
-    free(t->prefix_emb);
-    albedo_session_free(t->sess);
+    if (!t->caller) albedo_session_free(t->sess);
     pthread_cond_destroy(&t->cv);
     free(t);
+}
+
+static void enqueue(albedo_engine *E, albedo_ticket *t) {
+    t->state = TK_QUEUED;
+    if (E->q_tail) E->q_tail->next = t;
+    else E->q_head = t;
+    E->q_tail = t;
+    E->n_queued++;
+    E->events++;
+    pthread_cond_signal(&E->cv);
 }
 
 albedo_status albedo_engine_submit(albedo_engine *E, const albedo_request *r, const void *image, size_t image_len,
@@ -628,6 +945,7 @@ albedo_status albedo_engine_submit(albedo_engine *E, const albedo_request *r, co
         if (t->image) memcpy(t->image, image, image_len);
         oom |= !t->image;
         t->image_len = image_len;
+        t->has_image = 1;
         kv_hash(image, image_len, 0, t->key);
     }
     if (oom) {
@@ -646,14 +964,7 @@ albedo_status albedo_engine_submit(albedo_engine *E, const albedo_request *r, co
         error_set_last(e.msg);
         return ALBEDO_ERR_LIMIT;
     }
-    t->state = TK_QUEUED;
-    t->seq_no = E->next_seq++;
-    if (E->q_tail) E->q_tail->next = t;
-    else E->q_head = t;
-    E->q_tail = t;
-    E->n_queued++;
-    E->events++;
-    pthread_cond_signal(&E->cv);
+    enqueue(E, t);
     pthread_mutex_unlock(&E->mu);
     *out = t;
     return ALBEDO_OK;
@@ -697,11 +1008,114 @@ void albedo_ticket_cancel(albedo_ticket *t) {
 
 const char *albedo_ticket_error(const albedo_ticket *t) { return t && t->status ? t->err.msg : ""; }
 
+const char *albedo_ticket_json(albedo_ticket *t, int metrics) {
+    if (!t) return NULL;
+    pthread_mutex_lock(&t->eng->mu);
+    const int ok = t->state >= TK_ENDING && !t->status && t->sess;
+    pthread_mutex_unlock(&t->eng->mu);
+    const char *out = NULL;
+    if (!ok || result_to_json(t->sess, &t->sess->res.r, metrics, &out)) return NULL;
+    return out;
+}
+
 void albedo_ticket_free(albedo_ticket *t) {
     if (!t) return;
     albedo_ticket_cancel(t);
     albedo_ticket_wait(t, NULL);
     tk_destroy(t);
+}
+
+void albedo_engine_get_stats(albedo_engine *E, albedo_engine_stats *out) {
+    if (!out) return;
+    memset(out, 0, sizeof *out);
+    if (!E) return;
+    pthread_mutex_lock(&E->mu);
+    *out = E->stats;
+    out->queued = E->n_queued;
+    out->running = E->n_run;
+    for (int i = 0; i < E->n_run; i++) out->encoding += E->run[i]->state == TK_ENCODE;
+    out->prefix_hits = E->pc.hits;
+    out->prefix_misses = E->pc.misses;
+    out->prefix_evictions = E->pc.evictions;
+    pthread_mutex_unlock(&E->mu);
+}
+
+/* ---- blocking session runs (albedo.c) -------------------------------------------- */
+
+/* Copy the image's prefix K/V into the ticket's blocks (caller's thread). */
+static void import_prefix(albedo_engine *E, const albedo_ticket *t) {
+    const kv_pool *p = &E->pool;
+    const albedo_image *img = t->img;
+    const size_t row = (size_t)p->kvd * p->elem;
+    for (int l = 0; l < p->n_layers; l++)
+        for (int pos = 0; pos < img->n_pos; pos += p->block) {
+            const int n = img->n_pos - pos < p->block ? img->n_pos - pos : p->block;
+            memcpy(kv_row(p, p->k, l, &t->seq, pos), (const char *)img->k[l] + (size_t)pos * row, (size_t)n * row);
+            memcpy(kv_row(p, p->v, l, &t->seq, pos), (const char *)img->v[l] + (size_t)pos * row, (size_t)n * row);
+        }
+}
+
+albedo_status engine_run_session(albedo_engine *E, albedo_session *s, const albedo_request *r, errbuf *e) {
+    albedo_ticket *t = calloc(1, sizeof *t);
+    if (!t) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    pthread_cond_init(&t->cv, NULL);
+    t->eng = E;
+    t->req = *r;
+    t->caller = 1;
+    t->sess = s;
+    t->img = r->image;
+    t->has_image = r->image != NULL;
+    if (t->img) {
+        t->key[0] = t->img->id;
+        t->key[1] = IMAGE_KEY_TAG;
+    }
+    t->est_pos = estimate_positions(E, t);
+    t->t_submit = now_ms();
+    pthread_mutex_lock(&E->mu);
+    enqueue(E, t);
+    while (t->state == TK_QUEUED) pthread_cond_wait(&t->cv, &E->mu);
+    if (t->state == TK_ENCODE) {
+        pthread_mutex_unlock(&E->mu);
+        import_prefix(E, t);
+        pthread_mutex_lock(&E->mu);
+        t->built = 1;
+        t->build_st = ALBEDO_OK;
+        E->events++;
+        pthread_cond_signal(&E->cv);
+        while (t->state == TK_ENCODE) pthread_cond_wait(&t->cv, &E->mu);
+    }
+    if (t->state == TK_RUNNING) {
+        pthread_mutex_unlock(&E->mu);
+        tk_run(t);
+        pthread_mutex_lock(&E->mu);
+    }
+    while (t->state != TK_DONE) pthread_cond_wait(&t->cv, &E->mu);
+    pthread_mutex_unlock(&E->mu);
+    albedo_status st = t->status;
+    if (st) errf(e, st, "%s", t->err.msg);
+    tk_destroy(t);
+    return st;
+}
+
+void engine_forget_image(albedo_engine *E, uint64_t id) {
+    pthread_mutex_lock(&E->mu);
+    if (E->n_forget == E->cap_forget) {
+        int nc = E->cap_forget ? 2 * E->cap_forget : 16;
+        uint64_t *p = realloc(E->forget, (size_t)nc * 2 * sizeof *p);
+        if (p) {
+            E->forget = p;
+            E->cap_forget = nc;
+        }
+    }
+    /* Out of memory: the entry just stays until evicted. */
+    if (E->n_forget < E->cap_forget) {
+        E->forget[2 * E->n_forget] = id;
+        E->forget[2 * E->n_forget + 1] = IMAGE_KEY_TAG;
+        E->n_forget++;
+        E->events++;
+        pthread_cond_signal(&E->cv);
+    }
+    pthread_mutex_unlock(&E->mu);
 }
 
 /* ---- internal accessors for tests -------------------------------------------------- */
@@ -710,7 +1124,7 @@ void albedo_ticket_free(albedo_ticket *t) {
  * all blocks free means no request leaked any). Waits for an idle engine. */
 void engine_debug_blocks(albedo_engine *E, int drop_prefixes, int *n_free, int *n_total) {
     pthread_mutex_lock(&E->mu);
-    while (E->q_head || E->n_run || E->in_admit) {
+    while (E->q_head || E->n_run || E->in_admit || E->n_forget || E->stepping) {
         pthread_mutex_unlock(&E->mu);
         nanosleep(&(struct timespec){0, 1000000}, NULL);
         pthread_mutex_lock(&E->mu);

@@ -14,7 +14,8 @@ struct albedo_image {
     uint64_t id; /* unique per model: lets a session skip reloading its own KV */
     int w, h;
     int n_pos;        /* prefix positions: BOS + image tokens */
-    float **k, **v;   /* per layer [n_pos, Hkv*D] */
+    void **k, **v;    /* per layer [n_pos, Hkv*D] of m->kv_dt */
+    void *dev_kv;     /* backend_cuda.c: the prefix KV on the GPU (k, v are NULL then) */
 };
 
 /* Growable arrays holding the last result; reused across calls. */
@@ -80,6 +81,14 @@ typedef struct gen_io {
 albedo_status gen_run_io(albedo_session *s, const albedo_request *r, const gen_io *io, errbuf *e);
 /* Validate a request up front (the engine checks at submit time). */
 albedo_status gen_check(const albedo_session *s, const albedo_request *r, int has_image, errbuf *e);
+/* scheduler.c: a blocking run of r on session s as a ticket of engine e
+ * (the model's own): the calling thread runs the generation loops in s, the
+ * forward passes are batched with the engine's other requests, and an
+ * encoded image's prefix is copied into the engine's cache at its first use.
+ * The result is in s->res as after gen_run. */
+albedo_status engine_run_session(albedo_engine *e, albedo_session *s, const albedo_request *r, errbuf *err);
+/* Drop the cached prefix of the albedo_image with this id (it was freed). */
+void engine_forget_image(albedo_engine *e, uint64_t id);
 /* scheduler.c, for tests: once the engine is idle, its free and total KV
  * blocks (after dropping every cached prefix if drop_prefixes), and the
  * prefix cache's counters. */

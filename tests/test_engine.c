@@ -8,16 +8,30 @@
  *              margin rules as test_model.c), no KV block leaks
  *   prefix     a second request on the same image bytes reuses the prefix
  *              (cached_tokens = 730)
- *   cancel     cancelling a queued and a running request frees every block
+ *   cancel     cancelling a queued and a running request frees every block;
+ *              a queued request's deadline fires while the running one is
+ *              held up (not when it would be admitted)
  *   limits     max_queue → ALBEDO_ERR_LIMIT at submit; bad requests rejected
  *   fairness   equal requests at max_batch 1 end in submission order
+ *   sessions   albedo_session_run goes through the model's engine: every case
+ *              gives the same tokens, text, boxes and points as the loops run
+ *              in place on a session's own cache (gen_run), logits within
+ *              float rounding; three threads' sessions at once are batched
+ *              and still match the reference; freeing the images frees
+ *              their prefixes in the engine
+ *   overlap    while the image worker encodes a new image, the running
+ *              request keeps decoding (steps counted while it is busy)
+ *   chunks     a prompt longer than token_budget runs in chunks over several
+ *              steps and gives the same answer as in one piece
  *
  * Without ../shared: cases and images from tests/data, the model that
  * test_model regenerates in the build directory (md2-small-gen).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <jansson.h>
+#include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <time.h>
 
 #include "kvcache.h"
@@ -44,7 +58,7 @@ static blob read_all(const char *path) {
 
 static size_t block_bytes(const albedo_model *m, int block) {
     const md_config *c = &m->cfg;
-    return kv_block_bytes(c->n_layers, c->n_kv_heads * c->head_dim, block);
+    return kv_block_bytes(c->n_layers, c->n_kv_heads * c->head_dim, kv_elem_bytes(m->kv_dt), block);
 }
 
 static void check_no_leak(albedo_engine *e, const char *what) {
@@ -322,6 +336,379 @@ static void test_fairness(albedo_model *m) {
     albedo_engine_free(e);
 }
 
+/* ---- a queued request's deadline while the running one is held up ------------- */
+
+typedef struct gate {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int entered, open;
+} gate;
+
+/* Stream callback that holds its request (and so its batch slot) until the
+ * gate opens. */
+static int on_text_gate(void *user, const char *text, size_t len) {
+    gate *g = user;
+    (void)text;
+    (void)len;
+    pthread_mutex_lock(&g->mu);
+    g->entered = 1;
+    pthread_cond_broadcast(&g->cv);
+    while (!g->open) pthread_cond_wait(&g->cv, &g->mu);
+    pthread_mutex_unlock(&g->mu);
+    return 0;
+}
+
+static void test_queued_deadline(albedo_model *m) {
+    albedo_engine_params ep = albedo_engine_params_default();
+    ep.max_batch = 1;
+    ep.kv_bytes = block_bytes(m, ep.block_size) * 200;
+    ep.n_threads = 2;
+    albedo_engine *e = NULL;
+    CHECK(albedo_engine_new(m, &ep, &e) == ALBEDO_OK, "engine: %s", albedo_last_error());
+    if (!e) return;
+    gate g = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+    albedo_submit_params held = {.on_text = on_text_gate, .user = &g};
+    albedo_request r = long_request(200);
+    albedo_ticket *head = NULL, *late = NULL;
+    CHECK(albedo_engine_submit(e, &r, NULL, 0, &held, &head) == ALBEDO_OK, "submit");
+    pthread_mutex_lock(&g.mu);
+    while (!g.entered) pthread_cond_wait(&g.cv, &g.mu);
+    pthread_mutex_unlock(&g.mu);
+    /* The head sits in its stream callback: nothing frees the slot. */
+    albedo_submit_params dl = {.deadline_ms = 50};
+    const double t0 = now_ms();
+    CHECK(albedo_engine_submit(e, &r, NULL, 0, &dl, &late) == ALBEDO_OK, "submit");
+    albedo_status st = albedo_ticket_wait(late, NULL);
+    const double waited = now_ms() - t0;
+    printf("queued deadline of 50 ms: ended after %.1f ms, the running request still held\n", waited);
+    CHECK(st == ALBEDO_ERR_CANCELLED && strstr(albedo_ticket_error(late), "deadline"), "queued deadline: %s",
+          albedo_ticket_error(late));
+    CHECK(!albedo_ticket_poll(head), "the held request ended");
+    pthread_mutex_lock(&g.mu);
+    g.open = 1;
+    pthread_cond_broadcast(&g.cv);
+    pthread_mutex_unlock(&g.mu);
+    albedo_ticket_free(late);
+    albedo_ticket_free(head);
+    check_no_leak(e, "queued deadline");
+    albedo_engine_free(e);
+}
+
+/* ---- blocking session runs ------------------------------------------------------- */
+
+/* Every logits row of a run (on_logits), and the comparison of a second
+ * run's rows with them. */
+typedef struct logit_rows {
+    float *rows; /* [n, vocab] */
+    int n, cap, vocab;
+    /* comparing */
+    int cmp, k;
+    double worst;  /* max |a - b| / max(1, max |a|) over compared rows */
+    int diverged;  /* row of the first different argmax, or -1 */
+    double margin; /* the in-place run's top-2 margin at that row */
+} logit_rows;
+
+static void record_rows(void *user, const float *logits, int n) {
+    logit_rows *r = user;
+    r->vocab = n;
+    if (!r->cmp) {
+        if (r->n == r->cap) {
+            int nc = r->cap ? 2 * r->cap : 64;
+            float *p = realloc(r->rows, (size_t)nc * n * sizeof(float));
+            if (!p) return;
+            r->rows = p;
+            r->cap = nc;
+        }
+        memcpy(r->rows + (size_t)r->n++ * n, logits, (size_t)n * sizeof(float));
+        return;
+    }
+    if (r->k >= r->n || r->diverged >= 0) return;
+    const float *a = r->rows + (size_t)r->k * n;
+    double big = 1, d = 0;
+    int ia = 0, ib = 0, i2 = -1;
+    for (int i = 0; i < n; i++) {
+        if (fabs(a[i]) > big) big = fabs(a[i]);
+        if (fabs((double)a[i] - logits[i]) > d) d = fabs((double)a[i] - logits[i]);
+        if (a[i] > a[ia]) ia = i;
+        if (logits[i] > logits[ib]) ib = i;
+    }
+    for (int i = 0; i < n; i++)
+        if (i != ib && (i2 < 0 || logits[i] > logits[i2])) i2 = i;
+    if (d / big > r->worst) r->worst = d / big;
+    if (ia != ib) {
+        r->diverged = r->k;
+        r->margin = i2 >= 0 ? logits[ib] - logits[i2] : 0;
+    }
+    r->k++;
+}
+
+typedef struct session_job {
+    albedo_model *m;
+    json_t *cases;
+    const char *image_dir;
+    const char *images; /* the cases of these images ("-" for text-only), space-separated */
+    pthread_mutex_t *check_mu;
+} session_job;
+
+static int listed(const char *list, const char *image) {
+    const char *name = image ? image : "-";
+    const size_t n = strlen(name);
+    for (const char *p = strstr(list, name); p; p = strstr(p + 1, name))
+        if ((p == list || p[-1] == ' ') && (p[n] == ' ' || !p[n])) return 1;
+    return 0;
+}
+
+/* One thread: its own session, the cases of its images, each image encoded
+ * once. The checks run under check_mu (CHECK's counters are shared). */
+static void *session_thread(void *arg) {
+    session_job *sj = arg;
+    albedo_session *s = NULL;
+    albedo_status st = albedo_session_new(sj->m, &s);
+    const char *cur = NULL;
+    albedo_image *img = NULL;
+    for (int i = 0; s && i < (int)json_array_size(sj->cases); i++) {
+        json_t *c = json_array_get(sj->cases, (size_t)i);
+        const char *image = json_string_value(json_object_get(c, "image"));
+        if (!listed(sj->images, image)) continue;
+        char label[256], path[4096];
+        snprintf(label, sizeof label, "concurrent session case %d (%s %s)", i, image ? image : "text-only",
+                 json_string_value(json_object_get(c, "task")));
+        if (image && (!cur || strcmp(cur, image))) {
+            albedo_image_free(img);
+            img = NULL;
+            cur = image;
+            snprintf(path, sizeof path, "%s/%s", sj->image_dir, image);
+            st = albedo_image_encode_file(s, path, &img);
+        }
+        albedo_spatial_ref refs[16];
+        albedo_request r = case_request(c, refs);
+        r.image = image ? img : NULL;
+        const albedo_result *res = NULL;
+        if (!image || img) st = albedo_session_run(s, &r, &res);
+        pthread_mutex_lock(sj->check_mu);
+        CHECK(st == ALBEDO_OK && res, "%s: %s", label, albedo_session_error(s));
+        if (res) check_case(label, c, res);
+        pthread_mutex_unlock(sj->check_mu);
+    }
+    albedo_image_free(img);
+    albedo_session_free(s);
+    return NULL;
+}
+
+typedef struct long_job {
+    albedo_model *m;
+    pthread_barrier_t *go;
+    albedo_status st;
+} long_job;
+
+static void *long_thread(void *arg) {
+    long_job *lj = arg;
+    albedo_session *s = NULL;
+    lj->st = albedo_session_new(lj->m, &s);
+    albedo_request r = long_request(200);
+    const albedo_result *res = NULL;
+    pthread_barrier_wait(lj->go);
+    if (!lj->st) lj->st = albedo_session_run(s, &r, &res);
+    albedo_session_free(s);
+    return NULL;
+}
+
+static void test_sessions(albedo_model *m, json_t *cases, const char *image_dir) {
+    /* 1. Through the engine and in place, case by case. */
+    albedo_session *se = NULL, *sp = NULL;
+    CHECK(albedo_session_new(m, &se) == ALBEDO_OK && albedo_session_new(m, &sp) == ALBEDO_OK, "sessions: %s",
+          albedo_last_error());
+    const char *cur = NULL;
+    albedo_image *img = NULL;
+    double worst = 0;
+    int n_same = 0, n_cases = (int)json_array_size(cases);
+    for (int i = 0; se && sp && i < n_cases; i++) {
+        json_t *c = json_array_get(cases, (size_t)i);
+        const char *image = json_string_value(json_object_get(c, "image"));
+        char label[256], path[4096];
+        snprintf(label, sizeof label, "session case %d (%s %s)", i, image ? image : "text-only",
+                 json_string_value(json_object_get(c, "task")));
+        if (image && (!cur || strcmp(cur, image))) {
+            albedo_image_free(img);
+            img = NULL;
+            cur = image;
+            snprintf(path, sizeof path, "%s/%s", image_dir, image);
+            CHECK(albedo_image_encode_file(se, path, &img) == ALBEDO_OK, "%s: encode: %s", label,
+                  albedo_session_error(se));
+        }
+        if (image && !img) continue;
+        albedo_spatial_ref refs[16];
+        albedo_request r = case_request(c, refs);
+        r.image = image ? img : NULL;
+        logit_rows lr = {.diverged = -1};
+        se->on_logits = sp->on_logits = record_rows;
+        se->on_logits_user = sp->on_logits_user = &lr;
+        const albedo_result *res = NULL;
+        CHECK(albedo_session_run(se, &r, &res) == ALBEDO_OK, "%s: %s", label, albedo_session_error(se));
+        if (res) check_case(label, c, res);
+        char *json_e = res ? strdup(albedo_result_json(se, res, 0)) : NULL;
+        int32_t *tok_e = res ? malloc((size_t)res->n_tokens * sizeof *tok_e + 1) : NULL;
+        const int n_tok_e = res ? res->n_tokens : 0;
+        if (tok_e) memcpy(tok_e, res->tokens, (size_t)n_tok_e * sizeof *tok_e);
+        CHECK(!res || res->metrics.cached_tokens == (image ? 730 : 0), "%s: cached_tokens %d", label,
+              res ? res->metrics.cached_tokens : -1);
+        lr.cmp = 1;
+        errbuf e = {{0}};
+        CHECK(gen_run(sp, &r, &e) == ALBEDO_OK, "%s: in place: %s", label, e.msg);
+        se->on_logits = sp->on_logits = NULL;
+        const albedo_result *rp = &sp->res.r;
+        const char *json_p = albedo_result_json(sp, rp, 0);
+        int same = json_e && json_p && !strcmp(json_e, json_p) && rp->n_tokens == n_tok_e &&
+                   !memcmp(rp->tokens, tok_e, (size_t)n_tok_e * sizeof *tok_e);
+        /* A different output must come from a near tie, where rounding
+         * legitimately picks the other token. */
+        CHECK(same || (lr.diverged >= 0 && lr.margin < 1e-4), "%s: engine and in-place runs differ\n  engine   %s\n  in place %s",
+              label, json_e ? json_e : "?", json_p ? json_p : "?");
+        CHECK(lr.worst < 1e-5, "%s: logits differ by %.3g (relative)", label, lr.worst);
+        n_same += same;
+        if (lr.worst > worst) worst = lr.worst;
+        free(json_e);
+        free(tok_e);
+        free(lr.rows);
+    }
+    printf("sessions: %d of %d cases identical through the engine and in place; logits differ by at most %.3g "
+           "(relative)\n", n_same, n_cases, worst);
+    albedo_image_free(img);
+    albedo_session_free(se);
+    albedo_session_free(sp);
+
+    /* 2. Three threads' sessions at once, on the cases of four images:
+     * still the reference's results. */
+    albedo_engine *eng = atomic_load(&m->engine);
+    CHECK(eng != NULL, "albedo_session_run made no engine");
+    if (!eng) return;
+    pthread_mutex_t check_mu = PTHREAD_MUTEX_INITIALIZER;
+    static const char *const shares[3] = {"astronaut.png", "chelsea.jpg -", "tiny.png"};
+    session_job jobs[3];
+    pthread_t th[3];
+    int made[3];
+    for (int k = 0; k < 3; k++) {
+        jobs[k] = (session_job){m, cases, image_dir, shares[k], &check_mu};
+        made[k] = pthread_create(&th[k], NULL, session_thread, &jobs[k]) == 0;
+    }
+    for (int k = 0; k < 3; k++)
+        if (made[k]) pthread_join(th[k], NULL);
+    for (int k = 0; k < 3; k++) CHECK(made[k], "thread %d", k);
+    /* 3. Three long generations started together are batched. */
+    albedo_engine_stats before = {0}, after = {0};
+    albedo_engine_get_stats(eng, &before);
+    pthread_barrier_t go;
+    pthread_barrier_init(&go, NULL, 3);
+    long_job lj[3];
+    for (int k = 0; k < 3; k++) {
+        lj[k] = (long_job){m, &go, ALBEDO_ERR_INTERNAL};
+        CHECK(pthread_create(&th[k], NULL, long_thread, &lj[k]) == 0, "thread");
+    }
+    for (int k = 0; k < 3; k++) pthread_join(th[k], NULL);
+    pthread_barrier_destroy(&go);
+    albedo_engine_get_stats(eng, &after);
+    for (int k = 0; k < 3; k++) CHECK(lj[k].st == ALBEDO_OK, "long session run %d: %s", k, albedo_status_str(lj[k].st));
+    const double steps = (double)(after.steps - before.steps), seqs = (double)(after.step_sequences - before.step_sequences);
+    printf("sessions: 3 threads' 200-token runs in %.0f steps, %.2f sequences per step\n", steps,
+           steps > 0 ? seqs / steps : 0);
+    CHECK(seqs > 1.5 * steps, "three concurrent session runs were hardly batched (%.0f sequences in %.0f steps)", seqs,
+          steps);
+    /* 3. Every image was freed: their prefixes left the engine's cache. */
+    int n_free = 0, n_total = 0;
+    engine_debug_blocks(eng, 0, &n_free, &n_total);
+    CHECK(n_free == n_total, "sessions: %d of %d KV blocks free after the images were freed", n_free, n_total);
+}
+
+/* ---- decoding goes on while an image is encoded ---------------------------------- */
+
+static void test_overlap(albedo_model *m, const char *image_dir) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/astronaut.png", image_dir);
+    blob b = read_all(path);
+    CHECK(b.n > 0, "%s unreadable", path);
+    albedo_engine_params ep = albedo_engine_params_default();
+    ep.max_batch = 2;
+    ep.kv_bytes = block_bytes(m, ep.block_size) * 400;
+    ep.n_threads = 1;
+    ep.vision_threads = 1;
+    albedo_engine *e = NULL;
+    CHECK(albedo_engine_new(m, &ep, &e) == ALBEDO_OK, "engine: %s", albedo_last_error());
+    if (!e || !b.n) {
+        albedo_engine_free(e);
+        free(b.p);
+        return;
+    }
+    albedo_request r = long_request(1900);
+    albedo_ticket *runner = NULL, *img = NULL;
+    CHECK(albedo_engine_submit(e, &r, NULL, 0, NULL, &runner) == ALBEDO_OK, "submit");
+    albedo_engine_stats st0 = {0}, st1 = {0};
+    for (int i = 0; i < 5000 && st0.steps < 5; i++) {
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+        albedo_engine_get_stats(e, &st0);
+    }
+    albedo_request q = albedo_request_default(ALBEDO_SKILL_QUERY);
+    q.question = "What is this?";
+    q.temperature = 0;
+    q.max_tokens = 2;
+    CHECK(albedo_engine_submit(e, &q, b.p, b.n, NULL, &img) == ALBEDO_OK, "submit");
+    const albedo_result *res = NULL;
+    CHECK(albedo_ticket_wait(img, &res) == ALBEDO_OK, "image request: %s", albedo_ticket_error(img));
+    albedo_engine_get_stats(e, &st1);
+    const int still = !albedo_ticket_poll(runner);
+    printf("overlap: %llu steps of the running request while the image was encoded (prefill %.0f ms)%s\n",
+           (unsigned long long)(st1.steps_while_encoding - st0.steps_while_encoding),
+           res ? res->metrics.prefill_time_ms : 0, still ? "" : "; it ended meanwhile");
+    CHECK(st1.steps_while_encoding > st0.steps_while_encoding, "no decode step ran while the image was encoded");
+    CHECK(st1.prefix_misses == 1, "the image was not encoded by the worker (%llu misses)",
+          (unsigned long long)st1.prefix_misses);
+    albedo_ticket_free(img);
+    albedo_ticket_free(runner);
+    check_no_leak(e, "overlap");
+    albedo_engine_free(e);
+    free(b.p);
+}
+
+/* ---- a prompt beyond the token budget ---------------------------------------------- */
+
+static void test_chunks(albedo_model *m) {
+    albedo_request r = albedo_request_default(ALBEDO_SKILL_QUERY);
+    r.question = "Please describe, in a few words and with great care, every object that a small robot might find "
+                 "on a kitchen table at breakfast time on a sunny Sunday morning.";
+    r.temperature = 0;
+    r.max_tokens = 12;
+    char *text[2] = {0};
+    uint64_t steps[2] = {0};
+    for (int k = 0; k < 2; k++) {
+        albedo_engine_params ep = albedo_engine_params_default();
+        ep.max_batch = 1;
+        ep.token_budget = k ? 5 : 512;
+        ep.kv_bytes = block_bytes(m, ep.block_size) * 200;
+        ep.n_threads = 2;
+        albedo_engine *e = NULL;
+        CHECK(albedo_engine_new(m, &ep, &e) == ALBEDO_OK, "engine: %s", albedo_last_error());
+        if (!e) return;
+        albedo_ticket *t = NULL;
+        const albedo_result *res = NULL;
+        CHECK(albedo_engine_submit(e, &r, NULL, 0, NULL, &t) == ALBEDO_OK, "submit");
+        CHECK(albedo_ticket_wait(t, &res) == ALBEDO_OK, "wait: %s", albedo_ticket_error(t));
+        if (res) text[k] = strdup(res->text);
+        albedo_engine_stats st;
+        albedo_engine_get_stats(e, &st);
+        steps[k] = st.steps;
+        albedo_ticket_free(t);
+        check_no_leak(e, "chunks");
+        albedo_engine_free(e);
+    }
+    printf("chunks: %llu steps with the prompt in one piece, %llu with 5 rows per step\n", (unsigned long long)steps[0],
+           (unsigned long long)steps[1]);
+    CHECK(steps[1] >= steps[0] + 5, "the prompt was not split (%llu and %llu steps)", (unsigned long long)steps[0],
+          (unsigned long long)steps[1]);
+    CHECK(text[0] && text[1] && !strcmp(text[0], text[1]), "chunked prompt: '%s' vs '%s'", text[0] ? text[0] : "?",
+          text[1] ? text[1] : "?");
+    free(text[0]);
+    free(text[1]);
+}
+
 int main(void) {
     const char *shared = test_shared_dir();
     char cases_path[4096], image_dir[4096], model_dir[4096];
@@ -344,11 +731,15 @@ int main(void) {
     mp.n_threads = 2;
     CHECK(albedo_model_load(model_dir, &mp, &m) == ALBEDO_OK, "load %s: %s", model_dir, albedo_last_error());
     if (m) {
-        const char *only = getenv("ALBEDO_TEST_ONLY"); /* fixtures, prefix, cancel, limits, fairness */
+        /* fixtures, prefix, cancel, limits, fairness, sessions, overlap, chunks */
+        const char *only = getenv("ALBEDO_TEST_ONLY");
         if (!only || !strcmp(only, "limits")) test_limits(m);
         if (!only || !strcmp(only, "fairness")) test_fairness(m);
-        if (!only || !strcmp(only, "cancel")) test_cancel(m);
+        if (!only || !strcmp(only, "cancel")) test_cancel(m), test_queued_deadline(m);
         if (!only || !strcmp(only, "prefix")) test_prefix(m, image_dir);
+        if (!only || !strcmp(only, "chunks")) test_chunks(m);
+        if (!only || !strcmp(only, "overlap")) test_overlap(m, image_dir);
+        if (!only || !strcmp(only, "sessions")) test_sessions(m, json_object_get(root, "cases"), image_dir);
         if (!only || !strcmp(only, "fixtures")) test_fixtures(m, json_object_get(root, "cases"), image_dir);
     }
     albedo_model_free(m);

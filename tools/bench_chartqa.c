@@ -9,8 +9,11 @@
  * weights give the real ones: direct = 3 tokens; CoT = reasoning with
  * max_tokens 15 for the reasoning and 15 for the answer, ~30 tokens. All
  * requests are queued at once; per max batch size the table gives req/s
- * (completed / wall time) and P50 / P95 latency from prefill start (the
- * request's admission) to its last token, queue wait excluded.
+ * (completed / wall time), P50 / P95 latency from prefill start (the
+ * request's admission) to its last token, queue wait excluded, the mean
+ * number of sequences per forward step, and the share of steps that ran
+ * while the image worker was encoding a chart (the decodes that went on
+ * meanwhile rather than waiting for the vision encoder).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
@@ -213,19 +216,25 @@ static int run_one(albedo_model *m, int batch, int cot, int n_threads, const byt
         }
     }
     const double wall = albedo_bench_now_ms() - t0;
+    albedo_engine_stats es;
+    albedo_engine_get_stats(e, &es);
+    const double mean_batch = es.steps ? (double)es.step_sequences / (double)es.steps : 0;
+    const double overlap = es.steps ? 100.0 * (double)es.steps_while_encoding / (double)es.steps : 0;
     for (int i = 0; i < n_jobs; i++) albedo_ticket_free(t[i]);
     albedo_engine_free(e);
     qsort(lat, (size_t)n_done, sizeof *lat, cmp_double);
     const double rps = n_done / (wall / 1000.0);
     if (json)
         printf("{\"mode\": \"%s\", \"batch\": %d, \"requests\": %d, \"req_s\": %.4f, \"p50_ms\": %.1f, \"p95_ms\": %.1f, "
-               "\"mean_output_tokens\": %.1f, \"mean_uncached_input\": %.1f, \"mean_ttft_ms\": %.1f}\n",
+               "\"mean_output_tokens\": %.1f, \"mean_uncached_input\": %.1f, \"mean_ttft_ms\": %.1f, "
+               "\"steps\": %llu, \"mean_batch\": %.2f, \"steps_while_encoding\": %llu}\n",
                cot ? "cot" : "direct", batch, n_done, rps, pct(lat, n_done, 0.5), pct(lat, n_done, 0.95),
-               n_done ? out_tok / n_done : 0, n_done ? in_tok / n_done : 0, n_done ? ttft / n_done : 0);
+               n_done ? out_tok / n_done : 0, n_done ? in_tok / n_done : 0, n_done ? ttft / n_done : 0,
+               (unsigned long long)es.steps, mean_batch, (unsigned long long)es.steps_while_encoding);
     else
-        printf("| %-6s | %5d | %8d | %8.3f | %9.0f | %9.0f | %6.1f | %8.0f |\n", cot ? "CoT" : "direct", batch, n_done,
-               rps, pct(lat, n_done, 0.5), pct(lat, n_done, 0.95), n_done ? out_tok / n_done : 0,
-               n_done ? ttft / n_done : 0);
+        printf("| %-6s | %5d | %8d | %8.3f | %9.0f | %9.0f | %7.1f | %9.0f | %10.2f | %12.0f%% |\n", cot ? "CoT" : "direct",
+               batch, n_done, rps, pct(lat, n_done, 0.5), pct(lat, n_done, 0.95), n_done ? out_tok / n_done : 0,
+               n_done ? ttft / n_done : 0, mean_batch, overlap);
     fflush(stdout);
     free(t);
     free(lat);
@@ -263,8 +272,8 @@ int albedo_bench_chartqa(albedo_model *m, const albedo_chartqa_opts *o) {
         printf("model: %s\n", albedo_model_describe(m));
         printf("workload: %d charts (ChartQA sizes), %d questions; direct = 3 tokens, CoT = 15 reasoning + 15 answer\n",
                n_img, n_jobs);
-        printf("| mode   | batch | requests |    req/s |  P50 (ms) |  P95 (ms) | out tok | TTFT (ms) |\n");
-        printf("|--------|------:|---------:|---------:|----------:|----------:|--------:|----------:|\n");
+        printf("| mode   | batch | requests |    req/s |  P50 (ms) |  P95 (ms) | out tok | TTFT (ms) | seqs/step | steps encoding |\n");
+        printf("|--------|------:|---------:|---------:|----------:|----------:|--------:|----------:|----------:|---------------:|\n");
     }
     for (int mode = 0; mode < 2 && !rc; mode++) {
         if (!(o->modes & (1 << mode))) continue;

@@ -2,16 +2,17 @@
  * serve.c — `albedo serve`: an HTTP server speaking Moondream's REST dialect
  * (spec/api.md §2, §3.3) and OpenAI's /v1/chat/completions, built on
  * libmicrohttpd. This file is the HTTP side: options, routing, auth, body
- * limits, suspending connections while a worker runs their request, and
- * streaming its Server-Sent Events. Parsing and running requests is in
- * serve_api.c, the queue and workers in serve_queue.c, counters in
- * serve_metrics.c. Like every tool it is a client of the library and
+ * limits, suspending connections while the engine runs their request, and
+ * streaming its Server-Sent Events. Parsing requests and writing responses
+ * is in serve_api.c, the engine and its tickets in serve_queue.c, counters
+ * in serve_metrics.c. Like every tool it is a client of the library and
  * includes only albedo.h of it.
  *
  * Threads: microhttpd's internal pool (epoll where available) owns the
- * sockets and never blocks on the engine, so /health answers while every
- * worker is busy; the workers own the sessions; the main thread loads the
- * model in the background and then waits for SIGINT/SIGTERM to drain.
+ * sockets and never blocks on the engine, so /health answers however busy
+ * the engine is; the engine's threads (albedo_engine) run the requests,
+ * batched; the main thread loads the model in the background and then
+ * waits for SIGINT/SIGTERM to drain.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
@@ -36,11 +37,13 @@
 typedef struct server {
     /* options */
     const char *host, *model_spec, *backend, *precision;
-    int port, threads, workers, queue, http_threads, max_connections, max_context, quiet;
+    int port, threads, queue, http_threads, max_connections, max_context, quiet;
+    int workers;     /* requests the engine runs at once (--max-batch, or its old name --workers) */
+    size_t kv_bytes; /* --kv-cache MB; 0 = the engine's default */
     size_t max_body;
     const char *api_key;
     double timeout_s;
-    api_defaults defs;
+    api_defaults defs; /* the --default-* flags; at load, completed with the model's own defaults */
 
     /* state */
     struct MHD_Daemon *d;
@@ -72,6 +75,19 @@ typedef struct conn_ctx {
 /* serve_api.c wakes connections through this, so that only this file links
  * against microhttpd. */
 void serve_resume_connection(struct MHD_Connection *c) { MHD_resume_connection(c); }
+
+/* serve_queue.c asks this of suspended connections, which microhttpd does
+ * not watch: 1 once the client closed its side (end of stream or a failed
+ * socket). A peek consumes nothing; a pipelined next request reads as open.
+ * Like most servers, a client that half-closes after its request counts as
+ * gone. */
+int serve_connection_closed(struct MHD_Connection *c) {
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (!ci) return 0;
+    char b;
+    ssize_t n = recv(ci->connect_fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
 
 static double mono_s(void) {
     struct timespec ts;
@@ -154,9 +170,14 @@ static enum MHD_Result answer_job(conn_ctx *x) {
     pthread_mutex_lock(&j->mu);
     int streaming = j->stream && j->sse.len > 0;
     int status = j->status;
+    const int hung_up = j->hung_up;
     char *body = j->body;
     j->body = NULL;
     pthread_mutex_unlock(&j->mu);
+    if (!streaming && status == 499 && hung_up) { /* the client closed: nobody to answer, logged as 499 */
+        free(body);
+        return MHD_NO;
+    }
     if (streaming) {
         free(body);
         struct MHD_Response *r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, sse_reader, x, NULL);
@@ -232,15 +253,23 @@ static enum MHD_Result get_route(conn_ctx *x) {
         return respond_json(x, 503, strdup(tmp));
     }
     if (x->ep == EP_MODELS) {
+        /* Once loaded: the settings a request that sends none gets. */
+        char defs[256] = "";
+        if (atomic_load(&s->ready) == 1)
+            snprintf(defs, sizeof defs,
+                     ", \"defaults\": {\"temperature\": %g, \"top_p\": %g, \"max_tokens\": %d, \"max_objects\": %d}",
+                     (double)s->defs.temperature, (double)s->defs.top_p, s->defs.max_tokens, s->defs.max_objects);
         snprintf(tmp, sizeof tmp,
                  "{\"object\": \"list\", \"data\": [{\"id\": \"%s\", \"object\": \"model\", \"created\": 0, "
-                 "\"owned_by\": \"albedo\", \"ready\": %s, \"description\": \"%s\"}]}",
-                 s->model_name, atomic_load(&s->ready) == 1 ? "true" : "false", s->model_desc);
+                 "\"owned_by\": \"albedo\", \"ready\": %s, \"description\": \"%s\"%s}]}",
+                 s->model_name, atomic_load(&s->ready) == 1 ? "true" : "false", s->model_desc, defs);
         return respond_json(x, 200, strdup(tmp));
     }
-    int q = 0, r = 0, w = 0, ready = atomic_load(&s->ready) == 1;
-    if (ready) executor_stats(s->ex, &q, &r, &w);
-    return respond(x, 200, "text/plain; version=0.0.4", metrics_render(q, r, w, ready), NULL, NULL);
+    albedo_engine_stats es;
+    int max_batch = s->workers, ready = atomic_load(&s->ready) == 1;
+    if (ready) executor_stats(s->ex, &es, &max_batch);
+    return respond(x, 200, "text/plain; version=0.0.4", metrics_render(ready ? &es : NULL, max_batch, ready), NULL,
+                   NULL);
 }
 
 /* The whole body is in: parse it, queue the job, suspend until it is ready. */
@@ -264,6 +293,7 @@ static enum MHD_Result submit(conn_ctx *x) {
     j->conn = x->conn;
     x->j = j;
     int rc = executor_submit(s->ex, j);
+    if (rc == EXEC_REJECTED) return answer_job(x); /* the request's error, already written */
     if (rc != EXEC_OK) {
         x->j = NULL;
         job_unref(j);
@@ -294,6 +324,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         x->t0 = mono_s();
         snprintf(x->method, sizeof x->method, "%s", method);
         snprintf(x->path, sizeof x->path, "%s", url);
+        for (char *p = x->path; *p; p++) /* the URL arrives %-decoded: no control bytes into the log */
+            if ((unsigned char)*p < 0x20 || *p == 0x7f) *p = '?';
         atomic_fetch_add(&s->active, 1);
         int post;
         if (!route(url, &x->ep, &post)) return respond_error(x, 404, "not_found", NULL, "no such route");
@@ -367,8 +399,11 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
     double lat = mono_s() - x->t0;
     int aborted = toe != MHD_REQUEST_TERMINATED_COMPLETED_OK;
     if (x->j) {
+        /* A request still queued or running is cancelled: it leaves the
+         * queue, or its batch slot at its next step. */
         pthread_mutex_lock(&x->j->mu);
-        x->j->gone = 1; /* a stream still generating stops at its next token */
+        x->j->gone = 1;
+        if (x->j->ticket) albedo_ticket_cancel(x->j->ticket);
         pthread_mutex_unlock(&x->j->mu);
     }
     int status = x->status ? x->status : 499;
@@ -417,13 +452,23 @@ static void *loader_main(void *arg) {
     snprintf(s->model_desc, sizeof s->model_desc, "%s", albedo_model_describe(s->m));
     for (char *p = s->model_desc; *p; p++)
         if (*p == '"' || *p == '\\') *p = '\'';
-    albedo_status st = executor_start(s->m, s->workers, s->queue, &s->ex);
+    /* Settings a request leaves out: the --default-* flags, else the
+     * model's own (Moondream 3: top_p 0.9, max_objects 150). Written before
+     * ready is published; requests read them only after. */
+    albedo_request md = albedo_model_request_default(s->m, ALBEDO_SKILL_QUERY);
+    api_defaults *d = &s->defs;
+    if (!d->has_temperature) d->temperature = md.temperature, d->has_temperature = 1;
+    if (!d->has_top_p) d->top_p = md.top_p, d->has_top_p = 1;
+    if (!d->has_max_tokens) d->max_tokens = md.max_tokens, d->has_max_tokens = 1;
+    if (!d->has_max_objects) d->max_objects = md.max_objects, d->has_max_objects = 1;
+    albedo_status st = executor_start(s->m, s->workers, s->queue, s->kv_bytes, &s->ex);
     if (st != ALBEDO_OK) {
-        snprintf(s->load_error, sizeof s->load_error, "cannot start the workers: %s", albedo_status_str(st));
+        snprintf(s->load_error, sizeof s->load_error, "cannot start the engine: %s", albedo_last_error());
         goto fail;
     }
     atomic_store(&s->ready, 1);
-    if (!s->quiet) fprintf(stderr, "albedo: model ready: %s; %d worker(s)\n", s->model_desc, s->workers);
+    if (!s->quiet)
+        fprintf(stderr, "albedo: model ready: %s; batches of up to %d requests\n", s->model_desc, s->workers);
     return NULL;
 fail:
     fprintf(stderr, "albedo: cannot load the model: %s\n", s->load_error);
@@ -439,9 +484,10 @@ static void serve_usage(FILE *f) {
             "  --port N                 port (default 2020; 0 = any free port)\n"
             "  --model SPEC             model directory, moondream2, or a Hugging Face repo id\n"
             "                           (default $ALBEDO_MODEL)\n"
-            "  --threads N              compute threads per request (default: all cores)\n"
-            "  --workers N              engine sessions running requests concurrently (default 1)\n"
-            "  --queue N                requests waiting for a worker before 429 (default 64)\n"
+            "  --threads N              compute threads of the engine (default: all cores)\n"
+            "  --max-batch N            requests running at once, batched (default 16; --workers N: the same)\n"
+            "  --queue N                requests waiting for admission before 429 (default 64)\n"
+            "  --kv-cache MB            KV cache size (default: a quarter of RAM, at most 8192)\n"
             "  --max-body BYTES         largest request body (default 10485760)\n"
             "  --api-key KEY            require this key (default $ALBEDO_API_KEY; none = open)\n"
             "  --timeout SECONDS        per-request deadline, queueing included (default 300; 0 = none)\n"
@@ -475,7 +521,8 @@ static int parse_serve_args(int argc, char **argv, server *s) {
         else if (!strcmp(a, "--precision")) s->precision = v;
         else if (!strcmp(a, "--port")) s->port = (int)strtol(v, &end, 10);
         else if (!strcmp(a, "--threads")) s->threads = (int)strtol(v, &end, 10);
-        else if (!strcmp(a, "--workers")) s->workers = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--workers") || !strcmp(a, "--max-batch")) s->workers = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--kv-cache")) s->kv_bytes = (size_t)strtoull(v, &end, 10) << 20;
         else if (!strcmp(a, "--queue")) s->queue = (int)strtol(v, &end, 10);
         else if (!strcmp(a, "--http-threads")) s->http_threads = (int)strtol(v, &end, 10);
         else if (!strcmp(a, "--max-connections")) s->max_connections = (int)strtol(v, &end, 10);
@@ -496,7 +543,7 @@ static int parse_serve_args(int argc, char **argv, server *s) {
             return -1;
         }
     }
-    if (s->port < 0 || s->port > 65535 || s->workers < 1 || s->queue < 0 || s->http_threads < 1 ||
+    if (s->port < 0 || s->port > 65535 || s->workers < 1 || s->workers > 4096 || s->queue < 0 || s->http_threads < 1 ||
         s->max_connections < 1 || s->max_body < 1 || s->timeout_s < 0 || s->threads < 0) {
         fprintf(stderr, "albedo serve: an option is out of range\n");
         return -1;
@@ -533,7 +580,7 @@ int albedo_serve_main(int argc, char **argv) {
     memset(&s, 0, sizeof s);
     s.host = "127.0.0.1";
     s.port = 2020;
-    s.workers = 1;
+    s.workers = 16;
     s.queue = 64;
     s.http_threads = 4;
     s.max_connections = 1024;
@@ -612,6 +659,7 @@ int albedo_serve_main(int argc, char **argv) {
     for (int i = 0; i < 100 && atomic_load(&s.active) > 0; i++) nanosleep(&tick, NULL);
     MHD_stop_daemon(s.d);
     if (lsock != MHD_INVALID_SOCKET) close(lsock);
+    executor_free(s.ex); /* after the last HTTP thread: /metrics may read it until then */
     albedo_model_free(s.m);
     return failed ? 1 : 0;
 }

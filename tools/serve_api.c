@@ -1,7 +1,8 @@
 /*
  * serve_api.c — the REST dialect of `albedo serve` (spec/api.md §2): request
- * bodies to albedo_requests, running a job on a worker's session, and the
- * response bodies and SSE events. The HTTP plumbing is in serve.c; this file
+ * bodies to albedo_requests, the callbacks of a job's engine ticket (stream,
+ * end) with the response bodies and SSE events they write, and the HTTP
+ * status of each failure. The HTTP plumbing is in serve.c; this file
  * never touches a socket.
  *
  * Response objects come from the library's albedo_result_json(), so the CLI,
@@ -55,8 +56,22 @@ void sbuf_free(sbuf *b) {
     b->len = b->cap = 0;
 }
 
-/* A JSON string literal. Invalid UTF-8 cannot come from the library (its text
- * is always valid UTF-8), so bytes are copied as they are. */
+/* Length of the well-formed UTF-8 sequence at s (1 to 4 bytes), or 0. */
+static size_t utf8_seq(const unsigned char *s, size_t n) {
+    unsigned c = s[0];
+    size_t k = c < 0x80 ? 1 : c >= 0xc2 && c <= 0xdf ? 2 : (c & 0xf0) == 0xe0 ? 3 : c >= 0xf0 && c <= 0xf4 ? 4 : 0;
+    if (!k || k > n) return 0;
+    for (size_t i = 1; i < k; i++)
+        if ((s[i] & 0xc0) != 0x80) return 0;
+    if (k == 3 && ((c == 0xe0 && s[1] < 0xa0) || (c == 0xed && s[1] > 0x9f))) return 0; /* overlong, surrogate */
+    if (k == 4 && ((c == 0xf0 && s[1] < 0x90) || (c == 0xf4 && s[1] > 0x8f))) return 0; /* overlong, > U+10FFFF */
+    return k;
+}
+
+/* A JSON string literal. The library's text is always UTF-8, but error
+ * messages quote the client (jansson's "near '...'", truncated strings) and
+ * the chat model name is cut to fit: a byte that is not part of a UTF-8
+ * sequence becomes U+FFFD, so that every body is valid JSON (fuzz_api). */
 static int sbuf_json_str(sbuf *b, const char *s, size_t n) {
     int bad = sbuf_put(b, "\"", 1);
     size_t run = 0;
@@ -72,6 +87,14 @@ static int sbuf_json_str(sbuf *b, const char *s, size_t n) {
         else if (c < 0x20 || c == 0x7f) {
             snprintf(esc, sizeof esc, "\\u%04x", c);
             e = esc;
+        } else if (c >= 0x80) {
+            size_t k = utf8_seq((const unsigned char *)s + i, n - i);
+            if (k) {
+                run += k;
+                i += k - 1;
+                continue;
+            }
+            e = "\\ufffd";
         }
         if (e) {
             bad |= sbuf_put(b, s + i - run, run) | sbuf_puts(b, e);
@@ -567,14 +590,12 @@ static void chat_chunk(job *j, sbuf *b, const char *content, size_t n, const cha
     sbuf_puts(b, "}]}\n\n");
 }
 
+/* The ticket's stream callback, on the request's engine thread. The
+ * deadline is the engine's (albedo_submit_params.deadline_ms). */
 static int on_text(void *user, const char *text, size_t len) {
     job *j = user;
     pthread_mutex_lock(&j->mu);
-    int stop = j->gone;
-    if (j->deadline_ms > 0 && mono_ms() > j->deadline_ms) {
-        j->timed_out = 1;
-        stop = 1;
-    }
+    int stop = j->gone || j->hung_up;
     if (!stop && j->stream) {
         if (j->ep == EP_CHAT) {
             chat_chunk(j, &j->sse, text, len, NULL, !j->stream_started);
@@ -658,7 +679,7 @@ static void finish_ok(job *j, const albedo_result *res, const char *json) {
     j->done = 1;
     job_wake_locked(j);
     pthread_mutex_unlock(&j->mu);
-    metrics_tokens(res->metrics.input_tokens, res->metrics.output_tokens);
+    metrics_tokens(res->metrics.input_tokens, res->metrics.output_tokens, res->metrics.cached_tokens);
 }
 
 /* An error after the stream started can only be told in the stream. */
@@ -685,68 +706,57 @@ static void finish_error(job *j, int status, char *body) {
     pthread_mutex_unlock(&j->mu);
 }
 
-void job_execute(job *j, albedo_session *s) {
-    pthread_mutex_lock(&j->mu);
-    int gone = j->gone;
-    int late = j->deadline_ms > 0 && mono_ms() > j->deadline_ms;
-    j->running = 1;
-    pthread_mutex_unlock(&j->mu);
-    if (gone) { /* nobody to answer: skip the work */
-        metrics_cancelled();
-        finish_error(j, 499, NULL);
-        return;
+void job_submit_params(job *j, albedo_submit_params *sp) {
+    memset(sp, 0, sizeof *sp);
+    /* Every text-producing skill gets the callback (it also notices a
+     * vanished client); detect and point have no text to stream. */
+    if (j->ep == EP_CAPTION || j->ep == EP_QUERY || j->ep == EP_CHAT) sp->on_text = on_text;
+    sp->user = j;
+    if (j->deadline_ms > 0) {
+        const double left = j->deadline_ms - mono_ms();
+        sp->deadline_ms = left > 0.001 ? left : 0.001; /* already late: ends at admission */
     }
-    if (late) {
-        finish_error(j, 504, api_error_body(504, "timeout", NULL, "the request waited past its deadline in the queue"));
-        return;
-    }
+}
 
-    albedo_image *img = NULL;
-    if (j->image) {
-        albedo_status st = albedo_image_encode_bytes(s, j->image, j->image_len, &img);
-        free(j->image);
-        j->image = NULL;
-        if (st != ALBEDO_OK) {
-            const char *msg = albedo_session_error(s);
-            if (st == ALBEDO_ERR_IMAGE || st == ALBEDO_ERR_INVALID_ARGUMENT || st == ALBEDO_ERR_UNSUPPORTED)
-                finish_error(j, 400, api_error_body(400, "image_decode_failed", "image_url", "image could not be decoded: %s", msg));
-            else if (st == ALBEDO_ERR_LIMIT)
-                finish_error(j, 413, api_error_body(413, "image_too_large", "image_url", "%s", msg));
-            else
-                finish_error(j, 500, api_error_body(500, "processing_error", NULL, "image encoding failed: %s", msg));
-            return;
-        }
-    }
-    j->req.image = img;
-    if (j->ep == EP_CAPTION || j->ep == EP_QUERY || j->ep == EP_CHAT) {
-        j->req.on_text = on_text;
-        j->req.user = j;
-    }
-    const albedo_result *res = NULL;
-    albedo_status st = albedo_session_run(s, &j->req, &res);
-    j->req.image = NULL;
+void job_finish(job *j, albedo_status st, const albedo_result *res, const char *json, const char *errmsg,
+                int shutting) {
+    if (!errmsg) errmsg = "";
     if (st == ALBEDO_OK) {
-        const char *json = albedo_result_json(s, res, 1);
-        if (json) finish_ok(j, res, json);
-        else finish_error(j, 500, api_error_body(500, "processing_error", NULL, "%s", albedo_session_error(s)));
-    } else if (st == ALBEDO_ERR_CANCELLED) {
+        if (res && json) finish_ok(j, res, json);
+        else finish_error(j, 500, api_error_body(500, "processing_error", NULL, "the result has no response object"));
+        return;
+    }
+    if (st == ALBEDO_ERR_CANCELLED) {
         pthread_mutex_lock(&j->mu);
-        int timed_out = j->timed_out;
+        const int gone = j->gone || j->hung_up;
         pthread_mutex_unlock(&j->mu);
-        if (timed_out) {
-            finish_error(j, 504, api_error_body(504, "timeout", NULL, "the request ran past its deadline"));
-        } else {
+        if (gone) { /* nobody to answer */
             metrics_cancelled();
             finish_error(j, 499, NULL);
+        } else if (shutting) {
+            finish_error(j, 503, api_error_body(503, "shutting_down", NULL, "the server is shutting down"));
+        } else if (strstr(errmsg, "queued")) {
+            finish_error(j, 504, api_error_body(504, "timeout", NULL, "the request waited past its deadline in the queue"));
+        } else {
+            finish_error(j, 504, api_error_body(504, "timeout", NULL, "the request ran past its deadline"));
         }
-    } else {
-        const char *msg = albedo_session_error(s);
-        if (st == ALBEDO_ERR_INVALID_ARGUMENT)
-            finish_error(j, 400, api_error_body(400, "invalid_value", NULL, "%s", msg));
-        else if (st == ALBEDO_ERR_LIMIT)
-            finish_error(j, 400, api_error_body(400, "context_length_exceeded", NULL, "%s", msg));
-        else
-            finish_error(j, 500, api_error_body(500, "processing_error", NULL, "%s: %s", albedo_status_str(st), msg));
+        return;
     }
-    albedo_image_free(img);
+    /* The engine's image failures say so first ("image: PNG: ..."). */
+    if (!strncmp(errmsg, "image: ", 7)) {
+        const char *msg = errmsg + 7;
+        if (st == ALBEDO_ERR_IMAGE || st == ALBEDO_ERR_INVALID_ARGUMENT || st == ALBEDO_ERR_UNSUPPORTED)
+            finish_error(j, 400, api_error_body(400, "image_decode_failed", "image_url", "image could not be decoded: %s", msg));
+        else if (st == ALBEDO_ERR_LIMIT)
+            finish_error(j, 413, api_error_body(413, "image_too_large", "image_url", "%s", msg));
+        else
+            finish_error(j, 500, api_error_body(500, "processing_error", NULL, "image encoding failed: %s", msg));
+        return;
+    }
+    if (st == ALBEDO_ERR_INVALID_ARGUMENT)
+        finish_error(j, 400, api_error_body(400, "invalid_value", NULL, "%s", errmsg));
+    else if (st == ALBEDO_ERR_LIMIT)
+        finish_error(j, 400, api_error_body(400, "context_length_exceeded", NULL, "%s", errmsg));
+    else
+        finish_error(j, 500, api_error_body(500, "processing_error", NULL, "%s: %s", albedo_status_str(st), errmsg));
 }

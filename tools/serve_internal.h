@@ -1,25 +1,28 @@
 /*
  * serve_internal.h — what the files of `albedo serve` share: the job (one
- * accepted request on its way through the queue and a worker), the growable
- * byte buffer, the metrics counters and the REST helpers. Not a public API:
- * only tools/serve*.c include it.
+ * accepted request on its way through the engine), the growable byte
+ * buffer, the metrics counters and the REST helpers. Not a public API: only
+ * tools/serve*.c include it.
  *
  * How a request travels:
  *
- *   MHD thread                      queue (serve_queue.c)       worker thread
- *   ----------                      ---------------------       -------------
+ *   MHD thread                     executor (serve_queue.c)    engine threads
+ *   ----------                     ------------------------    --------------
  *   headers → route, auth, 413
  *   body    → buffer (≤ max-body)
- *   complete→ parse JSON, base64 ──► bounded FIFO ─────────────► encode image, run
- *             suspend connection                                 append SSE / body
- *   resumed ◄──────────────────────────────────────────────────  resume connection
+ *   complete→ parse JSON, base64 ──► albedo_engine_submit ───► queue, admit, batch
+ *             suspend connection                               on_text: append SSE
+ *                                                              on_done: body / last event
+ *   resumed ◄───────────────────────────────────────────────── resume connection
  *   → queue response (or stream SSE through a content reader that suspends
- *     itself while the worker has nothing new)
+ *     itself while the engine has produced nothing new)
+ *   closed  → cancel the ticket          reaper: free ended tickets; cancel the
+ *                                        tickets of clients that hung up
  *
- * A job is shared by the connection and the worker; a mutex guards its state
+ * A job is shared by the connection and the engine; a mutex guards its state
  * and a reference count its lifetime. The connection is resumed only while it
- * is suspended, under the job's mutex, so a worker never touches a connection
- * that MHD has already closed.
+ * is suspended, under the job's mutex, so the engine never touches a
+ * connection that MHD has already closed.
  */
 #ifndef ALBEDO_SERVE_INTERNAL_H
 #define ALBEDO_SERVE_INTERNAL_H
@@ -77,12 +80,13 @@ typedef struct job {
     double deadline_ms;   /* monotonic; 0 = none */
 
     pthread_mutex_t mu;
-    int refs;                    /* the connection and the queue/worker each hold one */
+    int refs;                    /* the connection and the engine each hold one */
     struct MHD_Connection *conn; /* valid while !gone */
     int suspended;               /* the connection is suspended waiting for this job */
     int gone;                    /* the connection was closed: stop generating */
-    int running, done;
-    int timed_out;
+    int hung_up;                 /* the client closed its side while suspended */
+    int done;
+    albedo_ticket *ticket;       /* the engine's, while it may run (for cancelling) */
 
     /* Output. Non-stream: status + body. Stream: sse holds every event so
      * far (the content reader remembers how much it sent); status/body hold
@@ -93,7 +97,11 @@ typedef struct job {
     int in_tokens, out_tokens;
     int stream_started; /* chat: the role chunk was sent */
 
-    struct job *next; /* queue link */
+    struct executor *ex;     /* serve_queue.c: the executor it was submitted to */
+    struct job *prev, *next; /* the executor's list of submitted jobs */
+    struct job *ended_next;  /* the executor's list of ended ones */
+    albedo_ticket *ended;    /* set by on_done: the ticket for the reaper to free */
+    int over;                /* on_done ran (stays set) */
 } job;
 
 job *job_new(endpoint ep);
@@ -102,10 +110,16 @@ void job_unref(job *j);
 /* Under j->mu: wake the connection if it waits for this job. */
 void job_wake_locked(job *j);
 
-/* Run one job on a worker's session (serve_api.c): encode the image, run the
- * request, fill status/body or the SSE stream, set done and wake the
- * connection. */
-void job_execute(job *j, albedo_session *s);
+/* The submit parameters of a job's ticket (serve_api.c): the stream
+ * callback (SSE events; it stops a generation whose client is gone), the
+ * job as user, the deadline. on_done is the caller's. */
+void job_submit_params(job *j, albedo_submit_params *sp);
+/* The end of a job's ticket (serve_api.c): its response for status st —
+ * res and json (albedo_ticket_json) when st is ALBEDO_OK, else the error
+ * message — sets done and wakes the connection. shutting: the server is
+ * stopping (a cancelled ticket is answered 503). */
+void job_finish(job *j, albedo_status st, const albedo_result *res, const char *json, const char *errmsg,
+                int shutting);
 /* Finish a job with an error response (takes body) and wake its connection. */
 void job_fail(job *j, int status, char *body);
 
@@ -141,9 +155,10 @@ void make_request_id(char *out, size_t cap, const char *skill);
 void metrics_init(void);
 void metrics_request(endpoint ep, int status, double latency_s);
 void metrics_error(const char *code);
-void metrics_tokens(int in_tokens, int out_tokens);
+void metrics_tokens(int in_tokens, int out_tokens, int cached_tokens);
 void metrics_cancelled(void);
-/* Prometheus text exposition; malloc'ed. */
-char *metrics_render(int queued, int running, int workers, int ready);
+/* Prometheus text exposition, with the engine's gauges and counters (es
+ * NULL before the model is ready); malloc'ed. */
+char *metrics_render(const albedo_engine_stats *es, int max_batch, int ready);
 
 #endif

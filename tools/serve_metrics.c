@@ -1,8 +1,10 @@
 /*
  * serve_metrics.c — the counters behind GET /metrics, in the Prometheus text
  * format (version 0.0.4): requests by endpoint and status, errors by code,
- * tokens in and out, a latency histogram per endpoint, and the queue gauges
- * the executor reports at scrape time. One mutex; updates are a few adds.
+ * tokens in, out and reused from cached image prefixes, a latency histogram
+ * per endpoint, and the engine's gauges and counters (queue, batch, KV
+ * blocks, prefix cache, steps), read at scrape time. One mutex; updates are
+ * a few adds.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
@@ -31,7 +33,7 @@ static struct {
     ep_stats ep[EP_COUNT];
     char code[MAX_CODES][32];
     unsigned long long code_n[MAX_CODES];
-    unsigned long long in_tokens, out_tokens, cancelled;
+    unsigned long long in_tokens, out_tokens, cached_tokens, cancelled;
 } M = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
 void metrics_init(void) {
@@ -39,7 +41,7 @@ void metrics_init(void) {
     memset(M.ep, 0, sizeof M.ep);
     memset(M.code, 0, sizeof M.code);
     memset(M.code_n, 0, sizeof M.code_n);
-    M.in_tokens = M.out_tokens = M.cancelled = 0;
+    M.in_tokens = M.out_tokens = M.cached_tokens = M.cancelled = 0;
     pthread_mutex_unlock(&M.mu);
 }
 
@@ -74,10 +76,11 @@ void metrics_error(const char *code) {
     pthread_mutex_unlock(&M.mu);
 }
 
-void metrics_tokens(int in_tokens, int out_tokens) {
+void metrics_tokens(int in_tokens, int out_tokens, int cached_tokens) {
     pthread_mutex_lock(&M.mu);
     M.in_tokens += (unsigned long long)in_tokens;
     M.out_tokens += (unsigned long long)out_tokens;
+    M.cached_tokens += (unsigned long long)cached_tokens;
     pthread_mutex_unlock(&M.mu);
 }
 
@@ -87,7 +90,9 @@ void metrics_cancelled(void) {
     pthread_mutex_unlock(&M.mu);
 }
 
-char *metrics_render(int queued, int running, int workers, int ready) {
+char *metrics_render(const albedo_engine_stats *es, int max_batch, int ready) {
+    const albedo_engine_stats zero = {0};
+    if (!es) es = &zero;
     sbuf b = {0};
     char line[256];
 #define OUT(...) (snprintf(line, sizeof line, __VA_ARGS__), sbuf_puts(&b, line))
@@ -110,6 +115,9 @@ char *metrics_render(int queued, int running, int workers, int ready) {
     OUT("# HELP albedo_output_tokens_total Tokens generated.\n");
     OUT("# TYPE albedo_output_tokens_total counter\n");
     OUT("albedo_output_tokens_total %llu\n", M.out_tokens);
+    OUT("# HELP albedo_cached_tokens_total Input positions reused from a cached image prefix.\n");
+    OUT("# TYPE albedo_cached_tokens_total counter\n");
+    OUT("albedo_cached_tokens_total %llu\n", M.cached_tokens);
     OUT("# HELP albedo_request_duration_seconds Time from request start to the last byte queued.\n");
     OUT("# TYPE albedo_request_duration_seconds histogram\n");
     for (int e = 0; e < EP_COUNT; e++) {
@@ -127,15 +135,45 @@ char *metrics_render(int queued, int running, int workers, int ready) {
         OUT("albedo_request_duration_seconds_count{endpoint=\"%s\"} %llu\n", endpoint_name((endpoint)e), s->n);
     }
     pthread_mutex_unlock(&M.mu);
-    OUT("# HELP albedo_queue_depth Requests waiting for a worker.\n");
+    OUT("# HELP albedo_queue_depth Requests waiting for admission to the engine.\n");
     OUT("# TYPE albedo_queue_depth gauge\n");
-    OUT("albedo_queue_depth %d\n", queued);
-    OUT("# HELP albedo_in_flight Requests running on a worker.\n");
+    OUT("albedo_queue_depth %d\n", es->queued);
+    OUT("# HELP albedo_in_flight Requests admitted and running (image encoding included).\n");
     OUT("# TYPE albedo_in_flight gauge\n");
-    OUT("albedo_in_flight %d\n", running);
-    OUT("# HELP albedo_workers Engine sessions serving requests.\n");
+    OUT("albedo_in_flight %d\n", es->running);
+    OUT("# HELP albedo_encoding Running requests whose new image is being encoded.\n");
+    OUT("# TYPE albedo_encoding gauge\n");
+    OUT("albedo_encoding %d\n", es->encoding);
+    OUT("# HELP albedo_workers Requests the engine runs at once (--max-batch).\n");
     OUT("# TYPE albedo_workers gauge\n");
-    OUT("albedo_workers %d\n", workers);
+    OUT("albedo_workers %d\n", max_batch);
+    OUT("# HELP albedo_kv_blocks_used KV cache blocks held by requests and cached image prefixes.\n");
+    OUT("# TYPE albedo_kv_blocks_used gauge\n");
+    OUT("albedo_kv_blocks_used %d\n", es->kv_blocks_used);
+    OUT("# HELP albedo_kv_blocks_total KV cache blocks.\n");
+    OUT("# TYPE albedo_kv_blocks_total gauge\n");
+    OUT("albedo_kv_blocks_total %d\n", es->kv_blocks_total);
+    OUT("# HELP albedo_prefix_cache_hits_total Requests whose image prefix was cached.\n");
+    OUT("# TYPE albedo_prefix_cache_hits_total counter\n");
+    OUT("albedo_prefix_cache_hits_total %llu\n", (unsigned long long)es->prefix_hits);
+    OUT("# HELP albedo_prefix_cache_misses_total Requests whose image was encoded.\n");
+    OUT("# TYPE albedo_prefix_cache_misses_total counter\n");
+    OUT("albedo_prefix_cache_misses_total %llu\n", (unsigned long long)es->prefix_misses);
+    OUT("# HELP albedo_prefix_cache_evictions_total Cached image prefixes evicted for room.\n");
+    OUT("# TYPE albedo_prefix_cache_evictions_total counter\n");
+    OUT("albedo_prefix_cache_evictions_total %llu\n", (unsigned long long)es->prefix_evictions);
+    OUT("# HELP albedo_engine_steps_total Batched forward steps.\n");
+    OUT("# TYPE albedo_engine_steps_total counter\n");
+    OUT("albedo_engine_steps_total %llu\n", (unsigned long long)es->steps);
+    OUT("# HELP albedo_engine_step_sequences_total Requests over all steps (divided by steps: the mean batch).\n");
+    OUT("# TYPE albedo_engine_step_sequences_total counter\n");
+    OUT("albedo_engine_step_sequences_total %llu\n", (unsigned long long)es->step_sequences);
+    OUT("# HELP albedo_engine_step_rows_total Token rows over all steps.\n");
+    OUT("# TYPE albedo_engine_step_rows_total counter\n");
+    OUT("albedo_engine_step_rows_total %llu\n", (unsigned long long)es->step_rows);
+    OUT("# HELP albedo_engine_steps_while_encoding_total Steps run while an image was being encoded.\n");
+    OUT("# TYPE albedo_engine_steps_while_encoding_total counter\n");
+    OUT("albedo_engine_steps_while_encoding_total %llu\n", (unsigned long long)es->steps_while_encoding);
     OUT("# HELP albedo_model_ready 1 once the model is loaded.\n");
     OUT("# TYPE albedo_model_ready gauge\n");
     OUT("albedo_model_ready %d\n", ready);

@@ -1,10 +1,10 @@
 /*
- * serve_queue.h — the executor of `albedo serve`: a bounded FIFO queue in
- * front of a fixed pool of worker threads, each owning one albedo_session
- * (sessions are single-threaded; the model is shared).
+ * serve_queue.h — the executor of `albedo serve`: one albedo_engine per model
+ * (continuous batching over a paged KV cache, image prefix cache), jobs
+ * submitted to it as tickets, and a reaper thread that frees the tickets
+ * that ended and cancels those whose client hung up.
  *
- * This is the piece a batching scheduler will replace, so the HTTP side sees
- * only these five calls: start, submit, stats, close, stop.
+ * The HTTP side sees only these calls: start, submit, stats, close, stop.
  */
 #ifndef ALBEDO_SERVE_QUEUE_H
 #define ALBEDO_SERVE_QUEUE_H
@@ -14,24 +14,32 @@
 
 typedef struct executor executor;
 
-enum { EXEC_OK = 0, EXEC_FULL = 1, EXEC_CLOSED = 2 };
+enum { EXEC_OK = 0, EXEC_FULL = 1, EXEC_CLOSED = 2, EXEC_REJECTED = 3 };
 
-/* Create n_workers sessions on m and start their threads. max_queue bounds
- * the requests waiting for a worker (running ones do not count). */
-albedo_status executor_start(albedo_model *m, int n_workers, int max_queue, executor **out);
+/* Start the engine on m: max_batch requests run at once, max_queue wait
+ * for admission (more get EXEC_FULL), kv_bytes of KV cache (0 = the
+ * engine's default). */
+albedo_status executor_start(albedo_model *m, int max_batch, int max_queue, size_t kv_bytes, executor **out);
 
-/* Queue a job (the executor takes a reference). EXEC_FULL when max_queue
- * requests already wait, EXEC_CLOSED after executor_close. */
+/* Submit a job (the executor takes a reference until its ticket ended and
+ * was freed). EXEC_FULL when max_queue requests already wait, EXEC_CLOSED
+ * after executor_close, EXEC_REJECTED when the engine refused the request
+ * (the job then holds its error response, as after job_finish). */
 int executor_submit(executor *e, job *j);
 
-void executor_stats(executor *e, int *queued, int *running, int *workers);
+/* The engine's counters and gauges, and its batch size. */
+void executor_stats(executor *e, albedo_engine_stats *st, int *max_batch);
 
 /* Refuse new jobs; the queued and running ones still finish. */
 void executor_close(executor *e);
 
-/* Wait up to timeout_ms for the queue to drain (returns 0 if it did),
- * then join the workers after their current job and free everything.
- * Jobs still queued then are answered 503. */
+/* Wait up to timeout_ms for every submitted job to end (returns 0 if they
+ * did), then free the engine (cancelling the rest: answered 503) and stop
+ * the reaper. Submissions after it are refused, stats read zeros. */
 int executor_stop(executor *e, int timeout_ms);
+
+/* Free what executor_stop left (NULL is a no-op): once no HTTP thread can
+ * call the executor any more. */
+void executor_free(executor *e);
 
 #endif
