@@ -28,7 +28,8 @@
  *
  * Thread-safety:
  *   - An albedo_model is immutable after loading: any number of threads may
- *     create sessions on it and run them concurrently.
+ *     create sessions on it and run them concurrently (their forward passes
+ *     are batched by the model's engine).
  *   - An albedo_session (working memory, KV cache, the last result) must be
  *     used by one thread at a time. Create one session per thread.
  *   - An albedo_image is immutable after encoding and may be shared by
@@ -107,7 +108,9 @@ typedef struct albedo_model_params {
     int n_threads;              /* 0 = all cores */
     albedo_precision precision; /* default F32 */
     const char *backend;        /* NULL or "auto" = best available; "ref" = scalar
-                                   reference; "avx2", "avx512", "neon" */
+                                   reference; "avx2", "avx512", "neon"; "cuda" or
+                                   "cuda:N" = NVIDIA GPU N (builds with ALBEDO_CUDA;
+                                   bf16 activations; docs/CUDA.md) */
     int max_context;            /* 0 = the model's max_context */
     int max_image_side;         /* reject images wider or taller (default 16384) */
     int64_t max_image_pixels;   /* reject images with more pixels (default 100e6) */
@@ -158,6 +161,7 @@ ALBEDO_API albedo_status albedo_image_encode_bytes(albedo_session *s, const void
 /* Packed 8-bit RGB, rows top to bottom, stride = 3 * width. */
 ALBEDO_API albedo_status albedo_image_encode_rgb(albedo_session *s, const uint8_t *rgb, int width,
                                                  int height, albedo_image **out);
+/* Free an image (and its prefix in the model's engine); before its model. */
 ALBEDO_API void albedo_image_free(albedo_image *img);
 ALBEDO_API void albedo_image_size(const albedo_image *img, int *width, int *height);
 
@@ -238,7 +242,7 @@ typedef struct albedo_metrics {
     double prefill_time_ms;
     double decode_time_ms;
     double ttft_ms;
-    double queue_time_ms; /* engine: submit to admission (0 for a session) */
+    double queue_time_ms; /* submit to admission in the engine (a session's run waits there too) */
 } albedo_metrics;
 
 typedef struct albedo_result {
@@ -258,7 +262,10 @@ typedef struct albedo_result {
 } albedo_result;
 
 /* Run one request. On success *out points at a result owned by the session,
- * valid until the next call on s. */
+ * valid until the next call on s. The forward passes run in the model's own
+ * engine (created at the first run, see "Asynchronous engine"), batched with
+ * those of other sessions' runs on the same model; the image's prefix is
+ * copied into the engine's KV cache at its first use. */
 ALBEDO_API albedo_status albedo_session_run(albedo_session *s, const albedo_request *r,
                                             const albedo_result **out);
 
@@ -271,16 +278,20 @@ ALBEDO_API const char *albedo_result_json(albedo_session *s, const albedo_result
 
 /* ---- Asynchronous engine -----------------------------------------------------
  *
- * Many requests at once over one model: a scheduler thread owns the working
- * memory, a paged KV cache of kv_bytes and a cache of image prefixes keyed by
- * the image bytes' content, and batches the forward passes of up to
- * max_batch running requests per step (decode rows first, then prompt
- * chunks, up to token_budget rows; an image's 730-position prefix always in
- * one piece). Requests wait in a FIFO queue and are admitted in order when a
- * batch slot and KV blocks for their prompt plus max_tokens (or max_objects)
- * are free; unused image prefixes are evicted least recently used first. A
- * second request on the same image bytes reuses the prefix: no vision
- * encoder, no prefix prefill, metrics.cached_tokens = 730.
+ * Many requests at once over one model: the engine owns the working memory,
+ * a paged KV cache of kv_bytes (at least one request of the full context)
+ * and a cache of image prefixes keyed by the image bytes' content, and
+ * batches the forward passes of up to max_batch running requests per step
+ * (decode rows first, then prompts, split into chunks beyond token_budget
+ * rows per step). A new image is decoded, encoded and its 730-position
+ * prefix prefilled on an image worker thread with its own ops threads while
+ * the running requests go on decoding. Requests wait in a FIFO queue and
+ * are admitted in order when a batch slot and KV blocks for their prompt
+ * plus max_tokens (or max_objects) are free; unused image prefixes are
+ * evicted least recently used first. A second request on the same image
+ * bytes reuses the prefix: no vision encoder, no prefix prefill,
+ * metrics.cached_tokens = 730. Blocking session runs (albedo_session_run)
+ * go through an engine of the model's own.
  *
  *     albedo_engine *eng;
  *     albedo_engine_params ep = albedo_engine_params_default();
@@ -296,7 +307,9 @@ ALBEDO_API const char *albedo_result_json(albedo_session *s, const albedo_result
  *
  * Thread-safety: every function may be called from any thread. Callbacks
  * run on engine threads: on_text on the request's own thread, on_done on the
- * scheduler thread; they must return quickly and must not free the ticket.
+ * scheduler thread; they must return quickly (a step waits up to one step's
+ * time for a request whose callback is still busy) and must not free the
+ * ticket.
  * Results are identical to albedo_session_run's up to the rounding of
  * batched matrix products (different row counts per product).
  */
@@ -311,6 +324,7 @@ typedef struct albedo_engine_params {
     int max_queue;    /* waiting requests; more fail with ALBEDO_ERR_LIMIT (default 1024) */
     int token_budget; /* rows per forward step (default 512) */
     int n_threads;    /* ops threads of the scheduler; 0 = the model's */
+    int vision_threads; /* ops threads of the image worker; 0 = n_threads */
 } albedo_engine_params;
 
 ALBEDO_API albedo_engine_params albedo_engine_params_default(void);
@@ -347,8 +361,26 @@ ALBEDO_API int albedo_ticket_poll(const albedo_ticket *t);
 /* Ask the ticket to end with ALBEDO_ERR_CANCELLED: at once when queued, at
  * its next forward step when running. No effect once ended. */
 ALBEDO_API void albedo_ticket_cancel(albedo_ticket *t);
-/* The detail of a failed ticket; empty string if none. */
+/* The detail of a failed ticket; empty string if none. Failures of the
+ * image (decoding, size limits) begin with "image: ". */
 ALBEDO_API const char *albedo_ticket_error(const albedo_ticket *t);
+/* The REST response object of a ticket that ended with ALBEDO_OK, as
+ * albedo_result_json; owned by the ticket. NULL otherwise. May be called
+ * from on_done. */
+ALBEDO_API const char *albedo_ticket_json(albedo_ticket *t, int metrics);
+
+typedef struct albedo_engine_stats {
+    int queued, running;     /* waiting for admission; admitted and not ended */
+    int encoding;            /* of the running: waiting for or in the image worker */
+    int kv_blocks_used, kv_blocks_total;
+    uint64_t prefix_hits, prefix_misses, prefix_evictions;
+    uint64_t steps;          /* batched forward steps */
+    uint64_t step_sequences; /* sequences over all steps (÷ steps = mean batch) */
+    uint64_t step_rows;      /* rows over all steps */
+    uint64_t steps_while_encoding; /* steps begun while the image worker was busy */
+} albedo_engine_stats;
+
+ALBEDO_API void albedo_engine_get_stats(albedo_engine *e, albedo_engine_stats *out);
 /* Cancel if still running, wait for the end, free. NULL is a no-op. */
 ALBEDO_API void albedo_ticket_free(albedo_ticket *t);
 
@@ -362,6 +394,11 @@ ALBEDO_API void albedo_ticket_free(albedo_ticket *t);
  * for a minimal byte-level one. */
 ALBEDO_API albedo_status albedo_synth_write(const char *dir, const char *preset, uint64_t seed,
                                             int legacy_f16, const char *tokenizer_json);
+/* The same with the weights in shards of at most shard_bytes each (Hugging
+ * Face layout: model-0000k-of-0000N.safetensors + model.safetensors.index.json;
+ * a larger tensor gets a shard of its own); 0 writes one model.safetensors. */
+ALBEDO_API albedo_status albedo_synth_write_shards(const char *dir, const char *preset, uint64_t seed,
+                                                   const char *tokenizer_json, uint64_t shard_bytes);
 
 typedef struct albedo_bench_result {
     double vision_crop_ms;    /* one crop through the vision encoder */
@@ -409,8 +446,12 @@ ALBEDO_API albedo_fetch_params albedo_fetch_params_default(void);
  *   - "moondream2": config.json and model.safetensors of vikhyatk/moondream2
  *     at revision 2025-06-21 plus tokenizer.json of moondream/starmie-v1,
  *     merged by symlinks in <albedo cache>/models/moondream2;
+ *   - "moondream3" / "moondream3.1": moondream/moondream3-preview and
+ *     moondream/moondream3.1-9B-A2B at main, likewise with Starmie's tokenizer;
  *   - "owner/repo[@revision]" (default revision main): the three files of that
  *     repo (tokenizer.json from moondream/starmie-v1 if the repo has none).
+ * The weights are model.safetensors or, where a repo has none, its
+ * model.safetensors.index.json and every shard that the index names.
  * Files already in the cache are used without network, except that a
  * revision "main" is re-checked when the network is allowed. Downloads resume
  * from a partial ".incomplete" file with an HTTP Range request, and LFS files

@@ -91,7 +91,7 @@ typedef struct txt_block {
     op_linear router;      /* [E, dim] with bias */
     const void *exp_fc1;   /* [E, 2*inner, dim]: rows [0, inner) the GELU half, [inner, 2*inner) the gate */
     const void *exp_fc2;   /* [E, dim, inner] */
-    dtype exp_fc1_dt, exp_fc2_dt;
+    dtype exp_fc1_dt, exp_fc2_dt; /* 16/32-bit, or DT_Q8 / DT_Q4: rows of q_row_bytes */
 } txt_block;
 
 typedef struct md_weights {
@@ -138,19 +138,21 @@ albedo_status md_config_from_tensors(md_config *c, const st_file *const *files, 
 void md_weights_release(md_weights *w);
 
 /* quant.c: replace the text decoder's linears (attn.qkv, attn.proj, dense
- * mlp.fc1/fc2 of every layer) by copies in block format dt (DT_Q8 or DT_Q4;
- * DT_BF16 leaves the weights as they are), owned by w and freed by
- * md_weights_quant_free (which md_weights_release calls). Linears already
- * in dt are kept; other block formats are requantised from their values.
- * The vision encoder, LM head, region model and MoE experts keep their
- * file dtype. n_threads 0: all cores. */
+ * mlp.fc1/fc2 of every layer) and MoE expert tensors by copies in block
+ * format dt (DT_Q8 or DT_Q4; DT_BF16 leaves the weights as they are), owned
+ * by w and freed by md_weights_quant_free (which md_weights_release calls).
+ * Matrices already in dt are kept; other block formats are requantised from
+ * their values. The vision encoder, LM head, routers and region model keep
+ * their file dtype. Runs on all cores. 16/32-bit sources must be read-only
+ * file mappings: their pages are released from the process once copied. */
 albedo_status md_weights_quantize(md_weights *w, const md_config *c, dtype dt, errbuf *e);
 void md_weights_quant_free(md_weights *w);
 /* "bf16" (or NULL / ""), "q8", "q4" → DT_BF16, DT_Q8, DT_Q4. */
 albedo_status md_weights_format(const char *name, dtype *dt, errbuf *e);
 
 /* An expert's slice of a 3-D expert tensor as a linear layer: rows
- * [row0, row0 + n_out) of expert e's [rows_per_expert, n_in] matrix. */
+ * [row0, row0 + n_out) of expert e's [rows_per_expert, n_in] matrix, in
+ * any weight dtype (block formats: rows of q_row_bytes(dt, n_in)). */
 op_linear md_expert_linear(const void *w, dtype dt, int e, int rows_per_expert, int row0, int n_out, int n_in);
 
 struct albedo_model {
@@ -162,6 +164,13 @@ struct albedo_model {
     albedo_model_params params;
     img_limits limits;
     float *rope_cos, *rope_sin; /* [max_context, rot_dims/2] */
+    /* Element type of every KV cache of this model (sessions, images, the
+     * engine's pool): DT_F32 with F32 precision, DT_BF16 with BF16 (half the
+     * bytes that decode attention reads; the float32 path stays exact). */
+    dtype kv_dt;
+    struct mdc_model *cuda; /* backend_cuda.c: the weights on the GPU (backend "cuda"), else NULL */
+    /* albedo.c: the engine that runs blocking session runs, made at the first */
+    struct albedo_engine *_Atomic engine;
     char describe[256];
 };
 
@@ -172,9 +181,10 @@ struct albedo_model {
 typedef struct md_state {
     const albedo_model *m;
     ops_ctx *ops;
+    struct mdc_state *cu; /* backend_cuda.c: device memory and KV cache of a GPU session, else NULL */
     int max_ctx;
-    /* KV cache, per layer [max_ctx, Hkv*D] float32 */
-    float **k_cache, **v_cache;
+    /* KV cache, per layer [max_ctx, Hkv*D] of m->kv_dt */
+    void **k_cache, **v_cache;
     /* text scratch for up to t_cap rows */
     int t_cap;
     float *x, *h, *qkv, *att, *mlp, *proj;
@@ -187,7 +197,8 @@ typedef struct md_state {
     float *tau_q, *tau_v;      /* [T, H] */
     float *moe_logits;         /* [T, E] router logits */
     float *moe_x, *moe_y;      /* [T, dim]: rows gathered for one expert, its output */
-    float *moe_a, *moe_g;      /* [T, inner]: the two halves of the up projection */
+    float *moe_a;              /* [T, 2*inner]: the up projection, both halves */
+    float *moe_g;              /* [T, inner]: gelu(first half) * (second half + 1) */
     int32_t *moe_sel;          /* [T, k] selected experts per token */
     float *moe_w;              /* [T, k] their weights */
     int32_t *moe_rows;         /* [T*k] token of each (expert-sorted) assignment */
@@ -224,7 +235,7 @@ albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n
  * position p lives in row blocks[p / block_size]·block_size + p % block_size
  * (the paged pool of kvcache.h), without it in row p (a session's cache). */
 typedef struct txt_seg {
-    float *const *k, *const *v; /* [n_layers] cache bases */
+    void *const *k, *const *v; /* [n_layers] cache bases, elements of the model's kv_dt */
     const int32_t *blocks;      /* block table, or NULL: contiguous */
     int block_size;
     int pos0, T, n_prefix;
@@ -245,6 +256,26 @@ void text_embed(const albedo_model *m, int32_t id, float *out);
 void text_logits(md_state *s, const float *h, float *logits);
 /* out[i] = logit of token ids[i] only (n rows of the LM head). */
 void text_logits_of(md_state *s, const float *h, const int32_t *ids, int n, float *out);
+
+/* backend_cuda.c: the GPU backend's hooks (docs/CUDA.md). md_cuda_requested
+ * says whether a backend name ("cuda", "cuda:N") asks for it; the loader
+ * then uploads the weights (m->cuda), md_state_init_ex gives sessions with
+ * a KV cache their device state (s->cu), and the stages hand their work to
+ * it whenever s->cu is set. */
+int md_cuda_requested(const char *backend);
+albedo_status md_cuda_model_load(albedo_model *m, errbuf *e);
+void md_cuda_model_free(albedo_model *m);
+const char *md_cuda_describe(const albedo_model *m);
+albedo_status md_cuda_state_init(md_state *s, errbuf *e);
+void md_cuda_state_free(md_state *s);
+albedo_status md_cuda_vision(md_state *s, const img_crops *crops, float *img_emb, float *enc_out, errbuf *e);
+albedo_status md_cuda_vision_crops(md_state *s, const uint8_t *crops, int n, float *out, errbuf *e);
+albedo_status md_cuda_forward_batch(md_state *s, const float *emb, txt_seg *segs, int n_seg, errbuf *e);
+/* The image prefix (vision, BOS + image tokens through the decoder) on the
+ * device; *prefix gets a device copy of its KV for the albedo_image. */
+albedo_status md_cuda_image_prefix(md_state *s, const img_crops *crops, void **prefix, errbuf *e);
+void md_cuda_prefix_load(md_state *s, const void *prefix);
+void md_cuda_prefix_free(void *prefix);
 
 /* region.c */
 void region_encode_coord(md_state *s, float v, float *out);         /* out [dim] */

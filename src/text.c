@@ -27,7 +27,8 @@
  *       y_e = (gelu_erf(a)·(g + 1))·W2[e]ᵀ; mlp = Σ w_k·y_{e_k}.
  *   Tokens are grouped by expert: each expert's rows are gathered, go through
  *   one linear per weight matrix (only the selected experts' weights are
- *   read), and are scattered back with their weights.
+ *   read; bf16 or, with --weights q8|q4, albedo's block formats), and are
+ *   scattered back with their weights.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -173,14 +174,22 @@ static void moe_forward(md_state *s, const txt_block *b, const float *h, int T, 
                 memcpy(s->moe_x + (size_t)i * dim, h + (size_t)rows[start + i] * dim, (size_t)dim * sizeof(float));
             x = s->moe_x;
         }
-        const op_linear up_a = md_expert_linear(b->exp_fc1, b->exp_fc1_dt, e, 2 * I, 0, I, dim);
-        const op_linear up_g = md_expert_linear(b->exp_fc1, b->exp_fc1_dt, e, 2 * I, I, I, dim);
+        /* Slices of the expert tensors as stored (bf16) or converted by
+         * quant.c (Q8/Q4, rows of q_row_bytes): the op picks the kernel.
+         * Both halves of fc1 in one linear: one pass over 2·inner
+         * consecutive rows (for a decode token one weight stream, one
+         * parallel region fewer per expert). */
+        const op_linear up = md_expert_linear(b->exp_fc1, b->exp_fc1_dt, e, 2 * I, 0, 2 * I, dim);
         const op_linear down = md_expert_linear(b->exp_fc2, b->exp_fc2_dt, e, dim, 0, dim, I);
-        float *a = s->moe_a, *g = s->moe_g, *y = s->moe_y;
-        o->linear(oc, a, I, x, dim, n, &up_a);
-        o->linear(oc, g, I, x, dim, n, &up_g);
+        float *u = s->moe_a, *a = s->moe_g, *y = s->moe_y; /* u [n, 2I], a [n, I] */
+        o->linear(oc, u, 2 * I, x, dim, n, &up);
+        for (int i = 0; i < n; i++) memcpy(a + (size_t)i * I, u + (size_t)i * 2 * I, (size_t)I * sizeof(float));
         o->gelu_erf(oc, a, (size_t)n * I);
-        for (size_t j = 0; j < (size_t)n * I; j++) a[j] *= g[j] + 1.0f;
+        for (int i = 0; i < n; i++) {
+            float *ai = a + (size_t)i * I;
+            const float *gi = u + (size_t)i * 2 * I + I;
+            for (int j = 0; j < I; j++) ai[j] *= gi[j] + 1.0f;
+        }
         o->linear(oc, y, dim, a, I, n, &down);
         for (int i = 0; i < n; i++) {
             float *dst = out + (size_t)rows[start + i] * dim;
@@ -192,10 +201,20 @@ static void moe_forward(md_state *s, const txt_block *b, const float *h, int T, 
 
 /* Row of a segment's cache for position pos: through its block table when
  * paged, else the position itself. */
-static float *seg_row(const txt_seg *g, float *base, int kvd, int pos) {
+static void *seg_row(const txt_seg *g, void *base, size_t row_bytes, int pos) {
     size_t r = g->blocks ? (size_t)g->blocks[pos / g->block_size] * (size_t)g->block_size + (size_t)(pos % g->block_size)
                          : (size_t)pos;
-    return base + r * (size_t)kvd;
+    return (char *)base + r * row_bytes;
+}
+
+/* A row of n floats into the cache's element type. */
+static void kv_store(void *dst, const float *src, int n, dtype dt) {
+    if (dt == DT_BF16) {
+        uint16_t *h = dst;
+        for (int i = 0; i < n; i++) h[i] = f32_to_bf16(src[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
 }
 
 albedo_status text_forward_batch(md_state *s, const float *emb, txt_seg *segs, int n_seg, float *logits_scratch,
@@ -217,6 +236,7 @@ albedo_status text_forward_batch(md_state *s, const float *emb, txt_seg *segs, i
     }
     if (T <= 0) return errf(e, ALBEDO_ERR_INTERNAL, "text: empty input");
     if (n_logits > 1 && !logits_scratch) return errf(e, ALBEDO_ERR_INTERNAL, "text: no logits scratch");
+    if (s->cu) return md_cuda_forward_batch(s, emb, segs, n_seg, e); /* backend_cuda.c: on the GPU */
     albedo_status st = md_state_reserve(s, T, e);
     if (st) return st;
     const int dim = c->dim, H = c->n_heads, Hkv = c->n_kv_heads, D = c->head_dim;
@@ -237,15 +257,16 @@ albedo_status text_forward_batch(md_state *s, const float *emb, txt_seg *segs, i
             if (c->md3) tau_scale(s, b, qkv, ld, r0, g->T, g->pos0);
             o->rope(oc, q, ld, g->T, H, D, c->rot_dims, g->pos0, m->rope_cos, m->rope_sin);
             o->rope(oc, q + qd, ld, g->T, Hkv, D, c->rot_dims, g->pos0, m->rope_cos, m->rope_sin);
-            float *kc = g->k[l], *vc = g->v[l];
+            void *kc = g->k[l], *vc = g->v[l];
+            const size_t rb = (size_t)kvd * kv_elem_bytes(m->kv_dt);
             for (int t = 0; t < g->T; t++) {
-                memcpy(seg_row(g, kc, kvd, g->pos0 + t), q + (size_t)t * ld + qd, (size_t)kvd * sizeof(float));
-                memcpy(seg_row(g, vc, kvd, g->pos0 + t), q + (size_t)t * ld + qd + kvd, (size_t)kvd * sizeof(float));
+                kv_store(seg_row(g, kc, rb, g->pos0 + t), q + (size_t)t * ld + qd, kvd, m->kv_dt);
+                kv_store(seg_row(g, vc, rb, g->pos0 + t), q + (size_t)t * ld + qd + kvd, kvd, m->kv_dt);
             }
             op_attn at = {.T = g->T, .S = g->pos0 + g->T, .H = H, .Hkv = Hkv, .D = D, .pos0 = g->pos0,
                           .n_prefix = g->n_prefix, .scale = 1.0f / sqrtf((float)D), .q = q, .k = kc, .v = vc,
                           .out = att + (size_t)r0 * qd, .ldq = ld, .ldk = kvd, .ldv = kvd, .ldo = qd,
-                          .blocks = g->blocks, .block_size = g->block_size};
+                          .blocks = g->blocks, .block_size = g->block_size, .kv_dt = m->kv_dt};
             o->attention(oc, &at);
         }
         o->linear(oc, pr, dim, att, qd, T, &b->proj);
@@ -300,7 +321,8 @@ albedo_status md_state_init_ex(md_state *s, const albedo_model *m, int n_threads
     const md_config *c = &m->cfg;
     s->max_ctx = m->params.max_context > 0 && m->params.max_context < c->max_context ? m->params.max_context
                                                                                         : c->max_context;
-    albedo_status st = ops_ctx_new(m->params.backend, n_threads,
+    /* A GPU model's sessions keep CPU ops for the region decoders. */
+    albedo_status st = ops_ctx_new(m->cuda ? NULL : m->params.backend, n_threads,
                                    m->params.precision == ALBEDO_PRECISION_BF16 ? OPS_BF16 : OPS_F32, &s->ops, e);
     if (st) return st;
     const size_t kvd = (size_t)c->n_kv_heads * c->head_dim;
@@ -315,11 +337,18 @@ albedo_status md_state_init_ex(md_state *s, const albedo_model *m, int n_threads
     s->rln = malloc((size_t)c->dim * sizeof(float));
     if (!s->k_cache || !s->v_cache || !s->logits || !s->hidden || !s->feat || !s->rln) goto oom;
     if (c->moe_experts && !(s->moe_count = malloc((size_t)(c->moe_experts + 1) * sizeof *s->moe_count))) goto oom;
+    if (with_kv && m->cuda) { /* backend_cuda.c: the KV cache and working memory on the GPU */
+        if ((st = md_cuda_state_init(s, e))) {
+            md_state_free(s);
+            return st;
+        }
+        with_kv = 0;
+    }
     for (int l = 0; l < c->n_layers && with_kv; l++) {
         /* Untouched pages of the cache are never faulted in, so a short
          * conversation costs only the positions it uses. */
-        s->k_cache[l] = malloc((size_t)s->max_ctx * kvd * sizeof(float));
-        s->v_cache[l] = malloc((size_t)s->max_ctx * kvd * sizeof(float));
+        s->k_cache[l] = malloc((size_t)s->max_ctx * kvd * kv_elem_bytes(m->kv_dt));
+        s->v_cache[l] = malloc((size_t)s->max_ctx * kvd * kv_elem_bytes(m->kv_dt));
         if (!s->k_cache[l] || !s->v_cache[l]) goto oom;
     }
     return md_state_reserve(s, 64, e);
@@ -330,6 +359,7 @@ oom:
 
 void md_state_free(md_state *s) {
     if (!s->m) return;
+    md_cuda_state_free(s);
     const md_config *c = &s->m->cfg;
     for (int l = 0; l < c->n_layers; l++) {
         if (s->k_cache) free(s->k_cache[l]);
@@ -374,7 +404,7 @@ albedo_status md_state_reserve(md_state *s, int T, errbuf *e) {
     /* Moondream 3's buffers have width 0 (stay NULL) for Moondream 2. */
     const size_t H = (size_t)c->n_heads, E = (size_t)c->moe_experts, K = E ? (size_t)c->moe_topk : 0;
     const size_t I = (size_t)c->moe_inner, dim = (size_t)c->dim, tau = c->md3 ? 1 : 0, moe = E ? 1 : 0;
-    size_t widths[] = {dim, dim, qkv, H * D, mlp, dim, tau * qkv, tau * H, tau * H, E, moe * dim, moe * dim, I, I,
+    size_t widths[] = {dim, dim, qkv, H * D, mlp, dim, tau * qkv, tau * H, tau * H, E, moe * dim, moe * dim, 2 * I, I,
                        K, K};
     float **dst[] = {&s->x,     &s->h,     &s->qkv,        &s->att,   &s->mlp,   &s->proj,
                      &s->tau_f, &s->tau_q, &s->tau_v,      &s->moe_logits, &s->moe_x, &s->moe_y,

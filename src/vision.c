@@ -144,6 +144,7 @@ static albedo_status pool_local(const md_config *c, const float *tiles, int th, 
 }
 
 albedo_status vision_encode_crops(md_state *s, const uint8_t *crops, int n, float *out, errbuf *e) {
+    if (s->cu) return md_cuda_vision_crops(s, crops, n, out, e); /* backend_cuda.c: on the GPU */
     const md_config *c = &s->m->cfg;
     const size_t crop_bytes = (size_t)c->crop_size * c->crop_size * 3;
     const size_t per = (size_t)(c->crop_size / c->patch) * (c->crop_size / c->patch) * c->enc_dim;
@@ -161,6 +162,7 @@ albedo_status vision_encode(md_state *s, const img_crops *crops, float *img_emb,
     const int ns = c->crop_size / c->patch, np = ns * ns, C = c->enc_dim;
     if (crops->size != c->crop_size || crops->n != crops->th * crops->tw + 1)
         return errf(e, ALBEDO_ERR_INTERNAL, "vision: crops do not match the model");
+    if (s->cu) return md_cuda_vision(s, crops, img_emb, enc_out, e); /* backend_cuda.c: on the GPU */
     float *feat = malloc((size_t)crops->n * np * C * sizeof(float));
     if (!feat) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "vision: out of memory for %d crops", crops->n);
     albedo_status st = vision_encode_crops(s, crops->px, crops->n, feat, e);

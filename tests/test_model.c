@@ -139,7 +139,7 @@ static void check_prefix(albedo_session *s, const albedo_image *img, st_file *re
          * [head, pos, D] with the rotated dims written back interleaved */
         for (int h = 0; h < H; h++)
             for (int p = 0; p < P; p++) {
-                const float *ok = img->k[l] + ((size_t)p * H + h) * D, *ov = img->v[l] + ((size_t)p * H + h) * D;
+                const float *ok = (const float *)img->k[l] + ((size_t)p * H + h) * D, *ov = (const float *)img->v[l] + ((size_t)p * H + h) * D;
                 float *dk = k + ((size_t)h * P + p) * D, *dv = v + ((size_t)h * P + p) * D;
                 for (int i = 0; i < half; i++) {
                     dk[2 * i] = ok[i];

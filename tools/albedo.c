@@ -6,8 +6,8 @@
  *   albedo query   [IMAGE] QUESTION [--reasoning] [--spatial-refs JSON]
  *   albedo detect  IMAGE OBJECT [--max-objects N]
  *   albedo point   IMAGE OBJECT
- *   albedo bench   (--synthetic md2 | --model DIR) [--threads N] [--json]
- *   albedo synth   --preset md2|md2-small --out DIR [--seed N] [--legacy-f16]
+ *   albedo bench   (--synthetic md2|md3 | --model DIR) [--threads N] [--weights bf16|q8|q4] [--json]
+ *   albedo synth   --preset md2|md2-small|md3|md3-small --out DIR [--seed N] [--legacy-f16] [--shard-mb N]
  *   albedo tokenize --model DIR TEXT
  *   albedo quantize --model DIR --weights q8|q4 --out DIR2
  *
@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -30,7 +31,7 @@ typedef struct opts {
     const char *cmd;
     const char *model, *image, *question, *object, *length, *spatial_refs;
     const char *backend, *precision, *synthetic, *preset, *out, *tokenizer, *weights;
-    int reasoning, stream, json, threads, legacy_f16, repeats, max_context;
+    int reasoning, stream, json, threads, legacy_f16, repeats, max_context, shard_mb;
     float temperature, top_p;
     int max_tokens, max_objects;
     int has_temperature, has_top_p, has_max_tokens, has_max_objects;
@@ -47,27 +48,32 @@ static void usage(FILE *f) {
             "  albedo query [IMAGE] QUESTION [--reasoning] [--spatial-refs '[[x,y],[x1,y1,x2,y2]]']\n"
             "  albedo detect IMAGE OBJECT\n"
             "  albedo point IMAGE OBJECT\n"
-            "  albedo bench (--synthetic md2 | --model DIR) [--threads N] [--repeats N] [--json]\n"
+            "  albedo bench (--synthetic md2|md3 | --model DIR) [--threads N] [--repeats N] [--weights W] [--json]\n"
+            "                       stage timings and peak resident memory\n"
             "  albedo bench chartqa (--synthetic md2 | --model DIR) [--batch 1,4,16,64] [--mode direct,cot]\n"
             "        [--images N] [--threads N] [--json]\n"
-            "  albedo synth --preset md2|md2-small --out DIR [--seed N] [--legacy-f16] [--tokenizer FILE]\n"
+            "  albedo synth --preset md2|md2-small|md3|md3-small --out DIR [--seed N] [--legacy-f16]\n"
+            "        [--tokenizer FILE] [--shard-mb N]\n"
             "  albedo batch [FILE.jsonl|-] --model DIR   one JSON request per line, one result per line\n"
             "  albedo serve [--host H] [--port 2020] [--model DIR]   Moondream REST API (docs/SERVER.md)\n"
-            "  albedo pull [moondream2|owner/repo@revision]          download into the Hugging Face cache\n"
+            "  albedo pull moondream2|moondream3|moondream3.1|owner/repo@revision\n"
+            "                       download into the Hugging Face cache\n"
             "  albedo tokenize --model DIR TEXT\n"
             "  albedo quantize --model DIR --weights q8|q4 --out DIR2   store quantised weights\n\n"
             "options:\n"
-            "  --model DIR          model directory (config.json, model.safetensors, tokenizer.json);\n"
-            "                       default $ALBEDO_MODEL\n"
+            "  --model DIR          model directory (config.json, model.safetensors or its shards,\n"
+            "                       tokenizer.json), or moondream2, moondream3, moondream3.1,\n"
+            "                       owner/repo[@rev] (downloaded as by pull); default $ALBEDO_MODEL\n"
             "  --image PATH         image file (JPEG, PNG, WebP, GIF); or the first positional argument\n"
             "  --question TEXT      --object TEXT      --length short|normal|long\n"
             "  --reasoning          think before answering (query), with grounded points\n"
             "  --spatial-refs JSON  points [x,y] and boxes [x_min,y_min,x_max,y_max] for query\n"
             "  --temperature T      --top-p P      --max-tokens N      --max-objects N      --seed N\n"
             "  --threads N          CPU threads (default: all cores)\n"
-            "  --backend NAME       auto, ref, generic, avx2, avx512, neon\n"
+            "  --backend NAME       auto, ref, generic, avx2, avx512, neon; cuda[:N] (GPU build)\n"
             "  --precision f32|bf16 activation precision of matrix products (default f32)\n"
-            "  --weights bf16|q8|q4 text decoder weights (default bf16: as stored; docs/QUANT.md)\n"
+            "  --weights bf16|q8|q4 text decoder weights, MoE experts included (default bf16: as stored;\n"
+            "                       docs/QUANT.md)\n"
             "  --max-context N      KV-cache positions (default: the model's)\n"
             "  --stream             print text as it is generated\n"
             "  --json               print the REST API's response object\n",
@@ -138,6 +144,7 @@ static int parse_args(int argc, char **argv, opts *o) {
         STR("--weights", weights)
         INT("--threads", threads, (void)0)
         INT("--repeats", repeats, (void)0)
+        INT("--shard-mb", shard_mb, (void)0)
         INT("--max-context", max_context, (void)0)
         INT("--max-tokens", max_tokens, o->has_max_tokens = 1)
         INT("--max-objects", max_objects, o->has_max_objects = 1)
@@ -241,8 +248,9 @@ static int check_precision(const opts *o) {
     return 0;
 }
 
-/* --model takes a directory, "moondream2" or a Hugging Face owner/repo[@rev];
- * the last two are found in (or downloaded to) the Hugging Face cache. */
+/* --model takes a directory, an alias (moondream2, moondream3, moondream3.1)
+ * or a Hugging Face owner/repo[@rev]; the last two are found in (or
+ * downloaded to) the Hugging Face cache. */
 static void fetch_progress(void *user, const char *file, uint64_t done, uint64_t total) {
     (void)user;
     if (!isatty(2) || !total) return;
@@ -253,7 +261,7 @@ static void fetch_progress(void *user, const char *file, uint64_t done, uint64_t
 static int load_model(const opts *o, albedo_model **m) {
     const char *spec = o->model ? o->model : getenv("ALBEDO_MODEL");
     if (!spec) {
-        fprintf(stderr, "albedo: no model: pass --model DIR|moondream2|owner/repo[@rev] or set ALBEDO_MODEL\n");
+        fprintf(stderr, "albedo: no model: pass --model DIR|moondream2|moondream3|owner/repo[@rev] or set ALBEDO_MODEL\n");
         return 2;
     }
     char dir[4096];
@@ -375,7 +383,10 @@ done:
 static int cmd_synth(opts *o) {
     if (!o->preset || !o->out) return fprintf(stderr, "albedo: synth needs --preset and --out\n"), 2;
     unsigned long long seed = o->seed ? o->seed : 20261127ull;
-    if (albedo_synth_write(o->out, o->preset, seed, o->legacy_f16, o->tokenizer) != ALBEDO_OK) {
+    if (o->shard_mb < 0 || (o->shard_mb && o->legacy_f16))
+        return fprintf(stderr, "albedo: --shard-mb needs a positive size and no --legacy-f16\n"), 2;
+    if ((o->shard_mb ? albedo_synth_write_shards(o->out, o->preset, seed, o->tokenizer, (uint64_t)o->shard_mb << 20)
+                    : albedo_synth_write(o->out, o->preset, seed, o->legacy_f16, o->tokenizer)) != ALBEDO_OK) {
         fprintf(stderr, "albedo: %s\n", albedo_last_error());
         return 1;
     }
@@ -404,7 +415,9 @@ static int synthetic_dir(const char *preset, char *out, size_t cap) {
     snprintf(out, cap, "%s/synthetic-%s", base, preset);
     char probe[8192];
     struct stat sb;
-    snprintf(probe, sizeof probe, "%s/model.safetensors", out);
+    /* tokenizer.json is written last: its presence means the model (one file
+     * or md3's shards) is complete. */
+    snprintf(probe, sizeof probe, "%s/tokenizer.json", out);
     if (stat(probe, &sb) == 0) return 0;
     fprintf(stderr, "albedo: writing the synthetic %s model to %s (once)\n", preset, out);
     if (albedo_synth_write(out, preset, 1, 0, NULL) != ALBEDO_OK) {
@@ -460,6 +473,23 @@ static int cmd_bench_chartqa(int argc, char **argv) {
     return rc;
 }
 
+/* The process's peak resident set in MB: VmHWM of /proc/self/status (mapped
+ * weight pages that were touched count, as they occupy RAM), else
+ * getrusage's ru_maxrss; -1 when neither is available. */
+static double peak_rss_mb(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long long kb = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmHWM:", 6)) kb = atoll(line + 6);
+    if (f) fclose(f);
+    if (kb < 0) {
+        struct rusage ru;
+        if (getrusage(RUSAGE_SELF, &ru) == 0) kb = ru.ru_maxrss;
+    }
+    return kb < 0 ? -1.0 : (double)kb / 1024.0;
+}
+
 static int cmd_bench(opts *o) {
     char dir[4300];
     if (check_precision(o)) return 2;
@@ -476,15 +506,18 @@ static int cmd_bench(opts *o) {
         albedo_model_free(m);
         return 1;
     }
+    const double rss = peak_rss_mb();
     if (o->json) {
-        printf("{\"vision_crop_ms\": %.1f, \"prefill730_tok_s\": %.1f, \"decode_d740_tok_s\": %.2f}\n",
-               b.vision_crop_ms, b.prefill730_tok_s, b.decode_d740_tok_s);
+        printf("{\"vision_crop_ms\": %.1f, \"prefill730_tok_s\": %.1f, \"decode_d740_tok_s\": %.2f, "
+               "\"peak_rss_mb\": %.0f}\n",
+               b.vision_crop_ms, b.prefill730_tok_s, b.decode_d740_tok_s, rss);
     } else {
         printf("model: %s\n", albedo_model_describe(m));
         printf("| stage | albedo |\n|---|---:|\n");
         printf("| vision encoder, one 378x378 crop | %.1f ms |\n", b.vision_crop_ms);
         printf("| prefill, 730 positions | %.1f tok/s |\n", b.prefill730_tok_s);
         printf("| decode at depth 740 | %.2f tok/s |\n", b.decode_d740_tok_s);
+        printf("| peak resident memory (VmHWM) | %.0f MB |\n", rss);
     }
     albedo_model_free(m);
     return 0;

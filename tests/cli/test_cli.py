@@ -180,6 +180,20 @@ def main():
             failed += 1
         else:
             passed += 1
+    # `albedo bench` on md3-small with q8 experts: the three stage figures and
+    # the process's peak resident memory, as JSON.
+    r = subprocess.run([albedo, "bench", "--model", md3_model, "--threads", "1", "--repeats", "1", "--weights", "q8",
+                        "--json"], capture_output=True, text=True)
+    try:
+        b = json.loads(r.stdout) if r.returncode == 0 else {}
+    except ValueError:
+        b = {}
+    keys = ("vision_crop_ms", "prefill730_tok_s", "decode_d740_tok_s", "peak_rss_mb")
+    if all(isinstance(b.get(k), (int, float)) and b[k] > 0 for k in keys):
+        passed += 1
+    else:
+        print(f"FAIL bench md3-small q8 --json: exit {r.returncode}: {r.stdout.strip()[:200]} {r.stderr.strip()[:200]}")
+        failed += 1
     # The legacy F16 model: every case through `albedo batch` (one process,
     # each image encoded once), whose lines carry the same settings.
     lines = []
