@@ -38,21 +38,12 @@
 
 #include "session.h"
 #include "test.h"
+#include "test_data.h"
 
 #define MD3_SEED 31337
 
 static const char *g_shared;
 static char g_data[2048]; /* tests/data */
-
-static double rel_l2(const float *a, const float *b, size_t n) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)a[i] - b[i];
-        num += d * d;
-        den += (double)b[i] * b[i];
-    }
-    return sqrt(num / (den > 0 ? den : 1));
-}
 
 static const float *ref_f32(st_file *f, const char *name, size_t n) {
     const st_tensor *t = st_find(f, name);
@@ -729,18 +720,6 @@ static void check_region_ln(const char *gen_dir, const char *tok_path) {
     albedo_session_free(s);
     albedo_model_free(m);
     st_close(f);
-}
-
-static int gunzip(const char *src, const char *dst) {
-    gzFile in = gzopen(src, "rb");
-    FILE *out = fopen(dst, "wb");
-    int ok = in && out;
-    char chunk[65536];
-    int n;
-    while (ok && (n = gzread(in, chunk, sizeof chunk)) > 0) ok = fwrite(chunk, 1, (size_t)n, out) == (size_t)n;
-    if (in) gzclose(in);
-    if (out && fclose(out)) ok = 0;
-    return ok ? 0 : -1;
 }
 
 int main(void) {

@@ -27,19 +27,10 @@
 
 #include "session.h"
 #include "test.h"
+#include "test_data.h"
 
 static const char *g_shared;
 static char g_data[2048]; /* tests/data */
-
-static double rel_l2(const float *a, const float *b, size_t n) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)a[i] - b[i];
-        num += d * d;
-        den += (double)b[i] * b[i];
-    }
-    return sqrt(num / (den > 0 ? den : 1));
-}
 
 static const float *ref_f32(st_file *f, const char *name, size_t n) {
     const st_tensor *t = st_find(f, name);
@@ -283,18 +274,6 @@ static void check_generator(const char *gen_dir) {
 }
 
 /* Decompress the repository's copy of the GPT-2 tokenizer into the build dir. */
-static int gunzip(const char *src, const char *dst) {
-    gzFile in = gzopen(src, "rb");
-    FILE *out = fopen(dst, "wb");
-    int ok = in && out;
-    char chunk[65536];
-    int n;
-    while (ok && (n = gzread(in, chunk, sizeof chunk)) > 0) ok = fwrite(chunk, 1, (size_t)n, out) == (size_t)n;
-    if (in) gzclose(in);
-    if (out && fclose(out)) ok = 0;
-    return ok ? 0 : -1;
-}
-
 int main(void) {
     g_shared = test_shared_dir();
     snprintf(g_data, sizeof g_data, "%s/tests/data", test_source_dir());

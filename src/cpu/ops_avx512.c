@@ -558,6 +558,30 @@ static void axpy_rows_avx512(float *out, const float *p, const void *v, dtype vd
         axpy_rows_dt(DT_F32, out, p, v, ldv, n, D, s);
 }
 
+/* Per head h of the scaled scores sc [H][n]: m[h] = max, sc = exp(sc - m[h]),
+ * l[h] = their sum (the partial softmax of attn_part). */
+static void part_softmax(float *sc, int n, int H, float *m, float *l) {
+    for (int h = 0; h < H; h++) {
+        float *sh = sc + (size_t)h * n;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int i = 0; i < n; i += 16) {
+            const __mmask16 mk = mask16(n - i);
+            mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_maskz_loadu_ps(mk, sh + i));
+        }
+        const float mh = _mm512_reduce_max_ps(mx);
+        const __m512 vm = _mm512_set1_ps(mh);
+        __m512 sum = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 16) {
+            const __mmask16 mk = mask16(n - i);
+            const __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sh + i), vm));
+            _mm512_mask_storeu_ps(sh + i, mk, p);
+            sum = _mm512_mask_add_ps(sum, mk, sum, p);
+        }
+        m[h] = mh;
+        l[h] = _mm512_reduce_add_ps(sum);
+}
+}
+
 /* ---- decode attention: a range of keys, every head ----------------------------------
  * Query row t of a against keys [j0, j1), all H heads (any D): each key row
  * is read once, front to back (the HW prefetchers follow it), instead of
@@ -591,25 +615,7 @@ INLINE void attn_part_dt(const dtype DT, const op_attn *a, int t, int j0, int j1
             for (int i = 0; i < 4 && h0 + i < H; i++) sc[(size_t)(h0 + i) * n + (j - j0)] = s4[i];
         }
     }
-    for (int h = 0; h < H; h++) {
-        float *sh = sc + (size_t)h * n;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int i = 0; i < n; i += 16) {
-            const __mmask16 mk = mask16(n - i);
-            mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_maskz_loadu_ps(mk, sh + i));
-        }
-        const float mh = _mm512_reduce_max_ps(mx);
-        const __m512 vm = _mm512_set1_ps(mh);
-        __m512 sum = _mm512_setzero_ps();
-        for (int i = 0; i < n; i += 16) {
-            const __mmask16 mk = mask16(n - i);
-            const __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sh + i), vm));
-            _mm512_mask_storeu_ps(sh + i, mk, p);
-            sum = _mm512_mask_add_ps(sum, mk, sum, p);
-        }
-        m[h] = mh;
-        l[h] = _mm512_reduce_add_ps(sum);
-    }
+    part_softmax(sc, n, H, m, l);
     for (size_t i = 0; i < (size_t)H * D; i++) o[i] = 0.0f;
     for (int j = j0; j < j1; j++) {
         const char *vr = op_attn_row(a, a->v, a->ldv, j);
@@ -678,25 +684,7 @@ static void attn_part_bf16(const op_attn *a, int t, int j0, int j1, float *sc, f
             for (int i = 0; i < 4 && h0 + i < H; i++) sc[(size_t)(h0 + i) * n + (j - j0)] = s4[i];
         }
     }
-    for (int h = 0; h < H; h++) {
-        float *sh = sc + (size_t)h * n;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int i = 0; i < n; i += 16) {
-            const __mmask16 mm = mask16(n - i);
-            mx = _mm512_mask_max_ps(mx, mm, mx, _mm512_maskz_loadu_ps(mm, sh + i));
-        }
-        const float mh = _mm512_reduce_max_ps(mx);
-        const __m512 vm = _mm512_set1_ps(mh);
-        __m512 sum = _mm512_setzero_ps();
-        for (int i = 0; i < n; i += 16) {
-            const __mmask16 mm = mask16(n - i);
-            const __m512 p = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mm, sh + i), vm));
-            _mm512_mask_storeu_ps(sh + i, mm, p);
-            sum = _mm512_mask_add_ps(sum, mm, sum, p);
-        }
-        m[h] = mh;
-        l[h] = _mm512_reduce_add_ps(sum);
-    }
+    part_softmax(sc, n, H, m, l);
     for (size_t i = 0; i < (size_t)H * hs; i++) oeo[i] = 0.0f;
     for (int j = j0; j < j1; j++) {
         const uint16_t *vr = op_attn_row(a, a->v, a->ldv, j);

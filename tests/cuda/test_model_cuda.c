@@ -33,33 +33,12 @@
 #include "cuda/model_cuda.h"
 #include "session.h"
 #include "test.h"
+#include "test_data.h"
 
 #include "fixture_check.h"
 
 #define BF16_TOL 2e-2
 #define MARGIN 0.1
-
-static double rel_l2(const float *a, const float *b, size_t n) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)a[i] - b[i];
-        num += d * d;
-        den += (double)b[i] * b[i];
-    }
-    return sqrt(num / (den > 0 ? den : 1));
-}
-
-static int gunzip(const char *src, const char *dst) {
-    gzFile in = gzopen(src, "rb");
-    FILE *out = fopen(dst, "wb");
-    int ok = in && out;
-    char chunk[65536];
-    int n;
-    while (ok && (n = gzread(in, chunk, sizeof chunk)) > 0) ok = fwrite(chunk, 1, (size_t)n, out) == (size_t)n;
-    if (in) gzclose(in);
-    if (out && fclose(out)) ok = 0;
-    return ok ? 0 : -1;
-}
 
 /* ---- a run's logits rows (top-1, margin, the first row) -------------------------- */
 
