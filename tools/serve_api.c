@@ -644,6 +644,9 @@ static char *chat_response(job *j, const albedo_result *res, const char *json) {
 }
 
 static void finish_ok(job *j, const albedo_result *res, const char *json) {
+    /* Counted before the response is released, so that a client that reads
+     * /metrics after its answer finds the request in it. */
+    metrics_tokens(res->metrics.input_tokens, res->metrics.output_tokens, res->metrics.cached_tokens);
     pthread_mutex_lock(&j->mu);
     j->in_tokens = res->metrics.input_tokens;
     j->out_tokens = res->metrics.output_tokens;
@@ -679,7 +682,6 @@ static void finish_ok(job *j, const albedo_result *res, const char *json) {
     j->done = 1;
     job_wake_locked(j);
     pthread_mutex_unlock(&j->mu);
-    metrics_tokens(res->metrics.input_tokens, res->metrics.output_tokens, res->metrics.cached_tokens);
 }
 
 /* An error after the stream started can only be told in the stream. */
