@@ -143,6 +143,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     res.skill = ep == EP_CAPTION ? ALBEDO_SKILL_CAPTION : ALBEDO_SKILL_QUERY;
     res.text = full.p ? full.p : "";
     res.reasoning = reason_text;
+    res.text_len = full.p ? full.len : 0;
+    res.reasoning_len = reason_text ? strlen(reason_text) : 0;
     res.finish = length ? ALBEDO_FINISH_LENGTH : ALBEDO_FINISH_STOP;
     res.metrics.input_tokens = 741;
     res.metrics.output_tokens = n_chunks;

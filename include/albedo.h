@@ -259,6 +259,8 @@ typedef struct albedo_result {
     albedo_metrics metrics;
     const int32_t *tokens;       /* every token id fed after the image, in order */
     int n_tokens;
+    size_t text_len;             /* bytes of text (it may hold NUL bytes: a token can decode to one) */
+    size_t reasoning_len;        /* bytes of reasoning (0 when it is NULL) */
 } albedo_result;
 
 /* Run one request. On success *out points at a result owned by the session,

@@ -684,6 +684,8 @@ albedo_status gen_run_io(albedo_session *s, const albedo_request *r, const gen_i
     /* Fix up the pointers of the result now that the arrays stopped moving. */
     rs->r.text = rs->text.p ? rs->text.p : "";
     rs->r.reasoning = r->skill == ALBEDO_SKILL_QUERY && r->reasoning ? (rs->reasoning.p ? rs->reasoning.p : "") : NULL;
+    rs->r.text_len = rs->text.p ? rs->text.len : 0;
+    rs->r.reasoning_len = rs->r.reasoning && rs->reasoning.p ? rs->reasoning.len : 0;
     for (int i = 0; i < rs->n_gr; i++) rs->gr[i].points = rs->gpts + (intptr_t)rs->gr[i].points;
     rs->r.grounding = rs->gr;
     rs->r.n_grounding = rs->n_gr;

@@ -63,12 +63,12 @@ albedo_status result_to_json(albedo_session *s, const albedo_result *res, int me
     const char *text = res->text ? res->text : "";
     switch (res->skill) {
     case ALBEDO_SKILL_CAPTION:
-        bad |= buf_put(b, "{\"caption\": ", 12) | json_put_string(b, text, strlen(text));
+        bad |= buf_put(b, "{\"caption\": ", 12) | json_put_string(b, text, res->text ? res->text_len : 0);
         break;
     case ALBEDO_SKILL_QUERY:
-        bad |= buf_put(b, "{\"answer\": ", 11) | json_put_string(b, text, strlen(text));
+        bad |= buf_put(b, "{\"answer\": ", 11) | json_put_string(b, text, res->text ? res->text_len : 0);
         if (res->reasoning) {
-            bad |= buf_put(b, ", \"reasoning\": {\"text\": ", 24) | json_put_string(b, res->reasoning, strlen(res->reasoning));
+            bad |= buf_put(b, ", \"reasoning\": {\"text\": ", 24) | json_put_string(b, res->reasoning, res->reasoning_len);
             bad |= buf_put(b, ", \"grounding\": [", 16);
             for (int i = 0; i < res->n_grounding; i++) {
                 const albedo_grounding *g = &res->grounding[i];

@@ -319,6 +319,17 @@ static void requests(void) {
     albedo_model_free(NULL);
     CHECK(strcmp(albedo_status_str((albedo_status)999), "unknown status") == 0, "status_str range");
 
+    /* A token can decode to a NUL byte: the response JSON carries the whole text. */
+    albedo_result nul = {0};
+    nul.skill = ALBEDO_SKILL_QUERY;
+    nul.text = "a\0b";
+    nul.text_len = 3;
+    nul.reasoning = "r\0";
+    nul.reasoning_len = 2;
+    const char *js = albedo_result_json(s, &nul, 0);
+    CHECK(js && strstr(js, "\"answer\": \"a\\u0000b\"") && strstr(js, "\"text\": \"r\\u0000\""), "NUL in text: %s",
+          js ? js : "(null)");
+
     albedo_image_free(img);
     albedo_session_free(s);
     albedo_model_free(m);

@@ -360,8 +360,13 @@ static int cmd_skill(opts *o) {
         switch (res->skill) {
         case ALBEDO_SKILL_CAPTION:
         case ALBEDO_SKILL_QUERY:
-            if (res->reasoning) printf("reasoning: %s\nanswer: ", res->reasoning);
-            printf("%s\n", res->text);
+            if (res->reasoning) {
+                fputs("reasoning: ", stdout);
+                fwrite(res->reasoning, 1, res->reasoning_len, stdout);
+                fputs("\nanswer: ", stdout);
+            }
+            fwrite(res->text, 1, res->text_len, stdout);
+            putchar('\n');
             break;
         case ALBEDO_SKILL_DETECT:
             for (int i = 0; i < res->n_objects; i++)

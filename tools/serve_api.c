@@ -627,7 +627,7 @@ static char *chat_response(job *j, const albedo_result *res, const char *json) {
              j->request_id, (long long)time(NULL));
     int bad = sbuf_puts(&b, head) | sbuf_json_str(&b, j->model_name, strlen(j->model_name));
     bad |= sbuf_puts(&b, ", \"choices\": [{\"index\": 0, \"message\": {\"role\": \"assistant\", \"content\": ");
-    bad |= sbuf_json_str(&b, res->text ? res->text : "", res->text ? strlen(res->text) : 0);
+    bad |= sbuf_json_str(&b, res->text ? res->text : "", res->text ? res->text_len : 0);
     const char *r = tail_from(json, "reasoning"), *f = tail_from(json, "finish_reason");
     if (r && f && f > r) bad |= sbuf_put(&b, r, (size_t)(f - r));
     snprintf(head, sizeof head,

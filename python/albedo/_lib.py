@@ -61,7 +61,7 @@ class Result(Structure):
     _fields_ = [("skill", c_int), ("text", c_char_p), ("reasoning", c_char_p), ("n_grounding", c_int),
                 ("grounding", c_void_p), ("n_objects", c_int), ("objects", c_void_p), ("n_points", c_int),
                 ("points", c_void_p), ("finish", c_int), ("metrics", Metrics), ("tokens", POINTER(c_int32)),
-                ("n_tokens", c_int)]
+                ("n_tokens", c_int), ("text_len", c_size_t), ("reasoning_len", c_size_t)]
 
 
 class FetchParams(Structure):
