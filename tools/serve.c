@@ -64,6 +64,8 @@ typedef struct conn_ctx {
     struct MHD_Connection *conn;
     int status;
     int too_large;
+    int refuse;     /* 401, 404 or 405 decided from the headers, answered once the body is read */
+    int route_post; /* the route's method (for the Allow header of a 405) */
     uint64_t received;
     sbuf body;
     job *j;
@@ -133,6 +135,21 @@ static enum MHD_Result respond_too_large(conn_ctx *x) {
     char msg[128];
     snprintf(msg, sizeof msg, "the request body is larger than %zu bytes (--max-body)", x->srv->max_body);
     return respond_error(x, 413, "body_too_large", NULL, msg);
+}
+
+/* The answer to a request refused from its headers (conn_ctx.refuse). */
+static enum MHD_Result refuse(conn_ctx *x) {
+    switch (x->refuse) {
+    case 404: return respond_error(x, 404, "not_found", NULL, "no such route");
+    case 405:
+        return respond(x, 405, "application/json",
+                       api_error_body(405, "method_not_allowed", NULL, "use %s for this route",
+                                      x->route_post ? "POST" : "GET"),
+                       MHD_HTTP_HEADER_ALLOW, x->route_post ? "POST" : "GET, HEAD");
+    default:
+        return respond(x, 401, "application/json", api_error_body(401, "invalid_api_key", NULL, "missing or invalid API key"),
+                       MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
+    }
 }
 
 /* How much of an oversized body is read (and dropped) so that the client
@@ -327,22 +344,28 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         for (char *p = x->path; *p; p++) /* the URL arrives %-decoded: no control bytes into the log */
             if ((unsigned char)*p < 0x20 || *p == 0x7f) *p = '?';
         atomic_fetch_add(&s->active, 1);
-        int post;
-        if (!route(url, &x->ep, &post)) return respond_error(x, 404, "not_found", NULL, "no such route");
-        int is_post = !strcmp(method, MHD_HTTP_METHOD_POST);
-        int is_get = !strcmp(method, MHD_HTTP_METHOD_GET) || !strcmp(method, MHD_HTTP_METHOD_HEAD);
-        if (post ? !is_post : !is_get)
-            return respond(x, 405, "application/json",
-                           api_error_body(405, "method_not_allowed", NULL, "use %s for this route", post ? "POST" : "GET"),
-                           MHD_HTTP_HEADER_ALLOW, post ? "POST" : "GET, HEAD");
-        if (x->ep != EP_HEALTH && !authorized(s, c))
-            return respond(x, 401, "application/json",
-                           api_error_body(401, "invalid_api_key", NULL, "missing or invalid API key"),
-                           MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
-        if (!post) return get_route(x);
+        int post = 0;
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         const char *ex = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_EXPECT);
+        const char *te = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_TRANSFER_ENCODING);
         unsigned long long len = cl ? strtoull(cl, NULL, 10) : 0;
+        int is_post = !strcmp(method, MHD_HTTP_METHOD_POST);
+        int is_get = !strcmp(method, MHD_HTTP_METHOD_GET) || !strcmp(method, MHD_HTTP_METHOD_HEAD);
+        if (!route(url, &x->ep, &post)) x->refuse = 404;
+        else if (post ? !is_post : !is_get) x->refuse = 405;
+        else if (x->ep != EP_HEALTH && !authorized(s, c)) x->refuse = 401;
+        x->route_post = post;
+        if (x->refuse) {
+            /* Answering while the client still sends its body makes TCP
+             * reset the connection before the client reads the answer: a
+             * body up to drain_limit is read and dropped first, as for 413.
+             * A client waiting for "100 Continue" has sent nothing yet. */
+            int body = (cl && len > 0) || te;
+            if (!body || (ex && !strcasecmp(ex, "100-continue")) || len > drain_limit(s)) return refuse(x);
+            x->too_large = 1; /* keep nothing */
+            return MHD_YES;
+        }
+        if (!post) return get_route(x);
         if (cl && len > s->max_body) {
             /* A client waiting for "100 Continue" has sent nothing yet: refuse
              * now. Others are already sending; closing on them while their
@@ -367,7 +390,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         }
         if (x->too_large && x->received > drain_limit(s) && !x->status) {
             MHD_suspend_connection(c);
-            enum MHD_Result r = respond_too_large(x);
+            enum MHD_Result r = x->refuse ? refuse(x) : respond_too_large(x);
             MHD_resume_connection(c);
             *upload_size = 0;
             return r;
@@ -376,6 +399,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         *upload_size = 0;
         return MHD_YES;
     }
+    if (x->refuse && !x->status) return refuse(x);
     if (x->too_large && !x->status) return respond_too_large(x);
     if (!x->j) return submit(x);
     /* Resumed by the worker (or spuriously): answer if ready, else wait on. */

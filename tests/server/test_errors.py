@@ -146,6 +146,21 @@ def test_oversized_chunked_body(server):
     still_serves(server.url)
 
 
+def test_refusal_waits_for_the_body(server):
+    """A 404 or 405 decided from the headers is answered after the body has
+    been read: a client still sending 8 MB gets its answer, not a reset."""
+    body = b'{"image_url": "' + b"A" * (8 * 1024 * 1024) + b'"}'
+    for head, want in ((b"POST /v1/nothing HTTP/1.1", b"404"), (b"PUT /v1/caption HTTP/1.1", b"405")):
+        resp = raw_http(server.port, head + b"\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert resp.startswith(b"HTTP/1.1 " + want), resp[:200]
+    chunk = b"A" * 65536
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(32)) + b"0\r\n\r\n"
+    resp = raw_http(server.port, b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
+    assert resp.startswith(b"HTTP/1.1 404"), resp[:200]
+    still_serves(server.url)
+
+
 def test_slow_client_byte_by_byte(server):
     """A client dribbling its body one byte at a time gets its answer, and
     does not hold anyone else up meanwhile."""
@@ -240,6 +255,10 @@ def test_auth(keyed):
     assert st == 200
     assert get(keyed.url + "/health")[0] == 200  # open for load balancers
     assert get(keyed.url + "/metrics")[0] == 401
+    big = b'{"image_url": "' + b"A" * (8 * 1024 * 1024) + b'"}'
+    resp = raw_http(keyed.port, b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(big) + big)
+    assert resp.startswith(b"HTTP/1.1 401") and b'"invalid_api_key"' in resp, resp[:200]
     assert "sekret-key" not in "".join(keyed.log)
 
 
