@@ -142,8 +142,9 @@ static void test_fixtures(albedo_model *m, json_t *cases, const char *image_dir)
     }
     uint64_t hits, misses, evictions;
     engine_debug_prefix_stats(e, &hits, &misses, &evictions);
-    printf("fixtures: %d jobs, %d reused a cached prefix; prefix cache %llu hits, %llu misses, %llu evictions\n",
-           n_jobs, n_cached, (unsigned long long)hits, (unsigned long long)misses, (unsigned long long)evictions);
+    printf("fixtures: %d jobs, %d reused a cached prefix, %d waited in the queue; prefix cache %llu hits, %llu misses, "
+           "%llu evictions\n",
+           n_jobs, n_cached, n_queued, (unsigned long long)hits, (unsigned long long)misses, (unsigned long long)evictions);
     CHECK(n_cached > 0, "no request reused a cached image prefix");
     CHECK(evictions > 0, "the small KV budget evicted no prefix");
     check_no_leak(e, "fixtures");
