@@ -5,10 +5,14 @@
 #   1. test_ops_cuda     every kernel against the CPU reference
 #   2. test_model_cuda   Moondream 2 end to end through backend "cuda" against
 #                        the CPU float32 path and the fixtures (bf16 tolerances)
+#      test_md3_cuda     the same for Moondream 3 (md3-small: tau, experts)
 #   3. bench_decode      the kernels at Moondream 2's full shapes (graphs)
 #   4. bench_e2e         the full model through the API: start-up, cold and
 #                        warm direct query, decode tok/s, ChartQA-like batch 1
-#   (SANITIZE=1 adds compute-sanitizer memcheck over test_ops_cuda --small.)
+#   5. bench_moe         Moondream 3's expert MLP at full shapes (every tile shape)
+#   (SANITIZE=1 adds compute-sanitizer memcheck over test_ops_cuda --small and
+#   test_md3_cuda; MD3=1 writes the full-size synthetic Moondream 3, 18 GB, to
+#   $ALBEDO_CACHE/synthetic-md3 with the albedo CLI and runs bench_e2e on it.)
 #
 #   scripts/gpu-check.sh [BUILD_DIR]     (default build-cuda)
 #
@@ -43,10 +47,18 @@ step() {
 }
 step ops 4 "$B/test_ops_cuda"
 step model 12 "$B/test_model_cuda"
+step md3 8 "$B/test_md3_cuda"
 step decode 20 "$B/bench_decode" 100
 step e2e 24 "$B/bench_e2e" --image tests/data/images/rocket.jpg
+step moe 16 "$B/bench_moe" 20
+if [ "${MD3:-0}" = 1 ]; then
+    M3="$ALBEDO_CACHE/synthetic-md3"
+    [ -f "$M3/tokenizer.json" ] || step synth_md3 1 "$B/albedo" synth --preset md3 --out "$M3" --seed 1
+    step e2e_md3 30 "$B/bench_e2e" --model "$M3" --image tests/data/images/rocket.jpg --repeats 10
+fi
 if [ "${SANITIZE:-0}" = 1 ]; then
     step memcheck 4 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/test_ops_cuda" --small
+    step memcheck_md3 4 compute-sanitizer --tool memcheck --error-exitcode 9 "$B/test_md3_cuda"
 fi
 echo "gpu-check: $([ $fail -eq 0 ] && echo all passed || echo FAILURES)"
 exit $fail

@@ -11,12 +11,13 @@
  *
  * Built without ALBEDO_CUDA, asking for "cuda" fails at load with
  * ALBEDO_ERR_UNSUPPORTED and every other hook is unreachable (m->cuda and
- * s->cu stay NULL). Not on the GPU yet: Moondream 3, block-quantised
- * weights, and the engine's batched forwards over the paged cache (states
- * made without a KV cache run on the CPU).
+ * s->cu stay NULL). Moondream 3 runs in blocking sessions (its tau and
+ * experts: cuda/model_cuda_md3.cu). Not on the GPU yet: block-quantised
+ * weights, and Moondream 3 in the engine's batched forwards.
  */
 #include <stdlib.h>
 
+#include "kvcache.h"
 #include "session.h"
 
 #ifdef ALBEDO_CUDA
@@ -61,6 +62,24 @@ albedo_status md_cuda_image_prefix(md_state *s, const img_crops *crops, void **p
 }
 void md_cuda_prefix_load(md_state *s, const void *prefix) { (void)s, (void)prefix; }
 void md_cuda_prefix_free(void *prefix) { (void)prefix; }
+albedo_status md_cuda_engine_state_init(md_state *s, int rows, int seqs, int block_size, int vision, errbuf *e) {
+    (void)s, (void)rows, (void)seqs, (void)block_size, (void)vision;
+    return errf(e, ALBEDO_ERR_UNSUPPORTED, "this build has no CUDA backend");
+}
+void md_cuda_kv_mem(const albedo_model *m, struct kv_mem *out) {
+    (void)m;
+    memset(out, 0, sizeof *out);
+}
+size_t md_cuda_kv_default_bytes(const albedo_model *m) {
+    (void)m;
+    return 0;
+}
+albedo_status md_cuda_prefix_paged(md_state *s, const img_crops *crops, void *const *k, void *const *v, int block_size,
+                                   const int32_t *blocks, int n_blocks, errbuf *e) {
+    (void)s, (void)crops, (void)k, (void)v, (void)block_size, (void)blocks, (void)n_blocks;
+    return errf(e, ALBEDO_ERR_UNSUPPORTED, "this build has no CUDA backend");
+}
+void md_cuda_host_pin(void *p, size_t bytes, int on) { (void)p, (void)bytes, (void)on; }
 
 #else
 
@@ -98,11 +117,25 @@ static albedo_status make_desc(const albedo_model *m, mdc_desc *d, mdc_vblock **
     return ALBEDO_OK;
 }
 
+/* Moondream 3's tau and expert tensors for the runner (model_cuda_md3.cu). */
+static albedo_status make_md3_desc(const albedo_model *m, mdc_desc *d, mdc_md3_desc *d3, mdc_md3_block **b3,
+                                   errbuf *e) {
+    const md_config *c = &m->cfg;
+    *b3 = calloc((size_t)c->n_layers, sizeof **b3);
+    if (!*b3) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    for (int l = 0; l < c->n_layers; l++) {
+        const txt_block *b = &m->w.tb[l];
+        (*b3)[l] = (mdc_md3_block){b->tau_wq,  b->tau_wv,  b->tau_alpha,  b->moe,       b->router,
+                                   b->exp_fc1, b->exp_fc2, b->exp_fc1_dt, b->exp_fc2_dt};
+    }
+    *d3 = (mdc_md3_desc){.experts = c->moe_experts, .topk = c->moe_topk, .inner = c->moe_inner,
+                         .tau_pos_bf16 = c->tau_pos_bf16, .b = *b3};
+    d->md3 = d3;
+    return ALBEDO_OK;
+}
+
 albedo_status md_cuda_model_load(albedo_model *m, errbuf *e) {
     const md_config *c = &m->cfg;
-    if (c->md3 || c->moe_experts)
-        return errf(e, ALBEDO_ERR_UNSUPPORTED,
-                    "the CUDA backend runs Moondream 2 only (Moondream 3's tau attention and experts have no kernels yet)");
     if (m->w.quant_dt)
         return errf(e, ALBEDO_ERR_UNSUPPORTED, "the CUDA backend takes 16-bit weights (--weights q8/q4 are CPU only)");
     int device = 0;
@@ -117,10 +150,14 @@ albedo_status md_cuda_model_load(albedo_model *m, errbuf *e) {
     mdc_desc d;
     mdc_vblock *vb = NULL;
     mdc_tblock *tb = NULL;
+    mdc_md3_block *b3 = NULL;
+    mdc_md3_desc d3;
     albedo_status st = make_desc(m, &d, &vb, &tb, e);
+    if (!st && c->md3) st = make_md3_desc(m, &d, &d3, &b3, e);
     if (!st) st = mdc_model_new(&d, device, &m->cuda, e);
     free(vb);
     free(tb);
+    free(b3);
     /* The GPU computes with bf16 activations: say so, and let the loops feed
      * region values rounded to bf16 as the reference's bf16 run does. */
     if (!st) m->params.precision = ALBEDO_PRECISION_BF16;
@@ -152,6 +189,24 @@ albedo_status md_cuda_vision_crops(md_state *s, const uint8_t *crops, int n, flo
 }
 
 albedo_status md_cuda_forward_batch(md_state *s, const float *emb, txt_seg *segs, int n_seg, errbuf *e) {
+    if (n_seg >= 1 && segs[0].blocks) {
+        /* The engine's step over its device pool. */
+        mdc_seg stack[16], *g = n_seg <= 16 ? stack : malloc((size_t)n_seg * sizeof *g);
+        if (!g) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+        const int bs = segs[0].block_size;
+        albedo_status st = ALBEDO_OK;
+        for (int i = 0; i < n_seg && !st; i++) {
+            const txt_seg *t = &segs[i];
+            if (!t->blocks || t->block_size != bs || t->k != segs[0].k)
+                st = errf(e, ALBEDO_ERR_UNSUPPORTED, "the CUDA backend runs paged segments of one pool");
+            g[i] = (mdc_seg){.pos0 = t->pos0, .T = t->T, .n_prefix = t->n_prefix, .blocks = t->blocks,
+                             .n_blocks = (t->pos0 + t->T + bs - 1) / bs, .hidden_host = t->hidden,
+                             .logits_host = t->logits};
+        }
+        if (!st) st = mdc_forward_paged(s->cu, segs[0].k, segs[0].v, bs, emb, g, n_seg, e);
+        if (g != stack) free(g);
+        return st;
+    }
     if (n_seg != 1 || segs[0].blocks || segs[0].k != s->k_cache)
         return errf(e, ALBEDO_ERR_UNSUPPORTED, "the CUDA backend runs one sequence on the session's own cache");
     const txt_seg *g = &segs[0];
@@ -177,5 +232,47 @@ void md_cuda_prefix_load(md_state *s, const void *prefix) {
 }
 
 void md_cuda_prefix_free(void *prefix) { mdc_prefix_free((mdc_prefix *)prefix); }
+
+albedo_status md_cuda_engine_state_init(md_state *s, int rows, int seqs, int block_size, int vision, errbuf *e) {
+    const albedo_model *m = s->m;
+    if (m->cfg.md3) /* tau and the experts are wired into blocking sessions only (model_cuda_md3.cu) */
+        return errf(e, ALBEDO_ERR_UNSUPPORTED, "the CUDA backend runs Moondream 3 in blocking sessions only (no engine)");
+    if (vision && rows < m->cfg.prefix_attn) rows = m->cfg.prefix_attn;
+    return mdc_state_new_ex(m->cuda, s->max_ctx, rows, seqs, block_size, vision ? MDC_VISION : 0, NULL, s->hidden,
+                            &s->cu, e);
+}
+
+static albedo_status pool_alloc(void *user, long n_rows, void **k, void **v, void **handle, errbuf *e) {
+    mdc_pool *p = NULL;
+    albedo_status st = mdc_pool_new((mdc_model *)user, n_rows, k, v, &p, e);
+    *handle = p;
+    return st;
+}
+
+static int pool_copy(void *handle, long dst_row, long src_row, int n_rows) {
+    errbuf e;
+    return mdc_pool_copy((mdc_pool *)handle, dst_row, src_row, n_rows, &e) ? -1 : 0;
+}
+
+static void pool_free(void *handle) { mdc_pool_free((mdc_pool *)handle); }
+
+void md_cuda_kv_mem(const albedo_model *m, struct kv_mem *out) {
+    *out = (kv_mem){.user = m->cuda, .alloc = pool_alloc, .copy = pool_copy, .free = pool_free};
+}
+
+size_t md_cuda_kv_default_bytes(const albedo_model *m) {
+    /* Half of what the card has free once the engine's states exist,
+     * leaving room for the image worker, sessions and the prefix slots. */
+    const size_t f = mdc_free_memory(m->cuda), keep = (size_t)2 << 30;
+    return f > keep ? (f - keep) / 2 : 0;
+}
+
+albedo_status md_cuda_prefix_paged(md_state *s, const img_crops *crops, void *const *k, void *const *v, int block_size,
+                                   const int32_t *blocks, int n_blocks, errbuf *e) {
+    return mdc_image_prefix_paged(s->cu, crops->px, crops->n, crops->th, crops->tw, k, v, block_size, blocks, n_blocks,
+                                  e);
+}
+
+void md_cuda_host_pin(void *p, size_t bytes, int on) { mdc_host_pin(p, bytes, on); }
 
 #endif

@@ -12,6 +12,11 @@ size_t kv_block_bytes(int n_layers, int kvd, size_t elem, int block) {
 
 albedo_status kv_pool_init(kv_pool *p, int n_layers, int kvd, size_t elem, int block, size_t bytes, int min_blocks,
                            errbuf *e) {
+    return kv_pool_init_mem(p, n_layers, kvd, elem, block, bytes, min_blocks, NULL, e);
+}
+
+albedo_status kv_pool_init_mem(kv_pool *p, int n_layers, int kvd, size_t elem, int block, size_t bytes, int min_blocks,
+                               const kv_mem *mem, errbuf *e) {
     memset(p, 0, sizeof *p);
     size_t per = kv_block_bytes(n_layers, kvd, elem, block);
     size_t nb = bytes / per;
@@ -27,7 +32,15 @@ albedo_status kv_pool_init(kv_pool *p, int n_layers, int kvd, size_t elem, int b
     p->ref = calloc(nb, sizeof *p->ref);
     p->free_list = malloc(nb * sizeof *p->free_list);
     int ok = p->k && p->v && p->ref && p->free_list;
-    for (int l = 0; ok && l < n_layers; l++) {
+    if (ok && mem) {
+        albedo_status st = mem->alloc(mem->user, (long)(nb * (size_t)block), p->k, p->v, &p->dev, e);
+        if (st) {
+            kv_pool_free(p);
+            return st;
+        }
+        p->mem = *mem;
+    }
+    for (int l = 0; ok && !p->dev && l < n_layers; l++) {
         /* Pages never written are never faulted in: a large budget costs
          * address space, not memory, until it is used. */
         p->k[l] = malloc(nb * (size_t)block * (size_t)kvd * elem);
@@ -46,7 +59,8 @@ albedo_status kv_pool_init(kv_pool *p, int n_layers, int kvd, size_t elem, int b
 }
 
 void kv_pool_free(kv_pool *p) {
-    for (int l = 0; l < p->n_layers; l++) {
+    if (p->dev) p->mem.free(p->dev);
+    for (int l = 0; !p->dev && l < p->n_layers; l++) {
         if (p->k) free(p->k[l]);
         if (p->v) free(p->v[l]);
     }
@@ -101,7 +115,15 @@ int kv_seq_fork(kv_pool *p, kv_seq *s, const kv_seq *src, int n_pos) {
         p->ref[src->blocks[i]]++;
     }
     s->n_blocks = full;
-    if (part) {
+    if (part && p->dev) {
+        int b = pool_take(p);
+        if (p->mem.copy(p->dev, (long)b * p->block, (long)src->blocks[full] * p->block, part)) {
+            pool_put(p, b);
+            kv_seq_release(p, s);
+            return -1;
+        }
+        s->blocks[s->n_blocks++] = b;
+    } else if (part) {
         int b = pool_take(p);
         const size_t row = (size_t)p->kvd * p->elem, blk = (size_t)p->block * row;
         for (int l = 0; l < p->n_layers; l++) {

@@ -12,10 +12,22 @@
 
 #include "common.h"
 
+/* Where a pool's planes live when not in host memory (the CUDA engine,
+ * backend_cuda.c): alloc makes k[l], v[l] [n_rows, kvd] each and a handle,
+ * copy copies rows within every plane (returning when done), free frees. */
+typedef struct kv_mem {
+    void *user;
+    albedo_status (*alloc)(void *user, long n_rows, void **k, void **v, void **handle, errbuf *e);
+    int (*copy)(void *handle, long dst_row, long src_row, int n_rows); /* 0 or -1 */
+    void (*free)(void *handle);
+} kv_mem;
+
 typedef struct kv_pool {
     int n_layers, kvd, block, n_blocks;
     size_t elem;    /* bytes per element: 4 (float32) or 2 (bf16), the model's kv_dt */
-    void **k, **v;  /* per layer [n_blocks * block, kvd] */
+    void **k, **v;  /* per layer [n_blocks * block, kvd]: host memory, or device memory with dev */
+    kv_mem mem;     /* device hooks when dev is not NULL */
+    void *dev;      /* the device allocation's handle, or NULL */
     int *ref;       /* per block: holders (sequences and prefix entries) */
     int *free_list;
     int n_free;
@@ -25,6 +37,10 @@ typedef struct kv_pool {
  * elements of elem bytes. */
 albedo_status kv_pool_init(kv_pool *p, int n_layers, int kvd, size_t elem, int block, size_t bytes, int min_blocks,
                            errbuf *e);
+/* The same in the memory of mem (NULL: host memory). A device pool's rows
+ * are never touched by the host: kv_seq_fork copies through mem.copy. */
+albedo_status kv_pool_init_mem(kv_pool *p, int n_layers, int kvd, size_t elem, int block, size_t bytes, int min_blocks,
+                               const kv_mem *mem, errbuf *e);
 void kv_pool_free(kv_pool *p);
 size_t kv_block_bytes(int n_layers, int kvd, size_t elem, int block);
 
@@ -41,7 +57,8 @@ int kv_seq_reserve(kv_pool *p, kv_seq *s, int n_pos);
 void kv_seq_release(kv_pool *p, kv_seq *s);
 /* Start s as a copy of the first n_pos positions of src: whole blocks are
  * shared, a partly filled last block is copied (copy on write), so that s can
- * append without touching src. Returns 0, or -1 when no block is free. */
+ * append without touching src. Returns 0, or -1 when no block is free (or a
+ * device copy failed). */
 int kv_seq_fork(kv_pool *p, kv_seq *s, const kv_seq *src, int n_pos);
 /* Blocks needed for n_pos positions. */
 static inline int kv_blocks_for(const kv_pool *p, int n_pos) { return (n_pos + p->block - 1) / p->block; }

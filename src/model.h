@@ -276,6 +276,21 @@ albedo_status md_cuda_forward_batch(md_state *s, const float *emb, txt_seg *segs
 albedo_status md_cuda_image_prefix(md_state *s, const img_crops *crops, void **prefix, errbuf *e);
 void md_cuda_prefix_load(md_state *s, const void *prefix);
 void md_cuda_prefix_free(void *prefix);
+/* The engine on the GPU (scheduler.c): a state without its own KV cache
+ * for paged steps of up to rows rows and seqs sequences over a pool of
+ * block_size positions a block (with vision memory for the image worker);
+ * the device KV pool's memory hooks (kvcache.h's kv_mem) and the bytes it
+ * may take by default; the image prefix prefilled straight into the pool's
+ * blocks. text_forward_batch runs paged segments of such a state on the
+ * device. */
+struct kv_mem;
+albedo_status md_cuda_engine_state_init(md_state *s, int rows, int seqs, int block_size, int vision, errbuf *e);
+void md_cuda_kv_mem(const albedo_model *m, struct kv_mem *out);
+size_t md_cuda_kv_default_bytes(const albedo_model *m);
+albedo_status md_cuda_prefix_paged(md_state *s, const img_crops *crops, void *const *k, void *const *v, int block_size,
+                                   const int32_t *blocks, int n_blocks, errbuf *e);
+/* Page-lock (on) or release host memory that paged steps copy logits into. */
+void md_cuda_host_pin(void *p, size_t bytes, int on);
 
 /* region.c */
 void region_encode_coord(md_state *s, float v, float *out);         /* out [dim] */

@@ -50,6 +50,13 @@
  * passed; one at a time (stepping). The scheduler thread admits, starts,
  * reaps and times out requests.
  *
+ * On a GPU model (backend_cuda.c, docs/CUDA.md) the pool is device memory
+ * (kv_pool_init_mem), the engine's md_state is a device step state, so
+ * text_forward_batch runs each step's segments on the device with paged
+ * attention, several image workers build prefixes straight into device
+ * blocks, and forks copy the partial block on the device. The bookkeeping
+ * below is the same for both.
+ *
  * Locking: one mutex (mu) guards the queues, the states and the rendezvous
  * fields of every ticket, the counters, the pool's bookkeeping (block
  * tables, free list) and the prefix cache. A step's math runs with mu
@@ -116,16 +123,27 @@ struct albedo_ticket {
     errbuf err;
 };
 
-/* The image worker: builds image prefixes on its own ops threads. */
-typedef struct img_worker {
+/* One thread of the image worker, with its own state (ops threads, or on a
+ * GPU model its own stream and device working memory). */
+typedef struct img_thread {
+    struct albedo_engine *E;
     md_state st;
     float *emb;    /* [prefix_attn, dim] BOS + image embeddings */
     float *hidden; /* [dim] discarded */
     pthread_t th;
+} img_thread;
+
+/* The image worker: builds image prefixes. One thread on the CPU (its ops
+ * threads take the cores); on a GPU model several (ALBEDO_IMAGE_WORKERS,
+ * default half the cores, 2 to 8), so that the images' decoding and crops,
+ * which run on the host, overlap each other and the device's vision work. */
+typedef struct img_worker {
+    img_thread *th;
+    int n_th;     /* threads running */
     int started, quit;
     pthread_cond_t cv;
     albedo_ticket *head, *tail; /* waiting tickets, under mu */
-    albedo_ticket *busy;        /* the one being built, under mu */
+    int n_busy;                 /* prefixes being built, under mu */
 } img_worker;
 
 struct albedo_engine {
@@ -244,8 +262,7 @@ static void *tk_main(void *arg) {
 
 /* Decode t's image, run the vision encoder and prefill the prefix into t's
  * blocks. Runs on the worker thread with mu released. */
-static albedo_status build_prefix(albedo_engine *E, albedo_ticket *t) {
-    img_worker *W = &E->w;
+static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket *t) {
     const md_config *c = &E->m->cfg;
     img_rgb im = {0};
     img_crops crops = {0};
@@ -259,6 +276,12 @@ static albedo_status build_prefix(albedo_engine *E, albedo_ticket *t) {
         img_crops_free(&crops);
         return errf(&t->err, st, "image: %s", sub.msg);
     }
+    if (W->st.cu) { /* backend_cuda.c: vision and the prefix on the GPU, K/V into the device pool */
+        st = md_cuda_prefix_paged(&W->st, &crops, E->pool.k, E->pool.v, E->pool.block, t->seq.blocks,
+                                  t->seq.n_blocks, &t->err);
+        img_crops_free(&crops);
+        return st;
+    }
     text_embed(E->m, c->bos, W->emb);
     st = vision_encode(&W->st, &crops, W->emb + c->dim, NULL, &t->err);
     img_crops_free(&crops);
@@ -269,7 +292,8 @@ static albedo_status build_prefix(albedo_engine *E, albedo_ticket *t) {
 }
 
 static void *worker_main(void *arg) {
-    albedo_engine *E = arg;
+    img_thread *wt = arg;
+    albedo_engine *E = wt->E;
     img_worker *W = &E->w;
     pthread_mutex_lock(&E->mu);
     for (;;) {
@@ -279,11 +303,11 @@ static void *worker_main(void *arg) {
         W->head = t->next;
         if (!W->head) W->tail = NULL;
         t->next = NULL;
-        W->busy = t;
+        W->n_busy++;
         pthread_mutex_unlock(&E->mu);
-        albedo_status st = build_prefix(E, t);
+        albedo_status st = build_prefix(E, wt, t);
         pthread_mutex_lock(&E->mu);
-        W->busy = NULL;
+        W->n_busy--;
         t->built = 1;
         t->build_st = st;
         E->events++;
@@ -293,24 +317,54 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
-/* Made at the first image that needs it; called by the scheduler. */
+static void worker_thread_free(img_thread *wt) {
+    md_state_free(&wt->st);
+    free(wt->emb);
+    free(wt->hidden);
+    wt->emb = wt->hidden = NULL;
+}
+
+/* Made at the first image that needs it; called by the scheduler. Threads
+ * past the first that cannot be made are done without. */
 static albedo_status worker_start(albedo_engine *E, errbuf *e) {
     img_worker *W = &E->w;
     const md_config *c = &E->m->cfg;
-    const int n = E->p.vision_threads ? E->p.vision_threads : E->p.n_threads ? E->p.n_threads : E->m->params.n_threads;
-    albedo_status st = md_state_init_ex(&W->st, E->m, n, 0, e);
-    if (!st) {
-        W->emb = malloc((size_t)c->prefix_attn * c->dim * sizeof(float));
-        W->hidden = malloc((size_t)c->dim * sizeof(float));
-        if (!W->emb || !W->hidden) st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for the image worker");
+    const char *env = getenv("ALBEDO_IMAGE_WORKERS");
+    /* GPU: half the host's cores, 2 to 8 (the host work per image is the
+     * decode and the crops, ~20-40 ms; the device's is ~15-20 ms). */
+    const long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int want = E->m->cuda ? (int)(ncpu / 2 < 2 ? 2 : ncpu / 2 > 8 ? 8 : ncpu / 2) : 1;
+    if (env && *env && atoi(env) > 0) want = atoi(env) < 64 ? atoi(env) : 64;
+    /* On the GPU the ops threads only serve the region decoders: one each. */
+    const int n = E->m->cuda ? 1
+                  : E->p.vision_threads ? E->p.vision_threads
+                  : E->p.n_threads      ? E->p.n_threads
+                                        : E->m->params.n_threads;
+    if (!W->th && !(W->th = calloc((size_t)want, sizeof *W->th)))
+        return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for the image worker");
+    albedo_status st = ALBEDO_OK;
+    int k = 0;
+    for (; k < want; k++) {
+        img_thread *wt = &W->th[k];
+        wt->E = E;
+        st = md_state_init_ex(&wt->st, E->m, n, 0, e);
+        if (!st && E->m->cuda) st = md_cuda_engine_state_init(&wt->st, c->prefix_attn, 1, E->pool.block, 1, e);
+        if (!st) {
+            wt->emb = malloc((size_t)c->prefix_attn * c->dim * sizeof(float));
+            wt->hidden = malloc((size_t)c->dim * sizeof(float));
+            if (!wt->emb || !wt->hidden) st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for the image worker");
+        }
+        if (!st && pthread_create(&wt->th, NULL, worker_main, wt))
+            st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "cannot start the image worker");
+        if (st) {
+            worker_thread_free(wt);
+            break;
+        }
     }
-    if (!st && pthread_create(&W->th, NULL, worker_main, E))
-        st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "cannot start the image worker");
-    if (st) { /* a later image tries again */
-        md_state_free(&W->st);
-        free(W->emb);
-        free(W->hidden);
-        W->emb = W->hidden = NULL;
+    W->n_th = k;
+    if (!k) { /* a later image tries again */
+        free(W->th);
+        W->th = NULL;
         return st;
     }
     W->started = 1;
@@ -406,6 +460,8 @@ static albedo_session *light_session(albedo_model *m, errbuf *e) {
         albedo_session_free(s);
         return NULL;
     }
+    /* A GPU step copies the logits row straight in (tk_destroy releases it). */
+    if (m->cuda) md_cuda_host_pin(s->st.logits, (size_t)m->cfg.vocab * sizeof(float), 1);
     return s;
 }
 
@@ -469,14 +525,22 @@ static void sweep_queue(albedo_engine *E, double now) {
 }
 
 /* Admit queue heads while a slot and their blocks are free. FIFO: a head
- * that cannot start yet blocks the ones behind it. Called with mu held. */
+ * that has too few blocks yet blocks the ones behind it; one whose image's
+ * prefix is being built lets them pass (it starts from the cached prefix
+ * once built), so that the image worker builds other images meanwhile.
+ * Called with mu held. */
 static void admit(albedo_engine *E) {
     const md_config *c = &E->m->cfg;
     sweep_queue(E, now_ms());
-    while (E->q_head && E->n_run < E->p.max_batch) {
-        albedo_ticket *t = E->q_head;
+    albedo_ticket *prev = NULL; /* the last ticket passed over (it stays queued) */
+    while (E->n_run < E->p.max_batch) {
+        albedo_ticket *t = prev ? prev->next : E->q_head;
+        if (!t) break;
         albedo_status st = ALBEDO_OK;
-        if (t->has_image && prefix_building(E, t->key)) return; /* wait for that prefix */
+        if (t->has_image && prefix_building(E, t->key)) { /* wait for that prefix */
+            prev = t;
+            continue;
+        }
         kv_prefix *hit = t->has_image ? prefix_lookup(&E->pc, t->key) : NULL;
         const int total = kv_blocks_for(&E->pool, t->est_pos);
         const int need = total - (hit ? c->prefix_attn / E->pool.block : 0);
@@ -499,8 +563,9 @@ static void admit(albedo_engine *E) {
             }
         }
         /* Dequeue. */
-        E->q_head = t->next;
-        if (!E->q_head) E->q_tail = NULL;
+        if (prev) prev->next = t->next;
+        else E->q_head = t->next;
+        if (E->q_tail == t) E->q_tail = prev;
         t->next = NULL;
         E->n_queued--;
         t->t_admit = now_ms();
@@ -685,7 +750,7 @@ static int run_step(albedo_engine *E) {
     E->stats.steps++;
     E->stats.step_sequences += (uint64_t)n;
     E->stats.step_rows += (uint64_t)rows;
-    if (E->w.busy) E->stats.steps_while_encoding++;
+    if (E->w.n_busy) E->stats.steps_while_encoding++;
     E->stepping = 1;
     pthread_mutex_unlock(&E->mu);
     const double t0 = now_ms();
@@ -805,7 +870,7 @@ albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *par
         return st;
     }
     E->m = m;
-    if (!p.kv_bytes) p.kv_bytes = default_kv_bytes();
+    if (!p.kv_bytes && !m->cuda) p.kv_bytes = default_kv_bytes();
     E->p = p;
     const md_config *c = &m->cfg;
     pthread_mutex_init(&E->mu, NULL);
@@ -817,11 +882,21 @@ albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *par
     pthread_cond_init(&E->w.cv, NULL);
     kv_prefix_init(&E->pc);
     st = md_state_init_ex(&E->st, m, p.n_threads ? p.n_threads : m->params.n_threads, 0, &e);
+    /* A GPU model's engine steps on the device (backend_cuda.c): a state for
+     * a step's rows and sequences, and the pool in device memory, by
+     * default half of what the card has free then. */
+    kv_mem km;
+    if (!st && m->cuda) {
+        st = md_cuda_engine_state_init(&E->st, p.token_budget > p.max_batch ? p.token_budget : p.max_batch,
+                                       p.max_batch, p.block_size, 0, &e);
+        md_cuda_kv_mem(m, &km);
+        if (!p.kv_bytes) E->p.kv_bytes = p.kv_bytes = md_cuda_kv_default_bytes(m);
+    }
     if (!st) {
         /* At least one request of the full context always fits. */
         const int min_blocks = (E->st.max_ctx + p.block_size - 1) / p.block_size + 1;
-        st = kv_pool_init(&E->pool, c->n_layers, c->n_kv_heads * c->head_dim, kv_elem_bytes(m->kv_dt), p.block_size,
-                          p.kv_bytes, min_blocks, &e);
+        st = kv_pool_init_mem(&E->pool, c->n_layers, c->n_kv_heads * c->head_dim, kv_elem_bytes(m->kv_dt),
+                              p.block_size, p.kv_bytes, min_blocks, m->cuda ? &km : NULL, &e);
     }
     if (!st) {
         E->stats.kv_blocks_total = E->pool.n_blocks;
@@ -859,13 +934,12 @@ void albedo_engine_free(albedo_engine *E) {
     if (W->started) {
         pthread_mutex_lock(&E->mu);
         W->quit = 1;
-        pthread_cond_signal(&W->cv);
+        pthread_cond_broadcast(&W->cv);
         pthread_mutex_unlock(&E->mu);
-        pthread_join(W->th, NULL);
+        for (int i = 0; i < W->n_th; i++) pthread_join(W->th[i].th, NULL);
     }
-    md_state_free(&W->st);
-    free(W->emb);
-    free(W->hidden);
+    for (int i = 0; i < W->n_th; i++) worker_thread_free(&W->th[i]);
+    free(W->th);
     kv_prefix_free(&E->pool, &E->pc);
     kv_pool_free(&E->pool);
     md_state_free(&E->st);
@@ -895,6 +969,7 @@ static void tk_destroy(albedo_ticket *t) {
     free(t->object);
     free(t->refs);
     free(t->image);
+    if (!t->caller && t->sess && t->sess->m->cuda) md_cuda_host_pin(t->sess->st.logits, 0, 0);
     if (!t->caller) albedo_session_free(t->sess);
     pthread_cond_destroy(&t->cv);
     free(t);
@@ -1056,6 +1131,9 @@ static void import_prefix(albedo_engine *E, const albedo_ticket *t) {
 }
 
 albedo_status engine_run_session(albedo_engine *E, albedo_session *s, const albedo_request *r, errbuf *e) {
+    /* A GPU model's sessions run in place (albedo.c); its pool is device memory. */
+    if (E->pool.dev && r->image)
+        return errf(e, ALBEDO_ERR_UNSUPPORTED, "an albedo_image cannot be imported into a device KV pool");
     albedo_ticket *t = calloc(1, sizeof *t);
     if (!t) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
     pthread_cond_init(&t->cv, NULL);

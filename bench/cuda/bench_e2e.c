@@ -20,6 +20,7 @@
  * image defaults to tests/data/images/rocket.jpg (640×427: 9 crops).
  */
 #define _POSIX_C_SOURCE 200809L
+#include <cuda_runtime_api.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -93,7 +94,7 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "--model")) model = argv[i + 1];
         else if (!strcmp(argv[i], "--image")) image = argv[i + 1];
         else if (!strcmp(argv[i], "--repeats")) reps = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--only")) only = argv[i + 1]; /* "vision" or "prefix": for a profiler */
+        else if (!strcmp(argv[i], "--only")) only = argv[i + 1]; /* "vision", "prefix" or "decode": for a profiler */
     }
     if (reps < 3) reps = 3;
     char dir[4096];
@@ -125,6 +126,10 @@ int main(int argc, char **argv) {
     t0 = now_ms();
     if (albedo_session_new(m, &s) != ALBEDO_OK) die("session", albedo_last_error());
     const double t_sess = now_ms() - t0;
+    /* Resident device memory once the model and one session exist (the
+     * CUDA context included): total minus free. */
+    size_t mem_free = 0, mem_total = 0;
+    if (cudaMemGetInfo(&mem_free, &mem_total) != cudaSuccess) mem_free = mem_total = 0;
     printf("bench_e2e: %s\nimage %s (%zu bytes), %d repeats, wall clock, medians\n\n", albedo_model_describe(m), image,
            jpeg_len, reps);
     if (only) {
@@ -139,8 +144,9 @@ int main(int argc, char **argv) {
             die("crops", e.msg);
         for (int i = 0; i < oc->prefix_attn * oc->dim; i++) xin[i] = (float)((i * 7919) % 200 - 100) / 100.0f;
         for (int pass = 0; pass < 2; pass++) {
-            albedo_status st = !strcmp(only, "vision") ? vision_encode(&s->st, &cr, xin, NULL, &e)
-                                                       : text_forward(&s->st, xin, oc->prefix_attn, 0, oc->prefix_attn, 0, &e);
+            albedo_status st = !strcmp(only, "vision")   ? vision_encode(&s->st, &cr, xin, NULL, &e)
+                               : !strcmp(only, "decode") ? text_forward(&s->st, xin, 1, oc->prefix_attn, oc->prefix_attn, 1, &e)
+                                                         : text_forward(&s->st, xin, oc->prefix_attn, 0, oc->prefix_attn, 0, &e);
             if (st) die(only, e.msg);
         }
         printf("%s: done\n", only);
@@ -327,12 +333,16 @@ int main(int argc, char **argv) {
         wall[mode] = now_ms() - w0;
     }
 
-    printf("%-58s %12s\n", "what (full Moondream 2 shapes, random weights)", "median");
+    const int md3 = m->cfg.md3; /* Photon's anchors differ between the generations */
+    printf("%-58s %12s\n", md3 ? "what (full Moondream 3 shapes, random weights)" : "what (full Moondream 2 shapes, random weights)",
+           "median");
     printf("%-58s %9.0f ms\n", "start-up: model load (read + upload)", t_load);
     printf("%-58s %9.0f ms\n", "start-up: first session", t_sess);
+    printf("%-58s %9.2f GiB (of %.1f)\n", "device memory in use after load + first session",
+           (double)(mem_total - mem_free) / 1073741824.0, (double)mem_total / 1073741824.0);
     printf("%-58s %9.1f ms\n", "start-up: first request (cold query)", t_first);
-    printf("%-58s %9.2f ms   target <= 15, Photon P50 36.7\n", "cold direct query: JPEG bytes in -> 3-token answer out",
-           median(tv, reps));
+    printf("%-58s %9.2f ms   %s\n", "cold direct query: JPEG bytes in -> 3-token answer out", median(tv, reps),
+           md3 ? "Photon MD3 b1 P50 46.9" : "target <= 15, Photon P50 36.7");
     printf("%-58s %9.2f ms\n", "  image encode (decode, crops, vision, prefix)", median(te, reps));
     printf("%-58s %9.2f ms\n", "  decode + crops on the CPU, alone (one thread)", median(tc, reps));
     printf("%-58s %9.2f ms   (%d crops, img_emb downloaded)\n", "  vision + projection on the GPU, alone",
@@ -343,8 +353,8 @@ int main(int argc, char **argv) {
     printf("%-58s %9.2f ms\n", "  3 decode steps (every answer token is fed back)", median(td, reps));
     printf("%-58s %9.2f ms\n", "  time to first token (request)", median(tf, reps));
     printf("%-58s %9.2f ms\n", "warm direct query (image encoded)", median(tw, reps));
-    printf("%-58s %9.0f tok/s target >= 800\n", "decode batch 1, 256 tokens after the prefix, CUDA graph",
-           median(dec, 5));
+    printf("%-58s %9.0f tok/s %s\n", "decode batch 1, 256 tokens after the prefix, CUDA graph", median(dec, 5),
+           md3 ? "" : "target >= 800");
     printf("%-58s %9.0f tok/s\n", "decode batch 1, ALBEDO_CUDA_GRAPH=0 (eager launches)", median(dec_eager, 5));
     printf("%-58s %9.0f tok/s\n", "decode batch 1, temperature 0.5 top_p 0.3 (CPU sampler)", median(dec_s, 5));
     printf("%-58s %9.2f ms   (embeddings uploaded, eager)\n", "prefix: 730 positions through the decoder", median(t_pre, 9));

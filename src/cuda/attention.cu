@@ -67,14 +67,21 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 
 /* Start copying rows [r0, r0 + 64) of a [rows, D] bf16 matrix (row stride
  * ld) into smem [64][LDK], zero-filling columns D..DP-1 and rows >= n_rows. */
+/* Cache row of key j: through the block table bt when paged. */
+__device__ __forceinline__ long key_row(const int32_t *bt, int bs, int j) {
+    return bt ? (long)bt[j / bs] * bs + j % bs : (long)j;
+}
+
 template <int DP>
 __device__ __forceinline__ void fa_load_tile_async(bf16 *dst, const bf16 *src, long ld, int r0,
-                                                   int n_rows, int D) {
+                                                   int n_rows, int D, const int32_t *bt = nullptr,
+                                                   int bs = 1) {
     constexpr int LDK = fa_shape<DP>::LDK, CH = DP / 8;
     for (int idx = threadIdx.x; idx < 64 * CH; idx += blockDim.x) {
         const int r = idx / CH, ch = idx % CH;
         const bool in = r0 + r < n_rows && ch * 8 < D;
-        cp_async16(dst + r * LDK + ch * 8, in ? src + (long)(r0 + r) * ld + ch * 8 : src, in ? 16 : 0);
+        cp_async16(dst + r * LDK + ch * 8, in ? src + key_row(bt, bs, r0 + r) * ld + ch * 8 : src,
+                   in ? 16 : 0);
     }
 }
 
@@ -124,7 +131,12 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *(uint32_t *)&v;
 }
 
-template <int DP>
+/* PG: the segment / paged forms (cuda_attn.seg, .blocks). A separate
+ * instance, because their bookkeeping in registers took the plain form
+ * from 127 to 130 registers, 3 blocks an SM instead of 4 (vision attention
+ * 4.5 → 5.4 ms on an H100); without PG the shape comes from the kernel
+ * parameters as before. */
+template <int DP, bool PG>
 __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, float scale_log2) {
     pdl_trigger();
     pdl_wait();
@@ -137,19 +149,31 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int q0 = blockIdx.x * FA_BQ, h = blockIdx.y, s = blockIdx.z;
     const int hk = h / (a.H / a.Hkv);
-    const bf16 *q = (const bf16 *)a.q + s * a.q_seq + (long)h * a.D;
-    const bf16 *k = (const bf16 *)a.k + s * a.k_seq + (long)hk * a.k_head;
-    const bf16 *v = (const bf16 *)a.v + s * a.v_seq + (long)hk * a.v_head;
+    /* This sequence's rows, positions and keys (segments: its own). */
+    int T = a.T, pos0 = a.pos0, n_prefix = a.n_prefix, S = a.S;
+    long qs = s * a.q_seq, os = s * a.o_seq, ks = s * a.k_seq, vs = s * a.v_seq;
+    if (PG && a.seg) {
+        const int *sg = a.seg + 4 * s;
+        T = sg[1], pos0 = sg[2], n_prefix = sg[3], S = pos0 + T;
+        qs = (long)sg[0] * a.ldq, os = (long)sg[0] * a.ldo;
+    }
+    if (PG && a.blocks) ks = vs = 0;
+    if (PG && q0 >= T) return; /* a shorter segment than the launch's longest */
+    const int32_t *bt = PG && a.blocks ? a.blocks + (long)s * a.blocks_ld : nullptr;
+    const int bs = PG && a.blocks ? a.block_size : 1;
+    const bf16 *q = (const bf16 *)a.q + qs + (long)h * a.D;
+    const bf16 *k = (const bf16 *)a.k + ks + (long)hk * a.k_head;
+    const bf16 *v = (const bf16 *)a.v + vs + (long)hk * a.v_head;
 
     /* The last row of the block sees the furthest key. */
-    const int last = (q0 + FA_BQ < a.T ? q0 + FA_BQ : a.T) - 1;
-    const int kend = key_end(a.pos0 + last, a.n_prefix, a.S);
+    const int last = (q0 + FA_BQ < T ? q0 + FA_BQ : T) - 1;
+    const int kend = key_end(pos0 + last, n_prefix, S);
     const int n_tiles = (kend + FA_BK - 1) / FA_BK;
 
-    fa_load_tile_async<DP>(Ks, k, a.ldk, 0, kend, a.D);
-    fa_load_tile_async<DP>(Vs, v, a.ldv, 0, kend, a.D);
+    fa_load_tile_async<DP>(Ks, k, a.ldk, 0, kend, a.D, bt, bs);
+    fa_load_tile_async<DP>(Vs, v, a.ldv, 0, kend, a.D, bt, bs);
     cp_async_commit();
-    fa_load_tile<DP>(Qs, q + (long)q0 * a.ldq, a.ldq, 0, a.T - q0, a.D);
+    fa_load_tile<DP>(Qs, q + (long)q0 * a.ldq, a.ldq, 0, T - q0, a.D);
     __syncthreads();
 
     /* This warp's Q fragments (rows warp·16 .. +15), kept for every tile. */
@@ -159,7 +183,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
         ldsm_x4(qf[kk], Qs + (warp * 16 + (lane & 15)) * LDK + kk * 16 + (lane >> 4) * 8);
 
     /* This lane's two rows (g and g + 8 of the warp's 16) and their state. */
-    const int p0 = a.pos0 + q0 + warp * 16 + g, p1 = p0 + 8;
+    const int p0 = pos0 + q0 + warp * 16 + g, p1 = p0 + 8;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
     float o[OT][4];
 #pragma unroll
@@ -170,8 +194,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
         const bf16 *Kb = Ks + (it & 1) * 64 * LDK, *Vb = Vs + (it & 1) * 64 * LDK;
         if (it + 1 < n_tiles) {
             /* The other buffer was released by the barrier ending the last tile. */
-            fa_load_tile_async<DP>(Ks + ((it + 1) & 1) * 64 * LDK, k, a.ldk, j0 + FA_BK, kend, a.D);
-            fa_load_tile_async<DP>(Vs + ((it + 1) & 1) * 64 * LDK, v, a.ldv, j0 + FA_BK, kend, a.D);
+            fa_load_tile_async<DP>(Ks + ((it + 1) & 1) * 64 * LDK, k, a.ldk, j0 + FA_BK, kend, a.D, bt, bs);
+            fa_load_tile_async<DP>(Vs + ((it + 1) & 1) * 64 * LDK, v, a.ldv, j0 + FA_BK, kend, a.D, bt, bs);
             cp_async_commit();
             cp_async_wait<1>(); /* this thread's copies of tile it have landed */
         } else {
@@ -197,7 +221,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
          * a prefix's below the diagonal) skips the mask. */
         float mx0 = -INFINITY, mx1 = -INFINITY;
         const int jl = j0 + FA_BK - 1;
-        const bool whole = jl < kend && (jl <= a.pos0 + q0 || (a.pos0 + last < a.n_prefix && jl < a.n_prefix));
+        const bool whole = jl < kend && (jl <= pos0 + q0 || (pos0 + last < n_prefix && jl < n_prefix));
         if (whole) {
 #pragma unroll
             for (int nt = 0; nt < NT; nt++)
@@ -215,8 +239,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
                 for (int e = 0; e < 2; e++) {
                     const int j = j0 + nt * 8 + 2 * t4 + e;
                     const bool in = j < kend;
-                    sc[nt][e] = in && visible(p0, j, a.n_prefix) ? sc[nt][e] * scale_log2 : -INFINITY;
-                    sc[nt][2 + e] = in && visible(p1, j, a.n_prefix) ? sc[nt][2 + e] * scale_log2 : -INFINITY;
+                    sc[nt][e] = in && visible(p0, j, n_prefix) ? sc[nt][e] * scale_log2 : -INFINITY;
+                    sc[nt][2 + e] = in && visible(p1, j, n_prefix) ? sc[nt][2 + e] * scale_log2 : -INFINITY;
                     mx0 = fmaxf(mx0, sc[nt][e]);
                     mx1 = fmaxf(mx1, sc[nt][2 + e]);
                 }
@@ -271,14 +295,14 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     const int t0 = q0 + warp * 16 + g, t1 = t0 + 8;
-    bf16 *out = (bf16 *)a.out + s * a.o_seq + (long)h * a.D;
+    bf16 *out = (bf16 *)a.out + os + (long)h * a.D;
 #pragma unroll
     for (int i = 0; i < OT; i++) {
         const int d = i * 8 + 2 * t4;
         if (d >= a.D) continue; /* D is a multiple of 8: both columns or neither */
-        if (t0 < a.T)
+        if (t0 < T)
             *(__nv_bfloat162 *)(out + (long)t0 * a.ldo + d) = __floats2bfloat162_rn(o[i][0] / l0, o[i][1] / l0);
-        if (t1 < a.T)
+        if (t1 < T)
             *(__nv_bfloat162 *)(out + (long)t1 * a.ldo + d) = __floats2bfloat162_rn(o[i][2] / l1, o[i][3] / l1);
     }
 }
@@ -287,6 +311,10 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
 
 #define DEC_THREADS 128
 #define DEC_MAX_CHUNK 2048
+#define DEC_VPRE 8 /* value rows each P·V thread keeps in flight */
+
+/* A 16-byte load through the read-only path (K/V are not written during the kernel). */
+__device__ __forceinline__ uint4 ldg_nc16(const void *p) { return __ldg((const uint4 *)p); }
 
 __global__ void __launch_bounds__(DEC_THREADS)
     attn_decode_kernel(cuda_attn a, float scale_log2, int chunk, int n_chunks, float *part,
@@ -304,35 +332,68 @@ __global__ void __launch_bounds__(DEC_THREADS)
     const int s = z / a.T, t = z % a.T;
     const int g = h / (a.H / a.Hkv);
     const int D = a.D;
-    /* With a device position (graph replay), the keys visible now are
-     * spread over the launch's n_chunks blocks: chunks of at most the
-     * launch's chunk (sized from the capacity a.S). */
-    const int pos0 = a.pos_dev ? *a.pos_dev : a.pos0;
-    const int S = a.pos_dev ? pos0 + a.T : a.S;
-    if (a.pos_dev) chunk = ((S + n_chunks - 1) / n_chunks + 31) / 32 * 32;
+    /* With a device position (graph replay) or segments, the keys visible
+     * now are spread over the launch's n_chunks blocks: chunks of at most
+     * the launch's chunk (sized from the capacity a.S). */
+    int pos0 = a.pos_dev ? *a.pos_dev : a.pos0, n_prefix = a.n_prefix, T = a.T;
+    long qo = s * a.q_seq, os = s * a.o_seq, ks = s * a.k_seq, vs = s * a.v_seq;
+    if (a.seg) {
+        const int *sg = a.seg + 4 * s;
+        T = sg[1], pos0 = sg[2], n_prefix = sg[3];
+        qo = (long)sg[0] * a.ldq, os = (long)sg[0] * a.ldo;
+    }
+    /* Rows past a segment's own: every chunk of this (row, head) leaves
+     * together, so the arrival count stays whole. */
+    if (t >= T) return;
+    if (a.blocks) ks = vs = 0;
+    const int32_t *bt = a.blocks ? a.blocks + (long)s * a.blocks_ld : nullptr;
+    const int bs = a.blocks ? a.block_size : 1;
+    const int S = a.pos_dev || a.seg ? pos0 + T : a.S;
+    if (a.pos_dev || a.seg) chunk = ((S + n_chunks - 1) / n_chunks + 31) / 32 * 32;
     const int p = pos0 + t;
-    const int kend = key_end(p, a.n_prefix, S);
+    const int kend = key_end(p, n_prefix, S);
     const int j0 = ci * chunk, j1 = j0 + chunk < kend ? j0 + chunk : kend;
-    const bf16 *q = (const bf16 *)a.q + s * a.q_seq + (long)t * a.ldq + (long)h * D;
-    const bf16 *k = (const bf16 *)a.k + s * a.k_seq + (long)g * a.k_head;
-    const bf16 *v = (const bf16 *)a.v + s * a.v_seq + (long)g * a.v_head;
+    const bf16 *q = (const bf16 *)a.q + qo + (long)t * a.ldq + (long)h * D;
+    const bf16 *k = (const bf16 *)a.k + ks + (long)g * a.k_head;
+    const bf16 *v = (const bf16 *)a.v + vs + (long)g * a.v_head;
+
+    /* P·V's thread = (8-dim group dg, key slot). Its first DEC_VPRE values
+     * are loaded now, before the scores: they depend on nothing computed
+     * here, so their latency hides behind the scores and the softmax. */
+    const int ng = D / 8, nslots = DEC_THREADS / ng;
+    const int dg = tid % ng, slot = tid / ng;
+    uint4 vpre[DEC_VPRE];
+#pragma unroll
+    for (int u = 0; u < DEC_VPRE; u++) {
+        const int j = j0 + slot + u * nslots;
+        vpre[u] = make_uint4(0, 0, 0, 0);
+        if (slot < nslots && j < j1) vpre[u] = ldg_nc16(v + key_row(bt, bs, j) * a.ldv + dg * 8);
+    }
 
     for (int d = tid; d < D; d += DEC_THREADS) qs[d] = __bfloat162float(q[d]);
     __syncthreads();
 
-    /* Scores: one key per thread. */
+    /* Scores: one key per thread, its whole row loaded before the first use. */
     float mx = -INFINITY;
     for (int j = j0 + tid; j < j1; j += DEC_THREADS) {
-        const uint4 *kr = (const uint4 *)(k + (long)j * a.ldk);
+        const uint4 *kr = (const uint4 *)(k + key_row(bt, bs, j) * a.ldk);
         float dot = 0.0f;
-        for (int c8 = 0; c8 < D / 8; c8++) {
-            float kf[8];
-            bf16x8_to_f(kr[c8], kf);
+        for (int b8 = 0; b8 < D / 8; b8 += 8) { /* 64 dims a batch: one batch for D <= 64 */
+            uint4 kv[8];
 #pragma unroll
-            for (int e = 0; e < 8; e++) dot = fmaf(qs[c8 * 8 + e], kf[e], dot);
+            for (int c8 = 0; c8 < 8; c8++)
+                if (b8 + c8 < D / 8) kv[c8] = ldg_nc16(kr + b8 + c8);
+#pragma unroll
+            for (int c8 = 0; c8 < 8; c8++) {
+                if (b8 + c8 >= D / 8) break;
+                float kf[8];
+                bf16x8_to_f(kv[c8], kf);
+#pragma unroll
+                for (int e = 0; e < 8; e++) dot = fmaf(qs[(b8 + c8) * 8 + e], kf[e], dot);
+            }
         }
         /* Inside [0, kend) every key but a non-prefix future one is visible. */
-        const float x = visible(p, j, a.n_prefix) ? dot * scale_log2 : -INFINITY;
+        const float x = visible(p, j, n_prefix) ? dot * scale_log2 : -INFINITY;
         sc[j - j0] = x;
         mx = fmaxf(mx, x);
     }
@@ -345,19 +406,37 @@ __global__ void __launch_bounds__(DEC_THREADS)
     }
     const float L = block_sum(ls, red); /* its barriers also publish sc */
 
-    /* P·V: thread = (8-dim group dg, key slot). */
-    const int ng = D / 8, nslots = DEC_THREADS / ng;
-    const int dg = tid % ng, slot = tid / ng;
     float acc[8];
 #pragma unroll
     for (int e = 0; e < 8; e++) acc[e] = 0.0f;
     if (slot < nslots) {
-        for (int j = j0 + slot; j < j1; j += nslots) {
+#pragma unroll
+        for (int u = 0; u < DEC_VPRE; u++) {
+            const int j = j0 + slot + u * nslots;
+            if (j >= j1) break;
             const float w = sc[j - j0];
             float vf[8];
-            bf16x8_to_f(*(const uint4 *)(v + (long)j * a.ldv + dg * 8), vf);
+            bf16x8_to_f(vpre[u], vf);
 #pragma unroll
             for (int e = 0; e < 8; e++) acc[e] = fmaf(w, vf[e], acc[e]);
+        }
+        /* The rest (long chunks) in batches of DEC_VPRE loads in flight. */
+        for (int jb = j0 + slot + DEC_VPRE * nslots; jb < j1; jb += DEC_VPRE * nslots) {
+#pragma unroll
+            for (int u = 0; u < DEC_VPRE; u++) {
+                const int j = jb + u * nslots;
+                if (j < j1) vpre[u] = ldg_nc16(v + key_row(bt, bs, j) * a.ldv + dg * 8);
+            }
+#pragma unroll
+            for (int u = 0; u < DEC_VPRE; u++) {
+                const int j = jb + u * nslots;
+                if (j >= j1) break;
+                const float w = sc[j - j0];
+                float vf[8];
+                bf16x8_to_f(vpre[u], vf);
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[e] = fmaf(w, vf[e], acc[e]);
+            }
         }
 #pragma unroll
         for (int e = 0; e < 8; e++) acc_s[slot * D + dg * 8 + e] = acc[e];
@@ -383,20 +462,55 @@ __global__ void __launch_bounds__(DEC_THREADS)
     if (!is_last) return;
     __threadfence();
     const float *pp = part + base * ATTN_DSTRIDE;
-    float Mx = -INFINITY;
-    for (int c = 0; c < n_chunks; c++) Mx = fmaxf(Mx, __ldcg(pp + (long)c * ATTN_DSTRIDE + 128));
-    bf16 *out = (bf16 *)a.out + s * a.o_seq + (long)t * a.ldo + (long)h * D;
-    for (int d = tid; d < D; d += DEC_THREADS) {
-        float num = 0.0f, den = 0.0f;
-        for (int c = 0; c < n_chunks; c++) {
+    bf16 *out = (bf16 *)a.out + os + (long)t * a.ldo + (long)h * D;
+    if (n_chunks <= DEC_THREADS * 4) {
+        /* Every chunk's (m, l) at once into shared memory, the weights
+         * 2^(m - M) once, then each output dim's partials 8 loads at a
+         * time: a few dependent loads instead of two chains of n_chunks. */
+        float *mw = acc_s, *lw = acc_s + DEC_THREADS * 4;
+        float mloc = -INFINITY;
+        for (int c = tid; c < n_chunks; c += DEC_THREADS) {
             const float *pc = pp + (long)c * ATTN_DSTRIDE;
-            const float mc = __ldcg(pc + 128);
-            if (mc == -INFINITY) continue;
-            const float w = exp2f(mc - Mx);
-            num += w * __ldcg(pc + d);
-            den += w * __ldcg(pc + 129);
+            mw[c] = __ldcg(pc + 128);
+            lw[c] = __ldcg(pc + 129);
+            mloc = fmaxf(mloc, mw[c]);
         }
-        out[d] = __float2bfloat16_rn(num / den);
+        const float Mx = block_max(mloc, red); /* its barriers also publish mw, lw */
+        float dloc = 0.0f;
+        for (int c = tid; c < n_chunks; c += DEC_THREADS) {
+            const float w = mw[c] == -INFINITY ? 0.0f : exp2f(mw[c] - Mx);
+            mw[c] = w;
+            dloc += w * lw[c];
+        }
+        const float den = block_sum(dloc, red); /* ... and the weights */
+        for (int d = tid; d < D; d += DEC_THREADS) {
+            float num = 0.0f;
+            int c = 0;
+            for (; c + 8 <= n_chunks; c += 8) {
+                float pv[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) pv[u] = __ldcg(pp + (long)(c + u) * ATTN_DSTRIDE + d);
+#pragma unroll
+                for (int u = 0; u < 8; u++) num = fmaf(mw[c + u], pv[u], num);
+            }
+            for (; c < n_chunks; c++) num = fmaf(mw[c], __ldcg(pp + (long)c * ATTN_DSTRIDE + d), num);
+            out[d] = __float2bfloat16_rn(num / den);
+        }
+    } else {
+        float Mx = -INFINITY;
+        for (int c = 0; c < n_chunks; c++) Mx = fmaxf(Mx, __ldcg(pp + (long)c * ATTN_DSTRIDE + 128));
+        for (int d = tid; d < D; d += DEC_THREADS) {
+            float num = 0.0f, den = 0.0f;
+            for (int c = 0; c < n_chunks; c++) {
+                const float *pc = pp + (long)c * ATTN_DSTRIDE;
+                const float mc = __ldcg(pc + 128);
+                if (mc == -INFINITY) continue;
+                const float w = exp2f(mc - Mx);
+                num += w * __ldcg(pc + d);
+                den += w * __ldcg(pc + 129);
+            }
+            out[d] = __float2bfloat16_rn(num / den);
+        }
     }
     if (tid == 0) count[z * a.H + h] = 0;
 }
@@ -407,7 +521,10 @@ __global__ void __launch_bounds__(DEC_THREADS)
 
 albedo_status cuda_attention_init(cuda_ctx *c) {
 #define FA_ATTR(DP)                                                                               \
-    CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP>,                                          \
+    CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP, false>,                                   \
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize,                    \
+                                   (int)fa_shape<DP>::bytes));                                     \
+    CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP, true>,                                    \
                                    cudaFuncAttributeMaxDynamicSharedMemorySize,                    \
                                    (int)fa_shape<DP>::bytes));
     FA_INSTANCES(FA_ATTR)
@@ -426,6 +543,8 @@ albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a) {
     CU_ARG(c, is_aligned(a->q, 16) && is_aligned(a->k, 16) && is_aligned(a->v, 16));
     CU_ARG(c, aligned8(a->ldq) && aligned8(a->q_seq) && aligned8(a->ldk) && aligned8(a->k_head) &&
                   aligned8(a->k_seq) && aligned8(a->ldv) && aligned8(a->v_head) && aligned8(a->v_seq));
+    CU_ARG(c, !a->blocks || (a->block_size > 0 && a->blocks_ld > 0));
+    CU_ARG(c, !(a->seg && a->pos_dev));
     if (a->T == 0 || a->n_seq == 0) return ALBEDO_OK;
     const float sl2 = a->scale * LOG2E;
 
@@ -436,7 +555,10 @@ albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a) {
         const dim3 grid((a->T + FA_BQ - 1) / FA_BQ, a->H, a->n_seq), block(FA_WARPS * 32);
 #define FA_CASE(DP)                                                                               \
     if (a->D <= DP) {                                                                             \
-        CU_TRY(c, (launch_k(c, flash_attn_kernel<DP>, dim3(grid), dim3(block), fa_shape<DP>::bytes, *a, sl2)));          \
+        if (a->seg || a->blocks)                                                                  \
+            CU_TRY(c, (launch_k(c, flash_attn_kernel<DP, true>, dim3(grid), dim3(block), fa_shape<DP>::bytes, *a, sl2)));  \
+        else                                                                                      \
+            CU_TRY(c, (launch_k(c, flash_attn_kernel<DP, false>, dim3(grid), dim3(block), fa_shape<DP>::bytes, *a, sl2))); \
         CU_LAUNCHED(c);                                                                           \
         return ALBEDO_OK;                                                                         \
     }

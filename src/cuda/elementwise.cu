@@ -16,16 +16,56 @@ static int grid_for(size_t n, int threads) {
 /* ---- layernorm: one block per row ----------------------------------------- */
 
 /* Two passes for the statistics (mean, then the squared deviations from it),
- * like the reference, over a row that stays in L1; then the write. */
+ * like the reference, then the write. Rows of up to 256·LN_REG elements
+ * are read once into registers (all loads in flight at once), and the
+ * parameters, which no earlier kernel writes, are loaded before the wait
+ * for the previous kernel (PDL); longer rows stay in L1 over three reads.
+ * Both forms sum in the same order. */
+#define LN_REG 16
 template <typename XT, typename YT>
 __global__ void __launch_bounds__(256) layernorm_kernel(YT *y, int ldy, const XT *x, int ldx, int C,
                                                         const void *g, const void *b, int p_f32,
                                                         float eps) {
     pdl_trigger();
-    pdl_wait();
     __shared__ float red[32];
     const XT *xr = x + (size_t)blockIdx.x * ldx;
     YT *yr = y + (size_t)blockIdx.x * ldy;
+    if (C <= (int)blockDim.x * LN_REG) {
+        float gv[LN_REG], bv[LN_REG], xv[LN_REG];
+#pragma unroll
+        for (int u = 0; u < LN_REG; u++) {
+            const int i = threadIdx.x + u * blockDim.x;
+            gv[u] = i < C ? ld_param(g, p_f32, i) : 0.0f;
+            bv[u] = i < C ? ld_param(b, p_f32, i) : 0.0f;
+        }
+        pdl_wait();
+#pragma unroll
+        for (int u = 0; u < LN_REG; u++) {
+            const int i = threadIdx.x + u * blockDim.x;
+            xv[u] = i < C ? to_f(xr[i]) : 0.0f;
+        }
+        float s = 0.0f;
+#pragma unroll
+        for (int u = 0; u < LN_REG; u++)
+            if (threadIdx.x + u * blockDim.x < (unsigned)C) s += xv[u];
+        const float mean = block_sum(s, red) / C;
+        float v = 0.0f;
+#pragma unroll
+        for (int u = 0; u < LN_REG; u++)
+            if (threadIdx.x + u * blockDim.x < (unsigned)C) {
+                const float d = xv[u] - mean;
+                v += d * d;
+            }
+        const float var = block_sum(v, red) / C;
+        const float inv = 1.0f / sqrtf(var + eps);
+#pragma unroll
+        for (int u = 0; u < LN_REG; u++) {
+            const int i = threadIdx.x + u * blockDim.x;
+            if (i < C) yr[i] = from_f<YT>((xv[u] - mean) * inv * gv[u] + bv[u]);
+        }
+        return;
+    }
+    pdl_wait();
     float s = 0.0f;
     for (int i = threadIdx.x; i < C; i += blockDim.x) s += to_f(xr[i]);
     const float mean = block_sum(s, red) / C;
@@ -199,7 +239,12 @@ __global__ void rope_kv_kernel(cuda_rope r, int per) {
     pdl_trigger();
     pdl_wait();
     const int t = blockIdx.x;
-    const int half = r.R / 2, pos = (r.pos_dev ? *r.pos_dev : r.pos0) + t;
+    const int half = r.R / 2;
+    const int pos = r.rows ? r.rows[2 * t] : (r.pos_dev ? *r.pos_dev : r.pos0) + t;
+    /* Cache element (head, d) of this row: head-major [Hkv, n_ctx, D], or
+     * the paged pool's token-major [rows, Hkv*D]. */
+    const size_t crow = r.rows ? (size_t)r.rows[2 * t + 1] * r.Hkv : (size_t)pos;
+    const size_t hstride = r.rows ? 1 : (size_t)r.n_ctx;
     const bf16 *xr = (const bf16 *)r.x + (size_t)t * r.ldx;
     const float *ct = r.cos_t + (size_t)pos * half, *st = r.sin_t + (size_t)pos * half;
     const bool cache = r.k_cache != NULL;
@@ -211,7 +256,7 @@ __global__ void rope_kv_kernel(cuda_rope r, int per) {
             const bool is_q = i < nq;
             const int ii = is_q ? i : i - nq, head = ii / half, j = ii % half;
             const bf16 *src = xr + (size_t)((is_q ? 0 : r.H) + head) * r.D;
-            bf16 *dst = is_q || !cache ? (bf16 *)src : (bf16 *)r.k_cache + ((size_t)head * r.n_ctx + pos) * r.D;
+            bf16 *dst = is_q || !cache ? (bf16 *)src : (bf16 *)r.k_cache + ((size_t)head * hstride + crow) * r.D;
             /* Both reads happen before either write: dst may be src. */
             const float a = __bfloat162float(src[j]), b = __bfloat162float(src[j + half]);
             const float cs = ct[j], sn = st[j];
@@ -219,10 +264,10 @@ __global__ void rope_kv_kernel(cuda_rope r, int per) {
             dst[j + half] = __float2bfloat16_rn(a * sn + b * cs);
         } else if (i < nq + nk + nkc) {
             const int ii = i - nq - nk, w = r.D - r.R, head = ii / w, d = r.R + ii % w;
-            ((bf16 *)r.k_cache)[((size_t)head * r.n_ctx + pos) * r.D + d] = xr[(size_t)(r.H + head) * r.D + d];
+            ((bf16 *)r.k_cache)[((size_t)head * hstride + crow) * r.D + d] = xr[(size_t)(r.H + head) * r.D + d];
         } else {
             const int ii = i - nq - nk - nkc, head = ii / r.D, d = ii % r.D;
-            ((bf16 *)r.v_cache)[((size_t)head * r.n_ctx + pos) * r.D + d] = xr[(size_t)(r.H + r.Hkv + head) * r.D + d];
+            ((bf16 *)r.v_cache)[((size_t)head * hstride + crow) * r.D + d] = xr[(size_t)(r.H + r.Hkv + head) * r.D + d];
         }
     }
 }
@@ -231,7 +276,8 @@ albedo_status cuda_rope_kv(cuda_ctx *c, const cuda_rope *r) {
     CU_ARG(c, r->T >= 0 && r->H >= 0 && r->Hkv >= 0 && r->D > 0);
     CU_ARG(c, r->R >= 0 && r->R % 2 == 0 && r->R <= r->D && r->pos0 >= 0);
     CU_ARG(c, (r->k_cache == NULL) == (r->v_cache == NULL));
-    CU_ARG(c, !r->k_cache || r->pos_dev || r->pos0 + r->T <= r->n_ctx);
+    CU_ARG(c, !r->k_cache || r->pos_dev || r->rows || r->pos0 + r->T <= r->n_ctx);
+    CU_ARG(c, !r->rows || r->k_cache);
     CU_ARG(c, r->ldx >= (r->H + (r->k_cache ? 2 : 1) * r->Hkv) * r->D);
     const int half = r->R / 2;
     const long total = (long)(r->H + r->Hkv) * half + (r->k_cache ? (long)r->Hkv * (2 * r->D - r->R) : 0);

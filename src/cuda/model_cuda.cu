@@ -23,6 +23,9 @@
  *            rope + KV-cache write; attention over the cache → att bf16;
  *            linear(+=) → x; linear+gelu → f bf16 [T, 8192]; linear(+=) → x }
  *     layernorm(last row) → linear → logits f32 [51200]
+ *   Moondream 3 (model_cuda_md3.cu): md3_tau after the qkv linear (q, v
+ *     scaled before rope + cache write), md3_moe for fc1/fc2 from the first
+ *     MoE layer on; the batched paged steps refuse it.
  *
  * Linears whose K is not a multiple of 8 (patch embedding 588; some test
  * widths) get weights padded with zero columns at upload and activations
@@ -37,6 +40,7 @@
 
 #include "cuda_internal.cuh"
 #include "model_cuda.h"
+#include "model_cuda_md3.h"
 
 static int round8(int v) { return (v + 7) / 8 * 8; }
 
@@ -168,6 +172,7 @@ struct mdc_model {
     unsigned char *slot_mem;
     int n_slots;
     unsigned char slot_used[PREFIX_SLOTS_MAX];
+    md3_model *md3; /* Moondream 3's tau and experts (model_cuda_md3.cu), or NULL */
     char describe[320];
 };
 
@@ -181,7 +186,10 @@ struct mdc_state {
     mdc_model *m;
     cuda_ctx *ctx;
     cudaStream_t st;
-    int max_ctx, vcap; /* text rows; crops per vision group */
+    int max_ctx, vcap; /* positions; crops per vision group (0: no vision memory) */
+    int rows, seqs;    /* text rows of working memory; sequences of a paged step */
+    int bt_ld, stage_rows; /* block-table entries per sequence (paged states); pinned rows up */
+    int flags;         /* MDC_KV, MDC_VISION */
     unsigned char *mem;
     size_t mem_bytes;
     /* text */
@@ -190,7 +198,9 @@ struct mdc_state {
     uint16_t *qkv;   /* [max_ctx, qkvw] */
     uint16_t *att;   /* [max_ctx, H*D] */
     uint16_t *f;     /* [max_ctx, ffp] */
-    float *logits;   /* [vocab] */
+    float *logits;   /* [seqs, vocab] */
+    float *xg;       /* [seqs, dim]: the last row of each sequence of a paged step */
+    int32_t *meta;   /* paged steps: rows, segments, block tables, gathered rows (see paged_meta) */
     int32_t *ids;    /* [8]: ids[0] = bos */
     int *pos_dev;    /* [1]: the decode graph's position */
     uint16_t *kv;    /* [n_layers][2][Hkv][max_ctx][D] */
@@ -212,11 +222,19 @@ struct mdc_state {
     float *logits_pin; /* pinned [vocab], when logits_host could not be page-locked */
     float *logits_host, *hidden_host;
     int reg_logits;
+    /* paged steps: pinned mirrors of meta and of xg (the hidden rows down) */
+    int32_t *meta_h;
+    size_t meta_cap; /* ints */
+    float *down_hidden;
+    cudaGraphExec_t *pgraph; /* [seqs + 1]: the decode step of n sequences */
+    int *pseen;              /* [seqs + 1]: eager steps of n sequences so far */
+    int *gorder;             /* [seqs]: the segment of each gathered row */
     /* decode graph */
     int graphs;      /* allowed */
     cudaGraphExec_t graph;
     int n_captured, last_graph;
     char graph_err[512]; /* why capturing failed, if it did */
+    md3_state *md3;  /* Moondream 3's working memory, or NULL */
     albedo_status sticky; /* a failed asynchronous prefix load, reported by the next forward */
     char sticky_msg[256];
 };
@@ -377,6 +395,7 @@ static void upload(upl *u) {
         o->ln_b = put_f32(u, b->ln_b.p, b->ln_b.dt, (size_t)d->dim, what);
         put_lin(u, &o->qkv, &b->qkv, 0, what);
         put_lin(u, &o->proj, &b->proj, 1, what);
+        if (d->md3 && !b->fc1.w) continue; /* Moondream 3's experts: model_cuda_md3.cu */
         put_lin(u, &o->fc1, &b->fc1, 0, what);
         put_lin(u, &o->fc2, &b->fc2, 1, what);
     }
@@ -400,18 +419,21 @@ static size_t state_layout(mdc_state *s, const mdc_model *m, int max_ctx, unsign
         if (base) s->field = (type *)(base + off);                                                 \
         off += (size_t)(n) * sizeof(type);                                                         \
     } while (0)
-    const size_t R = (size_t)max_ctx, vt = (size_t)(d->max_crops + 1) * m->np, np = (size_t)m->np;
+    const size_t R = (size_t)s->rows, vt = (size_t)s->vcap * m->np, np = (size_t)m->np;
+    const size_t nseq = (size_t)s->seqs;
     const int C = d->enc_dim;
     CARVE(x, float, R * d->dim);
     CARVE(h, uint16_t, R * round8(d->dim));
     CARVE(qkv, uint16_t, R * m->qkvw);
     CARVE(att, uint16_t, R * m->H * m->D);
     CARVE(f, uint16_t, R * round8(d->ff_dim));
-    CARVE(logits, float, d->vocab);
+    CARVE(logits, float, nseq * d->vocab);
+    CARVE(xg, float, nseq * d->dim);
+    CARVE(meta, int32_t, s->meta_cap);
     CARVE(ids, int32_t, 8);
     CARVE(pos_dev, int, 1);
-    CARVE(kv, uint16_t, (size_t)d->n_layers * 2 * m->Hkv * R * m->D);
-    CARVE(crops, uint8_t, (size_t)(d->max_crops + 1) * d->crop_size * d->crop_size * 3);
+    CARVE(kv, uint16_t, (s->flags & MDC_KV) ? (size_t)d->n_layers * 2 * m->Hkv * (size_t)max_ctx * m->D : 0);
+    CARVE(crops, uint8_t, (size_t)s->vcap * d->crop_size * d->crop_size * 3);
     CARVE(patches, uint16_t, vt * round8(m->pd));
     CARVE(vx, float, vt * C);
     CARVE(vh, uint16_t, vt * round8(C));
@@ -429,7 +451,14 @@ static size_t state_layout(mdc_state *s, const mdc_model *m, int max_ctx, unsign
  * cuBLASLt workspace and attention scratch (ctx.cu) and some slack. */
 static size_t session_bytes(const mdc_model *m, int max_ctx) {
     mdc_state tmp;
+    memset(&tmp, 0, sizeof tmp);
+    tmp.rows = max_ctx, tmp.seqs = 1, tmp.flags = MDC_KV | MDC_VISION, tmp.vcap = m->d.max_crops + 1;
     return state_layout(&tmp, m, max_ctx, NULL) + ((size_t)48 << 20);
+}
+
+/* Ints of a paged step's metadata for rows rows and seqs sequences. */
+static size_t meta_ints(int rows, int seqs, int bt_ld) {
+    return (size_t)2 * rows + (size_t)8 * seqs + (size_t)2 * seqs * bt_ld + (size_t)seqs + 64;
 }
 
 /* ---- model ------------------------------------------------------------------------------ */
@@ -448,6 +477,7 @@ void mdc_model_free(mdc_model *m) {
     cudaSetDevice(m->device);
     cudaFree(m->wmem);
     cudaFree(m->slot_mem);
+    md3_model_free(m->md3);
     pthread_mutex_destroy(&m->mu);
     free(m);
 }
@@ -508,7 +538,8 @@ albedo_status mdc_model_new(const mdc_desc *d, int device, mdc_model **out, errb
         mdc_model_free(m);
         return errf(e, cuda_status_of(ce), "cuda: cudaMemGetInfo: %s", cudaGetErrorString(ce));
     }
-    const size_t wbytes = m->wbytes, need = wbytes + session_bytes(m, d->max_context);
+    const size_t wbytes = m->wbytes;
+    size_t need = wbytes + session_bytes(m, d->max_context);
     if (need > free_b) {
         mdc_model_free(m);
         return errf(e, ALBEDO_ERR_OUT_OF_MEMORY,
@@ -533,6 +564,14 @@ albedo_status mdc_model_new(const mdc_desc *d, int device, mdc_model **out, errb
     if (u.st) {
         mdc_model_free(m);
         return u.st;
+    }
+    if (d->md3) { /* Moondream 3: tau, routers and experts (model_cuda_md3.cu) */
+        st = md3_model_new(d, session_bytes(m, d->max_context), &m->md3, e);
+        if (st) {
+            mdc_model_free(m);
+            return st;
+        }
+        need += md3_model_bytes(m->md3) + md3_state_bytes(m->md3, d->max_context);
     }
 
     /* Image prefix slots: ALBEDO_CUDA_IMAGE_SLOTS (default 4), within a
@@ -565,7 +604,7 @@ albedo_status mdc_model_new(const mdc_desc *d, int device, mdc_model **out, errb
         return errf(e, cuda_status_of(ce), "cuda: cudaGetDeviceProperties: %s", cudaGetErrorString(ce));
     }
     snprintf(m->describe, sizeof m->describe, "cuda (%s, sm_%d%d, %.2f GiB of weights)", prop.name, prop.major,
-             prop.minor, m->wbytes / 1073741824.0);
+             prop.minor, (m->wbytes + md3_model_bytes(m->md3)) / 1073741824.0);
     *out = m;
     return ALBEDO_OK;
 }
@@ -577,9 +616,17 @@ void mdc_state_free(mdc_state *s) {
     cudaSetDevice(s->m->device);
     if (s->st) cudaStreamSynchronize(s->st);
     if (s->graph) cudaGraphExecDestroy(s->graph);
+    for (int n = 0; s->pgraph && n <= s->seqs; n++)
+        if (s->pgraph[n]) cudaGraphExecDestroy(s->pgraph[n]);
+    free(s->pgraph);
+    free(s->pseen);
+    free(s->gorder);
     if (s->reg_logits) cudaHostUnregister(s->logits_host);
     cudaFreeHost(s->stage);
     cudaFreeHost(s->logits_pin);
+    cudaFreeHost(s->meta_h);
+    cudaFreeHost(s->down_hidden);
+    md3_state_free(s->md3);
     cudaFree(s->mem);
     cuda_ctx_free(s->ctx);
     free(s);
@@ -587,15 +634,28 @@ void mdc_state_free(mdc_state *s) {
 
 albedo_status mdc_state_new(mdc_model *m, int max_ctx, float *logits_host, float *hidden_host, mdc_state **out,
                             errbuf *e) {
+    return mdc_state_new_ex(m, max_ctx, max_ctx, 1, 0, MDC_KV | MDC_VISION, logits_host, hidden_host, out, e);
+}
+
+albedo_status mdc_state_new_ex(mdc_model *m, int max_ctx, int rows, int seqs, int block_size, int flags,
+                               float *logits_host, float *hidden_host, mdc_state **out, errbuf *e) {
     *out = NULL;
     if (max_ctx < m->d.prefix_attn || max_ctx > m->d.max_context)
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "cuda: %d positions of context", max_ctx);
+    if (rows < 1 || seqs < 1 || block_size < 0 || ((flags & MDC_KV) && rows < max_ctx) ||
+        ((flags & MDC_VISION) && rows < m->d.prefix_attn))
+        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "cuda: a state of %d rows, %d sequences", rows, seqs);
     CK(cudaSetDevice(m->device));
     mdc_state *s = (mdc_state *)calloc(1, sizeof *s);
     if (!s) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
     s->m = m;
     s->max_ctx = max_ctx;
-    s->vcap = m->d.max_crops + 1;
+    s->rows = rows;
+    s->seqs = seqs;
+    s->flags = flags;
+    s->vcap = (flags & MDC_VISION) ? m->d.max_crops + 1 : 0;
+    s->bt_ld = block_size > 0 ? (max_ctx + block_size - 1) / block_size : 0;
+    s->meta_cap = block_size > 0 ? meta_ints(rows, seqs, s->bt_ld) : 0;
     const char *env = getenv("ALBEDO_CUDA_GRAPH");
     s->graphs = !(env && env[0] == '0');
     albedo_status st = cuda_ctx_new(m->device, &s->ctx, e);
@@ -607,28 +667,48 @@ albedo_status mdc_state_new(mdc_model *m, int max_ctx, float *logits_host, float
     /* Measured on an H100 (docs/CUDA.md): the GEMV wins up to 2 rows,
      * cuBLASLt from 4 on; ALBEDO_CUDA_GEMV_MAX_T overrides. */
     if (!getenv("ALBEDO_CUDA_GEMV_MAX_T")) cuda_ctx_set_gemv_max(s->ctx, 2);
+    s->stage_rows = block_size > 0 && rows <= 1024 ? rows : STAGE_ROWS;
     s->mem_bytes = state_layout(s, m, max_ctx, NULL);
     cudaError_t ce = cudaMalloc((void **)&s->mem, s->mem_bytes);
     if (ce == cudaSuccess) ce = cudaMemset(s->mem, 0, s->mem_bytes);
     if (ce == cudaSuccess)
-        ce = cudaHostAlloc((void **)&s->stage, (size_t)(STAGE_ROWS + 1) * m->d.dim * sizeof(float) + 64,
+        ce = cudaHostAlloc((void **)&s->stage, (size_t)(s->stage_rows + 1) * m->d.dim * sizeof(float) + 64,
                            cudaHostAllocDefault);
+    if (ce == cudaSuccess && s->meta_cap)
+        ce = cudaHostAlloc((void **)&s->meta_h, s->meta_cap * sizeof(int32_t), cudaHostAllocDefault);
+    if (ce == cudaSuccess && s->meta_cap)
+        ce = cudaHostAlloc((void **)&s->down_hidden, (size_t)seqs * m->d.dim * sizeof(float), cudaHostAllocDefault);
     if (ce != cudaSuccess) {
         st = errf(e, cuda_status_of(ce), "cuda: %.2f GiB of session memory: %s", s->mem_bytes / 1073741824.0,
                   cudaGetErrorString(ce));
         mdc_state_free(s);
         return st;
     }
+    if (s->meta_cap) {
+        s->pgraph = (cudaGraphExec_t *)calloc((size_t)seqs + 1, sizeof *s->pgraph);
+        s->pseen = (int *)calloc((size_t)seqs + 1, sizeof *s->pseen);
+        s->gorder = (int *)calloc((size_t)seqs, sizeof *s->gorder);
+        if (!s->pgraph || !s->pseen || !s->gorder) {
+            mdc_state_free(s);
+            return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+        }
+    }
     state_layout(s, m, max_ctx, s->mem);
-    s->stage_hidden = s->stage + (size_t)STAGE_ROWS * m->d.dim;
+    if (m->md3 && (st = md3_state_new(m->md3, rows, &s->md3, e))) {
+        mdc_state_free(s);
+        return st;
+    }
+    s->stage_hidden = s->stage + (size_t)s->stage_rows * m->d.dim;
     s->stage_pos = (int *)(s->stage_hidden + m->d.dim);
     /* The logits land straight in the session's host buffer, page-locked so
      * that the copy is DMA; where registering fails, through a pinned copy. */
     s->logits_host = logits_host;
     s->hidden_host = hidden_host;
-    s->reg_logits = cudaHostRegister(logits_host, (size_t)m->d.vocab * sizeof(float), cudaHostRegisterDefault) ==
-                    cudaSuccess;
-    cudaGetLastError();
+    if (logits_host) {
+        s->reg_logits = cudaHostRegister(logits_host, (size_t)m->d.vocab * sizeof(float), cudaHostRegisterDefault) ==
+                        cudaSuccess;
+        cudaGetLastError();
+    }
     if (!s->reg_logits &&
         (ce = cudaHostAlloc((void **)&s->logits_pin, (size_t)m->d.vocab * sizeof(float), cudaHostAllocDefault)) !=
             cudaSuccess) {
@@ -702,6 +782,7 @@ static albedo_status vision_all(mdc_state *s, const uint8_t *crops_host, int n, 
     const int np = m->np, C = d->enc_dim, catp = round8(2 * C), pip = round8(d->proj_inner);
     const size_t crop_bytes = (size_t)d->crop_size * d->crop_size * 3;
     if (n < 1 || n != th * tw + 1) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: %d crops for a %dx%d tiling", n, th, tw);
+    if (!s->vcap) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: vision on a state without vision memory");
     CK(cudaMemsetAsync(s->pool, 0, (size_t)np * C * sizeof(float), s->st));
     for (int g0 = 0; g0 < n; g0 += s->vcap) {
         const int gn = n - g0 < s->vcap ? n - g0 : s->vcap;
@@ -742,6 +823,7 @@ albedo_status mdc_vision(mdc_state *s, const uint8_t *crops_host, int n, int th,
 
 albedo_status mdc_vision_crops(mdc_state *s, const uint8_t *crops_host, int n, float *out_host, errbuf *e) {
     CK(cudaSetDevice(s->m->device));
+    if (!s->vcap) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: vision on a state without vision memory");
     const mdc_desc *d = &s->m->d;
     const int np = s->m->np, C = d->enc_dim;
     const size_t crop_bytes = (size_t)d->crop_size * d->crop_size * 3;
@@ -771,6 +853,10 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
         uint16_t *kc = s->kv + (size_t)l * layer, *vc = kc + (size_t)m->Hkv * head;
         OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->x, DT_F32, dim, T, dim, b->ln_w, b->ln_b, DT_F32, 1e-5f));
         OPK(cuda_linear(s->ctx, s->qkv, DT_BF16, m->qkvw, s->h, dimp, T, &b->qkv.w, CUDA_ACT_NONE, 0));
+        if (m->md3) { /* Moondream 3: tau scales q and v before rotary and the cache */
+            albedo_status st = md3_tau(m->md3, s->md3, s->ctx, l, s->qkv, m->qkvw, T, pos0, pos_dev, e);
+            if (st) return st;
+        }
         cuda_rope r;
         memset(&r, 0, sizeof r);
         r.x = s->qkv, r.ldx = m->qkvw, r.T = T, r.H = m->H, r.Hkv = m->Hkv, r.D = m->D, r.R = d->rot_dims;
@@ -787,6 +873,11 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
         a.out = s->att, a.ldo = qd;
         OPK(cuda_attention(s->ctx, &a));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->att, qd, T, &b->proj.w, CUDA_ACT_NONE, 1));
+        if (m->md3 && md3_layer_moe(m->md3, l)) { /* Moondream 3's experts: x += moe(h) */
+            albedo_status st = md3_moe(m->md3, s->md3, s->ctx, l, s->h, dimp, s->x, dim, T, e);
+            if (st) return st;
+            continue;
+        }
         OPK(cuda_linear(s->ctx, s->f, DT_BF16, ffp, s->h, dimp, T, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->f, ffp, T, &b->fc2.w, CUDA_ACT_NONE, 1));
     }
@@ -828,6 +919,7 @@ albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int p
         s->sticky = ALBEDO_OK;
         return errf(e, st, "%s", s->sticky_msg);
     }
+    if (!(s->flags & MDC_KV)) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: a forward on a state without a KV cache");
     if (T < 1 || pos0 < 0 || pos0 + T > s->max_ctx)
         return errf(e, ALBEDO_ERR_LIMIT, "context length %d exceeds the maximum of %d positions", pos0 + T, s->max_ctx);
     CK(cudaSetDevice(s->m->device));
@@ -845,7 +937,7 @@ albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int p
             cudaGetLastError();
         }
     }
-    if (T <= STAGE_ROWS) {
+    if (T <= s->stage_rows) {
         memcpy(s->stage, emb_host, (size_t)T * row);
         CK(cudaMemcpyAsync(s->x, s->stage, (size_t)T * row, cudaMemcpyHostToDevice, s->st));
     } else {
@@ -871,6 +963,346 @@ albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int p
     return ALBEDO_OK;
 }
 
+/* ---- paged steps (the engine's pool) ------------------------------------------------------- */
+
+/* dst row i = src row idx[i] (C floats): the last row of each sequence. */
+__global__ void gather_rows_kernel(float *dst, const float *src, const int32_t *idx, int C) {
+    pdl_trigger();
+    pdl_wait();
+    const float *r = src + (size_t)idx[blockIdx.x] * C;
+    float *o = dst + (size_t)blockIdx.x * C;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) o[i] = r[i];
+}
+
+/* Rows a linear runs over for T rows: T up to the GEMV's 2, else a bucket,
+ * so that a context's 64 cuBLASLt plans cover every step size (the rows
+ * past T hold stale, finite values and their outputs are never read). */
+static int gemm_rows(int T, int cap) {
+    static const int b[] = {4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512};
+    int r = T;
+    if (T > 2) {
+        r = (T + 127) / 128 * 128;
+        for (size_t i = 0; i < sizeof b / sizeof b[0]; i++)
+            if (T <= b[i]) {
+                r = b[i];
+                break;
+            }
+    }
+    return r < cap ? r : cap;
+}
+
+/* A paged step's shape and where its metadata lies in meta (ints):
+ *   rows  [T][2]        position and pool row of each input row
+ *   segA  [nA][4]       {row0, T, pos0, n_prefix}: segments of <= 8 rows (decode kernel)
+ *   segB  [nB][4]       the longer ones (flash kernel)
+ *   btA   [nA][bt_ld]   block tables, btB [nB][bt_ld]
+ *   lidx  [n_seg]       the last row of each segment, those that want logits first */
+typedef struct paged_plan {
+    int T, nA, nB, maxA, maxB, n_seg, n_logits;
+    size_t o_segA, o_segB, o_btA, o_btB, o_lidx, n_ints;
+} paged_plan;
+
+static void plan_offsets(paged_plan *pl, int bt_ld) {
+    pl->o_segA = (size_t)2 * pl->T;
+    pl->o_segB = pl->o_segA + (size_t)4 * pl->nA;
+    pl->o_btA = pl->o_segB + (size_t)4 * pl->nB;
+    pl->o_btB = pl->o_btA + (size_t)pl->nA * bt_ld;
+    pl->o_lidx = pl->o_btB + (size_t)pl->nB * bt_ld;
+    pl->n_ints = pl->o_lidx + (size_t)pl->n_seg;
+}
+
+/* The decoder over the step's rows (x rows 0..T-1), K/V through the block
+ * tables into the pool (kl, vl: per-layer device bases [rows, Hkv*D]);
+ * then the last row of every segment gathered into xg and, for the first
+ * n_logits of them, the logits. */
+static albedo_status text_layers_paged(mdc_state *s, const paged_plan *pl, void *const *kl, void *const *vl, int bs,
+                                       errbuf *e) {
+    const mdc_model *m = s->m;
+    const mdc_desc *d = &m->d;
+    const int dim = d->dim, dimp = round8(dim), ffp = round8(d->ff_dim), qd = m->H * m->D, kvd = m->Hkv * m->D;
+    const int T = pl->T, Tl = gemm_rows(T, s->rows);
+    if (m->md3) /* tau and the experts are wired into text_layers only */
+        return errf(e, ALBEDO_ERR_UNSUPPORTED, "cuda: Moondream 3 runs in blocking sessions (no batched engine steps)");
+    for (int l = 0; l < d->n_layers; l++) {
+        const dtblock *b = &m->tb[l];
+        uint16_t *kc = (uint16_t *)kl[l], *vc = (uint16_t *)vl[l];
+        OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->x, DT_F32, dim, T, dim, b->ln_w, b->ln_b, DT_F32, 1e-5f));
+        OPK(cuda_linear(s->ctx, s->qkv, DT_BF16, m->qkvw, s->h, dimp, Tl, &b->qkv.w, CUDA_ACT_NONE, 0));
+        cuda_rope r;
+        memset(&r, 0, sizeof r);
+        r.x = s->qkv, r.ldx = m->qkvw, r.T = T, r.H = m->H, r.Hkv = m->Hkv, r.D = m->D, r.R = d->rot_dims;
+        r.cos_t = m->cos_t, r.sin_t = m->sin_t, r.k_cache = kc, r.v_cache = vc, r.rows = s->meta;
+        OPK(cuda_rope_kv(s->ctx, &r));
+        for (int grp = 0; grp < 2; grp++) {
+            const int n = grp ? pl->nB : pl->nA;
+            /* The decode kernel's partial results hold ATTN_SLOTS/2 rows ×
+             * heads a launch (paged_fill keeps a step within one launch up to
+             * 8192 / H sequences; more go in several). */
+            if (!n) continue;
+            int per = grp ? n : (int)((ATTN_SLOTS / 2) / ((long)pl->maxA * m->H));
+            if (per < 1) per = 1; /* then the launcher refuses it */
+            for (int i0 = 0; i0 < n; i0 += per) {
+                cuda_attn a;
+                memset(&a, 0, sizeof a);
+                a.T = grp ? pl->maxB : pl->maxA, a.S = s->max_ctx, a.H = m->H, a.Hkv = m->Hkv, a.D = m->D;
+                a.scale = 1.0f / sqrtf((float)m->D), a.n_seq = n - i0 < per ? n - i0 : per;
+                a.q = s->qkv, a.ldq = m->qkvw;
+                a.k = kc, a.ldk = kvd, a.k_head = m->D;
+                a.v = vc, a.ldv = kvd, a.v_head = m->D;
+                a.out = s->att, a.ldo = qd;
+                a.seg = s->meta + (grp ? pl->o_segB : pl->o_segA) + (size_t)4 * i0;
+                a.blocks = s->meta + (grp ? pl->o_btB : pl->o_btA) + (size_t)i0 * s->bt_ld;
+                a.block_size = bs, a.blocks_ld = s->bt_ld;
+                OPK(cuda_attention(s->ctx, &a));
+            }
+        }
+        OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->att, qd, Tl, &b->proj.w, CUDA_ACT_NONE, 1));
+        OPK(cuda_linear(s->ctx, s->f, DT_BF16, ffp, s->h, dimp, Tl, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
+        OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->f, ffp, Tl, &b->fc2.w, CUDA_ACT_NONE, 1));
+    }
+    LAUNCH(gather_rows_kernel, pl->n_seg, 256, s->xg, (const float *)s->x, (const int32_t *)(s->meta + pl->o_lidx), dim);
+    if (pl->n_logits) {
+        OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->xg, DT_F32, dim, pl->n_logits, dim, m->tpost_w,
+                              m->tpost_b, DT_F32, 1e-5f));
+        OPK(cuda_linear(s->ctx, s->logits, DT_F32, d->vocab, s->h, dimp, gemm_rows(pl->n_logits, s->seqs),
+                        &m->lm_head.w, CUDA_ACT_NONE, 0));
+    }
+    return ALBEDO_OK;
+}
+
+/* Fill meta_h for segs; order[i] = the segment of gathered row i. */
+static albedo_status paged_fill(mdc_state *s, const mdc_seg *segs, int n_seg, int bs, paged_plan *pl, int *order,
+                                errbuf *e) {
+    memset(pl, 0, sizeof *pl);
+    pl->n_seg = n_seg;
+    int small = 8;
+    for (int pass = 0; pass < 2; pass++) {
+        pl->T = pl->nA = pl->nB = pl->maxA = pl->maxB = pl->n_logits = 0;
+        for (int i = 0; i < n_seg; i++) {
+            const mdc_seg *g = &segs[i];
+            if (g->T < 1 || g->pos0 < 0 || g->pos0 + g->T > s->max_ctx || !g->blocks ||
+                g->n_blocks * bs < g->pos0 + g->T)
+                return errf(e, ALBEDO_ERR_INTERNAL, "cuda: segment %d: %d rows at %d, %d blocks", i, g->T, g->pos0,
+                            g->n_blocks);
+            pl->T += g->T;
+            if (g->T <= small) {
+                pl->nA++;
+                if (g->T > pl->maxA) pl->maxA = g->T;
+            } else {
+                pl->nB++;
+                if (g->T > pl->maxB) pl->maxB = g->T;
+            }
+            pl->n_logits += g->logits_host != NULL;
+        }
+        /* The decode kernel's partial results hold ATTN_SLOTS rows × heads. */
+        if ((long)pl->nA * pl->maxA * s->m->H <= ATTN_SLOTS / 2 || small == 1) break;
+        small = 1;
+    }
+    if ((long)s->m->H > ATTN_SLOTS / 2)
+        return errf(e, ALBEDO_ERR_UNSUPPORTED, "cuda: %d heads", s->m->H);
+    if (pl->T > s->rows || n_seg > s->seqs)
+        return errf(e, ALBEDO_ERR_LIMIT, "cuda: a step of %d rows and %d sequences (the state has %d and %d)", pl->T,
+                    n_seg, s->rows, s->seqs);
+    plan_offsets(pl, s->bt_ld);
+    if (pl->n_ints > s->meta_cap) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: step metadata overflows");
+    int32_t *mh = s->meta_h;
+    int iA = 0, iB = 0, r0 = 0, lo = 0, hi = pl->n_logits;
+    for (int i = 0; i < n_seg; i++) {
+        const mdc_seg *g = &segs[i];
+        for (int t = 0; t < g->T; t++) {
+            const int p = g->pos0 + t;
+            mh[2 * (r0 + t)] = p;
+            mh[2 * (r0 + t) + 1] = g->blocks[p / bs] * bs + p % bs;
+        }
+        const int A = g->T <= small;
+        int32_t *sg = mh + (A ? pl->o_segA + 4 * (size_t)iA : pl->o_segB + 4 * (size_t)iB);
+        int32_t *bt = mh + (A ? pl->o_btA + (size_t)iA * s->bt_ld : pl->o_btB + (size_t)iB * s->bt_ld);
+        sg[0] = r0, sg[1] = g->T, sg[2] = g->pos0, sg[3] = g->n_prefix;
+        const int nb = (g->pos0 + g->T + bs - 1) / bs;
+        memcpy(bt, g->blocks, (size_t)nb * sizeof(int32_t));
+        if (A) iA++;
+        else iB++;
+        const int at = g->logits_host ? lo++ : hi++;
+        mh[pl->o_lidx + at] = r0 + g->T - 1;
+        order[at] = i;
+        r0 += g->T;
+    }
+    return ALBEDO_OK;
+}
+
+static albedo_status upload_rows(mdc_state *s, const float *emb_host, int T, errbuf *e) {
+    const size_t bytes = (size_t)T * s->m->d.dim * sizeof(float);
+    if (T <= s->stage_rows) {
+        memcpy(s->stage, emb_host, bytes);
+        CK(cudaMemcpyAsync(s->x, s->stage, bytes, cudaMemcpyHostToDevice, s->st));
+    } else {
+        CK(cudaMemcpyAsync(s->x, emb_host, bytes, cudaMemcpyHostToDevice, s->st));
+    }
+    return ALBEDO_OK;
+}
+
+/* Capture the decode step of n one-row sequences (metadata at its fixed
+ * offsets for that n). */
+static albedo_status capture_paged(mdc_state *s, const paged_plan *pl, void *const *kl, void *const *vl, int bs,
+                                   errbuf *e) {
+    CK(cudaStreamBeginCapture(s->st, cudaStreamCaptureModeThreadLocal));
+    errbuf sub;
+    albedo_status st = text_layers_paged(s, pl, kl, vl, bs, &sub);
+    cudaGraph_t g = NULL;
+    cudaError_t ce = cudaStreamEndCapture(s->st, &g);
+    if (st) {
+        if (g) cudaGraphDestroy(g);
+        return errf(e, st, "%s (while capturing a paged decode graph)", sub.msg);
+    }
+    cudaGraphExec_t ex = NULL;
+    if (ce == cudaSuccess) ce = cudaGraphInstantiate(&ex, g, 0);
+    if (g) cudaGraphDestroy(g);
+    if (ce != cudaSuccess)
+        return errf(e, cuda_status_of(ce), "cuda: capturing a paged decode graph: %s", cudaGetErrorString(ce));
+    s->pgraph[pl->n_seg] = ex;
+    s->n_captured++;
+    return ALBEDO_OK;
+}
+
+albedo_status mdc_forward_paged(mdc_state *s, void *const *kl, void *const *vl, int bs, const float *emb_host,
+                                const mdc_seg *segs, int n_seg, errbuf *e) {
+    const mdc_desc *d = &s->m->d;
+    if (!s->meta_cap || bs < 1 || (long)bs * s->bt_ld < s->max_ctx || n_seg < 1)
+        return errf(e, ALBEDO_ERR_INTERNAL, "cuda: a paged step on a state not made for one");
+    CK(cudaSetDevice(s->m->device));
+    paged_plan pl;
+    albedo_status st = paged_fill(s, segs, n_seg, bs, &pl, s->gorder, e);
+    if (st) return st;
+    /* Decode steps (every segment one row, all with logits) replay a graph
+     * per number of sequences, captured at the second step of that size
+     * (the first has run cuBLASLt's heuristics for its shapes). */
+    const int decode = pl.T == n_seg && pl.n_logits == n_seg && pl.nB == 0;
+    s->last_graph = 0;
+    if (decode && s->graphs && !s->pgraph[n_seg] && ++s->pseen[n_seg] >= 2) {
+        errbuf sub;
+        CK(cudaStreamSynchronize(s->st));
+        if (capture_paged(s, &pl, kl, vl, bs, &sub)) {
+            s->graphs = 0;
+            snprintf(s->graph_err, sizeof s->graph_err, "%s", sub.msg);
+            cudaGetLastError();
+        }
+    }
+    st = upload_rows(s, emb_host, pl.T, e);
+    if (st) return st;
+    CK(cudaMemcpyAsync(s->meta, s->meta_h, pl.n_ints * sizeof(int32_t), cudaMemcpyHostToDevice, s->st));
+    if (decode && s->graphs && s->pgraph[n_seg]) {
+        CK(cudaGraphLaunch(s->pgraph[n_seg], s->st));
+        s->last_graph = 1;
+    } else {
+        st = text_layers_paged(s, &pl, kl, vl, bs, e);
+        if (st) return st;
+    }
+    /* The hidden rows through pinned staging; each logits row straight into
+     * its destination (the engine page-locks its requests' buffers). */
+    CK(cudaMemcpyAsync(s->down_hidden, s->xg, (size_t)n_seg * d->dim * sizeof(float), cudaMemcpyDeviceToHost, s->st));
+    for (int i = 0; i < pl.n_logits; i++)
+        CK(cudaMemcpyAsync(segs[s->gorder[i]].logits_host, s->logits + (size_t)i * d->vocab,
+                           (size_t)d->vocab * sizeof(float), cudaMemcpyDeviceToHost, s->st));
+    st = finish(s, e);
+    if (st) return st;
+    for (int i = 0; i < n_seg; i++)
+        memcpy(segs[s->gorder[i]].hidden_host, s->down_hidden + (size_t)i * d->dim, (size_t)d->dim * sizeof(float));
+    return ALBEDO_OK;
+}
+
+albedo_status mdc_image_prefix_paged(mdc_state *s, const uint8_t *crops_host, int n, int th, int tw, void *const *kl,
+                                     void *const *vl, int bs, const int32_t *blocks, int n_blocks, errbuf *e) {
+    mdc_model *m = s->m;
+    const mdc_desc *d = &m->d;
+    if (!s->meta_cap || bs < 1 || (long)bs * s->bt_ld < s->max_ctx)
+        return errf(e, ALBEDO_ERR_INTERNAL, "cuda: a paged prefix on a state not made for one");
+    CK(cudaSetDevice(m->device));
+    albedo_status st = vision_all(s, crops_host, n, th, tw, NULL, e);
+    if (st) return st;
+    OPK(cuda_embed(s->ctx, s->x, m->wte, d->vocab, d->dim, s->ids, 1));
+    mdc_seg g;
+    memset(&g, 0, sizeof g);
+    g.pos0 = 0, g.T = d->prefix_attn, g.n_prefix = d->prefix_attn, g.blocks = blocks, g.n_blocks = n_blocks;
+    g.hidden_host = s->down_hidden; /* not used */
+    paged_plan pl;
+    st = paged_fill(s, &g, 1, bs, &pl, s->gorder, e);
+    if (st) return st;
+    CK(cudaMemcpyAsync(s->meta, s->meta_h, pl.n_ints * sizeof(int32_t), cudaMemcpyHostToDevice, s->st));
+    st = text_layers_paged(s, &pl, kl, vl, bs, e);
+    if (st) return st;
+    /* The blocks are read by other streams (the engine's steps) next. */
+    return finish(s, e);
+}
+
+/* ---- the engine's KV pool on the device --------------------------------------------------- */
+
+struct mdc_pool {
+    mdc_model *m;
+    unsigned char *mem;
+    size_t plane, row; /* bytes of one layer's K (or V) pool; of one row */
+    cudaStream_t st;   /* copies */
+};
+
+void mdc_host_pin(void *p, size_t bytes, int on) {
+    if (!p) return;
+    if (on) cudaHostRegister(p, bytes, cudaHostRegisterDefault);
+    else cudaHostUnregister(p);
+    cudaGetLastError();
+}
+
+size_t mdc_free_memory(mdc_model *m) {
+    size_t f = 0, t = 0;
+    if (cudaSetDevice(m->device) != cudaSuccess || cudaMemGetInfo(&f, &t) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return f;
+}
+
+albedo_status mdc_pool_new(mdc_model *m, long n_rows, void **k, void **v, mdc_pool **out, errbuf *e) {
+    *out = NULL;
+    CK(cudaSetDevice(m->device));
+    mdc_pool *p = (mdc_pool *)calloc(1, sizeof *p);
+    if (!p) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    p->m = m;
+    p->row = (size_t)m->Hkv * m->D * sizeof(uint16_t);
+    p->plane = ((size_t)n_rows * p->row + 255) & ~(size_t)255;
+    const size_t bytes = p->plane * 2 * m->d.n_layers;
+    cudaError_t ce = cudaMalloc((void **)&p->mem, bytes);
+    if (ce == cudaSuccess) ce = cudaStreamCreateWithFlags(&p->st, cudaStreamNonBlocking);
+    if (ce != cudaSuccess) {
+        mdc_pool_free(p);
+        return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "cuda: a KV cache of %.2f GiB: %s", bytes / 1073741824.0,
+                    cudaGetErrorString(ce));
+    }
+    for (int l = 0; l < m->d.n_layers; l++) {
+        k[l] = p->mem + (size_t)(2 * l) * p->plane;
+        v[l] = p->mem + (size_t)(2 * l + 1) * p->plane;
+    }
+    *out = p;
+    return ALBEDO_OK;
+}
+
+void mdc_pool_free(mdc_pool *p) {
+    if (!p) return;
+    cudaSetDevice(p->m->device);
+    if (p->st) {
+        cudaStreamSynchronize(p->st);
+        cudaStreamDestroy(p->st);
+    }
+    cudaFree(p->mem);
+    free(p);
+}
+
+albedo_status mdc_pool_copy(mdc_pool *p, long dst_row, long src_row, int n_rows, errbuf *e) {
+    CK(cudaSetDevice(p->m->device));
+    /* Every layer's K and V plane at once: 2·n_layers rows of a 2-D copy. */
+    CK(cudaMemcpy2DAsync(p->mem + (size_t)dst_row * p->row, p->plane, p->mem + (size_t)src_row * p->row, p->plane,
+                         (size_t)n_rows * p->row, (size_t)2 * p->m->d.n_layers, cudaMemcpyDeviceToDevice, p->st));
+    CK(cudaStreamSynchronize(p->st));
+    return ALBEDO_OK;
+}
+
 /* ---- image prefix ----------------------------------------------------------------------------- */
 
 /* Rows (layer, k|v, kv head) of the cache: the first n_pos positions. */
@@ -888,6 +1320,7 @@ albedo_status mdc_image_prefix(mdc_state *s, const uint8_t *crops_host, int n, i
     const mdc_desc *d = &m->d;
     if (out) *out = NULL;
     CK(cudaSetDevice(m->device));
+    if (!(s->flags & MDC_KV)) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: an image prefix on a state without a KV cache");
     albedo_status st = vision_all(s, crops_host, n, th, tw, NULL, e);
     if (st) return st;
     OPK(cuda_embed(s->ctx, s->x, m->wte, d->vocab, d->dim, s->ids, 1));
@@ -929,6 +1362,7 @@ albedo_status mdc_image_prefix(mdc_state *s, const uint8_t *crops_host, int n, i
 
 albedo_status mdc_prefix_load(mdc_state *s, const mdc_prefix *p, errbuf *e) {
     CK(cudaSetDevice(s->m->device));
+    if (!(s->flags & MDC_KV)) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: a prefix load on a state without a KV cache");
     cudaError_t ce = copy_prefix(s, (unsigned char *)s->kv, p->p, 1, s->m->d.prefix_attn);
     if (ce != cudaSuccess) {
         s->sticky = cuda_status_of(ce);
@@ -956,7 +1390,7 @@ void mdc_prefix_free(mdc_prefix *p) {
 
 albedo_status mdc_kv_download(mdc_state *s, int l, int n_pos, float *k_host, float *v_host, errbuf *e) {
     const mdc_model *m = s->m;
-    if (l < 0 || l >= m->d.n_layers || n_pos < 1 || n_pos > s->max_ctx)
+    if (!(s->flags & MDC_KV) || l < 0 || l >= m->d.n_layers || n_pos < 1 || n_pos > s->max_ctx)
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "cuda: layer %d, %d positions", l, n_pos);
     CK(cudaSetDevice(m->device));
     const int Hkv = m->Hkv, D = m->D;

@@ -21,7 +21,8 @@
  * Activations follow ops_cuda.h: bf16 matrix operands, float32 sums, a
  * float32 residual stream. Host pointers are named so; every call returns
  * when its results are on the host (one stream synchronisation per call).
- * Moondream 3 and block-quantised weights are not supported here
+ * Moondream 3's tau attention and experts run in model_cuda_md3.cu, called
+ * from the text layers; block-quantised weights are not supported here
  * (ALBEDO_ERR_UNSUPPORTED from the glue).
  */
 #ifndef ALBEDO_MODEL_CUDA_H
@@ -62,7 +63,25 @@ typedef struct mdc_desc {
     op_vec tpost_w, tpost_b;
     op_linear lm_head;
     const float *rope_cos, *rope_sin; /* [max_context, rot_dims/2] */
+    const struct mdc_md3_desc *md3; /* Moondream 3's additions (below), or NULL */
 } mdc_desc;
+
+/* Moondream 3 (spec/model.md §10; model_cuda_md3.cu): per text block the
+ * tau parameters and, from the first MoE layer on, the router and experts
+ * (whose blocks leave mdc_tblock's fc1/fc2 empty). */
+typedef struct mdc_md3_block {
+    op_linear tau_wq, tau_wv; /* [H, (H + 2*Hkv)*D], no bias */
+    op_vec tau_alpha;         /* [H] */
+    int moe;
+    op_linear router;              /* [E, dim] with bias */
+    const void *exp_fc1, *exp_fc2; /* [E, 2*inner, dim], [E, dim, inner] */
+    dtype exp_fc1_dt, exp_fc2_dt;
+} mdc_md3_block;
+
+typedef struct mdc_md3_desc {
+    int experts, topk, inner, tau_pos_bf16;
+    const mdc_md3_block *b; /* [n_layers] */
+} mdc_md3_desc;
 
 typedef struct mdc_model mdc_model;
 typedef struct mdc_state mdc_state;
@@ -86,6 +105,56 @@ const char *mdc_model_describe(const mdc_model *m);
 albedo_status mdc_state_new(mdc_model *m, int max_ctx, float *logits_host, float *hidden_host,
                             mdc_state **out, errbuf *e);
 void mdc_state_free(mdc_state *s); /* NULL is a no-op */
+
+/* What a state holds besides its text working memory. */
+#define MDC_KV 1     /* its own KV cache of max_ctx positions (sessions) */
+#define MDC_VISION 2 /* the vision workspace (sessions, the engine's image worker) */
+/* A state of rows text rows (at least max_ctx with MDC_KV, prefix_attn with
+ * MDC_VISION) for paged steps of up to seqs sequences over a pool of
+ * block_size positions a block (0: no paged steps). mdc_state_new is
+ * (max_ctx, max_ctx, 1, 0, MDC_KV | MDC_VISION). logits_host may be NULL. */
+albedo_status mdc_state_new_ex(mdc_model *m, int max_ctx, int rows, int seqs, int block_size, int flags,
+                               float *logits_host, float *hidden_host, mdc_state **out, errbuf *e);
+
+/* ---- the engine: a paged KV pool on the device ------------------------------
+ *
+ * One allocation, [n_layers][k|v][n_rows][Hkv*D] bf16; k[l] and v[l] get
+ * the device base of layer l's planes (kvcache.h's kv_pool with device
+ * memory). Positions reach rows through per-sequence block tables. */
+typedef struct mdc_pool mdc_pool;
+albedo_status mdc_pool_new(mdc_model *m, long n_rows, void **k, void **v, mdc_pool **out, errbuf *e);
+void mdc_pool_free(mdc_pool *p); /* NULL is a no-op */
+/* Rows src_row.. → dst_row.. (n_rows) in every plane; returns when done. */
+albedo_status mdc_pool_copy(mdc_pool *p, long dst_row, long src_row, int n_rows, errbuf *e);
+/* Page-lock host memory (on) or release it; a failure leaves it pageable
+ * (copies into it still work, more slowly). */
+void mdc_host_pin(void *p, size_t bytes, int on);
+/* Free memory on m's device now, in bytes (0 if unknown). */
+size_t mdc_free_memory(mdc_model *m);
+
+/* One sequence of a paged step: T rows at positions pos0.. (keys 0 ..
+ * pos0+T-1 through blocks[0 .. n_blocks)), n_prefix its bidirectional
+ * prefix; hidden_host [dim] gets its last row before post_ln, logits_host
+ * [vocab] (when not NULL) its logits. */
+typedef struct mdc_seg {
+    int pos0, T, n_prefix;
+    const int32_t *blocks;
+    int n_blocks;
+    float *hidden_host, *logits_host;
+} mdc_seg;
+
+/* The engine's batched step: emb_host [ΣT, dim] (segment after segment)
+ * through the decoder at once on a state made with block_size bs; K/V into
+ * the pool (kl, vl: its per-layer device bases). Steps whose segments are
+ * all single rows with logits replay a CUDA graph per number of sequences
+ * (captured at the second such step) unless ALBEDO_CUDA_GRAPH=0. */
+albedo_status mdc_forward_paged(mdc_state *s, void *const *kl, void *const *vl, int bs, const float *emb_host,
+                                const mdc_seg *segs, int n_seg, errbuf *e);
+/* The image prefix (mdc_image_prefix) with its K/V written straight into
+ * the pool through blocks (positions 0 .. prefix_attn-1); s needs
+ * MDC_VISION and paged steps. */
+albedo_status mdc_image_prefix_paged(mdc_state *s, const uint8_t *crops_host, int n, int th, int tw, void *const *kl,
+                                     void *const *vl, int bs, const int32_t *blocks, int n_blocks, errbuf *e);
 
 /* The vision encoder and projection on n crops [n, cs, cs, 3] (host): the
  * global crop first, then th × tw tiles row-major (n = th*tw + 1). Writes

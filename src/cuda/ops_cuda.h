@@ -140,6 +140,11 @@ typedef struct cuda_rope {
      * run time instead of pos0 (so that a captured graph replays at every
      * position); the caller guarantees *pos_dev + T <= n_ctx. */
     const int *pos_dev;
+    /* Paged form (the engine's pool), when not NULL: device int32 [T][2],
+     * row t's position and its row in the caches, which are then
+     * token-major, [rows, Hkv*D] (kv head g of cache row r at
+     * (r*Hkv + g)*D); pos0, pos_dev and n_ctx are not used. */
+    const int32_t *rows;
 } cuda_rope;
 
 /* Half-split (NeoX) rotation of ops.h's rope on the first R dims of each
@@ -182,6 +187,19 @@ typedef struct cuda_attn {
      * then the capacity (the most keys any replay may see), which sizes the
      * launch. For CUDA graphs replayed at every position. */
     const int *pos_dev;
+    /* Segments (the engine's batched steps), when not NULL: device int32
+     * [n_seq][4] = {row0, T_s, pos0_s, n_prefix_s}: sequence s has T_s
+     * query rows at q/out rows row0 .. row0+T_s-1 (q_seq, o_seq unused) at
+     * positions pos0_s.., seeing keys 0 .. pos0_s+T_s-1 with its own
+     * bidirectional prefix. T is then the largest T_s (it sizes the launch
+     * and picks the kernel), S the most keys any sequence may see, and
+     * pos0, n_prefix, pos_dev are not used. */
+    const int32_t *seg;
+    /* Paged keys, when not NULL: key j of sequence s is cache row
+     * blocks[s*blocks_ld + j/block_size]*block_size + j%block_size, i.e.
+     * at k + g*k_head + row*ldk (k_seq, v_seq unused). */
+    const int32_t *blocks;
+    int block_size, blocks_ld;
 } cuda_attn;
 
 albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a);
@@ -203,6 +221,91 @@ albedo_status cuda_argmax(cuda_ctx *c, int32_t *ids, const float *logits, int n_
 albedo_status cuda_sample(cuda_ctx *c, int32_t *ids, const float *logits, int n_rows, int V,
                           long ld, float temperature, float top_p, uint64_t seed,
                           uint64_t *counter);
+
+/* ==== Moondream 3: tau attention and the mixture of experts (moe.cu) ======== */
+
+/* y[t, c] = gelu_erf(x[t, c]) for t < T, c < C; x and y bf16 with row
+ * strides ldx, ldy (tau's features f = gelu_erf(qkv)). */
+albedo_status cuda_gelu_erf_rows(cuda_ctx *c, uint16_t *y, int ldy, const uint16_t *x, int ldx, int T, int C);
+
+/* Tau's scaling of Q and V (spec/model.md §10.3), in place, before rotary
+ * and the cache write: for row t at position p = pos0 + t (pos0 read from
+ * *pos_dev when not NULL) and head h,
+ *   τ(p) = 1 + (sigmoid(alpha[h]·ln(p + 1)) − 0.5)   (ln of bf16-rounded
+ *          positions when pos_bf16, as text.c),
+ *   q[t, h·D + d]        *= tanh(scores[t, h])     + τ(p)
+ *   q[t, voff + h·D + d] *= tanh(scores[t, H + h]) + τ(p)
+ * with scores [T, lds] float32 (the H query scores, then the H value
+ * scores: f·wqᵀ and f·wvᵀ) and alpha [H] float32. */
+/* Tau's scores for few rows (decode): scores[t, r] = Σ_c gelu_erf(qkv[t, c])
+ * · w[r, c] for t < T <= CUDA_TAU_SCORES_MAX_T, r < n_rows, with the GELU
+ * rounded to bf16 as cuda_gelu_erf_rows stores it (so that it matches
+ * cuda_gelu_erf_rows followed by cuda_linear); w [n_rows, C] bf16, C and ldq
+ * multiples of 8; scores float32 with row stride lds. One launch. */
+#define CUDA_TAU_SCORES_MAX_T 4
+albedo_status cuda_tau_scores(cuda_ctx *c, float *scores, int lds, const uint16_t *qkv, int ldq, int T, int C,
+                              const uint16_t *w, int n_rows);
+
+typedef struct cuda_tau {
+    uint16_t *qkv;
+    int ldq, voff;
+    int T, H, D;
+    const float *scores;
+    int lds;
+    const float *alpha;
+    int pos0;
+    const int *pos_dev;
+    int pos_bf16;
+} cuda_tau;
+albedo_status cuda_tau_scale(cuda_ctx *c, const cuda_tau *a);
+
+#define CUDA_MOE_MAX_K 16          /* experts per token */
+#define CUDA_MOE_GEMV_MAX_T 4      /* cuda_moe_mlp: GEMVs up to this many tokens */
+#define CUDA_MOE_MAX_ASSIGN (1 << 20) /* T·K */
+
+/* Routing: for each of T rows of logits [T, ldl] (float32, E columns), the
+ * K largest (ties to the lower index; NaN ranks below every number) into
+ * sel [T, K] in descending order, and their softmax over those K alone into
+ * wt [T, K] (float32, text.c's order of operations). K <= CUDA_MOE_MAX_K. */
+albedo_status cuda_moe_route(cuda_ctx *c, int32_t *sel, float *wt, const float *logits, long ldl, int T, int E,
+                             int K);
+
+/* The mixture-of-experts MLP of T tokens, added into x:
+ *   x[t] += Σ_k wt[t,k] · (gelu_erf(a) · (g + 1)) · W2[e]ᵀ,  e = sel[t,k],
+ *   a = h[t]·W1[e][0:I]ᵀ, g = h[t]·W1[e][I:2I]ᵀ.
+ * W1 [E, 2I, ld1] and W2 [E, dim, ld2] bf16 (ld1 >= dim, ld2 >= I, both
+ * multiples of 8, the padding columns zeros); h [T, ldh] bf16 (ldh >= ld1,
+ * a multiple of 8, columns dim..ld1-1 zeros); x [T, ldx] float32. Only the
+ * selected experts' weights are read. T <= CUDA_MOE_GEMV_MAX_T (or path 1)
+ * runs two GEMV launches; more tokens (or path 2) are grouped by expert on
+ * the device and run a grouped GEMM per weight matrix. scratch: device
+ * memory of cuda_moe_scratch_bytes(T, E, K, dim, I) bytes (or more, for a
+ * larger T). Graph-capturable. */
+typedef struct cuda_moe {
+    int T, E, K, dim, inner;
+    const uint16_t *w1;
+    int ld1;
+    const uint16_t *w2;
+    int ld2;
+    const uint16_t *h;
+    int ldh;
+    const int32_t *sel;
+    const float *wt;
+    float *x;
+    int ldx;
+    void *scratch;
+    int path; /* 0: by T; 1: the GEMVs; 2: grouped (for tests) */
+    int gemm; /* grouped GEMM tiles (rows, K step, stages): 1: 64, 32, 2; 2: 64, 64, 3;
+               * 3: 128, 32, 2; 4: 128, 64, 3; 0: by T·K (below) */
+} cuda_moe;
+/* The tiles measured best on an H100 (bench/cuda/bench_moe.cu): for fewer
+ * than CUDA_MOE_GEMM_LARGE_TK assignments (a prompt: bound by reading the
+ * touched experts), and from there on (an image prefix: by the matrix units). */
+#define CUDA_MOE_GEMM_SMALL 2
+#define CUDA_MOE_GEMM_LARGE 2
+#define CUDA_MOE_GEMM_LARGE_TK 1024
+size_t cuda_moe_scratch_bytes(int T, int E, int K, int dim, int inner);
+albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m);
 
 #ifdef __cplusplus
 }

@@ -24,6 +24,11 @@
  *
  *   test_ops_cuda [--small]   (--small: sanitizer-sized cases only)
  * Prints "N passed, N failed"; exit status 1 on failure, 77 without a GPU.
+ *
+ * The Moondream 3 section (moe.cu: tau's features, scores and scaling;
+ * routing with ties and NaN; the expert MLP's GEMV and grouped paths at odd
+ * widths, with several 128-row tiles for one expert) compares against
+ * double-precision references written here.
  */
 #include <math.h>
 #include <stdint.h>
@@ -706,6 +711,199 @@ static void test_attentions(void) {
     cudaFree(dpos);
 }
 
+/* ---- paged forms (the engine's pool) ------------------------------------------------- */
+
+static int32_t *dev_ints(const int32_t *v, size_t n) {
+    int32_t *d = NULL;
+    if (cudaMalloc((void **)&d, n * sizeof(int32_t) + 16) != cudaSuccess ||
+        cudaMemcpy(d, v, n * sizeof(int32_t), cudaMemcpyHostToDevice) != cudaSuccess ||
+        cudaDeviceSynchronize() != cudaSuccess) {
+        fprintf(stderr, "dev_ints failed\n");
+        exit(2);
+    }
+    return d;
+}
+
+/* Block tables: n_seq sequences of nb[s] blocks each, drawn without
+ * repetition from a shuffled pool of n_blocks (so that neighbours in a
+ * sequence are far apart in the pool), [n_seq][ld]. */
+static int32_t *block_tables(int n_seq, const int *nb, int ld, int n_blocks) {
+    int32_t *perm = (int32_t *)malloc((size_t)n_blocks * sizeof *perm), *bt = (int32_t *)calloc((size_t)n_seq * ld, 4);
+    for (int i = 0; i < n_blocks; i++) perm[i] = i;
+    for (int i = n_blocks - 1; i > 0; i--) {
+        int j = (int)(rng_next() % (uint64_t)(i + 1)), t = perm[i];
+        perm[i] = perm[j], perm[j] = t;
+    }
+    int k = 0;
+    for (int s = 0; s < n_seq; s++)
+        for (int b = 0; b < nb[s]; b++) bt[(size_t)s * ld + b] = perm[k++];
+    free(perm);
+    return bt;
+}
+
+/* Segments of Ts[s] query rows at positions pos0s[s] over a token-major
+ * paged pool [n_blocks·bs, Hkv·D] through block tables, all in one launch
+ * (the engine's step). Pool rows nobody may read are poison. */
+static void test_paged_attention(int n_seq, const int *Ts, const int *pos0s, const int *prefixes, int H, int Hkv, int D,
+                                 int bs) {
+    const float scale = 1.0f / sqrtf((float)D);
+    const int kvd = Hkv * D, ldq = H * D + 8, ldo = H * D + 8;
+    int Tsum = 0, maxT = 0, maxS = 0, tot_blocks = 0;
+    int nb[64];
+    for (int s = 0; s < n_seq; s++) {
+        Tsum += Ts[s];
+        if (Ts[s] > maxT) maxT = Ts[s];
+        if (pos0s[s] + Ts[s] > maxS) maxS = pos0s[s] + Ts[s];
+        nb[s] = (pos0s[s] + Ts[s] + bs - 1) / bs;
+        tot_blocks += nb[s];
+    }
+    const int n_blocks = tot_blocks + 5, ld = (maxS + 40 + bs - 1) / bs; /* capacity past every sequence */
+    int32_t *bt = block_tables(n_seq, nb, ld, n_blocks);
+    buf q = buf_new(DT_BF16, (size_t)Tsum * ldq), out = buf_new(DT_BF16, (size_t)Tsum * ldo);
+    buf kc = buf_new(DT_BF16, (size_t)n_blocks * bs * kvd), vc = buf_new(DT_BF16, (size_t)n_blocks * bs * kvd);
+    float *qr = fill(&q, Tsum, H * D, ldq, -2, 2);
+    int32_t *seg = (int32_t *)malloc((size_t)n_seq * 4 * sizeof *seg);
+    float *ref = (float *)malloc((size_t)Tsum * H * D * sizeof(float));
+    float *kr = (float *)malloc((size_t)maxS * kvd * sizeof(float)), *vr = (float *)malloc((size_t)maxS * kvd * sizeof(float));
+    /* Fill each sequence's keys through its table (the reference gets them contiguous). */
+    for (int s = 0, r0 = 0; s < n_seq; r0 += Ts[s++]) {
+        seg[4 * s] = r0, seg[4 * s + 1] = Ts[s], seg[4 * s + 2] = pos0s[s], seg[4 * s + 3] = prefixes[s];
+        const int S = pos0s[s] + Ts[s];
+        for (int j = 0; j < S; j++) {
+            const long row = (long)bt[(size_t)s * ld + j / bs] * bs + j % bs;
+            for (int c = 0; c < kvd; c++) {
+                bset(&kc, row * kvd + c, rnd(-1, 1));
+                bset(&vc, row * kvd + c, rnd(-1, 1));
+                kr[(size_t)j * kvd + c] = bget(&kc, row * kvd + c);
+                vr[(size_t)j * kvd + c] = bget(&vc, row * kvd + c);
+            }
+        }
+        op_attn ra;
+        memset(&ra, 0, sizeof ra);
+        ra.T = Ts[s], ra.S = S, ra.H = H, ra.Hkv = Hkv, ra.D = D, ra.pos0 = pos0s[s], ra.n_prefix = prefixes[s];
+        ra.scale = scale;
+        ra.q = qr + (size_t)r0 * ldq, ra.ldq = ldq;
+        ra.k = kr, ra.ldk = kvd, ra.v = vr, ra.ldv = kvd;
+        ra.out = ref + (size_t)r0 * H * D, ra.ldo = H * D;
+        O(REF)->attention(REF, &ra);
+    }
+    up(&q), up(&out), up(&kc), up(&vc);
+    int32_t *dseg = dev_ints(seg, (size_t)n_seq * 4), *dbt = dev_ints(bt, (size_t)n_seq * ld);
+    cuda_attn a;
+    memset(&a, 0, sizeof a);
+    a.T = maxT, a.S = ld * bs, a.H = H, a.Hkv = Hkv, a.D = D, a.scale = scale, a.n_seq = n_seq;
+    a.q = (const uint16_t *)dp(&q), a.ldq = ldq;
+    a.k = (const uint16_t *)dp(&kc), a.ldk = kvd, a.k_head = D;
+    a.v = (const uint16_t *)dp(&vc), a.ldv = kvd, a.v_head = D;
+    a.out = (uint16_t *)dp(&out), a.ldo = ldo;
+    a.seg = dseg, a.blocks = dbt, a.block_size = bs, a.blocks_ld = ld;
+    char what[200];
+    snprintf(what, sizeof what, "paged attention %d seqs, T<=%d, S<=%d, H=%d/%d D=%d block %d (%s)", n_seq, maxT, maxS,
+             H, Hkv, D, bs, maxT <= 8 ? "decode" : "flash");
+    albedo_status st = cuda_attention(G, &a);
+    check_st(st, what);
+    if (down(&out) == 0 && st == ALBEDO_OK) {
+        cmp c = compare(&out, Tsum, H * D, ldo, ref, H * D);
+        report(what, &c, 1e-2);
+    }
+    /* Twice more with the same inputs (graph replays see the counters reset). */
+    if (st == ALBEDO_OK) {
+        up(&out);
+        st = cuda_attention(G, &a);
+        if (down(&out) == 0 && st == ALBEDO_OK) {
+            cmp c = compare(&out, Tsum, H * D, ldo, ref, H * D);
+            snprintf(what + strlen(what), sizeof what - strlen(what), " again");
+            report(what, &c, 1e-2);
+        }
+    }
+    free(bt), free(seg), free(ref), free(kr), free(vr), free(qr);
+    cudaFree(dseg), cudaFree(dbt);
+    buf_free(&q), buf_free(&out), buf_free(&kc), buf_free(&vc);
+}
+
+/* Paged rope: rows at arbitrary positions written to arbitrary pool rows. */
+static void test_paged_rope(int T, int H, int Hkv, int D, int R) {
+    const int P = 900, width = (H + 2 * Hkv) * D, ldx = width + 8, kvd = Hkv * D, n_rows = 3 * T + 11;
+    buf x = buf_new(DT_BF16, (size_t)T * ldx);
+    float *xf = fill(&x, T, width, ldx, -2, 2);
+    float *cs, *sn;
+    rope_tables(P, R, &cs, &sn);
+    float *dcs, *dsn;
+    cudaMalloc((void **)&dcs, (size_t)P * (R / 2) * 4);
+    cudaMalloc((void **)&dsn, (size_t)P * (R / 2) * 4);
+    cudaMemcpy(dcs, cs, (size_t)P * (R / 2) * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(dsn, sn, (size_t)P * (R / 2) * 4, cudaMemcpyHostToDevice);
+    buf kc = buf_new(DT_BF16, (size_t)n_rows * kvd), vc = buf_new(DT_BF16, (size_t)n_rows * kvd);
+    int32_t *rows = (int32_t *)malloc((size_t)T * 2 * sizeof *rows);
+    for (int t = 0; t < T; t++) rows[2 * t] = (int)(rng_next() % P), rows[2 * t + 1] = 3 * t + 1 + (t % 3);
+    up(&x), up(&kc), up(&vc);
+    int32_t *drows = dev_ints(rows, (size_t)T * 2);
+    cuda_rope r;
+    memset(&r, 0, sizeof r);
+    r.x = (uint16_t *)dp(&x), r.ldx = ldx, r.T = T, r.H = H, r.Hkv = Hkv, r.D = D, r.R = R;
+    r.cos_t = dcs, r.sin_t = dsn, r.k_cache = (uint16_t *)dp(&kc), r.v_cache = (uint16_t *)dp(&vc), r.rows = drows;
+    char what[160];
+    snprintf(what, sizeof what, "paged rope T=%d H=%d Hkv=%d D=%d R=%d", T, H, Hkv, D, R);
+    albedo_status st = cuda_rope_kv(G, &r);
+    check_st(st, what);
+    if (down(&x) == 0 && down(&kc) == 0 && down(&vc) == 0 && st == ALBEDO_OK) {
+        float *ref = (float *)malloc((size_t)T * ldx * sizeof *ref);
+        memcpy(ref, xf, (size_t)T * ldx * sizeof *ref);
+        for (int t = 0; t < T; t++) /* each row at its own position */
+            O(REF)->rope(REF, ref + (size_t)t * ldx, ldx, 1, H + Hkv, D, R, rows[2 * t], cs, sn);
+        float *refx = (float *)malloc((size_t)T * ldx * sizeof *refx);
+        for (int t = 0; t < T; t++)
+            for (int c = 0; c < ldx; c++)
+                refx[(size_t)t * ldx + c] = c < H * D ? ref[(size_t)t * ldx + c] : xf[(size_t)t * ldx + c];
+        cmp c = compare(&x, T, width, ldx, refx, ldx);
+        report(what, &c, 1e-2);
+        float *rk = (float *)calloc((size_t)n_rows * kvd, sizeof(float)), *rv = (float *)calloc((size_t)n_rows * kvd, sizeof(float));
+        char *used = (char *)calloc((size_t)n_rows, 1);
+        for (int t = 0; t < T; t++) {
+            const int row = rows[2 * t + 1];
+            used[row] = 1;
+            for (int cc = 0; cc < kvd; cc++) {
+                rk[(size_t)row * kvd + cc] = ref[(size_t)t * ldx + H * D + cc];
+                rv[(size_t)row * kvd + cc] = xf[(size_t)t * ldx + (H + Hkv) * D + cc];
+            }
+        }
+        long touched = 0;
+        for (int row = 0; row < n_rows; row++)
+            if (!used[row])
+                for (int cc = 0; cc < kvd; cc++) {
+                    touched += !bpoison(&kc, (long)row * kvd + cc) + !bpoison(&vc, (long)row * kvd + cc);
+                    bset(&kc, (long)row * kvd + cc, 0.0f), bset(&vc, (long)row * kvd + cc, 0.0f);
+                }
+        cmp ck = compare(&kc, n_rows, kvd, kvd, rk, kvd), cv = compare(&vc, n_rows, kvd, kvd, rv, kvd);
+        report("  paged k rows (rotated keys)", &ck, 1e-2);
+        report("  paged v rows (exact copy)", &cv, 0.0);
+        CHECK(touched == 0, "paged rope writes only its rows (%ld touched)", touched);
+        free(ref), free(refx), free(rk), free(rv), free(used);
+    }
+    free(xf), free(cs), free(sn), free(rows);
+    cudaFree(dcs), cudaFree(dsn), cudaFree(drows);
+    buf_free(&x), buf_free(&kc), buf_free(&vc);
+}
+
+static void test_paged(void) {
+    test_paged_rope(5, 4, 2, 64, 32);
+    test_paged_rope(13, 3, 3, 72, 40);
+    /* Decode rows of several sequences at different depths, odd block sizes. */
+    { int T[] = {1, 1, 1}, p[] = {740, 99, 3}, pf[] = {730, 0, 0}; test_paged_attention(3, T, p, pf, 4, 4, 64, 16); }
+    { int T[] = {1, 1}, p[] = {40, 300}, pf[] = {0, 0}; test_paged_attention(2, T, p, pf, 4, 2, 64, 7); }
+    /* Short prompts mixed with decode rows (the decode kernel, rows past a segment skipped). */
+    { int T[] = {1, 5, 3, 1}, p[] = {200, 31, 0, 77}, pf[] = {0, 0, 2, 0}; test_paged_attention(4, T, p, pf, 3, 3, 72, 16); }
+    /* Prompt chunks (flash): varied lengths, a bidirectional prefix, a
+     * chunk starting mid-block, GQA. */
+    { int T[] = {77, 9, 130}, p[] = {730, 5, 0}, pf[] = {730, 0, 50}; test_paged_attention(3, T, p, pf, 4, 2, 64, 16); }
+    { int T[] = {730}, p[] = {0}, pf[] = {730}; if (!g_small) test_paged_attention(1, T, p, pf, 4, 4, 64, 16); }
+    { int T[] = {20, 65}, p[] = {11, 100}, pf[] = {0, 0}; test_paged_attention(2, T, p, pf, 3, 3, 72, 5); }
+    /* Many sequences (a full batch), one row each. */
+    { int T[40], p[40], pf[40];
+      for (int i = 0; i < 40; i++) T[i] = 1, p[i] = 730 + 13 * i, pf[i] = 730;
+      test_paged_attention(40, T, p, pf, 4, 4, 64, 16); }
+}
+
 /* ---- sampling -------------------------------------------------------------------------- */
 
 static int host_argmax(const float *v, int n) {
@@ -955,6 +1153,339 @@ static void test_chain(int T) {
 
 /* ------------------------------------------------------------------------------------------- */
 
+/* ==== Moondream 3: tau attention and the experts (moe.cu) ===================================== */
+
+static int pad8i(int v) { return (v + 7) / 8 * 8; }
+
+/* gelu_erf over strided bf16 rows (tau's features). */
+static void test_gelu_rows(int T, int C) {
+    const int ldx = C + 5, ldy = C + 3;
+    buf x = buf_new(DT_BF16, (size_t)T * ldx), y = buf_new(DT_BF16, (size_t)T * ldy);
+    float *xf = fill(&x, T, C, ldx, -4, 4);
+    up(&x), up(&y);
+    char what[160];
+    snprintf(what, sizeof what, "md3 gelu_erf rows T=%d C=%d ldx=%d ldy=%d", T, C, ldx, ldy);
+    albedo_status st = cuda_gelu_erf_rows(G, (uint16_t *)dp(&y), ldy, (const uint16_t *)dp(&x), ldx, T, C);
+    check_st(st, what);
+    if (down(&y) == 0 && st == ALBEDO_OK) {
+        float *ref = (float *)malloc((size_t)T * C * sizeof *ref);
+        for (int t = 0; t < T; t++)
+            for (int c = 0; c < C; c++) {
+                const double v = xf[(size_t)t * ldx + c];
+                ref[(size_t)t * C + c] = (float)(0.5 * v * (1.0 + erf(v / sqrt(2.0))));
+            }
+        cmp cm = compare(&y, T, C, ldy, ref, C);
+        report(what, &cm, 1e-2);
+        free(ref);
+    }
+    free(xf);
+    buf_free(&x), buf_free(&y);
+}
+
+/* Tau's scores for decode rows, the features on the fly: against float32
+ * sums of bf16(gelu_erf(x))·w in double. */
+static void test_tau_scores(int T, int C, int R) {
+    const int ldq = C + 8, lds = R + 3;
+    buf q = buf_new(DT_BF16, (size_t)T * ldq), w = buf_new(DT_BF16, (size_t)R * C), sc = buf_new(DT_F32, (size_t)T * lds);
+    float *qf = fill(&q, T, C, ldq, -3, 3);
+    const float a = 1.7f / sqrtf((float)C);
+    float *wf = fill(&w, R, C, C, -a, a);
+    up(&q), up(&w), up(&sc);
+    char what[160];
+    snprintf(what, sizeof what, "md3 tau scores T=%d C=%d rows=%d", T, C, R);
+    albedo_status st = cuda_tau_scores(G, (float *)dp(&sc), lds, (const uint16_t *)dp(&q), ldq, T, C,
+                                       (const uint16_t *)dp(&w), R);
+    check_st(st, what);
+    if (down(&sc) == 0 && st == ALBEDO_OK) {
+        float *ref = (float *)malloc((size_t)T * R * sizeof *ref);
+        for (int t = 0; t < T; t++)
+            for (int r = 0; r < R; r++) {
+                double acc = 0;
+                for (int c = 0; c < C; c++) {
+                    const float v = qf[(size_t)t * ldq + c];
+                    const float g = bf16_to_f32(f32_to_bf16(0.5f * v * (1.0f + erff(v * 0.7071067811865476f))));
+                    acc += (double)g * wf[(size_t)r * C + c];
+                }
+                ref[(size_t)t * R + r] = (float)acc;
+            }
+        cmp cm = compare(&sc, T, R, lds, ref, R);
+        report(what, &cm, 1e-4);
+        free(ref);
+    }
+    free(qf), free(wf);
+    buf_free(&q), buf_free(&w), buf_free(&sc);
+}
+
+/* Tau's scaling of q and v in a fused qkv row (keys untouched), with the
+ * position from the host or the device, exact or bf16-rounded positions. */
+static void test_tau(int T, int H, int D, int pos0, int dyn, int pos_bf16) {
+    const int W = 3 * H * D, ldq = W + 8, lds = 2 * H + 3;
+    buf q = buf_new(DT_BF16, (size_t)T * ldq), sc = buf_new(DT_F32, (size_t)T * lds), al = buf_new(DT_F32, H);
+    float *qf = fill(&q, T, W, ldq, -2, 2);
+    float *sf = fill(&sc, T, 2 * H, lds, -3, 3);
+    float *af = fill(&al, 1, H, H, -1.5f, 1.5f);
+    up(&q), up(&sc), up(&al);
+    int *pd = dyn ? dev_int(pos0) : NULL;
+    cuda_tau a;
+    memset(&a, 0, sizeof a);
+    a.qkv = (uint16_t *)dp(&q), a.ldq = ldq, a.voff = 2 * H * D, a.T = T, a.H = H, a.D = D;
+    a.scores = (const float *)dp(&sc), a.lds = lds, a.alpha = (const float *)dp(&al);
+    a.pos0 = dyn ? 0 : pos0, a.pos_dev = pd, a.pos_bf16 = pos_bf16;
+    char what[160];
+    snprintf(what, sizeof what, "md3 tau T=%d H=%d D=%d pos0=%d%s%s", T, H, D, pos0, dyn ? " (device pos)" : "",
+             pos_bf16 ? " bf16 pos" : "");
+    albedo_status st = cuda_tau_scale(G, &a);
+    check_st(st, what);
+    if (down(&q) == 0 && st == ALBEDO_OK) {
+        float *ref = (float *)malloc((size_t)T * W * sizeof *ref);
+        long kdiff = 0;
+        for (int t = 0; t < T; t++) {
+            double p = pos0 + t, lp;
+            if (pos_bf16) {
+                float x = bf16_to_f32(f32_to_bf16((float)p));
+                x = bf16_to_f32(f32_to_bf16(x + 1.0f));
+                lp = bf16_to_f32(f32_to_bf16(logf(x)));
+            } else {
+                lp = log(p + 1.0);
+            }
+            for (int c = 0; c < W; c++) {
+                const double v = qf[(size_t)t * ldq + c];
+                const int part = c / (H * D), h = (c % (H * D)) / D;
+                double s = 1.0;
+                if (part != 1) {
+                    const double tp = 1.0 + (1.0 / (1.0 + exp(-(af[h] * lp))) - 0.5);
+                    s = tanh(sf[(size_t)t * lds + (part == 0 ? h : H + h)]) + tp;
+                } else {
+                    kdiff += bget(&q, (long)t * ldq + c) != (float)v;
+                }
+                ref[(size_t)t * W + c] = (float)(v * s);
+            }
+        }
+        cmp cm = compare(&q, T, W, ldq, ref, W);
+        report(what, &cm, 1e-2);
+        CHECK(kdiff == 0, "%s: %ld key elements changed", what, kdiff);
+        free(ref);
+    }
+    cudaFree(pd);
+    free(qf), free(sf), free(af);
+    buf_free(&q), buf_free(&sc), buf_free(&al);
+}
+
+/* text.c's rule: the k largest by value, ties to the lower index, in
+ * descending order; softmax over them in float32. */
+static void host_route(const float *l, int E, int K, int32_t *sel, float *w) {
+    int n = 0;
+    for (int e = 0; e < E; e++) {
+        int j;
+        if (n < K) {
+            j = n++;
+        } else {
+            if (!(l[e] > l[sel[K - 1]])) continue;
+            j = K - 1;
+        }
+        while (j > 0 && l[e] > l[sel[j - 1]]) {
+            sel[j] = sel[j - 1];
+            j--;
+        }
+        sel[j] = e;
+    }
+    float sum = 0.0f;
+    for (int k = 0; k < K; k++) sum += w[k] = expf(l[sel[k]] - l[sel[0]]);
+    for (int k = 0; k < K; k++) w[k] /= sum;
+}
+
+/* ties: logits from a handful of values (many equal ones); nan: some NaN
+ * logits, which must never be chosen while K numbers remain. */
+static void test_route(int T, int E, int K, int ties, int nan) {
+    const long ldl = E + 3;
+    float *lg = (float *)malloc((size_t)T * ldl * sizeof *lg);
+    for (long i = 0; i < (long)T * ldl; i++) {
+        float v = rnd(-4, 4);
+        if (ties) v = floorf(v) * 0.5f;
+        if (nan && (i % 7) == 3) v = NAN;
+        lg[i] = v;
+    }
+    float *dl, *dw;
+    int32_t *ds;
+    cudaMalloc((void **)&dl, (size_t)T * ldl * 4), cudaMalloc((void **)&ds, (size_t)T * K * 4);
+    cudaMalloc((void **)&dw, (size_t)T * K * 4);
+    cudaMemcpy(dl, lg, (size_t)T * ldl * 4, cudaMemcpyHostToDevice);
+    cudaMemset(ds, 0xff, (size_t)T * K * 4), cudaMemset(dw, 0xff, (size_t)T * K * 4);
+    cudaDeviceSynchronize();
+    char what[160];
+    snprintf(what, sizeof what, "md3 route T=%d E=%d K=%d%s%s", T, E, K, ties ? " ties" : "", nan ? " NaN" : "");
+    albedo_status st = cuda_moe_route(G, ds, dw, dl, ldl, T, E, K);
+    check_st(st, what);
+    cudaDeviceSynchronize();
+    int32_t *gs = (int32_t *)malloc((size_t)T * K * 4), rs[CUDA_MOE_MAX_K];
+    float *gw = (float *)malloc((size_t)T * K * 4), rw[CUDA_MOE_MAX_K];
+    cudaMemcpy(gs, ds, (size_t)T * K * 4, cudaMemcpyDeviceToHost);
+    cudaMemcpy(gw, dw, (size_t)T * K * 4, cudaMemcpyDeviceToHost);
+    long bad_sel = 0, bad_nan = 0;
+    double worst_w = 0;
+    for (int t = 0; t < T; t++) {
+        const float *l = lg + (size_t)t * ldl;
+        if (nan) {
+            for (int k = 0; k < K; k++) bad_nan += gs[t * K + k] < 0 || gs[t * K + k] >= E || l[gs[t * K + k]] != l[gs[t * K + k]];
+            /* the numbers among the logits, by the same rule */
+            float *l2 = (float *)malloc((size_t)E * sizeof *l2);
+            for (int e = 0; e < E; e++) l2[e] = l[e] == l[e] ? l[e] : -INFINITY;
+            host_route(l2, E, K, rs, rw);
+            free(l2);
+        } else {
+            host_route(l, E, K, rs, rw);
+        }
+        for (int k = 0; k < K; k++) {
+            bad_sel += gs[t * K + k] != rs[k];
+            const double d = fabs((double)gw[t * K + k] - rw[k]);
+            if (!(d <= worst_w)) worst_w = d;
+        }
+    }
+    const int ok = st == ALBEDO_OK && bad_sel == 0 && bad_nan == 0 && worst_w <= 1e-6;
+    printf("%-4s %-58s selections off %ld, NaN chosen %ld, weights max abs %.1e\n", ok ? "ok" : "FAIL", what, bad_sel,
+           bad_nan, worst_w);
+    CHECK(ok, "%s", what);
+    free(lg), free(gs), free(gw);
+    cudaFree(dl), cudaFree(ds), cudaFree(dw);
+}
+
+/* The expert MLP (x += Σ_k w·expert(h)) against a double-precision
+ * reference on the same bf16 values, with act rounded to bf16 as the GPU
+ * keeps it. Distinct random experts per token (or skewed towards expert 0
+ * so that one expert gets several 64-row tiles); path 0 auto, 1 GEMVs, 2
+ * grouped. */
+static void test_moe(int T, int E, int K, int dim, int I, int path, int skew, int gemm = 0) {
+    const int ld1 = pad8i(dim), Ip = pad8i(I), ld2 = Ip + 8, ldh = ld1 + 8, ldx = dim + 3;
+    buf h = buf_new(DT_BF16, (size_t)T * ldh), w1 = buf_new(DT_BF16, (size_t)E * 2 * I * ld1);
+    buf w2 = buf_new(DT_BF16, (size_t)E * dim * ld2), x = buf_new(DT_F32, (size_t)T * ldx);
+    const float s1 = 1.0f / sqrtf((float)dim), s2 = 1.0f / sqrtf((float)I);
+    float *hf = fill(&h, T, dim, ldh, -2, 2);
+    float *w1f = fill(&w1, E * 2 * I, dim, ld1, -s1 * 1.7f, s1 * 1.7f);
+    float *w2f = fill(&w2, E * dim, I, ld2, -s2 * 1.7f, s2 * 1.7f);
+    float *x0 = fill(&x, T, dim, ldx, -1, 1);
+    /* the zero columns the contract asks for (h and W1 up to ld1, W2 up to Ip) */
+    for (int t = 0; t < T; t++)
+        for (int c = dim; c < ld1; c++) bset(&h, (long)t * ldh + c, 0.0f);
+    for (long r = 0; r < (long)E * 2 * I; r++)
+        for (int c = dim; c < ld1; c++) bset(&w1, r * ld1 + c, 0.0f);
+    for (long r = 0; r < (long)E * dim; r++)
+        for (int c = I; c < Ip; c++) bset(&w2, r * ld2 + c, 0.0f);
+    up(&h), up(&w1), up(&w2), up(&x);
+    int32_t *sel = (int32_t *)malloc((size_t)T * K * 4);
+    float *wt = (float *)malloc((size_t)T * K * 4);
+    for (int t = 0; t < T; t++) {
+        float sum = 0;
+        for (int k = 0; k < K; k++) {
+            int e, dup;
+            do {
+                e = skew && rnd(0, 1) < 0.7f ? (int)(rnd(0, 1) * 2) % E : (int)(rnd(0, 1) * E) % E;
+                dup = 0;
+                for (int j = 0; j < k; j++) dup |= sel[t * K + j] == e;
+            } while (dup);
+            sel[t * K + k] = e;
+            sum += wt[t * K + k] = rnd(0.1f, 1.0f);
+        }
+        for (int k = 0; k < K; k++) wt[t * K + k] /= sum;
+    }
+    int32_t *dsel;
+    float *dwt;
+    void *scr;
+    const size_t sb = cuda_moe_scratch_bytes(T, E, K, dim, I);
+    cudaMalloc((void **)&dsel, (size_t)T * K * 4), cudaMalloc((void **)&dwt, (size_t)T * K * 4);
+    cudaMalloc(&scr, sb);
+    cudaMemset(scr, 0xff, sb); /* the op must not rely on zeroed scratch */
+    cudaMemcpy(dsel, sel, (size_t)T * K * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(dwt, wt, (size_t)T * K * 4, cudaMemcpyHostToDevice);
+    cudaDeviceSynchronize();
+    cuda_moe m;
+    memset(&m, 0, sizeof m);
+    m.T = T, m.E = E, m.K = K, m.dim = dim, m.inner = I;
+    m.w1 = (const uint16_t *)dp(&w1), m.ld1 = ld1, m.w2 = (const uint16_t *)dp(&w2), m.ld2 = ld2;
+    m.h = (const uint16_t *)dp(&h), m.ldh = ldh, m.sel = dsel, m.wt = dwt, m.x = (float *)dp(&x), m.ldx = ldx;
+    m.scratch = scr, m.path = path, m.gemm = gemm;
+    char what[160];
+    snprintf(what, sizeof what, "md3 experts T=%d E=%d K=%d dim=%d I=%d %s%s gemm %d", T, E, K, dim, I,
+             path == 1 ? "gemv" : path == 2 ? "grouped" : "auto", skew ? " skewed" : "", gemm);
+    albedo_status st = cuda_moe_mlp(G, &m);
+    check_st(st, what);
+    if (down(&x) == 0 && st == ALBEDO_OK) {
+        float *ref = (float *)malloc((size_t)T * dim * sizeof *ref);
+        double *y = (double *)malloc((size_t)dim * sizeof *y);
+        float *act = (float *)malloc((size_t)I * sizeof *act);
+        for (int t = 0; t < T; t++) {
+            for (int n = 0; n < dim; n++) y[n] = x0[(size_t)t * ldx + n];
+            for (int k = 0; k < K; k++) {
+                const int e = sel[t * K + k];
+                for (int j = 0; j < I; j++) {
+                    double a = 0, g = 0;
+                    const float *ra = w1f + ((size_t)e * 2 * I + j) * ld1, *rg = ra + (size_t)I * ld1;
+                    for (int c = 0; c < dim; c++) {
+                        a += (double)hf[(size_t)t * ldh + c] * ra[c];
+                        g += (double)hf[(size_t)t * ldh + c] * rg[c];
+                    }
+                    act[j] = bf16_to_f32(f32_to_bf16((float)(0.5 * a * (1.0 + erf(a / sqrt(2.0))) * (g + 1.0))));
+                }
+                for (int n = 0; n < dim; n++) {
+                    const float *r2 = w2f + ((size_t)e * dim + n) * ld2;
+                    double s = 0;
+                    for (int j = 0; j < I; j++) s += (double)act[j] * r2[j];
+                    y[n] += wt[t * K + k] * s;
+                }
+            }
+            for (int n = 0; n < dim; n++) ref[(size_t)t * dim + n] = (float)y[n];
+        }
+        cmp cm = compare(&x, T, dim, ldx, ref, dim);
+        report(what, &cm, 1e-3);
+        free(ref), free(y), free(act);
+    }
+    free(hf), free(w1f), free(w2f), free(x0), free(sel), free(wt);
+    cudaFree(dsel), cudaFree(dwt), cudaFree(scr);
+    buf_free(&h), buf_free(&w1), buf_free(&w2), buf_free(&x);
+}
+
+static void test_md3_ops(void) {
+    test_gelu_rows(3, 384);
+    test_gelu_rows(37, 6144);
+    test_tau_scores(1, 6144, 64); /* Moondream 3's decode shape */
+    test_tau_scores(4, 384, 4);
+    test_tau_scores(3, 200, 7);
+    test_tau(1, 32, 64, 740, 1, 0); /* the decode graph's form */
+    test_tau(1, 32, 64, 740, 1, 1);
+    test_tau(7, 2, 64, 0, 0, 1);
+    test_tau(37, 3, 24, 300, 0, 0);
+    test_tau(5, 3, 20, 9, 0, 1); /* D % 8 != 0: element by element */
+    test_route(1, 64, 8, 0, 0);
+    test_route(77, 64, 8, 1, 0);
+    test_route(33, 13, 5, 1, 0);
+    test_route(20, 64, 8, 0, 1);
+    test_route(9, 16, 16, 1, 0); /* K = E */
+    test_route(5, 300, 8, 1, 0);  /* E > 256: the kernel that reads the logits each round */
+    test_route(3, 300, 16, 0, 1);
+    test_moe(1, 13, 3, 131, 40, 0, 0);
+    test_moe(3, 13, 3, 131, 40, 1, 0);
+    test_moe(3, 13, 3, 131, 40, 2, 0);
+    test_moe(37, 13, 3, 131, 40, 0, 0);
+    test_moe(37, 13, 3, 131, 40, 1, 0);
+    for (int g = 1; g <= 4; g++) { /* every tile shape; one expert with several tiles */
+        test_moe(37, 13, 3, 131, 40, 2, 0, g);
+        test_moe(300, 5, 2, 200, 72, 2, 1, g);
+    }
+    test_moe(5, 64, 8, 128, 40, 0, 0);  /* md3-small's shape */
+    test_moe(1, 64, 8, 2048, 1024, 0, 0); /* Moondream 3's decode shape */
+    if (!g_small) {
+        test_moe(2, 64, 8, 2048, 1024, 2, 0);
+        test_moe(30, 64, 8, 2048, 1024, 0, 1);
+        test_moe(64, 64, 8, 2048, 1024, 2, 0, 4);
+    }
+    /* Bad arguments come back as statuses. */
+    cuda_moe m;
+    memset(&m, 0, sizeof m);
+    m.T = 1, m.E = 20, m.K = 17, m.dim = 8, m.inner = 8, m.ld1 = 8, m.ld2 = 8, m.ldh = 8, m.ldx = 8;
+    CHECK(cuda_moe_mlp(G, &m) == ALBEDO_ERR_INVALID_ARGUMENT, "md3 experts: K > 16 is refused");
+    CHECK(cuda_moe_route(G, NULL, NULL, NULL, 4, 1, 4, 5) == ALBEDO_ERR_INVALID_ARGUMENT,
+          "md3 route: K > E is refused");
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--small")) g_small = 1;
@@ -1019,10 +1550,12 @@ int main(int argc, char **argv) {
     test_rope(9, 3, 3, 72, 40, 5, 1);     /* D - R unrotated dims copied into the cache */
 
     test_attentions();
+    test_paged();
     test_argmax();
     test_samples();
     test_chain(1);
     test_chain(20);
+    test_md3_ops();
 
     cudaError_t le = cudaDeviceSynchronize();
     CHECK(le == cudaSuccess, "no asynchronous CUDA error (%s)", cudaGetErrorString(le));

@@ -1,0 +1,662 @@
+/*
+ * moe.cu — Moondream 3's own kernels (spec/model.md §10.2, §10.3): tau
+ * attention's scaling of Q and V, and the mixture-of-experts MLP.
+ *
+ *   tau     cuda_gelu_erf_rows: f = gelu_erf(qkv) as bf16 (the scores then
+ *           come from cuda_linear with the [2H, qkv] matrix wq ‖ wv), or for
+ *           T <= 4 cuda_tau_scores: both in one launch, a block per score;
+ *           cuda_tau_scale: per row and head, q *= tanh(sq) + τ(p) and
+ *           v *= tanh(sv) + τ(p), τ(p) = sigmoid(α·ln(p + 1)) + 0.5, the
+ *           position from the host or from device memory (graphs).
+ *   route   moe_route_kernel: one warp per token; the top k of E logits by
+ *           k rounds of a warp arg-max (ties to the lower index, NaN never
+ *           beats a number), softmax over those k in float32.
+ *   MLP     T <= 4 (decode): two GEMV launches that read only the selected
+ *           experts' rows: moe_up_gemv_kernel (one warp per (assignment,
+ *           j): both halves of fc1, gelu_erf(a)·(g + 1) → act bf16) and
+ *           moe_down_gemv_kernel (a block per (token, n), a warp per
+ *           expert: Σ_k w_k·act_k·W2[e_k][n], added into x in rank order).
+ *           T > 4 (prefill): the T·k assignments grouped by expert on the
+ *           device — moe_sort_kernel (one block: a histogram, offsets, a
+ *           list of 128-row tiles per expert, each assignment's place) — then
+ *           a grouped GEMM over the tiles for each weight matrix
+ *           (moe_gemm_kernel, bf16 tensor cores through WMMA, fp32
+ *           accumulation, cp.async double buffering; rows of A gathered by
+ *           token for fc1; the GeGLU epilogue fused into fc1's), and
+ *           moe_combine_kernel: x[t] += Σ_k w_k·y[place(t, k)], in a fixed
+ *           order, so the result does not depend on the order of atomics.
+ * Nothing here synchronises with the host or allocates: both paths can be
+ * captured into a CUDA graph.
+ */
+#include <mma.h>
+#include <stdio.h>
+
+#include "cuda_internal.cuh"
+
+/* A 16-byte load of weights through the non-coherent path, not allocating
+ * in L1 (each weight is read once per step). */
+__device__ __forceinline__ uint4 moe_ld_stream(const bf16 *p) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+}
+
+/* ---- tau ------------------------------------------------------------------------------ */
+
+__global__ void gelu_erf_rows_kernel(bf16 *y, int ldy, const bf16 *x, int ldx, int T, int C) {
+    pdl_trigger();
+    pdl_wait();
+    const long n = (long)T * C;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const long t = i / C, c = i % C;
+        y[t * ldy + c] = __float2bfloat16_rn(gelu_erf_f(__bfloat162float(x[t * ldx + c])));
+    }
+}
+
+albedo_status cuda_gelu_erf_rows(cuda_ctx *c, uint16_t *y, int ldy, const uint16_t *x, int ldx, int T, int C) {
+    CU_ARG(c, T >= 0 && C >= 0 && ldy >= C && ldx >= C);
+    if (!T || !C) return ALBEDO_OK;
+    const long n = (long)T * C;
+    const int blocks = (int)((n + 255) / 256 < 4 * 1024 ? (n + 255) / 256 : 4 * 1024);
+    CU_TRY(c, launch_k(c, gelu_erf_rows_kernel, dim3(blocks), dim3(256), 0, (bf16 *)y, ldy, (const bf16 *)x, ldx, T,
+                       C));
+    CU_LAUNCHED(c);
+    return ALBEDO_OK;
+}
+
+/* Decode form of tau's scores: block r computes sc[t][r] = Σ_c f[t][c]·w[r][c]
+ * for the T <= 4 rows, f = gelu_erf(qkv) rounded to bf16 as
+ * cuda_gelu_erf_rows stores it, on the fly; the block's 256 threads split
+ * the C columns (16-byte pieces) and sum through shared memory. */
+__global__ void __launch_bounds__(256)
+    tau_scores_kernel(float *sc, int lds, const bf16 *qkv, int ldq, int T, int C, const bf16 *w) {
+    __shared__ float red[32];
+    pdl_trigger();
+    pdl_wait();
+    const int r = blockIdx.x;
+    const bf16 *wr = w + (long)r * C;
+    float acc[CUDA_TAU_SCORES_MAX_T];
+#pragma unroll
+    for (int t = 0; t < CUDA_TAU_SCORES_MAX_T; t++) acc[t] = 0.0f;
+    for (int c = threadIdx.x * 8; c < C; c += blockDim.x * 8) {
+        float wf[8];
+        bf16x8_to_f(moe_ld_stream(wr + c), wf);
+#pragma unroll
+        for (int t = 0; t < CUDA_TAU_SCORES_MAX_T; t++) {
+            if (t >= T) break;
+            float xf[8];
+            bf16x8_to_f(__ldg((const uint4 *)(qkv + (long)t * ldq + c)), xf);
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                acc[t] = fmaf(wf[i], __bfloat162float(__float2bfloat16_rn(gelu_erf_f(xf[i]))), acc[t]);
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < CUDA_TAU_SCORES_MAX_T; t++) {
+        if (t >= T) break;
+        const float v = block_sum(acc[t], red);
+        if (threadIdx.x == 0) sc[(long)t * lds + r] = v;
+    }
+}
+
+albedo_status cuda_tau_scores(cuda_ctx *c, float *scores, int lds, const uint16_t *qkv, int ldq, int T, int C,
+                              const uint16_t *w, int n_rows) {
+    CU_ARG(c, T >= 0 && T <= CUDA_TAU_SCORES_MAX_T && n_rows >= 0 && lds >= n_rows && C % 8 == 0 && ldq % 8 == 0);
+    CU_ARG(c, ldq >= C && is_aligned(qkv, 16) && is_aligned(w, 16));
+    if (!T || !n_rows) return ALBEDO_OK;
+    CU_TRY(c, launch_k(c, tau_scores_kernel, dim3(n_rows), dim3(256), 0, scores, lds, (const bf16 *)qkv, ldq, T, C,
+                       (const bf16 *)w));
+    CU_LAUNCHED(c);
+    return ALBEDO_OK;
+}
+
+/* ln(p + 1), with p and p + 1 rounded to bf16 first when pos_bf16 (text.c's
+ * log_pos). */
+__device__ __forceinline__ float tau_log_pos(int p, int pos_bf16) {
+    float x = (float)p;
+    if (pos_bf16) {
+        x = __bfloat162float(__float2bfloat16_rn(x));
+        x = __bfloat162float(__float2bfloat16_rn(x + 1.0f));
+        return __bfloat162float(__float2bfloat16_rn(logf(x)));
+    }
+    return logf(x + 1.0f);
+}
+
+/* Block t: the 2H factors of row t into shared memory, then q and v
+ * scaled 8 elements (16 bytes) at a time when vec (D, ldq and voff
+ * multiples of 8), else one at a time. */
+__global__ void tau_scale_kernel(bf16 *qkv, int ldq, int voff, const float *sc, int lds, const float *alpha, int H,
+                                 int D, int pos0, const int *pos_dev, int pos_bf16, int vec) {
+    extern __shared__ float fac[]; /* [2H]: q factors, then v factors */
+    pdl_trigger();
+    pdl_wait();
+    const int t = blockIdx.x;
+    const float lp = tau_log_pos((pos_dev ? *pos_dev : pos0) + t, pos_bf16);
+    const float *s = sc + (long)t * lds;
+    for (int h = threadIdx.x; h < H; h += blockDim.x) {
+        const float sig = 1.0f / (1.0f + expf(-(alpha[h] * lp)));
+        const float tp = 1.0f + (sig - 0.5f);
+        fac[h] = tanhf(s[h]) + tp;
+        fac[H + h] = tanhf(s[H + h]) + tp;
+    }
+    __syncthreads();
+    bf16 *q = qkv + (long)t * ldq;
+    const int n = H * D;
+    if (vec) {
+        for (int i = threadIdx.x; i < 2 * (n / 8); i += blockDim.x) {
+            const int part = i >= n / 8, e = (i - part * (n / 8)) * 8;
+            uint4 *p = (uint4 *)(q + part * voff + e);
+            uint4 u = *p;
+            const float f = fac[part * H + e / D];
+            __nv_bfloat162 *h2 = (__nv_bfloat162 *)&u;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 v = __bfloat1622float2(h2[j]);
+                h2[j] = __floats2bfloat162_rn(v.x * f, v.y * f);
+            }
+            *p = u;
+        }
+    } else {
+        for (int i = threadIdx.x; i < 2 * n; i += blockDim.x) {
+            const int part = i >= n, e = i - part * n;
+            bf16 *p = q + part * voff + e;
+            *p = __float2bfloat16_rn(__bfloat162float(*p) * fac[part * H + e / D]);
+        }
+    }
+}
+
+albedo_status cuda_tau_scale(cuda_ctx *c, const cuda_tau *a) {
+    CU_ARG(c, a->T >= 0 && a->H > 0 && a->H <= 4096 && a->D > 0 && a->lds >= 2 * a->H);
+    CU_ARG(c, a->ldq >= a->voff + a->H * a->D && a->voff >= a->H * a->D);
+    if (!a->T) return ALBEDO_OK;
+    const int vec = a->D % 8 == 0 && a->ldq % 8 == 0 && a->voff % 8 == 0 && is_aligned(a->qkv, 16);
+    CU_TRY(c, launch_k(c, tau_scale_kernel, dim3(a->T), dim3(256), (size_t)2 * a->H * sizeof(float), (bf16 *)a->qkv,
+                       a->ldq, a->voff, a->scores, a->lds, a->alpha, a->H, a->D, a->pos0, a->pos_dev, a->pos_bf16,
+                       vec));
+    CU_LAUNCHED(c);
+    return ALBEDO_OK;
+}
+
+/* ---- routing --------------------------------------------------------------------------- */
+
+#define ROUTE_WARPS 8
+
+__global__ void __launch_bounds__(ROUTE_WARPS * 32)
+    moe_route_kernel(int32_t *sel, float *wt, const float *lg, long ldl, int T, int E, int K) {
+    pdl_trigger();
+    pdl_wait();
+    __shared__ int ch[ROUTE_WARPS][CUDA_MOE_MAX_K];
+    __shared__ float cv[ROUTE_WARPS][CUDA_MOE_MAX_K];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = blockIdx.x * ROUTE_WARPS + warp;
+    if (t >= T) return;
+    const float *l = lg + (long)t * ldl;
+    for (int k = 0; k < K; k++) {
+        float bv = -INFINITY;
+        int bi = 0x7fffffff;
+        for (int e = lane; e < E; e += 32) {
+            int taken = 0;
+            for (int j = 0; j < k; j++) taken |= ch[warp][j] == e;
+            if (taken) continue;
+            float v = l[e];
+            if (v != v) v = -INFINITY;
+            if (v > bv || (v == bv && e < bi)) bv = v, bi = e;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
+        }
+        if (lane == 0) ch[warp][k] = bi, cv[warp][k] = l[bi];
+        __syncwarp();
+    }
+    if (lane == 0) {
+        /* text.c's order: exp(l_k - l_0) in rank order, then the sum's quotient */
+        const float mx = cv[warp][0];
+        float w[CUDA_MOE_MAX_K], sum = 0.0f;
+        for (int k = 0; k < K; k++) sum += w[k] = expf(cv[warp][k] - mx);
+        for (int k = 0; k < K; k++) {
+            sel[(long)t * K + k] = ch[warp][k];
+            wt[(long)t * K + k] = w[k] / sum;
+        }
+    }
+}
+
+/* The same for E <= 256: each lane keeps its logits e = lane + 32·i in
+ * registers (NaN as -inf) with a mask of those taken, so a round reads no
+ * memory: the lane's best untaken, then a warp arg-max. */
+__global__ void __launch_bounds__(ROUTE_WARPS * 32)
+    moe_route_reg_kernel(int32_t *sel, float *wt, const float *lg, long ldl, int T, int E, int K) {
+    pdl_trigger();
+    pdl_wait();
+    const int lane = threadIdx.x & 31, t = blockIdx.x * ROUTE_WARPS + (threadIdx.x >> 5);
+    if (t >= T) return;
+    const float *l = lg + (long)t * ldl;
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const int e = lane + 32 * i;
+        v[i] = e < E ? l[e] : -INFINITY;
+        if (v[i] != v[i]) v[i] = -INFINITY;
+    }
+    unsigned taken = 0;
+    for (int i = 0; i < 8; i++)
+        if (lane + 32 * i >= E) taken |= 1u << i;
+    float mx = 0.0f, sum = 0.0f, mine = 0.0f;
+    int my_e = 0;
+    for (int k = 0; k < K; k++) {
+        float bv = -INFINITY;
+        int bi = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < 8; i++) /* ascending e: the first of equal values wins */
+            if (!(taken >> i & 1u) && (v[i] > bv || bi == 0x7fffffff)) bv = v[i], bi = lane + 32 * i;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
+        }
+        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+        /* text.c's order: exp(l_k - l_0) in rank order, summed in rank order */
+        const float lk = l[bi];
+        if (k == 0) mx = lk;
+        const float w = expf(lk - mx);
+        sum += w;
+        if (lane == k) mine = w, my_e = bi;
+    }
+    if (lane < K) {
+        sel[(long)t * K + lane] = my_e;
+        wt[(long)t * K + lane] = mine / sum;
+    }
+}
+
+albedo_status cuda_moe_route(cuda_ctx *c, int32_t *sel, float *wt, const float *logits, long ldl, int T, int E,
+                             int K) {
+    CU_ARG(c, T >= 0 && K >= 1 && K <= CUDA_MOE_MAX_K && E >= K && ldl >= E);
+    if (!T) return ALBEDO_OK;
+    if (E <= 256)
+        CU_TRY(c, launch_k(c, moe_route_reg_kernel, dim3((T + ROUTE_WARPS - 1) / ROUTE_WARPS), dim3(ROUTE_WARPS * 32),
+                           0, sel, wt, logits, ldl, T, E, K));
+    else
+        CU_TRY(c, launch_k(c, moe_route_kernel, dim3((T + ROUTE_WARPS - 1) / ROUTE_WARPS), dim3(ROUTE_WARPS * 32), 0,
+                           sel, wt, logits, ldl, T, E, K));
+    CU_LAUNCHED(c);
+    return ALBEDO_OK;
+}
+
+/* ---- decode: GEMVs over the selected experts ------------------------------------------------ */
+
+__device__ __forceinline__ float dot8(const uint4 a, const uint4 b) {
+    float fa[8], fb[8];
+    bf16x8_to_f(a, fa);
+    bf16x8_to_f(b, fb);
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) s = fmaf(fa[i], fb[i], s);
+    return s;
+}
+
+#define MOE_GEMV_WARPS 8
+
+/* Block (x: 8 columns j, y: assignment a = t·K + k): act[a][j] =
+ * gelu_erf(h[t]·W1[e][j]) · (h[t]·W1[e][I + j] + 1), e = sel[a]. */
+__global__ void __launch_bounds__(MOE_GEMV_WARPS * 32)
+    moe_up_gemv_kernel(bf16 *act, int ldact, const bf16 *h, int ldh, const int32_t *sel, const bf16 *w1, long w_exp,
+                       int ldw, int Kd, int I, int K) {
+    pdl_trigger();
+    pdl_wait(); /* sel comes from the kernel before */
+    const int lane = threadIdx.x & 31, a = blockIdx.y, j = blockIdx.x * MOE_GEMV_WARPS + (threadIdx.x >> 5);
+    if (j >= I) return;
+    const int t = a / K, e = sel[a];
+    const bf16 *wa = w1 + (long)e * w_exp + (long)j * ldw, *wg = wa + (long)I * ldw, *x = h + (long)t * ldh;
+    float sa = 0.0f, sg = 0.0f;
+    int c = lane * 8;
+    for (; c + 3 * 256 < Kd; c += 4 * 256) {
+        uint4 va[4], vg[4], vx[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) va[u] = moe_ld_stream(wa + c + u * 256), vg[u] = moe_ld_stream(wg + c + u * 256);
+#pragma unroll
+        for (int u = 0; u < 4; u++) vx[u] = __ldg((const uint4 *)(x + c + u * 256));
+#pragma unroll
+        for (int u = 0; u < 4; u++) sa += dot8(va[u], vx[u]), sg += dot8(vg[u], vx[u]);
+    }
+    for (; c < Kd; c += 256) {
+        const uint4 vx = __ldg((const uint4 *)(x + c));
+        sa += dot8(moe_ld_stream(wa + c), vx);
+        sg += dot8(moe_ld_stream(wg + c), vx);
+    }
+    sa = warp_sum(sa);
+    sg = warp_sum(sg);
+    if (lane == 0) act[(long)a * ldact + j] = __float2bfloat16_rn(gelu_erf_f(sa) * (sg + 1.0f));
+}
+
+/* Block (x: output n, y: token t), K warps: warp k computes
+ * act[t·K+k]·W2[e_k][n] (16-byte pieces, up to 4 loads in flight per lane),
+ * and warp 0 sums w_k times those in rank order into x[t][n]. */
+__global__ void __launch_bounds__(CUDA_MOE_MAX_K * 32)
+    moe_down_gemv_kernel(float *xo, int ldx, const bf16 *act, int ldact, const int32_t *sel, const float *wt,
+                         const bf16 *w2, long w_exp, int ldw, int N, int I, int K) {
+    __shared__ float part[CUDA_MOE_MAX_K];
+    pdl_trigger();
+    pdl_wait();
+    const int lane = threadIdx.x & 31, k = threadIdx.x >> 5, n = blockIdx.x, t = blockIdx.y, a = t * K + k;
+    const bf16 *w = w2 + (long)sel[a] * w_exp + (long)n * ldw, *x = act + (long)a * ldact;
+    const int ch = I / 8;
+    float s = 0.0f;
+    int q = lane;
+    for (; q + 3 * 32 < ch; q += 4 * 32) {
+        uint4 wv[4], xv[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) wv[u] = moe_ld_stream(w + (q + 32 * u) * 8);
+#pragma unroll
+        for (int u = 0; u < 4; u++) xv[u] = __ldg((const uint4 *)(x + (q + 32 * u) * 8));
+#pragma unroll
+        for (int u = 0; u < 4; u++) s += dot8(wv[u], xv[u]);
+    }
+    for (; q < ch; q += 32) s += dot8(moe_ld_stream(w + q * 8), __ldg((const uint4 *)(x + q * 8)));
+    s = warp_sum(s);
+    if (lane == 0) part[k] = wt[a] * s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float acc = 0.0f;
+        for (int j = 0; j < K; j++) acc += part[j];
+        xo[(long)t * ldx + n] += acc;
+    }
+}
+
+/* ---- prefill: grouping by expert ------------------------------------------------------------ */
+
+#define MOE_MB_MIN 64 /* the smallest tile (sizes the tile list) */
+#define MOE_NB 64      /* output columns of a tile */
+#define MOE_CP (MOE_NB + 4) /* float epilogue row */
+
+/* One block. Counts, offsets off[E + 1], tiles (expert, first place) of up
+ * to mb rows, and each assignment's place: rows[place] = its token,
+ * slot[a] = place. Places within an expert are in the order of the atomics;
+ * nothing downstream depends on that order. */
+__global__ void moe_sort_kernel(const int32_t *sel, int TK, int K, int E, int mb, int *off, int2 *tiles, int *n_tiles,
+                                int32_t *rows, int32_t *slot) {
+    pdl_trigger();
+    pdl_wait();
+    extern __shared__ int sh[]; /* cnt[E], cur[E] */
+    int *cnt = sh, *cur = sh + E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < TK; i += blockDim.x) atomicAdd(&cnt[sel[i]], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int o = 0, nt = 0;
+        for (int e = 0; e < E; e++) {
+            off[e] = o;
+            cur[e] = o;
+            for (int r = 0; r < cnt[e]; r += mb) tiles[nt++] = make_int2(e, o + r);
+            o += cnt[e];
+        }
+        off[E] = o;
+        *n_tiles = nt;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < TK; i += blockDim.x) {
+        const int p = atomicAdd(&cur[sel[i]], 1);
+        rows[p] = i / K;
+        slot[i] = p;
+    }
+}
+
+__device__ __forceinline__ void cp16(void *smem, const void *g, int valid) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(g), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+/* Shared memory of moe_gemm_kernel<UP, MB, BK, ST>: ST stages of the A and W
+ * tiles, reused for the float32 tile(s) of the epilogue. */
+static constexpr int moe_gemm_smem(int up, int mb, int bk, int st) {
+    return st * (mb + (up ? 2 : 1) * MOE_NB) * (bk + 8) * 2 > (up ? 2 : 1) * mb * MOE_CP * 4
+               ? st * (mb + (up ? 2 : 1) * MOE_NB) * (bk + 8) * 2
+               : (up ? 2 : 1) * mb * MOE_CP * 4;
+}
+
+/* Grouped GEMM over the tiles of moe_sort_kernel. Block (x: tile, y: 64
+ * output columns n0..): the tile's rows p (up to MB places of expert e)
+ * times W[e]ᵀ. UP: A row p is h[rows[p]]; the block computes columns n of
+ * both halves (W rows n and I + n) and writes act[p][n] = gelu_erf(a)·(g + 1)
+ * as bf16. Down: A row p is act[p]; writes y[p][n] (float32). K % 8 == 0 (A
+ * and W rows are read in 16-byte pieces, zero-filled past K or the tile).
+ * MB/32 × 2 warps, each 32 rows × 32 columns (of both halves for UP);
+ * K steps of BK through an ST-stage cp.async pipeline; bf16 tensor cores
+ * through WMMA (16×16×16), float32 accumulators. */
+template <int UP, int MB, int BK, int ST>
+__global__ void __launch_bounds__(MB * 2)
+    moe_gemm_kernel(const int2 *tiles, const int *n_tiles, const int *off, const int32_t *rows, const bf16 *A,
+                    int lda, const bf16 *W, long w_exp, int ldw, int N, int Kd, int I, bf16 *act, int ldact, float *y,
+                    int ldy) {
+    using namespace nvcuda;
+    constexpr int NT = MB * 2;                    /* threads */
+    constexpr int KP = BK + 8;                    /* smem row (elements), 16-byte multiple */
+    constexpr int PC = BK / 8;                    /* 16-byte pieces per row per stage */
+    constexpr int WR = UP ? 2 * MOE_NB : MOE_NB;  /* W rows per stage */
+    constexpr int STAGE = (MB + WR) * KP;         /* elements */
+    extern __shared__ __align__(128) unsigned char smem[];
+    pdl_trigger();
+    pdl_wait();
+    if ((int)blockIdx.x >= *n_tiles) return;
+    const int2 tl = tiles[blockIdx.x];
+    const int e = tl.x, r0 = tl.y, r1 = min(r0 + MB, off[e + 1]), n0 = blockIdx.y * MOE_NB;
+    const bf16 *We = W + (long)e * w_exp;
+    bf16 *sm = (bf16 *)smem;
+    const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+
+    auto load = [&](int stage, int k0) {
+        bf16 *sa = sm + stage * STAGE, *sb = sa + MB * KP;
+#pragma unroll
+        for (int i = 0; i < MB * PC / NT; i++) {
+            const int idx = tid + i * NT, r = idx / PC, kc = (idx % PC) * 8, p = r0 + r, k = k0 + kc;
+            const int ok = p < r1 && k < Kd;
+            const bf16 *src = A;
+            if (ok) src = A + (long)(UP ? rows[p] : p) * lda + k;
+            cp16(sa + r * KP + kc, src, ok);
+        }
+#pragma unroll
+        for (int i = 0; i < WR * PC / NT; i++) {
+            const int idx = tid + i * NT, r = idx / PC, kc = (idx % PC) * 8, k = k0 + kc;
+            const int n = n0 + (r < MOE_NB ? r : r - MOE_NB), wrow = r < MOE_NB ? n : I + n;
+            const int ok = n < N && k < Kd;
+            const bf16 *src = ok ? We + (long)wrow * ldw + k : W;
+            cp16(sb + r * KP + kc, src, ok);
+        }
+    };
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> ca[2][2], cg[UP ? 2 : 1][UP ? 2 : 1];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) wmma::fill_fragment(ca[i][j], 0.0f);
+#pragma unroll
+    for (int i = 0; i < (UP ? 2 : 1); i++)
+#pragma unroll
+        for (int j = 0; j < (UP ? 2 : 1); j++) wmma::fill_fragment(cg[i][j], 0.0f);
+    const int nk = (Kd + BK - 1) / BK;
+#pragma unroll
+    for (int s0 = 0; s0 < ST - 1; s0++) {
+        if (s0 < nk) load(s0, s0 * BK);
+        cp_commit();
+    }
+    for (int kt = 0; kt < nk; kt++) {
+        cp_wait<ST - 2>(); /* stage kt has landed (this thread's pieces) */
+        __syncthreads();   /* ... everyone's; and stage kt - 1 is free again */
+        if (kt + ST - 1 < nk) load((kt + ST - 1) % ST, (kt + ST - 1) * BK);
+        cp_commit();
+        const bf16 *sa = sm + (kt % ST) * STAGE, *sb = sa + MB * KP;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fb;
+#pragma unroll
+            for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], sa + (wm * 32 + i * 16) * KP + kk, KP);
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                wmma::load_matrix_sync(fb, sb + (wn * 32 + j * 16) * KP + kk, KP);
+#pragma unroll
+                for (int i = 0; i < 2; i++) wmma::mma_sync(ca[i][j], fa[i], fb, ca[i][j]);
+                if (UP) {
+                    wmma::load_matrix_sync(fb, sb + (MOE_NB + wn * 32 + j * 16) * KP + kk, KP);
+#pragma unroll
+                    for (int i = 0; i < 2; i++)
+                        wmma::mma_sync(cg[UP ? i : 0][UP ? j : 0], fa[i], fb, cg[UP ? i : 0][UP ? j : 0]);
+                }
+            }
+        }
+    }
+    cp_wait<0>();
+    __syncthreads(); /* the stages become the epilogue's tile */
+    float *cs = (float *)smem, *gs = cs + MB * MOE_CP;
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const int off_c = (wm * 32 + i * 16) * MOE_CP + wn * 32 + j * 16;
+            wmma::store_matrix_sync(cs + off_c, ca[i][j], MOE_CP, wmma::mem_row_major);
+            if (UP) wmma::store_matrix_sync(gs + off_c, cg[UP ? i : 0][UP ? j : 0], MOE_CP, wmma::mem_row_major);
+        }
+    __syncthreads();
+    for (int idx = tid; idx < MB * MOE_NB; idx += NT) {
+        const int r = idx / MOE_NB, cc = idx % MOE_NB, p = r0 + r, n = n0 + cc;
+        if (p >= r1 || n >= N) continue;
+        const float v = cs[r * MOE_CP + cc];
+        if (UP)
+            act[(long)p * ldact + n] = __float2bfloat16_rn(gelu_erf_f(v) * (gs[r * MOE_CP + cc] + 1.0f));
+        else
+            y[(long)p * ldy + n] = v;
+    }
+}
+
+/* x[t][n] += Σ_k w[t,k]·y[slot[t,k]][n], k in rank order. */
+__global__ void moe_combine_kernel(float *x, int ldx, const float *y, int ldy, const int32_t *slot, const float *wt,
+                                   int T, int N, int K) {
+    pdl_trigger();
+    pdl_wait();
+    const long n_all = (long)T * N;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n_all; i += (long)gridDim.x * blockDim.x) {
+        const int t = (int)(i / N), n = (int)(i % N);
+        float acc = 0.0f;
+        for (int k = 0; k < K; k++) acc = fmaf(wt[(long)t * K + k], y[(long)slot[(long)t * K + k] * ldy + n], acc);
+        x[(long)t * ldx + n] += acc;
+    }
+}
+
+/* ---- the MLP ------------------------------------------------------------------------------- */
+
+static size_t up256(size_t v) { return (v + 255) & ~(size_t)255; }
+
+static int moe_pad8(int v) { return (v + 7) / 8 * 8; }
+
+/* Scratch layout for T tokens (see cuda_moe_scratch_bytes). */
+typedef struct moe_scr {
+    int *off, *n_tiles;
+    int2 *tiles;
+    int32_t *rows, *slot;
+    bf16 *act; /* [T·K, ldact] */
+    float *y;  /* [T·K, N] */
+    int ldact;
+    size_t bytes;
+} moe_scr;
+
+static moe_scr moe_layout(unsigned char *base, int T, int E, int K, int dim, int inner) {
+    moe_scr s;
+    memset(&s, 0, sizeof s);
+    const size_t TK = (size_t)T * K, max_tiles = TK / MOE_MB_MIN + (size_t)E + 1;
+    size_t o = 0;
+#define MOE_TAKE(field, type, n)                                                                   \
+    do {                                                                                           \
+        s.field = (type *)(base ? base + o : NULL);                                                \
+        o += up256((size_t)(n) * sizeof(type));                                                    \
+    } while (0)
+    MOE_TAKE(off, int, E + 1);
+    MOE_TAKE(n_tiles, int, 1);
+    MOE_TAKE(tiles, int2, max_tiles);
+    MOE_TAKE(rows, int32_t, TK);
+    MOE_TAKE(slot, int32_t, TK);
+    s.ldact = moe_pad8(inner);
+    MOE_TAKE(act, bf16, TK * s.ldact);
+    MOE_TAKE(y, float, TK * dim);
+#undef MOE_TAKE
+    s.bytes = o;
+    return s;
+}
+
+size_t cuda_moe_scratch_bytes(int T, int E, int K, int dim, int inner) {
+    return moe_layout(NULL, T, E, K, dim, inner).bytes;
+}
+
+/* The two grouped GEMMs (fc1 with the GeGLU epilogue, fc2) in one tile shape. */
+template <int MB, int BK, int ST>
+static albedo_status moe_gemms(cuda_ctx *c, const cuda_moe *m, const moe_scr *s, int max_tiles) {
+    const int D = m->dim, I = m->inner;
+    const long w1e = (long)2 * I * m->ld1, w2e = (long)D * m->ld2;
+    constexpr int s1 = moe_gemm_smem(1, MB, BK, ST), s0 = moe_gemm_smem(0, MB, BK, ST);
+    /* above 48 KiB only once raised (not a stream operation: allowed while capturing) */
+    CU_TRY(c, cudaFuncSetAttribute(moe_gemm_kernel<1, MB, BK, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, s1));
+    CU_TRY(c, cudaFuncSetAttribute(moe_gemm_kernel<0, MB, BK, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, s0));
+    CU_TRY(c, launch_k(c, moe_gemm_kernel<1, MB, BK, ST>, dim3(max_tiles, (I + MOE_NB - 1) / MOE_NB), dim3(MB * 2), s1,
+                       (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off, (const int32_t *)s->rows,
+                       (const bf16 *)m->h, m->ldh, (const bf16 *)m->w1, w1e, m->ld1, I, m->ld1, I, s->act, s->ldact,
+                       (float *)NULL, 0));
+    CU_LAUNCHED(c);
+    CU_TRY(c, launch_k(c, moe_gemm_kernel<0, MB, BK, ST>, dim3(max_tiles, (D + MOE_NB - 1) / MOE_NB), dim3(MB * 2), s0,
+                       (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off, (const int32_t *)s->rows,
+                       (const bf16 *)s->act, s->ldact, (const bf16 *)m->w2, w2e, m->ld2, D, s->ldact, 0,
+                       (bf16 *)NULL, 0, s->y, D));
+    CU_LAUNCHED(c);
+    return ALBEDO_OK;
+}
+
+albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
+    const int T = m->T, E = m->E, K = m->K, D = m->dim, I = m->inner;
+    CU_ARG(c, T >= 0 && E >= 1 && K >= 1 && K <= CUDA_MOE_MAX_K && K <= E && E <= 4096);
+    CU_ARG(c, D >= 1 && I >= 1 && m->ld1 % 8 == 0 && m->ld1 >= D && m->ld2 % 8 == 0 && m->ld2 >= I);
+    CU_ARG(c, m->ldh % 8 == 0 && m->ldh >= m->ld1 && m->ldx >= D);
+    CU_ARG(c, is_aligned(m->w1, 16) && is_aligned(m->w2, 16) && is_aligned(m->h, 16) && m->scratch);
+    CU_ARG(c, (long)T * K <= CUDA_MOE_MAX_ASSIGN);
+    if (!T) return ALBEDO_OK;
+    /* The padding columns D..ld1 of h and of W1, and I..ld2 of act and W2,
+     * are zeros (the caller's h and weights; act's are written here). */
+    const moe_scr s = moe_layout((unsigned char *)m->scratch, T, E, K, D, I);
+    const long w1e = (long)2 * I * m->ld1, w2e = (long)D * m->ld2;
+    const int gemv = m->path == 1 || (m->path == 0 && T <= CUDA_MOE_GEMV_MAX_T);
+    if (s.ldact != I) /* keep act's padding columns zero for the 16-byte reads of the down pass */
+        CU_TRY(c, cudaMemsetAsync(s.act, 0, (size_t)T * K * s.ldact * sizeof(bf16), c->stream));
+    if (gemv) {
+        CU_TRY(c, launch_k(c, moe_up_gemv_kernel, dim3((I + MOE_GEMV_WARPS - 1) / MOE_GEMV_WARPS, T * K),
+                           dim3(MOE_GEMV_WARPS * 32), 0, s.act, s.ldact, (const bf16 *)m->h, m->ldh, m->sel,
+                           (const bf16 *)m->w1, w1e, m->ld1, m->ld1, I, K));
+        CU_LAUNCHED(c);
+        CU_TRY(c, launch_k(c, moe_down_gemv_kernel, dim3(D, T), dim3(32 * K), 0, m->x, m->ldx, (const bf16 *)s.act,
+                           s.ldact, m->sel, m->wt, (const bf16 *)m->w2, w2e, m->ld2, D, s.ldact, K));
+        CU_LAUNCHED(c);
+        return ALBEDO_OK;
+    }
+    const int TK = T * K;
+    const int g = m->gemm >= 1 && m->gemm <= 4        ? m->gemm
+                  : TK >= CUDA_MOE_GEMM_LARGE_TK ? CUDA_MOE_GEMM_LARGE
+                                                 : CUDA_MOE_GEMM_SMALL;
+    const int mb = g <= 2 ? 64 : 128;
+    const int max_tiles = TK / mb + E + 1;
+    CU_TRY(c, launch_k(c, moe_sort_kernel, dim3(1), dim3(1024), (size_t)2 * E * sizeof(int), m->sel, TK, K, E, mb,
+                       s.off, s.tiles, s.n_tiles, s.rows, s.slot));
+    CU_LAUNCHED(c);
+    albedo_status st = g == 1   ? moe_gemms<64, 32, 2>(c, m, &s, max_tiles)
+                       : g == 2 ? moe_gemms<64, 64, 3>(c, m, &s, max_tiles)
+                       : g == 3 ? moe_gemms<128, 32, 2>(c, m, &s, max_tiles)
+                                : moe_gemms<128, 64, 3>(c, m, &s, max_tiles);
+    if (st) return st;
+    const long n = (long)T * D;
+    const int blocks = (int)((n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096);
+    CU_TRY(c, launch_k(c, moe_combine_kernel, dim3(blocks), dim3(256), 0, m->x, m->ldx, (const float *)s.y, D,
+                       (const int32_t *)s.slot, m->wt, T, D, K));
+    CU_LAUNCHED(c);
+    return ALBEDO_OK;
+}

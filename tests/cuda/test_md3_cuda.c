@@ -1,0 +1,354 @@
+/*
+ * test_md3_cuda.c — Moondream 3 through the CUDA backend end to end
+ * (backend "cuda": bf16 activations, tau attention and the experts of
+ * src/cuda/model_cuda_md3.cu) against the engine's own float32 CPU path and
+ * the official implementation's outputs, with the reduced-precision
+ * tolerances of shared/fixtures/README.md:
+ *
+ *   vision   img_emb and the encoder output from the same crops: relative L2
+ *            to the float32 path <= 2e-2, for every fixture image
+ *   prefix   the 730-position prefix KV of every image (keys after rotary,
+ *            tau-scaled values): relative L2 <= 2e-2 per layer
+ *   e2e      every md3-small case (caption, query with and without
+ *            reasoning, spatial references, detect, point, text-only): fed
+ *            tokens, text, boxes and points identical to the reference up to
+ *            the first step whose reference margin is below 0.1; caption and
+ *            plain query: fed tokens identical to the float32 CPU run's up to
+ *            its first logits row with a margin below 0.1 (text identical
+ *            when there is none)
+ *   graph    a session with CUDA graphs off gives the same tokens as one
+ *            with them (the decode graph holds tau, the router and the expert
+ *            GEMVs, with the position read from device memory)
+ *   errors   Q8 experts on cuda are ALBEDO_ERR_UNSUPPORTED
+ *
+ * md3-small is regenerated from its seed; cases, images and the tokenizer
+ * come from ../shared/fixtures or, without it, tests/data. ALBEDO_SRC and
+ * ALBEDO_WORK override the build's paths. Exit status 77 without a device.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <cuda_runtime_api.h>
+#include <jansson.h>
+#include <math.h>
+#include <sys/stat.h>
+#include <zlib.h>
+
+#include "cuda/model_cuda.h"
+#include "session.h"
+#include "test.h"
+#include "test_data.h"
+
+#include "md3_cases.h"
+
+#define BF16_TOL 2e-2
+#define MARGIN 0.1
+#define MD3_SEED 31337
+
+/* ---- the margins of a run's logits rows, and its first row ------------------------ */
+
+typedef struct rows {
+    int n;
+    float margin[4096];
+    float *first;
+    int vocab;
+} rows;
+
+static void record(void *user, const float *logits, int n) {
+    rows *r = user;
+    if (r->n == 0 && !r->first) {
+        r->first = malloc((size_t)n * sizeof(float));
+        if (r->first) memcpy(r->first, logits, (size_t)n * sizeof(float));
+        r->vocab = n;
+    }
+    if (r->n < 4096) {
+        float a = -INFINITY, b = -INFINITY;
+        for (int i = 0; i < n; i++) {
+            if (logits[i] > a) {
+                b = a;
+                a = logits[i];
+            } else if (logits[i] > b) {
+                b = logits[i];
+            }
+        }
+        r->margin[r->n] = a - b;
+    }
+    r->n++;
+}
+
+static const albedo_result *run(albedo_session *s, const albedo_request *r, rows *rw, const char *label) {
+    const albedo_result *res = NULL;
+    s->on_logits = rw ? record : NULL;
+    s->on_logits_user = rw;
+    albedo_status st = albedo_session_run(s, r, &res);
+    s->on_logits = NULL;
+    CHECK(st == ALBEDO_OK, "%s: run: %s", label, albedo_session_error(s));
+    return st == ALBEDO_OK ? res : NULL;
+}
+
+typedef struct kept {
+    int n_tokens;
+    int32_t tokens[4096];
+    char text[8192];
+} kept;
+
+static void keep(kept *k, const albedo_result *r) {
+    k->n_tokens = r->n_tokens < 4096 ? r->n_tokens : 4096;
+    memcpy(k->tokens, r->tokens, (size_t)k->n_tokens * sizeof(int32_t));
+    snprintf(k->text, sizeof k->text, "%s", r->text ? r->text : "");
+}
+
+/* The GPU's fed tokens against the CPU float32 run's, up to the CPU's first
+ * logits row with a margin below MARGIN (row j decides fed token
+ * n_prompt + j); the texts when there is none. */
+static void compare_runs(const char *label, const kept *cpu, const rows *cpu_rows, const albedo_result *gpu) {
+    int lim = INT32_MAX;
+    for (int j = 0; j < cpu_rows->n && j < 4096; j++)
+        if (cpu_rows->margin[j] < MARGIN) {
+            lim = j;
+            break;
+        }
+    const int n_prompt = cpu->n_tokens - (cpu_rows->n - 1);
+    int upto = lim == INT32_MAX ? cpu->n_tokens : n_prompt + lim;
+    if (upto > cpu->n_tokens) upto = cpu->n_tokens;
+    int bad = -1;
+    for (int t = 0; t < upto && bad < 0; t++)
+        if (t >= gpu->n_tokens || gpu->tokens[t] != cpu->tokens[t]) bad = t;
+    CHECK(bad < 0, "%s: fed token %d: gpu %d, cpu f32 %d (compared up to %d of %d)", label, bad,
+          bad >= 0 && bad < gpu->n_tokens ? gpu->tokens[bad] : -1, bad >= 0 ? cpu->tokens[bad] : -1, upto,
+          cpu->n_tokens);
+    if (lim == INT32_MAX) {
+        CHECK(gpu->n_tokens == cpu->n_tokens, "%s: %d tokens fed, cpu f32 %d", label, gpu->n_tokens, cpu->n_tokens);
+        CHECK(!strcmp(gpu->text, cpu->text), "%s: text\n  gpu '%s'\n  cpu '%s'", label, gpu->text, cpu->text);
+    }
+}
+
+/* ---- stages of one image ------------------------------------------------------------- */
+
+static void check_vision(albedo_session *cpu, albedo_session *gpu, const char *path, const char *label) {
+    const albedo_model *m = cpu->m;
+    const md_config *c = &m->cfg;
+    const int np = c->prefix_attn - 1;
+    img_rgb im = {0};
+    img_crops cr = {0};
+    errbuf e;
+    CHECK(img_load_file(path, &m->limits, &im, &e) == ALBEDO_OK, "%s: %s", label, e.msg);
+    if (!im.px) return;
+    CHECK(img_make_crops(&im, c->crop_size, c->patch, c->overlap_margin, c->max_crops, &cr, &e) == ALBEDO_OK,
+          "%s: crops: %s", label, e.msg);
+    const size_t ne = (size_t)cr.n * np * c->enc_dim, nm = (size_t)np * c->dim;
+    float *enc_c = malloc(ne * sizeof(float)), *enc_g = malloc(ne * sizeof(float));
+    float *emb_c = malloc(nm * sizeof(float)), *emb_g = malloc(nm * sizeof(float));
+    if (cr.px && enc_c && enc_g && emb_c && emb_g) {
+        for (size_t i = 0; i < ne; i++) enc_g[i] = NAN;
+        for (size_t i = 0; i < nm; i++) emb_g[i] = NAN;
+        CHECK(vision_encode(&cpu->st, &cr, emb_c, enc_c, &e) == ALBEDO_OK, "%s: cpu vision: %s", label, e.msg);
+        CHECK(vision_encode(&gpu->st, &cr, emb_g, enc_g, &e) == ALBEDO_OK, "%s: gpu vision: %s", label, e.msg);
+        const double r_enc = rel_l2(enc_g, enc_c, ne), r_emb = rel_l2(emb_g, emb_c, nm);
+        printf("  %-28s %2d crops: encoder out rel L2 %.2e, img_emb rel L2 %.2e\n", label, cr.n, r_enc, r_emb);
+        CHECK(r_enc <= BF16_TOL, "%s: encoder output rel L2 %.3g > %g", label, r_enc, BF16_TOL);
+        CHECK(r_emb <= BF16_TOL, "%s: img_emb rel L2 %.3g > %g", label, r_emb, BF16_TOL);
+    }
+    free(enc_c), free(enc_g), free(emb_c), free(emb_g);
+    img_crops_free(&cr);
+    img_free(&im);
+}
+
+/* The prefix KV the GPU session holds right after encoding against the CPU
+ * image's: keys after rotary, values after tau. */
+static void check_prefix(albedo_session *gpu, const albedo_image *img_c, const char *label) {
+    const md_config *c = &gpu->m->cfg;
+    const int n_pos = img_c->n_pos, kvd = c->n_kv_heads * c->head_dim;
+    float *k = malloc((size_t)n_pos * kvd * sizeof(float)), *v = malloc((size_t)n_pos * kvd * sizeof(float));
+    float *kc = malloc((size_t)n_pos * kvd * sizeof(float)), *vc = malloc((size_t)n_pos * kvd * sizeof(float));
+    double worst = 0;
+    errbuf e;
+    for (int l = 0; l < c->n_layers && k && v && kc && vc; l++) {
+        CHECK(mdc_kv_download(gpu->st.cu, l, n_pos, k, v, &e) == ALBEDO_OK, "%s: %s", label, e.msg);
+        for (size_t i = 0; i < (size_t)n_pos * kvd; i++) {
+            kc[i] = kv_get(img_c->k[l], img_c->m->kv_dt, i);
+            vc[i] = kv_get(img_c->v[l], img_c->m->kv_dt, i);
+        }
+        const double rk = rel_l2(k, kc, (size_t)n_pos * kvd), rv = rel_l2(v, vc, (size_t)n_pos * kvd);
+        CHECK(rk <= BF16_TOL && rv <= BF16_TOL, "%s: prefix layer %d: k rel L2 %.3g, v %.3g > %g", label, l, rk, rv,
+              BF16_TOL);
+        if (rk > worst) worst = rk;
+        if (rv > worst) worst = rv;
+    }
+    printf("  %-28s prefix KV (%d positions) worst layer rel L2 %.2e\n", label, n_pos, worst);
+    free(k), free(v), free(kc), free(vc);
+}
+
+/* ---- the cases ------------------------------------------------------------------------- */
+
+static int is_text_task(json_t *c) {
+    const char *task = json_string_value(json_object_get(c, "task"));
+    json_t *args = json_object_get(c, "args");
+    if (!strcmp(task, "caption")) return 1;
+    return !strcmp(task, "query") && !json_is_true(json_object_get(args, "reasoning")) &&
+           json_string_value(json_object_get(c, "image")) != NULL;
+}
+
+static void run_cases(albedo_session *cpu, albedo_session *gpu, json_t *cases, const char *image_dir) {
+    const char *cur = NULL;
+    albedo_image *img_c = NULL, *img_g = NULL;
+    size_t i;
+    json_t *c;
+    static kept kc;
+    int n_cases = 0, n_same = 0;
+    json_array_foreach(cases, i, c) {
+        const char *image = json_string_value(json_object_get(c, "image"));
+        char label[256], path[4096];
+        snprintf(label, sizeof label, "case %zu (%s %s)", i, image ? image : "text-only",
+                 json_string_value(json_object_get(c, "task")));
+        if (image && (!cur || strcmp(cur, image))) {
+            albedo_image_free(img_c);
+            albedo_image_free(img_g);
+            img_c = img_g = NULL;
+            cur = image;
+            snprintf(path, sizeof path, "%s/%s", image_dir, image);
+            check_vision(cpu, gpu, path, image);
+            CHECK(albedo_image_encode_file(cpu, path, &img_c) == ALBEDO_OK, "%s: cpu encode: %s", label,
+                  albedo_session_error(cpu));
+            CHECK(albedo_image_encode_file(gpu, path, &img_g) == ALBEDO_OK, "%s: gpu encode: %s", label,
+                  albedo_session_error(gpu));
+            CHECK(!img_g || (img_g->dev_kv && !img_g->k), "%s: the GPU image keeps its prefix on the device", label);
+            if (img_c && img_g) check_prefix(gpu, img_c, image);
+        }
+        if (image && (!img_c || !img_g)) continue;
+        albedo_spatial_ref refs[16];
+        albedo_request r = case_request(c, refs);
+        r.image = image ? img_c : NULL;
+        rows *rc = calloc(1, sizeof *rc);
+        const albedo_result *res = run(cpu, &r, rc, label);
+        if (res) keep(&kc, res);
+        r.image = image ? img_g : NULL;
+        rows *rg = calloc(1, sizeof *rg);
+        const albedo_result *rs = run(gpu, &r, rg, label);
+        if (rs) {
+            char lab2[300];
+            snprintf(lab2, sizeof lab2, "%s [cuda]", label);
+            check_case_thr(lab2, c, rs, MARGIN);
+            if (res && is_text_task(c)) compare_runs(lab2, &kc, rc, rs);
+            n_cases++;
+            const int same = rs->n_tokens == kc.n_tokens && !memcmp(rs->tokens, kc.tokens, (size_t)kc.n_tokens * 4);
+            n_same += same;
+            if (rc->first && rg->first) {
+                double d = 0;
+                for (int k = 0; k < rc->vocab; k++) {
+                    const double a = fabs((double)rc->first[k] - rg->first[k]);
+                    if (a > d) d = a;
+                }
+                printf("  %-40s first logits: rel L2 %.2e, max abs %.3f; %d/%d tokens%s\n", label,
+                       rel_l2(rg->first, rc->first, (size_t)rc->vocab), d, rs->n_tokens, kc.n_tokens,
+                       same ? " (identical)" : "");
+            }
+        }
+        free(rc->first), free(rc), free(rg->first), free(rg);
+    }
+    printf("  %d of %d cases fed exactly the CPU float32 run's tokens\n", n_same, n_cases);
+    albedo_image_free(img_c);
+    albedo_image_free(img_g);
+}
+
+/* Graphs on and off give the same tokens; the graph is captured once. */
+static void check_graph(albedo_model *gm, albedo_session *gpu, const char *image_path) {
+    int used = 0, n_cap = 0;
+    setenv("ALBEDO_CUDA_GRAPH", "0", 1);
+    albedo_session *eager = NULL;
+    CHECK(albedo_session_new(gm, &eager) == ALBEDO_OK, "session: %s", albedo_last_error());
+    unsetenv("ALBEDO_CUDA_GRAPH");
+    if (!eager) return;
+    albedo_image *a = NULL, *b = NULL;
+    CHECK(albedo_image_encode_file(gpu, image_path, &a) == ALBEDO_OK, "%s", albedo_session_error(gpu));
+    CHECK(albedo_image_encode_file(eager, image_path, &b) == ALBEDO_OK, "%s", albedo_session_error(eager));
+    if (a && b) {
+        albedo_request r = albedo_request_default(ALBEDO_SKILL_CAPTION);
+        r.temperature = 0;
+        r.max_tokens = 40;
+        r.ignore_eos = 1;
+        r.image = a;
+        rows *ra = calloc(1, sizeof *ra), *rb = calloc(1, sizeof *rb);
+        static kept ka;
+        const albedo_result *x = run(gpu, &r, ra, "graph on");
+        if (x) keep(&ka, x);
+        mdc_graph_stats(gpu->st.cu, &used, &n_cap);
+        CHECK(used == 1 && n_cap == 1, "decode steps replay the session's one graph (used %d, captured %d: %s)", used,
+              n_cap, mdc_graph_error(gpu->st.cu));
+        r.image = b;
+        const albedo_result *y = run(eager, &r, rb, "graph off");
+        mdc_graph_stats(eager->st.cu, &used, &n_cap);
+        CHECK(used == 0 && n_cap == 0, "ALBEDO_CUDA_GRAPH=0 runs eagerly (used %d, captured %d)", used, n_cap);
+        if (x && y) compare_runs("graph off vs on", &ka, ra, y);
+        printf("  graph on/off: %d and %d tokens, %s\n", ka.n_tokens, y ? y->n_tokens : -1,
+               y && y->n_tokens == ka.n_tokens && !memcmp(y->tokens, ka.tokens, (size_t)ka.n_tokens * 4)
+                   ? "identical"
+                   : "different");
+        free(ra->first), free(ra), free(rb->first), free(rb);
+    }
+    albedo_image_free(a);
+    albedo_image_free(b);
+    albedo_session_free(eager);
+}
+
+int main(void) {
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev < 1) {
+        printf("no CUDA device: skipped\n");
+        return 77;
+    }
+    const char *src = getenv("ALBEDO_SRC") ? getenv("ALBEDO_SRC") : ALBEDO_SOURCE_DIR;
+    const char *work = getenv("ALBEDO_WORK") ? getenv("ALBEDO_WORK") : ALBEDO_BINARY_DIR;
+    const char *shared = getenv("ALBEDO_SRC") ? NULL : test_shared_dir();
+    char cases_path[4096], image_dir[4096], tok_path[4096], gen_dir[4096];
+    if (shared) {
+        snprintf(cases_path, sizeof cases_path, "%s/fixtures/reference/md3-small/cases.json", shared);
+        snprintf(image_dir, sizeof image_dir, "%s/fixtures/images", shared);
+        snprintf(tok_path, sizeof tok_path, "%s/fixtures/models/md3-small/tokenizer.json", shared);
+    } else {
+        snprintf(cases_path, sizeof cases_path, "%s/tests/data/md3-small/cases.json", src);
+        snprintf(image_dir, sizeof image_dir, "%s/tests/data/images", src);
+        snprintf(tok_path, sizeof tok_path, "%s/md3-gpt2.tokenizer.json", work);
+        char gz[4200];
+        snprintf(gz, sizeof gz, "%s/tests/data/tokenizer/gpt2.tokenizer.json.gz", src);
+        CHECK(gunzip(gz, tok_path) == 0, "cannot decompress %s", gz);
+    }
+    json_error_t je;
+    json_t *root = json_load_file(cases_path, 0, &je);
+    CHECK(root != NULL, "%s: %s", cases_path, je.text);
+    if (!root) TEST_MAIN_END();
+    snprintf(gen_dir, sizeof gen_dir, "%s/md3-small-cuda-gen", work);
+    CHECK(albedo_synth_write(gen_dir, "md3-small", MD3_SEED, 0, tok_path) == ALBEDO_OK, "synth: %s",
+          albedo_last_error());
+
+    albedo_model_params pc = albedo_model_params_default(), pg = pc;
+    pg.backend = "cuda";
+    albedo_model *cm = NULL, *gm = NULL;
+    CHECK(albedo_model_load(gen_dir, &pc, &cm) == ALBEDO_OK, "cpu load: %s", albedo_last_error());
+    CHECK(albedo_model_load(gen_dir, &pg, &gm) == ALBEDO_OK, "cuda load: %s", albedo_last_error());
+    albedo_session *cs = NULL, *gs = NULL;
+    if (cm) CHECK(albedo_session_new(cm, &cs) == ALBEDO_OK, "cpu session: %s", albedo_last_error());
+    if (gm) CHECK(albedo_session_new(gm, &gs) == ALBEDO_OK, "cuda session: %s", albedo_last_error());
+    if (cs && gs) {
+        printf("cpu:  %s\ncuda: %s\n", albedo_model_describe(cm), albedo_model_describe(gm));
+        CHECK(strstr(albedo_model_describe(gm), "moondream3") && strstr(albedo_model_describe(gm), "backend cuda"),
+              "describe names Moondream 3 on the GPU");
+        run_cases(cs, gs, json_object_get(root, "cases"), image_dir);
+        char path[4200];
+        snprintf(path, sizeof path, "%s/chelsea.jpg", image_dir);
+        check_graph(gm, gs, path);
+    }
+    albedo_session_free(cs);
+    albedo_session_free(gs);
+    albedo_model_free(cm);
+    albedo_model_free(gm);
+
+    /* Block-quantised experts stay on the CPU. */
+    albedo_model_params pq = albedo_model_params_default();
+    pq.backend = "cuda";
+    pq.weights = "q8";
+    albedo_model *qm = NULL;
+    albedo_status st = albedo_model_load(gen_dir, &pq, &qm);
+    CHECK(st == ALBEDO_ERR_UNSUPPORTED && !qm, "q8 experts on cuda: status %d: %s", (int)st, albedo_last_error());
+    albedo_model_free(qm);
+    json_decref(root);
+    TEST_MAIN_END();
+}
