@@ -5,7 +5,7 @@ the JSON of the results, is the C library's. The methods and return values
 are those of the official ``moondream`` client (``md.vl(...)``)::
 
     import albedo
-    model = albedo.vl(model="moondream2")        # a directory, "moondream2" or "owner/repo[@rev]"
+    model = albedo.vl(model="moondream2")        # a directory, "moondream2", "moondream3" or "owner/repo[@rev]"
     model.caption("photo.jpg")                    # {"caption": "..."}
     model.query(image, "What is this?")           # {"answer": "..."}
     model.detect(image, "face")                   # {"objects": [{"x_min": ..., ...}]}

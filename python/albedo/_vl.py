@@ -34,8 +34,9 @@ def _last_error():
 
 
 def fetch(spec, *, offline=None, endpoint=None, token=None, hub_cache=None, progress=None):
-    """Resolve a model spec (directory, "moondream2", "owner/repo[@rev]") to a
-    directory, downloading into the Hugging Face cache if needed."""
+    """Resolve a model spec (directory, an alias "moondream2", "moondream3" or
+    "moondream3.1", or "owner/repo[@rev]") to a directory, downloading into the
+    Hugging Face cache if needed (sharded checkpoints too)."""
     p = _lib.fetch_params_default()
     keep = []
     for name, val in (("endpoint", endpoint), ("token", token), ("hub_cache", hub_cache)):
@@ -93,7 +94,7 @@ class VL:
     """A loaded model with a pool of sessions. Use ``albedo.vl(...)``."""
 
     def __init__(self, model=None, *, sessions=1, threads=0, backend=None, precision="f32", max_context=0,
-                 offline=None):
+                 offline=None, weights=None):
         spec = model or os.environ.get("ALBEDO_MODEL") or "moondream2"
         self.model_dir = fetch(spec, offline=offline)
         params = _lib.model_params_default()
@@ -104,6 +105,10 @@ class VL:
         if precision not in ("f32", "bf16"):
             raise ValueError("precision must be 'f32' or 'bf16'")
         params.precision = 1 if precision == "bf16" else 0
+        if weights not in (None, "bf16", "q8", "q4"):
+            raise ValueError("weights must be 'bf16', 'q8' or 'q4'")
+        self._weights = weights.encode() if weights else None
+        params.weights = self._weights
         m = ctypes.c_void_p()
         _check(_lib.model_load(os.fsencode(self.model_dir), ctypes.byref(params), ctypes.byref(m)), _last_error)
         self._model = m
@@ -309,8 +314,10 @@ class VL:
 
 
 def vl(model=None, **kwargs):
-    """Load a model: a directory, "moondream2" or a Hugging Face "owner/repo[@rev]"
+    """Load a model: a directory, an alias ("moondream2", "moondream3",
+    "moondream3.1") or a Hugging Face "owner/repo[@rev]"
     (default $ALBEDO_MODEL, else moondream2). Keyword options: sessions,
-    threads, backend, precision ("f32"/"bf16"), max_context, offline."""
+    threads, backend, precision ("f32"/"bf16"), weights ("bf16"/"q8"/"q4":
+    the text decoder's weights, quantised at load), max_context, offline."""
     kwargs.pop("api_key", None)  # accepted for drop-in use with md.vl(); meaningless locally
     return VL(model, **kwargs)

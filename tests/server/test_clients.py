@@ -193,3 +193,17 @@ def test_package_errors(local):
         local.query(None, None)
     with pytest.raises(albedo.AlbedoError):
         albedo.vl(model="/nonexistent/model/dir")
+    with pytest.raises(ValueError):
+        albedo.vl(model=MODEL, weights="q5")
+
+
+def test_package_quantized_weights():
+    """weights="q8" reaches the library: the text decoder is quantised at load."""
+    import albedo
+    m = albedo.vl(model=MODEL, weights="q8")
+    try:
+        assert ", q8" in m.description
+        assert isinstance(m.caption(image_bytes("tiny.png"),
+                                    settings={"max_tokens": 4})["caption"], str)
+    finally:
+        m.close()
