@@ -1,12 +1,13 @@
 """The REST API against the reference outputs, streaming, chat, health,
 models and metrics — all on a loopback `albedo serve` with the fixture model."""
 import json
+import os
 import threading
 import time
 
 import pytest
 
-from conftest import (REF_SETTINGS, data_url, get, load_cases, metric, post, sse_events)
+from conftest import (MODEL, REF_SETTINGS, data_url, get, load_cases, metric, post, sse_events)
 
 CASES = load_cases()
 
@@ -137,7 +138,7 @@ def test_models_and_health(server):
     st, _, out = get(server.url + "/health")
     assert st == 200 and out["status"] == "ok"
     st, _, out = get(server.url + "/v1/models")
-    assert st == 200 and out["object"] == "list" and out["data"][0]["id"] == "md2-small"
+    assert st == 200 and out["object"] == "list" and out["data"][0]["id"] == os.path.basename(MODEL)
 
 
 def test_metrics(server):
