@@ -116,6 +116,10 @@ typedef struct albedo_model_params {
     int64_t max_image_pixels;   /* reject images with more pixels (default 100e6) */
     const char *weights;        /* text decoder weights: NULL or "bf16" = as stored; "q8",
                                    "q4" = albedo block formats made at load (docs/QUANT.md) */
+    const char *kv_dtype;       /* KV cache: NULL, "auto" or "bf16" = the backend's own (bf16
+                                   on cuda; the CPU's follows precision); "fp8" = e4m3 with one
+                                   scale per tensor, half the bytes (backend cuda on an sm_89+
+                                   GPU only, else ALBEDO_ERR_UNSUPPORTED; docs/CUDA.md) */
 } albedo_model_params;
 
 ALBEDO_API albedo_model_params albedo_model_params_default(void);

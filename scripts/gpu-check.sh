@@ -10,7 +10,9 @@
 #   4. bench_e2e         the full model through the API: start-up, cold and
 #                        warm direct query, decode tok/s, ChartQA-like batch 1
 #   5. bench_moe         Moondream 3's expert MLP at full shapes (every tile shape)
-#   (SANITIZE=1 adds compute-sanitizer memcheck over test_ops_cuda --small and
+#   (DECODE_REPS, E2E_REPEATS, MOE_REPS set the benchmarks' repeats (100, 20,
+#   20); FP8=1 adds bench_e2e with the fp8 KV cache (--kv-dtype fp8);
+#   SANITIZE=1 adds compute-sanitizer memcheck over test_ops_cuda --small and
 #   test_md3_cuda; MD3=1 writes the full-size synthetic Moondream 3, 18 GB, to
 #   $ALBEDO_CACHE/synthetic-md3 with the albedo CLI and runs bench_e2e on it.)
 #
@@ -48,9 +50,12 @@ step() {
 step ops 4 "$B/test_ops_cuda"
 step model 12 "$B/test_model_cuda"
 step md3 8 "$B/test_md3_cuda"
-step decode 20 "$B/bench_decode" 100
-step e2e 24 "$B/bench_e2e" --image tests/data/images/rocket.jpg
-step moe 16 "$B/bench_moe" 20
+step decode 20 "$B/bench_decode" "${DECODE_REPS:-100}"
+step e2e 24 "$B/bench_e2e" --image tests/data/images/rocket.jpg --repeats "${E2E_REPEATS:-20}"
+if [ "${FP8:-0}" = 1 ]; then
+    step e2e_fp8 24 "$B/bench_e2e" --image tests/data/images/rocket.jpg --repeats "${E2E_REPEATS:-20}" --kv-dtype fp8
+fi
+step moe 16 "$B/bench_moe" "${MOE_REPS:-20}"
 if [ "${MD3:-0}" = 1 ]; then
     M3="$ALBEDO_CACHE/synthetic-md3"
     [ -f "$M3/tokenizer.json" ] || step synth_md3 1 "$B/albedo" synth --preset md3 --out "$M3" --seed 1

@@ -183,6 +183,17 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
     if (!st && m->params.max_context > 0 && m->params.max_context <= m->cfg.prefix_attn + 2)
         st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "max_context %d leaves no room after the %d-position image prefix",
                   m->params.max_context, m->cfg.prefix_attn);
+    if (!st) {
+        /* The KV cache's dtype: the string is the caller's, so keep a literal. */
+        const char *kd = m->params.kv_dtype;
+        const int fp8 = kd && !strcmp(kd, "fp8");
+        if (kd && *kd && !fp8 && strcmp(kd, "auto") && strcmp(kd, "bf16"))
+            st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "kv_dtype '%s': expected auto, bf16 or fp8", kd);
+        else if (fp8 && !md_cuda_requested(m->params.backend))
+            st = errf(&e, ALBEDO_ERR_UNSUPPORTED,
+                      "kv_dtype fp8 (an e4m3 KV cache) needs backend cuda on an sm_89 or newer GPU");
+        m->params.kv_dtype = fp8 ? "fp8" : NULL;
+    }
     if (!st && md_cuda_requested(m->params.backend)) st = md_cuda_model_load(m, &e); /* backend_cuda.c */
     if (!st) {
         /* Probe the backend now so that a bad name fails at load, not later. */

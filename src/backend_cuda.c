@@ -5,9 +5,11 @@
  * session's md_state then owns an mdc_state (device working memory and KV
  * cache), and the stage files hand whole stages to it through the md_cuda_*
  * hooks declared in model.h: vision_encode, text_forward(_batch), the
- * image prefix and its KV. Region decoders, sampling and the generation
- * loops stay on the host; a forward returns the last hidden state and the
- * logits row to the host buffers the loops read.
+ * image prefix and its KV. Region decoders and the generation loops stay
+ * on the host; a forward returns the last hidden state and the logits row
+ * to the host buffers the loops read, or, for the engine's segments with an
+ * md_pick, the token picked on the device (model_cuda.cu, pick_rows). kv_dtype "fp8" (checked by
+ * albedo_model_load) makes every device KV cache e4m3 (model_cuda.cu).
  *
  * Built without ALBEDO_CUDA, asking for "cuda" fails at load with
  * ALBEDO_ERR_UNSUPPORTED and every other hook is unreachable (m->cuda and
@@ -74,6 +76,10 @@ size_t md_cuda_kv_default_bytes(const albedo_model *m) {
     (void)m;
     return 0;
 }
+size_t md_cuda_kv_elem_bytes(const albedo_model *m) {
+    (void)m;
+    return 2;
+}
 albedo_status md_cuda_prefix_paged(md_state *s, const img_crops *crops, void *const *k, void *const *v, int block_size,
                                    const int32_t *blocks, int n_blocks, errbuf *e) {
     (void)s, (void)crops, (void)k, (void)v, (void)block_size, (void)blocks, (void)n_blocks;
@@ -114,6 +120,7 @@ static albedo_status make_desc(const albedo_model *m, mdc_desc *d, mdc_vblock **
     d->tb = *tb;
     d->tpost_w = w->tpost_w, d->tpost_b = w->tpost_b, d->lm_head = w->lm_head;
     d->rope_cos = m->rope_cos, d->rope_sin = m->rope_sin;
+    d->kv_fp8 = m->params.kv_dtype && !strcmp(m->params.kv_dtype, "fp8"); /* checked by the loader */
     return ALBEDO_OK;
 }
 
@@ -192,7 +199,12 @@ albedo_status md_cuda_forward_batch(md_state *s, const float *emb, txt_seg *segs
     if (n_seg >= 1 && segs[0].blocks) {
         /* The engine's step over its device pool. */
         mdc_seg stack[16], *g = n_seg <= 16 ? stack : malloc((size_t)n_seg * sizeof *g);
-        if (!g) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+        mdc_pick pstack[16], *pk = n_seg <= 16 ? pstack : malloc((size_t)n_seg * sizeof *pk);
+        if (!g || !pk) {
+            if (g != stack) free(g);
+            if (pk != pstack) free(pk);
+            return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+        }
         const int bs = segs[0].block_size;
         albedo_status st = ALBEDO_OK;
         for (int i = 0; i < n_seg && !st; i++) {
@@ -202,9 +214,17 @@ albedo_status md_cuda_forward_batch(md_state *s, const float *emb, txt_seg *segs
             g[i] = (mdc_seg){.pos0 = t->pos0, .T = t->T, .n_prefix = t->n_prefix, .blocks = t->blocks,
                              .n_blocks = (t->pos0 + t->T + bs - 1) / bs, .hidden_host = t->hidden,
                              .logits_host = t->logits};
+            if (t->pick && !t->logits) { /* the next token picked on the device (generate.c, step_pick) */
+                const md_pick *p = t->pick;
+                pk[i] = (mdc_pick){.temperature = p->temperature, .top_p = p->top_p, .seed = p->seed,
+                                   .counter = p->counter, .mask = {p->mask[0], p->mask[1]}, .n_mask = p->n_mask,
+                                   .id_host = &t->pick->id};
+                g[i].pick = &pk[i];
+            }
         }
         if (!st) st = mdc_forward_paged(s->cu, segs[0].k, segs[0].v, bs, emb, g, n_seg, e);
         if (g != stack) free(g);
+        if (pk != pstack) free(pk);
         return st;
     }
     if (n_seg != 1 || segs[0].blocks || segs[0].k != s->k_cache)
@@ -259,6 +279,8 @@ static void pool_free(void *handle) { mdc_pool_free((mdc_pool *)handle); }
 void md_cuda_kv_mem(const albedo_model *m, struct kv_mem *out) {
     *out = (kv_mem){.user = m->cuda, .alloc = pool_alloc, .copy = pool_copy, .free = pool_free};
 }
+
+size_t md_cuda_kv_elem_bytes(const albedo_model *m) { return (size_t)mdc_kv_elem_bytes(m->cuda); }
 
 size_t md_cuda_kv_default_bytes(const albedo_model *m) {
     /* Half of what the card has free once the engine's states exist,

@@ -133,6 +133,7 @@ typedef struct gen {
     double t_start, t_first;
     int n_out; /* generated tokens / region steps */
     const gen_io *io; /* engine: where forward passes run, or NULL */
+    uint64_t n_pick;  /* device picks so far (their draws' counter) */
     errbuf *e;
 } gen;
 
@@ -157,13 +158,6 @@ static albedo_status step(gen *g, const float *emb, int T, int want_logits) {
     return ALBEDO_OK;
 }
 
-static albedo_status step_token(gen *g, int32_t id) {
-    float *emb = g->s->emb;
-    text_embed(g->s->m, id, emb);
-    if (push_token(&g->s->res, id)) return errf(g->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
-    return step(g, emb, 1, 1);
-}
-
 /* Value fed back through the Fourier encoder: the reference casts the bin
  * value to the activation dtype first (bf16 in a bf16 run). */
 static float feed_value(const albedo_session *s, float v) {
@@ -179,6 +173,35 @@ static albedo_status step_coord(gen *g, float v) {
 static int pick(gen *g, float *logits) {
     const albedo_request *r = g->r;
     return sampler_pick(&g->s->sp, logits, g->c->vocab, r->temperature, r->top_p);
+}
+
+/* A step of T rows and the pick of the next token from its logits, with
+ * ids mask[0 .. n_mask) excluded: argmax when greedy, else the request's
+ * temperature and top-p. Where the state allows it (an engine ticket of a
+ * GPU model, no on_logits hook) the pick runs on the device and only the id
+ * comes back (docs/CUDA.md): argmax as on the host, sampling with the
+ * device's draws, a hash of (seed, pick number). Otherwise the logits come
+ * back and the host masks them and picks. */
+static albedo_status step_pick(gen *g, const float *emb, int T, const int32_t *mask, int n_mask, int greedy,
+                               int *tok) {
+    albedo_session *s = g->s;
+    if (s->st.dev_pick && !s->on_logits && n_mask <= 2) {
+        md_pick pk = {.temperature = greedy ? 0.0f : g->r->temperature, .top_p = g->r->top_p, .seed = g->r->seed,
+                      .counter = g->n_pick++, .n_mask = n_mask, .id = -1};
+        for (int i = 0; i < n_mask; i++) pk.mask[i] = mask[i];
+        s->st.pick = &pk;
+        albedo_status st = step(g, emb, T, 1);
+        s->st.pick = NULL;
+        if (!st && (pk.id < 0 || pk.id >= g->c->vocab))
+            st = errf(g->e, ALBEDO_ERR_INTERNAL, "the device picked token %d", (int)pk.id);
+        if (!st) *tok = pk.id;
+        return st;
+    }
+    albedo_status st = step(g, emb, T, 1);
+    if (st) return st;
+    for (int i = 0; i < n_mask; i++) s->st.logits[mask[i]] = -INFINITY;
+    *tok = greedy ? sampler_argmax(s->st.logits, g->c->vocab, NULL) : pick(g, s->st.logits);
+    return ALBEDO_OK;
 }
 
 /* ---- streaming text ------------------------------------------------------ */
@@ -249,14 +272,14 @@ static int stream_finish(gen *g, streamer *sm) {
 
 /* ---- the loops ------------------------------------------------------------ */
 
-/* Answer loop: first token from the current logits (no mask), then decode
+/* Answer loop: the first token is the prompt's pick (no mask), then decode
  * steps with answer_id masked, until EOS or max_tokens. */
-static albedo_status answer_loop(gen *g) {
+static albedo_status answer_loop(gen *g, int first) {
     albedo_session *s = g->s;
     const md_config *c = g->c;
     streamer sm = {0};
     tok_stream_init(&sm.ts);
-    int tok = pick(g, s->st.logits);
+    int tok = first;
     if (g->t_first == 0) g->t_first = now_ms();
     int produced = 0;
     albedo_status st = ALBEDO_OK;
@@ -280,10 +303,14 @@ static albedo_status answer_loop(gen *g) {
             s->res.r.finish = ALBEDO_FINISH_LENGTH;
             break;
         }
-        st = step_token(g, tok);
+        text_embed(s->m, tok, s->emb);
+        if (push_token(&s->res, tok)) {
+            st = errf(g->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+            break;
+        }
+        const int32_t no_answer[1] = {c->answer_id};
+        st = step_pick(g, s->emb, 1, no_answer, 1, 0, &tok);
         if (st) break;
-        s->st.logits[c->answer_id] = -INFINITY;
-        tok = pick(g, s->st.logits);
     }
     if (!st && stream_finish(g, &sm)) st = errf(g->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
     free(sm.pend);
@@ -299,7 +326,7 @@ static int cp_len(const char *s, size_t n) {
 }
 
 /* Reasoning loop (reference _generate_reasoning). */
-static albedo_status reasoning_loop(gen *g) {
+static albedo_status reasoning_loop(gen *g, int first) {
     albedo_session *s = g->s;
     const md_config *c = g->c;
     result_store *rs = &s->res;
@@ -309,7 +336,7 @@ static albedo_status reasoning_loop(gen *g) {
     int n_coords = 0, cap_coords = 0;
     int start_idx = 0, produced = 0;
     albedo_status st = ALBEDO_OK;
-    int tok = pick(g, s->st.logits);
+    int tok = first;
     if (g->t_first == 0) g->t_first = now_ms();
 
     /* Close the current chunk: decode it, append to the reasoning text and
@@ -366,16 +393,19 @@ static albedo_status reasoning_loop(gen *g) {
                 st = errf(g->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
                 break;
             }
-            st = step_coord(g, v);
+            region_encode_coord(&s->st, feed_value(s, v), s->emb);
         } else {
-            st = step_token(g, tok);
+            text_embed(s->m, tok, s->emb);
+            if (push_token(rs, tok)) {
+                st = errf(g->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+                break;
+            }
         }
+        const int32_t no_end[2] = {c->eos, c->size_id};
+        st = step_pick(g, s->emb, 1, no_end, 2, 0, &tok);
         if (st) break;
-        s->st.logits[c->eos] = -INFINITY;
-        s->st.logits[c->size_id] = -INFINITY;
         produced++;
         g->n_out++;
-        tok = pick(g, s->st.logits);
     }
     if (!st) FLUSH_CHUNK();
 #undef FLUSH_CHUNK
@@ -390,11 +420,7 @@ static albedo_status reasoning_loop(gen *g) {
 static albedo_status step_last(gen *g, const float *emb, int *tok) {
     albedo_session *s = g->s;
     const md_config *c = g->c;
-    if (!c->points_coord_or_eos) {
-        albedo_status st = step(g, emb, 1, 1);
-        if (!st) *tok = sampler_argmax(s->st.logits, c->vocab, NULL);
-        return st;
-    }
+    if (!c->points_coord_or_eos) return step_pick(g, emb, 1, NULL, 0, 1, tok);
     albedo_status st = step(g, emb, 1, 0);
     if (st) return st;
     const int32_t ids[2] = {c->eos, c->coord_id};
@@ -405,11 +431,11 @@ static albedo_status step_last(gen *g, const float *emb, int *tok) {
 }
 
 /* Detect / point loop (reference _generate_points). */
-static albedo_status points_loop(gen *g, int with_size) {
+static albedo_status points_loop(gen *g, int with_size, int first) {
     albedo_session *s = g->s;
     const md_config *c = g->c;
     result_store *rs = &s->res;
-    int tok = sampler_argmax(s->st.logits, c->vocab, NULL);
+    int tok = first;
     if (g->t_first == 0) g->t_first = now_ms();
     const int per_obj = with_size ? 3 : 2;
     int n_obj = 0;
@@ -569,12 +595,14 @@ static albedo_status embed_prompt(gen *g, const prompt *p) {
     return ALBEDO_OK;
 }
 
-static albedo_status prefill(gen *g, const prompt *p) {
+/* The prompt's rows, and the first token picked from its logits (argmax
+ * when greedy: the points loop's rule). */
+static albedo_status prefill(gen *g, const prompt *p, int greedy, int *first) {
     albedo_status st = embed_prompt(g, p);
     if (st) return st;
     for (int i = 0; i < p->n; i++)
         if (push_token(&g->s->res, p->ids[i])) return errf(g->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
-    return step(g, g->s->emb, p->n, 1);
+    return step_pick(g, g->s->emb, p->n, NULL, 0, greedy, first);
 }
 
 static void reset_result(result_store *rs) {
@@ -650,7 +678,11 @@ albedo_status gen_run_io(albedo_session *s, const albedo_request *r, const gen_i
         st = errf(e, ALBEDO_ERR_LIMIT, "prompt of %d tokens does not fit the %d-position context (%d taken by the image)",
                   p.n, s->st.max_ctx, g.pos);
     rs->r.metrics.input_tokens = g.pos + p.n;
-    if (!st) st = prefill(&g, &p);
+    /* Detect and point take the argmax of the prompt's logits; the text
+     * loops the request's pick. */
+    int first = 0;
+    const int greedy_first = r->skill == ALBEDO_SKILL_DETECT || r->skill == ALBEDO_SKILL_POINT;
+    if (!st) st = prefill(&g, &p, greedy_first, &first);
     double t_prefill = now_ms();
     rs->r.metrics.prefill_time_ms = t_prefill - g.t_start;
     free(p.ids);
@@ -658,24 +690,24 @@ albedo_status gen_run_io(albedo_session *s, const albedo_request *r, const gen_i
 
     rs->r.skill = r->skill;
     switch (r->skill) {
-    case ALBEDO_SKILL_CAPTION: st = answer_loop(&g); break;
+    case ALBEDO_SKILL_CAPTION: st = answer_loop(&g, first); break;
     case ALBEDO_SKILL_QUERY:
         if (r->reasoning) {
-            st = reasoning_loop(&g);
+            st = reasoning_loop(&g, first);
             if (!st) {
                 /* Feed the suffix (the sampled answer_id is not fed), then answer. */
                 prompt q = {0};
                 if (pr_tmpl(&q, &c->query_suffix)) st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
-                if (!st) st = prefill(&g, &q);
+                if (!st) st = prefill(&g, &q, 0, &first);
                 free(q.ids);
             }
-            if (!st) st = answer_loop(&g);
+            if (!st) st = answer_loop(&g, first);
         } else {
-            st = answer_loop(&g);
+            st = answer_loop(&g, first);
         }
         break;
-    case ALBEDO_SKILL_DETECT: st = points_loop(&g, 1); break;
-    case ALBEDO_SKILL_POINT: st = points_loop(&g, 0); break;
+    case ALBEDO_SKILL_DETECT: st = points_loop(&g, 1, first); break;
+    case ALBEDO_SKILL_POINT: st = points_loop(&g, 0, first); break;
     }
     double t_end = now_ms();
     rs->r.metrics.output_tokens = g.n_out;

@@ -176,6 +176,18 @@ struct albedo_model {
 
 /* ---- stages ------------------------------------------------------------- */
 
+/* The next token picked where the logits are (the engine's GPU steps,
+ * docs/CUDA.md): ids mask[0 .. n_mask) excluded, then argmax (temperature
+ * <= 0) or temperature + top-p with the draw a hash of (seed, counter); the
+ * id lands in id and the logits row is not brought to the host. */
+typedef struct md_pick {
+    float temperature, top_p;
+    uint64_t seed, counter;
+    int32_t mask[2];
+    int n_mask;
+    int32_t id;
+} md_pick;
+
 /* Working memory of one session: buffers sized from the config, the KV
  * cache and the ops context (threads). */
 typedef struct md_state {
@@ -204,6 +216,11 @@ typedef struct md_state {
     int32_t *moe_rows;         /* [T*k] token of each (expert-sorted) assignment */
     float *moe_roww;           /* [T*k] its weight */
     int32_t *moe_count;        /* [E + 1] assignments per expert, then offsets */
+    /* Device picks: dev_pick says the forwards of this state's owner (an
+     * engine ticket of a GPU model) may pick on the device; the generation
+     * loops then set pick for a step's duration (generate.c, step_pick). */
+    int dev_pick;
+    md_pick *pick;
 } md_state;
 
 albedo_status md_state_init(md_state *s, const albedo_model *m, errbuf *e);
@@ -241,6 +258,7 @@ typedef struct txt_seg {
     int pos0, T, n_prefix;
     float *hidden; /* out [dim]: the last row, before post_ln */
     float *logits; /* out [vocab] when not NULL: lm_head(post_ln(hidden)) */
+    md_pick *pick; /* instead of logits (the GPU's paged steps): only the picked id comes back */
 } txt_seg;
 
 /* Run the segments' rows emb [ΣT, dim] (segment after segment) through the
@@ -287,6 +305,9 @@ struct kv_mem;
 albedo_status md_cuda_engine_state_init(md_state *s, int rows, int seqs, int block_size, int vision, errbuf *e);
 void md_cuda_kv_mem(const albedo_model *m, struct kv_mem *out);
 size_t md_cuda_kv_default_bytes(const albedo_model *m);
+/* Bytes of one element of the device KV pool: 2 (bf16) or 1 (the fp8 cache,
+ * albedo_model_params.kv_dtype "fp8"). */
+size_t md_cuda_kv_elem_bytes(const albedo_model *m);
 albedo_status md_cuda_prefix_paged(md_state *s, const img_crops *crops, void *const *k, void *const *v, int block_size,
                                    const int32_t *blocks, int n_blocks, errbuf *e);
 /* Page-lock (on) or release host memory that paged steps copy logits into. */

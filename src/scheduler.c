@@ -460,8 +460,11 @@ static albedo_session *light_session(albedo_model *m, errbuf *e) {
         albedo_session_free(s);
         return NULL;
     }
-    /* A GPU step copies the logits row straight in (tk_destroy releases it). */
+    /* A GPU step copies the logits row straight in (tk_destroy releases it),
+     * or picks the next token on the device (generate.c's step_pick). */
     if (m->cuda) md_cuda_host_pin(s->st.logits, (size_t)m->cfg.vocab * sizeof(float), 1);
+    const char *dp = getenv("ALBEDO_CUDA_DEVICE_PICK"); /* "0": pick on the host, for comparison */
+    s->st.dev_pick = m->cuda != NULL && !(dp && dp[0] == '0');
     return s;
 }
 
@@ -759,10 +762,11 @@ static int run_step(albedo_engine *E) {
     for (int i = 0, r0 = 0; i < n && !st; i++) {
         const albedo_ticket *t = E->step[i];
         const int last = t->done_rows + E->take[i] == t->T;
+        md_pick *pk = last && t->want_logits && t->sess->st.dev_pick ? t->sess->st.pick : NULL;
         E->segs[i] = (txt_seg){.k = E->pool.k, .v = E->pool.v, .blocks = t->seq.blocks, .block_size = E->pool.block,
                                .pos0 = t->pos0 + t->done_rows, .T = E->take[i], .n_prefix = t->n_prefix,
                                .hidden = t->sess->st.hidden,
-                               .logits = last && t->want_logits ? t->sess->st.logits : NULL};
+                               .logits = last && t->want_logits && !pk ? t->sess->st.logits : NULL, .pick = pk};
         memcpy(E->emb + (size_t)r0 * c->dim, t->emb + (size_t)t->done_rows * c->dim,
                (size_t)E->take[i] * c->dim * sizeof(float));
         r0 += E->take[i];
@@ -895,7 +899,9 @@ albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *par
     if (!st) {
         /* At least one request of the full context always fits. */
         const int min_blocks = (E->st.max_ctx + p.block_size - 1) / p.block_size + 1;
-        st = kv_pool_init_mem(&E->pool, c->n_layers, c->n_kv_heads * c->head_dim, kv_elem_bytes(m->kv_dt),
+        /* A device pool's element is the device cache's (bf16 or e4m3). */
+        st = kv_pool_init_mem(&E->pool, c->n_layers, c->n_kv_heads * c->head_dim,
+                              m->cuda ? md_cuda_kv_elem_bytes(m) : kv_elem_bytes(m->kv_dt),
                               p.block_size, p.kv_bytes, min_blocks, m->cuda ? &km : NULL, &e);
     }
     if (!st) {

@@ -30,7 +30,7 @@
 typedef struct opts {
     const char *cmd;
     const char *model, *image, *question, *object, *length, *spatial_refs;
-    const char *backend, *precision, *synthetic, *preset, *out, *tokenizer, *weights;
+    const char *backend, *precision, *synthetic, *preset, *out, *tokenizer, *weights, *kv_dtype;
     int reasoning, stream, json, threads, legacy_f16, repeats, max_context, shard_mb;
     float temperature, top_p;
     int max_tokens, max_objects;
@@ -75,6 +75,8 @@ static void usage(FILE *f) {
             "  --weights bf16|q8|q4 text decoder weights, MoE experts included (default bf16: as stored;\n"
             "                       docs/QUANT.md)\n"
             "  --max-context N      KV-cache positions (default: the model's)\n"
+            "  --kv-dtype auto|fp8  KV cache: the backend's own (default), or e4m3 with half the bytes\n"
+            "                       (--backend cuda on an sm_89+ GPU; docs/CUDA.md)\n"
             "  --stream             print text as it is generated\n"
             "  --json               print the REST API's response object\n",
             albedo_version());
@@ -142,6 +144,7 @@ static int parse_args(int argc, char **argv, opts *o) {
         STR("--out", out)
         STR("--tokenizer", tokenizer)
         STR("--weights", weights)
+        STR("--kv-dtype", kv_dtype)
         INT("--threads", threads, (void)0)
         INT("--repeats", repeats, (void)0)
         INT("--shard-mb", shard_mb, (void)0)
@@ -237,6 +240,7 @@ static albedo_model_params model_params(const opts *o) {
     p.max_context = o->max_context;
     if (o->precision && !strcmp(o->precision, "bf16")) p.precision = ALBEDO_PRECISION_BF16;
     p.weights = o->weights;
+    p.kv_dtype = o->kv_dtype;
     return p;
 }
 

@@ -32,7 +32,8 @@ LENGTHS = {"normal": 0, "short": 1, "long": 2}
 
 class ModelParams(Structure):
     _fields_ = [("n_threads", c_int), ("precision", c_int), ("backend", c_char_p), ("max_context", c_int),
-                ("max_image_side", c_int), ("max_image_pixels", c_int64), ("weights", c_char_p)]
+                ("max_image_side", c_int), ("max_image_pixels", c_int64), ("weights", c_char_p),
+                ("kv_dtype", c_char_p)]  # include/albedo.h's layout, field for field
 
 
 class SpatialRef(Structure):

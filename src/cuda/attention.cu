@@ -72,6 +72,42 @@ __device__ __forceinline__ long key_row(const int32_t *bt, int bs, int j) {
     return bt ? (long)bt[j / bs] * bs + j % bs : (long)j;
 }
 
+/* A cache's element type: bf16, or e4m3 bytes (F8); C is 8 elements'
+ * worth of bits, ld loads them through the read-only path, cvt widens
+ * them to floats. */
+template <bool F8> struct kvt;
+template <> struct kvt<false> {
+    typedef bf16 T;
+    typedef uint4 C;
+    static __device__ __forceinline__ C ld(const T *p) { return __ldg((const uint4 *)p); }
+    static __device__ __forceinline__ C zero() { return make_uint4(0, 0, 0, 0); }
+    static __device__ __forceinline__ void cvt(const C c, float f[8]) { bf16x8_to_f(c, f); }
+};
+template <> struct kvt<true> {
+    typedef uint8_t T;
+    typedef uint2 C;
+    static __device__ __forceinline__ C ld(const T *p) { return __ldg((const uint2 *)p); }
+    static __device__ __forceinline__ C zero() { return make_uint2(0, 0); }
+    static __device__ __forceinline__ void cvt(const C c, float f[8]) { fp8x8_to_f(c, f); }
+};
+
+/* The e4m3 form of fa_load_tile_async: 8 bytes a load, widened to bf16
+ * (exactly) into the tile. Synchronous: the conversion needs the data in
+ * registers, so the next tile's loads no longer overlap this tile's math
+ * (docs/CUDA.md, FP8 KV cache). */
+template <int DP>
+__device__ __forceinline__ void fa_load_tile_f8(bf16 *dst, const uint8_t *src, long ld, int r0, int n_rows, int D,
+                                                const int32_t *bt, int bs) {
+    constexpr int LDK = fa_shape<DP>::LDK, CH = DP / 8;
+    for (int idx = threadIdx.x; idx < 64 * CH; idx += blockDim.x) {
+        const int r = idx / CH, ch = idx % CH;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r0 + r < n_rows && ch * 8 < D)
+            v = fp8x8_to_bf16x8(__ldg((const uint2 *)(src + key_row(bt, bs, r0 + r) * ld + ch * 8)));
+        *(uint4 *)(dst + r * LDK + ch * 8) = v;
+    }
+}
+
 template <int DP>
 __device__ __forceinline__ void fa_load_tile_async(bf16 *dst, const bf16 *src, long ld, int r0,
                                                    int n_rows, int D, const int32_t *bt = nullptr,
@@ -136,7 +172,7 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
  * from 127 to 130 registers, 3 blocks an SM instead of 4 (vision attention
  * 4.5 → 5.4 ms on an H100); without PG the shape comes from the kernel
  * parameters as before. */
-template <int DP, bool PG>
+template <int DP, bool PG, bool F8 = false>
 __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, float scale_log2) {
     pdl_trigger();
     pdl_wait();
@@ -162,17 +198,23 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
     const int32_t *bt = PG && a.blocks ? a.blocks + (long)s * a.blocks_ld : nullptr;
     const int bs = PG && a.blocks ? a.block_size : 1;
     const bf16 *q = (const bf16 *)a.q + qs + (long)h * a.D;
-    const bf16 *k = (const bf16 *)a.k + ks + (long)hk * a.k_head;
-    const bf16 *v = (const bf16 *)a.v + vs + (long)hk * a.v_head;
+    typedef typename kvt<F8>::T KT;
+    const KT *k = (const KT *)a.k + ks + (long)hk * a.k_head;
+    const KT *v = (const KT *)a.v + vs + (long)hk * a.v_head;
 
     /* The last row of the block sees the furthest key. */
     const int last = (q0 + FA_BQ < T ? q0 + FA_BQ : T) - 1;
     const int kend = key_end(pos0 + last, n_prefix, S);
     const int n_tiles = (kend + FA_BK - 1) / FA_BK;
 
-    fa_load_tile_async<DP>(Ks, k, a.ldk, 0, kend, a.D, bt, bs);
-    fa_load_tile_async<DP>(Vs, v, a.ldv, 0, kend, a.D, bt, bs);
-    cp_async_commit();
+    if constexpr (F8) {
+        fa_load_tile_f8<DP>(Ks, k, a.ldk, 0, kend, a.D, bt, bs);
+        fa_load_tile_f8<DP>(Vs, v, a.ldv, 0, kend, a.D, bt, bs);
+    } else {
+        fa_load_tile_async<DP>(Ks, k, a.ldk, 0, kend, a.D, bt, bs);
+        fa_load_tile_async<DP>(Vs, v, a.ldv, 0, kend, a.D, bt, bs);
+        cp_async_commit();
+    }
     fa_load_tile<DP>(Qs, q + (long)q0 * a.ldq, a.ldq, 0, T - q0, a.D);
     __syncthreads();
 
@@ -192,7 +234,10 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
     for (int it = 0; it < n_tiles; it++) {
         const int j0 = it * FA_BK;
         const bf16 *Kb = Ks + (it & 1) * 64 * LDK, *Vb = Vs + (it & 1) * 64 * LDK;
-        if (it + 1 < n_tiles) {
+        if constexpr (F8) {
+            /* Tile it was stored by the loop before (or the prologue); tile
+             * it+1 goes into the other buffer after this tile's math. */
+        } else if (it + 1 < n_tiles) {
             /* The other buffer was released by the barrier ending the last tile. */
             fa_load_tile_async<DP>(Ks + ((it + 1) & 1) * 64 * LDK, k, a.ldk, j0 + FA_BK, kend, a.D, bt, bs);
             fa_load_tile_async<DP>(Vs + ((it + 1) & 1) * 64 * LDK, v, a.ldv, j0 + FA_BK, kend, a.D, bt, bs);
@@ -286,6 +331,13 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
                 mma16816(o[ot], pa[c], vb[0], vb[1]);
                 mma16816(o[ot + 1], pa[c], vb[2], vb[3]);
             }
+        if constexpr (F8) {
+            /* The other buffer was released by the barrier that began this tile. */
+            if (it + 1 < n_tiles) {
+                fa_load_tile_f8<DP>(Ks + ((it + 1) & 1) * 64 * LDK, k, a.ldk, j0 + FA_BK, kend, a.D, bt, bs);
+                fa_load_tile_f8<DP>(Vs + ((it + 1) & 1) * 64 * LDK, v, a.ldv, j0 + FA_BK, kend, a.D, bt, bs);
+            }
+        }
         __syncthreads(); /* every warp is done with this K/V buffer */
     }
 
@@ -296,6 +348,10 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     const int t0 = q0 + warp * 16 + g, t1 = t0 + 8;
     bf16 *out = (bf16 *)a.out + os + (long)h * a.D;
+    if constexpr (F8) { /* the values' scale, once per row */
+        l0 /= a.v_scale;
+        l1 /= a.v_scale;
+    }
 #pragma unroll
     for (int i = 0; i < OT; i++) {
         const int d = i * 8 + 2 * t4;
@@ -313,12 +369,14 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
 #define DEC_MAX_CHUNK 2048
 #define DEC_VPRE 8 /* value rows each P·V thread keeps in flight */
 
-/* A 16-byte load through the read-only path (K/V are not written during the kernel). */
-__device__ __forceinline__ uint4 ldg_nc16(const void *p) { return __ldg((const uint4 *)p); }
-
+/* K/V are loaded through the read-only path (kvt<F8>::ld): they are not
+ * written during the kernel. */
+template <bool F8>
 __global__ void __launch_bounds__(DEC_THREADS)
     attn_decode_kernel(cuda_attn a, float scale_log2, int chunk, int n_chunks, float *part,
                        int *count) {
+    typedef kvt<F8> K8;
+    typedef typename K8::T KT;
     pdl_trigger();
     pdl_wait();
     __shared__ float qs[128];
@@ -354,20 +412,20 @@ __global__ void __launch_bounds__(DEC_THREADS)
     const int kend = key_end(p, n_prefix, S);
     const int j0 = ci * chunk, j1 = j0 + chunk < kend ? j0 + chunk : kend;
     const bf16 *q = (const bf16 *)a.q + qo + (long)t * a.ldq + (long)h * D;
-    const bf16 *k = (const bf16 *)a.k + ks + (long)g * a.k_head;
-    const bf16 *v = (const bf16 *)a.v + vs + (long)g * a.v_head;
+    const KT *k = (const KT *)a.k + ks + (long)g * a.k_head;
+    const KT *v = (const KT *)a.v + vs + (long)g * a.v_head;
 
     /* P·V's thread = (8-dim group dg, key slot). Its first DEC_VPRE values
      * are loaded now, before the scores: they depend on nothing computed
      * here, so their latency hides behind the scores and the softmax. */
     const int ng = D / 8, nslots = DEC_THREADS / ng;
     const int dg = tid % ng, slot = tid / ng;
-    uint4 vpre[DEC_VPRE];
+    typename K8::C vpre[DEC_VPRE];
 #pragma unroll
     for (int u = 0; u < DEC_VPRE; u++) {
         const int j = j0 + slot + u * nslots;
-        vpre[u] = make_uint4(0, 0, 0, 0);
-        if (slot < nslots && j < j1) vpre[u] = ldg_nc16(v + key_row(bt, bs, j) * a.ldv + dg * 8);
+        vpre[u] = K8::zero();
+        if (slot < nslots && j < j1) vpre[u] = K8::ld(v + key_row(bt, bs, j) * a.ldv + dg * 8);
     }
 
     for (int d = tid; d < D; d += DEC_THREADS) qs[d] = __bfloat162float(q[d]);
@@ -376,18 +434,18 @@ __global__ void __launch_bounds__(DEC_THREADS)
     /* Scores: one key per thread, its whole row loaded before the first use. */
     float mx = -INFINITY;
     for (int j = j0 + tid; j < j1; j += DEC_THREADS) {
-        const uint4 *kr = (const uint4 *)(k + key_row(bt, bs, j) * a.ldk);
+        const KT *kr = k + key_row(bt, bs, j) * a.ldk;
         float dot = 0.0f;
         for (int b8 = 0; b8 < D / 8; b8 += 8) { /* 64 dims a batch: one batch for D <= 64 */
-            uint4 kv[8];
+            typename K8::C kv[8];
 #pragma unroll
             for (int c8 = 0; c8 < 8; c8++)
-                if (b8 + c8 < D / 8) kv[c8] = ldg_nc16(kr + b8 + c8);
+                if (b8 + c8 < D / 8) kv[c8] = K8::ld(kr + (b8 + c8) * 8);
 #pragma unroll
             for (int c8 = 0; c8 < 8; c8++) {
                 if (b8 + c8 >= D / 8) break;
                 float kf[8];
-                bf16x8_to_f(kv[c8], kf);
+                K8::cvt(kv[c8], kf);
 #pragma unroll
                 for (int e = 0; e < 8; e++) dot = fmaf(qs[(b8 + c8) * 8 + e], kf[e], dot);
             }
@@ -416,7 +474,7 @@ __global__ void __launch_bounds__(DEC_THREADS)
             if (j >= j1) break;
             const float w = sc[j - j0];
             float vf[8];
-            bf16x8_to_f(vpre[u], vf);
+            K8::cvt(vpre[u], vf);
 #pragma unroll
             for (int e = 0; e < 8; e++) acc[e] = fmaf(w, vf[e], acc[e]);
         }
@@ -425,7 +483,7 @@ __global__ void __launch_bounds__(DEC_THREADS)
 #pragma unroll
             for (int u = 0; u < DEC_VPRE; u++) {
                 const int j = jb + u * nslots;
-                if (j < j1) vpre[u] = ldg_nc16(v + key_row(bt, bs, j) * a.ldv + dg * 8);
+                if (j < j1) vpre[u] = K8::ld(v + key_row(bt, bs, j) * a.ldv + dg * 8);
             }
 #pragma unroll
             for (int u = 0; u < DEC_VPRE; u++) {
@@ -433,7 +491,7 @@ __global__ void __launch_bounds__(DEC_THREADS)
                 if (j >= j1) break;
                 const float w = sc[j - j0];
                 float vf[8];
-                bf16x8_to_f(vpre[u], vf);
+                K8::cvt(vpre[u], vf);
 #pragma unroll
                 for (int e = 0; e < 8; e++) acc[e] = fmaf(w, vf[e], acc[e]);
             }
@@ -463,6 +521,7 @@ __global__ void __launch_bounds__(DEC_THREADS)
     __threadfence();
     const float *pp = part + base * ATTN_DSTRIDE;
     bf16 *out = (bf16 *)a.out + os + (long)t * a.ldo + (long)h * D;
+    const float vsc = F8 ? a.v_scale : 1.0f; /* the values' scale, applied once */
     if (n_chunks <= DEC_THREADS * 4) {
         /* Every chunk's (m, l) at once into shared memory, the weights
          * 2^(m - M) once, then each output dim's partials 8 loads at a
@@ -494,7 +553,7 @@ __global__ void __launch_bounds__(DEC_THREADS)
                 for (int u = 0; u < 8; u++) num = fmaf(mw[c + u], pv[u], num);
             }
             for (; c < n_chunks; c++) num = fmaf(mw[c], __ldcg(pp + (long)c * ATTN_DSTRIDE + d), num);
-            out[d] = __float2bfloat16_rn(num / den);
+            out[d] = __float2bfloat16_rn(F8 ? num / den * vsc : num / den);
         }
     } else {
         float Mx = -INFINITY;
@@ -509,7 +568,7 @@ __global__ void __launch_bounds__(DEC_THREADS)
                 num += w * __ldcg(pc + d);
                 den += w * __ldcg(pc + 129);
             }
-            out[d] = __float2bfloat16_rn(num / den);
+            out[d] = __float2bfloat16_rn(F8 ? num / den * vsc : num / den);
         }
     }
     if (tid == 0) count[z * a.H + h] = 0;
@@ -526,10 +585,15 @@ albedo_status cuda_attention_init(cuda_ctx *c) {
                                    (int)fa_shape<DP>::bytes));                                     \
     CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP, true>,                                    \
                                    cudaFuncAttributeMaxDynamicSharedMemorySize,                    \
+                                   (int)fa_shape<DP>::bytes));                                     \
+    CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP, true, true>,                              \
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize,                    \
                                    (int)fa_shape<DP>::bytes));
     FA_INSTANCES(FA_ATTR)
 #undef FA_ATTR
-    CU_TRY(c, cudaFuncSetAttribute(attn_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CU_TRY(c, cudaFuncSetAttribute(attn_decode_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   DEC_MAX_CHUNK * (int)sizeof(float)));
+    CU_TRY(c, cudaFuncSetAttribute(attn_decode_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    DEC_MAX_CHUNK * (int)sizeof(float)));
     return ALBEDO_OK;
 }
@@ -545,8 +609,10 @@ albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a) {
                   aligned8(a->k_seq) && aligned8(a->ldv) && aligned8(a->v_head) && aligned8(a->v_seq));
     CU_ARG(c, !a->blocks || (a->block_size > 0 && a->blocks_ld > 0));
     CU_ARG(c, !(a->seg && a->pos_dev));
+    CU_ARG(c, !a->kv_fp8 || (a->k_scale > 0.0f && a->v_scale > 0.0f && isfinite(a->k_scale) && isfinite(a->v_scale)));
     if (a->T == 0 || a->n_seq == 0) return ALBEDO_OK;
-    const float sl2 = a->scale * LOG2E;
+    /* e4m3 keys: their scale joins the softmax's. */
+    const float sl2 = a->scale * LOG2E * (a->kv_fp8 ? a->k_scale : 1.0f);
 
     if (a->T > 8) {
         CU_ARG(c, !a->pos_dev);
@@ -555,7 +621,9 @@ albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a) {
         const dim3 grid((a->T + FA_BQ - 1) / FA_BQ, a->H, a->n_seq), block(FA_WARPS * 32);
 #define FA_CASE(DP)                                                                               \
     if (a->D <= DP) {                                                                             \
-        if (a->seg || a->blocks)                                                                  \
+        if (a->kv_fp8) /* the segment form's instance covers the plain layout too */              \
+            CU_TRY(c, (launch_k(c, flash_attn_kernel<DP, true, true>, dim3(grid), dim3(block), fa_shape<DP>::bytes, *a, sl2))); \
+        else if (a->seg || a->blocks)                                                             \
             CU_TRY(c, (launch_k(c, flash_attn_kernel<DP, true>, dim3(grid), dim3(block), fa_shape<DP>::bytes, *a, sl2)));  \
         else                                                                                      \
             CU_TRY(c, (launch_k(c, flash_attn_kernel<DP, false>, dim3(grid), dim3(block), fa_shape<DP>::bytes, *a, sl2))); \
@@ -586,7 +654,10 @@ albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a) {
                          "cuda_attention: %ld query rows × heads × %d key chunks exceed %d slots",
                          rows, n_chunks, ATTN_SLOTS);
     const dim3 grid(n_chunks, a->H, a->n_seq * a->T);
-    CU_TRY(c, (launch_k(c, attn_decode_kernel, dim3(grid), dim3(DEC_THREADS), chunk * sizeof(float), *a, sl2, chunk, n_chunks, c->attn_part, c->attn_count)));
+    if (a->kv_fp8)
+        CU_TRY(c, (launch_k(c, attn_decode_kernel<true>, dim3(grid), dim3(DEC_THREADS), chunk * sizeof(float), *a, sl2, chunk, n_chunks, c->attn_part, c->attn_count)));
+    else
+        CU_TRY(c, (launch_k(c, attn_decode_kernel<false>, dim3(grid), dim3(DEC_THREADS), chunk * sizeof(float), *a, sl2, chunk, n_chunks, c->attn_part, c->attn_count)));
     CU_LAUNCHED(c);
     return ALBEDO_OK;
 }

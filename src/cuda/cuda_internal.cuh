@@ -8,6 +8,7 @@
 
 #include <cublasLt.h>
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include "ops_cuda.h"
@@ -149,6 +150,31 @@ __device__ __forceinline__ void bf16x8_to_f(const uint4 u, float f[8]) {
         f[2 * i] = v.x;
         f[2 * i + 1] = v.y;
     }
+}
+
+/* The 8 e4m3 bytes of an 8-byte word as floats (exact: through half pairs;
+ * one conversion instruction per pair on sm_89+). */
+__device__ __forceinline__ void fp8x8_to_f(const uint2 u, float f[8]) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const unsigned w = i < 2 ? u.x : u.y;
+        const __half2_raw hr =
+            __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)((w >> (16 * (i & 1))) & 0xffffu), __NV_E4M3);
+        const float2 v = __half22float2(__half2(hr));
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
+
+/* The same as 8 bf16 in a 16-byte word (exact: e4m3 fits bf16). */
+__device__ __forceinline__ uint4 fp8x8_to_bf16x8(const uint2 u) {
+    float f[8];
+    fp8x8_to_f(u, f);
+    uint4 r;
+    __nv_bfloat162 *h = (__nv_bfloat162 *)&r;
+#pragma unroll
+    for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    return r;
 }
 
 __device__ __forceinline__ float gelu_tanh_f(float v) {

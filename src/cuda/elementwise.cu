@@ -235,7 +235,14 @@ albedo_status cuda_embed(cuda_ctx *c, float *x, const uint16_t *table, int V, in
  * with 256 threads: a prefix's 730 rows make 730 × 4 blocks instead of one
  * block per head (70,080 blocks of 64 threads took 87 µs a layer on an
  * H100, this 17 µs). */
-__global__ void rope_kv_kernel(cuda_rope r, int per) {
+/* A cache element: bf16, or with F8 e4m3(x · inv) (inv = 1 / the tensor's
+ * scale; saturated to ±448, round to nearest even). */
+template <bool F8> __device__ __forceinline__ void kv_put(void *cache, size_t i, float x, float inv) {
+    if (F8) ((uint8_t *)cache)[i] = (uint8_t)__nv_cvt_float_to_fp8(x * inv, __NV_SATFINITE, __NV_E4M3);
+    else ((bf16 *)cache)[i] = __float2bfloat16_rn(x);
+}
+
+template <bool F8> __global__ void rope_kv_kernel(cuda_rope r, int per) {
     pdl_trigger();
     pdl_wait();
     const int t = blockIdx.x;
@@ -248,6 +255,7 @@ __global__ void rope_kv_kernel(cuda_rope r, int per) {
     const bf16 *xr = (const bf16 *)r.x + (size_t)t * r.ldx;
     const float *ct = r.cos_t + (size_t)pos * half, *st = r.sin_t + (size_t)pos * half;
     const bool cache = r.k_cache != NULL;
+    const float kin = F8 ? 1.0f / r.k_scale : 1.0f, vin = F8 ? 1.0f / r.v_scale : 1.0f;
     const int nq = r.H * half, nk = r.Hkv * half, nkc = cache ? r.Hkv * (r.D - r.R) : 0;
     const int nv = cache ? r.Hkv * r.D : 0, total = nq + nk + nkc + nv;
     const int i1 = (blockIdx.y + 1) * per < total ? (blockIdx.y + 1) * per : total;
@@ -256,18 +264,27 @@ __global__ void rope_kv_kernel(cuda_rope r, int per) {
             const bool is_q = i < nq;
             const int ii = is_q ? i : i - nq, head = ii / half, j = ii % half;
             const bf16 *src = xr + (size_t)((is_q ? 0 : r.H) + head) * r.D;
-            bf16 *dst = is_q || !cache ? (bf16 *)src : (bf16 *)r.k_cache + ((size_t)head * hstride + crow) * r.D;
             /* Both reads happen before either write: dst may be src. */
             const float a = __bfloat162float(src[j]), b = __bfloat162float(src[j + half]);
             const float cs = ct[j], sn = st[j];
-            dst[j] = __float2bfloat16_rn(a * cs - b * sn);
-            dst[j + half] = __float2bfloat16_rn(a * sn + b * cs);
+            const float y0 = a * cs - b * sn, y1 = a * sn + b * cs;
+            if (is_q || !cache) {
+                bf16 *dst = (bf16 *)src;
+                dst[j] = __float2bfloat16_rn(y0);
+                dst[j + half] = __float2bfloat16_rn(y1);
+            } else {
+                const size_t o = ((size_t)head * hstride + crow) * r.D;
+                kv_put<F8>(r.k_cache, o + j, y0, kin);
+                kv_put<F8>(r.k_cache, o + j + half, y1, kin);
+            }
         } else if (i < nq + nk + nkc) {
             const int ii = i - nq - nk, w = r.D - r.R, head = ii / w, d = r.R + ii % w;
-            ((bf16 *)r.k_cache)[((size_t)head * hstride + crow) * r.D + d] = xr[(size_t)(r.H + head) * r.D + d];
+            kv_put<F8>(r.k_cache, ((size_t)head * hstride + crow) * r.D + d,
+                       __bfloat162float(xr[(size_t)(r.H + head) * r.D + d]), kin);
         } else {
             const int ii = i - nq - nk - nkc, head = ii / r.D, d = ii % r.D;
-            ((bf16 *)r.v_cache)[((size_t)head * hstride + crow) * r.D + d] = xr[(size_t)(r.H + r.Hkv + head) * r.D + d];
+            kv_put<F8>(r.v_cache, ((size_t)head * hstride + crow) * r.D + d,
+                       __bfloat162float(xr[(size_t)(r.H + r.Hkv + head) * r.D + d]), vin);
         }
     }
 }
@@ -285,7 +302,12 @@ albedo_status cuda_rope_kv(cuda_ctx *c, const cuda_rope *r) {
     /* Many rows: 4 items per thread; few (decode): one, over more blocks. */
     const int per = r->T >= 64 ? 1024 : 256, chunks = (int)((total + per - 1) / per);
     CU_ARG(c, chunks <= 65535);
-    CU_TRY(c, (launch_k(c, rope_kv_kernel, dim3(r->T, chunks), dim3(256), 0, *r, per)));
+    if (r->kv_fp8 && r->k_cache) {
+        CU_ARG(c, r->k_scale > 0.0f && r->v_scale > 0.0f && isfinite(r->k_scale) && isfinite(r->v_scale));
+        CU_TRY(c, (launch_k(c, rope_kv_kernel<true>, dim3(r->T, chunks), dim3(256), 0, *r, per)));
+    } else {
+        CU_TRY(c, (launch_k(c, rope_kv_kernel<false>, dim3(r->T, chunks), dim3(256), 0, *r, per)));
+    }
     CU_LAUNCHED(c);
     return ALBEDO_OK;
 }

@@ -23,6 +23,10 @@
  *            rope + KV-cache write; attention over the cache → att bf16;
  *            linear(+=) → x; linear+gelu → f bf16 [T, 8192]; linear(+=) → x }
  *     layernorm(last row) → linear → logits f32 [51200]
+ *   the engine's paged steps: the same over all segments' rows, then the
+ *     logits rows down, or masked and picked on the device (pick_rows)
+ *   KV caches (session, prefix slots, pool): bf16, or e4m3 bytes with
+ *     kv_fp8 (one scale per tensor: k_scale, v_scale; docs/CUDA.md)
  *   Moondream 3 (model_cuda_md3.cu): md3_tau after the qkv linear (q, v
  *     scaled before rope + cache write), md3_moe for fc1/fc2 from the first
  *     MoE layer on; the batched paged steps refuse it.
@@ -37,6 +41,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <atomic>
 
 #include "cuda_internal.cuh"
 #include "model_cuda.h"
@@ -173,6 +179,10 @@ struct mdc_model {
     int n_slots;
     unsigned char slot_used[PREFIX_SLOTS_MAX];
     md3_model *md3; /* Moondream 3's tau and experts (model_cuda_md3.cu), or NULL */
+    /* KV cache element: bf16, or e4m3 (kv_fp8) storing x / scale */
+    int kv_fp8;
+    size_t kv_es; /* bytes of an element: 2 or 1 */
+    float k_scale, v_scale;
     char describe[320];
 };
 
@@ -203,7 +213,7 @@ struct mdc_state {
     int32_t *meta;   /* paged steps: rows, segments, block tables, gathered rows (see paged_meta) */
     int32_t *ids;    /* [8]: ids[0] = bos */
     int *pos_dev;    /* [1]: the decode graph's position */
-    uint16_t *kv;    /* [n_layers][2][Hkv][max_ctx][D] */
+    unsigned char *kv; /* [n_layers][2][Hkv][max_ctx][D] of kv_es bytes */
     /* vision */
     uint8_t *crops;  /* [vcap, cs, cs, 3] */
     uint16_t *patches; /* [vcap·np, pdp] */
@@ -229,6 +239,13 @@ struct mdc_state {
     cudaGraphExec_t *pgraph; /* [seqs + 1]: the decode step of n sequences */
     int *pseen;              /* [seqs + 1]: eager steps of n sequences so far */
     int *gorder;             /* [seqs]: the segment of each gathered row */
+    /* device picks (mdc_pick): per gathered row the picked id, the two
+     * masked ids (-1: none) and the draw's counter; pinned mirrors */
+    int32_t *pick_ids, *pick_mask;
+    uint64_t *pick_ctr;
+    unsigned char *pick_hmem;
+    int32_t *pick_ids_h, *pick_mask_h;
+    uint64_t *pick_ctr_h;
     /* decode graph */
     int graphs;      /* allowed */
     cudaGraphExec_t graph;
@@ -431,8 +448,12 @@ static size_t state_layout(mdc_state *s, const mdc_model *m, int max_ctx, unsign
     CARVE(xg, float, nseq * d->dim);
     CARVE(meta, int32_t, s->meta_cap);
     CARVE(ids, int32_t, 8);
+    CARVE(pick_ids, int32_t, nseq);
+    CARVE(pick_mask, int32_t, 2 * nseq);
+    CARVE(pick_ctr, uint64_t, nseq);
     CARVE(pos_dev, int, 1);
-    CARVE(kv, uint16_t, (s->flags & MDC_KV) ? (size_t)d->n_layers * 2 * m->Hkv * (size_t)max_ctx * m->D : 0);
+    CARVE(kv, unsigned char,
+          (s->flags & MDC_KV) ? (size_t)d->n_layers * 2 * m->Hkv * (size_t)max_ctx * m->D * m->kv_es : 0);
     CARVE(crops, uint8_t, (size_t)s->vcap * d->crop_size * d->crop_size * 3);
     CARVE(patches, uint16_t, vt * round8(m->pd));
     CARVE(vx, float, vt * C);
@@ -484,6 +505,8 @@ void mdc_model_free(mdc_model *m) {
 
 const char *mdc_model_describe(const mdc_model *m) { return m ? m->describe : ""; }
 
+int mdc_kv_elem_bytes(const mdc_model *m) { return (int)m->kv_es; }
+
 static albedo_status check_shapes(const mdc_desc *d, errbuf *e) {
     const char *why = NULL;
     if (d->enc_heads <= 0 || d->enc_dim % d->enc_heads) why = "the vision width is not a multiple of its heads";
@@ -521,6 +544,33 @@ albedo_status mdc_model_new(const mdc_desc *d, int device, mdc_model **out, errb
     m->Hkv = d->n_kv_heads;
     m->D = d->head_dim;
     m->qkvw = (m->H + 2 * m->Hkv) * m->D;
+    m->kv_fp8 = d->kv_fp8 != 0;
+    m->kv_es = m->kv_fp8 ? 1 : 2;
+    m->k_scale = m->v_scale = 1.0f;
+    if (m->kv_fp8) {
+        /* e4m3 conversions are instructions from sm_89 (Ada, Hopper) on. */
+        int major = 0, minor = 0;
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+        if (major * 10 + minor < 89) {
+            mdc_model_free(m);
+            return errf(e, ALBEDO_ERR_UNSUPPORTED,
+                        "cuda: the fp8 KV cache needs a GPU of sm_89 or newer (device %d is sm_%d%d)", device, major,
+                        minor);
+        }
+        /* One scale per tensor, 1 unless ALBEDO_CUDA_KV_SCALE="k,v" says
+         * otherwise (e4m3 spans 2^-9 .. 448; docs/CUDA.md). */
+        const char *env = getenv("ALBEDO_CUDA_KV_SCALE");
+        if (env && *env) {
+            float ks = 0.0f, vs = 0.0f;
+            if (sscanf(env, "%f,%f", &ks, &vs) != 2 || !(ks > 0.0f) || !(vs > 0.0f) || !isfinite(ks) || !isfinite(vs)) {
+                mdc_model_free(m);
+                return errf(e, ALBEDO_ERR_INVALID_ARGUMENT,
+                            "cuda: ALBEDO_CUDA_KV_SCALE='%s': expected two positive numbers \"k,v\"", env);
+            }
+            m->k_scale = ks, m->v_scale = vs;
+        }
+    }
     if (m->np + 1 != d->prefix_attn) {
         mdc_model_free(m);
         return errf(e, ALBEDO_ERR_UNSUPPORTED, "cuda: the prefix is not the image tokens plus BOS");
@@ -576,7 +626,7 @@ albedo_status mdc_model_new(const mdc_desc *d, int device, mdc_model **out, errb
 
     /* Image prefix slots: ALBEDO_CUDA_IMAGE_SLOTS (default 4), within a
      * quarter of what one session leaves free. */
-    m->prefix_bytes = (size_t)d->n_layers * 2 * m->Hkv * d->prefix_attn * m->D * 2;
+    m->prefix_bytes = (size_t)d->n_layers * 2 * m->Hkv * d->prefix_attn * m->D * m->kv_es;
     const char *env = getenv("ALBEDO_CUDA_IMAGE_SLOTS");
     int slots = env && *env ? atoi(env) : 4;
     if (slots > PREFIX_SLOTS_MAX) slots = PREFIX_SLOTS_MAX;
@@ -603,8 +653,8 @@ albedo_status mdc_model_new(const mdc_desc *d, int device, mdc_model **out, errb
         mdc_model_free(m);
         return errf(e, cuda_status_of(ce), "cuda: cudaGetDeviceProperties: %s", cudaGetErrorString(ce));
     }
-    snprintf(m->describe, sizeof m->describe, "cuda (%s, sm_%d%d, %.2f GiB of weights)", prop.name, prop.major,
-             prop.minor, (m->wbytes + md3_model_bytes(m->md3)) / 1073741824.0);
+    snprintf(m->describe, sizeof m->describe, "cuda (%s, sm_%d%d, %.2f GiB of weights%s)", prop.name, prop.major,
+             prop.minor, (m->wbytes + md3_model_bytes(m->md3)) / 1073741824.0, m->kv_fp8 ? ", fp8 KV cache" : "");
     *out = m;
     return ALBEDO_OK;
 }
@@ -626,6 +676,7 @@ void mdc_state_free(mdc_state *s) {
     cudaFreeHost(s->logits_pin);
     cudaFreeHost(s->meta_h);
     cudaFreeHost(s->down_hidden);
+    cudaFreeHost(s->pick_hmem);
     md3_state_free(s->md3);
     cudaFree(s->mem);
     cuda_ctx_free(s->ctx);
@@ -678,6 +729,12 @@ albedo_status mdc_state_new_ex(mdc_model *m, int max_ctx, int rows, int seqs, in
         ce = cudaHostAlloc((void **)&s->meta_h, s->meta_cap * sizeof(int32_t), cudaHostAllocDefault);
     if (ce == cudaSuccess && s->meta_cap)
         ce = cudaHostAlloc((void **)&s->down_hidden, (size_t)seqs * m->d.dim * sizeof(float), cudaHostAllocDefault);
+    if (ce == cudaSuccess && s->meta_cap && (ce = cudaHostAlloc((void **)&s->pick_hmem, (size_t)seqs * 20,
+                                                                 cudaHostAllocDefault)) == cudaSuccess) {
+        s->pick_ctr_h = (uint64_t *)s->pick_hmem;
+        s->pick_ids_h = (int32_t *)(s->pick_hmem + (size_t)seqs * 8);
+        s->pick_mask_h = s->pick_ids_h + seqs;
+    }
     if (ce != cudaSuccess) {
         st = errf(e, cuda_status_of(ce), "cuda: %.2f GiB of session memory: %s", s->mem_bytes / 1073741824.0,
                   cudaGetErrorString(ce));
@@ -847,10 +904,10 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
     const mdc_model *m = s->m;
     const mdc_desc *d = &m->d;
     const int dim = d->dim, dimp = round8(dim), ffp = round8(d->ff_dim), qd = m->H * m->D;
-    const size_t head = (size_t)s->max_ctx * m->D, layer = 2 * (size_t)m->Hkv * head;
+    const size_t head = (size_t)s->max_ctx * m->D, layer = 2 * (size_t)m->Hkv * head; /* elements */
     for (int l = 0; l < d->n_layers; l++) {
         const dtblock *b = &m->tb[l];
-        uint16_t *kc = s->kv + (size_t)l * layer, *vc = kc + (size_t)m->Hkv * head;
+        unsigned char *kc = s->kv + (size_t)l * layer * m->kv_es, *vc = kc + (size_t)m->Hkv * head * m->kv_es;
         OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->x, DT_F32, dim, T, dim, b->ln_w, b->ln_b, DT_F32, 1e-5f));
         OPK(cuda_linear(s->ctx, s->qkv, DT_BF16, m->qkvw, s->h, dimp, T, &b->qkv.w, CUDA_ACT_NONE, 0));
         if (m->md3) { /* Moondream 3: tau scales q and v before rotary and the cache */
@@ -862,6 +919,7 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
         r.x = s->qkv, r.ldx = m->qkvw, r.T = T, r.H = m->H, r.Hkv = m->Hkv, r.D = m->D, r.R = d->rot_dims;
         r.pos0 = pos0, r.pos_dev = pos_dev, r.cos_t = m->cos_t, r.sin_t = m->sin_t;
         r.k_cache = kc, r.v_cache = vc, r.n_ctx = s->max_ctx;
+        r.kv_fp8 = m->kv_fp8, r.k_scale = m->k_scale, r.v_scale = m->v_scale;
         OPK(cuda_rope_kv(s->ctx, &r));
         cuda_attn a;
         memset(&a, 0, sizeof a);
@@ -871,6 +929,7 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
         a.k = kc, a.ldk = m->D, a.k_head = (long)head;
         a.v = vc, a.ldv = m->D, a.v_head = (long)head;
         a.out = s->att, a.ldo = qd;
+        a.kv_fp8 = m->kv_fp8, a.k_scale = m->k_scale, a.v_scale = m->v_scale;
         OPK(cuda_attention(s->ctx, &a));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->att, qd, T, &b->proj.w, CUDA_ACT_NONE, 1));
         if (m->md3 && md3_layer_moe(m->md3, l)) { /* Moondream 3's experts: x += moe(h) */
@@ -974,6 +1033,50 @@ __global__ void gather_rows_kernel(float *dst, const float *src, const int32_t *
     for (int i = threadIdx.x; i < C; i += blockDim.x) o[i] = r[i];
 }
 
+/* logits row r: the ids mask[2r], mask[2r+1] (those >= 0) set to -inf. */
+__global__ void mask_logits_kernel(float *logits, int V, const int32_t *mask) {
+    pdl_trigger();
+    pdl_wait();
+    const int id = mask[2 * blockIdx.x + threadIdx.x];
+    if (id >= 0 && id < V) logits[(size_t)blockIdx.x * V + id] = -INFINITY;
+}
+
+static std::atomic<long> g_device_picks(0);
+
+long mdc_device_picks(void) { return g_device_picks.load(); }
+
+/* The device picks of a step's gathered rows 0 .. n_logits-1 (those whose
+ * segment has a pick and no host logits): masks, one argmax over the rows,
+ * then cuda_sample for each row that samples; the ids come down pinned. */
+static albedo_status pick_rows(mdc_state *s, const mdc_seg *segs, int n_logits, int *n_pick, errbuf *e) {
+    const int V = s->m->d.vocab;
+    int n = 0;
+    for (int i = 0; i < n_logits; i++) {
+        const mdc_seg *g = &segs[s->gorder[i]];
+        const mdc_pick *pk = g->logits_host ? NULL : g->pick;
+        s->pick_mask_h[2 * i] = pk && pk->n_mask > 0 ? pk->mask[0] : -1;
+        s->pick_mask_h[2 * i + 1] = pk && pk->n_mask > 1 ? pk->mask[1] : -1;
+        s->pick_ctr_h[i] = pk ? pk->counter : 0;
+        n += pk != NULL;
+    }
+    *n_pick = n;
+    if (!n) return ALBEDO_OK;
+    CK(cudaMemcpyAsync(s->pick_mask, s->pick_mask_h, (size_t)n_logits * 2 * sizeof(int32_t), cudaMemcpyHostToDevice,
+                       s->st));
+    CK(cudaMemcpyAsync(s->pick_ctr, s->pick_ctr_h, (size_t)n_logits * sizeof(uint64_t), cudaMemcpyHostToDevice, s->st));
+    LAUNCH(mask_logits_kernel, n_logits, 2, s->logits, V, (const int32_t *)s->pick_mask);
+    OPK(cuda_argmax(s->ctx, s->pick_ids, s->logits, n_logits, V, V));
+    for (int i = 0; i < n_logits; i++) {
+        const mdc_seg *g = &segs[s->gorder[i]];
+        const mdc_pick *pk = g->logits_host ? NULL : g->pick;
+        if (pk && pk->temperature > 0.0f)
+            OPK(cuda_sample(s->ctx, s->pick_ids + i, s->logits + (size_t)i * V, 1, V, V, pk->temperature, pk->top_p,
+                            pk->seed, s->pick_ctr + i));
+    }
+    CK(cudaMemcpyAsync(s->pick_ids_h, s->pick_ids, (size_t)n_logits * sizeof(int32_t), cudaMemcpyDeviceToHost, s->st));
+    return ALBEDO_OK;
+}
+
 /* Rows a linear runs over for T rows: T up to the GEMV's 2, else a bucket,
  * so that a context's 64 cuBLASLt plans cover every step size (the rows
  * past T hold stale, finite values and their outputs are never read). */
@@ -1025,13 +1128,14 @@ static albedo_status text_layers_paged(mdc_state *s, const paged_plan *pl, void 
         return errf(e, ALBEDO_ERR_UNSUPPORTED, "cuda: Moondream 3 runs in blocking sessions (no batched engine steps)");
     for (int l = 0; l < d->n_layers; l++) {
         const dtblock *b = &m->tb[l];
-        uint16_t *kc = (uint16_t *)kl[l], *vc = (uint16_t *)vl[l];
+        void *kc = kl[l], *vc = vl[l];
         OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->x, DT_F32, dim, T, dim, b->ln_w, b->ln_b, DT_F32, 1e-5f));
         OPK(cuda_linear(s->ctx, s->qkv, DT_BF16, m->qkvw, s->h, dimp, Tl, &b->qkv.w, CUDA_ACT_NONE, 0));
         cuda_rope r;
         memset(&r, 0, sizeof r);
         r.x = s->qkv, r.ldx = m->qkvw, r.T = T, r.H = m->H, r.Hkv = m->Hkv, r.D = m->D, r.R = d->rot_dims;
         r.cos_t = m->cos_t, r.sin_t = m->sin_t, r.k_cache = kc, r.v_cache = vc, r.rows = s->meta;
+        r.kv_fp8 = m->kv_fp8, r.k_scale = m->k_scale, r.v_scale = m->v_scale;
         OPK(cuda_rope_kv(s->ctx, &r));
         for (int grp = 0; grp < 2; grp++) {
             const int n = grp ? pl->nB : pl->nA;
@@ -1053,6 +1157,7 @@ static albedo_status text_layers_paged(mdc_state *s, const paged_plan *pl, void 
                 a.seg = s->meta + (grp ? pl->o_segB : pl->o_segA) + (size_t)4 * i0;
                 a.blocks = s->meta + (grp ? pl->o_btB : pl->o_btA) + (size_t)i0 * s->bt_ld;
                 a.block_size = bs, a.blocks_ld = s->bt_ld;
+                a.kv_fp8 = m->kv_fp8, a.k_scale = m->k_scale, a.v_scale = m->v_scale;
                 OPK(cuda_attention(s->ctx, &a));
             }
         }
@@ -1092,7 +1197,7 @@ static albedo_status paged_fill(mdc_state *s, const mdc_seg *segs, int n_seg, in
                 pl->nB++;
                 if (g->T > pl->maxB) pl->maxB = g->T;
             }
-            pl->n_logits += g->logits_host != NULL;
+            pl->n_logits += g->logits_host != NULL || g->pick != NULL;
         }
         /* The decode kernel's partial results hold ATTN_SLOTS rows × heads. */
         if ((long)pl->nA * pl->maxA * s->m->H <= ATTN_SLOTS / 2 || small == 1) break;
@@ -1122,7 +1227,7 @@ static albedo_status paged_fill(mdc_state *s, const mdc_seg *segs, int n_seg, in
         memcpy(bt, g->blocks, (size_t)nb * sizeof(int32_t));
         if (A) iA++;
         else iB++;
-        const int at = g->logits_host ? lo++ : hi++;
+        const int at = g->logits_host || g->pick ? lo++ : hi++;
         mh[pl->o_lidx + at] = r0 + g->T - 1;
         order[at] = i;
         r0 += g->T;
@@ -1198,13 +1303,23 @@ albedo_status mdc_forward_paged(mdc_state *s, void *const *kl, void *const *vl, 
         if (st) return st;
     }
     /* The hidden rows through pinned staging; each logits row straight into
-     * its destination (the engine page-locks its requests' buffers). */
+     * its destination (the engine page-locks its requests' buffers), or,
+     * picked on the device, only its id. */
     CK(cudaMemcpyAsync(s->down_hidden, s->xg, (size_t)n_seg * d->dim * sizeof(float), cudaMemcpyDeviceToHost, s->st));
+    int n_pick = 0;
+    st = pick_rows(s, segs, pl.n_logits, &n_pick, e);
+    if (st) return st;
     for (int i = 0; i < pl.n_logits; i++)
-        CK(cudaMemcpyAsync(segs[s->gorder[i]].logits_host, s->logits + (size_t)i * d->vocab,
-                           (size_t)d->vocab * sizeof(float), cudaMemcpyDeviceToHost, s->st));
+        if (segs[s->gorder[i]].logits_host)
+            CK(cudaMemcpyAsync(segs[s->gorder[i]].logits_host, s->logits + (size_t)i * d->vocab,
+                               (size_t)d->vocab * sizeof(float), cudaMemcpyDeviceToHost, s->st));
     st = finish(s, e);
     if (st) return st;
+    for (int i = 0; n_pick && i < pl.n_logits; i++) {
+        const mdc_seg *g = &segs[s->gorder[i]];
+        if (!g->logits_host && g->pick) *g->pick->id_host = s->pick_ids_h[i];
+    }
+    if (n_pick) g_device_picks += n_pick;
     for (int i = 0; i < n_seg; i++)
         memcpy(segs[s->gorder[i]].hidden_host, s->down_hidden + (size_t)i * d->dim, (size_t)d->dim * sizeof(float));
     return ALBEDO_OK;
@@ -1265,7 +1380,7 @@ albedo_status mdc_pool_new(mdc_model *m, long n_rows, void **k, void **v, mdc_po
     mdc_pool *p = (mdc_pool *)calloc(1, sizeof *p);
     if (!p) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
     p->m = m;
-    p->row = (size_t)m->Hkv * m->D * sizeof(uint16_t);
+    p->row = (size_t)m->Hkv * m->D * m->kv_es;
     p->plane = ((size_t)n_rows * p->row + 255) & ~(size_t)255;
     const size_t bytes = p->plane * 2 * m->d.n_layers;
     cudaError_t ce = cudaMalloc((void **)&p->mem, bytes);
@@ -1308,7 +1423,7 @@ albedo_status mdc_pool_copy(mdc_pool *p, long dst_row, long src_row, int n_rows,
 /* Rows (layer, k|v, kv head) of the cache: the first n_pos positions. */
 static cudaError_t copy_prefix(mdc_state *s, unsigned char *dst, const unsigned char *src, int to_cache, int n_pos) {
     const mdc_model *m = s->m;
-    const size_t w = (size_t)n_pos * m->D * 2, pitch = (size_t)s->max_ctx * m->D * 2;
+    const size_t w = (size_t)n_pos * m->D * m->kv_es, pitch = (size_t)s->max_ctx * m->D * m->kv_es;
     const size_t rows = (size_t)m->d.n_layers * 2 * m->Hkv;
     if (to_cache) return cudaMemcpy2DAsync(dst, pitch, src, w, w, rows, cudaMemcpyDeviceToDevice, s->st);
     return cudaMemcpy2DAsync(dst, w, src, pitch, w, rows, cudaMemcpyDeviceToDevice, s->st);
@@ -1363,7 +1478,7 @@ albedo_status mdc_image_prefix(mdc_state *s, const uint8_t *crops_host, int n, i
 albedo_status mdc_prefix_load(mdc_state *s, const mdc_prefix *p, errbuf *e) {
     CK(cudaSetDevice(s->m->device));
     if (!(s->flags & MDC_KV)) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: a prefix load on a state without a KV cache");
-    cudaError_t ce = copy_prefix(s, (unsigned char *)s->kv, p->p, 1, s->m->d.prefix_attn);
+    cudaError_t ce = copy_prefix(s, s->kv, p->p, 1, s->m->d.prefix_attn);
     if (ce != cudaSuccess) {
         s->sticky = cuda_status_of(ce);
         snprintf(s->sticky_msg, sizeof s->sticky_msg, "cuda: loading an image's prefix KV: %s", cudaGetErrorString(ce));
@@ -1394,14 +1509,14 @@ albedo_status mdc_kv_download(mdc_state *s, int l, int n_pos, float *k_host, flo
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "cuda: layer %d, %d positions", l, n_pos);
     CK(cudaSetDevice(m->device));
     const int Hkv = m->Hkv, D = m->D;
-    const size_t head = (size_t)s->max_ctx * D;
-    uint16_t *tmp = (uint16_t *)malloc((size_t)2 * Hkv * n_pos * D * 2);
+    const size_t head = (size_t)s->max_ctx * D, es = m->kv_es;
+    unsigned char *tmp = (unsigned char *)malloc((size_t)2 * Hkv * n_pos * D * es);
     if (!tmp) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
-    const uint16_t *base = s->kv + (size_t)l * 2 * Hkv * head;
+    const unsigned char *base = s->kv + (size_t)l * 2 * Hkv * head * es;
     cudaError_t ce = cudaStreamSynchronize(s->st);
     /* rows (k|v, head): n_pos·D elements each */
     if (ce == cudaSuccess)
-        ce = cudaMemcpy2D(tmp, (size_t)n_pos * D * 2, base, head * 2, (size_t)n_pos * D * 2, (size_t)2 * Hkv,
+        ce = cudaMemcpy2D(tmp, (size_t)n_pos * D * es, base, head * es, (size_t)n_pos * D * es, (size_t)2 * Hkv,
                           cudaMemcpyDeviceToHost);
     if (ce != cudaSuccess) {
         free(tmp);
@@ -1411,7 +1526,13 @@ albedo_status mdc_kv_download(mdc_state *s, int l, int n_pos, float *k_host, flo
         for (int g = 0; g < Hkv; g++)
             for (int p = 0; p < n_pos; p++)
                 for (int dd = 0; dd < D; dd++) {
-                    const float v = bf16_to_f32(tmp[(((size_t)kind * Hkv + g) * n_pos + p) * D + dd]);
+                    const size_t i = (((size_t)kind * Hkv + g) * n_pos + p) * D + dd;
+                    uint16_t h;
+                    if (es == 2) memcpy(&h, tmp + 2 * i, 2);
+                    /* e4m3 → half is exact; decoded on the host and scaled */
+                    const float v = es == 2 ? bf16_to_f32(h)
+                                            : __half2float(__half(__nv_cvt_fp8_to_halfraw(tmp[i], __NV_E4M3))) *
+                                                  (kind ? m->v_scale : m->k_scale);
                     (kind ? v_host : k_host)[(size_t)p * Hkv * D + (size_t)g * D + dd] = v;
                 }
     free(tmp);

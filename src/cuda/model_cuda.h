@@ -14,8 +14,8 @@
  *   mdc_state   one session's device memory, allocated once when the session
  *               is made (sized from the configuration and max_ctx, never per
  *               request): a context (stream, cuBLASLt), the text workspace
- *               for max_ctx rows, the KV cache (bf16, [layer][k|v][Hkv]
- *               [max_ctx][D]), the vision workspace for max_crops + 1 crops
+ *               for max_ctx rows, the KV cache (bf16, or e4m3 with
+ *               mdc_desc.kv_fp8; [layer][k|v][Hkv][max_ctx][D]), the vision workspace for max_crops + 1 crops
  *               (more crops run in groups), pinned staging, the decode graph.
  *
  * Activations follow ops_cuda.h: bf16 matrix operands, float32 sums, a
@@ -64,6 +64,10 @@ typedef struct mdc_desc {
     op_linear lm_head;
     const float *rope_cos, *rope_sin; /* [max_context, rot_dims/2] */
     const struct mdc_md3_desc *md3; /* Moondream 3's additions (below), or NULL */
+    /* KV caches (sessions, image prefixes, the engine's pool) as e4m3 bytes
+     * with one scale per tensor (docs/CUDA.md, FP8 KV cache); needs sm_89+
+     * (ALBEDO_ERR_UNSUPPORTED below). 0: bf16. */
+    int kv_fp8;
 } mdc_desc;
 
 /* Moondream 3 (spec/model.md §10; model_cuda_md3.cu): per text block the
@@ -116,9 +120,12 @@ void mdc_state_free(mdc_state *s); /* NULL is a no-op */
 albedo_status mdc_state_new_ex(mdc_model *m, int max_ctx, int rows, int seqs, int block_size, int flags,
                                float *logits_host, float *hidden_host, mdc_state **out, errbuf *e);
 
+/* Bytes of one cached K or V element: 2 (bf16) or 1 (e4m3). */
+int mdc_kv_elem_bytes(const mdc_model *m);
+
 /* ---- the engine: a paged KV pool on the device ------------------------------
  *
- * One allocation, [n_layers][k|v][n_rows][Hkv*D] bf16; k[l] and v[l] get
+ * One allocation, [n_layers][k|v][n_rows][Hkv*D] bf16 (or e4m3); k[l] and v[l] get
  * the device base of layer l's planes (kvcache.h's kv_pool with device
  * memory). Positions reach rows through per-sequence block tables. */
 typedef struct mdc_pool mdc_pool;
@@ -132,16 +139,34 @@ void mdc_host_pin(void *p, size_t bytes, int on);
 /* Free memory on m's device now, in bytes (0 if unknown). */
 size_t mdc_free_memory(mdc_model *m);
 
+/* The next token of a sequence picked on the device from its logits row,
+ * which then never leaves the device: ids mask[0 .. n_mask) set to -inf,
+ * then argmax (temperature <= 0) or cuda_sample's temperature + top-p with
+ * the draw a hash of (seed, counter) (counter: the request's pick number,
+ * so the draws do not depend on the batch). *id_host gets the token. */
+typedef struct mdc_pick {
+    float temperature, top_p;
+    uint64_t seed, counter;
+    int32_t mask[2];
+    int n_mask;
+    int32_t *id_host;
+} mdc_pick;
+
 /* One sequence of a paged step: T rows at positions pos0.. (keys 0 ..
  * pos0+T-1 through blocks[0 .. n_blocks)), n_prefix its bidirectional
  * prefix; hidden_host [dim] gets its last row before post_ln, logits_host
- * [vocab] (when not NULL) its logits. */
+ * [vocab] (when not NULL) its logits; with pick (and logits_host NULL) the
+ * logits stay on the device and only the picked id comes down. */
 typedef struct mdc_seg {
     int pos0, T, n_prefix;
     const int32_t *blocks;
     int n_blocks;
     float *hidden_host, *logits_host;
+    const mdc_pick *pick;
 } mdc_seg;
+
+/* Rows picked on the device since the process started (all states; for tests). */
+long mdc_device_picks(void);
 
 /* The engine's batched step: emb_host [ΣT, dim] (segment after segment)
  * through the decoder at once on a state made with block_size bs; K/V into

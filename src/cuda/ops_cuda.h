@@ -133,8 +133,9 @@ typedef struct cuda_rope {
     int pos0;            /* absolute position of row 0 */
     const float *cos_t, *sin_t; /* [P, R/2], P > pos0 + T - 1 */
     /* Caches [Hkv, n_ctx, D] bf16 (kv head g, position p at (g*n_ctx + p)*D),
-     * or NULL: then the key heads are rotated in place and values left. */
-    uint16_t *k_cache, *v_cache;
+     * or NULL: then the key heads are rotated in place and values left.
+     * With kv_fp8 they hold e4m3 bytes at the same element offsets (below). */
+    void *k_cache, *v_cache;
     int n_ctx;
     /* When not NULL, the position of row 0 is read from this device int at
      * run time instead of pos0 (so that a captured graph replays at every
@@ -145,6 +146,12 @@ typedef struct cuda_rope {
      * token-major, [rows, Hkv*D] (kv head g of cache row r at
      * (r*Hkv + g)*D); pos0, pos_dev and n_ctx are not used. */
     const int32_t *rows;
+    /* FP8 cache (sm_89+ in the model; the kernels run on any sm_80+): each
+     * cached element is e4m3(x / scale), saturated to ±448, with one scale
+     * per tensor: k_scale for keys, v_scale for values (cuda_attn reads
+     * them back as e4m3 · scale). 0: bf16 caches, the scales unused. */
+    int kv_fp8;
+    float k_scale, v_scale;
 } cuda_rope;
 
 /* Half-split (NeoX) rotation of ops.h's rope on the first R dims of each
@@ -176,9 +183,9 @@ typedef struct cuda_attn {
     int n_seq;
     const uint16_t *q;
     long ldq, q_seq;
-    const uint16_t *k;
+    const void *k; /* bf16, or e4m3 bytes with kv_fp8 (strides in elements either way) */
     long ldk, k_head, k_seq;
-    const uint16_t *v;
+    const void *v;
     long ldv, v_head, v_seq;
     uint16_t *out;
     long ldo, o_seq;
@@ -200,6 +207,13 @@ typedef struct cuda_attn {
      * at k + g*k_head + row*ldk (k_seq, v_seq unused). */
     const int32_t *blocks;
     int block_size, blocks_ld;
+    /* K and V are e4m3 caches (cuda_rope's kv_fp8): key = e4m3 · k_scale,
+     * value = e4m3 · v_scale, widened in registers (decode) or to bf16 in
+     * shared memory (flash: e4m3 is exact in bf16; k_scale joins the
+     * softmax scale and v_scale the output). 8-element alignment as for
+     * bf16. */
+    int kv_fp8;
+    float k_scale, v_scale;
 } cuda_attn;
 
 albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a);

@@ -17,6 +17,16 @@
  *   graph    a session with CUDA graphs off gives the same tokens as the one
  *            with them (decode steps replay one graph per session)
  *   errors   a missing device comes back as a status; Moondream 3 loads
+ *   picks    the engine's decode steps pick their tokens on the device (the
+ *            engine checks above run through them); sampled requests give
+ *            the same tokens for the same seed
+ *   fp8      kv_dtype "fp8" (an e4m3 KV cache) against the bf16 cache on
+ *            every case: first logits (rel L2 <= FP8_LOGITS_TOL), fed tokens
+ *            identical, and for captions and plain queries the top-1 of
+ *            every row teacher-forced on the bf16 run's tokens (it must
+ *            agree wherever the bf16 margin is >= FP8_MARGIN, and on at least
+ *            FP8_AGREE of all rows); the engine on the fp8 pool; the CPU
+ *            backend refuses it (below sm_89 the GPU too)
  *
  * md2-small is regenerated from its seed; cases, images and the tokenizer
  * come from ../shared/fixtures or, without it, tests/data. Paths: the
@@ -39,12 +49,23 @@
 
 #define BF16_TOL 2e-2
 #define MARGIN 0.1
+/* The fp8 cache's bounds, set from the measurement (docs/CUDA.md, FP8 KV
+ * cache; e4m3 keeps 3 mantissa bits, a relative rounding of up to 2^-4 per
+ * cached element against bf16's 2^-8). Measured against the bf16 cache over
+ * the 42 cases: first logits rel L2 median 3.4e-3, worst 1.77e-2 (the
+ * text-only query: few keys), max abs 0.22; teacher-forced top-1 520 of
+ * 525 rows, every row with a margin >= 0.5 agreeing. The bounds: ~3x the
+ * worst error; a margin above twice the largest logit error; 97 % of rows. */
+#define FP8_LOGITS_TOL 5e-2
+#define FP8_MARGIN 0.5
+#define FP8_AGREE 0.97
 
 /* ---- a run's logits rows (top-1, margin, the first row) -------------------------- */
 
 typedef struct rows {
     int n;
     float margin[4096];
+    int top[4096]; /* each row's argmax */
     float *first;
     int vocab;
 } rows;
@@ -58,15 +79,18 @@ static void record(void *user, const float *logits, int n) {
     }
     if (r->n < 4096) {
         float a = -INFINITY, b = -INFINITY;
+        int top = 0;
         for (int i = 0; i < n; i++) {
             if (logits[i] > a) {
                 b = a;
                 a = logits[i];
+                top = i;
             } else if (logits[i] > b) {
                 b = logits[i];
             }
         }
         r->margin[r->n] = a - b;
+        r->top[r->n] = top;
     }
     r->n++;
 }
@@ -302,6 +326,7 @@ static void check_engine(albedo_model *gm, json_t *cases, const char *image_dir,
         free(bytes);
     }
     int n_ok = 0, n_same = 0;
+    const long picks0 = mdc_device_picks();
     for (size_t i = 0; i < n && t; i++) {
         if (!t[i]) continue;
         json_t *c = json_array_get(cases, i);
@@ -322,11 +347,13 @@ static void check_engine(albedo_model *gm, json_t *cases, const char *image_dir,
     for (size_t i = 0; i < n && t; i++) albedo_ticket_free(t[i]);
     albedo_engine_stats es;
     albedo_engine_get_stats(E, &es);
+    const long picks = mdc_device_picks() - picks0;
     printf("  engine batch %d: %d/%zu cases done, %d fed exactly the cpu f32 tokens; %llu steps, %.2f sequences a "
-           "step; prefix hits %llu, misses %llu\n",
+           "step; prefix hits %llu, misses %llu; %ld tokens picked on the device\n",
            max_batch, n_ok, n, n_same, (unsigned long long)es.steps,
            es.steps ? (double)es.step_sequences / es.steps : 0.0, (unsigned long long)es.prefix_hits,
-           (unsigned long long)es.prefix_misses);
+           (unsigned long long)es.prefix_misses, picks);
+    CHECK(picks > 0, "the engine's decode steps pick on the device");
     CHECK(es.prefix_hits > 0, "later cases of an image fork its cached prefix (hits %llu)",
           (unsigned long long)es.prefix_hits);
     if (max_batch > 1) CHECK(es.step_sequences > es.steps, "steps batch several sequences");
@@ -335,6 +362,268 @@ static void check_engine(albedo_model *gm, json_t *cases, const char *image_dir,
     CHECK(n_free == n_total, "every KV block is back in the device pool (%d of %d free)", n_free, n_total);
     free(t);
     free(refs);
+    albedo_engine_free(E);
+}
+
+/* ---- the fp8 (e4m3) KV cache ------------------------------------------------------------- */
+
+static int argmax_f(const float *v, int n) {
+    int b = 0;
+    for (int i = 1; i < n; i++)
+        if (v[i] > v[b]) b = i;
+    return b;
+}
+
+/* Teacher forcing: the bf16 run's fed tokens (kb, its logits rows rb) fed
+ * through the fp8 session f, with the prefix of img (f's own encoding of
+ * the image) or none; per row whether f's top-1 equals the bf16 run's. */
+typedef struct tf_count {
+    int rows, agree, rows_m, agree_m; /* all rows; rows whose bf16 margin >= FP8_MARGIN */
+} tf_count;
+
+static void teacher_force(albedo_session *f, const albedo_image *img, const kept *kb, const rows *rb, tf_count *tc,
+                          const char *label) {
+    md_state *st = &f->st;
+    const md_config *c = &f->m->cfg;
+    const int n_rows = rb->n < 4096 ? rb->n : 4096, n_prompt = kb->n_tokens - (rb->n - 1);
+    const int pos0 = img ? c->prefix_attn : 0, n_prefix = img ? c->prefix_attn : 0;
+    if (n_prompt < 1 || pos0 + kb->n_tokens > st->max_ctx) return;
+    float *emb = malloc((size_t)n_prompt * c->dim * sizeof(float));
+    if (!emb) return;
+    errbuf e;
+    if (img) md_cuda_prefix_load(st, img->dev_kv);
+    f->kv_image = 0; /* the session's next run reloads its prefix */
+    for (int i = 0; i < n_prompt; i++) text_embed(f->m, kb->tokens[i], emb + (size_t)i * c->dim);
+    albedo_status s0 = text_forward(st, emb, n_prompt, pos0, n_prefix, 1, &e);
+    CHECK(s0 == ALBEDO_OK, "%s: forced prompt: %s", label, e.msg);
+    for (int j = 0; j < n_rows && s0 == ALBEDO_OK; j++) {
+        if (j > 0) {
+            text_embed(f->m, kb->tokens[n_prompt + j - 1], emb);
+            s0 = text_forward(st, emb, 1, pos0 + n_prompt + j - 1, n_prefix, 1, &e);
+            CHECK(s0 == ALBEDO_OK, "%s: forced step %d: %s", label, j, e.msg);
+            if (s0) break;
+        }
+        const int ok = argmax_f(st->logits, c->vocab) == rb->top[j];
+        tc->rows++, tc->agree += ok;
+        if (rb->margin[j] >= FP8_MARGIN) {
+            tc->rows_m++, tc->agree_m += ok;
+            CHECK(ok, "%s: teacher-forced row %d: the fp8 top-1 differs where the bf16 margin is %.3f", label, j,
+                  rb->margin[j]);
+        }
+    }
+    free(emb);
+}
+
+static int has_spatial_refs(json_t *c) {
+    return json_array_size(json_object_get(json_object_get(c, "args"), "spatial_refs")) > 0;
+}
+
+/* The fp8 session runs, kept for the fp8 engine's check. */
+static kept *f8_kept[MAX_CASES];
+static rows *f8_rows[MAX_CASES];
+
+/* Every case with the fp8 cache (fm) against the bf16 cache (gs, on gm). */
+static void check_fp8(albedo_model *fm, albedo_session *gs, json_t *cases, const char *image_dir) {
+    albedo_session *fs = NULL;
+    CHECK(albedo_session_new(fm, &fs) == ALBEDO_OK, "fp8 session: %s", albedo_last_error());
+    if (!fs) return;
+    const char *cur = NULL;
+    albedo_image *ib = NULL, *i8 = NULL;
+    static kept kb;
+    tf_count tc = {0};
+    int n_cases = 0, n_ident = 0, n_text = 0, n_text_ident = 0;
+    double worst_rel = 0, worst_abs = 0, sum_rel = 0;
+    size_t i;
+    json_t *c;
+    json_array_foreach(cases, i, c) {
+        const char *image = json_string_value(json_object_get(c, "image"));
+        char label[256], path[4096];
+        snprintf(label, sizeof label, "case %zu (%s %s) [fp8 kv]", i, image ? image : "text-only",
+                 json_string_value(json_object_get(c, "task")));
+        if (image && (!cur || strcmp(cur, image))) {
+            albedo_image_free(ib), albedo_image_free(i8);
+            ib = i8 = NULL;
+            cur = image;
+            snprintf(path, sizeof path, "%s/%s", image_dir, image);
+            CHECK(albedo_image_encode_file(gs, path, &ib) == ALBEDO_OK, "%s: %s", label, albedo_session_error(gs));
+            CHECK(albedo_image_encode_file(fs, path, &i8) == ALBEDO_OK, "%s: %s", label, albedo_session_error(fs));
+        }
+        if (image && (!ib || !i8)) continue;
+        albedo_spatial_ref refs[16];
+        albedo_request r = case_request(c, refs);
+        r.image = image ? ib : NULL;
+        rows *rb = calloc(1, sizeof *rb), *rf = calloc(1, sizeof *rf);
+        const albedo_result *res = rb && rf ? run(gs, &r, rb, label) : NULL;
+        if (res) keep(&kb, res);
+        r.image = image ? i8 : NULL;
+        const albedo_result *rs = res ? run(fs, &r, rf, label) : NULL;
+        if (rs && rb->first && rf->first) {
+            n_cases++;
+            const int same = rs->n_tokens == kb.n_tokens && !memcmp(rs->tokens, kb.tokens, (size_t)kb.n_tokens * 4);
+            n_ident += same;
+            double d = 0;
+            for (int k = 0; k < rb->vocab; k++) {
+                double a = fabs((double)rb->first[k] - rf->first[k]);
+                if (a > d) d = a;
+            }
+            const double rel = rel_l2(rf->first, rb->first, (size_t)rb->vocab);
+            sum_rel += rel;
+            if (rel > worst_rel) worst_rel = rel;
+            if (d > worst_abs) worst_abs = d;
+            printf("  %-44s first logits vs bf16 cache: rel L2 %.2e, max abs %.3f; %d/%d tokens%s\n", label, rel, d,
+                   rs->n_tokens, kb.n_tokens, same ? " (identical)" : "");
+            CHECK(rel <= FP8_LOGITS_TOL, "%s: first logits rel L2 %.3g > %g", label, rel, FP8_LOGITS_TOL);
+            if (i < MAX_CASES && (f8_kept[i] = malloc(sizeof(kept)))) {
+                keep(f8_kept[i], rs);
+                f8_rows[i] = rf, rf = NULL;
+            }
+            if (is_text_task(c) && !has_spatial_refs(c)) {
+                n_text++, n_text_ident += same;
+                teacher_force(fs, image ? i8 : NULL, &kb, rb, &tc, label);
+            }
+        }
+        if (rb) free(rb->first);
+        if (rf) free(rf->first);
+        free(rb), free(rf);
+    }
+    const double agree = tc.rows ? (double)tc.agree / tc.rows : 0;
+    printf("  fp8 KV cache vs bf16: %d/%d cases fed identical tokens (%d/%d captions and plain queries); first "
+           "logits rel L2 mean %.2e, worst %.2e, max abs %.3f; teacher-forced top-1 %d/%d rows (%.2f%%), %d/%d "
+           "rows with bf16 margin >= %.1f\n",
+           n_ident, n_cases, n_text_ident, n_text, n_cases ? sum_rel / n_cases : 0, worst_rel, worst_abs, tc.agree,
+           tc.rows, 100 * agree, tc.agree_m, tc.rows_m, FP8_MARGIN);
+    CHECK(n_cases == (int)json_array_size(cases), "fp8: %d of %zu cases ran", n_cases, json_array_size(cases));
+    CHECK(tc.rows > 0 && agree >= FP8_AGREE, "fp8: teacher-forced top-1 agreement %.4f < %g", agree, FP8_AGREE);
+    albedo_image_free(ib), albedo_image_free(i8);
+    albedo_session_free(fs);
+}
+
+/* The engine on the fp8 pool: every case as a ticket; each completes, and
+ * captions and plain queries feed the fp8 session's tokens up to its first
+ * row with a margin below 0.1 (the same cache format through the paged
+ * kernels). */
+static void check_engine_fp8(albedo_model *fm, json_t *cases, const char *image_dir) {
+    albedo_engine_params ep = albedo_engine_params_default();
+    ep.max_batch = 8;
+    ep.max_queue = MAX_CASES;
+    albedo_engine *E = NULL;
+    CHECK(albedo_engine_new(fm, &ep, &E) == ALBEDO_OK, "fp8 engine: %s", albedo_last_error());
+    if (!E) return;
+    const size_t n = json_array_size(cases) < MAX_CASES ? json_array_size(cases) : MAX_CASES;
+    albedo_ticket **t = calloc(n, sizeof *t);
+    albedo_spatial_ref(*refs)[16] = calloc(n, sizeof *refs);
+    for (size_t i = 0; i < n && t && refs; i++) {
+        json_t *c = json_array_get(cases, i);
+        const char *image = json_string_value(json_object_get(c, "image"));
+        albedo_request r = case_request(c, refs[i]);
+        r.image = NULL;
+        unsigned char *bytes = NULL;
+        size_t len = 0;
+        if (image) {
+            char path[4096];
+            snprintf(path, sizeof path, "%s/%s", image_dir, image);
+            bytes = read_all(path, &len);
+        }
+        CHECK(albedo_engine_submit(E, &r, bytes, len, NULL, &t[i]) == ALBEDO_OK, "fp8 case %zu: submit: %s", i,
+              albedo_last_error());
+        free(bytes);
+    }
+    int n_ok = 0, n_same = 0;
+    for (size_t i = 0; i < n && t; i++) {
+        if (!t[i]) continue;
+        json_t *c = json_array_get(cases, i);
+        char label[300];
+        snprintf(label, sizeof label, "case %zu (%s) [fp8 engine]", i, json_string_value(json_object_get(c, "task")));
+        const albedo_result *res = NULL;
+        albedo_status st = albedo_ticket_wait(t[i], &res);
+        CHECK(st == ALBEDO_OK, "%s: %s", label, albedo_ticket_error(t[i]));
+        if (st || !res) continue;
+        n_ok++;
+        if (f8_kept[i] && f8_rows[i] && is_text_task(c)) compare_text_runs(label, f8_kept[i], f8_rows[i], res);
+        n_same += f8_kept[i] && res->n_tokens == f8_kept[i]->n_tokens &&
+                  !memcmp(res->tokens, f8_kept[i]->tokens, (size_t)res->n_tokens * 4);
+    }
+    for (size_t i = 0; i < n && t; i++) albedo_ticket_free(t[i]);
+    int n_free = 0, n_total = 0;
+    engine_debug_blocks(E, 1, &n_free, &n_total);
+    printf("  fp8 engine batch 8: %d/%zu cases done, %d fed exactly the fp8 session's tokens; pool %d blocks\n", n_ok,
+           n, n_same, n_total);
+    CHECK(n_ok == (int)n, "fp8 engine: %d of %zu cases done", n_ok, n);
+    CHECK(n_free == n_total, "every fp8 KV block is back in the pool (%d of %d free)", n_free, n_total);
+    free(t);
+    free(refs);
+    albedo_engine_free(E);
+}
+
+/* fp8 loads and runs on sm_89+ only and never on the CPU backend. */
+static albedo_model *load_fp8(const char *dir) {
+    albedo_model_params p = albedo_model_params_default();
+    p.kv_dtype = "fp8";
+    albedo_model *m = NULL;
+    albedo_status st = albedo_model_load(dir, &p, &m);
+    CHECK(st == ALBEDO_ERR_UNSUPPORTED && !m, "kv_dtype fp8 on the CPU backend: status %d", (int)st);
+    p.kv_dtype = "fp4";
+    p.backend = "cuda";
+    st = albedo_model_load(dir, &p, &m);
+    CHECK(st == ALBEDO_ERR_INVALID_ARGUMENT && !m, "kv_dtype fp4: status %d", (int)st);
+    p.kv_dtype = "fp8";
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
+    st = albedo_model_load(dir, &p, &m);
+    if (major * 10 + minor < 89) {
+        CHECK(st == ALBEDO_ERR_UNSUPPORTED && !m, "kv_dtype fp8 below sm_89: status %d", (int)st);
+        return NULL;
+    }
+    CHECK(st == ALBEDO_OK && m, "kv_dtype fp8: %s", albedo_last_error());
+    if (m) CHECK(strstr(albedo_model_describe(m), "fp8 KV cache") != NULL, "describe names the fp8 cache");
+    return m;
+}
+
+/* Sampled engine requests (temperature and top-p on the device): the same
+ * seed gives the same tokens, in any batch; each is a valid run. */
+static void check_engine_sampling(albedo_model *gm, const char *image_path) {
+    albedo_engine_params ep = albedo_engine_params_default();
+    ep.max_batch = 4;
+    albedo_engine *E = NULL;
+    CHECK(albedo_engine_new(gm, &ep, &E) == ALBEDO_OK, "engine: %s", albedo_last_error());
+    if (!E) return;
+    size_t len = 0;
+    unsigned char *bytes = read_all(image_path, &len);
+    CHECK(bytes != NULL, "read %s", image_path);
+    /* One at a time, so that every run's steps have the same shapes (the
+     * batch's make-up moves logits by bf16 roundings, which may move a draw). */
+    albedo_ticket *t[4] = {0};
+    const uint64_t seeds[4] = {7, 7, 8, 7};
+    static kept k[4];
+    int ok[4] = {0};
+    const long picks0 = mdc_device_picks();
+    for (int i = 0; i < 4 && bytes; i++) {
+        albedo_request r = albedo_request_default(ALBEDO_SKILL_CAPTION);
+        r.temperature = 0.8f;
+        r.top_p = 0.9f;
+        r.seed = seeds[i];
+        r.max_tokens = 24;
+        r.ignore_eos = 1;
+        CHECK(albedo_engine_submit(E, &r, bytes, len, NULL, &t[i]) == ALBEDO_OK, "submit: %s", albedo_last_error());
+        const albedo_result *res = NULL;
+        if (t[i] && albedo_ticket_wait(t[i], &res) == ALBEDO_OK && res) {
+            keep(&k[i], res);
+            ok[i] = 1;
+        }
+        CHECK(ok[i], "sampled ticket %d: %s", i, t[i] ? albedo_ticket_error(t[i]) : "not submitted");
+    }
+    const long picks = mdc_device_picks() - picks0;
+#define SAME(a, b)                                                                                                     \
+    (ok[a] && ok[b] && k[a].n_tokens == k[b].n_tokens && !memcmp(k[a].tokens, k[b].tokens, (size_t)k[a].n_tokens * 4))
+    const int same01 = SAME(0, 1), same03 = SAME(0, 3), same02 = SAME(0, 2);
+#undef SAME
+    printf("  engine sampling (t 0.8, top-p 0.9): seed 7 three times %s, seed 8 %s; %ld picks on the device\n",
+           same01 && same03 ? "identical" : "DIFFERENT", same02 ? "the same as seed 7" : "different", picks);
+    CHECK(same01 && same03, "the same seed gives the same sampled tokens");
+    CHECK(picks > 0, "sampled steps pick on the device");
+    for (int i = 0; i < 4; i++) albedo_ticket_free(t[i]);
+    free(bytes);
     albedo_engine_free(E);
 }
 
@@ -458,6 +747,18 @@ int main(void) {
         setenv("ALBEDO_CUDA_GRAPH", "0", 1);
         check_engine(gm, cases, image_dir, 4, (size_t)64 << 20);
         unsetenv("ALBEDO_CUDA_GRAPH");
+        check_engine_sampling(gm, path);
+        albedo_model *fm = load_fp8(gen_dir);
+        if (fm) {
+            check_fp8(fm, gs, cases, image_dir);
+            check_engine_fp8(fm, cases, image_dir);
+        }
+        albedo_model_free(fm);
+    }
+    for (int i = 0; i < MAX_CASES; i++) {
+        free(f8_kept[i]);
+        if (f8_rows[i]) free(f8_rows[i]->first);
+        free(f8_rows[i]);
     }
     for (int i = 0; i < MAX_CASES; i++) {
         free(cpu_kept[i]);

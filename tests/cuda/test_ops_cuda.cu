@@ -25,6 +25,13 @@
  *   test_ops_cuda [--small]   (--small: sanitizer-sized cases only)
  * Prints "N passed, N failed"; exit status 1 on failure, 77 without a GPU.
  *
+ * FP8 KV caches (cuda_rope / cuda_attention with kv_fp8; buffers of dtype
+ * DT_U8 hold e4m3 bytes, poison 0x7f = NaN): the cache writes must equal
+ * the host's own e4m3 rounding of the reference (values exactly; keys up to
+ * a few ties flipped by fp32 rounding, rel 5e-3), with scales other than 1;
+ * attention over e4m3 caches against the float reference fed the decoded
+ * keys and values times their scales, at the bf16 tolerance.
+ *
  * The Moondream 3 section (moe.cu: tau's features, scores and scaling;
  * routing with ties and NaN; the expert MLP's GEMV and grouped paths at odd
  * widths, with several 128-row tiles for one expert) compares against
@@ -36,6 +43,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include "cuda/ops_cuda.h"
@@ -69,6 +77,11 @@ static float rnd(float lo, float hi) {
 #define GUARD 256
 static const uint32_t POISON32 = 0x7fc0deadu; /* NaNs with recognisable payloads */
 static const uint16_t POISON16 = 0x7fadu;
+static const uint8_t POISON8 = 0x7fu; /* e4m3 NaN: never a saturated conversion's result */
+
+/* e4m3 on the host, with the conversions the kernels use (cuda_fp8.h). */
+static uint8_t f_to_e4m3(float v) { return (uint8_t)__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3); }
+static float e4m3_to_f(uint8_t b) { return __half2float(__half(__nv_cvt_fp8_to_halfraw(b, __NV_E4M3))); }
 
 /* A buffer of n elements of dtype dt (F32 or BF16) with GUARD elements either
  * side, as a host image and a device copy. Element i (may be negative or
@@ -84,13 +97,15 @@ static buf buf_new(dtype dt, size_t n) {
     buf b;
     b.dt = dt;
     b.n = n;
-    b.es = dt == DT_F32 ? 4 : 2;
+    b.es = dt == DT_F32 ? 4 : dt == DT_U8 ? 1 : 2;
     size_t total = (n + 2 * GUARD) * b.es;
     b.h = (unsigned char *)malloc(total);
     if (!b.h) abort();
     for (size_t i = 0; i < n + 2 * GUARD; i++) {
         if (b.es == 4)
             memcpy(b.h + 4 * i, &POISON32, 4);
+        else if (b.es == 1)
+            b.h[i] = POISON8;
         else
             memcpy(b.h + 2 * i, &POISON16, 2);
     }
@@ -112,6 +127,8 @@ static void bset(buf *b, long i, float v) {
     unsigned char *p = b->h + (size_t)(i + GUARD) * b->es;
     if (b->es == 4) {
         memcpy(p, &v, 4);
+    } else if (b->es == 1) {
+        *p = f_to_e4m3(v);
     } else {
         uint16_t h = f32_to_bf16(v);
         memcpy(p, &h, 2);
@@ -125,6 +142,7 @@ static float bget(const buf *b, long i) {
         memcpy(&f, p, 4);
         return f;
     }
+    if (b->es == 1) return e4m3_to_f(*p);
     uint16_t h;
     memcpy(&h, p, 2);
     return bf16_to_f32(h);
@@ -133,6 +151,7 @@ static float bget(const buf *b, long i) {
 static int bpoison(const buf *b, long i) {
     const unsigned char *p = b->h + (size_t)(i + GUARD) * b->es;
     if (b->es == 4) return memcmp(p, &POISON32, 4) == 0;
+    if (b->es == 1) return *p == POISON8;
     return memcmp(p, &POISON16, 2) == 0;
 }
 
@@ -481,8 +500,13 @@ static int *dev_int(int v) {
     return d;
 }
 
-/* dyn: the position comes from device memory (r.pos_dev), r.pos0 is 0. */
-static void test_rope(int T, int H, int Hkv, int D, int R, int pos0, int with_cache, int dyn = 0) {
+/* The scales of the e4m3 tests (not 1, one not a power of two). */
+#define KS8 0.75f
+#define VS8 0.25f
+
+/* dyn: the position comes from device memory (r.pos_dev), r.pos0 is 0.
+ * f8: e4m3 caches with scales KS8, VS8. */
+static void test_rope(int T, int H, int Hkv, int D, int R, int pos0, int with_cache, int dyn = 0, int f8 = 0) {
     const int n_ctx = pos0 + T + 9, P = n_ctx;
     const int width = (H + 2 * Hkv) * D, ldx = width + 8;
     buf x = buf_new(DT_BF16, (size_t)T * ldx);
@@ -495,7 +519,7 @@ static void test_rope(int T, int H, int Hkv, int D, int R, int pos0, int with_ca
     cudaMemcpy(dcs, cs, (size_t)P * (R / 2) * 4, cudaMemcpyHostToDevice);
     cudaMemcpy(dsn, sn, (size_t)P * (R / 2) * 4, cudaMemcpyHostToDevice);
     size_t cache_n = (size_t)(Hkv ? Hkv : 1) * n_ctx * D;
-    buf kc = buf_new(DT_BF16, cache_n), vc = buf_new(DT_BF16, cache_n);
+    buf kc = buf_new(f8 ? DT_U8 : DT_BF16, cache_n), vc = buf_new(f8 ? DT_U8 : DT_BF16, cache_n);
     up(&x), up(&kc), up(&vc);
     cuda_rope r;
     memset(&r, 0, sizeof r);
@@ -506,13 +530,14 @@ static void test_rope(int T, int H, int Hkv, int D, int R, int pos0, int with_ca
     if (dyn) r.pos0 = 0, r.pos_dev = dpos = dev_int(pos0);
     r.cos_t = dcs, r.sin_t = dsn;
     if (with_cache) {
-        r.k_cache = (uint16_t *)dp(&kc);
-        r.v_cache = (uint16_t *)dp(&vc);
+        r.k_cache = dp(&kc);
+        r.v_cache = dp(&vc);
         r.n_ctx = n_ctx;
+        r.kv_fp8 = f8, r.k_scale = KS8, r.v_scale = VS8;
     }
     char what[160];
-    snprintf(what, sizeof what, "rope T=%d H=%d Hkv=%d D=%d R=%d pos0=%d%s %s", T, H, Hkv, D, R, pos0,
-             dyn ? " (device)" : "", with_cache ? "kv-cache" : "in place");
+    snprintf(what, sizeof what, "rope T=%d H=%d Hkv=%d D=%d R=%d pos0=%d%s %s%s", T, H, Hkv, D, R, pos0,
+             dyn ? " (device)" : "", with_cache ? "kv-cache" : "in place", f8 ? " e4m3" : "");
     albedo_status st = cuda_rope_kv(G, &r);
     check_st(st, what);
     int ok_dl = down(&x) == 0 && down(&kc) == 0 && down(&vc) == 0;
@@ -546,6 +571,10 @@ static void test_rope(int T, int H, int Hkv, int D, int R, int pos0, int with_ca
                         if (t >= 0 && t < T) {
                             refk[i] = ref[(size_t)t * ldx + (H + g) * D + d];
                             refv[i] = xf[(size_t)t * ldx + (H + Hkv + g) * D + d];
+                            if (f8) { /* the stored bytes, decoded without their scale */
+                                refk[i] = e4m3_to_f(f_to_e4m3(refk[i] / KS8));
+                                refv[i] = e4m3_to_f(f_to_e4m3(refv[i] / VS8));
+                            }
                         } else {
                             refk[i] = refv[i] = 0.0f;
                             wrong_poison += !bpoison(&kc, (long)i) + !bpoison(&vc, (long)i);
@@ -557,9 +586,9 @@ static void test_rope(int T, int H, int Hkv, int D, int R, int pos0, int with_ca
             cmp ck = compare(&kc, 1, (int)cache_n, (int)cache_n, refk, (int)cache_n);
             cmp cv = compare(&vc, 1, (int)cache_n, (int)cache_n, refv, (int)cache_n);
             char w2[200];
-            snprintf(w2, sizeof w2, "  k cache (rotated keys)");
-            report(w2, &ck, 1e-2);
-            snprintf(w2, sizeof w2, "  v cache (exact copy)");
+            snprintf(w2, sizeof w2, "  k cache (rotated keys)%s", f8 ? ", e4m3 = host rounding" : "");
+            report(w2, &ck, f8 ? 5e-3 : 1e-2);
+            snprintf(w2, sizeof w2, "  v cache (exact copy)%s", f8 ? ", e4m3 = host rounding" : "");
             report(w2, &cv, 0.0);
             CHECK(wrong_poison == 0, "rope writes only positions pos0..pos0+T-1 (%ld touched)", wrong_poison);
             free(refk), free(refv), free(refx);
@@ -579,7 +608,7 @@ static void test_rope(int T, int H, int Hkv, int D, int R, int pos0, int with_ca
  * memory and a.S is the capacity, larger than the keys seen (the graph
  * form); the keys past S are poison, so reading one shows. */
 static void test_attention(int n_seq, int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int layout,
-                           int dyn = 0) {
+                           int dyn = 0, int f8 = 0) {
     const float scale = 1.0f / sqrtf((float)D);
     const int n_ctx = S + (dyn ? 700 : 13);
     cuda_attn a;
@@ -621,8 +650,9 @@ static void test_attention(int n_seq, int T, int S, int H, int Hkv, int D, int p
         const int ldq = H * D + 8;
         buf_free(&q), buf_free(&kc), buf_free(&vc);
         q = buf_new(DT_BF16, (size_t)n_seq * T * ldq);
-        kc = buf_new(DT_BF16, (size_t)n_seq * Hkv * n_ctx * D);
-        vc = buf_new(DT_BF16, (size_t)n_seq * Hkv * n_ctx * D);
+        kc = buf_new(f8 ? DT_U8 : DT_BF16, (size_t)n_seq * Hkv * n_ctx * D);
+        vc = buf_new(f8 ? DT_U8 : DT_BF16, (size_t)n_seq * Hkv * n_ctx * D);
+        const float ks = f8 ? KS8 : 1.0f, vs = f8 ? VS8 : 1.0f; /* e4m3 holds x / scale */
         for (int s = 0; s < n_seq; s++) {
             for (int t = 0; t < T; t++)
                 for (int c = 0; c < H * D; c++) {
@@ -635,22 +665,24 @@ static void test_attention(int n_seq, int T, int S, int H, int Hkv, int D, int p
                 for (int j = 0; j < S; j++)
                     for (int d = 0; d < D; d++) {
                         long i = (((long)s * Hkv + g) * n_ctx + j) * D + d;
-                        bset(&kc, i, rnd(-1, 1));
-                        bset(&vc, i, rnd(-1, 1));
-                        kr[((size_t)s * S + j) * Hkv * D + g * D + d] = bget(&kc, i);
-                        vr[((size_t)s * S + j) * Hkv * D + g * D + d] = bget(&vc, i);
+                        bset(&kc, i, rnd(-1, 1) / ks);
+                        bset(&vc, i, rnd(-1, 1) / vs);
+                        kr[((size_t)s * S + j) * Hkv * D + g * D + d] = bget(&kc, i) * ks;
+                        vr[((size_t)s * S + j) * Hkv * D + g * D + d] = bget(&vc, i) * vs;
                     }
         }
         up(&q), up(&kc), up(&vc);
         a.q = (const uint16_t *)dp(&q), a.ldq = ldq, a.q_seq = (long)T * ldq;
-        a.k = (const uint16_t *)dp(&kc), a.ldk = D, a.k_head = (long)n_ctx * D, a.k_seq = (long)Hkv * n_ctx * D;
-        a.v = (const uint16_t *)dp(&vc), a.ldv = D, a.v_head = (long)n_ctx * D, a.v_seq = (long)Hkv * n_ctx * D;
+        a.k = dp(&kc), a.ldk = D, a.k_head = (long)n_ctx * D, a.k_seq = (long)Hkv * n_ctx * D;
+        a.v = dp(&vc), a.ldv = D, a.v_head = (long)n_ctx * D, a.v_seq = (long)Hkv * n_ctx * D;
+        a.kv_fp8 = f8, a.k_scale = ks, a.v_scale = vs;
     }
     up(&out);
     a.out = (uint16_t *)dp(&out), a.ldo = ldo, a.o_seq = (long)T * ldo;
     char what[200];
-    snprintf(what, sizeof what, "attention seq=%d T=%d S=%d H=%d/%d D=%d pos0=%d prefix=%d %s%s", n_seq, T, S, H,
-             Hkv, D, pos0, n_prefix, layout == 0 ? "qkv" : "cache", dyn ? " (device pos, capacity S+700)" : "");
+    snprintf(what, sizeof what, "attention seq=%d T=%d S=%d H=%d/%d D=%d pos0=%d prefix=%d %s%s%s", n_seq, T, S, H,
+             Hkv, D, pos0, n_prefix, layout == 0 ? "qkv" : "cache", dyn ? " (device pos, capacity S+700)" : "",
+             f8 ? " e4m3" : "");
     albedo_status st = cuda_attention(G, &a);
     check_st(st, what);
     if (down(&out) == 0 && st == ALBEDO_OK) {
@@ -699,6 +731,17 @@ static void test_attentions(void) {
     test_attention(1, 3, 103, 4, 2, 64, 100, 0, 1, 1);
     test_attention(1, 1, 5, 2, 2, 64, 4, 0, 1, 1);
     test_attention(1, 1, 2048, 2, 2, 64, 2047, 730, 1, 1);
+    /* e4m3 caches (kv_fp8): prefill with a prefix (flash, the segment
+     * instance over the plain layout), causal, decode, the graph form. */
+    test_attention(1, 77, 107, 4, 2, 64, 30, 50, 1, 0, 1);
+    test_attention(1, 130, 130, 2, 1, 64, 0, 0, 1, 0, 1);
+    if (!g_small) test_attention(1, 730, 730, 2, 2, 64, 0, 730, 1, 0, 1);
+    test_attention(1, 1, 741, 4, 4, 64, 740, 730, 1, 0, 1);
+    test_attention(1, 3, 103, 4, 2, 64, 100, 0, 1, 0, 1);
+    test_attention(1, 2, 57, 3, 3, 72, 55, 0, 1, 0, 1);
+    if (!g_small) test_attention(1, 1, 4100, 2, 2, 64, 4099, 0, 1, 0, 1);
+    test_attention(1, 1, 741, 32, 32, 64, 740, 730, 1, 1, 1);
+    test_attention(3, 1, 100, 4, 4, 64, 99, 0, 1, 1, 1);
 
     /* Bad arguments come back as statuses. */
     cuda_attn a;
@@ -708,6 +751,8 @@ static void test_attentions(void) {
     int *dpos = dev_int(0);
     a.D = 64, a.T = 9, a.S = 9, a.pos_dev = dpos;
     CHECK(cuda_attention(G, &a) == ALBEDO_ERR_INVALID_ARGUMENT, "a device position with T > 8 is refused");
+    a.pos_dev = NULL, a.kv_fp8 = 1, a.k_scale = 0.0f, a.v_scale = 1.0f;
+    CHECK(cuda_attention(G, &a) == ALBEDO_ERR_INVALID_ARGUMENT, "an e4m3 cache with scale 0 is refused");
     cudaFree(dpos);
 }
 
@@ -745,7 +790,7 @@ static int32_t *block_tables(int n_seq, const int *nb, int ld, int n_blocks) {
  * paged pool [n_blocks·bs, Hkv·D] through block tables, all in one launch
  * (the engine's step). Pool rows nobody may read are poison. */
 static void test_paged_attention(int n_seq, const int *Ts, const int *pos0s, const int *prefixes, int H, int Hkv, int D,
-                                 int bs) {
+                                 int bs, int f8 = 0) {
     const float scale = 1.0f / sqrtf((float)D);
     const int kvd = Hkv * D, ldq = H * D + 8, ldo = H * D + 8;
     int Tsum = 0, maxT = 0, maxS = 0, tot_blocks = 0;
@@ -760,7 +805,9 @@ static void test_paged_attention(int n_seq, const int *Ts, const int *pos0s, con
     const int n_blocks = tot_blocks + 5, ld = (maxS + 40 + bs - 1) / bs; /* capacity past every sequence */
     int32_t *bt = block_tables(n_seq, nb, ld, n_blocks);
     buf q = buf_new(DT_BF16, (size_t)Tsum * ldq), out = buf_new(DT_BF16, (size_t)Tsum * ldo);
-    buf kc = buf_new(DT_BF16, (size_t)n_blocks * bs * kvd), vc = buf_new(DT_BF16, (size_t)n_blocks * bs * kvd);
+    const dtype kdt = f8 ? DT_U8 : DT_BF16;
+    const float ks = f8 ? KS8 : 1.0f, vs = f8 ? VS8 : 1.0f; /* e4m3 holds x / scale */
+    buf kc = buf_new(kdt, (size_t)n_blocks * bs * kvd), vc = buf_new(kdt, (size_t)n_blocks * bs * kvd);
     float *qr = fill(&q, Tsum, H * D, ldq, -2, 2);
     int32_t *seg = (int32_t *)malloc((size_t)n_seq * 4 * sizeof *seg);
     float *ref = (float *)malloc((size_t)Tsum * H * D * sizeof(float));
@@ -772,10 +819,10 @@ static void test_paged_attention(int n_seq, const int *Ts, const int *pos0s, con
         for (int j = 0; j < S; j++) {
             const long row = (long)bt[(size_t)s * ld + j / bs] * bs + j % bs;
             for (int c = 0; c < kvd; c++) {
-                bset(&kc, row * kvd + c, rnd(-1, 1));
-                bset(&vc, row * kvd + c, rnd(-1, 1));
-                kr[(size_t)j * kvd + c] = bget(&kc, row * kvd + c);
-                vr[(size_t)j * kvd + c] = bget(&vc, row * kvd + c);
+                bset(&kc, row * kvd + c, rnd(-1, 1) / ks);
+                bset(&vc, row * kvd + c, rnd(-1, 1) / vs);
+                kr[(size_t)j * kvd + c] = bget(&kc, row * kvd + c) * ks;
+                vr[(size_t)j * kvd + c] = bget(&vc, row * kvd + c) * vs;
             }
         }
         op_attn ra;
@@ -793,13 +840,14 @@ static void test_paged_attention(int n_seq, const int *Ts, const int *pos0s, con
     memset(&a, 0, sizeof a);
     a.T = maxT, a.S = ld * bs, a.H = H, a.Hkv = Hkv, a.D = D, a.scale = scale, a.n_seq = n_seq;
     a.q = (const uint16_t *)dp(&q), a.ldq = ldq;
-    a.k = (const uint16_t *)dp(&kc), a.ldk = kvd, a.k_head = D;
-    a.v = (const uint16_t *)dp(&vc), a.ldv = kvd, a.v_head = D;
+    a.k = dp(&kc), a.ldk = kvd, a.k_head = D;
+    a.v = dp(&vc), a.ldv = kvd, a.v_head = D;
     a.out = (uint16_t *)dp(&out), a.ldo = ldo;
     a.seg = dseg, a.blocks = dbt, a.block_size = bs, a.blocks_ld = ld;
+    a.kv_fp8 = f8, a.k_scale = ks, a.v_scale = vs;
     char what[200];
-    snprintf(what, sizeof what, "paged attention %d seqs, T<=%d, S<=%d, H=%d/%d D=%d block %d (%s)", n_seq, maxT, maxS,
-             H, Hkv, D, bs, maxT <= 8 ? "decode" : "flash");
+    snprintf(what, sizeof what, "paged attention %d seqs, T<=%d, S<=%d, H=%d/%d D=%d block %d (%s%s)", n_seq, maxT, maxS,
+             H, Hkv, D, bs, maxT <= 8 ? "decode" : "flash", f8 ? ", e4m3" : "");
     albedo_status st = cuda_attention(G, &a);
     check_st(st, what);
     if (down(&out) == 0 && st == ALBEDO_OK) {
@@ -822,7 +870,7 @@ static void test_paged_attention(int n_seq, const int *Ts, const int *pos0s, con
 }
 
 /* Paged rope: rows at arbitrary positions written to arbitrary pool rows. */
-static void test_paged_rope(int T, int H, int Hkv, int D, int R) {
+static void test_paged_rope(int T, int H, int Hkv, int D, int R, int f8 = 0) {
     const int P = 900, width = (H + 2 * Hkv) * D, ldx = width + 8, kvd = Hkv * D, n_rows = 3 * T + 11;
     buf x = buf_new(DT_BF16, (size_t)T * ldx);
     float *xf = fill(&x, T, width, ldx, -2, 2);
@@ -833,7 +881,7 @@ static void test_paged_rope(int T, int H, int Hkv, int D, int R) {
     cudaMalloc((void **)&dsn, (size_t)P * (R / 2) * 4);
     cudaMemcpy(dcs, cs, (size_t)P * (R / 2) * 4, cudaMemcpyHostToDevice);
     cudaMemcpy(dsn, sn, (size_t)P * (R / 2) * 4, cudaMemcpyHostToDevice);
-    buf kc = buf_new(DT_BF16, (size_t)n_rows * kvd), vc = buf_new(DT_BF16, (size_t)n_rows * kvd);
+    buf kc = buf_new(f8 ? DT_U8 : DT_BF16, (size_t)n_rows * kvd), vc = buf_new(f8 ? DT_U8 : DT_BF16, (size_t)n_rows * kvd);
     int32_t *rows = (int32_t *)malloc((size_t)T * 2 * sizeof *rows);
     for (int t = 0; t < T; t++) rows[2 * t] = (int)(rng_next() % P), rows[2 * t + 1] = 3 * t + 1 + (t % 3);
     up(&x), up(&kc), up(&vc);
@@ -841,9 +889,10 @@ static void test_paged_rope(int T, int H, int Hkv, int D, int R) {
     cuda_rope r;
     memset(&r, 0, sizeof r);
     r.x = (uint16_t *)dp(&x), r.ldx = ldx, r.T = T, r.H = H, r.Hkv = Hkv, r.D = D, r.R = R;
-    r.cos_t = dcs, r.sin_t = dsn, r.k_cache = (uint16_t *)dp(&kc), r.v_cache = (uint16_t *)dp(&vc), r.rows = drows;
+    r.cos_t = dcs, r.sin_t = dsn, r.k_cache = dp(&kc), r.v_cache = dp(&vc), r.rows = drows;
+    r.kv_fp8 = f8, r.k_scale = KS8, r.v_scale = VS8;
     char what[160];
-    snprintf(what, sizeof what, "paged rope T=%d H=%d Hkv=%d D=%d R=%d", T, H, Hkv, D, R);
+    snprintf(what, sizeof what, "paged rope T=%d H=%d Hkv=%d D=%d R=%d%s", T, H, Hkv, D, R, f8 ? " e4m3" : "");
     albedo_status st = cuda_rope_kv(G, &r);
     check_st(st, what);
     if (down(&x) == 0 && down(&kc) == 0 && down(&vc) == 0 && st == ALBEDO_OK) {
@@ -865,6 +914,10 @@ static void test_paged_rope(int T, int H, int Hkv, int D, int R) {
             for (int cc = 0; cc < kvd; cc++) {
                 rk[(size_t)row * kvd + cc] = ref[(size_t)t * ldx + H * D + cc];
                 rv[(size_t)row * kvd + cc] = xf[(size_t)t * ldx + (H + Hkv) * D + cc];
+                if (f8) { /* the stored bytes, decoded without their scale */
+                    rk[(size_t)row * kvd + cc] = e4m3_to_f(f_to_e4m3(rk[(size_t)row * kvd + cc] / KS8));
+                    rv[(size_t)row * kvd + cc] = e4m3_to_f(f_to_e4m3(rv[(size_t)row * kvd + cc] / VS8));
+                }
             }
         }
         long touched = 0;
@@ -875,8 +928,9 @@ static void test_paged_rope(int T, int H, int Hkv, int D, int R) {
                     bset(&kc, (long)row * kvd + cc, 0.0f), bset(&vc, (long)row * kvd + cc, 0.0f);
                 }
         cmp ck = compare(&kc, n_rows, kvd, kvd, rk, kvd), cv = compare(&vc, n_rows, kvd, kvd, rv, kvd);
-        report("  paged k rows (rotated keys)", &ck, 1e-2);
-        report("  paged v rows (exact copy)", &cv, 0.0);
+        report(f8 ? "  paged k rows (rotated keys), e4m3 = host rounding" : "  paged k rows (rotated keys)", &ck,
+               f8 ? 5e-3 : 1e-2);
+        report(f8 ? "  paged v rows (exact copy), e4m3 = host rounding" : "  paged v rows (exact copy)", &cv, 0.0);
         CHECK(touched == 0, "paged rope writes only its rows (%ld touched)", touched);
         free(ref), free(refx), free(rk), free(rv), free(used);
     }
@@ -902,6 +956,16 @@ static void test_paged(void) {
     { int T[40], p[40], pf[40];
       for (int i = 0; i < 40; i++) T[i] = 1, p[i] = 730 + 13 * i, pf[i] = 730;
       test_paged_attention(40, T, p, pf, 4, 4, 64, 16); }
+
+    /* The e4m3 pool (kv_fp8): writes, decode rows, mixed short prompts,
+     * prompt chunks with a prefix (flash), odd blocks and D = 72. */
+    test_paged_rope(5, 4, 2, 64, 32, 1);
+    test_paged_rope(13, 3, 3, 72, 40, 1);
+    { int T[] = {1, 1, 1}, p[] = {740, 99, 3}, pf[] = {730, 0, 0}; test_paged_attention(3, T, p, pf, 4, 4, 64, 16, 1); }
+    { int T[] = {1, 5, 3, 1}, p[] = {200, 31, 0, 77}, pf[] = {0, 0, 2, 0}; test_paged_attention(4, T, p, pf, 3, 3, 72, 16, 1); }
+    { int T[] = {77, 9, 130}, p[] = {730, 5, 0}, pf[] = {730, 0, 50}; test_paged_attention(3, T, p, pf, 4, 2, 64, 16, 1); }
+    { int T[] = {730}, p[] = {0}, pf[] = {730}; if (!g_small) test_paged_attention(1, T, p, pf, 4, 4, 64, 16, 1); }
+    { int T[] = {20, 65}, p[] = {11, 100}, pf[] = {0, 0}; test_paged_attention(2, T, p, pf, 3, 3, 72, 5, 1); }
 }
 
 /* ---- sampling -------------------------------------------------------------------------- */
@@ -1548,6 +1612,11 @@ int main(int argc, char **argv) {
     test_rope(3, 4, 2, 64, 32, 11, 1, 1);
     test_rope(37, 32, 32, 64, 32, 0, 1);  /* many rows: a prefix's shape */
     test_rope(9, 3, 3, 72, 40, 5, 1);     /* D - R unrotated dims copied into the cache */
+    /* e4m3 caches */
+    test_rope(7, 4, 2, 64, 32, 11, 1, 0, 1);
+    test_rope(1, 32, 32, 64, 32, 740, 1, 1, 1);
+    test_rope(37, 32, 32, 64, 32, 0, 1, 0, 1);
+    test_rope(9, 3, 3, 72, 40, 5, 1, 0, 1);
 
     test_attentions();
     test_paged();
