@@ -3,7 +3,12 @@
  * table: linear (GFLOP/s, and GB/s of weights read for decode), attention,
  * and the elementwise ops. Median of several runs after a warm-up.
  *
- *   bench_ops [threads=all] [backend=auto] [runs=7]
+ *   bench_ops [threads=all] [backend=auto] [runs=7] [q]
+ *
+ * With "q", only the text linears over Q8 and Q4 weights (BF16 precision;
+ * "b": the same over bf16 weights),
+ * and with a fifth argument only those whose name contains it
+ * ("bench_ops 2 auto 5 q prefill").
  *
  * Build (the CPU backend alone), from the repository root on x86-64:
  *   gcc -std=c11 -O3 -Iinclude -Isrc -DALBEDO_X86=1 -c src/cpu/ops_avx2.c -mavx2 -mfma -mf16c
@@ -69,7 +74,9 @@ static int runs = 7;
 
 static void bench_linear(ops_ctx *c, const char *what, int T, int K, int N, dtype dt,
                          ops_precision prec) {
-    const size_t wbytes = (size_t)N * K * (dt == DT_F32 ? 4 : 2);
+    const int q = dt == DT_Q8 || dt == DT_Q4;
+    const size_t rb = q_row_bytes(dt, K);
+    const size_t wbytes = q ? (size_t)N * rb : (size_t)N * K * (dt == DT_F32 ? 4 : 2);
     int copies = T <= 4 ? (int)((256u << 20) / wbytes) + 1 : 1;
     if (copies > 64) copies = 64;
     void **w = calloc((size_t)copies, sizeof *w);
@@ -80,6 +87,11 @@ static void bench_linear(ops_ctx *c, const char *what, int T, int K, int N, dtyp
         float *f = w[i];
         for (int n = 0; n < N; n++) {
             fill(tmp, (size_t)K, (unsigned)(n + 7 * i));
+            if (q) {
+                for (int k = 0; k < K; k++) tmp[k] *= 0.05f;
+                q_quantize_row(dt, tmp, K, (char *)w[i] + (size_t)n * rb);
+                continue;
+            }
             for (int k = 0; k < K; k++) {
                 if (dt == DT_F32)
                     f[(size_t)n * K + k] = tmp[k] * 0.05f;
@@ -107,6 +119,8 @@ static void bench_linear(ops_ctx *c, const char *what, int T, int K, int N, dtyp
            what, T, K, N,
            dt == DT_BF16  ? "bf16"
            : dt == DT_F16 ? "f16"
+           : dt == DT_Q8  ? "q8"
+           : dt == DT_Q4  ? "q4"
                           : "f32",
            prec == OPS_BF16 ? "bf16" : "f32", m, 2.0 * T * K * N / (m * 1e6),
            2.0 * T * K * N / (best * 1e6), wbytes / (m * 1e6), wbytes / (best * 1e6));
@@ -181,6 +195,9 @@ int main(int argc, char **argv) {
     int threads = argc > 1 ? atoi(argv[1]) : 0;
     const char *backend = argc > 2 ? argv[2] : "auto";
     if (argc > 3) runs = atoi(argv[3]) > 0 ? atoi(argv[3]) : runs;
+    const int only_q = argc > 4 && argv[4][0] == 'q'; /* only the Q8/Q4 linears */
+    const int only_b = argc > 4 && argv[4][0] == 'b'; /* only the bf16 text linears */
+    const char *only = argc > 5 ? argv[5] : NULL;        /* ... whose name contains this */
     ops_ctx *c;
     errbuf e;
     if (ops_ctx_new(backend, threads, OPS_F32, &c, &e) != ALBEDO_OK) {
@@ -208,6 +225,16 @@ int main(int argc, char **argv) {
         {"decode fc1", 1, 2048, 8192},         {"decode fc2", 1, 8192, 2048},
         {"decode lm_head", 1, 2048, 51200},    {"decode fc1 T=4", 4, 2048, 8192},
     };
+    if (only_q || only_b) {
+        /* block formats: prefill (integer products where the table has them) and decode */
+        for (int d = only_b ? 2 : 0; d < 3; d++)
+            for (size_t i = 4; i < sizeof lin / sizeof lin[0]; i++)
+                if ((!only || strstr(lin[i].what, only)) && (d < 2) == only_q)
+                    bench_linear(c, lin[i].what, lin[i].T, lin[i].K, lin[i].N, d == 2 ? DT_BF16 : d ? DT_Q4 : DT_Q8,
+                                 OPS_BF16);
+        ops_ctx_free(c);
+        return 0;
+    }
     for (size_t i = 0; i < sizeof lin / sizeof lin[0]; i++)
         for (int p = OPS_F32; p <= OPS_BF16; p++)
             bench_linear(c, lin[i].what, lin[i].T, lin[i].K, lin[i].N, DT_BF16, (ops_precision)p);

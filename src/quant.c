@@ -9,9 +9,9 @@
  *           mlp.fc1.weight [E, 2·inner, dim] and mlp.fc2.weight
  *           [E, dim, inner], each seen as one [E·rows, K] matrix: row r of
  *           expert e is row e·rows + r, at (e·rows + r)·q_row_bytes(K)
- *           (md_expert_linear). The vision encoder keeps 16 bits (it runs
- *           once per image, compute-bound); the LM head and region model
- *           keep their dtype (text_logits_of addresses rows by element size).
+ *           (md_expert_linear); and the LM head, in Q8 in both recipes
+ *           (text_mats). The vision encoder keeps 16 bits (it runs once
+ *           per image, compute-bound); the region model keeps its dtype.
  *           The routers stay as stored: [E, dim] is tiny and routing is
  *           sensitive (a flipped top-8 choice changes the whole MLP).
  *   how:    row by row with q_quantize_row (ops_ref.c), the rows of each
@@ -25,7 +25,8 @@
  *           [N, q_row_bytes(K)] (experts: [E, rows, q_row_bytes(K)]) under
  *           its usual name, and "__metadata__" {"albedo.format": "q8"|"q4",
  *           "albedo.version": "1"}; weights.c binds those tensors as DT_Q8 /
- *           DT_Q4 in place (mapped, no copy).
+ *           DT_Q4 in place (mapped, no copy); a q4 file's Q8 tensors (the
+ *           LM head) are told apart by their row bytes.
  */
 #define _DEFAULT_SOURCE /* madvise */
 #define _POSIX_C_SOURCE 200809L
@@ -54,26 +55,31 @@ typedef struct qmat {
     dtype *dt;
     int n_rows, n_in; /* N (all experts' rows), K */
     int n_experts;    /* 0: a 2-D linear; E: a 3-D expert tensor */
+    dtype want;       /* the block format the recipe gives it */
 } qmat;
 
 #define QMATS_PER_LAYER 4
 
-/* The matrices quant.c converts, in a fixed order; returns their count. */
-static int text_mats(md_weights *w, const md_config *c, qmat *out) {
+/* The matrices quant.c converts, in a fixed order, with the format of each
+ * in recipe fmt; returns their count. The recipes: "q8" is Q8 throughout;
+ * "q4" is Q4 but for the LM head, which stays Q8 (its 51200 rows are a
+ * tenth of the bytes Q4 saves, and the logits are what the argmax reads). */
+static int text_mats(md_weights *w, const md_config *c, dtype fmt, qmat *out) {
     int n = 0;
     for (int i = 0; i < c->n_layers; i++) {
         txt_block *t = &w->tb[i];
-        out[n++] = (qmat){&t->qkv.w, &t->qkv.dt, t->qkv.n_out, t->qkv.n_in, 0};
-        out[n++] = (qmat){&t->proj.w, &t->proj.dt, t->proj.n_out, t->proj.n_in, 0};
+        out[n++] = (qmat){&t->qkv.w, &t->qkv.dt, t->qkv.n_out, t->qkv.n_in, 0, fmt};
+        out[n++] = (qmat){&t->proj.w, &t->proj.dt, t->proj.n_out, t->proj.n_in, 0, fmt};
         if (!t->moe) {
-            out[n++] = (qmat){&t->fc1.w, &t->fc1.dt, t->fc1.n_out, t->fc1.n_in, 0};
-            out[n++] = (qmat){&t->fc2.w, &t->fc2.dt, t->fc2.n_out, t->fc2.n_in, 0};
+            out[n++] = (qmat){&t->fc1.w, &t->fc1.dt, t->fc1.n_out, t->fc1.n_in, 0, fmt};
+            out[n++] = (qmat){&t->fc2.w, &t->fc2.dt, t->fc2.n_out, t->fc2.n_in, 0, fmt};
         } else {
             const int E = c->moe_experts, I = c->moe_inner;
-            out[n++] = (qmat){&t->exp_fc1, &t->exp_fc1_dt, E * 2 * I, c->dim, E};
-            out[n++] = (qmat){&t->exp_fc2, &t->exp_fc2_dt, E * c->dim, I, E};
+            out[n++] = (qmat){&t->exp_fc1, &t->exp_fc1_dt, E * 2 * I, c->dim, E, fmt};
+            out[n++] = (qmat){&t->exp_fc2, &t->exp_fc2_dt, E * c->dim, I, E, fmt};
         }
     }
+    out[n++] = (qmat){&w->lm_head.w, &w->lm_head.dt, w->lm_head.n_out, w->lm_head.n_in, 0, DT_Q8};
     return n;
 }
 
@@ -140,14 +146,14 @@ albedo_status md_weights_quantize(md_weights *w, const md_config *c, dtype dt, e
     if (dt == DT_BF16) return ALBEDO_OK;
     if (dt != DT_Q8 && dt != DT_Q4) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "quantize: dtype %s is not a block format", dtype_name(dt));
     if (!w->tb) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "quantize: weights are not bound");
-    qmat *ms = calloc((size_t)c->n_layers * QMATS_PER_LAYER + 1, sizeof *ms);
+    qmat *ms = calloc((size_t)c->n_layers * QMATS_PER_LAYER + 2, sizeof *ms);
     if (!ms) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
-    const int n = text_mats(w, c, ms);
+    const int n = text_mats(w, c, dt, ms);
     /* One allocation for every matrix not already in dt, each 64-byte aligned. */
     size_t total = 0, max_k = 1;
     for (int i = 0; i < n; i++) {
-        if (*ms[i].dt == dt) continue;
-        total += (mat_bytes(dt, ms[i].n_rows, ms[i].n_in) + 63) & ~(size_t)63;
+        if (*ms[i].dt == ms[i].want) continue;
+        total += (mat_bytes(ms[i].want, ms[i].n_rows, ms[i].n_in) + 63) & ~(size_t)63;
         if ((size_t)ms[i].n_in > max_k) max_k = (size_t)ms[i].n_in;
     }
     if (total == 0) {
@@ -173,15 +179,15 @@ albedo_status md_weights_quantize(md_weights *w, const md_config *c, dtype dt, e
     char *p = mem;
     for (int i = 0; i < n; i++) {
         const qmat *q = &ms[i];
-        if (*q->dt == dt) continue;
-        quant_job j = {*q->w, *q->dt, dt, q->n_rows, q->n_in, p, q_row_bytes(dt, q->n_in), rowbuf};
+        if (*q->dt == q->want) continue;
+        quant_job j = {*q->w, *q->dt, q->want, q->n_rows, q->n_in, p, q_row_bytes(q->want, q->n_in), rowbuf};
         ops_parallel_for(ctx, QUANT_TASKS, quant_task, &j);
         /* 16/32-bit sources are the mapped checkpoint; a block-format source
          * may be an earlier call's copy (freed below), never released. */
         if (j.src_dt == DT_BF16 || j.src_dt == DT_F16 || j.src_dt == DT_F32)
             release_pages(j.src, mat_bytes(j.src_dt, q->n_rows, q->n_in));
         *q->w = p;
-        *q->dt = dt;
+        *q->dt = q->want;
         p += (j.rb * (size_t)q->n_rows + 63) & ~(size_t)63;
     }
     ops_ctx_free(ctx);
@@ -222,14 +228,14 @@ albedo_status albedo_model_quantize(const char *dir, const albedo_model_params *
     p.weights = NULL;
     albedo_model *m = NULL;
     if ((st = albedo_model_load(dir, &p, &m))) return st; /* albedo_last_error is set */
-    qmat *ms = calloc((size_t)m->cfg.n_layers * QMATS_PER_LAYER + 1, sizeof *ms);
-    const void **orig = calloc((size_t)m->cfg.n_layers * QMATS_PER_LAYER + 1, sizeof *orig);
+    qmat *ms = calloc((size_t)m->cfg.n_layers * QMATS_PER_LAYER + 2, sizeof *ms);
+    const void **orig = calloc((size_t)m->cfg.n_layers * QMATS_PER_LAYER + 2, sizeof *orig);
     int n = 0, nt = 0;
     for (int i = 0; i < m->n_st; i++) nt += st_count(m->st[i]);
     st_tensor *ts = calloc((size_t)nt + 1, sizeof *ts);
     if (!ms || !orig || !ts) st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
     if (!st) {
-        n = text_mats(&m->w, &m->cfg, ms);
+        n = text_mats(&m->w, &m->cfg, dt, ms);
         for (int i = 0; i < n; i++) orig[i] = *ms[i].w;
         st = md_weights_quantize(&m->w, &m->cfg, dt, &e);
     }
@@ -244,7 +250,7 @@ albedo_status albedo_model_quantize(const char *dir, const albedo_model_params *
                 for (int l = 0; l < n; l++) {
                     if (orig[l] != t->data) continue;
                     const qmat *q = &ms[l];
-                    const size_t rb = q_row_bytes(dt, q->n_in);
+                    const size_t rb = q_row_bytes(q->want, q->n_in);
                     ts[k].dt = DT_U8;
                     if (q->n_experts) { /* [E, rows, row bytes] */
                         ts[k].ndim = 3;

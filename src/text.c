@@ -56,9 +56,10 @@ void text_logits_of(md_state *s, const float *h, const int32_t *ids, int n, floa
     const op_linear *L = &m->w.lm_head;
     o->layernorm(s->ops, s->h, h, 1, dim, m->w.tpost_w, m->w.tpost_b, 1e-5f);
     for (int i = 0; i < n; i++) {
-        /* one row of the LM head (16/32-bit weights: rows are addressable) */
+        /* one row of the LM head (block formats: rows of q_row_bytes) */
         op_linear row = *L;
-        row.w = (const char *)L->w + (size_t)ids[i] * (size_t)dim * dtype_size(L->dt);
+        const size_t rb = q_row_bytes(L->dt, dim) ? q_row_bytes(L->dt, dim) : (size_t)dim * dtype_size(L->dt);
+        row.w = (const char *)L->w + (size_t)ids[i] * rb;
         row.b = L->b ? (const char *)L->b + (size_t)ids[i] * dtype_size(L->bdt) : NULL;
         row.n_out = 1;
         o->linear(s->ops, out + i, 1, s->h, dim, 1, &row);

@@ -254,17 +254,22 @@ static op_linear lin(binder *b, const char *prefix, int n_out, int n_in, int bia
      * in a file whose metadata names the block format (ops.h qformat). */
     const named *q = b->st ? NULL : lookup(b->ix, nw);
     if (q && q->t->dt == DT_U8 && q->qdt != DT_U8) {
-        const int64_t rb = (int64_t)q_row_bytes(q->qdt, n_in);
+        /* The q4 recipe keeps the LM head in Q8 (quant.c): a q4 file's
+         * linear whose rows have Q8's length is Q8. */
+        const dtype qdt = q->qdt == DT_Q4 && q->t->ndim == 2 && q->t->shape[1] == (int64_t)q_row_bytes(DT_Q8, n_in)
+                              ? DT_Q8
+                              : q->qdt;
+        const int64_t rb = (int64_t)q_row_bytes(qdt, n_in);
         if (q->t->ndim != 2 || q->t->shape[0] != n_out || q->t->shape[1] != rb) {
             char have[96];
             shape_str(have, sizeof have, q->t->ndim, q->t->shape);
             b->st = errf(b->e, ALBEDO_ERR_MODEL_FORMAT, "tensor %s: %s blocks of [%d, %d] are [%d, %lld] bytes, file has %s",
-                         q->t->name, dtype_name(q->qdt), n_out, n_in, n_out, (long long)rb, have);
+                         q->t->name, dtype_name(qdt), n_out, n_in, n_out, (long long)rb, have);
             return L;
         }
         b->used++;
         L.w = q->t->data;
-        L.dt = q->qdt;
+        L.dt = qdt;
     }
     const named *w = L.w ? q : need(b, nw, 2, (int64_t[]){n_out, n_in});
     if (!w) return L;

@@ -239,7 +239,11 @@ static void test_linears(void) {
  *     precision's rounding of x on the reference side by at most |x| / 512,
  *     so the error is within sum_k |w_k| max|x_block(k)| / 160 (plus the
  *     float tolerance);
- *   BF16 precision on the packed path (T >= small_t): the dequantised
+ *   integer matrix product (cpu_kernels.qgemm, T >= small_t): x rounded
+ *     to int8 per block as above, or per row (cpu_qgemm.xs_block 0), where
+ *     max|x_block(k)| becomes the row's max|x|; its bytes are checked
+ *     against cpu_quantize_u8, the portable quantiser (test_quantize_u8);
+ *   BF16 precision on the packed float path (T >= small_t): the dequantised
  *     weights are rounded to bf16 as well (ops.h), each by at most 2^-9 of
  *     itself, so the error is within sum_k |x_k w_k| / 256 (plus the above).
  * Guard blocks with a NaN scale follow the matrix: a kernel reading past
@@ -270,6 +274,7 @@ static void test_linear_q(int T, int K, int N, dtype dt, int bdt, int xpad, int 
     op_linear L = {w, b, dt, bdt >= 0 ? (dtype)bdt : DT_F32, N, K};
     float *ref = fbuf((size_t)T * ldy), *y = fbuf((size_t)T * ldy);
     double *mag = malloc((size_t)T * N * sizeof *mag), *magq = malloc((size_t)T * N * sizeof *magq);
+    double *magr = malloc((size_t)T * N * sizeof *magr);
     const double tol = 1e-6 * sqrt((double)K) + 1e-6;
 
     for (int prec = OPS_F32; prec <= OPS_BF16; prec++) {
@@ -277,7 +282,8 @@ static void test_linear_q(int T, int K, int N, dtype dt, int bdt, int xpad, int 
         ops_ref_table()->linear(ref_ctx, ref, ldy, x, ldx, T, &L);
         for (int t = 0; t < T; t++)
             for (int n = 0; n < N; n++) {
-                double s = b ? fabs(typed_get(b, (dtype)bdt, (size_t)n)) : 0.0, sq = 0.0;
+                double s = b ? fabs(typed_get(b, (dtype)bdt, (size_t)n)) : 0.0, sq = 0.0, sr = 0.0, rmax = 0.0;
+                for (int k = 0; k < K; k++) rmax = fmax(rmax, fabs(x[(size_t)t * ldx + k]));
                 for (int k0 = 0; k0 < K; k0 += 32) {
                     double amax = 0.0;
                     for (int k = k0; k < K && k < k0 + 32; k++)
@@ -287,16 +293,20 @@ static void test_linear_q(int T, int K, int N, dtype dt, int bdt, int xpad, int 
                         if (prec == OPS_BF16) xv = bf16_to_f32(f32_to_bf16(xv));
                         s += fabs((double)xv * wd[(size_t)n * K + k]);
                         sq += fabs(wd[(size_t)n * K + k]) * amax;
+                        sr += fabs(wd[(size_t)n * K + k]) * rmax;
                     }
                 }
                 mag[(size_t)t * N + n] = s;
                 magq[(size_t)t * N + n] = sq;
+                magr[(size_t)t * N + n] = sr;
             }
         for (int ci = 0; ci < n_ctx; ci++) {
             ops_ctx *c = ctxs[ci];
             const cpu_kernels *kk = ((const cpu_table *)(const void *)c->tab)->k;
-            const int int8 = kk->gemv_q != NULL && T < kk->small_t;
-            const int wround = prec == OPS_BF16 && T >= kk->small_t && kk->bf16 != NULL;
+            const int qg = kk->qgemm != NULL && T >= kk->small_t;
+            const int int8 = (kk->gemv_q != NULL && T < kk->small_t) || qg;
+            const int perrow = qg && !kk->qgemm->xs_block;
+            const int wround = prec == OPS_BF16 && T >= kk->small_t && kk->bf16 != NULL && !qg;
             c->prec = (ops_precision)prec;
             for (size_t i = 0; i < (size_t)T * ldy + GUARD; i++) y[i] = poison_f();
             ops_of(c)->linear(c, y, ldy, x, ldx, T, &L);
@@ -305,7 +315,8 @@ static void test_linear_q(int T, int K, int N, dtype dt, int bdt, int xpad, int 
             for (int t = 0; t < T; t++)
                 for (int n = 0; n < N; n++) {
                     size_t i = (size_t)t * ldy + n, m = (size_t)t * N + n;
-                    double lim = tol * mag[m] + (int8 ? magq[m] / 160.0 : 0.0) + (wround ? mag[m] / 256.0 : 0.0);
+                    double lim = tol * mag[m] + (int8 ? (perrow ? magr[m] : magq[m]) / 160.0 : 0.0) +
+                                 (wround ? mag[m] / 256.0 : 0.0);
                     double e = fabs((double)y[i] - ref[i]) / (lim + 1e-30);
                     if (!(e <= worst)) {
                         worst = isnan(e) ? INFINITY : e;
@@ -324,7 +335,7 @@ static void test_linear_q(int T, int K, int N, dtype dt, int bdt, int xpad, int 
         }
     }
     ref_ctx->prec = OPS_F32;
-    free(wf), free(bf), free(wd), free(w), free(b), free(mag), free(magq);
+    free(wf), free(bf), free(wd), free(w), free(b), free(mag), free(magq), free(magr);
     ffree(x), ffree(ref), ffree(y);
 }
 
@@ -362,6 +373,36 @@ static void test_qformat(void) {
     }
 }
 
+/* Every table's x quantiser of the integer matrix product against the
+ * portable one (cpu_quantize_u8, cpu.h), byte for byte and scale for
+ * scale: the linear tests above bound the product's error by the rounding
+ * of x that this defines. Rows of odd lengths, one all zero, one with a
+ * single nonzero, and values exactly halfway between two steps. */
+static void test_quantize_u8(void) {
+    static const int Ks[] = {1, 15, 17, 31, 32, 33, 64, 100, 1000};
+    uint8_t qa[1024], qb[1024];
+    float da[32], db[32], x[1000];
+    for (int ci = 0; ci < n_ctx; ci++) {
+        const cpu_kernels *kk = ((const cpu_table *)(const void *)ctxs[ci]->tab)->k;
+        if (!kk->qgemm || ops_n_threads(ctxs[ci]) != 1) continue;
+        for (int ik = 0; ik < 9; ik++)
+            for (int kind = 0; kind < 4; kind++)
+                for (int pb = 0; pb < 2; pb++) {
+                    const int K = Ks[ik], nb = (K + 31) / 32;
+                    for (int k = 0; k < K; k++)
+                        x[k] = kind == 0 ? rnd(-3, 3) : kind == 1 ? 0.0f : kind == 2 ? (k == K / 2 ? -0.7f : 0.0f)
+                                                                                      : (float)(k % 9) - 4.0f + 0.5f;
+                    if (kind == 3) x[0] = 127.0f; /* steps of 1: x + 0.5 lands halfway */
+                    memset(qa, 0x55, sizeof qa), memset(qb, 0xaa, sizeof qb);
+                    cpu_quantize_u8(x, K, pb, qa, da);
+                    kk->qgemm->quantize(x, K, pb, qb, db);
+                    CHECK(memcmp(qa, qb, (size_t)nb * 32) == 0 && memcmp(da, db, (size_t)nb * sizeof *da) == 0,
+                          "quantize_u8 %s K=%d kind %d per_block %d: differs from cpu_quantize_u8", ctx_label[ci], K,
+                          kind, pb);
+                }
+    }
+}
+
 static void test_linears_q(void) {
     static const int Ts[] = {1, 2, 3, 4, 5, 7, 13, 23, 24, 47, 48, 100};
     static const int Ks[] = {1, 17, 32, 33, 100, 288, 1000, 2048};
@@ -387,6 +428,19 @@ static void test_linears_q(void) {
     test_linear_q(60, 600, 45, DT_Q4, DT_F32, 0, 2);
     test_linear_q(1, 2048, 256, DT_Q8, DT_BF16, 0, 0);
     test_linear_q(1, 8192, 64, DT_Q4, DT_BF16, 0, 0);
+    /* decode rows over whole block pairs (the 512-bit T = 1 kernels), odd
+     * pair counts and N, with and without bias */
+    for (int d = 0; d < 2; d++) {
+        test_linear_q(1, 64, 3, d ? DT_Q4 : DT_Q8, DT_F32, 0, 0);
+        test_linear_q(1, 192, 31, d ? DT_Q4 : DT_Q8, -1, 1, 2);
+        test_linear_q(1, 640, 33, d ? DT_Q4 : DT_Q8, DT_BF16, 0, 1);
+    }
+    /* the integer matrix product: several K blocks of 16 blocks, a partial
+     * block, partial panels, tiles of every height */
+    test_linear_q(30, 2048 + 40, 70, DT_Q8, DT_BF16, 3, 1);
+    test_linear_q(31, 1100, 45, DT_Q4, DT_F32, 0, 2);
+    test_linear_q(130, 520, 97, DT_Q8, -1, 1, 0);
+    test_quantize_u8();
 }
 
 /* ---- attention ---------------------------------------------------------------------- */

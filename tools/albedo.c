@@ -20,6 +20,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "albedo.h"
@@ -500,6 +501,69 @@ static double peak_rss_mb(void) {
     return kb < 0 ? -1.0 : (double)kb / 1024.0;
 }
 
+static double wall_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+static int cmp_ms(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The end-to-end figure of issue #3: a 640x480 image (RGB pixels in: the
+ * crops, every crop through the vision encoder, the 730-position prefix), a
+ * 10-word question and 32 answer tokens (greedy, end of sequence ignored),
+ * through the public API; median of `repeats` runs, each on an image of
+ * its own (pixels differ, so no cached prefix is reused). Also the median
+ * time to the first token (encoding plus the request's ttft) and the
+ * number of tokens the last run produced. */
+static int bench_e2e(albedo_model *m, int repeats, double *e2e_ms, double *ttft_ms, int *out_tokens) {
+    enum { W = 640, H = 480 };
+    albedo_session *s = NULL;
+    uint8_t *rgb = malloc((size_t)W * H * 3);
+    double t[16], tt[16];
+    int rc = 0;
+    if (repeats > 16) repeats = 16;
+    if (!rgb || albedo_session_new(m, &s) != ALBEDO_OK) rc = 1;
+    for (int r = 0; r < repeats && !rc; r++) {
+        uint64_t x = 0x2545F4914F6CDD1Dull + (uint64_t)r;
+        for (size_t i = 0; i < (size_t)W * H * 3; i++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            rgb[i] = (uint8_t)(((i / 3) % W) / 3 + (x & 31)); /* a gradient with noise */
+        }
+        albedo_request q = albedo_model_request_default(m, ALBEDO_SKILL_QUERY);
+        q.question = "What is the highest value shown in this chart today?"; /* 10 words */
+        q.max_tokens = 32;
+        q.ignore_eos = 1;
+        q.temperature = 0.0f;
+        albedo_image *img = NULL;
+        const albedo_result *res = NULL;
+        const double t0 = wall_ms();
+        if (albedo_image_encode_rgb(s, rgb, W, H, &img) != ALBEDO_OK) rc = 1;
+        const double t_enc = wall_ms() - t0;
+        q.image = img;
+        if (!rc && albedo_session_run(s, &q, &res) != ALBEDO_OK) rc = 1;
+        t[r] = wall_ms() - t0;
+        if (!rc) {
+            tt[r] = t_enc + res->metrics.ttft_ms; /* the image, then the request's own time to first token */
+            *out_tokens = res->metrics.output_tokens;
+        }
+        albedo_image_free(img);
+    }
+    if (rc) fprintf(stderr, "albedo: bench e2e: %s\n", s ? albedo_session_error(s) : albedo_last_error());
+    if (!rc) {
+        qsort(t, (size_t)repeats, sizeof *t, cmp_ms);
+        qsort(tt, (size_t)repeats, sizeof *tt, cmp_ms);
+        *e2e_ms = repeats % 2 ? t[repeats / 2] : 0.5 * (t[repeats / 2 - 1] + t[repeats / 2]);
+        *ttft_ms = repeats % 2 ? tt[repeats / 2] : 0.5 * (tt[repeats / 2 - 1] + tt[repeats / 2]);
+    }
+    albedo_session_free(s);
+    free(rgb);
+    return rc;
+}
+
 static int cmd_bench(opts *o) {
     char dir[4300];
     if (check_precision(o)) return 2;
@@ -516,17 +580,25 @@ static int cmd_bench(opts *o) {
         albedo_model_free(m);
         return 1;
     }
+    double e2e = 0, ttft = 0;
+    int n_out = 0;
+    if (bench_e2e(m, o->repeats, &e2e, &ttft, &n_out)) {
+        albedo_model_free(m);
+        return 1;
+    }
     const double rss = peak_rss_mb();
     if (o->json) {
         printf("{\"vision_crop_ms\": %.1f, \"prefill730_tok_s\": %.1f, \"decode_d740_tok_s\": %.2f, "
-               "\"peak_rss_mb\": %.0f}\n",
-               b.vision_crop_ms, b.prefill730_tok_s, b.decode_d740_tok_s, rss);
+               "\"e2e_ms\": %.0f, \"e2e_ttft_ms\": %.0f, \"e2e_output_tokens\": %d, \"peak_rss_mb\": %.0f}\n",
+               b.vision_crop_ms, b.prefill730_tok_s, b.decode_d740_tok_s, e2e, ttft, n_out, rss);
     } else {
         printf("model: %s\n", albedo_model_describe(m));
         printf("| stage | albedo |\n|---|---:|\n");
         printf("| vision encoder, one 378x378 crop | %.1f ms |\n", b.vision_crop_ms);
         printf("| prefill, 730 positions | %.1f tok/s |\n", b.prefill730_tok_s);
         printf("| decode at depth 740 | %.2f tok/s |\n", b.decode_d740_tok_s);
+        printf("| end to end: 640x480 image, 10-word question, %d tokens | %.0f ms (first token %.0f ms) |\n", n_out,
+               e2e, ttft);
         printf("| peak resident memory (VmHWM) | %.0f MB |\n", rss);
     }
     albedo_model_free(m);

@@ -70,6 +70,44 @@ typedef struct cpu_gemm {
                    int ncols, const float *bias, int accumulate);
 } cpu_gemm;
 
+/* The integer matrix product for block-format W (ops.h qformat) at T >=
+ * small_t: x quantised to u8 with a +128 offset (cpu_quantize_u8), W packed
+ * into panels of nr rows of signed bytes, and the int32 sums of each
+ * 32-weight block scaled into float accumulators:
+ *
+ *   y[i][j] = sum_b d_x[i][b] d_w[j][b] (sum_{k in b} (q_x[i][k] + 128) q_w[j][k] - 128 sum_k q_w[j][k])
+ *
+ * (vpdpbusd multiplies unsigned by signed bytes; the column sums of the
+ * weights undo the offset). A packed panel is kb blocks of CPU_QBLK_BYTES(nr)
+ * bytes, each: the weights as [8][nr][4] bytes (quad u of column j holds
+ * weights 4u..4u+3 of the block, the layout whose 32-bit lanes vpdpbusd
+ * reads), nr float scales d_w, and nr int32 corrections -128 sum q_w. Q4's
+ * nibbles are packed as nibble - 8, so both formats share the kernel. */
+#define CPU_QBLK_BYTES(nr) ((size_t)(nr) * 40)
+typedef struct cpu_qgemm {
+    int mr, nr, kb; /* register tile rows, panel width, K block in 32-weight blocks */
+    int xs_block;   /* 1: x scaled per block of 32 (d_x[i][b]); 0: one scale per row */
+    /* dst = blocks [b0, b0+nb) of rows 0..nrows-1 of w (rows row_bytes
+     * apart, format dt), packed as above; rows nrows..nr-1 get scale 0. */
+    void (*pack)(void *dst, const void *w, dtype dt, size_t row_bytes, int nrows, int b0, int nb);
+    /* y[i][j] = init + sum over the nb blocks of wp, for i < mr, j < ncols;
+     * x: rows of u8 (ldx bytes apart) starting at the first block of wp;
+     * dx: d_x per block (lddx floats a row, first block at dx[0]; with
+     * xs_block 0 only dx[i * lddx] is read). init as cpu_gemm.kernel. */
+    void (*kernel)(int mr, int nb, const uint8_t *x, size_t ldx, const float *dx, size_t lddx, const void *wp,
+                   float *y, size_t ldy, int ncols, const float *bias, int accumulate);
+    /* x[0..K) to q[0..32 nb) (u8, q_x + 128; 128 past K) and d[0..nb),
+     * nb = ceil(K/32): as cpu_quantize_u8 (bit for bit). */
+    void (*quantize)(const float *x, int K, int per_block, uint8_t *q, float *d);
+} cpu_qgemm;
+
+/* The portable x quantiser of cpu_qgemm (the specification of .quantize):
+ * per block (per_block) or per row, d = max|x| / 127, q_x = round(x / d)
+ * to nearest even (as lrintf), stored q_x + 128; d = 0 and q = 128 for an
+ * all-zero block (row). Every d[b] is written (with the row's d when not
+ * per_block). */
+void cpu_quantize_u8(const float *x, int K, int per_block, uint8_t *q, float *d);
+
 #define ATTN_PART_SCRATCH(H, D, n) \
     ((((size_t)(H) * (size_t)(n) + 15) & ~(size_t)15) + 2 * (size_t)(H) * (((size_t)(D) + 31) / 32) * 32)
 
@@ -91,6 +129,9 @@ typedef struct cpu_kernels {
      * portable path, which dequantises W rows and multiplies float x. */
     void (*gemv_q)(int T, int K, const void *xq, size_t ldxq, const void *w, dtype dt, const void *b,
                    dtype bdt, int n0, int n1, float *y, size_t ldy);
+    /* Block-format W, T >= small_t: integer products (cpu_qgemm), or NULL:
+     * the packed float path, dequantising W while packing. */
+    const cpu_qgemm *qgemm;
     /* dst[i] = src[i] rounded to bf16 (as f32_to_bf16), widened back. */
     void (*round_bf16)(float *dst, const float *src, int n);
     /* dst[i] = bf16 pair (src[2i], src[2i+1]) for i < ceil(n/2), zero-padded

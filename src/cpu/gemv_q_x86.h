@@ -58,18 +58,24 @@ INLINE void gemv_q_row(const int TN, const dtype DT, int nb, const int8_t *xq, s
     for (int t = 0; t < TN; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     const float *dx[QT_MAX];
     for (int t = 0; t < TN; t++) dx[t] = (const float *)(const void *)(xq + (size_t)t * ldxq + (size_t)nb * 32);
-    for (int b = 0; b < nb; b++) {
+    /* Blocks in twos, so that the accumulator index is a constant and the
+     * accumulators stay in registers. */
+    for (int b = 0; b < nb; b += 2) {
         const uint8_t *blk = wr + (size_t)b * bb;
-        if (!(b & 1)) {
-            _mm_prefetch((const char *)blk + QPF_AHEAD, _MM_HINT_T0);
-            if (DT == DT_Q8) _mm_prefetch((const char *)blk + QPF_AHEAD + 64, _MM_HINT_T0);
-        }
-        const __m256i w = q_block(DT, blk);
-        const float dw = q_scale(blk);
-        for (int t = 0; t < TN; t++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(xq + (size_t)t * ldxq + (size_t)b * 32));
-            const __m256i s = QDOT(_mm256_abs_epi8(xv), _mm256_sign_epi8(w, xv));
-            acc[t][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * dx[t][b]), acc[t][b & 1]);
+        _mm_prefetch((const char *)blk + QPF_AHEAD, _MM_HINT_T0);
+        if (DT == DT_Q8) _mm_prefetch((const char *)blk + QPF_AHEAD + 64, _MM_HINT_T0);
+        for (int h = 0; h < 2 && b + h < nb; h++) {
+            const __m256i w = q_block(DT, blk + h * bb);
+            const float dw = q_scale(blk + h * bb);
+            for (int t = 0; t < TN; t++) {
+                const __m256i xv =
+                    _mm256_loadu_si256((const __m256i *)(const void *)(xq + (size_t)t * ldxq + (size_t)(b + h) * 32));
+                const __m256i s = QDOT(_mm256_abs_epi8(xv), _mm256_sign_epi8(w, xv));
+                if (h == 0)
+                    acc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * dx[t][b]), acc[t][0]);
+                else
+                    acc[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * dx[t][b + 1]), acc[t][1]);
+            }
         }
     }
     for (int t = 0; t < TN; t++) out[t] = q_hsum8(_mm256_add_ps(acc[t][0], acc[t][1]));

@@ -16,6 +16,11 @@
  *                    of 4 rows of x (the row stays in L1 across the groups). Below T = 24 packing costs more
  *                    than it saves (measured on Zen 5, T = 16 and 32).
  *   attention:       q.k and p.v through the same tile (ops_cpu.c), exp here.
+ *   Q8/Q4 weights:   T >= 24 integer products (vpdpbusd, cpu_qgemm): panels
+ *                    of 32 rows of signed bytes, tile 6 x 32; T = 1 a 512-bit
+ *                    GEMV over block pairs; other small T gemv_q_x86.h.
+ *                    These need AVX512-VNNI (as the rest of the table's
+ *                    block-format kernels do).
  *
  * The scalar reference of every kernel is its op in ops_ref.c.
  */
@@ -841,22 +846,29 @@ static void rope_row_avx512(float *x, int H, int D, int half, const float *ct, c
 #define QT_MAX 4
 #include "gemv_q_x86.h"
 
-/* Q4 at T = 1 (decode) in 512-bit vectors, two blocks per step. The nibbles
- * go in unsigned (0..15) against the signed int8 x of cpu_quantize_x, so
- * vpdpbusd needs no sign trick: sum (n - 8) x = sum n x - 8 sum x, and the
- * -8 sum x of each block is folded into the start value of its sum
- * (lane 0 of the block's 8 lanes). Per row: y = sum_b d_w d_x (sum of the
- * block's lanes), as gemv_q_x86 computes it; x's per-block terms are made
- * once per call. K a multiple of 64 (whole block pairs), up to Q4_PAIRS_MAX
- * pairs; other shapes take gemv_q_x86. */
-#define Q4_PAIRS_MAX 256
+/* Decode (T = 1) in 512-bit vectors, two blocks (64 weights) per step, for
+ * K a multiple of 64 up to Q_PAIRS_MAX pairs; other shapes take gemv_q_x86.
+ * vpdpbusd multiplies unsigned by signed bytes, so one side is offset and
+ * the offset's share is subtracted through the start value of each block's
+ * sum (lane 0 of the block's lanes), from sums of x made once per call:
+ *   Q4: nibbles n in 0..15 (unsigned) against int8 x: sum (n - 8) x =
+ *       sum n x - 8 sum x;
+ *   Q8: q_w + 128 (a flip of the sign bit) against int8 x: sum q_w x =
+ *       sum (q_w + 128) x - 128 sum x.
+ * The two f16 scales of a pair come out of one load of its first bytes by
+ * vpermw (a word per lane in the order of the sums' lanes), widened by
+ * vcvtph2ps: per pair about ten instructions, few enough that the stream
+ * of weights, not the arithmetic, sets the pace. Per row: y = sum_b d_w d_x
+ * (sum of block b's lanes), as gemv_q_x86 computes it. */
+#define Q_PAIRS_MAX 256
 
-static void gemv_q4_t1(int K, const int8_t *xq, const uint8_t *w, const void *b, dtype bdt, int n0, int n1,
-                       float *y) {
-    const int nb = K / 32, np = nb / 2;
-    const float *dx = (const float *)(const void *)(xq + (size_t)nb * 32);
-    __m512i corr[Q4_PAIRS_MAX];
-    __m512 dxv[Q4_PAIRS_MAX];
+/* Per pair p of x: the start values (corr) and the d_x of each lane (dxv);
+ * for Q4 also x in the order of the nibble vector, [x0[0:16] x1[0:16]
+ * x0[16:32] x1[16:32]] (xr); lanes of block 1 start at lane l1 (Q4: 4,
+ * Q8: 8). */
+INLINE void q_t1_prep(const dtype DT, int np, const int8_t *xq, const float *dx, __m512i *corr, __m512 *dxv,
+                      __m512i *xr) {
+    const int off = DT == DT_Q4 ? -8 : -128;
     for (int p = 0; p < np; p++) {
         int sx[2];
         for (int h = 0; h < 2; h++) {
@@ -868,51 +880,290 @@ static void gemv_q4_t1(int K, const int8_t *xq, const uint8_t *w, const void *b,
             s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
             sx[h] = _mm_cvtsi128_si32(s4);
         }
-        corr[p] = _mm512_maskz_set1_epi32(0x0001, -8 * sx[0]);
-        corr[p] = _mm512_mask_set1_epi32(corr[p], 0x0100, -8 * sx[1]);
-        dxv[p] = _mm512_insertf32x8(_mm512_set1_ps(dx[2 * p]), _mm256_set1_ps(dx[2 * p + 1]), 1);
+        const float d0 = dx[2 * p], d1 = dx[2 * p + 1];
+        if (DT == DT_Q4) {
+            corr[p] = _mm512_mask_set1_epi32(_mm512_maskz_set1_epi32(0x0001, off * sx[0]), 0x0010, off * sx[1]);
+            dxv[p] = _mm512_mask_blend_ps(0xf0f0, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+            const __m512i x = _mm512_loadu_si512((const void *)(xq + (size_t)p * 64)); /* [x0 lo, x0 hi, x1 lo, x1 hi] */
+            xr[p] = _mm512_shuffle_i64x2(x, x, _MM_SHUFFLE(3, 1, 2, 0));
+        } else {
+            corr[p] = _mm512_mask_set1_epi32(_mm512_maskz_set1_epi32(0x0001, off * sx[0]), 0x0100, off * sx[1]);
+            dxv[p] = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+        }
     }
-    const size_t rb = (size_t)nb * Q4_BLOCK_BYTES;
-    const __m256i low4 = _mm256_set1_epi8(15);
+}
+
+/* acc + one pair of blocks (at b0) of a weight row against pair p of x. */
+INLINE __m512 q_t1_pair(const dtype DT, const uint8_t *b0, size_t bb, int p, const __m512i *corr, const __m512 *dxv,
+                        const __m512i *xr, const int8_t *xq, __m512i sidx, __m512i low4, __m512i sign, __m512 acc) {
+    const uint8_t *b1 = b0 + bb;
+    _mm_prefetch((const char *)b0 + QPF_AHEAD, _MM_HINT_T0);
+    __m512i v, xv;
+    __m256i sc;
+    if (DT == DT_Q4) {
+        const __m256i q = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)(b0 + 2))),
+            _mm_loadu_si128((const __m128i *)(const void *)(b1 + 2)), 1);
+        /* [n0 lo, n1 lo, n0 hi, n1 hi]: weights 0..15 of both blocks, then 16..31 */
+        v = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4), 1), low4);
+        xv = xr[p];
+        sc = _mm512_castsi512_si256(
+            _mm512_permutexvar_epi16(sidx, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(const void *)b0))));
+    } else {
+        _mm_prefetch((const char *)b0 + QPF_AHEAD + 64, _MM_HINT_T0);
+        v = _mm512_xor_si512(
+            _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(const void *)(b0 + 2))),
+                               _mm256_loadu_si256((const __m256i *)(const void *)(b1 + 2)), 1),
+            sign);
+        xv = _mm512_loadu_si512((const void *)(xq + (size_t)p * 64));
+        /* the pair is 68 bytes: a 64-byte load from its start stays inside it */
+        sc = _mm512_castsi512_si256(_mm512_permutexvar_epi16(sidx, _mm512_loadu_si512((const void *)b0)));
+    }
+    const __m512i s = _mm512_dpbusd_epi32(corr[p], v, xv);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(_mm512_cvtph_ps(sc), dxv[p]), acc);
+}
+
+INLINE void gemv_q_t1_dt(const dtype DT, int K, const int8_t *xq, const uint8_t *w, const void *b, dtype bdt, int n0,
+                         int n1, float *y) {
+    const int nb = K / 32, np = nb / 2;
+    const size_t bb = DT == DT_Q4 ? Q4_BLOCK_BYTES : Q8_BLOCK_BYTES, rb = (size_t)nb * bb;
+    __m512i corr[Q_PAIRS_MAX], xr[DT == DT_Q4 ? Q_PAIRS_MAX : 1];
+    __m512 dxv[Q_PAIRS_MAX];
+    q_t1_prep(DT, np, xq, (const float *)(const void *)(xq + (size_t)nb * 32), corr, dxv, xr);
+    /* Words of the pair's first bytes holding d0 and d1, one per lane. */
+    static const int16_t sidx4[32] = {0, 0, 0, 0, 9, 9, 9, 9, 0, 0, 0, 0, 9, 9, 9, 9};
+    static const int16_t sidx8[32] = {0, 0, 0, 0, 0, 0, 0, 0, 17, 17, 17, 17, 17, 17, 17, 17};
+    const __m512i sidx = _mm512_loadu_si512(DT == DT_Q4 ? sidx4 : sidx8);
+    const __m512i low4 = _mm512_set1_epi8(15), sign = _mm512_set1_epi8((char)0x80);
     for (int n = n0; n < n1; n++) {
         const uint8_t *wr = w + (size_t)n * rb;
-        __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int p = 0; p < np; p++) {
-            const uint8_t *b0 = wr + (size_t)p * 2 * Q4_BLOCK_BYTES, *b1 = b0 + Q4_BLOCK_BYTES;
-            _mm_prefetch((const char *)b0 + QPF_AHEAD, _MM_HINT_T0);
-            const __m256i q = _mm256_inserti128_si256(
-                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)(b0 + 2))),
-                _mm_loadu_si128((const __m128i *)(const void *)(b1 + 2)), 1);
-            const __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
-            /* [lo0 lo1 hi0 hi1] -> [lo0 hi0 lo1 hi1]: block 0's 32 weights, then block 1's */
-            __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-            v = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
-            const __m512i s =
-                _mm512_dpbusd_epi32(corr[p], v, _mm512_loadu_si512((const void *)(xq + (size_t)p * 64)));
-            uint16_t h0, h1;
-            memcpy(&h0, b0, 2);
-            memcpy(&h1, b1, 2);
-            const __m512 dw = _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16((short)h1), _mm_set1_epi16((short)h0)));
-            acc[p & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dxv[p]), acc[p & 1]);
+        /* Two accumulators in registers (pairs in twos: an array indexed by
+         * p & 1 would live in memory, a store-to-load chain per pair). */
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        int p = 0;
+        for (; p + 2 <= np; p += 2) {
+            acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, acc0);
+            acc1 = q_t1_pair(DT, wr + (size_t)(p + 1) * 2 * bb, bb, p + 1, corr, dxv, xr, xq, sidx, low4, sign, acc1);
         }
-        y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + (b ? cpu_ld(b, bdt, (size_t)n) : 0.0f);
+        if (p < np) acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, acc0);
+        y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (b ? cpu_ld(b, bdt, (size_t)n) : 0.0f);
     }
 }
 
 static void gemv_q_avx512(int T, int K, const void *xq, size_t ldxq, const void *w, dtype dt, const void *b,
                           dtype bdt, int n0, int n1, float *y, size_t ldy) {
-    if (dt == DT_Q4 && T == 1 && K % 64 == 0 && K / 64 <= Q4_PAIRS_MAX)
-        gemv_q4_t1(K, xq, w, b, bdt, n0, n1, y);
-    else
+    if (T == 1 && K % 64 == 0 && K / 64 <= Q_PAIRS_MAX) {
+        if (dt == DT_Q4)
+            gemv_q_t1_dt(DT_Q4, K, xq, w, b, bdt, n0, n1, y);
+        else
+            gemv_q_t1_dt(DT_Q8, K, xq, w, b, bdt, n0, n1, y);
+    } else
         gemv_q_x86(T, K, xq, ldxq, w, dt, b, bdt, n0, n1, y, ldy);
 }
 
+/* ---- block formats: the integer matrix product (cpu_qgemm) ----------------------------
+ * Panels of QNR = 32 weight rows, K blocks of QKB blocks of 32 weights
+ * (a panel block is 1280 bytes, QKB of them 20 KiB: in L1 while a tile of
+ * x rows goes by). Register tile QMR = 6 rows of x x 32 columns: 12 int32
+ * accumulators for the current block (started at the -128 sum q_w
+ * correction), 12 float accumulators they are scaled into at the end of
+ * each block, 2 weight vectors; x is broadcast 4 bytes at a time. Per
+ * block of 32: 8 vpdpbusd per accumulator (64 products each) and one
+ * convert and one FMA (two with per-block x scales). */
+#ifndef QMR
+#define QMR 6
+#endif
+#define QNR 32
+#define QKB 16
+
+/* Pack 16 rows (row r at w + r * rb, the first rn of them real) of blocks
+ * [b0, b0+nb) into half h (columns 16h..16h+15) of each panel block: a
+ * transpose of 32-bit quads through registers (unpacks within 128-bit
+ * lanes, then a two-source permute across them), the scales by one gather. */
+INLINE __m256i q_row8(const char *p, int ok) {
+    return ok ? _mm256_loadu_si256((const __m256i *)(const void *)p) : _mm256_setzero_si256();
+}
+INLINE __m128i q_row4(const char *p, int ok) {
+    return ok ? _mm_loadu_si128((const __m128i *)(const void *)p) : _mm_setzero_si128();
+}
+
+INLINE void qpack_half(const dtype DT, char *dst, const char *w, size_t rb, int rn, int b0, int nb, int h) {
+    const size_t bb = DT == DT_Q8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
+    const __mmask16 rm = mask16(rn);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int)rb));
+    const __m512i ones = _mm512_set1_epi8(1), low4 = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
+    const __m512i lo2 = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), hi2 = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    for (int b = 0; b < nb; b++) {
+        const char *src = w + (size_t)(b0 + b) * bb;
+        char *pb = dst + (size_t)b * CPU_QBLK_BYTES(QNR) + 64 * h;
+        __m512i sum = _mm512_setzero_si512();
+        if (DT == DT_Q8) {
+            /* z[r] = [row r | row r+8], 8 quads each */
+            __m512i z[8], t[8], u[8];
+            for (int r = 0; r < 8; r++)
+                z[r] = _mm512_inserti64x4(_mm512_castsi256_si512(q_row8(src + 2 + (size_t)r * rb, r < rn)),
+                                          q_row8(src + 2 + (size_t)(r + 8) * rb, r + 8 < rn), 1);
+            for (int r = 0; r < 8; r += 2) {
+                t[r] = _mm512_unpacklo_epi32(z[r], z[r + 1]);
+                t[r + 1] = _mm512_unpackhi_epi32(z[r], z[r + 1]);
+            }
+            /* u[q] (rows 0-3 and 8-11), u[4+q] (rows 4-7 and 12-15): 128-bit
+             * lanes [quad q, quad q+4] of the first four rows, then the same
+             * of the second four */
+            for (int g = 0; g < 2; g++) {
+                const __m512i *tg = t + 4 * g;
+                u[4 * g + 0] = _mm512_unpacklo_epi64(tg[0], tg[2]);
+                u[4 * g + 1] = _mm512_unpackhi_epi64(tg[0], tg[2]);
+                u[4 * g + 2] = _mm512_unpacklo_epi64(tg[1], tg[3]);
+                u[4 * g + 3] = _mm512_unpackhi_epi64(tg[1], tg[3]);
+            }
+            for (int q = 0; q < 8; q++) {
+                const __m512i v = _mm512_permutex2var_epi64(u[q & 3], q < 4 ? lo2 : hi2, u[4 + (q & 3)]);
+                _mm512_storeu_si512(pb + (size_t)q * QNR * 4, v);
+                sum = _mm512_dpbusd_epi32(sum, ones, v);
+            }
+        } else {
+            /* z[r] = [row r | row r+4 | row r+8 | row r+12], 4 quads each */
+            __m512i z[4];
+            for (int r = 0; r < 4; r++) {
+                __m512i v = _mm512_castsi128_si512(q_row4(src + 2 + (size_t)r * rb, r < rn));
+                v = _mm512_inserti32x4(v, q_row4(src + 2 + (size_t)(r + 4) * rb, r + 4 < rn), 1);
+                v = _mm512_inserti32x4(v, q_row4(src + 2 + (size_t)(r + 8) * rb, r + 8 < rn), 2);
+                z[r] = _mm512_inserti32x4(v, q_row4(src + 2 + (size_t)(r + 12) * rb, r + 12 < rn), 3);
+            }
+            const __m512i t0 = _mm512_unpacklo_epi32(z[0], z[1]), t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+            const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+            const __m512i u[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                                  _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+            for (int q = 0; q < 4; q++) {
+                const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(u[q], low4), eight);
+                const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi32(u[q], 4), low4), eight);
+                _mm512_storeu_si512(pb + (size_t)q * QNR * 4, lo);
+                _mm512_storeu_si512(pb + (size_t)(q + 4) * QNR * 4, hi);
+                sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, ones, lo), ones, hi);
+            }
+        }
+        const __m512i d = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rm, idx, src, 1);
+        _mm512_storeu_ps(pb + QNR * 32, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d)));
+        _mm512_storeu_si512(pb + QNR * 36, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
+    }
+}
+
+static void qpack_avx512(void *dst, const void *w, dtype dt, size_t rb, int nrows, int b0, int nb) {
+    for (int h = 0; h < 2; h++) {
+        const int rn = nrows - 16 * h < 0 ? 0 : imin(16, nrows - 16 * h);
+        const char *src = (const char *)w + (size_t)16 * h * rb;
+        if (dt == DT_Q8)
+            qpack_half(DT_Q8, dst, src, rb, rn, b0, nb, h);
+        else
+            qpack_half(DT_Q4, dst, src, rb, rn, b0, nb, h);
+    }
+}
+
+INLINE void qtile(const int M, const int NV, const int XS, int nb, const uint8_t *x, size_t ldx, const float *dx,
+                  size_t lddx, const char *wp, float *y, size_t ldy, __mmask16 m0, __mmask16 m1, const float *bias,
+                  int accumulate) {
+    __m512 f[QMR][2];
+    for (int i = 0; i < M; i++)
+        for (int v = 0; v < NV; v++) f[i][v] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const char *pb = wp + (size_t)b * CPU_QBLK_BYTES(QNR);
+        const uint8_t *xb = x + (size_t)b * 32;
+        __m512i s[QMR][2];
+        for (int v = 0; v < NV; v++) {
+            const __m512i c = _mm512_loadu_si512(pb + QNR * 36 + 64 * v);
+            for (int i = 0; i < M; i++) s[i][v] = c;
+        }
+        for (int u = 0; u < 8; u++) {
+            __m512i w[2];
+            for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_si512(pb + (size_t)u * QNR * 4 + 64 * v);
+            for (int i = 0; i < M; i++) {
+                int32_t x4;
+                memcpy(&x4, xb + (size_t)i * ldx + 4 * u, 4);
+                const __m512i xv = _mm512_set1_epi32(x4);
+                for (int v = 0; v < NV; v++) s[i][v] = _mm512_dpbusd_epi32(s[i][v], xv, w[v]);
+            }
+        }
+        for (int v = 0; v < NV; v++) {
+            const __m512 dw = _mm512_loadu_ps(pb + QNR * 32 + 64 * v);
+            for (int i = 0; i < M; i++) {
+                const __m512 sc = XS ? _mm512_mul_ps(dw, _mm512_set1_ps(dx[(size_t)i * lddx + b])) : dw;
+                f[i][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][v]), sc, f[i][v]);
+            }
+        }
+    }
+    const __mmask16 mk[2] = {m0, m1};
+    for (int i = 0; i < M; i++)
+        for (int v = 0; v < NV; v++) {
+            __m512 r = XS ? f[i][v] : _mm512_mul_ps(f[i][v], _mm512_set1_ps(dx[(size_t)i * lddx]));
+            float *yi = y + (size_t)i * ldy + 16 * v;
+            if (accumulate)
+                r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mk[v], yi));
+            else if (bias)
+                r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mk[v], bias + 16 * v));
+            _mm512_mask_storeu_ps(yi, mk[v], r);
+        }
+}
+
+/* Per-block x scales: an FMA and a multiply per accumulator and block
+ * instead of one FMA, and each x block quantised on its own range. */
+#ifndef QXS
+#define QXS 0
+#endif
+
+#define QTILE_CASES(NV)                                                                                    \
+    switch (mr) {                                                                                          \
+    case 1: qtile(1, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;          \
+    case 2: qtile(2, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;          \
+    case 3: qtile(3, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;          \
+    case 4: qtile(4, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;          \
+    case 5: qtile(5, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;          \
+    default: qtile(QMR, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;       \
+    }
+
+static void qgemm_avx512(int mr, int nb, const uint8_t *x, size_t ldx, const float *dx, size_t lddx, const void *wpv,
+                         float *y, size_t ldy, int ncols, const float *bias, int accumulate) {
+    const char *wp = wpv;
+    const __mmask16 m0 = mask16(ncols), m1 = mask16(ncols - 16 > 0 ? ncols - 16 : 0);
+    if (ncols > 16) QTILE_CASES(2) else QTILE_CASES(1)
+}
+
+/* cpu_quantize_u8 in vectors: the same d, the same products x * (127 / d')
+ * rounded to nearest even by vcvtps2dq, so the bytes are identical. */
+static void quantize_u8_avx512(const float *x, int K, int per_block, uint8_t *q, float *d) {
+    const int nb = (K + 31) / 32;
+    float rmax = 0.0f;
+    if (!per_block) {
+        __m512 m = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16)
+            m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask16(K - k), x + k)));
+        rmax = _mm512_reduce_max_ps(m);
+    }
+    const __m512i off = _mm512_set1_epi32(128);
+    for (int b = 0; b < nb; b++) {
+        const int k0 = b * 32;
+        const __mmask16 ma = mask16(K - k0), mb = mask16(K - k0 - 16 > 0 ? K - k0 - 16 : 0);
+        const __m512 va = _mm512_maskz_loadu_ps(ma, x + k0), vb = _mm512_maskz_loadu_ps(mb, x + k0 + 16);
+        float amax = rmax;
+        if (per_block) amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(va), _mm512_abs_ps(vb)));
+        const __m512 id = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        const __m512i qa = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(va, id)), off);
+        const __m512i qb = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(vb, id)), off);
+        _mm_storeu_si128((__m128i *)(void *)(q + k0), _mm512_cvtepi32_epi8(qa));
+        _mm_storeu_si128((__m128i *)(void *)(q + k0 + 16), _mm512_cvtepi32_epi8(qb));
+        d[b] = amax / 127.0f;
+    }
+}
+
+static const cpu_qgemm qgemm_vnni = {QMR, QNR, QKB, QXS, qpack_avx512, qgemm_avx512, quantize_u8_avx512};
+
 /* ---- tables ------------------------------------------------------------------------ */
 
-#define AVX512_KERNELS(BF16_GEMM, BF16_GEMV)                                                       \
+#define AVX512_KERNELS(BF16_GEMM, BF16_GEMV, GEMV_Q, QGEMM)                                         \
     {                                                                                              \
         .f32 = &gemm_f32, .bf16 = BF16_GEMM, .small_t = 24, .gemv = gemv_avx512,                   \
-        .gemv_q = gemv_q_avx512,                                                                   \
+        .gemv_q = GEMV_Q, .qgemm = QGEMM,                                                          \
         .gemv_pairs = BF16_GEMV, .round_bf16 = round_bf16_avx512, .to_pairs = to_pairs_avx512,     \
         .softmax = softmax_avx512, .dot_rows = dot_rows_avx512, .axpy_rows = axpy_rows_avx512,     \
           .attn_part = attn_part_avx512,                                                             \
@@ -921,11 +1172,15 @@ static void gemv_q_avx512(int T, int K, const void *xq, size_t ldxq, const void 
     }
 
 #if defined(__AVX512BF16__)
-static const cpu_kernels kernels_bf16 = AVX512_KERNELS(&gemm_pairs, gemv_pairs_avx512);
+static const cpu_kernels kernels_bf16 = AVX512_KERNELS(&gemm_pairs, gemv_pairs_avx512, gemv_q_avx512, &qgemm_vnni);
 static const cpu_table table_bf16 = {CPU_DRIVER_OPS("avx512"), &kernels_bf16};
 #endif
-static const cpu_kernels kernels_f32 = AVX512_KERNELS(NULL, NULL);
+static const cpu_kernels kernels_f32 = AVX512_KERNELS(NULL, NULL, gemv_q_avx512, &qgemm_vnni);
 static const cpu_table table_f32 = {CPU_DRIVER_OPS("avx512"), &kernels_f32};
+/* AVX-512 without VNNI (Skylake-SP/X): the block-format kernels above use
+ * vpdpbusd, so block formats take the drivers' float paths. */
+static const cpu_kernels kernels_novnni = AVX512_KERNELS(NULL, NULL, NULL, NULL);
+static const cpu_table table_novnni = {CPU_DRIVER_OPS("avx512"), &kernels_novnni};
 
 /* F16C and FMA come with every AVX-512 CPU; checked anyway since this file
  * is compiled to use them. */
@@ -938,10 +1193,14 @@ static int cpu_has_avx512(void) {
 
 const ops *ops_avx512_table(void) {
     if (!cpu_has_avx512()) return NULL;
+    if (!__builtin_cpu_supports("avx512vnni")) return &table_novnni.ops;
 #if defined(__AVX512BF16__)
     if (__builtin_cpu_supports("avx512bf16")) return &table_bf16.ops;
 #endif
     return &table_f32.ops;
 }
 
-const ops *ops_avx512_nobf16_table(void) { return cpu_has_avx512() ? &table_f32.ops : NULL; }
+const ops *ops_avx512_nobf16_table(void) {
+    if (!cpu_has_avx512()) return NULL;
+    return __builtin_cpu_supports("avx512vnni") ? &table_f32.ops : &table_novnni.ops;
+}

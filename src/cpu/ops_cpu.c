@@ -10,7 +10,11 @@
  *               one K block, in L2) and register tiles of x rows over the
  *               panels; tasks over N chunks (and row chunks when N is small).
  *               BF16 precision converts x once per call (bf16 pairs for
- *               dot-product kernels, else bf16-rounded floats).
+ *               dot-product kernels, else bf16-rounded floats). Block-format
+ *               W: T < small_t, x quantised to int8 blocks for gemv_q; else,
+ *               where the table has cpu_qgemm, x quantised to u8 per row
+ *               and integer products over W packed as signed bytes
+ *               (lin_qgemm), otherwise W dequantised while packing.
  *   attention   T = 1: one head per task, keys in place. T > 1: per (kv
  *               head, row chunk) Kᵀ and V packed once, q·Kᵀ and p·V through
  *               the gemm kernel, masked keys skipped panel by panel.
@@ -207,6 +211,24 @@ void cpu_quantize_x(const float *x, int K, void *dst) {
     }
 }
 
+void cpu_quantize_u8(const float *x, int K, int per_block, uint8_t *q, float *d) {
+    const int nb = (K + 31) / 32;
+    float rmax = 0.0f;
+    if (!per_block)
+        for (int k = 0; k < K; k++) rmax = fmaxf(rmax, fabsf(x[k]));
+    for (int b = 0; b < nb; b++) {
+        const int k0 = b * 32, kn = imin(32, K - k0);
+        float amax = rmax;
+        if (per_block) {
+            amax = 0.0f;
+            for (int i = 0; i < kn; i++) amax = fmaxf(amax, fabsf(x[k0 + i]));
+        }
+        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        for (int i = 0; i < 32; i++) q[k0 + i] = (uint8_t)(128 + (i < kn ? (int)lrintf(x[k0 + i] * id) : 0));
+        d[b] = amax / 127.0f;
+    }
+}
+
 /* Panel of block-format rows for the float gemm kernels: dst[e][j] =
  * W[j][e0 + e] dequantised, for e < ec, j < nr (rows nrows..nr-1 zero). */
 static void pack_q(float *dst, const char *w, dtype dt, size_t row_bytes, int nrows, int nr,
@@ -368,6 +390,103 @@ static void lin_convert_task(void *arg, int task, int thread) {
     }
 }
 
+/* -- linear over block formats, integer products (cpu_qgemm) --
+ * The same split as the float gemm (tasks over chunks of panels, and row
+ * chunks when the panels are few); x is quantised once per pass into
+ * shared scratch: rows of u8 (ldxq bytes) and their block scales (lddx
+ * floats a row). */
+typedef struct qlin_job {
+    const cpu_qgemm *g;
+    const op_linear *L;
+    float *y;
+    size_t ldy;
+    uint8_t *xq;
+    float *dx;
+    size_t ldxq, lddx;
+    const float *xsrc;
+    size_t ldxsrc;
+    int T, K, nb, rows_per;
+    int n_panels, n_chunks, t_per, max_panels;
+    char **sp;
+} qlin_job;
+
+static void qlin_convert_task(void *arg, int task, int thread) {
+    (void)thread;
+    const qlin_job *j = arg;
+    const int t0 = task * j->rows_per, t1 = imin(j->T, t0 + j->rows_per);
+    for (int t = t0; t < t1; t++)
+        j->g->quantize(j->xsrc + (size_t)t * j->ldxsrc, j->K, j->g->xs_block, j->xq + (size_t)t * j->ldxq,
+                       j->dx + (size_t)t * j->lddx);
+}
+
+static void qlin_task(void *arg, int task, int thread) {
+    const qlin_job *j = arg;
+    const cpu_qgemm *g = j->g;
+    const op_linear *L = j->L;
+    const int nr = g->nr, N = L->n_out;
+    const int nc = task % j->n_chunks, tc = task / j->n_chunks;
+    const int p0 = (int)((long long)nc * j->n_panels / j->n_chunks);
+    const int p1 = (int)((long long)(nc + 1) * j->n_panels / j->n_chunks);
+    const int t0 = tc * j->t_per, t1 = imin(j->T, t0 + j->t_per);
+    if (p0 >= p1 || t0 >= t1) return;
+    char *wp = j->sp[thread];
+    float *bias = (float *)(void *)(wp + (size_t)j->max_panels * g->kb * CPU_QBLK_BYTES(nr));
+    if (L->b)
+        for (int n = p0 * nr; n < imin(p1 * nr, N); n++) bias[n - p0 * nr] = cpu_ld(L->b, L->bdt, (size_t)n);
+    const size_t rb = q_row_bytes(L->dt, j->K);
+    for (int b0 = 0; b0 < j->nb; b0 += g->kb) {
+        const int bn = imin(g->kb, j->nb - b0);
+        const size_t panel_bytes = (size_t)bn * CPU_QBLK_BYTES(nr);
+        for (int p = p0; p < p1; p++)
+            g->pack(wp + (size_t)(p - p0) * panel_bytes, (const char *)L->w + (size_t)p * nr * rb, L->dt, rb,
+                    imin(nr, N - p * nr), b0, bn);
+        for (int t = t0; t < t1; t += g->mr) {
+            const int m = imin(g->mr, t1 - t);
+            const uint8_t *xt = j->xq + (size_t)t * j->ldxq + (size_t)b0 * 32;
+            const float *dxt = j->dx + (size_t)t * j->lddx + b0;
+            for (int p = p0; p < p1; p++) {
+                const int n0 = p * nr;
+                g->kernel(m, bn, xt, j->ldxq, dxt, j->lddx, wp + (size_t)(p - p0) * panel_bytes,
+                          j->y + (size_t)t * j->ldy + n0, j->ldy, imin(nr, N - n0),
+                          (b0 == 0 && L->b) ? bias + (n0 - p0 * nr) : NULL, b0 > 0);
+            }
+        }
+    }
+}
+
+static void lin_qgemm(ops_ctx *c, const cpu_qgemm *g, float *y, int ldy, const float *x, int ldx, int T,
+                      const op_linear *L) {
+    const int K = L->n_in, N = L->n_out, nb = (K + 31) / 32, nt = c->n_threads;
+    const size_t ldxq = align64((size_t)nb * 32), lddx = ((size_t)nb + 15) & ~(size_t)15;
+    char *sp[MAX_THREADS];
+    for (int ts = 0; ts < T; ts += LIN_T_PASS) {
+        const int tn = imin(LIN_T_PASS, T - ts);
+        const double macs = (double)tn * N * K;
+        qlin_job j = {.g = g, .L = L, .y = y + (size_t)ts * ldy, .ldy = (size_t)ldy, .ldxq = ldxq, .lddx = lddx,
+                      .xsrc = x + (size_t)ts * ldx, .ldxsrc = (size_t)ldx, .T = tn, .K = K, .nb = nb, .sp = sp};
+        const int P = cdiv(N, g->nr);
+        int nch = cdiv(P, LIN_MAX_PANELS);
+        if (nch % nt) nch += nt - nch % nt;
+        nch = imin(nch, P);
+        int tch = 1;
+        if (nch < 2 * nt) tch = imax(1, imin(cdiv(2 * nt, nch), tn / 128));
+        if (macs < LIN_SERIAL_MACS) nch = tch = 1;
+        j.n_panels = P;
+        j.n_chunks = nch;
+        j.t_per = cdiv(cdiv(tn, tch), g->mr) * g->mr;
+        j.max_panels = cdiv(P, nch);
+        const size_t each = (size_t)j.max_panels * g->kb * CPU_QBLK_BYTES(g->nr) + (size_t)j.max_panels * g->nr * 4;
+        char *shared = scratch_all(c, (size_t)tn * (ldxq + lddx * 4), each, sp);
+        if (!shared) return;
+        j.xq = (uint8_t *)shared;
+        j.dx = (float *)(void *)(shared + (size_t)tn * ldxq);
+        const int ctasks = (double)tn * K < 65536 ? 1 : imin(tn, nt * 2);
+        j.rows_per = cdiv(tn, ctasks);
+        tp_run(c->tp, cdiv(tn, j.rows_per), qlin_convert_task, &j);
+        tp_run(c->tp, nch * cdiv(tn, j.t_per), qlin_task, &j);
+    }
+}
+
 /* Reference for what the fast paths do not cover (block formats), on the
  * calling thread. */
 static void lin_fallback(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T,
@@ -385,6 +504,10 @@ void cpu_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T, c
         return;
     }
     const int small = T < k->small_t;
+    if (q && !small && k->qgemm) {
+        lin_qgemm(c, k->qgemm, y, ldy, x, ldx, T, L);
+        return;
+    }
     const int bf = c->prec == OPS_BF16;
     /* bf16 pairs: bf16 weights, and block formats on the packed path (their
      * dequantised values rounded to bf16 as they are packed). */

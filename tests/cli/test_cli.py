@@ -180,16 +180,17 @@ def main():
             failed += 1
         else:
             passed += 1
-    # `albedo bench` on md3-small with q8 experts: the three stage figures and
-    # the process's peak resident memory, as JSON.
+    # `albedo bench` on md3-small with q8 experts: the three stage figures, the
+    # end-to-end request (32 output tokens) and the process's peak resident
+    # memory, as JSON.
     r = subprocess.run([albedo, "bench", "--model", md3_model, "--threads", "1", "--repeats", "1", "--weights", "q8",
                         "--json"], capture_output=True, text=True)
     try:
         b = json.loads(r.stdout) if r.returncode == 0 else {}
     except ValueError:
         b = {}
-    keys = ("vision_crop_ms", "prefill730_tok_s", "decode_d740_tok_s", "peak_rss_mb")
-    if all(isinstance(b.get(k), (int, float)) and b[k] > 0 for k in keys):
+    keys = ("vision_crop_ms", "prefill730_tok_s", "decode_d740_tok_s", "e2e_ms", "e2e_ttft_ms", "peak_rss_mb")
+    if all(isinstance(b.get(k), (int, float)) and b[k] > 0 for k in keys) and b.get("e2e_output_tokens") == 32:
         passed += 1
     else:
         print(f"FAIL bench md3-small q8 --json: exit {r.returncode}: {r.stdout.strip()[:200]} {r.stderr.strip()[:200]}")
