@@ -45,6 +45,15 @@
  * requests keep decoding meanwhile; the finished prefix enters the prefix
  * cache and the ticket starts.
  *
+ * Encode-ahead: when every batch slot is taken, up to `ahead` more tickets
+ * with an image to build are admitted (on a GPU model as many as the image
+ * worker has threads, at most max_batch; none on the CPU; the environment's
+ * ALBEDO_ENCODE_AHEAD sets it). Their prefix is built while the running
+ * requests decode, enters the prefix cache at once, and the ticket takes a
+ * slot when one frees, after any ticket queued before it that could start
+ * at once (promote_ahead). Such tickets never step beyond max_batch; their
+ * latency runs from their admission, the build included.
+ *
  * Who runs a step: the request thread whose post completes it (every
  * running request has posted), else the scheduler thread once the grace has
  * passed; one at a time (stepping). The scheduler thread admits, starts,
@@ -104,6 +113,7 @@ struct albedo_ticket {
     int cancel;
     int posted, served, finished;
     int built;             /* TK_ENCODE: the prefix is in the blocks (or build_st says why not) */
+    int put;               /* the built prefix went into the prefix cache */
     albedo_status build_st;
     const float *emb;      /* posted rows [T, dim] at positions pos0.. */
     int T, pos0, n_prefix, want_logits;
@@ -117,6 +127,7 @@ struct albedo_ticket {
     albedo_session *sess;  /* engine tickets: a light session of their own */
     kv_seq seq;
     int cached;            /* prefix from the cache */
+    int ahead;             /* admitted beyond max_batch to build its image early */
     pthread_t th;
     int th_started;
     albedo_status status;
@@ -166,8 +177,9 @@ struct albedo_engine {
     int th_started, stop;
     albedo_ticket *q_head, *q_tail;
     int n_queued;
-    albedo_ticket **run; /* [max_batch] */
+    albedo_ticket **run; /* [max_batch + ahead] admitted: encoding, waiting or running */
     int n_run;
+    int ahead; /* images built beyond max_batch (encode_ahead) */
     img_worker w;
     uint64_t *forget; /* [n_forget][2] keys of freed albedo_images */
     int n_forget, cap_forget;
@@ -324,17 +336,23 @@ static void worker_thread_free(img_thread *wt) {
     wt->emb = wt->hidden = NULL;
 }
 
+/* Threads of the image worker: on a GPU model half the host's cores, 2 to 8
+ * (the host work per image is the decode and the crops, ~20-40 ms; the
+ * device's is ~15-20 ms), or ALBEDO_IMAGE_WORKERS; one on the CPU. */
+static int image_threads_wanted(const albedo_model *m) {
+    const char *env = getenv("ALBEDO_IMAGE_WORKERS");
+    const long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int want = m->cuda ? (int)(ncpu / 2 < 2 ? 2 : ncpu / 2 > 8 ? 8 : ncpu / 2) : 1;
+    if (env && *env && atoi(env) > 0) want = atoi(env) < 64 ? atoi(env) : 64;
+    return want;
+}
+
 /* Made at the first image that needs it; called by the scheduler. Threads
  * past the first that cannot be made are done without. */
 static albedo_status worker_start(albedo_engine *E, errbuf *e) {
     img_worker *W = &E->w;
     const md_config *c = &E->m->cfg;
-    const char *env = getenv("ALBEDO_IMAGE_WORKERS");
-    /* GPU: half the host's cores, 2 to 8 (the host work per image is the
-     * decode and the crops, ~20-40 ms; the device's is ~15-20 ms). */
-    const long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    int want = E->m->cuda ? (int)(ncpu / 2 < 2 ? 2 : ncpu / 2 > 8 ? 8 : ncpu / 2) : 1;
-    if (env && *env && atoi(env) > 0) want = atoi(env) < 64 ? atoi(env) : 64;
+    const int want = image_threads_wanted(E->m);
     /* On the GPU the ops threads only serve the region decoders: one each. */
     const int n = E->m->cuda ? 1
                   : E->p.vision_threads ? E->p.vision_threads
@@ -527,16 +545,60 @@ static void sweep_queue(albedo_engine *E, double now) {
     }
 }
 
+/* Admitted tickets holding one of the max_batch slots (the others were
+ * admitted ahead to build their image). Called with mu held. */
+static int slots_used(const albedo_engine *E, int *ahead) {
+    int n = 0, a = 0;
+    for (int i = 0; i < E->n_run; i++) {
+        if (E->run[i]->ahead) a++;
+        else n++;
+    }
+    if (ahead) *ahead = a;
+    return n;
+}
+
+/* Whether a ticket queued before t could start at once (no image to build:
+ * none, its prefix cached, or a caller's albedo_image), so that a free slot
+ * goes to it before t. Called with mu held. */
+static int earlier_ready(const albedo_engine *E, const albedo_ticket *t) {
+    for (const albedo_ticket *q = E->q_head; q && q->t_submit <= t->t_submit; q = q->next) {
+        if (q == t) break;
+        if (!q->has_image || q->caller) return 1;
+        if (!prefix_building(E, q->key) && prefix_lookup((kv_prefix_cache *)&E->pc, q->key)) return 1;
+    }
+    return 0;
+}
+
+/* Give tickets admitted ahead a slot as slots free, in admission order,
+ * unless a ticket queued before them is ready to run. Called with mu held. */
+static void promote_ahead(albedo_engine *E) {
+    int used = slots_used(E, NULL);
+    for (int i = 0; i < E->n_run && used < E->p.max_batch; i++) {
+        albedo_ticket *t = E->run[i];
+        if (!t->ahead || earlier_ready(E, t)) continue;
+        t->ahead = 0;
+        used++;
+    }
+}
+
 /* Admit queue heads while a slot and their blocks are free. FIFO: a head
  * that has too few blocks yet blocks the ones behind it; one whose image's
  * prefix is being built lets them pass (it starts from the cached prefix
  * once built), so that the image worker builds other images meanwhile.
+ * With every slot taken, up to E->ahead tickets with an image to build are
+ * admitted ahead (encode-ahead): their prefix is built while the running
+ * requests decode, and they take a slot as one frees (promote_ahead).
  * Called with mu held. */
 static void admit(albedo_engine *E) {
     const md_config *c = &E->m->cfg;
     sweep_queue(E, now_ms());
+    promote_ahead(E);
     albedo_ticket *prev = NULL; /* the last ticket passed over (it stays queued) */
-    while (E->n_run < E->p.max_batch) {
+    int passed = 0;
+    for (;;) {
+        int n_ahead;
+        const int used = slots_used(E, &n_ahead);
+        if (used >= E->p.max_batch && n_ahead >= E->ahead) break;
         albedo_ticket *t = prev ? prev->next : E->q_head;
         if (!t) break;
         albedo_status st = ALBEDO_OK;
@@ -545,6 +607,13 @@ static void admit(albedo_engine *E) {
             continue;
         }
         kv_prefix *hit = t->has_image ? prefix_lookup(&E->pc, t->key) : NULL;
+        /* Every slot taken: only an image to build may go ahead. */
+        const int ahead = used >= E->p.max_batch;
+        if (ahead && (hit || !t->image)) {
+            if (++passed > 256) break; /* look that far down the queue for images */
+            prev = t;
+            continue;
+        }
         const int total = kv_blocks_for(&E->pool, t->est_pos);
         const int need = total - (hit ? c->prefix_attn / E->pool.block : 0);
         if (total > E->pool.n_blocks)
@@ -600,6 +669,7 @@ static void admit(albedo_engine *E) {
             continue;
         }
         t->cached = hit != NULL;
+        t->ahead = ahead;
         E->run[E->n_run++] = t;
         if (t->has_image && !hit) {
             /* The prefix is built off this thread: by the image worker, or
@@ -618,6 +688,7 @@ static void admit(albedo_engine *E) {
  * mu held. */
 static void collect(albedo_engine *E) {
     const md_config *c = &E->m->cfg;
+    promote_ahead(E);
     for (int i = 0; i < E->n_run;) {
         albedo_ticket *t = E->run[i];
         if (t->state != TK_ENCODE || !t->built) {
@@ -626,10 +697,16 @@ static void collect(albedo_engine *E) {
         }
         albedo_status st = t->build_st;
         /* A finished prefix is kept even if its request was cancelled
-         * meanwhile: the work is done. On OOM it is just not cached. */
-        if (!st) kv_prefix_put(&E->pool, &E->pc, t->key, &t->seq, c->prefix_attn);
+         * meanwhile: the work is done. On OOM it is just not cached. A
+         * ticket admitted ahead caches it at once and waits for a slot. */
+        if (!st && !t->put) kv_prefix_put(&E->pool, &E->pc, t->key, &t->seq, c->prefix_attn);
+        t->put = 1;
         const double now = now_ms();
         if (!st && (t->cancel || expired(t, now))) st = cancel_status(t, now, "");
+        if (!st && t->ahead) {
+            i++;
+            continue;
+        }
         if (!st && !(st = go_running(t))) {
             i++;
             continue;
@@ -807,6 +884,11 @@ static double next_deadline(const albedo_engine *E) {
         if (t->cb.deadline_ms > 0 && t->t_submit + t->cb.deadline_ms < d) d = t->t_submit + t->cb.deadline_ms;
     for (const albedo_ticket *t = E->w.head; t; t = t->next)
         if (t->cb.deadline_ms > 0 && t->t_submit + t->cb.deadline_ms < d) d = t->t_submit + t->cb.deadline_ms;
+    for (int i = 0; i < E->n_run; i++) { /* built ahead, waiting for a slot */
+        const albedo_ticket *t = E->run[i];
+        if (t->ahead && t->cb.deadline_ms > 0 && t->t_submit + t->cb.deadline_ms < d)
+            d = t->t_submit + t->cb.deadline_ms;
+    }
     return d;
 }
 
@@ -910,7 +992,16 @@ albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *par
         E->segs = calloc((size_t)p.max_batch, sizeof *E->segs);
         E->step = calloc((size_t)p.max_batch, sizeof *E->step);
         E->take = calloc((size_t)p.max_batch, sizeof *E->take);
-        E->run = calloc((size_t)p.max_batch, sizeof *E->run);
+        /* Encode-ahead: on a GPU model as many images as the worker has
+         * threads (at most max_batch) are built beyond max_batch, so that
+         * the host's decode and crops and the device's vision overlap the
+         * running requests' steps; none on the CPU, whose cores the steps
+         * already use. ALBEDO_ENCODE_AHEAD overrides it. */
+        const char *env = getenv("ALBEDO_ENCODE_AHEAD");
+        const int workers = image_threads_wanted(m);
+        E->ahead = m->cuda ? (workers < p.max_batch ? workers : p.max_batch) : 0;
+        if (env && *env) E->ahead = atoi(env) < 0 ? 0 : atoi(env) > 64 ? 64 : atoi(env);
+        E->run = calloc((size_t)p.max_batch + (size_t)E->ahead, sizeof *E->run);
         if (!E->logits || !E->segs || !E->step || !E->take || !E->run)
             st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for the engine");
     }

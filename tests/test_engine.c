@@ -21,6 +21,10 @@
  *              their prefixes in the engine
  *   overlap    while the image worker encodes a new image, the running
  *              request keeps decoding (steps counted while it is busy)
+ *   ahead      encode-ahead (ALBEDO_ENCODE_AHEAD): at max_batch 1 an image
+ *              is built while the only slot decodes, never two sequences a
+ *              step, a question whose prefix is cached takes the slot before
+ *              a later one built ahead, answers as without it
  *   chunks     a prompt longer than token_budget runs in chunks over several
  *              steps and gives the same answer as in one piece
  *
@@ -669,6 +673,94 @@ static void test_overlap(albedo_model *m, const char *image_dir) {
     free(b.p);
 }
 
+/* ---- encode-ahead: images built beyond max_batch ------------------------------------ */
+
+/* One run at max_batch 1 with `ahead` images allowed beyond it
+ * (ALBEDO_ENCODE_AHEAD): an imageless request that decodes for a while,
+ * then two questions on one image and one on another. texts[4] get the
+ * answers; returns the steps that ran while an image was encoded. */
+static uint64_t run_ahead(albedo_model *m, const blob *x, const blob *y, int ahead, char *texts[4]) {
+    char v[16];
+    snprintf(v, sizeof v, "%d", ahead);
+    setenv("ALBEDO_ENCODE_AHEAD", v, 1);
+    albedo_engine_params ep = albedo_engine_params_default();
+    ep.max_batch = 1;
+    ep.kv_bytes = block_bytes(m, ep.block_size) * 400;
+    ep.n_threads = 1;
+    ep.vision_threads = 1;
+    albedo_engine *e = NULL;
+    CHECK(albedo_engine_new(m, &ep, &e) == ALBEDO_OK, "engine: %s", albedo_last_error());
+    unsetenv("ALBEDO_ENCODE_AHEAD");
+    if (!e) return 0;
+    flag f = {.mu = PTHREAD_MUTEX_INITIALIZER};
+    order_rec rec[4];
+    albedo_ticket *t[4] = {0};
+    albedo_request r = long_request(300);
+    albedo_request q = albedo_request_default(ALBEDO_SKILL_QUERY);
+    q.temperature = 0;
+    q.max_tokens = 4;
+    const char *questions[4] = {NULL, "What is this?", "What color is it?", "What is this?"};
+    const blob *img[4] = {NULL, x, x, y};
+    for (int i = 0; i < 4; i++) {
+        rec[i] = (order_rec){&f, i};
+        albedo_submit_params sp = {.on_done = on_done_idx, .user = &rec[i]};
+        q.question = questions[i];
+        CHECK(albedo_engine_submit(e, i ? &q : &r, img[i] ? img[i]->p : NULL, img[i] ? img[i]->n : 0, &sp, &t[i]) ==
+                  ALBEDO_OK,
+              "ahead %d: submit %d", ahead, i);
+    }
+    for (int i = 0; i < 4; i++) {
+        const albedo_result *res = NULL;
+        CHECK(albedo_ticket_wait(t[i], &res) == ALBEDO_OK, "ahead %d: request %d: %s", ahead, i,
+              albedo_ticket_error(t[i]));
+        texts[i] = res ? strdup(res->text) : NULL;
+    }
+    albedo_engine_stats st;
+    albedo_engine_get_stats(e, &st);
+    /* max_batch holds whatever was built ahead: never two sequences a step. */
+    CHECK(st.step_sequences == st.steps, "ahead %d: %llu sequences in %llu steps at max_batch 1", ahead,
+          (unsigned long long)st.step_sequences, (unsigned long long)st.steps);
+    CHECK(st.prefix_misses == 2 && st.prefix_hits == 1, "ahead %d: prefix cache %llu hits, %llu misses", ahead,
+          (unsigned long long)st.prefix_hits, (unsigned long long)st.prefix_misses);
+    /* The second question on the first image was ready before the second
+     * image's request: it takes the slot first. */
+    int in_order = f.n_done == 4;
+    for (int i = 0; i < 4 && in_order; i++) in_order = f.done_order[i] == i;
+    CHECK(in_order, "ahead %d: completion order %d %d %d %d", ahead, f.done_order[0], f.done_order[1],
+          f.done_order[2], f.done_order[3]);
+    for (int i = 0; i < 4; i++) albedo_ticket_free(t[i]);
+    check_no_leak(e, "ahead");
+    albedo_engine_free(e);
+    return st.steps_while_encoding;
+}
+
+static void test_ahead(albedo_model *m, const char *image_dir) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/astronaut.png", image_dir);
+    blob x = read_all(path);
+    snprintf(path, sizeof path, "%s/rocket.jpg", image_dir);
+    blob y = read_all(path);
+    CHECK(x.n > 0 && y.n > 0, "ahead: images unreadable in %s", image_dir);
+    if (x.n && y.n) {
+        char *plain[4] = {0}, *ahead[4] = {0};
+        const uint64_t s0 = run_ahead(m, &x, &y, 0, plain), s1 = run_ahead(m, &x, &y, 1, ahead);
+        printf("ahead: %llu steps ran while an image was encoded with encode-ahead, %llu without\n",
+               (unsigned long long)s1, (unsigned long long)s0);
+        /* Without it the only slot holds the decoding request, so nothing is
+         * encoded meanwhile; with it the first image is. */
+        CHECK(s0 == 0, "ahead 0: %llu steps while encoding at max_batch 1", (unsigned long long)s0);
+        CHECK(s1 > 0, "ahead 1: the image was not built while the first request decoded");
+        for (int i = 0; i < 4; i++) {
+            CHECK(plain[i] && ahead[i] && !strcmp(plain[i], ahead[i]), "ahead: request %d '%s' vs '%s'", i,
+                  plain[i] ? plain[i] : "?", ahead[i] ? ahead[i] : "?");
+            free(plain[i]);
+            free(ahead[i]);
+        }
+    }
+    free(x.p);
+    free(y.p);
+}
+
 /* ---- a prompt beyond the token budget ---------------------------------------------- */
 
 static void test_chunks(albedo_model *m) {
@@ -732,7 +824,7 @@ int main(void) {
     mp.n_threads = 2;
     CHECK(albedo_model_load(model_dir, &mp, &m) == ALBEDO_OK, "load %s: %s", model_dir, albedo_last_error());
     if (m) {
-        /* fixtures, prefix, cancel, limits, fairness, sessions, overlap, chunks */
+        /* fixtures, prefix, cancel, limits, fairness, sessions, overlap, ahead, chunks */
         const char *only = getenv("ALBEDO_TEST_ONLY");
         if (!only || !strcmp(only, "limits")) test_limits(m);
         if (!only || !strcmp(only, "fairness")) test_fairness(m);
@@ -740,6 +832,7 @@ int main(void) {
         if (!only || !strcmp(only, "prefix")) test_prefix(m, image_dir);
         if (!only || !strcmp(only, "chunks")) test_chunks(m);
         if (!only || !strcmp(only, "overlap")) test_overlap(m, image_dir);
+        if (!only || !strcmp(only, "ahead")) test_ahead(m, image_dir);
         if (!only || !strcmp(only, "sessions")) test_sessions(m, json_object_get(root, "cases"), image_dir);
         if (!only || !strcmp(only, "fixtures")) test_fixtures(m, json_object_get(root, "cases"), image_dir);
     }
