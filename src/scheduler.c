@@ -495,7 +495,7 @@ static kv_prefix *prefix_lookup(kv_prefix_cache *c, const uint64_t key[2]) {
 static int prefix_building(const albedo_engine *E, const uint64_t key[2]) {
     for (int i = 0; i < E->n_run; i++) {
         const albedo_ticket *r = E->run[i];
-        if (r->state == TK_ENCODE && r->key[0] == key[0] && r->key[1] == key[1]) return 1;
+        if (r->state == TK_ENCODE && !r->put && r->key[0] == key[0] && r->key[1] == key[1]) return 1;
     }
     return 0;
 }
@@ -573,11 +573,14 @@ static int earlier_ready(const albedo_engine *E, const albedo_ticket *t) {
  * unless a ticket queued before them is ready to run. Called with mu held. */
 static void promote_ahead(albedo_engine *E) {
     int used = slots_used(E, NULL);
-    for (int i = 0; i < E->n_run && used < E->p.max_batch; i++) {
-        albedo_ticket *t = E->run[i];
-        if (!t->ahead || earlier_ready(E, t)) continue;
+    while (used < E->p.max_batch) {
+        albedo_ticket *t = NULL; /* the earliest submitted */
+        for (int i = 0; i < E->n_run; i++)
+            if (E->run[i]->ahead && (!t || E->run[i]->t_submit < t->t_submit)) t = E->run[i];
+        if (!t || earlier_ready(E, t)) return;
         t->ahead = 0;
         used++;
+        if (t->built) E->events++; /* collect starts it: the scheduler goes round again */
     }
 }
 

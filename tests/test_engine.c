@@ -695,7 +695,8 @@ static uint64_t run_ahead(albedo_model *m, const blob *x, const blob *y, int ahe
     flag f = {.mu = PTHREAD_MUTEX_INITIALIZER};
     order_rec rec[4];
     albedo_ticket *t[4] = {0};
-    albedo_request r = long_request(300);
+    /* Long enough that both images are built before it ends. */
+    albedo_request r = long_request(1500);
     albedo_request q = albedo_request_default(ALBEDO_SKILL_QUERY);
     q.temperature = 0;
     q.max_tokens = 4;
@@ -743,7 +744,9 @@ static void test_ahead(albedo_model *m, const char *image_dir) {
     CHECK(x.n > 0 && y.n > 0, "ahead: images unreadable in %s", image_dir);
     if (x.n && y.n) {
         char *plain[4] = {0}, *ahead[4] = {0};
+        char *wide[4] = {0};
         const uint64_t s0 = run_ahead(m, &x, &y, 0, plain), s1 = run_ahead(m, &x, &y, 1, ahead);
+        run_ahead(m, &x, &y, 2, wide);
         printf("ahead: %llu steps ran while an image was encoded with encode-ahead, %llu without\n",
                (unsigned long long)s1, (unsigned long long)s0);
         /* Without it the only slot holds the decoding request, so nothing is
@@ -753,8 +756,11 @@ static void test_ahead(albedo_model *m, const char *image_dir) {
         for (int i = 0; i < 4; i++) {
             CHECK(plain[i] && ahead[i] && !strcmp(plain[i], ahead[i]), "ahead: request %d '%s' vs '%s'", i,
                   plain[i] ? plain[i] : "?", ahead[i] ? ahead[i] : "?");
+            CHECK(plain[i] && wide[i] && !strcmp(plain[i], wide[i]), "ahead 2: request %d '%s' vs '%s'", i,
+                  plain[i] ? plain[i] : "?", wide[i] ? wide[i] : "?");
             free(plain[i]);
             free(ahead[i]);
+            free(wide[i]);
         }
     }
     free(x.p);
