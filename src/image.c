@@ -876,10 +876,11 @@ static void *rs_band_run(void *arg) {
     return NULL;
 }
 
-static int rs_threads_for(double work) {
+static int rs_threads_for(double work, int max_threads) {
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     int n = (int)(work / RS_MIN_WORK_PER_THREAD);
     if (n > RS_THREADS) n = RS_THREADS;
+    if (max_threads > 0 && n > max_threads) n = max_threads;
     if (cpus > 0 && n > cpus) n = (int)cpus;
     return n < 1 ? 1 : n;
 }
@@ -898,8 +899,21 @@ static void rs_run_bands(rs_band *b, int n) {
     }
 }
 
+const char *img_kernels_name(const char *name) {
+    if (!name || !strcmp(name, "scalar") || !strcmp(name, "avx2") || !strcmp(name, "avx512") ||
+        !strcmp(name, "neon"))
+        return "scalar";
+    return NULL;
+}
+
 albedo_status img_resize_lanczos(const img_rgb *src, int out_w, int out_h, img_rgb *dst,
                                  errbuf *e) {
+    return img_resize_lanczos_x(src, out_w, out_h, dst, NULL, e);
+}
+
+albedo_status img_resize_lanczos_x(const img_rgb *src, int out_w, int out_h, img_rgb *dst,
+                                   const img_exec *x, errbuf *e) {
+    const int max_threads = x ? x->max_threads : 0;
     if (!dst) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "resize: no output given");
     memset(dst, 0, sizeof *dst);
     if (!src || !src->px || src->w <= 0 || src->h <= 0)
@@ -930,7 +944,7 @@ albedo_status img_resize_lanczos(const img_rgb *src, int out_w, int out_h, img_r
     int y_first = need_v ? ay.first[0] : 0;
     int y_last = need_v ? ay.first[out_h - 1] + ay.n[out_h - 1] : sh;
     size_t vstride = rs_padded((size_t)out_w * 3);
-    int nv = need_v ? rs_threads_for((double)out_h * (double)vstride * ay.ksize) : 1;
+    int nv = need_v ? rs_threads_for((double)out_h * (double)vstride * ay.ksize, max_threads) : 1;
     if (nv > out_h) nv = out_h;
     if (need_v) {
         tmp = calloc(vstride * (size_t)(y_last - y_first), sizeof *tmp);
@@ -939,7 +953,7 @@ albedo_status img_resize_lanczos(const img_rgb *src, int out_w, int out_h, img_r
     }
     if (need_h) {
         const int hy0 = need_v ? y_first : 0, hy1 = need_v ? y_last : sh;
-        int nt = rs_threads_for((double)(hy1 - hy0) * out_w * 3 * ax.ksize);
+        int nt = rs_threads_for((double)(hy1 - hy0) * out_w * 3 * ax.ksize, max_threads);
         /* bands of whole RS_ROWS blocks */
         const int blocks = (hy1 - hy0 + RS_ROWS - 1) / RS_ROWS;
         if (nt > blocks) nt = blocks;
@@ -1033,6 +1047,11 @@ void img_crops_free(img_crops *c) {
 
 albedo_status img_make_crops(const img_rgb *im, int crop_size, int patch_size, int margin_patches,
                              int max_crops, img_crops *out, errbuf *e) {
+    return img_make_crops_x(im, crop_size, patch_size, margin_patches, max_crops, NULL, out, e);
+}
+
+albedo_status img_make_crops_x(const img_rgb *im, int crop_size, int patch_size, int margin_patches,
+                               int max_crops, const img_exec *x, img_crops *out, errbuf *e) {
     if (!out) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "crops: no output given");
     memset(out, 0, sizeof *out);
     if (!im || !im->px || im->w <= 0 || im->h <= 0)
@@ -1062,7 +1081,7 @@ albedo_status img_make_crops(const img_rgb *im, int crop_size, int patch_size, i
     if (!px) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "crops: out of memory for %d crops", n);
 
     img_rgb global, tiled;
-    albedo_status st = img_resize_lanczos(im, crop_size, crop_size, &global, e);
+    albedo_status st = img_resize_lanczos_x(im, crop_size, crop_size, &global, x, e);
     if (st != ALBEDO_OK) {
         free(px);
         return st;
@@ -1071,7 +1090,7 @@ albedo_status img_make_crops(const img_rgb *im, int crop_size, int patch_size, i
     if (rw == crop_size && rh == crop_size) {
         tiled = global; /* 1x1 tiling: the same resize, done once */
     } else {
-        st = img_resize_lanczos(im, rw, rh, &tiled, e);
+        st = img_resize_lanczos_x(im, rw, rh, &tiled, x, e);
         if (st != ALBEDO_OK) {
             img_free(&global);
             free(px);

@@ -60,4 +60,19 @@ albedo_status img_make_crops(const img_rgb *im, int crop_size, int patch_size, i
                              int max_crops, img_crops *out, errbuf *e);
 void img_crops_free(img_crops *c);
 
+/* How the resizer runs, for tests and benchmarks (the library passes NULL,
+ * meaning the defaults); the output never depends on it. */
+typedef struct img_exec {
+    int max_threads;     /* 0: one per CPU, up to 16 */
+    const char *kernels; /* NULL: the best this CPU has; else "scalar", "avx2", "avx512", "neon" */
+} img_exec;
+
+albedo_status img_resize_lanczos_x(const img_rgb *src, int out_w, int out_h, img_rgb *dst,
+                                   const img_exec *x, errbuf *e);
+albedo_status img_make_crops_x(const img_rgb *im, int crop_size, int patch_size, int margin_patches,
+                               int max_crops, const img_exec *x, img_crops *out, errbuf *e);
+/* The kernels that name selects on this CPU ("scalar" when it has none of
+ * them), or NULL for a name this build does not know. */
+const char *img_kernels_name(const char *name);
+
 #endif
