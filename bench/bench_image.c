@@ -50,12 +50,14 @@ static void die(const char *what, const char *msg) {
 
 static uint8_t *read_all(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
-    if (!f) die(path, "cannot open");
+    if (!f)
+        die(path, "cannot open");
     fseek(f, 0, SEEK_END);
     long n = ftell(f);
     fseek(f, 0, SEEK_SET);
     uint8_t *p = malloc((size_t)n);
-    if (!p || fread(p, 1, (size_t)n, f) != (size_t)n) die(path, "cannot read");
+    if (!p || fread(p, 1, (size_t)n, f) != (size_t)n)
+        die(path, "cannot read");
     fclose(f);
     *len = (size_t)n;
     return p;
@@ -73,7 +75,8 @@ static void png_put(png_structp png, png_bytep d, size_t n) {
     if (b->n + n > b->cap) {
         b->cap = (b->n + n) * 2;
         b->p = realloc(b->p, b->cap);
-        if (!b->p) die("chart", "out of memory");
+        if (!b->p)
+            die("chart", "out of memory");
     }
     memcpy(b->p + b->n, d, n);
     b->n += n;
@@ -91,11 +94,13 @@ static void fill(uint8_t *im, int w, int x0, int y0, int x1, int y1, int r, int 
 
 static uint8_t *chart_png(int w, int h, size_t *len) {
     uint8_t *im = malloc((size_t)w * h * 3);
-    if (!im) die("chart", "out of memory");
+    if (!im)
+        die("chart", "out of memory");
     memset(im, 255, (size_t)w * h * 3);
     uint32_t s = 12345;
     const int L = w / 10, R = w - w / 20, T = h / 8, B = h - h / 8;
-    for (int k = 0; k < 5; k++) fill(im, w, L, T + k * (B - T) / 5, R, T + k * (B - T) / 5 + 1, 225, 225, 225);
+    for (int k = 0; k < 5; k++)
+        fill(im, w, L, T + k * (B - T) / 5, R, T + k * (B - T) / 5 + 1, 225, 225, 225);
     fill(im, w, L, T, L + 2, B, 40, 40, 40);
     fill(im, w, L, B, R, B + 2, 40, 40, 40);
     for (int x = w / 4; x < 3 * w / 4;) {
@@ -115,12 +120,14 @@ static uint8_t *chart_png(int w, int h, size_t *len) {
     membuf b = {0};
     png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
     png_infop info = png ? png_create_info_struct(png) : NULL;
-    if (!info || setjmp(png_jmpbuf(png))) die("chart", "libpng failed");
+    if (!info || setjmp(png_jmpbuf(png)))
+        die("chart", "libpng failed");
     png_set_write_fn(png, &b, png_put, png_flush_none);
-    png_set_IHDR(png, info, (png_uint_32)w, (png_uint_32)h, 8, PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE,
-                 PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+    png_set_IHDR(png, info, (png_uint_32)w, (png_uint_32)h, 8, PNG_COLOR_TYPE_RGB,
+                 PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
     png_write_info(png, info);
-    for (int y = 0; y < h; y++) png_write_row(png, im + (size_t)y * w * 3);
+    for (int y = 0; y < h; y++)
+        png_write_row(png, im + (size_t)y * w * 3);
     png_write_end(png, NULL);
     png_destroy_write_struct(&png, &info);
     free(im);
@@ -130,7 +137,8 @@ static uint8_t *chart_png(int w, int h, size_t *len) {
 
 enum { CROP = 378, PATCH = 14, MARGIN = 4, MAX_CROPS = 12 };
 
-static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps, const char *kernels) {
+static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps,
+                      const char *kernels) {
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     int threads[3] = {1, 2, (int)cpus};
     int n_cols = cpus > 2 ? 3 : 2;
@@ -139,29 +147,34 @@ static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps
     img_crops cr;
     errbuf e;
     double *v = malloc((size_t)reps * sizeof *v);
-    if (!v) die("bench", "out of memory");
+    if (!v)
+        die("bench", "out of memory");
     int th = 0, tw = 0, w = 0, h = 0;
     for (int c = 0; c < n_cols; c++) {
         img_exec x = {threads[c], kernels};
         /* decode */
         for (int r = 0; r < reps; r++) {
             double t0 = bench_now_ms();
-            if (img_decode(buf, len, NULL, &im, &e)) die(name, e.msg);
+            if (img_decode(buf, len, NULL, &im, &e))
+                die(name, e.msg);
             v[r] = bench_now_ms() - t0;
             w = im.w, h = im.h;
             img_free(&im);
         }
         t[0][c] = median(v, reps);
-        if (img_decode(buf, len, NULL, &im, &e)) die(name, e.msg);
-        img_select_tiling(im.h - 2 * MARGIN * PATCH, im.w - 2 * MARGIN * PATCH, CROP - 2 * MARGIN * PATCH,
-                          MAX_CROPS, &th, &tw);
+        if (img_decode(buf, len, NULL, &im, &e))
+            die(name, e.msg);
+        img_select_tiling(im.h - 2 * MARGIN * PATCH, im.w - 2 * MARGIN * PATCH,
+                          CROP - 2 * MARGIN * PATCH, MAX_CROPS, &th, &tw);
         const int win = CROP - 2 * MARGIN * PATCH;
-        const int sizes[2][2] = {{CROP, CROP}, {tw * win + 2 * MARGIN * PATCH, th * win + 2 * MARGIN * PATCH}};
+        const int sizes[2][2] = {{CROP, CROP},
+                                 {tw * win + 2 * MARGIN * PATCH, th * win + 2 * MARGIN * PATCH}};
         for (int k = 0; k < 2; k++) {
             for (int r = 0; r < reps; r++) {
                 img_rgb out;
                 double t0 = bench_now_ms();
-                if (img_resize_lanczos_x(&im, sizes[k][0], sizes[k][1], &out, &x, &e)) die(name, e.msg);
+                if (img_resize_lanczos_x(&im, sizes[k][0], sizes[k][1], &out, &x, &e))
+                    die(name, e.msg);
                 v[r] = bench_now_ms() - t0;
                 img_free(&out);
             }
@@ -169,7 +182,8 @@ static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps
         }
         for (int r = 0; r < reps; r++) {
             double t0 = bench_now_ms();
-            if (img_make_crops_x(&im, CROP, PATCH, MARGIN, MAX_CROPS, &x, &cr, &e)) die(name, e.msg);
+            if (img_make_crops_x(&im, CROP, PATCH, MARGIN, MAX_CROPS, &x, &cr, &e))
+                die(name, e.msg);
             v[r] = bench_now_ms() - t0;
             img_crops_free(&cr);
         }
@@ -189,13 +203,15 @@ static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps
     printf("\n%s: %dx%d, tiling %dx%d (%d crops), kernels %s, median of %d\n", name, w, h, th, tw,
            th * tw + 1, img_kernels_name(kernels), reps);
     printf("%-28s", "ms");
-    for (int c = 0; c < n_cols; c++) printf(" %7d thr", threads[c]);
+    for (int c = 0; c < n_cols; c++)
+        printf(" %7d thr", threads[c]);
     printf("\n");
-    static const char *rows[5] = {"decode", "global resize", "tiled resize", "crops (both resizes, copies)",
-                                  "decode + crops"};
+    static const char *rows[5] = {"decode", "global resize", "tiled resize",
+                                  "crops (both resizes, copies)", "decode + crops"};
     for (int k = 0; k < 5; k++) {
         printf("%-28s", rows[k]);
-        for (int c = 0; c < n_cols; c++) printf(" %11.2f", t[k][c]);
+        for (int c = 0; c < n_cols; c++)
+            printf(" %11.2f", t[k][c]);
         printf("\n");
     }
     free(v);
@@ -212,7 +228,8 @@ int main(int argc, char **argv) {
         else
             die(argv[i], "usage: bench_image [--repeats N] [--kernels NAME] [FILE...]");
     }
-    if (reps < 1) reps = 1;
+    if (reps < 1)
+        reps = 1;
     if (i < argc) {
         for (; i < argc; i++) {
             size_t len;
