@@ -36,17 +36,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo +changes)"
 
 fail=0
-step() {
-    local name=$1 lines=$2
-    shift 2
-    echo "== $name: $*"
-    local t0=$SECONDS
-    "$@" >"$LOG/$name.log" 2>&1
-    local rc=$?
-    tail -n "$lines" "$LOG/$name.log"
-    echo "== $name: exit $rc in $((SECONDS - t0)) s"
-    [ $rc -eq 0 ] || fail=1
-}
+. scripts/gpu-lib.sh
 step ops 4 "$B/test_ops_cuda"
 step model 12 "$B/test_model_cuda"
 step md3 8 "$B/test_md3_cuda"
