@@ -50,14 +50,12 @@ static void die(const char *what, const char *msg) {
 
 static uint8_t *read_all(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
-    if (!f)
-        die(path, "cannot open");
+    if (!f) die(path, "cannot open");
     fseek(f, 0, SEEK_END);
     long n = ftell(f);
     fseek(f, 0, SEEK_SET);
     uint8_t *p = malloc((size_t)n);
-    if (!p || fread(p, 1, (size_t)n, f) != (size_t)n)
-        die(path, "cannot read");
+    if (!p || fread(p, 1, (size_t)n, f) != (size_t)n) die(path, "cannot read");
     fclose(f);
     *len = (size_t)n;
     return p;
@@ -75,8 +73,7 @@ static void png_put(png_structp png, png_bytep d, size_t n) {
     if (b->n + n > b->cap) {
         b->cap = (b->n + n) * 2;
         b->p = realloc(b->p, b->cap);
-        if (!b->p)
-            die("chart", "out of memory");
+        if (!b->p) die("chart", "out of memory");
     }
     memcpy(b->p + b->n, d, n);
     b->n += n;
@@ -94,8 +91,7 @@ static void fill(uint8_t *im, int w, int x0, int y0, int x1, int y1, int r, int 
 
 static uint8_t *chart_png(int w, int h, size_t *len) {
     uint8_t *im = malloc((size_t)w * h * 3);
-    if (!im)
-        die("chart", "out of memory");
+    if (!im) die("chart", "out of memory");
     memset(im, 255, (size_t)w * h * 3);
     uint32_t s = 12345;
     const int L = w / 10, R = w - w / 20, T = h / 8, B = h - h / 8;
@@ -120,14 +116,12 @@ static uint8_t *chart_png(int w, int h, size_t *len) {
     membuf b = {0};
     png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, NULL, NULL, NULL);
     png_infop info = png ? png_create_info_struct(png) : NULL;
-    if (!info || setjmp(png_jmpbuf(png)))
-        die("chart", "libpng failed");
+    if (!info || setjmp(png_jmpbuf(png))) die("chart", "libpng failed");
     png_set_write_fn(png, &b, png_put, png_flush_none);
     png_set_IHDR(png, info, (png_uint_32)w, (png_uint_32)h, 8, PNG_COLOR_TYPE_RGB,
                  PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
     png_write_info(png, info);
-    for (int y = 0; y < h; y++)
-        png_write_row(png, im + (size_t)y * w * 3);
+    for (int y = 0; y < h; y++) png_write_row(png, im + (size_t)y * w * 3);
     png_write_end(png, NULL);
     png_destroy_write_struct(&png, &info);
     free(im);
@@ -147,23 +141,20 @@ static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps
     img_crops cr;
     errbuf e;
     double *v = malloc((size_t)reps * sizeof *v);
-    if (!v)
-        die("bench", "out of memory");
+    if (!v) die("bench", "out of memory");
     int th = 0, tw = 0, w = 0, h = 0;
     for (int c = 0; c < n_cols; c++) {
         img_exec x = {threads[c], kernels};
         /* decode */
         for (int r = 0; r < reps; r++) {
             double t0 = bench_now_ms();
-            if (img_decode(buf, len, NULL, &im, &e))
-                die(name, e.msg);
+            if (img_decode(buf, len, NULL, &im, &e)) die(name, e.msg);
             v[r] = bench_now_ms() - t0;
             w = im.w, h = im.h;
             img_free(&im);
         }
         t[0][c] = median(v, reps);
-        if (img_decode(buf, len, NULL, &im, &e))
-            die(name, e.msg);
+        if (img_decode(buf, len, NULL, &im, &e)) die(name, e.msg);
         img_select_tiling(im.h - 2 * MARGIN * PATCH, im.w - 2 * MARGIN * PATCH,
                           CROP - 2 * MARGIN * PATCH, MAX_CROPS, &th, &tw);
         const int win = CROP - 2 * MARGIN * PATCH;
@@ -203,15 +194,13 @@ static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps
     printf("\n%s: %dx%d, tiling %dx%d (%d crops), kernels %s, median of %d\n", name, w, h, th, tw,
            th * tw + 1, img_kernels_name(kernels), reps);
     printf("%-28s", "ms");
-    for (int c = 0; c < n_cols; c++)
-        printf(" %7d thr", threads[c]);
+    for (int c = 0; c < n_cols; c++) printf(" %7d thr", threads[c]);
     printf("\n");
     static const char *rows[5] = {"decode", "global resize", "tiled resize",
                                   "crops (both resizes, copies)", "decode + crops"};
     for (int k = 0; k < 5; k++) {
         printf("%-28s", rows[k]);
-        for (int c = 0; c < n_cols; c++)
-            printf(" %11.2f", t[k][c]);
+        for (int c = 0; c < n_cols; c++) printf(" %11.2f", t[k][c]);
         printf("\n");
     }
     free(v);
@@ -228,8 +217,7 @@ int main(int argc, char **argv) {
         else
             die(argv[i], "usage: bench_image [--repeats N] [--kernels NAME] [FILE...]");
     }
-    if (reps < 1)
-        reps = 1;
+    if (reps < 1) reps = 1;
     if (i < argc) {
         for (; i < argc; i++) {
             size_t len;

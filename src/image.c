@@ -837,10 +837,8 @@ static albedo_status rs_job_init(rs_job *j, errbuf *e) {
         st = rs_axis_init(&j->ay, j->sh, j->dh, e);
     else
         st = rs_axis_identity(&j->ay, j->dh, e);
-    if (st == ALBEDO_OK && j->need_h)
-        st = rs_axis_init(&j->ax, j->sw, j->dw, e);
-    if (st != ALBEDO_OK)
-        return st;
+    if (st == ALBEDO_OK && j->need_h) st = rs_axis_init(&j->ax, j->sw, j->dw, e);
+    if (st != ALBEDO_OK) return st;
     j->y_first = j->ay.first[0];
     j->y_last = j->ay.first[j->dh - 1] + j->ay.n[j->dh - 1];
     if (j->need_h) {
@@ -932,8 +930,7 @@ static void rs_vtask(const rs_team *T, rs_job *j, int task, uint8_t *row) {
         T->k->vrow(s, j->vin_stride, w, j->ay.n[yy], n, row);
         /* tile rows i with i·step <= yy < i·step + crop */
         int i0 = yy < j->crop ? 0 : (yy - j->crop) / j->step + 1, i1 = yy / j->step;
-        if (i1 > j->th - 1)
-            i1 = j->th - 1;
+        if (i1 > j->th - 1) i1 = j->th - 1;
         for (int i = i0; i <= i1; i++)
             for (int t = 0; t < j->tw; t++)
                 memcpy(j->tiles + cb * (size_t)(i * j->tw + t) +
@@ -946,8 +943,7 @@ static void rs_vtask(const rs_team *T, rs_job *j, int task, uint8_t *row) {
 static rs_job *rs_task_job(const rs_team *T, int *task, int vertical) {
     for (int i = 0; i < T->n_jobs; i++) {
         int n = vertical ? T->jobs[i].v_tasks : T->jobs[i].h_tasks;
-        if (*task < n)
-            return &T->jobs[i];
+        if (*task < n) return &T->jobs[i];
         *task -= n;
     }
     return NULL;
@@ -968,8 +964,7 @@ static void *rs_work(void *arg) {
         int done = 0;
         for (;; done++) {
             int t = atomic_fetch_add(&T->next[p], 1);
-            if (t >= T->total[p])
-                break;
+            if (t >= T->total[p]) break;
             if (p == RS_WEIGHTS) {
                 rs_wtask(T, t, kd);
             } else {
@@ -980,15 +975,12 @@ static void *rs_work(void *arg) {
                     rs_vtask(T, j, t, row);
             }
         }
-        if (p == RS_VERTICAL)
-            break; /* the caller joins the threads */
+        if (p == RS_VERTICAL) break; /* the caller joins the threads */
         /* Every task of this phase done before any of the next starts. */
         pthread_mutex_lock(&T->mu);
         T->done[p] += done;
-        if (T->done[p] == T->total[p])
-            pthread_cond_broadcast(&T->cv);
-        while (T->done[p] < T->total[p])
-            pthread_cond_wait(&T->cv, &T->mu);
+        if (T->done[p] == T->total[p]) pthread_cond_broadcast(&T->cv);
+        while (T->done[p] < T->total[p]) pthread_cond_wait(&T->cv, &T->mu);
         pthread_mutex_unlock(&T->mu);
     }
     return NULL;
@@ -1007,28 +999,20 @@ static albedo_status rs_run(rs_job *jobs, int n_jobs, const img_exec *x, errbuf 
         T.total[RS_HORIZONTAL] += jobs[i].h_tasks;
         T.total[RS_VERTICAL] += jobs[i].v_tasks;
         work += rs_job_work(&jobs[i]);
-        if ((size_t)jobs[i].ax.ksize > T.k_len)
-            T.k_len = (size_t)jobs[i].ax.ksize;
-        if ((size_t)jobs[i].ay.ksize > T.k_len)
-            T.k_len = (size_t)jobs[i].ay.ksize;
+        if ((size_t)jobs[i].ax.ksize > T.k_len) T.k_len = (size_t)jobs[i].ax.ksize;
+        if ((size_t)jobs[i].ay.ksize > T.k_len) T.k_len = (size_t)jobs[i].ay.ksize;
         if (jobs[i].need_h && (size_t)jobs[i].sw * RS_LANES > T.blk_len)
             T.blk_len = (size_t)jobs[i].sw * RS_LANES;
-        if (!jobs[i].dst && (size_t)jobs[i].dw * 3 > T.row_len)
-            T.row_len = (size_t)jobs[i].dw * 3;
+        if (!jobs[i].dst && (size_t)jobs[i].dw * 3 > T.row_len) T.row_len = (size_t)jobs[i].dw * 3;
     }
-    if (T.k_len < 1)
-        T.k_len = 1;
+    if (T.k_len < 1) T.k_len = 1;
     T.blk_len = (T.blk_len + 15) / 16 * 16; /* keeps each thread's block 64-byte aligned */
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     int nt = (int)(work / RS_MIN_WORK_PER_THREAD);
-    if (nt > RS_MAX_THREADS)
-        nt = RS_MAX_THREADS;
-    if (cpus > 0 && nt > cpus)
-        nt = (int)cpus;
-    if (x && x->max_threads > 0 && nt > x->max_threads)
-        nt = x->max_threads;
-    if (nt < 1)
-        nt = 1;
+    if (nt > RS_MAX_THREADS) nt = RS_MAX_THREADS;
+    if (cpus > 0 && nt > cpus) nt = (int)cpus;
+    if (x && x->max_threads > 0 && nt > x->max_threads) nt = x->max_threads;
+    if (nt < 1) nt = 1;
     T.blk = T.blk_len ? aligned_alloc(64, (size_t)nt * T.blk_len * sizeof *T.blk) : NULL;
     T.row = T.row_len ? malloc((size_t)nt * T.row_len) : NULL;
     T.kd = malloc((size_t)nt * T.k_len * sizeof *T.kd);
@@ -1038,21 +1022,17 @@ static albedo_status rs_run(rs_job *jobs, int n_jobs, const img_exec *x, errbuf 
         free(T.kd);
         return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "resize: out of memory for %d threads", nt);
     }
-    for (int p = 0; p < RS_PHASES; p++)
-        atomic_init(&T.next[p], 0);
+    for (int p = 0; p < RS_PHASES; p++) atomic_init(&T.next[p], 0);
     pthread_mutex_init(&T.mu, NULL);
     pthread_cond_init(&T.cv, NULL);
     pthread_t th[RS_MAX_THREADS];
     rs_worker w[RS_MAX_THREADS];
     int started[RS_MAX_THREADS] = {0};
-    for (int i = 0; i < nt; i++)
-        w[i] = (rs_worker){&T, i};
-    for (int i = 1; i < nt; i++)
-        started[i] = pthread_create(&th[i], NULL, rs_work, &w[i]) == 0;
+    for (int i = 0; i < nt; i++) w[i] = (rs_worker){&T, i};
+    for (int i = 1; i < nt; i++) started[i] = pthread_create(&th[i], NULL, rs_work, &w[i]) == 0;
     rs_work(&w[0]);
     for (int i = 1; i < nt; i++)
-        if (started[i])
-            pthread_join(th[i], NULL);
+        if (started[i]) pthread_join(th[i], NULL);
     pthread_cond_destroy(&T.cv);
     pthread_mutex_destroy(&T.mu);
     free(T.blk);
@@ -1073,8 +1053,7 @@ albedo_status img_resize_lanczos(const img_rgb *src, int out_w, int out_h, img_r
 
 albedo_status img_resize_lanczos_x(const img_rgb *src, int out_w, int out_h, img_rgb *dst,
                                    const img_exec *x, errbuf *e) {
-    if (!dst)
-        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "resize: no output given");
+    if (!dst) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "resize: no output given");
     memset(dst, 0, sizeof *dst);
     if (!src || !src->px || src->w <= 0 || src->h <= 0)
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "resize: empty source image");
@@ -1085,8 +1064,7 @@ albedo_status img_resize_lanczos_x(const img_rgb *src, int out_w, int out_h, img
     if (src->w > (1 << 28) || src->h > (1 << 28))
         return errf(e, ALBEDO_ERR_LIMIT, "resize: source %dx%d is too large", src->w, src->h);
     albedo_status st = alloc_rgb(dst, out_w, out_h, e);
-    if (st != ALBEDO_OK)
-        return st;
+    if (st != ALBEDO_OK) return st;
     if (src->w == out_w && src->h == out_h) {
         memcpy(dst->px, src->px, (size_t)out_w * (size_t)out_h * 3);
         return ALBEDO_OK;
@@ -1094,11 +1072,9 @@ albedo_status img_resize_lanczos_x(const img_rgb *src, int out_w, int out_h, img
     rs_job j = {
         .src = src->px, .sw = src->w, .sh = src->h, .dw = out_w, .dh = out_h, .dst = dst->px};
     st = rs_job_init(&j, e);
-    if (st == ALBEDO_OK)
-        st = rs_run(&j, 1, x, e);
+    if (st == ALBEDO_OK) st = rs_run(&j, 1, x, e);
     rs_job_free(&j);
-    if (st != ALBEDO_OK)
-        img_free(dst);
+    if (st != ALBEDO_OK) img_free(dst);
     return st;
 }
 
@@ -1172,8 +1148,7 @@ albedo_status img_make_crops_x(const img_rgb *im, int crop_size, int patch_size,
                     (long long)rw64, (long long)rh64);
     int rh = (int)rh64, rw = (int)rw64, n = (int)n64;
     uint8_t *px = malloc(crop_bytes * (size_t)n);
-    if (!px)
-        return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "crops: out of memory for %d crops", n);
+    if (!px) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "crops: out of memory for %d crops", n);
 
     /* The global crop and the tiles, resized together (one team of
      * threads). The tiles' windows exactly cover the tiled resize: rh =
@@ -1196,18 +1171,14 @@ albedo_status img_make_crops_x(const img_rgb *im, int crop_size, int patch_size,
     };
     const int n_jobs = same ? 1 : 2;
     albedo_status st = ALBEDO_OK;
-    for (int i = 0; i < n_jobs && st == ALBEDO_OK; i++)
-        st = rs_job_init(&jobs[i], e);
-    if (st == ALBEDO_OK)
-        st = rs_run(jobs, n_jobs, x, e);
-    for (int i = 0; i < 2; i++)
-        rs_job_free(&jobs[i]);
+    for (int i = 0; i < n_jobs && st == ALBEDO_OK; i++) st = rs_job_init(&jobs[i], e);
+    if (st == ALBEDO_OK) st = rs_run(jobs, n_jobs, x, e);
+    for (int i = 0; i < 2; i++) rs_job_free(&jobs[i]);
     if (st != ALBEDO_OK) {
         free(px);
         return st;
     }
-    if (same)
-        memcpy(px + crop_bytes, px, crop_bytes);
+    if (same) memcpy(px + crop_bytes, px, crop_bytes);
     out->n = n;
     out->th = th;
     out->tw = tw;

@@ -56,6 +56,7 @@ const rs_kernels *rs_kernels_get(const char *name);
 const rs_kernels *rs_kernels_scalar(void);
 const rs_kernels *rs_kernels_avx2(void);
 const rs_kernels *rs_kernels_avx512(void);
+const rs_kernels *rs_kernels_neon(void);
 
 /* Shared by the kernels: the rounding and clamping of one sample. */
 static inline uint8_t rs_clip(int32_t v) {

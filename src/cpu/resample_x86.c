@@ -87,11 +87,9 @@ static inline void store_cols8(__m256i c0, __m256i c1, __m256i c2, __m256i c3, _
 /* Fewer than eight last columns: through memory, three bytes at a time. */
 static inline void store_cols_tail(const __m256i *c, int n, uint8_t *const dst[RS_ROWS], int xx) {
     uint8_t tmp[8][32];
-    for (int i = 0; i < n; i++)
-        _mm256_storeu_si256((__m256i *)tmp[i], c[i]);
+    for (int i = 0; i < n; i++) _mm256_storeu_si256((__m256i *)tmp[i], c[i]);
     for (int r = 0; r < RS_ROWS; r++)
-        for (int i = 0; i < n; i++)
-            memcpy(dst[r] + 3 * (size_t)(xx + i), tmp[i] + 4 * r, 3);
+        for (int i = 0; i < n; i++) memcpy(dst[r] + 3 * (size_t)(xx + i), tmp[i] + 4 * r, 3);
 }
 
 static inline __m256i hcol_avx2(const int32_t *blk, const rs_axis *a, int xx) {
@@ -140,8 +138,7 @@ AVX512 static inline __m256i hcol_avx512(const int32_t *blk, const rs_axis *a, i
                     hcol(blk, a, xx + 3), hcol(blk, a, xx + 4), hcol(blk, a, xx + 5),              \
                     hcol(blk, a, xx + 6), hcol(blk, a, xx + 7), dst, xx);                          \
     __m256i c[8];                                                                                  \
-    for (int i = 0; xx + i < dw; i++)                                                              \
-        c[i] = hcol(blk, a, xx + i);                                                               \
+    for (int i = 0; xx + i < dw; i++) c[i] = hcol(blk, a, xx + i);                                 \
     store_cols_tail(c, dw - xx, dst, xx)
 
 static void hblock_avx2(const uint8_t *const src[RS_ROWS], int sw, const rs_axis *a, int dw,
@@ -176,8 +173,7 @@ static void vrow_avx2(const uint8_t *src, size_t stride, const int32_t *k, int t
     if (n < 32) { /* shorter than one chunk: one sum at a time */
         for (size_t i = 0; i < n; i++) {
             int32_t acc = 1 << (RS_BITS - 1);
-            for (int t = 0; t < taps; t++)
-                acc += src[(size_t)t * stride + i] * k[t];
+            for (int t = 0; t < taps; t++) acc += src[(size_t)t * stride + i] * k[t];
             d[i] = rs_clip(acc);
         }
         return;
@@ -187,8 +183,7 @@ static void vrow_avx2(const uint8_t *src, size_t stride, const int32_t *k, int t
         _mm256_storeu_si256((__m256i *)(d + i), vchunk(src + i, stride, k, taps));
     /* The tail: the last 32 samples again (the overlap is rewritten with
      * the same values). */
-    if (i < n)
-        _mm256_storeu_si256((__m256i *)(d + n - 32), vchunk(src + n - 32, stride, k, taps));
+    if (i < n) _mm256_storeu_si256((__m256i *)(d + n - 32), vchunk(src + n - 32, stride, k, taps));
 }
 
 AVX512 static void vrow_avx512(const uint8_t *src, size_t stride, const int32_t *k, int taps,
