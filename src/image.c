@@ -770,12 +770,15 @@ static void rs_axis_weights(rs_axis *a, int i0, int i1, double *k) {
  * identity axis (weight 2^22) copies the rows, which gives the same bytes.
  *
  * Several jobs (the global and the tiled resize) run on one team of threads
- * in two phases: every horizontal task (RS_ROWS rows of one job), then,
- * once all are done, every vertical task (RS_VROWS output rows of one job).
- * Threads take tasks from shared counters; each output row is computed by
- * the same arithmetic whichever thread takes it, so the result does not
- * depend on the number of threads. A thread that cannot be started leaves
- * its share to the others. */
+ * in three phases, each finished before the next starts: the weights of
+ * every axis (RS_WCHUNK outputs a task: two sines a tap make this a fifth of
+ * the work on one thread), every horizontal task (RS_ROWS rows of one job),
+ * every vertical task (RS_VROWS output rows of one job). Threads take tasks
+ * from shared counters; each output row is computed by the same arithmetic
+ * whichever thread takes it, so the result does not depend on the number
+ * of threads. A thread that cannot be started leaves its share to the
+ * others. The kernels (src/cpu/resample*.c) are the best this CPU has
+ * unless img_exec names others. */
 
 /* Largest output side accepted: keeps every size product in range and far
  * exceeds anything the crops need. */
