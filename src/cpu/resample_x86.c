@@ -56,6 +56,17 @@ static inline void widen_block(const uint8_t *const src[RS_ROWS], int sw, int32_
         }
 }
 
+/* Eight pixels as R, G, B, pad words -> their 24 bytes at d. */
+static inline void store_row24(__m256i row, uint8_t *d) {
+    const __m256i squeeze =
+        _mm256_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1, 0, 1, 2, 4, 5, 6,
+                         8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
+    row = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(row, squeeze),
+                                      _mm256_setr_epi32(0, 1, 2, 4, 5, 6, 3, 7));
+    _mm_storeu_si128((__m128i *)d, _mm256_castsi256_si128(row));
+    _mm_storel_epi64((__m128i *)(d + 16), _mm256_extracti128_si256(row, 1));
+}
+
 /* Eight output columns xx..xx+7, each 32 bytes (row r's R, G, B, pad at
  * 4r), to the eight rows: transposed as an 8x8 matrix of 32-bit words,
  * then each row's pads squeezed out, 24 bytes stored. */
@@ -70,17 +81,10 @@ static inline void store_cols8(__m256i c0, __m256i c1, __m256i c2, __m256i c3, _
                     _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3),
                     _mm256_unpacklo_epi64(t4, t6), _mm256_unpackhi_epi64(t4, t6),
                     _mm256_unpacklo_epi64(t5, t7), _mm256_unpackhi_epi64(t5, t7)};
-    const __m256i squeeze =
-        _mm256_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1, 0, 1, 2, 4, 5, 6,
-                         8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
-    const __m256i join = _mm256_setr_epi32(0, 1, 2, 4, 5, 6, 3, 7);
-    for (int r = 0; r < RS_ROWS; r++) {
-        /* row r: columns 0-3 in u[r % 4]'s half r / 4, columns 4-7 in u[4 + r % 4]'s */
-        __m256i row = _mm256_permute2x128_si256(u[r % 4], u[4 + r % 4], r < 4 ? 0x20 : 0x31);
-        row = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(row, squeeze), join);
-        uint8_t *d = dst[r] + 3 * (size_t)xx;
-        _mm_storeu_si128((__m128i *)d, _mm256_castsi256_si128(row));
-        _mm_storel_epi64((__m128i *)(d + 16), _mm256_extracti128_si256(row, 1));
+    /* row r: columns 0-3 in half r / 4 of u[r % 4], columns 4-7 in that of u[4 + r % 4] */
+    for (int r = 0; r < 4; r++) {
+        store_row24(_mm256_permute2x128_si256(u[r], u[4 + r], 0x20), dst[r] + 3 * (size_t)xx);
+        store_row24(_mm256_permute2x128_si256(u[r], u[4 + r], 0x31), dst[4 + r] + 3 * (size_t)xx);
     }
 }
 
