@@ -788,6 +788,7 @@ static void rs_axis_weights(rs_axis *a, int i0, int i1, double *k) {
  * saves (starting one is ~20-50 us; SIMD kernels do ~10^4 per us). */
 #define RS_MIN_WORK_PER_THREAD 1500000.0
 #define RS_VROWS 8
+#define RS_MAX_SCRATCH ((size_t)64 << 20)
 
 typedef struct rs_job {
     const uint8_t *src; /* [sh, sw, 3] */
@@ -1015,6 +1016,10 @@ static albedo_status rs_run(rs_job *jobs, int n_jobs, const img_exec *x, errbuf 
     if (nt > RS_MAX_THREADS) nt = RS_MAX_THREADS;
     if (cpus > 0 && nt > cpus) nt = (int)cpus;
     if (x && x->max_threads > 0 && nt > x->max_threads) nt = x->max_threads;
+    /* A horizontal block is 128 bytes a source pixel (8 MiB for a 65535-wide
+     * image): fewer threads rather than more than RS_MAX_SCRATCH in all. */
+    const size_t per = T.blk_len * sizeof *T.blk + T.row_len + T.k_len * sizeof *T.kd;
+    if (nt > 1 && (size_t)nt * per > RS_MAX_SCRATCH) nt = (int)(RS_MAX_SCRATCH / per);
     if (nt < 1) nt = 1;
     T.blk = T.blk_len ? aligned_alloc(64, (size_t)nt * T.blk_len * sizeof *T.blk) : NULL;
     T.row = T.row_len ? malloc((size_t)nt * T.row_len) : NULL;
