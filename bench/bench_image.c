@@ -11,7 +11,8 @@
  *
  *   bench_image [--repeats N] [--kernels NAME] [FILE...]
  *
- * Without files: tests/data/images/rocket.jpg (640x427, 9 crops), a chart
+ * Without files: tests/data/images/rocket.jpg (640x427, 9 crops; the source
+ * tree's, else the working directory's), a chart
  * rendered here and PNG-encoded in memory (800x600, the size of
  * `albedo bench chartqa`'s first chart), and tests/data/images/big.jpg
  * (2400x1800). --kernels picks the resize kernels (scalar, avx2, avx512,
@@ -59,6 +60,17 @@ static uint8_t *read_all(const char *path, size_t *len) {
     fclose(f);
     *len = (size_t)n;
     return p;
+}
+
+/* tests/data/images/NAME of the source tree, or of the working directory
+ * (a copy of the tree on another machine, as scripts/gpu-check.sh runs it). */
+static uint8_t *read_data(const char *name, size_t *len) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tests/data/images/%s", ALBEDO_SOURCE_DIR, name);
+    FILE *f = fopen(path, "rb");
+    if (!f) snprintf(path, sizeof path, "tests/data/images/%s", name);
+    if (f) fclose(f);
+    return read_all(path, len);
 }
 
 /* A bar chart (white ground, grid, bars, text-like blocks), as PNG bytes
@@ -228,13 +240,13 @@ int main(int argc, char **argv) {
         return 0;
     }
     size_t len;
-    uint8_t *b = read_all(ALBEDO_SOURCE_DIR "/tests/data/images/rocket.jpg", &len);
+    uint8_t *b = read_data("rocket.jpg", &len);
     bench_one("rocket.jpg", b, len, reps, kernels);
     free(b);
     b = chart_png(800, 600, &len);
     bench_one("chart 800x600 PNG", b, len, reps, kernels);
     free(b);
-    b = read_all(ALBEDO_SOURCE_DIR "/tests/data/images/big.jpg", &len);
+    b = read_data("big.jpg", &len);
     bench_one("big.jpg", b, len, reps > 5 ? reps / 3 : reps, kernels);
     free(b);
     return 0;
