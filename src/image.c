@@ -691,8 +691,8 @@ albedo_status img_load_file(const char *path, const img_limits *lim, img_rgb *ou
  *   A pixel is (2^21 + Σ weight·sample) >> 22, clamped to [0, 255].
  * The horizontal pass runs first, over only the rows the vertical pass will
  * read, into an 8-bit intermediate; a pass whose axis keeps its size is
- * skipped. Integer sums cannot overflow: Σ|weight| stays well under 2^23. */
-
+ * skipped. Integer sums cannot overflow: Σ|weight| stays well under 2^23.
+ * The weights and the kernels' arithmetic: src/cpu/resample.h. */
 
 static double sinc(double x) {
     if (x == 0.0) return 1.0;
@@ -776,9 +776,10 @@ static void rs_axis_weights(rs_axis *a, int i0, int i1, double *k) {
  * every vertical task (RS_VROWS output rows of one job). Threads take tasks
  * from shared counters; each output row is computed by the same arithmetic
  * whichever thread takes it, so the result does not depend on the number
- * of threads. A thread that cannot be started leaves its share to the
- * others. The kernels (src/cpu/resample*.c) are the best this CPU has
- * unless img_exec names others. */
+ * of threads. A thread that cannot be started (nor, then, the ones it
+ * would have started) leaves its share to the others. The kernels
+ * (src/cpu/resample*.c) are the best this CPU has unless img_exec names
+ * others. */
 
 /* Largest output side accepted: keeps every size product in range and far
  * exceeds anything the crops need. */
@@ -953,14 +954,24 @@ static rs_job *rs_task_job(const rs_team *T, int *task, int vertical) {
     return NULL;
 }
 
+/* Worker i starts workers 2i + 1 and 2i + 2 (when < n) and joins them when
+ * done: the team is up after log2(n) thread starts (~13 us each on the
+ * 2-core VM), not n - 1 in a row on the caller. */
 typedef struct rs_worker {
     rs_team *T;
-    int id;
+    struct rs_worker *all;
+    int id, n;
 } rs_worker;
 
 static void *rs_work(void *arg) {
     rs_worker *w = arg;
     rs_team *T = w->T;
+    pthread_t kids[2];
+    int started[2] = {0, 0};
+    for (int c = 0; c < 2; c++) {
+        const int id = 2 * w->id + 1 + c;
+        if (id < w->n) started[c] = pthread_create(&kids[c], NULL, rs_work, &w->all[id]) == 0;
+    }
     int32_t *blk = T->blk + (size_t)w->id * T->blk_len;
     uint8_t *row = T->row + (size_t)w->id * T->row_len;
     double *kd = T->kd + (size_t)w->id * T->k_len;
@@ -979,7 +990,7 @@ static void *rs_work(void *arg) {
                     rs_vtask(T, j, t, row);
             }
         }
-        if (p == RS_VERTICAL) break; /* the caller joins the threads */
+        if (p == RS_VERTICAL) break;
         /* Every task of this phase done before any of the next starts. */
         pthread_mutex_lock(&T->mu);
         T->done[p] += done;
@@ -987,10 +998,13 @@ static void *rs_work(void *arg) {
         while (T->done[p] < T->total[p]) pthread_cond_wait(&T->cv, &T->mu);
         pthread_mutex_unlock(&T->mu);
     }
+    for (int c = 0; c < 2; c++)
+        if (started[c]) pthread_join(kids[c], NULL);
     return NULL;
 }
 
-/* Runs initialised jobs to completion on up to x->max_threads threads. */
+/* Runs initialised jobs to completion on a team of threads: x->threads of
+ * them when set, else as many as the work pays for, one per CPU at most. */
 static albedo_status rs_run(rs_job *jobs, int n_jobs, const img_exec *x, errbuf *e) {
     const rs_kernels *k = rs_kernels_get(x ? x->kernels : NULL);
     if (!k)
@@ -1015,7 +1029,7 @@ static albedo_status rs_run(rs_job *jobs, int n_jobs, const img_exec *x, errbuf 
     int nt = (int)(work / RS_MIN_WORK_PER_THREAD);
     if (nt > RS_MAX_THREADS) nt = RS_MAX_THREADS;
     if (cpus > 0 && nt > cpus) nt = (int)cpus;
-    if (x && x->max_threads > 0 && nt > x->max_threads) nt = x->max_threads;
+    if (x && x->threads > 0) nt = x->threads < RS_MAX_THREADS ? x->threads : RS_MAX_THREADS;
     /* A horizontal block is 128 bytes a source pixel (8 MiB for a 65535-wide
      * image): fewer threads rather than more than RS_MAX_SCRATCH in all. */
     const size_t per = T.blk_len * sizeof *T.blk + T.row_len + T.k_len * sizeof *T.kd;
@@ -1033,14 +1047,9 @@ static albedo_status rs_run(rs_job *jobs, int n_jobs, const img_exec *x, errbuf 
     for (int p = 0; p < RS_PHASES; p++) atomic_init(&T.next[p], 0);
     pthread_mutex_init(&T.mu, NULL);
     pthread_cond_init(&T.cv, NULL);
-    pthread_t th[RS_MAX_THREADS];
     rs_worker w[RS_MAX_THREADS];
-    int started[RS_MAX_THREADS] = {0};
-    for (int i = 0; i < nt; i++) w[i] = (rs_worker){&T, i};
-    for (int i = 1; i < nt; i++) started[i] = pthread_create(&th[i], NULL, rs_work, &w[i]) == 0;
-    rs_work(&w[0]);
-    for (int i = 1; i < nt; i++)
-        if (started[i]) pthread_join(th[i], NULL);
+    for (int i = 0; i < nt; i++) w[i] = (rs_worker){&T, w, i, nt};
+    rs_work(&w[0]); /* the caller is worker 0 */
     pthread_cond_destroy(&T.cv);
     pthread_mutex_destroy(&T.mu);
     free(T.blk);

@@ -65,7 +65,8 @@ void img_crops_free(img_crops *c);
 /* How the resizer runs, for tests and benchmarks (the library passes NULL,
  * meaning the defaults); the output never depends on it. */
 typedef struct img_exec {
-    int max_threads;     /* 0: one per CPU, up to 16 */
+    int threads;         /* 0: as many as the work pays for, one per CPU at most, up to 16;
+                            else exactly this many, up to 16 */
     const char *kernels; /* NULL: the best this CPU has; else "scalar", "avx2", "avx512", "neon" */
 } img_exec;
 
