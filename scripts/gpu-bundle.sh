@@ -8,9 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-build-cuda}
 mkdir -p "$B/devlibs"
-for prog in test_ops_cuda test_model_cuda test_md3_cuda bench_decode bench_moe bench_e2e albedo; do
+for prog in test_ops_cuda test_model_cuda test_md3_cuda bench_decode bench_moe bench_e2e albedo bench_image; do
     if [ ! -x "$B/$prog" ]; then
-        [ "$prog" = albedo ] && continue # the CLI (albedo bench chartqa) is optional
+        # the CLI (albedo bench chartqa) and bench_image (the host's decode + crops) are optional
+        [ "$prog" = albedo ] || [ "$prog" = bench_image ] && continue
         echo "gpu-bundle: $B/$prog is missing (build it first)" >&2
         exit 1
     fi

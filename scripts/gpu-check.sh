@@ -10,6 +10,8 @@
 #   4. bench_e2e         the full model through the API: start-up, cold and
 #                        warm direct query, decode tok/s, ChartQA-like batch 1
 #   5. bench_moe         Moondream 3's expert MLP at full shapes (every tile shape)
+#   6. bench_image       the host's part of a cold image (decode, resizes,
+#                        crops) at 1, 2 and all threads, when it was built
 #   (DECODE_REPS, E2E_REPEATS, MOE_REPS set the benchmarks' repeats (100, 20,
 #   20); FP8=1 adds bench_e2e with the fp8 KV cache (--kv-dtype fp8);
 #   SANITIZE=1 adds compute-sanitizer memcheck over test_ops_cuda --small and
@@ -36,17 +38,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo +changes)"
 
 fail=0
-step() {
-    local name=$1 lines=$2
-    shift 2
-    echo "== $name: $*"
-    local t0=$SECONDS
-    "$@" >"$LOG/$name.log" 2>&1
-    local rc=$?
-    tail -n "$lines" "$LOG/$name.log"
-    echo "== $name: exit $rc in $((SECONDS - t0)) s"
-    [ $rc -eq 0 ] || fail=1
-}
+. scripts/gpu-lib.sh
 step ops 4 "$B/test_ops_cuda"
 step model 12 "$B/test_model_cuda"
 step md3 8 "$B/test_md3_cuda"
@@ -56,6 +48,7 @@ if [ "${FP8:-0}" = 1 ]; then
     step e2e_fp8 24 "$B/bench_e2e" --image tests/data/images/rocket.jpg --repeats "${E2E_REPEATS:-20}" --kv-dtype fp8
 fi
 step moe 16 "$B/bench_moe" "${MOE_REPS:-20}"
+[ -x "$B/bench_image" ] && step image 24 "$B/bench_image"
 if [ "${MD3:-0}" = 1 ]; then
     M3="$ALBEDO_CACHE/synthetic-md3"
     [ -f "$M3/tokenizer.json" ] || step synth_md3 1 "$B/albedo" synth --preset md3 --out "$M3" --seed 1

@@ -26,18 +26,8 @@ export ALBEDO_SRC="$PWD" ALBEDO_WORK="${ALBEDO_WORK:-/tmp/albedo-gpu-check}" ALB
 mkdir -p "$ALBEDO_WORK" "$ALBEDO_CACHE"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>&1 | tee "$LOG/gpu.log"
 fail=0
-step() {
-    local name=$1 lines=$2
-    shift 2
-    echo "== $name: $*"
-    local t0=$SECONDS
-    "$@" >"$LOG/$name.log" 2>&1
-    local rc=$?
-    grep -E "^(FAIL|not ok)|FAIL " "$LOG/$name.log" | head -n 20
-    tail -n "$lines" "$LOG/$name.log"
-    echo "== $name: exit $rc in $((SECONDS - t0)) s"
-    [ $rc -eq 0 ] || fail=1
-}
+STEP_SHOW_FAILS=1
+. scripts/gpu-lib.sh
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     [ "${SKIP_OPS:-0}" = 1 ] || step ops 3 "$B/test_ops_cuda"
     [ "${SKIP_OPS:-0}" = 1 ] || grep -E "paged" "$LOG/ops.log" | head -n 40

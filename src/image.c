@@ -24,11 +24,13 @@
  * library error is caught (setjmp or return codes) and becomes a status.
  */
 #include "image.h"
+#include "cpu/resample.h"
 
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <setjmp.h>
+#include <stdatomic.h>
 #include <stdio.h> /* jpeglib.h needs FILE and size_t declared first */
 #include <stdlib.h>
 #include <string.h>
@@ -689,9 +691,8 @@ albedo_status img_load_file(const char *path, const img_limits *lim, img_rgb *ou
  *   A pixel is (2^21 + Σ weight·sample) >> 22, clamped to [0, 255].
  * The horizontal pass runs first, over only the rows the vertical pass will
  * read, into an 8-bit intermediate; a pass whose axis keeps its size is
- * skipped. Integer sums cannot overflow: Σ|weight| stays well under 2^23. */
-
-#define RS_BITS 22
+ * skipped. Integer sums cannot overflow: Σ|weight| stays well under 2^23.
+ * The weights and the kernels' arithmetic: src/cpu/resample.h. */
 
 static double sinc(double x) {
     if (x == 0.0) return 1.0;
@@ -701,45 +702,49 @@ static double sinc(double x) {
 
 static double lanczos3(double x) { return (-3.0 <= x && x < 3.0) ? sinc(x) * sinc(x / 3) : 0.0; }
 
-/* Coefficients of one axis: output i reads n[i] inputs from first[i] with
- * weights w[i·ksize ...]. */
-typedef struct rs_axis {
-    int ksize;
-    int *first, *n;
-    int32_t *w;
-} rs_axis;
-
 static void rs_axis_free(rs_axis *a) {
     free(a->first);
     free(a->n);
     free(a->w);
 }
 
+/* The plan of one axis: sizes, first[] and n[] (cheap); the weights, which
+ * need two sines a tap, are computed by rs_axis_weights, on the team's
+ * threads (the first phase of rs_run). */
 static albedo_status rs_axis_init(rs_axis *a, int in, int out, errbuf *e) {
     memset(a, 0, sizeof *a);
     /* Pillow computes in1 - in0 in float, then widens: exact for any int
      * size an image can have. */
-    double scale = (double)in / out;
-    double filterscale = scale < 1.0 ? 1.0 : scale;
-    double support = 3.0 * filterscale;
-    a->ksize = (int)ceil(support) * 2 + 1;
-    double *k = malloc((size_t)a->ksize * sizeof *k);
+    a->scale = (double)in / out;
+    a->filterscale = a->scale < 1.0 ? 1.0 : a->scale;
+    a->support = 3.0 * a->filterscale;
+    a->ksize = (int)ceil(a->support) * 2 + 1;
+    a->n_out = out;
     a->first = malloc((size_t)out * sizeof *a->first);
     a->n = malloc((size_t)out * sizeof *a->n);
     a->w = malloc((size_t)out * (size_t)a->ksize * sizeof *a->w);
-    if (!k || !a->first || !a->n || !a->w) {
-        free(k);
+    if (!a->first || !a->n || !a->w) {
         rs_axis_free(a);
         return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "resize: out of memory for %d -> %d", in, out);
     }
     for (int i = 0; i < out; i++) {
-        double center = (i + 0.5) * scale;
-        double ss = 1.0 / filterscale, ww = 0.0;
-        int xmin = (int)(center - support + 0.5);
+        double center = (i + 0.5) * a->scale;
+        int xmin = (int)(center - a->support + 0.5);
         if (xmin < 0) xmin = 0;
-        int xmax = (int)(center + support + 0.5);
+        int xmax = (int)(center + a->support + 0.5);
         if (xmax > in) xmax = in;
-        xmax -= xmin;
+        a->first[i] = xmin;
+        a->n[i] = xmax - xmin;
+    }
+    return ALBEDO_OK;
+}
+
+/* Weights of outputs [i0, i1) of a planned axis; k: ksize doubles. */
+static void rs_axis_weights(rs_axis *a, int i0, int i1, double *k) {
+    for (int i = i0; i < i1; i++) {
+        double center = (i + 0.5) * a->scale;
+        double ss = 1.0 / a->filterscale, ww = 0.0;
+        int xmin = a->first[i], xmax = a->n[i];
         for (int x = 0; x < xmax; x++) {
             double wt = lanczos3((x + xmin - center + 0.5) * ss);
             k[x] = wt;
@@ -750,156 +755,321 @@ static albedo_status rs_axis_init(rs_axis *a, int in, int out, errbuf *e) {
             double v = x < xmax ? (ww != 0.0 ? k[x] / ww : k[x]) : 0.0;
             kw[x] = (int32_t)(v < 0 ? -0.5 + v * (1 << RS_BITS) : 0.5 + v * (1 << RS_BITS));
         }
-        a->first[i] = xmin;
-        a->n[i] = xmax;
     }
-    free(k);
-    return ALBEDO_OK;
 }
 
-static inline uint8_t rs_clip(int32_t v) {
-    return v <= 0 ? 0 : v >= (256 << RS_BITS) ? 255 : (uint8_t)(v >> RS_BITS);
-}
-
-/* Speed without intrinsics: both passes are written so that their inner
- * loops have a fixed length over 16-bit samples and 32-bit sums, which
- * compilers vectorise even at -O2 (8-bit samples need a two-step widening
- * that GCC's -O2 cost model refuses). The arithmetic is Pillow's, only done
- * in another order, which exact integer sums do not notice.
+/* ---- The resize driver: passes, bands and threads -----------------------------
  *
- * Horizontal pass: RS_ROWS rows at a time are transposed into
- * [column][row][channel] order, so that for each output column every tap
- * reads RS_LANES consecutive samples. */
-#define RS_ROWS 8
-#define RS_LANES (RS_ROWS * 3)
-
-/* src rows [y0, y1) (width sw) -> rows [0, y1 - y0) of width dw, written as
- * 8-bit pixels to dst8 or, for the vertical pass to read, as 16-bit samples
- * to dst16 (row stride dstride samples). blk holds sw·RS_LANES samples. */
-static void rs_horizontal(const uint8_t *src, int sw, int y0, int y1, const rs_axis *a, int dw,
-                          uint8_t *dst8, int16_t *dst16, size_t dstride, int16_t *blk) {
-    for (int yb = y0; yb < y1; yb += RS_ROWS) {
-        int nr = y1 - yb < RS_ROWS ? y1 - yb : RS_ROWS;
-        /* Missing rows of the last block repeat its last row; their results
-         * are not stored. */
-        for (int r = 0; r < RS_ROWS; r++) {
-            const uint8_t *s = src + (size_t)(yb + (r < nr ? r : nr - 1)) * (size_t)sw * 3;
-            int16_t *b = blk + r * 3;
-            for (int x = 0; x < sw; x++, s += 3, b += RS_LANES) {
-                b[0] = s[0];
-                b[1] = s[1];
-                b[2] = s[2];
-            }
-        }
-        for (int xx = 0; xx < dw; xx++) {
-            int32_t acc[RS_LANES];
-            for (int j = 0; j < RS_LANES; j++) acc[j] = 1 << (RS_BITS - 1);
-            const int32_t *k = a->w + (size_t)xx * (size_t)a->ksize;
-            const int16_t *b = blk + (size_t)a->first[xx] * RS_LANES;
-            for (int t = 0; t < a->n[xx]; t++, b += RS_LANES) {
-                int32_t kt = k[t];
-                for (int j = 0; j < RS_LANES; j++) acc[j] += b[j] * kt;
-            }
-            for (int r = 0; r < nr; r++) {
-                size_t o = (size_t)(yb - y0 + r) * dstride + (size_t)xx * 3;
-                for (int c = 0; c < 3; c++) {
-                    uint8_t v = rs_clip(acc[3 * r + c]);
-                    if (dst16)
-                        dst16[o + c] = v;
-                    else
-                        dst8[o + c] = v;
-                }
-            }
-        }
-    }
-}
-
-/* Vertical pass: whole rows are accumulated RS_CHUNK samples at a time; rows
- * are padded to a multiple of RS_CHUNK so that no loop has a remainder. */
-#define RS_CHUNK 16
-
-static size_t rs_padded(size_t n) { return (n + RS_CHUNK - 1) / RS_CHUNK * RS_CHUNK; }
-
-/* src: 16-bit rows of stride rs_padded(w·3), row 0 being input row `offset`
- * -> dst rows [yy0, yy1) of 8-bit pixels. acc holds rs_padded(w·3) sums. */
-static void rs_vertical(const int16_t *src, int w, int offset, const rs_axis *a, int yy0, int yy1,
-                        uint8_t *dst, int32_t *acc) {
-    size_t n = (size_t)w * 3, stride = rs_padded(n);
-    for (int yy = yy0; yy < yy1; yy++) {
-        const int32_t *k = a->w + (size_t)yy * (size_t)a->ksize;
-        for (size_t i = 0; i < stride; i++) acc[i] = 1 << (RS_BITS - 1);
-        for (int t = 0; t < a->n[yy]; t++) {
-            const int16_t *s = src + (size_t)(a->first[yy] - offset + t) * stride;
-            int32_t kt = k[t];
-            for (size_t i = 0; i < stride; i += RS_CHUNK)
-                for (int j = 0; j < RS_CHUNK; j++) acc[i + j] += s[i + j] * kt;
-        }
-        uint8_t *d = dst + (size_t)yy * n;
-        for (size_t i = 0; i < n; i++) d[i] = rs_clip(acc[i]);
-    }
-}
+ * A resize is a job: its horizontal pass writes the rows the vertical pass
+ * reads (y_first .. y_last) into an 8-bit intermediate, as Pillow's does;
+ * the vertical pass then writes each output row either to a plain image or,
+ * for the tiled resize of img_make_crops, straight into every crop that
+ * holds it (so the tiled image itself is never stored). A pass whose axis
+ * keeps its size is skipped as Pillow skips it: without a horizontal pass
+ * the vertical one reads the source; without a vertical pass a one-tap
+ * identity axis (weight 2^22) copies the rows, which gives the same bytes.
+ *
+ * Several jobs (the global and the tiled resize) run on one team of threads
+ * in three phases, each finished before the next starts: the weights of
+ * every axis (RS_WCHUNK outputs a task: two sines a tap make this a fifth of
+ * the work on one thread), every horizontal task (RS_ROWS rows of one job),
+ * every vertical task (RS_VROWS output rows of one job). Threads take tasks
+ * from shared counters; each output row is computed by the same arithmetic
+ * whichever thread takes it, so the result does not depend on the number
+ * of threads. A thread that cannot be started (nor, then, the ones it
+ * would have started) leaves its share to the others. The kernels
+ * (src/cpu/resample*.c) are the best this CPU has unless img_exec names
+ * others. */
 
 /* Largest output side accepted: keeps every size product in range and far
  * exceeds anything the crops need. */
 #define RS_MAX_SIDE (1 << 16)
+#define RS_MAX_THREADS 16
+/* Multiply-adds per thread below which another thread costs more than it
+ * saves (starting one is ~20-50 us; SIMD kernels do ~10^4 per us). */
+#define RS_MIN_WORK_PER_THREAD 1500000.0
+#define RS_VROWS 8
+#define RS_MAX_SCRATCH ((size_t)64 << 20)
 
-/* Both passes split into bands of rows on up to RS_THREADS threads when the
- * work is large enough to pay for starting them (a 640x480 photo's tiled
- * resize is ~40 million multiply-adds). Every output row is computed by
- * exactly the same arithmetic as on one thread, so the result is identical.
- * A thread that cannot be started leaves its band to the caller. */
-#define RS_THREADS 8
-#define RS_MIN_WORK_PER_THREAD 4000000.0
+typedef struct rs_job {
+    const uint8_t *src; /* [sh, sw, 3] */
+    int sw, sh, dw, dh;
+    rs_axis ax, ay;
+    int need_h;
+    int y_first, y_last; /* source rows the vertical pass reads */
+    uint8_t *mid;        /* rows [y_first, y_last) after the horizontal pass, stride dw·3 */
+    const uint8_t *vin;  /* what the vertical pass reads: mid, or the source's row y_first */
+    size_t vin_stride;
+    uint8_t *dst; /* plain output [dh, dw, 3], or NULL for tiles */
+    /* tiles: crop i·tw + j (of side crop, in tiles) is the window at
+     * (i·step, j·step) of the output */
+    uint8_t *tiles;
+    int crop, step, th, tw;
+    int h_tasks, v_tasks;
+} rs_job;
 
-typedef struct rs_band {
-    /* horizontal */
-    const uint8_t *src;
-    int sw, y0, y1, dw;
-    const rs_axis *a;
-    uint8_t *dst8;
-    int16_t *dst16;
-    size_t dstride;
-    int16_t *blk;
-    /* vertical (src16 set) */
-    const int16_t *src16;
-    int offset, yy0, yy1;
-    int32_t *acc;
-    uint8_t *dst;
-} rs_band;
+static void rs_job_free(rs_job *j) {
+    rs_axis_free(&j->ax);
+    rs_axis_free(&j->ay);
+    free(j->mid);
+    memset(j, 0, sizeof *j);
+}
 
-static void *rs_band_run(void *arg) {
-    rs_band *b = arg;
-    if (b->src16)
-        rs_vertical(b->src16, b->dw, b->offset, b->a, b->yy0, b->yy1, b->dst, b->acc);
+static albedo_status rs_axis_identity(rs_axis *a, int n, errbuf *e) {
+    memset(a, 0, sizeof *a);
+    a->ksize = 1;
+    a->first = malloc((size_t)n * sizeof *a->first);
+    a->n = malloc((size_t)n * sizeof *a->n);
+    a->w = malloc((size_t)n * sizeof *a->w);
+    if (!a->first || !a->n || !a->w) {
+        rs_axis_free(a);
+        return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "resize: out of memory");
+    }
+    for (int i = 0; i < n; i++) {
+        a->first[i] = i;
+        a->n[i] = 1;
+        a->w[i] = 1 << RS_BITS;
+    }
+    return ALBEDO_OK;
+}
+
+/* Coefficients, intermediate and task counts of a job whose src, sizes and
+ * destination are set. */
+static albedo_status rs_job_init(rs_job *j, errbuf *e) {
+    albedo_status st = ALBEDO_OK;
+    j->need_h = j->dw != j->sw;
+    if (j->dh != j->sh)
+        st = rs_axis_init(&j->ay, j->sh, j->dh, e);
     else
-        rs_horizontal(b->src, b->sw, b->y0, b->y1, b->a, b->dw, b->dst8, b->dst16, b->dstride, b->blk);
+        st = rs_axis_identity(&j->ay, j->dh, e);
+    if (st == ALBEDO_OK && j->need_h) st = rs_axis_init(&j->ax, j->sw, j->dw, e);
+    if (st != ALBEDO_OK) return st;
+    j->y_first = j->ay.first[0];
+    j->y_last = j->ay.first[j->dh - 1] + j->ay.n[j->dh - 1];
+    if (j->need_h) {
+        j->mid = malloc((size_t)(j->y_last - j->y_first) * (size_t)j->dw * 3);
+        if (!j->mid)
+            return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "resize: out of memory for %dx%d -> %dx%d",
+                        j->sw, j->sh, j->dw, j->dh);
+        j->vin = j->mid;
+        j->vin_stride = (size_t)j->dw * 3;
+        j->h_tasks = (j->y_last - j->y_first + RS_ROWS - 1) / RS_ROWS;
+    } else {
+        j->vin = j->src + (size_t)j->y_first * (size_t)j->sw * 3;
+        j->vin_stride = (size_t)j->sw * 3;
+    }
+    j->v_tasks = (j->dh + RS_VROWS - 1) / RS_VROWS;
+    return ALBEDO_OK;
+}
+
+/* Multiply-adds of a job, to size the team. */
+static double rs_job_work(const rs_job *j) {
+    double h = j->need_h ? (double)(j->y_last - j->y_first) * j->dw * 3 * j->ax.ksize : 0;
+    return h + (double)j->dh * j->dw * 3 * j->ay.ksize;
+}
+
+/* Weight tasks: chunks of RS_WCHUNK outputs of an axis. */
+#define RS_WCHUNK 64
+
+enum { RS_WEIGHTS, RS_HORIZONTAL, RS_VERTICAL, RS_PHASES };
+
+typedef struct rs_team {
+    rs_job *jobs;
+    int n_jobs;
+    const rs_kernels *k;
+    int total[RS_PHASES];
+    atomic_int next[RS_PHASES];
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done[RS_PHASES];            /* under mu */
+    size_t blk_len, row_len, k_len; /* per-thread scratch: int32 samples, bytes, doubles */
+    int32_t *blk;                   /* [threads][blk_len], 64-byte aligned */
+    uint8_t *row;                   /* [threads][row_len] */
+    double *kd;                     /* [threads][k_len] */
+} rs_team;
+
+/* The axes whose weights are still to be computed: job i's ax then ay. */
+static int rs_wtasks(const rs_axis *a) {
+    return a->n_out ? (a->n_out + RS_WCHUNK - 1) / RS_WCHUNK : 0;
+}
+
+static void rs_wtask(rs_team *T, int task, double *kd) {
+    for (int i = 0; i < T->n_jobs; i++) {
+        rs_axis *axes[2] = {&T->jobs[i].ax, &T->jobs[i].ay};
+        for (int k = 0; k < 2; k++) {
+            int n = rs_wtasks(axes[k]);
+            if (task < n) {
+                int i0 = task * RS_WCHUNK,
+                    i1 = i0 + RS_WCHUNK < axes[k]->n_out ? i0 + RS_WCHUNK : axes[k]->n_out;
+                rs_axis_weights(axes[k], i0, i1, kd);
+                return;
+            }
+            task -= n;
+        }
+    }
+}
+
+static void rs_htask(const rs_team *T, rs_job *j, int task, int32_t *blk) {
+    const int y0 = j->y_first + task * RS_ROWS;
+    const int nr = j->y_last - y0 < RS_ROWS ? j->y_last - y0 : RS_ROWS;
+    const uint8_t *src[RS_ROWS];
+    uint8_t *dst[RS_ROWS];
+    for (int r = 0; r < RS_ROWS; r++) {
+        const int y = y0 + (r < nr ? r : nr - 1);
+        src[r] = j->src + (size_t)y * (size_t)j->sw * 3;
+        dst[r] = j->mid + (size_t)(y - j->y_first) * (size_t)j->dw * 3;
+    }
+    T->k->hblock(src, j->sw, &j->ax, j->dw, dst, blk);
+}
+
+static void rs_vtask(const rs_team *T, rs_job *j, int task, uint8_t *row) {
+    const int yy0 = task * RS_VROWS, yy1 = yy0 + RS_VROWS < j->dh ? yy0 + RS_VROWS : j->dh;
+    const size_t n = (size_t)j->dw * 3, cb = (size_t)j->crop * (size_t)j->crop * 3;
+    for (int yy = yy0; yy < yy1; yy++) {
+        const int32_t *w = j->ay.w + (size_t)yy * (size_t)j->ay.ksize;
+        const uint8_t *s = j->vin + (size_t)(j->ay.first[yy] - j->y_first) * j->vin_stride;
+        if (j->dst) {
+            T->k->vrow(s, j->vin_stride, w, j->ay.n[yy], n, j->dst + (size_t)yy * n);
+            continue;
+        }
+        T->k->vrow(s, j->vin_stride, w, j->ay.n[yy], n, row);
+        /* tile rows i with i·step <= yy < i·step + crop */
+        int i0 = yy < j->crop ? 0 : (yy - j->crop) / j->step + 1, i1 = yy / j->step;
+        if (i1 > j->th - 1) i1 = j->th - 1;
+        for (int i = i0; i <= i1; i++)
+            for (int t = 0; t < j->tw; t++)
+                memcpy(j->tiles + cb * (size_t)(i * j->tw + t) +
+                           (size_t)(yy - i * j->step) * (size_t)j->crop * 3,
+                       row + (size_t)t * (size_t)j->step * 3, (size_t)j->crop * 3);
+    }
+}
+
+/* Task number -> job and its own task number. */
+static rs_job *rs_task_job(const rs_team *T, int *task, int vertical) {
+    for (int i = 0; i < T->n_jobs; i++) {
+        int n = vertical ? T->jobs[i].v_tasks : T->jobs[i].h_tasks;
+        if (*task < n) return &T->jobs[i];
+        *task -= n;
+    }
     return NULL;
 }
 
-static int rs_threads_for(double work) {
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    int n = (int)(work / RS_MIN_WORK_PER_THREAD);
-    if (n > RS_THREADS) n = RS_THREADS;
-    if (cpus > 0 && n > cpus) n = (int)cpus;
-    return n < 1 ? 1 : n;
+/* Worker i starts workers 2i + 1 and 2i + 2 (when < n) and joins them when
+ * done: the team is up after log2(n) thread starts (~13 us each on the
+ * 2-core VM), not n - 1 in a row on the caller. */
+typedef struct rs_worker {
+    rs_team *T;
+    struct rs_worker *all;
+    int id, n;
+} rs_worker;
+
+static void *rs_work(void *arg) {
+    rs_worker *w = arg;
+    rs_team *T = w->T;
+    pthread_t kids[2];
+    int started[2] = {0, 0};
+    for (int c = 0; c < 2; c++) {
+        const int id = 2 * w->id + 1 + c;
+        if (id < w->n) started[c] = pthread_create(&kids[c], NULL, rs_work, &w->all[id]) == 0;
+    }
+    int32_t *blk = T->blk + (size_t)w->id * T->blk_len;
+    uint8_t *row = T->row + (size_t)w->id * T->row_len;
+    double *kd = T->kd + (size_t)w->id * T->k_len;
+    for (int p = 0; p < RS_PHASES; p++) {
+        int done = 0;
+        for (;; done++) {
+            int t = atomic_fetch_add(&T->next[p], 1);
+            if (t >= T->total[p]) break;
+            if (p == RS_WEIGHTS) {
+                rs_wtask(T, t, kd);
+            } else {
+                rs_job *j = rs_task_job(T, &t, p == RS_VERTICAL);
+                if (p == RS_HORIZONTAL)
+                    rs_htask(T, j, t, blk);
+                else
+                    rs_vtask(T, j, t, row);
+            }
+        }
+        if (p == RS_VERTICAL) break;
+        /* Every task of this phase done before any of the next starts. */
+        pthread_mutex_lock(&T->mu);
+        T->done[p] += done;
+        if (T->done[p] == T->total[p]) pthread_cond_broadcast(&T->cv);
+        while (T->done[p] < T->total[p]) pthread_cond_wait(&T->cv, &T->mu);
+        pthread_mutex_unlock(&T->mu);
+    }
+    for (int c = 0; c < 2; c++)
+        if (started[c]) pthread_join(kids[c], NULL);
+    return NULL;
 }
 
-/* Run bands [0, n) on threads (band 0 on the caller). */
-static void rs_run_bands(rs_band *b, int n) {
-    pthread_t th[RS_THREADS];
-    int started[RS_THREADS] = {0};
-    for (int i = 1; i < n; i++) started[i] = pthread_create(&th[i], NULL, rs_band_run, &b[i]) == 0;
-    rs_band_run(&b[0]);
-    for (int i = 1; i < n; i++) {
-        if (started[i])
-            pthread_join(th[i], NULL);
-        else
-            rs_band_run(&b[i]);
+/* Runs initialised jobs to completion on a team of threads: x->threads of
+ * them when set, else as many as the work pays for, one per CPU at most. */
+static albedo_status rs_run(rs_job *jobs, int n_jobs, const img_exec *x, errbuf *e) {
+    const rs_kernels *k = rs_kernels_get(x ? x->kernels : NULL);
+    if (!k)
+        return errf(e, ALBEDO_ERR_UNSUPPORTED, "resize: kernels '%s' are not available here",
+                    x->kernels);
+    rs_team T = {.jobs = jobs, .n_jobs = n_jobs, .k = k};
+    double work = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        T.total[RS_WEIGHTS] += rs_wtasks(&jobs[i].ax) + rs_wtasks(&jobs[i].ay);
+        T.total[RS_HORIZONTAL] += jobs[i].h_tasks;
+        T.total[RS_VERTICAL] += jobs[i].v_tasks;
+        work += rs_job_work(&jobs[i]);
+        if ((size_t)jobs[i].ax.ksize > T.k_len) T.k_len = (size_t)jobs[i].ax.ksize;
+        if ((size_t)jobs[i].ay.ksize > T.k_len) T.k_len = (size_t)jobs[i].ay.ksize;
+        if (jobs[i].need_h && (size_t)jobs[i].sw * RS_LANES > T.blk_len)
+            T.blk_len = (size_t)jobs[i].sw * RS_LANES;
+        if (!jobs[i].dst && (size_t)jobs[i].dw * 3 > T.row_len) T.row_len = (size_t)jobs[i].dw * 3;
     }
+    if (T.k_len < 1) T.k_len = 1;
+    T.blk_len = (T.blk_len + 15) / 16 * 16; /* keeps each thread's block 64-byte aligned */
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int nt = (int)(work / RS_MIN_WORK_PER_THREAD);
+    if (nt > RS_MAX_THREADS) nt = RS_MAX_THREADS;
+    if (cpus > 0 && nt > cpus) nt = (int)cpus;
+    if (x && x->threads > 0) nt = x->threads < RS_MAX_THREADS ? x->threads : RS_MAX_THREADS;
+    /* A horizontal block is 128 bytes a source pixel (8 MiB for a 65535-wide
+     * image): fewer threads rather than more than RS_MAX_SCRATCH in all. */
+    const size_t per = T.blk_len * sizeof *T.blk + T.row_len + T.k_len * sizeof *T.kd;
+    if (nt > 1 && (size_t)nt * per > RS_MAX_SCRATCH) nt = (int)(RS_MAX_SCRATCH / per);
+    if (nt < 1) nt = 1;
+    T.blk = T.blk_len ? aligned_alloc(64, (size_t)nt * T.blk_len * sizeof *T.blk) : NULL;
+    T.row = T.row_len ? malloc((size_t)nt * T.row_len) : NULL;
+    T.kd = malloc((size_t)nt * T.k_len * sizeof *T.kd);
+    if ((T.blk_len && !T.blk) || (T.row_len && !T.row) || !T.kd) {
+        free(T.blk);
+        free(T.row);
+        free(T.kd);
+        return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "resize: out of memory for %d threads", nt);
+    }
+    for (int p = 0; p < RS_PHASES; p++) atomic_init(&T.next[p], 0);
+    pthread_mutex_init(&T.mu, NULL);
+    pthread_cond_init(&T.cv, NULL);
+    rs_worker w[RS_MAX_THREADS];
+    for (int i = 0; i < nt; i++) w[i] = (rs_worker){&T, w, i, nt};
+    rs_work(&w[0]); /* the caller is worker 0 */
+    pthread_cond_destroy(&T.cv);
+    pthread_mutex_destroy(&T.mu);
+    free(T.blk);
+    free(T.row);
+    free(T.kd);
+    return ALBEDO_OK;
+}
+
+const char *img_kernels_name(const char *name) {
+    const rs_kernels *k = rs_kernels_get(name);
+    return k ? k->name : NULL;
 }
 
 albedo_status img_resize_lanczos(const img_rgb *src, int out_w, int out_h, img_rgb *dst,
                                  errbuf *e) {
+    return img_resize_lanczos_x(src, out_w, out_h, dst, NULL, e);
+}
+
+albedo_status img_resize_lanczos_x(const img_rgb *src, int out_w, int out_h, img_rgb *dst,
+                                   const img_exec *x, errbuf *e) {
     if (!dst) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "resize: no output given");
     memset(dst, 0, sizeof *dst);
     if (!src || !src->px || src->w <= 0 || src->h <= 0)
@@ -910,87 +1080,18 @@ albedo_status img_resize_lanczos(const img_rgb *src, int out_w, int out_h, img_r
     /* Beyond this, Pillow's int arithmetic (filter length) would overflow. */
     if (src->w > (1 << 28) || src->h > (1 << 28))
         return errf(e, ALBEDO_ERR_LIMIT, "resize: source %dx%d is too large", src->w, src->h);
-    int sw = src->w, sh = src->h;
     albedo_status st = alloc_rgb(dst, out_w, out_h, e);
     if (st != ALBEDO_OK) return st;
-    if (sw == out_w && sh == out_h) {
-        memcpy(dst->px, src->px, (size_t)sw * (size_t)sh * 3);
+    if (src->w == out_w && src->h == out_h) {
+        memcpy(dst->px, src->px, (size_t)out_w * (size_t)out_h * 3);
         return ALBEDO_OK;
     }
-
-    rs_axis ax = {0}, ay = {0};
-    int16_t *tmp = NULL, *blk = NULL;
-    int32_t *acc = NULL;
-    int need_h = out_w != sw, need_v = out_h != sh;
-    if (need_v) st = rs_axis_init(&ay, sh, out_h, e);
-    if (st == ALBEDO_OK && need_h) st = rs_axis_init(&ax, sw, out_w, e);
-    if (st != ALBEDO_OK) goto fail;
-
-    /* Rows the vertical pass reads (all of them when it is skipped). */
-    int y_first = need_v ? ay.first[0] : 0;
-    int y_last = need_v ? ay.first[out_h - 1] + ay.n[out_h - 1] : sh;
-    size_t vstride = rs_padded((size_t)out_w * 3);
-    int nv = need_v ? rs_threads_for((double)out_h * (double)vstride * ay.ksize) : 1;
-    if (nv > out_h) nv = out_h;
-    if (need_v) {
-        tmp = calloc(vstride * (size_t)(y_last - y_first), sizeof *tmp);
-        acc = malloc((size_t)nv * vstride * sizeof *acc);
-        if (!tmp || !acc) goto oom;
-    }
-    if (need_h) {
-        const int hy0 = need_v ? y_first : 0, hy1 = need_v ? y_last : sh;
-        int nt = rs_threads_for((double)(hy1 - hy0) * out_w * 3 * ax.ksize);
-        /* bands of whole RS_ROWS blocks */
-        const int blocks = (hy1 - hy0 + RS_ROWS - 1) / RS_ROWS;
-        if (nt > blocks) nt = blocks;
-        blk = malloc((size_t)nt * (size_t)sw * RS_LANES * sizeof *blk);
-        if (!blk) goto oom;
-        rs_band band[RS_THREADS];
-        for (int i = 0; i < nt; i++) {
-            const int b0 = blocks * i / nt, b1 = blocks * (i + 1) / nt;
-            const int y0 = hy0 + b0 * RS_ROWS, y1 = hy0 + b1 * RS_ROWS < hy1 ? hy0 + b1 * RS_ROWS : hy1;
-            band[i] = (rs_band){.src = src->px, .sw = sw, .y0 = y0, .y1 = y1, .dw = out_w, .a = &ax,
-                                .blk = blk + (size_t)i * (size_t)sw * RS_LANES};
-            if (need_v) {
-                band[i].dst16 = tmp + (size_t)(y0 - y_first) * vstride;
-                band[i].dstride = vstride;
-            } else {
-                band[i].dst8 = dst->px + (size_t)y0 * (size_t)out_w * 3;
-                band[i].dstride = (size_t)out_w * 3;
-            }
-        }
-        rs_run_bands(band, nt);
-    } else {
-        /* Vertical pass only: widen the rows it reads. */
-        for (int y = y_first; y < y_last; y++) {
-            const uint8_t *s = src->px + (size_t)y * (size_t)sw * 3;
-            int16_t *d = tmp + (size_t)(y - y_first) * vstride;
-            for (size_t i = 0; i < (size_t)sw * 3; i++) d[i] = s[i];
-        }
-    }
-    if (need_v) {
-        rs_band band[RS_THREADS];
-        for (int i = 0; i < nv; i++)
-            band[i] = (rs_band){.src16 = tmp, .dw = out_w, .offset = y_first, .a = &ay, .yy0 = out_h * i / nv,
-                                .yy1 = out_h * (i + 1) / nv, .acc = acc + (size_t)i * vstride, .dst = dst->px};
-        rs_run_bands(band, nv);
-    }
-    free(acc);
-    free(tmp);
-    free(blk);
-    rs_axis_free(&ax);
-    rs_axis_free(&ay);
-    return ALBEDO_OK;
-oom:
-    st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "resize: out of memory for %dx%d -> %dx%d", sw, sh,
-              out_w, out_h);
-fail:
-    free(acc);
-    free(tmp);
-    free(blk);
-    rs_axis_free(&ax);
-    rs_axis_free(&ay);
-    img_free(dst);
+    rs_job j = {
+        .src = src->px, .sw = src->w, .sh = src->h, .dw = out_w, .dh = out_h, .dst = dst->px};
+    st = rs_job_init(&j, e);
+    if (st == ALBEDO_OK) st = rs_run(&j, 1, x, e);
+    rs_job_free(&j);
+    if (st != ALBEDO_OK) img_free(dst);
     return st;
 }
 
@@ -1033,6 +1134,11 @@ void img_crops_free(img_crops *c) {
 
 albedo_status img_make_crops(const img_rgb *im, int crop_size, int patch_size, int margin_patches,
                              int max_crops, img_crops *out, errbuf *e) {
+    return img_make_crops_x(im, crop_size, patch_size, margin_patches, max_crops, NULL, out, e);
+}
+
+albedo_status img_make_crops_x(const img_rgb *im, int crop_size, int patch_size, int margin_patches,
+                               int max_crops, const img_exec *x, img_crops *out, errbuf *e) {
     if (!out) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "crops: no output given");
     memset(out, 0, sizeof *out);
     if (!im || !im->px || im->w <= 0 || im->h <= 0)
@@ -1061,39 +1167,35 @@ albedo_status img_make_crops(const img_rgb *im, int crop_size, int patch_size, i
     uint8_t *px = malloc(crop_bytes * (size_t)n);
     if (!px) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "crops: out of memory for %d crops", n);
 
-    img_rgb global, tiled;
-    albedo_status st = img_resize_lanczos(im, crop_size, crop_size, &global, e);
+    /* The global crop and the tiles, resized together (one team of
+     * threads). The tiles' windows exactly cover the tiled resize: rh =
+     * th·window + 2·margin = (th - 1)·window + crop_size, and likewise rw,
+     * so none runs off the image and no zero padding (which the reference
+     * would apply) is ever needed. A 1x1 tiling is the global resize again. */
+    const int same = rw == crop_size && rh == crop_size;
+    rs_job jobs[2] = {
+        {.src = im->px, .sw = im->w, .sh = im->h, .dw = crop_size, .dh = crop_size, .dst = px},
+        {.src = im->px,
+         .sw = im->w,
+         .sh = im->h,
+         .dw = rw,
+         .dh = rh,
+         .tiles = px + crop_bytes,
+         .crop = crop_size,
+         .step = window,
+         .th = th,
+         .tw = tw},
+    };
+    const int n_jobs = same ? 1 : 2;
+    albedo_status st = ALBEDO_OK;
+    for (int i = 0; i < n_jobs && st == ALBEDO_OK; i++) st = rs_job_init(&jobs[i], e);
+    if (st == ALBEDO_OK) st = rs_run(jobs, n_jobs, x, e);
+    for (int i = 0; i < 2; i++) rs_job_free(&jobs[i]);
     if (st != ALBEDO_OK) {
         free(px);
         return st;
     }
-    memcpy(px, global.px, crop_bytes);
-    if (rw == crop_size && rh == crop_size) {
-        tiled = global; /* 1x1 tiling: the same resize, done once */
-    } else {
-        st = img_resize_lanczos(im, rw, rh, &tiled, e);
-        if (st != ALBEDO_OK) {
-            img_free(&global);
-            free(px);
-            return st;
-        }
-    }
-    /* Windows never run off the resized image (rh = window·(th-1) + crop),
-     * but the reference zero-pads if they did, and so does this. */
-    for (int i = 0; i < th; i++) {
-        for (int j = 0; j < tw; j++) {
-            uint8_t *c = px + crop_bytes * (size_t)(1 + i * tw + j);
-            int y0 = i * window, x0 = j * window;
-            memset(c, 0, crop_bytes);
-            int cols = rw - x0 < crop_size ? rw - x0 : crop_size;
-            for (int y = 0; y < crop_size && y0 + y < rh; y++)
-                memcpy(c + (size_t)y * (size_t)crop_size * 3,
-                       tiled.px + ((size_t)(y0 + y) * (size_t)rw + (size_t)x0) * 3,
-                       (size_t)cols * 3);
-        }
-    }
-    if (tiled.px != global.px) img_free(&tiled);
-    img_free(&global);
+    if (same) memcpy(px + crop_bytes, px, crop_bytes);
     out->n = n;
     out->th = th;
     out->tw = tw;

@@ -48,7 +48,9 @@ albedo_status img_resize_lanczos(const img_rgb *src, int out_w, int out_h, img_r
 void img_select_tiling(int h, int w, int c, int max_crops, int *th, int *tw);
 
 /* spec §4.1: the global crop then th*tw overlapping local crops, each
- * crop_size x crop_size x 3 u8, in *crops (malloc'ed, [n, cs, cs, 3]). */
+ * crop_size x crop_size x 3 u8, in *crops (malloc'ed, [n, cs, cs, 3]). The
+ * two resizes run together on up to 16 threads (as many as the work pays
+ * for, one per CPU at most); the bytes do not depend on the count. */
 typedef struct img_crops {
     int n;      /* th*tw + 1 */
     int th, tw; /* tiling */
@@ -59,5 +61,22 @@ typedef struct img_crops {
 albedo_status img_make_crops(const img_rgb *im, int crop_size, int patch_size, int margin_patches,
                              int max_crops, img_crops *out, errbuf *e);
 void img_crops_free(img_crops *c);
+
+/* How the resizer runs, for tests and benchmarks (the library passes NULL,
+ * meaning the defaults); the output never depends on it. */
+typedef struct img_exec {
+    int threads;         /* 0: as many as the work pays for, one per CPU at most, up to 16;
+                            else exactly this many, up to 16 */
+    const char *kernels; /* NULL: the best this CPU has; else "scalar", "avx2", "avx512", "neon" */
+} img_exec;
+
+albedo_status img_resize_lanczos_x(const img_rgb *src, int out_w, int out_h, img_rgb *dst,
+                                   const img_exec *x, errbuf *e);
+albedo_status img_make_crops_x(const img_rgb *im, int crop_size, int patch_size, int margin_patches,
+                               int max_crops, const img_exec *x, img_crops *out, errbuf *e);
+/* The name of the kernels that name selects (NULL: the best this CPU has),
+ * or NULL where this CPU or build lacks them (the _x functions then fail
+ * with ALBEDO_ERR_UNSUPPORTED). */
+const char *img_kernels_name(const char *name);
 
 #endif

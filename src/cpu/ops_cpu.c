@@ -307,21 +307,38 @@ static void gemv_q_float(int T, int K, const float *x, size_t ldx, const void *w
     }
 }
 
+/* The share of one task of a packed-panel product (lin_gemm_task,
+ * qlin_task): task = chunk + n_chunks · group, where chunk c of n_chunks
+ * takes panels [p0, p1) of n_panels (nr outputs each) and group g takes rows
+ * [t0, t1), t_per rows a group. Returns 0 when the share is empty;
+ * otherwise L's bias for those panels' outputs is staged as floats at bias
+ * (kernels read one dtype), bias[0] being output p0·nr. */
+static int gemm_task_share(int task, int n_chunks, int n_panels, int t_per, int T,
+                           const op_linear *L, int nr, float *bias, int *p0, int *p1, int *t0,
+                           int *t1) {
+    const int nc = task % n_chunks, tc = task / n_chunks;
+    *p0 = (int)((long long)nc * n_panels / n_chunks);
+    *p1 = (int)((long long)(nc + 1) * n_panels / n_chunks);
+    *t0 = tc * t_per;
+    *t1 = imin(T, *t0 + t_per);
+    if (*p0 >= *p1 || *t0 >= *t1) return 0;
+    if (L->b)
+        for (int n = *p0 * nr; n < imin(*p1 * nr, L->n_out); n++)
+            bias[n - *p0 * nr] = cpu_ld(L->b, L->bdt, (size_t)n);
+    return 1;
+}
+
 static void lin_gemm_task(void *arg, int task, int thread) {
     const lin_job *j = arg;
     const cpu_gemm *g = j->g;
     const op_linear *L = j->L;
     const int nr = g->nr, N = L->n_out;
-    const int nc = task % j->n_chunks, tc = task / j->n_chunks;
-    const int p0 = (int)((long long)nc * j->n_panels / j->n_chunks);
-    const int p1 = (int)((long long)(nc + 1) * j->n_panels / j->n_chunks);
-    const int t0 = tc * j->t_per, t1 = imin(j->T, t0 + j->t_per);
-    if (p0 >= p1 || t0 >= t1) return;
     char *wp = j->sp[thread];
     float *bias = (float *)(wp + (size_t)j->max_panels * nr * g->kc * 4);
-    if (L->b)
-        for (int n = p0 * nr; n < imin(p1 * nr, N); n++)
-            bias[n - p0 * nr] = cpu_ld(L->b, L->bdt, (size_t)n);
+    int p0, p1, t0, t1;
+    if (!gemm_task_share(task, j->n_chunks, j->n_panels, j->t_per, j->T, L, nr, bias, &p0, &p1,
+                         &t0, &t1))
+        return;
     const size_t esz = j->q ? 0 : dt_bytes(L->dt), rb = j->q ? q_row_bytes(L->dt, j->K) : 0;
     for (int e0 = 0; e0 < j->Ke; e0 += g->kc) {
         const int ec = imin(g->kc, j->Ke - e0);
@@ -424,15 +441,12 @@ static void qlin_task(void *arg, int task, int thread) {
     const cpu_qgemm *g = j->g;
     const op_linear *L = j->L;
     const int nr = g->nr, N = L->n_out;
-    const int nc = task % j->n_chunks, tc = task / j->n_chunks;
-    const int p0 = (int)((long long)nc * j->n_panels / j->n_chunks);
-    const int p1 = (int)((long long)(nc + 1) * j->n_panels / j->n_chunks);
-    const int t0 = tc * j->t_per, t1 = imin(j->T, t0 + j->t_per);
-    if (p0 >= p1 || t0 >= t1) return;
     char *wp = j->sp[thread];
     float *bias = (float *)(void *)(wp + (size_t)j->max_panels * g->kb * CPU_QBLK_BYTES(nr));
-    if (L->b)
-        for (int n = p0 * nr; n < imin(p1 * nr, N); n++) bias[n - p0 * nr] = cpu_ld(L->b, L->bdt, (size_t)n);
+    int p0, p1, t0, t1;
+    if (!gemm_task_share(task, j->n_chunks, j->n_panels, j->t_per, j->T, L, nr, bias, &p0, &p1,
+                         &t0, &t1))
+        return;
     const size_t rb = q_row_bytes(L->dt, j->K);
     for (int b0 = 0; b0 < j->nb; b0 += g->kb) {
         const int bn = imin(g->kb, j->nb - b0);
