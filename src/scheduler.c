@@ -48,7 +48,12 @@
  * Encode-ahead: when every batch slot is taken, up to `ahead` more tickets
  * with an image to build are admitted (on a GPU model as many as the image
  * worker has threads, at most max_batch; none on the CPU; the environment's
- * ALBEDO_ENCODE_AHEAD sets it). Their prefix is built while the running
+ * ALBEDO_ENCODE_AHEAD sets it), each once it would have a slot by the time
+ * its build ends (slot_in_time: the running requests' bounds on their
+ * remaining steps times the last step's duration, and the runs queued
+ * before it, against the builds' moving average), so that it neither
+ * waits long for a slot nor slows the builds of requests that hold one.
+ * Their prefix is built while the running
  * requests decode, enters the prefix cache at once, and the ticket takes a
  * slot when one frees, after any ticket queued before it that could start
  * at once (promote_ahead). Such tickets never step beyond max_batch; their
@@ -128,6 +133,8 @@ struct albedo_ticket {
     kv_seq seq;
     int cached;            /* prefix from the cache */
     int ahead;             /* admitted beyond max_batch to build its image early */
+    int decode_budget;     /* decode steps its loops may take (upper bound) */
+    int decode_steps;      /* one-row steps served so far */
     pthread_t th;
     int th_started;
     albedo_status status;
@@ -180,6 +187,7 @@ struct albedo_engine {
     albedo_ticket **run; /* [max_batch + ahead] admitted: encoding, waiting or running */
     int n_run;
     int ahead; /* images built beyond max_batch (encode_ahead) */
+    double build_ms; /* under mu: moving average of the image worker's builds */
     img_worker w;
     uint64_t *forget; /* [n_forget][2] keys of freed albedo_images */
     int n_forget, cap_forget;
@@ -317,9 +325,12 @@ static void *worker_main(void *arg) {
         t->next = NULL;
         W->n_busy++;
         pthread_mutex_unlock(&E->mu);
+        const double b0 = now_ms();
         albedo_status st = build_prefix(E, wt, t);
+        const double took = now_ms() - b0;
         pthread_mutex_lock(&E->mu);
         W->n_busy--;
+        if (!st) E->build_ms = E->build_ms > 0 ? 0.75 * E->build_ms + 0.25 * took : took;
         t->built = 1;
         t->build_st = st;
         E->events++;
@@ -432,6 +443,15 @@ static int estimate_positions(const albedo_engine *E, const albedo_ticket *t) {
     default: n += (r->reasoning ? 2 : 1) * r->max_tokens + MD_MAX_TEMPLATE + 2; break;
     }
     return n < E->st.max_ctx ? n : E->st.max_ctx;
+}
+
+/* One-row steps a request's loops may take: its outputs (and reasoning). */
+static int estimate_decode_steps(const albedo_request *r) {
+    switch (r->skill) {
+    case ALBEDO_SKILL_DETECT: return 3 * r->max_objects + 2;
+    case ALBEDO_SKILL_POINT: return 2 * r->max_objects + 2;
+    default: return (r->reasoning ? 2 : 1) * r->max_tokens + 2;
+    }
 }
 
 /* End t (any state but DONE) with status st. Called with mu held; drops it
@@ -560,11 +580,15 @@ static int slots_used(const albedo_engine *E, int *ahead) {
 /* Whether a ticket queued before t could start at once (no image to build:
  * none, its prefix cached, or a caller's albedo_image), so that a free slot
  * goes to it before t. Called with mu held. */
+static int queued_ready(const albedo_engine *E, const albedo_ticket *q) {
+    if (!q->has_image || q->caller) return 1;
+    return !prefix_building(E, q->key) && prefix_lookup((kv_prefix_cache *)&E->pc, q->key);
+}
+
 static int earlier_ready(const albedo_engine *E, const albedo_ticket *t) {
     for (const albedo_ticket *q = E->q_head; q && q->t_submit <= t->t_submit; q = q->next) {
         if (q == t) break;
-        if (!q->has_image || q->caller) return 1;
-        if (!prefix_building(E, q->key) && prefix_lookup((kv_prefix_cache *)&E->pc, q->key)) return 1;
+        if (queued_ready(E, q)) return 1;
     }
     return 0;
 }
@@ -582,6 +606,34 @@ static void promote_ahead(albedo_engine *E) {
         used++;
         if (t->built) E->events++; /* collect starts it: the scheduler goes round again */
     }
+}
+
+/* Whether queued ticket t, if its image were built ahead now, would have a
+ * slot by the time the build ends (the builds' moving average): the
+ * soonest slot to free (its holder's bound on remaining steps times the
+ * last step's duration; a holder still building does not count: two
+ * builds at once slow each other),
+ * then the runs that take slots before t (tickets built ahead already, and
+ * those queued before it that could start at once) spread over the slots.
+ * So an image built ahead waits little for its slot and does not slow the
+ * builds of the requests that hold one. Called with mu held. */
+static int slot_in_time(const albedo_engine *E, const albedo_ticket *t) {
+    if (E->build_ms <= 0) return 1; /* no build timed yet */
+    const double step = E->last_step_ms > 0.5 ? E->last_step_ms : 0.5;
+    double soonest = INFINITY, before = 0;
+    for (int i = 0; i < E->n_run; i++) {
+        const albedo_ticket *r = E->run[i];
+        const int left = r->decode_budget - r->decode_steps > 0 ? r->decode_budget - r->decode_steps : 0;
+        if (r->ahead) {
+            before += left * step;
+            continue;
+        }
+        if (r->state == TK_ENCODE && !r->built) continue; /* building: not soon, and builds compete */
+        if (left * step < soonest) soonest = left * step;
+    }
+    for (const albedo_ticket *q = E->q_head; q && q != t && q->t_submit <= t->t_submit; q = q->next)
+        if (queued_ready(E, q)) before += q->decode_budget * step;
+    return soonest + before / E->p.max_batch <= E->build_ms;
 }
 
 /* Admit queue heads while a slot and their blocks are free. FIFO: a head
@@ -617,6 +669,7 @@ static void admit(albedo_engine *E) {
             prev = t;
             continue;
         }
+        if (ahead && !slot_in_time(E, t)) break; /* nor will a later one */
         const int total = kv_blocks_for(&E->pool, t->est_pos);
         const int need = total - (hit ? c->prefix_attn / E->pool.block : 0);
         if (total > E->pool.n_blocks)
@@ -859,6 +912,7 @@ static int run_step(albedo_engine *E) {
     for (int i = 0; i < n; i++) {
         albedo_ticket *t = E->step[i];
         t->done_rows += E->take[i];
+        if (t->T == 1) t->decode_steps++;
         if (st) {
             serve_error(t, st, E->err.msg);
         } else if (t->done_rows == t->T) {
@@ -866,6 +920,17 @@ static int run_step(albedo_engine *E) {
             t->posted = 0;
             t->served = 1;
             pthread_cond_broadcast(&t->cv); /* the request thread; ticket_wait ignores it */
+        }
+    }
+    /* With room to build ahead and requests queued, the scheduler looks
+     * again whether an image built now would have its slot in time
+     * (slot_in_time). */
+    if (E->ahead && E->q_head) {
+        int n_ahead;
+        slots_used(E, &n_ahead);
+        if (n_ahead < E->ahead) {
+            E->events++;
+            pthread_cond_signal(&E->cv);
         }
     }
     /* Rows left over (a prompt's next chunk, a post during the step): the
@@ -1130,6 +1195,7 @@ albedo_status albedo_engine_submit(albedo_engine *E, const albedo_request *r, co
         return ALBEDO_ERR_OUT_OF_MEMORY;
     }
     t->est_pos = estimate_positions(E, t);
+    t->decode_budget = estimate_decode_steps(&t->req);
     t->t_submit = now_ms();
     pthread_mutex_lock(&E->mu);
     if (E->stop || E->n_queued >= E->p.max_queue) {
@@ -1248,6 +1314,7 @@ albedo_status engine_run_session(albedo_engine *E, albedo_session *s, const albe
         t->key[1] = IMAGE_KEY_TAG;
     }
     t->est_pos = estimate_positions(E, t);
+    t->decode_budget = estimate_decode_steps(&t->req);
     t->t_submit = now_ms();
     pthread_mutex_lock(&E->mu);
     enqueue(E, t);
