@@ -50,9 +50,17 @@
 
 #include "gpu_runs.h"
 
-/* FP8 experts' bounds, set from the measurement (docs/CUDA.md, FP8 experts). */
-#define FP8X_LOGITS_TOL 0.2
-#define FP8X_AGREE 0.9
+/* FP8 experts' bounds, set from the measurement (docs/CUDA.md, FP8 experts;
+ * e4m3 keeps 3 mantissa bits, a relative rounding of up to 2^-4 per weight
+ * against bf16's 2^-8). Measured on an H100 against the float32 CPU path
+ * over the 26 cases: first logits rel L2 mean 1.2e-2, worst 3.7e-2 (the
+ * astronaut captions and query: the bf16 experts give 2.5e-3 there), max
+ * abs 0.49; teacher-forced top-1 349 of 350 rows, all 64 rows with a CPU
+ * margin >= 1.0 agreeing; 23 of 26 cases fed the CPU's tokens throughout.
+ * The bounds: ~3x the worst error; a margin above twice the largest logit
+ * error; 97 % of rows. */
+#define FP8X_LOGITS_TOL 0.1
+#define FP8X_AGREE 0.97
 #define FP8X_MARGIN 1.0
 
 /* ---- the cases ------------------------------------------------------------------------- */
