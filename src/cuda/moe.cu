@@ -386,74 +386,117 @@ __device__ __forceinline__ float dot8_f8(const uint2 w, const uint4 x) {
     return s;
 }
 
+#define MOE_F8_UP_J 2   /* fc1 columns j per warp (4 weight rows: both halves) */
+#define MOE_F8_DOWN_N 4 /* fc2 outputs n per block */
+
 /* moe_up_gemv_kernel over q1 [E, 2I, ldq] e4m3 with row scales s1 [E, 2I]:
- * each lane reads 8 weights (8 bytes) per 256 columns, up to 8 steps in
- * flight for both halves; the row scales multiply the finished dots. */
+ * a warp computes MOE_F8_UP_J columns j (rows j and I + j of each), so each
+ * 16-byte piece of h feeds 4 rows of 8 weights (8-byte loads); 4 steps of
+ * 256 columns in flight; the row scales multiply the finished dots. */
 __global__ void __launch_bounds__(MOE_GEMV_WARPS * 32)
     moe_up_gemv_f8_kernel(bf16 *act, int ldact, const bf16 *h, int ldh, const int32_t *sel, const uint8_t *q1,
                           const float *s1, int ldq, int Kd, int I, int K) {
     pdl_trigger();
     pdl_wait();
-    const int lane = threadIdx.x & 31, a = blockIdx.y, j = blockIdx.x * MOE_GEMV_WARPS + (threadIdx.x >> 5);
-    if (j >= I) return;
+    const int lane = threadIdx.x & 31, a = blockIdx.y;
+    const int j0 = (blockIdx.x * MOE_GEMV_WARPS + (threadIdx.x >> 5)) * MOE_F8_UP_J;
+    if (j0 >= I) return;
     const int t = a / K, e = sel[a];
-    const long ra = (long)e * 2 * I + j;
-    const uint8_t *wa = q1 + ra * ldq, *wg = wa + (long)I * ldq;
+    const uint8_t *w[2 * MOE_F8_UP_J]; /* a rows, then g rows (clamped past I: computed, not written) */
+#pragma unroll
+    for (int i = 0; i < MOE_F8_UP_J; i++) {
+        const long r = (long)e * 2 * I + min(j0 + i, I - 1);
+        w[i] = q1 + r * ldq;
+        w[MOE_F8_UP_J + i] = q1 + (r + I) * ldq;
+    }
     const bf16 *x = h + (long)t * ldh;
-    float sa = 0.0f, sg = 0.0f;
+    float acc[2 * MOE_F8_UP_J];
+#pragma unroll
+    for (int i = 0; i < 2 * MOE_F8_UP_J; i++) acc[i] = 0.0f;
     int c = lane * 8;
-    for (; c + 7 * 256 < Kd; c += 8 * 256) {
-        uint2 va[8], vg[8];
+    for (; c + 3 * 256 < Kd; c += 4 * 256) {
+        uint2 v[4][2 * MOE_F8_UP_J];
+        uint4 vx[4];
 #pragma unroll
-        for (int u = 0; u < 8; u++) va[u] = moe_ld_stream8(wa + c + u * 256), vg[u] = moe_ld_stream8(wg + c + u * 256);
+        for (int u = 0; u < 4; u++)
 #pragma unroll
-        for (int u = 0; u < 8; u++) {
-            const uint4 vx = __ldg((const uint4 *)(x + c + u * 256));
-            sa += dot8_f8(va[u], vx), sg += dot8_f8(vg[u], vx);
-        }
+            for (int i = 0; i < 2 * MOE_F8_UP_J; i++) v[u][i] = moe_ld_stream8(w[i] + c + u * 256);
+#pragma unroll
+        for (int u = 0; u < 4; u++) vx[u] = __ldg((const uint4 *)(x + c + u * 256));
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+#pragma unroll
+            for (int i = 0; i < 2 * MOE_F8_UP_J; i++) acc[i] += dot8_f8(v[u][i], vx[u]);
     }
     for (; c < Kd; c += 256) {
         const uint4 vx = __ldg((const uint4 *)(x + c));
-        sa += dot8_f8(moe_ld_stream8(wa + c), vx);
-        sg += dot8_f8(moe_ld_stream8(wg + c), vx);
+#pragma unroll
+        for (int i = 0; i < 2 * MOE_F8_UP_J; i++) acc[i] += dot8_f8(moe_ld_stream8(w[i] + c), vx);
     }
-    sa = warp_sum(sa) * s1[ra];
-    sg = warp_sum(sg) * s1[ra + I];
-    if (lane == 0) act[(long)a * ldact + j] = __float2bfloat16_rn(gelu_erf_f(sa) * (sg + 1.0f));
+#pragma unroll
+    for (int i = 0; i < 2 * MOE_F8_UP_J; i++) acc[i] = warp_sum(acc[i]);
+    if (lane < MOE_F8_UP_J && j0 + lane < I) {
+        float sa = acc[0], sg = acc[MOE_F8_UP_J];
+#pragma unroll
+        for (int i = 1; i < MOE_F8_UP_J; i++)
+            if (lane == i) sa = acc[i], sg = acc[MOE_F8_UP_J + i];
+        const long r = (long)e * 2 * I + j0 + lane;
+        act[(long)a * ldact + j0 + lane] = __float2bfloat16_rn(gelu_erf_f(sa * s1[r]) * (sg * s1[r + I] + 1.0f));
+    }
 }
 
-/* moe_down_gemv_kernel over q2 [E, N, ldq] e4m3 with row scales s2 [E, N]. */
+/* moe_down_gemv_kernel over q2 [E, N, ldq] e4m3 with row scales s2 [E, N]:
+ * block (x: MOE_F8_DOWN_N outputs n0.., y: token t), K warps; warp k reads
+ * each 16-byte piece of act[t·K+k] once for the block's rows of expert
+ * e_k, and thread r < MOE_F8_DOWN_N sums w_k times those in rank order
+ * into x[t][n0 + r]. */
 __global__ void moe_down_gemv_f8_kernel(float *xo, int ldx, const bf16 *act, int ldact, const int32_t *sel,
                                         const float *wt, const uint8_t *q2, const float *s2, int ldq, int N, int I,
                                         int K) {
-    __shared__ float part[CUDA_MOE_MAX_K];
+    __shared__ float part[CUDA_MOE_MAX_K][MOE_F8_DOWN_N];
     pdl_trigger();
     pdl_wait();
-    const int lane = threadIdx.x & 31, k = threadIdx.x >> 5, n = blockIdx.x, t = blockIdx.y, a = t * K + k;
-    const long r = (long)sel[a] * N + n;
-    const uint8_t *w = q2 + r * ldq;
+    const int lane = threadIdx.x & 31, k = threadIdx.x >> 5, n0 = blockIdx.x * MOE_F8_DOWN_N, t = blockIdx.y;
+    const int a = t * K + k;
+    const long r0 = (long)sel[a] * N;
+    const uint8_t *w[MOE_F8_DOWN_N];
+#pragma unroll
+    for (int i = 0; i < MOE_F8_DOWN_N; i++) w[i] = q2 + (r0 + min(n0 + i, N - 1)) * ldq;
     const bf16 *x = act + (long)a * ldact;
     const int ch = I / 8;
-    float s = 0.0f;
+    float acc[MOE_F8_DOWN_N];
+#pragma unroll
+    for (int i = 0; i < MOE_F8_DOWN_N; i++) acc[i] = 0.0f;
     int q = lane;
     for (; q + 3 * 32 < ch; q += 4 * 32) {
-        uint2 wv[4];
+        uint2 wv[4][MOE_F8_DOWN_N];
         uint4 xv[4];
 #pragma unroll
-        for (int u = 0; u < 4; u++) wv[u] = moe_ld_stream8(w + (q + 32 * u) * 8);
+        for (int u = 0; u < 4; u++)
+#pragma unroll
+            for (int i = 0; i < MOE_F8_DOWN_N; i++) wv[u][i] = moe_ld_stream8(w[i] + (q + 32 * u) * 8);
 #pragma unroll
         for (int u = 0; u < 4; u++) xv[u] = __ldg((const uint4 *)(x + (q + 32 * u) * 8));
 #pragma unroll
-        for (int u = 0; u < 4; u++) s += dot8_f8(wv[u], xv[u]);
+        for (int u = 0; u < 4; u++)
+#pragma unroll
+            for (int i = 0; i < MOE_F8_DOWN_N; i++) acc[i] += dot8_f8(wv[u][i], xv[u]);
     }
-    for (; q < ch; q += 32) s += dot8_f8(moe_ld_stream8(w + q * 8), __ldg((const uint4 *)(x + q * 8)));
-    s = warp_sum(s) * s2[r];
-    if (lane == 0) part[k] = wt[a] * s;
+    for (; q < ch; q += 32) {
+        const uint4 xv = __ldg((const uint4 *)(x + q * 8));
+#pragma unroll
+        for (int i = 0; i < MOE_F8_DOWN_N; i++) acc[i] += dot8_f8(moe_ld_stream8(w[i] + q * 8), xv);
+    }
+#pragma unroll
+    for (int i = 0; i < MOE_F8_DOWN_N; i++) {
+        const float v = warp_sum(acc[i]);
+        if (lane == 0) part[k][i] = wt[a] * (v * s2[r0 + min(n0 + i, N - 1)]);
+    }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        float acc = 0.0f;
-        for (int j = 0; j < K; j++) acc += part[j];
-        xo[(long)t * ldx + n] += acc;
+    if (threadIdx.x < MOE_F8_DOWN_N && n0 + (int)threadIdx.x < N) {
+        float sum = 0.0f;
+        for (int j = 0; j < K; j++) sum += part[j][threadIdx.x];
+        xo[(long)t * ldx + n0 + threadIdx.x] += sum;
     }
 }
 
@@ -805,12 +848,14 @@ albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
     if (s.ldact != I) /* keep act's padding columns zero for the 16-byte reads of the down pass */
         CU_TRY(c, cudaMemsetAsync(s.act, 0, (size_t)T * K * s.ldact * sizeof(bf16), c->stream));
     if (gemv && f8) {
-        CU_TRY(c, launch_k(c, moe_up_gemv_f8_kernel, dim3((I + MOE_GEMV_WARPS - 1) / MOE_GEMV_WARPS, T * K),
+        const int jb = MOE_GEMV_WARPS * MOE_F8_UP_J;
+        CU_TRY(c, launch_k(c, moe_up_gemv_f8_kernel, dim3((I + jb - 1) / jb, T * K),
                            dim3(MOE_GEMV_WARPS * 32), 0, s.act, s.ldact, (const bf16 *)m->h, m->ldh, m->sel, m->q1,
                            m->s1, m->ldq1, moe_pad8(D), I, K));
         CU_LAUNCHED(c);
-        CU_TRY(c, launch_k(c, moe_down_gemv_f8_kernel, dim3(D, T), dim3(32 * K), 0, m->x, m->ldx, (const bf16 *)s.act,
-                           s.ldact, m->sel, m->wt, m->q2, m->s2, m->ldq2, D, s.ldact, K));
+        CU_TRY(c, launch_k(c, moe_down_gemv_f8_kernel, dim3((D + MOE_F8_DOWN_N - 1) / MOE_F8_DOWN_N, T),
+                           dim3(32 * K), 0, m->x, m->ldx, (const bf16 *)s.act, s.ldact, m->sel, m->wt, m->q2, m->s2,
+                           m->ldq2, D, s.ldact, K));
         CU_LAUNCHED(c);
         return ALBEDO_OK;
     }
