@@ -25,6 +25,13 @@
  *           token for fc1; the GeGLU epilogue fused into fc1's), and
  *           moe_combine_kernel: x[t] += Σ_k w_k·y[place(t, k)], in a fixed
  *           order, so the result does not depend on the order of atomics.
+ *   FP8     the same with e4m3 experts and a float scale per row
+ *           (cuda_moe.q1/q2, s1/s2; docs/CUDA.md, FP8 experts):
+ *           moe_up_gemv_f8_kernel / moe_down_gemv_f8_kernel (8-byte weight
+ *           loads, each input piece shared by several rows), and
+ *           moe_gemm_kernel<..., F8 = 1> (e4m3 W stages widened to a bf16
+ *           tile in shared memory each K step, the scale in the epilogue);
+ *           quant_e4m3_rows_kernel makes them at upload.
  * Nothing here synchronises with the host or allocates: both paths can be
  * captured into a CUDA graph.
  */
