@@ -649,11 +649,15 @@ __global__ void __launch_bounds__(MB * 2)
             cp16(sa + r * KP + kc, src, ok);
         }
         constexpr int WPC = F8 ? BK / 16 : PC, WE = F8 ? 16 : 8; /* pieces per row, elements per piece */
-        for (int idx = tid; idx < WR * WPC; idx += NT) {
+        constexpr int WN = WR * WPC;
+#pragma unroll
+        for (int i = 0; i < (WN + NT - 1) / NT; i++) {
+            const int idx = tid + i * NT;
+            if (WN % NT != 0 && idx >= WN) break;
             const int r = idx / WPC, kc = (idx % WPC) * WE, k = k0 + kc;
             const int n = n0 + (r < MOE_NB ? r : r - MOE_NB), wrow = r < MOE_NB ? n : I + n;
             const int ok = n < N && k < Kd;
-            if (F8) {
+            if constexpr (F8) {
                 const uint8_t *We = (const uint8_t *)W + e * w_exp;
                 cp16(sb + r * KB + kc, ok ? We + (long)wrow * ldw + k : (const uint8_t *)W, ok);
             } else {
@@ -684,7 +688,7 @@ __global__ void __launch_bounds__(MB * 2)
         if (kt + ST - 1 < nk) load((kt + ST - 1) % ST, (kt + ST - 1) * BK);
         cp_commit();
         const bf16 *sa = (const bf16 *)(smem + (kt % ST) * STAGE), *sb;
-        if (F8) {
+        if constexpr (F8) {
             const unsigned char *s8 = smem + (kt % ST) * STAGE + A_BYTES;
 #pragma unroll
             for (int i = 0; i < WR * (BK / 8) / NT; i++) {
