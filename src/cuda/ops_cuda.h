@@ -322,13 +322,15 @@ typedef struct cuda_moe {
     int gemm; /* grouped GEMM tiles (rows, K step, stages): 1: 64, 32, 2; 2: 64, 64, 3;
                * 3: 128, 32, 2; 4: 128, 64, 3; 0: by T·K (below) */
 } cuda_moe;
-/* The tiles measured best on an H100 (bench/cuda/bench_moe.cu): for fewer
- * than CUDA_MOE_GEMM_LARGE_TK assignments (a prompt: bound by reading the
- * touched experts), and from there on (an image prefix: by the matrix units;
- * 128 rows since the W loads are unrolled again: 0.58 against 0.62 ms at
- * 730 rows, bf16 and fp8 alike). */
+/* The tiles measured best on an H100: for fewer than CUDA_MOE_GEMM_LARGE_TK
+ * assignments (a prompt: bound by reading the touched experts), and from
+ * there on (an image prefix: by the matrix units). bench/cuda/bench_moe.cu's
+ * uniform random routing favours 128-row tiles at 730 rows (0.58 against
+ * 0.62 ms), but the model's own routing does not: the synthetic Moondream
+ * 3's 730-position prefix took 15.5-15.8 ms with 64-row tiles and 16.5 with
+ * 128-row ones (bench_e2e, same lease). */
 #define CUDA_MOE_GEMM_SMALL 2
-#define CUDA_MOE_GEMM_LARGE 4
+#define CUDA_MOE_GEMM_LARGE 2
 #define CUDA_MOE_GEMM_LARGE_TK 1024
 size_t cuda_moe_scratch_bytes(int T, int E, int K, int dim, int inner);
 
