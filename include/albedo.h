@@ -115,7 +115,11 @@ typedef struct albedo_model_params {
     int max_image_side;         /* reject images wider or taller (default 16384) */
     int64_t max_image_pixels;   /* reject images with more pixels (default 100e6) */
     const char *weights;        /* text decoder weights: NULL or "bf16" = as stored; "q8",
-                                   "q4" = albedo block formats made at load (docs/QUANT.md) */
+                                   "q4" = albedo block formats made at load (docs/QUANT.md;
+                                   the CPU backends); "fp8" = Moondream 3's experts as e4m3
+                                   with a float scale per row, converted at upload, half
+                                   their bytes (backend cuda on an sm_89+ GPU only, else
+                                   ALBEDO_ERR_UNSUPPORTED, as for Moondream 2; docs/CUDA.md) */
     const char *kv_dtype;       /* KV cache: NULL, "auto" or "bf16" = the backend's own (bf16
                                    on cuda; the CPU's follows precision); "fp8" = e4m3 with one
                                    scale per tensor, half the bytes (backend cuda on an sm_89+

@@ -165,7 +165,10 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
         st = md_config_from_tensors(&m->cfg, files, m->n_st, &sub);
         if (!st) st = md_weights_bind_files(&m->w, &m->cfg, files, m->n_st, &sub);
         dtype wdt;
-        if (!st && !(st = md_weights_format(m->params.weights, &wdt, &sub)))
+        /* "fp8": Moondream 3's experts as e4m3 on the GPU (checked below);
+         * nothing changes in the mapping */
+        const char *wn = m->params.weights;
+        if (!st && !(st = md_weights_format(wn && !strcmp(wn, "fp8") ? NULL : wn, &wdt, &sub)))
             st = md_weights_quantize(&m->w, &m->cfg, wdt, &sub);
         if (st) errf(&e, st, "%s/%s: %s", dir, m->n_st > 1 ? "model.safetensors.index.json" : "model.safetensors", sub.msg);
     }
@@ -193,6 +196,16 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
             st = errf(&e, ALBEDO_ERR_UNSUPPORTED,
                       "kv_dtype fp8 (an e4m3 KV cache) needs backend cuda on an sm_89 or newer GPU");
         m->params.kv_dtype = fp8 ? "fp8" : NULL;
+    }
+    if (!st && m->params.weights && !strcmp(m->params.weights, "fp8")) {
+        if (!md_cuda_requested(m->params.backend))
+            st = errf(&e, ALBEDO_ERR_UNSUPPORTED,
+                      "weights fp8 (Moondream 3's experts as e4m3) needs backend cuda on an sm_89 or newer GPU; the "
+                      "CPU takes q8 or q4");
+        else if (!m->cfg.md3)
+            st = errf(&e, ALBEDO_ERR_UNSUPPORTED,
+                      "weights fp8 stores Moondream 3's experts as e4m3; Moondream 2 has no experts (use bf16)");
+        m->params.weights = "fp8"; /* the caller's string: keep a literal */
     }
     if (!st && md_cuda_requested(m->params.backend)) st = md_cuda_model_load(m, &e); /* backend_cuda.c */
     if (!st) {

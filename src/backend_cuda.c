@@ -136,7 +136,9 @@ static albedo_status make_md3_desc(const albedo_model *m, mdc_desc *d, mdc_md3_d
                                    b->exp_fc1, b->exp_fc2, b->exp_fc1_dt, b->exp_fc2_dt};
     }
     *d3 = (mdc_md3_desc){.experts = c->moe_experts, .topk = c->moe_topk, .inner = c->moe_inner,
-                         .tau_pos_bf16 = c->tau_pos_bf16, .b = *b3};
+                         .tau_pos_bf16 = c->tau_pos_bf16, .b = *b3,
+                         /* checked by the loader: Moondream 3 on cuda */
+                         .exp_fp8 = m->params.weights && !strcmp(m->params.weights, "fp8")};
     d->md3 = d3;
     return ALBEDO_OK;
 }

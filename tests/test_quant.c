@@ -27,6 +27,8 @@
  *              over the dequantised rows: bit for bit on the reference
  *              backend, within the op tolerance (tests/test_ops.c) on the
  *              default backend, for decode (T = 1) and prefill row counts.
+ *   fp8        weights "fp8" (e4m3 experts, the CUDA backend's) is refused
+ *              on the CPU backend and for Moondream 2
  *   store      `albedo quantize` (albedo_model_quantize) output loads with
  *              the linears (and experts) mapped as DT_Q8/DT_Q4 and gives
  *              bit-identical first logits to load-time quantisation.
@@ -443,5 +445,15 @@ int main(void) {
     p.weights = "q5";
     albedo_model *bad = NULL;
     CHECK(albedo_model_load(dir2, &p, &bad) == ALBEDO_ERR_INVALID_ARGUMENT && !bad, "weights q5 accepted");
+    /* fp8 (Moondream 3's experts as e4m3) is the CUDA backend's alone, and
+     * Moondream 2 has no experts (tests/cuda/test_md3_cuda.c runs it) */
+    p.weights = "fp8";
+    albedo_status st = albedo_model_load(dir3, &p, &bad);
+    CHECK(st == ALBEDO_ERR_UNSUPPORTED && !bad && strstr(albedo_last_error(), "backend cuda"),
+          "weights fp8 on the CPU: status %d: %s", (int)st, albedo_last_error());
+    p.backend = "cuda";
+    st = albedo_model_load(dir2, &p, &bad);
+    CHECK(st == ALBEDO_ERR_UNSUPPORTED && !bad && strstr(albedo_last_error(), "Moondream 2"),
+          "weights fp8 on Moondream 2: status %d: %s", (int)st, albedo_last_error());
     TEST_MAIN_END();
 }

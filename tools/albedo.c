@@ -6,7 +6,7 @@
  *   albedo query   [IMAGE] QUESTION [--reasoning] [--spatial-refs JSON]
  *   albedo detect  IMAGE OBJECT [--max-objects N]
  *   albedo point   IMAGE OBJECT
- *   albedo bench   (--synthetic md2|md3 | --model DIR) [--threads N] [--weights bf16|q8|q4] [--json]
+ *   albedo bench   (--synthetic md2|md3 | --model DIR) [--threads N] [--weights bf16|q8|q4|fp8] [--json]
  *   albedo synth   --preset md2|md2-small|md3|md3-small --out DIR [--seed N] [--legacy-f16] [--shard-mb N]
  *   albedo tokenize --model DIR TEXT
  *   albedo quantize --model DIR --weights q8|q4 --out DIR2
@@ -73,8 +73,9 @@ static void usage(FILE *f) {
             "  --threads N          CPU threads (default: all cores)\n"
             "  --backend NAME       auto, ref, generic, avx2, avx512, neon; cuda[:N] (GPU build)\n"
             "  --precision f32|bf16 activation precision of matrix products (default f32)\n"
-            "  --weights bf16|q8|q4 text decoder weights, MoE experts included (default bf16: as stored;\n"
-            "                       docs/QUANT.md)\n"
+            "  --weights bf16|q8|q4|fp8  text decoder weights, MoE experts included (default bf16: as\n"
+            "                       stored; q8/q4 on the CPU, docs/QUANT.md); fp8: Moondream 3's experts as\n"
+            "                       e4m3 (--backend cuda on an sm_89+ GPU; docs/CUDA.md)\n"
             "  --max-context N      KV-cache positions (default: the model's)\n"
             "  --kv-dtype auto|fp8  KV cache: the backend's own (default), or e4m3 with half the bytes\n"
             "                       (--backend cuda on an sm_89+ GPU; docs/CUDA.md)\n"

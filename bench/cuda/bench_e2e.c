@@ -14,7 +14,7 @@
  *                         image: direct (3 tokens) and CoT (15 reasoning +
  *                         15 answer tokens); req/s and P50 latency
  *
- *   bench_e2e [--model DIR] [--image FILE.jpg] [--repeats N] [--kv-dtype fp8]
+ *   bench_e2e [--model DIR] [--image FILE.jpg] [--repeats N] [--kv-dtype fp8] [--weights fp8]
  * Without --model the full-size synthetic model is written once to
  * $ALBEDO_CACHE/synthetic-md2 (as `albedo bench --synthetic md2`). The
  * image defaults to tests/data/images/rocket.jpg (640×427: 9 crops).
@@ -89,6 +89,7 @@ static const albedo_result *run(albedo_session *s, const albedo_request *r) {
 
 int main(int argc, char **argv) {
     const char *model = NULL, *image = ALBEDO_SOURCE_DIR "/tests/data/images/rocket.jpg", *only = NULL, *kvd = NULL;
+    const char *wts = NULL;
     int reps = 20;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--model")) model = argv[i + 1];
@@ -96,6 +97,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--repeats")) reps = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--only")) only = argv[i + 1]; /* "vision", "prefix" or "decode": for a profiler */
         else if (!strcmp(argv[i], "--kv-dtype")) kvd = argv[i + 1]; /* "fp8": the e4m3 KV cache */
+        else if (!strcmp(argv[i], "--weights")) wts = argv[i + 1];  /* "fp8": Moondream 3's experts as e4m3 */
     }
     if (reps < 3) reps = 3;
     char dir[4096];
@@ -120,6 +122,7 @@ int main(int argc, char **argv) {
     albedo_model_params p = albedo_model_params_default();
     p.backend = "cuda";
     p.kv_dtype = kvd;
+    p.weights = wts;
     albedo_model *m = NULL;
     double t0 = now_ms();
     if (albedo_model_load(model, &p, &m) != ALBEDO_OK) die("load", albedo_last_error());

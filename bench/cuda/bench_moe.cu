@@ -6,6 +6,8 @@
  * shapes), the median of 20 device-event-timed runs after warm-up, as
  * milliseconds, TFLOP/s (2·T·k·3·dim·inner) and the bandwidth over the
  * weights of the experts the tokens touch (each read once: the floor).
+ * Each with the experts in bf16 and in fp8 (e4m3 with row scales,
+ * cuda_quant_e4m3_rows of the same weights: half the bytes).
  * Also cuda_moe_route and the tau kernels at decode shapes.
  *
  *   bench_moe [runs=20]
@@ -81,6 +83,14 @@ int main(int argc, char **argv) {
     CK(cudaGetDeviceProperties(&prop, 0));
     void *w1 = dalloc_fill((size_t)E * 2 * I * D, 0.03f, 1), *w2 = dalloc_fill((size_t)E * D * I, 0.04f, 2);
     void *h = dalloc_fill((size_t)TMAX * D, 1.0f, 3);
+    uint8_t *q1, *q2;
+    float *s1, *s2;
+    CK(cudaMalloc((void **)&q1, (size_t)E * 2 * I * D));
+    CK(cudaMalloc((void **)&q2, (size_t)E * D * I));
+    CK(cudaMalloc((void **)&s1, (size_t)E * 2 * I * 4));
+    CK(cudaMalloc((void **)&s2, (size_t)E * D * 4));
+    OK(cuda_quant_e4m3_rows(G, q1, D, s1, (const uint16_t *)w1, D, (long)E * 2 * I, D));
+    OK(cuda_quant_e4m3_rows(G, q2, I, s2, (const uint16_t *)w2, I, (long)E * D, I));
     float *x;
     int32_t *sel;
     float *wt;
@@ -119,14 +129,17 @@ int main(int argc, char **argv) {
         int used[64] = {0}, n_used = 0;
         for (int i = 0; i < T * K; i++)
             if (!used[hs[i]]++) n_used++;
-        const double flop = 2.0 * T * K * 3.0 * D * I, bytes = (double)n_used * 3.0 * D * I * 2;
-        for (int g = 0; g <= 4; g++) {
+        const double flop = 2.0 * T * K * 3.0 * D * I;
+        for (int gf = 0; gf <= 9; gf++) {
+            const int g = gf % 5, f8 = gf >= 5;
+            const double bytes = (double)n_used * 3.0 * D * I * (f8 ? 1 : 2);
             if (T <= CUDA_MOE_GEMV_MAX_T ? g > 0 : g == 0) continue;
             cuda_moe m;
             memset(&m, 0, sizeof m);
             m.T = T, m.E = E, m.K = K, m.dim = D, m.inner = I, m.w1 = (const uint16_t *)w1, m.ld1 = D;
             m.w2 = (const uint16_t *)w2, m.ld2 = I, m.h = (const uint16_t *)h, m.ldh = D, m.sel = sel, m.wt = wt;
             m.x = x, m.ldx = D, m.scratch = scr, m.path = 0, m.gemm = g;
+            if (f8) m.q1 = q1, m.ldq1 = D, m.q2 = q2, m.ldq2 = I, m.s1 = s1, m.s2 = s2;
             for (int i = 0; i < 3; i++) OK(cuda_moe_mlp(G, &m));
             for (int r = 0; r < runs; r++) {
                 CK(cudaEventRecord(e0, st));
@@ -138,7 +151,8 @@ int main(int argc, char **argv) {
             qsort(ms, (size_t)runs, sizeof *ms, cmp_f);
             const float med = ms[runs / 2];
             char what[96];
-            snprintf(what, sizeof what, "T=%d (%d experts) %s%d", T, n_used, g ? "grouped, tiles " : "GEMVs", g);
+            snprintf(what, sizeof what, "T=%d (%d experts) %s %s%d", T, n_used, f8 ? "fp8 " : "bf16",
+                     g ? "grouped, tiles " : "GEMVs", g);
             printf("%-34s %10.4f %10.1f %12.0f\n", what, med, flop / (med * 1e-3) / 1e12, bytes / (med * 1e-3) / 1e9);
         }
     }

@@ -105,8 +105,8 @@ class VL:
         if precision not in ("f32", "bf16"):
             raise ValueError("precision must be 'f32' or 'bf16'")
         params.precision = 1 if precision == "bf16" else 0
-        if weights not in (None, "bf16", "q8", "q4"):
-            raise ValueError("weights must be 'bf16', 'q8' or 'q4'")
+        if weights not in (None, "bf16", "q8", "q4", "fp8"):
+            raise ValueError("weights must be 'bf16', 'q8', 'q4' or 'fp8'")
         self._weights = weights.encode() if weights else None
         params.weights = self._weights
         m = ctypes.c_void_p()
@@ -318,6 +318,7 @@ def vl(model=None, **kwargs):
     "moondream3.1") or a Hugging Face "owner/repo[@rev]"
     (default $ALBEDO_MODEL, else moondream2). Keyword options: sessions,
     threads, backend, precision ("f32"/"bf16"), weights ("bf16"/"q8"/"q4":
-    the text decoder's weights, quantised at load), max_context, offline."""
+    the text decoder's weights, quantised at load; "fp8": Moondream 3's
+    experts as e4m3 on backend "cuda"), max_context, offline."""
     kwargs.pop("api_key", None)  # accepted for drop-in use with md.vl(); meaningless locally
     return VL(model, **kwargs)

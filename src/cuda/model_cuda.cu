@@ -653,8 +653,9 @@ albedo_status mdc_model_new(const mdc_desc *d, int device, mdc_model **out, errb
         mdc_model_free(m);
         return errf(e, cuda_status_of(ce), "cuda: cudaGetDeviceProperties: %s", cudaGetErrorString(ce));
     }
-    snprintf(m->describe, sizeof m->describe, "cuda (%s, sm_%d%d, %.2f GiB of weights%s)", prop.name, prop.major,
-             prop.minor, (m->wbytes + md3_model_bytes(m->md3)) / 1073741824.0, m->kv_fp8 ? ", fp8 KV cache" : "");
+    snprintf(m->describe, sizeof m->describe, "cuda (%s, sm_%d%d, %.2f GiB of weights%s%s)", prop.name, prop.major,
+             prop.minor, (m->wbytes + md3_model_bytes(m->md3)) / 1073741824.0, m->kv_fp8 ? ", fp8 KV cache" : "",
+             d->md3 && d->md3->exp_fp8 ? ", fp8 experts" : "");
     *out = m;
     return ALBEDO_OK;
 }

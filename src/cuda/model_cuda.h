@@ -84,6 +84,10 @@ typedef struct mdc_md3_block {
 
 typedef struct mdc_md3_desc {
     int experts, topk, inner, tau_pos_bf16;
+    /* Experts as e4m3 with a float scale per row, converted at upload
+     * (albedo_model_params.weights "fp8"; sm_89+, else
+     * ALBEDO_ERR_UNSUPPORTED; docs/CUDA.md, FP8 experts). 0: bf16. */
+    int exp_fp8;
     const mdc_md3_block *b; /* [n_layers] */
 } mdc_md3_desc;
 

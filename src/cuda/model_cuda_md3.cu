@@ -20,6 +20,12 @@
  * bf16 (dimp, Ip: dim and I rounded up to multiples of 8, zero columns).
  * BF16 tensors without padding are copied straight from the mapping; others
  * are converted through a host staging buffer.
+ *
+ * FP8 experts (mdc_md3_desc.exp_fp8; docs/CUDA.md, FP8 experts): fc1 and
+ * fc2 as e4m3 [E, 2I, dimq] and [E, dim, Iq] (dimq, Iq: multiples of 16,
+ * zero columns) with a float32 scale per row; each chunk of rows goes to a
+ * device staging buffer as bf16 and cuda_quant_e4m3_rows writes its e4m3
+ * rows and scales in place, so no bf16 copy of the experts stays.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +35,7 @@
 #include "model_cuda_md3.h"
 
 static int r8(int v) { return (v + 7) / 8 * 8; }
+static int r16(int v) { return (v + 15) / 16 * 16; }
 
 typedef struct md3_layer {
     cuda_linear_w tau;    /* [2H, qkvw] */
@@ -36,10 +43,13 @@ typedef struct md3_layer {
     int moe;
     cuda_linear_w router; /* [E, dimp], f32 bias */
     uint16_t *w1, *w2;    /* [E, 2I, dimp], [E, dim, Ip] */
+    uint8_t *q1, *q2;     /* fp8: e4m3 [E, 2I, dimq], [E, dim, Iq] */
+    float *s1, *s2;       /* fp8: row scales [E, 2I], [E, dim] */
 } md3_layer;
 
 struct md3_model {
     int n_layers, dim, dimp, H, Hkv, D, qkvw, E, K, I, Ip, pos_bf16;
+    int fp8, dimq, Iq; /* experts as e4m3 with row scales; their rows' strides (multiples of 16) */
     unsigned char *mem;
     size_t bytes;
     md3_layer L[128];
@@ -82,6 +92,8 @@ typedef struct up3 {
     errbuf *e;
     uint16_t *stage;
     size_t stage_elems;
+    uint16_t *dstage; /* fp8: device staging of stage_elems bf16 */
+    cuda_ctx *ctx;    /* fp8: the quantising kernel's stream */
 } up3;
 
 static void *take3(up3 *u, size_t bytes) {
@@ -130,6 +142,35 @@ static void put_rows3(up3 *u, uint16_t *dst, const void *p, dtype dt, size_t row
     }
 }
 
+/* rows × K of a host matrix → e4m3 rows × ldq at q with a scale per row
+ * (device), through bf16 in the device staging buffer. */
+static void put_f8_3(up3 *u, uint8_t *q, int ldq, float *scale, const void *p, dtype dt, size_t rows, int K,
+                     const char *what) {
+    if (!u->pass || bad3(u, p, dt, what)) return;
+    cudaStream_t str = (cudaStream_t)cuda_ctx_stream(u->ctx);
+    const size_t per = u->stage_elems / (size_t)K;
+    for (size_t r0 = 0; r0 < rows && !u->st; r0 += per) {
+        const size_t k = rows - r0 < per ? rows - r0 : per;
+        const void *src = (const uint16_t *)p + r0 * K;
+        if (dt != DT_BF16) {
+            for (size_t i = 0; i < k * (size_t)K; i++) u->stage[i] = f32_to_bf16(get3(p, dt, r0 * (size_t)K + i));
+            src = u->stage;
+        }
+        cudaError_t ce = cudaMemcpyAsync(u->dstage, src, k * (size_t)K * 2, cudaMemcpyHostToDevice, str);
+        if (ce != cudaSuccess) {
+            u->st = errf(u->e, cuda_status_of(ce), "cuda: uploading Moondream 3 experts: %s", cudaGetErrorString(ce));
+            return;
+        }
+        if (cuda_quant_e4m3_rows(u->ctx, q + r0 * ldq, ldq, scale + r0, u->dstage, K, (long)k, K)) {
+            u->st = errf(u->e, ALBEDO_ERR_INTERNAL, "cuda: %s: %s", what, cuda_ctx_error(u->ctx));
+            return;
+        }
+        ce = cudaStreamSynchronize(str); /* the staging buffers are reused */
+        if (ce != cudaSuccess)
+            u->st = errf(u->e, cuda_status_of(ce), "cuda: quantising Moondream 3 experts: %s", cudaGetErrorString(ce));
+    }
+}
+
 static float *put_f32_3(up3 *u, const void *p, dtype dt, size_t n, const char *what) {
     float *d = (float *)take3(u, n * 4);
     if (!u->pass || bad3(u, p, dt, what)) return d;
@@ -169,6 +210,16 @@ static void upload3(up3 *u, const mdc_desc *d) {
         put_rows3(u, rw, b->router.w, b->router.dt, (size_t)m->E, m->dim, m->dimp, what);
         float *rb = b->router.b ? put_f32_3(u, b->router.b, b->router.bdt, (size_t)m->E, what) : NULL;
         L->router = (cuda_linear_w){rw, rb, DT_F32, m->E, m->dimp};
+        if (m->fp8) {
+            const size_t r1 = (size_t)m->E * 2 * m->I, r2 = (size_t)m->E * m->dim;
+            L->q1 = (uint8_t *)take3(u, r1 * m->dimq);
+            L->s1 = (float *)take3(u, r1 * 4);
+            put_f8_3(u, L->q1, m->dimq, L->s1, b->exp_fc1, b->exp_fc1_dt, r1, m->dim, what);
+            L->q2 = (uint8_t *)take3(u, r2 * m->Iq);
+            L->s2 = (float *)take3(u, r2 * 4);
+            put_f8_3(u, L->q2, m->Iq, L->s2, b->exp_fc2, b->exp_fc2_dt, r2, m->I, what);
+            continue;
+        }
         L->w1 = (uint16_t *)take3(u, (size_t)m->E * 2 * m->I * m->dimp * 2);
         put_rows3(u, L->w1, b->exp_fc1, b->exp_fc1_dt, (size_t)m->E * 2 * m->I, m->dim, m->dimp, what);
         L->w2 = (uint16_t *)take3(u, (size_t)m->E * m->dim * m->Ip * 2);
@@ -227,6 +278,18 @@ albedo_status md3_model_new(const mdc_desc *d, size_t session_extra, md3_model *
     m->n_layers = d->n_layers, m->dim = d->dim, m->dimp = r8(d->dim), m->H = d->n_heads, m->Hkv = d->n_kv_heads;
     m->D = d->head_dim, m->qkvw = (m->H + 2 * m->Hkv) * m->D, m->E = x->experts, m->K = x->topk, m->I = x->inner;
     m->Ip = r8(x->inner), m->pos_bf16 = x->tau_pos_bf16;
+    m->fp8 = x->exp_fp8 != 0, m->dimq = r16(d->dim), m->Iq = r16(x->inner);
+    if (m->fp8) { /* e4m3 conversions are instructions from sm_89 (Ada, Hopper) on */
+        int dev = 0, major = 0, minor = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+        if (major * 10 + minor < 89) {
+            free(m);
+            return errf(e, ALBEDO_ERR_UNSUPPORTED,
+                        "cuda: fp8 experts need a GPU of sm_89 or newer (device %d is sm_%d%d)", dev, major, minor);
+        }
+    }
     up3 u;
     memset(&u, 0, sizeof u);
     u.m = m;
@@ -259,8 +322,19 @@ albedo_status md3_model_new(const mdc_desc *d, size_t session_extra, md3_model *
     u.stage_elems = (size_t)8 << 20;
     u.stage = (uint16_t *)malloc(u.stage_elems * 2);
     if (!u.stage) u.st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
-    else upload3(&u, d);
+    if (!u.st && m->fp8) {
+        int dev = 0;
+        cudaGetDevice(&dev);
+        ce = cudaMalloc((void **)&u.dstage, u.stage_elems * 2);
+        if (ce != cudaSuccess)
+            u.st = errf(e, cuda_status_of(ce), "cuda: staging Moondream 3's experts: %s", cudaGetErrorString(ce));
+        else
+            u.st = cuda_ctx_new(dev, &u.ctx, e);
+    }
+    if (!u.st) upload3(&u, d);
     free(u.stage);
+    cuda_ctx_free(u.ctx);
+    cudaFree(u.dstage);
     if (u.st) {
         md3_model_free(m);
         return u.st;
@@ -332,6 +406,7 @@ albedo_status md3_moe(const md3_model *m, md3_state *s, cuda_ctx *ctx, int l, co
     memset(&mm, 0, sizeof mm);
     mm.T = T, mm.E = m->E, mm.K = m->K, mm.dim = m->dim, mm.inner = m->I;
     mm.w1 = L->w1, mm.ld1 = m->dimp, mm.w2 = L->w2, mm.ld2 = m->Ip;
+    mm.q1 = L->q1, mm.ldq1 = m->dimq, mm.q2 = L->q2, mm.ldq2 = m->Iq, mm.s1 = L->s1, mm.s2 = L->s2;
     mm.h = h, mm.ldh = ldh, mm.sel = s->sel, mm.wt = s->wt, mm.x = x, mm.ldx = ldx, mm.scratch = s->scratch;
     mm.gemm = (long)T * m->K >= CUDA_MOE_GEMM_LARGE_TK ? s->gemm_large : s->gemm_small;
     OPK3(cuda_moe_mlp(ctx, &mm));

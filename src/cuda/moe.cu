@@ -25,6 +25,13 @@
  *           token for fc1; the GeGLU epilogue fused into fc1's), and
  *           moe_combine_kernel: x[t] += Σ_k w_k·y[place(t, k)], in a fixed
  *           order, so the result does not depend on the order of atomics.
+ *   FP8     the same with e4m3 experts and a float scale per row
+ *           (cuda_moe.q1/q2, s1/s2; docs/CUDA.md, FP8 experts):
+ *           moe_up_gemv_f8_kernel / moe_down_gemv_f8_kernel (8-byte weight
+ *           loads, each input piece shared by several rows), and
+ *           moe_gemm_kernel<..., F8 = 1> (e4m3 W stages widened to a bf16
+ *           tile in shared memory each K step, the scale in the epilogue);
+ *           quant_e4m3_rows_kernel makes them at upload.
  * Nothing here synchronises with the host or allocates: both paths can be
  * captured into a CUDA graph.
  */
@@ -40,6 +47,13 @@ __device__ __forceinline__ uint4 moe_ld_stream(const bf16 *p) {
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
         : "l"(p));
+    return r;
+}
+
+/* The same for 8 bytes (8 e4m3 weights). */
+__device__ __forceinline__ uint2 moe_ld_stream8(const uint8_t *p) {
+    uint2 r;
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
     return r;
 }
 
@@ -366,6 +380,170 @@ __global__ void __launch_bounds__(CUDA_MOE_MAX_K * 32)
     }
 }
 
+/* ---- decode with FP8 experts: the same GEMVs over e4m3 rows ---------------------------------- */
+
+/* 8 e4m3 weights · 8 bf16 inputs. */
+__device__ __forceinline__ float dot8_f8(const uint2 w, const uint4 x) {
+    float fw[8], fx[8];
+    fp8x8_to_f(w, fw);
+    bf16x8_to_f(x, fx);
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) s = fmaf(fw[i], fx[i], s);
+    return s;
+}
+
+#define MOE_F8_UP_J 2   /* fc1 columns j per warp (4 weight rows: both halves) */
+#define MOE_F8_DOWN_N 4 /* fc2 outputs n per block */
+
+/* moe_up_gemv_kernel over q1 [E, 2I, ldq] e4m3 with row scales s1 [E, 2I]:
+ * a warp computes MOE_F8_UP_J columns j (rows j and I + j of each), so each
+ * 16-byte piece of h feeds 4 rows of 8 weights (8-byte loads); 4 steps of
+ * 256 columns in flight; the row scales multiply the finished dots. */
+__global__ void __launch_bounds__(MOE_GEMV_WARPS * 32)
+    moe_up_gemv_f8_kernel(bf16 *act, int ldact, const bf16 *h, int ldh, const int32_t *sel, const uint8_t *q1,
+                          const float *s1, int ldq, int Kd, int I, int K) {
+    pdl_trigger();
+    pdl_wait();
+    const int lane = threadIdx.x & 31, a = blockIdx.y;
+    const int j0 = (blockIdx.x * MOE_GEMV_WARPS + (threadIdx.x >> 5)) * MOE_F8_UP_J;
+    if (j0 >= I) return;
+    const int t = a / K, e = sel[a];
+    const uint8_t *w[2 * MOE_F8_UP_J]; /* a rows, then g rows (clamped past I: computed, not written) */
+#pragma unroll
+    for (int i = 0; i < MOE_F8_UP_J; i++) {
+        const long r = (long)e * 2 * I + min(j0 + i, I - 1);
+        w[i] = q1 + r * ldq;
+        w[MOE_F8_UP_J + i] = q1 + (r + I) * ldq;
+    }
+    const bf16 *x = h + (long)t * ldh;
+    float acc[2 * MOE_F8_UP_J];
+#pragma unroll
+    for (int i = 0; i < 2 * MOE_F8_UP_J; i++) acc[i] = 0.0f;
+    int c = lane * 8;
+    for (; c + 3 * 256 < Kd; c += 4 * 256) {
+        uint2 v[4][2 * MOE_F8_UP_J];
+        uint4 vx[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+#pragma unroll
+            for (int i = 0; i < 2 * MOE_F8_UP_J; i++) v[u][i] = moe_ld_stream8(w[i] + c + u * 256);
+#pragma unroll
+        for (int u = 0; u < 4; u++) vx[u] = __ldg((const uint4 *)(x + c + u * 256));
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+#pragma unroll
+            for (int i = 0; i < 2 * MOE_F8_UP_J; i++) acc[i] += dot8_f8(v[u][i], vx[u]);
+    }
+    for (; c < Kd; c += 256) {
+        const uint4 vx = __ldg((const uint4 *)(x + c));
+#pragma unroll
+        for (int i = 0; i < 2 * MOE_F8_UP_J; i++) acc[i] += dot8_f8(moe_ld_stream8(w[i] + c), vx);
+    }
+#pragma unroll
+    for (int i = 0; i < 2 * MOE_F8_UP_J; i++) acc[i] = warp_sum(acc[i]);
+    if (lane < MOE_F8_UP_J && j0 + lane < I) {
+        float sa = acc[0], sg = acc[MOE_F8_UP_J];
+#pragma unroll
+        for (int i = 1; i < MOE_F8_UP_J; i++)
+            if (lane == i) sa = acc[i], sg = acc[MOE_F8_UP_J + i];
+        const long r = (long)e * 2 * I + j0 + lane;
+        act[(long)a * ldact + j0 + lane] = __float2bfloat16_rn(gelu_erf_f(sa * s1[r]) * (sg * s1[r + I] + 1.0f));
+    }
+}
+
+/* moe_down_gemv_kernel over q2 [E, N, ldq] e4m3 with row scales s2 [E, N]:
+ * block (x: MOE_F8_DOWN_N outputs n0.., y: token t), K warps; warp k reads
+ * each 16-byte piece of act[t·K+k] once for the block's rows of expert
+ * e_k, and thread r < MOE_F8_DOWN_N sums w_k times those in rank order
+ * into x[t][n0 + r]. */
+__global__ void moe_down_gemv_f8_kernel(float *xo, int ldx, const bf16 *act, int ldact, const int32_t *sel,
+                                        const float *wt, const uint8_t *q2, const float *s2, int ldq, int N, int I,
+                                        int K) {
+    __shared__ float part[CUDA_MOE_MAX_K][MOE_F8_DOWN_N];
+    pdl_trigger();
+    pdl_wait();
+    const int lane = threadIdx.x & 31, k = threadIdx.x >> 5, n0 = blockIdx.x * MOE_F8_DOWN_N, t = blockIdx.y;
+    const int a = t * K + k;
+    const long r0 = (long)sel[a] * N;
+    const uint8_t *w[MOE_F8_DOWN_N];
+#pragma unroll
+    for (int i = 0; i < MOE_F8_DOWN_N; i++) w[i] = q2 + (r0 + min(n0 + i, N - 1)) * ldq;
+    const bf16 *x = act + (long)a * ldact;
+    const int ch = I / 8;
+    float acc[MOE_F8_DOWN_N];
+#pragma unroll
+    for (int i = 0; i < MOE_F8_DOWN_N; i++) acc[i] = 0.0f;
+    int q = lane;
+    for (; q + 3 * 32 < ch; q += 4 * 32) {
+        uint2 wv[4][MOE_F8_DOWN_N];
+        uint4 xv[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+#pragma unroll
+            for (int i = 0; i < MOE_F8_DOWN_N; i++) wv[u][i] = moe_ld_stream8(w[i] + (q + 32 * u) * 8);
+#pragma unroll
+        for (int u = 0; u < 4; u++) xv[u] = __ldg((const uint4 *)(x + (q + 32 * u) * 8));
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+#pragma unroll
+            for (int i = 0; i < MOE_F8_DOWN_N; i++) acc[i] += dot8_f8(wv[u][i], xv[u]);
+    }
+    for (; q < ch; q += 32) {
+        const uint4 xv = __ldg((const uint4 *)(x + q * 8));
+#pragma unroll
+        for (int i = 0; i < MOE_F8_DOWN_N; i++) acc[i] += dot8_f8(moe_ld_stream8(w[i] + q * 8), xv);
+    }
+#pragma unroll
+    for (int i = 0; i < MOE_F8_DOWN_N; i++) {
+        const float v = warp_sum(acc[i]);
+        if (lane == 0) part[k][i] = wt[a] * (v * s2[r0 + min(n0 + i, N - 1)]);
+    }
+    __syncthreads();
+    if (threadIdx.x < MOE_F8_DOWN_N && n0 + (int)threadIdx.x < N) {
+        float sum = 0.0f;
+        for (int j = 0; j < K; j++) sum += part[j][threadIdx.x];
+        xo[(long)t * ldx + n0 + threadIdx.x] += sum;
+    }
+}
+
+/* ---- FP8 experts: per-row e4m3 quantisation (at upload) ------------------------------------- */
+
+/* Block per row (grid-stride): the row's max |w|, then q = e4m3(w · inv). */
+__global__ void quant_e4m3_rows_kernel(uint8_t *q, int ldq, float *scale, const bf16 *w, int ldw, long rows,
+                                       int cols) {
+    __shared__ float red[32];
+    for (long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const bf16 *wr = w + r * ldw;
+        float m = 0.0f;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, fabsf(__bfloat162float(wr[c])));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+        __syncthreads();
+        m = 0.0f;
+        for (int i = 0; i < (int)(blockDim.x >> 5); i++) m = fmaxf(m, red[i]);
+        __syncthreads(); /* red is rewritten by the next row */
+        const float inv = m > 0.0f ? __fdiv_rn(448.0f, m) : 1.0f;
+        if (threadIdx.x == 0) scale[r] = m > 0.0f ? __fdiv_rn(m, 448.0f) : 1.0f;
+        uint8_t *qr = q + r * ldq;
+        for (int c = threadIdx.x; c < ldq; c += blockDim.x)
+            qr[c] = c < cols ? (uint8_t)__nv_cvt_float_to_fp8(__fmul_rn(__bfloat162float(wr[c]), inv), __NV_SATFINITE,
+                                                              __NV_E4M3)
+                             : (uint8_t)0;
+    }
+}
+
+albedo_status cuda_quant_e4m3_rows(cuda_ctx *c, uint8_t *q, int ldq, float *scale, const uint16_t *w, int ldw,
+                                   long rows, int cols) {
+    CU_ARG(c, rows >= 0 && cols >= 0 && ldq >= cols && ldw >= cols);
+    if (!rows) return ALBEDO_OK;
+    const int blocks = (int)(rows < 8192 ? rows : 8192);
+    quant_e4m3_rows_kernel<<<blocks, 256, 0, c->stream>>>(q, ldq, scale, (const bf16 *)w, ldw, rows, cols);
+    CU_LAUNCHED(c);
+    return ALBEDO_OK;
+}
+
 /* ---- prefill: grouping by expert ------------------------------------------------------------ */
 
 #define MOE_MB_MIN 64 /* the smallest tile (sizes the tile list) */
@@ -412,12 +590,17 @@ __device__ __forceinline__ void cp16(void *smem, const void *g, int valid) {
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
-/* Shared memory of moe_gemm_kernel<UP, MB, BK, ST>: ST stages of the A and W
- * tiles, reused for the float32 tile(s) of the epilogue. */
-static constexpr int moe_gemm_smem(int up, int mb, int bk, int st) {
-    return st * (mb + (up ? 2 : 1) * MOE_NB) * (bk + 8) * 2 > (up ? 2 : 1) * mb * MOE_CP * 4
-               ? st * (mb + (up ? 2 : 1) * MOE_NB) * (bk + 8) * 2
-               : (up ? 2 : 1) * mb * MOE_CP * 4;
+/* Shared memory of moe_gemm_kernel<UP, MB, BK, ST, F8>: ST stages of the A
+ * tile (bf16) and the W tile (bf16, or e4m3 bytes with F8, then one bf16
+ * W tile they are widened into), reused for the float32 tile(s) of the
+ * epilogue. */
+static constexpr int moe_gemm_pipe(int up, int mb, int bk, int st, int f8) {
+    return st * (mb * (bk + 8) * 2 + (up ? 2 : 1) * MOE_NB * (f8 ? bk + 16 : (bk + 8) * 2)) +
+           (f8 ? (up ? 2 : 1) * MOE_NB * (bk + 8) * 2 : 0);
+}
+static constexpr int moe_gemm_smem(int up, int mb, int bk, int st, int f8) {
+    return moe_gemm_pipe(up, mb, bk, st, f8) > (up ? 2 : 1) * mb * MOE_CP * 4 ? moe_gemm_pipe(up, mb, bk, st, f8)
+                                                                              : (up ? 2 : 1) * mb * MOE_CP * 4;
 }
 
 /* Grouped GEMM over the tiles of moe_sort_kernel. Block (x: tile, y: 64
@@ -428,30 +611,35 @@ static constexpr int moe_gemm_smem(int up, int mb, int bk, int st) {
  * and W rows are read in 16-byte pieces, zero-filled past K or the tile).
  * MB/32 × 2 warps, each 32 rows × 32 columns (of both halves for UP);
  * K steps of BK through an ST-stage cp.async pipeline; bf16 tensor cores
- * through WMMA (16×16×16), float32 accumulators. */
-template <int UP, int MB, int BK, int ST>
+ * through WMMA (16×16×16), float32 accumulators.
+ * F8: W is e4m3 bytes (rows of ldw bytes, a multiple of 16; 16-byte pieces
+ * of 16 weights) with row scales sc [E, sc_exp]; each K step widens its W
+ * stage into one bf16 tile (exact) before the products, and the epilogue
+ * multiplies column n's sums by its row's scale. */
+template <int UP, int MB, int BK, int ST, int F8>
 __global__ void __launch_bounds__(MB * 2)
     moe_gemm_kernel(const int2 *tiles, const int *n_tiles, const int *off, const int32_t *rows, const bf16 *A,
-                    int lda, const bf16 *W, long w_exp, int ldw, int N, int Kd, int I, bf16 *act, int ldact, float *y,
-                    int ldy) {
+                    int lda, const void *W, long w_exp, int ldw, const float *sc, long sc_exp, int N, int Kd, int I,
+                    bf16 *act, int ldact, float *y, int ldy) {
     using namespace nvcuda;
     constexpr int NT = MB * 2;                    /* threads */
     constexpr int KP = BK + 8;                    /* smem row (elements), 16-byte multiple */
     constexpr int PC = BK / 8;                    /* 16-byte pieces per row per stage */
     constexpr int WR = UP ? 2 * MOE_NB : MOE_NB;  /* W rows per stage */
-    constexpr int STAGE = (MB + WR) * KP;         /* elements */
+    constexpr int KB = BK + 16;                   /* F8: smem W row (bytes) */
+    constexpr int A_BYTES = MB * KP * 2, W_BYTES = F8 ? WR * KB : WR * KP * 2, STAGE = A_BYTES + W_BYTES;
     extern __shared__ __align__(128) unsigned char smem[];
     pdl_trigger();
     pdl_wait();
     if ((int)blockIdx.x >= *n_tiles) return;
     const int2 tl = tiles[blockIdx.x];
     const int e = tl.x, r0 = tl.y, r1 = min(r0 + MB, off[e + 1]), n0 = blockIdx.y * MOE_NB;
-    const bf16 *We = W + (long)e * w_exp;
-    bf16 *sm = (bf16 *)smem;
     const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+    bf16 *wide = (bf16 *)(smem + ST * STAGE); /* F8: the widened W tile [WR][KP] */
 
     auto load = [&](int stage, int k0) {
-        bf16 *sa = sm + stage * STAGE, *sb = sa + MB * KP;
+        bf16 *sa = (bf16 *)(smem + stage * STAGE);
+        unsigned char *sb = smem + stage * STAGE + A_BYTES;
 #pragma unroll
         for (int i = 0; i < MB * PC / NT; i++) {
             const int idx = tid + i * NT, r = idx / PC, kc = (idx % PC) * 8, p = r0 + r, k = k0 + kc;
@@ -460,13 +648,22 @@ __global__ void __launch_bounds__(MB * 2)
             if (ok) src = A + (long)(UP ? rows[p] : p) * lda + k;
             cp16(sa + r * KP + kc, src, ok);
         }
+        constexpr int WPC = F8 ? BK / 16 : PC, WE = F8 ? 16 : 8; /* pieces per row, elements per piece */
+        constexpr int WN = WR * WPC;
 #pragma unroll
-        for (int i = 0; i < WR * PC / NT; i++) {
-            const int idx = tid + i * NT, r = idx / PC, kc = (idx % PC) * 8, k = k0 + kc;
+        for (int i = 0; i < (WN + NT - 1) / NT; i++) {
+            const int idx = tid + i * NT;
+            if (WN % NT != 0 && idx >= WN) break;
+            const int r = idx / WPC, kc = (idx % WPC) * WE, k = k0 + kc;
             const int n = n0 + (r < MOE_NB ? r : r - MOE_NB), wrow = r < MOE_NB ? n : I + n;
             const int ok = n < N && k < Kd;
-            const bf16 *src = ok ? We + (long)wrow * ldw + k : W;
-            cp16(sb + r * KP + kc, src, ok);
+            if constexpr (F8) {
+                const uint8_t *We = (const uint8_t *)W + e * w_exp;
+                cp16(sb + r * KB + kc, ok ? We + (long)wrow * ldw + k : (const uint8_t *)W, ok);
+            } else {
+                const bf16 *We = (const bf16 *)W + e * w_exp;
+                cp16((bf16 *)sb + r * KP + kc, ok ? We + (long)wrow * ldw + k : (const bf16 *)W, ok);
+            }
         }
     };
 
@@ -487,10 +684,22 @@ __global__ void __launch_bounds__(MB * 2)
     }
     for (int kt = 0; kt < nk; kt++) {
         cp_wait<ST - 2>(); /* stage kt has landed (this thread's pieces) */
-        __syncthreads();   /* ... everyone's; and stage kt - 1 is free again */
+        __syncthreads();   /* ... everyone's; and stage kt - 1 (and the widened tile) is free again */
         if (kt + ST - 1 < nk) load((kt + ST - 1) % ST, (kt + ST - 1) * BK);
         cp_commit();
-        const bf16 *sa = sm + (kt % ST) * STAGE, *sb = sa + MB * KP;
+        const bf16 *sa = (const bf16 *)(smem + (kt % ST) * STAGE), *sb;
+        if constexpr (F8) {
+            const unsigned char *s8 = smem + (kt % ST) * STAGE + A_BYTES;
+#pragma unroll
+            for (int i = 0; i < WR * (BK / 8) / NT; i++) {
+                const int idx = tid + i * NT, r = idx / (BK / 8), c8 = (idx % (BK / 8)) * 8;
+                *(uint4 *)(wide + r * KP + c8) = fp8x8_to_bf16x8(*(const uint2 *)(s8 + r * KB + c8));
+            }
+            __syncthreads();
+            sb = wide;
+        } else {
+            sb = (const bf16 *)(smem + (kt % ST) * STAGE + A_BYTES);
+        }
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa[2];
@@ -523,14 +732,19 @@ __global__ void __launch_bounds__(MB * 2)
             if (UP) wmma::store_matrix_sync(gs + off_c, cg[UP ? i : 0][UP ? j : 0], MOE_CP, wmma::mem_row_major);
         }
     __syncthreads();
+    const float *se = F8 ? sc + e * sc_exp : NULL;
     for (int idx = tid; idx < MB * MOE_NB; idx += NT) {
         const int r = idx / MOE_NB, cc = idx % MOE_NB, p = r0 + r, n = n0 + cc;
         if (p >= r1 || n >= N) continue;
-        const float v = cs[r * MOE_CP + cc];
-        if (UP)
-            act[(long)p * ldact + n] = __float2bfloat16_rn(gelu_erf_f(v) * (gs[r * MOE_CP + cc] + 1.0f));
-        else
+        float v = cs[r * MOE_CP + cc];
+        if (F8) v *= se[n];
+        if (UP) {
+            float g = gs[r * MOE_CP + cc];
+            if (F8) g *= se[I + n];
+            act[(long)p * ldact + n] = __float2bfloat16_rn(gelu_erf_f(v) * (g + 1.0f));
+        } else {
             y[(long)p * ldy + n] = v;
+        }
     }
 }
 
@@ -593,23 +807,31 @@ size_t cuda_moe_scratch_bytes(int T, int E, int K, int dim, int inner) {
 }
 
 /* The two grouped GEMMs (fc1 with the GeGLU epilogue, fc2) in one tile shape. */
-template <int MB, int BK, int ST>
+template <int MB, int BK, int ST, int F8>
 static albedo_status moe_gemms(cuda_ctx *c, const cuda_moe *m, const moe_scr *s, int max_tiles) {
     const int D = m->dim, I = m->inner;
-    const long w1e = (long)2 * I * m->ld1, w2e = (long)D * m->ld2;
-    constexpr int s1 = moe_gemm_smem(1, MB, BK, ST), s0 = moe_gemm_smem(0, MB, BK, ST);
+    /* W1's and W2's rows, their strides, and the K extents read: bf16 rows
+     * up to ld1 and ldact; e4m3 rows up to dim and I rounded up to 8 (h's
+     * and act's padding; the weights' padding to 16 is zeros) */
+    const void *w1 = F8 ? (const void *)m->q1 : (const void *)m->w1;
+    const void *w2 = F8 ? (const void *)m->q2 : (const void *)m->w2;
+    const int ldw1 = F8 ? m->ldq1 : m->ld1, ldw2 = F8 ? m->ldq2 : m->ld2, k1 = F8 ? moe_pad8(D) : m->ld1;
+    const long w1e = (long)2 * I * ldw1, w2e = (long)D * ldw2;
+    constexpr int s1 = moe_gemm_smem(1, MB, BK, ST, F8), s0 = moe_gemm_smem(0, MB, BK, ST, F8);
     /* above 48 KiB only once raised (not a stream operation: allowed while capturing) */
-    CU_TRY(c, cudaFuncSetAttribute(moe_gemm_kernel<1, MB, BK, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, s1));
-    CU_TRY(c, cudaFuncSetAttribute(moe_gemm_kernel<0, MB, BK, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize, s0));
-    CU_TRY(c, launch_k(c, moe_gemm_kernel<1, MB, BK, ST>, dim3(max_tiles, (I + MOE_NB - 1) / MOE_NB), dim3(MB * 2), s1,
-                       (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off, (const int32_t *)s->rows,
-                       (const bf16 *)m->h, m->ldh, (const bf16 *)m->w1, w1e, m->ld1, I, m->ld1, I, s->act, s->ldact,
-                       (float *)NULL, 0));
+    CU_TRY(c, cudaFuncSetAttribute(moe_gemm_kernel<1, MB, BK, ST, F8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   s1));
+    CU_TRY(c, cudaFuncSetAttribute(moe_gemm_kernel<0, MB, BK, ST, F8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   s0));
+    CU_TRY(c, launch_k(c, moe_gemm_kernel<1, MB, BK, ST, F8>, dim3(max_tiles, (I + MOE_NB - 1) / MOE_NB),
+                       dim3(MB * 2), s1, (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off,
+                       (const int32_t *)s->rows, (const bf16 *)m->h, m->ldh, w1, w1e, ldw1, m->s1, (long)2 * I, I, k1,
+                       I, s->act, s->ldact, (float *)NULL, 0));
     CU_LAUNCHED(c);
-    CU_TRY(c, launch_k(c, moe_gemm_kernel<0, MB, BK, ST>, dim3(max_tiles, (D + MOE_NB - 1) / MOE_NB), dim3(MB * 2), s0,
-                       (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off, (const int32_t *)s->rows,
-                       (const bf16 *)s->act, s->ldact, (const bf16 *)m->w2, w2e, m->ld2, D, s->ldact, 0,
-                       (bf16 *)NULL, 0, s->y, D));
+    CU_TRY(c, launch_k(c, moe_gemm_kernel<0, MB, BK, ST, F8>, dim3(max_tiles, (D + MOE_NB - 1) / MOE_NB),
+                       dim3(MB * 2), s0, (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off,
+                       (const int32_t *)s->rows, (const bf16 *)s->act, s->ldact, w2, w2e, ldw2, m->s2, (long)D, D,
+                       s->ldact, 0, (bf16 *)NULL, 0, s->y, D));
     CU_LAUNCHED(c);
     return ALBEDO_OK;
 }
@@ -617,9 +839,16 @@ static albedo_status moe_gemms(cuda_ctx *c, const cuda_moe *m, const moe_scr *s,
 albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
     const int T = m->T, E = m->E, K = m->K, D = m->dim, I = m->inner;
     CU_ARG(c, T >= 0 && E >= 1 && K >= 1 && K <= CUDA_MOE_MAX_K && K <= E && E <= 4096);
-    CU_ARG(c, D >= 1 && I >= 1 && m->ld1 % 8 == 0 && m->ld1 >= D && m->ld2 % 8 == 0 && m->ld2 >= I);
-    CU_ARG(c, m->ldh % 8 == 0 && m->ldh >= m->ld1 && m->ldx >= D);
-    CU_ARG(c, is_aligned(m->w1, 16) && is_aligned(m->w2, 16) && is_aligned(m->h, 16) && m->scratch);
+    const int f8 = m->q1 != NULL;
+    if (f8) {
+        CU_ARG(c, D >= 1 && I >= 1 && m->ldq1 % 16 == 0 && m->ldq1 >= D && m->ldq2 % 16 == 0 && m->ldq2 >= I);
+        CU_ARG(c, m->ldh % 8 == 0 && m->ldh >= moe_pad8(D) && m->ldx >= D && m->s1 && m->s2);
+        CU_ARG(c, is_aligned(m->q1, 16) && is_aligned(m->q2, 16) && is_aligned(m->h, 16) && m->scratch);
+    } else {
+        CU_ARG(c, D >= 1 && I >= 1 && m->ld1 % 8 == 0 && m->ld1 >= D && m->ld2 % 8 == 0 && m->ld2 >= I);
+        CU_ARG(c, m->ldh % 8 == 0 && m->ldh >= m->ld1 && m->ldx >= D);
+        CU_ARG(c, is_aligned(m->w1, 16) && is_aligned(m->w2, 16) && is_aligned(m->h, 16) && m->scratch);
+    }
     CU_ARG(c, (long)T * K <= CUDA_MOE_MAX_ASSIGN);
     if (!T) return ALBEDO_OK;
     /* The padding columns D..ld1 of h and of W1, and I..ld2 of act and W2,
@@ -629,6 +858,18 @@ albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
     const int gemv = m->path == 1 || (m->path == 0 && T <= CUDA_MOE_GEMV_MAX_T);
     if (s.ldact != I) /* keep act's padding columns zero for the 16-byte reads of the down pass */
         CU_TRY(c, cudaMemsetAsync(s.act, 0, (size_t)T * K * s.ldact * sizeof(bf16), c->stream));
+    if (gemv && f8) {
+        const int jb = MOE_GEMV_WARPS * MOE_F8_UP_J;
+        CU_TRY(c, launch_k(c, moe_up_gemv_f8_kernel, dim3((I + jb - 1) / jb, T * K),
+                           dim3(MOE_GEMV_WARPS * 32), 0, s.act, s.ldact, (const bf16 *)m->h, m->ldh, m->sel, m->q1,
+                           m->s1, m->ldq1, moe_pad8(D), I, K));
+        CU_LAUNCHED(c);
+        CU_TRY(c, launch_k(c, moe_down_gemv_f8_kernel, dim3((D + MOE_F8_DOWN_N - 1) / MOE_F8_DOWN_N, T),
+                           dim3(32 * K), 0, m->x, m->ldx, (const bf16 *)s.act, s.ldact, m->sel, m->wt, m->q2, m->s2,
+                           m->ldq2, D, s.ldact, K));
+        CU_LAUNCHED(c);
+        return ALBEDO_OK;
+    }
     if (gemv) {
         CU_TRY(c, launch_k(c, moe_up_gemv_kernel, dim3((I + MOE_GEMV_WARPS - 1) / MOE_GEMV_WARPS, T * K),
                            dim3(MOE_GEMV_WARPS * 32), 0, s.act, s.ldact, (const bf16 *)m->h, m->ldh, m->sel,
@@ -648,10 +889,17 @@ albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
     CU_TRY(c, launch_k(c, moe_sort_kernel, dim3(1), dim3(1024), (size_t)2 * E * sizeof(int), m->sel, TK, K, E, mb,
                        s.off, s.tiles, s.n_tiles, s.rows, s.slot));
     CU_LAUNCHED(c);
-    albedo_status st = g == 1   ? moe_gemms<64, 32, 2>(c, m, &s, max_tiles)
-                       : g == 2 ? moe_gemms<64, 64, 3>(c, m, &s, max_tiles)
-                       : g == 3 ? moe_gemms<128, 32, 2>(c, m, &s, max_tiles)
-                                : moe_gemms<128, 64, 3>(c, m, &s, max_tiles);
+    albedo_status st;
+    if (f8)
+        st = g == 1   ? moe_gemms<64, 32, 2, 1>(c, m, &s, max_tiles)
+             : g == 2 ? moe_gemms<64, 64, 3, 1>(c, m, &s, max_tiles)
+             : g == 3 ? moe_gemms<128, 32, 2, 1>(c, m, &s, max_tiles)
+                      : moe_gemms<128, 64, 3, 1>(c, m, &s, max_tiles);
+    else
+        st = g == 1   ? moe_gemms<64, 32, 2, 0>(c, m, &s, max_tiles)
+             : g == 2 ? moe_gemms<64, 64, 3, 0>(c, m, &s, max_tiles)
+             : g == 3 ? moe_gemms<128, 32, 2, 0>(c, m, &s, max_tiles)
+                      : moe_gemms<128, 64, 3, 0>(c, m, &s, max_tiles);
     if (st) return st;
     const long n = (long)T * D;
     const int blocks = (int)((n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096);

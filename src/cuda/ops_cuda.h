@@ -308,17 +308,39 @@ typedef struct cuda_moe {
     float *x;
     int ldx;
     void *scratch;
+    /* FP8 experts (docs/CUDA.md, FP8 experts): when q1 is set, W1 and W2
+     * are e4m3 bytes q1 [E, 2I, ldq1] and q2 [E, dim, ldq2] (ldq1 >= dim,
+     * ldq2 >= I, both multiples of 16, padding zeros) with one float scale
+     * per row, s1 [E, 2I] and s2 [E, dim]: W[r][c] = e4m3(q[r][c])·s[r]
+     * (cuda_quant_e4m3_rows); w1, w2, ld1 and ld2 are then unused, and h
+     * needs ldh >= dim rounded up to 8. Needs sm_89+ for speed (older
+     * cards convert in software). */
+    const uint8_t *q1, *q2;
+    int ldq1, ldq2;
+    const float *s1, *s2;
     int path; /* 0: by T; 1: the GEMVs; 2: grouped (for tests) */
     int gemm; /* grouped GEMM tiles (rows, K step, stages): 1: 64, 32, 2; 2: 64, 64, 3;
                * 3: 128, 32, 2; 4: 128, 64, 3; 0: by T·K (below) */
 } cuda_moe;
-/* The tiles measured best on an H100 (bench/cuda/bench_moe.cu): for fewer
- * than CUDA_MOE_GEMM_LARGE_TK assignments (a prompt: bound by reading the
- * touched experts), and from there on (an image prefix: by the matrix units). */
+/* The tiles measured best on an H100: for fewer than CUDA_MOE_GEMM_LARGE_TK
+ * assignments (a prompt: bound by reading the touched experts), and from
+ * there on (an image prefix: by the matrix units). bench/cuda/bench_moe.cu's
+ * uniform random routing favours 128-row tiles at 730 rows (0.58 against
+ * 0.62 ms), but the model's own routing does not: the synthetic Moondream
+ * 3's 730-position prefix took 15.5-15.8 ms with 64-row tiles and 16.5 with
+ * 128-row ones (bench_e2e, same lease). */
 #define CUDA_MOE_GEMM_SMALL 2
 #define CUDA_MOE_GEMM_LARGE 2
 #define CUDA_MOE_GEMM_LARGE_TK 1024
 size_t cuda_moe_scratch_bytes(int T, int E, int K, int dim, int inner);
+
+/* Per-row e4m3 quantisation (FP8 experts): for each of the rows rows of w
+ * (bf16 [rows, ldw], cols values), scale[r] = max|w[r]| / 448 (1 for a row
+ * of zeros) and q[r][c] = e4m3(w[r][c] · (448 / max|w[r]|)), rounded to
+ * nearest even and saturated; q [rows, ldq] bytes, columns cols..ldq-1
+ * zeros. ldq >= cols. The result decodes as q·scale. */
+albedo_status cuda_quant_e4m3_rows(cuda_ctx *c, uint8_t *q, int ldq, float *scale, const uint16_t *w, int ldw,
+                                   long rows, int cols);
 albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m);
 
 #ifdef __cplusplus

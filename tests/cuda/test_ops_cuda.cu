@@ -35,7 +35,10 @@
  * The Moondream 3 section (moe.cu: tau's features, scores and scaling;
  * routing with ties and NaN; the expert MLP's GEMV and grouped paths at odd
  * widths, with several 128-row tiles for one expert) compares against
- * double-precision references written here.
+ * double-precision references written here. FP8 experts: the per-row e4m3
+ * quantiser byte for byte against the host's, and the expert MLP (GEMVs and
+ * every grouped tile shape) on e4m3 weights against the reference on the
+ * same quantised values.
  */
 #include <math.h>
 #include <stdint.h>
@@ -1418,7 +1421,83 @@ static void test_route(int T, int E, int K, int ties, int nan) {
  * keeps it. Distinct random experts per token (or skewed towards expert 0
  * so that one expert gets several 64-row tiles); path 0 auto, 1 GEMVs, 2
  * grouped. */
-static void test_moe(int T, int E, int K, int dim, int I, int path, int skew, int gemm = 0) {
+/* Per-row e4m3 quantisation on the host, as cuda_quant_e4m3_rows defines it
+ * (the same float operations): row r of w [n_rows, ld] (cols values) → q
+ * [n_rows, ldq] bytes (padding zeros) and scale [n_rows]. */
+static void host_quant_rows(const float *w, int ld, long n_rows, int cols, uint8_t *q, int ldq, float *scale) {
+    for (long r = 0; r < n_rows; r++) {
+        float m = 0.0f;
+        for (int c = 0; c < cols; c++) m = fmaxf(m, fabsf(w[r * ld + c]));
+        const float inv = m > 0.0f ? 448.0f / m : 1.0f;
+        scale[r] = m > 0.0f ? m / 448.0f : 1.0f;
+        for (int c = 0; c < ldq; c++) q[r * ldq + c] = c < cols ? f_to_e4m3(w[r * ld + c] * inv) : 0;
+    }
+}
+
+/* cuda_quant_e4m3_rows against the host's: every byte and scale equal, the
+ * padding zeros, the guards intact; and the round trip q·scale within e4m3's
+ * rounding of each weight (2^-4 relative, 2^-10·scale absolute near zero). */
+static void test_quant_e4m3(long n_rows, int cols, int ldw, int ldq) {
+    buf w = buf_new(DT_BF16, (size_t)n_rows * ldw), q = buf_new(DT_U8, (size_t)n_rows * ldq);
+    buf sc = buf_new(DT_F32, (size_t)n_rows);
+    float *wf = fill(&w, (int)n_rows, cols, ldw, -3, 3);
+    for (int c = 0; c < cols; c++) { /* a row of zeros, a row of tiny values, a row with one large value */
+        bset(&w, c, 0.0f), wf[c] = 0.0f;
+        if (n_rows > 2) {
+            bset(&w, (long)ldw + c, rnd(-1e-6f, 1e-6f)), wf[ldw + c] = bget(&w, (long)ldw + c);
+            bset(&w, 2L * ldw + c, c == cols / 2 ? 900.0f : rnd(-0.01f, 0.01f));
+            wf[2 * ldw + c] = bget(&w, 2L * ldw + c);
+        }
+    }
+    up(&w), up(&q), up(&sc);
+    albedo_status st = cuda_quant_e4m3_rows(G, (uint8_t *)dp(&q), ldq, (float *)dp(&sc), (const uint16_t *)dp(&w), ldw,
+                                            n_rows, cols);
+    char what[128];
+    snprintf(what, sizeof what, "e4m3 rows %ld x %d (ldw %d, ldq %d)", n_rows, cols, ldw, ldq);
+    check_st(st, what);
+    if (st == ALBEDO_OK && down(&q) == 0 && down(&sc) == 0) {
+        uint8_t *hq = (uint8_t *)malloc((size_t)n_rows * ldq);
+        float *hs = (float *)malloc((size_t)n_rows * sizeof(float));
+        host_quant_rows(wf, ldw, n_rows, cols, hq, ldq, hs);
+        long bad_q = 0, bad_s = 0, bad_rt = 0, damaged = 0;
+        for (long r = 0; r < n_rows; r++) {
+            float gs;
+            memcpy(&gs, sc.h + (size_t)(r + GUARD) * 4, 4);
+            bad_s += memcmp(&gs, &hs[r], 4) != 0;
+            for (int c = 0; c < ldq; c++) {
+                const uint8_t g = q.h[(size_t)(r * ldq + c + GUARD)];
+                bad_q += g != hq[r * ldq + c];
+                if (c < cols) {
+                    const double v = (double)e4m3_to_f(g) * gs, x = wf[r * ldw + c];
+                    bad_rt += fabs(v - x) > fmax(fabs(x) * 0.0625, 0.0009765625 * gs * 1.0001);
+                }
+            }
+        }
+        for (long i = 1; i <= GUARD; i++) damaged += !bpoison(&q, -i) + !bpoison(&sc, -i);
+        for (long i = 0; i < GUARD; i++) damaged += !bpoison(&q, n_rows * ldq + i) + !bpoison(&sc, n_rows + i);
+        const int ok = !bad_q && !bad_s && !bad_rt && !damaged;
+        printf("%-4s %-58s bytes %ld, scales %ld, round trip %ld off; damaged %ld\n", ok ? "ok" : "FAIL", what, bad_q,
+               bad_s, bad_rt, damaged);
+        CHECK(ok, "%s", what);
+        free(hq), free(hs);
+    }
+    free(wf);
+    buf_free(&w), buf_free(&q), buf_free(&sc);
+}
+
+/* A float array on the device. */
+static float *dev_floats(const float *v, size_t n) {
+    float *d = NULL;
+    if (cudaMalloc((void **)&d, n * sizeof(float)) != cudaSuccess ||
+        cudaMemcpy(d, v, n * sizeof(float), cudaMemcpyHostToDevice) != cudaSuccess)
+        abort();
+    return d;
+}
+
+/* f8: the experts as e4m3 with row scales (cuda_moe.q1/q2, quantised on the
+ * host as cuda_quant_e4m3_rows does), the reference on the same quantised
+ * values (e4m3 · scale, in double). */
+static void test_moe(int T, int E, int K, int dim, int I, int path, int skew, int gemm = 0, int f8 = 0) {
     const int ld1 = pad8i(dim), Ip = pad8i(I), ld2 = Ip + 8, ldh = ld1 + 8, ldx = dim + 3;
     buf h = buf_new(DT_BF16, (size_t)T * ldh), w1 = buf_new(DT_BF16, (size_t)E * 2 * I * ld1);
     buf w2 = buf_new(DT_BF16, (size_t)E * dim * ld2), x = buf_new(DT_F32, (size_t)T * ldx);
@@ -1435,6 +1514,25 @@ static void test_moe(int T, int E, int K, int dim, int I, int path, int skew, in
     for (long r = 0; r < (long)E * dim; r++)
         for (int c = I; c < Ip; c++) bset(&w2, r * ld2 + c, 0.0f);
     up(&h), up(&w1), up(&w2), up(&x);
+    /* f8: ldq's a multiple of 16 past the padding (a stride wider than the rows) */
+    const int ldq1 = (dim + 15) / 16 * 16 + 16, ldq2 = (I + 15) / 16 * 16;
+    const long r1 = (long)E * 2 * I, r2 = (long)E * dim;
+    buf q1 = buf_new(DT_U8, f8 ? (size_t)r1 * ldq1 : 1), q2 = buf_new(DT_U8, f8 ? (size_t)r2 * ldq2 : 1);
+    float *sc1 = NULL, *sc2 = NULL, *dsc1 = NULL, *dsc2 = NULL;
+    if (f8) {
+        sc1 = (float *)malloc((size_t)r1 * sizeof(float)), sc2 = (float *)malloc((size_t)r2 * sizeof(float));
+        uint8_t *hq1 = (uint8_t *)malloc((size_t)r1 * ldq1), *hq2 = (uint8_t *)malloc((size_t)r2 * ldq2);
+        host_quant_rows(w1f, ld1, r1, dim, hq1, ldq1, sc1);
+        host_quant_rows(w2f, ld2, r2, I, hq2, ldq2, sc2);
+        memcpy(q1.h + GUARD, hq1, (size_t)r1 * ldq1), memcpy(q2.h + GUARD, hq2, (size_t)r2 * ldq2);
+        for (long r = 0; r < r1; r++) /* the reference reads the quantised weights */
+            for (int c = 0; c < dim; c++) w1f[r * ld1 + c] = (float)((double)e4m3_to_f(hq1[r * ldq1 + c]) * sc1[r]);
+        for (long r = 0; r < r2; r++)
+            for (int c = 0; c < I; c++) w2f[r * ld2 + c] = (float)((double)e4m3_to_f(hq2[r * ldq2 + c]) * sc2[r]);
+        up(&q1), up(&q2);
+        dsc1 = dev_floats(sc1, (size_t)r1), dsc2 = dev_floats(sc2, (size_t)r2);
+        free(hq1), free(hq2);
+    }
     int32_t *sel = (int32_t *)malloc((size_t)T * K * 4);
     float *wt = (float *)malloc((size_t)T * K * 4);
     for (int t = 0; t < T; t++) {
@@ -1467,9 +1565,14 @@ static void test_moe(int T, int E, int K, int dim, int I, int path, int skew, in
     m.w1 = (const uint16_t *)dp(&w1), m.ld1 = ld1, m.w2 = (const uint16_t *)dp(&w2), m.ld2 = ld2;
     m.h = (const uint16_t *)dp(&h), m.ldh = ldh, m.sel = dsel, m.wt = dwt, m.x = (float *)dp(&x), m.ldx = ldx;
     m.scratch = scr, m.path = path, m.gemm = gemm;
+    if (f8) {
+        m.w1 = m.w2 = NULL, m.ld1 = m.ld2 = 0;
+        m.q1 = (const uint8_t *)dp(&q1), m.ldq1 = ldq1, m.q2 = (const uint8_t *)dp(&q2), m.ldq2 = ldq2;
+        m.s1 = dsc1, m.s2 = dsc2;
+    }
     char what[160];
-    snprintf(what, sizeof what, "md3 experts T=%d E=%d K=%d dim=%d I=%d %s%s gemm %d", T, E, K, dim, I,
-             path == 1 ? "gemv" : path == 2 ? "grouped" : "auto", skew ? " skewed" : "", gemm);
+    snprintf(what, sizeof what, "md3 experts%s T=%d E=%d K=%d dim=%d I=%d %s%s gemm %d", f8 ? " fp8" : "", T, E, K,
+             dim, I, path == 1 ? "gemv" : path == 2 ? "grouped" : "auto", skew ? " skewed" : "", gemm);
     albedo_status st = cuda_moe_mlp(G, &m);
     check_st(st, what);
     if (down(&x) == 0 && st == ALBEDO_OK) {
@@ -1502,9 +1605,9 @@ static void test_moe(int T, int E, int K, int dim, int I, int path, int skew, in
         report(what, &cm, 1e-3);
         free(ref), free(y), free(act);
     }
-    free(hf), free(w1f), free(w2f), free(x0), free(sel), free(wt);
-    cudaFree(dsel), cudaFree(dwt), cudaFree(scr);
-    buf_free(&h), buf_free(&w1), buf_free(&w2), buf_free(&x);
+    free(hf), free(w1f), free(w2f), free(x0), free(sel), free(wt), free(sc1), free(sc2);
+    cudaFree(dsel), cudaFree(dwt), cudaFree(scr), cudaFree(dsc1), cudaFree(dsc2);
+    buf_free(&h), buf_free(&w1), buf_free(&w2), buf_free(&x), buf_free(&q1), buf_free(&q2);
 }
 
 static void test_md3_ops(void) {
@@ -1541,11 +1644,43 @@ static void test_md3_ops(void) {
         test_moe(30, 64, 8, 2048, 1024, 0, 1);
         test_moe(64, 64, 8, 2048, 1024, 2, 0, 4);
     }
+    /* FP8 experts: the quantiser, then the GEMVs and every grouped tile shape
+     * on the same odd sizes and several E/K, md3-small's and Moondream 3's
+     * shapes */
+    test_quant_e4m3(5, 131, 136, 144);
+    test_quant_e4m3(300, 40, 40, 48);
+    test_quant_e4m3(64 * 2 * 8, 2048, 2048, 2048);
+    test_moe(1, 13, 3, 131, 40, 0, 0, 0, 1);
+    test_moe(3, 13, 3, 131, 40, 1, 0, 0, 1);
+    test_moe(4, 7, 7, 72, 24, 0, 0, 0, 1); /* K = E */
+    for (int g = 1; g <= 4; g++) {
+        test_moe(37, 13, 3, 131, 40, 2, 0, g, 1);
+        test_moe(300, 5, 2, 200, 72, 2, 1, g, 1);
+        test_moe(90, 16, 16, 40, 136, 2, 0, g, 1); /* K = 16 */
+    }
+    test_moe(5, 64, 8, 128, 40, 0, 0, 0, 1);     /* md3-small's shape */
+    test_moe(1, 64, 8, 2048, 1024, 0, 0, 0, 1); /* Moondream 3's decode shape */
+    if (!g_small) {
+        test_moe(4, 64, 8, 2048, 1024, 1, 0, 0, 1);
+        test_moe(30, 64, 8, 2048, 1024, 0, 1, 0, 1);
+        test_moe(64, 64, 8, 2048, 1024, 2, 0, 2, 1);
+        test_moe(64, 64, 8, 2048, 1024, 2, 0, 4, 1);
+    }
     /* Bad arguments come back as statuses. */
     cuda_moe m;
     memset(&m, 0, sizeof m);
     m.T = 1, m.E = 20, m.K = 17, m.dim = 8, m.inner = 8, m.ld1 = 8, m.ld2 = 8, m.ldh = 8, m.ldx = 8;
     CHECK(cuda_moe_mlp(G, &m) == ALBEDO_ERR_INVALID_ARGUMENT, "md3 experts: K > 16 is refused");
+    uint8_t *q8 = NULL;
+    float *s8 = NULL;
+    cudaMalloc((void **)&q8, 4096), cudaMalloc((void **)&s8, 4096);
+    m.K = 2, m.q1 = m.q2 = q8, m.s1 = m.s2 = s8, m.ldq1 = 24, m.ldq2 = 16, m.scratch = s8, m.h = (const uint16_t *)q8;
+    CHECK(cuda_moe_mlp(G, &m) == ALBEDO_ERR_INVALID_ARGUMENT, "md3 fp8 experts: ldq1 not a multiple of 16 is refused");
+    m.ldq1 = 16, m.s2 = NULL;
+    CHECK(cuda_moe_mlp(G, &m) == ALBEDO_ERR_INVALID_ARGUMENT, "md3 fp8 experts: no scales is refused");
+    CHECK(cuda_quant_e4m3_rows(G, q8, 8, s8, (const uint16_t *)q8, 16, 4, 12) == ALBEDO_ERR_INVALID_ARGUMENT,
+          "e4m3 rows: ldq < cols is refused");
+    cudaFree(q8), cudaFree(s8);
     CHECK(cuda_moe_route(G, NULL, NULL, NULL, 4, 1, 4, 5) == ALBEDO_ERR_INVALID_ARGUMENT,
           "md3 route: K > E is refused");
 }
