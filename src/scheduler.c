@@ -307,8 +307,7 @@ static int key_waits(const albedo_ticket *t, const uint64_t key[2]) {
 static albedo_ticket *pre_pick(albedo_engine *E) {
     img_worker *W = &E->w;
     if (!E->m->cuda) return NULL;
-    /* (A ticket being admitted is in neither list: then nothing is dropped.) */
-    for (int i = 0; i < W->n_pre && !E->in_admit;)
+    for (int i = 0; i < W->n_pre;)
         if (W->pre[i].state != 1 && !key_waits(E->q_head, W->pre[i].key) && !key_waits(W->head, W->pre[i].key))
             pre_drop(W, &W->pre[i]);
         else
