@@ -146,15 +146,6 @@ typedef struct img_worker {
     pthread_cond_t cv;
     albedo_ticket *head, *tail; /* waiting tickets, under mu */
     int n_busy;                 /* prefixes being built, under mu */
-    /* GPU: crops made ahead for queued tickets by idle threads (prefetch),
-     * under mu; pre[i].state 1: being made, 2: ready, 3: failed (the build
-     * decodes again and reports the error). */
-    struct img_pre {
-        uint64_t key[2];
-        img_crops crops;
-        int state;
-    } pre[8];
-    int n_pre;
 } img_worker;
 
 struct albedo_engine {
@@ -279,111 +270,18 @@ static void *tk_main(void *arg) {
 
 /* ---- the image worker ------------------------------------------------------- */
 
-static kv_prefix *prefix_lookup(kv_prefix_cache *c, const uint64_t key[2]);
-static int prefix_building(const albedo_engine *E, const uint64_t key[2]);
-
-static struct img_pre *pre_find(img_worker *W, const uint64_t key[2]) {
-    for (int i = 0; i < W->n_pre; i++)
-        if (W->pre[i].key[0] == key[0] && W->pre[i].key[1] == key[1]) return &W->pre[i];
-    return NULL;
-}
-
-static void pre_drop(img_worker *W, struct img_pre *p) {
-    img_crops_free(&p->crops);
-    *p = W->pre[--W->n_pre];
-}
-
-static int key_waits(const albedo_ticket *t, const uint64_t key[2]) {
-    for (; t; t = t->next)
-        if (t->key[0] == key[0] && t->key[1] == key[1]) return 1;
-    return 0;
-}
-
-/* A queued ticket whose crops an idle thread may make ahead (GPU models: a
- * request's host work, the decode and the crops, then overlaps the device
- * work of the requests before it, also at max batch 1), or NULL. Entries
- * that no waiting ticket wants any more are dropped first. Called with mu
- * held. */
-static albedo_ticket *pre_pick(albedo_engine *E) {
-    img_worker *W = &E->w;
-    if (!E->m->cuda) return NULL;
-    for (int i = 0; i < W->n_pre;)
-        if (W->pre[i].state != 1 && !key_waits(E->q_head, W->pre[i].key) && !key_waits(W->head, W->pre[i].key))
-            pre_drop(W, &W->pre[i]);
-        else
-            i++;
-    if (W->n_pre >= (int)(sizeof W->pre / sizeof W->pre[0])) return NULL;
-    for (albedo_ticket *t = E->q_head; t; t = t->next)
-        if (t->image && !t->cancel && !pre_find(W, t->key) && !prefix_lookup(&E->pc, t->key) &&
-            !prefix_building(E, t->key))
-            return t;
-    return NULL;
-}
-
-/* Make t's crops ahead into a new entry. Called with mu held; drops it
- * around the work (the bytes are copied first: t may end meanwhile). */
-static void pre_make(albedo_engine *E, albedo_ticket *t) {
-    img_worker *W = &E->w;
-    const md_config *c = &E->m->cfg;
-    struct img_pre *p = &W->pre[W->n_pre++];
-    memset(p, 0, sizeof *p);
-    p->key[0] = t->key[0], p->key[1] = t->key[1];
-    p->state = 1;
-    const uint64_t key[2] = {t->key[0], t->key[1]};
-    const size_t n = t->image_len;
-    uint8_t *bytes = malloc(n);
-    if (bytes) memcpy(bytes, t->image, n);
-    pthread_mutex_unlock(&E->mu);
-    img_rgb im = {0};
-    img_crops crops = {0};
-    errbuf sub = {{0}};
-    albedo_status st = bytes ? img_decode(bytes, n, &E->m->limits, &im, &sub) : ALBEDO_ERR_OUT_OF_MEMORY;
-    free(bytes);
-    if (!st) st = img_make_crops(&im, c->crop_size, c->patch, c->overlap_margin, c->max_crops, &crops, &sub);
-    img_free(&im);
-    if (st) img_crops_free(&crops);
-    pthread_mutex_lock(&E->mu);
-    p = pre_find(W, key); /* entries move when others are dropped */
-    p->crops = crops;
-    p->state = st ? 3 : 2;
-    pthread_cond_broadcast(&W->cv); /* a build may wait for it */
-}
-
-/* t's crops, made ahead (taken from the entry) or now. */
-static albedo_status take_crops(albedo_engine *E, albedo_ticket *t, img_crops *crops, errbuf *sub) {
-    const md_config *c = &E->m->cfg;
-    img_worker *W = &E->w;
-    pthread_mutex_lock(&E->mu);
-    struct img_pre *p;
-    while ((p = pre_find(W, t->key)) && p->state == 1) pthread_cond_wait(&W->cv, &E->mu);
-    int have = 0;
-    if (p && p->state == 2) {
-        *crops = p->crops;
-        memset(&p->crops, 0, sizeof p->crops);
-        have = 1;
-    }
-    if (p) {
-        pre_drop(W, p);
-        pthread_cond_broadcast(&W->cv); /* room for another entry */
-    }
-    pthread_mutex_unlock(&E->mu);
-    if (have) return ALBEDO_OK;
-    img_rgb im = {0};
-    albedo_status st = img_decode(t->image, t->image_len, &E->m->limits, &im, sub);
-    if (!st) st = img_make_crops(&im, c->crop_size, c->patch, c->overlap_margin, c->max_crops, crops, sub);
-    img_free(&im);
-    return st;
-}
-
 /* Decode t's image, run the vision encoder and prefill the prefix into t's
  * blocks. Runs on the worker thread with mu released. */
 static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket *t) {
     const md_config *c = &E->m->cfg;
+    img_rgb im = {0};
     img_crops crops = {0};
     errbuf sub = {{0}};
-    albedo_status st = take_crops(E, t, &crops, &sub);
+    albedo_status st = img_decode(t->image, t->image_len, &E->m->limits, &im, &sub);
     free(t->image); /* the bytes are not needed past this point */
     t->image = NULL;
+    if (!st) st = img_make_crops(&im, c->crop_size, c->patch, c->overlap_margin, c->max_crops, &crops, &sub);
+    img_free(&im);
     if (st) {
         img_crops_free(&crops);
         return errf(&t->err, st, "image: %s", sub.msg);
@@ -409,12 +307,7 @@ static void *worker_main(void *arg) {
     img_worker *W = &E->w;
     pthread_mutex_lock(&E->mu);
     for (;;) {
-        albedo_ticket *ahead = NULL;
-        while (!W->head && !W->quit && !(ahead = pre_pick(E))) pthread_cond_wait(&W->cv, &E->mu);
-        if (!W->head && ahead && !W->quit) {
-            pre_make(E, ahead);
-            continue;
-        }
+        while (!W->head && !W->quit) pthread_cond_wait(&W->cv, &E->mu);
         albedo_ticket *t = W->head;
         if (!t) break;
         W->head = t->next;
@@ -1103,7 +996,6 @@ void albedo_engine_free(albedo_engine *E) {
         for (int i = 0; i < W->n_th; i++) pthread_join(W->th[i].th, NULL);
     }
     for (int i = 0; i < W->n_th; i++) worker_thread_free(&W->th[i]);
-    while (W->n_pre) pre_drop(W, &W->pre[0]);
     free(W->th);
     kv_prefix_free(&E->pool, &E->pc);
     kv_pool_free(&E->pool);
@@ -1150,7 +1042,6 @@ static void enqueue(albedo_engine *E, albedo_ticket *t) {
     E->n_queued++;
     E->events++;
     pthread_cond_signal(&E->cv);
-    if (E->w.started && E->m->cuda) pthread_cond_signal(&E->w.cv); /* an idle thread may make its crops ahead */
 }
 
 albedo_status albedo_engine_submit(albedo_engine *E, const albedo_request *r, const void *image, size_t image_len,
