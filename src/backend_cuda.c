@@ -13,9 +13,9 @@
  *
  * Built without ALBEDO_CUDA, asking for "cuda" fails at load with
  * ALBEDO_ERR_UNSUPPORTED and every other hook is unreachable (m->cuda and
- * s->cu stay NULL). Moondream 3 runs in blocking sessions (its tau and
- * experts: cuda/model_cuda_md3.cu). Not on the GPU yet: block-quantised
- * weights, and Moondream 3 in the engine's batched forwards.
+ * s->cu stay NULL). Moondream 3 runs in blocking sessions and in the
+ * engine's batched steps (its tau and experts: cuda/model_cuda_md3.cu).
+ * Not on the GPU yet: block-quantised weights.
  */
 #include <stdlib.h>
 
@@ -257,8 +257,6 @@ void md_cuda_prefix_free(void *prefix) { mdc_prefix_free((mdc_prefix *)prefix); 
 
 albedo_status md_cuda_engine_state_init(md_state *s, int rows, int seqs, int block_size, int vision, errbuf *e) {
     const albedo_model *m = s->m;
-    if (m->cfg.md3) /* tau and the experts are wired into blocking sessions only (model_cuda_md3.cu) */
-        return errf(e, ALBEDO_ERR_UNSUPPORTED, "the CUDA backend runs Moondream 3 in blocking sessions only (no engine)");
     if (vision && rows < m->cfg.prefix_attn) rows = m->cfg.prefix_attn;
     return mdc_state_new_ex(m->cuda, s->max_ctx, rows, seqs, block_size, vision ? MDC_VISION : 0, NULL, s->hidden,
                             &s->cu, e);

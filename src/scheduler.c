@@ -130,6 +130,8 @@ struct albedo_ticket {
     double t_admit, t_gen_start;
     /* scheduler-owned */
     albedo_session *sess;  /* engine tickets: a light session of their own */
+    float *own_logits;     /* GPU: the session's own logits buffer while it holds a pinned row */
+    int lrow;              /* GPU: 1 + its row of the engine's pinned logits rows, 0: none */
     kv_seq seq;
     int cached;            /* prefix from the cache */
     int ahead;             /* admitted beyond max_batch to build its image early */
@@ -197,6 +199,14 @@ struct albedo_engine {
      * works unlocked. */
     unsigned long events;
     int in_admit; /* setting a request up with mu released */
+    /* GPU: page-locked logits rows, one per running ticket (a step copies
+     * a logits row straight into its ticket's row), registered once at
+     * engine start; lpin_free holds the free rows' indices. dev_pick:
+     * ALBEDO_CUDA_DEVICE_PICK, read at engine start. */
+    float *lpin;
+    size_t lpin_row; /* floats a row */
+    int *lpin_free, n_lpin_free;
+    int dev_pick;
     albedo_engine_stats stats; /* counters, under mu */
     errbuf err;
 };
@@ -454,11 +464,14 @@ static int estimate_decode_steps(const albedo_request *r) {
     }
 }
 
+static void lpin_give(albedo_engine *E, albedo_ticket *t);
+
 /* End t (any state but DONE) with status st. Called with mu held; drops it
  * around on_done. */
 static void tk_end(albedo_engine *E, albedo_ticket *t, albedo_status st) {
     t->status = st;
     kv_seq_release(&E->pool, &t->seq);
+    lpin_give(E, t); /* its thread has ended (reap) or never started */
     const albedo_result *res = NULL;
     if (!st && t->sess) {
         albedo_metrics *mt = &t->sess->res.r.metrics;
@@ -490,7 +503,8 @@ static void run_remove(albedo_engine *E, const albedo_ticket *t) {
         }
 }
 
-static albedo_session *light_session(albedo_model *m, errbuf *e) {
+static albedo_session *light_session(albedo_engine *E, errbuf *e) {
+    albedo_model *m = E->m;
     albedo_session *s = calloc(1, sizeof *s);
     if (!s) return NULL;
     s->m = m;
@@ -498,12 +512,30 @@ static albedo_session *light_session(albedo_model *m, errbuf *e) {
         albedo_session_free(s);
         return NULL;
     }
-    /* A GPU step copies the logits row straight in (tk_destroy releases it),
-     * or picks the next token on the device (generate.c's step_pick). */
-    if (m->cuda) md_cuda_host_pin(s->st.logits, (size_t)m->cfg.vocab * sizeof(float), 1);
-    const char *dp = getenv("ALBEDO_CUDA_DEVICE_PICK"); /* "0": pick on the host, for comparison */
-    s->st.dev_pick = m->cuda != NULL && !(dp && dp[0] == '0');
+    /* A GPU step picks the next token on the device (generate.c's
+     * step_pick), or copies the logits row into the ticket's pinned row
+     * (lpin_take). */
+    s->st.dev_pick = E->dev_pick;
     return s;
+}
+
+/* Give t's light session one of the engine's page-locked logits rows in
+ * place of its own buffer (none left: it keeps its own, pageable: slower
+ * copies, the same result). Called with mu held. */
+static void lpin_take(albedo_engine *E, albedo_ticket *t) {
+    if (!E->lpin || !t->sess || t->lrow || !E->n_lpin_free) return;
+    const int r = E->lpin_free[--E->n_lpin_free];
+    t->lrow = 1 + r;
+    t->own_logits = t->sess->st.logits;
+    t->sess->st.logits = E->lpin + (size_t)r * E->lpin_row;
+}
+
+/* Its row back, once nothing runs t's loops. Called with mu held. */
+static void lpin_give(albedo_engine *E, albedo_ticket *t) {
+    if (!t->lrow) return;
+    t->sess->st.logits = t->own_logits;
+    E->lpin_free[E->n_lpin_free++] = t->lrow - 1;
+    t->lrow = 0;
 }
 
 static kv_prefix *prefix_lookup(kv_prefix_cache *c, const uint64_t key[2]) {
@@ -715,7 +747,7 @@ static void admit(albedo_engine *E) {
          * the worker). */
         E->in_admit = 1;
         pthread_mutex_unlock(&E->mu);
-        if (!st && !t->caller && !(t->sess = light_session(E->m, &t->err)))
+        if (!st && !t->caller && !(t->sess = light_session(E, &t->err)))
             st = errf(&t->err, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for a request");
         if (!st && need_worker) st = worker_start(E, &t->err);
         pthread_mutex_lock(&E->mu);
@@ -724,6 +756,7 @@ static void admit(albedo_engine *E) {
             tk_end(E, t, st);
             continue;
         }
+        lpin_take(E, t);
         t->cached = hit != NULL;
         t->ahead = ahead;
         E->run[E->n_run++] = t;
@@ -1073,6 +1106,24 @@ albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *par
         if (!E->logits || !E->segs || !E->step || !E->take || !E->run)
             st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for the engine");
     }
+    if (!st && m->cuda) {
+        /* A ticket runs only from E->run, so max_batch rows serve them all;
+         * a light session's logits buffer holds the largest head's row. */
+        const char *dp = getenv("ALBEDO_CUDA_DEVICE_PICK"); /* "0": pick on the host, for comparison */
+        E->dev_pick = !(dp && dp[0] == '0');
+        size_t nl = (size_t)c->vocab;
+        if ((size_t)c->coord_out > nl) nl = (size_t)c->coord_out;
+        if ((size_t)c->size_out > nl) nl = (size_t)c->size_out;
+        E->lpin_row = (nl + 15) / 16 * 16;
+        E->lpin = malloc((size_t)p.max_batch * E->lpin_row * sizeof(float));
+        E->lpin_free = malloc((size_t)p.max_batch * sizeof *E->lpin_free);
+        if (!E->lpin || !E->lpin_free) {
+            st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for the engine's logits rows");
+        } else {
+            md_cuda_host_pin(E->lpin, (size_t)p.max_batch * E->lpin_row * sizeof(float), 1);
+            for (int i = p.max_batch - 1; i >= 0; i--) E->lpin_free[E->n_lpin_free++] = i;
+        }
+    }
     if (!st && pthread_create(&E->th, NULL, sched_main, E))
         st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "cannot start the scheduler thread");
     if (st) {
@@ -1115,6 +1166,9 @@ void albedo_engine_free(albedo_engine *E) {
     free(E->take);
     free(E->run);
     free(E->forget);
+    if (E->lpin) md_cuda_host_pin(E->lpin, 0, 0);
+    free(E->lpin);
+    free(E->lpin_free);
     pthread_cond_destroy(&W->cv);
     pthread_cond_destroy(&E->cv);
     pthread_mutex_destroy(&E->mu);
@@ -1134,7 +1188,6 @@ static void tk_destroy(albedo_ticket *t) {
     free(t->object);
     free(t->refs);
     free(t->image);
-    if (!t->caller && t->sess && t->sess->m->cuda) md_cuda_host_pin(t->sess->st.logits, 0, 0);
     if (!t->caller) albedo_session_free(t->sess);
     pthread_cond_destroy(&t->cv);
     free(t);

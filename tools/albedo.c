@@ -51,7 +51,7 @@ static void usage(FILE *f) {
             "  albedo point IMAGE OBJECT\n"
             "  albedo bench (--synthetic md2|md3 | --model DIR) [--threads N] [--repeats N] [--weights W] [--json]\n"
             "                       stage timings and peak resident memory\n"
-            "  albedo bench chartqa (--synthetic md2 | --model DIR) [--batch 1,4,16,64] [--mode direct,cot]\n"
+            "  albedo bench chartqa (--synthetic md2|md3 | --model DIR) [--batch 1,4,16,64] [--mode direct,cot]\n"
             "        [--images N] [--threads N] [--backend NAME] [--json]\n"
             "  albedo synth --preset md2|md2-small|md3|md3-small --out DIR [--seed N] [--legacy-f16]\n"
             "        [--tokenizer FILE] [--shard-mb N]\n"
@@ -438,7 +438,7 @@ static int synthetic_dir(const char *preset, char *out, size_t cap) {
     return 0;
 }
 
-/* albedo bench chartqa (--synthetic md2 | --model DIR) [--batch 1,4,16,64]
+/* albedo bench chartqa (--synthetic md2|md3 | --model DIR) [--batch 1,4,16,64]
  *   [--mode direct,cot] [--images N] [--threads N] [--json] */
 static int cmd_bench_chartqa(int argc, char **argv) {
     albedo_chartqa_opts co = {.batches = {1, 4, 16, 64}, .n_batches = 4, .modes = 3, .n_images = 4};
@@ -476,7 +476,7 @@ static int cmd_bench_chartqa(int argc, char **argv) {
         if (synthetic_dir(o.synthetic, dir, sizeof dir)) return 1;
         o.model = dir;
     }
-    if (!o.model) return fprintf(stderr, "albedo: bench chartqa needs --synthetic md2 or --model DIR\n"), 2;
+    if (!o.model) return fprintf(stderr, "albedo: bench chartqa needs --synthetic md2|md3 or --model DIR\n"), 2;
     albedo_model *m = NULL;
     int rc = load_model(&o, &m);
     if (rc) return rc;

@@ -29,7 +29,8 @@
  *     kv_fp8 (one scale per tensor: k_scale, v_scale; docs/CUDA.md)
  *   Moondream 3 (model_cuda_md3.cu): md3_tau after the qkv linear (q, v
  *     scaled before rope + cache write), md3_moe for fc1/fc2 from the first
- *     MoE layer on; the batched paged steps refuse it.
+ *     MoE layer on, in sessions and in the engine's paged steps (tau's
+ *     positions per row from the step's metadata).
  *
  * Linears whose K is not a multiple of 8 (patch embedding 588; some test
  * widths) get weights padded with zero columns at upload and activations
@@ -912,7 +913,7 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
         OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->x, DT_F32, dim, T, dim, b->ln_w, b->ln_b, DT_F32, 1e-5f));
         OPK(cuda_linear(s->ctx, s->qkv, DT_BF16, m->qkvw, s->h, dimp, T, &b->qkv.w, CUDA_ACT_NONE, 0));
         if (m->md3) { /* Moondream 3: tau scales q and v before rotary and the cache */
-            albedo_status st = md3_tau(m->md3, s->md3, s->ctx, l, s->qkv, m->qkvw, T, pos0, pos_dev, e);
+            albedo_status st = md3_tau(m->md3, s->md3, s->ctx, l, s->qkv, m->qkvw, T, T, pos0, pos_dev, NULL, 0, e);
             if (st) return st;
         }
         cuda_rope r;
@@ -934,7 +935,7 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
         OPK(cuda_attention(s->ctx, &a));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->att, qd, T, &b->proj.w, CUDA_ACT_NONE, 1));
         if (m->md3 && md3_layer_moe(m->md3, l)) { /* Moondream 3's experts: x += moe(h) */
-            albedo_status st = md3_moe(m->md3, s->md3, s->ctx, l, s->h, dimp, s->x, dim, T, e);
+            albedo_status st = md3_moe(m->md3, s->md3, s->ctx, l, s->h, dimp, s->x, dim, T, T, e);
             if (st) return st;
             continue;
         }
@@ -1046,6 +1047,10 @@ static std::atomic<long> g_device_picks(0);
 
 long mdc_device_picks(void) { return g_device_picks.load(); }
 
+static std::atomic<long> g_paged_graph_steps(0);
+
+long mdc_paged_graph_steps(void) { return g_paged_graph_steps.load(); }
+
 /* The device picks of a step's gathered rows 0 .. n_logits-1 (those whose
  * segment has a pick and no host logits): masks, one argmax over the rows,
  * then cuda_sample for each row that samples; the ids come down pinned. */
@@ -1125,13 +1130,15 @@ static albedo_status text_layers_paged(mdc_state *s, const paged_plan *pl, void 
     const mdc_desc *d = &m->d;
     const int dim = d->dim, dimp = round8(dim), ffp = round8(d->ff_dim), qd = m->H * m->D, kvd = m->Hkv * m->D;
     const int T = pl->T, Tl = gemm_rows(T, s->rows);
-    if (m->md3) /* tau and the experts are wired into text_layers only */
-        return errf(e, ALBEDO_ERR_UNSUPPORTED, "cuda: Moondream 3 runs in blocking sessions (no batched engine steps)");
     for (int l = 0; l < d->n_layers; l++) {
         const dtblock *b = &m->tb[l];
         void *kc = kl[l], *vc = vl[l];
         OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->x, DT_F32, dim, T, dim, b->ln_w, b->ln_b, DT_F32, 1e-5f));
         OPK(cuda_linear(s->ctx, s->qkv, DT_BF16, m->qkvw, s->h, dimp, Tl, &b->qkv.w, CUDA_ACT_NONE, 0));
+        if (m->md3) { /* Moondream 3: tau, each row at its own position (meta's rows: position, pool row) */
+            albedo_status st = md3_tau(m->md3, s->md3, s->ctx, l, s->qkv, m->qkvw, T, Tl, 0, NULL, s->meta, 2, e);
+            if (st) return st;
+        }
         cuda_rope r;
         memset(&r, 0, sizeof r);
         r.x = s->qkv, r.ldx = m->qkvw, r.T = T, r.H = m->H, r.Hkv = m->Hkv, r.D = m->D, r.R = d->rot_dims;
@@ -1163,6 +1170,11 @@ static albedo_status text_layers_paged(mdc_state *s, const paged_plan *pl, void 
             }
         }
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->att, qd, Tl, &b->proj.w, CUDA_ACT_NONE, 1));
+        if (m->md3 && md3_layer_moe(m->md3, l)) { /* the experts over the step's T rows (not the bucket) */
+            albedo_status st = md3_moe(m->md3, s->md3, s->ctx, l, s->h, dimp, s->x, dim, T, Tl, e);
+            if (st) return st;
+            continue;
+        }
         OPK(cuda_linear(s->ctx, s->f, DT_BF16, ffp, s->h, dimp, Tl, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->f, ffp, Tl, &b->fc2.w, CUDA_ACT_NONE, 1));
     }
@@ -1299,6 +1311,7 @@ albedo_status mdc_forward_paged(mdc_state *s, void *const *kl, void *const *vl, 
     if (decode && s->graphs && s->pgraph[n_seg]) {
         CK(cudaGraphLaunch(s->pgraph[n_seg], s->st));
         s->last_graph = 1;
+        g_paged_graph_steps++;
     } else {
         st = text_layers_paged(s, &pl, kl, vl, bs, e);
         if (st) return st;

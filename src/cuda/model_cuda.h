@@ -171,6 +171,9 @@ typedef struct mdc_seg {
 
 /* Rows picked on the device since the process started (all states; for tests). */
 long mdc_device_picks(void);
+/* Paged steps that replayed a decode graph since the process started (all
+ * states; for tests). */
+long mdc_paged_graph_steps(void);
 
 /* The engine's batched step: emb_host [ΣT, dim] (segment after segment)
  * through the decoder at once on a state made with block_size bs; K/V into

@@ -377,30 +377,30 @@ albedo_status md3_state_new(const md3_model *m, int max_ctx, md3_state **out, er
 
 /* ---- the stages ----------------------------------------------------------------------------- */
 
-albedo_status md3_tau(const md3_model *m, md3_state *s, cuda_ctx *ctx, int l, uint16_t *qkv, int ldq, int T, int pos0,
-                      const int *pos_dev, errbuf *e) {
+albedo_status md3_tau(const md3_model *m, md3_state *s, cuda_ctx *ctx, int l, uint16_t *qkv, int ldq, int T, int Tg,
+                      int pos0, const int *pos_dev, const int *pos_rows, int pos_stride, errbuf *e) {
     const md3_layer *L = &m->L[l];
-    if (T > s->max_ctx) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: %d rows for tau", T);
+    if (T > Tg || Tg > s->max_ctx) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: %d (%d) rows for tau", T, Tg);
     if (T <= CUDA_TAU_SCORES_MAX_T) { /* decode: one launch, the features on the fly */
         OPK3(cuda_tau_scores(ctx, s->scores, 2 * m->H, qkv, ldq, T, m->qkvw, L->tau.w, 2 * m->H));
     } else {
         OPK3(cuda_gelu_erf_rows(ctx, s->f, m->qkvw, qkv, ldq, T, m->qkvw));
-        OPK3(cuda_linear(ctx, s->scores, DT_F32, 2 * m->H, s->f, m->qkvw, T, &L->tau, CUDA_ACT_NONE, 0));
+        OPK3(cuda_linear(ctx, s->scores, DT_F32, 2 * m->H, s->f, m->qkvw, Tg, &L->tau, CUDA_ACT_NONE, 0));
     }
     cuda_tau t;
     memset(&t, 0, sizeof t);
     t.qkv = qkv, t.ldq = ldq, t.voff = (m->H + m->Hkv) * m->D, t.T = T, t.H = m->H, t.D = m->D;
     t.scores = s->scores, t.lds = 2 * m->H, t.alpha = L->alpha, t.pos0 = pos0, t.pos_dev = pos_dev;
-    t.pos_bf16 = m->pos_bf16;
+    t.pos_rows = pos_rows, t.pos_stride = pos_stride, t.pos_bf16 = m->pos_bf16;
     OPK3(cuda_tau_scale(ctx, &t));
     return ALBEDO_OK;
 }
 
 albedo_status md3_moe(const md3_model *m, md3_state *s, cuda_ctx *ctx, int l, const uint16_t *h, int ldh, float *x,
-                      int ldx, int T, errbuf *e) {
+                      int ldx, int T, int Tg, errbuf *e) {
     const md3_layer *L = &m->L[l];
-    if (T > s->max_ctx) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: %d rows for the experts", T);
-    OPK3(cuda_linear(ctx, s->rlog, DT_F32, m->E, h, ldh, T, &L->router, CUDA_ACT_NONE, 0));
+    if (T > Tg || Tg > s->max_ctx) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: %d (%d) rows for the experts", T, Tg);
+    OPK3(cuda_linear(ctx, s->rlog, DT_F32, m->E, h, ldh, Tg, &L->router, CUDA_ACT_NONE, 0));
     OPK3(cuda_moe_route(ctx, s->sel, s->wt, s->rlog, m->E, T, m->E, m->K));
     cuda_moe mm;
     memset(&mm, 0, sizeof mm);

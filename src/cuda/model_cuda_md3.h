@@ -15,7 +15,8 @@
  *
  * md3_model holds the tau matrices, alphas, routers and experts (bf16,
  * padded to multiples of 8 columns) in one device allocation; md3_state a
- * session's working memory for up to max_ctx rows. Both are allocated once
+ * state's working memory for up to max_ctx rows (a session's context, or a
+ * paged state's rows). Both are allocated once
  * (at load, at session creation); the calls allocate nothing and can be
  * captured into a CUDA graph.
  */
@@ -41,12 +42,17 @@ void md3_state_free(md3_state *s); /* NULL is a no-op */
 /* Whether layer l's MLP is the experts. */
 int md3_layer_moe(const md3_model *m, int l);
 
-/* Tau on T rows of qkv [T, ldq] bf16 at positions pos0.. (or *pos_dev). */
-albedo_status md3_tau(const md3_model *m, md3_state *s, cuda_ctx *ctx, int l, uint16_t *qkv, int ldq, int T,
-                      int pos0, const int *pos_dev, errbuf *e);
+/* Tau on T rows of qkv [T, ldq] bf16 at positions pos0.. (or *pos_dev), or
+ * at pos_rows[t · pos_stride] (device memory: the engine's paged steps, one
+ * position per row). Tg >= T: the rows the score linear runs over (the
+ * paged steps' bucketed row count, rows past T stale but finite). */
+albedo_status md3_tau(const md3_model *m, md3_state *s, cuda_ctx *ctx, int l, uint16_t *qkv, int ldq, int T, int Tg,
+                      int pos0, const int *pos_dev, const int *pos_rows, int pos_stride, errbuf *e);
 /* x [T, ldx] += the experts of layer l on h [T, ldh] (bf16, padding
- * columns zeros). */
+ * columns zeros); the router linear over Tg >= T rows. The expert path
+ * follows T alone (GEMVs up to CUDA_MOE_GEMV_MAX_T rows, grouped GEMMs
+ * above), so a graph captured for T rows replays for any routing. */
 albedo_status md3_moe(const md3_model *m, md3_state *s, cuda_ctx *ctx, int l, const uint16_t *h, int ldh, float *x,
-                      int ldx, int T, errbuf *e);
+                      int ldx, int T, int Tg, errbuf *e);
 
 #endif

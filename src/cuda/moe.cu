@@ -142,12 +142,14 @@ __device__ __forceinline__ float tau_log_pos(int p, int pos_bf16) {
  * scaled 8 elements (16 bytes) at a time when vec (D, ldq and voff
  * multiples of 8), else one at a time. */
 __global__ void tau_scale_kernel(bf16 *qkv, int ldq, int voff, const float *sc, int lds, const float *alpha, int H,
-                                 int D, int pos0, const int *pos_dev, int pos_bf16, int vec) {
+                                 int D, int pos0, const int *pos_dev, const int *pos_rows, int pos_stride, int pos_bf16,
+                                 int vec) {
     extern __shared__ float fac[]; /* [2H]: q factors, then v factors */
     pdl_trigger();
     pdl_wait();
     const int t = blockIdx.x;
-    const float lp = tau_log_pos((pos_dev ? *pos_dev : pos0) + t, pos_bf16);
+    const int p = pos_rows ? pos_rows[(long)t * pos_stride] : (pos_dev ? *pos_dev : pos0) + t;
+    const float lp = tau_log_pos(p, pos_bf16);
     const float *s = sc + (long)t * lds;
     for (int h = threadIdx.x; h < H; h += blockDim.x) {
         const float sig = 1.0f / (1.0f + expf(-(alpha[h] * lp)));
@@ -184,11 +186,12 @@ __global__ void tau_scale_kernel(bf16 *qkv, int ldq, int voff, const float *sc, 
 albedo_status cuda_tau_scale(cuda_ctx *c, const cuda_tau *a) {
     CU_ARG(c, a->T >= 0 && a->H > 0 && a->H <= 4096 && a->D > 0 && a->lds >= 2 * a->H);
     CU_ARG(c, a->ldq >= a->voff + a->H * a->D && a->voff >= a->H * a->D);
+    CU_ARG(c, !a->pos_rows || a->pos_stride >= 1);
     if (!a->T) return ALBEDO_OK;
     const int vec = a->D % 8 == 0 && a->ldq % 8 == 0 && a->voff % 8 == 0 && is_aligned(a->qkv, 16);
     CU_TRY(c, launch_k(c, tau_scale_kernel, dim3(a->T), dim3(256), (size_t)2 * a->H * sizeof(float), (bf16 *)a->qkv,
-                       a->ldq, a->voff, a->scores, a->lds, a->alpha, a->H, a->D, a->pos0, a->pos_dev, a->pos_bf16,
-                       vec));
+                       a->ldq, a->voff, a->scores, a->lds, a->alpha, a->H, a->D, a->pos0, a->pos_dev, a->pos_rows,
+                       a->pos_stride, a->pos_bf16, vec));
     CU_LAUNCHED(c);
     return ALBEDO_OK;
 }

@@ -244,7 +244,9 @@ albedo_status cuda_gelu_erf_rows(cuda_ctx *c, uint16_t *y, int ldy, const uint16
 
 /* Tau's scaling of Q and V (spec/model.md §10.3), in place, before rotary
  * and the cache write: for row t at position p = pos0 + t (pos0 read from
- * *pos_dev when not NULL) and head h,
+ * *pos_dev when not NULL; p = pos_rows[t · pos_stride] when pos_rows is not
+ * NULL: the engine's paged steps, whose rows belong to several sequences)
+ * and head h,
  *   τ(p) = 1 + (sigmoid(alpha[h]·ln(p + 1)) − 0.5)   (ln of bf16-rounded
  *          positions when pos_bf16, as text.c),
  *   q[t, h·D + d]        *= tanh(scores[t, h])     + τ(p)
@@ -269,6 +271,8 @@ typedef struct cuda_tau {
     const float *alpha;
     int pos0;
     const int *pos_dev;
+    const int *pos_rows; /* device [T, pos_stride]: each row's position, or NULL */
+    int pos_stride;
     int pos_bf16;
 } cuda_tau;
 albedo_status cuda_tau_scale(cuda_ctx *c, const cuda_tau *a);

@@ -3,9 +3,11 @@
  * recorded (top-1, margin, the first row), a copy of a result, and the
  * comparison of a GPU run's fed tokens with the CPU float32 run's within the
  * bf16 tolerance rule of fixtures/README.md; the vision output and the image
- * prefix KV of one image on both. Included by one test file each; the
- * includer defines MARGIN and BF16_TOL and includes test.h, test_data.h,
- * session.h and cuda/model_cuda.h first.
+ * prefix KV of one image on both; every case as an engine ticket on the
+ * GPU (check_engine_cases). Included by one test file each; the includer
+ * defines MARGIN and BF16_TOL and includes jansson.h, test.h, test_data.h,
+ * session.h, cuda/model_cuda.h and its cases' checks (case_request,
+ * check_case_thr: fixture_check.h or md3_cases.h) first.
  */
 #pragma once
 
@@ -152,4 +154,103 @@ static void check_prefix(albedo_session *gpu, const albedo_image *img_c, const c
     }
     printf("  %-28s prefix KV (%d positions) worst layer rel L2 %.2e\n", label, n_pos, worst);
     free(k), free(v), free(kc), free(vc);
+}
+
+/* ---- the engine on the GPU ----------------------------------------------------------------- */
+
+static unsigned char *read_all(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *b = len > 0 ? malloc((size_t)len) : NULL;
+    if (b && fread(b, 1, (size_t)len, f) != (size_t)len) free(b), b = NULL;
+    fclose(f);
+    *n = b ? (size_t)len : 0;
+    return b;
+}
+
+/* Every case as an engine ticket (image bytes in, prefix built by the image
+ * worker on the device, K/V in the device pool), all submitted at once so
+ * that up to max_batch run together (prompt chunks beside decode rows) and
+ * later cases of an image fork its cached prefix: each must pass the
+ * reference check at MARGIN, and those text_task accepts must feed the CPU
+ * float32 run's tokens (cpu_k[i], cpu_r[i], where not NULL) as the session
+ * runs do. With graphs (ALBEDO_CUDA_GRAPH unset) some decode steps must
+ * replay a graph; with ALBEDO_CUDA_GRAPH=0 none. */
+static void check_engine_cases(albedo_model *gm, json_t *cases, const char *image_dir, int max_batch,
+                               size_t kv_bytes, kept *const *cpu_k, rows *const *cpu_r, size_t n_cpu,
+                               int (*text_task)(json_t *)) {
+    albedo_engine_params ep = albedo_engine_params_default();
+    ep.max_batch = max_batch;
+    ep.kv_bytes = kv_bytes;
+    ep.max_queue = (int)json_array_size(cases) + 1;
+    albedo_engine *E = NULL;
+    CHECK(albedo_engine_new(gm, &ep, &E) == ALBEDO_OK, "engine: %s", albedo_last_error());
+    if (!E) return;
+    const size_t n = json_array_size(cases);
+    albedo_ticket **t = calloc(n, sizeof *t);
+    albedo_spatial_ref(*refs)[16] = calloc(n, sizeof *refs);
+    for (size_t i = 0; i < n && t && refs; i++) {
+        json_t *c = json_array_get(cases, i);
+        const char *image = json_string_value(json_object_get(c, "image"));
+        albedo_request r = case_request(c, refs[i]);
+        r.image = NULL;
+        unsigned char *bytes = NULL;
+        size_t len = 0;
+        if (image) {
+            char path[4096];
+            snprintf(path, sizeof path, "%s/%s", image_dir, image);
+            bytes = read_all(path, &len);
+            CHECK(bytes != NULL, "read %s", path);
+        }
+        CHECK(albedo_engine_submit(E, &r, bytes, len, NULL, &t[i]) == ALBEDO_OK, "case %zu: submit: %s", i,
+              albedo_last_error());
+        free(bytes);
+    }
+    int n_ok = 0, n_same = 0;
+    const long picks0 = mdc_device_picks(), graphs0 = mdc_paged_graph_steps();
+    for (size_t i = 0; i < n && t; i++) {
+        if (!t[i]) continue;
+        json_t *c = json_array_get(cases, i);
+        const char *image = json_string_value(json_object_get(c, "image"));
+        char label[300];
+        snprintf(label, sizeof label, "case %zu (%s %s) [cuda engine, batch %d]", i, image ? image : "text-only",
+                 json_string_value(json_object_get(c, "task")), max_batch);
+        const albedo_result *res = NULL;
+        albedo_status st = albedo_ticket_wait(t[i], &res);
+        CHECK(st == ALBEDO_OK, "%s: %s", label, albedo_ticket_error(t[i]));
+        if (st || !res) continue;
+        n_ok++;
+        check_case_thr(label, c, res, MARGIN);
+        const kept *k = i < n_cpu ? cpu_k[i] : NULL;
+        const rows *rw = i < n_cpu ? cpu_r[i] : NULL;
+        if (k && rw && text_task(c)) compare_text_runs(label, k, rw, res);
+        n_same += k && res->n_tokens == k->n_tokens && !memcmp(res->tokens, k->tokens, (size_t)res->n_tokens * 4);
+    }
+    for (size_t i = 0; i < n && t; i++) albedo_ticket_free(t[i]);
+    albedo_engine_stats es;
+    albedo_engine_get_stats(E, &es);
+    const long picks = mdc_device_picks() - picks0, graphs = mdc_paged_graph_steps() - graphs0;
+    const char *genv = getenv("ALBEDO_CUDA_GRAPH");
+    const int want_graphs = !(genv && genv[0] == '0');
+    printf("  engine batch %d: %d/%zu cases done, %d fed exactly the cpu f32 tokens; %llu steps, %.2f sequences a "
+           "step; prefix hits %llu, misses %llu; %ld tokens picked on the device; %ld steps replayed a graph\n",
+           max_batch, n_ok, n, n_same, (unsigned long long)es.steps,
+           es.steps ? (double)es.step_sequences / es.steps : 0.0, (unsigned long long)es.prefix_hits,
+           (unsigned long long)es.prefix_misses, picks, graphs);
+    CHECK(n_ok == (int)n, "engine batch %d: %d of %zu cases done", max_batch, n_ok, n);
+    CHECK(picks > 0, "the engine's decode steps pick on the device");
+    CHECK(want_graphs ? graphs > 0 : graphs == 0, "decode steps replay graphs only when allowed (%ld, graphs %s)",
+          graphs, want_graphs ? "on" : "off");
+    CHECK(es.prefix_hits > 0, "later cases of an image fork its cached prefix (hits %llu)",
+          (unsigned long long)es.prefix_hits);
+    if (max_batch > 1) CHECK(es.step_sequences > es.steps, "steps batch several sequences");
+    int n_free = 0, n_total = 0;
+    engine_debug_blocks(E, 1, &n_free, &n_total);
+    CHECK(n_free == n_total, "every KV block is back in the device pool (%d of %d free)", n_free, n_total);
+    free(t);
+    free(refs);
+    albedo_engine_free(E);
 }

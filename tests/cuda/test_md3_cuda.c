@@ -19,6 +19,14 @@
  *   graph    a session with CUDA graphs off gives the same tokens as one
  *            with them (the decode graph holds tau, the router and the expert
  *            GEMVs, with the position read from device memory)
+ *   engine   every case as an engine ticket on the GPU (image workers build
+ *            the prefixes into the device pool; steps mix prompt chunks and
+ *            decode rows of several sequences, tau at each row's own
+ *            position): all queued at once at max batch 8, 1 (a small pool)
+ *            and 4 (graphs off); each passes the reference check, captions
+ *            and plain queries feed the CPU float32 run's tokens as above,
+ *            and decode steps replay their graphs (GEMV experts up to 4
+ *            rows, grouped GEMMs above) only when graphs are on
  *   errors   Q8 experts on cuda are ALBEDO_ERR_UNSUPPORTED
  *   fp8      weights "fp8" (the experts as e4m3 with row scales) against
  *            the float32 CPU path, every case: first logits relative L2 <=
@@ -65,6 +73,11 @@
 
 /* ---- the cases ------------------------------------------------------------------------- */
 
+/* The CPU float32 runs of the cases, kept for the engine's runs. */
+#define MAX_CASES 256
+static kept *cpu_kept[MAX_CASES];
+static rows *cpu_rows[MAX_CASES];
+
 static int is_text_task(json_t *c) {
     const char *task = json_string_value(json_object_get(c, "task"));
     json_t *args = json_object_get(c, "args");
@@ -105,7 +118,10 @@ static void run_cases(albedo_session *cpu, albedo_session *gpu, json_t *cases, c
         r.image = image ? img_c : NULL;
         rows *rc = calloc(1, sizeof *rc);
         const albedo_result *res = run(cpu, &r, rc, label);
-        if (res) keep(&kc, res);
+        if (res) {
+            keep(&kc, res);
+            if (i < MAX_CASES && (cpu_kept[i] = malloc(sizeof(kept)))) *cpu_kept[i] = kc;
+        }
         r.image = image ? img_g : NULL;
         rows *rg = calloc(1, sizeof *rg);
         const albedo_result *rs = run(gpu, &r, rg, label);
@@ -128,7 +144,9 @@ static void run_cases(albedo_session *cpu, albedo_session *gpu, json_t *cases, c
                        same ? " (identical)" : "");
             }
         }
-        free(rc->first), free(rc), free(rg->first), free(rg);
+        if (i < MAX_CASES && cpu_kept[i]) cpu_rows[i] = rc, rc = NULL;
+        if (rc) free(rc->first);
+        free(rc), free(rg->first), free(rg);
     }
     printf("  %d of %d cases fed exactly the CPU float32 run's tokens\n", n_same, n_cases);
     albedo_image_free(img_c);
@@ -340,6 +358,18 @@ int main(void) {
         char path[4200];
         snprintf(path, sizeof path, "%s/chelsea.jpg", image_dir);
         check_graph(gm, gs, path);
+        json_t *cases = json_object_get(root, "cases");
+        check_engine_cases(gm, cases, image_dir, 8, 0, cpu_kept, cpu_rows, MAX_CASES, is_text_task);
+        /* A small pool (blocks evicted and reused), one sequence at a time. */
+        check_engine_cases(gm, cases, image_dir, 1, (size_t)16 << 20, cpu_kept, cpu_rows, MAX_CASES, is_text_task);
+        setenv("ALBEDO_CUDA_GRAPH", "0", 1);
+        check_engine_cases(gm, cases, image_dir, 4, (size_t)64 << 20, cpu_kept, cpu_rows, MAX_CASES, is_text_task);
+        unsetenv("ALBEDO_CUDA_GRAPH");
+    }
+    for (int i = 0; i < MAX_CASES; i++) {
+        free(cpu_kept[i]);
+        if (cpu_rows[i]) free(cpu_rows[i]->first);
+        free(cpu_rows[i]);
     }
     /* FP8 experts (sm_89+; older cards refuse them) */
     int major = 0, minor = 0;

@@ -141,92 +141,10 @@ static void run_cases(albedo_session *cpu, albedo_session *gpu, json_t *cases, c
     albedo_image_free(img_g);
 }
 
-/* ---- the engine on the GPU ----------------------------------------------------------------- */
+/* ---- the engine on the GPU (gpu_runs.h) ---------------------------------------------------- */
 
-static unsigned char *read_all(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    unsigned char *b = len > 0 ? malloc((size_t)len) : NULL;
-    if (b && fread(b, 1, (size_t)len, f) != (size_t)len) free(b), b = NULL;
-    fclose(f);
-    *n = b ? (size_t)len : 0;
-    return b;
-}
-
-/* Every case as an engine ticket (image bytes in, prefix built by the image
- * worker on the device, K/V in the device pool), all submitted at once so
- * that up to max_batch run together and later cases of an image fork its
- * cached prefix: each must pass the reference check, and captions and plain
- * queries must feed the CPU float32 run's tokens (as the session runs). */
 static void check_engine(albedo_model *gm, json_t *cases, const char *image_dir, int max_batch, size_t kv_bytes) {
-    albedo_engine_params ep = albedo_engine_params_default();
-    ep.max_batch = max_batch;
-    ep.kv_bytes = kv_bytes;
-    ep.max_queue = MAX_CASES;
-    albedo_engine *E = NULL;
-    CHECK(albedo_engine_new(gm, &ep, &E) == ALBEDO_OK, "engine: %s", albedo_last_error());
-    if (!E) return;
-    const size_t n = json_array_size(cases) < MAX_CASES ? json_array_size(cases) : MAX_CASES;
-    albedo_ticket **t = calloc(n, sizeof *t);
-    albedo_spatial_ref(*refs)[16] = calloc(n, sizeof *refs);
-    for (size_t i = 0; i < n && t && refs; i++) {
-        json_t *c = json_array_get(cases, i);
-        const char *image = json_string_value(json_object_get(c, "image"));
-        albedo_request r = case_request(c, refs[i]);
-        r.image = NULL;
-        unsigned char *bytes = NULL;
-        size_t len = 0;
-        if (image) {
-            char path[4096];
-            snprintf(path, sizeof path, "%s/%s", image_dir, image);
-            bytes = read_all(path, &len);
-            CHECK(bytes != NULL, "read %s", path);
-        }
-        CHECK(albedo_engine_submit(E, &r, bytes, len, NULL, &t[i]) == ALBEDO_OK, "case %zu: submit: %s", i,
-              albedo_last_error());
-        free(bytes);
-    }
-    int n_ok = 0, n_same = 0;
-    const long picks0 = mdc_device_picks();
-    for (size_t i = 0; i < n && t; i++) {
-        if (!t[i]) continue;
-        json_t *c = json_array_get(cases, i);
-        const char *image = json_string_value(json_object_get(c, "image"));
-        char label[300];
-        snprintf(label, sizeof label, "case %zu (%s %s) [cuda engine, batch %d]", i, image ? image : "text-only",
-                 json_string_value(json_object_get(c, "task")), max_batch);
-        const albedo_result *res = NULL;
-        albedo_status st = albedo_ticket_wait(t[i], &res);
-        CHECK(st == ALBEDO_OK, "%s: %s", label, albedo_ticket_error(t[i]));
-        if (st || !res) continue;
-        n_ok++;
-        check_case_thr(label, c, res, MARGIN);
-        if (cpu_kept[i] && cpu_rows[i] && is_text_task(c)) compare_text_runs(label, cpu_kept[i], cpu_rows[i], res);
-        n_same += cpu_kept[i] && res->n_tokens == cpu_kept[i]->n_tokens &&
-                  !memcmp(res->tokens, cpu_kept[i]->tokens, (size_t)res->n_tokens * 4);
-    }
-    for (size_t i = 0; i < n && t; i++) albedo_ticket_free(t[i]);
-    albedo_engine_stats es;
-    albedo_engine_get_stats(E, &es);
-    const long picks = mdc_device_picks() - picks0;
-    printf("  engine batch %d: %d/%zu cases done, %d fed exactly the cpu f32 tokens; %llu steps, %.2f sequences a "
-           "step; prefix hits %llu, misses %llu; %ld tokens picked on the device\n",
-           max_batch, n_ok, n, n_same, (unsigned long long)es.steps,
-           es.steps ? (double)es.step_sequences / es.steps : 0.0, (unsigned long long)es.prefix_hits,
-           (unsigned long long)es.prefix_misses, picks);
-    CHECK(picks > 0, "the engine's decode steps pick on the device");
-    CHECK(es.prefix_hits > 0, "later cases of an image fork its cached prefix (hits %llu)",
-          (unsigned long long)es.prefix_hits);
-    if (max_batch > 1) CHECK(es.step_sequences > es.steps, "steps batch several sequences");
-    int n_free = 0, n_total = 0;
-    engine_debug_blocks(E, 1, &n_free, &n_total);
-    CHECK(n_free == n_total, "every KV block is back in the device pool (%d of %d free)", n_free, n_total);
-    free(t);
-    free(refs);
-    albedo_engine_free(E);
+    check_engine_cases(gm, cases, image_dir, max_batch, kv_bytes, cpu_kept, cpu_rows, MAX_CASES, is_text_task);
 }
 
 /* ---- the fp8 (e4m3) KV cache ------------------------------------------------------------- */

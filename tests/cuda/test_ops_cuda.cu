@@ -1284,7 +1284,9 @@ static void test_tau_scores(int T, int C, int R) {
 }
 
 /* Tau's scaling of q and v in a fused qkv row (keys untouched), with the
- * position from the host or the device, exact or bf16-rounded positions. */
+ * position from the host or the device (dyn 1), or each row's own from a
+ * device array of (position, pool row) pairs (dyn 2: the engine's paged
+ * steps, random positions below pos0), exact or bf16-rounded positions. */
 static void test_tau(int T, int H, int D, int pos0, int dyn, int pos_bf16) {
     const int W = 3 * H * D, ldq = W + 8, lds = 2 * H + 3;
     buf q = buf_new(DT_BF16, (size_t)T * ldq), sc = buf_new(DT_F32, (size_t)T * lds), al = buf_new(DT_F32, H);
@@ -1292,22 +1294,29 @@ static void test_tau(int T, int H, int D, int pos0, int dyn, int pos_bf16) {
     float *sf = fill(&sc, T, 2 * H, lds, -3, 3);
     float *af = fill(&al, 1, H, H, -1.5f, 1.5f);
     up(&q), up(&sc), up(&al);
-    int *pd = dyn ? dev_int(pos0) : NULL;
+    int *pd = dyn == 1 ? dev_int(pos0) : NULL;
+    int32_t *prow = (int32_t *)malloc((size_t)T * 2 * sizeof *prow);
+    for (int t = 0; t < T; t++) {
+        prow[2 * t] = dyn == 2 ? (int)(rng_next() % (uint64_t)pos0) : pos0 + t;
+        prow[2 * t + 1] = -7; /* the pool row: not a position */
+    }
+    int32_t *drow = dyn == 2 ? dev_ints(prow, (size_t)T * 2) : NULL;
     cuda_tau a;
     memset(&a, 0, sizeof a);
     a.qkv = (uint16_t *)dp(&q), a.ldq = ldq, a.voff = 2 * H * D, a.T = T, a.H = H, a.D = D;
     a.scores = (const float *)dp(&sc), a.lds = lds, a.alpha = (const float *)dp(&al);
     a.pos0 = dyn ? 0 : pos0, a.pos_dev = pd, a.pos_bf16 = pos_bf16;
+    a.pos_rows = drow, a.pos_stride = 2;
     char what[160];
-    snprintf(what, sizeof what, "md3 tau T=%d H=%d D=%d pos0=%d%s%s", T, H, D, pos0, dyn ? " (device pos)" : "",
-             pos_bf16 ? " bf16 pos" : "");
+    snprintf(what, sizeof what, "md3 tau T=%d H=%d D=%d pos0=%d%s%s", T, H, D, pos0,
+             dyn == 1 ? " (device pos)" : dyn == 2 ? " (positions per row)" : "", pos_bf16 ? " bf16 pos" : "");
     albedo_status st = cuda_tau_scale(G, &a);
     check_st(st, what);
     if (down(&q) == 0 && st == ALBEDO_OK) {
         float *ref = (float *)malloc((size_t)T * W * sizeof *ref);
         long kdiff = 0;
         for (int t = 0; t < T; t++) {
-            double p = pos0 + t, lp;
+            double p = prow[2 * t], lp;
             if (pos_bf16) {
                 float x = bf16_to_f32(f32_to_bf16((float)p));
                 x = bf16_to_f32(f32_to_bf16(x + 1.0f));
@@ -1334,6 +1343,8 @@ static void test_tau(int T, int H, int D, int pos0, int dyn, int pos_bf16) {
         free(ref);
     }
     cudaFree(pd);
+    cudaFree(drow);
+    free(prow);
     free(qf), free(sf), free(af);
     buf_free(&q), buf_free(&sc), buf_free(&al);
 }
@@ -1621,6 +1632,8 @@ static void test_md3_ops(void) {
     test_tau(7, 2, 64, 0, 0, 1);
     test_tau(37, 3, 24, 300, 0, 0);
     test_tau(5, 3, 20, 9, 0, 1); /* D % 8 != 0: element by element */
+    test_tau(37, 4, 64, 5000, 2, 0); /* paged steps: every row its own position */
+    test_tau(9, 3, 20, 3000, 2, 1);
     test_route(1, 64, 8, 0, 0);
     test_route(77, 64, 8, 1, 0);
     test_route(33, 13, 5, 1, 0);
