@@ -52,7 +52,7 @@ static void usage(FILE *f) {
             "  albedo bench (--synthetic md2|md3 | --model DIR) [--threads N] [--repeats N] [--weights W] [--json]\n"
             "                       stage timings and peak resident memory\n"
             "  albedo bench chartqa (--synthetic md2|md3 | --model DIR) [--batch 1,4,16,64] [--mode direct,cot]\n"
-            "        [--images N] [--threads N] [--backend NAME] [--json]\n"
+            "        [--images N] [--threads N] [--backend NAME] [--weights W] [--kv-dtype D] [--json]\n"
             "  albedo synth --preset md2|md2-small|md3|md3-small --out DIR [--seed N] [--legacy-f16]\n"
             "        [--tokenizer FILE] [--shard-mb N]\n"
             "  albedo batch [FILE.jsonl|-] --model DIR   one JSON request per line, one result per line\n"
@@ -439,7 +439,7 @@ static int synthetic_dir(const char *preset, char *out, size_t cap) {
 }
 
 /* albedo bench chartqa (--synthetic md2|md3 | --model DIR) [--batch 1,4,16,64]
- *   [--mode direct,cot] [--images N] [--threads N] [--json] */
+ *   [--mode direct,cot] [--images N] [--threads N] [--weights W] [--kv-dtype D] [--json] */
 static int cmd_bench_chartqa(int argc, char **argv) {
     albedo_chartqa_opts co = {.batches = {1, 4, 16, 64}, .n_batches = 4, .modes = 3, .n_images = 4};
     opts o;
@@ -455,6 +455,8 @@ static int cmd_bench_chartqa(int argc, char **argv) {
         if (!strcmp(a, "--synthetic")) o.synthetic = v;
         else if (!strcmp(a, "--model")) o.model = v;
         else if (!strcmp(a, "--backend")) o.backend = v;
+        else if (!strcmp(a, "--weights")) o.weights = v;
+        else if (!strcmp(a, "--kv-dtype")) o.kv_dtype = v;
         else if (!strcmp(a, "--threads") && !parse_int(v, &o.threads)) co.n_threads = o.threads;
         else if (!strcmp(a, "--images") && !parse_int(v, &co.n_images) && co.n_images > 0) continue;
         else if (!strcmp(a, "--mode")) co.modes = (strstr(v, "direct") ? 1 : 0) | (strstr(v, "cot") ? 2 : 0);
