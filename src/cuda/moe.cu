@@ -226,6 +226,9 @@ __global__ void __launch_bounds__(ROUTE_WARPS * 32)
             const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
             if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
         }
+        /* Every lane's reads of ch (the scan above) before lane 0's write:
+         * the shuffles converge the warp but do not order shared memory. */
+        __syncwarp();
         if (lane == 0) ch[warp][k] = bi, cv[warp][k] = l[bi];
         __syncwarp();
     }

@@ -1698,28 +1698,8 @@ static void test_md3_ops(void) {
           "md3 route: K > E is refused");
 }
 
-int main(int argc, char **argv) {
-    for (int i = 1; i < argc; i++)
-        if (!strcmp(argv[i], "--small")) g_small = 1;
-    int n_dev = 0;
-    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
-        printf("no CUDA device: skipped\n");
-        return 77;
-    }
-    errbuf e;
-    if (cuda_ctx_new(0, &G, &e) != ALBEDO_OK) {
-        fprintf(stderr, "cuda_ctx_new: %s\n", e.msg);
-        return 1;
-    }
-    if (ops_ctx_new("ref", 1, OPS_F32, &REF, &e) != ALBEDO_OK) {
-        fprintf(stderr, "ops_ctx_new: %s\n", e.msg);
-        return 1;
-    }
-    cudaDeviceProp prop;
-    cudaGetDeviceProperties(&prop, 0);
-    printf("device: %s (sm_%d%d, %d SMs)%s\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount,
-           g_small ? ", small sizes" : "");
-
+/* Every kernel but Moondream 3's. */
+static void test_kernels(void) {
     test_linears();
 
     const int lnC[] = {2048, 1151, 77, 4304};
@@ -1772,6 +1752,34 @@ int main(int argc, char **argv) {
     test_samples();
     test_chain(1);
     test_chain(20);
+}
+
+int main(int argc, char **argv) {
+    int only_md3 = 0; /* --md3: Moondream 3's kernels alone (a quick sanitizer run) */
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--small")) g_small = 1;
+        if (!strcmp(argv[i], "--md3")) only_md3 = 1;
+    }
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+        printf("no CUDA device: skipped\n");
+        return 77;
+    }
+    errbuf e;
+    if (cuda_ctx_new(0, &G, &e) != ALBEDO_OK) {
+        fprintf(stderr, "cuda_ctx_new: %s\n", e.msg);
+        return 1;
+    }
+    if (ops_ctx_new("ref", 1, OPS_F32, &REF, &e) != ALBEDO_OK) {
+        fprintf(stderr, "ops_ctx_new: %s\n", e.msg);
+        return 1;
+    }
+    cudaDeviceProp prop;
+    cudaGetDeviceProperties(&prop, 0);
+    printf("device: %s (sm_%d%d, %d SMs)%s\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount,
+           g_small ? ", small sizes" : "");
+
+    if (!only_md3) test_kernels();
     test_md3_ops();
 
     cudaError_t le = cudaDeviceSynchronize();
