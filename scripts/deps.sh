@@ -8,7 +8,7 @@ pkgs=(build-essential cmake pkg-config zlib1g-dev
 if [ "${1:-}" = "--test" ]; then
   # cross-compiling the ARM64 kernels and running them under emulation,
   # clang's sanitizers and libFuzzer
-  pkgs+=(gcc-aarch64-linux-gnu qemu-user clang libclang-rt-14-dev)
+  pkgs+=(gcc-aarch64-linux-gnu qemu-user clang libclang-rt-14-dev clang-format)
 fi
 command -v python3 >/dev/null || pkgs+=(python3 python3-venv)
 missing=()
