@@ -107,8 +107,7 @@ static uint8_t *chart_png(int w, int h, size_t *len) {
     memset(im, 255, (size_t)w * h * 3);
     uint32_t s = 12345;
     const int L = w / 10, R = w - w / 20, T = h / 8, B = h - h / 8;
-    for (int k = 0; k < 5; k++)
-        fill(im, w, L, T + k * (B - T) / 5, R, T + k * (B - T) / 5 + 1, 225, 225, 225);
+    for (int k = 0; k < 5; k++) fill(im, w, L, T + k * (B - T) / 5, R, T + k * (B - T) / 5 + 1, 225, 225, 225);
     fill(im, w, L, T, L + 2, B, 40, 40, 40);
     fill(im, w, L, B, R, B + 2, 40, 40, 40);
     for (int x = w / 4; x < 3 * w / 4;) {
@@ -130,8 +129,8 @@ static uint8_t *chart_png(int w, int h, size_t *len) {
     png_infop info = png ? png_create_info_struct(png) : NULL;
     if (!info || setjmp(png_jmpbuf(png))) die("chart", "libpng failed");
     png_set_write_fn(png, &b, png_put, png_flush_none);
-    png_set_IHDR(png, info, (png_uint_32)w, (png_uint_32)h, 8, PNG_COLOR_TYPE_RGB,
-                 PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+    png_set_IHDR(png, info, (png_uint_32)w, (png_uint_32)h, 8, PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE,
+                 PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
     png_write_info(png, info);
     for (int y = 0; y < h; y++) png_write_row(png, im + (size_t)y * w * 3);
     png_write_end(png, NULL);
@@ -143,8 +142,7 @@ static uint8_t *chart_png(int w, int h, size_t *len) {
 
 enum { CROP = 378, PATCH = 14, MARGIN = 4, MAX_CROPS = 12 };
 
-static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps,
-                      const char *kernels) {
+static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps, const char *kernels) {
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     int threads[3] = {1, 2, (int)cpus};
     int n_cols = cpus > 2 ? 3 : 2;
@@ -167,17 +165,15 @@ static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps
         }
         t[0][c] = median(v, reps);
         if (img_decode(buf, len, NULL, &im, &e)) die(name, e.msg);
-        img_select_tiling(im.h - 2 * MARGIN * PATCH, im.w - 2 * MARGIN * PATCH,
-                          CROP - 2 * MARGIN * PATCH, MAX_CROPS, &th, &tw);
+        img_select_tiling(im.h - 2 * MARGIN * PATCH, im.w - 2 * MARGIN * PATCH, CROP - 2 * MARGIN * PATCH, MAX_CROPS,
+                          &th, &tw);
         const int win = CROP - 2 * MARGIN * PATCH;
-        const int sizes[2][2] = {{CROP, CROP},
-                                 {tw * win + 2 * MARGIN * PATCH, th * win + 2 * MARGIN * PATCH}};
+        const int sizes[2][2] = {{CROP, CROP}, {tw * win + 2 * MARGIN * PATCH, th * win + 2 * MARGIN * PATCH}};
         for (int k = 0; k < 2; k++) {
             for (int r = 0; r < reps; r++) {
                 img_rgb out;
                 double t0 = bench_now_ms();
-                if (img_resize_lanczos_x(&im, sizes[k][0], sizes[k][1], &out, &x, &e))
-                    die(name, e.msg);
+                if (img_resize_lanczos_x(&im, sizes[k][0], sizes[k][1], &out, &x, &e)) die(name, e.msg);
                 v[r] = bench_now_ms() - t0;
                 img_free(&out);
             }
@@ -185,8 +181,7 @@ static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps
         }
         for (int r = 0; r < reps; r++) {
             double t0 = bench_now_ms();
-            if (img_make_crops_x(&im, CROP, PATCH, MARGIN, MAX_CROPS, &x, &cr, &e))
-                die(name, e.msg);
+            if (img_make_crops_x(&im, CROP, PATCH, MARGIN, MAX_CROPS, &x, &cr, &e)) die(name, e.msg);
             v[r] = bench_now_ms() - t0;
             img_crops_free(&cr);
         }
@@ -203,13 +198,13 @@ static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps
         }
         t[4][c] = median(v, reps);
     }
-    printf("\n%s: %dx%d, tiling %dx%d (%d crops), kernels %s, median of %d\n", name, w, h, th, tw,
-           th * tw + 1, img_kernels_name(kernels), reps);
+    printf("\n%s: %dx%d, tiling %dx%d (%d crops), kernels %s, median of %d\n", name, w, h, th, tw, th * tw + 1,
+           img_kernels_name(kernels), reps);
     printf("%-28s", "ms");
     for (int c = 0; c < n_cols; c++) printf(" %7d thr", threads[c]);
     printf("\n");
-    static const char *rows[5] = {"decode", "global resize", "tiled resize",
-                                  "crops (both resizes, copies)", "decode + crops"};
+    static const char *rows[5] = {"decode", "global resize", "tiled resize", "crops (both resizes, copies)",
+                                  "decode + crops"};
     for (int k = 0; k < 5; k++) {
         printf("%-28s", rows[k]);
         for (int c = 0; c < n_cols; c++) printf(" %11.2f", t[k][c]);

@@ -72,8 +72,7 @@ static void cpu_name(char *out, size_t n) {
 
 static int runs = 7;
 
-static void bench_linear(ops_ctx *c, const char *what, int T, int K, int N, dtype dt,
-                         ops_precision prec) {
+static void bench_linear(ops_ctx *c, const char *what, int T, int K, int N, dtype dt, ops_precision prec) {
     const int q = dt == DT_Q8 || dt == DT_Q4;
     const size_t rb = q_row_bytes(dt, K);
     const size_t wbytes = q ? (size_t)N * rb : (size_t)N * K * (dt == DT_F32 ? 4 : 2);
@@ -115,23 +114,22 @@ static void bench_linear(ops_ctx *c, const char *what, int T, int K, int N, dtyp
         if (r >= 0) ms[r] = now_ms() - t0;
     }
     double m = median(ms, reps), best = ms[0]; /* sorted by median() */
-    printf("| %-22s | %4d | %5d | %5d | %-4s | %-4s | %8.3f | %8.1f | %8.1f | %6.1f | %6.1f |\n",
-           what, T, K, N,
+    printf("| %-22s | %4d | %5d | %5d | %-4s | %-4s | %8.3f | %8.1f | %8.1f | %6.1f | %6.1f |\n", what, T, K, N,
            dt == DT_BF16  ? "bf16"
            : dt == DT_F16 ? "f16"
            : dt == DT_Q8  ? "q8"
            : dt == DT_Q4  ? "q4"
                           : "f32",
-           prec == OPS_BF16 ? "bf16" : "f32", m, 2.0 * T * K * N / (m * 1e6),
-           2.0 * T * K * N / (best * 1e6), wbytes / (m * 1e6), wbytes / (best * 1e6));
+           prec == OPS_BF16 ? "bf16" : "f32", m, 2.0 * T * K * N / (m * 1e6), 2.0 * T * K * N / (best * 1e6),
+           wbytes / (m * 1e6), wbytes / (best * 1e6));
     for (int i = 0; i < copies; i++) free(w[i]);
     free(w), free(tmp), free(x), free(y), free(ms);
 }
 
 /* Decode (T = 1) cycles through copies of the keys and values, so that
  * they come from memory as a real KV cache does. */
-static void bench_attention(ops_ctx *c, const char *what, int T, int S, int H, int D, int pos0,
-                            int n_prefix, dtype kvdt) {
+static void bench_attention(ops_ctx *c, const char *what, int T, int S, int H, int D, int pos0, int n_prefix,
+                            dtype kvdt) {
     const int copies = T == 1 ? 8 : 1;
     const size_t kv = (size_t)S * H * D, es = kvdt == DT_BF16 ? 2 : 4;
     float *q = malloc((size_t)T * H * D * 4), *o = malloc((size_t)T * H * D * 4);
@@ -151,15 +149,32 @@ static void bench_attention(ops_ctx *c, const char *what, int T, int S, int H, i
     double *ms = malloc((size_t)reps * sizeof *ms);
     for (int r = -1; r < reps; r++) {
         const size_t off = kv * (size_t)((r + copies) % copies) * es;
-        op_attn a = {T, S, H, H, D, pos0, n_prefix, 1.0f / sqrtf((float)D), q, (const char *)k + off,
-                     (const char *)v + off, o, H * D, H * D, H * D, H * D, NULL, 0, kvdt};
+        op_attn a = {T,
+                     S,
+                     H,
+                     H,
+                     D,
+                     pos0,
+                     n_prefix,
+                     1.0f / sqrtf((float)D),
+                     q,
+                     (const char *)k + off,
+                     (const char *)v + off,
+                     o,
+                     H * D,
+                     H * D,
+                     H * D,
+                     H * D,
+                     NULL,
+                     0,
+                     kvdt};
         double t0 = now_ms();
         ops_of(c)->attention(c, &a);
         if (r >= 0) ms[r] = now_ms() - t0;
     }
     double m = median(ms, reps);
-    printf("| %-18s %4s | %4d | %5d | %2d | %3d | %8.3f | %8.1f | %8.1f |\n", what, kvdt == DT_BF16 ? "bf16" : "f32", T, S, H, D, m,
-           flops / (m * 1e6), flops / (ms[0] * 1e6));
+    printf("| %-18s %4s | %4d | %5d | %2d | %3d | %8.3f | %8.1f | %8.1f |\n", what, kvdt == DT_BF16 ? "bf16" : "f32", T,
+           S, H, D, m, flops / (m * 1e6), flops / (ms[0] * 1e6));
     free(q), free(k), free(v), free(o), free(ms);
 }
 
@@ -180,8 +195,7 @@ static void bench_ew(ops_ctx *c, const char *what, int kind, size_t n) {
             float *g = malloc(1152 * 4), *b = malloc(1152 * 4);
             fill(g, 1152, 1), fill(b, 1152, 2);
             t0 = now_ms();
-            ops_of(c)->layernorm(c, y, x, (int)(n / 1152), 1152, (op_vec){g, DT_F32},
-                                 (op_vec){b, DT_F32}, 1e-5f);
+            ops_of(c)->layernorm(c, y, x, (int)(n / 1152), 1152, (op_vec){g, DT_F32}, (op_vec){b, DT_F32}, 1e-5f);
             free(g), free(b);
         }
         if (r >= 0) ms[r] = now_ms() - t0;
@@ -197,7 +211,7 @@ int main(int argc, char **argv) {
     if (argc > 3) runs = atoi(argv[3]) > 0 ? atoi(argv[3]) : runs;
     const int only_q = argc > 4 && argv[4][0] == 'q'; /* only the Q8/Q4 linears */
     const int only_b = argc > 4 && argv[4][0] == 'b'; /* only the bf16 text linears */
-    const char *only = argc > 5 ? argv[5] : NULL;        /* ... whose name contains this */
+    const char *only = argc > 5 ? argv[5] : NULL;     /* ... whose name contains this */
     ops_ctx *c;
     errbuf e;
     if (ops_ctx_new(backend, threads, OPS_F32, &c, &e) != ALBEDO_OK) {
@@ -230,7 +244,10 @@ int main(int argc, char **argv) {
         for (int d = only_b ? 2 : 0; d < 3; d++)
             for (size_t i = 4; i < sizeof lin / sizeof lin[0]; i++)
                 if ((!only || strstr(lin[i].what, only)) && (d < 2) == only_q)
-                    bench_linear(c, lin[i].what, lin[i].T, lin[i].K, lin[i].N, d == 2 ? DT_BF16 : d ? DT_Q4 : DT_Q8,
+                    bench_linear(c, lin[i].what, lin[i].T, lin[i].K, lin[i].N,
+                                 d == 2 ? DT_BF16
+                                 : d    ? DT_Q4
+                                        : DT_Q8,
                                  OPS_BF16);
         ops_ctx_free(c);
         return 0;
@@ -244,8 +261,7 @@ int main(int argc, char **argv) {
 
     printf("\n| attention           kv  |    T |     S |  H |   D |       ms |  GFLOP/s |     best "
            "|\n");
-    printf(
-        "|-------------------------|-----:|------:|---:|----:|---------:|---------:|---------:|\n");
+    printf("|-------------------------|-----:|------:|---:|----:|---------:|---------:|---------:|\n");
     bench_attention(c, "vision (bidirectional)", 729, 729, 16, 72, 0, 729, DT_F32);
     bench_attention(c, "text prefill", 730, 730, 32, 64, 0, 730, DT_F32);
     bench_attention(c, "text prefill", 730, 730, 32, 64, 0, 730, DT_BF16);

@@ -34,8 +34,8 @@ void serve_resume_connection(struct MHD_Connection *c) {
     abort();
 }
 
-static const char *const known_codes[] = {"invalid_json",      "missing_field",   "invalid_type",
-                                          "invalid_value",     "invalid_image_url", "invalid_base64",
+static const char *const known_codes[] = {"invalid_json",        "missing_field",     "invalid_type",
+                                          "invalid_value",       "invalid_image_url", "invalid_base64",
                                           "image_decode_failed", "out_of_memory"};
 
 /* The error body of a refusal: valid UTF-8 JSON of the documented shape.
@@ -52,8 +52,8 @@ static char *check_error_body(const char *body, int status) {
     json_t *msg = json_object_get(e, "message"), *type = json_object_get(e, "type");
     json_t *param = json_object_get(e, "param"), *code = json_object_get(e, "code");
     FUZZ_CHECK(json_is_string(msg) && json_string_length(msg) > 0, "error without a message: %s", body);
-    FUZZ_CHECK(json_is_string(type) && !strcmp(json_string_value(type), "invalid_request_error"),
-               "type of a %d: %s", status, body);
+    FUZZ_CHECK(json_is_string(type) && !strcmp(json_string_value(type), "invalid_request_error"), "type of a %d: %s",
+               status, body);
     FUZZ_CHECK(json_is_null(param) || json_is_string(param), "param: %s", body);
     FUZZ_CHECK(json_is_string(code), "code: %s", body);
     int known = 0;

@@ -48,8 +48,10 @@ static int model_b64(const uint8_t *s, size_t n, uint8_t **out, size_t *out_len)
         const char *url = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         const char *p = c ? strchr(std, c) : NULL;
         const char *q = c ? strchr(url, c) : NULL;
-        if (npad || (!p && !q)) ok = 0; /* a digit after padding, or not a digit */
-        else dig[nd++] = (uint8_t)(p ? p - std : q - url);
+        if (npad || (!p && !q))
+            ok = 0; /* a digit after padding, or not a digit */
+        else
+            dig[nd++] = (uint8_t)(p ? p - std : q - url);
     }
     if (ok && (npad > 2 || nd % 4 == 1)) ok = 0;
     for (size_t i = 0; ok && i < nd; i += 4) {

@@ -237,8 +237,10 @@ static size_t exchange(const uint8_t *req, size_t n, uint8_t *out, size_t cap) {
         FUZZ_CHECK(!budget_spent(&wb), "an answer still coming after 5 s");
         if (p.revents & POLLOUT) {
             ssize_t w = send(fd, req + sent, n - sent, MSG_NOSIGNAL);
-            if (w > 0) sent += (size_t)w;
-            else sent = n; /* the server closed on us: stop sending */
+            if (w > 0)
+                sent += (size_t)w;
+            else
+                sent = n; /* the server closed on us: stop sending */
         }
         if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
             uint8_t tmp[4096];

@@ -19,8 +19,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     img_rgb im;
     errbuf e = {{0}};
     albedo_status st = img_decode(data, size, &lim, &im, &e);
-    FUZZ_CHECK(st == ALBEDO_OK || st == ALBEDO_ERR_IMAGE || st == ALBEDO_ERR_LIMIT ||
-                   st == ALBEDO_ERR_UNSUPPORTED || st == ALBEDO_ERR_OUT_OF_MEMORY,
+    FUZZ_CHECK(st == ALBEDO_OK || st == ALBEDO_ERR_IMAGE || st == ALBEDO_ERR_LIMIT || st == ALBEDO_ERR_UNSUPPORTED ||
+                   st == ALBEDO_ERR_OUT_OF_MEMORY,
                "img_decode status %d (%s)", (int)st, e.msg);
     if (st != ALBEDO_OK) {
         FUZZ_CHECK(im.px == NULL && im.w == 0 && im.h == 0, "failed decode left *out set");
@@ -36,9 +36,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     uint32_t g = (uint32_t)size * 2654435761u;
     int crop, patch, margin, max_crops, bad = 0;
     switch (g >> 29) {
-    case 0: /* Moondream 2's crops */
-        crop = 378, patch = 14, margin = 4, max_crops = 1 + (int)(g >> 8 & 1);
-        break;
+    case 0: /* Moondream 2's crops */ crop = 378, patch = 14, margin = 4, max_crops = 1 + (int)(g >> 8 & 1); break;
     case 1: /* a geometry that must be refused */
         crop = (int)(g >> 8 & 15) - 2, patch = (int)(g >> 12 & 7) - 1, margin = (int)(g >> 16 & 7) - 1;
         max_crops = (int)(g >> 20 & 3) - 1;
@@ -53,16 +51,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     img_crops c;
     st = img_make_crops(&im, crop, patch, margin, max_crops, &c, &e);
     if (bad) {
-        FUZZ_CHECK(st == ALBEDO_ERR_INVALID_ARGUMENT, "bad geometry %d/%d/%d/%d gave %d", crop, patch,
-                   margin, max_crops, (int)st);
+        FUZZ_CHECK(st == ALBEDO_ERR_INVALID_ARGUMENT, "bad geometry %d/%d/%d/%d gave %d", crop, patch, margin,
+                   max_crops, (int)st);
     } else if (st == ALBEDO_OK) {
-        FUZZ_CHECK(c.n == c.th * c.tw + 1 && c.th >= 1 && c.tw >= 1 && c.size == crop,
-                   "crops n=%d th=%d tw=%d size=%d", c.n, c.th, c.tw, c.size);
+        FUZZ_CHECK(c.n == c.th * c.tw + 1 && c.th >= 1 && c.tw >= 1 && c.size == crop, "crops n=%d th=%d tw=%d size=%d",
+                   c.n, c.th, c.tw, c.size);
         fuzz_touch(c.px, (size_t)c.n * (size_t)crop * (size_t)crop * 3);
         img_crops_free(&c);
     } else {
-        FUZZ_CHECK(st == ALBEDO_ERR_OUT_OF_MEMORY || st == ALBEDO_ERR_LIMIT ||
-                       st == ALBEDO_ERR_INVALID_ARGUMENT,
+        FUZZ_CHECK(st == ALBEDO_ERR_OUT_OF_MEMORY || st == ALBEDO_ERR_LIMIT || st == ALBEDO_ERR_INVALID_ARGUMENT,
                    "img_make_crops status %d (%s)", (int)st, e.msg);
     }
     img_free(&im);

@@ -51,8 +51,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 FUZZ_CHECK(!isfinite(v) || fabs(v) > 1e308, "finite %.17g written as null", v);
             } else {
                 FUZZ_CHECK(json_is_real(j), "%.17g written as \"%.*s\", not a float", v, (int)b.len, b.p);
-                FUZZ_CHECK(json_real_value(j) == v, "%.17g reads back as %.17g (\"%.*s\")", v,
-                           json_real_value(j), (int)b.len, b.p);
+                FUZZ_CHECK(json_real_value(j) == v, "%.17g reads back as %.17g (\"%.*s\")", v, json_real_value(j),
+                           (int)b.len, b.p);
             }
             json_decref(j);
         }

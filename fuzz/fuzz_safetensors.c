@@ -47,8 +47,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     errbuf e = {{0}};
     albedo_status st = st_open_memory(data, size, &f, &e);
     if (st != ALBEDO_OK) {
-        FUZZ_CHECK(st == ALBEDO_ERR_MODEL_FORMAT || st == ALBEDO_ERR_OUT_OF_MEMORY,
-                   "st_open_memory status %d (%s)", (int)st, e.msg);
+        FUZZ_CHECK(st == ALBEDO_ERR_MODEL_FORMAT || st == ALBEDO_ERR_OUT_OF_MEMORY, "st_open_memory status %d (%s)",
+                   (int)st, e.msg);
         FUZZ_CHECK(f == NULL && e.msg[0], "failed open: handle %p, message \"%s\"", (void *)f, e.msg);
         return 0;
     }
@@ -66,8 +66,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         FUZZ_CHECK(numel == t->numel && (uint64_t)t->nbytes == (uint64_t)numel * dtype_size(t->dt),
                    "tensor %s: numel %lld, nbytes %zu", t->name, (long long)t->numel, t->nbytes);
         const uint8_t *p = t->data;
-        FUZZ_CHECK(p >= data + 8 && p <= end && t->nbytes <= (size_t)(end - p),
-                   "tensor %s: data outside the input", t->name);
+        FUZZ_CHECK(p >= data + 8 && p <= end && t->nbytes <= (size_t)(end - p), "tensor %s: data outside the input",
+                   t->name);
         fuzz_touch(p, t->nbytes);
         FUZZ_CHECK(st_find(f, t->name) == t, "st_find(%s) does not find it", t->name);
         if (i) FUZZ_CHECK(strcmp(st_at(f, i - 1)->name, t->name) < 0, "tensors not sorted by name");

@@ -76,7 +76,8 @@ static size_t split_events(const sbuf *sse, const char **pl, size_t *pn, size_t 
         FUZZ_CHECK(sse->len - i > 6 && !memcmp(sse->p + i, "data: ", 6), "an event without 'data: ' at %zu", i);
         const char *start = sse->p + i + 6;
         const char *end = memchr(start, '\n', sse->len - (size_t)(start - sse->p));
-        FUZZ_CHECK(end && (size_t)(end - sse->p) + 1 < sse->len && end[1] == '\n', "an event not ended by a blank line");
+        FUZZ_CHECK(end && (size_t)(end - sse->p) + 1 < sse->len && end[1] == '\n',
+                   "an event not ended by a blank line");
         FUZZ_CHECK(k < cap, "too many events");
         pl[k] = start;
         pn[k] = (size_t)(end - start);
@@ -117,9 +118,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
     /* The request, through api_parse as the server builds it. */
     json_t *body = ep == EP_CAPTION ? json_pack("{ss sb}", "image_url", "iVBORw0KGgo=", "stream", stream)
-                   : ep == EP_QUERY ? json_pack("{ss sb sb}", "question", "hi", "stream", stream, "reasoning", reasoning)
-                                    : json_pack("{s[{ss ss}] ss sb}", "messages", "role", "user", "content", "hi",
-                                                "model", model, "stream", stream);
+                   : ep == EP_QUERY
+                       ? json_pack("{ss sb sb}", "question", "hi", "stream", stream, "reasoning", reasoning)
+                       : json_pack("{s[{ss ss}] ss sb}", "messages", "role", "user", "content", "hi", "model", model,
+                                   "stream", stream);
     char *text = body ? json_dumps(body, 0) : NULL;
     json_decref(body);
     if (!text) goto out;
@@ -156,8 +158,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         job_unref(j);
         goto out;
     }
-    if (fail) finish_error(j, 500, api_error_body(500, "processing_error", NULL, "%s", errmsg));
-    else finish_ok(j, &res, rjson);
+    if (fail)
+        finish_error(j, 500, api_error_body(500, "processing_error", NULL, "%s", errmsg));
+    else
+        finish_ok(j, &res, rjson);
 
     /* Read back. */
     const char *want_reason = reason_text;
@@ -188,14 +192,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 } else {
                     FUZZ_CHECK(!finished, "a chunk after the finish");
                     const char *m = str_at(ev, "model", NULL);
-                    FUZZ_CHECK(m && (!strcmp(m, j->model_name) || !fuzz_utf8_ok((const uint8_t *)j->model_name,
-                                                                                 strlen(j->model_name))),
+                    FUZZ_CHECK(m && (!strcmp(m, j->model_name) ||
+                                     !fuzz_utf8_ok((const uint8_t *)j->model_name, strlen(j->model_name))),
                                "model %s, sent %s", m ? m : "(none)", j->model_name);
                     FUZZ_CHECK(!strcmp(str_at(ev, "id", NULL), id), "id");
                     json_t *ch = json_array_get(json_object_get(ev, "choices"), 0);
                     json_t *delta = json_object_get(ch, "delta");
                     FUZZ_CHECK(json_is_object(delta), "no delta");
-                    if (k == 0) FUZZ_CHECK(!strcmp(str_at(delta, "role", NULL), "assistant"), "first chunk without role");
+                    if (k == 0)
+                        FUZZ_CHECK(!strcmp(str_at(delta, "role", NULL), "assistant"), "first chunk without role");
                     const char *c = str_at(delta, "content", NULL);
                     if (c) sbuf_put(&got, c, strlen(c));
                     const char *f = str_at(ch, "finish_reason", NULL);

@@ -64,8 +64,7 @@ static tokenizer *load_gz(const char *path) {
     gzclose(gz);
     tokenizer *t = NULL;
     errbuf e = {{0}};
-    if (buf && tok_load_json(buf, n, &t, &e) != ALBEDO_OK)
-        fprintf(stderr, "fuzz_tokenizer: %s: %s\n", path, e.msg);
+    if (buf && tok_load_json(buf, n, &t, &e) != ALBEDO_OK) fprintf(stderr, "fuzz_tokenizer: %s: %s\n", path, e.msg);
     free(buf);
     return t;
 }
@@ -80,8 +79,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
         if (shared)
             snprintf(path, sizeof path, "%s/fixtures/tokenizers/%s/tokenizer.json", shared, fixed[i].name);
         else
-            snprintf(path, sizeof path, "%s/../shared/fixtures/tokenizers/%s/tokenizer.json",
-                     ALBEDO_SOURCE_DIR, fixed[i].name);
+            snprintf(path, sizeof path, "%s/../shared/fixtures/tokenizers/%s/tokenizer.json", ALBEDO_SOURCE_DIR,
+                     fixed[i].name);
         if (tok_load_file(path, &fixed[i].t, &e) != ALBEDO_OK) {
             fixed[i].t = NULL;
 #ifdef ALBEDO_FUZZ_HAVE_ZLIB
@@ -124,8 +123,7 @@ static void check_stream(const tokenizer *t, const int32_t *ids, int n, int skip
     }
     FUZZ_CHECK(tok_stream_finish(&s, &got, &got_len, &got_cap) == 0, "stream finish failed");
     FUZZ_CHECK(got_len == want_len && (want_len == 0 || memcmp(got, want, want_len) == 0),
-               "stream (%zu bytes) differs from decode (%zu bytes), skip_special=%d", got_len, want_len,
-               skip);
+               "stream (%zu bytes) differs from decode (%zu bytes), skip_special=%d", got_len, want_len, skip);
     free(want);
     free(got);
 }
@@ -137,8 +135,8 @@ static void exercise_text(const tokenizer *t, const char *text, size_t len, int 
     errbuf e = {{0}};
     albedo_status st = tok_encode(t, text, len, &ids, &n, &e);
     if (st != ALBEDO_OK) {
-        FUZZ_CHECK(st == ALBEDO_ERR_INVALID_ARGUMENT || st == ALBEDO_ERR_LIMIT ||
-                       st == ALBEDO_ERR_OUT_OF_MEMORY || st == ALBEDO_ERR_TOKENIZER,
+        FUZZ_CHECK(st == ALBEDO_ERR_INVALID_ARGUMENT || st == ALBEDO_ERR_LIMIT || st == ALBEDO_ERR_OUT_OF_MEMORY ||
+                       st == ALBEDO_ERR_TOKENIZER,
                    "tok_encode status %d (%s)", (int)st, e.msg);
         FUZZ_CHECK(ids == NULL && n == 0, "failed encode left output");
         return;
@@ -151,8 +149,8 @@ static void exercise_text(const tokenizer *t, const char *text, size_t len, int 
         char *s = NULL;
         size_t sl = 0;
         if (tok_decode(t, ids, n, 0, &s, &sl, &e) == ALBEDO_OK) {
-            FUZZ_CHECK(sl == len && memcmp(s, text, len) == 0,
-                       "decode(encode(text)) != text (%zu vs %zu bytes)", sl, len);
+            FUZZ_CHECK(sl == len && memcmp(s, text, len) == 0, "decode(encode(text)) != text (%zu vs %zu bytes)", sl,
+                       len);
             free(s);
         }
     }
@@ -214,8 +212,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             exercise_ids(t, text, text_len);
             tok_free(t);
         } else {
-            FUZZ_CHECK(st == ALBEDO_ERR_TOKENIZER || st == ALBEDO_ERR_OUT_OF_MEMORY ||
-                           st == ALBEDO_ERR_LIMIT || st == ALBEDO_ERR_UNSUPPORTED,
+            FUZZ_CHECK(st == ALBEDO_ERR_TOKENIZER || st == ALBEDO_ERR_OUT_OF_MEMORY || st == ALBEDO_ERR_LIMIT ||
+                           st == ALBEDO_ERR_UNSUPPORTED,
                        "tok_load_json status %d (%s)", (int)st, e.msg);
             FUZZ_CHECK(t == NULL && e.msg[0], "failed load: handle %p, message \"%s\"", (void *)t, e.msg);
         }

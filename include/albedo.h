@@ -73,9 +73,9 @@ typedef enum albedo_status {
     ALBEDO_ERR_IMAGE,            /* image bytes could not be decoded */
     ALBEDO_ERR_LIMIT,            /* input exceeds a limit (image size, prompt length, context) */
     ALBEDO_ERR_OUT_OF_MEMORY,
-    ALBEDO_ERR_CANCELLED,        /* the stream callback asked to stop */
-    ALBEDO_ERR_UNSUPPORTED,      /* valid input that this build cannot handle */
-    ALBEDO_ERR_NETWORK,          /* a download failed */
+    ALBEDO_ERR_CANCELLED,   /* the stream callback asked to stop */
+    ALBEDO_ERR_UNSUPPORTED, /* valid input that this build cannot handle */
+    ALBEDO_ERR_NETWORK,     /* a download failed */
     ALBEDO_ERR_INTERNAL,
     ALBEDO_STATUS_COUNT
 } albedo_status;
@@ -133,15 +133,13 @@ ALBEDO_API albedo_model_params albedo_model_params_default(void);
  * tokenizer.json. Moondream 2 and Moondream 3 are told apart by the config
  * and the tensors. Every tensor's presence, dtype and shape is checked against
  * the configuration. Weights are memory-mapped and stay 16-bit. */
-ALBEDO_API albedo_status albedo_model_load(const char *dir, const albedo_model_params *params,
-                                           albedo_model **out);
+ALBEDO_API albedo_status albedo_model_load(const char *dir, const albedo_model_params *params, albedo_model **out);
 ALBEDO_API void albedo_model_free(albedo_model *m);
 
 /* Load dir with params (params->weights "q8" or "q4") and write its quantised
  * copy to out_dir (created if missing): config.json, tokenizer.json and one
  * model.safetensors that later loads map without converting. */
-ALBEDO_API albedo_status albedo_model_quantize(const char *dir, const albedo_model_params *params,
-                                               const char *out_dir);
+ALBEDO_API albedo_status albedo_model_quantize(const char *dir, const albedo_model_params *params, const char *out_dir);
 
 /* A one-line description: "moondream2 (text 2048x24, vision 1152x27), backend avx512, 2 threads". */
 ALBEDO_API const char *albedo_model_describe(const albedo_model *m);
@@ -161,14 +159,12 @@ ALBEDO_API const char *albedo_session_error(const albedo_session *s);
  * number of requests can reuse it without running either again. */
 typedef struct albedo_image albedo_image;
 
-ALBEDO_API albedo_status albedo_image_encode_file(albedo_session *s, const char *path,
-                                                  albedo_image **out);
+ALBEDO_API albedo_status albedo_image_encode_file(albedo_session *s, const char *path, albedo_image **out);
 /* JPEG, PNG, WebP or GIF bytes (first frame). */
-ALBEDO_API albedo_status albedo_image_encode_bytes(albedo_session *s, const void *data,
-                                                   size_t len, albedo_image **out);
+ALBEDO_API albedo_status albedo_image_encode_bytes(albedo_session *s, const void *data, size_t len, albedo_image **out);
 /* Packed 8-bit RGB, rows top to bottom, stride = 3 * width. */
-ALBEDO_API albedo_status albedo_image_encode_rgb(albedo_session *s, const uint8_t *rgb, int width,
-                                                 int height, albedo_image **out);
+ALBEDO_API albedo_status albedo_image_encode_rgb(albedo_session *s, const uint8_t *rgb, int width, int height,
+                                                 albedo_image **out);
 /* Free an image (and its prefix in the model's engine); before its model. */
 ALBEDO_API void albedo_image_free(albedo_image *img);
 ALBEDO_API void albedo_image_size(const albedo_image *img, int *width, int *height);
@@ -182,11 +178,7 @@ typedef enum albedo_skill {
     ALBEDO_SKILL_POINT
 } albedo_skill;
 
-typedef enum albedo_length {
-    ALBEDO_LENGTH_NORMAL = 0,
-    ALBEDO_LENGTH_SHORT,
-    ALBEDO_LENGTH_LONG
-} albedo_length;
+typedef enum albedo_length { ALBEDO_LENGTH_NORMAL = 0, ALBEDO_LENGTH_SHORT, ALBEDO_LENGTH_LONG } albedo_length;
 
 /* A spatial reference: a point (n = 2: x, y) or a box (n = 4: x_min, y_min,
  * x_max, y_max), normalised to [0, 1]. */
@@ -202,11 +194,11 @@ typedef int (*albedo_text_fn)(void *user, const char *text, size_t len);
 
 typedef struct albedo_request {
     albedo_skill skill;
-    const albedo_image *image; /* NULL: text-only query */
-    const char *question;      /* query */
-    const char *object;        /* detect, point */
-    albedo_length length;      /* caption */
-    int reasoning;             /* query: think first, with grounding */
+    const albedo_image *image;              /* NULL: text-only query */
+    const char *question;                   /* query */
+    const char *object;                     /* detect, point */
+    albedo_length length;                   /* caption */
+    int reasoning;                          /* query: think first, with grounding */
     const albedo_spatial_ref *spatial_refs; /* query */
     int n_spatial_refs;
     float temperature; /* >= 0; 0 = greedy. Default 0.5 */
@@ -244,7 +236,7 @@ typedef enum albedo_finish {
 } albedo_finish;
 
 typedef struct albedo_metrics {
-    int input_tokens;  /* prompt tokens incl. the 730 image positions */
+    int input_tokens; /* prompt tokens incl. the 730 image positions */
     int output_tokens;
     int cached_tokens; /* positions reused from an encoded image */
     double prefill_time_ms;
@@ -255,8 +247,8 @@ typedef struct albedo_metrics {
 
 typedef struct albedo_result {
     albedo_skill skill;
-    const char *text;            /* caption or answer, UTF-8 */
-    const char *reasoning;       /* reasoning text, or NULL */
+    const char *text;      /* caption or answer, UTF-8 */
+    const char *reasoning; /* reasoning text, or NULL */
     int n_grounding;
     const albedo_grounding *grounding;
     int n_objects;
@@ -265,10 +257,10 @@ typedef struct albedo_result {
     const albedo_point *points;
     albedo_finish finish;
     albedo_metrics metrics;
-    const int32_t *tokens;       /* every token id fed after the image, in order */
+    const int32_t *tokens; /* every token id fed after the image, in order */
     int n_tokens;
-    size_t text_len;             /* bytes of text (it may hold NUL bytes: a token can decode to one) */
-    size_t reasoning_len;        /* bytes of reasoning (0 when it is NULL) */
+    size_t text_len;      /* bytes of text (it may hold NUL bytes: a token can decode to one) */
+    size_t reasoning_len; /* bytes of reasoning (0 when it is NULL) */
 } albedo_result;
 
 /* Run one request. On success *out points at a result owned by the session,
@@ -276,15 +268,13 @@ typedef struct albedo_result {
  * engine (created at the first run, see "Asynchronous engine"), batched with
  * those of other sessions' runs on the same model; the image's prefix is
  * copied into the engine's KV cache at its first use. */
-ALBEDO_API albedo_status albedo_session_run(albedo_session *s, const albedo_request *r,
-                                            const albedo_result **out);
+ALBEDO_API albedo_status albedo_session_run(albedo_session *s, const albedo_request *r, const albedo_result **out);
 
 /* The REST API's response object for a result: {"caption": …}, {"answer": …,
  * "reasoning": {…}}, {"objects": […]} or {"points": […]}. With metrics != 0,
  * also "finish_reason" and "metrics". Returns a string owned by the session,
  * valid until the next call on s. */
-ALBEDO_API const char *albedo_result_json(albedo_session *s, const albedo_result *res,
-                                          int metrics);
+ALBEDO_API const char *albedo_result_json(albedo_session *s, const albedo_result *res, int metrics);
 
 /* ---- Asynchronous engine -----------------------------------------------------
  *
@@ -328,12 +318,12 @@ typedef struct albedo_engine albedo_engine;
 typedef struct albedo_ticket albedo_ticket;
 
 typedef struct albedo_engine_params {
-    int max_batch;    /* concurrently running sequences (default 16) */
-    size_t kv_bytes;  /* KV cache budget; 0 = min(25% of RAM, 8 GiB) */
-    int block_size;   /* positions per KV block (default 16) */
-    int max_queue;    /* waiting requests; more fail with ALBEDO_ERR_LIMIT (default 1024) */
-    int token_budget; /* rows per forward step (default 512) */
-    int n_threads;    /* ops threads of the scheduler; 0 = the model's */
+    int max_batch;      /* concurrently running sequences (default 16) */
+    size_t kv_bytes;    /* KV cache budget; 0 = min(25% of RAM, 8 GiB) */
+    int block_size;     /* positions per KV block (default 16) */
+    int max_queue;      /* waiting requests; more fail with ALBEDO_ERR_LIMIT (default 1024) */
+    int token_budget;   /* rows per forward step (default 512) */
+    int n_threads;      /* ops threads of the scheduler; 0 = the model's */
     int vision_threads; /* ops threads of the image worker; 0 = n_threads */
 } albedo_engine_params;
 
@@ -350,8 +340,7 @@ typedef struct albedo_submit_params {
     double deadline_ms; /* > 0: fail with ALBEDO_ERR_CANCELLED this long after submit */
 } albedo_submit_params;
 
-ALBEDO_API albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *params,
-                                           albedo_engine **out);
+ALBEDO_API albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *params, albedo_engine **out);
 /* Cancels what is queued or running, waits for the scheduler, frees. Tickets
  * stay valid (all ended) until albedo_ticket_free. */
 ALBEDO_API void albedo_engine_free(albedo_engine *e);
@@ -380,13 +369,13 @@ ALBEDO_API const char *albedo_ticket_error(const albedo_ticket *t);
 ALBEDO_API const char *albedo_ticket_json(albedo_ticket *t, int metrics);
 
 typedef struct albedo_engine_stats {
-    int queued, running;     /* waiting for admission; admitted and not ended */
-    int encoding;            /* of the running: waiting for or in the image worker */
+    int queued, running; /* waiting for admission; admitted and not ended */
+    int encoding;        /* of the running: waiting for or in the image worker */
     int kv_blocks_used, kv_blocks_total;
     uint64_t prefix_hits, prefix_misses, prefix_evictions;
-    uint64_t steps;          /* batched forward steps */
-    uint64_t step_sequences; /* sequences over all steps (÷ steps = mean batch) */
-    uint64_t step_rows;      /* rows over all steps */
+    uint64_t steps;                /* batched forward steps */
+    uint64_t step_sequences;       /* sequences over all steps (÷ steps = mean batch) */
+    uint64_t step_rows;            /* rows over all steps */
     uint64_t steps_while_encoding; /* steps begun while the image worker was busy */
 } albedo_engine_stats;
 
@@ -402,8 +391,8 @@ ALBEDO_API void albedo_ticket_free(albedo_ticket *t);
  * shared/fixtures/models/md2-small bit for bit). legacy_f16 writes the
  * 2024-08-26 names in F16. tokenizer_json: a tokenizer.json to copy, or NULL
  * for a minimal byte-level one. */
-ALBEDO_API albedo_status albedo_synth_write(const char *dir, const char *preset, uint64_t seed,
-                                            int legacy_f16, const char *tokenizer_json);
+ALBEDO_API albedo_status albedo_synth_write(const char *dir, const char *preset, uint64_t seed, int legacy_f16,
+                                            const char *tokenizer_json);
 /* The same with the weights in shards of at most shard_bytes each (Hugging
  * Face layout: model-0000k-of-0000N.safetensors + model.safetensors.index.json;
  * a larger tensor gets a shard of its own); 0 writes one model.safetensors. */

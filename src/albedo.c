@@ -84,7 +84,8 @@ static albedo_status open_shards(albedo_model *m, const char *dir, errbuf *e) {
         if (st) break;
         const char *f = json_string_value(v);
         if (!f || !*f || strchr(f, '/') || strchr(f, '\\') || !strcmp(f, ".") || !strcmp(f, "..")) {
-            st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "%s: tensor %s: shard name must be a file name in the model directory", ipath, key);
+            st = errf(e, ALBEDO_ERR_MODEL_FORMAT,
+                      "%s: tensor %s: shard name must be a file name in the model directory", ipath, key);
             break;
         }
         int seen = 0;
@@ -94,12 +95,15 @@ static albedo_status open_shards(albedo_model *m, const char *dir, errbuf *e) {
     if (!st && (n == 0 || n > MAX_SHARDS)) st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "%s: %d shards", ipath, n);
     if (!st) {
         st_file **p = realloc(m->st, (size_t)n * sizeof *p);
-        if (!p) st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
-        else m->st = p;
+        if (!p)
+            st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+        else
+            m->st = p;
     }
     for (int i = 0; i < n && !st; i++) {
         m->st[i] = NULL;
-        if (!(st = path_join(path, sizeof path, dir, names[i], e)) && !(st = st_open(path, &m->st[i], e))) m->n_st = i + 1;
+        if (!(st = path_join(path, sizeof path, dir, names[i], e)) && !(st = st_open(path, &m->st[i], e)))
+            m->n_st = i + 1;
     }
     /* Every tensor of the index is where the index says. */
     json_object_foreach(map, key, v) {
@@ -170,7 +174,8 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
         const char *wn = m->params.weights;
         if (!st && !(st = md_weights_format(wn && !strcmp(wn, "fp8") ? NULL : wn, &wdt, &sub)))
             st = md_weights_quantize(&m->w, &m->cfg, wdt, &sub);
-        if (st) errf(&e, st, "%s/%s: %s", dir, m->n_st > 1 ? "model.safetensors.index.json" : "model.safetensors", sub.msg);
+        if (st)
+            errf(&e, st, "%s/%s: %s", dir, m->n_st > 1 ? "model.safetensors.index.json" : "model.safetensors", sub.msg);
     }
     m->cfg.tau_pos_bf16 = m->params.precision == ALBEDO_PRECISION_BF16;
     m->kv_dt = m->params.precision == ALBEDO_PRECISION_BF16 ? DT_BF16 : DT_F32;
@@ -181,8 +186,7 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
         if (st) errf(&e, st, "%s: %s", path, sub.msg);
     }
     if (!st) st = build_rope(m, &e);
-    if (!st && m->params.max_context < 0)
-        st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "max_context must be >= 0");
+    if (!st && m->params.max_context < 0) st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "max_context must be >= 0");
     if (!st && m->params.max_context > 0 && m->params.max_context <= m->cfg.prefix_attn + 2)
         st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "max_context %d leaves no room after the %d-position image prefix",
                   m->params.max_context, m->cfg.prefix_attn);
@@ -221,8 +225,10 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
             snprintf(m->describe, sizeof m->describe,
                      "%s (text %dx%d%s%s, vision %dx%d, vocab %d), backend %s, %s, %d threads",
                      c->md3 ? "moondream3" : "moondream2", c->dim, c->n_layers, moe,
-                     m->w.tb[0].qkv.dt == DT_Q8 ? ", q8" : m->w.tb[0].qkv.dt == DT_Q4 ? ", q4" : "", c->enc_dim, c->enc_layers,
-                     c->vocab, m->cuda ? md_cuda_describe(m) : ops_backend_name(probe),
+                     m->w.tb[0].qkv.dt == DT_Q8   ? ", q8"
+                     : m->w.tb[0].qkv.dt == DT_Q4 ? ", q4"
+                                                  : "",
+                     c->enc_dim, c->enc_layers, c->vocab, m->cuda ? md_cuda_describe(m) : ops_backend_name(probe),
                      m->params.precision == ALBEDO_PRECISION_BF16 ? "bf16" : "f32",
                      m->params.n_threads > 0 ? m->params.n_threads : ops_default_threads());
         }

@@ -135,8 +135,11 @@ static albedo_status make_md3_desc(const albedo_model *m, mdc_desc *d, mdc_md3_d
         (*b3)[l] = (mdc_md3_block){b->tau_wq,  b->tau_wv,  b->tau_alpha,  b->moe,       b->router,
                                    b->exp_fc1, b->exp_fc2, b->exp_fc1_dt, b->exp_fc2_dt};
     }
-    *d3 = (mdc_md3_desc){.experts = c->moe_experts, .topk = c->moe_topk, .inner = c->moe_inner,
-                         .tau_pos_bf16 = c->tau_pos_bf16, .b = *b3,
+    *d3 = (mdc_md3_desc){.experts = c->moe_experts,
+                         .topk = c->moe_topk,
+                         .inner = c->moe_inner,
+                         .tau_pos_bf16 = c->tau_pos_bf16,
+                         .b = *b3,
                          /* checked by the loader: Moondream 3 on cuda */
                          .exp_fp8 = m->params.weights && !strcmp(m->params.weights, "fp8")};
     d->md3 = d3;
@@ -213,13 +216,21 @@ albedo_status md_cuda_forward_batch(md_state *s, const float *emb, txt_seg *segs
             const txt_seg *t = &segs[i];
             if (!t->blocks || t->block_size != bs || t->k != segs[0].k)
                 st = errf(e, ALBEDO_ERR_UNSUPPORTED, "the CUDA backend runs paged segments of one pool");
-            g[i] = (mdc_seg){.pos0 = t->pos0, .T = t->T, .n_prefix = t->n_prefix, .blocks = t->blocks,
-                             .n_blocks = (t->pos0 + t->T + bs - 1) / bs, .hidden_host = t->hidden,
+            g[i] = (mdc_seg){.pos0 = t->pos0,
+                             .T = t->T,
+                             .n_prefix = t->n_prefix,
+                             .blocks = t->blocks,
+                             .n_blocks = (t->pos0 + t->T + bs - 1) / bs,
+                             .hidden_host = t->hidden,
                              .logits_host = t->logits};
             if (t->pick && !t->logits) { /* the next token picked on the device (generate.c, step_pick) */
                 const md_pick *p = t->pick;
-                pk[i] = (mdc_pick){.temperature = p->temperature, .top_p = p->top_p, .seed = p->seed,
-                                   .counter = p->counter, .mask = {p->mask[0], p->mask[1]}, .n_mask = p->n_mask,
+                pk[i] = (mdc_pick){.temperature = p->temperature,
+                                   .top_p = p->top_p,
+                                   .seed = p->seed,
+                                   .counter = p->counter,
+                                   .mask = {p->mask[0], p->mask[1]},
+                                   .n_mask = p->n_mask,
                                    .id_host = &t->pick->id};
                 g[i].pick = &pk[i];
             }

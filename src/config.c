@@ -25,10 +25,10 @@ static void tmpl(md_tmpl *t, int n, const int32_t *ids) {
     for (int i = 0; i < n; i++) t->ids[i] = ids[i];
 }
 
-#define TMPL(t, ...)                                                                   \
-    do {                                                                               \
-        static const int32_t ids_[] = {__VA_ARGS__};                                   \
-        tmpl(&(t), (int)(sizeof ids_ / sizeof ids_[0]), ids_);                         \
+#define TMPL(t, ...)                                           \
+    do {                                                       \
+        static const int32_t ids_[] = {__VA_ARGS__};           \
+        tmpl(&(t), (int)(sizeof ids_ / sizeof ids_[0]), ids_); \
     } while (0)
 
 void md_config_defaults(md_config *c) {
@@ -140,7 +140,8 @@ typedef struct field {
     int is_float;
 } field;
 
-#define F(sec, key, member) {sec, key, offsetof(md_config, member), 0}
+#define F(sec, key, member) \
+    { sec, key, offsetof(md_config, member), 0 }
 static const field fields[] = {
     F("vision", "crop_size", crop_size),
     F("vision", "enc_patch_size", patch),
@@ -184,7 +185,9 @@ static const field fields[] = {
 
 static albedo_status parse_tmpl(json_t *v, const char *name, md_tmpl *t, errbuf *e) {
     if (!json_is_array(v) || json_array_size(v) > MD_MAX_TEMPLATE)
-        return errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: tokenizer.templates.%s: expected a list of at most %d token ids", name, MD_MAX_TEMPLATE);
+        return errf(e, ALBEDO_ERR_MODEL_FORMAT,
+                    "config.json: tokenizer.templates.%s: expected a list of at most %d token ids", name,
+                    MD_MAX_TEMPLATE);
     t->n = (int)json_array_size(v);
     for (int i = 0; i < t->n; i++) {
         json_t *x = json_array_get(v, (size_t)i);
@@ -196,7 +199,8 @@ static albedo_status parse_tmpl(json_t *v, const char *name, md_tmpl *t, errbuf 
 }
 
 static albedo_status parse_templates(md_config *c, json_t *tp, errbuf *e) {
-    if (!json_is_object(tp)) return errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: tokenizer.templates: expected an object");
+    if (!json_is_object(tp))
+        return errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: tokenizer.templates: expected an object");
     albedo_status st = ALBEDO_OK;
     json_t *cap = json_object_get(tp, "caption");
     if (json_is_object(cap)) {
@@ -283,36 +287,44 @@ albedo_status md_config_parse(md_config *c, const char *json, size_t len, errbuf
         if ((st = parse_moe(c, json_object_get(text, "moe"), e))) goto done;
         md_config_set_md3(c);
     }
-    if (json_is_object(text) && json_object_get(text, "group_size") && !json_is_null(json_object_get(text, "group_size"))) {
-        st = errf(e, ALBEDO_ERR_UNSUPPORTED, "config.json: config.text.group_size: int4 checkpoints are not supported yet");
+    if (json_is_object(text) && json_object_get(text, "group_size") &&
+        !json_is_null(json_object_get(text, "group_size"))) {
+        st = errf(e, ALBEDO_ERR_UNSUPPORTED,
+                  "config.json: config.text.group_size: int4 checkpoints are not supported yet");
         goto done;
     }
 
     /* Derived sizes and their consistency. */
     if (c->crop_size % c->patch) {
-        st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: crop_size %d is not a multiple of enc_patch_size %d", c->crop_size, c->patch);
+        st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: crop_size %d is not a multiple of enc_patch_size %d",
+                  c->crop_size, c->patch);
         goto done;
     }
     if (c->enc_dim % c->enc_heads || c->dim % c->n_heads || c->n_heads % c->n_kv_heads) {
-        st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: widths not divisible by head counts (enc_dim %d / %d heads, dim %d / %d heads, %d kv heads)",
-                  c->enc_dim, c->enc_heads, c->dim, c->n_heads, c->n_kv_heads);
+        st = errf(
+            e, ALBEDO_ERR_MODEL_FORMAT,
+            "config.json: widths not divisible by head counts (enc_dim %d / %d heads, dim %d / %d heads, %d kv heads)",
+            c->enc_dim, c->enc_heads, c->dim, c->n_heads, c->n_kv_heads);
         goto done;
     }
     /* Products of configured sizes must stay far from overflow: bound the
      * patch vector and the number of patches per crop (real models: 588 and
      * 729). */
     if ((int64_t)c->in_ch * c->patch * c->patch > (1 << 20)) {
-        st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: patches of %d x %d x %d values are too large", c->in_ch, c->patch, c->patch);
+        st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: patches of %d x %d x %d values are too large", c->in_ch,
+                  c->patch, c->patch);
         goto done;
     }
     if ((int64_t)(c->crop_size / c->patch) * (c->crop_size / c->patch) > (1 << 20)) {
-        st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: crop_size %d / enc_patch_size %d gives too many patches", c->crop_size, c->patch);
+        st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: crop_size %d / enc_patch_size %d gives too many patches",
+                  c->crop_size, c->patch);
         goto done;
     }
     {
         int side = c->crop_size / c->patch;
         if (2 * c->overlap_margin >= side) {
-            st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: overlap_margin %d too large for %d patches per side", c->overlap_margin, side);
+            st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: overlap_margin %d too large for %d patches per side",
+                      c->overlap_margin, side);
             goto done;
         }
         c->prefix_attn = 1 + side * side;
@@ -323,7 +335,9 @@ albedo_status md_config_parse(md_config *c, const char *json, size_t len, errbuf
             goto done;
         }
         if (c->max_context <= c->prefix_attn + 2) {
-            st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: max_context %d leaves no room after the %d-position image prefix", c->max_context, c->prefix_attn);
+            st = errf(e, ALBEDO_ERR_MODEL_FORMAT,
+                      "config.json: max_context %d leaves no room after the %d-position image prefix", c->max_context,
+                      c->prefix_attn);
             goto done;
         }
         if (c->coord_feat % 2 || c->size_feat % 2 || c->size_out % 2) {
@@ -332,19 +346,23 @@ albedo_status md_config_parse(md_config *c, const char *json, size_t len, errbuf
         }
         if (c->moe_experts) {
             if (c->moe_topk > c->moe_experts || c->moe_start > c->n_layers) {
-                st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: config.text.moe: %d experts per token of %d, start layer %d of %d layers",
+                st = errf(e, ALBEDO_ERR_MODEL_FORMAT,
+                          "config.json: config.text.moe: %d experts per token of %d, start layer %d of %d layers",
                           c->moe_topk, c->moe_experts, c->moe_start, c->n_layers);
                 goto done;
             }
         }
         if (c->md3 && c->n_kv_heads != c->n_heads) {
             /* tau scales each value head by its query head's temperature */
-            st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: Moondream 3's tau attention needs n_kv_heads (%d) == n_heads (%d)",
-                      c->n_kv_heads, c->n_heads);
+            st = errf(e, ALBEDO_ERR_MODEL_FORMAT,
+                      "config.json: Moondream 3's tau attention needs n_kv_heads (%d) == n_heads (%d)", c->n_kv_heads,
+                      c->n_heads);
             goto done;
         }
         if (c->proj_out != c->dim || c->r_dim != c->dim) {
-            st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "config.json: vision.proj_out_dim %d and region.dim %d must equal text.dim %d", c->proj_out, c->r_dim, c->dim);
+            st = errf(e, ALBEDO_ERR_MODEL_FORMAT,
+                      "config.json: vision.proj_out_dim %d and region.dim %d must equal text.dim %d", c->proj_out,
+                      c->r_dim, c->dim);
             goto done;
         }
     }

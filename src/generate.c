@@ -65,9 +65,7 @@ int buf_printf(buf *b, const char *fmt, ...) {
     return r;
 }
 
-#define GROW(arr, n, cap)                                                        \
-    (((n) < (cap)) ? 0                                                           \
-                   : (grow_array((void **)&(arr), &(cap), sizeof *(arr)) ? -1 : 0))
+#define GROW(arr, n, cap) (((n) < (cap)) ? 0 : (grow_array((void **)&(arr), &(cap), sizeof *(arr)) ? -1 : 0))
 
 static int grow_array(void **p, int *cap, size_t elem) {
     int nc = *cap ? *cap * 2 : 16;
@@ -131,7 +129,7 @@ typedef struct gen {
     int pos;      /* next position */
     int n_prefix; /* bidirectional prefix (image) or 0 */
     double t_start, t_first;
-    int n_out; /* generated tokens / region steps */
+    int n_out;        /* generated tokens / region steps */
     const gen_io *io; /* engine: where forward passes run, or NULL */
     uint64_t n_pick;  /* device picks so far (their draws' counter) */
     errbuf *e;
@@ -182,12 +180,15 @@ static int pick(gen *g, float *logits) {
  * comes back (docs/CUDA.md): argmax as on the host, sampling with the
  * device's draws, a hash of (seed, pick number). Otherwise the logits come
  * back and the host masks them and picks. */
-static albedo_status step_pick(gen *g, const float *emb, int T, const int32_t *mask, int n_mask, int greedy,
-                               int *tok) {
+static albedo_status step_pick(gen *g, const float *emb, int T, const int32_t *mask, int n_mask, int greedy, int *tok) {
     albedo_session *s = g->s;
     if (s->st.dev_pick && !s->on_logits && n_mask <= 2) {
-        md_pick pk = {.temperature = greedy ? 0.0f : g->r->temperature, .top_p = g->r->top_p, .seed = g->r->seed,
-                      .counter = g->n_pick++, .n_mask = n_mask, .id = -1};
+        md_pick pk = {.temperature = greedy ? 0.0f : g->r->temperature,
+                      .top_p = g->r->top_p,
+                      .seed = g->r->seed,
+                      .counter = g->n_pick++,
+                      .n_mask = n_mask,
+                      .id = -1};
         for (int i = 0; i < n_mask; i++) pk.mask[i] = mask[i];
         s->st.pick = &pk;
         albedo_status st = step(g, emb, T, 1);
@@ -339,33 +340,39 @@ static albedo_status reasoning_loop(gen *g, int first) {
     int tok = first;
     if (g->t_first == 0) g->t_first = now_ms();
 
-    /* Close the current chunk: decode it, append to the reasoning text and
+        /* Close the current chunk: decode it, append to the reasoning text and
      * record its grounding. */
-#define FLUSH_CHUNK()                                                                              \
-    do {                                                                                           \
-        char *txt = NULL;                                                                          \
-        size_t tl = 0;                                                                             \
-        st = tok_decode(s->m->tok, chunk, n_chunk, 1, &txt, &tl, g->e);                            \
-        if (st) break;                                                                             \
+#define FLUSH_CHUNK()                                                                                     \
+    do {                                                                                                  \
+        char *txt = NULL;                                                                                 \
+        size_t tl = 0;                                                                                    \
+        st = tok_decode(s->m->tok, chunk, n_chunk, 1, &txt, &tl, g->e);                                   \
+        if (st) break;                                                                                    \
         if (buf_put(&rs->reasoning, txt, tl)) st = errf(g->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory"); \
-        int len = cp_len(txt, tl);                                                                 \
-        free(txt);                                                                                 \
-        if (st) break;                                                                             \
-        if (n_coords > 1) {                                                                        \
-            if (GROW(rs->gr, rs->n_gr, rs->cap_gr)) { st = errf(g->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory"); break; } \
-            albedo_grounding *gd = &rs->gr[rs->n_gr++];                                            \
-            gd->start_idx = start_idx;                                                             \
-            gd->end_idx = start_idx + len;                                                         \
-            gd->n_points = n_coords / 2;                                                           \
-            gd->points = (const albedo_point *)(intptr_t)rs->n_gpts; /* index, fixed up later */  \
-            for (int q = 0; q + 1 < n_coords; q += 2) {                                            \
-                if (GROW(rs->gpts, rs->n_gpts, rs->cap_gpts)) { st = errf(g->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory"); break; } \
-                rs->gpts[rs->n_gpts++] = (albedo_point){coords[q], coords[q + 1]};                 \
-            }                                                                                      \
-        }                                                                                          \
-        start_idx += len;                                                                          \
-        n_chunk = 0;                                                                               \
-        n_coords = 0;                                                                              \
+        int len = cp_len(txt, tl);                                                                        \
+        free(txt);                                                                                        \
+        if (st) break;                                                                                    \
+        if (n_coords > 1) {                                                                               \
+            if (GROW(rs->gr, rs->n_gr, rs->cap_gr)) {                                                     \
+                st = errf(g->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");                               \
+                break;                                                                                    \
+            }                                                                                             \
+            albedo_grounding *gd = &rs->gr[rs->n_gr++];                                                   \
+            gd->start_idx = start_idx;                                                                    \
+            gd->end_idx = start_idx + len;                                                                \
+            gd->n_points = n_coords / 2;                                                                  \
+            gd->points = (const albedo_point *)(intptr_t)rs->n_gpts; /* index, fixed up later */          \
+            for (int q = 0; q + 1 < n_coords; q += 2) {                                                   \
+                if (GROW(rs->gpts, rs->n_gpts, rs->cap_gpts)) {                                           \
+                    st = errf(g->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");                           \
+                    break;                                                                                \
+                }                                                                                         \
+                rs->gpts[rs->n_gpts++] = (albedo_point){coords[q], coords[q + 1]};                        \
+            }                                                                                             \
+        }                                                                                                 \
+        start_idx += len;                                                                                 \
+        n_chunk = 0;                                                                                      \
+        n_coords = 0;                                                                                     \
     } while (0)
 
     while (tok != c->answer_id && produced < g->r->max_tokens) {
@@ -486,7 +493,8 @@ static albedo_status check_text(const char *what, const char *t, errbuf *e) {
     if (!t) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "%s is missing", what);
     size_t n = strlen(t);
     if (n == 0) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "%s is empty", what);
-    if (n > MAX_QUESTION_BYTES) return errf(e, ALBEDO_ERR_LIMIT, "%s is longer than %d bytes", what, MAX_QUESTION_BYTES);
+    if (n > MAX_QUESTION_BYTES)
+        return errf(e, ALBEDO_ERR_LIMIT, "%s is longer than %d bytes", what, MAX_QUESTION_BYTES);
     return ALBEDO_OK;
 }
 
@@ -498,12 +506,16 @@ static albedo_status validate(const albedo_session *s, const albedo_request *r, 
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "the image was encoded by another model");
     if (!has_image && r->skill != ALBEDO_SKILL_QUERY)
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "%s needs an image",
-                    r->skill == ALBEDO_SKILL_CAPTION ? "caption" : r->skill == ALBEDO_SKILL_DETECT ? "detect" : "point");
+                    r->skill == ALBEDO_SKILL_CAPTION  ? "caption"
+                    : r->skill == ALBEDO_SKILL_DETECT ? "detect"
+                                                      : "point");
     if (!(r->temperature >= 0.0f) || !isfinite(r->temperature))
-        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "temperature must be a finite number >= 0 (got %g)", (double)r->temperature);
+        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "temperature must be a finite number >= 0 (got %g)",
+                    (double)r->temperature);
     if (!(r->top_p > 0.0f && r->top_p <= 1.0f))
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "top_p must be in (0, 1] (got %g)", (double)r->top_p);
-    if (r->max_tokens <= 0) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "max_tokens must be > 0 (got %d)", r->max_tokens);
+    if (r->max_tokens <= 0)
+        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "max_tokens must be > 0 (got %d)", r->max_tokens);
     if (r->max_objects <= 0)
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "max_objects must be > 0 (got %d)", r->max_objects);
     switch (r->skill) {
@@ -521,7 +533,8 @@ static albedo_status validate(const albedo_session *s, const albedo_request *r, 
         for (int i = 0; i < r->n_spatial_refs; i++) {
             const albedo_spatial_ref *sr = &r->spatial_refs[i];
             if (sr->n != 2 && sr->n != 4)
-                return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "spatial_refs[%d]: expected [x, y] or [x_min, y_min, x_max, y_max]", i);
+                return errf(e, ALBEDO_ERR_INVALID_ARGUMENT,
+                            "spatial_refs[%d]: expected [x, y] or [x_min, y_min, x_max, y_max]", i);
             for (int k = 0; k < sr->n; k++)
                 if (!(sr->v[k] >= 0.0f && sr->v[k] <= 1.0f))
                     return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "spatial_refs[%d]: values must be in [0, 1]", i);
@@ -572,7 +585,8 @@ static albedo_status embed_prompt(gen *g, const prompt *p) {
         float *o = s->emb + (size_t)i * c->dim;
         int id = p->ids[i];
         if (id < 0 || id >= c->vocab)
-            return errf(g->e, ALBEDO_ERR_TOKENIZER, "token id %d is outside the model's vocabulary of %d", id, c->vocab);
+            return errf(g->e, ALBEDO_ERR_TOKENIZER, "token id %d is outside the model's vocabulary of %d", id,
+                        c->vocab);
         if (id == c->coord_id && ci < n_coords) {
             const albedo_spatial_ref *sr = &r->spatial_refs[ci / 2];
             int axis = ci % 2;
@@ -675,8 +689,9 @@ albedo_status gen_run_io(albedo_session *s, const albedo_request *r, const gen_i
     }
     if (!st && oom) st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
     if (!st && g.pos + p.n + 1 > s->st.max_ctx)
-        st = errf(e, ALBEDO_ERR_LIMIT, "prompt of %d tokens does not fit the %d-position context (%d taken by the image)",
-                  p.n, s->st.max_ctx, g.pos);
+        st = errf(e, ALBEDO_ERR_LIMIT,
+                  "prompt of %d tokens does not fit the %d-position context (%d taken by the image)", p.n,
+                  s->st.max_ctx, g.pos);
     rs->r.metrics.input_tokens = g.pos + p.n;
     /* Detect and point take the argmax of the prompt's logits; the text
      * loops the request's pick. */

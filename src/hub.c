@@ -269,8 +269,10 @@ static void hub_setup(hub *h, const albedo_fetch_params *p, errbuf *e) {
     h->e = e;
     const char *home = getenv("HOME"), *xdg = getenv("XDG_CACHE_HOME");
     char base[PATH_MAX];
-    if (xdg && *xdg) snprintf(base, sizeof base, "%s", xdg);
-    else snprintf(base, sizeof base, "%s/.cache", home ? home : "/tmp");
+    if (xdg && *xdg)
+        snprintf(base, sizeof base, "%s", xdg);
+    else
+        snprintf(base, sizeof base, "%s/.cache", home ? home : "/tmp");
 
     const char *ep = p->endpoint ? p->endpoint : getenv("HF_ENDPOINT");
     snprintf(h->endpoint, sizeof h->endpoint, "%s", ep && *ep ? ep : "https://huggingface.co");
@@ -279,8 +281,10 @@ static void hub_setup(hub *h, const albedo_fetch_params *p, errbuf *e) {
 
     const char *hf_home = getenv("HF_HOME");
     char hfh[PATH_MAX];
-    if (hf_home && *hf_home) snprintf(hfh, sizeof hfh, "%s", hf_home);
-    else fmt(hfh, sizeof hfh, "%s/huggingface", base);
+    if (hf_home && *hf_home)
+        snprintf(hfh, sizeof hfh, "%s", hf_home);
+    else
+        fmt(hfh, sizeof hfh, "%s/huggingface", base);
     const char *tok = p->token ? p->token : getenv("HF_TOKEN");
     if (tok) {
         snprintf(h->token, sizeof h->token, "%s", tok);
@@ -290,11 +294,15 @@ static void hub_setup(hub *h, const albedo_fetch_params *p, errbuf *e) {
         if (read_small(path, h->token, sizeof h->token)) h->token[0] = 0;
     }
     const char *hc = p->hub_cache ? p->hub_cache : getenv("HF_HUB_CACHE");
-    if (hc && *hc) snprintf(h->cache, sizeof h->cache, "%s", hc);
-    else fmt(h->cache, sizeof h->cache, "%s/hub", hfh);
+    if (hc && *hc)
+        snprintf(h->cache, sizeof h->cache, "%s", hc);
+    else
+        fmt(h->cache, sizeof h->cache, "%s/hub", hfh);
     const char *ac = p->albedo_cache ? p->albedo_cache : getenv("ALBEDO_CACHE");
-    if (ac && *ac) snprintf(h->albedo_cache, sizeof h->albedo_cache, "%s", ac);
-    else fmt(h->albedo_cache, sizeof h->albedo_cache, "%s/albedo", base);
+    if (ac && *ac)
+        snprintf(h->albedo_cache, sizeof h->albedo_cache, "%s", ac);
+    else
+        fmt(h->albedo_cache, sizeof h->albedo_cache, "%s/albedo", base);
     h->offline = p->offline >= 0 ? p->offline : env_true("HF_HUB_OFFLINE");
     h->max_retries = p->max_retries < 0 ? 0 : p->max_retries;
     h->connect_timeout_s = p->connect_timeout_s > 0 ? p->connect_timeout_s : 10;
@@ -676,8 +684,8 @@ static int fetch_file(const hub *h, const char *repo, const char *rev, const cha
             if (strcasecmp(hex, hi.etag)) {
                 unlink(part); /* a resumed download must not build on bad bytes */
                 if (lk) fclose(lk);
-                *st = errf(h->e, ALBEDO_ERR_NETWORK, "%s: checksum mismatch: SHA-256 %s, the hub announced %s", url, hex,
-                           hi.etag);
+                *st = errf(h->e, ALBEDO_ERR_NETWORK, "%s: checksum mismatch: SHA-256 %s, the hub announced %s", url,
+                           hex, hi.etag);
                 return FILE_ERROR;
             }
         }
@@ -802,7 +810,8 @@ static int shard_name_ok(const char *f) {
  * appearance in its weight_map) to l. */
 static albedo_status add_shards(const hub *h, const char *path, const char *url, file_list *l) {
     long long size = file_size(path);
-    if (size < 0 || size > INDEX_MAX_BYTES) return errf(h->e, ALBEDO_ERR_MODEL_FORMAT, "%s: missing or too large", path);
+    if (size < 0 || size > INDEX_MAX_BYTES)
+        return errf(h->e, ALBEDO_ERR_MODEL_FORMAT, "%s: missing or too large", path);
     json_error_t je;
     json_t *root = json_load_file(path, 0, &je);
     json_t *map = root ? json_object_get(root, "weight_map") : NULL;
@@ -873,7 +882,8 @@ static albedo_status fetch_model(hub *h, const char *repo, const char *rev, int 
         st = errf(h->e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
         goto done;
     }
-    r = tok_from_repo ? fetch_file(h, repo, rev, "tokenizer.json", 1, l.path[tok], sizeof l.path[tok], &st) : FILE_ABSENT;
+    r = tok_from_repo ? fetch_file(h, repo, rev, "tokenizer.json", 1, l.path[tok], sizeof l.path[tok], &st)
+                      : FILE_ABSENT;
     if (r == FILE_ERROR) goto done;
     if (r == FILE_OK) { /* every file in one snapshot: that is the model directory */
         char *slash = strrchr(l.path[0], '/');

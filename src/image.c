@@ -65,20 +65,16 @@ img_limits img_limits_default(void) {
 /* ---- Dimension checks and small helpers ---------------------------------- */
 
 /* Checks decoded dimensions before any pixel memory exists. */
-static albedo_status check_dims(const char *fmt, int64_t w, int64_t h, const img_limits *lim,
-                                errbuf *e) {
+static albedo_status check_dims(const char *fmt, int64_t w, int64_t h, const img_limits *lim, errbuf *e) {
     img_limits def = img_limits_default();
     if (!lim) lim = &def;
     if (w <= 0 || h <= 0)
-        return errf(e, ALBEDO_ERR_IMAGE, "%s: image has zero size (%lldx%lld)", fmt, (long long)w,
-                    (long long)h);
+        return errf(e, ALBEDO_ERR_IMAGE, "%s: image has zero size (%lldx%lld)", fmt, (long long)w, (long long)h);
     if (w > lim->max_side || h > lim->max_side)
-        return errf(e, ALBEDO_ERR_LIMIT,
-                    "%s: image is %lldx%lld, larger than the %d-pixel side limit", fmt,
+        return errf(e, ALBEDO_ERR_LIMIT, "%s: image is %lldx%lld, larger than the %d-pixel side limit", fmt,
                     (long long)w, (long long)h, lim->max_side);
     if (w * h > lim->max_pixels)
-        return errf(e, ALBEDO_ERR_LIMIT,
-                    "%s: image is %lldx%lld = %lld pixels, more than the limit of %lld", fmt,
+        return errf(e, ALBEDO_ERR_LIMIT, "%s: image is %lldx%lld = %lld pixels, more than the limit of %lld", fmt,
                     (long long)w, (long long)h, (long long)(w * h), (long long)lim->max_pixels);
     return ALBEDO_OK;
 }
@@ -144,8 +140,7 @@ static inline uint8_t cmyk_channel(uint8_t raw_c, uint8_t raw_k) {
     return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
 }
 
-static albedo_status decode_jpeg(const uint8_t *buf, size_t len, const img_limits *lim,
-                                 img_rgb *out, errbuf *e) {
+static albedo_status decode_jpeg(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out, errbuf *e) {
     struct jpeg_decompress_struct cinfo;
     jpg_err je;
     /* Written after setjmp and read after longjmp, hence volatile. */
@@ -286,9 +281,7 @@ static void png_row_to_rgb(const uint8_t *s, uint8_t *d, int w, int channels, in
     case 2:
         for (int x = 0; x < w; x++) d[3 * x] = d[3 * x + 1] = d[3 * x + 2] = s[2 * x];
         break;
-    case 3:
-        memcpy(d, s, (size_t)w * 3);
-        break;
+    case 3: memcpy(d, s, (size_t)w * 3); break;
     default:
         for (int x = 0; x < w; x++) {
             d[3 * x + 0] = s[4 * x + 0];
@@ -303,8 +296,7 @@ static uint32_t be32(const uint8_t *p) {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out,
-                                errbuf *e) {
+static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out, errbuf *e) {
     /* IHDR must be the first chunk; its size is checked against the limits
      * before libpng sees the file, so an absurd header costs nothing. */
     if (len < 33 || memcmp(buf + 12, "IHDR", 4) != 0)
@@ -313,8 +305,7 @@ static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits
     if (st0 != ALBEDO_OK) return st0;
 
     png_ctx ctx = {buf, len, 0, {0}};
-    png_structp png =
-        png_create_read_struct(PNG_LIBPNG_VER_STRING, &ctx, png_on_error, png_on_warning);
+    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &ctx, png_on_error, png_on_warning);
     if (!png) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "PNG: out of memory");
     png_infop info = png_create_info_struct(png);
     if (!info) {
@@ -354,8 +345,7 @@ static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits
     size_t rowbytes = png_get_rowbytes(png, info);
     if (channels < 1 || channels > 4 || (odepth != 8 && !(odepth == 16 && channels == 1)) ||
         rowbytes < (size_t)w * (size_t)channels * (size_t)(odepth / 8)) {
-        st = errf(e, ALBEDO_ERR_INTERNAL, "PNG: unexpected layout after transforms (%d x %d-bit)",
-                  channels, odepth);
+        st = errf(e, ALBEDO_ERR_INTERNAL, "PNG: unexpected layout after transforms (%d x %d-bit)", channels, odepth);
         png_longjmp(png, 1);
     }
 
@@ -371,8 +361,7 @@ static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits
         for (int p = 0; p < passes; p++)
             for (int y = 0; y < h; y++) png_read_row(png, raw + rowbytes * (size_t)y, NULL);
         for (int y = 0; y < h; y++)
-            png_row_to_rgb(raw + rowbytes * (size_t)y, px + (size_t)y * (size_t)w * 3, w, channels,
-                           odepth);
+            png_row_to_rgb(raw + rowbytes * (size_t)y, px + (size_t)y * (size_t)w * 3, w, channels, odepth);
     } else {
         for (int y = 0; y < h; y++) {
             png_read_row(png, raw, NULL);
@@ -391,9 +380,7 @@ static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits
 
 /* ---- WebP (libwebp) -------------------------------------------------------- */
 
-static uint32_t le24(const uint8_t *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
-}
+static uint32_t le24(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16; }
 static uint32_t le32(const uint8_t *p) { return le24(p) | (uint32_t)p[3] << 24; }
 
 /* An animated WebP's first frame, as Pillow (libwebp's WebPAnimDecoder) gives
@@ -402,8 +389,7 @@ static uint32_t le32(const uint8_t *p) { return le24(p) | (uint32_t)p[3] << 24; 
  * blend with), so after dropping alpha the area outside the frame is black.
  * The frame's bitstream (VP8 or VP8L chunk) decodes like a still image; its
  * ALPH chunk, if any, only carries alpha and is skipped. */
-static albedo_status decode_webp_anim(const uint8_t *buf, size_t len, const img_limits *lim,
-                                      img_rgb *out, errbuf *e) {
+static albedo_status decode_webp_anim(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out, errbuf *e) {
     /* RIFF header (12) + VP8X chunk header (8) + payload (10). */
     if (len < 30) return errf(e, ALBEDO_ERR_IMAGE, "WebP: file is truncated");
     /* Pillow's demuxer refuses an animation with any frame cut off, even
@@ -460,14 +446,11 @@ static albedo_status decode_webp_anim(const uint8_t *buf, size_t len, const img_
     return errf(e, ALBEDO_ERR_IMAGE, "WebP: animation has no frame");
 }
 
-static albedo_status decode_webp(const uint8_t *buf, size_t len, const img_limits *lim,
-                                 img_rgb *out, errbuf *e) {
+static albedo_status decode_webp(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out, errbuf *e) {
     WebPBitstreamFeatures f;
     VP8StatusCode vs = WebPGetFeatures(buf, len, &f);
-    if (vs == VP8_STATUS_NOT_ENOUGH_DATA)
-        return errf(e, ALBEDO_ERR_IMAGE, "WebP: file is truncated");
-    if (vs != VP8_STATUS_OK)
-        return errf(e, ALBEDO_ERR_IMAGE, "WebP: corrupt header (libwebp status %d)", (int)vs);
+    if (vs == VP8_STATUS_NOT_ENOUGH_DATA) return errf(e, ALBEDO_ERR_IMAGE, "WebP: file is truncated");
+    if (vs != VP8_STATUS_OK) return errf(e, ALBEDO_ERR_IMAGE, "WebP: corrupt header (libwebp status %d)", (int)vs);
     if (f.has_animation) return decode_webp_anim(buf, len, lim, out, e);
     albedo_status st = check_dims("WebP", f.width, f.height, lim, e);
     if (st != ALBEDO_OK) return st;
@@ -541,8 +524,7 @@ static int gif_is_ramp(const ColorMapObject *cm) {
  * else the global one, with entries past the table's end black; with neither
  * (or a grey ramp, see gif_is_ramp) index i is grey i. The background colour
  * index is not used. */
-static albedo_status decode_gif(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out,
-                                errbuf *e) {
+static albedo_status decode_gif(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out, errbuf *e) {
     gif_src src = {buf, len, 0, 0};
     int err = 0;
     GifFileType *g = DGifOpen(&src, gif_read_mem, &err);
@@ -559,13 +541,10 @@ static albedo_status decode_gif(const uint8_t *buf, size_t len, const img_limits
         if (rt == EXTENSION_RECORD_TYPE) {
             int code;
             GifByteType *ext;
-            if (DGifGetExtension(g, &code, &ext) == GIF_ERROR)
-                return gif_fail(g, NULL, g->Error, e);
-            if (code == GRAPHICS_EXT_FUNC_CODE && ext && ext[0] >= 4 && (ext[1] & 1))
-                trans = ext[4];
+            if (DGifGetExtension(g, &code, &ext) == GIF_ERROR) return gif_fail(g, NULL, g->Error, e);
+            if (code == GRAPHICS_EXT_FUNC_CODE && ext && ext[0] >= 4 && (ext[1] & 1)) trans = ext[4];
             while (ext) {
-                if (DGifGetExtensionNext(g, &ext) == GIF_ERROR)
-                    return gif_fail(g, NULL, g->Error, e);
+                if (DGifGetExtensionNext(g, &ext) == GIF_ERROR) return gif_fail(g, NULL, g->Error, e);
             }
             continue;
         }
@@ -597,8 +576,7 @@ static albedo_status decode_gif(const uint8_t *buf, size_t len, const img_limits
         for (int p = 0; p < npass; p++) {
             int y0 = d->Interlace ? start[p] : 0, dy = d->Interlace ? step[p] : 1;
             for (int64_t y = y0; y < fh; y += dy) {
-                if (DGifGetLine(g, idx + (size_t)(fy + y) * (size_t)cw + (size_t)fx, (int)fw) ==
-                    GIF_ERROR)
+                if (DGifGetLine(g, idx + (size_t)(fy + y) * (size_t)cw + (size_t)fx, (int)fw) == GIF_ERROR)
                     return gif_fail(g, idx, g->Error, e);
             }
         }
@@ -629,18 +607,16 @@ static albedo_status decode_gif(const uint8_t *buf, size_t len, const img_limits
 
 /* ---- Format dispatch --------------------------------------------------------- */
 
-albedo_status img_decode(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out,
-                         errbuf *e) {
+albedo_status img_decode(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out, errbuf *e) {
     if (!out) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "image: no output given");
     memset(out, 0, sizeof *out);
     if (!buf || len == 0) return errf(e, ALBEDO_ERR_IMAGE, "image: empty data (0 bytes)");
     if (lim && (lim->max_side <= 0 || lim->max_pixels <= 0))
-        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "image: limits must be positive (%d, %lld)",
-                    lim->max_side, (long long)lim->max_pixels);
+        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "image: limits must be positive (%d, %lld)", lim->max_side,
+                    (long long)lim->max_pixels);
 
     static const uint8_t png_magic[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
-    if (len >= 3 && buf[0] == 0xff && buf[1] == 0xd8 && buf[2] == 0xff)
-        return decode_jpeg(buf, len, lim, out, e);
+    if (len >= 3 && buf[0] == 0xff && buf[1] == 0xd8 && buf[2] == 0xff) return decode_jpeg(buf, len, lim, out, e);
     if (len >= 8 && memcmp(buf, png_magic, 8) == 0) return decode_png(buf, len, lim, out, e);
     if (len >= 12 && memcmp(buf, "RIFF", 4) == 0 && memcmp(buf + 8, "WEBP", 4) == 0)
         return decode_webp(buf, len, lim, out, e);
@@ -656,10 +632,8 @@ albedo_status img_decode(const uint8_t *buf, size_t len, const img_limits *lim, 
     else if (len >= 12 && memcmp(buf + 4, "ftyp", 4) == 0)
         known = "HEIF/AVIF";
     if (known)
-        return errf(e, ALBEDO_ERR_UNSUPPORTED,
-                    "image: %s is not supported (JPEG, PNG, WebP and GIF are)", known);
-    return errf(e, ALBEDO_ERR_IMAGE,
-                "image: unrecognised image format (%zu bytes starting %02x %02x %02x %02x)", len,
+        return errf(e, ALBEDO_ERR_UNSUPPORTED, "image: %s is not supported (JPEG, PNG, WebP and GIF are)", known);
+    return errf(e, ALBEDO_ERR_IMAGE, "image: unrecognised image format (%zu bytes starting %02x %02x %02x %02x)", len,
                 buf[0], len > 1 ? buf[1] : 0, len > 2 ? buf[2] : 0, len > 3 ? buf[3] : 0);
 }
 
@@ -849,8 +823,8 @@ static albedo_status rs_job_init(rs_job *j, errbuf *e) {
     if (j->need_h) {
         j->mid = malloc((size_t)(j->y_last - j->y_first) * (size_t)j->dw * 3);
         if (!j->mid)
-            return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "resize: out of memory for %dx%d -> %dx%d",
-                        j->sw, j->sh, j->dw, j->dh);
+            return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "resize: out of memory for %dx%d -> %dx%d", j->sw, j->sh, j->dw,
+                        j->dh);
         j->vin = j->mid;
         j->vin_stride = (size_t)j->dw * 3;
         j->h_tasks = (j->y_last - j->y_first + RS_ROWS - 1) / RS_ROWS;
@@ -889,9 +863,7 @@ typedef struct rs_team {
 } rs_team;
 
 /* The axes whose weights are still to be computed: job i's ax then ay. */
-static int rs_wtasks(const rs_axis *a) {
-    return a->n_out ? (a->n_out + RS_WCHUNK - 1) / RS_WCHUNK : 0;
-}
+static int rs_wtasks(const rs_axis *a) { return a->n_out ? (a->n_out + RS_WCHUNK - 1) / RS_WCHUNK : 0; }
 
 static void rs_wtask(rs_team *T, int task, double *kd) {
     for (int i = 0; i < T->n_jobs; i++) {
@@ -899,8 +871,7 @@ static void rs_wtask(rs_team *T, int task, double *kd) {
         for (int k = 0; k < 2; k++) {
             int n = rs_wtasks(axes[k]);
             if (task < n) {
-                int i0 = task * RS_WCHUNK,
-                    i1 = i0 + RS_WCHUNK < axes[k]->n_out ? i0 + RS_WCHUNK : axes[k]->n_out;
+                int i0 = task * RS_WCHUNK, i1 = i0 + RS_WCHUNK < axes[k]->n_out ? i0 + RS_WCHUNK : axes[k]->n_out;
                 rs_axis_weights(axes[k], i0, i1, kd);
                 return;
             }
@@ -938,8 +909,7 @@ static void rs_vtask(const rs_team *T, rs_job *j, int task, uint8_t *row) {
         if (i1 > j->th - 1) i1 = j->th - 1;
         for (int i = i0; i <= i1; i++)
             for (int t = 0; t < j->tw; t++)
-                memcpy(j->tiles + cb * (size_t)(i * j->tw + t) +
-                           (size_t)(yy - i * j->step) * (size_t)j->crop * 3,
+                memcpy(j->tiles + cb * (size_t)(i * j->tw + t) + (size_t)(yy - i * j->step) * (size_t)j->crop * 3,
                        row + (size_t)t * (size_t)j->step * 3, (size_t)j->crop * 3);
     }
 }
@@ -1007,9 +977,7 @@ static void *rs_work(void *arg) {
  * them when set, else as many as the work pays for, one per CPU at most. */
 static albedo_status rs_run(rs_job *jobs, int n_jobs, const img_exec *x, errbuf *e) {
     const rs_kernels *k = rs_kernels_get(x ? x->kernels : NULL);
-    if (!k)
-        return errf(e, ALBEDO_ERR_UNSUPPORTED, "resize: kernels '%s' are not available here",
-                    x->kernels);
+    if (!k) return errf(e, ALBEDO_ERR_UNSUPPORTED, "resize: kernels '%s' are not available here", x->kernels);
     rs_team T = {.jobs = jobs, .n_jobs = n_jobs, .k = k};
     double work = 0;
     for (int i = 0; i < n_jobs; i++) {
@@ -1019,8 +987,7 @@ static albedo_status rs_run(rs_job *jobs, int n_jobs, const img_exec *x, errbuf 
         work += rs_job_work(&jobs[i]);
         if ((size_t)jobs[i].ax.ksize > T.k_len) T.k_len = (size_t)jobs[i].ax.ksize;
         if ((size_t)jobs[i].ay.ksize > T.k_len) T.k_len = (size_t)jobs[i].ay.ksize;
-        if (jobs[i].need_h && (size_t)jobs[i].sw * RS_LANES > T.blk_len)
-            T.blk_len = (size_t)jobs[i].sw * RS_LANES;
+        if (jobs[i].need_h && (size_t)jobs[i].sw * RS_LANES > T.blk_len) T.blk_len = (size_t)jobs[i].sw * RS_LANES;
         if (!jobs[i].dst && (size_t)jobs[i].dw * 3 > T.row_len) T.row_len = (size_t)jobs[i].dw * 3;
     }
     if (T.k_len < 1) T.k_len = 1;
@@ -1063,20 +1030,18 @@ const char *img_kernels_name(const char *name) {
     return k ? k->name : NULL;
 }
 
-albedo_status img_resize_lanczos(const img_rgb *src, int out_w, int out_h, img_rgb *dst,
-                                 errbuf *e) {
+albedo_status img_resize_lanczos(const img_rgb *src, int out_w, int out_h, img_rgb *dst, errbuf *e) {
     return img_resize_lanczos_x(src, out_w, out_h, dst, NULL, e);
 }
 
-albedo_status img_resize_lanczos_x(const img_rgb *src, int out_w, int out_h, img_rgb *dst,
-                                   const img_exec *x, errbuf *e) {
+albedo_status img_resize_lanczos_x(const img_rgb *src, int out_w, int out_h, img_rgb *dst, const img_exec *x,
+                                   errbuf *e) {
     if (!dst) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "resize: no output given");
     memset(dst, 0, sizeof *dst);
     if (!src || !src->px || src->w <= 0 || src->h <= 0)
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "resize: empty source image");
     if (out_w <= 0 || out_h <= 0 || out_w > RS_MAX_SIDE || out_h > RS_MAX_SIDE)
-        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "resize: output size %dx%d out of range", out_w,
-                    out_h);
+        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "resize: output size %dx%d out of range", out_w, out_h);
     /* Beyond this, Pillow's int arithmetic (filter length) would overflow. */
     if (src->w > (1 << 28) || src->h > (1 << 28))
         return errf(e, ALBEDO_ERR_LIMIT, "resize: source %dx%d is too large", src->w, src->h);
@@ -1086,8 +1051,7 @@ albedo_status img_resize_lanczos_x(const img_rgb *src, int out_w, int out_h, img
         memcpy(dst->px, src->px, (size_t)out_w * (size_t)out_h * 3);
         return ALBEDO_OK;
     }
-    rs_job j = {
-        .src = src->px, .sw = src->w, .sh = src->h, .dw = out_w, .dh = out_h, .dst = dst->px};
+    rs_job j = {.src = src->px, .sw = src->w, .sh = src->h, .dw = out_w, .dh = out_h, .dst = dst->px};
     st = rs_job_init(&j, e);
     if (st == ALBEDO_OK) st = rs_run(&j, 1, x, e);
     rs_job_free(&j);
@@ -1132,24 +1096,22 @@ void img_crops_free(img_crops *c) {
     memset(c, 0, sizeof *c);
 }
 
-albedo_status img_make_crops(const img_rgb *im, int crop_size, int patch_size, int margin_patches,
-                             int max_crops, img_crops *out, errbuf *e) {
+albedo_status img_make_crops(const img_rgb *im, int crop_size, int patch_size, int margin_patches, int max_crops,
+                             img_crops *out, errbuf *e) {
     return img_make_crops_x(im, crop_size, patch_size, margin_patches, max_crops, NULL, out, e);
 }
 
-albedo_status img_make_crops_x(const img_rgb *im, int crop_size, int patch_size, int margin_patches,
-                               int max_crops, const img_exec *x, img_crops *out, errbuf *e) {
+albedo_status img_make_crops_x(const img_rgb *im, int crop_size, int patch_size, int margin_patches, int max_crops,
+                               const img_exec *x, img_crops *out, errbuf *e) {
     if (!out) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "crops: no output given");
     memset(out, 0, sizeof *out);
-    if (!im || !im->px || im->w <= 0 || im->h <= 0)
-        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "crops: empty image");
+    if (!im || !im->px || im->w <= 0 || im->h <= 0) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "crops: empty image");
     /* Range checks first, so that the products below cannot overflow. */
-    if (crop_size <= 0 || crop_size > RS_MAX_SIDE || patch_size <= 0 || patch_size > crop_size ||
-        margin_patches < 0 || margin_patches > crop_size || max_crops < 1 ||
-        crop_size - 2 * margin_patches * patch_size <= 0)
+    if (crop_size <= 0 || crop_size > RS_MAX_SIDE || patch_size <= 0 || patch_size > crop_size || margin_patches < 0 ||
+        margin_patches > crop_size || max_crops < 1 || crop_size - 2 * margin_patches * patch_size <= 0)
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT,
-                    "crops: bad geometry (crop %d, patch %d, margin %d patches, max crops %d)",
-                    crop_size, patch_size, margin_patches, max_crops);
+                    "crops: bad geometry (crop %d, patch %d, margin %d patches, max crops %d)", crop_size, patch_size,
+                    margin_patches, max_crops);
     int margin = margin_patches * patch_size; /* 56 px for Moondream 2 */
     int window = crop_size - 2 * margin;      /* 266 px: each tile's own area */
 
@@ -1161,8 +1123,8 @@ albedo_status img_make_crops_x(const img_rgb *im, int crop_size, int patch_size,
     size_t crop_bytes = (size_t)crop_size * (size_t)crop_size * 3;
     int64_t n64 = (int64_t)th * tw + 1;
     if (rh64 > RS_MAX_SIDE || rw64 > RS_MAX_SIDE || n64 > (int64_t)(SIZE_MAX / 2 / crop_bytes))
-        return errf(e, ALBEDO_ERR_LIMIT, "crops: tiling %dx%d needs a %lldx%lld resize", th, tw,
-                    (long long)rw64, (long long)rh64);
+        return errf(e, ALBEDO_ERR_LIMIT, "crops: tiling %dx%d needs a %lldx%lld resize", th, tw, (long long)rw64,
+                    (long long)rh64);
     int rh = (int)rh64, rw = (int)rw64, n = (int)n64;
     uint8_t *px = malloc(crop_bytes * (size_t)n);
     if (!px) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "crops: out of memory for %d crops", n);

@@ -33,16 +33,14 @@ img_limits img_limits_default(void);
  * unrecognised data), ALBEDO_ERR_LIMIT (too large), ALBEDO_ERR_UNSUPPORTED
  * (a recognised format this build does not decode), ALBEDO_ERR_OUT_OF_MEMORY.
  * On failure *out is zeroed. */
-albedo_status img_decode(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out,
-                         errbuf *e);
+albedo_status img_decode(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out, errbuf *e);
 albedo_status img_load_file(const char *path, const img_limits *lim, img_rgb *out, errbuf *e);
 void img_free(img_rgb *im);
 
 /* Pillow's Image.resize(size, Image.LANCZOS) on an 8-bit RGB image, bit for
  * bit: separable Lanczos-3 scaled by the reduction factor, fixed-point
  * coefficients, horizontal pass first, each pass rounded and clamped. */
-albedo_status img_resize_lanczos(const img_rgb *src, int out_w, int out_h, img_rgb *dst,
-                                 errbuf *e);
+albedo_status img_resize_lanczos(const img_rgb *src, int out_w, int out_h, img_rgb *dst, errbuf *e);
 
 /* spec §4.2 select_tiling(h, w, c, max). */
 void img_select_tiling(int h, int w, int c, int max_crops, int *th, int *tw);
@@ -58,8 +56,8 @@ typedef struct img_crops {
     uint8_t *px;
 } img_crops;
 
-albedo_status img_make_crops(const img_rgb *im, int crop_size, int patch_size, int margin_patches,
-                             int max_crops, img_crops *out, errbuf *e);
+albedo_status img_make_crops(const img_rgb *im, int crop_size, int patch_size, int margin_patches, int max_crops,
+                             img_crops *out, errbuf *e);
 void img_crops_free(img_crops *c);
 
 /* How the resizer runs, for tests and benchmarks (the library passes NULL,
@@ -70,10 +68,10 @@ typedef struct img_exec {
     const char *kernels; /* NULL: the best this CPU has; else "scalar", "avx2", "avx512", "neon" */
 } img_exec;
 
-albedo_status img_resize_lanczos_x(const img_rgb *src, int out_w, int out_h, img_rgb *dst,
-                                   const img_exec *x, errbuf *e);
-albedo_status img_make_crops_x(const img_rgb *im, int crop_size, int patch_size, int margin_patches,
-                               int max_crops, const img_exec *x, img_crops *out, errbuf *e);
+albedo_status img_resize_lanczos_x(const img_rgb *src, int out_w, int out_h, img_rgb *dst, const img_exec *x,
+                                   errbuf *e);
+albedo_status img_make_crops_x(const img_rgb *im, int crop_size, int patch_size, int margin_patches, int max_crops,
+                               const img_exec *x, img_crops *out, errbuf *e);
 /* The name of the kernels that name selects (NULL: the best this CPU has),
  * or NULL where this CPU or build lacks them (the _x functions then fail
  * with ALBEDO_ERR_UNSUPPORTED). */

@@ -68,11 +68,13 @@ albedo_status result_to_json(albedo_session *s, const albedo_result *res, int me
     case ALBEDO_SKILL_QUERY:
         bad |= buf_put(b, "{\"answer\": ", 11) | json_put_string(b, text, res->text ? res->text_len : 0);
         if (res->reasoning) {
-            bad |= buf_put(b, ", \"reasoning\": {\"text\": ", 24) | json_put_string(b, res->reasoning, res->reasoning_len);
+            bad |=
+                buf_put(b, ", \"reasoning\": {\"text\": ", 24) | json_put_string(b, res->reasoning, res->reasoning_len);
             bad |= buf_put(b, ", \"grounding\": [", 16);
             for (int i = 0; i < res->n_grounding; i++) {
                 const albedo_grounding *g = &res->grounding[i];
-                bad |= buf_printf(b, "%s{\"start_idx\": %d, \"end_idx\": %d, \"points\": [", i ? ", " : "", g->start_idx, g->end_idx);
+                bad |= buf_printf(b, "%s{\"start_idx\": %d, \"end_idx\": %d, \"points\": [", i ? ", " : "",
+                                  g->start_idx, g->end_idx);
                 for (int k = 0; k < g->n_points; k++) {
                     bad |= buf_put(b, k ? ", [" : "[", k ? 3 : 1) | json_put_double(b, g->points[k].x);
                     bad |= buf_put(b, ", ", 2) | json_put_double(b, g->points[k].y) | buf_put(b, "]", 1);
@@ -104,12 +106,13 @@ albedo_status result_to_json(albedo_session *s, const albedo_result *res, int me
     }
     if (metrics) {
         const albedo_metrics *m = &res->metrics;
-        bad |= buf_printf(b,
-                          ", \"finish_reason\": \"%s\", \"metrics\": {\"input_tokens\": %d, \"output_tokens\": %d, "
-                          "\"cached_tokens\": %d, \"prefill_time_ms\": %.3f, \"decode_time_ms\": %.3f, \"ttft_ms\": %.3f, "
-                          "\"queue_time_ms\": %.3f}",
-                          res->finish == ALBEDO_FINISH_LENGTH ? "length" : "stop", m->input_tokens, m->output_tokens,
-                          m->cached_tokens, m->prefill_time_ms, m->decode_time_ms, m->ttft_ms, m->queue_time_ms);
+        bad |=
+            buf_printf(b,
+                       ", \"finish_reason\": \"%s\", \"metrics\": {\"input_tokens\": %d, \"output_tokens\": %d, "
+                       "\"cached_tokens\": %d, \"prefill_time_ms\": %.3f, \"decode_time_ms\": %.3f, \"ttft_ms\": %.3f, "
+                       "\"queue_time_ms\": %.3f}",
+                       res->finish == ALBEDO_FINISH_LENGTH ? "length" : "stop", m->input_tokens, m->output_tokens,
+                       m->cached_tokens, m->prefill_time_ms, m->decode_time_ms, m->ttft_ms, m->queue_time_ms);
     }
     bad |= buf_put(b, "}", 1);
     if (bad) return ALBEDO_ERR_OUT_OF_MEMORY;

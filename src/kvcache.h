@@ -24,11 +24,11 @@ typedef struct kv_mem {
 
 typedef struct kv_pool {
     int n_layers, kvd, block, n_blocks;
-    size_t elem;    /* bytes per element: 4 (float32) or 2 (bf16), the model's kv_dt */
-    void **k, **v;  /* per layer [n_blocks * block, kvd]: host memory, or device memory with dev */
-    kv_mem mem;     /* device hooks when dev is not NULL */
-    void *dev;      /* the device allocation's handle, or NULL */
-    int *ref;       /* per block: holders (sequences and prefix entries) */
+    size_t elem;   /* bytes per element: 4 (float32) or 2 (bf16), the model's kv_dt */
+    void **k, **v; /* per layer [n_blocks * block, kvd]: host memory, or device memory with dev */
+    kv_mem mem;    /* device hooks when dev is not NULL */
+    void *dev;     /* the device allocation's handle, or NULL */
+    int *ref;      /* per block: holders (sequences and prefix entries) */
     int *free_list;
     int n_free;
 } kv_pool;

@@ -88,9 +88,9 @@ typedef struct txt_block {
     op_vec tau_alpha;         /* [H] */
     /* Moondream 3 mixture of experts (layers >= moe_start) */
     int moe;
-    op_linear router;      /* [E, dim] with bias */
-    const void *exp_fc1;   /* [E, 2*inner, dim]: rows [0, inner) the GELU half, [inner, 2*inner) the gate */
-    const void *exp_fc2;   /* [E, dim, inner] */
+    op_linear router;             /* [E, dim] with bias */
+    const void *exp_fc1;          /* [E, 2*inner, dim]: rows [0, inner) the GELU half, [inner, 2*inner) the gate */
+    const void *exp_fc2;          /* [E, dim, inner] */
     dtype exp_fc1_dt, exp_fc2_dt; /* 16/32-bit, or DT_Q8 / DT_Q4: rows of q_row_bytes */
 } txt_block;
 
@@ -205,17 +205,17 @@ typedef struct md_state {
     float *hidden; /* [dim]: last row of the last forward, before post_ln */
     float *rln;    /* [dim]: region LayerNorm output */
     /* Moondream 3 scratch for up to t_cap rows (NULL for Moondream 2) */
-    float *tau_f;              /* [T, (H+2*Hkv)*D]: gelu_erf(qkv) */
-    float *tau_q, *tau_v;      /* [T, H] */
-    float *moe_logits;         /* [T, E] router logits */
-    float *moe_x, *moe_y;      /* [T, dim]: rows gathered for one expert, its output */
-    float *moe_a;              /* [T, 2*inner]: the up projection, both halves */
-    float *moe_g;              /* [T, inner]: gelu(first half) * (second half + 1) */
-    int32_t *moe_sel;          /* [T, k] selected experts per token */
-    float *moe_w;              /* [T, k] their weights */
-    int32_t *moe_rows;         /* [T*k] token of each (expert-sorted) assignment */
-    float *moe_roww;           /* [T*k] its weight */
-    int32_t *moe_count;        /* [E + 1] assignments per expert, then offsets */
+    float *tau_f;         /* [T, (H+2*Hkv)*D]: gelu_erf(qkv) */
+    float *tau_q, *tau_v; /* [T, H] */
+    float *moe_logits;    /* [T, E] router logits */
+    float *moe_x, *moe_y; /* [T, dim]: rows gathered for one expert, its output */
+    float *moe_a;         /* [T, 2*inner]: the up projection, both halves */
+    float *moe_g;         /* [T, inner]: gelu(first half) * (second half + 1) */
+    int32_t *moe_sel;     /* [T, k] selected experts per token */
+    float *moe_w;         /* [T, k] their weights */
+    int32_t *moe_rows;    /* [T*k] token of each (expert-sorted) assignment */
+    float *moe_roww;      /* [T*k] its weight */
+    int32_t *moe_count;   /* [E + 1] assignments per expert, then offsets */
     /* Device picks: dev_pick says the forwards of this state's owner (an
      * engine ticket of a GPU model) may pick on the device; the generation
      * loops then set pick for a step's duration (generate.c, step_pick). */
@@ -233,8 +233,7 @@ albedo_status md_state_reserve(md_state *s, int T, errbuf *e);
 
 /* vision.c: crops [n, cs, cs, 3] u8 → img_emb [n_patches, dim]. If enc_out is
  * not NULL it receives the encoder output [n, n_patches, enc_dim]. */
-albedo_status vision_encode(md_state *s, const img_crops *crops, float *img_emb, float *enc_out,
-                            errbuf *e);
+albedo_status vision_encode(md_state *s, const img_crops *crops, float *img_emb, float *enc_out, errbuf *e);
 
 /* vision.c: the encoder alone on n crops [n, cs, cs, 3] → out [n, np, enc_dim]. */
 albedo_status vision_encode_crops(md_state *s, const uint8_t *crops, int n, float *out, errbuf *e);
@@ -244,8 +243,7 @@ albedo_status vision_encode_crops(md_state *s, const uint8_t *crops, int n, floa
  * (before post_ln) in s->hidden, and its logits in s->logits if want_logits.
  * n_prefix: bidirectional prefix length (prefix_attn with an image, 0 for
  * text-only). */
-albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n_prefix,
-                           int want_logits, errbuf *e);
+albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n_prefix, int want_logits, errbuf *e);
 /* text.c, batched: one segment of a batch — T consecutive rows of the input
  * at positions pos0.., attending over keys 0 .. pos0+T-1 of its own cache.
  * k, v are per-layer cache bases [rows, Hkv*D]; with blocks the segment's
@@ -253,7 +251,7 @@ albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n
  * (the paged pool of kvcache.h), without it in row p (a session's cache). */
 typedef struct txt_seg {
     void *const *k, *const *v; /* [n_layers] cache bases, elements of the model's kv_dt */
-    const int32_t *blocks;      /* block table, or NULL: contiguous */
+    const int32_t *blocks;     /* block table, or NULL: contiguous */
     int block_size;
     int pos0, T, n_prefix;
     float *hidden; /* out [dim]: the last row, before post_ln */

@@ -72,15 +72,15 @@ typedef struct op_vec {
  * key j when j <= pos0 + i, or when both pos0 + i and j are < n_prefix (the
  * bidirectional image prefix). n_prefix = S makes it fully bidirectional. */
 typedef struct op_attn {
-    int T, S;          /* queries, visible keys (keys 0..S-1) */
-    int H, Hkv, D;     /* heads; query head h reads kv head h / (H / Hkv) */
-    int pos0;          /* absolute position of query row 0 */
-    int n_prefix;      /* bidirectional prefix length (0: plain causal) */
-    float scale;       /* usually 1/sqrt(D) */
-    const float *q;    /* [T, ldq], head h at column h*D */
-    const void *k;     /* [S, ldk] of kv_dt, kv head g at column g*D */
-    const void *v;     /* [S, ldv] of kv_dt */
-    float *out;        /* [T, ldo], head h at column h*D */
+    int T, S;               /* queries, visible keys (keys 0..S-1) */
+    int H, Hkv, D;          /* heads; query head h reads kv head h / (H / Hkv) */
+    int pos0;               /* absolute position of query row 0 */
+    int n_prefix;           /* bidirectional prefix length (0: plain causal) */
+    float scale;            /* usually 1/sqrt(D) */
+    const float *q;         /* [T, ldq], head h at column h*D */
+    const void *k;          /* [S, ldk] of kv_dt, kv head g at column g*D */
+    const void *v;          /* [S, ldv] of kv_dt */
+    float *out;             /* [T, ldo], head h at column h*D */
     int ldq, ldk, ldv, ldo; /* row strides in elements */
     /* Paged keys and values (optional): when blocks is not NULL, key j is row
      * blocks[j / block_size]·block_size + j % block_size of k and v, so a
@@ -115,12 +115,10 @@ typedef struct ops {
      * With ctx precision BF16 the backend may round x to bf16 first, and the
      * dequantised values of block-format weights too (on the packed path,
      * where they meet bf16 x bf16 dot products). */
-    void (*linear)(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T,
-                   const op_linear *L);
+    void (*linear)(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T, const op_linear *L);
 
     /* y[T, C] = (x - mean) / sqrt(var + eps) * g + b, per row (biased var). y may be x. */
-    void (*layernorm)(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g, op_vec b,
-                      float eps);
+    void (*layernorm)(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g, op_vec b, float eps);
 
     /* In place on n contiguous floats. */
     void (*gelu_tanh)(ops_ctx *c, float *x, size_t n);
@@ -134,8 +132,8 @@ typedef struct ops {
      *   a = x[i], b = x[i + R/2] (i < R/2), angle = pos * inv_freq[i],
      *   x[i] = a cos - b sin, x[i + R/2] = a sin + b cos.
      * cos/sin tables are [P, R/2] (P > pos0 + T - 1). x is [T, ldx]. */
-    void (*rope)(ops_ctx *c, float *x, int ldx, int T, int H, int D, int R, int pos0,
-                 const float *cos_t, const float *sin_t);
+    void (*rope)(ops_ctx *c, float *x, int ldx, int T, int H, int D, int R, int pos0, const float *cos_t,
+                 const float *sin_t);
 
     /* out = softmax(mask(q·kᵀ·scale))·v, per head. */
     void (*attention)(ops_ctx *c, const op_attn *a);
@@ -145,8 +143,7 @@ typedef struct ops {
  * selects one ("ref", "avx2", "avx512", "neon"; NULL or "auto" = best). */
 typedef enum ops_precision { OPS_F32 = 0, OPS_BF16 = 1 } ops_precision;
 
-albedo_status ops_ctx_new(const char *name, int n_threads, ops_precision prec, ops_ctx **out,
-                          errbuf *e);
+albedo_status ops_ctx_new(const char *name, int n_threads, ops_precision prec, ops_ctx **out, errbuf *e);
 void ops_ctx_free(ops_ctx *c);
 const ops *ops_of(const ops_ctx *c);
 int ops_n_threads(const ops_ctx *c);

@@ -40,10 +40,14 @@
 #include "model.h"
 
 albedo_status md_weights_format(const char *name, dtype *dt, errbuf *e) {
-    if (!name || !*name || !strcmp(name, "bf16")) *dt = DT_BF16;
-    else if (!strcmp(name, "q8")) *dt = DT_Q8;
-    else if (!strcmp(name, "q4")) *dt = DT_Q4;
-    else return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "weights '%s': expected bf16, q8 or q4", name);
+    if (!name || !*name || !strcmp(name, "bf16"))
+        *dt = DT_BF16;
+    else if (!strcmp(name, "q8"))
+        *dt = DT_Q8;
+    else if (!strcmp(name, "q4"))
+        *dt = DT_Q4;
+    else
+        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "weights '%s': expected bf16, q8 or q4", name);
     return ALBEDO_OK;
 }
 
@@ -144,7 +148,8 @@ void md_weights_quant_free(md_weights *w) {
 
 albedo_status md_weights_quantize(md_weights *w, const md_config *c, dtype dt, errbuf *e) {
     if (dt == DT_BF16) return ALBEDO_OK;
-    if (dt != DT_Q8 && dt != DT_Q4) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "quantize: dtype %s is not a block format", dtype_name(dt));
+    if (dt != DT_Q8 && dt != DT_Q4)
+        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "quantize: dtype %s is not a block format", dtype_name(dt));
     if (!w->tb) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "quantize: weights are not bound");
     qmat *ms = calloc((size_t)c->n_layers * QMATS_PER_LAYER + 2, sizeof *ms);
     if (!ms) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
@@ -239,7 +244,8 @@ albedo_status albedo_model_quantize(const char *dir, const albedo_model_params *
         for (int i = 0; i < n; i++) orig[i] = *ms[i].w;
         st = md_weights_quantize(&m->w, &m->cfg, dt, &e);
     }
-    if (!st && mkdir(out_dir, 0755) && errno != EEXIST) st = errf(&e, ALBEDO_ERR_IO, "%s: %s", out_dir, strerror(errno));
+    if (!st && mkdir(out_dir, 0755) && errno != EEXIST)
+        st = errf(&e, ALBEDO_ERR_IO, "%s: %s", out_dir, strerror(errno));
     char path[4096], from[4096];
     if (!st) {
         int k = 0;

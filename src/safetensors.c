@@ -35,9 +35,8 @@ static int parse_dtype(const char *s, dtype *out) {
     static const struct {
         const char *n;
         dtype t;
-    } tab[] = {{"F32", DT_F32}, {"F16", DT_F16}, {"BF16", DT_BF16}, {"F64", DT_F64},
-               {"I8", DT_I8},   {"U8", DT_U8},   {"I16", DT_I16},   {"U16", DT_U16},
-               {"I32", DT_I32}, {"I64", DT_I64}, {"BOOL", DT_BOOL}};
+    } tab[] = {{"F32", DT_F32}, {"F16", DT_F16}, {"BF16", DT_BF16}, {"F64", DT_F64}, {"I8", DT_I8},    {"U8", DT_U8},
+               {"I16", DT_I16}, {"U16", DT_U16}, {"I32", DT_I32},   {"I64", DT_I64}, {"BOOL", DT_BOOL}};
     for (size_t i = 0; i < sizeof tab / sizeof tab[0]; i++) {
         if (!strcmp(s, tab[i].n)) {
             *out = tab[i].t;
@@ -90,15 +89,15 @@ static albedo_status parse(st_file *f, const uint8_t *buf, size_t len, errbuf *e
                 break;
             }
             if (nm) json_object_foreach(v, mk, mv) {
-                if (!json_is_string(mv)) continue;
-                f->meta[2 * f->n_meta] = strdup(mk);
-                f->meta[2 * f->n_meta + 1] = strdup(json_string_value(mv));
-                f->n_meta++;
-                if (!f->meta[2 * f->n_meta - 2] || !f->meta[2 * f->n_meta - 1]) {
-                    st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "safetensors: out of memory");
-                    break;
+                    if (!json_is_string(mv)) continue;
+                    f->meta[2 * f->n_meta] = strdup(mk);
+                    f->meta[2 * f->n_meta + 1] = strdup(json_string_value(mv));
+                    f->n_meta++;
+                    if (!f->meta[2 * f->n_meta - 2] || !f->meta[2 * f->n_meta - 1]) {
+                        st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "safetensors: out of memory");
+                        break;
+                    }
                 }
-            }
             if (st) break;
             continue;
         }
@@ -123,16 +122,14 @@ static albedo_status parse(st_file *f, const uint8_t *buf, size_t len, errbuf *e
         }
         size_t nd = json_array_size(js);
         if (nd > ST_MAX_DIMS) {
-            st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "safetensors: tensor %s: %zu dims (max %d)", key, nd,
-                      ST_MAX_DIMS);
+            st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "safetensors: tensor %s: %zu dims (max %d)", key, nd, ST_MAX_DIMS);
             break;
         }
         t->ndim = (int)nd;
         uint64_t numel = 1;
         for (size_t d = 0; d < nd; d++) {
             json_t *x = json_array_get(js, d);
-            if (!json_is_integer(x) || json_integer_value(x) < 0 ||
-                json_integer_value(x) > ((json_int_t)1 << 40)) {
+            if (!json_is_integer(x) || json_integer_value(x) < 0 || json_integer_value(x) > ((json_int_t)1 << 40)) {
                 st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "safetensors: tensor %s: invalid shape", key);
                 break;
             }
@@ -146,17 +143,15 @@ static albedo_status parse(st_file *f, const uint8_t *buf, size_t len, errbuf *e
         if (st) break;
         json_t *a = json_array_get(jo, 0), *b = json_array_get(jo, 1);
         if (!json_is_integer(a) || !json_is_integer(b) || json_integer_value(a) < 0 ||
-            json_integer_value(b) < json_integer_value(a) ||
-            (uint64_t)json_integer_value(b) > data_len) {
-            st = errf(e, ALBEDO_ERR_MODEL_FORMAT,
-                      "safetensors: tensor %s: data offsets outside the file (truncated?)", key);
+            json_integer_value(b) < json_integer_value(a) || (uint64_t)json_integer_value(b) > data_len) {
+            st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "safetensors: tensor %s: data offsets outside the file (truncated?)",
+                      key);
             break;
         }
         uint64_t nb = (uint64_t)(json_integer_value(b) - json_integer_value(a));
         if (numel > UINT64_MAX / 8 || nb != numel * dtype_size(t->dt)) {
-            st = errf(e, ALBEDO_ERR_MODEL_FORMAT,
-                      "safetensors: tensor %s: %llu bytes of data for %llu elements of %s", key,
-                      (unsigned long long)nb, (unsigned long long)numel, dtype_name(t->dt));
+            st = errf(e, ALBEDO_ERR_MODEL_FORMAT, "safetensors: tensor %s: %llu bytes of data for %llu elements of %s",
+                      key, (unsigned long long)nb, (unsigned long long)numel, dtype_name(t->dt));
             break;
         }
         t->numel = (int64_t)numel;
@@ -244,8 +239,8 @@ albedo_status st_write(const char *path, const st_tensor *ts, int n, errbuf *e) 
     return st_write_meta(path, ts, n, NULL, 0, e);
 }
 
-albedo_status st_write_meta(const char *path, const st_tensor *ts, int n, const char *const *meta,
-                            int n_meta, errbuf *e) {
+albedo_status st_write_meta(const char *path, const st_tensor *ts, int n, const char *const *meta, int n_meta,
+                            errbuf *e) {
     json_t *root = json_object();
     if (root && n_meta > 0) {
         json_t *m = json_object();
@@ -280,8 +275,7 @@ albedo_status st_write_meta(const char *path, const st_tensor *ts, int n, const 
     for (int i = 0; i < 8; i++) lb[i] = (uint8_t)(L >> (8 * i));
     int ok = fwrite(lb, 1, 8, f) == 8 && fwrite(hdr, 1, hl, f) == hl;
     for (size_t i = 0; i < pad && ok; i++) ok = fputc(' ', f) != EOF;
-    for (int i = 0; i < n && ok; i++)
-        ok = ts[i].nbytes == 0 || fwrite(ts[i].data, 1, ts[i].nbytes, f) == ts[i].nbytes;
+    for (int i = 0; i < n && ok; i++) ok = ts[i].nbytes == 0 || fwrite(ts[i].data, 1, ts[i].nbytes, f) == ts[i].nbytes;
     free(hdr);
     if (fclose(f) != 0) ok = 0;
     if (!ok) return errf(e, ALBEDO_ERR_IO, "%s: write failed", path);

@@ -42,7 +42,7 @@ const char *st_meta(const st_file *f, const char *key);
 /* Write tensors to a new file (tensors' data pointers are read). */
 albedo_status st_write(const char *path, const st_tensor *ts, int n, errbuf *e);
 /* The same with "__metadata__" entries meta[2i] = meta[2i + 1], i < n_meta. */
-albedo_status st_write_meta(const char *path, const st_tensor *ts, int n, const char *const *meta,
-                            int n_meta, errbuf *e);
+albedo_status st_write_meta(const char *path, const st_tensor *ts, int n, const char *const *meta, int n_meta,
+                            errbuf *e);
 
 #endif

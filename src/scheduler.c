@@ -99,44 +99,44 @@ typedef enum { TK_QUEUED, TK_ENCODE, TK_RUNNING, TK_ENDING, TK_DONE } tk_state;
 
 struct albedo_ticket {
     albedo_engine *eng;
-    albedo_ticket *next;   /* link in the engine's queue, then in the worker's */
-    albedo_request req;    /* engine tickets: an owned copy (image NULL, on_text from the
+    albedo_ticket *next; /* link in the engine's queue, then in the worker's */
+    albedo_request req;  /* engine tickets: an owned copy (image NULL, on_text from the
                               submit params); session tickets: the caller's request */
     char *question, *object;
     albedo_spatial_ref *refs;
-    uint8_t *image;        /* engine tickets: the image bytes until the worker decoded them */
+    uint8_t *image; /* engine tickets: the image bytes until the worker decoded them */
     size_t image_len;
     const albedo_image *img; /* session tickets: the encoded image, or NULL */
     int has_image;
-    int caller;            /* a session ticket: the caller's thread runs the loops */
-    uint64_t key[2];       /* prefix cache key */
+    int caller;      /* a session ticket: the caller's thread runs the loops */
+    uint64_t key[2]; /* prefix cache key */
     albedo_submit_params cb;
-    int est_pos;           /* positions reserved: prefix + prompt + outputs */
+    int est_pos; /* positions reserved: prefix + prompt + outputs */
     double t_submit;
     /* under eng->mu */
     tk_state state;
     int cancel;
     int posted, served, finished;
-    int built;             /* TK_ENCODE: the prefix is in the blocks (or build_st says why not) */
-    int put;               /* the built prefix went into the prefix cache */
+    int built; /* TK_ENCODE: the prefix is in the blocks (or build_st says why not) */
+    int put;   /* the built prefix went into the prefix cache */
     albedo_status build_st;
-    const float *emb;      /* posted rows [T, dim] at positions pos0.. */
+    const float *emb; /* posted rows [T, dim] at positions pos0.. */
     int T, pos0, n_prefix, want_logits;
-    int done_rows;         /* of the posted rows, run by earlier steps (a long prompt) */
+    int done_rows; /* of the posted rows, run by earlier steps (a long prompt) */
     double t_post;
     albedo_status step_st;
     char step_err[sizeof(((errbuf *)0)->msg)];
-    pthread_cond_t cv;     /* served, state changes */
+    pthread_cond_t cv; /* served, state changes */
     double t_admit, t_gen_start;
     /* scheduler-owned */
-    albedo_session *sess;  /* engine tickets: a light session of their own */
-    float *own_logits;     /* GPU: the session's own logits buffer while it holds a pinned row */
-    int lrow;              /* GPU: 1 + its row of the engine's pinned logits rows, 0: none */
+    albedo_session *sess; /* engine tickets: a light session of their own */
+    float *own_logits;    /* GPU: the session's own logits buffer while it holds a pinned row */
+    int lrow;             /* GPU: 1 + its row of the engine's pinned logits rows, 0: none */
     kv_seq seq;
-    int cached;            /* prefix from the cache */
-    int ahead;             /* admitted beyond max_batch to build its image early */
-    int decode_budget;     /* decode steps its loops may take (upper bound) */
-    int decode_steps;      /* one-row steps served so far */
+    int cached;        /* prefix from the cache */
+    int ahead;         /* admitted beyond max_batch to build its image early */
+    int decode_budget; /* decode steps its loops may take (upper bound) */
+    int decode_steps;  /* one-row steps served so far */
     pthread_t th;
     int th_started;
     albedo_status status;
@@ -159,7 +159,7 @@ typedef struct img_thread {
  * which run on the host, overlap each other and the device's vision work. */
 typedef struct img_worker {
     img_thread *th;
-    int n_th;     /* threads running */
+    int n_th; /* threads running */
     int started, quit;
     pthread_cond_t cv;
     albedo_ticket *head, *tail; /* waiting tickets, under mu */
@@ -172,14 +172,14 @@ struct albedo_engine {
     md_state st;
     kv_pool pool;
     kv_prefix_cache pc;
-    float *emb;           /* [emb_cap, dim] the step's input rows */
+    float *emb; /* [emb_cap, dim] the step's input rows */
     int emb_cap;
     float *logits;        /* [max_batch, vocab] */
     txt_seg *segs;        /* [max_batch] */
     albedo_ticket **step; /* [max_batch] tickets of the step */
     int *take;            /* [max_batch] their rows in the step */
-    double last_step_ms; /* under mu: the last step's duration, the grace of the next */
-    int stepping; /* a thread (the scheduler or a request's) runs a step */
+    double last_step_ms;  /* under mu: the last step's duration, the grace of the next */
+    int stepping;         /* a thread (the scheduler or a request's) runs a step */
     pthread_mutex_t mu;
     pthread_cond_t cv; /* wakes the scheduler (monotonic clock) */
     pthread_t th;
@@ -188,7 +188,7 @@ struct albedo_engine {
     int n_queued;
     albedo_ticket **run; /* [max_batch + ahead] admitted: encoding, waiting or running */
     int n_run;
-    int ahead; /* images built beyond max_batch (encode_ahead) */
+    int ahead;       /* images built beyond max_batch (encode_ahead) */
     double build_ms; /* under mu: moving average of the image worker's builds */
     img_worker w;
     uint64_t *forget; /* [n_forget][2] keys of freed albedo_images */
@@ -212,8 +212,13 @@ struct albedo_engine {
 };
 
 albedo_engine_params albedo_engine_params_default(void) {
-    albedo_engine_params p = {.max_batch = 16, .kv_bytes = 0, .block_size = 16, .max_queue = 1024,
-                              .token_budget = 512, .n_threads = 0, .vision_threads = 0};
+    albedo_engine_params p = {.max_batch = 16,
+                              .kv_bytes = 0,
+                              .block_size = 16,
+                              .max_queue = 1024,
+                              .token_budget = 512,
+                              .n_threads = 0,
+                              .vision_threads = 0};
     return p;
 }
 
@@ -307,8 +312,8 @@ static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket
         return errf(&t->err, st, "image: %s", sub.msg);
     }
     if (W->st.cu) { /* backend_cuda.c: vision and the prefix on the GPU, K/V into the device pool */
-        st = md_cuda_prefix_paged(&W->st, &crops, E->pool.k, E->pool.v, E->pool.block, t->seq.blocks,
-                                  t->seq.n_blocks, &t->err);
+        st = md_cuda_prefix_paged(&W->st, &crops, E->pool.k, E->pool.v, E->pool.block, t->seq.blocks, t->seq.n_blocks,
+                                  &t->err);
         img_crops_free(&crops);
         return st;
     }
@@ -316,8 +321,14 @@ static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket
     st = vision_encode(&W->st, &crops, W->emb + c->dim, NULL, &t->err);
     img_crops_free(&crops);
     if (st) return st;
-    txt_seg g = {.k = E->pool.k, .v = E->pool.v, .blocks = t->seq.blocks, .block_size = E->pool.block, .pos0 = 0,
-                 .T = c->prefix_attn, .n_prefix = c->prefix_attn, .hidden = W->hidden};
+    txt_seg g = {.k = E->pool.k,
+                 .v = E->pool.v,
+                 .blocks = t->seq.blocks,
+                 .block_size = E->pool.block,
+                 .pos0 = 0,
+                 .T = c->prefix_attn,
+                 .n_prefix = c->prefix_attn,
+                 .hidden = W->hidden};
     return text_forward_batch(&W->st, W->emb, &g, 1, NULL, &t->err);
 }
 
@@ -375,7 +386,7 @@ static albedo_status worker_start(albedo_engine *E, errbuf *e) {
     const md_config *c = &E->m->cfg;
     const int want = image_threads_wanted(E->m);
     /* On the GPU the ops threads only serve the region decoders: one each. */
-    const int n = E->m->cuda ? 1
+    const int n = E->m->cuda            ? 1
                   : E->p.vision_threads ? E->p.vision_threads
                   : E->p.n_threads      ? E->p.n_threads
                                         : E->m->params.n_threads;
@@ -413,8 +424,10 @@ static albedo_status worker_start(albedo_engine *E, errbuf *e) {
 static void worker_push(albedo_engine *E, albedo_ticket *t) {
     img_worker *W = &E->w;
     t->next = NULL;
-    if (W->tail) W->tail->next = t;
-    else W->head = t;
+    if (W->tail)
+        W->tail->next = t;
+    else
+        W->head = t;
     W->tail = t;
     pthread_cond_signal(&W->cv);
 }
@@ -425,8 +438,10 @@ static int worker_unqueue(albedo_engine *E, albedo_ticket *t) {
     albedo_ticket *prev = NULL;
     for (albedo_ticket *x = W->head; x; prev = x, x = x->next) {
         if (x != t) continue;
-        if (prev) prev->next = t->next;
-        else W->head = t->next;
+        if (prev)
+            prev->next = t->next;
+        else
+            W->head = t->next;
         if (W->tail == t) W->tail = prev;
         t->next = NULL;
         return 1;
@@ -583,8 +598,10 @@ static void sweep_queue(albedo_engine *E, double now) {
         *pp = t->next;
         E->n_queued--;
         t->next = NULL;
-        if (dead_tail) dead_tail->next = t;
-        else dead = t;
+        if (dead_tail)
+            dead_tail->next = t;
+        else
+            dead = t;
         dead_tail = t;
     }
     E->q_tail = last;
@@ -602,8 +619,10 @@ static void sweep_queue(albedo_engine *E, double now) {
 static int slots_used(const albedo_engine *E, int *ahead) {
     int n = 0, a = 0;
     for (int i = 0; i < E->n_run; i++) {
-        if (E->run[i]->ahead) a++;
-        else n++;
+        if (E->run[i]->ahead)
+            a++;
+        else
+            n++;
     }
     if (ahead) *ahead = a;
     return n;
@@ -723,8 +742,10 @@ static void admit(albedo_engine *E) {
             }
         }
         /* Dequeue. */
-        if (prev) prev->next = t->next;
-        else E->q_head = t->next;
+        if (prev)
+            prev->next = t->next;
+        else
+            E->q_head = t->next;
         if (E->q_tail == t) E->q_tail = prev;
         t->next = NULL;
         E->n_queued--;
@@ -734,8 +755,10 @@ static void admit(albedo_engine *E) {
             continue;
         }
         if (t->has_image) {
-            if (hit) E->pc.hits++;
-            else E->pc.misses++;
+            if (hit)
+                E->pc.hits++;
+            else
+                E->pc.misses++;
         }
         if (hit) hit->last_use = ++E->pc.clock;
         if (hit && kv_seq_fork(&E->pool, &t->seq, &hit->seq, hit->n_pos))
@@ -764,8 +787,10 @@ static void admit(albedo_engine *E) {
             /* The prefix is built off this thread: by the image worker, or
              * copied in by the waiting caller from its albedo_image. */
             t->state = TK_ENCODE;
-            if (t->caller) pthread_cond_broadcast(&t->cv);
-            else worker_push(E, t);
+            if (t->caller)
+                pthread_cond_broadcast(&t->cv);
+            else
+                worker_push(E, t);
         } else if ((st = go_running(t))) {
             run_remove(E, t);
             tk_end(E, t, st);
@@ -924,15 +949,22 @@ static int run_step(albedo_engine *E) {
     pthread_mutex_unlock(&E->mu);
     const double t0 = now_ms();
     albedo_status st = ALBEDO_OK;
-    if (reserve_rows(E, rows)) st = errf(&E->err, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for a step of %d rows", rows);
+    if (reserve_rows(E, rows))
+        st = errf(&E->err, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for a step of %d rows", rows);
     for (int i = 0, r0 = 0; i < n && !st; i++) {
         const albedo_ticket *t = E->step[i];
         const int last = t->done_rows + E->take[i] == t->T;
         md_pick *pk = last && t->want_logits && t->sess->st.dev_pick ? t->sess->st.pick : NULL;
-        E->segs[i] = (txt_seg){.k = E->pool.k, .v = E->pool.v, .blocks = t->seq.blocks, .block_size = E->pool.block,
-                               .pos0 = t->pos0 + t->done_rows, .T = E->take[i], .n_prefix = t->n_prefix,
+        E->segs[i] = (txt_seg){.k = E->pool.k,
+                               .v = E->pool.v,
+                               .blocks = t->seq.blocks,
+                               .block_size = E->pool.block,
+                               .pos0 = t->pos0 + t->done_rows,
+                               .T = E->take[i],
+                               .n_prefix = t->n_prefix,
                                .hidden = t->sess->st.hidden,
-                               .logits = last && t->want_logits && !pk ? t->sess->st.logits : NULL, .pick = pk};
+                               .logits = last && t->want_logits && !pk ? t->sess->st.logits : NULL,
+                               .pick = pk};
         memcpy(E->emb + (size_t)r0 * c->dim, t->emb + (size_t)t->done_rows * c->dim,
                (size_t)E->take[i] * c->dim * sizeof(float));
         r0 += E->take[i];
@@ -1074,8 +1106,8 @@ albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *par
      * default half of what the card has free then. */
     kv_mem km;
     if (!st && m->cuda) {
-        st = md_cuda_engine_state_init(&E->st, p.token_budget > p.max_batch ? p.token_budget : p.max_batch,
-                                       p.max_batch, p.block_size, 0, &e);
+        st = md_cuda_engine_state_init(&E->st, p.token_budget > p.max_batch ? p.token_budget : p.max_batch, p.max_batch,
+                                       p.block_size, 0, &e);
         md_cuda_kv_mem(m, &km);
         if (!p.kv_bytes) E->p.kv_bytes = p.kv_bytes = md_cuda_kv_default_bytes(m);
     }
@@ -1084,8 +1116,8 @@ albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *par
         const int min_blocks = (E->st.max_ctx + p.block_size - 1) / p.block_size + 1;
         /* A device pool's element is the device cache's (bf16 or e4m3). */
         st = kv_pool_init_mem(&E->pool, c->n_layers, c->n_kv_heads * c->head_dim,
-                              m->cuda ? md_cuda_kv_elem_bytes(m) : kv_elem_bytes(m->kv_dt),
-                              p.block_size, p.kv_bytes, min_blocks, m->cuda ? &km : NULL, &e);
+                              m->cuda ? md_cuda_kv_elem_bytes(m) : kv_elem_bytes(m->kv_dt), p.block_size, p.kv_bytes,
+                              min_blocks, m->cuda ? &km : NULL, &e);
     }
     if (!st) {
         E->stats.kv_blocks_total = E->pool.n_blocks;
@@ -1195,8 +1227,10 @@ static void tk_destroy(albedo_ticket *t) {
 
 static void enqueue(albedo_engine *E, albedo_ticket *t) {
     t->state = TK_QUEUED;
-    if (E->q_tail) E->q_tail->next = t;
-    else E->q_head = t;
+    if (E->q_tail)
+        E->q_tail->next = t;
+    else
+        E->q_head = t;
     E->q_tail = t;
     E->n_queued++;
     E->events++;
@@ -1207,9 +1241,12 @@ albedo_status albedo_engine_submit(albedo_engine *E, const albedo_request *r, co
                                    const albedo_submit_params *params, albedo_ticket **out) {
     errbuf e = {{0}};
     albedo_status st = ALBEDO_OK;
-    if (!E || !r || !out) st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "engine, request or out is NULL");
-    else if (r->image) st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "engine requests carry image bytes, not an albedo_image");
-    else if (image && !image_len) st = errf(&e, ALBEDO_ERR_IMAGE, "image data is empty");
+    if (!E || !r || !out)
+        st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "engine, request or out is NULL");
+    else if (r->image)
+        st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "engine requests carry image bytes, not an albedo_image");
+    else if (image && !image_len)
+        st = errf(&e, ALBEDO_ERR_IMAGE, "image data is empty");
     if (!st) st = gen_check(NULL, r, image != NULL, &e);
     if (st) {
         error_set_last(e.msg);

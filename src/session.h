@@ -13,9 +13,9 @@ struct albedo_image {
     const albedo_model *m;
     uint64_t id; /* unique per model: lets a session skip reloading its own KV */
     int w, h;
-    int n_pos;        /* prefix positions: BOS + image tokens */
-    void **k, **v;    /* per layer [n_pos, Hkv*D] of m->kv_dt */
-    void *dev_kv;     /* backend_cuda.c: the prefix KV on the GPU (k, v are NULL then) */
+    int n_pos;     /* prefix positions: BOS + image tokens */
+    void **k, **v; /* per layer [n_pos, Hkv*D] of m->kv_dt */
+    void *dev_kv;  /* backend_cuda.c: the prefix KV on the GPU (k, v are NULL then) */
 };
 
 /* Growable arrays holding the last result; reused across calls. */

@@ -57,7 +57,7 @@ static float synth_value(uint64_t key, uint64_t i, float offset, float scale) {
 }
 
 typedef struct spec {
-    char name[160];   /* canonical 2025 name without "model." */
+    char name[160]; /* canonical 2025 name without "model." */
     int ndim;
     int64_t shape[3];
     float offset, scale;
@@ -147,7 +147,8 @@ static int build_specs(const md_config *c, int region_ln, spec_list *l) {
     for (int i = 0; i < c->n_layers; i++) {
         snprintf(p, sizeof p, "text.blocks.%d.ln", i), r |= add_ln(l, p, c->dim);
         snprintf(p, sizeof p, "text.blocks.%d.attn.qkv", i), r |= add_linear(l, p, qkv, c->dim, 0);
-        snprintf(p, sizeof p, "text.blocks.%d.attn.proj", i), r |= add_linear(l, p, c->dim, c->n_heads * c->head_dim, 0);
+        snprintf(p, sizeof p, "text.blocks.%d.attn.proj", i),
+            r |= add_linear(l, p, c->dim, c->n_heads * c->head_dim, 0);
         if (c->md3) r |= add_md3_block(l, c, i, qkv);
         if (c->moe_experts && i >= c->moe_start) {
             r |= add_experts(l, c, i);
@@ -207,16 +208,20 @@ static void legacy_name(const char *canon, char *out, size_t cap) {
     if (sscanf(canon, "vision.blocks.%d.%127s", &blk, rest) == 2) {
         const char *r = rest;
         char tmp[140];
-        if (!strncmp(r, "ln1.", 4)) snprintf(tmp, sizeof tmp, "norm1.%s", r + 4), r = tmp;
-        else if (!strncmp(r, "ln2.", 4)) snprintf(tmp, sizeof tmp, "norm2.%s", r + 4), r = tmp;
+        if (!strncmp(r, "ln1.", 4))
+            snprintf(tmp, sizeof tmp, "norm1.%s", r + 4), r = tmp;
+        else if (!strncmp(r, "ln2.", 4))
+            snprintf(tmp, sizeof tmp, "norm2.%s", r + 4), r = tmp;
         snprintf(out, cap, "vision_encoder.encoder.model.visual.blocks.%d.%s", blk, r);
         return;
     }
     if (sscanf(canon, "text.blocks.%d.%127s", &blk, rest) == 2) {
         const char *r = rest;
         char tmp[140];
-        if (!strncmp(r, "attn.qkv.", 9)) snprintf(tmp, sizeof tmp, "mixer.Wqkv.%s", r + 9), r = tmp;
-        else if (!strncmp(r, "attn.proj.", 10)) snprintf(tmp, sizeof tmp, "mixer.out_proj.%s", r + 10), r = tmp;
+        if (!strncmp(r, "attn.qkv.", 9))
+            snprintf(tmp, sizeof tmp, "mixer.Wqkv.%s", r + 9), r = tmp;
+        else if (!strncmp(r, "attn.proj.", 10))
+            snprintf(tmp, sizeof tmp, "mixer.out_proj.%s", r + 10), r = tmp;
         snprintf(out, cap, "text_model.transformer.h.%d.%s", blk, r);
         return;
     }
@@ -272,7 +277,8 @@ static const char md3_small_config_json[] =
     "  \"torch_dtype\": \"bfloat16\",\n  \"config\": {\n    \"text\": {\n      \"dim\": 128,\n      \"ff_dim\": 264,\n"
     "      \"n_layers\": 3,\n      \"vocab_size\": 51200,\n      \"max_context\": 4096,\n      \"n_heads\": 2,\n"
     "      \"n_kv_heads\": 2,\n      \"prefix_attn\": 730,\n      \"moe\": {\n        \"num_experts\": 64,\n"
-    "        \"start_layer\": 1,\n        \"experts_per_token\": 8,\n        \"expert_inner_dim\": 40\n      }\n    },\n"
+    "        \"start_layer\": 1,\n        \"experts_per_token\": 8,\n        \"expert_inner_dim\": 40\n      }\n    "
+    "},\n"
     "    \"vision\": {\n      \"enc_dim\": 144,\n      \"enc_patch_size\": 14,\n      \"enc_n_layers\": 27,\n"
     "      \"enc_ff_dim\": 292,\n      \"enc_n_heads\": 2,\n      \"proj_out_dim\": 128,\n      \"crop_size\": 378,\n"
     "      \"in_channels\": 3,\n      \"max_crops\": 12,\n      \"overlap_margin\": 4,\n      \"proj_inner_dim\": 200\n"
@@ -304,11 +310,16 @@ static const preset presets[] = {
 static int write_byte_tokenizer(const char *path, int vocab) {
     FILE *f = fopen(path, "wb");
     if (!f) return -1;
-    fprintf(f, "{\"version\": \"1.0\", \"added_tokens\": [], \"normalizer\": null,\n"
-               " \"pre_tokenizer\": {\"type\": \"ByteLevel\", \"add_prefix_space\": false, \"trim_offsets\": true, \"use_regex\": true},\n"
-               " \"post_processor\": null, \"decoder\": {\"type\": \"ByteLevel\", \"add_prefix_space\": true, \"trim_offsets\": true, \"use_regex\": true},\n"
-               " \"model\": {\"type\": \"BPE\", \"dropout\": null, \"unk_token\": null, \"continuing_subword_prefix\": null,\n"
-               "  \"end_of_word_suffix\": null, \"fuse_unk\": false, \"byte_fallback\": false, \"ignore_merges\": false, \"vocab\": {");
+    fprintf(
+        f,
+        "{\"version\": \"1.0\", \"added_tokens\": [], \"normalizer\": null,\n"
+        " \"pre_tokenizer\": {\"type\": \"ByteLevel\", \"add_prefix_space\": false, \"trim_offsets\": true, "
+        "\"use_regex\": true},\n"
+        " \"post_processor\": null, \"decoder\": {\"type\": \"ByteLevel\", \"add_prefix_space\": true, "
+        "\"trim_offsets\": true, \"use_regex\": true},\n"
+        " \"model\": {\"type\": \"BPE\", \"dropout\": null, \"unk_token\": null, \"continuing_subword_prefix\": null,\n"
+        "  \"end_of_word_suffix\": null, \"fuse_unk\": false, \"byte_fallback\": false, \"ignore_merges\": false, "
+        "\"vocab\": {");
     /* GPT-2's byte-to-unicode alphabet: printable Latin-1 bytes map to
      * themselves, the others to U+0100 onwards. */
     int n = 0, cp[256], extra = 0;
@@ -319,14 +330,17 @@ static int write_byte_tokenizer(const char *path, int vocab) {
     for (int b = 0; b < 256 && b < vocab; b++) {
         char u[8];
         int c = cp[b], k = 0;
-        if (c < 0x80) u[k++] = (char)c;
+        if (c < 0x80)
+            u[k++] = (char)c;
         else {
             u[k++] = (char)(0xC0 | (c >> 6));
             u[k++] = (char)(0x80 | (c & 0x3F));
         }
         u[k] = 0;
-        if (c == '"' || c == '\\') fprintf(f, "%s\"\\%s\": %d", n ? ", " : "", u, b);
-        else fprintf(f, "%s\"%s\": %d", n ? ", " : "", u, b);
+        if (c == '"' || c == '\\')
+            fprintf(f, "%s\"\\%s\": %d", n ? ", " : "", u, b);
+        else
+            fprintf(f, "%s\"%s\": %d", n ? ", " : "", u, b);
         n++;
     }
     fprintf(f, "}, \"merges\": []}}\n");
@@ -355,7 +369,9 @@ static albedo_status plan(const char *name, const preset **out, md_config *c, sp
     const preset *p = NULL;
     for (size_t i = 0; name && i < sizeof presets / sizeof presets[0]; i++)
         if (!strcmp(presets[i].name, name)) p = &presets[i];
-    if (!p) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "synth: unknown preset '%s' (md2, md2-small, md3, md3-small)", name ? name : "");
+    if (!p)
+        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "synth: unknown preset '%s' (md2, md2-small, md3, md3-small)",
+                    name ? name : "");
     md_config_defaults(c);
     albedo_status st = md_config_parse(c, p->config_json, strlen(p->config_json), e);
     if (st) return st;
@@ -406,14 +422,16 @@ static albedo_status write_shard(const char *path, const spec_list *l, int i0, i
         char full[200], stored[220];
         snprintf(full, sizeof full, "model.%s", s->name);
         int64_t n = numel(s);
-        int transpose = legacy_f16 && !strncmp(s->name, "region.", 7) && strstr(s->name, "_features") ? (int)s->shape[0] : 0;
+        int transpose =
+            legacy_f16 && !strncmp(s->name, "region.", 7) && strstr(s->name, "_features") ? (int)s->shape[0] : 0;
         fill_job j = {s, data + off, fnv1a64(full) ^ seed, (uint64_t)n, legacy_f16, transpose};
         int nt = n > (1 << 20) ? 4 : 1;
         pthread_t th[4];
         thread_arg ta[4];
         int started = 0;
         for (int t = 0; t < nt; t++) {
-            ta[t] = (thread_arg){&j, (uint64_t)n * (uint64_t)t / (uint64_t)nt, (uint64_t)n * (uint64_t)(t + 1) / (uint64_t)nt};
+            ta[t] = (thread_arg){&j, (uint64_t)n * (uint64_t)t / (uint64_t)nt,
+                                 (uint64_t)n * (uint64_t)(t + 1) / (uint64_t)nt};
             if (t == 0 || pthread_create(&th[t], NULL, fill_thread, &ta[t])) {
                 if (t) fill(&j, ta[t].i0, ta[t].i1);
             } else {
@@ -522,8 +540,10 @@ albedo_status synth_write_sharded(const char *dir, const char *preset_name, uint
     for (int k = 0, i0 = 0; k < n_shards && !st; k++) {
         int i1 = i0;
         while (i1 < l.n && shard_of[i1] == k) i1++;
-        if (n_shards > 1) snprintf(path, sizeof path, "%s/model-%05d-of-%05d.safetensors", dir, k + 1, n_shards);
-        else snprintf(path, sizeof path, "%s/model.safetensors", dir);
+        if (n_shards > 1)
+            snprintf(path, sizeof path, "%s/model-%05d-of-%05d.safetensors", dir, k + 1, n_shards);
+        else
+            snprintf(path, sizeof path, "%s/model.safetensors", dir);
         st = write_shard(path, &l, i0, i1, seed, legacy_f16, &e);
         i0 = i1;
     }

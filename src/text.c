@@ -203,8 +203,9 @@ static void moe_forward(md_state *s, const txt_block *b, const float *h, int T, 
 /* Row of a segment's cache for position pos: through its block table when
  * paged, else the position itself. */
 static void *seg_row(const txt_seg *g, void *base, size_t row_bytes, int pos) {
-    size_t r = g->blocks ? (size_t)g->blocks[pos / g->block_size] * (size_t)g->block_size + (size_t)(pos % g->block_size)
-                         : (size_t)pos;
+    size_t r = g->blocks
+                   ? (size_t)g->blocks[pos / g->block_size] * (size_t)g->block_size + (size_t)(pos % g->block_size)
+                   : (size_t)pos;
     return (char *)base + r * row_bytes;
 }
 
@@ -264,10 +265,25 @@ albedo_status text_forward_batch(md_state *s, const float *emb, txt_seg *segs, i
                 kv_store(seg_row(g, kc, rb, g->pos0 + t), q + (size_t)t * ld + qd, kvd, m->kv_dt);
                 kv_store(seg_row(g, vc, rb, g->pos0 + t), q + (size_t)t * ld + qd + kvd, kvd, m->kv_dt);
             }
-            op_attn at = {.T = g->T, .S = g->pos0 + g->T, .H = H, .Hkv = Hkv, .D = D, .pos0 = g->pos0,
-                          .n_prefix = g->n_prefix, .scale = 1.0f / sqrtf((float)D), .q = q, .k = kc, .v = vc,
-                          .out = att + (size_t)r0 * qd, .ldq = ld, .ldk = kvd, .ldv = kvd, .ldo = qd,
-                          .blocks = g->blocks, .block_size = g->block_size, .kv_dt = m->kv_dt};
+            op_attn at = {.T = g->T,
+                          .S = g->pos0 + g->T,
+                          .H = H,
+                          .Hkv = Hkv,
+                          .D = D,
+                          .pos0 = g->pos0,
+                          .n_prefix = g->n_prefix,
+                          .scale = 1.0f / sqrtf((float)D),
+                          .q = q,
+                          .k = kc,
+                          .v = vc,
+                          .out = att + (size_t)r0 * qd,
+                          .ldq = ld,
+                          .ldk = kvd,
+                          .ldv = kvd,
+                          .ldo = qd,
+                          .blocks = g->blocks,
+                          .block_size = g->block_size,
+                          .kv_dt = m->kv_dt};
             o->attention(oc, &at);
         }
         o->linear(oc, pr, dim, att, qd, T, &b->proj);
@@ -303,10 +319,14 @@ albedo_status text_forward_batch(md_state *s, const float *emb, txt_seg *segs, i
     return ALBEDO_OK;
 }
 
-albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n_prefix, int want_logits,
-                           errbuf *e) {
-    txt_seg g = {.k = s->k_cache, .v = s->v_cache, .pos0 = pos0, .T = T, .n_prefix = n_prefix,
-                 .hidden = s->hidden, .logits = want_logits ? s->logits : NULL};
+albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n_prefix, int want_logits, errbuf *e) {
+    txt_seg g = {.k = s->k_cache,
+                 .v = s->v_cache,
+                 .pos0 = pos0,
+                 .T = T,
+                 .n_prefix = n_prefix,
+                 .hidden = s->hidden,
+                 .logits = want_logits ? s->logits : NULL};
     return text_forward_batch(s, emb, &g, 1, NULL, e);
 }
 
@@ -320,8 +340,8 @@ albedo_status md_state_init_ex(md_state *s, const albedo_model *m, int n_threads
     memset(s, 0, sizeof *s);
     s->m = m;
     const md_config *c = &m->cfg;
-    s->max_ctx = m->params.max_context > 0 && m->params.max_context < c->max_context ? m->params.max_context
-                                                                                        : c->max_context;
+    s->max_ctx =
+        m->params.max_context > 0 && m->params.max_context < c->max_context ? m->params.max_context : c->max_context;
     /* A GPU model's sessions keep CPU ops for the region decoders. */
     albedo_status st = ops_ctx_new(m->cuda ? NULL : m->params.backend, n_threads,
                                    m->params.precision == ALBEDO_PRECISION_BF16 ? OPS_BF16 : OPS_F32, &s->ops, e);
@@ -405,11 +425,10 @@ albedo_status md_state_reserve(md_state *s, int T, errbuf *e) {
     /* Moondream 3's buffers have width 0 (stay NULL) for Moondream 2. */
     const size_t H = (size_t)c->n_heads, E = (size_t)c->moe_experts, K = E ? (size_t)c->moe_topk : 0;
     const size_t I = (size_t)c->moe_inner, dim = (size_t)c->dim, tau = c->md3 ? 1 : 0, moe = E ? 1 : 0;
-    size_t widths[] = {dim, dim, qkv, H * D, mlp, dim, tau * qkv, tau * H, tau * H, E, moe * dim, moe * dim, 2 * I, I,
-                       K, K};
-    float **dst[] = {&s->x,     &s->h,     &s->qkv,        &s->att,   &s->mlp,   &s->proj,
-                     &s->tau_f, &s->tau_q, &s->tau_v,      &s->moe_logits, &s->moe_x, &s->moe_y,
-                     &s->moe_a, &s->moe_g, &s->moe_w,      &s->moe_roww};
+    size_t widths[] = {dim,     dim, qkv,       H * D,     mlp,   dim, tau * qkv, tau * H,
+                       tau * H, E,   moe * dim, moe * dim, 2 * I, I,   K,         K};
+    float **dst[] = {&s->x,     &s->h,          &s->qkv,   &s->att,   &s->mlp,   &s->proj,  &s->tau_f, &s->tau_q,
+                     &s->tau_v, &s->moe_logits, &s->moe_x, &s->moe_y, &s->moe_a, &s->moe_g, &s->moe_w, &s->moe_roww};
     for (size_t i = 0; i < sizeof widths / sizeof widths[0]; i++) {
         if (!widths[i]) continue;
         float *p = realloc(*dst[i], (size_t)T * widths[i] * sizeof(float));

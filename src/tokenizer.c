@@ -57,8 +57,7 @@
 #define ERR_TOK ALBEDO_ERR_TOKENIZER
 
 /* The GPT-2 pre-tokenizer regex, used by ByteLevel when use_regex is true. */
-static const char gpt2_regex[] =
-    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+static const char gpt2_regex[] = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
 
 /* ------------------------------------------------------------------------ */
 /* Growable buffers                                                          */
@@ -113,9 +112,7 @@ static bool seg_push(segvec *s, size_t a, size_t b, bool flag) {
     return true;
 }
 
-static albedo_status oom(errbuf *e) {
-    return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "tokenizer: out of memory");
-}
+static albedo_status oom(errbuf *e) { return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "tokenizer: out of memory"); }
 
 /* ------------------------------------------------------------------------ */
 /* UTF-8                                                                     */
@@ -163,8 +160,8 @@ static uint32_t utf8_cp(const uint8_t *s, int k) {
     case 2: return ((uint32_t)(s[0] & 0x1F) << 6) | (s[1] & 0x3F);
     case 3: return ((uint32_t)(s[0] & 0x0F) << 12) | ((uint32_t)(s[1] & 0x3F) << 6) | (s[2] & 0x3F);
     default:
-        return ((uint32_t)(s[0] & 0x07) << 18) | ((uint32_t)(s[1] & 0x3F) << 12) |
-               ((uint32_t)(s[2] & 0x3F) << 6) | (s[3] & 0x3F);
+        return ((uint32_t)(s[0] & 0x07) << 18) | ((uint32_t)(s[1] & 0x3F) << 12) | ((uint32_t)(s[2] & 0x3F) << 6) |
+               (s[3] & 0x3F);
     }
 }
 
@@ -220,7 +217,7 @@ static const uint8_t replacement_char[3] = {0xEF, 0xBF, 0xBD}; /* U+FFFD */
  * well-formed sequence is not consumed (a later call may complete it); the
  * number of bytes consumed is returned through *used. */
 static bool utf8_lossy(bytebuf *out, const uint8_t *s, size_t n, bool hold_tail, size_t *used) {
-    size_t i = 0, run = 0; /* s[run..i) is valid and not yet copied */
+    size_t i = 0, run = 0;           /* s[run..i) is valid and not yet copied */
     if (!s) s = (const uint8_t *)""; /* an empty buffer never allocated */
     while (i < n) {
         if (s[i] < 0x80) {
@@ -249,9 +246,8 @@ static bool utf8_lossy(bytebuf *out, const uint8_t *s, size_t n, bool hold_tail,
 /* Unicode White_Space, which is what Rust's char::is_whitespace, Rust
  * regex's \s and Oniguruma's Unicode \s all mean. */
 static bool is_white_space(uint32_t c) {
-    return (c >= 9 && c <= 13) || c == 32 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
-           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F ||
-           c == 0x205F || c == 0x3000;
+    return (c >= 9 && c <= 13) || c == 32 || c == 0x85 || c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) ||
+           c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
 }
 
 /* Rust regex's Unicode \w: Alphabetic, marks, decimal digits, connector
@@ -260,8 +256,8 @@ static bool is_white_space(uint32_t c) {
  * symbols); the remaining Other_Alphabetic code points are marks anyway. */
 static bool is_word_char(uint32_t c) {
     if (c == '_' || c == 0x200C || c == 0x200D) return true;
-    if ((c >= 0x24B6 && c <= 0x24E9) || (c >= 0x1F130 && c <= 0x1F149) ||
-        (c >= 0x1F150 && c <= 0x1F169) || (c >= 0x1F170 && c <= 0x1F189))
+    if ((c >= 0x24B6 && c <= 0x24E9) || (c >= 0x1F130 && c <= 0x1F149) || (c >= 0x1F150 && c <= 0x1F169) ||
+        (c >= 0x1F170 && c <= 0x1F189))
         return true;
     switch (utf8proc_category((utf8proc_int32_t)c)) {
     case UTF8PROC_CATEGORY_LU:
@@ -313,8 +309,7 @@ static uint32_t hash_bytes(const uint8_t *s, size_t n) {
     return (uint32_t)(h ^ (h >> 32));
 }
 
-static strmap_entry *strmap_find(const strmap *m, const uint8_t *arena, const uint8_t *s,
-                                 size_t n) {
+static strmap_entry *strmap_find(const strmap *m, const uint8_t *arena, const uint8_t *s, size_t n) {
     if (!m->slot) return NULL;
     for (uint32_t i = hash_bytes(s, n) & m->mask;; i = (i + 1) & m->mask) {
         uint32_t k = m->slot[i];
@@ -345,8 +340,7 @@ static bool strmap_rehash(strmap *m, const uint8_t *arena, uint32_t nslots) {
 }
 
 /* Maps the arena string [off, off+len) to id, replacing an existing id. */
-static strmap_entry *strmap_put(strmap *m, const uint8_t *arena, uint32_t off, uint32_t len,
-                                int32_t id) {
+static strmap_entry *strmap_put(strmap *m, const uint8_t *arena, uint32_t off, uint32_t len, int32_t id) {
     strmap_entry *x = strmap_find(m, arena, arena + off, len);
     if (x) {
         x->id = id;
@@ -422,8 +416,7 @@ static const merge_entry *mergemap_get(const mergemap *m, int32_t a, int32_t b) 
 /* A repeated pair keeps the later rank, as the library's HashMap collect does. */
 static void mergemap_put(mergemap *m, int32_t a, int32_t b, uint32_t rank, int32_t new_id) {
     uint32_t i = hash_pair((uint32_t)a, (uint32_t)b) & m->mask;
-    while (m->ent[i].new_id >= 0 && !(m->ent[i].a == (uint32_t)a && m->ent[i].b == (uint32_t)b))
-        i = (i + 1) & m->mask;
+    while (m->ent[i].new_id >= 0 && !(m->ent[i].a == (uint32_t)a && m->ent[i].b == (uint32_t)b)) i = (i + 1) & m->mask;
     m->ent[i] = (merge_entry){(uint32_t)a, (uint32_t)b, rank, new_id};
 }
 
@@ -536,7 +529,7 @@ void tok_free(tokenizer *t) {
 
 /* Oniguruma's Unicode classes written out for PCRE2 (PCRE2's \s, for one,
  * also takes U+180E, which Oniguruma does not). */
-#define WS_CLASS                                                                                 \
+#define WS_CLASS                                                                                  \
     "\\t\\n\\x0b\\f\\r\\x20\\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}\\x{2028}\\x{2029}\\x{202f}" \
     "\\x{205f}\\x{3000}"
 #define WORD_CLASS "\\p{L}\\p{M}\\p{N}\\p{Pc}"
@@ -565,8 +558,7 @@ static bool regex_translate(const char *p, size_t n, bytebuf *out) {
             }
             bool ok;
             if (cls && depth == 0) {
-                ok = bb_put(out, neg ? "[^" : "[", neg ? 2 : 1) && bb_put(out, cls, strlen(cls)) &&
-                     bb_put(out, "]", 1);
+                ok = bb_put(out, neg ? "[^" : "[", neg ? 2 : 1) && bb_put(out, cls, strlen(cls)) && bb_put(out, "]", 1);
             } else if (cls && !neg) {
                 ok = bb_put(out, cls, strlen(cls));
             } else {
@@ -611,8 +603,8 @@ static bool regex_translate(const char *p, size_t n, bytebuf *out) {
 }
 
 /* Compiles a pattern from the file; literal is the {"String": ...} form. */
-static albedo_status regex_compile(const char *pat, size_t len, bool literal, const char *path,
-                                   pcre2_code **out, errbuf *e) {
+static albedo_status regex_compile(const char *pat, size_t len, bool literal, const char *path, pcre2_code **out,
+                                   errbuf *e) {
     bytebuf tr = {0};
     const uint8_t *src = (const uint8_t *)pat;
     size_t n = len;
@@ -651,8 +643,8 @@ static albedo_status regex_compile(const char *pat, size_t len, bool literal, co
  * re (flag = match), as the library's Pattern::find_matches does over
  * Oniguruma's find_iter: an empty match right where the previous match ended
  * is skipped by moving one character on. */
-static albedo_status regex_segments(const pcre2_code *re, const uint8_t *s, size_t n, bool invert,
-                                    pcre2_match_data *md, segvec *out, errbuf *e) {
+static albedo_status regex_segments(const pcre2_code *re, const uint8_t *s, size_t n, bool invert, pcre2_match_data *md,
+                                    segvec *out, errbuf *e) {
     out->n = 0;
     if (n == 0) return seg_push(out, 0, 0, invert) ? ALBEDO_OK : oom(e);
     size_t prev = 0, from = 0, last_end = 0;
@@ -760,8 +752,8 @@ static utf8proc_ssize_t lowercase(const uint8_t *s, size_t n, uint8_t **out) {
 
 /* Runs the normalizer steps over valid UTF-8 s[0..n). *out is malloc'ed,
  * or NULL when there are no steps (the text is unchanged). */
-static albedo_status normalize(const tokenizer *t, const uint8_t *s, size_t n, uint8_t **out,
-                               size_t *out_n, errbuf *e) {
+static albedo_status normalize(const tokenizer *t, const uint8_t *s, size_t n, uint8_t **out, size_t *out_n,
+                               errbuf *e) {
     uint8_t *cur = NULL;
     const uint8_t *src = s;
     size_t len = n;
@@ -809,41 +801,35 @@ static const char *json_type_name(const json_t *v) {
 }
 
 /* An optional boolean field: absent or null gives dflt. */
-static albedo_status get_bool(const json_t *obj, const char *key, bool dflt, const char *path,
-                              bool *out, errbuf *e) {
+static albedo_status get_bool(const json_t *obj, const char *key, bool dflt, const char *path, bool *out, errbuf *e) {
     const json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) {
         *out = dflt;
         return ALBEDO_OK;
     }
     if (!json_is_boolean(v))
-        return errf(e, ERR_TOK, "%s.%s must be true or false, not %s", path, key,
-                    json_type_name(v));
+        return errf(e, ERR_TOK, "%s.%s must be true or false, not %s", path, key, json_type_name(v));
     *out = json_is_true(v);
     return ALBEDO_OK;
 }
 
 /* The "type" string of a component object. */
-static albedo_status get_type(const json_t *obj, const char *path, const char **type,
-                              errbuf *e) {
+static albedo_status get_type(const json_t *obj, const char *path, const char **type, errbuf *e) {
     if (!json_is_object(obj))
-        return errf(e, ERR_TOK, "%s must be an object or null, not %s", path,
-                    json_type_name(obj));
+        return errf(e, ERR_TOK, "%s must be an object or null, not %s", path, json_type_name(obj));
     const json_t *v = json_object_get(obj, "type");
     if (!json_is_string(v)) return errf(e, ERR_TOK, "%s.type is missing or not a string", path);
     *type = json_string_value(v);
     return ALBEDO_OK;
 }
 
-static albedo_status parse_normalizer(tokenizer *t, const json_t *n, const char *path, int depth,
-                                      errbuf *e) {
+static albedo_status parse_normalizer(tokenizer *t, const json_t *n, const char *path, int depth, errbuf *e) {
     const char *type;
     albedo_status st = get_type(n, path, &type, e);
     if (st) return st;
     if (strcmp(type, "Sequence") == 0) {
         const json_t *list = json_object_get(n, "normalizers");
-        if (!json_is_array(list))
-            return errf(e, ERR_TOK, "%s.normalizers is missing or not an array", path);
+        if (!json_is_array(list)) return errf(e, ERR_TOK, "%s.normalizers is missing or not an array", path);
         if (depth >= TOK_MAX_DEPTH) return errf(e, ERR_TOK, "%s: Sequence nested too deep", path);
         for (size_t i = 0; i < json_array_size(list); i++) {
             char sub[256];
@@ -856,15 +842,11 @@ static albedo_status parse_normalizer(tokenizer *t, const json_t *n, const char 
     static const struct {
         const char *name;
         enum norm_kind kind;
-    } kinds[] = {{"NFC", NORM_NFC},
-                 {"NFD", NORM_NFD},
-                 {"NFKC", NORM_NFKC},
-                 {"NFKD", NORM_NFKD},
-                 {"Lowercase", NORM_LOWERCASE}};
+    } kinds[] = {
+        {"NFC", NORM_NFC}, {"NFD", NORM_NFD}, {"NFKC", NORM_NFKC}, {"NFKD", NORM_NFKD}, {"Lowercase", NORM_LOWERCASE}};
     for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
         if (strcmp(type, kinds[i].name) != 0) continue;
-        if (t->n_norm == TOK_MAX_STEPS)
-            return errf(e, ERR_TOK, "%s: more than %d normalizers", path, TOK_MAX_STEPS);
+        if (t->n_norm == TOK_MAX_STEPS) return errf(e, ERR_TOK, "%s: more than %d normalizers", path, TOK_MAX_STEPS);
         t->norm[t->n_norm++] = kinds[i].kind;
         return ALBEDO_OK;
     }
@@ -874,15 +856,13 @@ static albedo_status parse_normalizer(tokenizer *t, const json_t *n, const char 
                 path, type);
 }
 
-static albedo_status parse_pre_tokenizer(tokenizer *t, const json_t *p, const char *path,
-                                         int depth, errbuf *e) {
+static albedo_status parse_pre_tokenizer(tokenizer *t, const json_t *p, const char *path, int depth, errbuf *e) {
     const char *type;
     albedo_status st = get_type(p, path, &type, e);
     if (st) return st;
     if (strcmp(type, "Sequence") == 0) {
         const json_t *list = json_object_get(p, "pretokenizers");
-        if (!json_is_array(list))
-            return errf(e, ERR_TOK, "%s.pretokenizers is missing or not an array", path);
+        if (!json_is_array(list)) return errf(e, ERR_TOK, "%s.pretokenizers is missing or not an array", path);
         if (depth >= TOK_MAX_DEPTH) return errf(e, ERR_TOK, "%s: Sequence nested too deep", path);
         for (size_t i = 0; i < json_array_size(list); i++) {
             char sub[256];
@@ -894,11 +874,9 @@ static albedo_status parse_pre_tokenizer(tokenizer *t, const json_t *p, const ch
     }
     bool bytelevel = strcmp(type, "ByteLevel") == 0, split = strcmp(type, "Split") == 0;
     if (!bytelevel && !split)
-        return errf(e, ERR_TOK,
-                    "%s.type \"%.60s\" is not supported (supported: ByteLevel, Split, Sequence)",
-                    path, type);
-    if (t->n_pre == TOK_MAX_STEPS)
-        return errf(e, ERR_TOK, "%s: more than %d pre-tokenizers", path, TOK_MAX_STEPS);
+        return errf(e, ERR_TOK, "%s.type \"%.60s\" is not supported (supported: ByteLevel, Split, Sequence)", path,
+                    type);
+    if (t->n_pre == TOK_MAX_STEPS) return errf(e, ERR_TOK, "%s: more than %d pre-tokenizers", path, TOK_MAX_STEPS);
     pre_step *s = &t->pre[t->n_pre];
     memset(s, 0, sizeof *s);
     if (bytelevel) {
@@ -920,11 +898,10 @@ static albedo_status parse_pre_tokenizer(tokenizer *t, const json_t *p, const ch
     const json_t *pat = json_object_get(p, "pattern");
     const json_t *rx = json_object_get(pat, "Regex"), *str = json_object_get(pat, "String");
     if (!json_is_object(pat) || (!json_is_string(rx) && !json_is_string(str)))
-        return errf(e, ERR_TOK, "%s.pattern must be {\"Regex\": \"...\"} or {\"String\": \"...\"}",
-                    path);
+        return errf(e, ERR_TOK, "%s.pattern must be {\"Regex\": \"...\"} or {\"String\": \"...\"}", path);
     const json_t *beh = json_object_get(p, "behavior");
-    static const char *const behaviors[] = {"Removed", "Isolated", "MergedWithPrevious",
-                                            "MergedWithNext", "Contiguous"};
+    static const char *const behaviors[] = {"Removed", "Isolated", "MergedWithPrevious", "MergedWithNext",
+                                            "Contiguous"};
     int b = -1;
     for (int i = 0; i < 5 && json_is_string(beh); i++)
         if (strcmp(json_string_value(beh), behaviors[i]) == 0) b = i;
@@ -967,13 +944,12 @@ static albedo_status load_merges(tokenizer *t, const json_t *merges, errbuf *e) 
             size_t len = json_string_length(m), sp;
             if (len >= 8 && memcmp(s, "#version", 8) == 0) continue; /* merges.txt header */
             if (!split_merge_line(s, len, &sp)) {
-                st = errf(e, ERR_TOK, "model.merges[%zu] \"%.60s\" is not two tokens and one space",
-                          i, s);
+                st = errf(e, ERR_TOK, "model.merges[%zu] \"%.60s\" is not two tokens and one space", i, s);
                 break;
             }
             a = s, alen = sp, b = s + sp + 1, blen = len - sp - 1;
-        } else if (json_is_array(m) && json_array_size(m) == 2 &&
-                   json_is_string(json_array_get(m, 0)) && json_is_string(json_array_get(m, 1))) {
+        } else if (json_is_array(m) && json_array_size(m) == 2 && json_is_string(json_array_get(m, 0)) &&
+                   json_is_string(json_array_get(m, 1))) {
             a = json_string_value(json_array_get(m, 0));
             alen = json_string_length(json_array_get(m, 0));
             b = json_string_value(json_array_get(m, 1));
@@ -993,8 +969,8 @@ static albedo_status load_merges(tokenizer *t, const json_t *merges, errbuf *e) 
         if (ia < 0 || ib < 0 || iab < 0) {
             const char *miss = ia < 0 ? a : ib < 0 ? b : (const char *)cat.p;
             int mlen = (int)(ia < 0 ? alen : ib < 0 ? blen : cat.n);
-            st = errf(e, ERR_TOK, "model.merges[%zu]: token \"%.*s\" is not in model.vocab", i,
-                      mlen > 60 ? 60 : mlen, miss);
+            st = errf(e, ERR_TOK, "model.merges[%zu]: token \"%.*s\" is not in model.vocab", i, mlen > 60 ? 60 : mlen,
+                      miss);
             break;
         }
         mergemap_put(&t->merges, ia, ib, rank++, iab);
@@ -1006,13 +982,11 @@ static albedo_status load_merges(tokenizer *t, const json_t *merges, errbuf *e) 
 static albedo_status load_model(tokenizer *t, const json_t *root, errbuf *e) {
     const json_t *m = json_object_get(root, "model");
     if (!m || json_is_null(m)) return errf(e, ERR_TOK, "tokenizer.json has no \"model\"");
-    if (!json_is_object(m))
-        return errf(e, ERR_TOK, "model must be an object, not %s", json_type_name(m));
+    if (!json_is_object(m)) return errf(e, ERR_TOK, "model must be an object, not %s", json_type_name(m));
     const json_t *type = json_object_get(m, "type");
     if (type && !json_is_string(type)) return errf(e, ERR_TOK, "model.type is not a string");
     if (type && strcmp(json_string_value(type), "BPE") != 0)
-        return errf(e, ERR_TOK, "model.type \"%.60s\" is not supported (only BPE)",
-                    json_string_value(type));
+        return errf(e, ERR_TOK, "model.type \"%.60s\" is not supported (only BPE)", json_string_value(type));
 
     const json_t *v = json_object_get(m, "dropout");
     if (v && !json_is_null(v) && !(json_is_number(v) && json_number_value(v) == 0.0))
@@ -1031,15 +1005,12 @@ static albedo_status load_model(tokenizer *t, const json_t *root, errbuf *e) {
 
     const json_t *vocab = json_object_get(m, "vocab");
     if (!json_is_object(vocab)) return errf(e, ERR_TOK, "model.vocab is missing or not an object");
-    for (void *it = json_object_iter((json_t *)vocab); it;
-         it = json_object_iter_next((json_t *)vocab, it)) {
+    for (void *it = json_object_iter((json_t *)vocab); it; it = json_object_iter_next((json_t *)vocab, it)) {
         const char *key = json_object_iter_key(it);
         size_t klen = json_object_iter_key_len(it);
         const json_t *id = json_object_iter_value(it);
-        if (!json_is_integer(id) || json_integer_value(id) < 0 ||
-            json_integer_value(id) >= TOK_MAX_ID)
-            return errf(e, ERR_TOK, "model.vocab[\"%.60s\"]: id must be an integer in [0, %d)",
-                        key, TOK_MAX_ID);
+        if (!json_is_integer(id) || json_integer_value(id) < 0 || json_integer_value(id) >= TOK_MAX_ID)
+            return errf(e, ERR_TOK, "model.vocab[\"%.60s\"]: id must be an integer in [0, %d)", key, TOK_MAX_ID);
         uint32_t off;
         if (!arena_add(t, key, klen, &off) ||
             !strmap_put(&t->vocab, t->arena.p, off, (uint32_t)klen, (int32_t)json_integer_value(id)))
@@ -1054,8 +1025,7 @@ static albedo_status load_model(tokenizer *t, const json_t *root, errbuf *e) {
     if (v && !json_is_null(v)) {
         if (!json_is_string(v)) return errf(e, ERR_TOK, "model.unk_token must be a string or null");
         t->has_unk = true;
-        t->unk_id = strmap_get(&t->vocab, t->arena.p, (const uint8_t *)json_string_value(v),
-                               json_string_length(v));
+        t->unk_id = strmap_get(&t->vocab, t->arena.p, (const uint8_t *)json_string_value(v), json_string_length(v));
         snprintf(t->unk_name, sizeof t->unk_name, "%s", json_string_value(v));
     }
     for (int b = 0; b < 256; b++) { /* the library spells these with format!("<{:#04X}>") */
@@ -1079,8 +1049,7 @@ static albedo_status load_added_tokens(tokenizer *t, const json_t *root, errbuf 
         snprintf(path, sizeof path, "added_tokens[%zu]", i);
         if (!json_is_object(o)) return errf(e, ERR_TOK, "%s must be an object", path);
         const json_t *content = json_object_get(o, "content");
-        if (!json_is_string(content))
-            return errf(e, ERR_TOK, "%s.content is missing or not a string", path);
+        if (!json_is_string(content)) return errf(e, ERR_TOK, "%s.content is missing or not a string", path);
         if (!json_is_integer(json_object_get(o, "id")))
             return errf(e, ERR_TOK, "%s.id is missing or not an integer", path);
         added_token a = {0};
@@ -1218,8 +1187,7 @@ static albedo_status build_id_table(tokenizer *t, errbuf *e) {
             x->dec_off = x->str_off;
             x->dec_len = x->str_len;
         }
-        const strmap_entry *s =
-            strmap_find(&t->added_map, t->arena.p, t->arena.p + x->str_off, x->str_len);
+        const strmap_entry *s = strmap_find(&t->added_map, t->arena.p, t->arena.p + x->str_off, x->str_len);
         x->special = s && (s->flags & STRMAP_IN_SPECIAL_SET);
     }
     free(dec.p);
@@ -1238,8 +1206,7 @@ static albedo_status load_root(tokenizer *t, const json_t *root, errbuf *e) {
     static const char *const unsupported[] = {"truncation", "padding"};
     for (int i = 0; i < 2; i++) {
         v = json_object_get(root, unsupported[i]);
-        if (v && !json_is_null(v))
-            return errf(e, ERR_TOK, "%s is set; only null is supported", unsupported[i]);
+        if (v && !json_is_null(v)) return errf(e, ERR_TOK, "%s is set; only null is supported", unsupported[i]);
     }
     byte_level_init(t);
     albedo_status st = load_model(t, root, e);
@@ -1247,31 +1214,27 @@ static albedo_status load_root(tokenizer *t, const json_t *root, errbuf *e) {
     v = json_object_get(root, "normalizer");
     if (v && !json_is_null(v) && (st = parse_normalizer(t, v, "normalizer", 0, e))) return st;
     v = json_object_get(root, "pre_tokenizer");
-    if (v && !json_is_null(v) && (st = parse_pre_tokenizer(t, v, "pre_tokenizer", 0, e)))
-        return st;
+    if (v && !json_is_null(v) && (st = parse_pre_tokenizer(t, v, "pre_tokenizer", 0, e))) return st;
     v = json_object_get(root, "decoder");
     const char *type;
-    if (!v || json_is_null(v))
-        return errf(e, ERR_TOK, "decoder is null; only the ByteLevel decoder is supported");
+    if (!v || json_is_null(v)) return errf(e, ERR_TOK, "decoder is null; only the ByteLevel decoder is supported");
     if ((st = get_type(v, "decoder", &type, e))) return st;
     if (strcmp(type, "ByteLevel") != 0)
         return errf(e, ERR_TOK, "decoder.type \"%.60s\" is not supported (only ByteLevel)", type);
     if ((st = load_added_tokens(t, root, e))) return st;
     if ((st = build_id_table(t, e))) return st;
-    if (!match_set_build(t, &t->raw_set, false) || !match_set_build(t, &t->norm_set, true))
-        return oom(e);
+    if (!match_set_build(t, &t->raw_set, false) || !match_set_build(t, &t->norm_set, true)) return oom(e);
     return ALBEDO_OK;
 }
 
 albedo_status tok_load_json(const char *json, size_t len, tokenizer **out, errbuf *e) {
-    if (!out || (!json && len))
-        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "tok_load_json: missing argument");
+    if (!out || (!json && len)) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "tok_load_json: missing argument");
     *out = NULL;
     json_error_t jerr;
     json_t *root = json_loadb(json ? json : "", len, JSON_ALLOW_NUL, &jerr);
     if (!root)
-        return errf(e, ERR_TOK, "tokenizer.json is not valid JSON (line %d, column %d): %s",
-                    jerr.line, jerr.column, jerr.text);
+        return errf(e, ERR_TOK, "tokenizer.json is not valid JSON (line %d, column %d): %s", jerr.line, jerr.column,
+                    jerr.text);
     tokenizer *t = calloc(1, sizeof *t);
     if (!t) {
         json_decref(root);
@@ -1465,8 +1428,7 @@ static albedo_status bpe_word(enc_ctx *c, const uint8_t *w, size_t n) {
             }
             if (!done && t->has_unk) {
                 if (t->unk_id < 0)
-                    return errf(c->e, ERR_TOK, "model.unk_token \"%s\" is not in model.vocab",
-                                t->unk_name);
+                    return errf(c->e, ERR_TOK, "model.unk_token \"%s\" is not in model.vocab", t->unk_name);
                 if (unk && t->fuse_unk) {
                     unk_len += k;
                 } else {
@@ -1545,16 +1507,15 @@ static albedo_status pre_tokenize(enc_ctx *c, int d, const uint8_t *s, size_t n)
     for (size_t i = 0; i < sv->n; i++) {
         const seg g = sv->v[i];
         if (g.flag || g.b == g.a) continue;
-        st = p->kind == PRE_BYTELEVEL ? byte_map(c, d, s + g.a, g.b - g.a)
-                                      : pre_tokenize(c, d + 1, s + g.a, g.b - g.a);
+        st = p->kind == PRE_BYTELEVEL ? byte_map(c, d, s + g.a, g.b - g.a) : pre_tokenize(c, d + 1, s + g.a, g.b - g.a);
         if (st) return st;
     }
     return ALBEDO_OK;
 }
 
 /* Finds the leftmost-longest added token of ms in s[from..n). */
-static bool added_find(const tokenizer *t, const match_set *ms, const uint8_t *s, size_t n,
-                       size_t from, size_t *start, const added_token **tok) {
+static bool added_find(const tokenizer *t, const match_set *ms, const uint8_t *s, size_t n, size_t from, size_t *start,
+                       const added_token **tok) {
     for (size_t i = from; i < n; i++) {
         for (uint32_t k = ms->start[s[i]]; k < ms->start[s[i] + 1]; k++) {
             const added_token *a = &t->added[ms->order[k]];
@@ -1580,8 +1541,7 @@ static albedo_status gap(enc_ctx *c, int level, const uint8_t *s, size_t n) {
  * non-overlapping leftmost-longest matches, single_word checked against the
  * neighbouring characters, lstrip/rstrip widening the match over adjacent
  * white space. */
-static albedo_status encode_added(enc_ctx *c, const match_set *ms, int level, const uint8_t *s,
-                                  size_t n) {
+static albedo_status encode_added(enc_ctx *c, const match_set *ms, int level, const uint8_t *s, size_t n) {
     const tokenizer *t = c->t;
     if (n == 0) return ALBEDO_OK;
     if (ms->n == 0) return gap(c, level, s, n);
@@ -1602,8 +1562,7 @@ static albedo_status encode_added(enc_ctx *c, const match_set *ms, int level, co
             start = ns > done ? ns : done;
         }
         if (a->rstrip)
-            while (stop < n && is_white_space(utf8_cp(s + stop, utf8_len(s[stop]))))
-                stop += (size_t)utf8_len(s[stop]);
+            while (stop < n && is_white_space(utf8_cp(s + stop, utf8_len(s[stop])))) stop += (size_t)utf8_len(s[stop]);
         if (done < start && (st = gap(c, level, s + done, start - done))) return st;
         if (!emit(c, a->id)) return oom(c->e);
         done = stop;
@@ -1621,12 +1580,10 @@ static albedo_status encode_normalized(enc_ctx *c, const uint8_t *s, size_t n) {
     return st;
 }
 
-albedo_status tok_encode(const tokenizer *t, const char *text, size_t len, int32_t **ids, int *n,
-                         errbuf *e) {
+albedo_status tok_encode(const tokenizer *t, const char *text, size_t len, int32_t **ids, int *n, errbuf *e) {
     if (ids) *ids = NULL;
     if (n) *n = 0;
-    if (!t || !ids || !n || (!text && len))
-        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "tok_encode: missing argument");
+    if (!t || !ids || !n || (!text && len)) return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "tok_encode: missing argument");
     const uint8_t *s = (const uint8_t *)(text ? text : "");
     size_t bad;
     if (!utf8_valid(s, len, &bad))
@@ -1658,8 +1615,8 @@ albedo_status tok_encode(const tokenizer *t, const char *text, size_t len, int32
 /* ------------------------------------------------------------------------ */
 /* Decoding                                                                  */
 
-albedo_status tok_decode(const tokenizer *t, const int32_t *ids, int n, int skip_special,
-                         char **out, size_t *out_len, errbuf *e) {
+albedo_status tok_decode(const tokenizer *t, const int32_t *ids, int n, int skip_special, char **out, size_t *out_len,
+                         errbuf *e) {
     if (out) *out = NULL;
     if (out_len) *out_len = 0;
     if (!t || !out || n < 0 || (!ids && n > 0))
@@ -1671,8 +1628,8 @@ albedo_status tok_decode(const tokenizer *t, const int32_t *ids, int n, int skip
         const tok_entry *x = entry(t, ids[i]);
         if (!x) {
             free(raw.p);
-            return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "id %ld at position %d is not in the vocabulary",
-                        (long)ids[i], i);
+            return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "id %ld at position %d is not in the vocabulary", (long)ids[i],
+                        i);
         }
         if (skip_special && x->special) continue;
         if (!bb_put(&raw, t->arena.p + x->dec_off, x->dec_len)) {
@@ -1697,8 +1654,8 @@ void tok_stream_init(tok_stream *s) {
 }
 
 /* Appends to the caller's growable buffer, keeping it NUL-terminated. */
-static int stream_out(const uint8_t *s, size_t n, bool hold_tail, size_t *used, char **out,
-                      size_t *out_len, size_t *out_cap) {
+static int stream_out(const uint8_t *s, size_t n, bool hold_tail, size_t *used, char **out, size_t *out_len,
+                      size_t *out_cap) {
     bytebuf b = {(uint8_t *)*out, *out_len, *out_cap};
     bool ok = bb_reserve(&b, n) && utf8_lossy(&b, s, n, hold_tail, used);
     *out = (char *)b.p;
@@ -1707,8 +1664,8 @@ static int stream_out(const uint8_t *s, size_t n, bool hold_tail, size_t *used, 
     return ok ? 0 : -1;
 }
 
-int tok_stream_push(const tokenizer *t, tok_stream *s, int32_t id, int skip_special, char **out,
-                    size_t *out_len, size_t *out_cap) {
+int tok_stream_push(const tokenizer *t, tok_stream *s, int32_t id, int skip_special, char **out, size_t *out_len,
+                    size_t *out_cap) {
     const tok_entry *x = entry(t, id);
     if (!x || !s || !out || !out_len || !out_cap) return -1;
     if (skip_special && x->special) return 0;

@@ -85,9 +85,22 @@ static albedo_status encode_group(md_state *s, const uint8_t *crops, int n, floa
         o->linear(oc, buf, 3 * C, h, C, T, &b->qkv);
         for (int k = 0; k < n; k++) {
             const float *q = buf + (size_t)k * np * 3 * C;
-            op_attn at = {.T = np, .S = np, .H = H, .Hkv = H, .D = D, .pos0 = 0, .n_prefix = np,
-                          .scale = 1.0f / sqrtf((float)D), .q = q, .k = q + C, .v = q + 2 * C,
-                          .out = a + (size_t)k * np * C, .ldq = 3 * C, .ldk = 3 * C, .ldv = 3 * C, .ldo = C};
+            op_attn at = {.T = np,
+                          .S = np,
+                          .H = H,
+                          .Hkv = H,
+                          .D = D,
+                          .pos0 = 0,
+                          .n_prefix = np,
+                          .scale = 1.0f / sqrtf((float)D),
+                          .q = q,
+                          .k = q + C,
+                          .v = q + 2 * C,
+                          .out = a + (size_t)k * np * C,
+                          .ldq = 3 * C,
+                          .ldk = 3 * C,
+                          .ldv = 3 * C,
+                          .ldo = C};
             o->attention(oc, &at);
         }
         o->linear(oc, h, C, a, C, T, &b->proj);
@@ -109,8 +122,7 @@ static albedo_status encode_group(md_state *s, const uint8_t *crops, int n, floa
 /* Stitch the local crops' features into one grid, trimming the overlap
  * margins, and average-pool it to ns×ns (torch adaptive_avg_pool2d:
  * output cell r covers rows [floor(r·Hg/ns), ceil((r+1)·Hg/ns))). */
-static albedo_status pool_local(const md_config *c, const float *tiles, int th, int tw, float *out,
-                                errbuf *e) {
+static albedo_status pool_local(const md_config *c, const float *tiles, int th, int tw, float *out, errbuf *e) {
     const int ns = c->crop_size / c->patch, C = c->enc_dim, mg = c->overlap_margin;
     const int step = ns - 2 * mg, Hg = step * th + 2 * mg, Wg = step * tw + 2 * mg;
     float *grid = malloc((size_t)Hg * Wg * C * sizeof(float));
@@ -122,8 +134,8 @@ static albedo_status pool_local(const md_config *c, const float *tiles, int th, 
             int c0 = j == 0 ? 0 : mg, c1 = j == tw - 1 ? ns : ns - mg;
             for (int r = r0; r < r1; r++)
                 for (int cc = c0; cc < c1; cc++)
-                    memcpy(grid + ((size_t)(i * step + r) * Wg + (j * step + cc)) * C,
-                           t + ((size_t)r * ns + cc) * C, (size_t)C * sizeof(float));
+                    memcpy(grid + ((size_t)(i * step + r) * Wg + (j * step + cc)) * C, t + ((size_t)r * ns + cc) * C,
+                           (size_t)C * sizeof(float));
         }
     for (int r = 0; r < ns; r++) {
         int y0 = (r * Hg) / ns, y1 = ((r + 1) * Hg + ns - 1) / ns;

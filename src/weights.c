@@ -154,7 +154,8 @@ static const named *lookup(const name_index *ix, const char *canon) {
 
 static void shape_str(char *out, size_t cap, int nd, const int64_t *d) {
     size_t k = (size_t)snprintf(out, cap, "[");
-    for (int i = 0; i < nd && k < cap; i++) k += (size_t)snprintf(out + k, cap - k, "%s%lld", i ? ", " : "", (long long)d[i]);
+    for (int i = 0; i < nd && k < cap; i++)
+        k += (size_t)snprintf(out + k, cap - k, "%s%lld", i ? ", " : "", (long long)d[i]);
     if (k < cap) snprintf(out + k, cap - k, "]");
 }
 
@@ -177,7 +178,8 @@ static const named *need(binder *b, const char *canon, int nd, const int64_t *di
     }
     const st_tensor *t = n->t;
     if (t->dt != DT_BF16 && t->dt != DT_F16 && t->dt != DT_F32) {
-        b->st = errf(b->e, ALBEDO_ERR_MODEL_FORMAT, "tensor %s: dtype %s (expected BF16, F16 or F32)", t->name, dtype_name(t->dt));
+        b->st = errf(b->e, ALBEDO_ERR_MODEL_FORMAT, "tensor %s: dtype %s (expected BF16, F16 or F32)", t->name,
+                     dtype_name(t->dt));
         return NULL;
     }
     int ok = t->ndim == nd;
@@ -206,9 +208,9 @@ static const void *experts(binder *b, const char *canon, int64_t E, int64_t rows
             char have[96];
             shape_str(have, sizeof have, q->t->ndim, q->t->shape);
             b->st = errf(b->e, ALBEDO_ERR_MODEL_FORMAT,
-                         "tensor %s: %s blocks of [%lld, %lld, %lld] are [%lld, %lld, %lld] bytes, file has %s", q->t->name,
-                         dtype_name(q->qdt), (long long)E, (long long)rows, (long long)cols, (long long)E, (long long)rows,
-                         (long long)rb, have);
+                         "tensor %s: %s blocks of [%lld, %lld, %lld] are [%lld, %lld, %lld] bytes, file has %s",
+                         q->t->name, dtype_name(q->qdt), (long long)E, (long long)rows, (long long)cols, (long long)E,
+                         (long long)rows, (long long)rb, have);
             return NULL;
         }
         b->used++;
@@ -256,15 +258,15 @@ static op_linear lin(binder *b, const char *prefix, int n_out, int n_in, int bia
     if (q && q->t->dt == DT_U8 && q->qdt != DT_U8) {
         /* The q4 recipe keeps the LM head in Q8 (quant.c): a q4 file's
          * linear whose rows have Q8's length is Q8. */
-        const dtype qdt = q->qdt == DT_Q4 && q->t->ndim == 2 && q->t->shape[1] == (int64_t)q_row_bytes(DT_Q8, n_in)
-                              ? DT_Q8
-                              : q->qdt;
+        const dtype qdt =
+            q->qdt == DT_Q4 && q->t->ndim == 2 && q->t->shape[1] == (int64_t)q_row_bytes(DT_Q8, n_in) ? DT_Q8 : q->qdt;
         const int64_t rb = (int64_t)q_row_bytes(qdt, n_in);
         if (q->t->ndim != 2 || q->t->shape[0] != n_out || q->t->shape[1] != rb) {
             char have[96];
             shape_str(have, sizeof have, q->t->ndim, q->t->shape);
-            b->st = errf(b->e, ALBEDO_ERR_MODEL_FORMAT, "tensor %s: %s blocks of [%d, %d] are [%d, %lld] bytes, file has %s",
-                         q->t->name, dtype_name(qdt), n_out, n_in, n_out, (long long)rb, have);
+            b->st = errf(b->e, ALBEDO_ERR_MODEL_FORMAT,
+                         "tensor %s: %s blocks of [%d, %d] are [%d, %lld] bytes, file has %s", q->t->name,
+                         dtype_name(qdt), n_out, n_in, n_out, (long long)rb, have);
             return L;
         }
         b->used++;
@@ -318,10 +320,13 @@ albedo_status md_config_from_tensors(md_config *c, const st_file *const *files, 
             const named *r = NULL, *f1 = lookup(&ix, nm);
             snprintf(nm, sizeof nm, "text.blocks.%d.mlp.router.weight", r0);
             r = lookup(&ix, nm);
-            if (!f1 || f1->t->ndim != 3 || r->t->ndim != 2 || f1->t->shape[0] != r->t->shape[0] || f1->t->shape[1] % 2 ||
-                f1->t->shape[0] < 1 || f1->t->shape[0] > 4096 || f1->t->shape[1] < 2 || f1->t->shape[1] > (2 << 16)) {
-                st = errf(e, ALBEDO_ERR_MODEL_FORMAT,
-                          "tensor model.text.blocks.%d.mlp.fc1.weight: expected [experts, 2*inner, dim] beside the router", r0);
+            if (!f1 || f1->t->ndim != 3 || r->t->ndim != 2 || f1->t->shape[0] != r->t->shape[0] ||
+                f1->t->shape[1] % 2 || f1->t->shape[0] < 1 || f1->t->shape[0] > 4096 || f1->t->shape[1] < 2 ||
+                f1->t->shape[1] > (2 << 16)) {
+                st = errf(
+                    e, ALBEDO_ERR_MODEL_FORMAT,
+                    "tensor model.text.blocks.%d.mlp.fc1.weight: expected [experts, 2*inner, dim] beside the router",
+                    r0);
             } else {
                 c->moe_experts = (int)f1->t->shape[0];
                 c->moe_inner = (int)(f1->t->shape[1] / 2);
@@ -399,8 +404,8 @@ albedo_status md_weights_bind_files(md_weights *w, const md_config *c, const st_
             t->router = lin(&b, NM("text.blocks.%d.mlp.router"), c->moe_experts, c->dim, 1);
             t->exp_fc1 = experts(&b, NM("text.blocks.%d.mlp.fc1.weight"), c->moe_experts, 2 * c->moe_inner, c->dim,
                                  &t->exp_fc1_dt);
-            t->exp_fc2 = experts(&b, NM("text.blocks.%d.mlp.fc2.weight"), c->moe_experts, c->dim, c->moe_inner,
-                                 &t->exp_fc2_dt);
+            t->exp_fc2 =
+                experts(&b, NM("text.blocks.%d.mlp.fc2.weight"), c->moe_experts, c->dim, c->moe_inner, &t->exp_fc2_dt);
         } else {
             t->fc1 = lin(&b, NM("text.blocks.%d.mlp.fc1"), c->ff_dim, c->dim, 1);
             t->fc2 = lin(&b, NM("text.blocks.%d.mlp.fc2"), c->dim, c->ff_dim, 1);

@@ -52,23 +52,24 @@ static inline int first_low(json_t *margins, double thr) {
     return INT32_MAX;
 }
 
-static inline albedo_request fixture_request(json_t *c, albedo_spatial_ref *refs,
-                                             const fixture_rules *rules) {
+static inline albedo_request fixture_request(json_t *c, albedo_spatial_ref *refs, const fixture_rules *rules) {
     const char *task = json_string_value(json_object_get(c, "task"));
     json_t *args = json_object_get(c, "args");
     albedo_request r = albedo_request_default(ALBEDO_SKILL_QUERY);
     if (!strcmp(task, "caption")) {
         r.skill = ALBEDO_SKILL_CAPTION;
         const char *len = json_string_value(json_object_get(args, "length"));
-        r.length = !strcmp(len, "short") ? ALBEDO_LENGTH_SHORT : !strcmp(len, "long") ? ALBEDO_LENGTH_LONG : ALBEDO_LENGTH_NORMAL;
+        r.length = !strcmp(len, "short")  ? ALBEDO_LENGTH_SHORT
+                   : !strcmp(len, "long") ? ALBEDO_LENGTH_LONG
+                                          : ALBEDO_LENGTH_NORMAL;
     } else if (!strcmp(task, "detect") || !strcmp(task, "point")) {
         r.skill = !strcmp(task, "detect") ? ALBEDO_SKILL_DETECT : ALBEDO_SKILL_POINT;
         r.object = json_string_value(json_object_get(args, "object"));
     } else {
         r.question = json_string_value(json_object_get(args, "question"));
-        r.reasoning = json_is_true(json_object_get(args, "reasoning")) ||
-                      (rules->reasoning_if_output &&
-                       json_object_get(json_object_get(c, "output"), "reasoning") != NULL);
+        r.reasoning =
+            json_is_true(json_object_get(args, "reasoning")) ||
+            (rules->reasoning_if_output && json_object_get(json_object_get(c, "output"), "reasoning") != NULL);
         json_t *sr = json_object_get(args, "spatial_refs");
         size_t i;
         json_t *x;
@@ -121,12 +122,13 @@ static inline void fixture_check(const char *label, json_t *c, const albedo_resu
     if (is_text && lim_logit == INT32_MAX) {
         const char *key = !strcmp(task, "caption") ? "caption" : "answer";
         const char *want = json_string_value(json_object_get(out, key));
-        CHECK(want && !strcmp(res->text, want), "%s: text\n  got  '%s'\n  want '%s'", label, res->text, want ? want : "?");
+        CHECK(want && !strcmp(res->text, want), "%s: text\n  got  '%s'\n  want '%s'", label, res->text,
+              want ? want : "?");
         json_t *rz = json_object_get(out, "reasoning");
         if (rz) {
             const char *rt = json_string_value(json_object_get(rz, "text"));
-            CHECK(res->reasoning && rt && !strcmp(res->reasoning, rt), "%s: reasoning text\n  got  '%s'\n  want '%s'", label,
-                  res->reasoning ? res->reasoning : "(null)", rt ? rt : "?");
+            CHECK(res->reasoning && rt && !strcmp(res->reasoning, rt), "%s: reasoning text\n  got  '%s'\n  want '%s'",
+                  label, res->reasoning ? res->reasoning : "(null)", rt ? rt : "?");
             json_t *gr = json_object_get(rz, "grounding");
             CHECK((int)json_array_size(gr) == res->n_grounding, "%s: %d groundings, reference %zu", label,
                   res->n_grounding, json_array_size(gr));
@@ -175,8 +177,9 @@ static inline void fixture_check(const char *label, json_t *c, const albedo_resu
             json_t *o = json_array_get(arr, (size_t)j);
             if (is_det) {
                 const albedo_box *b = &res->objects[j];
-                double w[4] = {json_number_value(json_object_get(o, "x_min")), json_number_value(json_object_get(o, "y_min")),
-                               json_number_value(json_object_get(o, "x_max")), json_number_value(json_object_get(o, "y_max"))};
+                double w[4] = {
+                    json_number_value(json_object_get(o, "x_min")), json_number_value(json_object_get(o, "y_min")),
+                    json_number_value(json_object_get(o, "x_max")), json_number_value(json_object_get(o, "y_max"))};
                 CHECK(b->x_min == w[0] && b->y_min == w[1] && b->x_max == w[2] && b->y_max == w[3],
                       "%s: box %d (%.17g %.17g %.17g %.17g) reference (%.17g %.17g %.17g %.17g)", label, j, b->x_min,
                       b->y_min, b->x_max, b->y_max, w[0], w[1], w[2], w[3]);
@@ -193,7 +196,8 @@ static inline void fixture_check(const char *label, json_t *c, const albedo_resu
 /* ---- the includer's model ------------------------------------------------------ */
 
 #ifndef FIXTURE_RULES
-#define FIXTURE_RULES {0, 0, 0} /* Moondream 2 */
+#define FIXTURE_RULES \
+    { 0, 0, 0 } /* Moondream 2 */
 #endif
 
 static inline albedo_request case_request(json_t *c, albedo_spatial_ref *refs) {

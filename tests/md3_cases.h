@@ -9,7 +9,8 @@
 #ifndef ALBEDO_MD3_CASES_H
 #define ALBEDO_MD3_CASES_H
 
-#define FIXTURE_RULES {1, 1, 1} /* reasoning_if_output, eos_choice, md3_extra_checks */
+#define FIXTURE_RULES \
+    { 1, 1, 1 } /* reasoning_if_output, eos_choice, md3_extra_checks */
 #include "fixture_check.h"
 
 #endif

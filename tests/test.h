@@ -14,22 +14,22 @@
 
 static int test_passed, test_failed;
 
-#define CHECK(cond, ...)                                                         \
-    do {                                                                         \
-        if (cond) {                                                              \
-            test_passed++;                                                       \
-        } else {                                                                 \
-            test_failed++;                                                       \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);      \
-            fprintf(stderr, __VA_ARGS__);                                        \
-            fputc('\n', stderr);                                                 \
-        }                                                                        \
+#define CHECK(cond, ...)                                                    \
+    do {                                                                    \
+        if (cond) {                                                         \
+            test_passed++;                                                  \
+        } else {                                                            \
+            test_failed++;                                                  \
+            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__);                                   \
+            fputc('\n', stderr);                                            \
+        }                                                                   \
     } while (0)
 
-#define TEST_MAIN_END()                                                          \
-    do {                                                                         \
-        printf("%d passed, %d failed\n", test_passed, test_failed);              \
-        return test_failed ? 1 : (test_passed ? 0 : 1);                          \
+#define TEST_MAIN_END()                                             \
+    do {                                                            \
+        printf("%d passed, %d failed\n", test_passed, test_failed); \
+        return test_failed ? 1 : (test_passed ? 0 : 1);             \
     } while (0)
 
 /* ../shared beside the repository, or NULL when this clone has none. */

@@ -59,8 +59,9 @@ static void reset_tmp(void) {
 static void expect_load(const char *what, albedo_status want, const char *fragment) {
     albedo_model *m = (albedo_model *)1;
     albedo_status st = albedo_model_load(g_tmp, NULL, &m);
-    CHECK(st == want && m == NULL && strstr(albedo_last_error(), fragment), "%s: status %d (%s), message '%s', want %d with '%s'",
-          what, st, albedo_status_str(st), albedo_last_error(), want, fragment);
+    CHECK(st == want && m == NULL && strstr(albedo_last_error(), fragment),
+          "%s: status %d (%s), message '%s', want %d with '%s'", what, st, albedo_status_str(st), albedo_last_error(),
+          want, fragment);
     if (st == ALBEDO_OK) albedo_model_free(m);
 }
 
@@ -147,7 +148,8 @@ static void model_files(void) {
     rewrite_weights(NULL, "model.vision.blocks.0.attn.qkv.weight", NULL);
     expect_load("wrong dtype", ALBEDO_ERR_MODEL_FORMAT, "dtype I32");
     rewrite_weights(NULL, NULL, "model.text.blocks.0.mlp.fc1.weight");
-    expect_load("wrong shape", ALBEDO_ERR_MODEL_FORMAT, "model.text.blocks.0.mlp.fc1.weight: expected [264, 128], file has [128, 264]");
+    expect_load("wrong shape", ALBEDO_ERR_MODEL_FORMAT,
+                "model.text.blocks.0.mlp.fc1.weight: expected [264, 128], file has [128, 264]");
 
     /* tokenizer.json */
     reset_tmp();
@@ -159,7 +161,8 @@ static void model_files(void) {
 
     /* not a directory, empty path, bad params */
     albedo_model *m = NULL;
-    CHECK(albedo_model_load("/nonexistent/model", NULL, &m) == ALBEDO_ERR_IO && !m, "nonexistent dir: %s", albedo_last_error());
+    CHECK(albedo_model_load("/nonexistent/model", NULL, &m) == ALBEDO_ERR_IO && !m, "nonexistent dir: %s",
+          albedo_last_error());
     CHECK(albedo_model_load("", NULL, &m) == ALBEDO_ERR_INVALID_ARGUMENT, "empty dir");
     CHECK(albedo_model_load(g_good, NULL, NULL) == ALBEDO_ERR_INVALID_ARGUMENT, "NULL out");
     albedo_model_params mp = albedo_model_params_default();
@@ -168,7 +171,8 @@ static void model_files(void) {
           "bad backend: %s", albedo_last_error());
     mp = albedo_model_params_default();
     mp.max_context = 100;
-    CHECK(albedo_model_load(g_good, &mp, &m) == ALBEDO_ERR_INVALID_ARGUMENT && strstr(albedo_last_error(), "max_context"),
+    CHECK(albedo_model_load(g_good, &mp, &m) == ALBEDO_ERR_INVALID_ARGUMENT &&
+              strstr(albedo_last_error(), "max_context"),
           "small context: %s", albedo_last_error());
     /* the KV cache's dtype: fp8 is the CUDA backend's alone */
     mp = albedo_model_params_default();
@@ -176,7 +180,8 @@ static void model_files(void) {
     CHECK(albedo_model_load(g_good, &mp, &m) == ALBEDO_ERR_UNSUPPORTED && !m && strstr(albedo_last_error(), "fp8"),
           "fp8 KV cache on the CPU: %s", albedo_last_error());
     mp.kv_dtype = "int3";
-    CHECK(albedo_model_load(g_good, &mp, &m) == ALBEDO_ERR_INVALID_ARGUMENT && !m && strstr(albedo_last_error(), "int3"),
+    CHECK(albedo_model_load(g_good, &mp, &m) == ALBEDO_ERR_INVALID_ARGUMENT && !m &&
+              strstr(albedo_last_error(), "int3"),
           "bad kv_dtype: %s", albedo_last_error());
     mp.kv_dtype = "bf16";
     CHECK(albedo_model_load(g_good, &mp, &m) == ALBEDO_OK && m, "kv_dtype bf16: %s", albedo_last_error());
@@ -236,15 +241,16 @@ static void requests(void) {
     };
     for (size_t i = 0; i < sizeof imgs / sizeof imgs[0]; i++) {
         albedo_status st = albedo_image_encode_bytes(s, imgs[i].data, imgs[i].len, &bad);
-        CHECK(st == imgs[i].want && bad == NULL && albedo_session_error(s)[0], "image %s: status %d '%s'", imgs[i].name, st,
-              albedo_session_error(s));
+        CHECK(st == imgs[i].want && bad == NULL && albedo_session_error(s)[0], "image %s: status %d '%s'", imgs[i].name,
+              st, albedo_session_error(s));
     }
     /* truncated file bytes */
     FILE *f = fopen(g_img, "rb");
     unsigned char buf[1 << 16];
     size_t n = f ? fread(buf, 1, sizeof buf, f) : 0;
     if (f) fclose(f);
-    CHECK(albedo_image_encode_bytes(s, buf, n / 2, &bad) == ALBEDO_ERR_IMAGE, "truncated png: %s", albedo_session_error(s));
+    CHECK(albedo_image_encode_bytes(s, buf, n / 2, &bad) == ALBEDO_ERR_IMAGE, "truncated png: %s",
+          albedo_session_error(s));
     /* oversized: limits of 1000 px / 400k pixels */
     uint8_t *big = calloc((size_t)1200 * 10 * 3, 1);
     CHECK(albedo_image_encode_rgb(s, big, 1200, 10, &bad) == ALBEDO_ERR_LIMIT, "wide rgb: %s", albedo_session_error(s));
@@ -263,11 +269,11 @@ static void requests(void) {
     base.max_tokens = 2;
     bad_req cases[16];
     int nc = 0;
-#define CASE(nm, want_, frag_, ...)                                                   \
-    do {                                                                              \
-        albedo_request r_ = base;                                                     \
-        __VA_ARGS__;                                                                  \
-        cases[nc++] = (bad_req){nm, r_, want_, frag_};                       \
+#define CASE(nm, want_, frag_, ...)                    \
+    do {                                               \
+        albedo_request r_ = base;                      \
+        __VA_ARGS__;                                   \
+        cases[nc++] = (bad_req){nm, r_, want_, frag_}; \
     } while (0)
     CASE("empty question", ALBEDO_ERR_INVALID_ARGUMENT, "question is empty", r_.question = "");
     CASE("no question", ALBEDO_ERR_INVALID_ARGUMENT, "question is missing", r_.question = NULL);
@@ -277,15 +283,21 @@ static void requests(void) {
     CASE("top_p 1.5", ALBEDO_ERR_INVALID_ARGUMENT, "top_p", r_.top_p = 1.5f);
     CASE("max_tokens 0", ALBEDO_ERR_INVALID_ARGUMENT, "max_tokens", r_.max_tokens = 0);
     CASE("max_objects -3", ALBEDO_ERR_INVALID_ARGUMENT, "max_objects", r_.max_objects = -3);
-    CASE("caption without image", ALBEDO_ERR_INVALID_ARGUMENT, "needs an image", r_.skill = ALBEDO_SKILL_CAPTION; r_.image = NULL);
-    CASE("bad length", ALBEDO_ERR_INVALID_ARGUMENT, "length", r_.skill = ALBEDO_SKILL_CAPTION; r_.length = (albedo_length)9);
+    CASE("caption without image", ALBEDO_ERR_INVALID_ARGUMENT, "needs an image", r_.skill = ALBEDO_SKILL_CAPTION;
+         r_.image = NULL);
+    CASE("bad length", ALBEDO_ERR_INVALID_ARGUMENT, "length", r_.skill = ALBEDO_SKILL_CAPTION;
+         r_.length = (albedo_length)9);
     CASE("bad skill", ALBEDO_ERR_INVALID_ARGUMENT, "skill", r_.skill = (albedo_skill)42);
-    CASE("empty object", ALBEDO_ERR_INVALID_ARGUMENT, "object is empty", r_.skill = ALBEDO_SKILL_DETECT; r_.object = "");
+    CASE("empty object", ALBEDO_ERR_INVALID_ARGUMENT, "object is empty", r_.skill = ALBEDO_SKILL_DETECT;
+         r_.object = "");
     static const albedo_spatial_ref bad_ref = {3, {0.1, 0.2, 0.3, 0}}, out_ref = {2, {1.5, 0.2, 0, 0}};
-    CASE("spatial ref of 3", ALBEDO_ERR_INVALID_ARGUMENT, "spatial_refs[0]", r_.spatial_refs = &bad_ref; r_.n_spatial_refs = 1);
-    CASE("spatial ref out of range", ALBEDO_ERR_INVALID_ARGUMENT, "[0, 1]", r_.spatial_refs = &out_ref; r_.n_spatial_refs = 1);
+    CASE("spatial ref of 3", ALBEDO_ERR_INVALID_ARGUMENT, "spatial_refs[0]", r_.spatial_refs = &bad_ref;
+         r_.n_spatial_refs = 1);
+    CASE("spatial ref out of range", ALBEDO_ERR_INVALID_ARGUMENT, "[0, 1]", r_.spatial_refs = &out_ref;
+         r_.n_spatial_refs = 1);
     CASE("spatial refs text-only", ALBEDO_ERR_INVALID_ARGUMENT, "only be used with an image",
-         r_.spatial_refs = &out_ref; r_.n_spatial_refs = 1; r_.image = NULL);
+         r_.spatial_refs = &out_ref;
+         r_.n_spatial_refs = 1; r_.image = NULL);
 #undef CASE
     for (int i = 0; i < nc; i++) {
         const albedo_result *res = (const albedo_result *)1;
@@ -350,11 +362,15 @@ static void requests(void) {
 int main(void) {
     const char *shared = test_shared_dir();
     /* the fixture model, or the one test_model regenerated from its seed */
-    if (shared) snprintf(g_good, sizeof g_good, "%s/fixtures/models/md2-small", shared);
-    else snprintf(g_good, sizeof g_good, "%s/md2-small-gen", ALBEDO_BINARY_DIR);
+    if (shared)
+        snprintf(g_good, sizeof g_good, "%s/fixtures/models/md2-small", shared);
+    else
+        snprintf(g_good, sizeof g_good, "%s/md2-small-gen", ALBEDO_BINARY_DIR);
     snprintf(g_tmp, sizeof g_tmp, "%s/badinput-model", ALBEDO_BINARY_DIR);
-    if (shared) snprintf(g_img, sizeof g_img, "%s/fixtures/images/tiny.png", shared);
-    else snprintf(g_img, sizeof g_img, "%s/tests/data/images/tiny.png", test_source_dir());
+    if (shared)
+        snprintf(g_img, sizeof g_img, "%s/fixtures/images/tiny.png", shared);
+    else
+        snprintf(g_img, sizeof g_img, "%s/tests/data/images/tiny.png", test_source_dir());
     char probe[4200];
     struct stat sb;
     snprintf(probe, sizeof probe, "%s/tokenizer.json", g_good);

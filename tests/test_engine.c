@@ -148,7 +148,8 @@ static void test_fixtures(albedo_model *m, json_t *cases, const char *image_dir)
     engine_debug_prefix_stats(e, &hits, &misses, &evictions);
     printf("fixtures: %d jobs, %d reused a cached prefix, %d waited in the queue; prefix cache %llu hits, %llu misses, "
            "%llu evictions\n",
-           n_jobs, n_cached, n_queued, (unsigned long long)hits, (unsigned long long)misses, (unsigned long long)evictions);
+           n_jobs, n_cached, n_queued, (unsigned long long)hits, (unsigned long long)misses,
+           (unsigned long long)evictions);
     CHECK(n_cached > 0, "no request reused a cached image prefix");
     CHECK(evictions > 0, "the small KV budget evicted no prefix");
     check_no_leak(e, "fixtures");
@@ -247,8 +248,7 @@ static void test_cancel(albedo_model *m) {
     pthread_mutex_unlock(&f.mu);
     CHECK(albedo_engine_submit(e, &r, NULL, 0, NULL, &queued) == ALBEDO_OK, "submit");
     albedo_ticket_cancel(queued);
-    CHECK(albedo_ticket_wait(queued, NULL) == ALBEDO_ERR_CANCELLED, "queued request: %s",
-          albedo_ticket_error(queued));
+    CHECK(albedo_ticket_wait(queued, NULL) == ALBEDO_ERR_CANCELLED, "queued request: %s", albedo_ticket_error(queued));
     CHECK(albedo_ticket_wait(run, NULL) == ALBEDO_ERR_CANCELLED, "running request: %s", albedo_ticket_error(run));
     CHECK(f.n_text >= 2, "the running request streamed %d pieces before its cancellation", f.n_text);
     albedo_ticket_free(run);
@@ -567,8 +567,9 @@ static void test_sessions(albedo_model *m, json_t *cases, const char *image_dir)
                    !memcmp(rp->tokens, tok_e, (size_t)n_tok_e * sizeof *tok_e);
         /* A different output must come from a near tie, where rounding
          * legitimately picks the other token. */
-        CHECK(same || (lr.diverged >= 0 && lr.margin < 1e-4), "%s: engine and in-place runs differ\n  engine   %s\n  in place %s",
-              label, json_e ? json_e : "?", json_p ? json_p : "?");
+        CHECK(same || (lr.diverged >= 0 && lr.margin < 1e-4),
+              "%s: engine and in-place runs differ\n  engine   %s\n  in place %s", label, json_e ? json_e : "?",
+              json_p ? json_p : "?");
         CHECK(lr.worst < 1e-5, "%s: logits differ by %.3g (relative)", label, lr.worst);
         n_same += same;
         if (lr.worst > worst) worst = lr.worst;
@@ -577,7 +578,8 @@ static void test_sessions(albedo_model *m, json_t *cases, const char *image_dir)
         free(lr.rows);
     }
     printf("sessions: %d of %d cases identical through the engine and in place; logits differ by at most %.3g "
-           "(relative)\n", n_same, n_cases, worst);
+           "(relative)\n",
+           n_same, n_cases, worst);
     albedo_image_free(img);
     albedo_session_free(se);
     albedo_session_free(sp);
@@ -613,7 +615,8 @@ static void test_sessions(albedo_model *m, json_t *cases, const char *image_dir)
     pthread_barrier_destroy(&go);
     albedo_engine_get_stats(eng, &after);
     for (int k = 0; k < 3; k++) CHECK(lj[k].st == ALBEDO_OK, "long session run %d: %s", k, albedo_status_str(lj[k].st));
-    const double steps = (double)(after.steps - before.steps), seqs = (double)(after.step_sequences - before.step_sequences);
+    const double steps = (double)(after.steps - before.steps),
+                 seqs = (double)(after.step_sequences - before.step_sequences);
     printf("sessions: 3 threads' 200-token runs in %.0f steps, %.2f sequences per step\n", steps,
            steps > 0 ? seqs / steps : 0);
     CHECK(seqs > 1.5 * steps, "three concurrent session runs were hardly batched (%.0f sequences in %.0f steps)", seqs,
@@ -727,8 +730,8 @@ static uint64_t run_ahead(albedo_model *m, const blob *x, const blob *y, int ahe
      * image's request: it takes the slot first. */
     int in_order = f.n_done == 4;
     for (int i = 0; i < 4 && in_order; i++) in_order = f.done_order[i] == i;
-    CHECK(in_order, "ahead %d: completion order %d %d %d %d", ahead, f.done_order[0], f.done_order[1],
-          f.done_order[2], f.done_order[3]);
+    CHECK(in_order, "ahead %d: completion order %d %d %d %d", ahead, f.done_order[0], f.done_order[1], f.done_order[2],
+          f.done_order[3]);
     for (int i = 0; i < 4; i++) albedo_ticket_free(t[i]);
     check_no_leak(e, "ahead");
     albedo_engine_free(e);

@@ -44,17 +44,13 @@ static int load(const char *name, img_rgb *im) {
 
 /* Names the first differing byte of two same-sized crops and how many
  * differ. */
-static void report_diff(const char *what, int idx, const uint8_t *got, const uint8_t *want,
-                        int size) {
+static void report_diff(const char *what, int idx, const uint8_t *got, const uint8_t *want, int size) {
     size_t n = (size_t)size * size * 3, ndiff = 0, first = 0;
     for (size_t i = 0; i < n; i++)
         if (got[i] != want[i] && ndiff++ == 0) first = i;
     if (ndiff)
-        fprintf(
-            stderr,
-            "  %s crop %d: %zu of %zu bytes differ, first at y=%zu x=%zu c=%zu (got %d, want %d)\n",
-            what, idx, ndiff, n, first / 3 / size, first / 3 % size, first % 3, got[first],
-            want[first]);
+        fprintf(stderr, "  %s crop %d: %zu of %zu bytes differ, first at y=%zu x=%zu c=%zu (got %d, want %d)\n", what,
+                idx, ndiff, n, first / 3 / size, first / 3 % size, first % 3, got[first], want[first]);
 }
 
 /* ---- expect.txt ------------------------------------------------------------ */
@@ -86,8 +82,7 @@ static void test_expectations(void) {
             img_rgb im;
             if (load(name, &im)) {
                 uint64_t got = fnv1a64(im.px, (size_t)im.w * im.h * 3);
-                CHECK(im.w == a && im.h == b, "%s: decoded %dx%d, Pillow %dx%d", name, im.w, im.h,
-                      a, b);
+                CHECK(im.w == a && im.h == b, "%s: decoded %dx%d, Pillow %dx%d", name, im.w, im.h, a, b);
                 CHECK(got == h, "%s: decode differs from Pillow (hash %016llx, want %016llx)", name,
                       (unsigned long long)got, h);
                 img_free(&im);
@@ -100,8 +95,7 @@ static void test_expectations(void) {
                 CHECK(st == ALBEDO_OK, "resize %s to %dx%d: %s", name, a, b, e.msg);
                 if (st == ALBEDO_OK) {
                     uint64_t got = fnv1a64(out.px, (size_t)a * b * 3);
-                    CHECK(got == h, "resize %s %dx%d -> %dx%d differs from Pillow", name, im.w,
-                          im.h, a, b);
+                    CHECK(got == h, "resize %s %dx%d -> %dx%d differs from Pillow", name, im.w, im.h, a, b);
                     img_free(&out);
                 }
                 img_free(&im);
@@ -115,8 +109,7 @@ static void test_expectations(void) {
                 st = img_make_crops(&im, 378, 14, 4, 12, &cc.c, &e);
                 CHECK(st == ALBEDO_OK, "crops %s: %s", name, e.msg);
                 CHECK(cc.c.th == a && cc.c.tw == b && cc.c.n == c,
-                      "crops %s: tiling %dx%d (%d crops), Pillow %dx%d (%d)", name, cc.c.th,
-                      cc.c.tw, cc.c.n, a, b, c);
+                      "crops %s: tiling %dx%d (%d crops), Pillow %dx%d (%d)", name, cc.c.th, cc.c.tw, cc.c.n, a, b, c);
                 img_free(&im);
             }
         } else if (sscanf(line, "crop %127s %d %llx", name, &a, &h) == 3) {
@@ -139,8 +132,7 @@ static void test_expectations(void) {
     free(txt);
     /* Guard against a truncated or emptied expect.txt passing vacuously. */
     CHECK(n_decode >= 16 && n_resize >= 8 && n_crop >= 20,
-          "expect.txt holds too few cases (%d decode, %d resize, %d crop)", n_decode, n_resize,
-          n_crop);
+          "expect.txt holds too few cases (%d decode, %d resize, %d crop)", n_decode, n_resize, n_crop);
 }
 
 /* ---- ../shared fixtures ------------------------------------------------------ */
@@ -188,8 +180,7 @@ static void test_fixtures(const char *shared) {
         char *dot = strrchr(stem, '.');
         if (dot) *dot = 0;
         char st_path[4096], img_path[4096];
-        snprintf(st_path, sizeof st_path, "%s/fixtures/reference/md2-small/cases/%s.safetensors",
-                 shared, stem);
+        snprintf(st_path, sizeof st_path, "%s/fixtures/reference/md2-small/cases/%s.safetensors", shared, stem);
         snprintf(img_path, sizeof img_path, "%s/fixtures/images/%s", shared, image);
         errbuf e = {{0}};
         st_file *f = NULL;
@@ -213,8 +204,8 @@ static void test_fixtures(const char *shared) {
             double ms = now_ms() - t0;
             CHECK(st == ALBEDO_OK, "%s: crops: %s", image, e.msg);
             CHECK(c.th == want_th && c.tw == want_tw && c.n == want_n,
-                  "%s: tiling %dx%d (%d crops), reference %dx%d (%d)", image, c.th, c.tw, c.n,
-                  want_th, want_tw, want_n);
+                  "%s: tiling %dx%d (%d crops), reference %dx%d (%d)", image, c.th, c.tw, c.n, want_th, want_tw,
+                  want_n);
             if (st == ALBEDO_OK && t && (int64_t)c.n == t->shape[0] && t->dt == DT_U8) {
                 size_t cb = (size_t)378 * 378 * 3;
                 int bad = 0;
@@ -229,10 +220,10 @@ static void test_fixtures(const char *shared) {
                 /* The compact copy used without ../shared must describe
                  * these very fixtures. */
                 uint64_t h = fnv1a64(t->data, t->nbytes), rec = fixture_hash(stem);
-                CHECK(h == rec, "%s: crops_u8 hash %016llx, expect.txt records %016llx", stem,
-                      (unsigned long long)h, (unsigned long long)rec);
-                printf("fixture %-24s %4dx%-4d tiling %dx%d: %d crops identical (%.1f ms)\n", image,
-                       im.w, im.h, c.th, c.tw, c.n - bad, ms);
+                CHECK(h == rec, "%s: crops_u8 hash %016llx, expect.txt records %016llx", stem, (unsigned long long)h,
+                      (unsigned long long)rec);
+                printf("fixture %-24s %4dx%-4d tiling %dx%d: %d crops identical (%.1f ms)\n", image, im.w, im.h, c.th,
+                       c.tw, c.n - bad, ms);
             }
             img_crops_free(&c);
             img_free(&im);
@@ -257,8 +248,8 @@ static void test_tiling(void) {
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
         int th, tw;
         img_select_tiling(table[i].h - 112, table[i].w - 112, 266, 12, &th, &tw);
-        CHECK(th == table[i].th && tw == table[i].tw, "%dx%d: tiling (%d,%d), spec (%d,%d)",
-              table[i].w, table[i].h, th, tw, table[i].th, table[i].tw);
+        CHECK(th == table[i].th && tw == table[i].tw, "%dx%d: tiling (%d,%d), spec (%d,%d)", table[i].w, table[i].h, th,
+              tw, table[i].th, table[i].tw);
     }
     /* Step 5 of the algorithm, both branches, and the guards. */
     int th, tw;
@@ -305,8 +296,7 @@ static void test_geometry(void) {
                 for (int j = 0; j < tw; j++)
                     for (int y = 0; y < 224; y++)
                         bad += memcmp(c.px + cb * (size_t)(1 + i * tw + j) + (size_t)y * 224 * 3,
-                                      big.px + ((size_t)(160 * i + y) * big.w + 160 * j) * 3,
-                                      224 * 3) != 0;
+                                      big.px + ((size_t)(160 * i + y) * big.w + 160 * j) * 3, 224 * 3) != 0;
             CHECK(bad == 0, "%d local crop rows are not windows of the resized image", bad);
             img_free(&big);
         }
@@ -339,12 +329,10 @@ static void test_resize_props(void) {
     img_rgb im = {7, 5, malloc(7 * 5 * 3)}, out;
     errbuf e = {{0}};
     for (int i = 0; i < 7 * 5 * 3; i++) im.px[i] = (uint8_t)(i * 37);
-    CHECK(img_resize_lanczos(&im, 7, 5, &out, &e) == ALBEDO_OK &&
-              memcmp(out.px, im.px, 7 * 5 * 3) == 0,
+    CHECK(img_resize_lanczos(&im, 7, 5, &out, &e) == ALBEDO_OK && memcmp(out.px, im.px, 7 * 5 * 3) == 0,
           "same-size resize must copy");
     img_free(&out);
-    for (int i = 0; i < 7 * 5 * 3; i++)
-        im.px[i] = (uint8_t)(i % 3 == 0 ? 200 : i % 3 == 1 ? 0 : 255);
+    for (int i = 0; i < 7 * 5 * 3; i++) im.px[i] = (uint8_t)(i % 3 == 0 ? 200 : i % 3 == 1 ? 0 : 255);
     int sizes[][2] = {{1, 1}, {3, 9}, {40, 2}, {500, 377}, {7, 300}, {300, 5}};
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
         int w = sizes[s][0], h = sizes[s][1], bad = 0;
@@ -359,11 +347,9 @@ static void test_resize_props(void) {
     }
     CHECK(img_resize_lanczos(&im, 0, 5, &out, &e) == ALBEDO_ERR_INVALID_ARGUMENT && !out.px,
           "zero width must be rejected");
-    CHECK(img_resize_lanczos(&im, 5, -1, &out, &e) == ALBEDO_ERR_INVALID_ARGUMENT,
-          "negative height must be rejected");
+    CHECK(img_resize_lanczos(&im, 5, -1, &out, &e) == ALBEDO_ERR_INVALID_ARGUMENT, "negative height must be rejected");
     img_rgb empty = {0};
-    CHECK(img_resize_lanczos(&empty, 5, 5, &out, &e) == ALBEDO_ERR_INVALID_ARGUMENT,
-          "empty source must be rejected");
+    CHECK(img_resize_lanczos(&empty, 5, 5, &out, &e) == ALBEDO_ERR_INVALID_ARGUMENT, "empty source must be rejected");
     img_free(&im);
 }
 
@@ -380,22 +366,19 @@ static uint8_t *read_data(const char *name, size_t *len) {
 }
 
 /* Decodes and expects status want, and that *out was left empty. */
-static void expect_status(const char *what, const uint8_t *buf, size_t len, const img_limits *lim,
-                          albedo_status want, const char *needle) {
+static void expect_status(const char *what, const uint8_t *buf, size_t len, const img_limits *lim, albedo_status want,
+                          const char *needle) {
     img_rgb im = {1, 1, (uint8_t *)1}; /* garbage in, must be zeroed */
     errbuf e = {{0}};
     albedo_status st = img_decode(buf, len, lim, &im, &e);
-    CHECK(st == want, "%s: status %d (%s), want %d: %s", what, st, albedo_status_str(st), want,
-          e.msg);
+    CHECK(st == want, "%s: status %d (%s), want %d: %s", what, st, albedo_status_str(st), want, e.msg);
     if (st == ALBEDO_OK) {
         img_free(&im);
         return;
     }
     CHECK(im.px == NULL && im.w == 0 && im.h == 0, "%s: output not cleared on failure", what);
     CHECK(e.msg[0] != 0, "%s: no message", what);
-    if (needle)
-        CHECK(strstr(e.msg, needle) != NULL, "%s: message \"%s\" lacks \"%s\"", what, e.msg,
-              needle);
+    if (needle) CHECK(strstr(e.msg, needle) != NULL, "%s: message \"%s\" lacks \"%s\"", what, e.msg, needle);
 }
 
 static void put_be32(uint8_t *p, uint32_t v) {
@@ -417,8 +400,7 @@ static void test_bad_input(void) {
     junk[1] = 0x00;
     expect_status("zero bytes", junk, 0, NULL, ALBEDO_ERR_IMAGE, "empty");
     expect_status("NULL buffer", NULL, 10, NULL, ALBEDO_ERR_IMAGE, NULL);
-    expect_status("random bytes", junk, sizeof junk, NULL, ALBEDO_ERR_IMAGE,
-                  "unrecognised image format");
+    expect_status("random bytes", junk, sizeof junk, NULL, ALBEDO_ERR_IMAGE, "unrecognised image format");
     expect_status("one byte", junk, 1, NULL, ALBEDO_ERR_IMAGE, "unrecognised");
     /* Each format's magic followed by junk. */
     static const uint8_t jpg_magic[] = {0xff, 0xd8, 0xff, 0xe0};
@@ -441,10 +423,9 @@ static void test_bad_input(void) {
     expect_status("BMP", tmp, sizeof tmp, NULL, ALBEDO_ERR_UNSUPPORTED, "BMP");
 
     /* Every test file cut in half, and cut just short of its end. */
-    static const char *files[] = {"baseline.jpg", "progressive.jpg",     "cmyk.jpg",
-                                  "grey.png",     "interlaced.png",      "rgb16.png",
-                                  "lossy.webp",   "lossless_alpha.webp", "anim_offset.webp",
-                                  "pillow.gif",   "offset_trans.gif"};
+    static const char *files[] = {"baseline.jpg",     "progressive.jpg", "cmyk.jpg",        "grey.png",
+                                  "interlaced.png",   "rgb16.png",       "lossy.webp",      "lossless_alpha.webp",
+                                  "anim_offset.webp", "pillow.gif",      "offset_trans.gif"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
         size_t len;
         uint8_t *buf = read_data(files[i], &len);
@@ -497,8 +478,7 @@ static void test_bad_input(void) {
 
     /* A PNG header claiming 100000x100000 (no image data at all): refused
      * with the limits before anything is decoded or allocated. */
-    uint8_t hdr[57] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n',
-                       0,    0,   0,   13,  'I',  'H',  'D',  'R'};
+    uint8_t hdr[57] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n', 0, 0, 0, 13, 'I', 'H', 'D', 'R'};
     put_be32(hdr + 16, 100000);
     put_be32(hdr + 20, 100000);
     hdr[24] = 8; /* depth */
@@ -509,8 +489,7 @@ static void test_bad_input(void) {
     /* Custom limits: by side and by pixel count. */
     buf = read_data("baseline.jpg", &len); /* 97x61 */
     if (buf) {
-        img_limits side = {96, 1 << 20}, pixels = {4096, 97 * 61 - 1}, ok = {97, 97 * 61},
-                   bad = {0, 5};
+        img_limits side = {96, 1 << 20}, pixels = {4096, 97 * 61 - 1}, ok = {97, 97 * 61}, bad = {0, 5};
         expect_status("97x61 over a 96-pixel side", buf, len, &side, ALBEDO_ERR_LIMIT, "96");
         expect_status("97x61 over 5916 pixels", buf, len, &pixels, ALBEDO_ERR_LIMIT, "5916");
         expect_status("97x61 at the limits", buf, len, &ok, ALBEDO_OK, NULL);
@@ -534,13 +513,12 @@ static void test_bad_input(void) {
     /* Files. */
     img_rgb im;
     albedo_status st = img_load_file("/nonexistent/dir/image.png", NULL, &im, &e);
-    CHECK(st == ALBEDO_ERR_IO && strstr(e.msg, "No such file") != NULL && im.px == NULL,
-          "missing file: status %d: %s", st, e.msg);
+    CHECK(st == ALBEDO_ERR_IO && strstr(e.msg, "No such file") != NULL && im.px == NULL, "missing file: status %d: %s",
+          st, e.msg);
     st = img_load_file(test_source_dir(), NULL, &im, &e);
     CHECK(st == ALBEDO_ERR_IO, "a directory: status %d: %s", st, e.msg);
     st = img_load_file(data_path("expect.txt"), NULL, &im, &e);
-    CHECK(st == ALBEDO_ERR_IMAGE && strstr(e.msg, "expect.txt") != NULL,
-          "a text file: status %d: %s", st, e.msg);
+    CHECK(st == ALBEDO_ERR_IMAGE && strstr(e.msg, "expect.txt") != NULL, "a text file: status %d: %s", st, e.msg);
 
     /* Freeing what is empty or already freed. */
     img_rgb zero = {0};

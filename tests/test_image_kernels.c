@@ -117,8 +117,8 @@ static void test_hblock(const rs_kernels *k, const rs_kernels *ref) {
                           "%s hblock sw %d dw %d ksize %d: row %d differs at byte %ld (got %d, "
                           "want %d)",
                           k->name, sw, dw, ks[c], r, d, d < 0 ? 0 : dg[r][d], d < 0 ? 0 : dr[r][d]);
-                    CHECK(guard_ok(dg[r] + (size_t)dw * 3),
-                          "%s hblock sw %d dw %d: wrote past row %d", k->name, sw, dw, r);
+                    CHECK(guard_ok(dg[r] + (size_t)dw * 3), "%s hblock sw %d dw %d: wrote past row %d", k->name, sw, dw,
+                          r);
                 }
                 free_axis(&ax);
                 free(src);
@@ -153,8 +153,8 @@ static void test_vrow(const rs_kernels *k, const rs_kernels *ref) {
             ref->vrow(src, stride, w, taps, n, want);
             k->vrow(src, stride, w, taps, n, got);
             long d = first_diff(got, want, n);
-            CHECK(d < 0, "%s vrow n %zu taps %d: differs at byte %ld (got %d, want %d)", k->name, n,
-                  taps, d, d < 0 ? 0 : got[d], d < 0 ? 0 : want[d]);
+            CHECK(d < 0, "%s vrow n %zu taps %d: differs at byte %ld (got %d, want %d)", k->name, n, taps, d,
+                  d < 0 ? 0 : got[d], d < 0 ? 0 : want[d]);
             CHECK(guard_ok(got + n), "%s vrow n %zu taps %d: wrote past the row", k->name, n, taps);
             free(src);
             free(got);
@@ -185,12 +185,12 @@ static void test_images(const char *kname) {
                 img_rgb a = {0}, b = {0};
                 albedo_status sa = img_resize_lanczos_x(&im, outs[o][0], outs[o][1], &a, &ref, &e);
                 albedo_status sb = img_resize_lanczos_x(&im, outs[o][0], outs[o][1], &b, &x, &e);
-                CHECK(sa == ALBEDO_OK && sb == ALBEDO_OK, "resize %dx%d -> %dx%d: %s", im.w, im.h,
-                      outs[o][0], outs[o][1], e.msg);
+                CHECK(sa == ALBEDO_OK && sb == ALBEDO_OK, "resize %dx%d -> %dx%d: %s", im.w, im.h, outs[o][0],
+                      outs[o][1], e.msg);
                 if (sa == ALBEDO_OK && sb == ALBEDO_OK) {
                     long d = first_diff(a.px, b.px, (size_t)a.w * a.h * 3);
-                    CHECK(d < 0, "%s, %d threads: resize %dx%d -> %dx%d differs at byte %ld", kname,
-                          threads[t], im.w, im.h, outs[o][0], outs[o][1], d);
+                    CHECK(d < 0, "%s, %d threads: resize %dx%d -> %dx%d differs at byte %ld", kname, threads[t], im.w,
+                          im.h, outs[o][0], outs[o][1], d);
                 }
                 img_free(&a);
                 img_free(&b);
@@ -198,12 +198,11 @@ static void test_images(const char *kname) {
             img_crops ca = {0}, cb = {0};
             albedo_status sa = img_make_crops_x(&im, 378, 14, 4, 12, &ref, &ca, &e);
             albedo_status sb = img_make_crops_x(&im, 378, 14, 4, 12, &x, &cb, &e);
-            CHECK(sa == ALBEDO_OK && sb == ALBEDO_OK && ca.n == cb.n, "crops of %dx%d: %s", im.w,
-                  im.h, e.msg);
+            CHECK(sa == ALBEDO_OK && sb == ALBEDO_OK && ca.n == cb.n, "crops of %dx%d: %s", im.w, im.h, e.msg);
             if (sa == ALBEDO_OK && sb == ALBEDO_OK && ca.n == cb.n) {
                 long d = first_diff(ca.px, cb.px, (size_t)ca.n * 378 * 378 * 3);
-                CHECK(d < 0, "%s, %d threads: crops of %dx%d differ at byte %ld (crop %ld)", kname,
-                      threads[t], im.w, im.h, d, d / (378 * 378 * 3));
+                CHECK(d < 0, "%s, %d threads: crops of %dx%d differ at byte %ld (crop %ld)", kname, threads[t], im.w,
+                      im.h, d, d / (378 * 378 * 3));
             }
             img_crops_free(&ca);
             img_crops_free(&cb);

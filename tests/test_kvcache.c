@@ -34,7 +34,9 @@ int main(void) {
     errbuf e;
     kv_pool p;
     const int block = 16, kvd = 8, layers = 2;
-    CHECK(kv_pool_init(&p, layers, kvd, sizeof(float), block, kv_block_bytes(layers, kvd, sizeof(float), block) * 64, 1, &e) == ALBEDO_OK, "%s", e.msg);
+    CHECK(kv_pool_init(&p, layers, kvd, sizeof(float), block, kv_block_bytes(layers, kvd, sizeof(float), block) * 64, 1,
+                       &e) == ALBEDO_OK,
+          "%s", e.msg);
     CHECK(p.n_blocks == 64 && p.n_free == 64, "pool of %d blocks, %d free", p.n_blocks, p.n_free);
 
     /* fork: whole blocks shared, the partial block copied */
@@ -72,7 +74,8 @@ int main(void) {
             kv_prefix *x = kv_prefix_find(&pc, key);
             if (x) {
                 x->pinned = 1;
-                if (kv_prefix_evict(&p, &pc, 1) < 1 || kv_seq_fork(&p, &live[i], &x->seq, x->n_pos)) fails++;
+                if (kv_prefix_evict(&p, &pc, 1) < 1 || kv_seq_fork(&p, &live[i], &x->seq, x->n_pos))
+                    fails++;
                 else {
                     len[i] = x->n_pos;
                     CHECK(rows_ok(&p, &live[i], len[i], (float)key[0] * 100000), "prefix rows");
@@ -94,8 +97,10 @@ int main(void) {
         case 1: /* decode a few steps */
             if (!live[i].n_blocks) break;
             kv_prefix_evict(&p, &pc, 1);
-            if (kv_seq_reserve(&p, &live[i], len[i] + 3) == 0) len[i] += 3;
-            else fails++;
+            if (kv_seq_reserve(&p, &live[i], len[i] + 3) == 0)
+                len[i] += 3;
+            else
+                fails++;
             break;
         default: /* finish or cancel */
             kv_seq_release(&p, &live[i]);
@@ -106,7 +111,8 @@ int main(void) {
     }
     for (int i = 0; i < 8; i++) kv_seq_release(&p, &live[i]);
     kv_prefix_free(&p, &pc);
-    CHECK(p.n_free == p.n_blocks, "leak: %d of %d blocks free after %ld operations (%ld refused)", p.n_free, p.n_blocks, ops, fails);
+    CHECK(p.n_free == p.n_blocks, "leak: %d of %d blocks free after %ld operations (%ld refused)", p.n_free, p.n_blocks,
+          ops, fails);
     int bad_ref = 0;
     for (int bl = 0; bl < p.n_blocks; bl++) bad_ref += p.ref[bl] != 0;
     CHECK(bad_ref == 0, "%d blocks still referenced", bad_ref);

@@ -147,7 +147,8 @@ static void check_prefix(albedo_session *s, const albedo_image *img, st_file *re
         if (!rk || !rv) continue;
         for (int h = 0; h < H; h++)
             for (int p = 0; p < P; p++) {
-                const float *ok = (const float *)img->k[l] + ((size_t)p * H + h) * D, *ov = (const float *)img->v[l] + ((size_t)p * H + h) * D;
+                const float *ok = (const float *)img->k[l] + ((size_t)p * H + h) * D,
+                            *ov = (const float *)img->v[l] + ((size_t)p * H + h) * D;
                 float *dk = k + ((size_t)h * P + p) * D, *dv = v + ((size_t)h * P + p) * D;
                 for (int i = 0; i < half; i++) {
                     dk[2 * i] = ok[i];
@@ -182,7 +183,8 @@ static void check_logits(const char *label, json_t *c, const rows *rw, st_file *
     if (fl) {
         int wi = 0;
         double worst = first_logits_diff(rw, fl, &wi);
-        CHECK(worst <= 1e-3, "%s: first_logits max abs diff %.3g at %d (%g vs %g)", label, worst, wi, rw->first[wi], fl[wi]);
+        CHECK(worst <= 1e-3, "%s: first_logits max abs diff %.3g at %d (%g vs %g)", label, worst, wi, rw->first[wi],
+              fl[wi]);
     }
     snprintf(name, sizeof name, "%s.top_ids", prefix);
     const st_tensor *ti = st_find(ref, name);
@@ -198,7 +200,8 @@ static void check_logits(const char *label, json_t *c, const rows *rw, st_file *
             int id = ((const int32_t *)ti->data)[r * 16];
             float val = ((const float *)tv->data)[r * 16];
             if (rw->top_id[r] != id || fabsf(rw->top_val[r] - val) > 1e-3f) {
-                CHECK(0, "%s: logits row %d top-1 %d (%g), reference %d (%g)", label, r, rw->top_id[r], rw->top_val[r], id, val);
+                CHECK(0, "%s: logits row %d top-1 %d (%g), reference %d (%g)", label, r, rw->top_id[r], rw->top_val[r],
+                      id, val);
                 break;
             }
         }
@@ -252,7 +255,8 @@ static void run_cases(const model_run *mr, json_t *cases, const char *image_dir,
                 CHECK(st_open(rp, &ref, &e) == ALBEDO_OK, "%s: %s", label, e.msg);
                 if (ref) check_stages(s, path, ref, label);
             }
-            CHECK(albedo_image_encode_file(s, path, &img) == ALBEDO_OK, "%s: encode: %s", label, albedo_session_error(s));
+            CHECK(albedo_image_encode_file(s, path, &img) == ALBEDO_OK, "%s: encode: %s", label,
+                  albedo_session_error(s));
             if (img && ref && st_find(ref, "prefix_k.0")) check_prefix(s, img, ref);
         }
         if (image && !img) continue;
@@ -285,15 +289,18 @@ static void run_cases(const model_run *mr, json_t *cases, const char *image_dir,
             s->on_logits = record;
             s->on_logits_user = rb;
             albedo_image *img_b = NULL;
-            CHECK(albedo_image_encode_file(s, path, &img_b) == ALBEDO_OK, "%s: encode: %s", label, albedo_session_error(s));
+            CHECK(albedo_image_encode_file(s, path, &img_b) == ALBEDO_OK, "%s: encode: %s", label,
+                  albedo_session_error(s));
             r.image = img_b;
             if (img_b && albedo_session_run(s, &r, &res) == ALBEDO_OK && rb->first && fl) {
                 int w0 = 0, w1 = 0;
                 double exact = first_logits_diff(rw, fl, &w0), rounded = first_logits_diff(rb, fl, &w1);
-                printf("tau position: first_logits max abs diff %.3g with float32 positions, %.3g with bf16 positions\n",
-                       exact, rounded);
-                CHECK(exact < rounded, "%s: bf16 positions (%.3g) match the float32 fixture better than exact ones (%.3g)",
-                      label, rounded, exact);
+                printf(
+                    "tau position: first_logits max abs diff %.3g with float32 positions, %.3g with bf16 positions\n",
+                    exact, rounded);
+                CHECK(exact < rounded,
+                      "%s: bf16 positions (%.3g) match the float32 fixture better than exact ones (%.3g)", label,
+                      rounded, exact);
             }
             s->on_logits = NULL;
             m->cfg.tau_pos_bf16 = 0;
@@ -383,13 +390,14 @@ static void expect_load_error(const char *what, const char *dir, const char *wan
 
 static const char *cfg_no_moe =
     "{\"config\": {\"text\": {\"dim\": 128, \"ff_dim\": 264, \"n_layers\": 3, \"n_heads\": 2, \"n_kv_heads\": 2},\n"
-    " \"vision\": {\"enc_dim\": 144, \"enc_ff_dim\": 292, \"enc_n_heads\": 2, \"proj_out_dim\": 128, \"proj_inner_dim\": 200},\n"
+    " \"vision\": {\"enc_dim\": 144, \"enc_ff_dim\": 292, \"enc_n_heads\": 2, \"proj_out_dim\": 128, "
+    "\"proj_inner_dim\": 200},\n"
     " \"region\": {\"dim\": 128}}}\n";
 
 /* Sharded md3-small under a config without "moe"; then bad variants. */
 static void check_config_and_shards(const char *sharded_dir, const char *gen_dir, const char *tok_path) {
-    CHECK(synth_write_sharded(sharded_dir, "md3-small", MD3_SEED, 0, tok_path, 12u << 20) == ALBEDO_OK, "synth sharded: %s",
-          albedo_last_error());
+    CHECK(synth_write_sharded(sharded_dir, "md3-small", MD3_SEED, 0, tok_path, 12u << 20) == ALBEDO_OK,
+          "synth sharded: %s", albedo_last_error());
     char path[4096], p2[4096];
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", sharded_dir);
     struct stat sb;
@@ -409,8 +417,7 @@ static void check_config_and_shards(const char *sharded_dir, const char *gen_dir
               c->moe_inner, c->moe_start, c->moe_topk);
         CHECK(c->rope_theta == 1500000.0f && c->max_context == 4096, "MD3 defaults: theta %g, context %d",
               (double)c->rope_theta, c->max_context);
-        CHECK(!c->query_suffix_twice && !c->reasoning_after_suffix && c->points_coord_or_eos,
-              "MD3 generation rules");
+        CHECK(!c->query_suffix_twice && !c->reasoning_after_suffix && c->points_coord_or_eos, "MD3 generation rules");
         CHECK(c->default_top_p == 0.9f && c->default_max_objects == 150, "MD3 defaults top_p %g, max_objects %d",
               (double)c->default_top_p, c->default_max_objects);
         CHECK(m->w.region_linear && !m->w.region_ln, "md3-small: linear region decoders, no region LN");
@@ -422,8 +429,9 @@ static void check_config_and_shards(const char *sharded_dir, const char *gen_dir
     md_config c;
     errbuf e;
     md_config_defaults(&c);
-    const char *j = "{\"config\": {\"text\": {\"max_context\": 8192, \"rope_theta\": 20000, \"moe\": {\"num_experts\": 16,"
-                    " \"experts_per_token\": 2, \"expert_inner_dim\": 32, \"start_layer\": 2}}}}";
+    const char *j =
+        "{\"config\": {\"text\": {\"max_context\": 8192, \"rope_theta\": 20000, \"moe\": {\"num_experts\": 16,"
+        " \"experts_per_token\": 2, \"expert_inner_dim\": 32, \"start_layer\": 2}}}}";
     CHECK(md_config_parse(&c, j, strlen(j), &e) == ALBEDO_OK, "config: %s", e.msg);
     CHECK(c.md3 && c.moe_experts == 16 && c.moe_topk == 2 && c.moe_inner == 32 && c.moe_start == 2 &&
               c.max_context == 8192 && c.rope_theta == 20000.0f,
@@ -434,7 +442,8 @@ static void check_config_and_shards(const char *sharded_dir, const char *gen_dir
     CHECK(md_config_parse(&c, j, strlen(j), &e) != ALBEDO_OK && strstr(e.msg, "moe"), "top-k > experts accepted");
     md_config_defaults(&c);
     j = "{\"config\": {\"text\": {\"moe\": {\"num_experts\": \"many\"}}}}";
-    CHECK(md_config_parse(&c, j, strlen(j), &e) != ALBEDO_OK && strstr(e.msg, "num_experts"), "bad num_experts accepted");
+    CHECK(md_config_parse(&c, j, strlen(j), &e) != ALBEDO_OK && strstr(e.msg, "num_experts"),
+          "bad num_experts accepted");
     md_config_defaults(&c);
     j = "{\"config\": {\"text\": {\"n_kv_heads\": 16, \"moe\": {}}}}";
     CHECK(md_config_parse(&c, j, strlen(j), &e) != ALBEDO_OK, "tau with GQA accepted");
@@ -517,10 +526,20 @@ static void check_region_ln(const char *gen_dir, const char *tok_path) {
         lb[i] = f32_to_bf16(0.25f * cosf(0.7f * (float)i));
     }
     for (int i = 0; i < n; i++) ts[i] = *st_at(f, i);
-    ts[n] = (st_tensor){.name = "model.region.ln.weight", .dt = DT_BF16, .ndim = 1, .shape = {dim}, .numel = dim,
-                        .data = lw, .nbytes = sizeof lw};
-    ts[n + 1] = (st_tensor){.name = "model.region.ln.bias", .dt = DT_BF16, .ndim = 1, .shape = {dim}, .numel = dim,
-                            .data = lb, .nbytes = sizeof lb};
+    ts[n] = (st_tensor){.name = "model.region.ln.weight",
+                        .dt = DT_BF16,
+                        .ndim = 1,
+                        .shape = {dim},
+                        .numel = dim,
+                        .data = lw,
+                        .nbytes = sizeof lw};
+    ts[n + 1] = (st_tensor){.name = "model.region.ln.bias",
+                            .dt = DT_BF16,
+                            .ndim = 1,
+                            .shape = {dim},
+                            .numel = dim,
+                            .data = lb,
+                            .nbytes = sizeof lb};
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     CHECK(st_write(path, ts, n + 2, &e) == ALBEDO_OK, "%s", e.msg);
     free(ts);
@@ -546,10 +565,11 @@ static void check_region_ln(const char *gen_dir, const char *tok_path) {
         mean /= dim;
         for (int i = 0; i < dim; i++) var += (h[i] - mean) * (h[i] - mean);
         var /= dim;
-        for (int i = 0; i < dim; i++)
-            y[i] = (h[i] - mean) / sqrt(var + 1e-5) * bf16_to_f32(lw[i]) + bf16_to_f32(lb[i]);
-        const st_tensor *cw = st_find(f, "model.region.coord_decoder.weight"), *cb = st_find(f, "model.region.coord_decoder.bias");
-        const st_tensor *sw = st_find(f, "model.region.size_decoder.weight"), *sb = st_find(f, "model.region.size_decoder.bias");
+        for (int i = 0; i < dim; i++) y[i] = (h[i] - mean) / sqrt(var + 1e-5) * bf16_to_f32(lw[i]) + bf16_to_f32(lb[i]);
+        const st_tensor *cw = st_find(f, "model.region.coord_decoder.weight"),
+                        *cb = st_find(f, "model.region.coord_decoder.bias");
+        const st_tensor *sw = st_find(f, "model.region.size_decoder.weight"),
+                        *sb = st_find(f, "model.region.size_decoder.bias");
         CHECK(cw && cb && sw && sb, "md3-small region decoders missing");
         if (cw && cb && sw && sb) {
             double worst = 0, ref_best = -1e30;
@@ -607,9 +627,11 @@ int main(void) {
     check_plans();
     snprintf(gen_dir, sizeof gen_dir, "%s/md3-small-gen", ALBEDO_BINARY_DIR);
     snprintf(shard_dir, sizeof shard_dir, "%s/md3-small-sharded", ALBEDO_BINARY_DIR);
-    CHECK(albedo_synth_write(gen_dir, "md3-small", MD3_SEED, 0, tok_path) == ALBEDO_OK, "synth: %s", albedo_last_error());
+    CHECK(albedo_synth_write(gen_dir, "md3-small", MD3_SEED, 0, tok_path) == ALBEDO_OK, "synth: %s",
+          albedo_last_error());
     if (g_shared) check_generator(gen_dir);
-    if (!only || !strcmp(only, "config") || !strcmp(only, "sharded")) check_config_and_shards(shard_dir, gen_dir, tok_path);
+    if (!only || !strcmp(only, "config") || !strcmp(only, "sharded"))
+        check_config_and_shards(shard_dir, gen_dir, tok_path);
     if (!only || !strcmp(only, "config")) check_region_ln(gen_dir, tok_path);
 
     char fixture_dir[4096];

@@ -130,7 +130,8 @@ static void check_prefix(albedo_session *s, const albedo_image *img, st_file *re
          * [head, pos, D] with the rotated dims written back interleaved */
         for (int h = 0; h < H; h++)
             for (int p = 0; p < P; p++) {
-                const float *ok = (const float *)img->k[l] + ((size_t)p * H + h) * D, *ov = (const float *)img->v[l] + ((size_t)p * H + h) * D;
+                const float *ok = (const float *)img->k[l] + ((size_t)p * H + h) * D,
+                            *ov = (const float *)img->v[l] + ((size_t)p * H + h) * D;
                 float *dk = k + ((size_t)h * P + p) * D, *dv = v + ((size_t)h * P + p) * D;
                 for (int i = 0; i < half; i++) {
                     dk[2 * i] = ok[i];
@@ -160,7 +161,8 @@ static void check_logits(const char *label, json_t *c, const rows *rw, st_file *
             double d = fabs((double)rw->first[i] - fl[i]);
             if (d > worst) worst = d, wi = i;
         }
-        CHECK(worst <= 1e-3, "%s: first_logits max abs diff %.3g at %d (%g vs %g)", label, worst, wi, rw->first[wi], fl[wi]);
+        CHECK(worst <= 1e-3, "%s: first_logits max abs diff %.3g at %d (%g vs %g)", label, worst, wi, rw->first[wi],
+              fl[wi]);
     }
     snprintf(name, sizeof name, "%s.top_ids", prefix);
     const st_tensor *ti = st_find(ref, name);
@@ -173,7 +175,8 @@ static void check_logits(const char *label, json_t *c, const rows *rw, st_file *
             int id = ((const int32_t *)ti->data)[r * 16];
             float val = ((const float *)tv->data)[r * 16];
             if (rw->top_id[r] != id || fabsf(rw->top_val[r] - val) > 1e-3f) {
-                CHECK(0, "%s: logits row %d top-1 %d (%g), reference %d (%g)", label, r, rw->top_id[r], rw->top_val[r], id, val);
+                CHECK(0, "%s: logits row %d top-1 %d (%g), reference %d (%g)", label, r, rw->top_id[r], rw->top_val[r],
+                      id, val);
                 break;
             }
         }
@@ -222,7 +225,8 @@ static void run_cases(const model_run *mr, json_t *cases, const char *image_dir,
                 CHECK(st_open(rp, &ref, &e) == ALBEDO_OK, "%s: %s", label, e.msg);
                 if (ref) check_stages(s, path, ref, label);
             }
-            CHECK(albedo_image_encode_file(s, path, &img) == ALBEDO_OK, "%s: encode: %s", label, albedo_session_error(s));
+            CHECK(albedo_image_encode_file(s, path, &img) == ALBEDO_OK, "%s: encode: %s", label,
+                  albedo_session_error(s));
             if (img && ref && st_find(ref, "prefix_k.0")) check_prefix(s, img, ref);
         }
         if (image && !img) continue;
@@ -301,7 +305,8 @@ int main(void) {
     /* md2-small from its seed (and under legacy names in F16) */
     snprintf(gen_dir, sizeof gen_dir, "%s/md2-small-gen", ALBEDO_BINARY_DIR);
     snprintf(legacy_dir, sizeof legacy_dir, "%s/md2-small-legacy-f16", ALBEDO_BINARY_DIR);
-    CHECK(albedo_synth_write(gen_dir, "md2-small", 20261127, 0, tok_path) == ALBEDO_OK, "synth: %s", albedo_last_error());
+    CHECK(albedo_synth_write(gen_dir, "md2-small", 20261127, 0, tok_path) == ALBEDO_OK, "synth: %s",
+          albedo_last_error());
     CHECK(albedo_synth_write(legacy_dir, "md2-small", 20261127, 1, tok_path) == ALBEDO_OK, "synth legacy: %s",
           albedo_last_error());
     if (g_shared) check_generator(gen_dir);

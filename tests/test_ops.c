@@ -99,8 +99,7 @@ static void *typed(const float *f, size_t n, dtype dt) {
             float v = i < n ? f[i] : poison_f();
             memcpy(p + 4 * i, &v, 4);
         } else {
-            uint16_t h = dt == DT_BF16 ? (i < n ? f32_to_bf16(f[i]) : 0x7fc1)
-                                       : (i < n ? f32_to_f16(f[i]) : 0x7e01);
+            uint16_t h = dt == DT_BF16 ? (i < n ? f32_to_bf16(f[i]) : 0x7fc1) : (i < n ? f32_to_f16(f[i]) : 0x7e01);
             memcpy(p + 2 * i, &h, 2);
         }
     }
@@ -109,9 +108,7 @@ static void *typed(const float *f, size_t n, dtype dt) {
 
 static float typed_get(const void *p, dtype dt, size_t i) { return cpu_ld(p, dt, i); }
 
-static const char *dt_str(int dt) {
-    return dt < 0 ? "none" : dt == DT_BF16 ? "bf16" : dt == DT_F16 ? "f16" : "f32";
-}
+static const char *dt_str(int dt) { return dt < 0 ? "none" : dt == DT_BF16 ? "bf16" : dt == DT_F16 ? "f16" : "f32"; }
 
 /* ---- contexts ------------------------------------------------------------------ */
 
@@ -186,12 +183,11 @@ static void test_linear(int T, int K, int N, dtype dt, int bdt, int xpad, int yp
             CHECK(worst <= 1.0 && !ops_failed(c),
                   "linear %s x%d %s T=%d K=%d N=%d w=%s b=%s ldx=%d ldy=%d: worst [%d,%d] got %.9g "
                   "want %.9g (err %.3g of tolerance)",
-                  ctx_label[ci], ops_n_threads(c), prec ? "BF16" : "F32", T, K, N, dt_str(dt),
-                  dt_str(bdt), ldx, ldy, wt, wn, y[(size_t)wt * ldy + wn],
-                  ref[(size_t)wt * ldy + wn], worst);
+                  ctx_label[ci], ops_n_threads(c), prec ? "BF16" : "F32", T, K, N, dt_str(dt), dt_str(bdt), ldx, ldy,
+                  wt, wn, y[(size_t)wt * ldy + wn], ref[(size_t)wt * ldy + wn], worst);
             int dmg = guard_damage(y, T, N, ldy);
-            CHECK(dmg == 0, "linear %s x%d T=%d K=%d N=%d ldy=%d: %d poisoned floats written",
-                  ctx_label[ci], ops_n_threads(c), T, K, N, ldy, dmg);
+            CHECK(dmg == 0, "linear %s x%d T=%d K=%d N=%d ldy=%d: %d poisoned floats written", ctx_label[ci],
+                  ops_n_threads(c), T, K, N, ldy, dmg);
         }
     }
     ref_ctx->prec = OPS_F32;
@@ -211,8 +207,8 @@ static void test_linears(void) {
                 int T = Ts[(i * 5 + id) % 12];
                 /* keep the reference's run time down on the largest shapes */
                 if ((double)T * Ks[ik] * Ns[in] > 2e7) T = Ts[i % 5];
-                test_linear(T, Ks[ik], Ns[in], dts[id], i % 4 == 3 ? -1 : (int)dts[(i / 3) % 3],
-                            i % 2 ? 0 : 1 + i % 7, i % 3 ? 3 + i % 5 : 0);
+                test_linear(T, Ks[ik], Ns[in], dts[id], i % 4 == 3 ? -1 : (int)dts[(i / 3) % 3], i % 2 ? 0 : 1 + i % 7,
+                            i % 3 ? 3 + i % 5 : 0);
             }
     /* rows split across tasks (few panels, many rows) */
     test_linear(300, 17, 40, DT_BF16, DT_F32, 1, 2);
@@ -286,8 +282,7 @@ static void test_linear_q(int T, int K, int N, dtype dt, int bdt, int xpad, int 
                 for (int k = 0; k < K; k++) rmax = fmax(rmax, fabs(x[(size_t)t * ldx + k]));
                 for (int k0 = 0; k0 < K; k0 += 32) {
                     double amax = 0.0;
-                    for (int k = k0; k < K && k < k0 + 32; k++)
-                        amax = fmax(amax, fabs(x[(size_t)t * ldx + k]));
+                    for (int k = k0; k < K && k < k0 + 32; k++) amax = fmax(amax, fabs(x[(size_t)t * ldx + k]));
                     for (int k = k0; k < K && k < k0 + 32; k++) {
                         float xv = x[(size_t)t * ldx + k];
                         if (prec == OPS_BF16) xv = bf16_to_f32(f32_to_bf16(xv));
@@ -326,12 +321,11 @@ static void test_linear_q(int T, int K, int N, dtype dt, int bdt, int xpad, int 
             CHECK(worst <= 1.0 && !ops_failed(c),
                   "linear %s x%d %s T=%d K=%d N=%d w=%s b=%s ldx=%d ldy=%d: worst [%d,%d] got %.9g "
                   "want %.9g (err %.3g of tolerance)",
-                  ctx_label[ci], ops_n_threads(c), prec ? "BF16" : "F32", T, K, N,
-                  dt == DT_Q8 ? "q8" : "q4", dt_str(bdt), ldx, ldy, wt, wn,
-                  y[(size_t)wt * ldy + wn], ref[(size_t)wt * ldy + wn], worst);
+                  ctx_label[ci], ops_n_threads(c), prec ? "BF16" : "F32", T, K, N, dt == DT_Q8 ? "q8" : "q4",
+                  dt_str(bdt), ldx, ldy, wt, wn, y[(size_t)wt * ldy + wn], ref[(size_t)wt * ldy + wn], worst);
             int dmg = guard_damage(y, T, N, ldy);
-            CHECK(dmg == 0, "linear %s x%d T=%d K=%d N=%d ldy=%d: %d poisoned floats written",
-                  ctx_label[ci], ops_n_threads(c), T, K, N, ldy, dmg);
+            CHECK(dmg == 0, "linear %s x%d T=%d K=%d N=%d ldy=%d: %d poisoned floats written", ctx_label[ci],
+                  ops_n_threads(c), T, K, N, ldy, dmg);
         }
     }
     ref_ctx->prec = OPS_F32;
@@ -350,8 +344,7 @@ static void test_qformat(void) {
             unsigned char buf[4 * Q8_BLOCK_BYTES];
             for (int k = 0; k < K; k++) v[k] = rnd(-3, 3);
             if (K > 2) v[1] = 0.0f;
-            CHECK(q_row_bytes(dt, K) == (size_t)((K + 31) / 32) * (dt == DT_Q8 ? 34u : 18u),
-                  "q_row_bytes(%d)", K);
+            CHECK(q_row_bytes(dt, K) == (size_t)((K + 31) / 32) * (dt == DT_Q8 ? 34u : 18u), "q_row_bytes(%d)", K);
             q_quantize_row(dt, v, K, buf);
             q_dequantize_row(dt, buf, K, out);
             double worst = 0.0;
@@ -366,8 +359,7 @@ static void test_qformat(void) {
                 for (int k = k0; k < K && k < k0 + 32; k++)
                     worst = fmax(worst, fabs(out[k] - v[k]) / (lim * 1.01 + 1e-3 * fabs(v[k])));
             }
-            CHECK(worst <= 1.0, "%s round trip K=%d: error %.3g of the bound",
-                  dt == DT_Q8 ? "q8" : "q4", K, worst);
+            CHECK(worst <= 1.0, "%s round trip K=%d: error %.3g of the bound", dt == DT_Q8 ? "q8" : "q4", K, worst);
             if (K > 2) CHECK(out[1] == 0.0f, "%s: zero not exact (%g)", dt == DT_Q8 ? "q8" : "q4", out[1]);
         }
     }
@@ -390,8 +382,10 @@ static void test_quantize_u8(void) {
                 for (int pb = 0; pb < 2; pb++) {
                     const int K = Ks[ik], nb = (K + 31) / 32;
                     for (int k = 0; k < K; k++)
-                        x[k] = kind == 0 ? rnd(-3, 3) : kind == 1 ? 0.0f : kind == 2 ? (k == K / 2 ? -0.7f : 0.0f)
-                                                                                      : (float)(k % 9) - 4.0f + 0.5f;
+                        x[k] = kind == 0   ? rnd(-3, 3)
+                               : kind == 1 ? 0.0f
+                               : kind == 2 ? (k == K / 2 ? -0.7f : 0.0f)
+                                           : (float)(k % 9) - 4.0f + 0.5f;
                     if (kind == 3) x[0] = 127.0f; /* steps of 1: x + 0.5 lands halfway */
                     memset(qa, 0x55, sizeof qa), memset(qb, 0xaa, sizeof qb);
                     cpu_quantize_u8(x, K, pb, qa, da);
@@ -414,9 +408,8 @@ static void test_linears_q(void) {
             for (int id = 0; id < 2; id++, i++) {
                 int T = Ts[(i * 5 + id) % 12];
                 if ((double)T * Ks[ik] * Ns[in] > 1e7) T = Ts[i % 5];
-                test_linear_q(T, Ks[ik], Ns[in], id ? DT_Q4 : DT_Q8,
-                              i % 4 == 3 ? -1 : (int)(i % 3 ? DT_BF16 : DT_F32), i % 2 ? 0 : 1 + i % 7,
-                              i % 3 ? 3 + i % 5 : 0);
+                test_linear_q(T, Ks[ik], Ns[in], id ? DT_Q4 : DT_Q8, i % 4 == 3 ? -1 : (int)(i % 3 ? DT_BF16 : DT_F32),
+                              i % 2 ? 0 : 1 + i % 7, i % 3 ? 3 + i % 5 : 0);
             }
     /* every T through the small-T paths on one shape, both formats */
     for (int T = 1; T <= 50; T += 7) {
@@ -480,8 +473,8 @@ static void test_attention_dt(int T, int S, int H, int Hkv, int D, int pos0, int
         }
     /* Unseen keys keep a poison that is NaN in bf16 too. */
     void *kh = kv_copy(k, (size_t)S * ldk, kvdt), *vh = kv_copy(v, (size_t)S * ldv, kvdt);
-    op_attn a = {T, S, H, Hkv, D,   pos0, n_prefix, 1.0f / sqrtf((float)D),
-                 q, k, v, ref, ldq, ldk,  ldv,      ldo, NULL, 0, DT_F32};
+    op_attn a = {T,   S,   H,   Hkv, D,    pos0, n_prefix, 1.0f / sqrtf((float)D), q, k, v, ref,
+                 ldq, ldk, ldv, ldo, NULL, 0,    DT_F32};
     if (kvdt == DT_BF16) a.k = kh, a.v = vh, a.kv_dt = DT_BF16;
     ops_ref_table()->attention(ref_ctx, &a);
     for (int ci = 0; ci < n_ctx; ci++) {
@@ -503,11 +496,11 @@ static void test_attention_dt(int T, int S, int H, int Hkv, int D, int pos0, int
         CHECK(worst <= 1.0 && !ops_failed(c),
               "attention %s x%d kv %s T=%d S=%d H=%d Hkv=%d D=%d pos0=%d n_prefix=%d: worst [%d,%d] got "
               "%.9g want %.9g",
-              ctx_label[ci], ops_n_threads(c), kvdt == DT_BF16 ? "bf16" : "f32", T, S, H, Hkv, D, pos0, n_prefix, wt, wi,
-              o[(size_t)wt * ldo + wi], ref[(size_t)wt * ldo + wi]);
+              ctx_label[ci], ops_n_threads(c), kvdt == DT_BF16 ? "bf16" : "f32", T, S, H, Hkv, D, pos0, n_prefix, wt,
+              wi, o[(size_t)wt * ldo + wi], ref[(size_t)wt * ldo + wi]);
         int dmg = guard_damage(o, T, H * D, ldo);
-        CHECK(dmg == 0, "attention %s x%d T=%d S=%d H=%d D=%d: %d poisoned floats written",
-              ctx_label[ci], ops_n_threads(c), T, S, H, D, dmg);
+        CHECK(dmg == 0, "attention %s x%d T=%d S=%d H=%d D=%d: %d poisoned floats written", ctx_label[ci],
+              ops_n_threads(c), T, S, H, D, dmg);
     }
     free(kh), free(vh);
     ffree(q), ffree(k), ffree(v), ffree(ref), ffree(o);
@@ -532,7 +525,8 @@ static void test_attention_paged_dt(int T, int S, int H, int Hkv, int D, int pos
     for (int t = 0; t < T; t++)
         for (int i = 0; i < H * D; i++) q[(size_t)t * ldq + i] = rnd(-1, 1);
     for (int j = 0; j < S; j++) {
-        float *dk = pk + ((size_t)blocks[j / bs] * bs + j % bs) * ldk, *dv = pv + ((size_t)blocks[j / bs] * bs + j % bs) * ldk;
+        float *dk = pk + ((size_t)blocks[j / bs] * bs + j % bs) * ldk,
+              *dv = pv + ((size_t)blocks[j / bs] * bs + j % bs) * ldk;
         for (int i = 0; i < ldk; i++) {
             k[(size_t)j * ldk + i] = dk[i] = rnd(-1, 1);
             v[(size_t)j * ldk + i] = dv[i] = rnd(-1, 1);
@@ -541,7 +535,8 @@ static void test_attention_paged_dt(int T, int S, int H, int Hkv, int D, int pos
     /* The pool's rows outside the sequence stay poisoned (NaN in bf16 too). */
     void *kh = kv_copy(k, (size_t)S * ldk, kvdt), *vh = kv_copy(v, (size_t)S * ldk, kvdt);
     void *pkh = kv_copy(pk, (size_t)pool_rows * ldk, kvdt), *pvh = kv_copy(pv, (size_t)pool_rows * ldk, kvdt);
-    op_attn a = {T, S, H, Hkv, D, pos0, n_prefix, 1.0f / sqrtf((float)D), q, k, v, ref, ldq, ldk, ldk, ldo, NULL, 0, DT_F32};
+    op_attn a = {T,   S,   H,   Hkv, D,    pos0, n_prefix, 1.0f / sqrtf((float)D), q, k, v, ref,
+                 ldq, ldk, ldk, ldo, NULL, 0,    DT_F32};
     if (kvdt == DT_BF16) a.k = kh, a.v = vh, a.kv_dt = DT_BF16;
     ops_ref_table()->attention(ref_ctx, &a);
     op_attn p = a;
@@ -568,11 +563,11 @@ static void test_attention_paged_dt(int T, int S, int H, int Hkv, int D, int pos
 }
 
 static void test_attentions(void) {
-    test_attention_paged(1, 200, 4, 2, 64, 199, 100, 64);  /* decode over a paged cache */
+    test_attention_paged(1, 200, 4, 2, 64, 199, 100, 64); /* decode over a paged cache */
     test_attention_paged(1, 150, 3, 3, 72, 149, 0, 16);
     test_attention_paged(40, 200, 4, 4, 64, 160, 130, 64); /* prompt after a paged prefix */
     test_attention_paged(37, 130, 2, 1, 64, 93, 0, 32);
-    test_attention_paged(20, 90, 2, 2, 16, 70, 0, 48);     /* block not a multiple of the tile */
+    test_attention_paged(20, 90, 2, 2, 16, 70, 0, 48); /* block not a multiple of the tile */
     /*             T    S   H Hkv  D  pos0 n_prefix pad */
     test_attention(1, 1, 1, 1, 1, 0, 0, 0);
     test_attention(1, 300, 5, 5, 64, 299, 10, 3); /* decode */
@@ -615,9 +610,8 @@ static void test_layernorm(int T, int C, dtype gdt, dtype bdt, float offset, int
             if (!(e <= worst)) worst = isnan(e) ? INFINITY : e, wi = i;
         }
         CHECK(worst <= 1.0 && !ops_failed(c),
-              "layernorm %s x%d T=%d C=%d g=%s b=%s offset=%g%s: worst %zu got %.9g want %.9g",
-              ctx_label[ci], ops_n_threads(c), T, C, dt_str(gdt), dt_str(bdt), offset,
-              inplace ? " in place" : "", wi, y[wi], ref[wi]);
+              "layernorm %s x%d T=%d C=%d g=%s b=%s offset=%g%s: worst %zu got %.9g want %.9g", ctx_label[ci],
+              ops_n_threads(c), T, C, dt_str(gdt), dt_str(bdt), offset, inplace ? " in place" : "", wi, y[wi], ref[wi]);
         CHECK(guard_damage(y, 1, T * C, T * C) == 0, "layernorm %s: guard written", ctx_label[ci]);
     }
     free(gf), free(bf), free(g), free(b);
@@ -660,18 +654,16 @@ static void test_elementwise(int kind, size_t n) {
             e = tol > 0 ? e / tol : (e > 0 ? INFINITY : 0);
             if (!(e <= worst)) worst = isnan(e) ? INFINITY : e, wi = i;
         }
-        CHECK(worst <= 1.0, "%s %s x%d n=%zu: worst %zu: x=%.9g got %.9g want %.9g", names[kind],
-              ctx_label[ci], ops_n_threads(c), n, wi, x[wi], y[wi], ref[wi]);
-        CHECK(guard_damage(y, 1, (int)n, (int)n) == 0, "%s %s: guard written", names[kind],
-              ctx_label[ci]);
+        CHECK(worst <= 1.0, "%s %s x%d n=%zu: worst %zu: x=%.9g got %.9g want %.9g", names[kind], ctx_label[ci],
+              ops_n_threads(c), n, wi, x[wi], y[wi], ref[wi]);
+        CHECK(guard_damage(y, 1, (int)n, (int)n) == 0, "%s %s: guard written", names[kind], ctx_label[ci]);
     }
     ffree(x), ffree(x2), ffree(ref), ffree(y);
 }
 
 static void test_rope(int T, int H, int D, int R, int pos0, int pad) {
     const int ldx = H * D + pad, half = R / 2, P = pos0 + T + 3;
-    float *ct = malloc((size_t)P * half * sizeof *ct + 4),
-          *st = malloc((size_t)P * half * sizeof *st + 4);
+    float *ct = malloc((size_t)P * half * sizeof *ct + 4), *st = malloc((size_t)P * half * sizeof *st + 4);
     for (int p = 0; p < P; p++)
         for (int i = 0; i < half; i++) {
             float ang = p * powf(10000.0f, -2.0f * i / R);
@@ -695,8 +687,8 @@ static void test_rope(int T, int H, int D, int R, int pos0, int pad) {
                 double e = fabs((double)y[j] - ref[j]) / (2e-6 * (1 + fabs(ref[j])));
                 if (!(e <= worst)) worst = isnan(e) ? INFINITY : e, wi = j;
             }
-        CHECK(worst <= 1.0, "rope %s x%d T=%d H=%d D=%d R=%d pos0=%d: worst %zu got %.9g want %.9g",
-              ctx_label[ci], ops_n_threads(c), T, H, D, R, pos0, wi, y[wi], ref[wi]);
+        CHECK(worst <= 1.0, "rope %s x%d T=%d H=%d D=%d R=%d pos0=%d: worst %zu got %.9g want %.9g", ctx_label[ci],
+              ops_n_threads(c), T, H, D, R, pos0, wi, y[wi], ref[wi]);
         CHECK(guard_damage(y, T, H * D, ldx) == 0, "rope %s: guard written", ctx_label[ci]);
     }
     free(ct), free(st);

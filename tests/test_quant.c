@@ -116,7 +116,8 @@ static double run_format(const char *label, const char *dir, const char *fmt, co
     const md_config *mc = &mq->cfg;
     for (int l = 0; l < mc->n_layers; l++) {
         const txt_block *t = &mq->w.tb[l], *tr = &mref->w.tb[l];
-        CHECK(t->qkv.dt == want && t->proj.dt == want, "%s %s: layer %d attention linears not converted", label, fmt, l);
+        CHECK(t->qkv.dt == want && t->proj.dt == want, "%s %s: layer %d attention linears not converted", label, fmt,
+              l);
         if (t->moe)
             CHECK(t->exp_fc1_dt == want && t->exp_fc2_dt == want && t->router.dt == tr->router.dt,
                   "%s %s: layer %d experts not converted (or router changed)", label, fmt, l);
@@ -127,7 +128,8 @@ static double run_format(const char *label, const char *dir, const char *fmt, co
                    mq->w.patch_emb.dt == mref->w.patch_emb.dt;
     for (int l = 0; l < mq->cfg.enc_layers; l++) {
         const vit_block *a = &mq->w.vb[l], *b = &mref->w.vb[l];
-        vis_same &= a->qkv.dt == b->qkv.dt && a->proj.dt == b->proj.dt && a->fc1.dt == b->fc1.dt && a->fc2.dt == b->fc2.dt;
+        vis_same &=
+            a->qkv.dt == b->qkv.dt && a->proj.dt == b->proj.dt && a->fc1.dt == b->fc1.dt && a->fc2.dt == b->fc2.dt;
     }
     CHECK(vis_same, "%s: vision weights must stay as stored (img_emb identical)", fmt);
     CHECK(mq->w.lm_head.dt == DT_Q8, "%s: the LM head is Q8 in every recipe (quant.c), not %s", fmt,
@@ -151,8 +153,10 @@ static double run_format(const char *label, const char *dir, const char *fmt, co
             cur = image;
             char path[4096];
             snprintf(path, sizeof path, "%s/%s", image_dir, image);
-            CHECK(albedo_image_encode_file(sr, path, &ir) == ALBEDO_OK, "encode %s: %s", image, albedo_session_error(sr));
-            CHECK(albedo_image_encode_file(sq, path, &iq) == ALBEDO_OK, "encode %s: %s", image, albedo_session_error(sq));
+            CHECK(albedo_image_encode_file(sr, path, &ir) == ALBEDO_OK, "encode %s: %s", image,
+                  albedo_session_error(sr));
+            CHECK(albedo_image_encode_file(sq, path, &iq) == ALBEDO_OK, "encode %s: %s", image,
+                  albedo_session_error(sq));
             if (ir && iq) {
                 double r = prefix_rel(mref, ir, iq);
                 if (r > wp) wp = r;
@@ -241,8 +245,10 @@ static void check_store(const char *label, const char *dir, const char *fmt, alb
           "%s: stored linears (and the Q8 LM head) not mapped as blocks", fmt);
     for (int l = 0; l < ms->cfg.n_layers; l++)
         if (ms->w.tb[l].moe)
-            CHECK(ms->w.tb[l].exp_fc1_dt == want && ms->w.tb[l].exp_fc2_dt == want, "%s: stored experts of layer %d not "
-                  "mapped as blocks", fmt, l);
+            CHECK(ms->w.tb[l].exp_fc1_dt == want && ms->w.tb[l].exp_fc2_dt == want,
+                  "%s: stored experts of layer %d not "
+                  "mapped as blocks",
+                  fmt, l);
     const int V = ms->cfg.vocab;
     float *a = malloc((size_t)V * sizeof *a), *b = malloc((size_t)V * sizeof *b);
     CHECK(first_logits(ms, a) == 0 && first_logits(mload, b) == 0, "first logits: %s", albedo_last_error());
@@ -266,8 +272,8 @@ static double max_abs_diff(const float *a, const float *b, size_t n, size_t *at)
 
 /* One slice (rows [row0, row0 + n_out) of expert e, K inputs) of the
  * block-format tensor wq against the 16-bit source ws. */
-static void check_slice(const char *what, const void *ws, dtype sdt, const void *wq, dtype qdt, int e, int rows, int row0,
-                        int n_out, int K, ops_ctx *ref, ops_ctx *fast) {
+static void check_slice(const char *what, const void *ws, dtype sdt, const void *wq, dtype qdt, int e, int rows,
+                        int row0, int n_out, int K, ops_ctx *ref, ops_ctx *fast) {
     const op_linear Lq = md_expert_linear(wq, qdt, e, rows, row0, n_out, K);
     const op_linear Ls = md_expert_linear(ws, sdt, e, rows, row0, n_out, K);
     const size_t rb = q_row_bytes(qdt, K);
@@ -318,8 +324,8 @@ static void check_slice(const char *what, const void *ws, dtype sdt, const void 
                 const size_t i = (size_t)t * n_out + n;
                 if (!(fabs((double)yq[i] - yf[i]) <= lim)) {
                     ok = 0;
-                    CHECK(0, "%s %s expert %d T=%d (%s): y[%d,%d] = %.6g, dequantised rows give %.6g (limit %.3g)", what,
-                          dtype_name(qdt), e, T, ops_backend_name(fast), t, n, yq[i], yf[i], lim);
+                    CHECK(0, "%s %s expert %d T=%d (%s): y[%d,%d] = %.6g, dequantised rows give %.6g (limit %.3g)",
+                          what, dtype_name(qdt), e, T, ops_backend_name(fast), t, n, yq[i], yf[i], lim);
                 }
             }
         if (ok) CHECK(1, "fast linear");
@@ -332,7 +338,8 @@ static void check_experts(albedo_model *mref, albedo_model *mq) {
     const md_config *c = &mq->cfg;
     ops_ctx *ref = NULL, *fast = NULL;
     errbuf e;
-    CHECK(ops_ctx_new("ref", 1, OPS_F32, &ref, &e) == ALBEDO_OK && ops_ctx_new(NULL, 2, OPS_F32, &fast, &e) == ALBEDO_OK,
+    CHECK(ops_ctx_new("ref", 1, OPS_F32, &ref, &e) == ALBEDO_OK &&
+              ops_ctx_new(NULL, 2, OPS_F32, &fast, &e) == ALBEDO_OK,
           "ops: %s", e.msg);
     int n_checked = 0;
     for (int l = c->moe_start; l < c->n_layers && ref && fast; l++) {
@@ -387,7 +394,8 @@ static void run_model(const char *label, const char *dir, const char *cases_path
         double wf = 0, mf = 0;
         double pct = run_format(label, dir, fmts[f], NULL, mref, cases, image_dir, &wf, &mf);
         printf("%s %s: teacher-forced top-1 agreement %.2f%% (issue #3 target %.0f%%), first_logits rel L2 worst "
-               "%.4f\n", label, fmts[f], pct, min_agree[f], wf);
+               "%.4f\n",
+               label, fmts[f], pct, min_agree[f], wf);
         /* Q8 meets its target and is asserted. Q4 does not yet reach 85%
          * on md2-small (83.2%: uniform random weights, 32-weight blocks;
          * docs/QUANT.md): its quality is reported, not claimed, until a
@@ -424,7 +432,8 @@ int main(void) {
         snprintf(dir2, sizeof dir2, "%s/fixtures/models/md2-small", shared);
         snprintf(dir3, sizeof dir3, "%s/fixtures/models/md3-small", shared);
     } else {
-        printf("note: ../shared is absent: md2-small and md3-small regenerated from their seeds, cases from tests/data\n");
+        printf(
+            "note: ../shared is absent: md2-small and md3-small regenerated from their seeds, cases from tests/data\n");
         snprintf(cases2, sizeof cases2, "%s/md2-small/cases.json", data);
         snprintf(cases3, sizeof cases3, "%s/md3-small/cases.json", data);
         snprintf(image_dir, sizeof image_dir, "%s/images", data);
@@ -434,7 +443,8 @@ int main(void) {
         CHECK(gunzip(gz, tok_path) == 0, "cannot decompress %s", gz);
         snprintf(dir2, sizeof dir2, "%s/md2-small-gen-q", ALBEDO_BINARY_DIR);
         snprintf(dir3, sizeof dir3, "%s/md3-small-gen-q", ALBEDO_BINARY_DIR);
-        CHECK(albedo_synth_write(dir2, "md2-small", 20261127, 0, tok_path) == ALBEDO_OK, "synth: %s", albedo_last_error());
+        CHECK(albedo_synth_write(dir2, "md2-small", 20261127, 0, tok_path) == ALBEDO_OK, "synth: %s",
+              albedo_last_error());
         CHECK(albedo_synth_write(dir3, "md3-small", 31337, 0, tok_path) == ALBEDO_OK, "synth: %s", albedo_last_error());
     }
     const char *only = getenv("ALBEDO_TEST_ONLY"); /* "md2" or "md3" while debugging */

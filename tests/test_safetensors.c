@@ -58,13 +58,16 @@ int main(void) {
         {"{\"x\": {\"dtype\": \"F32\", \"shape\": [1,1,1,1,1,1,1,1,1], \"data_offsets\": [0, 4]}}", 4, "dims"},
         {"{\"x\": {\"dtype\": \"F32\", \"shape\": [4294967296, 4294967296], \"data_offsets\": [0, 4]}}", 4, "overflow"},
         {"{not json", 0, "not valid JSON"},
-        {"{\"x\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]}, \"x\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]}}", 4, "not valid JSON"},
+        {"{\"x\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]}, \"x\": {\"dtype\": \"F32\", "
+         "\"shape\": [1], \"data_offsets\": [0, 4]}}",
+         4, "not valid JSON"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         size_t n = make(buf, bad[i].hdr, bad[i].data);
         e.msg[0] = 0;
         albedo_status st = open_bytes(buf, n, &f, &e);
-        CHECK(st == ALBEDO_ERR_MODEL_FORMAT && f == NULL && strstr(e.msg, bad[i].msg), "case %zu: status %d msg '%s'", i, st, e.msg);
+        CHECK(st == ALBEDO_ERR_MODEL_FORMAT && f == NULL && strstr(e.msg, bad[i].msg), "case %zu: status %d msg '%s'",
+              i, st, e.msg);
     }
     /* truncated: header length larger than the file */
     size_t n = make(buf, "{\"x\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]}}", 4);
@@ -73,7 +76,8 @@ int main(void) {
         CHECK(st == ALBEDO_ERR_MODEL_FORMAT, "truncated to %zu: status %d", cut, st);
     }
     /* unreadable path */
-    CHECK(st_open("/nonexistent/model.safetensors", &f, &e) == ALBEDO_ERR_IO && strstr(e.msg, "No such file"), "%s", e.msg);
+    CHECK(st_open("/nonexistent/model.safetensors", &f, &e) == ALBEDO_ERR_IO && strstr(e.msg, "No such file"), "%s",
+          e.msg);
     CHECK(st_open(ALBEDO_SOURCE_DIR, &f, &e) == ALBEDO_ERR_IO, "directory: %s", e.msg);
     TEST_MAIN_END();
 }

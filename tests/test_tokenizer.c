@@ -126,8 +126,7 @@ static int32_t *ids_from_json(const json_t *a, int *n) {
 }
 
 /* Everything the streaming decoder returns for ids, concatenated. */
-static char *stream_all(const tokenizer *t, const int32_t *ids, int n, int skip, size_t *len,
-                        int *failed) {
+static char *stream_all(const tokenizer *t, const int32_t *ids, int n, int skip, size_t *len, int *failed) {
     tok_stream s;
     tok_stream_init(&s);
     char *out = NULL;
@@ -157,8 +156,7 @@ static void check_cases(const char *label, const tokenizer *t, const json_t *cas
         if (jt) {
             int32_t *got = NULL;
             int ngot = -1;
-            albedo_status st =
-                tok_encode(t, json_string_value(jt), json_string_length(jt), &got, &ngot, &e);
+            albedo_status st = tok_encode(t, json_string_value(jt), json_string_length(jt), &got, &ngot, &e);
             int diff = -1;
             if (st == ALBEDO_OK)
                 for (int i = 0; i < (ngot > nwant ? ngot : nwant) && diff < 0; i++)
@@ -167,8 +165,7 @@ static void check_cases(const char *label, const tokenizer *t, const json_t *cas
                   "%s case %zu (\"%.40s\"): encode status %d (%s), %d ids vs %d expected, first "
                   "difference at %d (got %d, want %d)",
                   label, ci, json_string_value(jt), st, e.msg, ngot, nwant, diff,
-                  diff >= 0 && diff < ngot ? got[diff] : -1,
-                  diff >= 0 && diff < nwant ? want[diff] : -1);
+                  diff >= 0 && diff < ngot ? got[diff] : -1, diff >= 0 && diff < nwant ? want[diff] : -1);
             free(got);
         }
         static const char *const keys[2] = {"decoded_keep_special", "decoded"};
@@ -178,18 +175,16 @@ static void check_cases(const char *label, const tokenizer *t, const json_t *cas
             char *got = NULL;
             size_t glen = 0;
             albedo_status st = tok_decode(t, want, nwant, skip, &got, &glen, &e);
-            CHECK(st == ALBEDO_OK && got &&
-                      same_bytes(got, glen, json_string_value(jd), json_string_length(jd)),
-                  "%s case %zu: decode(skip_special=%d) gave \"%.60s\" (status %d), want \"%.60s\"",
-                  label, ci, skip, got ? got : "", st, json_string_value(jd));
+            CHECK(st == ALBEDO_OK && got && same_bytes(got, glen, json_string_value(jd), json_string_length(jd)),
+                  "%s case %zu: decode(skip_special=%d) gave \"%.60s\" (status %d), want \"%.60s\"", label, ci, skip,
+                  got ? got : "", st, json_string_value(jd));
             CHECK(got && got[glen] == 0, "%s case %zu: decode output not NUL-terminated", label, ci);
             free(got);
             int failed;
             char *sgot = stream_all(t, want, nwant, skip, &glen, &failed);
-            CHECK(!failed && same_bytes(sgot ? sgot : "", glen, json_string_value(jd),
-                                        json_string_length(jd)),
-                  "%s case %zu: stream(skip_special=%d) gave \"%.60s\", want \"%.60s\"", label, ci,
-                  skip, sgot ? sgot : "", json_string_value(jd));
+            CHECK(!failed && same_bytes(sgot ? sgot : "", glen, json_string_value(jd), json_string_length(jd)),
+                  "%s case %zu: stream(skip_special=%d) gave \"%.60s\", want \"%.60s\"", label, ci, skip,
+                  sgot ? sgot : "", json_string_value(jd));
             free(sgot);
         }
         free(want);
@@ -252,8 +247,7 @@ static void test_fixture_copies(const char *data_dir, const char *shared) {
         if (shared && tj && cases) { /* the copies must equal the originals */
             snprintf(rel, sizeof rel, "fixtures/tokenizers/%s/tokenizer.json", name);
             json_t *orig = json_from_file(path_join(shared, rel));
-            CHECK(orig && json_equal(orig, tj), "%s: rebuilt tokenizer.json differs from %s", name,
-                  rel);
+            CHECK(orig && json_equal(orig, tj), "%s: rebuilt tokenizer.json differs from %s", name, rel);
             json_decref(orig);
             snprintf(rel, sizeof rel, "fixtures/tokenizers/%s/cases.json", name);
             orig = json_from_file(path_join(shared, rel));
@@ -265,8 +259,7 @@ static void test_fixture_copies(const char *data_dir, const char *shared) {
             CHECK(md2 != NULL, "md2-small.cases.json missing");
             if (t && md2) check_cases("md2-small (tests/data copy)", t, md2);
             if (shared && md2) {
-                json_t *ref = json_from_file(
-                    path_join(shared, "fixtures/reference/md2-small/cases.json"));
+                json_t *ref = json_from_file(path_join(shared, "fixtures/reference/md2-small/cases.json"));
                 CHECK(ref && json_equal(json_object_get(ref, "tokenizer"), md2),
                       "md2-small.cases.json differs from the reference's tokenizer list");
                 json_decref(ref);
@@ -376,19 +369,17 @@ static json_t *tiny_json(void) {
     json_object_set_new(vocab, "ll", json_integer(ID_LL));
     json_object_set_new(vocab, "hell", json_integer(ID_HELL));
     json_object_set_new(vocab, "hello", json_integer(ID_HELLO));
-    return json_pack(
-        "{s:s, s:n, s:n, s:[{s:i, s:s, s:b, s:b, s:b, s:b, s:b}, {s:i, s:s, s:b, s:b, s:b, s:b, "
-        "s:b}], s:n, s:{s:s, s:b, s:b, s:b}, s:n, s:{s:s, s:b, s:b, s:b}, s:{s:s, s:n, s:n, s:s, "
-        "s:s, s:b, s:b, s:b, s:o, s:[[s,s],s,[s,s]]}}",
-        "version", "1.0", "truncation", "padding", "added_tokens", "id", ID_SPECIAL, "content",
-        "<|end|>", "single_word", 0, "lstrip", 0, "rstrip", 0, "normalized", 0, "special", 1,
-        "id", ID_PLAIN_ADDED, "content", "[plain]", "single_word", 0, "lstrip", 0, "rstrip", 0,
-        "normalized", 0, "special", 0, "normalizer", "pre_tokenizer", "type", "ByteLevel",
-        "add_prefix_space", 0, "trim_offsets", 1, "use_regex", 1, "post_processor", "decoder",
-        "type", "ByteLevel", "add_prefix_space", 1, "trim_offsets", 1, "use_regex", 1, "model",
-        "type", "BPE", "dropout", "unk_token", "continuing_subword_prefix", "",
-        "end_of_word_suffix", "", "fuse_unk", 0, "byte_fallback", 0, "ignore_merges", 0, "vocab",
-        vocab, "merges", "h", "e", "l l", "he", "ll");
+    return json_pack("{s:s, s:n, s:n, s:[{s:i, s:s, s:b, s:b, s:b, s:b, s:b}, {s:i, s:s, s:b, s:b, s:b, s:b, "
+                     "s:b}], s:n, s:{s:s, s:b, s:b, s:b}, s:n, s:{s:s, s:b, s:b, s:b}, s:{s:s, s:n, s:n, s:s, "
+                     "s:s, s:b, s:b, s:b, s:o, s:[[s,s],s,[s,s]]}}",
+                     "version", "1.0", "truncation", "padding", "added_tokens", "id", ID_SPECIAL, "content", "<|end|>",
+                     "single_word", 0, "lstrip", 0, "rstrip", 0, "normalized", 0, "special", 1, "id", ID_PLAIN_ADDED,
+                     "content", "[plain]", "single_word", 0, "lstrip", 0, "rstrip", 0, "normalized", 0, "special", 0,
+                     "normalizer", "pre_tokenizer", "type", "ByteLevel", "add_prefix_space", 0, "trim_offsets", 1,
+                     "use_regex", 1, "post_processor", "decoder", "type", "ByteLevel", "add_prefix_space", 1,
+                     "trim_offsets", 1, "use_regex", 1, "model", "type", "BPE", "dropout", "unk_token",
+                     "continuing_subword_prefix", "", "end_of_word_suffix", "", "fuse_unk", 0, "byte_fallback", 0,
+                     "ignore_merges", 0, "vocab", vocab, "merges", "h", "e", "l l", "he", "ll");
 }
 
 static tokenizer *tiny_with(json_t *j, albedo_status *st, errbuf *e) {
@@ -408,11 +399,10 @@ static void test_tiny(void) {
     CHECK(t != NULL, "tiny tokenizer: %d %s", st, e.msg);
     if (!t) return;
     CHECK(tok_vocab_size(t) == ID_PLAIN_ADDED + 1, "vocab size %d", tok_vocab_size(t));
-    CHECK(tok_id(t, "hell") == ID_HELL && tok_id(t, "<|end|>") == ID_SPECIAL &&
-              tok_id(t, "nope") == -1,
+    CHECK(tok_id(t, "hell") == ID_HELL && tok_id(t, "<|end|>") == ID_SPECIAL && tok_id(t, "nope") == -1,
           "tok_id lookups");
-    CHECK(tok_is_special(t, ID_SPECIAL) && !tok_is_special(t, ID_PLAIN_ADDED) &&
-              !tok_is_special(t, 'a') && !tok_is_special(t, -5),
+    CHECK(tok_is_special(t, ID_SPECIAL) && !tok_is_special(t, ID_PLAIN_ADDED) && !tok_is_special(t, 'a') &&
+              !tok_is_special(t, -5),
           "tok_is_special");
 
     int32_t *ids = NULL;
@@ -421,8 +411,7 @@ static void test_tiny(void) {
     CHECK(st == ALBEDO_OK && n == 2 && ids[0] == ID_HELL && ids[1] == 'o', "hello -> hell o");
     free(ids);
     st = tok_encode(t, "x<|end|>[plain]", 15, &ids, &n, &e);
-    CHECK(st == ALBEDO_OK && n == 3 && ids[0] == 'x' && ids[1] == ID_SPECIAL &&
-              ids[2] == ID_PLAIN_ADDED,
+    CHECK(st == ALBEDO_OK && n == 3 && ids[0] == 'x' && ids[1] == ID_SPECIAL && ids[2] == ID_PLAIN_ADDED,
           "added tokens matched on encode (special and not)");
     free(ids);
     st = tok_encode(t, "", 0, &ids, &n, &e);
@@ -432,22 +421,18 @@ static void test_tiny(void) {
     CHECK(st == ALBEDO_OK && n == 0, "NULL text of length 0 gives no ids");
     free(ids);
 
-    static const char *const bad_utf8[] = {"\xff", "a\xc3", "\xed\xa0\x80", "\xc0\xaf",
-                                           "\xf4\x90\x80\x80", "ok\x80"};
+    static const char *const bad_utf8[] = {"\xff", "a\xc3", "\xed\xa0\x80", "\xc0\xaf", "\xf4\x90\x80\x80", "ok\x80"};
     for (size_t i = 0; i < sizeof bad_utf8 / sizeof bad_utf8[0]; i++) {
         ids = (int32_t *)&n; /* must be reset */
         st = tok_encode(t, bad_utf8[i], strlen(bad_utf8[i]), &ids, &n, &e);
-        CHECK(st == ALBEDO_ERR_INVALID_ARGUMENT && ids == NULL && n == 0,
-              "invalid UTF-8 #%zu: status %d", i, st);
+        CHECK(st == ALBEDO_ERR_INVALID_ARGUMENT && ids == NULL && n == 0, "invalid UTF-8 #%zu: status %d", i, st);
     }
     CHECK(tok_encode(NULL, "a", 1, &ids, &n, &e) == ALBEDO_ERR_INVALID_ARGUMENT, "NULL tokenizer");
 
     const uint8_t *bytes;
     size_t blen;
-    CHECK(tok_token_bytes(t, 0x0A, &bytes, &blen) == 0 && blen == 1 && bytes[0] == '\n',
-          "token 10 is the byte 0x0A");
-    CHECK(tok_token_bytes(t, ID_SPECIAL, &bytes, &blen) == 0 && blen == 7 &&
-              memcmp(bytes, "<|end|>", 7) == 0,
+    CHECK(tok_token_bytes(t, 0x0A, &bytes, &blen) == 0 && blen == 1 && bytes[0] == '\n', "token 10 is the byte 0x0A");
+    CHECK(tok_token_bytes(t, ID_SPECIAL, &bytes, &blen) == 0 && blen == 7 && memcmp(bytes, "<|end|>", 7) == 0,
           "added token bytes are its content");
     CHECK(tok_token_bytes(t, 9999, &bytes, &blen) == -1 && tok_token_bytes(t, -1, &bytes, &blen) == -1,
           "unknown ids have no bytes");
@@ -461,7 +446,10 @@ static void test_tiny(void) {
     } lossy[] = {
         {{0xE6, 0x97, 0xA5}, 3, "\xe6\x97\xa5"},
         {{0xE6, 0x97}, 2, "\xef\xbf\xbd"},
-        {{0xE6, 0x97, 'A'}, 3, "\xef\xbf\xbd" "A"},
+        {{0xE6, 0x97, 'A'},
+         3,
+         "\xef\xbf\xbd"
+         "A"},
         {{0xF0, 0x80, 0x80}, 3, "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},
         {{0xE0, 0x80}, 2, "\xef\xbf\xbd\xef\xbf\xbd"},
         {{0xED, 0xA0, 0x80}, 3, "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},
@@ -494,8 +482,8 @@ static void test_tiny(void) {
     int32_t unknown[3] = {'a', 12345, 'b'};
     out = (char *)&olen;
     st = tok_decode(t, unknown, 3, 1, &out, &olen, &e);
-    CHECK(st == ALBEDO_ERR_INVALID_ARGUMENT && out == NULL && strstr(e.msg, "12345"),
-          "decode of an unknown id: %d %s", st, e.msg);
+    CHECK(st == ALBEDO_ERR_INVALID_ARGUMENT && out == NULL && strstr(e.msg, "12345"), "decode of an unknown id: %d %s",
+          st, e.msg);
     st = tok_decode(t, (int32_t[]){-1}, 1, 1, &out, &olen, &e);
     CHECK(st == ALBEDO_ERR_INVALID_ARGUMENT, "decode of id -1");
     tok_stream s;
@@ -514,9 +502,9 @@ static void test_tiny(void) {
         int len = 1 + (int)((rng = rng * 1103515245u + 12345u) >> 16) % 24;
         for (int i = 0; i < len; i++) {
             uint32_t r = (rng = rng * 1103515245u + 12345u) >> 16;
-            static const int32_t pool[] = {0x41, 0xC3, 0xA9, 0xE6, 0x97, 0xA5, 0xF0, 0x9F, 0x99,
-                                           0x82, 0xED, 0xA0, 0xE0, 0xF4, 0x90, 0xFF, 0xC0, 0x80,
-                                           0xBF, ID_SPECIAL, ID_HELLO, ID_PLAIN_ADDED};
+            static const int32_t pool[] = {0x41, 0xC3, 0xA9, 0xE6,       0x97,     0xA5,          0xF0, 0x9F,
+                                           0x99, 0x82, 0xED, 0xA0,       0xE0,     0xF4,          0x90, 0xFF,
+                                           0xC0, 0x80, 0xBF, ID_SPECIAL, ID_HELLO, ID_PLAIN_ADDED};
             seq[i] = pool[r % (sizeof pool / sizeof pool[0])];
         }
         for (int skip = 0; skip < 2; skip++) {
@@ -548,31 +536,24 @@ static void m_no_model(json_t *r) { json_object_del(r, "model"); }
 static void m_model_type(json_t *r) {
     json_object_set_new(json_object_get(r, "model"), "type", json_string("WordPiece"));
 }
-static void m_vocab_array(json_t *r) {
-    json_object_set_new(json_object_get(r, "model"), "vocab", json_array());
-}
+static void m_vocab_array(json_t *r) { json_object_set_new(json_object_get(r, "model"), "vocab", json_array()); }
 static void m_vocab_negative(json_t *r) {
-    json_object_set_new(json_object_get(json_object_get(r, "model"), "vocab"), "zz",
-                        json_integer(-3));
+    json_object_set_new(json_object_get(json_object_get(r, "model"), "vocab"), "zz", json_integer(-3));
 }
 static void m_vocab_string(json_t *r) {
-    json_object_set_new(json_object_get(json_object_get(r, "model"), "vocab"), "zz",
-                        json_string("7"));
+    json_object_set_new(json_object_get(json_object_get(r, "model"), "vocab"), "zz", json_string("7"));
 }
 static void m_merge_unknown(json_t *r) {
-    json_array_append_new(json_object_get(json_object_get(r, "model"), "merges"),
-                          json_string("q zzz"));
+    json_array_append_new(json_object_get(json_object_get(r, "model"), "merges"), json_string("q zzz"));
 }
 static void m_merge_result_unknown(json_t *r) {
-    json_array_append_new(json_object_get(json_object_get(r, "model"), "merges"),
-                          json_string("q q"));
+    json_array_append_new(json_object_get(json_object_get(r, "model"), "merges"), json_string("q q"));
 }
 static void m_merge_bad_form(json_t *r) {
     json_array_append_new(json_object_get(json_object_get(r, "model"), "merges"), json_integer(4));
 }
 static void m_merge_three_parts(json_t *r) {
-    json_array_append_new(json_object_get(json_object_get(r, "model"), "merges"),
-                          json_string("h e l"));
+    json_array_append_new(json_object_get(json_object_get(r, "model"), "merges"), json_string("h e l"));
 }
 static void m_no_merges(json_t *r) { json_object_del(json_object_get(r, "model"), "merges"); }
 static void m_pre_unknown(json_t *r) {
@@ -580,59 +561,49 @@ static void m_pre_unknown(json_t *r) {
 }
 static void m_pre_seq_unknown(json_t *r) {
     json_object_set_new(r, "pre_tokenizer",
-                        json_pack("{s:s, s:[{s:s, s:b}, {s:s}]}", "type", "Sequence",
-                                  "pretokenizers", "type", "ByteLevel", "use_regex", 0, "type",
-                                  "Metaspace"));
+                        json_pack("{s:s, s:[{s:s, s:b}, {s:s}]}", "type", "Sequence", "pretokenizers", "type",
+                                  "ByteLevel", "use_regex", 0, "type", "Metaspace"));
 }
 static void m_bad_regex(json_t *r) {
     json_object_set_new(r, "pre_tokenizer",
-                        json_pack("{s:s, s:{s:s}, s:s, s:b}", "type", "Split", "pattern", "Regex",
-                                  "(unclosed", "behavior", "Isolated", "invert", 0));
+                        json_pack("{s:s, s:{s:s}, s:s, s:b}", "type", "Split", "pattern", "Regex", "(unclosed",
+                                  "behavior", "Isolated", "invert", 0));
 }
 static void m_bad_behavior(json_t *r) {
     json_object_set_new(r, "pre_tokenizer",
-                        json_pack("{s:s, s:{s:s}, s:s, s:b}", "type", "Split", "pattern", "String",
-                                  "-", "behavior", "Sideways", "invert", 0));
+                        json_pack("{s:s, s:{s:s}, s:s, s:b}", "type", "Split", "pattern", "String", "-", "behavior",
+                                  "Sideways", "invert", 0));
 }
 static void m_bad_pattern(json_t *r) {
-    json_object_set_new(r, "pre_tokenizer",
-                        json_pack("{s:s, s:{s:i}, s:s}", "type", "Split", "pattern", "Regex", 5,
-                                  "behavior", "Isolated"));
+    json_object_set_new(
+        r, "pre_tokenizer",
+        json_pack("{s:s, s:{s:i}, s:s}", "type", "Split", "pattern", "Regex", 5, "behavior", "Isolated"));
 }
 static void m_bool_type(json_t *r) {
-    json_object_set_new(json_object_get(r, "pre_tokenizer"), "add_prefix_space",
-                        json_string("yes"));
+    json_object_set_new(json_object_get(r, "pre_tokenizer"), "add_prefix_space", json_string("yes"));
 }
 static void m_pre_not_object(json_t *r) { json_object_set_new(r, "pre_tokenizer", json_integer(1)); }
 static void m_norm_unknown(json_t *r) {
     json_object_set_new(r, "normalizer", json_pack("{s:s}", "type", "BertNormalizer"));
 }
 static void m_norm_no_type(json_t *r) { json_object_set_new(r, "normalizer", json_object()); }
-static void m_decoder_unknown(json_t *r) {
-    json_object_set_new(r, "decoder", json_pack("{s:s}", "type", "WordPiece"));
-}
+static void m_decoder_unknown(json_t *r) { json_object_set_new(r, "decoder", json_pack("{s:s}", "type", "WordPiece")); }
 static void m_decoder_null(json_t *r) { json_object_set_new(r, "decoder", json_null()); }
 static void m_prefix(json_t *r) {
-    json_object_set_new(json_object_get(r, "model"), "continuing_subword_prefix",
-                        json_string("##"));
+    json_object_set_new(json_object_get(r, "model"), "continuing_subword_prefix", json_string("##"));
 }
 static void m_suffix(json_t *r) {
     json_object_set_new(json_object_get(r, "model"), "end_of_word_suffix", json_string("</w>"));
 }
-static void m_dropout(json_t *r) {
-    json_object_set_new(json_object_get(r, "model"), "dropout", json_real(0.1));
-}
-static void m_truncation(json_t *r) {
-    json_object_set_new(r, "truncation", json_pack("{s:i}", "max_length", 8));
-}
+static void m_dropout(json_t *r) { json_object_set_new(json_object_get(r, "model"), "dropout", json_real(0.1)); }
+static void m_truncation(json_t *r) { json_object_set_new(r, "truncation", json_pack("{s:i}", "max_length", 8)); }
 static void m_version(json_t *r) { json_object_set_new(r, "version", json_string("2.0")); }
 static void m_added_not_array(json_t *r) { json_object_set_new(r, "added_tokens", json_object()); }
 static void m_added_no_content(json_t *r) {
     json_object_del(json_array_get(json_object_get(r, "added_tokens"), 0), "content");
 }
 static void m_added_bad_flag(json_t *r) {
-    json_object_set_new(json_array_get(json_object_get(r, "added_tokens"), 1), "special",
-                        json_integer(1));
+    json_object_set_new(json_array_get(json_object_get(r, "added_tokens"), 1), "special", json_integer(1));
 }
 static void m_deep_sequence(json_t *r) {
     json_t *p = json_pack("{s:s}", "type", "NFC");
@@ -640,8 +611,7 @@ static void m_deep_sequence(json_t *r) {
     json_object_set_new(r, "normalizer", p);
 }
 static void m_id_too_large(json_t *r) {
-    json_object_set_new(json_object_get(json_object_get(r, "model"), "vocab"), "zz",
-                        json_integer(3000000000LL));
+    json_object_set_new(json_object_get(json_object_get(r, "model"), "vocab"), "zz", json_integer(3000000000LL));
 }
 
 static void test_bad_input(void) {
@@ -662,8 +632,7 @@ static void test_bad_input(void) {
         {"merge with two spaces", m_merge_three_parts, "model.merges["},
         {"no merges", m_no_merges, "model.merges"},
         {"unknown pre-tokenizer", m_pre_unknown, "pre_tokenizer.type"},
-        {"unknown pre-tokenizer in a sequence", m_pre_seq_unknown,
-         "pre_tokenizer.pretokenizers[1].type"},
+        {"unknown pre-tokenizer in a sequence", m_pre_seq_unknown, "pre_tokenizer.pretokenizers[1].type"},
         {"invalid regex", m_bad_regex, "pre_tokenizer.pattern"},
         {"bad behavior", m_bad_behavior, "pre_tokenizer.behavior"},
         {"pattern not a string", m_bad_pattern, "pre_tokenizer.pattern"},
@@ -690,8 +659,7 @@ static void test_bad_input(void) {
         albedo_status st;
         tokenizer *t = tiny_with(j, &st, &e);
         CHECK(t == NULL && st == ALBEDO_ERR_TOKENIZER && strstr(e.msg, bad[i].needle),
-              "%s: status %d, message \"%s\" should name \"%s\"", bad[i].name, st, e.msg,
-              bad[i].needle);
+              "%s: status %d, message \"%s\" should name \"%s\"", bad[i].name, st, e.msg, bad[i].needle);
         tok_free(t);
     }
 
@@ -703,8 +671,9 @@ static void test_bad_input(void) {
     const struct {
         const char *s;
         size_t n;
-    } broken[] = {{full, flen / 2}, {full, flen - 1}, {"hello", 5}, {"", 0}, {"[1,2]", 5},
-                  {"{\"model\": \"BPE\"}", 16}, {"\x1f\x8b\x08\x00", 4}};
+    } broken[] = {
+        {full, flen / 2},       {full, flen - 1}, {"hello", 5}, {"", 0}, {"[1,2]", 5}, {"{\"model\": \"BPE\"}", 16},
+        {"\x1f\x8b\x08\x00", 4}};
     for (size_t i = 0; i < sizeof broken / sizeof broken[0]; i++) {
         errbuf e = {{0}};
         tokenizer *t = (tokenizer *)&e; /* must be reset */
@@ -724,17 +693,14 @@ static void test_bad_input(void) {
 
     errbuf e = {{0}};
     tokenizer *t = NULL;
-    CHECK(tok_load_file("/nonexistent/tokenizer.json", &t, &e) == ALBEDO_ERR_IO && !t,
-          "missing file is an I/O error");
+    CHECK(tok_load_file("/nonexistent/tokenizer.json", &t, &e) == ALBEDO_ERR_IO && !t, "missing file is an I/O error");
     char gz[4096];
     snprintf(gz, sizeof gz, "%s/tests/data/tokenizer/gpt2.tokenizer.json.gz", test_source_dir());
     albedo_status st = tok_load_file(gz, &t, &e);
-    CHECK(st == ALBEDO_ERR_TOKENIZER && !t && strstr(e.msg, "gpt2.tokenizer.json.gz"),
-          "binary file: %d %s", st, e.msg);
+    CHECK(st == ALBEDO_ERR_TOKENIZER && !t && strstr(e.msg, "gpt2.tokenizer.json.gz"), "binary file: %d %s", st, e.msg);
     CHECK(tok_load_json("{}", 2, NULL, &e) == ALBEDO_ERR_INVALID_ARGUMENT, "NULL out");
     tok_free(NULL);
-    CHECK(tok_vocab_size(NULL) == 0 && tok_id(NULL, "a") == -1 && !tok_is_special(NULL, 0),
-          "lookups on NULL");
+    CHECK(tok_vocab_size(NULL) == 0 && tok_id(NULL, "a") == -1 && !tok_is_special(NULL, 0), "lookups on NULL");
 }
 
 /* ------------------------------------------------------------------------ */
@@ -771,8 +737,7 @@ static void test_speed(const char *data_dir) {
         double t0 = now_ms();
         st = tok_encode(t, inputs[i].s, inputs[i].n, &ids, &nids, &e);
         double ms = now_ms() - t0;
-        CHECK(st == ALBEDO_OK && nids > 0 && ms < (i == 0 ? 2000.0 : 200.0),
-              "encode %s: %.1f ms", inputs[i].what, ms);
+        CHECK(st == ALBEDO_OK && nids > 0 && ms < (i == 0 ? 2000.0 : 200.0), "encode %s: %.1f ms", inputs[i].what, ms);
         free(ids);
     }
     memset(text, 'a', n); /* one 100 KB word: the heap-ordered merge keeps it n log n */

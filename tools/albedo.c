@@ -110,28 +110,26 @@ static int parse_args(int argc, char **argv, opts *o) {
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-#define STR(name, field)                                                              \
-    if (!strcmp(a, name)) {                                                           \
-        if (!v) return fprintf(stderr, "albedo: %s needs a value\n", name), -1;       \
-        o->field = v;                                                                 \
-        i++;                                                                          \
-        continue;                                                                     \
+#define STR(name, field)                                                        \
+    if (!strcmp(a, name)) {                                                     \
+        if (!v) return fprintf(stderr, "albedo: %s needs a value\n", name), -1; \
+        o->field = v;                                                           \
+        i++;                                                                    \
+        continue;                                                               \
     }
-#define INT(name, field, flag)                                                        \
-    if (!strcmp(a, name)) {                                                           \
-        if (!v || parse_int(v, &o->field))                                            \
-            return fprintf(stderr, "albedo: %s needs an integer\n", name), -1;        \
-        flag;                                                                         \
-        i++;                                                                          \
-        continue;                                                                     \
+#define INT(name, field, flag)                                                                                \
+    if (!strcmp(a, name)) {                                                                                   \
+        if (!v || parse_int(v, &o->field)) return fprintf(stderr, "albedo: %s needs an integer\n", name), -1; \
+        flag;                                                                                                 \
+        i++;                                                                                                  \
+        continue;                                                                                             \
     }
-#define FLT(name, field, flag)                                                        \
-    if (!strcmp(a, name)) {                                                           \
-        if (!v || parse_float(v, &o->field))                                          \
-            return fprintf(stderr, "albedo: %s needs a number\n", name), -1;          \
-        flag;                                                                         \
-        i++;                                                                          \
-        continue;                                                                     \
+#define FLT(name, field, flag)                                                                                \
+    if (!strcmp(a, name)) {                                                                                   \
+        if (!v || parse_float(v, &o->field)) return fprintf(stderr, "albedo: %s needs a number\n", name), -1; \
+        flag;                                                                                                 \
+        i++;                                                                                                  \
+        continue;                                                                                             \
     }
         STR("--model", model)
         STR("--image", image)
@@ -167,10 +165,22 @@ static int parse_args(int argc, char **argv, opts *o) {
             i++;
             continue;
         }
-        if (!strcmp(a, "--reasoning")) { o->reasoning = 1; continue; }
-        if (!strcmp(a, "--stream")) { o->stream = 1; continue; }
-        if (!strcmp(a, "--json")) { o->json = 1; continue; }
-        if (!strcmp(a, "--legacy-f16")) { o->legacy_f16 = 1; continue; }
+        if (!strcmp(a, "--reasoning")) {
+            o->reasoning = 1;
+            continue;
+        }
+        if (!strcmp(a, "--stream")) {
+            o->stream = 1;
+            continue;
+        }
+        if (!strcmp(a, "--json")) {
+            o->json = 1;
+            continue;
+        }
+        if (!strcmp(a, "--legacy-f16")) {
+            o->legacy_f16 = 1;
+            continue;
+        }
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) return -1;
         if (a[0] == '-' && a[1] == '-') return fprintf(stderr, "albedo: unknown option %s\n", a), -1;
         if (o->n_pos == 4) return fprintf(stderr, "albedo: too many arguments\n"), -1;
@@ -199,13 +209,25 @@ static int parse_refs(const char *s, albedo_spatial_ref *refs, int cap) {
             r->v[r->n++] = v;
             p = end;
             while (*p == ' ') p++;
-            if (*p == ',') { p++; continue; }
-            if (*p == ']') { p++; break; }
+            if (*p == ',') {
+                p++;
+                continue;
+            }
+            if (*p == ']') {
+                p++;
+                break;
+            }
             return -1;
         }
         while (*p == ' ') p++;
-        if (*p == ',') { p++; continue; }
-        if (*p == ']') { p++; break; }
+        if (*p == ',') {
+            p++;
+            continue;
+        }
+        if (*p == ']') {
+            p++;
+            break;
+        }
         return -1;
     }
     while (*p == ' ') p++;
@@ -225,10 +247,14 @@ static int on_text_json(void *user, const char *text, size_t len) {
     fputs("{\"chunk\": \"", stdout);
     for (size_t i = 0; i < len; i++) {
         unsigned char c = (unsigned char)text[i];
-        if (c == '"' || c == '\\') printf("\\%c", c);
-        else if (c == '\n') fputs("\\n", stdout);
-        else if (c < 0x20) printf("\\u%04x", c);
-        else putchar(c);
+        if (c == '"' || c == '\\')
+            printf("\\%c", c);
+        else if (c == '\n')
+            fputs("\\n", stdout);
+        else if (c < 0x20)
+            printf("\\u%04x", c);
+        else
+            putchar(c);
     }
     fputs("\"}\n", stdout);
     fflush(stdout);
@@ -267,7 +293,8 @@ static void fetch_progress(void *user, const char *file, uint64_t done, uint64_t
 static int load_model(const opts *o, albedo_model **m) {
     const char *spec = o->model ? o->model : getenv("ALBEDO_MODEL");
     if (!spec) {
-        fprintf(stderr, "albedo: no model: pass --model DIR|moondream2|moondream3|owner/repo[@rev] or set ALBEDO_MODEL\n");
+        fprintf(stderr,
+                "albedo: no model: pass --model DIR|moondream2|moondream3|owner/repo[@rev] or set ALBEDO_MODEL\n");
         return 2;
     }
     char dir[4096];
@@ -288,15 +315,20 @@ static int load_model(const opts *o, albedo_model **m) {
 static int cmd_skill(opts *o) {
     albedo_request r;
     int need_image = 1, pi = 0;
-    if (!strcmp(o->cmd, "caption")) r = albedo_request_default(ALBEDO_SKILL_CAPTION);
-    else if (!strcmp(o->cmd, "query")) r = albedo_request_default(ALBEDO_SKILL_QUERY), need_image = 0;
-    else if (!strcmp(o->cmd, "detect")) r = albedo_request_default(ALBEDO_SKILL_DETECT);
-    else r = albedo_request_default(ALBEDO_SKILL_POINT);
+    if (!strcmp(o->cmd, "caption"))
+        r = albedo_request_default(ALBEDO_SKILL_CAPTION);
+    else if (!strcmp(o->cmd, "query"))
+        r = albedo_request_default(ALBEDO_SKILL_QUERY), need_image = 0;
+    else if (!strcmp(o->cmd, "detect"))
+        r = albedo_request_default(ALBEDO_SKILL_DETECT);
+    else
+        r = albedo_request_default(ALBEDO_SKILL_POINT);
 
     /* Positional shortcuts: IMAGE first (for query only if it names a file),
      * then the question or object. */
     struct stat sb;
-    if (!o->image && pi < o->n_pos && (need_image || o->n_pos >= 2 || stat(o->pos[pi], &sb) == 0)) o->image = o->pos[pi++];
+    if (!o->image && pi < o->n_pos && (need_image || o->n_pos >= 2 || stat(o->pos[pi], &sb) == 0))
+        o->image = o->pos[pi++];
     if (r.skill == ALBEDO_SKILL_QUERY && !o->question && pi < o->n_pos) o->question = o->pos[pi++];
     if ((r.skill == ALBEDO_SKILL_DETECT || r.skill == ALBEDO_SKILL_POINT) && !o->object && pi < o->n_pos)
         o->object = o->pos[pi++];
@@ -306,15 +338,20 @@ static int cmd_skill(opts *o) {
     if ((r.skill == ALBEDO_SKILL_DETECT || r.skill == ALBEDO_SKILL_POINT) && !o->object)
         return fprintf(stderr, "albedo: %s needs an object\n", o->cmd), 2;
     if (o->length) {
-        if (!strcmp(o->length, "short")) r.length = ALBEDO_LENGTH_SHORT;
-        else if (!strcmp(o->length, "normal")) r.length = ALBEDO_LENGTH_NORMAL;
-        else if (!strcmp(o->length, "long")) r.length = ALBEDO_LENGTH_LONG;
-        else return fprintf(stderr, "albedo: --length must be short, normal or long\n"), 2;
+        if (!strcmp(o->length, "short"))
+            r.length = ALBEDO_LENGTH_SHORT;
+        else if (!strcmp(o->length, "normal"))
+            r.length = ALBEDO_LENGTH_NORMAL;
+        else if (!strcmp(o->length, "long"))
+            r.length = ALBEDO_LENGTH_LONG;
+        else
+            return fprintf(stderr, "albedo: --length must be short, normal or long\n"), 2;
     }
     albedo_spatial_ref refs[64];
     if (o->spatial_refs) {
         int n = parse_refs(o->spatial_refs, refs, 64);
-        if (n < 0) return fprintf(stderr, "albedo: --spatial-refs: expected JSON like [[0.25,0.5],[0.1,0.2,0.6,0.7]]\n"), 2;
+        if (n < 0)
+            return fprintf(stderr, "albedo: --spatial-refs: expected JSON like [[0.25,0.5],[0.1,0.2,0.6,0.7]]\n"), 2;
         r.spatial_refs = refs;
         r.n_spatial_refs = n;
     }
@@ -397,7 +434,7 @@ static int cmd_synth(opts *o) {
     if (o->shard_mb < 0 || (o->shard_mb && o->legacy_f16))
         return fprintf(stderr, "albedo: --shard-mb needs a positive size and no --legacy-f16\n"), 2;
     if ((o->shard_mb ? albedo_synth_write_shards(o->out, o->preset, seed, o->tokenizer, (uint64_t)o->shard_mb << 20)
-                    : albedo_synth_write(o->out, o->preset, seed, o->legacy_f16, o->tokenizer)) != ALBEDO_OK) {
+                     : albedo_synth_write(o->out, o->preset, seed, o->legacy_f16, o->tokenizer)) != ALBEDO_OK) {
         fprintf(stderr, "albedo: %s\n", albedo_last_error());
         return 1;
     }
@@ -410,8 +447,10 @@ static int synthetic_dir(const char *preset, char *out, size_t cap) {
     char tmp[4096];
     if (!base) {
         const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
-        if (xdg) snprintf(tmp, sizeof tmp, "%s/albedo", xdg);
-        else snprintf(tmp, sizeof tmp, "%s/.cache/albedo", home ? home : "/tmp");
+        if (xdg)
+            snprintf(tmp, sizeof tmp, "%s/albedo", xdg);
+        else
+            snprintf(tmp, sizeof tmp, "%s/.cache/albedo", home ? home : "/tmp");
         base = tmp;
     }
     char parent[4096];
@@ -452,14 +491,22 @@ static int cmd_bench_chartqa(int argc, char **argv) {
         }
         if (!v) return fprintf(stderr, "albedo: %s needs a value\n", a), 2;
         i++;
-        if (!strcmp(a, "--synthetic")) o.synthetic = v;
-        else if (!strcmp(a, "--model")) o.model = v;
-        else if (!strcmp(a, "--backend")) o.backend = v;
-        else if (!strcmp(a, "--weights")) o.weights = v;
-        else if (!strcmp(a, "--kv-dtype")) o.kv_dtype = v;
-        else if (!strcmp(a, "--threads") && !parse_int(v, &o.threads)) co.n_threads = o.threads;
-        else if (!strcmp(a, "--images") && !parse_int(v, &co.n_images) && co.n_images > 0) continue;
-        else if (!strcmp(a, "--mode")) co.modes = (strstr(v, "direct") ? 1 : 0) | (strstr(v, "cot") ? 2 : 0);
+        if (!strcmp(a, "--synthetic"))
+            o.synthetic = v;
+        else if (!strcmp(a, "--model"))
+            o.model = v;
+        else if (!strcmp(a, "--backend"))
+            o.backend = v;
+        else if (!strcmp(a, "--weights"))
+            o.weights = v;
+        else if (!strcmp(a, "--kv-dtype"))
+            o.kv_dtype = v;
+        else if (!strcmp(a, "--threads") && !parse_int(v, &o.threads))
+            co.n_threads = o.threads;
+        else if (!strcmp(a, "--images") && !parse_int(v, &co.n_images) && co.n_images > 0)
+            continue;
+        else if (!strcmp(a, "--mode"))
+            co.modes = (strstr(v, "direct") ? 1 : 0) | (strstr(v, "cot") ? 2 : 0);
         else if (!strcmp(a, "--batch")) {
             co.n_batches = 0;
             for (const char *p = v; *p && co.n_batches < 8;) {

@@ -20,7 +20,8 @@
 #include "batch.h"
 
 static void print_error(json_t *id, const char *code, const char *msg) {
-    json_t *o = json_pack("{s:O?, s:s, s:{s:s, s:s}}", "id", id, "status", "error", "error", "code", code, "message", msg);
+    json_t *o =
+        json_pack("{s:O?, s:s, s:{s:s, s:s}}", "id", id, "status", "error", "error", "code", code, "message", msg);
     char *s = json_dumps(o, JSON_COMPACT);
     if (s) puts(s);
     free(s);
@@ -32,33 +33,45 @@ static void print_error(json_t *id, const char *code, const char *msg) {
 static const char *parse_line(const albedo_model *m, json_t *o, albedo_request *r, albedo_spatial_ref *refs, int cap) {
     const char *skill = json_string_value(json_object_get(o, "skill"));
     if (!skill) return "\"skill\" is missing (caption, query, detect or point)";
-    if (!strcmp(skill, "caption")) *r = albedo_model_request_default(m, ALBEDO_SKILL_CAPTION);
-    else if (!strcmp(skill, "query")) *r = albedo_model_request_default(m, ALBEDO_SKILL_QUERY);
-    else if (!strcmp(skill, "detect")) *r = albedo_model_request_default(m, ALBEDO_SKILL_DETECT);
-    else if (!strcmp(skill, "point")) *r = albedo_model_request_default(m, ALBEDO_SKILL_POINT);
-    else return "unknown skill (caption, query, detect or point)";
+    if (!strcmp(skill, "caption"))
+        *r = albedo_model_request_default(m, ALBEDO_SKILL_CAPTION);
+    else if (!strcmp(skill, "query"))
+        *r = albedo_model_request_default(m, ALBEDO_SKILL_QUERY);
+    else if (!strcmp(skill, "detect"))
+        *r = albedo_model_request_default(m, ALBEDO_SKILL_DETECT);
+    else if (!strcmp(skill, "point"))
+        *r = albedo_model_request_default(m, ALBEDO_SKILL_POINT);
+    else
+        return "unknown skill (caption, query, detect or point)";
     json_t *v;
     if ((v = json_object_get(o, "length"))) {
         const char *l = json_string_value(v);
         if (!l) return "\"length\" must be a string";
-        if (!strcmp(l, "short")) r->length = ALBEDO_LENGTH_SHORT;
-        else if (!strcmp(l, "normal")) r->length = ALBEDO_LENGTH_NORMAL;
-        else if (!strcmp(l, "long")) r->length = ALBEDO_LENGTH_LONG;
-        else return "\"length\" must be short, normal or long";
+        if (!strcmp(l, "short"))
+            r->length = ALBEDO_LENGTH_SHORT;
+        else if (!strcmp(l, "normal"))
+            r->length = ALBEDO_LENGTH_NORMAL;
+        else if (!strcmp(l, "long"))
+            r->length = ALBEDO_LENGTH_LONG;
+        else
+            return "\"length\" must be short, normal or long";
     }
-    if ((v = json_object_get(o, "question")) && !(r->question = json_string_value(v))) return "\"question\" must be a string";
+    if ((v = json_object_get(o, "question")) && !(r->question = json_string_value(v)))
+        return "\"question\" must be a string";
     if ((v = json_object_get(o, "object")) && !(r->object = json_string_value(v))) return "\"object\" must be a string";
     if ((v = json_object_get(o, "reasoning"))) {
         if (!json_is_boolean(v)) return "\"reasoning\" must be true or false";
         r->reasoning = json_is_true(v);
     }
     if ((v = json_object_get(o, "spatial_refs"))) {
-        if (!json_is_array(v) || (int)json_array_size(v) > cap) return "\"spatial_refs\" must be a list of [x, y] or [x1, y1, x2, y2]";
+        if (!json_is_array(v) || (int)json_array_size(v) > cap)
+            return "\"spatial_refs\" must be a list of [x, y] or [x1, y1, x2, y2]";
         size_t i;
         json_t *x;
         json_array_foreach(v, i, x) {
             size_t n = json_array_size(x);
-            if (!json_is_array(x) || (n != 2 && n != 4)) return "\"spatial_refs\" must be a list of [x, y] or [x1, y1, x2, y2]";
+            if (!json_is_array(x) || (n != 2 && n != 4))
+                return "\"spatial_refs\" must be a list of [x, y] or [x1, y1, x2, y2]";
             refs[i].n = (int)n;
             for (size_t k = 0; k < n; k++) {
                 json_t *num = json_array_get(x, k);

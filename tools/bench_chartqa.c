@@ -90,8 +90,19 @@ static int png_rgb(const uint8_t *rgb, int w, int h, bytes *out) {
     }
     rc = rc || put_be32(&z, (bsum << 16) | a);
     static const uint8_t sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
-    uint8_t ihdr[13] = {(uint8_t)(w >> 24), (uint8_t)(w >> 16), (uint8_t)(w >> 8), (uint8_t)w,
-                        (uint8_t)(h >> 24), (uint8_t)(h >> 16), (uint8_t)(h >> 8), (uint8_t)h, 8, 2, 0, 0, 0};
+    uint8_t ihdr[13] = {(uint8_t)(w >> 24),
+                        (uint8_t)(w >> 16),
+                        (uint8_t)(w >> 8),
+                        (uint8_t)w,
+                        (uint8_t)(h >> 24),
+                        (uint8_t)(h >> 16),
+                        (uint8_t)(h >> 8),
+                        (uint8_t)h,
+                        8,
+                        2,
+                        0,
+                        0,
+                        0};
     rc = rc || put(out, sig, 8) || chunk(out, "IHDR", ihdr, 13) || chunk(out, "IDAT", z.p, z.n) ||
          chunk(out, "IEND", NULL, 0);
     free(raw.p);
@@ -189,7 +200,8 @@ static int run_one(albedo_model *m, int batch, int cot, int n_threads, const byt
         albedo_request r = albedo_request_default(ALBEDO_SKILL_QUERY);
         /* Direct prompts carry the benchmark's instruction; CoT the raw question. */
         char q[512];
-        snprintf(q, sizeof q, "%s%s", cot ? "" : "Answer the question using a single word or number. ", jobs[i].question);
+        snprintf(q, sizeof q, "%s%s", cot ? "" : "Answer the question using a single word or number. ",
+                 jobs[i].question);
         r.question = q;
         r.temperature = 0;
         r.ignore_eos = 1;
@@ -225,16 +237,17 @@ static int run_one(albedo_model *m, int batch, int cot, int n_threads, const byt
     qsort(lat, (size_t)n_done, sizeof *lat, cmp_double);
     const double rps = n_done / (wall / 1000.0);
     if (json)
-        printf("{\"mode\": \"%s\", \"batch\": %d, \"requests\": %d, \"req_s\": %.4f, \"p50_ms\": %.1f, \"p95_ms\": %.1f, "
-               "\"mean_output_tokens\": %.1f, \"mean_uncached_input\": %.1f, \"mean_ttft_ms\": %.1f, "
-               "\"steps\": %llu, \"mean_batch\": %.2f, \"steps_while_encoding\": %llu}\n",
-               cot ? "cot" : "direct", batch, n_done, rps, pct(lat, n_done, 0.5), pct(lat, n_done, 0.95),
-               n_done ? out_tok / n_done : 0, n_done ? in_tok / n_done : 0, n_done ? ttft / n_done : 0,
-               (unsigned long long)es.steps, mean_batch, (unsigned long long)es.steps_while_encoding);
+        printf(
+            "{\"mode\": \"%s\", \"batch\": %d, \"requests\": %d, \"req_s\": %.4f, \"p50_ms\": %.1f, \"p95_ms\": %.1f, "
+            "\"mean_output_tokens\": %.1f, \"mean_uncached_input\": %.1f, \"mean_ttft_ms\": %.1f, "
+            "\"steps\": %llu, \"mean_batch\": %.2f, \"steps_while_encoding\": %llu}\n",
+            cot ? "cot" : "direct", batch, n_done, rps, pct(lat, n_done, 0.5), pct(lat, n_done, 0.95),
+            n_done ? out_tok / n_done : 0, n_done ? in_tok / n_done : 0, n_done ? ttft / n_done : 0,
+            (unsigned long long)es.steps, mean_batch, (unsigned long long)es.steps_while_encoding);
     else
-        printf("| %-6s | %5d | %8d | %8.3f | %9.0f | %9.0f | %7.1f | %9.0f | %10.2f | %12.0f%% |\n", cot ? "CoT" : "direct",
-               batch, n_done, rps, pct(lat, n_done, 0.5), pct(lat, n_done, 0.95), n_done ? out_tok / n_done : 0,
-               n_done ? ttft / n_done : 0, mean_batch, overlap);
+        printf("| %-6s | %5d | %8d | %8.3f | %9.0f | %9.0f | %7.1f | %9.0f | %10.2f | %12.0f%% |\n",
+               cot ? "CoT" : "direct", batch, n_done, rps, pct(lat, n_done, 0.5), pct(lat, n_done, 0.95),
+               n_done ? out_tok / n_done : 0, n_done ? ttft / n_done : 0, mean_batch, overlap);
     fflush(stdout);
     free(t);
     free(lat);
@@ -272,8 +285,10 @@ int albedo_bench_chartqa(albedo_model *m, const albedo_chartqa_opts *o) {
         printf("model: %s\n", albedo_model_describe(m));
         printf("workload: %d charts (ChartQA sizes), %d questions; direct = 3 tokens, CoT = 15 reasoning + 15 answer\n",
                n_img, n_jobs);
-        printf("| mode   | batch | requests |    req/s |  P50 (ms) |  P95 (ms) | out tok | TTFT (ms) | seqs/step | steps encoding |\n");
-        printf("|--------|------:|---------:|---------:|----------:|----------:|--------:|----------:|----------:|---------------:|\n");
+        printf("| mode   | batch | requests |    req/s |  P50 (ms) |  P95 (ms) | out tok | TTFT (ms) | seqs/step | "
+               "steps encoding |\n");
+        printf("|--------|------:|---------:|---------:|----------:|----------:|--------:|----------:|----------:|-----"
+               "----------:|\n");
     }
     for (int mode = 0; mode < 2 && !rc; mode++) {
         if (!(o->modes & (1 << mode))) continue;

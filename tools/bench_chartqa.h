@@ -7,10 +7,10 @@
 typedef struct albedo_chartqa_opts {
     int batches[8]; /* max batch sizes to run */
     int n_batches;
-    int modes;      /* bit 0: direct, bit 1: CoT */
-    int n_images;   /* charts; two questions each */
-    int n_threads;  /* engine ops threads, 0 = the model's */
-    int json;       /* one JSON line per row instead of the table */
+    int modes;     /* bit 0: direct, bit 1: CoT */
+    int n_images;  /* charts; two questions each */
+    int n_threads; /* engine ops threads, 0 = the model's */
+    int json;      /* one JSON line per row instead of the table */
 } albedo_chartqa_opts;
 
 /* Run the workload on m for every batch size and mode; prints the table.

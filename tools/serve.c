@@ -49,10 +49,10 @@ typedef struct server {
     struct MHD_Daemon *d;
     pthread_t loader;
     albedo_model *m;
-    executor *ex;             /* published before ready is set */
-    atomic_int ready;         /* 1 = serving, -1 = loading failed */
+    executor *ex;     /* published before ready is set */
+    atomic_int ready; /* 1 = serving, -1 = loading failed */
     atomic_int shutting_down;
-    atomic_int active;        /* requests between their first byte and their completion */
+    atomic_int active; /* requests between their first byte and their completion */
     char model_name[128];
     char model_desc[256];
     char load_error[512];
@@ -142,12 +142,13 @@ static enum MHD_Result refuse(conn_ctx *x) {
     switch (x->refuse) {
     case 404: return respond_error(x, 404, "not_found", NULL, "no such route");
     case 405:
-        return respond(x, 405, "application/json",
-                       api_error_body(405, "method_not_allowed", NULL, "use %s for this route",
-                                      x->route_post ? "POST" : "GET"),
-                       MHD_HTTP_HEADER_ALLOW, x->route_post ? "POST" : "GET, HEAD");
+        return respond(
+            x, 405, "application/json",
+            api_error_body(405, "method_not_allowed", NULL, "use %s for this route", x->route_post ? "POST" : "GET"),
+            MHD_HTTP_HEADER_ALLOW, x->route_post ? "POST" : "GET, HEAD");
     default:
-        return respond(x, 401, "application/json", api_error_body(401, "invalid_api_key", NULL, "missing or invalid API key"),
+        return respond(x, 401, "application/json",
+                       api_error_body(401, "invalid_api_key", NULL, "missing or invalid API key"),
                        MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
     }
 }
@@ -222,7 +223,7 @@ static int route(const char *url, endpoint *ep, int *post) {
         endpoint ep;
         int post;
     } routes[] = {
-        {"/v1/caption", EP_CAPTION, 1}, {"/v1/query", EP_QUERY, 1},   {"/v1/detect", EP_DETECT, 1},
+        {"/v1/caption", EP_CAPTION, 1}, {"/v1/query", EP_QUERY, 1},           {"/v1/detect", EP_DETECT, 1},
         {"/v1/point", EP_POINT, 1},     {"/v1/chat/completions", EP_CHAT, 1}, {"/health", EP_HEALTH, 0},
         {"/v1/models", EP_MODELS, 0},   {"/metrics", EP_METRICS, 0},
     };
@@ -261,12 +262,16 @@ static enum MHD_Result get_route(conn_ctx *x) {
     if (x->ep == EP_HEALTH) {
         int ready = atomic_load(&s->ready);
         if (ready == 1 && !atomic_load(&s->shutting_down)) {
-            snprintf(tmp, sizeof tmp, "{\"status\": \"ok\", \"server\": \"albedo\", \"version\": \"%s\", \"model\": \"%s\"}",
+            snprintf(tmp, sizeof tmp,
+                     "{\"status\": \"ok\", \"server\": \"albedo\", \"version\": \"%s\", \"model\": \"%s\"}",
                      albedo_version(), s->model_name);
             return respond_json(x, 200, strdup(tmp));
         }
         snprintf(tmp, sizeof tmp, "{\"status\": \"%s\", \"server\": \"albedo\", \"version\": \"%s\"}",
-                 atomic_load(&s->shutting_down) ? "shutting_down" : ready < 0 ? "error" : "loading", albedo_version());
+                 atomic_load(&s->shutting_down) ? "shutting_down"
+                 : ready < 0                    ? "error"
+                                                : "loading",
+                 albedo_version());
         return respond_json(x, 503, strdup(tmp));
     }
     if (x->ep == EP_MODELS) {
@@ -351,9 +356,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         unsigned long long len = cl ? strtoull(cl, NULL, 10) : 0;
         int is_post = !strcmp(method, MHD_HTTP_METHOD_POST);
         int is_get = !strcmp(method, MHD_HTTP_METHOD_GET) || !strcmp(method, MHD_HTTP_METHOD_HEAD);
-        if (!route(url, &x->ep, &post)) x->refuse = 404;
-        else if (post ? !is_post : !is_get) x->refuse = 405;
-        else if (x->ep != EP_HEALTH && !authorized(s, c)) x->refuse = 401;
+        if (!route(url, &x->ep, &post))
+            x->refuse = 404;
+        else if (post ? !is_post : !is_get)
+            x->refuse = 405;
+        else if (x->ep != EP_HEALTH && !authorized(s, c))
+            x->refuse = 401;
         x->route_post = post;
         if (x->refuse) {
             /* Answering while the client still sends its body makes TCP
@@ -433,8 +441,8 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
     int status = x->status ? x->status : 499;
     metrics_request(x->ep, status, lat);
     if (!s->quiet)
-        fprintf(stderr, "albedo: %s %s %d %.1f ms%s%s%s\n", x->method, x->path, status, lat * 1e3,
-                x->j ? " id=" : "", x->j ? x->j->request_id : "", aborted ? " (client gone)" : "");
+        fprintf(stderr, "albedo: %s %s %d %.1f ms%s%s%s\n", x->method, x->path, status, lat * 1e3, x->j ? " id=" : "",
+                x->j ? x->j->request_id : "", aborted ? " (client gone)" : "");
     job_unref(x->j);
     sbuf_free(&x->body);
     free(x);
@@ -451,7 +459,8 @@ static void progress(void *user, const char *file, uint64_t done, uint64_t total
     int pct = total ? (int)(done * 100 / total) : 0;
     if (pct == tty_progress_last && done != total) return;
     tty_progress_last = pct;
-    fprintf(stderr, "\ralbedo: downloading %s %3d%% (%.1f / %.1f MB)", file, pct, (double)done / 1e6, (double)total / 1e6);
+    fprintf(stderr, "\ralbedo: downloading %s %3d%% (%.1f / %.1f MB)", file, pct, (double)done / 1e6,
+            (double)total / 1e6);
     if (done == total) fputc('\n', stderr);
 }
 
@@ -502,25 +511,24 @@ fail:
 }
 
 static void serve_usage(FILE *f) {
-    fprintf(f,
-            "usage: albedo serve [--model DIR|moondream2|owner/repo[@rev]] [options]\n\n"
-            "  --host ADDR              address to bind (default 127.0.0.1)\n"
-            "  --port N                 port (default 2020; 0 = any free port)\n"
-            "  --model SPEC             model directory, moondream2, or a Hugging Face repo id\n"
-            "                           (default $ALBEDO_MODEL)\n"
-            "  --threads N              compute threads of the engine (default: all cores)\n"
-            "  --max-batch N            requests running at once, batched (default 16; --workers N: the same)\n"
-            "  --queue N                requests waiting for admission before 429 (default 64)\n"
-            "  --kv-cache MB            KV cache size (default: a quarter of RAM, at most 8192)\n"
-            "  --max-body BYTES         largest request body (default 10485760)\n"
-            "  --api-key KEY            require this key (default $ALBEDO_API_KEY; none = open)\n"
-            "  --timeout SECONDS        per-request deadline, queueing included (default 300; 0 = none)\n"
-            "  --http-threads N         HTTP event-loop threads (default 4)\n"
-            "  --max-connections N      concurrent connections (default 1024)\n"
-            "  --default-temperature T  --default-top-p P  --default-max-tokens N  --default-max-objects N\n"
-            "                           sampling defaults for requests that send no settings\n"
-            "  --backend NAME  --precision f32|bf16  --max-context N   as for the other commands\n"
-            "  --quiet                  no access log on stderr\n");
+    fprintf(f, "usage: albedo serve [--model DIR|moondream2|owner/repo[@rev]] [options]\n\n"
+               "  --host ADDR              address to bind (default 127.0.0.1)\n"
+               "  --port N                 port (default 2020; 0 = any free port)\n"
+               "  --model SPEC             model directory, moondream2, or a Hugging Face repo id\n"
+               "                           (default $ALBEDO_MODEL)\n"
+               "  --threads N              compute threads of the engine (default: all cores)\n"
+               "  --max-batch N            requests running at once, batched (default 16; --workers N: the same)\n"
+               "  --queue N                requests waiting for admission before 429 (default 64)\n"
+               "  --kv-cache MB            KV cache size (default: a quarter of RAM, at most 8192)\n"
+               "  --max-body BYTES         largest request body (default 10485760)\n"
+               "  --api-key KEY            require this key (default $ALBEDO_API_KEY; none = open)\n"
+               "  --timeout SECONDS        per-request deadline, queueing included (default 300; 0 = none)\n"
+               "  --http-threads N         HTTP event-loop threads (default 4)\n"
+               "  --max-connections N      concurrent connections (default 1024)\n"
+               "  --default-temperature T  --default-top-p P  --default-max-tokens N  --default-max-objects N\n"
+               "                           sampling defaults for requests that send no settings\n"
+               "  --backend NAME  --precision f32|bf16  --max-context N   as for the other commands\n"
+               "  --quiet                  no access log on stderr\n");
 }
 
 static int parse_serve_args(int argc, char **argv, server *s) {
@@ -538,24 +546,42 @@ static int parse_serve_args(int argc, char **argv, server *s) {
         }
         i++;
         errno = 0;
-        if (!strcmp(a, "--host")) s->host = v;
-        else if (!strcmp(a, "--model")) s->model_spec = v;
-        else if (!strcmp(a, "--api-key")) s->api_key = v;
-        else if (!strcmp(a, "--backend")) s->backend = v;
-        else if (!strcmp(a, "--precision")) s->precision = v;
-        else if (!strcmp(a, "--port")) s->port = (int)strtol(v, &end, 10);
-        else if (!strcmp(a, "--threads")) s->threads = (int)strtol(v, &end, 10);
-        else if (!strcmp(a, "--workers") || !strcmp(a, "--max-batch")) s->workers = (int)strtol(v, &end, 10);
-        else if (!strcmp(a, "--kv-cache")) s->kv_bytes = (size_t)strtoull(v, &end, 10) << 20;
-        else if (!strcmp(a, "--queue")) s->queue = (int)strtol(v, &end, 10);
-        else if (!strcmp(a, "--http-threads")) s->http_threads = (int)strtol(v, &end, 10);
-        else if (!strcmp(a, "--max-connections")) s->max_connections = (int)strtol(v, &end, 10);
-        else if (!strcmp(a, "--max-context")) s->max_context = (int)strtol(v, &end, 10);
-        else if (!strcmp(a, "--max-body")) s->max_body = (size_t)strtoull(v, &end, 10);
-        else if (!strcmp(a, "--timeout")) s->timeout_s = strtod(v, &end);
-        else if (!strcmp(a, "--default-temperature")) s->defs.temperature = strtof(v, &end), s->defs.has_temperature = 1;
-        else if (!strcmp(a, "--default-top-p")) s->defs.top_p = strtof(v, &end), s->defs.has_top_p = 1;
-        else if (!strcmp(a, "--default-max-tokens")) s->defs.max_tokens = (int)strtol(v, &end, 10), s->defs.has_max_tokens = 1;
+        if (!strcmp(a, "--host"))
+            s->host = v;
+        else if (!strcmp(a, "--model"))
+            s->model_spec = v;
+        else if (!strcmp(a, "--api-key"))
+            s->api_key = v;
+        else if (!strcmp(a, "--backend"))
+            s->backend = v;
+        else if (!strcmp(a, "--precision"))
+            s->precision = v;
+        else if (!strcmp(a, "--port"))
+            s->port = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--threads"))
+            s->threads = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--workers") || !strcmp(a, "--max-batch"))
+            s->workers = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--kv-cache"))
+            s->kv_bytes = (size_t)strtoull(v, &end, 10) << 20;
+        else if (!strcmp(a, "--queue"))
+            s->queue = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--http-threads"))
+            s->http_threads = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--max-connections"))
+            s->max_connections = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--max-context"))
+            s->max_context = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--max-body"))
+            s->max_body = (size_t)strtoull(v, &end, 10);
+        else if (!strcmp(a, "--timeout"))
+            s->timeout_s = strtod(v, &end);
+        else if (!strcmp(a, "--default-temperature"))
+            s->defs.temperature = strtof(v, &end), s->defs.has_temperature = 1;
+        else if (!strcmp(a, "--default-top-p"))
+            s->defs.top_p = strtof(v, &end), s->defs.has_top_p = 1;
+        else if (!strcmp(a, "--default-max-tokens"))
+            s->defs.max_tokens = (int)strtol(v, &end, 10), s->defs.has_max_tokens = 1;
         else if (!strcmp(a, "--default-max-objects"))
             s->defs.max_objects = (int)strtol(v, &end, 10), s->defs.has_max_objects = 1;
         else {
@@ -646,14 +672,11 @@ int albedo_serve_main(int argc, char **argv) {
 
     unsigned flags = MHD_USE_AUTO_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME;
     if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
-    s.d = MHD_start_daemon(flags, (uint16_t)s.port, NULL, NULL, on_request, &s,
-                           MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-                           MHD_OPTION_THREAD_POOL_SIZE, (unsigned)s.http_threads,
-                           MHD_OPTION_CONNECTION_LIMIT, (unsigned)s.max_connections,
-                           MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
-                           MHD_OPTION_NOTIFY_COMPLETED, on_completed, &s,
-                           MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1,
-                           MHD_OPTION_END);
+    s.d = MHD_start_daemon(flags, (uint16_t)s.port, NULL, NULL, on_request, &s, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+                           MHD_OPTION_THREAD_POOL_SIZE, (unsigned)s.http_threads, MHD_OPTION_CONNECTION_LIMIT,
+                           (unsigned)s.max_connections, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
+                           MHD_OPTION_NOTIFY_COMPLETED, on_completed, &s, MHD_OPTION_LISTENING_ADDRESS_REUSE,
+                           (unsigned)1, MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!s.d) {
         fprintf(stderr, "albedo serve: cannot listen on %s:%d (%s)\n", s.host, s.port, strerror(errno));
@@ -662,8 +685,8 @@ int albedo_serve_main(int argc, char **argv) {
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(s.d, MHD_DAEMON_INFO_BIND_PORT);
     int bound = di ? di->port : s.port;
     int v6 = strchr(s.host, ':') != NULL;
-    fprintf(stderr, "albedo: listening on http://%s%s%s:%d/v1 (model %s loading)\n", v6 ? "[" : "", s.host, v6 ? "]" : "",
-            bound, s.model_name);
+    fprintf(stderr, "albedo: listening on http://%s%s%s:%d/v1 (model %s loading)\n", v6 ? "[" : "", s.host,
+            v6 ? "]" : "", bound, s.model_name);
 
     if (pthread_create(&s.loader, NULL, loader_main, &s)) {
         fprintf(stderr, "albedo serve: cannot start the loader thread\n");

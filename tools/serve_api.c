@@ -79,11 +79,16 @@ static int sbuf_json_str(sbuf *b, const char *s, size_t n) {
         unsigned char c = (unsigned char)s[i];
         char esc[8];
         const char *e = NULL;
-        if (c == '"') e = "\\\"";
-        else if (c == '\\') e = "\\\\";
-        else if (c == '\n') e = "\\n";
-        else if (c == '\r') e = "\\r";
-        else if (c == '\t') e = "\\t";
+        if (c == '"')
+            e = "\\\"";
+        else if (c == '\\')
+            e = "\\\\";
+        else if (c == '\n')
+            e = "\\n";
+        else if (c == '\r')
+            e = "\\r";
+        else if (c == '\t')
+            e = "\\t";
         else if (c < 0x20 || c == 0x7f) {
             snprintf(esc, sizeof esc, "\\u%04x", c);
             e = esc;
@@ -267,17 +272,17 @@ void job_fail(job *j, int status, char *body) {
 
 /* ---- parsing ----------------------------------------------------------------- */
 
-#define FAIL(code, param, ...)                                                   \
-    do {                                                                         \
-        *err = api_error_body(400, code, param, __VA_ARGS__);                    \
-        return 400;                                                              \
+#define FAIL(code, param, ...)                                \
+    do {                                                      \
+        *err = api_error_body(400, code, param, __VA_ARGS__); \
+        return 400;                                           \
     } while (0)
 
 static int is_image(const unsigned char *p, size_t n) {
-    if (n >= 3 && p[0] == 0xFF && p[1] == 0xD8 && p[2] == 0xFF) return 1;           /* JPEG */
-    if (n >= 8 && !memcmp(p, "\x89PNG\r\n\x1a\n", 8)) return 1;                       /* PNG */
-    if (n >= 6 && (!memcmp(p, "GIF87a", 6) || !memcmp(p, "GIF89a", 6))) return 1;    /* GIF */
-    if (n >= 12 && !memcmp(p, "RIFF", 4) && !memcmp(p + 8, "WEBP", 4)) return 1;      /* WebP */
+    if (n >= 3 && p[0] == 0xFF && p[1] == 0xD8 && p[2] == 0xFF) return 1;         /* JPEG */
+    if (n >= 8 && !memcmp(p, "\x89PNG\r\n\x1a\n", 8)) return 1;                   /* PNG */
+    if (n >= 6 && (!memcmp(p, "GIF87a", 6) || !memcmp(p, "GIF89a", 6))) return 1; /* GIF */
+    if (n >= 12 && !memcmp(p, "RIFF", 4) && !memcmp(p + 8, "WEBP", 4)) return 1;  /* WebP */
     return 0;
 }
 
@@ -385,7 +390,8 @@ static int parse_sampling(job *j, json_t *o, const char *prefix, const char *max
 
 static int parse_refs(job *j, json_t *a, char **err) {
     if (!a || json_is_null(a)) return 0;
-    if (!json_is_array(a)) FAIL("invalid_type", "spatial_refs", "'spatial_refs' must be a list of [x, y] or [x1, y1, x2, y2]");
+    if (!json_is_array(a))
+        FAIL("invalid_type", "spatial_refs", "'spatial_refs' must be a list of [x, y] or [x1, y1, x2, y2]");
     size_t n = json_array_size(a);
     if (n > 64) FAIL("invalid_value", "spatial_refs", "at most 64 spatial_refs");
     if (!n) return 0;
@@ -401,7 +407,8 @@ static int parse_refs(job *j, json_t *a, char **err) {
             json_t *v = json_array_get(r, q);
             if (!json_is_number(v)) FAIL("invalid_type", "spatial_refs", "spatial_refs[%zu] must hold numbers", i);
             double d = json_number_value(v);
-            if (!(d >= 0 && d <= 1)) FAIL("invalid_value", "spatial_refs", "spatial_refs[%zu] must be normalised to [0, 1]", i);
+            if (!(d >= 0 && d <= 1))
+                FAIL("invalid_value", "spatial_refs", "spatial_refs[%zu] must be normalised to [0, 1]", i);
             j->srefs[i].v[q] = d;
         }
     }
@@ -426,10 +433,14 @@ static int parse_skill(job *j, json_t *root, char **err) {
     if (j->ep == EP_CAPTION) {
         if ((rc = get_string(root, "length", &s, NULL, 0, err))) return rc;
         if (s) {
-            if (!strcmp(s, "normal")) j->req.length = ALBEDO_LENGTH_NORMAL;
-            else if (!strcmp(s, "short")) j->req.length = ALBEDO_LENGTH_SHORT;
-            else if (!strcmp(s, "long")) j->req.length = ALBEDO_LENGTH_LONG;
-            else FAIL("invalid_value", "length", "'length' must be \"short\", \"normal\" or \"long\"");
+            if (!strcmp(s, "normal"))
+                j->req.length = ALBEDO_LENGTH_NORMAL;
+            else if (!strcmp(s, "short"))
+                j->req.length = ALBEDO_LENGTH_SHORT;
+            else if (!strcmp(s, "long"))
+                j->req.length = ALBEDO_LENGTH_LONG;
+            else
+                FAIL("invalid_value", "length", "'length' must be \"short\", \"normal\" or \"long\"");
         }
     }
     if (j->ep == EP_QUERY) {
@@ -464,9 +475,11 @@ static int parse_skill(job *j, json_t *root, char **err) {
  * list joined by newlines. Images found on the way are remembered (the last
  * one wins). */
 static int chat_content(job *j, json_t *content, sbuf *text, const char **img, size_t *img_n, char **err) {
-    if (json_is_string(content)) return sbuf_put(text, json_string_value(content), json_string_length(content)) ? -1 : 0;
+    if (json_is_string(content))
+        return sbuf_put(text, json_string_value(content), json_string_length(content)) ? -1 : 0;
     if (!content || json_is_null(content)) return 0;
-    if (!json_is_array(content)) FAIL("invalid_type", "messages", "message content must be a string or a list of parts");
+    if (!json_is_array(content))
+        FAIL("invalid_type", "messages", "message content must be a string or a list of parts");
     size_t i;
     json_t *part;
     json_array_foreach(content, i, part) {
@@ -499,7 +512,8 @@ static int chat_content(job *j, json_t *content, sbuf *text, const char **img, s
 static int parse_chat(job *j, json_t *root, char **err) {
     json_t *msgs = json_object_get(root, "messages");
     if (!msgs || json_is_null(msgs)) FAIL("missing_field", "messages", "missing required field 'messages'");
-    if (!json_is_array(msgs) || !json_array_size(msgs)) FAIL("invalid_type", "messages", "'messages' must be a non-empty list");
+    if (!json_is_array(msgs) || !json_array_size(msgs))
+        FAIL("invalid_type", "messages", "'messages' must be a non-empty list");
     const char *img = NULL;
     size_t img_n = 0;
     sbuf last = {0};
@@ -623,8 +637,9 @@ static const char *tail_from(const char *json, const char *key) {
 static char *chat_response(job *j, const albedo_result *res, const char *json) {
     sbuf b = {0};
     char head[512];
-    snprintf(head, sizeof head, "{\"id\": \"chatcmpl-%s\", \"object\": \"chat.completion\", \"created\": %lld, \"model\": ",
-             j->request_id, (long long)time(NULL));
+    snprintf(head, sizeof head,
+             "{\"id\": \"chatcmpl-%s\", \"object\": \"chat.completion\", \"created\": %lld, \"model\": ", j->request_id,
+             (long long)time(NULL));
     int bad = sbuf_puts(&b, head) | sbuf_json_str(&b, j->model_name, strlen(j->model_name));
     bad |= sbuf_puts(&b, ", \"choices\": [{\"index\": 0, \"message\": {\"role\": \"assistant\", \"content\": ");
     bad |= sbuf_json_str(&b, res->text ? res->text : "", res->text ? res->text_len : 0);
@@ -724,8 +739,10 @@ void job_finish(job *j, albedo_status st, const albedo_result *res, const char *
                 int shutting) {
     if (!errmsg) errmsg = "";
     if (st == ALBEDO_OK) {
-        if (res && json) finish_ok(j, res, json);
-        else finish_error(j, 500, api_error_body(500, "processing_error", NULL, "the result has no response object"));
+        if (res && json)
+            finish_ok(j, res, json);
+        else
+            finish_error(j, 500, api_error_body(500, "processing_error", NULL, "the result has no response object"));
         return;
     }
     if (st == ALBEDO_ERR_CANCELLED) {
@@ -738,7 +755,8 @@ void job_finish(job *j, albedo_status st, const albedo_result *res, const char *
         } else if (shutting) {
             finish_error(j, 503, api_error_body(503, "shutting_down", NULL, "the server is shutting down"));
         } else if (strstr(errmsg, "queued")) {
-            finish_error(j, 504, api_error_body(504, "timeout", NULL, "the request waited past its deadline in the queue"));
+            finish_error(j, 504,
+                         api_error_body(504, "timeout", NULL, "the request waited past its deadline in the queue"));
         } else {
             finish_error(j, 504, api_error_body(504, "timeout", NULL, "the request ran past its deadline"));
         }
@@ -748,7 +766,8 @@ void job_finish(job *j, albedo_status st, const albedo_result *res, const char *
     if (!strncmp(errmsg, "image: ", 7)) {
         const char *msg = errmsg + 7;
         if (st == ALBEDO_ERR_IMAGE || st == ALBEDO_ERR_INVALID_ARGUMENT || st == ALBEDO_ERR_UNSUPPORTED)
-            finish_error(j, 400, api_error_body(400, "image_decode_failed", "image_url", "image could not be decoded: %s", msg));
+            finish_error(
+                j, 400, api_error_body(400, "image_decode_failed", "image_url", "image could not be decoded: %s", msg));
         else if (st == ALBEDO_ERR_LIMIT)
             finish_error(j, 413, api_error_body(413, "image_too_large", "image_url", "%s", msg));
         else

@@ -86,7 +86,7 @@ typedef struct job {
     int gone;                    /* the connection was closed: stop generating */
     int hung_up;                 /* the client closed its side while suspended */
     int done;
-    albedo_ticket *ticket;       /* the engine's, while it may run (for cancelling) */
+    albedo_ticket *ticket; /* the engine's, while it may run (for cancelling) */
 
     /* Output. Non-stream: status + body. Stream: sse holds every event so
      * far (the content reader remembers how much it sent); status/body hold
@@ -118,8 +118,7 @@ void job_submit_params(job *j, albedo_submit_params *sp);
  * res and json (albedo_ticket_json) when st is ALBEDO_OK, else the error
  * message — sets done and wakes the connection. shutting: the server is
  * stopping (a cancelled ticket is answered 503). */
-void job_finish(job *j, albedo_status st, const albedo_result *res, const char *json, const char *errmsg,
-                int shutting);
+void job_finish(job *j, albedo_status st, const albedo_result *res, const char *json, const char *errmsg, int shutting);
 /* Finish a job with an error response (takes body) and wake its connection. */
 void job_fail(job *j, int status, char *body);
 

@@ -105,7 +105,8 @@ char *metrics_render(const albedo_engine_stats *es, int max_batch, int ready) {
                 M.ep[e].status[i], M.ep[e].count[i]);
     OUT("# HELP albedo_errors_total Error responses, by error code.\n");
     OUT("# TYPE albedo_errors_total counter\n");
-    for (int i = 0; i < MAX_CODES && M.code[i][0]; i++) OUT("albedo_errors_total{code=\"%s\"} %llu\n", M.code[i], M.code_n[i]);
+    for (int i = 0; i < MAX_CODES && M.code[i][0]; i++)
+        OUT("albedo_errors_total{code=\"%s\"} %llu\n", M.code[i], M.code_n[i]);
     OUT("# HELP albedo_cancelled_total Generations stopped because the client went away.\n");
     OUT("# TYPE albedo_cancelled_total counter\n");
     OUT("albedo_cancelled_total %llu\n", M.cancelled);
@@ -130,7 +131,8 @@ char *metrics_render(const albedo_engine_stats *es, int max_batch, int ready) {
                 bucket_le[k], cum);
         }
         cum += s->bucket[N_BUCKETS];
-        OUT("albedo_request_duration_seconds_bucket{endpoint=\"%s\",le=\"+Inf\"} %llu\n", endpoint_name((endpoint)e), cum);
+        OUT("albedo_request_duration_seconds_bucket{endpoint=\"%s\",le=\"+Inf\"} %llu\n", endpoint_name((endpoint)e),
+            cum);
         OUT("albedo_request_duration_seconds_sum{endpoint=\"%s\"} %.6f\n", endpoint_name((endpoint)e), s->sum_s);
         OUT("albedo_request_duration_seconds_count{endpoint=\"%s\"} %llu\n", endpoint_name((endpoint)e), s->n);
     }

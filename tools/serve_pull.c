@@ -44,29 +44,31 @@ int albedo_pull_main(int argc, char **argv) {
     const char *spec = NULL;
     int quiet = 0;
     for (int i = 2; i < argc; i++) {
-        if (!strcmp(argv[i], "--quiet") || !strcmp(argv[i], "-q")) quiet = 1;
-        else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) spec = NULL, i = argc;
+        if (!strcmp(argv[i], "--quiet") || !strcmp(argv[i], "-q"))
+            quiet = 1;
+        else if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h"))
+            spec = NULL, i = argc;
         else if (argv[i][0] == '-' && argv[i][1] == '-') {
             fprintf(stderr, "albedo pull: unknown option %s\n", argv[i]);
             return 2;
-        } else if (!spec) spec = argv[i];
+        } else if (!spec)
+            spec = argv[i];
         else {
             fprintf(stderr, "albedo pull: one model at a time\n");
             return 2;
         }
     }
     if (!spec) {
-        fprintf(stderr,
-                "usage: albedo pull [--quiet] moondream2|moondream3|moondream3.1|owner/repo[@revision]\n\n"
-                "Downloads config.json, the weights (model.safetensors, or the shards that\n"
-                "model.safetensors.index.json names) and tokenizer.json into the Hugging Face cache\n"
-                "($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub) and prints the model\n"
-                "directory. Interrupted downloads resume. Honours HF_ENDPOINT, HF_TOKEN and\n"
-                "HF_HUB_OFFLINE=1.\n\n"
-                "  moondream2     vikhyatk/moondream2@2025-06-21\n"
-                "  moondream3     moondream/moondream3-preview (about 18.5 GB in shards)\n"
-                "  moondream3.1   moondream/moondream3.1-9B-A2B\n"
-                "  (all three with tokenizer.json of moondream/starmie-v1)\n");
+        fprintf(stderr, "usage: albedo pull [--quiet] moondream2|moondream3|moondream3.1|owner/repo[@revision]\n\n"
+                        "Downloads config.json, the weights (model.safetensors, or the shards that\n"
+                        "model.safetensors.index.json names) and tokenizer.json into the Hugging Face cache\n"
+                        "($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub) and prints the model\n"
+                        "directory. Interrupted downloads resume. Honours HF_ENDPOINT, HF_TOKEN and\n"
+                        "HF_HUB_OFFLINE=1.\n\n"
+                        "  moondream2     vikhyatk/moondream2@2025-06-21\n"
+                        "  moondream3     moondream/moondream3-preview (about 18.5 GB in shards)\n"
+                        "  moondream3.1   moondream/moondream3.1-9B-A2B\n"
+                        "  (all three with tokenizer.json of moondream/starmie-v1)\n");
         return 2;
     }
     bar b = {.tty = !quiet && isatty(2), .last_pct = -1};

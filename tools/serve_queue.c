@@ -62,16 +62,20 @@ static void on_done(void *user, albedo_ticket *t, albedo_status st, const albedo
     pthread_mutex_unlock(&j->mu);
     pthread_mutex_lock(&e->mu);
     j->ended_next = NULL;
-    if (e->ended_tail) e->ended_tail->ended_next = j;
-    else e->ended = j;
+    if (e->ended_tail)
+        e->ended_tail->ended_next = j;
+    else
+        e->ended = j;
     e->ended_tail = j;
     pthread_cond_signal(&e->cv);
     pthread_mutex_unlock(&e->mu);
 }
 
 static void live_remove(executor *e, job *j) {
-    if (j->prev) j->prev->next = j->next;
-    else e->live = j->next;
+    if (j->prev)
+        j->prev->next = j->next;
+    else
+        e->live = j->next;
     if (j->next) j->next->prev = j->prev;
     j->prev = j->next = NULL;
     e->n_live--;
@@ -197,8 +201,10 @@ int executor_submit(executor *e, job *j) {
      * over a limit (a question longer than the library takes). */
     const char *msg = albedo_last_error();
     int rc = EXEC_REJECTED;
-    if (st == ALBEDO_ERR_LIMIT && strstr(msg, "queue is full")) rc = EXEC_FULL;
-    else job_finish(j, st, NULL, NULL, msg, 0);
+    if (st == ALBEDO_ERR_LIMIT && strstr(msg, "queue is full"))
+        rc = EXEC_FULL;
+    else
+        job_finish(j, st, NULL, NULL, msg, 0);
     job_unref(j);
     return rc;
 }

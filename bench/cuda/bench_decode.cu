@@ -36,22 +36,22 @@
 static cuda_ctx *G;
 static cudaStream_t S;
 
-#define CK(call)                                                                                  \
-    do {                                                                                          \
-        cudaError_t e_ = (call);                                                                  \
-        if (e_ != cudaSuccess) {                                                                  \
+#define CK(call)                                                                                   \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) {                                                                   \
             fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            exit(1);                                                                              \
-        }                                                                                         \
+            exit(1);                                                                               \
+        }                                                                                          \
     } while (0)
 
-#define OP(call)                                                                                  \
-    do {                                                                                          \
-        albedo_status s_ = (call);                                                                \
-        if (s_ != ALBEDO_OK) {                                                                    \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cuda_ctx_error(G));     \
-            exit(1);                                                                              \
-        }                                                                                         \
+#define OP(call)                                                                              \
+    do {                                                                                      \
+        albedo_status s_ = (call);                                                            \
+        if (s_ != ALBEDO_OK) {                                                                \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cuda_ctx_error(G)); \
+            exit(1);                                                                          \
+        }                                                                                     \
     } while (0)
 
 /* ---- random device tensors ---------------------------------------------------- */
@@ -216,8 +216,7 @@ static void text_step(void *arg) {
         tlayer *L = &m->l[i];
         if (all || m->what == 2)
             OP(cuda_layernorm(G, m->h, DT_BF16, m->x, DT_F32, T, TC, L->ln_g, L->ln_b, DT_BF16, 1e-5f));
-        if (all || m->what == 1)
-            OP(cuda_linear(G, m->qkv, DT_BF16, 3 * TC, m->h, TC, T, &L->qkv, CUDA_ACT_NONE, 0));
+        if (all || m->what == 1) OP(cuda_linear(G, m->qkv, DT_BF16, 3 * TC, m->h, TC, T, &L->qkv, CUDA_ACT_NONE, 0));
         if (all || m->what == 3) {
             cuda_rope r;
             memset(&r, 0, sizeof r);
@@ -321,8 +320,7 @@ static void vision_step(void *arg) {
     const int T = VTOK * CROPS;
     for (int i = 0; i < VL; i++) {
         vlayer *L = &m->l[i];
-        if (m->what == 0)
-            OP(cuda_layernorm(G, m->h, DT_BF16, m->x, DT_F32, T, VC, L->ln1_g, L->ln1_b, DT_BF16, 1e-5f));
+        if (m->what == 0) OP(cuda_layernorm(G, m->h, DT_BF16, m->x, DT_F32, T, VC, L->ln1_g, L->ln1_b, DT_BF16, 1e-5f));
         if (m->what != 2) OP(cuda_linear(G, m->qkv, DT_BF16, 3 * VC, m->h, VC, T, &L->qkv, CUDA_ACT_NONE, 0));
         if (m->what != 1) {
             cuda_attn a;
@@ -337,8 +335,7 @@ static void vision_step(void *arg) {
         }
         if (m->what == 2) continue;
         OP(cuda_linear(G, m->x, DT_F32, VC, m->att, VC, T, &L->proj, CUDA_ACT_NONE, 1));
-        if (m->what == 0)
-            OP(cuda_layernorm(G, m->h, DT_BF16, m->x, DT_F32, T, VC, L->ln2_g, L->ln2_b, DT_BF16, 1e-5f));
+        if (m->what == 0) OP(cuda_layernorm(G, m->h, DT_BF16, m->x, DT_F32, T, VC, L->ln2_g, L->ln2_b, DT_BF16, 1e-5f));
         OP(cuda_linear(G, m->f, DT_BF16, VF, m->h, VC, T, &L->fc1, CUDA_ACT_GELU_TANH, 0));
         OP(cuda_linear(G, m->x, DT_F32, VC, m->f, VF, T, &L->fc2, CUDA_ACT_NONE, 1));
     }
@@ -486,7 +483,8 @@ int main(int argc, char **argv) {
     const double dbytes = decode_bytes(&tm, DEPTH + 1);
     double wbytes = 0;
     for (int i = 0; i < TL; i++)
-        wbytes += lin_bytes(&tm.l[i].qkv) + lin_bytes(&tm.l[i].proj) + lin_bytes(&tm.l[i].fc1) + lin_bytes(&tm.l[i].fc2);
+        wbytes +=
+            lin_bytes(&tm.l[i].qkv) + lin_bytes(&tm.l[i].proj) + lin_bytes(&tm.l[i].fc1) + lin_bytes(&tm.l[i].fc2);
     wbytes += lin_bytes(&tm.head);
     const double floor_ms = dbytes / copy_bw * 1e3;
 
@@ -548,12 +546,10 @@ int main(int argc, char **argv) {
     printf("%-46s %10.3f %9.0f TFLOP/s %.0f%% of 790 (floor ~2.7 ms for ~2.1 TFLOP)\n",
            "prefill 730 tokens, whole step", pre_ms, (pre_lin_flops + pre_att_flops) / (pre_ms * 1e-3) / 1e12,
            100.0 * (pre_lin_flops + pre_att_flops) / (pre_ms * 1e-3) / P);
-    printf("%-46s %10.3f %9.0f TFLOP/s %.0f%% of 790\n", "prefill 730 tokens, linears alone (cuBLASLt)",
-           pre_lin_ms, pre_lin_flops / (pre_lin_ms * 1e-3) / 1e12,
-           100.0 * pre_lin_flops / (pre_lin_ms * 1e-3) / P);
+    printf("%-46s %10.3f %9.0f TFLOP/s %.0f%% of 790\n", "prefill 730 tokens, linears alone (cuBLASLt)", pre_lin_ms,
+           pre_lin_flops / (pre_lin_ms * 1e-3) / 1e12, 100.0 * pre_lin_flops / (pre_lin_ms * 1e-3) / P);
     printf("%-46s %10.3f %9.0f TFLOP/s %.0f%% of 790 (floor ~7.6 ms for ~6.0 TFLOP)\n",
-           "vision 9 crops (T=6561), 27 whole layers", vis_ms,
-           (vis_lin_flops + vis_att_flops) / (vis_ms * 1e-3) / 1e12,
+           "vision 9 crops (T=6561), 27 whole layers", vis_ms, (vis_lin_flops + vis_att_flops) / (vis_ms * 1e-3) / 1e12,
            100.0 * (vis_lin_flops + vis_att_flops) / (vis_ms * 1e-3) / P);
     printf("%-46s %10.3f %9.0f TFLOP/s %.0f%% of 790\n", "vision 9 crops, linears alone (cuBLASLt)", vis_lin_ms,
            vis_lin_flops / (vis_lin_ms * 1e-3) / 1e12, 100.0 * vis_lin_flops / (vis_lin_ms * 1e-3) / P);

@@ -92,12 +92,18 @@ int main(int argc, char **argv) {
     const char *wts = NULL;
     int reps = 20;
     for (int i = 1; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--model")) model = argv[i + 1];
-        else if (!strcmp(argv[i], "--image")) image = argv[i + 1];
-        else if (!strcmp(argv[i], "--repeats")) reps = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--only")) only = argv[i + 1]; /* "vision", "prefix" or "decode": for a profiler */
-        else if (!strcmp(argv[i], "--kv-dtype")) kvd = argv[i + 1]; /* "fp8": the e4m3 KV cache */
-        else if (!strcmp(argv[i], "--weights")) wts = argv[i + 1];  /* "fp8": Moondream 3's experts as e4m3 */
+        if (!strcmp(argv[i], "--model"))
+            model = argv[i + 1];
+        else if (!strcmp(argv[i], "--image"))
+            image = argv[i + 1];
+        else if (!strcmp(argv[i], "--repeats"))
+            reps = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--only"))
+            only = argv[i + 1]; /* "vision", "prefix" or "decode": for a profiler */
+        else if (!strcmp(argv[i], "--kv-dtype"))
+            kvd = argv[i + 1]; /* "fp8": the e4m3 KV cache */
+        else if (!strcmp(argv[i], "--weights"))
+            wts = argv[i + 1]; /* "fp8": Moondream 3's experts as e4m3 */
     }
     if (reps < 3) reps = 3;
     char dir[4096];
@@ -149,9 +155,10 @@ int main(int argc, char **argv) {
             die("crops", e.msg);
         for (int i = 0; i < oc->prefix_attn * oc->dim; i++) xin[i] = (float)((i * 7919) % 200 - 100) / 100.0f;
         for (int pass = 0; pass < 2; pass++) {
-            albedo_status st = !strcmp(only, "vision")   ? vision_encode(&s->st, &cr, xin, NULL, &e)
-                               : !strcmp(only, "decode") ? text_forward(&s->st, xin, 1, oc->prefix_attn, oc->prefix_attn, 1, &e)
-                                                         : text_forward(&s->st, xin, oc->prefix_attn, 0, oc->prefix_attn, 0, &e);
+            albedo_status st = !strcmp(only, "vision") ? vision_encode(&s->st, &cr, xin, NULL, &e)
+                               : !strcmp(only, "decode")
+                                   ? text_forward(&s->st, xin, 1, oc->prefix_attn, oc->prefix_attn, 1, &e)
+                                   : text_forward(&s->st, xin, oc->prefix_attn, 0, oc->prefix_attn, 0, &e);
             if (st) die(only, e.msg);
         }
         printf("%s: done\n", only);
@@ -339,7 +346,8 @@ int main(int argc, char **argv) {
     }
 
     const int md3 = m->cfg.md3; /* Photon's anchors differ between the generations */
-    printf("%-58s %12s\n", md3 ? "what (full Moondream 3 shapes, random weights)" : "what (full Moondream 2 shapes, random weights)",
+    printf("%-58s %12s\n",
+           md3 ? "what (full Moondream 3 shapes, random weights)" : "what (full Moondream 2 shapes, random weights)",
            "median");
     printf("%-58s %9.0f ms\n", "start-up: model load (read + upload)", t_load);
     printf("%-58s %9.0f ms\n", "start-up: first session", t_sess);
@@ -352,8 +360,8 @@ int main(int argc, char **argv) {
     printf("%-58s %9.2f ms\n", "  decode + crops on the CPU, alone (one thread)", median(tc, reps));
     printf("%-58s %9.2f ms   (%d crops, img_emb downloaded)\n", "  vision + projection on the GPU, alone",
            median(tg, reps), n_crops);
-    printf("%-58s %9.2f ms   (crops in, prefix KV copied for the image)\n", "  vision + 730-position prefix on the GPU, alone",
-           median(tgp, reps));
+    printf("%-58s %9.2f ms   (crops in, prefix KV copied for the image)\n",
+           "  vision + 730-position prefix on the GPU, alone", median(tgp, reps));
     printf("%-58s %9.2f ms\n", "  prompt prefill + first token", median(tp, reps));
     printf("%-58s %9.2f ms\n", "  3 decode steps (every answer token is fed back)", median(td, reps));
     printf("%-58s %9.2f ms\n", "  time to first token (request)", median(tf, reps));
@@ -362,7 +370,8 @@ int main(int argc, char **argv) {
            md3 ? "" : "target >= 800");
     printf("%-58s %9.0f tok/s\n", "decode batch 1, ALBEDO_CUDA_GRAPH=0 (eager launches)", median(dec_eager, 5));
     printf("%-58s %9.0f tok/s\n", "decode batch 1, temperature 0.5 top_p 0.3 (CPU sampler)", median(dec_s, 5));
-    printf("%-58s %9.2f ms   (embeddings uploaded, eager)\n", "prefix: 730 positions through the decoder", median(t_pre, 9));
+    printf("%-58s %9.2f ms   (embeddings uploaded, eager)\n", "prefix: 730 positions through the decoder",
+           median(t_pre, 9));
     for (int k = 0; k < NTS; k++) {
         char what[96];
         snprintf(what, sizeof what, "text forward, %d rows at position 730 + logits (eager)", Ts[k]);

@@ -22,20 +22,20 @@
 
 #include "cuda/ops_cuda.h"
 
-#define CK(call)                                                                                  \
-    do {                                                                                          \
-        cudaError_t e_ = (call);                                                                  \
-        if (e_ != cudaSuccess) {                                                                  \
-            fprintf(stderr, "%s: %s\n", #call, cudaGetErrorString(e_));                           \
-            exit(1);                                                                              \
-        }                                                                                         \
+#define CK(call)                                                        \
+    do {                                                                \
+        cudaError_t e_ = (call);                                        \
+        if (e_ != cudaSuccess) {                                        \
+            fprintf(stderr, "%s: %s\n", #call, cudaGetErrorString(e_)); \
+            exit(1);                                                    \
+        }                                                               \
     } while (0)
-#define OK(call)                                                                                  \
-    do {                                                                                          \
-        if ((call) != ALBEDO_OK) {                                                                \
-            fprintf(stderr, "%s: %s\n", #call, cuda_ctx_error(G));                                \
-            exit(1);                                                                              \
-        }                                                                                         \
+#define OK(call)                                                   \
+    do {                                                           \
+        if ((call) != ALBEDO_OK) {                                 \
+            fprintf(stderr, "%s: %s\n", #call, cuda_ctx_error(G)); \
+            exit(1);                                               \
+        }                                                          \
     } while (0)
 
 static cuda_ctx *G;

@@ -66,8 +66,8 @@ typedef struct cpu_gemm {
     /* y[i][j] = init + sum_e x[i][e] * wp[e][j] for i < mr, j < ncols (the
      * other columns of y are not touched); init is y itself when accumulate,
      * else bias[j] when bias, else 0. x has row stride ldx elements. */
-    void (*kernel)(int mr, int kc, const void *x, size_t ldx, const void *wp, float *y, size_t ldy,
-                   int ncols, const float *bias, int accumulate);
+    void (*kernel)(int mr, int kc, const void *x, size_t ldx, const void *wp, float *y, size_t ldy, int ncols,
+                   const float *bias, int accumulate);
 } cpu_gemm;
 
 /* The integer matrix product for block-format W (ops.h qformat) at T >=
@@ -83,7 +83,7 @@ typedef struct cpu_gemm {
  * weights 4u..4u+3 of the block, the layout whose 32-bit lanes vpdpbusd
  * reads), nr float scales d_w, and nr int32 corrections -128 sum q_w. Q4's
  * nibbles are packed as nibble - 8, so both formats share the kernel. */
-#define CPU_QBLK_BYTES(nr) ((size_t)(nr) * 40)
+#define CPU_QBLK_BYTES(nr) ((size_t)(nr)*40)
 typedef struct cpu_qgemm {
     int mr, nr, kb; /* register tile rows, panel width, K block in 32-weight blocks */
     int xs_block;   /* 1: x scaled per block of 32 (d_x[i][b]); 0: one scale per row */
@@ -94,8 +94,8 @@ typedef struct cpu_qgemm {
      * x: rows of u8 (ldx bytes apart) starting at the first block of wp;
      * dx: d_x per block (lddx floats a row, first block at dx[0]; with
      * xs_block 0 only dx[i * lddx] is read). init as cpu_gemm.kernel. */
-    void (*kernel)(int mr, int nb, const uint8_t *x, size_t ldx, const float *dx, size_t lddx, const void *wp,
-                   float *y, size_t ldy, int ncols, const float *bias, int accumulate);
+    void (*kernel)(int mr, int nb, const uint8_t *x, size_t ldx, const float *dx, size_t lddx, const void *wp, float *y,
+                   size_t ldy, int ncols, const float *bias, int accumulate);
     /* x[0..K) to q[0..32 nb) (u8, q_x + 128; 128 past K) and d[0..nb),
      * nb = ceil(K/32): as cpu_quantize_u8 (bit for bit). */
     void (*quantize)(const float *x, int K, int per_block, uint8_t *q, float *d);
@@ -118,17 +118,17 @@ typedef struct cpu_kernels {
     /* y[t][n] = b[n] + sum_k x[t][k] W[n][k] for t < T, n in [n0, n1); W [N, K]
      * of dt, read in place (no packing); b of bdt or NULL. Any T works; it
      * is meant for the small T that make a linear bound by reading W. */
-    void (*gemv)(int T, int K, const float *x, size_t ldx, const void *w, dtype dt, const void *b,
-                 dtype bdt, int n0, int n1, float *y, size_t ldy);
+    void (*gemv)(int T, int K, const float *x, size_t ldx, const void *w, dtype dt, const void *b, dtype bdt, int n0,
+                 int n1, float *y, size_t ldy);
     /* The same with x as bf16 pairs (ldx in pairs) and bf16 W, or NULL. */
-    void (*gemv_pairs)(int T, int K, const uint32_t *x, size_t ldx, const uint16_t *w,
-                       const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy);
+    void (*gemv_pairs)(int T, int K, const uint32_t *x, size_t ldx, const uint16_t *w, const void *b, dtype bdt, int n0,
+                       int n1, float *y, size_t ldy);
     /* Block-format W (DT_Q8, DT_Q4; ops.h qformat), small T: the same sum
      * with x given quantised per block of 32 (cpu_quantize_x; row stride
      * ldxq bytes), integer dot products per block. NULL: the driver's
      * portable path, which dequantises W rows and multiplies float x. */
-    void (*gemv_q)(int T, int K, const void *xq, size_t ldxq, const void *w, dtype dt, const void *b,
-                   dtype bdt, int n0, int n1, float *y, size_t ldy);
+    void (*gemv_q)(int T, int K, const void *xq, size_t ldxq, const void *w, dtype dt, const void *b, dtype bdt, int n0,
+                   int n1, float *y, size_t ldy);
     /* Block-format W, T >= small_t: integer products (cpu_qgemm), or NULL:
      * the packed float path, dequantising W while packing. */
     const cpu_qgemm *qgemm;
@@ -144,8 +144,7 @@ typedef struct cpu_kernels {
     void (*dot_rows)(float *out, const float *q, const void *k, dtype kdt, size_t ldk, int n, int D);
     /* out[0..D) = s * sum_j p[j] v[j] (value rows of dtype vdt, stride ldv
      * elements) for j < n. */
-    void (*axpy_rows)(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D,
-                      float s);
+    void (*axpy_rows)(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D, float s);
     /* Optional (NULL: per-head dot_rows/axpy_rows): the part of query row
      * t's attention over keys [j0, j1) (all visible), for every head h:
      * m[h] = max of the scaled scores, l[h] = sum of exp(score - m[h]),
@@ -153,8 +152,7 @@ typedef struct cpu_kernels {
      * ATTN_PART_SCRATCH(H, D, j1 - j0) floats of scratch. Ranges are merged by the caller (ops_cpu.c). */
     void (*attn_part)(const op_attn *a, int t, int j0, int j1, float *sc, float *m, float *l, float *o);
     /* One LayerNorm row with float g and b. */
-    void (*layernorm_row)(float *y, const float *x, int C, const float *g, const float *b,
-                          float eps);
+    void (*layernorm_row)(float *y, const float *x, int C, const float *g, const float *b, float eps);
     void (*gelu_tanh)(float *x, size_t n);
     void (*gelu_erf)(float *x, size_t n);
     void (*add)(float *y, const float *x, size_t n);
@@ -173,13 +171,12 @@ void cpu_quantize_x(const float *x, int K, void *dst);
 
 /* The drivers (ops_cpu.c), the entries of every table but the reference. */
 void cpu_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T, const op_linear *L);
-void cpu_layernorm(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g, op_vec b,
-                   float eps);
+void cpu_layernorm(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g, op_vec b, float eps);
 void cpu_gelu_tanh(ops_ctx *c, float *x, size_t n);
 void cpu_gelu_erf(ops_ctx *c, float *x, size_t n);
 void cpu_add(ops_ctx *c, float *y, const float *x, size_t n);
-void cpu_rope(ops_ctx *c, float *x, int ldx, int T, int H, int D, int R, int pos0,
-              const float *cos_t, const float *sin_t);
+void cpu_rope(ops_ctx *c, float *x, int ldx, int T, int H, int D, int R, int pos0, const float *cos_t,
+              const float *sin_t);
 void cpu_attention(ops_ctx *c, const op_attn *a);
 
 /* A driver-based table: the ops (first member, so that ctx->tab leads back
@@ -189,11 +186,10 @@ typedef struct cpu_table {
     const cpu_kernels *k;
 } cpu_table;
 
-#define CPU_DRIVER_OPS(NAME)                                                                       \
-    {                                                                                              \
-        .name = NAME, .linear = cpu_linear, .layernorm = cpu_layernorm,                            \
-        .gelu_tanh = cpu_gelu_tanh, .gelu_erf = cpu_gelu_erf, .add = cpu_add, .rope = cpu_rope,    \
-        .attention = cpu_attention,                                                                \
+#define CPU_DRIVER_OPS(NAME)                                                                        \
+    {                                                                                               \
+        .name = NAME, .linear = cpu_linear, .layernorm = cpu_layernorm, .gelu_tanh = cpu_gelu_tanh, \
+        .gelu_erf = cpu_gelu_erf, .add = cpu_add, .rope = cpu_rope, .attention = cpu_attention,     \
     }
 
 /* The scalar reference: the specification of every op (single-threaded). */

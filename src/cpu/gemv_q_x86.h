@@ -81,8 +81,8 @@ INLINE void gemv_q_row(const int TN, const dtype DT, int nb, const int8_t *xq, s
     for (int t = 0; t < TN; t++) out[t] = q_hsum8(_mm256_add_ps(acc[t][0], acc[t][1]));
 }
 
-INLINE void gemv_q_dt(const dtype DT, int T, int K, const void *xqv, size_t ldxq, const void *w,
-                      const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+INLINE void gemv_q_dt(const dtype DT, int T, int K, const void *xqv, size_t ldxq, const void *w, const void *b,
+                      dtype bdt, int n0, int n1, float *y, size_t ldy) {
     const size_t rb = q_row_bytes(DT, K);
     const int nb = (K + 31) / 32;
     const int8_t *xq = xqv;
@@ -106,8 +106,8 @@ INLINE void gemv_q_dt(const dtype DT, int T, int K, const void *xqv, size_t ldxq
     }
 }
 
-static void gemv_q_x86(int T, int K, const void *xq, size_t ldxq, const void *w, dtype dt,
-                       const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+static void gemv_q_x86(int T, int K, const void *xq, size_t ldxq, const void *w, dtype dt, const void *b, dtype bdt,
+                       int n0, int n1, float *y, size_t ldy) {
     if (dt == DT_Q8)
         gemv_q_dt(DT_Q8, T, K, xq, ldxq, w, b, bdt, n0, n1, y, ldy);
     else

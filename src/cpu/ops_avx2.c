@@ -36,8 +36,7 @@ INLINE __m256i mask8(int n) {
 INLINE __m256 ld8(const void *p, dtype dt) {
     switch (dt) {
     case DT_BF16: /* bf16 is the top half of a float: widening is a shift */
-        return _mm256_castsi256_ps(
-            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
     case DT_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
     default: return _mm256_loadu_ps(p);
     }
@@ -49,8 +48,7 @@ INLINE __m256 ld8_part(const void *p, dtype dt, int n) {
     uint16_t tmp[8] = {0};
     memcpy(tmp, p, (size_t)n * 2);
     const __m128i h = _mm_loadu_si128((const __m128i *)(const void *)tmp);
-    return dt == DT_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-                         : _mm256_cvtph_ps(h);
+    return dt == DT_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
 }
 
 INLINE void tr8(__m256 r[8]) {
@@ -73,8 +71,7 @@ INLINE void tr8(__m256 r[8]) {
 
 /* ---- packing and the register tile ------------------------------------------------ */
 
-static void pack_f32_avx2(void *dstv, const void *w, dtype dt, size_t ldw, int nrows, int e0,
-                          int ec, int K) {
+static void pack_f32_avx2(void *dstv, const void *w, dtype dt, size_t ldw, int nrows, int e0, int ec, int K) {
     (void)K;
     float *dst = dstv;
     const size_t es = dt == DT_F32 ? 4 : 2;
@@ -97,8 +94,8 @@ static void pack_f32_avx2(void *dstv, const void *w, dtype dt, size_t ldw, int n
  * are spelled out rather than indexed through an array of masks: with the
  * array GCC 12 kept the accumulators on the stack inside the loop (a store
  * per multiply-add, about half the speed). */
-INLINE void tile(const int M, const int NV, int kc, const float *x, size_t ldx, const float *wp,
-                 float *y, size_t ldy, __m256i m0, __m256i m1, const float *bias, int accumulate) {
+INLINE void tile(const int M, const int NV, int kc, const float *x, size_t ldx, const float *wp, float *y, size_t ldy,
+                 __m256i m0, __m256i m1, const float *bias, int accumulate) {
     __m256 c[MR][2];
     for (int i = 0; i < M; i++) {
         c[i][0] = accumulate ? _mm256_maskload_ps(y + (size_t)i * ldy, m0)
@@ -124,18 +121,18 @@ INLINE void tile(const int M, const int NV, int kc, const float *x, size_t ldx, 
     }
 }
 
-#define TILE_CASES(NV)                                                                             \
-    switch (mr) {                                                                                  \
-    case 1: tile(1, NV, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;                  \
-    case 2: tile(2, NV, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;                  \
-    case 3: tile(3, NV, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;                  \
-    case 4: tile(4, NV, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;                  \
-    case 5: tile(5, NV, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;                  \
-    default: tile(6, NV, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;                 \
+#define TILE_CASES(NV)                                                             \
+    switch (mr) {                                                                  \
+    case 1: tile(1, NV, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;  \
+    case 2: tile(2, NV, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;  \
+    case 3: tile(3, NV, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;  \
+    case 4: tile(4, NV, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;  \
+    case 5: tile(5, NV, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;  \
+    default: tile(6, NV, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break; \
     }
 
-static void gemm_f32_avx2(int mr, int kc, const void *xv, size_t ldx, const void *wpv, float *y,
-                          size_t ldy, int ncols, const float *bias, int accumulate) {
+static void gemm_f32_avx2(int mr, int kc, const void *xv, size_t ldx, const void *wpv, float *y, size_t ldy, int ncols,
+                          const float *bias, int accumulate) {
     const float *x = xv, *wp = wpv;
     const __m256i m0 = mask8(ncols), m1 = mask8(ncols - 8);
     if (ncols > 8) TILE_CASES(2) else TILE_CASES(1)
@@ -159,8 +156,7 @@ INLINE float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-INLINE void gemv_row(const int TN, const dtype DT, int K, const float *x, size_t ldx, const char *wr,
-                     float out[2]) {
+INLINE void gemv_row(const int TN, const dtype DT, int K, const float *x, size_t ldx, const char *wr, float out[2]) {
     const size_t es = DT == DT_F32 ? 4 : 2;
     __m256 acc[2][4];
     for (int t = 0; t < TN; t++)
@@ -189,8 +185,8 @@ INLINE void gemv_row(const int TN, const dtype DT, int K, const float *x, size_t
         out[t] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3])));
 }
 
-INLINE void gemv_dt(const dtype DT, int T, int K, const float *x, size_t ldx, const void *w,
-                    const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+INLINE void gemv_dt(const dtype DT, int T, int K, const float *x, size_t ldx, const void *w, const void *b, dtype bdt,
+                    int n0, int n1, float *y, size_t ldy) {
     const size_t es = DT == DT_F32 ? 4 : 2;
     for (int n = n0; n < n1; n++) {
         const char *wr = (const char *)w + (size_t)n * K * es;
@@ -207,8 +203,8 @@ INLINE void gemv_dt(const dtype DT, int T, int K, const float *x, size_t ldx, co
     }
 }
 
-static void gemv_avx2(int T, int K, const float *x, size_t ldx, const void *w, dtype dt,
-                      const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+static void gemv_avx2(int T, int K, const float *x, size_t ldx, const void *w, dtype dt, const void *b, dtype bdt,
+                      int n0, int n1, float *y, size_t ldy) {
     switch (dt) {
     case DT_BF16: gemv_dt(DT_BF16, T, K, x, ldx, w, b, bdt, n0, n1, y, ldy); break;
     case DT_F16: gemv_dt(DT_F16, T, K, x, ldx, w, b, bdt, n0, n1, y, ldy); break;
@@ -283,8 +279,7 @@ static float softmax_avx2(float *s, int n, float scale) {
     float total = hsum8(sum);
     if (i < n) {
         const __m256i mk = mask8(n - i);
-        const __m256 p =
-            exp256(_mm256_sub_ps(_mm256_mul_ps(_mm256_maskload_ps(s + i, mk), sc), vm));
+        const __m256 p = exp256(_mm256_sub_ps(_mm256_mul_ps(_mm256_maskload_ps(s + i, mk), sc), vm));
         _mm256_storeu_ps(tail, p);
         for (int j = 0; j < n - i; j++) {
             s[i + j] = tail[j];
@@ -314,14 +309,13 @@ static void dot_rows_avx2(float *out, const float *q, const void *k, dtype kdt, 
     const size_t ld = ldk * kv_elem_bytes(kdt);
     for (int j = 0; j < n; j += 4) {
         const int kn = imin(4, n - j);
-        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                       _mm256_setzero_ps()};
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int d = 0; d < D; d += 8) {
             const __m256i m = mask8(D - d);
             const __m256 qv = _mm256_maskload_ps(q + d, m);
             for (int r = 0; r < kn; r++)
-                a[r] = _mm256_fmadd_ps(qv, ldkv8((const char *)k + (size_t)(j + r) * ld, kdt, (size_t)d, D - d, m),
-                                       a[r]);
+                a[r] =
+                    _mm256_fmadd_ps(qv, ldkv8((const char *)k + (size_t)(j + r) * ld, kdt, (size_t)d, D - d, m), a[r]);
         }
         /* four sums at once: lane r of the result is the sum of a[r] */
         const __m256 ab = _mm256_hadd_ps(a[0], a[1]), cd = _mm256_hadd_ps(a[2], a[3]);
@@ -332,8 +326,7 @@ static void dot_rows_avx2(float *out, const float *q, const void *k, dtype kdt, 
     }
 }
 
-static void axpy_rows_avx2(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D,
-                           float s) {
+static void axpy_rows_avx2(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D, float s) {
     const size_t ld = ldv * kv_elem_bytes(vdt);
     for (int d0 = 0; d0 < D; d0 += 32) {
         __m256i m[4];
@@ -357,20 +350,17 @@ static void axpy_rows_avx2(float *out, const float *p, const void *v, dtype vdt,
             const __m256 p0 = _mm256_set1_ps(p[j]);
             for (int i = 0; i < nv; i++) {
                 const int c = d0 + 8 * i;
-                a[i] = _mm256_fmadd_ps(p0, ldkv8((const char *)v + (size_t)j * ld, vdt, (size_t)c, D - c, m[i]),
-                                       a[i]);
+                a[i] = _mm256_fmadd_ps(p0, ldkv8((const char *)v + (size_t)j * ld, vdt, (size_t)c, D - c, m[i]), a[i]);
             }
         }
         for (int i = 0; i < nv; i++)
-            _mm256_maskstore_ps(out + d0 + 8 * i, m[i],
-                                _mm256_mul_ps(_mm256_add_ps(a[i], b[i]), _mm256_set1_ps(s)));
+            _mm256_maskstore_ps(out + d0 + 8 * i, m[i], _mm256_mul_ps(_mm256_add_ps(a[i], b[i]), _mm256_set1_ps(s)));
     }
 }
 
 /* ---- LayerNorm, GELU, add, rope ----------------------------------------------------- */
 
-static void layernorm_row_avx2(float *y, const float *x, int C, const float *g, const float *b,
-                               float eps) {
+static void layernorm_row_avx2(float *y, const float *x, int C, const float *g, const float *b, float eps) {
     /* statistics in double, like the reference */
     __m256d s0 = _mm256_setzero_pd(), s1 = s0;
     int i = 0;
@@ -401,16 +391,14 @@ static void layernorm_row_avx2(float *y, const float *x, int C, const float *g, 
     const __m256 vi = _mm256_set1_ps(inv), vm = _mm256_set1_ps(mf);
     for (i = 0; i + 8 <= C; i += 8) {
         const __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm), vi);
-        _mm256_storeu_ps(
-            y + i, _mm256_add_ps(_mm256_mul_ps(t, _mm256_loadu_ps(g + i)), _mm256_loadu_ps(b + i)));
+        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_mul_ps(t, _mm256_loadu_ps(g + i)), _mm256_loadu_ps(b + i)));
     }
     for (; i < C; i++) y[i] = ((x[i] - mf) * inv) * g[i] + b[i];
 }
 
 /* 0.5 v (1 + tanh u) = v / (1 + e^{-2u}): no cancellation for negative u. */
 INLINE __m256 gelu_tanh8(__m256 v) {
-    const __m256 u =
-        _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v);
+    const __m256 u = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v), _mm256_mul_ps(v, v), v);
     const __m256 e = exp256(_mm256_mul_ps(_mm256_set1_ps(-2.0f * 0.7978845608028654f), u));
     return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
 }
@@ -420,11 +408,10 @@ INLINE __m256 gelu_tanh8(__m256 v) {
 INLINE __m256 gelu_erf8(__m256 v) {
     const __m256 z = _mm256_mul_ps(v, _mm256_set1_ps(0.7071067811865476f));
     const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z);
-    const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f),
-                                   _mm256_fmadd_ps(_mm256_set1_ps(0.5f), a, _mm256_set1_ps(1.0f)));
-    static const float c[10] = {0.17087277f, -0.82215223f, 1.48851587f, -1.13520398f,
-                                0.27886807f, -0.18628806f, 0.09678418f, 0.37409196f,
-                                1.00002368f, -1.26551223f};
+    const __m256 t =
+        _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.5f), a, _mm256_set1_ps(1.0f)));
+    static const float c[10] = {0.17087277f,  -0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f,
+                                -0.18628806f, 0.09678418f,  0.37409196f, 1.00002368f,  -1.26551223f};
     __m256 p = _mm256_set1_ps(c[0]);
     for (int i = 1; i < 10; i++) p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(c[i]));
     const __m256 r = _mm256_mul_ps(t, exp256(_mm256_fnmadd_ps(a, a, p)));
@@ -453,8 +440,7 @@ static void gelu_erf_avx2(float *x, size_t n) {
 
 static void add_avx2(float *y, const float *x, size_t n) {
     size_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(x + i)));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(x + i)));
     for (; i < n; i++) y[i] += x[i];
 }
 

@@ -95,21 +95,20 @@ INLINE void tr16(__m512 r[16]) {
  * the hardware prefetchers do not follow (measured: 8 GB/s from DRAM
  * without, for a kernel that streams 20+ GB/s in order). Prefetches never
  * fault, so running past the matrix is harmless. */
-#define PACK_BLOCK(LOAD, PF)                                                                       \
-    do {                                                                                           \
-        __m512 r[16];                                                                              \
-        if (PF)                                                                                    \
-            for (int i = 0; i < 16; i++) _mm_prefetch(src + (size_t)(i + NR) * ldb, _MM_HINT_T0);  \
-        if (rn == 16)                                                                              \
-            for (int i = 0; i < 16; i++) r[i] = LOAD(src + (size_t)i * ldb, m);                    \
-        else                                                                                       \
-            for (int i = 0; i < 16; i++)                                                           \
-                r[i] = i < rn ? LOAD(src + (size_t)i * ldb, m) : _mm512_setzero_ps();              \
-        tr16(r);                                                                                   \
-        if (kn == 16)                                                                              \
-            for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + (size_t)i * NR, r[i]);             \
-        else                                                                                       \
-            for (int i = 0; i < kn; i++) _mm512_storeu_ps(dst + (size_t)i * NR, r[i]);             \
+#define PACK_BLOCK(LOAD, PF)                                                                                   \
+    do {                                                                                                       \
+        __m512 r[16];                                                                                          \
+        if (PF)                                                                                                \
+            for (int i = 0; i < 16; i++) _mm_prefetch(src + (size_t)(i + NR) * ldb, _MM_HINT_T0);              \
+        if (rn == 16)                                                                                          \
+            for (int i = 0; i < 16; i++) r[i] = LOAD(src + (size_t)i * ldb, m);                                \
+        else                                                                                                   \
+            for (int i = 0; i < 16; i++) r[i] = i < rn ? LOAD(src + (size_t)i * ldb, m) : _mm512_setzero_ps(); \
+        tr16(r);                                                                                               \
+        if (kn == 16)                                                                                          \
+            for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + (size_t)i * NR, r[i]);                         \
+        else                                                                                                   \
+            for (int i = 0; i < kn; i++) _mm512_storeu_ps(dst + (size_t)i * NR, r[i]);                         \
     } while (0)
 
 INLINE __m512 ld_bf16(const char *p, __mmask16 m) { return ld16(p, DT_BF16, m); }
@@ -121,14 +120,12 @@ INLINE __m512 ld_pairs(const char *p, __mmask32 m) {
 }
 
 /* Floats: dst[e][j] = w[j][e0 + e], 16x16 blocks through registers. */
-INLINE void pack_f32_dt(const dtype DT, float *dst0, const void *w, size_t ldw, int nrows, int e0,
-                        int ec) {
+INLINE void pack_f32_dt(const dtype DT, float *dst0, const void *w, size_t ldw, int nrows, int e0, int ec) {
     const size_t es = DT == DT_F32 ? 4 : 2, ldb = ldw * es;
     for (int r0 = 0; r0 < NR; r0 += 16) {
         const int rn = imin(16, nrows - r0);
         if (rn <= 0) {
-            for (int e = 0; e < ec; e++)
-                _mm512_storeu_ps(dst0 + (size_t)e * NR + r0, _mm512_setzero_ps());
+            for (int e = 0; e < ec; e++) _mm512_storeu_ps(dst0 + (size_t)e * NR + r0, _mm512_setzero_ps());
             continue;
         }
         for (int k = 0; k < ec; k += 16) {
@@ -148,8 +145,7 @@ INLINE void pack_f32_dt(const dtype DT, float *dst0, const void *w, size_t ldw, 
     }
 }
 
-static void pack_f32_avx512(void *dst, const void *w, dtype dt, size_t ldw, int nrows, int e0,
-                            int ec, int K) {
+static void pack_f32_avx512(void *dst, const void *w, dtype dt, size_t ldw, int nrows, int e0, int ec, int K) {
     (void)K;
     switch (dt) {
     case DT_BF16: pack_f32_dt(DT_BF16, dst, w, ldw, nrows, e0, ec); break;
@@ -160,15 +156,13 @@ static void pack_f32_avx512(void *dst, const void *w, dtype dt, size_t ldw, int 
 
 /* bf16 pairs: dst[e][j] = (w[j][2(e0+e)], w[j][2(e0+e)+1]) as one 32-bit
  * word, the half past K zero. The same transpose on 32-bit words. */
-static void pack_pairs_avx512(void *dstv, const void *w, dtype dt, size_t ldw, int nrows, int e0,
-                              int ec, int K) {
+static void pack_pairs_avx512(void *dstv, const void *w, dtype dt, size_t ldw, int nrows, int e0, int ec, int K) {
     (void)dt;
     const size_t ldb = ldw * 2;
     for (int r0 = 0; r0 < NR; r0 += 16) {
         const int rn = imin(16, nrows - r0);
         if (rn <= 0) {
-            for (int e = 0; e < ec; e++)
-                _mm512_storeu_ps((float *)dstv + (size_t)e * NR + r0, _mm512_setzero_ps());
+            for (int e = 0; e < ec; e++) _mm512_storeu_ps((float *)dstv + (size_t)e * NR + r0, _mm512_setzero_ps());
             continue;
         }
         for (int k = 0; k < ec; k += 16) {
@@ -186,9 +180,8 @@ static void pack_pairs_avx512(void *dstv, const void *w, dtype dt, size_t ldw, i
  * Instantiated for constant M and NV, so the accumulator arrays live in
  * registers. PAIRS: x and the panel hold bf16 pairs, multiplied with
  * vdpbf16ps (two products per lane, added in float). */
-INLINE void tile(const int M, const int NV, const int PAIRS, int kc, const void *xv, size_t ldx,
-                 const float *wp, float *y, size_t ldy, __mmask16 m0, __mmask16 m1,
-                 const float *bias, int accumulate) {
+INLINE void tile(const int M, const int NV, const int PAIRS, int kc, const void *xv, size_t ldx, const float *wp,
+                 float *y, size_t ldy, __mmask16 m0, __mmask16 m1, const float *bias, int accumulate) {
     __m512 c[MR][2];
     const __mmask16 mk[2] = {m0, m1};
     for (int i = 0; i < M; i++)
@@ -206,8 +199,7 @@ INLINE void tile(const int M, const int NV, const int PAIRS, int kc, const void 
 #if defined(__AVX512BF16__)
                 const __m512i xb = _mm512_set1_epi32(xi[(size_t)i * ldx + e]);
                 for (int v = 0; v < NV; v++)
-                    c[i][v] = _mm512_dpbf16_ps(c[i][v], (__m512bh)xb,
-                                               (__m512bh)_mm512_castps_si512(w[v]));
+                    c[i][v] = _mm512_dpbf16_ps(c[i][v], (__m512bh)xb, (__m512bh)_mm512_castps_si512(w[v]));
 #endif
             } else {
                 const __m512 xb = _mm512_set1_ps(xf[(size_t)i * ldx + e]);
@@ -216,36 +208,35 @@ INLINE void tile(const int M, const int NV, const int PAIRS, int kc, const void 
         }
     }
     for (int i = 0; i < M; i++)
-        for (int v = 0; v < NV; v++)
-            _mm512_mask_storeu_ps(y + (size_t)i * ldy + 16 * v, mk[v], c[i][v]);
+        for (int v = 0; v < NV; v++) _mm512_mask_storeu_ps(y + (size_t)i * ldy + 16 * v, mk[v], c[i][v]);
 }
 
-#define TILE_CASES(NV, PAIRS)                                                                      \
-    switch (mr) {                                                                                  \
-    case 1: tile(1, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;           \
-    case 2: tile(2, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;           \
-    case 3: tile(3, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;           \
-    case 4: tile(4, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;           \
-    case 5: tile(5, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;           \
-    case 6: tile(6, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;           \
-    case 7: tile(7, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;           \
-    case 8: tile(8, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;           \
-    case 9: tile(9, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;           \
-    case 10: tile(10, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;         \
-    case 11: tile(11, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;         \
-    default: tile(12, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;         \
+#define TILE_CASES(NV, PAIRS)                                                              \
+    switch (mr) {                                                                          \
+    case 1: tile(1, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;   \
+    case 2: tile(2, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;   \
+    case 3: tile(3, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;   \
+    case 4: tile(4, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;   \
+    case 5: tile(5, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;   \
+    case 6: tile(6, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;   \
+    case 7: tile(7, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;   \
+    case 8: tile(8, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;   \
+    case 9: tile(9, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break;   \
+    case 10: tile(10, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break; \
+    case 11: tile(11, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break; \
+    default: tile(12, NV, PAIRS, kc, x, ldx, wp, y, ldy, m0, m1, bias, accumulate); break; \
     }
 
-static void gemm_f32_avx512(int mr, int kc, const void *x, size_t ldx, const void *wpv, float *y,
-                            size_t ldy, int ncols, const float *bias, int accumulate) {
+static void gemm_f32_avx512(int mr, int kc, const void *x, size_t ldx, const void *wpv, float *y, size_t ldy, int ncols,
+                            const float *bias, int accumulate) {
     const float *wp = wpv;
     const __mmask16 m0 = mask16(ncols), m1 = mask16(ncols - 16 > 0 ? ncols - 16 : 0);
     if (ncols > 16) TILE_CASES(2, 0) else TILE_CASES(1, 0)
 }
 
 #if defined(__AVX512BF16__)
-static void gemm_pairs_avx512(int mr, int kc, const void *x, size_t ldx, const void *wpv, float *y,
-                              size_t ldy, int ncols, const float *bias, int accumulate) {
+static void gemm_pairs_avx512(int mr, int kc, const void *x, size_t ldx, const void *wpv, float *y, size_t ldy,
+                              int ncols, const float *bias, int accumulate) {
     const float *wp = wpv;
     const __mmask16 m0 = mask16(ncols), m1 = mask16(ncols - 16 > 0 ? ncols - 16 : 0);
     if (ncols > 16) TILE_CASES(2, 1) else TILE_CASES(1, 1)
@@ -271,8 +262,7 @@ static const cpu_gemm gemm_pairs = {MR, NR, KC, 1, pack_pairs_avx512, gemm_pairs
 
 INLINE float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-INLINE void gemv_row(const int TN, const dtype DT, int K, const float *x, size_t ldx,
-                     const char *wr, float out[4]) {
+INLINE void gemv_row(const int TN, const dtype DT, int K, const float *x, size_t ldx, const char *wr, float out[4]) {
     const size_t es = DT == DT_F32 ? 4 : 2;
     __m512 acc[4][4];
     for (int t = 0; t < TN; t++)
@@ -285,8 +275,7 @@ INLINE void gemv_row(const int TN, const dtype DT, int K, const float *x, size_t
         for (int u = 0; u < 4; u++) w[u] = ld16(p + (size_t)u * 16 * es, DT, 0xffff);
         for (int t = 0; t < TN; t++)
             for (int u = 0; u < 4; u++)
-                acc[t][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (size_t)t * ldx + k + 16 * u), w[u],
-                                            acc[t][u]);
+                acc[t][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (size_t)t * ldx + k + 16 * u), w[u], acc[t][u]);
     }
     for (; k < K; k += 16) {
         const __mmask16 m = mask16(K - k);
@@ -298,8 +287,8 @@ INLINE void gemv_row(const int TN, const dtype DT, int K, const float *x, size_t
         out[t] = hsum(_mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3])));
 }
 
-INLINE void gemv_dt(const dtype DT, int T, int K, const float *x, size_t ldx, const void *w,
-                    const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+INLINE void gemv_dt(const dtype DT, int T, int K, const float *x, size_t ldx, const void *w, const void *b, dtype bdt,
+                    int n0, int n1, float *y, size_t ldy) {
     const size_t es = DT == DT_F32 ? 4 : 2;
     for (int n = n0; n < n1; n++) {
         const char *wr = (const char *)w + (size_t)n * K * es;
@@ -319,8 +308,8 @@ INLINE void gemv_dt(const dtype DT, int T, int K, const float *x, size_t ldx, co
     }
 }
 
-static void gemv_avx512(int T, int K, const float *x, size_t ldx, const void *w, dtype dt,
-                        const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+static void gemv_avx512(int T, int K, const float *x, size_t ldx, const void *w, dtype dt, const void *b, dtype bdt,
+                        int n0, int n1, float *y, size_t ldy) {
     switch (dt) {
     case DT_BF16: gemv_dt(DT_BF16, T, K, x, ldx, w, b, bdt, n0, n1, y, ldy); break;
     case DT_F16: gemv_dt(DT_F16, T, K, x, ldx, w, b, bdt, n0, n1, y, ldy); break;
@@ -331,8 +320,8 @@ static void gemv_avx512(int T, int K, const float *x, size_t ldx, const void *w,
 #if defined(__AVX512BF16__)
 /* The same with bf16 x bf16 dot products: x as bf16 pairs (Kp = ceil(K/2)
  * 32-bit lanes), 128 weights (256 bytes) per step. */
-INLINE void gemv_pairs_row(const int TN, int Kp, int K, const uint32_t *x, size_t ldx,
-                           const uint16_t *wr, float out[4]) {
+INLINE void gemv_pairs_row(const int TN, int Kp, int K, const uint32_t *x, size_t ldx, const uint16_t *wr,
+                           float out[4]) {
     __m512 acc[4][4];
     for (int t = 0; t < TN; t++)
         for (int u = 0; u < 4; u++) acc[t][u] = _mm512_setzero_ps();
@@ -344,9 +333,8 @@ INLINE void gemv_pairs_row(const int TN, int Kp, int K, const uint32_t *x, size_
         for (int u = 0; u < 4; u++) w[u] = _mm512_loadu_si512(p + 64 * u);
         for (int t = 0; t < TN; t++)
             for (int u = 0; u < 4; u++)
-                acc[t][u] = _mm512_dpbf16_ps(
-                    acc[t][u], (__m512bh)_mm512_loadu_si512(x + (size_t)t * ldx + e + 16 * u),
-                    (__m512bh)w[u]);
+                acc[t][u] = _mm512_dpbf16_ps(acc[t][u], (__m512bh)_mm512_loadu_si512(x + (size_t)t * ldx + e + 16 * u),
+                                             (__m512bh)w[u]);
     }
     for (; e < Kp; e += 16) {
         /* The last blocks: only the pairs (and bf16) that exist. */
@@ -362,8 +350,8 @@ INLINE void gemv_pairs_row(const int TN, int Kp, int K, const uint32_t *x, size_
         out[t] = hsum(_mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3])));
 }
 
-static void gemv_pairs_avx512(int T, int K, const uint32_t *x, size_t ldx, const uint16_t *w,
-                              const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+static void gemv_pairs_avx512(int T, int K, const uint32_t *x, size_t ldx, const uint16_t *w, const void *b, dtype bdt,
+                              int n0, int n1, float *y, size_t ldy) {
     const int Kp = (K + 1) / 2;
     for (int n = n0; n < n1; n++) {
         const uint16_t *wr = w + (size_t)n * K;
@@ -400,8 +388,7 @@ INLINE __m512i round_bf16_bits(__m512 v) {
 static void round_bf16_avx512(float *dst, const float *src, int n) {
     for (int i = 0; i < n; i += 16) {
         const __mmask16 m = mask16(n - i);
-        _mm512_mask_storeu_ps(
-            dst + i, m, _mm512_castsi512_ps(round_bf16_bits(_mm512_maskz_loadu_ps(m, src + i))));
+        _mm512_mask_storeu_ps(dst + i, m, _mm512_castsi512_ps(round_bf16_bits(_mm512_maskz_loadu_ps(m, src + i))));
     }
 }
 
@@ -413,11 +400,10 @@ static void to_pairs_avx512(uint32_t *dst, const float *src, int n) {
     const __m512i perm = _mm512_loadu_si512(idx);
     for (int i = 0; i < n; i += 32) {
         const __m512i lo = round_bf16_bits(_mm512_maskz_loadu_ps(mask16(n - i), src + i));
-        const __m512i hi = round_bf16_bits(
-            _mm512_maskz_loadu_ps(mask16(n - i - 16 > 0 ? n - i - 16 : 0), src + i + 16));
+        const __m512i hi =
+            round_bf16_bits(_mm512_maskz_loadu_ps(mask16(n - i - 16 > 0 ? n - i - 16 : 0), src + i + 16));
         const int pairs = (imin(32, n - i) + 1) / 2;
-        _mm512_mask_storeu_epi32(dst + i / 2, mask16(pairs),
-                                 _mm512_permutex2var_epi16(lo, perm, hi));
+        _mm512_mask_storeu_epi32(dst + i / 2, mask16(pairs), _mm512_permutex2var_epi16(lo, perm, hi));
     }
 }
 
@@ -452,8 +438,7 @@ static float softmax_avx512(float *s, int n, float scale) {
     __m512 sum = _mm512_setzero_ps();
     for (int i = 0; i < n; i += 16) {
         const __mmask16 m = mask16(n - i);
-        const __m512 p =
-            exp512(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + i), sc), vm));
+        const __m512 p = exp512(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + i), sc), vm));
         _mm512_mask_storeu_ps(s + i, m, p);
         sum = _mm512_mask_add_ps(sum, m, sum, p);
     }
@@ -489,8 +474,7 @@ INLINE void dot_rows_dt(const dtype DT, float *out, const float *q, const void *
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int d = 0; d < D; d += 16) {
             const __mmask16 m = mask16(D - d);
-            for (int r = 0; r < 4; r++)
-                _mm_prefetch(k0 + (ATTN_PF + r) * ld + d * kv_elem_bytes(DT), _MM_HINT_T0);
+            for (int r = 0; r < 4; r++) _mm_prefetch(k0 + (ATTN_PF + r) * ld + d * kv_elem_bytes(DT), _MM_HINT_T0);
             const __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
             a0 = _mm512_fmadd_ps(qv, ldkv(DT, k0, (size_t)d, m), a0);
             a1 = _mm512_fmadd_ps(qv, ldkv(DT, k0 + ld, (size_t)d, m), a1);
@@ -517,8 +501,7 @@ static void dot_rows_avx512(float *out, const float *q, const void *k, dtype kdt
         dot_rows_dt(DT_F32, out, q, k, ldk, n, D);
 }
 
-INLINE void axpy_rows_dt(const dtype DT, float *out, const float *p, const void *v, size_t ldv, int n, int D,
-                         float s) {
+INLINE void axpy_rows_dt(const dtype DT, float *out, const float *p, const void *v, size_t ldv, int n, int D, float s) {
     const size_t es = kv_elem_bytes(DT), ld = ldv * es;
     /* 64 columns at a time, keys in pairs (two accumulator sets hide the
      * FMA latency). */
@@ -545,18 +528,15 @@ INLINE void axpy_rows_dt(const dtype DT, float *out, const float *p, const void 
         if (j < n) {
             const char *v0 = (const char *)v + (size_t)j * ld + (size_t)d0 * es;
             const __m512 p0 = _mm512_set1_ps(p[j]);
-            for (int i = 0; i < 4 && m[i]; i++)
-                a[i] = _mm512_fmadd_ps(p0, ldkv(DT, v0, (size_t)(16 * i), m[i]), a[i]);
+            for (int i = 0; i < 4 && m[i]; i++) a[i] = _mm512_fmadd_ps(p0, ldkv(DT, v0, (size_t)(16 * i), m[i]), a[i]);
         }
         const __m512 vs = _mm512_set1_ps(s);
         for (int i = 0; i < 4 && m[i]; i++)
-            _mm512_mask_storeu_ps(out + d0 + 16 * i, m[i],
-                                  _mm512_mul_ps(_mm512_add_ps(a[i], b[i]), vs));
+            _mm512_mask_storeu_ps(out + d0 + 16 * i, m[i], _mm512_mul_ps(_mm512_add_ps(a[i], b[i]), vs));
     }
 }
 
-static void axpy_rows_avx512(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D,
-                             float s) {
+static void axpy_rows_avx512(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D, float s) {
     if (vdt == DT_BF16)
         axpy_rows_dt(DT_BF16, out, p, v, ldv, n, D, s);
     else
@@ -584,7 +564,7 @@ static void part_softmax(float *sc, int n, int H, float *m, float *l) {
         }
         m[h] = mh;
         l[h] = _mm512_reduce_add_ps(sum);
-}
+    }
 }
 
 /* ---- decode attention: a range of keys, every head ----------------------------------
@@ -630,9 +610,9 @@ INLINE void attn_part_dt(const dtype DT, const op_attn *a, int t, int j0, int j1
             float *oh = o + (size_t)h * D;
             for (int c = 0; c < nd; c++) {
                 const __mmask16 mk = mask16(D - 16 * c);
-                _mm512_mask_storeu_ps(oh + 16 * c, mk,
-                                      _mm512_fmadd_ps(p, ldkv(DT, vr, col + 16 * (size_t)c, mk),
-                                                      _mm512_maskz_loadu_ps(mk, oh + 16 * c)));
+                _mm512_mask_storeu_ps(
+                    oh + 16 * c, mk,
+                    _mm512_fmadd_ps(p, ldkv(DT, vr, col + 16 * (size_t)c, mk), _mm512_maskz_loadu_ps(mk, oh + 16 * c)));
             }
         }
     }
@@ -648,10 +628,12 @@ INLINE __m512 bf_even(__m512i w) { return _mm512_castsi512_ps(_mm512_slli_epi32(
 INLINE __m512i bf_load32(const uint16_t *p, __mmask32 m) {
     return m == 0xffffffffu ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(m, p);
 }
-INLINE __m512 bf_odd(__m512i w) { return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xffff0000u))); }
+INLINE __m512 bf_odd(__m512i w) {
+    return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xffff0000u)));
+}
 
-static void attn_part_bf16(const op_attn *a, int t, int j0, int j1, float *sc, float *m, float *l, float *o,
-                           float *qeo, float *oeo) {
+static void attn_part_bf16(const op_attn *a, int t, int j0, int j1, float *sc, float *m, float *l, float *o, float *qeo,
+                           float *oeo) {
     const int D = a->D, H = a->H, nc = (D + 31) / 32, group = a->H / a->Hkv, n = j1 - j0;
     const size_t hs = (size_t)nc * 32; /* floats per head in qeo, oeo */
     const float *q = a->q + (size_t)t * a->ldq;
@@ -727,8 +709,7 @@ static void attn_part_avx512(const op_attn *a, int t, int j0, int j1, float *sc,
 
 /* ---- LayerNorm, GELU, add, rope ------------------------------------------------- */
 
-static void layernorm_row_avx512(float *y, const float *x, int C, const float *g, const float *b,
-                                 float eps) {
+static void layernorm_row_avx512(float *y, const float *x, int C, const float *g, const float *b, float eps) {
     /* Statistics in double like the reference: a float sum of a few
      * thousand activations with a large mean would lose digits the
      * centring then exposes. */
@@ -758,9 +739,9 @@ static void layernorm_row_avx512(float *y, const float *x, int C, const float *g
         const __mmask16 m = mask16(C - i);
         const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
         const __m512 t = _mm512_mul_ps(_mm512_sub_ps(v, mf), inv);
-        _mm512_mask_storeu_ps(y + i, m,
-                              _mm512_add_ps(_mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, g + i)),
-                                            _mm512_maskz_loadu_ps(m, b + i)));
+        _mm512_mask_storeu_ps(
+            y + i, m,
+            _mm512_add_ps(_mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, g + i)), _mm512_maskz_loadu_ps(m, b + i)));
     }
 }
 
@@ -783,8 +764,8 @@ static void gelu_tanh_avx512(float *x, size_t n) {
  * cancellation for negative z, where 1 + erf z is small. */
 INLINE __m512 one_plus_erf(__m512 z) {
     const __m512 a = _mm512_abs_ps(z);
-    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
-                                   _mm512_fmadd_ps(_mm512_set1_ps(0.5f), a, _mm512_set1_ps(1.0f)));
+    const __m512 t =
+        _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_set1_ps(0.5f), a, _mm512_set1_ps(1.0f)));
     __m512 p = _mm512_set1_ps(0.17087277f);
     p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.82215223f));
     p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.48851587f));
@@ -813,13 +794,12 @@ static void add_avx512(float *y, const float *x, size_t n) {
     size_t i = 0;
     for (; i + 64 <= n; i += 64)
         for (int u = 0; u < 4; u++)
-            _mm512_storeu_ps(y + i + 16 * u, _mm512_add_ps(_mm512_loadu_ps(y + i + 16 * u),
-                                                           _mm512_loadu_ps(x + i + 16 * u)));
+            _mm512_storeu_ps(y + i + 16 * u,
+                             _mm512_add_ps(_mm512_loadu_ps(y + i + 16 * u), _mm512_loadu_ps(x + i + 16 * u)));
     for (; i < n; i += 16) {
         const __mmask16 m = mask16((int)(n - i < 16 ? n - i : 16));
-        _mm512_mask_storeu_ps(
-            y + i, m,
-            _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i), _mm512_maskz_loadu_ps(m, x + i)));
+        _mm512_mask_storeu_ps(y + i, m,
+                              _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i), _mm512_maskz_loadu_ps(m, x + i)));
     }
 }
 
@@ -828,14 +808,11 @@ static void rope_row_avx512(float *x, int H, int D, int half, const float *ct, c
         float *v = x + (size_t)h * D;
         for (int i = 0; i < half; i += 16) {
             const __mmask16 m = mask16(half - i);
-            const __m512 a = _mm512_maskz_loadu_ps(m, v + i),
-                         b = _mm512_maskz_loadu_ps(m, v + i + half);
+            const __m512 a = _mm512_maskz_loadu_ps(m, v + i), b = _mm512_maskz_loadu_ps(m, v + i + half);
             const __m512 c = _mm512_maskz_loadu_ps(m, ct + i), s = _mm512_maskz_loadu_ps(m, st + i);
             /* products rounded separately, as in the reference */
-            _mm512_mask_storeu_ps(v + i, m,
-                                  _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s)));
-            _mm512_mask_storeu_ps(v + i + half, m,
-                                  _mm512_add_ps(_mm512_mul_ps(a, s), _mm512_mul_ps(b, c)));
+            _mm512_mask_storeu_ps(v + i, m, _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s)));
+            _mm512_mask_storeu_ps(v + i + half, m, _mm512_add_ps(_mm512_mul_ps(a, s), _mm512_mul_ps(b, c)));
         }
     }
 }
@@ -884,7 +861,8 @@ INLINE void q_t1_prep(const dtype DT, int np, const int8_t *xq, const float *dx,
         if (DT == DT_Q4) {
             corr[p] = _mm512_mask_set1_epi32(_mm512_maskz_set1_epi32(0x0001, off * sx[0]), 0x0010, off * sx[1]);
             dxv[p] = _mm512_mask_blend_ps(0xf0f0, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
-            const __m512i x = _mm512_loadu_si512((const void *)(xq + (size_t)p * 64)); /* [x0 lo, x0 hi, x1 lo, x1 hi] */
+            const __m512i x =
+                _mm512_loadu_si512((const void *)(xq + (size_t)p * 64)); /* [x0 lo, x0 hi, x1 lo, x1 hi] */
             xr[p] = _mm512_shuffle_i64x2(x, x, _MM_SHUFFLE(3, 1, 2, 0));
         } else {
             corr[p] = _mm512_mask_set1_epi32(_mm512_maskz_set1_epi32(0x0001, off * sx[0]), 0x0100, off * sx[1]);
@@ -901,14 +879,14 @@ INLINE __m512 q_t1_pair(const dtype DT, const uint8_t *b0, size_t bb, int p, con
     __m512i v, xv;
     __m256i sc;
     if (DT == DT_Q4) {
-        const __m256i q = _mm256_inserti128_si256(
-            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)(b0 + 2))),
-            _mm_loadu_si128((const __m128i *)(const void *)(b1 + 2)), 1);
+        const __m256i q =
+            _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)(b0 + 2))),
+                                    _mm_loadu_si128((const __m128i *)(const void *)(b1 + 2)), 1);
         /* [n0 lo, n1 lo, n0 hi, n1 hi]: weights 0..15 of both blocks, then 16..31 */
         v = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4), 1), low4);
         xv = xr[p];
-        sc = _mm512_castsi512_si256(
-            _mm512_permutexvar_epi16(sidx, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(const void *)b0))));
+        sc = _mm512_castsi512_si256(_mm512_permutexvar_epi16(
+            sidx, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(const void *)b0))));
     } else {
         _mm_prefetch((const char *)b0 + QPF_AHEAD + 64, _MM_HINT_T0);
         v = _mm512_xor_si512(
@@ -950,8 +928,8 @@ INLINE void gemv_q_t1_dt(const dtype DT, int K, const int8_t *xq, const uint8_t 
     }
 }
 
-static void gemv_q_avx512(int T, int K, const void *xq, size_t ldxq, const void *w, dtype dt, const void *b,
-                          dtype bdt, int n0, int n1, float *y, size_t ldy) {
+static void gemv_q_avx512(int T, int K, const void *xq, size_t ldxq, const void *w, dtype dt, const void *b, dtype bdt,
+                          int n0, int n1, float *y, size_t ldy) {
     if (T == 1 && K % 64 == 0 && K / 64 <= Q_PAIRS_MAX) {
         if (dt == DT_Q4)
             gemv_q_t1_dt(DT_Q4, K, xq, w, b, bdt, n0, n1, y);
@@ -993,7 +971,8 @@ INLINE void qpack_half(const dtype DT, char *dst, const char *w, size_t rb, int 
     const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                            _mm512_set1_epi32((int)rb));
     const __m512i ones = _mm512_set1_epi8(1), low4 = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
-    const __m512i lo2 = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), hi2 = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    const __m512i lo2 = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13),
+                  hi2 = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
     for (int b = 0; b < nb; b++) {
         const char *src = w + (size_t)(b0 + b) * bb;
         char *pb = dst + (size_t)b * CPU_QBLK_BYTES(QNR) + 64 * h;
@@ -1112,14 +1091,14 @@ INLINE void qtile(const int M, const int NV, const int XS, int nb, const uint8_t
 #define QXS 0
 #endif
 
-#define QTILE_CASES(NV)                                                                                    \
-    switch (mr) {                                                                                          \
-    case 1: qtile(1, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;          \
-    case 2: qtile(2, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;          \
-    case 3: qtile(3, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;          \
-    case 4: qtile(4, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;          \
-    case 5: qtile(5, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;          \
-    default: qtile(QMR, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;       \
+#define QTILE_CASES(NV)                                                                              \
+    switch (mr) {                                                                                    \
+    case 1: qtile(1, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 2: qtile(2, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 3: qtile(3, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 4: qtile(4, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 5: qtile(5, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    default: qtile(QMR, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break; \
     }
 
 static void qgemm_avx512(int mr, int nb, const uint8_t *x, size_t ldx, const float *dx, size_t lddx, const void *wpv,
@@ -1160,15 +1139,13 @@ static const cpu_qgemm qgemm_vnni = {QMR, QNR, QKB, QXS, qpack_avx512, qgemm_avx
 
 /* ---- tables ------------------------------------------------------------------------ */
 
-#define AVX512_KERNELS(BF16_GEMM, BF16_GEMV, GEMV_Q, QGEMM)                                         \
-    {                                                                                              \
-        .f32 = &gemm_f32, .bf16 = BF16_GEMM, .small_t = 24, .gemv = gemv_avx512,                   \
-        .gemv_q = GEMV_Q, .qgemm = QGEMM,                                                          \
-        .gemv_pairs = BF16_GEMV, .round_bf16 = round_bf16_avx512, .to_pairs = to_pairs_avx512,     \
-        .softmax = softmax_avx512, .dot_rows = dot_rows_avx512, .axpy_rows = axpy_rows_avx512,     \
-          .attn_part = attn_part_avx512,                                                             \
-        .layernorm_row = layernorm_row_avx512, .gelu_tanh = gelu_tanh_avx512,                      \
-        .gelu_erf = gelu_erf_avx512, .add = add_avx512, .rope_row = rope_row_avx512,               \
+#define AVX512_KERNELS(BF16_GEMM, BF16_GEMV, GEMV_Q, QGEMM)                                                        \
+    {                                                                                                              \
+        .f32 = &gemm_f32, .bf16 = BF16_GEMM, .small_t = 24, .gemv = gemv_avx512, .gemv_q = GEMV_Q, .qgemm = QGEMM, \
+        .gemv_pairs = BF16_GEMV, .round_bf16 = round_bf16_avx512, .to_pairs = to_pairs_avx512,                     \
+        .softmax = softmax_avx512, .dot_rows = dot_rows_avx512, .axpy_rows = axpy_rows_avx512,                     \
+        .attn_part = attn_part_avx512, .layernorm_row = layernorm_row_avx512, .gelu_tanh = gelu_tanh_avx512,       \
+        .gelu_erf = gelu_erf_avx512, .add = add_avx512, .rope_row = rope_row_avx512,                               \
     }
 
 #if defined(__AVX512BF16__)
@@ -1187,8 +1164,8 @@ static const cpu_table table_novnni = {CPU_DRIVER_OPS("avx512"), &kernels_novnni
 static int cpu_has_avx512(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
 }
 
 const ops *ops_avx512_table(void) {

@@ -69,8 +69,7 @@ void ops_parallel_for(ops_ctx *c, int n, ops_task_fn fn, void *arg) {
     tp_run(c->tp, n, pf_tramp, &a);
 }
 
-albedo_status ops_ctx_new(const char *name, int n_threads, ops_precision prec, ops_ctx **out,
-                          errbuf *e) {
+albedo_status ops_ctx_new(const char *name, int n_threads, ops_precision prec, ops_ctx **out, errbuf *e) {
     *out = NULL;
     const ops *tab = NULL;
     if (!name || !*name || !strcmp(name, "auto")) {
@@ -92,9 +91,7 @@ albedo_status ops_ctx_new(const char *name, int n_threads, ops_precision prec, o
         return errf(e, ALBEDO_ERR_INVALID_ARGUMENT,
                     "unknown backend '%s' (expected auto, ref, generic, avx2, avx512, neon)", name);
     }
-    if (!tab)
-        return errf(e, ALBEDO_ERR_UNSUPPORTED, "backend '%s' is not supported by this CPU or build",
-                    name);
+    if (!tab) return errf(e, ALBEDO_ERR_UNSUPPORTED, "backend '%s' is not supported by this CPU or build", name);
     if (n_threads <= 0) n_threads = cpu_count();
     if (n_threads > 256) n_threads = 256;
     ops_ctx *c = calloc(1, sizeof *c);
@@ -126,9 +123,7 @@ void ops_ctx_free(ops_ctx *c) {
  * Blocking, threading, masks and scratch for every driver-based table; the
  * arithmetic is in the table's kernels (cpu.h, cpu_kernels). */
 
-static const cpu_kernels *kern_of(const ops_ctx *c) {
-    return ((const cpu_table *)(const void *)c->tab)->k;
-}
+static const cpu_kernels *kern_of(const ops_ctx *c) { return ((const cpu_table *)(const void *)c->tab)->k; }
 
 #define MAX_THREADS 256 /* ops_ctx_new caps n_threads here */
 
@@ -231,8 +226,7 @@ void cpu_quantize_u8(const float *x, int K, int per_block, uint8_t *q, float *d)
 
 /* Panel of block-format rows for the float gemm kernels: dst[e][j] =
  * W[j][e0 + e] dequantised, for e < ec, j < nr (rows nrows..nr-1 zero). */
-static void pack_q(float *dst, const char *w, dtype dt, size_t row_bytes, int nrows, int nr,
-                   int e0, int ec, int K) {
+static void pack_q(float *dst, const char *w, dtype dt, size_t row_bytes, int nrows, int nr, int e0, int ec, int K) {
     const size_t bb = dt == DT_Q8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
     const int b0 = e0 / 32, b1 = (e0 + ec + 31) / 32, off = e0 - b0 * 32;
     float tmp[LIN_PACK_TMP];
@@ -282,8 +276,8 @@ static void pack_q_pairs(uint32_t *dst, const char *w, dtype dt, size_t row_byte
 
 /* Portable small-T path for block formats: W rows dequantised a piece at a
  * time (in L1), dotted with float x. */
-static void gemv_q_float(int T, int K, const float *x, size_t ldx, const void *w, dtype dt,
-                         const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+static void gemv_q_float(int T, int K, const float *x, size_t ldx, const void *w, dtype dt, const void *b, dtype bdt,
+                         int n0, int n1, float *y, size_t ldy) {
     const size_t rb = q_row_bytes(dt, K), bb = dt == DT_Q8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
     float wb[LIN_PACK_TMP];
     for (int n = n0; n < n1; n++) {
@@ -313,9 +307,8 @@ static void gemv_q_float(int T, int K, const float *x, size_t ldx, const void *w
  * [t0, t1), t_per rows a group. Returns 0 when the share is empty;
  * otherwise L's bias for those panels' outputs is staged as floats at bias
  * (kernels read one dtype), bias[0] being output p0·nr. */
-static int gemm_task_share(int task, int n_chunks, int n_panels, int t_per, int T,
-                           const op_linear *L, int nr, float *bias, int *p0, int *p1, int *t0,
-                           int *t1) {
+static int gemm_task_share(int task, int n_chunks, int n_panels, int t_per, int T, const op_linear *L, int nr,
+                           float *bias, int *p0, int *p1, int *t0, int *t1) {
     const int nc = task % n_chunks, tc = task / n_chunks;
     *p0 = (int)((long long)nc * n_panels / n_chunks);
     *p1 = (int)((long long)(nc + 1) * n_panels / n_chunks);
@@ -323,8 +316,7 @@ static int gemm_task_share(int task, int n_chunks, int n_panels, int t_per, int 
     *t1 = imin(T, *t0 + t_per);
     if (*p0 >= *p1 || *t0 >= *t1) return 0;
     if (L->b)
-        for (int n = *p0 * nr; n < imin(*p1 * nr, L->n_out); n++)
-            bias[n - *p0 * nr] = cpu_ld(L->b, L->bdt, (size_t)n);
+        for (int n = *p0 * nr; n < imin(*p1 * nr, L->n_out); n++) bias[n - *p0 * nr] = cpu_ld(L->b, L->bdt, (size_t)n);
     return 1;
 }
 
@@ -336,9 +328,7 @@ static void lin_gemm_task(void *arg, int task, int thread) {
     char *wp = j->sp[thread];
     float *bias = (float *)(wp + (size_t)j->max_panels * nr * g->kc * 4);
     int p0, p1, t0, t1;
-    if (!gemm_task_share(task, j->n_chunks, j->n_panels, j->t_per, j->T, L, nr, bias, &p0, &p1,
-                         &t0, &t1))
-        return;
+    if (!gemm_task_share(task, j->n_chunks, j->n_panels, j->t_per, j->T, L, nr, bias, &p0, &p1, &t0, &t1)) return;
     const size_t esz = j->q ? 0 : dt_bytes(L->dt), rb = j->q ? q_row_bytes(L->dt, j->K) : 0;
     for (int e0 = 0; e0 < j->Ke; e0 += g->kc) {
         const int ec = imin(g->kc, j->Ke - e0);
@@ -349,12 +339,11 @@ static void lin_gemm_task(void *arg, int task, int thread) {
                 pack_q_pairs((uint32_t *)(void *)(wp + (p - p0) * panel_bytes), (const char *)L->w + (size_t)n0 * rb,
                              L->dt, rb, imin(nr, N - n0), nr, e0, ec, j->K);
             else if (j->q)
-                pack_q((float *)(void *)(wp + (p - p0) * panel_bytes),
-                       (const char *)L->w + (size_t)n0 * rb, L->dt, rb, imin(nr, N - n0), nr, e0,
-                       ec, j->K);
+                pack_q((float *)(void *)(wp + (p - p0) * panel_bytes), (const char *)L->w + (size_t)n0 * rb, L->dt, rb,
+                       imin(nr, N - n0), nr, e0, ec, j->K);
             else
-                g->pack(wp + (p - p0) * panel_bytes, (const char *)L->w + (size_t)n0 * j->K * esz,
-                        L->dt, (size_t)j->K, imin(nr, N - n0), e0, ec, j->K);
+                g->pack(wp + (p - p0) * panel_bytes, (const char *)L->w + (size_t)n0 * j->K * esz, L->dt, (size_t)j->K,
+                        imin(nr, N - n0), e0, ec, j->K);
         }
         /* One register tile of x rows stays in L1 while it meets every panel
          * of the block, which streams from L2. */
@@ -363,9 +352,8 @@ static void lin_gemm_task(void *arg, int task, int thread) {
             const char *xt = j->x + ((size_t)t * j->ldx + (size_t)e0) * 4;
             for (int p = p0; p < p1; p++) {
                 const int n0 = p * nr;
-                g->kernel(m, ec, xt, j->ldx, wp + (p - p0) * panel_bytes,
-                          j->y + (size_t)t * j->ldy + n0, j->ldy, imin(nr, N - n0),
-                          (e0 == 0 && L->b) ? bias + (n0 - p0 * nr) : NULL, e0 > 0);
+                g->kernel(m, ec, xt, j->ldx, wp + (p - p0) * panel_bytes, j->y + (size_t)t * j->ldy + n0, j->ldy,
+                          imin(nr, N - n0), (e0 == 0 && L->b) ? bias + (n0 - p0 * nr) : NULL, e0 > 0);
             }
         }
     }
@@ -378,17 +366,16 @@ static void lin_gemv_task(void *arg, int task, int thread) {
     const int n0 = task * j->n_per, n1 = imin(L->n_out, n0 + j->n_per);
     if (n0 >= n1) return;
     if (j->qx)
-        j->k->gemv_q(j->T, j->K, j->x, j->ldx * 4, L->w, L->dt, L->b, L->bdt, n0, n1, j->y,
-                     j->ldy);
+        j->k->gemv_q(j->T, j->K, j->x, j->ldx * 4, L->w, L->dt, L->b, L->bdt, n0, n1, j->y, j->ldy);
     else if (j->q)
-        gemv_q_float(j->T, j->K, (const float *)(const void *)j->x, j->ldx, L->w, L->dt, L->b,
-                     L->bdt, n0, n1, j->y, j->ldy);
+        gemv_q_float(j->T, j->K, (const float *)(const void *)j->x, j->ldx, L->w, L->dt, L->b, L->bdt, n0, n1, j->y,
+                     j->ldy);
     else if (j->pairs)
-        j->k->gemv_pairs(j->T, j->K, (const uint32_t *)(const void *)j->x, j->ldx, L->w, L->b,
-                         L->bdt, n0, n1, j->y, j->ldy);
+        j->k->gemv_pairs(j->T, j->K, (const uint32_t *)(const void *)j->x, j->ldx, L->w, L->b, L->bdt, n0, n1, j->y,
+                         j->ldy);
     else
-        j->k->gemv(j->T, j->K, (const float *)(const void *)j->x, j->ldx, L->w, L->dt, L->b, L->bdt,
-                   n0, n1, j->y, j->ldy);
+        j->k->gemv(j->T, j->K, (const float *)(const void *)j->x, j->ldx, L->w, L->dt, L->b, L->bdt, n0, n1, j->y,
+                   j->ldy);
 }
 
 static void lin_convert_task(void *arg, int task, int thread) {
@@ -444,9 +431,7 @@ static void qlin_task(void *arg, int task, int thread) {
     char *wp = j->sp[thread];
     float *bias = (float *)(void *)(wp + (size_t)j->max_panels * g->kb * CPU_QBLK_BYTES(nr));
     int p0, p1, t0, t1;
-    if (!gemm_task_share(task, j->n_chunks, j->n_panels, j->t_per, j->T, L, nr, bias, &p0, &p1,
-                         &t0, &t1))
-        return;
+    if (!gemm_task_share(task, j->n_chunks, j->n_panels, j->t_per, j->T, L, nr, bias, &p0, &p1, &t0, &t1)) return;
     const size_t rb = q_row_bytes(L->dt, j->K);
     for (int b0 = 0; b0 < j->nb; b0 += g->kb) {
         const int bn = imin(g->kb, j->nb - b0);
@@ -476,8 +461,18 @@ static void lin_qgemm(ops_ctx *c, const cpu_qgemm *g, float *y, int ldy, const f
     for (int ts = 0; ts < T; ts += LIN_T_PASS) {
         const int tn = imin(LIN_T_PASS, T - ts);
         const double macs = (double)tn * N * K;
-        qlin_job j = {.g = g, .L = L, .y = y + (size_t)ts * ldy, .ldy = (size_t)ldy, .ldxq = ldxq, .lddx = lddx,
-                      .xsrc = x + (size_t)ts * ldx, .ldxsrc = (size_t)ldx, .T = tn, .K = K, .nb = nb, .sp = sp};
+        qlin_job j = {.g = g,
+                      .L = L,
+                      .y = y + (size_t)ts * ldy,
+                      .ldy = (size_t)ldy,
+                      .ldxq = ldxq,
+                      .lddx = lddx,
+                      .xsrc = x + (size_t)ts * ldx,
+                      .ldxsrc = (size_t)ldx,
+                      .T = tn,
+                      .K = K,
+                      .nb = nb,
+                      .sp = sp};
         const int P = cdiv(N, g->nr);
         int nch = cdiv(P, LIN_MAX_PANELS);
         if (nch % nt) nch += nt - nch % nt;
@@ -503,8 +498,7 @@ static void lin_qgemm(ops_ctx *c, const cpu_qgemm *g, float *y, int ldy, const f
 
 /* Reference for what the fast paths do not cover (block formats), on the
  * calling thread. */
-static void lin_fallback(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T,
-                         const op_linear *L) {
+static void lin_fallback(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T, const op_linear *L) {
     ops_ref_table()->linear(c, y, ldy, x, ldx, T, L);
 }
 
@@ -525,17 +519,15 @@ void cpu_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T, c
     const int bf = c->prec == OPS_BF16;
     /* bf16 pairs: bf16 weights, and block formats on the packed path (their
      * dequantised values rounded to bf16 as they are packed). */
-    const int pairs = bf && (small ? L->dt == DT_BF16 && k->gemv_pairs != NULL
-                                   : (L->dt == DT_BF16 || q) && k->bf16 != NULL);
+    const int pairs =
+        bf && (small ? L->dt == DT_BF16 && k->gemv_pairs != NULL : (L->dt == DT_BF16 || q) && k->bf16 != NULL);
     /* Block formats at small T: x quantised to int8 blocks when the table
      * has integer dot products (then BF16 rounding is moot). */
     const int qx = q && small && k->gemv_q != NULL;
     const int convert = bf || qx; /* pairs, int8 blocks, or x rounded to bf16 */
     const cpu_gemm *g = pairs ? k->bf16 : k->f32;
     const int Ke = pairs ? (K + 1) / 2 : K;
-    const size_t ldxc = qx        ? cpu_qx_row_bytes(K) / 4
-                        : convert ? (size_t)((Ke + 15) & ~15)
-                                  : (size_t)ldx;
+    const size_t ldxc = qx ? cpu_qx_row_bytes(K) / 4 : convert ? (size_t)((Ke + 15) & ~15) : (size_t)ldx;
     const int nt = c->n_threads;
     const int pass = convert ? LIN_T_PASS : T;
     char *sp[MAX_THREADS];
@@ -650,8 +642,8 @@ static void attn_row_task(void *arg, int task, int thread) {
         /* Keys are contiguous within a block (or in all of k when unpaged). */
         const int bs = a->blocks ? a->block_size : L;
         for (int j0 = 0; j0 < L; j0 += bs)
-            k->dot_rows(sc + j0, q, (const char *)op_attn_row(a, a->k, a->ldk, j0) + off, a->kv_dt,
-                        (size_t)a->ldk, imin(bs, L - j0), a->D);
+            k->dot_rows(sc + j0, q, (const char *)op_attn_row(a, a->k, a->ldk, j0) + off, a->kv_dt, (size_t)a->ldk,
+                        imin(bs, L - j0), a->D);
         const float sum = k->softmax(sc, L, a->scale);
         if (!a->blocks) {
             k->axpy_rows(o, sc, (const char *)a->v + off, a->kv_dt, (size_t)a->ldv, L, a->D, 1.0f / sum);
@@ -661,8 +653,8 @@ static void attn_row_task(void *arg, int task, int thread) {
         float *tmp = sc + ((a->S + 15) & ~15);
         attn_zero_row(o, a->D);
         for (int j0 = 0; j0 < L; j0 += bs) {
-            k->axpy_rows(tmp, sc + j0, (const char *)op_attn_row(a, a->v, a->ldv, j0) + off, a->kv_dt,
-                         (size_t)a->ldv, imin(bs, L - j0), a->D, 1.0f / sum);
+            k->axpy_rows(tmp, sc + j0, (const char *)op_attn_row(a, a->v, a->ldv, j0) + off, a->kv_dt, (size_t)a->ldv,
+                         imin(bs, L - j0), a->D, 1.0f / sum);
             for (int d = 0; d < a->D; d++) o[d] += tmp[d];
         }
     }
@@ -766,8 +758,7 @@ static void attn_block_task(void *arg, int task, int thread) {
             }
             /* Only the key panels some row of the tile sees. */
             for (int p = 0; p < cdiv(L, nr); p++)
-                gm->kernel(m, D, q, (size_t)a->ldq, kt + (size_t)p * D * nr, sc + p * nr,
-                           (size_t)j->ldsc, nr, NULL, 0);
+                gm->kernel(m, D, q, (size_t)a->ldq, kt + (size_t)p * D * nr, sc + p * nr, (size_t)j->ldsc, nr, NULL, 0);
             for (int i = 0; i < m; i++) {
                 float *s = sc + (size_t)i * j->ldsc;
                 const int Li = attn_lim(a, a->pos0 + t + i);
@@ -775,8 +766,8 @@ static void attn_block_task(void *arg, int task, int thread) {
                 for (int s2 = Li; s2 < L; s2++) s[s2] = 0.0f; /* masked for this row */
             }
             for (int dp = 0; dp < ndp; dp++)
-                gm->kernel(m, L, sc, (size_t)j->ldsc, vp + (size_t)dp * j->Spad * nr, o + dp * nr,
-                           (size_t)a->ldo, imin(nr, D - dp * nr), NULL, 0);
+                gm->kernel(m, L, sc, (size_t)j->ldsc, vp + (size_t)dp * j->Spad * nr, o + dp * nr, (size_t)a->ldo,
+                           imin(nr, D - dp * nr), NULL, 0);
             for (int i = 0; i < m; i++) {
                 float *oi = o + (size_t)i * a->ldo;
                 for (int d = 0; d < D; d++) oi[d] *= inv[i];
@@ -795,9 +786,8 @@ void cpu_attention(ops_ctx *c, const op_attn *a) {
         const int Lmax = imax(attn_lim(a, a->pos0 + a->T - 1), 1);
         j.n_parts = imax(1, imin(2 * nt, Lmax / 64));
         const int per = cdiv(Lmax, j.n_parts) + 1;
-        float *parts = (float *)(void *)scratch_all(
-            c, (size_t)a->T * j.n_parts * (size_t)a->H * (a->D + 2) * 4, ATTN_PART_SCRATCH(a->H, a->D, per) * 4 + 64,
-            sp);
+        float *parts = (float *)(void *)scratch_all(c, (size_t)a->T * j.n_parts * (size_t)a->H * (a->D + 2) * 4,
+                                                    ATTN_PART_SCRATCH(a->H, a->D, per) * 4 + 64, sp);
         if (!parts) return;
         j.parts = parts;
         tp_run(c->tp, a->T * j.n_parts, attn_part_task, &j);
@@ -819,8 +809,7 @@ void cpu_attention(ops_ctx *c, const op_attn *a) {
     const int Smax = imax(attn_lim(a, a->pos0 + a->T - 1), 1);
     j.Spad = cdiv(Smax, nr) * nr;
     j.ldsc = j.Spad;
-    size_t each =
-        ((size_t)j.Spad * a->D + (size_t)cdiv(a->D, nr) * j.Spad * nr + (size_t)mr * j.ldsc) * 4;
+    size_t each = ((size_t)j.Spad * a->D + (size_t)cdiv(a->D, nr) * j.Spad * nr + (size_t)mr * j.ldsc) * 4;
     if (!scratch_all(c, 0, each, sp)) return;
     tp_run(c->tp, a->Hkv * j.n_qchunks, attn_block_task, &j);
 }
@@ -844,8 +833,7 @@ static void ln_task(void *arg, int task, int thread) {
     const rows_job *j = arg;
     const int t0 = task * j->rows_per, t1 = imin(j->T, t0 + j->rows_per);
     for (int t = t0; t < t1; t++)
-        j->k->layernorm_row(j->y + (size_t)t * j->C, j->x + (size_t)t * j->C, j->C, j->g, j->b,
-                            j->eps);
+        j->k->layernorm_row(j->y + (size_t)t * j->C, j->x + (size_t)t * j->C, j->C, j->g, j->b, j->eps);
 }
 
 /* Tasks for n elements of work spread over rows: serial when small. */
@@ -854,8 +842,7 @@ static int row_tasks(const ops_ctx *c, int rows, double work) {
     return imin(rows, c->n_threads * 4);
 }
 
-void cpu_layernorm(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g, op_vec b,
-                   float eps) {
+void cpu_layernorm(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g, op_vec b, float eps) {
     if (T <= 0 || C <= 0) return;
     char *sp[MAX_THREADS];
     float *gb = (float *)(void *)scratch_all(c, (size_t)2 * C * 4, 0, sp);
@@ -864,8 +851,7 @@ void cpu_layernorm(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g,
         gb[i] = cpu_ld(g.p, g.dt, (size_t)i);
         gb[C + i] = cpu_ld(b.p, b.dt, (size_t)i);
     }
-    rows_job j = {
-        .k = kern_of(c), .y = y, .x = x, .T = T, .C = C, .g = gb, .b = gb + C, .eps = eps};
+    rows_job j = {.k = kern_of(c), .y = y, .x = x, .T = T, .C = C, .g = gb, .b = gb + C, .eps = eps};
     int tasks = row_tasks(c, T, (double)T * C);
     j.rows_per = cdiv(T, tasks);
     tp_run(c->tp, cdiv(T, j.rows_per), ln_task, &j);
@@ -921,8 +907,8 @@ static void rope_task(void *arg, int task, int thread) {
     }
 }
 
-void cpu_rope(ops_ctx *c, float *x, int ldx, int T, int H, int D, int R, int pos0,
-              const float *cos_t, const float *sin_t) {
+void cpu_rope(ops_ctx *c, float *x, int ldx, int T, int H, int D, int R, int pos0, const float *cos_t,
+              const float *sin_t) {
     if (T <= 0 || H <= 0 || R < 2) return;
     rows_job j = {.k = kern_of(c),
                   .y = x,
@@ -950,8 +936,7 @@ void cpu_rope(ops_ctx *c, float *x, int ldx, int T, int H, int D, int R, int pos
 
 static inline float gen_w(const void *w, dtype dt, size_t i) { return cpu_ld(w, dt, i); }
 
-static void pack_f32_generic(void *dstv, const void *w, dtype dt, size_t ldw, int nrows, int e0,
-                             int ec, int K) {
+static void pack_f32_generic(void *dstv, const void *w, dtype dt, size_t ldw, int nrows, int e0, int ec, int K) {
     (void)K;
     float *dst = dstv;
     for (int j = 0; j < GEN_NR; j++)
@@ -959,8 +944,8 @@ static void pack_f32_generic(void *dstv, const void *w, dtype dt, size_t ldw, in
             dst[(size_t)e * GEN_NR + j] = j < nrows ? gen_w(w, dt, (size_t)j * ldw + e0 + e) : 0.0f;
 }
 
-static void gemm_f32_generic(int mr, int kc, const void *xv, size_t ldx, const void *wpv, float *y,
-                             size_t ldy, int ncols, const float *bias, int accumulate) {
+static void gemm_f32_generic(int mr, int kc, const void *xv, size_t ldx, const void *wpv, float *y, size_t ldy,
+                             int ncols, const float *bias, int accumulate) {
     const float *x = xv, *wp = wpv;
     for (int i = 0; i < mr; i++) {
         float acc[GEN_NR];
@@ -971,16 +956,14 @@ static void gemm_f32_generic(int mr, int kc, const void *xv, size_t ldx, const v
             for (int j = 0; j < GEN_NR; j++) acc[j] += xe * wp[(size_t)e * GEN_NR + j];
         }
         float *yi = y + (size_t)i * ldy;
-        for (int j = 0; j < ncols; j++)
-            yi[j] = acc[j] + (accumulate ? yi[j] : bias ? bias[j] : 0.0f);
+        for (int j = 0; j < ncols; j++) yi[j] = acc[j] + (accumulate ? yi[j] : bias ? bias[j] : 0.0f);
     }
 }
 
-static const cpu_gemm gemm_f32_gen = {GEN_MR, GEN_NR,           GEN_KC,
-                                      0,      pack_f32_generic, gemm_f32_generic};
+static const cpu_gemm gemm_f32_gen = {GEN_MR, GEN_NR, GEN_KC, 0, pack_f32_generic, gemm_f32_generic};
 
-static void gemv_generic(int T, int K, const float *x, size_t ldx, const void *w, dtype dt,
-                         const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+static void gemv_generic(int T, int K, const float *x, size_t ldx, const void *w, dtype dt, const void *b, dtype bdt,
+                         int n0, int n1, float *y, size_t ldy) {
     float wb[256];
     for (int n = n0; n < n1; n++) {
         for (int t0 = 0; t0 < T; t0 += 4) {
@@ -1038,8 +1021,7 @@ static void dot_rows_generic(float *out, const float *q, const void *k, dtype kd
     }
 }
 
-static void axpy_rows_generic(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D,
-                              float s) {
+static void axpy_rows_generic(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D, float s) {
     const size_t es = kv_elem_bytes(vdt);
     for (int d = 0; d < D; d++) out[d] = 0.0f;
     for (int j = 0; j < n; j++) {
@@ -1049,8 +1031,7 @@ static void axpy_rows_generic(float *out, const float *p, const void *v, dtype v
     for (int d = 0; d < D; d++) out[d] *= s;
 }
 
-static void layernorm_row_generic(float *y, const float *x, int C, const float *g, const float *b,
-                                  float eps) {
+static void layernorm_row_generic(float *y, const float *x, int C, const float *g, const float *b, float eps) {
     double mean = 0, var = 0;
     for (int i = 0; i < C; i++) mean += x[i];
     mean /= C;

@@ -60,8 +60,7 @@ INLINE void st4_part(float *p, float32x4_t v, int n) {
 
 /* ---- packing and the register tile --------------------------------------------------- */
 
-static void pack_f32_neon(void *dstv, const void *w, dtype dt, size_t ldw, int nrows, int e0,
-                          int ec, int K) {
+static void pack_f32_neon(void *dstv, const void *w, dtype dt, size_t ldw, int nrows, int e0, int ec, int K) {
     (void)K;
     float *dst = dstv;
     const size_t es = dt == DT_F32 ? 4 : 2;
@@ -78,14 +77,10 @@ static void pack_f32_neon(void *dstv, const void *w, dtype dt, size_t ldw, int n
             const float32x4_t t0 = vtrn1q_f32(r[0], r[1]), t1 = vtrn2q_f32(r[0], r[1]);
             const float32x4_t t2 = vtrn1q_f32(r[2], r[3]), t3 = vtrn2q_f32(r[2], r[3]);
             float32x4_t c[4];
-            c[0] = vreinterpretq_f32_f64(
-                vtrn1q_f64(vreinterpretq_f64_f32(t0), vreinterpretq_f64_f32(t2)));
-            c[1] = vreinterpretq_f32_f64(
-                vtrn1q_f64(vreinterpretq_f64_f32(t1), vreinterpretq_f64_f32(t3)));
-            c[2] = vreinterpretq_f32_f64(
-                vtrn2q_f64(vreinterpretq_f64_f32(t0), vreinterpretq_f64_f32(t2)));
-            c[3] = vreinterpretq_f32_f64(
-                vtrn2q_f64(vreinterpretq_f64_f32(t1), vreinterpretq_f64_f32(t3)));
+            c[0] = vreinterpretq_f32_f64(vtrn1q_f64(vreinterpretq_f64_f32(t0), vreinterpretq_f64_f32(t2)));
+            c[1] = vreinterpretq_f32_f64(vtrn1q_f64(vreinterpretq_f64_f32(t1), vreinterpretq_f64_f32(t3)));
+            c[2] = vreinterpretq_f32_f64(vtrn2q_f64(vreinterpretq_f64_f32(t0), vreinterpretq_f64_f32(t2)));
+            c[3] = vreinterpretq_f32_f64(vtrn2q_f64(vreinterpretq_f64_f32(t1), vreinterpretq_f64_f32(t3)));
             for (int i = 0; i < kn; i++) vst1q_f32(dst + (size_t)(k + i) * NR + r0, c[i]);
         }
     }
@@ -97,31 +92,28 @@ static void pack_f32_neon(void *dstv, const void *w, dtype dt, size_t ldw, int n
  * store per multiply-add). Rows past mr repeat the last row of x and are
  * not stored; initial values and partial stores go through a small buffer. */
 #define ACC_ROW(i) float32x4_t c##i##0, c##i##1, c##i##2, c##i##3
-#define INIT_ROW(i)                                                                                \
-    c##i##0 = vld1q_f32(&buf[i][0]), c##i##1 = vld1q_f32(&buf[i][4]),                              \
-    c##i##2 = vld1q_f32(&buf[i][8]), c##i##3 = vld1q_f32(&buf[i][12])
-#define FMA_ROW(i)                                                                                 \
-    do {                                                                                           \
-        const float xe = xr[i][e];                                                                 \
-        c##i##0 = vfmaq_n_f32(c##i##0, w0, xe), c##i##1 = vfmaq_n_f32(c##i##1, w1, xe);            \
-        c##i##2 = vfmaq_n_f32(c##i##2, w2, xe), c##i##3 = vfmaq_n_f32(c##i##3, w3, xe);            \
+#define INIT_ROW(i)                                                                                    \
+    c##i##0 = vld1q_f32(&buf[i][0]), c##i##1 = vld1q_f32(&buf[i][4]), c##i##2 = vld1q_f32(&buf[i][8]), \
+    c##i##3 = vld1q_f32(&buf[i][12])
+#define FMA_ROW(i)                                                                      \
+    do {                                                                                \
+        const float xe = xr[i][e];                                                      \
+        c##i##0 = vfmaq_n_f32(c##i##0, w0, xe), c##i##1 = vfmaq_n_f32(c##i##1, w1, xe); \
+        c##i##2 = vfmaq_n_f32(c##i##2, w2, xe), c##i##3 = vfmaq_n_f32(c##i##3, w3, xe); \
     } while (0)
-#define SAVE_ROW(i)                                                                                \
-    vst1q_f32(&buf[i][0], c##i##0), vst1q_f32(&buf[i][4], c##i##1),                                \
-        vst1q_f32(&buf[i][8], c##i##2), vst1q_f32(&buf[i][12], c##i##3)
+#define SAVE_ROW(i)                                                                                 \
+    vst1q_f32(&buf[i][0], c##i##0), vst1q_f32(&buf[i][4], c##i##1), vst1q_f32(&buf[i][8], c##i##2), \
+        vst1q_f32(&buf[i][12], c##i##3)
 
-static void gemm_f32_neon(int mr, int kc, const void *xv, size_t ldx, const void *wpv, float *y,
-                          size_t ldy, int ncols, const float *bias, int accumulate) {
+static void gemm_f32_neon(int mr, int kc, const void *xv, size_t ldx, const void *wpv, float *y, size_t ldy, int ncols,
+                          const float *bias, int accumulate) {
     const float *x = xv, *wp = wpv;
     const float *xr[MR];
     float buf[MR][NR];
     for (int i = 0; i < MR; i++) xr[i] = x + (size_t)imin(i, mr - 1) * ldx;
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++)
-            buf[i][j] = j >= ncols || i >= mr ? 0.0f
-                        : accumulate          ? y[(size_t)i * ldy + j]
-                        : bias                ? bias[j]
-                                              : 0.0f;
+            buf[i][j] = j >= ncols || i >= mr ? 0.0f : accumulate ? y[(size_t)i * ldy + j] : bias ? bias[j] : 0.0f;
     ACC_ROW(0);
     ACC_ROW(1);
     ACC_ROW(2);
@@ -157,8 +149,7 @@ static const cpu_gemm gemm_f32 = {MR, NR, KC, 0, pack_f32_neon, gemm_f32_neon};
  * sequential stream (as on x86, where it streams 45 GB/s against 32 GB/s for
  * four interleaved rows), meeting up to 4 rows of x from L1. */
 
-INLINE void gemv_row(const int TN, const dtype DT, int K, const float *x, size_t ldx, const char *wr,
-                     float out[4]) {
+INLINE void gemv_row(const int TN, const dtype DT, int K, const float *x, size_t ldx, const char *wr, float out[4]) {
     const size_t es = DT == DT_F32 ? 4 : 2;
     float32x4_t acc[4][2];
     for (int t = 0; t < TN; t++) acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);
@@ -180,8 +171,8 @@ INLINE void gemv_row(const int TN, const dtype DT, int K, const float *x, size_t
     }
 }
 
-INLINE void gemv_dt(const dtype DT, int T, int K, const float *x, size_t ldx, const void *w,
-                    const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+INLINE void gemv_dt(const dtype DT, int T, int K, const float *x, size_t ldx, const void *w, const void *b, dtype bdt,
+                    int n0, int n1, float *y, size_t ldy) {
     const size_t es = DT == DT_F32 ? 4 : 2;
     for (int n = n0; n < n1; n++) {
         const char *wr = (const char *)w + (size_t)n * K * es;
@@ -201,8 +192,8 @@ INLINE void gemv_dt(const dtype DT, int T, int K, const float *x, size_t ldx, co
     }
 }
 
-static void gemv_neon(int T, int K, const float *x, size_t ldx, const void *w, dtype dt,
-                      const void *b, dtype bdt, int n0, int n1, float *y, size_t ldy) {
+static void gemv_neon(int T, int K, const float *x, size_t ldx, const void *w, dtype dt, const void *b, dtype bdt,
+                      int n0, int n1, float *y, size_t ldy) {
     switch (dt) {
     case DT_BF16: gemv_dt(DT_BF16, T, K, x, ldx, w, b, bdt, n0, n1, y, ldy); break;
     case DT_F16: gemv_dt(DT_F16, T, K, x, ldx, w, b, bdt, n0, n1, y, ldy); break;
@@ -302,8 +293,7 @@ static void dot_rows_neon(float *out, const float *q, const void *k, dtype kdt, 
     }
 }
 
-static void axpy_rows_neon(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D,
-                           float s) {
+static void axpy_rows_neon(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D, float s) {
     const size_t ld = ldv * kv_elem_bytes(vdt);
     int d0 = 0;
     for (; d0 + 16 <= D; d0 += 16) {
@@ -322,7 +312,8 @@ static void axpy_rows_neon(float *out, const float *p, const void *v, dtype vdt,
     }
     for (; d0 + 4 <= D; d0 += 4) {
         float32x4_t a0 = vdupq_n_f32(0.0f);
-        for (int j = 0; j < n; j++) a0 = vfmaq_n_f32(a0, ldkv4((const char *)v + (size_t)j * ld, vdt, (size_t)d0), p[j]);
+        for (int j = 0; j < n; j++)
+            a0 = vfmaq_n_f32(a0, ldkv4((const char *)v + (size_t)j * ld, vdt, (size_t)d0), p[j]);
         vst1q_f32(out + d0, vmulq_n_f32(a0, s));
     }
     for (; d0 < D; d0++) {
@@ -334,8 +325,7 @@ static void axpy_rows_neon(float *out, const float *p, const void *v, dtype vdt,
 
 /* ---- LayerNorm, GELU, add, rope ------------------------------------------------------- */
 
-static void layernorm_row_neon(float *y, const float *x, int C, const float *g, const float *b,
-                               float eps) {
+static void layernorm_row_neon(float *y, const float *x, int C, const float *g, const float *b, float eps) {
     /* statistics in double, like the reference */
     float64x2_t s0 = vdupq_n_f64(0.0), s1 = s0;
     int i = 0;
@@ -377,9 +367,8 @@ INLINE float32x4_t gelu_tanh4(float32x4_t v) {
 /* 0.5 v (1 + erf z), 1 + erf z from erfc |z| (Numerical Recipes erfcc,
  * relative error < 1.2e-7): no cancellation for negative z. */
 INLINE float32x4_t gelu_erf4(float32x4_t v) {
-    static const float c[10] = {0.17087277f, -0.82215223f, 1.48851587f, -1.13520398f,
-                                0.27886807f, -0.18628806f, 0.09678418f, 0.37409196f,
-                                1.00002368f, -1.26551223f};
+    static const float c[10] = {0.17087277f,  -0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f,
+                                -0.18628806f, 0.09678418f,  0.37409196f, 1.00002368f,  -1.26551223f};
     const float32x4_t z = vmulq_n_f32(v, 0.7071067811865476f), a = vabsq_f32(z);
     const float32x4_t t = vdivq_f32(vdupq_n_f32(1.0f), vfmaq_n_f32(vdupq_n_f32(1.0f), a, 0.5f));
     float32x4_t p = vdupq_n_f32(c[0]);
@@ -437,9 +426,10 @@ static void rope_row_neon(float *x, int H, int D, int half, const float *ct, con
 /* Q8/Q4 weights against x quantised per block of 32 (cpu_quantize_x):
  * per block, sum_i q_w[i] q_x[i] by SDOT (exact in int32), scaled by
  * d_w d_x in float, as gemv_q_x86.h does; one weight row at a time. */
-__attribute__((target("arch=armv8.2-a+dotprod"))) static void
-gemv_q_dot(int T, int K, const void *xqv, size_t ldxq, const void *w, dtype dt, const void *b, dtype bdt, int n0,
-           int n1, float *y, size_t ldy) {
+__attribute__((target("arch=armv8.2-a+dotprod"))) static void gemv_q_dot(int T, int K, const void *xqv, size_t ldxq,
+                                                                         const void *w, dtype dt, const void *b,
+                                                                         dtype bdt, int n0, int n1, float *y,
+                                                                         size_t ldy) {
     const int nb = (K + 31) / 32;
     const size_t rb = q_row_bytes(dt, K), bb = dt == DT_Q8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
     const int8_t *xq = xqv;
@@ -482,9 +472,9 @@ gemv_q_dot(int T, int K, const void *xqv, size_t ldxq, const void *w, dtype dt, 
 
 /* bf16 x bf16 dot products (BFDOT) on bf16 weights against x as bf16 pairs
  * (to_pairs): 8 weights per instruction, one weight row at a time. */
-__attribute__((target("arch=armv8.6-a+bf16"))) static void
-gemv_pairs_bf(int T, int K, const uint32_t *x, size_t ldx, const uint16_t *w, const void *b, dtype bdt, int n0, int n1,
-              float *y, size_t ldy) {
+__attribute__((target("arch=armv8.6-a+bf16"))) static void gemv_pairs_bf(int T, int K, const uint32_t *x, size_t ldx,
+                                                                         const uint16_t *w, const void *b, dtype bdt,
+                                                                         int n0, int n1, float *y, size_t ldy) {
     const int K8 = K & ~7;
     for (int n = n0; n < n1; n++) {
         const uint16_t *wr = w + (size_t)n * K;
@@ -497,8 +487,8 @@ gemv_pairs_bf(int T, int K, const uint32_t *x, size_t ldx, const uint16_t *w, co
                 if (!(k & 31)) __builtin_prefetch(wr + k + 1024);
                 const bfloat16x8_t wv = vreinterpretq_bf16_u16(vld1q_u16(wr + k));
                 for (int t = 0; t < tn; t++)
-                    acc[t] = vbfdotq_f32(acc[t], wv,
-                                         vreinterpretq_bf16_u32(vld1q_u32(x + (size_t)(t0 + t) * ldx + k / 2)));
+                    acc[t] =
+                        vbfdotq_f32(acc[t], wv, vreinterpretq_bf16_u32(vld1q_u32(x + (size_t)(t0 + t) * ldx + k / 2)));
             }
             for (int t = 0; t < tn; t++) {
                 float sum = vaddvq_f32(acc[t]);

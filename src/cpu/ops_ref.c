@@ -139,17 +139,14 @@ void ref_weight_row(const op_linear *L, int n, float *out) {
         for (int k = 0; k < K; k++) out[k] = ld(L->w, L->dt, (size_t)n * K + k);
         break;
     case DT_Q8:
-    case DT_Q4:
-        q_dequantize_row(L->dt, (const char *)L->w + (size_t)n * q_row_bytes(L->dt, K), K, out);
-        break;
+    case DT_Q4: q_dequantize_row(L->dt, (const char *)L->w + (size_t)n * q_row_bytes(L->dt, K), K, out); break;
     default:
         for (int k = 0; k < K; k++) out[k] = 0.0f;
         break;
     }
 }
 
-static void ref_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T,
-                       const op_linear *L) {
+static void ref_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T, const op_linear *L) {
     const int K = L->n_in, N = L->n_out;
     float *wrow = cpu_scratch(c, 0, (size_t)K * sizeof(float));
     if (!wrow) return;
@@ -169,8 +166,7 @@ static void ref_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, i
     }
 }
 
-static void ref_layernorm(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g, op_vec b,
-                          float eps) {
+static void ref_layernorm(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g, op_vec b, float eps) {
     (void)c;
     for (int t = 0; t < T; t++) {
         const float *xt = x + (size_t)t * C;
@@ -181,8 +177,7 @@ static void ref_layernorm(ops_ctx *c, float *y, const float *x, int T, int C, op
         for (int i = 0; i < C; i++) var += (xt[i] - mean) * (xt[i] - mean);
         var /= C;
         float inv = (float)(1.0 / sqrt(var + eps));
-        for (int i = 0; i < C; i++)
-            yt[i] = ((xt[i] - (float)mean) * inv) * ld(g.p, g.dt, i) + ld(b.p, b.dt, i);
+        for (int i = 0; i < C; i++) yt[i] = ((xt[i] - (float)mean) * inv) * ld(g.p, g.dt, i) + ld(b.p, b.dt, i);
     }
 }
 
@@ -205,8 +200,8 @@ static void ref_add(ops_ctx *c, float *y, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] += x[i];
 }
 
-static void ref_rope(ops_ctx *c, float *x, int ldx, int T, int H, int D, int R, int pos0,
-                     const float *cos_t, const float *sin_t) {
+static void ref_rope(ops_ctx *c, float *x, int ldx, int T, int H, int D, int R, int pos0, const float *cos_t,
+                     const float *sin_t) {
     (void)c;
     const int half = R / 2;
     for (int t = 0; t < T; t++) {

@@ -38,8 +38,7 @@ static void hblock_scalar(const uint8_t *const src[RS_ROWS], int sw, const rs_ax
 /* Vertical: RS_CHUNK sums of one output row at a time, over all its taps. */
 #define RS_CHUNK 32
 
-static void vrow_scalar(const uint8_t *src, size_t stride, const int32_t *k, int taps, size_t n,
-                        uint8_t *d) {
+static void vrow_scalar(const uint8_t *src, size_t stride, const int32_t *k, int taps, size_t n, uint8_t *d) {
     for (size_t i0 = 0; i0 < n; i0 += RS_CHUNK) {
         size_t m = n - i0 < RS_CHUNK ? n - i0 : RS_CHUNK;
         int32_t acc[RS_CHUNK];

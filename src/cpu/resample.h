@@ -40,12 +40,11 @@ typedef struct rs_kernels {
      * pixels, 8-bit), for r < RS_ROWS. Rows may repeat (a short block
      * repeats its last row; equal inputs give equal outputs). blk is scratch
      * of sw·RS_LANES int32, 64-byte aligned. */
-    void (*hblock)(const uint8_t *const src[RS_ROWS], int sw, const rs_axis *a, int dw,
-                   uint8_t *const dst[RS_ROWS], int32_t *blk);
+    void (*hblock)(const uint8_t *const src[RS_ROWS], int sw, const rs_axis *a, int dw, uint8_t *const dst[RS_ROWS],
+                   int32_t *blk);
     /* Vertical pass, one output row: d[i] = clip(Σ_t k[t] · src[t·stride + i])
      * for i < n, rows t < taps. */
-    void (*vrow)(const uint8_t *src, size_t stride, const int32_t *k, int taps, size_t n,
-                 uint8_t *d);
+    void (*vrow)(const uint8_t *src, size_t stride, const int32_t *k, int taps, size_t n, uint8_t *d);
 } rs_kernels;
 
 /* The kernels by name ("scalar", "avx2", "avx512", "neon"; NULL or "" the
@@ -59,8 +58,6 @@ const rs_kernels *rs_kernels_avx512(void);
 const rs_kernels *rs_kernels_neon(void);
 
 /* Shared by the kernels: the rounding and clamping of one sample. */
-static inline uint8_t rs_clip(int32_t v) {
-    return v <= 0 ? 0 : v >= (256 << RS_BITS) ? 255 : (uint8_t)(v >> RS_BITS);
-}
+static inline uint8_t rs_clip(int32_t v) { return v <= 0 ? 0 : v >= (256 << RS_BITS) ? 255 : (uint8_t)(v >> RS_BITS); }
 
 #endif

@@ -11,8 +11,7 @@
 
 /* rs_clip on 8 sums: shift, saturate to int16, then to u8. */
 static inline uint8x8_t clip8(int32x4_t a, int32x4_t b) {
-    return vqmovun_s16(
-        vcombine_s16(vqmovn_s32(vshrq_n_s32(a, RS_BITS)), vqmovn_s32(vshrq_n_s32(b, RS_BITS))));
+    return vqmovun_s16(vcombine_s16(vqmovn_s32(vshrq_n_s32(a, RS_BITS)), vqmovn_s32(vshrq_n_s32(b, RS_BITS))));
 }
 
 static void hblock_neon(const uint8_t *const src[RS_ROWS], int sw, const rs_axis *a, int dw,
@@ -32,8 +31,7 @@ static void hblock_neon(const uint8_t *const src[RS_ROWS], int sw, const rs_axis
         const int32_t *k = a->w + (size_t)xx * (size_t)a->ksize;
         const int32_t *b = blk + (size_t)a->first[xx] * RS_LANES;
         for (int t = 0; t < a->n[xx]; t++, b += RS_LANES)
-            for (int r = 0; r < RS_ROWS; r++)
-                acc[r] = vmlaq_n_s32(acc[r], vld1q_s32(b + 4 * r), k[t]);
+            for (int r = 0; r < RS_ROWS; r++) acc[r] = vmlaq_n_s32(acc[r], vld1q_s32(b + 4 * r), k[t]);
         uint8_t out[32];
         for (int r = 0; r < RS_ROWS; r += 2) vst1_u8(out + 4 * r, clip8(acc[r], acc[r + 1]));
         for (int r = 0; r < RS_ROWS; r++) memcpy(dst[r] + 3 * (size_t)xx, out + 4 * r, 3);
@@ -55,8 +53,7 @@ static inline uint8x16_t vchunk(const uint8_t *s, size_t stride, const int32_t *
     return vcombine_u8(clip8(a0, a1), clip8(a2, a3));
 }
 
-static void vrow_neon(const uint8_t *src, size_t stride, const int32_t *k, int taps, size_t n,
-                      uint8_t *d) {
+static void vrow_neon(const uint8_t *src, size_t stride, const int32_t *k, int taps, size_t n, uint8_t *d) {
     if (n < 16) { /* shorter than one chunk: one sum at a time */
         for (size_t i = 0; i < n; i++) {
             int32_t acc = 1 << (RS_BITS - 1);

@@ -24,8 +24,7 @@
 static inline __m256i clip32(__m256i a, __m256i b, __m256i c, __m256i d) {
     __m256i ab = _mm256_packs_epi32(_mm256_srai_epi32(a, RS_BITS), _mm256_srai_epi32(b, RS_BITS));
     __m256i cd = _mm256_packs_epi32(_mm256_srai_epi32(c, RS_BITS), _mm256_srai_epi32(d, RS_BITS));
-    return _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd),
-                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    return _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
 /* The block's rows into blk: pixel x of row r as R, G, B, 0 in 32-bit
@@ -58,11 +57,9 @@ static inline void widen_block(const uint8_t *const src[RS_ROWS], int sw, int32_
 
 /* Eight pixels as R, G, B, pad words -> their 24 bytes at d. */
 static inline void store_row24(__m256i row, uint8_t *d) {
-    const __m256i squeeze =
-        _mm256_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1, 0, 1, 2, 4, 5, 6,
-                         8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
-    row = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(row, squeeze),
-                                      _mm256_setr_epi32(0, 1, 2, 4, 5, 6, 3, 7));
+    const __m256i squeeze = _mm256_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1, 0, 1, 2, 4, 5, 6,
+                                             8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
+    row = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(row, squeeze), _mm256_setr_epi32(0, 1, 2, 4, 5, 6, 3, 7));
     _mm_storeu_si128((__m128i *)d, _mm256_castsi256_si128(row));
     _mm_storel_epi64((__m128i *)(d + 16), _mm256_extracti128_si256(row, 1));
 }
@@ -70,16 +67,14 @@ static inline void store_row24(__m256i row, uint8_t *d) {
 /* Eight output columns xx..xx+7, each 32 bytes (row r's R, G, B, pad at
  * 4r), to the eight rows: transposed as an 8x8 matrix of 32-bit words,
  * then each row's pads squeezed out, 24 bytes stored. */
-static inline void store_cols8(__m256i c0, __m256i c1, __m256i c2, __m256i c3, __m256i c4,
-                               __m256i c5, __m256i c6, __m256i c7, uint8_t *const dst[RS_ROWS],
-                               int xx) {
+static inline void store_cols8(__m256i c0, __m256i c1, __m256i c2, __m256i c3, __m256i c4, __m256i c5, __m256i c6,
+                               __m256i c7, uint8_t *const dst[RS_ROWS], int xx) {
     __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
     __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
     __m256i t4 = _mm256_unpacklo_epi32(c4, c5), t5 = _mm256_unpackhi_epi32(c4, c5);
     __m256i t6 = _mm256_unpacklo_epi32(c6, c7), t7 = _mm256_unpackhi_epi32(c6, c7);
-    __m256i u[8] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
-                    _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3),
-                    _mm256_unpacklo_epi64(t4, t6), _mm256_unpackhi_epi64(t4, t6),
+    __m256i u[8] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3),
+                    _mm256_unpackhi_epi64(t1, t3), _mm256_unpacklo_epi64(t4, t6), _mm256_unpackhi_epi64(t4, t6),
                     _mm256_unpacklo_epi64(t5, t7), _mm256_unpackhi_epi64(t5, t7)};
     /* row r: columns 0-3 in half r / 4 of u[r % 4], columns 4-7 in that of u[4 + r % 4] */
     for (int r = 0; r < 4; r++) {
@@ -104,20 +99,16 @@ static inline __m256i hcol_avx2(const int32_t *blk, const rs_axis *a, int xx) {
     for (int t = 0; t < a->n[xx]; t++, b += RS_LANES) {
         __m256i kt = _mm256_set1_epi32(k[t]);
         a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(_mm256_load_si256((const __m256i *)b), kt));
-        a1 = _mm256_add_epi32(a1,
-                              _mm256_mullo_epi32(_mm256_load_si256((const __m256i *)(b + 8)), kt));
-        a2 = _mm256_add_epi32(a2,
-                              _mm256_mullo_epi32(_mm256_load_si256((const __m256i *)(b + 16)), kt));
-        a3 = _mm256_add_epi32(a3,
-                              _mm256_mullo_epi32(_mm256_load_si256((const __m256i *)(b + 24)), kt));
+        a1 = _mm256_add_epi32(a1, _mm256_mullo_epi32(_mm256_load_si256((const __m256i *)(b + 8)), kt));
+        a2 = _mm256_add_epi32(a2, _mm256_mullo_epi32(_mm256_load_si256((const __m256i *)(b + 16)), kt));
+        a3 = _mm256_add_epi32(a3, _mm256_mullo_epi32(_mm256_load_si256((const __m256i *)(b + 24)), kt));
     }
     return clip32(a0, a1, a2, a3);
 }
 
 /* rs_clip on 16 sums: shift, clamp below at 0, saturate to u8. */
 AVX512 static inline __m128i clip16(__m512i a) {
-    return _mm512_cvtusepi32_epi8(
-        _mm512_max_epi32(_mm512_srai_epi32(a, RS_BITS), _mm512_setzero_si512()));
+    return _mm512_cvtusepi32_epi8(_mm512_max_epi32(_mm512_srai_epi32(a, RS_BITS), _mm512_setzero_si512()));
 }
 
 AVX512 static inline __m256i hcol_avx512(const int32_t *blk, const rs_axis *a, int xx) {
@@ -134,15 +125,14 @@ AVX512 static inline __m256i hcol_avx512(const int32_t *blk, const rs_axis *a, i
 }
 
 /* The horizontal pass of one block, for either column function. */
-#define HBLOCK_BODY(hcol)                                                                          \
-    widen_block(src, sw, blk);                                                                     \
-    int xx = 0;                                                                                    \
-    for (; xx + 8 <= dw; xx += 8)                                                                  \
-        store_cols8(hcol(blk, a, xx), hcol(blk, a, xx + 1), hcol(blk, a, xx + 2),                  \
-                    hcol(blk, a, xx + 3), hcol(blk, a, xx + 4), hcol(blk, a, xx + 5),              \
-                    hcol(blk, a, xx + 6), hcol(blk, a, xx + 7), dst, xx);                          \
-    __m256i c[8];                                                                                  \
-    for (int i = 0; xx + i < dw; i++) c[i] = hcol(blk, a, xx + i);                                 \
+#define HBLOCK_BODY(hcol)                                                                                             \
+    widen_block(src, sw, blk);                                                                                        \
+    int xx = 0;                                                                                                       \
+    for (; xx + 8 <= dw; xx += 8)                                                                                     \
+        store_cols8(hcol(blk, a, xx), hcol(blk, a, xx + 1), hcol(blk, a, xx + 2), hcol(blk, a, xx + 3),               \
+                    hcol(blk, a, xx + 4), hcol(blk, a, xx + 5), hcol(blk, a, xx + 6), hcol(blk, a, xx + 7), dst, xx); \
+    __m256i c[8];                                                                                                     \
+    for (int i = 0; xx + i < dw; i++) c[i] = hcol(blk, a, xx + i);                                                    \
     store_cols_tail(c, dw - xx, dst, xx)
 
 static void hblock_avx2(const uint8_t *const src[RS_ROWS], int sw, const rs_axis *a, int dw,
@@ -150,8 +140,8 @@ static void hblock_avx2(const uint8_t *const src[RS_ROWS], int sw, const rs_axis
     HBLOCK_BODY(hcol_avx2);
 }
 
-AVX512 static void hblock_avx512(const uint8_t *const src[RS_ROWS], int sw, const rs_axis *a,
-                                 int dw, uint8_t *const dst[RS_ROWS], int32_t *blk) {
+AVX512 static void hblock_avx512(const uint8_t *const src[RS_ROWS], int sw, const rs_axis *a, int dw,
+                                 uint8_t *const dst[RS_ROWS], int32_t *blk) {
     HBLOCK_BODY(hcol_avx512);
 }
 
@@ -172,8 +162,7 @@ static inline __m256i vchunk(const uint8_t *s, size_t stride, const int32_t *k, 
     return clip32(a0, a1, a2, a3);
 }
 
-static void vrow_avx2(const uint8_t *src, size_t stride, const int32_t *k, int taps, size_t n,
-                      uint8_t *d) {
+static void vrow_avx2(const uint8_t *src, size_t stride, const int32_t *k, int taps, size_t n, uint8_t *d) {
     if (n < 32) { /* shorter than one chunk: one sum at a time */
         for (size_t i = 0; i < n; i++) {
             int32_t acc = 1 << (RS_BITS - 1);
@@ -183,15 +172,13 @@ static void vrow_avx2(const uint8_t *src, size_t stride, const int32_t *k, int t
         return;
     }
     size_t i = 0;
-    for (; i + 32 <= n; i += 32)
-        _mm256_storeu_si256((__m256i *)(d + i), vchunk(src + i, stride, k, taps));
+    for (; i + 32 <= n; i += 32) _mm256_storeu_si256((__m256i *)(d + i), vchunk(src + i, stride, k, taps));
     /* The tail: the last 32 samples again (the overlap is rewritten with
      * the same values). */
     if (i < n) _mm256_storeu_si256((__m256i *)(d + n - 32), vchunk(src + n - 32, stride, k, taps));
 }
 
-AVX512 static void vrow_avx512(const uint8_t *src, size_t stride, const int32_t *k, int taps,
-                               size_t n, uint8_t *d) {
+AVX512 static void vrow_avx512(const uint8_t *src, size_t stride, const int32_t *k, int taps, size_t n, uint8_t *d) {
     const __m512i half = _mm512_set1_epi32(1 << (RS_BITS - 1));
     size_t i = 0;
     for (; i + 64 <= n; i += 64) {
@@ -199,18 +186,14 @@ AVX512 static void vrow_avx512(const uint8_t *src, size_t stride, const int32_t 
         const uint8_t *s = src + i;
         for (int t = 0; t < taps; t++, s += stride) {
             __m512i kt = _mm512_set1_epi32(k[t]);
-            a0 = _mm512_add_epi32(
-                a0,
-                _mm512_mullo_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)s)), kt));
+            a0 =
+                _mm512_add_epi32(a0, _mm512_mullo_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)s)), kt));
             a1 = _mm512_add_epi32(
-                a1, _mm512_mullo_epi32(
-                        _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s + 16))), kt));
+                a1, _mm512_mullo_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s + 16))), kt));
             a2 = _mm512_add_epi32(
-                a2, _mm512_mullo_epi32(
-                        _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s + 32))), kt));
+                a2, _mm512_mullo_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s + 32))), kt));
             a3 = _mm512_add_epi32(
-                a3, _mm512_mullo_epi32(
-                        _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s + 48))), kt));
+                a3, _mm512_mullo_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s + 48))), kt));
         }
         _mm_storeu_si128((__m128i *)(d + i), clip16(a0));
         _mm_storeu_si128((__m128i *)(d + i + 16), clip16(a1));
@@ -225,8 +208,7 @@ AVX512 static void vrow_avx512(const uint8_t *src, size_t stride, const int32_t 
         const uint8_t *s = src + i;
         for (int t = 0; t < taps; t++, s += stride)
             a0 = _mm512_add_epi32(
-                a0, _mm512_mullo_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, s)),
-                                       _mm512_set1_epi32(k[t])));
+                a0, _mm512_mullo_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, s)), _mm512_set1_epi32(k[t])));
         _mm_mask_storeu_epi8(d + i, m, clip16(a0));
     }
 }

@@ -32,9 +32,7 @@
 #define LOG2E 1.4426950408889634f
 
 /* Whether query position p sees key j (ops.h, op_attn). */
-__device__ __forceinline__ bool visible(int p, int j, int n_prefix) {
-    return j <= p || (p < n_prefix && j < n_prefix);
-}
+__device__ __forceinline__ bool visible(int p, int j, int n_prefix) { return j <= p || (p < n_prefix && j < n_prefix); }
 
 /* One past the last key that query position p may see. */
 __device__ __forceinline__ int key_end(int p, int n_prefix, int S) {
@@ -57,8 +55,7 @@ template <int DP> struct fa_shape {
  * zeros and reads nothing. */
 __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int src_bytes) {
     const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(sa), "l"(gmem), "r"(src_bytes)
-                 : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(sa), "l"(gmem), "r"(src_bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
@@ -109,23 +106,20 @@ __device__ __forceinline__ void fa_load_tile_f8(bf16 *dst, const uint8_t *src, l
 }
 
 template <int DP>
-__device__ __forceinline__ void fa_load_tile_async(bf16 *dst, const bf16 *src, long ld, int r0,
-                                                   int n_rows, int D, const int32_t *bt = nullptr,
-                                                   int bs = 1) {
+__device__ __forceinline__ void fa_load_tile_async(bf16 *dst, const bf16 *src, long ld, int r0, int n_rows, int D,
+                                                   const int32_t *bt = nullptr, int bs = 1) {
     constexpr int LDK = fa_shape<DP>::LDK, CH = DP / 8;
     for (int idx = threadIdx.x; idx < 64 * CH; idx += blockDim.x) {
         const int r = idx / CH, ch = idx % CH;
         const bool in = r0 + r < n_rows && ch * 8 < D;
-        cp_async16(dst + r * LDK + ch * 8, in ? src + key_row(bt, bs, r0 + r) * ld + ch * 8 : src,
-                   in ? 16 : 0);
+        cp_async16(dst + r * LDK + ch * 8, in ? src + key_row(bt, bs, r0 + r) * ld + ch * 8 : src, in ? 16 : 0);
     }
 }
 
 /* Copy rows [r0, r0 + 64) of a [rows, D] bf16 matrix (row stride ld) into
  * smem [64][LDK], zero-filling columns D..DP-1 and rows >= n_rows. */
 template <int DP>
-__device__ __forceinline__ void fa_load_tile(bf16 *dst, const bf16 *src, long ld, int r0, int n_rows,
-                                             int D) {
+__device__ __forceinline__ void fa_load_tile(bf16 *dst, const bf16 *src, long ld, int r0, int n_rows, int D) {
     constexpr int LDK = fa_shape<DP>::LDK, CH = DP / 8;
     for (int idx = threadIdx.x; idx < 64 * CH; idx += blockDim.x) {
         const int r = idx / CH, ch = idx % CH;
@@ -221,8 +215,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
     /* This warp's Q fragments (rows warp·16 .. +15), kept for every tile. */
     uint32_t qf[KS][4];
 #pragma unroll
-    for (int kk = 0; kk < KS; kk++)
-        ldsm_x4(qf[kk], Qs + (warp * 16 + (lane & 15)) * LDK + kk * 16 + (lane >> 4) * 8);
+    for (int kk = 0; kk < KS; kk++) ldsm_x4(qf[kk], Qs + (warp * 16 + (lane & 15)) * LDK + kk * 16 + (lane >> 4) * 8);
 
     /* This lane's two rows (g and g + 8 of the warp's 16) and their state. */
     const int p0 = pos0 + q0 + warp * 16 + g, p1 = p0 + 8;
@@ -356,10 +349,8 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
     for (int i = 0; i < OT; i++) {
         const int d = i * 8 + 2 * t4;
         if (d >= a.D) continue; /* D is a multiple of 8: both columns or neither */
-        if (t0 < T)
-            *(__nv_bfloat162 *)(out + (long)t0 * a.ldo + d) = __floats2bfloat162_rn(o[i][0] / l0, o[i][1] / l0);
-        if (t1 < T)
-            *(__nv_bfloat162 *)(out + (long)t1 * a.ldo + d) = __floats2bfloat162_rn(o[i][2] / l1, o[i][3] / l1);
+        if (t0 < T) *(__nv_bfloat162 *)(out + (long)t0 * a.ldo + d) = __floats2bfloat162_rn(o[i][0] / l0, o[i][1] / l0);
+        if (t1 < T) *(__nv_bfloat162 *)(out + (long)t1 * a.ldo + d) = __floats2bfloat162_rn(o[i][2] / l1, o[i][3] / l1);
     }
 }
 
@@ -373,8 +364,7 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
  * written during the kernel. */
 template <bool F8>
 __global__ void __launch_bounds__(DEC_THREADS)
-    attn_decode_kernel(cuda_attn a, float scale_log2, int chunk, int n_chunks, float *part,
-                       int *count) {
+    attn_decode_kernel(cuda_attn a, float scale_log2, int chunk, int n_chunks, float *part, int *count) {
     typedef kvt<F8> K8;
     typedef typename K8::T KT;
     pdl_trigger();
@@ -579,15 +569,12 @@ __global__ void __launch_bounds__(DEC_THREADS)
 #define FA_INSTANCES(X) X(64) X(80) X(96) X(128)
 
 albedo_status cuda_attention_init(cuda_ctx *c) {
-#define FA_ATTR(DP)                                                                               \
-    CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP, false>,                                   \
-                                   cudaFuncAttributeMaxDynamicSharedMemorySize,                    \
-                                   (int)fa_shape<DP>::bytes));                                     \
-    CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP, true>,                                    \
-                                   cudaFuncAttributeMaxDynamicSharedMemorySize,                    \
-                                   (int)fa_shape<DP>::bytes));                                     \
-    CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP, true, true>,                              \
-                                   cudaFuncAttributeMaxDynamicSharedMemorySize,                    \
+#define FA_ATTR(DP)                                                                                                \
+    CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,      \
+                                   (int)fa_shape<DP>::bytes));                                                     \
+    CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,       \
+                                   (int)fa_shape<DP>::bytes));                                                     \
+    CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP, true, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
                                    (int)fa_shape<DP>::bytes));
     FA_INSTANCES(FA_ATTR)
 #undef FA_ATTR
@@ -605,8 +592,8 @@ albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a) {
     CU_ARG(c, a->H > 0 && a->Hkv > 0 && a->H % a->Hkv == 0);
     CU_ARG(c, a->D > 0 && a->D % 8 == 0 && a->D <= 128);
     CU_ARG(c, is_aligned(a->q, 16) && is_aligned(a->k, 16) && is_aligned(a->v, 16));
-    CU_ARG(c, aligned8(a->ldq) && aligned8(a->q_seq) && aligned8(a->ldk) && aligned8(a->k_head) &&
-                  aligned8(a->k_seq) && aligned8(a->ldv) && aligned8(a->v_head) && aligned8(a->v_seq));
+    CU_ARG(c, aligned8(a->ldq) && aligned8(a->q_seq) && aligned8(a->ldk) && aligned8(a->k_head) && aligned8(a->k_seq) &&
+                  aligned8(a->ldv) && aligned8(a->v_head) && aligned8(a->v_seq));
     CU_ARG(c, !a->blocks || (a->block_size > 0 && a->blocks_ld > 0));
     CU_ARG(c, !(a->seg && a->pos_dev));
     CU_ARG(c, !a->kv_fp8 || (a->k_scale > 0.0f && a->v_scale > 0.0f && isfinite(a->k_scale) && isfinite(a->v_scale)));
@@ -619,16 +606,19 @@ albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a) {
         CU_ARG(c, is_aligned(a->out, 4) && a->ldo % 2 == 0 && a->o_seq % 2 == 0); /* bf16 pairs are stored */
         CU_ARG(c, a->n_seq <= 65535 && a->H <= 65535);
         const dim3 grid((a->T + FA_BQ - 1) / FA_BQ, a->H, a->n_seq), block(FA_WARPS * 32);
-#define FA_CASE(DP)                                                                               \
-    if (a->D <= DP) {                                                                             \
-        if (a->kv_fp8) /* the segment form's instance covers the plain layout too */              \
-            CU_TRY(c, (launch_k(c, flash_attn_kernel<DP, true, true>, dim3(grid), dim3(block), fa_shape<DP>::bytes, *a, sl2))); \
-        else if (a->seg || a->blocks)                                                             \
-            CU_TRY(c, (launch_k(c, flash_attn_kernel<DP, true>, dim3(grid), dim3(block), fa_shape<DP>::bytes, *a, sl2)));  \
-        else                                                                                      \
-            CU_TRY(c, (launch_k(c, flash_attn_kernel<DP, false>, dim3(grid), dim3(block), fa_shape<DP>::bytes, *a, sl2))); \
-        CU_LAUNCHED(c);                                                                           \
-        return ALBEDO_OK;                                                                         \
+#define FA_CASE(DP)                                                                                                    \
+    if (a->D <= DP) {                                                                                                  \
+        if (a->kv_fp8) /* the segment form's instance covers the plain layout too */                                   \
+            CU_TRY(c, (launch_k(c, flash_attn_kernel<DP, true, true>, dim3(grid), dim3(block), fa_shape<DP>::bytes,    \
+                                *a, sl2)));                                                                            \
+        else if (a->seg || a->blocks)                                                                                  \
+            CU_TRY(c,                                                                                                  \
+                   (launch_k(c, flash_attn_kernel<DP, true>, dim3(grid), dim3(block), fa_shape<DP>::bytes, *a, sl2))); \
+        else                                                                                                           \
+            CU_TRY(c, (launch_k(c, flash_attn_kernel<DP, false>, dim3(grid), dim3(block), fa_shape<DP>::bytes, *a,     \
+                                sl2)));                                                                                \
+        CU_LAUNCHED(c);                                                                                                \
+        return ALBEDO_OK;                                                                                              \
     }
         FA_INSTANCES(FA_CASE)
 #undef FA_CASE
@@ -650,14 +640,15 @@ albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a) {
     if (chunk > DEC_MAX_CHUNK) chunk = DEC_MAX_CHUNK;
     n_chunks = (kmax + chunk - 1) / chunk;
     if (rows * n_chunks > ATTN_SLOTS)
-        return cuda_fail(c, ALBEDO_ERR_LIMIT,
-                         "cuda_attention: %ld query rows × heads × %d key chunks exceed %d slots",
+        return cuda_fail(c, ALBEDO_ERR_LIMIT, "cuda_attention: %ld query rows × heads × %d key chunks exceed %d slots",
                          rows, n_chunks, ATTN_SLOTS);
     const dim3 grid(n_chunks, a->H, a->n_seq * a->T);
     if (a->kv_fp8)
-        CU_TRY(c, (launch_k(c, attn_decode_kernel<true>, dim3(grid), dim3(DEC_THREADS), chunk * sizeof(float), *a, sl2, chunk, n_chunks, c->attn_part, c->attn_count)));
+        CU_TRY(c, (launch_k(c, attn_decode_kernel<true>, dim3(grid), dim3(DEC_THREADS), chunk * sizeof(float), *a, sl2,
+                            chunk, n_chunks, c->attn_part, c->attn_count)));
     else
-        CU_TRY(c, (launch_k(c, attn_decode_kernel<false>, dim3(grid), dim3(DEC_THREADS), chunk * sizeof(float), *a, sl2, chunk, n_chunks, c->attn_part, c->attn_count)));
+        CU_TRY(c, (launch_k(c, attn_decode_kernel<false>, dim3(grid), dim3(DEC_THREADS), chunk * sizeof(float), *a, sl2,
+                            chunk, n_chunks, c->attn_part, c->attn_count)));
     CU_LAUNCHED(c);
     return ALBEDO_OK;
 }

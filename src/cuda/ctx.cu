@@ -73,13 +73,13 @@ albedo_status cuda_ctx_new(int device, cuda_ctx **out, errbuf *e) {
     if (!c) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "cuda: no memory for a context");
     c->device = device;
     albedo_status st = ALBEDO_OK;
-#define NEW_TRY(call)                                                                              \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess) {                                                                   \
-            st = cuda_fail(c, cuda_status_of(e_), "%s: %s", #call, cudaGetErrorString(e_));       \
-            return new_fail(c, e, st);                                                             \
-        }                                                                                          \
+#define NEW_TRY(call)                                                                       \
+    do {                                                                                    \
+        cudaError_t e_ = (call);                                                            \
+        if (e_ != cudaSuccess) {                                                            \
+            st = cuda_fail(c, cuda_status_of(e_), "%s: %s", #call, cudaGetErrorString(e_)); \
+            return new_fail(c, e, st);                                                      \
+        }                                                                                   \
     } while (0)
     NEW_TRY(cudaSetDevice(device));
     NEW_TRY(cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount, device));
@@ -147,8 +147,7 @@ albedo_status cuda_upload_bf16(cuda_ctx *c, uint16_t *dst, const void *src, dtyp
     for (size_t i0 = 0; i0 < n && st == ALBEDO_OK; i0 += chunk) {
         size_t m = n - i0 < chunk ? n - i0 : chunk;
         for (size_t i = 0; i < m; i++) {
-            float f = dt == DT_F32 ? ((const float *)src)[i0 + i]
-                                   : f16_to_f32(((const uint16_t *)src)[i0 + i]);
+            float f = dt == DT_F32 ? ((const float *)src)[i0 + i] : f16_to_f32(((const uint16_t *)src)[i0 + i]);
             tmp[i] = f32_to_bf16(f);
         }
         st = cuda_upload(c, dst + i0, tmp, m * 2);

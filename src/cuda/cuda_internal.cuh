@@ -46,11 +46,11 @@ struct cuda_ctx {
     void *lt_ws;
     size_t lt_ws_size;
     lt_plan plans[LT_PLANS];
-    int next_plan; /* round-robin victim once all slots are used */
+    int next_plan;    /* round-robin victim once all slots are used */
     float *attn_part; /* [ATTN_SLOTS][ATTN_DSTRIDE] */
     int *attn_count;  /* [ATTN_SLOTS] arrival counters, zero between launches */
-    int pdl; /* launch our kernels with programmatic dependent launch (sm_90+) */
-    int gemv_max_t; /* cuda_linear runs the GEMV up to this many rows, cuBLASLt above */
+    int pdl;          /* launch our kernels with programmatic dependent launch (sm_90+) */
+    int gemv_max_t;   /* cuda_linear runs the GEMV up to this many rows, cuBLASLt above */
     long n_lt_fused, n_lt_unfused, n_gemv;
     char err[512];
 };
@@ -66,26 +66,25 @@ albedo_status cuda_status_of(cudaError_t e);
 
 /* Check a CUDA runtime call; on failure record it and return from the
  * calling launcher. */
-#define CU_TRY(c, call)                                                                          \
-    do {                                                                                         \
-        cudaError_t e_ = (call);                                                                 \
-        if (e_ != cudaSuccess)                                                                   \
-            return cuda_fail((c), cuda_status_of(e_), "%s: %s (%s:%d)", #call,                   \
-                             cudaGetErrorString(e_), __FILE__, __LINE__);                        \
+#define CU_TRY(c, call)                                                                                          \
+    do {                                                                                                         \
+        cudaError_t e_ = (call);                                                                                 \
+        if (e_ != cudaSuccess)                                                                                   \
+            return cuda_fail((c), cuda_status_of(e_), "%s: %s (%s:%d)", #call, cudaGetErrorString(e_), __FILE__, \
+                             __LINE__);                                                                          \
     } while (0)
 
 /* After a launch: a bad configuration shows up here. */
 #define CU_LAUNCHED(c) CU_TRY(c, cudaGetLastError())
 
-#define CU_ARG(c, cond)                                                                          \
-    do {                                                                                         \
-        if (!(cond))                                                                             \
-            return cuda_fail((c), ALBEDO_ERR_INVALID_ARGUMENT, "%s: needs %s", __func__, #cond); \
+#define CU_ARG(c, cond)                                                                                   \
+    do {                                                                                                  \
+        if (!(cond)) return cuda_fail((c), ALBEDO_ERR_INVALID_ARGUMENT, "%s: needs %s", __func__, #cond); \
     } while (0)
 
 /* Launchers shared between files. */
-albedo_status cuda_bias_act(cuda_ctx *c, void *y, dtype ydt, int ldy, int T, int N, const void *b,
-                            dtype bdt, cuda_act act);
+albedo_status cuda_bias_act(cuda_ctx *c, void *y, dtype ydt, int ldy, int T, int N, const void *b, dtype bdt,
+                            cuda_act act);
 /* Called once from cuda_ctx_new: raises the shared-memory limits of the
  * attention kernels (so that no attribute changes during graph capture). */
 albedo_status cuda_attention_init(cuda_ctx *c);
@@ -99,8 +98,8 @@ static inline int is_aligned(const void *p, size_t a) { return ((uintptr_t)p & (
  * pdl_trigger(); pdl_wait(); before its first access to an activation, so
  * chains of small decode kernels overlap their launch and ramp-up. */
 template <typename... KArgs, typename... Args>
-static inline cudaError_t launch_k(cuda_ctx *c, void (*kern)(KArgs...), dim3 grid, dim3 block,
-                                   size_t smem, Args... args) {
+static inline cudaError_t launch_k(cuda_ctx *c, void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                                   Args... args) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
@@ -182,9 +181,7 @@ __device__ __forceinline__ float gelu_tanh_f(float v) {
     return 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
 }
 
-__device__ __forceinline__ float gelu_erf_f(float v) {
-    return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
-}
+__device__ __forceinline__ float gelu_erf_f(float v) { return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f)); }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

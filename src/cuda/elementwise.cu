@@ -23,9 +23,8 @@ static int grid_for(size_t n, int threads) {
  * Both forms sum in the same order. */
 #define LN_REG 16
 template <typename XT, typename YT>
-__global__ void __launch_bounds__(256) layernorm_kernel(YT *y, int ldy, const XT *x, int ldx, int C,
-                                                        const void *g, const void *b, int p_f32,
-                                                        float eps) {
+__global__ void __launch_bounds__(256)
+    layernorm_kernel(YT *y, int ldy, const XT *x, int ldx, int C, const void *g, const void *b, int p_f32, float eps) {
     pdl_trigger();
     __shared__ float red[32];
     const XT *xr = x + (size_t)blockIdx.x * ldx;
@@ -77,8 +76,7 @@ __global__ void __launch_bounds__(256) layernorm_kernel(YT *y, int ldy, const XT
     const float var = block_sum(v, red) / C;
     const float inv = 1.0f / sqrtf(var + eps);
     for (int i = threadIdx.x; i < C; i += blockDim.x)
-        yr[i] = from_f<YT>((to_f(xr[i]) - mean) * inv * ld_param(g, p_f32, i) +
-                           ld_param(b, p_f32, i));
+        yr[i] = from_f<YT>((to_f(xr[i]) - mean) * inv * ld_param(g, p_f32, i) + ld_param(b, p_f32, i));
 }
 
 /* The same with one warp per row, 8 rows per block: no block barriers, so
@@ -112,9 +110,8 @@ __global__ void __launch_bounds__(256) layernorm_rows_kernel(YT *y, int ldy, con
  * 730 rows of 2048 (docs/CUDA.md). */
 #define LN_ROWS_MIN 2048
 
-albedo_status cuda_layernorm_ld(cuda_ctx *c, void *y, dtype ydt, int ldy, const void *x, dtype xdt,
-                                int ldx, int T, int C, const void *g, const void *b, dtype pdt,
-                                float eps) {
+albedo_status cuda_layernorm_ld(cuda_ctx *c, void *y, dtype ydt, int ldy, const void *x, dtype xdt, int ldx, int T,
+                                int C, const void *g, const void *b, dtype pdt, float eps) {
     CU_ARG(c, T >= 0 && C > 0 && is_act_dt(xdt) && is_act_dt(ydt) && is_act_dt(pdt));
     CU_ARG(c, ldx >= C && ldy >= C);
     CU_ARG(c, y != x || (xdt == ydt && ldx == ldy));
@@ -123,31 +120,39 @@ albedo_status cuda_layernorm_ld(cuda_ctx *c, void *y, dtype ydt, int ldy, const 
     if (T >= LN_ROWS_MIN) {
         const dim3 grid((T + 7) / 8), block(256);
         if (xdt == DT_F32 && ydt == DT_F32)
-            CU_TRY(c, (launch_k(c, layernorm_rows_kernel<float, float>, grid, block, 0, (float *)y, ldy, (const float *)x, ldx, T, C, g, b, pf, eps)));
+            CU_TRY(c, (launch_k(c, layernorm_rows_kernel<float, float>, grid, block, 0, (float *)y, ldy,
+                                (const float *)x, ldx, T, C, g, b, pf, eps)));
         else if (xdt == DT_F32)
-            CU_TRY(c, (launch_k(c, layernorm_rows_kernel<float, bf16>, grid, block, 0, (bf16 *)y, ldy, (const float *)x, ldx, T, C, g, b, pf, eps)));
+            CU_TRY(c, (launch_k(c, layernorm_rows_kernel<float, bf16>, grid, block, 0, (bf16 *)y, ldy, (const float *)x,
+                                ldx, T, C, g, b, pf, eps)));
         else if (ydt == DT_F32)
-            CU_TRY(c, (launch_k(c, layernorm_rows_kernel<bf16, float>, grid, block, 0, (float *)y, ldy, (const bf16 *)x, ldx, T, C, g, b, pf, eps)));
+            CU_TRY(c, (launch_k(c, layernorm_rows_kernel<bf16, float>, grid, block, 0, (float *)y, ldy, (const bf16 *)x,
+                                ldx, T, C, g, b, pf, eps)));
         else
-            CU_TRY(c, (launch_k(c, layernorm_rows_kernel<bf16, bf16>, grid, block, 0, (bf16 *)y, ldy, (const bf16 *)x, ldx, T, C, g, b, pf, eps)));
+            CU_TRY(c, (launch_k(c, layernorm_rows_kernel<bf16, bf16>, grid, block, 0, (bf16 *)y, ldy, (const bf16 *)x,
+                                ldx, T, C, g, b, pf, eps)));
         CU_LAUNCHED(c);
         return ALBEDO_OK;
     }
     const dim3 grid(T), block(256);
     if (xdt == DT_F32 && ydt == DT_F32)
-        CU_TRY(c, (launch_k(c, layernorm_kernel<float, float>, dim3(grid), dim3(block), 0, (float *)y, ldy, (const float *)x, ldx, C, g, b, pf, eps)));
+        CU_TRY(c, (launch_k(c, layernorm_kernel<float, float>, dim3(grid), dim3(block), 0, (float *)y, ldy,
+                            (const float *)x, ldx, C, g, b, pf, eps)));
     else if (xdt == DT_F32)
-        CU_TRY(c, (launch_k(c, layernorm_kernel<float, bf16>, dim3(grid), dim3(block), 0, (bf16 *)y, ldy, (const float *)x, ldx, C, g, b, pf, eps)));
+        CU_TRY(c, (launch_k(c, layernorm_kernel<float, bf16>, dim3(grid), dim3(block), 0, (bf16 *)y, ldy,
+                            (const float *)x, ldx, C, g, b, pf, eps)));
     else if (ydt == DT_F32)
-        CU_TRY(c, (launch_k(c, layernorm_kernel<bf16, float>, dim3(grid), dim3(block), 0, (float *)y, ldy, (const bf16 *)x, ldx, C, g, b, pf, eps)));
+        CU_TRY(c, (launch_k(c, layernorm_kernel<bf16, float>, dim3(grid), dim3(block), 0, (float *)y, ldy,
+                            (const bf16 *)x, ldx, C, g, b, pf, eps)));
     else
-        CU_TRY(c, (launch_k(c, layernorm_kernel<bf16, bf16>, dim3(grid), dim3(block), 0, (bf16 *)y, ldy, (const bf16 *)x, ldx, C, g, b, pf, eps)));
+        CU_TRY(c, (launch_k(c, layernorm_kernel<bf16, bf16>, dim3(grid), dim3(block), 0, (bf16 *)y, ldy,
+                            (const bf16 *)x, ldx, C, g, b, pf, eps)));
     CU_LAUNCHED(c);
     return ALBEDO_OK;
 }
 
-albedo_status cuda_layernorm(cuda_ctx *c, void *y, dtype ydt, const void *x, dtype xdt, int T,
-                             int C, const void *g, const void *b, dtype pdt, float eps) {
+albedo_status cuda_layernorm(cuda_ctx *c, void *y, dtype ydt, const void *x, dtype xdt, int T, int C, const void *g,
+                             const void *b, dtype pdt, float eps) {
     return cuda_layernorm_ld(c, y, ydt, C, x, xdt, C, T, C, g, b, pdt, eps);
 }
 
@@ -156,8 +161,7 @@ albedo_status cuda_layernorm(cuda_ctx *c, void *y, dtype ydt, const void *x, dty
 template <typename T, int ERF> __global__ void gelu_kernel(T *x, size_t n) {
     pdl_trigger();
     pdl_wait();
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const float v = to_f(x[i]);
         x[i] = from_f<T>(ERF ? gelu_erf_f(v) : gelu_tanh_f(v));
     }
@@ -180,8 +184,7 @@ albedo_status cuda_gelu_erf(cuda_ctx *c, void *x, dtype dt, size_t n) { return g
 template <typename YT, typename XT> __global__ void add_kernel(YT *y, const XT *x, size_t n) {
     pdl_trigger();
     pdl_wait();
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x)
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         y[i] = from_f<YT>(to_f(y[i]) + to_f(x[i]));
 }
 
@@ -217,8 +220,7 @@ __global__ void embed_kernel(float *x, const bf16 *table, int V, int C, const in
     for (int i = threadIdx.x; i < C; i += blockDim.x) xr[i] = __bfloat162float(row[i]);
 }
 
-albedo_status cuda_embed(cuda_ctx *c, float *x, const uint16_t *table, int V, int C,
-                         const int32_t *ids, int T) {
+albedo_status cuda_embed(cuda_ctx *c, float *x, const uint16_t *table, int V, int C, const int32_t *ids, int T) {
     CU_ARG(c, T >= 0 && V > 0 && C > 0);
     if (T == 0) return ALBEDO_OK;
     CU_TRY(c, (launch_k(c, embed_kernel, dim3(T), dim3(256), 0, x, (const bf16 *)table, V, C, ids)));
@@ -238,8 +240,10 @@ albedo_status cuda_embed(cuda_ctx *c, float *x, const uint16_t *table, int V, in
 /* A cache element: bf16, or with F8 e4m3(x · inv) (inv = 1 / the tensor's
  * scale; saturated to ±448, round to nearest even). */
 template <bool F8> __device__ __forceinline__ void kv_put(void *cache, size_t i, float x, float inv) {
-    if (F8) ((uint8_t *)cache)[i] = (uint8_t)__nv_cvt_float_to_fp8(x * inv, __NV_SATFINITE, __NV_E4M3);
-    else ((bf16 *)cache)[i] = __float2bfloat16_rn(x);
+    if (F8)
+        ((uint8_t *)cache)[i] = (uint8_t)__nv_cvt_float_to_fp8(x * inv, __NV_SATFINITE, __NV_E4M3);
+    else
+        ((bf16 *)cache)[i] = __float2bfloat16_rn(x);
 }
 
 template <bool F8> __global__ void rope_kv_kernel(cuda_rope r, int per) {

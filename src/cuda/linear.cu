@@ -28,8 +28,7 @@ __global__ void bias_act_kernel(YT *y, int ldy, int T, int N, const void *b, int
     pdl_trigger();
     pdl_wait();
     const long n_all = (long)T * N;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n_all;
-         i += (long)gridDim.x * blockDim.x) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n_all; i += (long)gridDim.x * blockDim.x) {
         const int t = (int)(i / N), n = (int)(i % N);
         YT *p = y + (long)t * ldy + n;
         float v = to_f(*p);
@@ -39,16 +38,18 @@ __global__ void bias_act_kernel(YT *y, int ldy, int T, int N, const void *b, int
     }
 }
 
-albedo_status cuda_bias_act(cuda_ctx *c, void *y, dtype ydt, int ldy, int T, int N, const void *b,
-                            dtype bdt, cuda_act act) {
+albedo_status cuda_bias_act(cuda_ctx *c, void *y, dtype ydt, int ldy, int T, int N, const void *b, dtype bdt,
+                            cuda_act act) {
     if (!b && act == CUDA_ACT_NONE) return ALBEDO_OK;
     const long n = (long)T * N;
     const int threads = 256;
     const int blocks = (int)((n + threads - 1) / threads < 4096 ? (n + threads - 1) / threads : 4096);
     if (ydt == DT_F32)
-        CU_TRY(c, (launch_k(c, bias_act_kernel<float>, dim3(blocks), dim3(threads), 0, (float *)y, ldy, T, N, b, bdt == DT_F32, (int)act)));
+        CU_TRY(c, (launch_k(c, bias_act_kernel<float>, dim3(blocks), dim3(threads), 0, (float *)y, ldy, T, N, b,
+                            bdt == DT_F32, (int)act)));
     else
-        CU_TRY(c, (launch_k(c, bias_act_kernel<bf16>, dim3(blocks), dim3(threads), 0, (bf16 *)y, ldy, T, N, b, bdt == DT_F32, (int)act)));
+        CU_TRY(c, (launch_k(c, bias_act_kernel<bf16>, dim3(blocks), dim3(threads), 0, (bf16 *)y, ldy, T, N, b,
+                            bdt == DT_F32, (int)act)));
     CU_LAUNCHED(c);
     return ALBEDO_OK;
 }
@@ -73,9 +74,8 @@ __device__ __forceinline__ uint4 ld_stream(const uint4 *p) {
  * for larger TT, whose x slices take the registers. */
 template <int TT, typename YT>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_kernel(YT *__restrict__ y, int ldy, const bf16 *__restrict__ x, int ldx,
-                const bf16 *__restrict__ w, const void *__restrict__ b, int b_f32, int N, int K,
-                int act, int accumulate) {
+    gemv_kernel(YT *__restrict__ y, int ldy, const bf16 *__restrict__ x, int ldx, const bf16 *__restrict__ w,
+                const void *__restrict__ b, int b_f32, int N, int K, int act, int accumulate) {
     constexpr int U = TT <= 2 ? 4 : (TT <= 4 ? 2 : 1);
     const int lane = threadIdx.x & 31;
     const int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
@@ -150,16 +150,16 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
 }
 
 template <typename YT>
-static albedo_status gemv_launch(cuda_ctx *c, int T, YT *y, int ldy, const bf16 *x, int ldx,
-                                 const cuda_linear_w *L, cuda_act act, int accumulate) {
+static albedo_status gemv_launch(cuda_ctx *c, int T, YT *y, int ldy, const bf16 *x, int ldx, const cuda_linear_w *L,
+                                 cuda_act act, int accumulate) {
     const int N = L->n_out, K = L->n_in;
     const dim3 grid((N + GEMV_WARPS - 1) / GEMV_WARPS), block(GEMV_WARPS * 32);
     const bf16 *w = (const bf16 *)L->w;
     const int bf = L->bdt == DT_F32;
-#define GEMV_CASE(TT)                                                                             \
-    case TT:                                                                                      \
-        CU_TRY(c, (launch_k(c, gemv_kernel<TT, YT>, grid, block, 0, y, ldy, x, ldx, w, L->b, bf, N, \
-                            K, (int)act, accumulate)));                                           \
+#define GEMV_CASE(TT)                                                                                            \
+    case TT:                                                                                                     \
+        CU_TRY(c, (launch_k(c, gemv_kernel<TT, YT>, grid, block, 0, y, ldy, x, ldx, w, L->b, bf, N, K, (int)act, \
+                            accumulate)));                                                                       \
         break;
     switch (T) {
         GEMV_CASE(1)
@@ -176,16 +176,15 @@ static albedo_status gemv_launch(cuda_ctx *c, int T, YT *y, int ldy, const bf16 
     return ALBEDO_OK;
 }
 
-static albedo_status gemv(cuda_ctx *c, void *y, dtype ydt, int ldy, const uint16_t *x, int ldx,
-                          int T, const cuda_linear_w *L, cuda_act act, int accumulate) {
+static albedo_status gemv(cuda_ctx *c, void *y, dtype ydt, int ldy, const uint16_t *x, int ldx, int T,
+                          const cuda_linear_w *L, cuda_act act, int accumulate) {
     const size_t es = ydt == DT_F32 ? 4 : 2;
     for (int t0 = 0; t0 < T; t0 += 8) {
         const int tt = T - t0 < 8 ? T - t0 : 8;
         const bf16 *xs = (const bf16 *)x + (size_t)t0 * ldx;
         char *ys = (char *)y + (size_t)t0 * ldy * es;
-        albedo_status st = ydt == DT_F32
-                               ? gemv_launch<float>(c, tt, (float *)ys, ldy, xs, ldx, L, act, accumulate)
-                               : gemv_launch<bf16>(c, tt, (bf16 *)ys, ldy, xs, ldx, L, act, accumulate);
+        albedo_status st = ydt == DT_F32 ? gemv_launch<float>(c, tt, (float *)ys, ldy, xs, ldx, L, act, accumulate)
+                                         : gemv_launch<bf16>(c, tt, (bf16 *)ys, ldy, xs, ldx, L, act, accumulate);
         if (st != ALBEDO_OK) return st;
     }
     c->n_gemv++;
@@ -194,12 +193,12 @@ static albedo_status gemv(cuda_ctx *c, void *y, dtype ydt, int ldy, const uint16
 
 /* ---- cuBLASLt ---------------------------------------------------------------- */
 
-#define LT_TRY(c, call)                                                                          \
-    do {                                                                                         \
-        cublasStatus_t s_ = (call);                                                              \
-        if (s_ != CUBLAS_STATUS_SUCCESS)                                                         \
-            return cuda_fail((c), ALBEDO_ERR_INTERNAL, "%s: cuBLAS status %d (%s:%d)", #call,    \
-                             (int)s_, __FILE__, __LINE__);                                       \
+#define LT_TRY(c, call)                                                                                          \
+    do {                                                                                                         \
+        cublasStatus_t s_ = (call);                                                                              \
+        if (s_ != CUBLAS_STATUS_SUCCESS)                                                                         \
+            return cuda_fail((c), ALBEDO_ERR_INTERNAL, "%s: cuBLAS status %d (%s:%d)", #call, (int)s_, __FILE__, \
+                             __LINE__);                                                                          \
     } while (0)
 
 /* Alignment in bytes (<= 256) that every row start of a matrix at p with
@@ -231,8 +230,7 @@ static albedo_status plan_make(cuda_ctx *c, lt_plan *p, const lt_key *k) {
     LT_TRY(c, cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
     if (k->epilogue == CUBLASLT_EPILOGUE_BIAS || k->epilogue == CUBLASLT_EPILOGUE_GELU_BIAS) {
         const int32_t bt = k->bdt == DT_F32 ? CUDA_R_32F : CUDA_R_16BF;
-        LT_TRY(c, cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt,
-                                                 sizeof bt));
+        LT_TRY(c, cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt));
     }
     const cudaDataType_t yt = k->ydt == DT_F32 ? CUDA_R_32F : CUDA_R_16BF;
     LT_TRY(c, cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, k->K, k->N, k->K));
@@ -242,30 +240,28 @@ static albedo_status plan_make(cuda_ctx *c, lt_plan *p, const lt_key *k) {
     cublasLtMatmulPreference_t pref = NULL;
     LT_TRY(c, cublasLtMatmulPreferenceCreate(&pref));
     const uint64_t ws = c->lt_ws_size;
-    const uint32_t al[4] = {(uint32_t)k->align_w, (uint32_t)k->align_x, (uint32_t)k->align_y,
-                            (uint32_t)k->align_b};
-    cublasStatus_t s = cublasLtMatmulPreferenceSetAttribute(
-        pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    const uint32_t al[4] = {(uint32_t)k->align_w, (uint32_t)k->align_x, (uint32_t)k->align_y, (uint32_t)k->align_b};
+    cublasStatus_t s =
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
     if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                                                 &al[0], sizeof al[0]);
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al[0],
+                                                 sizeof al[0]);
     if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                                                 &al[1], sizeof al[1]);
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al[1],
+                                                 sizeof al[1]);
     if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                                                 &al[2], sizeof al[2]);
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al[2],
+                                                 sizeof al[2]);
     if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                                                 &al[2], sizeof al[2]);
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al[2],
+                                                 sizeof al[2]);
     if (s != CUBLAS_STATUS_SUCCESS) {
         cublasLtMatmulPreferenceDestroy(pref);
         return cuda_fail(c, ALBEDO_ERR_INTERNAL, "cuBLASLt preference: status %d", (int)s);
     }
     cublasLtMatmulHeuristicResult_t res;
     int n_res = 0;
-    s = cublasLtMatmulAlgoGetHeuristic(c->lt, p->desc, p->a, p->b, p->cd, p->cd, pref, 1, &res,
-                                       &n_res);
+    s = cublasLtMatmulAlgoGetHeuristic(c->lt, p->desc, p->a, p->b, p->cd, p->cd, pref, 1, &res, &n_res);
     cublasLtMatmulPreferenceDestroy(pref);
     p->ok = s == CUBLAS_STATUS_SUCCESS && n_res > 0 && res.state == CUBLAS_STATUS_SUCCESS;
     if (p->ok) p->algo = res.algo;
@@ -295,21 +291,20 @@ static albedo_status plan_get(cuda_ctx *c, const lt_key *k, lt_plan **out) {
     return ALBEDO_OK;
 }
 
-static albedo_status lt_run(cuda_ctx *c, const lt_plan *p, void *y, const uint16_t *x,
-                            const cuda_linear_w *L, int accumulate) {
+static albedo_status lt_run(cuda_ctx *c, const lt_plan *p, void *y, const uint16_t *x, const cuda_linear_w *L,
+                            int accumulate) {
     const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     if (p->key.epilogue == CUBLASLT_EPILOGUE_BIAS || p->key.epilogue == CUBLASLT_EPILOGUE_GELU_BIAS) {
         const void *bp = L->b;
-        LT_TRY(c, cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp,
-                                                 sizeof bp));
+        LT_TRY(c, cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof bp));
     }
-    LT_TRY(c, cublasLtMatmul(c->lt, p->desc, &alpha, L->w, p->a, x, p->b, &beta, y, p->cd, y, p->cd,
-                             &p->algo, c->lt_ws, c->lt_ws_size, c->stream));
+    LT_TRY(c, cublasLtMatmul(c->lt, p->desc, &alpha, L->w, p->a, x, p->b, &beta, y, p->cd, y, p->cd, &p->algo, c->lt_ws,
+                             c->lt_ws_size, c->stream));
     return ALBEDO_OK;
 }
 
-albedo_status cuda_linear(cuda_ctx *c, void *y, dtype ydt, int ldy, const uint16_t *x, int ldx,
-                          int T, const cuda_linear_w *L, cuda_act act, int accumulate) {
+albedo_status cuda_linear(cuda_ctx *c, void *y, dtype ydt, int ldy, const uint16_t *x, int ldx, int T,
+                          const cuda_linear_w *L, cuda_act act, int accumulate) {
     const int N = L->n_out, K = L->n_in;
     CU_ARG(c, T >= 0 && N > 0 && K > 0);
     if (T == 0) return ALBEDO_OK;

@@ -166,13 +166,13 @@ struct mdc_model {
     unsigned char *wmem; /* every weight, one allocation */
     size_t wbytes;
     dlin patch_emb, proj_fc1, proj_fc2, lm_head;
-    float *pos_emb;                /* [np, enc_dim] */
+    float *pos_emb; /* [np, enc_dim] */
     dvblock vb[128];
-    float *post_w, *post_b;        /* [enc_dim] */
-    uint16_t *wte;                 /* [vocab, dim] bf16 */
+    float *post_w, *post_b; /* [enc_dim] */
+    uint16_t *wte;          /* [vocab, dim] bf16 */
     dtblock tb[128];
-    float *tpost_w, *tpost_b;      /* [dim] */
-    float *cos_t, *sin_t;          /* [max_context, rot_dims/2] */
+    float *tpost_w, *tpost_b; /* [dim] */
+    float *cos_t, *sin_t;     /* [max_context, rot_dims/2] */
     /* image prefix KV slots: [n_layers][k|v][Hkv][prefix_attn][D] bf16 each */
     pthread_mutex_t mu;
     size_t prefix_bytes;
@@ -197,37 +197,37 @@ struct mdc_state {
     mdc_model *m;
     cuda_ctx *ctx;
     cudaStream_t st;
-    int max_ctx, vcap; /* positions; crops per vision group (0: no vision memory) */
-    int rows, seqs;    /* text rows of working memory; sequences of a paged step */
+    int max_ctx, vcap;     /* positions; crops per vision group (0: no vision memory) */
+    int rows, seqs;        /* text rows of working memory; sequences of a paged step */
     int bt_ld, stage_rows; /* block-table entries per sequence (paged states); pinned rows up */
-    int flags;         /* MDC_KV, MDC_VISION */
+    int flags;             /* MDC_KV, MDC_VISION */
     unsigned char *mem;
     size_t mem_bytes;
     /* text */
-    float *x;        /* [max_ctx, dim] */
-    uint16_t *h;     /* [max_ctx, dimp] */
-    uint16_t *qkv;   /* [max_ctx, qkvw] */
-    uint16_t *att;   /* [max_ctx, H*D] */
-    uint16_t *f;     /* [max_ctx, ffp] */
-    float *logits;   /* [seqs, vocab] */
-    float *xg;       /* [seqs, dim]: the last row of each sequence of a paged step */
-    int32_t *meta;   /* paged steps: rows, segments, block tables, gathered rows (see paged_meta) */
-    int32_t *ids;    /* [8]: ids[0] = bos */
-    int *pos_dev;    /* [1]: the decode graph's position */
+    float *x;          /* [max_ctx, dim] */
+    uint16_t *h;       /* [max_ctx, dimp] */
+    uint16_t *qkv;     /* [max_ctx, qkvw] */
+    uint16_t *att;     /* [max_ctx, H*D] */
+    uint16_t *f;       /* [max_ctx, ffp] */
+    float *logits;     /* [seqs, vocab] */
+    float *xg;         /* [seqs, dim]: the last row of each sequence of a paged step */
+    int32_t *meta;     /* paged steps: rows, segments, block tables, gathered rows (see paged_meta) */
+    int32_t *ids;      /* [8]: ids[0] = bos */
+    int *pos_dev;      /* [1]: the decode graph's position */
     unsigned char *kv; /* [n_layers][2][Hkv][max_ctx][D] of kv_es bytes */
     /* vision */
-    uint8_t *crops;  /* [vcap, cs, cs, 3] */
+    uint8_t *crops;    /* [vcap, cs, cs, 3] */
     uint16_t *patches; /* [vcap·np, pdp] */
-    float *vx;       /* [vcap·np, C] */
-    uint16_t *vh;    /* [vcap·np, Cp] */
-    uint16_t *vqkv;  /* [vcap·np, 3C] */
-    uint16_t *vatt;  /* [vcap·np, C] */
-    uint16_t *vf;    /* [vcap·np, ffvp] */
-    float *pool;     /* [np, C] */
-    uint16_t *cat;   /* [np, catp] */
-    uint16_t *mid;   /* [np, pip] */
+    float *vx;         /* [vcap·np, C] */
+    uint16_t *vh;      /* [vcap·np, Cp] */
+    uint16_t *vqkv;    /* [vcap·np, 3C] */
+    uint16_t *vatt;    /* [vcap·np, C] */
+    uint16_t *vf;      /* [vcap·np, ffvp] */
+    float *pool;       /* [np, C] */
+    uint16_t *cat;     /* [np, catp] */
+    uint16_t *mid;     /* [np, pip] */
     /* host */
-    float *stage;     /* pinned: [STAGE_ROWS, dim] rows up, one row (hidden) down, the position */
+    float *stage; /* pinned: [STAGE_ROWS, dim] rows up, one row (hidden) down, the position */
     float *stage_hidden;
     int *stage_pos;
     float *logits_pin; /* pinned [vocab], when logits_host could not be page-locked */
@@ -248,11 +248,11 @@ struct mdc_state {
     int32_t *pick_ids_h, *pick_mask_h;
     uint64_t *pick_ctr_h;
     /* decode graph */
-    int graphs;      /* allowed */
+    int graphs; /* allowed */
     cudaGraphExec_t graph;
     int n_captured, last_graph;
-    char graph_err[512]; /* why capturing failed, if it did */
-    md3_state *md3;  /* Moondream 3's working memory, or NULL */
+    char graph_err[512];  /* why capturing failed, if it did */
+    md3_state *md3;       /* Moondream 3's working memory, or NULL */
     albedo_status sticky; /* a failed asynchronous prefix load, reported by the next forward */
     char sticky_msg[256];
 };
@@ -261,26 +261,24 @@ struct mdc_state {
 
 /* ---- errors ---------------------------------------------------------------------- */
 
-#define CK(call)                                                                                   \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess)                                                                     \
-            return errf(e, cuda_status_of(e_), "cuda: %s: %s", #call, cudaGetErrorString(e_));   \
+#define CK(call)                                                                                                  \
+    do {                                                                                                          \
+        cudaError_t e_ = (call);                                                                                  \
+        if (e_ != cudaSuccess) return errf(e, cuda_status_of(e_), "cuda: %s: %s", #call, cudaGetErrorString(e_)); \
     } while (0)
 
 /* An op of ops_cuda.h: its detail is in the context. */
-#define OPK(call)                                                                                  \
-    do {                                                                                           \
-        albedo_status s_ = (call);                                                                 \
-        if (s_ != ALBEDO_OK) return errf(e, s_, "cuda: %s", cuda_ctx_error(s->ctx));              \
+#define OPK(call)                                                                    \
+    do {                                                                             \
+        albedo_status s_ = (call);                                                   \
+        if (s_ != ALBEDO_OK) return errf(e, s_, "cuda: %s", cuda_ctx_error(s->ctx)); \
     } while (0)
 
-#define LAUNCH(kern, grid, block, ...)                                                             \
-    do {                                                                                           \
-        cudaError_t e_ = launch_k(s->ctx, kern, dim3(grid), dim3(block), 0, __VA_ARGS__);          \
-        if (e_ == cudaSuccess) e_ = cudaGetLastError();                                            \
-        if (e_ != cudaSuccess)                                                                     \
-            return errf(e, cuda_status_of(e_), "cuda: %s: %s", #kern, cudaGetErrorString(e_));    \
+#define LAUNCH(kern, grid, block, ...)                                                                            \
+    do {                                                                                                          \
+        cudaError_t e_ = launch_k(s->ctx, kern, dim3(grid), dim3(block), 0, __VA_ARGS__);                         \
+        if (e_ == cudaSuccess) e_ = cudaGetLastError();                                                           \
+        if (e_ != cudaSuccess) return errf(e, cuda_status_of(e_), "cuda: %s: %s", #kern, cudaGetErrorString(e_)); \
     } while (0)
 
 /* ---- weight upload ------------------------------------------------------------------- */
@@ -342,8 +340,9 @@ static uint16_t *put_bf16(upl *u, const void *p, dtype dt, int rows, int K, int 
     uint16_t *d = (uint16_t *)take(u, (size_t)rows * Kp * 2);
     if (!u->pass || u->st) return d;
     if (!p || !plain_dt(dt)) {
-        u->st = errf(u->e, ALBEDO_ERR_UNSUPPORTED, "cuda: %s: dtype %s (the CUDA backend takes F32, F16 or BF16 weights)",
-                     what, p ? dtype_name(dt) : "(missing)");
+        u->st =
+            errf(u->e, ALBEDO_ERR_UNSUPPORTED, "cuda: %s: dtype %s (the CUDA backend takes F32, F16 or BF16 weights)",
+                 what, p ? dtype_name(dt) : "(missing)");
         return d;
     }
     if (dt == DT_BF16 && K == Kp) {
@@ -356,8 +355,7 @@ static uint16_t *put_bf16(upl *u, const void *p, dtype dt, int rows, int K, int 
         const int k = rows - r0 < per ? rows - r0 : per;
         for (int r = 0; r < k; r++)
             for (int c = 0; c < Kp; c++)
-                tmp[(size_t)r * Kp + c] =
-                    c < K ? f32_to_bf16(host_get(p, dt, (size_t)(r0 + r) * K + c)) : (uint16_t)0;
+                tmp[(size_t)r * Kp + c] = c < K ? f32_to_bf16(host_get(p, dt, (size_t)(r0 + r) * K + c)) : (uint16_t)0;
         upl_copy(u, d + (size_t)r0 * Kp, tmp, (size_t)k * Kp * 2);
     }
     return d;
@@ -431,11 +429,11 @@ static void upload(upl *u) {
 static size_t state_layout(mdc_state *s, const mdc_model *m, int max_ctx, unsigned char *base) {
     const mdc_desc *d = &m->d;
     size_t off = 0;
-#define CARVE(field, type, n)                                                                      \
-    do {                                                                                           \
-        off = (off + 255) & ~(size_t)255;                                                          \
-        if (base) s->field = (type *)(base + off);                                                 \
-        off += (size_t)(n) * sizeof(type);                                                         \
+#define CARVE(field, type, n)                      \
+    do {                                           \
+        off = (off + 255) & ~(size_t)255;          \
+        if (base) s->field = (type *)(base + off); \
+        off += (size_t)(n) * sizeof(type);         \
     } while (0)
     const size_t R = (size_t)s->rows, vt = (size_t)s->vcap * m->np, np = (size_t)m->np;
     const size_t nseq = (size_t)s->seqs;
@@ -454,15 +452,15 @@ static size_t state_layout(mdc_state *s, const mdc_model *m, int max_ctx, unsign
     CARVE(pick_ctr, uint64_t, nseq);
     CARVE(pos_dev, int, 1);
     CARVE(kv, unsigned char,
-          (s->flags & MDC_KV) ? (size_t)d->n_layers * 2 * m->Hkv * (size_t)max_ctx * m->D * m->kv_es : 0);
+          (s->flags & MDC_KV) ? (size_t)d->n_layers * 2 * m->Hkv *(size_t)max_ctx * m->D * m->kv_es : 0);
     CARVE(crops, uint8_t, (size_t)s->vcap * d->crop_size * d->crop_size * 3);
     CARVE(patches, uint16_t, vt * round8(m->pd));
-    CARVE(vx, float, vt * C);
+    CARVE(vx, float, vt *C);
     CARVE(vh, uint16_t, vt * round8(C));
     CARVE(vqkv, uint16_t, vt * 3 * C);
     CARVE(vatt, uint16_t, vt * C);
     CARVE(vf, uint16_t, vt * round8(d->enc_ff));
-    CARVE(pool, float, np * C);
+    CARVE(pool, float, np *C);
     CARVE(cat, uint16_t, np * round8(2 * C));
     CARVE(mid, uint16_t, np * round8(d->proj_inner));
 #undef CARVE
@@ -510,15 +508,22 @@ int mdc_kv_elem_bytes(const mdc_model *m) { return (int)m->kv_es; }
 
 static albedo_status check_shapes(const mdc_desc *d, errbuf *e) {
     const char *why = NULL;
-    if (d->enc_heads <= 0 || d->enc_dim % d->enc_heads) why = "the vision width is not a multiple of its heads";
+    if (d->enc_heads <= 0 || d->enc_dim % d->enc_heads)
+        why = "the vision width is not a multiple of its heads";
     else if ((d->enc_dim / d->enc_heads) % 8 || d->enc_dim / d->enc_heads > 128)
         why = "the vision head dimension is not a multiple of 8 up to 128";
-    else if (d->head_dim % 8 || d->head_dim > 128) why = "the text head dimension is not a multiple of 8 up to 128";
-    else if (d->n_kv_heads <= 0 || d->n_heads % d->n_kv_heads) why = "the query heads are not a multiple of the KV heads";
-    else if (d->rot_dims % 2 || d->rot_dims > d->head_dim) why = "the rotated dimensions are odd or exceed the head";
-    else if (d->in_ch != 3) why = "the vision input has other than 3 channels";
-    else if (d->proj_out != d->dim) why = "the projection's output is not the text width";
-    else if (d->enc_layers > 128 || d->n_layers > 128) why = "more than 128 layers";
+    else if (d->head_dim % 8 || d->head_dim > 128)
+        why = "the text head dimension is not a multiple of 8 up to 128";
+    else if (d->n_kv_heads <= 0 || d->n_heads % d->n_kv_heads)
+        why = "the query heads are not a multiple of the KV heads";
+    else if (d->rot_dims % 2 || d->rot_dims > d->head_dim)
+        why = "the rotated dimensions are odd or exceed the head";
+    else if (d->in_ch != 3)
+        why = "the vision input has other than 3 channels";
+    else if (d->proj_out != d->dim)
+        why = "the projection's output is not the text width";
+    else if (d->enc_layers > 128 || d->n_layers > 128)
+        why = "more than 128 layers";
     if (why) return errf(e, ALBEDO_ERR_UNSUPPORTED, "cuda: %s", why);
     return ALBEDO_OK;
 }
@@ -609,8 +614,10 @@ albedo_status mdc_model_new(const mdc_desc *d, int device, mdc_model **out, errb
     u.off = 0;
     u.stage_bytes = (size_t)16 << 20;
     u.stage = malloc(u.stage_bytes);
-    if (!u.stage) u.st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
-    else upload(&u);
+    if (!u.stage)
+        u.st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
+    else
+        upload(&u);
     free(u.stage);
     if (u.st) {
         mdc_model_free(m);
@@ -731,8 +738,8 @@ albedo_status mdc_state_new_ex(mdc_model *m, int max_ctx, int rows, int seqs, in
         ce = cudaHostAlloc((void **)&s->meta_h, s->meta_cap * sizeof(int32_t), cudaHostAllocDefault);
     if (ce == cudaSuccess && s->meta_cap)
         ce = cudaHostAlloc((void **)&s->down_hidden, (size_t)seqs * m->d.dim * sizeof(float), cudaHostAllocDefault);
-    if (ce == cudaSuccess && s->meta_cap && (ce = cudaHostAlloc((void **)&s->pick_hmem, (size_t)seqs * 20,
-                                                                 cudaHostAllocDefault)) == cudaSuccess) {
+    if (ce == cudaSuccess && s->meta_cap &&
+        (ce = cudaHostAlloc((void **)&s->pick_hmem, (size_t)seqs * 20, cudaHostAllocDefault)) == cudaSuccess) {
         s->pick_ctr_h = (uint64_t *)s->pick_hmem;
         s->pick_ids_h = (int32_t *)(s->pick_hmem + (size_t)seqs * 8);
         s->pick_mask_h = s->pick_ids_h + seqs;
@@ -764,13 +771,12 @@ albedo_status mdc_state_new_ex(mdc_model *m, int max_ctx, int rows, int seqs, in
     s->logits_host = logits_host;
     s->hidden_host = hidden_host;
     if (logits_host) {
-        s->reg_logits = cudaHostRegister(logits_host, (size_t)m->d.vocab * sizeof(float), cudaHostRegisterDefault) ==
-                        cudaSuccess;
+        s->reg_logits =
+            cudaHostRegister(logits_host, (size_t)m->d.vocab * sizeof(float), cudaHostRegisterDefault) == cudaSuccess;
         cudaGetLastError();
     }
-    if (!s->reg_logits &&
-        (ce = cudaHostAlloc((void **)&s->logits_pin, (size_t)m->d.vocab * sizeof(float), cudaHostAllocDefault)) !=
-            cudaSuccess) {
+    if (!s->reg_logits && (ce = cudaHostAlloc((void **)&s->logits_pin, (size_t)m->d.vocab * sizeof(float),
+                                              cudaHostAllocDefault)) != cudaSuccess) {
         st = errf(e, cuda_status_of(ce), "cuda: pinned logits: %s", cudaGetErrorString(ce));
         mdc_state_free(s);
         return st;
@@ -798,8 +804,8 @@ static albedo_status encode_group(mdc_state *s, int n, errbuf *e) {
     const mdc_desc *d = &m->d;
     const int np = m->np, C = d->enc_dim, Cp = round8(C), T = n * np, H = d->enc_heads, D = m->vD;
     const int pdp = round8(m->pd), ffp = round8(d->enc_ff);
-    LAUNCH(patchify_kernel, T, 128, (bf16 *)s->patches, pdp, (const uint8_t *)s->crops, d->crop_size, d->patch,
-           m->ns, m->pd);
+    LAUNCH(patchify_kernel, T, 128, (bf16 *)s->patches, pdp, (const uint8_t *)s->crops, d->crop_size, d->patch, m->ns,
+           m->pd);
     const long nx = (long)T * C;
     LAUNCH(pos_kernel, (int)((nx + 255) / 256 < 4096 ? (nx + 255) / 256 : 4096), 256, s->vx, (const float *)m->pos_emb,
            np, C, nx);
@@ -1016,7 +1022,8 @@ albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int p
     }
     CK(cudaMemcpyAsync(s->stage_hidden, s->x + (size_t)(T - 1) * d->dim, row, cudaMemcpyDeviceToHost, s->st));
     float *lg = s->reg_logits ? s->logits_host : s->logits_pin;
-    if (want_logits) CK(cudaMemcpyAsync(lg, s->logits, (size_t)d->vocab * sizeof(float), cudaMemcpyDeviceToHost, s->st));
+    if (want_logits)
+        CK(cudaMemcpyAsync(lg, s->logits, (size_t)d->vocab * sizeof(float), cudaMemcpyDeviceToHost, s->st));
     albedo_status st = finish(s, e);
     if (st) return st;
     memcpy(s->hidden_host, s->stage_hidden, row);
@@ -1178,7 +1185,8 @@ static albedo_status text_layers_paged(mdc_state *s, const paged_plan *pl, void 
         OPK(cuda_linear(s->ctx, s->f, DT_BF16, ffp, s->h, dimp, Tl, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->f, ffp, Tl, &b->fc2.w, CUDA_ACT_NONE, 1));
     }
-    LAUNCH(gather_rows_kernel, pl->n_seg, 256, s->xg, (const float *)s->x, (const int32_t *)(s->meta + pl->o_lidx), dim);
+    LAUNCH(gather_rows_kernel, pl->n_seg, 256, s->xg, (const float *)s->x, (const int32_t *)(s->meta + pl->o_lidx),
+           dim);
     if (pl->n_logits) {
         OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->xg, DT_F32, dim, pl->n_logits, dim, m->tpost_w,
                               m->tpost_b, DT_F32, 1e-5f));
@@ -1216,8 +1224,7 @@ static albedo_status paged_fill(mdc_state *s, const mdc_seg *segs, int n_seg, in
         if ((long)pl->nA * pl->maxA * s->m->H <= ATTN_SLOTS / 2 || small == 1) break;
         small = 1;
     }
-    if ((long)s->m->H > ATTN_SLOTS / 2)
-        return errf(e, ALBEDO_ERR_UNSUPPORTED, "cuda: %d heads", s->m->H);
+    if ((long)s->m->H > ATTN_SLOTS / 2) return errf(e, ALBEDO_ERR_UNSUPPORTED, "cuda: %d heads", s->m->H);
     if (pl->T > s->rows || n_seg > s->seqs)
         return errf(e, ALBEDO_ERR_LIMIT, "cuda: a step of %d rows and %d sequences (the state has %d and %d)", pl->T,
                     n_seg, s->rows, s->seqs);
@@ -1238,8 +1245,10 @@ static albedo_status paged_fill(mdc_state *s, const mdc_seg *segs, int n_seg, in
         sg[0] = r0, sg[1] = g->T, sg[2] = g->pos0, sg[3] = g->n_prefix;
         const int nb = (g->pos0 + g->T + bs - 1) / bs;
         memcpy(bt, g->blocks, (size_t)nb * sizeof(int32_t));
-        if (A) iA++;
-        else iB++;
+        if (A)
+            iA++;
+        else
+            iB++;
         const int at = g->logits_host || g->pick ? lo++ : hi++;
         mh[pl->o_lidx + at] = r0 + g->T - 1;
         order[at] = i;
@@ -1374,8 +1383,10 @@ struct mdc_pool {
 
 void mdc_host_pin(void *p, size_t bytes, int on) {
     if (!p) return;
-    if (on) cudaHostRegister(p, bytes, cudaHostRegisterDefault);
-    else cudaHostUnregister(p);
+    if (on)
+        cudaHostRegister(p, bytes, cudaHostRegisterDefault);
+    else
+        cudaHostUnregister(p);
     cudaGetLastError();
 }
 
@@ -1449,7 +1460,8 @@ albedo_status mdc_image_prefix(mdc_state *s, const uint8_t *crops_host, int n, i
     const mdc_desc *d = &m->d;
     if (out) *out = NULL;
     CK(cudaSetDevice(m->device));
-    if (!(s->flags & MDC_KV)) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: an image prefix on a state without a KV cache");
+    if (!(s->flags & MDC_KV))
+        return errf(e, ALBEDO_ERR_INTERNAL, "cuda: an image prefix on a state without a KV cache");
     albedo_status st = vision_all(s, crops_host, n, th, tw, NULL, e);
     if (st) return st;
     OPK(cuda_embed(s->ctx, s->x, m->wte, d->vocab, d->dim, s->ids, 1));

@@ -63,7 +63,7 @@ typedef struct mdc_desc {
     op_vec tpost_w, tpost_b;
     op_linear lm_head;
     const float *rope_cos, *rope_sin; /* [max_context, rot_dims/2] */
-    const struct mdc_md3_desc *md3; /* Moondream 3's additions (below), or NULL */
+    const struct mdc_md3_desc *md3;   /* Moondream 3's additions (below), or NULL */
     /* KV caches (sessions, image prefixes, the engine's pool) as e4m3 bytes
      * with one scale per tensor (docs/CUDA.md, FP8 KV cache); needs sm_89+
      * (ALBEDO_ERR_UNSUPPORTED below). 0: bf16. */
@@ -110,8 +110,8 @@ const char *mdc_model_describe(const mdc_model *m);
 /* A session on m with max_ctx positions of KV cache. logits_host [vocab]
  * and hidden_host [dim] are the session's host buffers that text forwards
  * fill; they are page-locked for the state's lifetime. */
-albedo_status mdc_state_new(mdc_model *m, int max_ctx, float *logits_host, float *hidden_host,
-                            mdc_state **out, errbuf *e);
+albedo_status mdc_state_new(mdc_model *m, int max_ctx, float *logits_host, float *hidden_host, mdc_state **out,
+                            errbuf *e);
 void mdc_state_free(mdc_state *s); /* NULL is a no-op */
 
 /* What a state holds besides its text working memory. */
@@ -192,18 +192,17 @@ albedo_status mdc_image_prefix_paged(mdc_state *s, const uint8_t *crops_host, in
  * global crop first, then th × tw tiles row-major (n = th*tw + 1). Writes
  * img_emb_host [np, dim] and, when not NULL, enc_out_host [n, np, enc_dim]
  * (the encoder's output after post_ln). */
-albedo_status mdc_vision(mdc_state *s, const uint8_t *crops_host, int n, int th, int tw,
-                         float *img_emb_host, float *enc_out_host, errbuf *e);
+albedo_status mdc_vision(mdc_state *s, const uint8_t *crops_host, int n, int th, int tw, float *img_emb_host,
+                         float *enc_out_host, errbuf *e);
 /* The encoder alone on n crops → out_host [n, np, enc_dim]. */
-albedo_status mdc_vision_crops(mdc_state *s, const uint8_t *crops_host, int n, float *out_host,
-                               errbuf *e);
+albedo_status mdc_vision_crops(mdc_state *s, const uint8_t *crops_host, int n, float *out_host, errbuf *e);
 
 /* The image prefix: vision on the crops, then [BOS embedding, img_emb]
  * through the text decoder at positions 0 .. prefix_attn-1 with the
  * bidirectional prefix mask, all on the device; the prefix KV is left in
  * s's cache and, when out is not NULL, copied into a new mdc_prefix. */
-albedo_status mdc_image_prefix(mdc_state *s, const uint8_t *crops_host, int n, int th, int tw,
-                               mdc_prefix **out, errbuf *e);
+albedo_status mdc_image_prefix(mdc_state *s, const uint8_t *crops_host, int n, int th, int tw, mdc_prefix **out,
+                               errbuf *e);
 /* Copy an image's prefix KV into positions 0 .. prefix_attn-1 of s's cache
  * (stream-ordered before the next forward). */
 albedo_status mdc_prefix_load(mdc_state *s, const mdc_prefix *p, errbuf *e);
@@ -215,8 +214,8 @@ void mdc_prefix_free(mdc_prefix *p); /* NULL is a no-op */
  * want_logits. A step of one row with logits at pos0 >= n_prefix replays a
  * CUDA graph (captured at the session's first such step, with the position
  * read from device memory) unless ALBEDO_CUDA_GRAPH=0. */
-albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int pos0, int n_prefix,
-                               int want_logits, errbuf *e);
+albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int pos0, int n_prefix, int want_logits,
+                               errbuf *e);
 
 /* For tests: layer l's keys and values at positions 0 .. n_pos-1 as float
  * [n_pos, Hkv*D] (the CPU cache's layout). */

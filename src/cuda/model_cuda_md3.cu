@@ -38,8 +38,8 @@ static int r8(int v) { return (v + 7) / 8 * 8; }
 static int r16(int v) { return (v + 15) / 16 * 16; }
 
 typedef struct md3_layer {
-    cuda_linear_w tau;    /* [2H, qkvw] */
-    float *alpha;         /* [H] */
+    cuda_linear_w tau; /* [2H, qkvw] */
+    float *alpha;      /* [H] */
     int moe;
     cuda_linear_w router; /* [E, dimp], f32 bias */
     uint16_t *w1, *w2;    /* [E, 2I, dimp], [E, dim, Ip] */
@@ -60,26 +60,25 @@ struct md3_state {
     int max_ctx;
     unsigned char *mem;
     size_t bytes;
-    uint16_t *f;    /* [max_ctx, qkvw] */
-    float *scores;  /* [max_ctx, 2H] */
-    float *rlog;    /* [max_ctx, E] */
-    int32_t *sel;   /* [max_ctx, K] */
-    float *wt;      /* [max_ctx, K] */
-    void *scratch;  /* cuda_moe_scratch_bytes(max_ctx, ...) */
+    uint16_t *f;                /* [max_ctx, qkvw] */
+    float *scores;              /* [max_ctx, 2H] */
+    float *rlog;                /* [max_ctx, E] */
+    int32_t *sel;               /* [max_ctx, K] */
+    float *wt;                  /* [max_ctx, K] */
+    void *scratch;              /* cuda_moe_scratch_bytes(max_ctx, ...) */
     int gemm_small, gemm_large; /* cuda_moe.gemm below / from CUDA_MOE_GEMM_LARGE_TK assignments (0: default) */
 };
 
-#define CK3(call)                                                                                  \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess)                                                                     \
-            return errf(e, cuda_status_of(e_), "cuda: %s: %s", #call, cudaGetErrorString(e_));   \
+#define CK3(call)                                                                                                 \
+    do {                                                                                                          \
+        cudaError_t e_ = (call);                                                                                  \
+        if (e_ != cudaSuccess) return errf(e, cuda_status_of(e_), "cuda: %s: %s", #call, cudaGetErrorString(e_)); \
     } while (0)
 
-#define OPK3(call)                                                                                 \
-    do {                                                                                           \
-        albedo_status s_ = (call);                                                                 \
-        if (s_ != ALBEDO_OK) return errf(e, s_, "cuda: %s", cuda_ctx_error(ctx));                 \
+#define OPK3(call)                                                                \
+    do {                                                                          \
+        albedo_status s_ = (call);                                                \
+        if (s_ != ALBEDO_OK) return errf(e, s_, "cuda: %s", cuda_ctx_error(ctx)); \
     } while (0)
 
 /* ---- upload ---------------------------------------------------------------------------- */
@@ -199,8 +198,8 @@ static void upload3(up3 *u, const mdc_desc *d) {
             return;
         }
         put_rows3(u, tw, b->tau_wq.w, b->tau_wq.dt, (size_t)m->H, m->qkvw, m->qkvw, what);
-        put_rows3(u, tw ? tw + (size_t)m->H * m->qkvw : NULL, b->tau_wv.w, b->tau_wv.dt, (size_t)m->H, m->qkvw,
-                  m->qkvw, what);
+        put_rows3(u, tw ? tw + (size_t)m->H * m->qkvw : NULL, b->tau_wv.w, b->tau_wv.dt, (size_t)m->H, m->qkvw, m->qkvw,
+                  what);
         L->tau = (cuda_linear_w){tw, NULL, DT_F32, 2 * m->H, m->qkvw};
         L->alpha = put_f32_3(u, b->tau_alpha.p, b->tau_alpha.dt, (size_t)m->H, what);
         L->moe = b->moe;
@@ -240,11 +239,11 @@ int md3_layer_moe(const md3_model *m, int l) { return m->L[l].moe; }
 /* The state's buffers (base NULL: sizes only). */
 static size_t state3_layout(md3_state *s, const md3_model *m, int max_ctx, unsigned char *base) {
     size_t off = 0;
-#define CARVE3(field, type, n)                                                                     \
-    do {                                                                                           \
-        off = (off + 255) & ~(size_t)255;                                                          \
-        if (base) s->field = (type *)(base + off);                                                 \
-        off += (size_t)(n) * sizeof(type);                                                         \
+#define CARVE3(field, type, n)                     \
+    do {                                           \
+        off = (off + 255) & ~(size_t)255;          \
+        if (base) s->field = (type *)(base + off); \
+        off += (size_t)(n) * sizeof(type);         \
     } while (0)
     const size_t R = (size_t)max_ctx;
     CARVE3(f, uint16_t, R * m->qkvw);
@@ -266,12 +265,16 @@ albedo_status md3_model_new(const mdc_desc *d, size_t session_extra, md3_model *
     *out = NULL;
     const mdc_md3_desc *x = d->md3;
     const char *why = NULL;
-    if (d->n_kv_heads != d->n_heads) why = "tau attention needs as many KV heads as query heads";
+    if (d->n_kv_heads != d->n_heads)
+        why = "tau attention needs as many KV heads as query heads";
     else if (x->experts < 1 || x->topk < 1 || x->topk > CUDA_MOE_MAX_K || x->topk > x->experts || x->experts > 4096)
         why = "the expert counts are out of the kernels' range (top-k <= 16, experts <= 4096)";
-    else if (((d->n_heads + 2 * d->n_kv_heads) * d->head_dim) % 8) why = "the qkv width is not a multiple of 8";
-    else if (d->n_layers > 128) why = "more than 128 layers";
-    else if ((long)d->max_context * x->topk > CUDA_MOE_MAX_ASSIGN) why = "max_context × top-k is too large";
+    else if (((d->n_heads + 2 * d->n_kv_heads) * d->head_dim) % 8)
+        why = "the qkv width is not a multiple of 8";
+    else if (d->n_layers > 128)
+        why = "more than 128 layers";
+    else if ((long)d->max_context * x->topk > CUDA_MOE_MAX_ASSIGN)
+        why = "max_context × top-k is too large";
     if (why) return errf(e, ALBEDO_ERR_UNSUPPORTED, "cuda: Moondream 3: %s", why);
     md3_model *m = (md3_model *)calloc(1, sizeof *m);
     if (!m) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");

@@ -74,8 +74,8 @@ albedo_status cuda_gelu_erf_rows(cuda_ctx *c, uint16_t *y, int ldy, const uint16
     if (!T || !C) return ALBEDO_OK;
     const long n = (long)T * C;
     const int blocks = (int)((n + 255) / 256 < 4 * 1024 ? (n + 255) / 256 : 4 * 1024);
-    CU_TRY(c, launch_k(c, gelu_erf_rows_kernel, dim3(blocks), dim3(256), 0, (bf16 *)y, ldy, (const bf16 *)x, ldx, T,
-                       C));
+    CU_TRY(c,
+           launch_k(c, gelu_erf_rows_kernel, dim3(blocks), dim3(256), 0, (bf16 *)y, ldy, (const bf16 *)x, ldx, T, C));
     CU_LAUNCHED(c);
     return ALBEDO_OK;
 }
@@ -292,8 +292,7 @@ __global__ void __launch_bounds__(ROUTE_WARPS * 32)
     }
 }
 
-albedo_status cuda_moe_route(cuda_ctx *c, int32_t *sel, float *wt, const float *logits, long ldl, int T, int E,
-                             int K) {
+albedo_status cuda_moe_route(cuda_ctx *c, int32_t *sel, float *wt, const float *logits, long ldl, int T, int E, int K) {
     CU_ARG(c, T >= 0 && K >= 1 && K <= CUDA_MOE_MAX_K && E >= K && ldl >= E);
     if (!T) return ALBEDO_OK;
     if (E <= 256)
@@ -516,8 +515,7 @@ __global__ void moe_down_gemv_f8_kernel(float *xo, int ldx, const bf16 *act, int
 /* ---- FP8 experts: per-row e4m3 quantisation (at upload) ------------------------------------- */
 
 /* Block per row (grid-stride): the row's max |w|, then q = e4m3(w · inv). */
-__global__ void quant_e4m3_rows_kernel(uint8_t *q, int ldq, float *scale, const bf16 *w, int ldw, long rows,
-                                       int cols) {
+__global__ void quant_e4m3_rows_kernel(uint8_t *q, int ldq, float *scale, const bf16 *w, int ldw, long rows, int cols) {
     __shared__ float red[32];
     for (long r = blockIdx.x; r < rows; r += gridDim.x) {
         const bf16 *wr = w + r * ldw;
@@ -552,8 +550,8 @@ albedo_status cuda_quant_e4m3_rows(cuda_ctx *c, uint8_t *q, int ldq, float *scal
 
 /* ---- prefill: grouping by expert ------------------------------------------------------------ */
 
-#define MOE_MB_MIN 64 /* the smallest tile (sizes the tile list) */
-#define MOE_NB 64      /* output columns of a tile */
+#define MOE_MB_MIN 64       /* the smallest tile (sizes the tile list) */
+#define MOE_NB 64           /* output columns of a tile */
 #define MOE_CP (MOE_NB + 4) /* float epilogue row */
 
 /* One block. Counts, offsets off[E + 1], tiles (expert, first place) of up
@@ -624,15 +622,15 @@ static constexpr int moe_gemm_smem(int up, int mb, int bk, int st, int f8) {
  * multiplies column n's sums by its row's scale. */
 template <int UP, int MB, int BK, int ST, int F8>
 __global__ void __launch_bounds__(MB * 2)
-    moe_gemm_kernel(const int2 *tiles, const int *n_tiles, const int *off, const int32_t *rows, const bf16 *A,
-                    int lda, const void *W, long w_exp, int ldw, const float *sc, long sc_exp, int N, int Kd, int I,
-                    bf16 *act, int ldact, float *y, int ldy) {
+    moe_gemm_kernel(const int2 *tiles, const int *n_tiles, const int *off, const int32_t *rows, const bf16 *A, int lda,
+                    const void *W, long w_exp, int ldw, const float *sc, long sc_exp, int N, int Kd, int I, bf16 *act,
+                    int ldact, float *y, int ldy) {
     using namespace nvcuda;
-    constexpr int NT = MB * 2;                    /* threads */
-    constexpr int KP = BK + 8;                    /* smem row (elements), 16-byte multiple */
-    constexpr int PC = BK / 8;                    /* 16-byte pieces per row per stage */
-    constexpr int WR = UP ? 2 * MOE_NB : MOE_NB;  /* W rows per stage */
-    constexpr int KB = BK + 16;                   /* F8: smem W row (bytes) */
+    constexpr int NT = MB * 2;                   /* threads */
+    constexpr int KP = BK + 8;                   /* smem row (elements), 16-byte multiple */
+    constexpr int PC = BK / 8;                   /* 16-byte pieces per row per stage */
+    constexpr int WR = UP ? 2 * MOE_NB : MOE_NB; /* W rows per stage */
+    constexpr int KB = BK + 16;                  /* F8: smem W row (bytes) */
     constexpr int A_BYTES = MB * KP * 2, W_BYTES = F8 ? WR * KB : WR * KP * 2, STAGE = A_BYTES + W_BYTES;
     extern __shared__ __align__(128) unsigned char smem[];
     pdl_trigger();
@@ -790,10 +788,10 @@ static moe_scr moe_layout(unsigned char *base, int T, int E, int K, int dim, int
     memset(&s, 0, sizeof s);
     const size_t TK = (size_t)T * K, max_tiles = TK / MOE_MB_MIN + (size_t)E + 1;
     size_t o = 0;
-#define MOE_TAKE(field, type, n)                                                                   \
-    do {                                                                                           \
-        s.field = (type *)(base ? base + o : NULL);                                                \
-        o += up256((size_t)(n) * sizeof(type));                                                    \
+#define MOE_TAKE(field, type, n)                    \
+    do {                                            \
+        s.field = (type *)(base ? base + o : NULL); \
+        o += up256((size_t)(n) * sizeof(type));     \
     } while (0)
     MOE_TAKE(off, int, E + 1);
     MOE_TAKE(n_tiles, int, 1);
@@ -802,7 +800,7 @@ static moe_scr moe_layout(unsigned char *base, int T, int E, int K, int dim, int
     MOE_TAKE(slot, int32_t, TK);
     s.ldact = moe_pad8(inner);
     MOE_TAKE(act, bf16, TK * s.ldact);
-    MOE_TAKE(y, float, TK * dim);
+    MOE_TAKE(y, float, TK *dim);
 #undef MOE_TAKE
     s.bytes = o;
     return s;
@@ -825,17 +823,17 @@ static albedo_status moe_gemms(cuda_ctx *c, const cuda_moe *m, const moe_scr *s,
     const long w1e = (long)2 * I * ldw1, w2e = (long)D * ldw2;
     constexpr int s1 = moe_gemm_smem(1, MB, BK, ST, F8), s0 = moe_gemm_smem(0, MB, BK, ST, F8);
     /* above 48 KiB only once raised (not a stream operation: allowed while capturing) */
-    CU_TRY(c, cudaFuncSetAttribute(moe_gemm_kernel<1, MB, BK, ST, F8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   s1));
-    CU_TRY(c, cudaFuncSetAttribute(moe_gemm_kernel<0, MB, BK, ST, F8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   s0));
-    CU_TRY(c, launch_k(c, moe_gemm_kernel<1, MB, BK, ST, F8>, dim3(max_tiles, (I + MOE_NB - 1) / MOE_NB),
-                       dim3(MB * 2), s1, (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off,
+    CU_TRY(c,
+           cudaFuncSetAttribute(moe_gemm_kernel<1, MB, BK, ST, F8>, cudaFuncAttributeMaxDynamicSharedMemorySize, s1));
+    CU_TRY(c,
+           cudaFuncSetAttribute(moe_gemm_kernel<0, MB, BK, ST, F8>, cudaFuncAttributeMaxDynamicSharedMemorySize, s0));
+    CU_TRY(c, launch_k(c, moe_gemm_kernel<1, MB, BK, ST, F8>, dim3(max_tiles, (I + MOE_NB - 1) / MOE_NB), dim3(MB * 2),
+                       s1, (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off,
                        (const int32_t *)s->rows, (const bf16 *)m->h, m->ldh, w1, w1e, ldw1, m->s1, (long)2 * I, I, k1,
                        I, s->act, s->ldact, (float *)NULL, 0));
     CU_LAUNCHED(c);
-    CU_TRY(c, launch_k(c, moe_gemm_kernel<0, MB, BK, ST, F8>, dim3(max_tiles, (D + MOE_NB - 1) / MOE_NB),
-                       dim3(MB * 2), s0, (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off,
+    CU_TRY(c, launch_k(c, moe_gemm_kernel<0, MB, BK, ST, F8>, dim3(max_tiles, (D + MOE_NB - 1) / MOE_NB), dim3(MB * 2),
+                       s0, (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off,
                        (const int32_t *)s->rows, (const bf16 *)s->act, s->ldact, w2, w2e, ldw2, m->s2, (long)D, D,
                        s->ldact, 0, (bf16 *)NULL, 0, s->y, D));
     CU_LAUNCHED(c);
@@ -866,13 +864,13 @@ albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
         CU_TRY(c, cudaMemsetAsync(s.act, 0, (size_t)T * K * s.ldact * sizeof(bf16), c->stream));
     if (gemv && f8) {
         const int jb = MOE_GEMV_WARPS * MOE_F8_UP_J;
-        CU_TRY(c, launch_k(c, moe_up_gemv_f8_kernel, dim3((I + jb - 1) / jb, T * K),
-                           dim3(MOE_GEMV_WARPS * 32), 0, s.act, s.ldact, (const bf16 *)m->h, m->ldh, m->sel, m->q1,
-                           m->s1, m->ldq1, moe_pad8(D), I, K));
+        CU_TRY(c,
+               launch_k(c, moe_up_gemv_f8_kernel, dim3((I + jb - 1) / jb, T * K), dim3(MOE_GEMV_WARPS * 32), 0, s.act,
+                        s.ldact, (const bf16 *)m->h, m->ldh, m->sel, m->q1, m->s1, m->ldq1, moe_pad8(D), I, K));
         CU_LAUNCHED(c);
-        CU_TRY(c, launch_k(c, moe_down_gemv_f8_kernel, dim3((D + MOE_F8_DOWN_N - 1) / MOE_F8_DOWN_N, T),
-                           dim3(32 * K), 0, m->x, m->ldx, (const bf16 *)s.act, s.ldact, m->sel, m->wt, m->q2, m->s2,
-                           m->ldq2, D, s.ldact, K));
+        CU_TRY(c, launch_k(c, moe_down_gemv_f8_kernel, dim3((D + MOE_F8_DOWN_N - 1) / MOE_F8_DOWN_N, T), dim3(32 * K),
+                           0, m->x, m->ldx, (const bf16 *)s.act, s.ldact, m->sel, m->wt, m->q2, m->s2, m->ldq2, D,
+                           s.ldact, K));
         CU_LAUNCHED(c);
         return ALBEDO_OK;
     }
@@ -887,7 +885,7 @@ albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
         return ALBEDO_OK;
     }
     const int TK = T * K;
-    const int g = m->gemm >= 1 && m->gemm <= 4        ? m->gemm
+    const int g = m->gemm >= 1 && m->gemm <= 4   ? m->gemm
                   : TK >= CUDA_MOE_GEMM_LARGE_TK ? CUDA_MOE_GEMM_LARGE
                                                  : CUDA_MOE_GEMM_SMALL;
     const int mb = g <= 2 ? 64 : 128;

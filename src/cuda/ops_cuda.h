@@ -92,21 +92,20 @@ typedef struct cuda_linear_w {
  * GEMV kernel (W streamed once, 16-byte loads); larger T runs cuBLASLt (bf16 × bf16, fp32
  * accumulation, bias and GELU in its epilogue where cuBLASLt offers them).
  * Needs K % 8 == 0, ldx % 8 == 0 and x, W 16-byte aligned. */
-albedo_status cuda_linear(cuda_ctx *c, void *y, dtype ydt, int ldy, const uint16_t *x, int ldx,
-                          int T, const cuda_linear_w *L, cuda_act act, int accumulate);
+albedo_status cuda_linear(cuda_ctx *c, void *y, dtype ydt, int ldy, const uint16_t *x, int ldx, int T,
+                          const cuda_linear_w *L, cuda_act act, int accumulate);
 
 /* ---- normalisation, activations, elementwise ------------------------------ */
 
 /* y[T, C] = (x - mean) / sqrt(var + eps) * g + b per row (biased variance);
  * x and y of dtypes xdt, ydt (F32 or BF16), g and b [C] of pdt. y may be x
  * when xdt == ydt. */
-albedo_status cuda_layernorm(cuda_ctx *c, void *y, dtype ydt, const void *x, dtype xdt, int T,
-                             int C, const void *g, const void *b, dtype pdt, float eps);
+albedo_status cuda_layernorm(cuda_ctx *c, void *y, dtype ydt, const void *x, dtype xdt, int T, int C, const void *g,
+                             const void *b, dtype pdt, float eps);
 /* The same with row strides: x [T, ldx], y [T, ldy] (ldx, ldy >= C; the
  * columns C..ld-1 of y are not written). cuda_layernorm is ldx = ldy = C. */
-albedo_status cuda_layernorm_ld(cuda_ctx *c, void *y, dtype ydt, int ldy, const void *x, dtype xdt,
-                                int ldx, int T, int C, const void *g, const void *b, dtype pdt,
-                                float eps);
+albedo_status cuda_layernorm_ld(cuda_ctx *c, void *y, dtype ydt, int ldy, const void *x, dtype xdt, int ldx, int T,
+                                int C, const void *g, const void *b, dtype pdt, float eps);
 
 /* In place on n elements of dtype dt. */
 albedo_status cuda_gelu_tanh(cuda_ctx *c, void *x, dtype dt, size_t n);
@@ -118,8 +117,7 @@ albedo_status cuda_add(cuda_ctx *c, void *y, dtype ydt, const void *x, dtype xdt
 /* x[t, :] = table[ids[t], :] as float32, for t < T; table [V, C] bf16, ids
  * int32 on the device (so a sampled token never visits the host). An id
  * outside [0, V) writes NaN. */
-albedo_status cuda_embed(cuda_ctx *c, float *x, const uint16_t *table, int V, int C,
-                         const int32_t *ids, int T);
+albedo_status cuda_embed(cuda_ctx *c, float *x, const uint16_t *table, int V, int C, const int32_t *ids, int T);
 
 /* ---- rotary embedding fused with the KV-cache write ----------------------- */
 
@@ -129,8 +127,8 @@ typedef struct cuda_rope {
      * qkv projection's output). */
     uint16_t *x;
     int ldx;
-    int T, H, Hkv, D, R; /* R rotated dims (even, <= D) of each head */
-    int pos0;            /* absolute position of row 0 */
+    int T, H, Hkv, D, R;        /* R rotated dims (even, <= D) of each head */
+    int pos0;                   /* absolute position of row 0 */
     const float *cos_t, *sin_t; /* [P, R/2], P > pos0 + T - 1 */
     /* Caches [Hkv, n_ctx, D] bf16 (kv head g, position p at (g*n_ctx + p)*D),
      * or NULL: then the key heads are rotated in place and values left.
@@ -222,8 +220,7 @@ albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a);
 
 /* ids[r] = argmax of row r of logits [n_rows, ld] (float32, V columns);
  * the first index wins a tie, NaN never wins. */
-albedo_status cuda_argmax(cuda_ctx *c, int32_t *ids, const float *logits, int n_rows, int V,
-                          long ld);
+albedo_status cuda_argmax(cuda_ctx *c, int32_t *ids, const float *logits, int n_rows, int V, long ld);
 
 /* Nucleus sampling with temperature, per row: p ∝ exp(logit / temperature),
  * the kept set is the tokens whose strictly more probable tokens hold at
@@ -232,9 +229,8 @@ albedo_status cuda_argmax(cuda_ctx *c, int32_t *ids, const float *logits, int n_
  * counter[row] is incremented, so a replayed graph draws fresh numbers;
  * counter may be NULL (then the counter is 0). temperature <= 0 is argmax.
  * V <= 65536. ld may be 0 (every row reads the same logits). */
-albedo_status cuda_sample(cuda_ctx *c, int32_t *ids, const float *logits, int n_rows, int V,
-                          long ld, float temperature, float top_p, uint64_t seed,
-                          uint64_t *counter);
+albedo_status cuda_sample(cuda_ctx *c, int32_t *ids, const float *logits, int n_rows, int V, long ld, float temperature,
+                          float top_p, uint64_t seed, uint64_t *counter);
 
 /* ==== Moondream 3: tau attention and the mixture of experts (moe.cu) ======== */
 
@@ -277,16 +273,15 @@ typedef struct cuda_tau {
 } cuda_tau;
 albedo_status cuda_tau_scale(cuda_ctx *c, const cuda_tau *a);
 
-#define CUDA_MOE_MAX_K 16          /* experts per token */
-#define CUDA_MOE_GEMV_MAX_T 4      /* cuda_moe_mlp: GEMVs up to this many tokens */
+#define CUDA_MOE_MAX_K 16             /* experts per token */
+#define CUDA_MOE_GEMV_MAX_T 4         /* cuda_moe_mlp: GEMVs up to this many tokens */
 #define CUDA_MOE_MAX_ASSIGN (1 << 20) /* T·K */
 
 /* Routing: for each of T rows of logits [T, ldl] (float32, E columns), the
  * K largest (ties to the lower index; NaN ranks below every number) into
  * sel [T, K] in descending order, and their softmax over those K alone into
  * wt [T, K] (float32, text.c's order of operations). K <= CUDA_MOE_MAX_K. */
-albedo_status cuda_moe_route(cuda_ctx *c, int32_t *sel, float *wt, const float *logits, long ldl, int T, int E,
-                             int K);
+albedo_status cuda_moe_route(cuda_ctx *c, int32_t *sel, float *wt, const float *logits, long ldl, int T, int E, int K);
 
 /* The mixture-of-experts MLP of T tokens, added into x:
  *   x[t] += Σ_k wt[t,k] · (gelu_erf(a) · (g + 1)) · W2[e]ᵀ,  e = sel[t,k],

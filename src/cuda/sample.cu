@@ -24,8 +24,7 @@
 #define SMP_THREADS 1024
 #define SMP_MAX_V 65536 /* fixed-point mass sums stay below 2^56 */
 
-__global__ void __launch_bounds__(SMP_THREADS)
-    argmax_kernel(int32_t *ids, const float *logits, int V, long ld) {
+__global__ void __launch_bounds__(SMP_THREADS) argmax_kernel(int32_t *ids, const float *logits, int V, long ld) {
     pdl_trigger();
     pdl_wait();
     __shared__ float bv_s[32];
@@ -102,8 +101,8 @@ __device__ __forceinline__ u64 warp_sum_u64(u64 v) {
 }
 
 __global__ void __launch_bounds__(SMP_THREADS)
-    sample_kernel(int32_t *ids, const float *logits, int V, long ld, float inv_temp, float top_p,
-                  uint64_t seed, uint64_t *counter) {
+    sample_kernel(int32_t *ids, const float *logits, int V, long ld, float inv_temp, float top_p, uint64_t seed,
+                  uint64_t *counter) {
     pdl_trigger();
     pdl_wait();
     __shared__ float red[32];
@@ -253,13 +252,14 @@ albedo_status cuda_argmax(cuda_ctx *c, int32_t *ids, const float *logits, int n_
     return ALBEDO_OK;
 }
 
-albedo_status cuda_sample(cuda_ctx *c, int32_t *ids, const float *logits, int n_rows, int V, long ld,
-                          float temperature, float top_p, uint64_t seed, uint64_t *counter) {
+albedo_status cuda_sample(cuda_ctx *c, int32_t *ids, const float *logits, int n_rows, int V, long ld, float temperature,
+                          float top_p, uint64_t seed, uint64_t *counter) {
     if (!(temperature > 0.0f)) return cuda_argmax(c, ids, logits, n_rows, V, ld);
     CU_ARG(c, n_rows >= 0 && V > 0 && V <= SMP_MAX_V && ld >= 0);
     CU_ARG(c, top_p > 0.0f);
     if (n_rows == 0) return ALBEDO_OK;
-    CU_TRY(c, (launch_k(c, sample_kernel, dim3(n_rows), dim3(SMP_THREADS), 0, ids, logits, V, ld, 1.0f / temperature, top_p, seed, counter)));
+    CU_TRY(c, (launch_k(c, sample_kernel, dim3(n_rows), dim3(SMP_THREADS), 0, ids, logits, V, ld, 1.0f / temperature,
+                        top_p, seed, counter)));
     CU_LAUNCHED(c);
     return ALBEDO_OK;
 }

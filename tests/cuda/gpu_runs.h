@@ -179,9 +179,8 @@ static unsigned char *read_all(const char *path, size_t *n) {
  * float32 run's tokens (cpu_k[i], cpu_r[i], where not NULL) as the session
  * runs do. With graphs (ALBEDO_CUDA_GRAPH unset) some decode steps must
  * replay a graph; with ALBEDO_CUDA_GRAPH=0 none. */
-static void check_engine_cases(albedo_model *gm, json_t *cases, const char *image_dir, int max_batch,
-                               size_t kv_bytes, kept *const *cpu_k, rows *const *cpu_r, size_t n_cpu,
-                               int (*text_task)(json_t *)) {
+static void check_engine_cases(albedo_model *gm, json_t *cases, const char *image_dir, int max_batch, size_t kv_bytes,
+                               kept *const *cpu_k, rows *const *cpu_r, size_t n_cpu, int (*text_task)(json_t *)) {
     albedo_engine_params ep = albedo_engine_params_default();
     ep.max_batch = max_batch;
     ep.kv_bytes = kv_bytes;

@@ -183,9 +183,8 @@ static void check_graph(albedo_model *gm, albedo_session *gpu, const char *image
         CHECK(used == 0 && n_cap == 0, "ALBEDO_CUDA_GRAPH=0 runs eagerly (used %d, captured %d)", used, n_cap);
         if (x && y) compare_text_runs("graph off vs on", &ka, ra, y);
         printf("  graph on/off: %d and %d tokens, %s\n", ka.n_tokens, y ? y->n_tokens : -1,
-               y && y->n_tokens == ka.n_tokens && !memcmp(y->tokens, ka.tokens, (size_t)ka.n_tokens * 4)
-                   ? "identical"
-                   : "different");
+               y && y->n_tokens == ka.n_tokens && !memcmp(y->tokens, ka.tokens, (size_t)ka.n_tokens * 4) ? "identical"
+                                                                                                         : "different");
         free(ra->first), free(ra), free(rb->first), free(rb);
     }
     albedo_image_free(a);
@@ -304,8 +303,7 @@ static void check_fp8_experts(albedo_session *cs, albedo_model *fm, json_t *case
            "max abs %.3f; teacher-forced top-1 %d/%d rows (%.2f%%), %d/%d rows with CPU margin >= %.1f\n",
            n_ident, n_cases, n_cases ? sum_rel / n_cases : 0, worst_rel, worst_abs, tc.agree, tc.rows, 100 * agree,
            tc.agree_m, tc.rows_m, FP8X_MARGIN);
-    CHECK(n_cases == (int)json_array_size(cases), "fp8 experts: %d of %zu cases ran", n_cases,
-          json_array_size(cases));
+    CHECK(n_cases == (int)json_array_size(cases), "fp8 experts: %d of %zu cases ran", n_cases, json_array_size(cases));
     CHECK(tc.rows > 0 && agree >= FP8X_AGREE, "fp8 experts: teacher-forced top-1 agreement %.4f < %g", agree,
           FP8X_AGREE);
     albedo_image_free(ic), albedo_image_free(i8);

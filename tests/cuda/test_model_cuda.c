@@ -396,7 +396,7 @@ static void check_engine_sampling(albedo_model *gm, const char *image_path) {
         CHECK(ok[i], "sampled ticket %d: %s", i, t[i] ? albedo_ticket_error(t[i]) : "not submitted");
     }
     const long picks = mdc_device_picks() - picks0;
-#define SAME(a, b)                                                                                                     \
+#define SAME(a, b) \
     (ok[a] && ok[b] && k[a].n_tokens == k[b].n_tokens && !memcmp(k[a].tokens, k[b].tokens, (size_t)k[a].n_tokens * 4))
     const int same01 = SAME(0, 1), same03 = SAME(0, 3), same02 = SAME(0, 2);
 #undef SAME
@@ -441,9 +441,8 @@ static void check_graph(albedo_model *gm, albedo_session *gpu, const char *image
         CHECK(used == 0 && n_cap == 0, "ALBEDO_CUDA_GRAPH=0 runs eagerly (used %d, captured %d)", used, n_cap);
         if (x && y) compare_text_runs("graph off vs on", &ka, ra, y);
         printf("  graph on/off: %d and %d tokens, %s\n", ka.n_tokens, y ? y->n_tokens : -1,
-               y && y->n_tokens == ka.n_tokens && !memcmp(y->tokens, ka.tokens, (size_t)ka.n_tokens * 4)
-                   ? "identical"
-                   : "different");
+               y && y->n_tokens == ka.n_tokens && !memcmp(y->tokens, ka.tokens, (size_t)ka.n_tokens * 4) ? "identical"
+                                                                                                         : "different");
         free(ra->first), free(ra), free(rb->first), free(rb);
     }
     albedo_image_free(a);

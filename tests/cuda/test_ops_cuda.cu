@@ -255,8 +255,7 @@ static void report(const char *what, const cmp *c, double tol) {
     printf("%-4s %-58s rel %.2e (tol %.0e)", ok ? "ok" : "FAIL", what, c->rel, tol);
     if (c->unwritten || c->damaged || c->nan)
         printf(" unwritten %ld damaged %ld nan %ld", c->unwritten, c->damaged, c->nan);
-    if (!ok && c->worst >= 0)
-        printf(" worst at %ld: %g vs %g", c->worst, c->worst_got, c->worst_ref);
+    if (!ok && c->worst >= 0) printf(" worst at %ld: %g vs %g", c->worst, c->worst_got, c->worst_ref);
     printf("\n");
     CHECK(ok, "%s", what);
 }
@@ -284,11 +283,10 @@ static void test_linear(int T, int K, int N, int pad_y, dtype ydt, int bdt, cuda
     float *y0 = acc ? fill(&y, T, N, ldy, -3, 3) : NULL;
     up(&x), up(&w), up(&b), up(&y);
 
-    cuda_linear_w L = {(const uint16_t *)dp(&w), bdt >= 0 ? dp(&b) : NULL, (dtype)(bdt >= 0 ? bdt : DT_BF16),
-                       N, K};
+    cuda_linear_w L = {(const uint16_t *)dp(&w), bdt >= 0 ? dp(&b) : NULL, (dtype)(bdt >= 0 ? bdt : DT_BF16), N, K};
     char what[160];
-    snprintf(what, sizeof what, "linear T=%d K=%d N=%d ldy=%d y=%s b=%s %s%s", T, K, N, ldy, dts(ydt),
-             dts(bdt), act ? "gelu" : "", acc ? "acc" : "");
+    snprintf(what, sizeof what, "linear T=%d K=%d N=%d ldy=%d y=%s b=%s %s%s", T, K, N, ldy, dts(ydt), dts(bdt),
+             act ? "gelu" : "", acc ? "acc" : "");
     albedo_status st = cuda_linear(G, dp(&y), ydt, ldy, (const uint16_t *)dp(&x), ldx, T, &L, act, acc);
     check_st(st, what);
     if (down(&y) == 0 && st == ALBEDO_OK) {
@@ -315,27 +313,27 @@ static void test_linear(int T, int K, int N, int pad_y, dtype ydt, int bdt, cuda
 static void test_linears(void) {
     struct {
         int T, K, N, pad;
-    } shapes[] = {{1, 2048, 997, 3}, {3, 1160, 515, 0}, {8, 264, 1001, 5}, {5, 8, 33, 1},
-                  {37, 1160, 997, 3}, {200, 584, 333, 0}, {9, 128, 77, 7},  {130, 2048, 1024, 0}};
+    } shapes[] = {{1, 2048, 997, 3},  {3, 1160, 515, 0},  {8, 264, 1001, 5}, {5, 8, 33, 1},
+                  {37, 1160, 997, 3}, {200, 584, 333, 0}, {9, 128, 77, 7},   {130, 2048, 1024, 0}};
     struct {
         dtype y;
         int b;
         cuda_act act;
         int acc;
-    } modes[] = {{DT_F32, DT_BF16, CUDA_ACT_NONE, 0},  {DT_F32, DT_F32, CUDA_ACT_NONE, 1},
+    } modes[] = {{DT_F32, DT_BF16, CUDA_ACT_NONE, 0},       {DT_F32, DT_F32, CUDA_ACT_NONE, 1},
                  {DT_BF16, DT_BF16, CUDA_ACT_GELU_TANH, 0}, {DT_BF16, -1, CUDA_ACT_NONE, 0},
-                 {DT_F32, -1, CUDA_ACT_GELU_TANH, 0}, {DT_BF16, DT_F32, CUDA_ACT_NONE, 1}};
+                 {DT_F32, -1, CUDA_ACT_GELU_TANH, 0},       {DT_BF16, DT_F32, CUDA_ACT_NONE, 1}};
     int n_shapes = (int)(sizeof shapes / sizeof shapes[0]);
     for (int s = 0; s < n_shapes; s++) {
         if (g_small && shapes[s].T * shapes[s].N > 50000) continue;
         for (size_t m = 0; m < sizeof modes / sizeof modes[0]; m++)
-            test_linear(shapes[s].T, shapes[s].K, shapes[s].N, shapes[s].pad, modes[m].y, modes[m].b,
-                        modes[m].act, modes[m].acc);
+            test_linear(shapes[s].T, shapes[s].K, shapes[s].N, shapes[s].pad, modes[m].y, modes[m].b, modes[m].act,
+                        modes[m].acc);
     }
     long fused, unfused, gemv;
     cuda_ctx_counters(G, &fused, &unfused, &gemv);
-    printf("     linear paths so far: cuBLASLt+epilogue %ld, cuBLASLt+bias kernel %ld, GEMV %ld\n", fused,
-           unfused, gemv);
+    printf("     linear paths so far: cuBLASLt+epilogue %ld, cuBLASLt+bias kernel %ld, GEMV %ld\n", fused, unfused,
+           gemv);
     CHECK(fused > 0 && gemv > 0, "both cuBLASLt and the GEMV ran");
 
     /* Bad arguments come back as statuses. */
@@ -495,8 +493,8 @@ static void rope_tables(int P, int R, float **cs, float **sn) {
 /* A device int holding v (for the graph forms of rope and attention). */
 static int *dev_int(int v) {
     int *d = NULL;
-    if (cudaMalloc((void **)&d, sizeof(int)) != cudaSuccess || cudaMemcpy(d, &v, sizeof v, cudaMemcpyHostToDevice) != cudaSuccess ||
-        cudaDeviceSynchronize() != cudaSuccess) {
+    if (cudaMalloc((void **)&d, sizeof(int)) != cudaSuccess ||
+        cudaMemcpy(d, &v, sizeof v, cudaMemcpyHostToDevice) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess) {
         fprintf(stderr, "dev_int failed\n");
         exit(2);
     }
@@ -683,8 +681,8 @@ static void test_attention(int n_seq, int T, int S, int H, int Hkv, int D, int p
     up(&out);
     a.out = (uint16_t *)dp(&out), a.ldo = ldo, a.o_seq = (long)T * ldo;
     char what[200];
-    snprintf(what, sizeof what, "attention seq=%d T=%d S=%d H=%d/%d D=%d pos0=%d prefix=%d %s%s%s", n_seq, T, S, H,
-             Hkv, D, pos0, n_prefix, layout == 0 ? "qkv" : "cache", dyn ? " (device pos, capacity S+700)" : "",
+    snprintf(what, sizeof what, "attention seq=%d T=%d S=%d H=%d/%d D=%d pos0=%d prefix=%d %s%s%s", n_seq, T, S, H, Hkv,
+             D, pos0, n_prefix, layout == 0 ? "qkv" : "cache", dyn ? " (device pos, capacity S+700)" : "",
              f8 ? " e4m3" : "");
     albedo_status st = cuda_attention(G, &a);
     check_st(st, what);
@@ -814,7 +812,8 @@ static void test_paged_attention(int n_seq, const int *Ts, const int *pos0s, con
     float *qr = fill(&q, Tsum, H * D, ldq, -2, 2);
     int32_t *seg = (int32_t *)malloc((size_t)n_seq * 4 * sizeof *seg);
     float *ref = (float *)malloc((size_t)Tsum * H * D * sizeof(float));
-    float *kr = (float *)malloc((size_t)maxS * kvd * sizeof(float)), *vr = (float *)malloc((size_t)maxS * kvd * sizeof(float));
+    float *kr = (float *)malloc((size_t)maxS * kvd * sizeof(float)),
+          *vr = (float *)malloc((size_t)maxS * kvd * sizeof(float));
     /* Fill each sequence's keys through its table (the reference gets them contiguous). */
     for (int s = 0, r0 = 0; s < n_seq; r0 += Ts[s++]) {
         seg[4 * s] = r0, seg[4 * s + 1] = Ts[s], seg[4 * s + 2] = pos0s[s], seg[4 * s + 3] = prefixes[s];
@@ -849,8 +848,8 @@ static void test_paged_attention(int n_seq, const int *Ts, const int *pos0s, con
     a.seg = dseg, a.blocks = dbt, a.block_size = bs, a.blocks_ld = ld;
     a.kv_fp8 = f8, a.k_scale = ks, a.v_scale = vs;
     char what[200];
-    snprintf(what, sizeof what, "paged attention %d seqs, T<=%d, S<=%d, H=%d/%d D=%d block %d (%s%s)", n_seq, maxT, maxS,
-             H, Hkv, D, bs, maxT <= 8 ? "decode" : "flash", f8 ? ", e4m3" : "");
+    snprintf(what, sizeof what, "paged attention %d seqs, T<=%d, S<=%d, H=%d/%d D=%d block %d (%s%s)", n_seq, maxT,
+             maxS, H, Hkv, D, bs, maxT <= 8 ? "decode" : "flash", f8 ? ", e4m3" : "");
     albedo_status st = cuda_attention(G, &a);
     check_st(st, what);
     if (down(&out) == 0 && st == ALBEDO_OK) {
@@ -884,7 +883,8 @@ static void test_paged_rope(int T, int H, int Hkv, int D, int R, int f8 = 0) {
     cudaMalloc((void **)&dsn, (size_t)P * (R / 2) * 4);
     cudaMemcpy(dcs, cs, (size_t)P * (R / 2) * 4, cudaMemcpyHostToDevice);
     cudaMemcpy(dsn, sn, (size_t)P * (R / 2) * 4, cudaMemcpyHostToDevice);
-    buf kc = buf_new(f8 ? DT_U8 : DT_BF16, (size_t)n_rows * kvd), vc = buf_new(f8 ? DT_U8 : DT_BF16, (size_t)n_rows * kvd);
+    buf kc = buf_new(f8 ? DT_U8 : DT_BF16, (size_t)n_rows * kvd),
+        vc = buf_new(f8 ? DT_U8 : DT_BF16, (size_t)n_rows * kvd);
     int32_t *rows = (int32_t *)malloc((size_t)T * 2 * sizeof *rows);
     for (int t = 0; t < T; t++) rows[2 * t] = (int)(rng_next() % P), rows[2 * t + 1] = 3 * t + 1 + (t % 3);
     up(&x), up(&kc), up(&vc);
@@ -909,7 +909,8 @@ static void test_paged_rope(int T, int H, int Hkv, int D, int R, int f8 = 0) {
                 refx[(size_t)t * ldx + c] = c < H * D ? ref[(size_t)t * ldx + c] : xf[(size_t)t * ldx + c];
         cmp c = compare(&x, T, width, ldx, refx, ldx);
         report(what, &c, 1e-2);
-        float *rk = (float *)calloc((size_t)n_rows * kvd, sizeof(float)), *rv = (float *)calloc((size_t)n_rows * kvd, sizeof(float));
+        float *rk = (float *)calloc((size_t)n_rows * kvd, sizeof(float)),
+              *rv = (float *)calloc((size_t)n_rows * kvd, sizeof(float));
         char *used = (char *)calloc((size_t)n_rows, 1);
         for (int t = 0; t < T; t++) {
             const int row = rows[2 * t + 1];
@@ -946,29 +947,64 @@ static void test_paged(void) {
     test_paged_rope(5, 4, 2, 64, 32);
     test_paged_rope(13, 3, 3, 72, 40);
     /* Decode rows of several sequences at different depths, odd block sizes. */
-    { int T[] = {1, 1, 1}, p[] = {740, 99, 3}, pf[] = {730, 0, 0}; test_paged_attention(3, T, p, pf, 4, 4, 64, 16); }
-    { int T[] = {1, 1}, p[] = {40, 300}, pf[] = {0, 0}; test_paged_attention(2, T, p, pf, 4, 2, 64, 7); }
+    {
+        int T[] = {1, 1, 1}, p[] = {740, 99, 3}, pf[] = {730, 0, 0};
+        test_paged_attention(3, T, p, pf, 4, 4, 64, 16);
+    }
+    {
+        int T[] = {1, 1}, p[] = {40, 300}, pf[] = {0, 0};
+        test_paged_attention(2, T, p, pf, 4, 2, 64, 7);
+    }
     /* Short prompts mixed with decode rows (the decode kernel, rows past a segment skipped). */
-    { int T[] = {1, 5, 3, 1}, p[] = {200, 31, 0, 77}, pf[] = {0, 0, 2, 0}; test_paged_attention(4, T, p, pf, 3, 3, 72, 16); }
+    {
+        int T[] = {1, 5, 3, 1}, p[] = {200, 31, 0, 77}, pf[] = {0, 0, 2, 0};
+        test_paged_attention(4, T, p, pf, 3, 3, 72, 16);
+    }
     /* Prompt chunks (flash): varied lengths, a bidirectional prefix, a
      * chunk starting mid-block, GQA. */
-    { int T[] = {77, 9, 130}, p[] = {730, 5, 0}, pf[] = {730, 0, 50}; test_paged_attention(3, T, p, pf, 4, 2, 64, 16); }
-    { int T[] = {730}, p[] = {0}, pf[] = {730}; if (!g_small) test_paged_attention(1, T, p, pf, 4, 4, 64, 16); }
-    { int T[] = {20, 65}, p[] = {11, 100}, pf[] = {0, 0}; test_paged_attention(2, T, p, pf, 3, 3, 72, 5); }
+    {
+        int T[] = {77, 9, 130}, p[] = {730, 5, 0}, pf[] = {730, 0, 50};
+        test_paged_attention(3, T, p, pf, 4, 2, 64, 16);
+    }
+    {
+        int T[] = {730}, p[] = {0}, pf[] = {730};
+        if (!g_small) test_paged_attention(1, T, p, pf, 4, 4, 64, 16);
+    }
+    {
+        int T[] = {20, 65}, p[] = {11, 100}, pf[] = {0, 0};
+        test_paged_attention(2, T, p, pf, 3, 3, 72, 5);
+    }
     /* Many sequences (a full batch), one row each. */
-    { int T[40], p[40], pf[40];
-      for (int i = 0; i < 40; i++) T[i] = 1, p[i] = 730 + 13 * i, pf[i] = 730;
-      test_paged_attention(40, T, p, pf, 4, 4, 64, 16); }
+    {
+        int T[40], p[40], pf[40];
+        for (int i = 0; i < 40; i++) T[i] = 1, p[i] = 730 + 13 * i, pf[i] = 730;
+        test_paged_attention(40, T, p, pf, 4, 4, 64, 16);
+    }
 
     /* The e4m3 pool (kv_fp8): writes, decode rows, mixed short prompts,
      * prompt chunks with a prefix (flash), odd blocks and D = 72. */
     test_paged_rope(5, 4, 2, 64, 32, 1);
     test_paged_rope(13, 3, 3, 72, 40, 1);
-    { int T[] = {1, 1, 1}, p[] = {740, 99, 3}, pf[] = {730, 0, 0}; test_paged_attention(3, T, p, pf, 4, 4, 64, 16, 1); }
-    { int T[] = {1, 5, 3, 1}, p[] = {200, 31, 0, 77}, pf[] = {0, 0, 2, 0}; test_paged_attention(4, T, p, pf, 3, 3, 72, 16, 1); }
-    { int T[] = {77, 9, 130}, p[] = {730, 5, 0}, pf[] = {730, 0, 50}; test_paged_attention(3, T, p, pf, 4, 2, 64, 16, 1); }
-    { int T[] = {730}, p[] = {0}, pf[] = {730}; if (!g_small) test_paged_attention(1, T, p, pf, 4, 4, 64, 16, 1); }
-    { int T[] = {20, 65}, p[] = {11, 100}, pf[] = {0, 0}; test_paged_attention(2, T, p, pf, 3, 3, 72, 5, 1); }
+    {
+        int T[] = {1, 1, 1}, p[] = {740, 99, 3}, pf[] = {730, 0, 0};
+        test_paged_attention(3, T, p, pf, 4, 4, 64, 16, 1);
+    }
+    {
+        int T[] = {1, 5, 3, 1}, p[] = {200, 31, 0, 77}, pf[] = {0, 0, 2, 0};
+        test_paged_attention(4, T, p, pf, 3, 3, 72, 16, 1);
+    }
+    {
+        int T[] = {77, 9, 130}, p[] = {730, 5, 0}, pf[] = {730, 0, 50};
+        test_paged_attention(3, T, p, pf, 4, 2, 64, 16, 1);
+    }
+    {
+        int T[] = {730}, p[] = {0}, pf[] = {730};
+        if (!g_small) test_paged_attention(1, T, p, pf, 4, 4, 64, 16, 1);
+    }
+    {
+        int T[] = {20, 65}, p[] = {11, 100}, pf[] = {0, 0};
+        test_paged_attention(2, T, p, pf, 3, 3, 72, 5, 1);
+    }
 }
 
 /* ---- sampling -------------------------------------------------------------------------- */
@@ -1174,14 +1210,16 @@ static void test_chain(int T) {
                 cuda_linear_w fc1 = {wl + 4 * C * C, bl + 4 * C, DT_F32, F, C};
                 cuda_linear_w fc2 = {wl + 4 * C * C + F * C, bl + 4 * C + F, DT_F32, C, F};
                 const float *lng = bl + 5 * C + F, *lnb = bl + 6 * C + F;
-                uint16_t *kl = (uint16_t *)dk + (size_t)l * H * n_ctx * D, *vl = (uint16_t *)dv + (size_t)l * H * n_ctx * D;
+                uint16_t *kl = (uint16_t *)dk + (size_t)l * H * n_ctx * D,
+                         *vl = (uint16_t *)dv + (size_t)l * H * n_ctx * D;
                 st = cuda_layernorm(G, dh, DT_BF16, dx, DT_F32, T, C, lng, lnb, DT_F32, 1e-5f);
                 if (st == ALBEDO_OK)
                     st = cuda_linear(G, dqkv, DT_BF16, 3 * C, (const uint16_t *)dh, C, T, &qkv, CUDA_ACT_NONE, 0);
                 cuda_rope r;
                 memset(&r, 0, sizeof r);
                 r.x = (uint16_t *)dqkv, r.ldx = 3 * C, r.T = T, r.H = H, r.Hkv = H, r.D = D, r.R = R, r.pos0 = pos0;
-                r.cos_t = (const float *)dcs, r.sin_t = (const float *)dsn, r.k_cache = kl, r.v_cache = vl, r.n_ctx = n_ctx;
+                r.cos_t = (const float *)dcs, r.sin_t = (const float *)dsn, r.k_cache = kl, r.v_cache = vl,
+                r.n_ctx = n_ctx;
                 if (st == ALBEDO_OK) st = cuda_rope_kv(G, &r);
                 cuda_attn a;
                 memset(&a, 0, sizeof a);
@@ -1253,15 +1291,16 @@ static void test_gelu_rows(int T, int C) {
  * sums of bf16(gelu_erf(x))·w in double. */
 static void test_tau_scores(int T, int C, int R) {
     const int ldq = C + 8, lds = R + 3;
-    buf q = buf_new(DT_BF16, (size_t)T * ldq), w = buf_new(DT_BF16, (size_t)R * C), sc = buf_new(DT_F32, (size_t)T * lds);
+    buf q = buf_new(DT_BF16, (size_t)T * ldq), w = buf_new(DT_BF16, (size_t)R * C),
+        sc = buf_new(DT_F32, (size_t)T * lds);
     float *qf = fill(&q, T, C, ldq, -3, 3);
     const float a = 1.7f / sqrtf((float)C);
     float *wf = fill(&w, R, C, C, -a, a);
     up(&q), up(&w), up(&sc);
     char what[160];
     snprintf(what, sizeof what, "md3 tau scores T=%d C=%d rows=%d", T, C, R);
-    albedo_status st = cuda_tau_scores(G, (float *)dp(&sc), lds, (const uint16_t *)dp(&q), ldq, T, C,
-                                       (const uint16_t *)dp(&w), R);
+    albedo_status st =
+        cuda_tau_scores(G, (float *)dp(&sc), lds, (const uint16_t *)dp(&q), ldq, T, C, (const uint16_t *)dp(&w), R);
     check_st(st, what);
     if (down(&sc) == 0 && st == ALBEDO_OK) {
         float *ref = (float *)malloc((size_t)T * R * sizeof *ref);
@@ -1309,7 +1348,10 @@ static void test_tau(int T, int H, int D, int pos0, int dyn, int pos_bf16) {
     a.pos_rows = drow, a.pos_stride = 2;
     char what[160];
     snprintf(what, sizeof what, "md3 tau T=%d H=%d D=%d pos0=%d%s%s", T, H, D, pos0,
-             dyn == 1 ? " (device pos)" : dyn == 2 ? " (positions per row)" : "", pos_bf16 ? " bf16 pos" : "");
+             dyn == 1   ? " (device pos)"
+             : dyn == 2 ? " (positions per row)"
+                        : "",
+             pos_bf16 ? " bf16 pos" : "");
     albedo_status st = cuda_tau_scale(G, &a);
     check_st(st, what);
     if (down(&q) == 0 && st == ALBEDO_OK) {
@@ -1404,7 +1446,8 @@ static void test_route(int T, int E, int K, int ties, int nan) {
     for (int t = 0; t < T; t++) {
         const float *l = lg + (size_t)t * ldl;
         if (nan) {
-            for (int k = 0; k < K; k++) bad_nan += gs[t * K + k] < 0 || gs[t * K + k] >= E || l[gs[t * K + k]] != l[gs[t * K + k]];
+            for (int k = 0; k < K; k++)
+                bad_nan += gs[t * K + k] < 0 || gs[t * K + k] >= E || l[gs[t * K + k]] != l[gs[t * K + k]];
             /* the numbers among the logits, by the same rule */
             float *l2 = (float *)malloc((size_t)E * sizeof *l2);
             for (int e = 0; e < E; e++) l2[e] = l[e] == l[e] ? l[e] : -INFINITY;
@@ -1461,8 +1504,8 @@ static void test_quant_e4m3(long n_rows, int cols, int ldw, int ldq) {
         }
     }
     up(&w), up(&q), up(&sc);
-    albedo_status st = cuda_quant_e4m3_rows(G, (uint8_t *)dp(&q), ldq, (float *)dp(&sc), (const uint16_t *)dp(&w), ldw,
-                                            n_rows, cols);
+    albedo_status st =
+        cuda_quant_e4m3_rows(G, (uint8_t *)dp(&q), ldq, (float *)dp(&sc), (const uint16_t *)dp(&w), ldw, n_rows, cols);
     char what[128];
     snprintf(what, sizeof what, "e4m3 rows %ld x %d (ldw %d, ldq %d)", n_rows, cols, ldw, ldq);
     check_st(st, what);
@@ -1582,8 +1625,12 @@ static void test_moe(int T, int E, int K, int dim, int I, int path, int skew, in
         m.s1 = dsc1, m.s2 = dsc2;
     }
     char what[160];
-    snprintf(what, sizeof what, "md3 experts%s T=%d E=%d K=%d dim=%d I=%d %s%s gemm %d", f8 ? " fp8" : "", T, E, K,
-             dim, I, path == 1 ? "gemv" : path == 2 ? "grouped" : "auto", skew ? " skewed" : "", gemm);
+    snprintf(what, sizeof what, "md3 experts%s T=%d E=%d K=%d dim=%d I=%d %s%s gemm %d", f8 ? " fp8" : "", T, E, K, dim,
+             I,
+             path == 1   ? "gemv"
+             : path == 2 ? "grouped"
+                         : "auto",
+             skew ? " skewed" : "", gemm);
     albedo_status st = cuda_moe_mlp(G, &m);
     check_st(st, what);
     if (down(&x) == 0 && st == ALBEDO_OK) {
@@ -1631,7 +1678,7 @@ static void test_md3_ops(void) {
     test_tau(1, 32, 64, 740, 1, 1);
     test_tau(7, 2, 64, 0, 0, 1);
     test_tau(37, 3, 24, 300, 0, 0);
-    test_tau(5, 3, 20, 9, 0, 1); /* D % 8 != 0: element by element */
+    test_tau(5, 3, 20, 9, 0, 1);     /* D % 8 != 0: element by element */
     test_tau(37, 4, 64, 5000, 2, 0); /* paged steps: every row its own position */
     test_tau(9, 3, 20, 3000, 2, 1);
     test_route(1, 64, 8, 0, 0);
@@ -1639,7 +1686,7 @@ static void test_md3_ops(void) {
     test_route(33, 13, 5, 1, 0);
     test_route(20, 64, 8, 0, 1);
     test_route(9, 16, 16, 1, 0); /* K = E */
-    test_route(5, 300, 8, 1, 0);  /* E > 256: the kernel that reads the logits each round */
+    test_route(5, 300, 8, 1, 0); /* E > 256: the kernel that reads the logits each round */
     test_route(3, 300, 16, 0, 1);
     test_moe(1, 13, 3, 131, 40, 0, 0);
     test_moe(3, 13, 3, 131, 40, 1, 0);
@@ -1650,7 +1697,7 @@ static void test_md3_ops(void) {
         test_moe(37, 13, 3, 131, 40, 2, 0, g);
         test_moe(300, 5, 2, 200, 72, 2, 1, g);
     }
-    test_moe(5, 64, 8, 128, 40, 0, 0);  /* md3-small's shape */
+    test_moe(5, 64, 8, 128, 40, 0, 0);    /* md3-small's shape */
     test_moe(1, 64, 8, 2048, 1024, 0, 0); /* Moondream 3's decode shape */
     if (!g_small) {
         test_moe(2, 64, 8, 2048, 1024, 2, 0);
@@ -1671,7 +1718,7 @@ static void test_md3_ops(void) {
         test_moe(300, 5, 2, 200, 72, 2, 1, g, 1);
         test_moe(90, 16, 16, 40, 136, 2, 0, g, 1); /* K = 16 */
     }
-    test_moe(5, 64, 8, 128, 40, 0, 0, 0, 1);     /* md3-small's shape */
+    test_moe(5, 64, 8, 128, 40, 0, 0, 0, 1);    /* md3-small's shape */
     test_moe(1, 64, 8, 2048, 1024, 0, 0, 0, 1); /* Moondream 3's decode shape */
     if (!g_small) {
         test_moe(4, 64, 8, 2048, 1024, 1, 0, 0, 1);
@@ -1732,14 +1779,14 @@ static void test_kernels(void) {
     test_add(DT_BF16, DT_BF16, n);
     test_embed();
 
-    test_rope(7, 4, 2, 64, 32, 11, 1);  /* prefill rows into the cache, GQA */
-    test_rope(1, 32, 32, 64, 32, 740, 1); /* Moondream decode shape */
-    test_rope(5, 3, 1, 72, 32, 0, 0);   /* in place, keys too */
-    test_rope(4, 5, 0, 64, 64, 3, 0);   /* ops.h rope: R = D */
+    test_rope(7, 4, 2, 64, 32, 11, 1);       /* prefill rows into the cache, GQA */
+    test_rope(1, 32, 32, 64, 32, 740, 1);    /* Moondream decode shape */
+    test_rope(5, 3, 1, 72, 32, 0, 0);        /* in place, keys too */
+    test_rope(4, 5, 0, 64, 64, 3, 0);        /* ops.h rope: R = D */
     test_rope(1, 32, 32, 64, 32, 740, 1, 1); /* the decode graph's form: position on the device */
     test_rope(3, 4, 2, 64, 32, 11, 1, 1);
-    test_rope(37, 32, 32, 64, 32, 0, 1);  /* many rows: a prefix's shape */
-    test_rope(9, 3, 3, 72, 40, 5, 1);     /* D - R unrotated dims copied into the cache */
+    test_rope(37, 32, 32, 64, 32, 0, 1); /* many rows: a prefix's shape */
+    test_rope(9, 3, 3, 72, 40, 5, 1);    /* D - R unrotated dims copied into the cache */
     /* e4m3 caches */
     test_rope(7, 4, 2, 64, 32, 11, 1, 0, 1);
     test_rope(1, 32, 32, 64, 32, 740, 1, 1, 1);
