@@ -3,7 +3,8 @@
  * recorded (top-1, margin, the first row), a copy of a result, and the
  * comparison of a GPU run's fed tokens with the CPU float32 run's within the
  * bf16 tolerance rule of fixtures/README.md; the vision output and the image
- * prefix KV of one image on both; every case as an engine ticket on the
+ * prefix KV of one image on both; a reference run's tokens fed through
+ * another session (teacher_force); every case as an engine ticket on the
  * GPU (check_engine_cases). Included by one test file each; the includer
  * defines MARGIN and BF16_TOL and includes jansson.h, test.h, test_data.h,
  * session.h, cuda/model_cuda.h and its cases' checks (case_request,
@@ -98,6 +99,56 @@ static void compare_text_runs(const char *label, const kept *cpu, const rows *cp
         CHECK(gpu->n_tokens == cpu->n_tokens, "%s: %d tokens fed, cpu f32 %d", label, gpu->n_tokens, cpu->n_tokens);
         CHECK(!strcmp(gpu->text, cpu->text), "%s: text\n  gpu '%s'\n  cpu '%s'", label, gpu->text, cpu->text);
     }
+}
+
+/* ---- teacher forcing: a reference run's tokens through another session -------------- */
+
+static int argmax_row(const float *v, int n) {
+    int b = 0;
+    for (int i = 1; i < n; i++)
+        if (v[i] > v[b]) b = i;
+    return b;
+}
+
+typedef struct tf_count {
+    int rows, agree, rows_m, agree_m; /* all rows; rows whose reference margin >= the threshold */
+} tf_count;
+
+/* The reference run's fed tokens (kr, its logits rows rr) fed through session
+ * f after the prefix of img (f's own encoding of the image) or none; per row
+ * whether f's top-1 is the reference's, which it must be wherever the
+ * reference margin is >= min_margin. ref names the reference in messages. */
+static void teacher_force(albedo_session *f, const albedo_image *img, const kept *kr, const rows *rr, double min_margin,
+                          const char *ref, tf_count *tc, const char *label) {
+    md_state *st = &f->st;
+    const md_config *c = &f->m->cfg;
+    const int n_rows = rr->n < 4096 ? rr->n : 4096, n_prompt = kr->n_tokens - (rr->n - 1);
+    const int pos0 = img ? c->prefix_attn : 0, n_prefix = img ? c->prefix_attn : 0;
+    if (n_prompt < 1 || pos0 + kr->n_tokens > st->max_ctx) return;
+    float *emb = malloc((size_t)n_prompt * c->dim * sizeof(float));
+    if (!emb) return;
+    errbuf e;
+    if (img) md_cuda_prefix_load(st, img->dev_kv);
+    f->kv_image = 0; /* the session's next run reloads its prefix */
+    for (int i = 0; i < n_prompt; i++) text_embed(f->m, kr->tokens[i], emb + (size_t)i * c->dim);
+    albedo_status s0 = text_forward(st, emb, n_prompt, pos0, n_prefix, 1, &e);
+    CHECK(s0 == ALBEDO_OK, "%s: forced prompt: %s", label, e.msg);
+    for (int j = 0; j < n_rows && s0 == ALBEDO_OK; j++) {
+        if (j > 0) {
+            text_embed(f->m, kr->tokens[n_prompt + j - 1], emb);
+            s0 = text_forward(st, emb, 1, pos0 + n_prompt + j - 1, n_prefix, 1, &e);
+            CHECK(s0 == ALBEDO_OK, "%s: forced step %d: %s", label, j, e.msg);
+            if (s0) break;
+        }
+        const int ok = argmax_row(st->logits, c->vocab) == rr->top[j];
+        tc->rows++, tc->agree += ok;
+        if (rr->margin[j] >= min_margin) {
+            tc->rows_m++, tc->agree_m += ok;
+            CHECK(ok, "%s: teacher-forced row %d: the fp8 top-1 differs where the %s margin is %.3f", label, j, ref,
+                  rr->margin[j]);
+        }
+    }
+    free(emb);
 }
 
 /* ---- stages of one image ------------------------------------------------------------- */

@@ -194,53 +194,6 @@ static void check_graph(albedo_model *gm, albedo_session *gpu, const char *image
 
 /* ---- FP8 experts ------------------------------------------------------------------------ */
 
-static int argmax_x(const float *v, int n) {
-    int b = 0;
-    for (int i = 1; i < n; i++)
-        if (v[i] > v[b]) b = i;
-    return b;
-}
-
-typedef struct tf_x {
-    int rows, agree, rows_m, agree_m; /* all rows; rows whose CPU margin >= FP8X_MARGIN */
-} tf_x;
-
-/* The CPU run's tokens (kc, its logits rows rc) fed through the fp8 session
- * f after the prefix of img (f's encoding) or none; per row, whether f's
- * top-1 is the CPU's. */
-static void force_x(albedo_session *f, const albedo_image *img, const kept *kc, const rows *rc, tf_x *tc,
-                    const char *label) {
-    md_state *st = &f->st;
-    const md_config *c = &f->m->cfg;
-    const int n_rows = rc->n < 4096 ? rc->n : 4096, n_prompt = kc->n_tokens - (rc->n - 1);
-    const int pos0 = img ? c->prefix_attn : 0, n_prefix = img ? c->prefix_attn : 0;
-    if (n_prompt < 1 || pos0 + kc->n_tokens > st->max_ctx) return;
-    float *emb = malloc((size_t)n_prompt * c->dim * sizeof(float));
-    if (!emb) return;
-    errbuf e;
-    if (img) md_cuda_prefix_load(st, img->dev_kv);
-    f->kv_image = 0; /* the session's next run reloads its prefix */
-    for (int i = 0; i < n_prompt; i++) text_embed(f->m, kc->tokens[i], emb + (size_t)i * c->dim);
-    albedo_status s0 = text_forward(st, emb, n_prompt, pos0, n_prefix, 1, &e);
-    CHECK(s0 == ALBEDO_OK, "%s: forced prompt: %s", label, e.msg);
-    for (int j = 0; j < n_rows && s0 == ALBEDO_OK; j++) {
-        if (j > 0) {
-            text_embed(f->m, kc->tokens[n_prompt + j - 1], emb);
-            s0 = text_forward(st, emb, 1, pos0 + n_prompt + j - 1, n_prefix, 1, &e);
-            CHECK(s0 == ALBEDO_OK, "%s: forced step %d: %s", label, j, e.msg);
-            if (s0) break;
-        }
-        const int ok = argmax_x(st->logits, c->vocab) == rc->top[j];
-        tc->rows++, tc->agree += ok;
-        if (rc->margin[j] >= FP8X_MARGIN) {
-            tc->rows_m++, tc->agree_m += ok;
-            CHECK(ok, "%s: teacher-forced row %d: the fp8 top-1 differs where the CPU margin is %.3f", label, j,
-                  rc->margin[j]);
-        }
-    }
-    free(emb);
-}
-
 /* Every case through fp8 experts (fm) against the float32 CPU session cs. */
 static void check_fp8_experts(albedo_session *cs, albedo_model *fm, json_t *cases, const char *image_dir) {
     albedo_session *fs = NULL;
@@ -249,7 +202,7 @@ static void check_fp8_experts(albedo_session *cs, albedo_model *fm, json_t *case
     const char *cur = NULL;
     albedo_image *ic = NULL, *i8 = NULL;
     static kept kc;
-    tf_x tc = {0};
+    tf_count tc = {0};
     int n_cases = 0, n_ident = 0;
     double worst_rel = 0, worst_abs = 0, sum_rel = 0;
     size_t i;
@@ -292,7 +245,7 @@ static void check_fp8_experts(albedo_session *cs, albedo_model *fm, json_t *case
             printf("  %-48s first logits vs f32 CPU: rel L2 %.2e, max abs %.3f; %d/%d tokens%s\n", label, rel, d,
                    rs->n_tokens, kc.n_tokens, same ? " (identical)" : "");
             CHECK(rel <= FP8X_LOGITS_TOL, "%s: first logits rel L2 %.3g > %g", label, rel, FP8X_LOGITS_TOL);
-            if (is_text_task(c)) force_x(fs, image ? i8 : NULL, &kc, rc, &tc, label);
+            if (is_text_task(c)) teacher_force(fs, image ? i8 : NULL, &kc, rc, FP8X_MARGIN, "CPU", &tc, label);
         }
         if (rc) free(rc->first);
         if (rf) free(rf->first);

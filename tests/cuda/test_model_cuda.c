@@ -149,53 +149,6 @@ static void check_engine(albedo_model *gm, json_t *cases, const char *image_dir,
 
 /* ---- the fp8 (e4m3) KV cache ------------------------------------------------------------- */
 
-static int argmax_f(const float *v, int n) {
-    int b = 0;
-    for (int i = 1; i < n; i++)
-        if (v[i] > v[b]) b = i;
-    return b;
-}
-
-/* Teacher forcing: the bf16 run's fed tokens (kb, its logits rows rb) fed
- * through the fp8 session f, with the prefix of img (f's own encoding of
- * the image) or none; per row whether f's top-1 equals the bf16 run's. */
-typedef struct tf_count {
-    int rows, agree, rows_m, agree_m; /* all rows; rows whose bf16 margin >= FP8_MARGIN */
-} tf_count;
-
-static void teacher_force(albedo_session *f, const albedo_image *img, const kept *kb, const rows *rb, tf_count *tc,
-                          const char *label) {
-    md_state *st = &f->st;
-    const md_config *c = &f->m->cfg;
-    const int n_rows = rb->n < 4096 ? rb->n : 4096, n_prompt = kb->n_tokens - (rb->n - 1);
-    const int pos0 = img ? c->prefix_attn : 0, n_prefix = img ? c->prefix_attn : 0;
-    if (n_prompt < 1 || pos0 + kb->n_tokens > st->max_ctx) return;
-    float *emb = malloc((size_t)n_prompt * c->dim * sizeof(float));
-    if (!emb) return;
-    errbuf e;
-    if (img) md_cuda_prefix_load(st, img->dev_kv);
-    f->kv_image = 0; /* the session's next run reloads its prefix */
-    for (int i = 0; i < n_prompt; i++) text_embed(f->m, kb->tokens[i], emb + (size_t)i * c->dim);
-    albedo_status s0 = text_forward(st, emb, n_prompt, pos0, n_prefix, 1, &e);
-    CHECK(s0 == ALBEDO_OK, "%s: forced prompt: %s", label, e.msg);
-    for (int j = 0; j < n_rows && s0 == ALBEDO_OK; j++) {
-        if (j > 0) {
-            text_embed(f->m, kb->tokens[n_prompt + j - 1], emb);
-            s0 = text_forward(st, emb, 1, pos0 + n_prompt + j - 1, n_prefix, 1, &e);
-            CHECK(s0 == ALBEDO_OK, "%s: forced step %d: %s", label, j, e.msg);
-            if (s0) break;
-        }
-        const int ok = argmax_f(st->logits, c->vocab) == rb->top[j];
-        tc->rows++, tc->agree += ok;
-        if (rb->margin[j] >= FP8_MARGIN) {
-            tc->rows_m++, tc->agree_m += ok;
-            CHECK(ok, "%s: teacher-forced row %d: the fp8 top-1 differs where the bf16 margin is %.3f", label, j,
-                  rb->margin[j]);
-        }
-    }
-    free(emb);
-}
-
 static int has_spatial_refs(json_t *c) {
     return json_array_size(json_object_get(json_object_get(c, "args"), "spatial_refs")) > 0;
 }
@@ -261,7 +214,7 @@ static void check_fp8(albedo_model *fm, albedo_session *gs, json_t *cases, const
             }
             if (is_text_task(c) && !has_spatial_refs(c)) {
                 n_text++, n_text_ident += same;
-                teacher_force(fs, image ? i8 : NULL, &kb, rb, &tc, label);
+                teacher_force(fs, image ? i8 : NULL, &kb, rb, FP8_MARGIN, "bf16", &tc, label);
             }
         }
         if (rb) free(rb->first);
