@@ -23,43 +23,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "image.h"
-
-static double bench_now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 static void die(const char *what, const char *msg) {
     fprintf(stderr, "bench_image: %s: %s\n", what, msg);
     exit(1);
-}
-
-static uint8_t *read_all(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) die(path, "cannot open");
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *p = malloc((size_t)n);
-    if (!p || fread(p, 1, (size_t)n, f) != (size_t)n) die(path, "cannot read");
-    fclose(f);
-    *len = (size_t)n;
-    return p;
 }
 
 /* tests/data/images/NAME of the source tree, or of the working directory
@@ -70,7 +41,7 @@ static uint8_t *read_data(const char *name, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) snprintf(path, sizeof path, "tests/data/images/%s", name);
     if (f) fclose(f);
-    return read_all(path, len);
+    return bench_read_file("bench_image", path, len);
 }
 
 /* A bar chart (white ground, grid, bars, text-like blocks), as PNG bytes
@@ -163,7 +134,7 @@ static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps
             w = im.w, h = im.h;
             img_free(&im);
         }
-        t[0][c] = median(v, reps);
+        t[0][c] = bench_median(v, reps);
         if (img_decode(buf, len, NULL, &im, &e)) die(name, e.msg);
         img_select_tiling(im.h - 2 * MARGIN * PATCH, im.w - 2 * MARGIN * PATCH, CROP - 2 * MARGIN * PATCH, MAX_CROPS,
                           &th, &tw);
@@ -177,7 +148,7 @@ static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps
                 v[r] = bench_now_ms() - t0;
                 img_free(&out);
             }
-            t[1 + k][c] = median(v, reps);
+            t[1 + k][c] = bench_median(v, reps);
         }
         for (int r = 0; r < reps; r++) {
             double t0 = bench_now_ms();
@@ -185,7 +156,7 @@ static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps
             v[r] = bench_now_ms() - t0;
             img_crops_free(&cr);
         }
-        t[3][c] = median(v, reps);
+        t[3][c] = bench_median(v, reps);
         img_free(&im);
         for (int r = 0; r < reps; r++) {
             double t0 = bench_now_ms();
@@ -196,7 +167,7 @@ static void bench_one(const char *name, const uint8_t *buf, size_t len, int reps
             img_free(&im);
             img_crops_free(&cr);
         }
-        t[4][c] = median(v, reps);
+        t[4][c] = bench_median(v, reps);
     }
     printf("\n%s: %dx%d, tiling %dx%d (%d crops), kernels %s, median of %d\n", name, w, h, th, tw, th * tw + 1,
            img_kernels_name(kernels), reps);
@@ -228,7 +199,7 @@ int main(int argc, char **argv) {
     if (i < argc) {
         for (; i < argc; i++) {
             size_t len;
-            uint8_t *b = read_all(argv[i], &len);
+            uint8_t *b = bench_read_file("bench_image", argv[i], &len);
             bench_one(argv[i], b, len, reps, kernels);
             free(b);
         }

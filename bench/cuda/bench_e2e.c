@@ -25,35 +25,13 @@
 #include <stdlib.h>
 #include <sys/stat.h>
 
+#include "../bench_util.h"
 #include "cuda/model_cuda.h"
 #include "session.h"
-
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 static void die(const char *what, const char *msg) {
     fprintf(stderr, "bench_e2e: %s: %s\n", what, msg);
     exit(1);
-}
-
-static uint8_t *read_all(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) die(path, "cannot open");
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *p = malloc((size_t)n);
-    if (!p || fread(p, 1, (size_t)n, f) != (size_t)n) die(path, "cannot read");
-    fclose(f);
-    *len = (size_t)n;
-    return p;
 }
 
 static const char *Q1 = "What is the highest value shown in the chart?";
@@ -122,7 +100,7 @@ int main(int argc, char **argv) {
         model = dir;
     }
     size_t jpeg_len = 0;
-    uint8_t *jpeg = read_all(image, &jpeg_len);
+    uint8_t *jpeg = bench_read_file("bench_e2e", image, &jpeg_len);
 
     /* ---- start-up ---- */
     albedo_model_params p = albedo_model_params_default();
@@ -307,7 +285,7 @@ int main(int argc, char **argv) {
                     die("forward", e.msg);
                 tt[i] = now_ms() - t0;
             }
-            t_rows[path][k] = median(tt, 9);
+            t_rows[path][k] = bench_median(tt, 9);
         }
     }
     double t_pre[9];
@@ -354,24 +332,24 @@ int main(int argc, char **argv) {
     printf("%-58s %9.2f GiB (of %.1f)\n", "device memory in use after load + first session",
            (double)(mem_total - mem_free) / 1073741824.0, (double)mem_total / 1073741824.0);
     printf("%-58s %9.1f ms\n", "start-up: first request (cold query)", t_first);
-    printf("%-58s %9.2f ms   %s\n", "cold direct query: JPEG bytes in -> 3-token answer out", median(tv, reps),
+    printf("%-58s %9.2f ms   %s\n", "cold direct query: JPEG bytes in -> 3-token answer out", bench_median(tv, reps),
            md3 ? "Photon MD3 b1 P50 46.9" : "target <= 15, Photon P50 36.7");
-    printf("%-58s %9.2f ms\n", "  image encode (decode, crops, vision, prefix)", median(te, reps));
-    printf("%-58s %9.2f ms\n", "  decode + crops on the CPU, alone (one thread)", median(tc, reps));
+    printf("%-58s %9.2f ms\n", "  image encode (decode, crops, vision, prefix)", bench_median(te, reps));
+    printf("%-58s %9.2f ms\n", "  decode + crops on the CPU, alone (one thread)", bench_median(tc, reps));
     printf("%-58s %9.2f ms   (%d crops, img_emb downloaded)\n", "  vision + projection on the GPU, alone",
-           median(tg, reps), n_crops);
+           bench_median(tg, reps), n_crops);
     printf("%-58s %9.2f ms   (crops in, prefix KV copied for the image)\n",
-           "  vision + 730-position prefix on the GPU, alone", median(tgp, reps));
-    printf("%-58s %9.2f ms\n", "  prompt prefill + first token", median(tp, reps));
-    printf("%-58s %9.2f ms\n", "  3 decode steps (every answer token is fed back)", median(td, reps));
-    printf("%-58s %9.2f ms\n", "  time to first token (request)", median(tf, reps));
-    printf("%-58s %9.2f ms\n", "warm direct query (image encoded)", median(tw, reps));
-    printf("%-58s %9.0f tok/s %s\n", "decode batch 1, 256 tokens after the prefix, CUDA graph", median(dec, 5),
+           "  vision + 730-position prefix on the GPU, alone", bench_median(tgp, reps));
+    printf("%-58s %9.2f ms\n", "  prompt prefill + first token", bench_median(tp, reps));
+    printf("%-58s %9.2f ms\n", "  3 decode steps (every answer token is fed back)", bench_median(td, reps));
+    printf("%-58s %9.2f ms\n", "  time to first token (request)", bench_median(tf, reps));
+    printf("%-58s %9.2f ms\n", "warm direct query (image encoded)", bench_median(tw, reps));
+    printf("%-58s %9.0f tok/s %s\n", "decode batch 1, 256 tokens after the prefix, CUDA graph", bench_median(dec, 5),
            md3 ? "" : "target >= 800");
-    printf("%-58s %9.0f tok/s\n", "decode batch 1, ALBEDO_CUDA_GRAPH=0 (eager launches)", median(dec_eager, 5));
-    printf("%-58s %9.0f tok/s\n", "decode batch 1, temperature 0.5 top_p 0.3 (CPU sampler)", median(dec_s, 5));
+    printf("%-58s %9.0f tok/s\n", "decode batch 1, ALBEDO_CUDA_GRAPH=0 (eager launches)", bench_median(dec_eager, 5));
+    printf("%-58s %9.0f tok/s\n", "decode batch 1, temperature 0.5 top_p 0.3 (CPU sampler)", bench_median(dec_s, 5));
     printf("%-58s %9.2f ms   (embeddings uploaded, eager)\n", "prefix: 730 positions through the decoder",
-           median(t_pre, 9));
+           bench_median(t_pre, 9));
     for (int k = 0; k < NTS; k++) {
         char what[96];
         snprintf(what, sizeof what, "text forward, %d rows at position 730 + logits (eager)", Ts[k]);
@@ -382,7 +360,7 @@ int main(int argc, char **argv) {
     printf("\n");
     for (int mode = 0; mode < 2; mode++)
         printf("ChartQA-like batch 1 %-6s 16 requests: %6.1f req/s, P50 %.1f ms (image cached on every 2nd)\n",
-               mode ? "CoT" : "direct", 16 / (wall[mode] / 1e3), median(lat[mode], 16));
+               mode ? "CoT" : "direct", 16 / (wall[mode] / 1e3), bench_median(lat[mode], 16));
     free(tv), free(te), free(tp), free(td), free(tc), free(tg), free(tw), free(tf), free(tgp), free(emb), free(jpeg);
     albedo_session_free(s);
     albedo_model_free(m);
