@@ -18,6 +18,8 @@
  *              at a time so that memory stays at one shard
  *   md3-small  the fixture's md3-small (seed 31337): tau in every layer, 64
  *              experts from layer 1, single-layer region decoders, no region LN
+ *   md3-alt    a small Moondream 3 of other shapes (tests): 12 experts, 3 a
+ *              token, from layer 2 of 4, width 56, 3 heads, region LN
  *
  * This file must be compiled without floating-point contraction: the recipe
  * is defined in separate float multiply and add.
@@ -292,6 +294,21 @@ static const char md3_config_json[] =
     "  \"config\": {\n    \"text\": {\"moe\": {\"num_experts\": 64, \"start_layer\": 4, \"experts_per_token\": 8,\n"
     "                      \"expert_inner_dim\": 1024}}\n  }\n}\n";
 
+/* A Moondream 3 of other shapes than md3-small's, for the tests: 12 experts,
+ * 3 a token, from layer 2 of 4, expert width 56, 3 heads of 64, and the
+ * region decoders' LayerNorm; widths that are not multiples of the SIMD
+ * widths or the GPU tiles. */
+static const char md3_alt_config_json[] =
+    "{\n  \"architectures\": [\"HfMoondream\"],\n  \"model_type\": \"moondream1\",\n  \"torch_dtype\": \"bfloat16\",\n"
+    "  \"config\": {\n    \"text\": {\"dim\": 192, \"ff_dim\": 200, \"n_layers\": 4, \"vocab_size\": 51200,\n"
+    "      \"max_context\": 4096, \"n_heads\": 3, \"n_kv_heads\": 3, \"prefix_attn\": 730,\n"
+    "      \"moe\": {\"num_experts\": 12, \"start_layer\": 2, \"experts_per_token\": 3, \"expert_inner_dim\": 56}},\n"
+    "    \"vision\": {\"enc_dim\": 144, \"enc_patch_size\": 14, \"enc_n_layers\": 3, \"enc_ff_dim\": 292,\n"
+    "      \"enc_n_heads\": 2, \"proj_out_dim\": 192, \"crop_size\": 378, \"in_channels\": 3, \"max_crops\": 12,\n"
+    "      \"overlap_margin\": 4, \"proj_inner_dim\": 200},\n"
+    "    \"region\": {\"dim\": 192, \"coord_feat_dim\": 256, \"coord_out_dim\": 1024, \"size_feat_dim\": 512,\n"
+    "      \"size_out_dim\": 2048}\n  }\n}\n";
+
 typedef struct preset {
     const char *name, *config_json;
     int region_ln;
@@ -303,6 +320,7 @@ static const preset presets[] = {
     {"md2-small", small_config_json, 0, 0},
     {"md3", md3_config_json, 1, 5000000000ull},
     {"md3-small", md3_small_config_json, 0, 0},
+    {"md3-alt", md3_alt_config_json, 1, 0},
 };
 
 /* A byte-level BPE tokenizer with the 256 single-byte tokens and no merges:
@@ -370,8 +388,8 @@ static albedo_status plan(const char *name, const preset **out, md_config *c, sp
     for (size_t i = 0; name && i < sizeof presets / sizeof presets[0]; i++)
         if (!strcmp(presets[i].name, name)) p = &presets[i];
     if (!p)
-        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT, "synth: unknown preset '%s' (md2, md2-small, md3, md3-small)",
-                    name ? name : "");
+        return errf(e, ALBEDO_ERR_INVALID_ARGUMENT,
+                    "synth: unknown preset '%s' (md2, md2-small, md3, md3-small, md3-alt)", name ? name : "");
     md_config_defaults(c);
     albedo_status st = md_config_parse(c, p->config_json, strlen(p->config_json), e);
     if (st) return st;
