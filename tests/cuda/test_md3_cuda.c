@@ -263,6 +263,58 @@ static void check_fp8_experts(albedo_session *cs, albedo_model *fm, json_t *case
     albedo_session_free(fs);
 }
 
+/* md3-alt (synth.c: 12 experts, top-3 from layer 2 of 4, width 56, 3 heads,
+ * region LN): every skill through the GPU session against the CPU float32
+ * session, captions and queries under the bf16 rule, detect and point run. */
+static void check_variant(const char *work, const char *tok_path, const char *image_dir) {
+    char dir[4096], path[4200];
+    snprintf(dir, sizeof dir, "%s/md3-alt-cuda-gen", work);
+    snprintf(path, sizeof path, "%s/astronaut.png", image_dir);
+    CHECK(albedo_synth_write(dir, "md3-alt", 7, 0, tok_path) == ALBEDO_OK, "synth md3-alt: %s", albedo_last_error());
+    albedo_model_params pc = albedo_model_params_default(), pg = pc;
+    pg.backend = "cuda";
+    albedo_model *cm = NULL, *gm = NULL;
+    CHECK(albedo_model_load(dir, &pc, &cm) == ALBEDO_OK, "md3-alt cpu load: %s", albedo_last_error());
+    CHECK(albedo_model_load(dir, &pg, &gm) == ALBEDO_OK, "md3-alt cuda load: %s", albedo_last_error());
+    albedo_session *cs = NULL, *gs = NULL;
+    albedo_image *ci = NULL, *gi = NULL;
+    if (cm && albedo_session_new(cm, &cs) == ALBEDO_OK) albedo_image_encode_file(cs, path, &ci);
+    if (gm && albedo_session_new(gm, &gs) == ALBEDO_OK) albedo_image_encode_file(gs, path, &gi);
+    CHECK(ci && gi, "md3-alt: the image was not encoded");
+    const albedo_skill skills[5] = {ALBEDO_SKILL_CAPTION, ALBEDO_SKILL_QUERY, ALBEDO_SKILL_QUERY, ALBEDO_SKILL_DETECT,
+                                    ALBEDO_SKILL_POINT};
+    kept *k = calloc(1, sizeof *k);
+    rows *rw = calloc(1, sizeof *rw);
+    for (int q = 0; q < 5 && ci && gi && k && rw; q++) {
+        char label[64];
+        snprintf(label, sizeof label, "md3-alt skill %d", q);
+        albedo_request r = albedo_request_default(skills[q]);
+        r.temperature = 0;
+        r.max_tokens = 12;
+        r.max_objects = 3;
+        r.question = "What is in the picture?";
+        r.object = "helmet";
+        r.reasoning = q == 2;
+        r.image = ci;
+        free(rw->first);
+        memset(rw, 0, sizeof *rw);
+        const albedo_result *c = run(cs, &r, rw, label);
+        if (c) keep(k, c);
+        r.image = gi;
+        const albedo_result *g = run(gs, &r, NULL, label);
+        if (c && g && q <= 1) compare_text_runs(label, k, rw, g);
+    }
+    if (rw) free(rw->first);
+    free(rw);
+    free(k);
+    albedo_image_free(ci);
+    albedo_image_free(gi);
+    albedo_session_free(cs);
+    albedo_session_free(gs);
+    albedo_model_free(cm);
+    albedo_model_free(gm);
+}
+
 int main(void) {
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev < 1) {
@@ -346,6 +398,8 @@ int main(void) {
     albedo_session_free(gs);
     albedo_model_free(cm);
     albedo_model_free(gm);
+
+    check_variant(work, tok_path, image_dir);
 
     /* Block-quantised experts stay on the CPU. */
     albedo_model_params pq = albedo_model_params_default();
