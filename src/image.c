@@ -942,9 +942,10 @@ static void *rs_work(void *arg) {
         const int id = 2 * w->id + 1 + c;
         if (id < w->n) started[c] = pthread_create(&kids[c], NULL, rs_work, &w->all[id]) == 0;
     }
-    int32_t *blk = T->blk + (size_t)w->id * T->blk_len;
-    uint8_t *row = T->row + (size_t)w->id * T->row_len;
-    double *kd = T->kd + (size_t)w->id * T->k_len;
+    /* Each worker's scratch (a buffer that no phase needs is NULL). */
+    int32_t *blk = T->blk ? T->blk + (size_t)w->id * T->blk_len : NULL;
+    uint8_t *row = T->row ? T->row + (size_t)w->id * T->row_len : NULL;
+    double *kd = T->kd ? T->kd + (size_t)w->id * T->k_len : NULL;
     for (int p = 0; p < RS_PHASES; p++) {
         int done = 0;
         for (;; done++) {
