@@ -1139,21 +1139,23 @@ albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *par
             st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for the engine");
     }
     if (!st && m->cuda) {
-        /* A ticket runs only from E->run, so max_batch rows serve them all;
-         * a light session's logits buffer holds the largest head's row. */
+        /* A ticket runs only from E->run, so max_batch + ahead rows serve
+         * them all; a light session's logits buffer holds the largest
+         * head's row. */
+        const int n_rows = p.max_batch + E->ahead;
         const char *dp = getenv("ALBEDO_CUDA_DEVICE_PICK"); /* "0": pick on the host, for comparison */
         E->dev_pick = !(dp && dp[0] == '0');
         size_t nl = (size_t)c->vocab;
         if ((size_t)c->coord_out > nl) nl = (size_t)c->coord_out;
         if ((size_t)c->size_out > nl) nl = (size_t)c->size_out;
         E->lpin_row = (nl + 15) / 16 * 16;
-        E->lpin = malloc((size_t)p.max_batch * E->lpin_row * sizeof(float));
-        E->lpin_free = malloc((size_t)p.max_batch * sizeof *E->lpin_free);
+        E->lpin = malloc((size_t)n_rows * E->lpin_row * sizeof(float));
+        E->lpin_free = malloc((size_t)n_rows * sizeof *E->lpin_free);
         if (!E->lpin || !E->lpin_free) {
             st = errf(&e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for the engine's logits rows");
         } else {
-            md_cuda_host_pin(E->lpin, (size_t)p.max_batch * E->lpin_row * sizeof(float), 1);
-            for (int i = p.max_batch - 1; i >= 0; i--) E->lpin_free[E->n_lpin_free++] = i;
+            md_cuda_host_pin(E->lpin, (size_t)n_rows * E->lpin_row * sizeof(float), 1);
+            for (int i = n_rows - 1; i >= 0; i--) E->lpin_free[E->n_lpin_free++] = i;
         }
     }
     if (!st && pthread_create(&E->th, NULL, sched_main, E))
