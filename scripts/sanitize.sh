@@ -64,7 +64,7 @@ if [[ " $STEPS " == *" asan "* ]]; then
   echo "== ASan+UBSan build and ctest (build-asan/)"
   cmake -S . -B build-asan -DCMAKE_C_COMPILER=clang -DALBEDO_SANITIZE=ON -DCMAKE_C_FLAGS=-g
   cmake --build build-asan -j"$JOBS"
-  (cd build-asan && ctest --output-on-failure -j"$JOBS")
+  (cd build-asan && ctest --output-on-failure)
 fi
 
 if [[ " $STEPS " == *" fuzz "* ]]; then

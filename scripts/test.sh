@@ -23,7 +23,7 @@ build() {
   cmake --build build-ci -j"$jobs" 2>&1 | grep -E "error|warning|Error" ; test "${PIPESTATUS[0]}" -eq 0
 }
 part build build || { echo "build failed"; exit 1; }
-part "C tests" ctest --test-dir build-ci --output-on-failure -j"$jobs"
+part "C tests" ctest --test-dir build-ci --output-on-failure
 part "CLI cases" python3 tests/cli/test_cli.py build-ci
 [ -x tests/server/run.sh ] && part "server and Python package" env ALBEDO_BUILD_DIR="$root/build-ci" ALBEDO_TEST_PIP=1 tests/server/run.sh
 [ -x scripts/test-arm64.sh ] && part "ARM64 NEON under qemu" scripts/test-arm64.sh
