@@ -658,19 +658,11 @@ static void check_variant(const char *tok_path, const char *image_dir) {
                 CHECK(albedo_image_encode_file(s[k], img_path, &img[k]) == ALBEDO_OK, "md3-alt encode: %s",
                       albedo_session_error(s[k]));
         }
-        const albedo_skill skills[5] = {ALBEDO_SKILL_CAPTION, ALBEDO_SKILL_QUERY, ALBEDO_SKILL_QUERY,
-                                        ALBEDO_SKILL_DETECT, ALBEDO_SKILL_POINT};
         int compared = 0, agreed = 0;
-        for (int q = 0; q < 5 && img[0] && img[1]; q++) {
+        for (int q = 0; q < MD3_VARIANT_REQUESTS && img[0] && img[1]; q++) {
             tops t[2];
             memset(t, 0, sizeof t);
-            albedo_request r = albedo_request_default(skills[q]);
-            r.temperature = 0;
-            r.max_tokens = 12;
-            r.max_objects = 3;
-            r.question = "What is in the picture?";
-            r.object = "helmet";
-            r.reasoning = q == 2;
+            albedo_request r = md3_variant_request(q);
             for (int k = 0; k < 2; k++) {
                 r.image = img[k];
                 s[k]->on_logits = record_top;

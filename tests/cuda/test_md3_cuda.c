@@ -281,20 +281,12 @@ static void check_variant(const char *work, const char *tok_path, const char *im
     if (cm && albedo_session_new(cm, &cs) == ALBEDO_OK) albedo_image_encode_file(cs, path, &ci);
     if (gm && albedo_session_new(gm, &gs) == ALBEDO_OK) albedo_image_encode_file(gs, path, &gi);
     CHECK(ci && gi, "md3-alt: the image was not encoded");
-    const albedo_skill skills[5] = {ALBEDO_SKILL_CAPTION, ALBEDO_SKILL_QUERY, ALBEDO_SKILL_QUERY, ALBEDO_SKILL_DETECT,
-                                    ALBEDO_SKILL_POINT};
     kept *k = calloc(1, sizeof *k);
     rows *rw = calloc(1, sizeof *rw);
-    for (int q = 0; q < 5 && ci && gi && k && rw; q++) {
+    for (int q = 0; q < MD3_VARIANT_REQUESTS && ci && gi && k && rw; q++) {
         char label[64];
         snprintf(label, sizeof label, "md3-alt skill %d", q);
-        albedo_request r = albedo_request_default(skills[q]);
-        r.temperature = 0;
-        r.max_tokens = 12;
-        r.max_objects = 3;
-        r.question = "What is in the picture?";
-        r.object = "helmet";
-        r.reasoning = q == 2;
+        albedo_request r = md3_variant_request(q);
         r.image = ci;
         free(rw->first);
         memset(rw, 0, sizeof *rw);
