@@ -4,8 +4,9 @@
  * comparison of a GPU run's fed tokens with the CPU float32 run's within the
  * bf16 tolerance rule of fixtures/README.md; the vision output and the image
  * prefix KV of one image on both; a reference run's tokens fed through
- * another session (teacher_force); every case as an engine ticket on the
- * GPU (check_engine_cases). Included by one test file each; the includer
+ * another session (teacher_force); every case on two models, first logits
+ * and teacher forcing (compare_models); every case as an engine ticket on
+ * the GPU (submit_cases, check_engine_cases). Included by one test file each; the includer
  * defines MARGIN and BF16_TOL and includes jansson.h, test.h, test_data.h,
  * session.h, cuda/model_cuda.h and its cases' checks (case_request,
  * check_case_thr: fixture_check.h or md3_cases.h) first.
@@ -151,6 +152,101 @@ static void teacher_force(albedo_session *f, const albedo_image *img, const kept
     free(emb);
 }
 
+/* ---- one model against another, case by case ---------------------------------------- */
+
+/* What compare_models asks: its tag in labels ("fp8 kv"), the reference's
+ * name in messages ("bf16"), the bound on the first logits' relative L2,
+ * the teacher-forcing margin, which cases to teacher-force, and where to
+ * keep the other model's tokens and rows per case (NULL: not kept). */
+typedef struct pair_spec {
+    const char *tag, *ref;
+    double logits_tol, margin;
+    int (*forced)(json_t *c);
+    kept **keep_k;
+    rows **keep_r;
+    size_t n_keep;
+} pair_spec;
+
+typedef struct pair_stats {
+    int n_cases, n_ident, n_forced, n_forced_ident;
+    double worst_rel, worst_abs, sum_rel;
+    tf_count tc;
+} pair_stats;
+
+/* Every case on the reference session rs and on a session of model om (each
+ * encodes the images itself): the first logits within ps->logits_tol
+ * (relative L2), and the reference's tokens fed through om's session for
+ * the cases ps->forced picks (teacher_force at ps->margin). The caller
+ * asserts the agreement it needs from the returned counts. */
+static pair_stats compare_models(albedo_session *rs, albedo_model *om, json_t *cases, const char *image_dir,
+                                 const pair_spec *ps) {
+    pair_stats st = {0};
+    albedo_session *os = NULL;
+    CHECK(albedo_session_new(om, &os) == ALBEDO_OK, "%s session: %s", ps->tag, albedo_last_error());
+    if (!os) return st;
+    const char *cur = NULL;
+    albedo_image *ir = NULL, *io = NULL;
+    static kept kr;
+    size_t i;
+    json_t *c;
+    json_array_foreach(cases, i, c) {
+        const char *image = json_string_value(json_object_get(c, "image"));
+        char label[256], path[4096];
+        snprintf(label, sizeof label, "case %zu (%s %s) [%s]", i, image ? image : "text-only",
+                 json_string_value(json_object_get(c, "task")), ps->tag);
+        if (image && (!cur || strcmp(cur, image))) {
+            albedo_image_free(ir), albedo_image_free(io);
+            ir = io = NULL;
+            cur = image;
+            snprintf(path, sizeof path, "%s/%s", image_dir, image);
+            CHECK(albedo_image_encode_file(rs, path, &ir) == ALBEDO_OK, "%s: %s", label, albedo_session_error(rs));
+            CHECK(albedo_image_encode_file(os, path, &io) == ALBEDO_OK, "%s: %s", label, albedo_session_error(os));
+        }
+        if (image && (!ir || !io)) continue;
+        albedo_spatial_ref refs[16];
+        albedo_request r = case_request(c, refs);
+        r.image = image ? ir : NULL;
+        rows *rr = calloc(1, sizeof *rr), *ro = calloc(1, sizeof *ro);
+        const albedo_result *res = rr && ro ? run(rs, &r, rr, label) : NULL;
+        if (res) keep(&kr, res);
+        r.image = image ? io : NULL;
+        const albedo_result *rt = res ? run(os, &r, ro, label) : NULL;
+        if (rt && rr->first && ro->first) {
+            st.n_cases++;
+            const int same = rt->n_tokens == kr.n_tokens && !memcmp(rt->tokens, kr.tokens, (size_t)kr.n_tokens * 4);
+            st.n_ident += same;
+            double d = 0;
+            for (int k = 0; k < rr->vocab; k++) {
+                const double a = fabs((double)rr->first[k] - ro->first[k]);
+                if (a > d) d = a;
+            }
+            const double rel = rel_l2(ro->first, rr->first, (size_t)rr->vocab);
+            st.sum_rel += rel;
+            if (rel > st.worst_rel) st.worst_rel = rel;
+            if (d > st.worst_abs) st.worst_abs = d;
+            printf("  %-48s first logits vs %s: rel L2 %.2e, max abs %.3f; %d/%d tokens%s\n", label, ps->ref, rel, d,
+                   rt->n_tokens, kr.n_tokens, same ? " (identical)" : "");
+            CHECK(rel <= ps->logits_tol, "%s: first logits rel L2 %.3g > %g", label, rel, ps->logits_tol);
+            if (ps->keep_k && i < ps->n_keep && (ps->keep_k[i] = malloc(sizeof(kept)))) {
+                keep(ps->keep_k[i], rt);
+                ps->keep_r[i] = ro, ro = NULL;
+            }
+            if (ps->forced(c)) {
+                st.n_forced++, st.n_forced_ident += same;
+                teacher_force(os, image ? io : NULL, &kr, rr, ps->margin, ps->ref, &st.tc, label);
+            }
+        }
+        if (rr) free(rr->first);
+        if (ro) free(ro->first);
+        free(rr), free(ro);
+    }
+    CHECK(st.n_cases == (int)json_array_size(cases), "%s: %d of %zu cases ran", ps->tag, st.n_cases,
+          json_array_size(cases));
+    albedo_image_free(ir), albedo_image_free(io);
+    albedo_session_free(os);
+    return st;
+}
+
 /* ---- stages of one image ------------------------------------------------------------- */
 
 static void check_vision(albedo_session *cpu, albedo_session *gpu, const char *path, const char *label) {
@@ -222,6 +318,48 @@ static unsigned char *read_all(const char *path, size_t *n) {
     return b;
 }
 
+/* The first n cases submitted to E at once, image bytes in (tag marks the
+ * messages); the tickets and the requests' spatial refs they point into. */
+typedef struct engine_tickets {
+    albedo_ticket **t;
+    albedo_spatial_ref (*refs)[16];
+    size_t n;
+} engine_tickets;
+
+static engine_tickets submit_cases(albedo_engine *E, json_t *cases, size_t n, const char *image_dir, const char *tag) {
+    engine_tickets et = {calloc(n, sizeof(albedo_ticket *)), calloc(n, sizeof *et.refs), n};
+    for (size_t i = 0; i < n && et.t && et.refs; i++) {
+        json_t *c = json_array_get(cases, i);
+        const char *image = json_string_value(json_object_get(c, "image"));
+        albedo_request r = case_request(c, et.refs[i]);
+        r.image = NULL;
+        unsigned char *bytes = NULL;
+        size_t len = 0;
+        if (image) {
+            char path[4096];
+            snprintf(path, sizeof path, "%s/%s", image_dir, image);
+            bytes = read_all(path, &len);
+            CHECK(bytes != NULL, "read %s", path);
+        }
+        CHECK(albedo_engine_submit(E, &r, bytes, len, NULL, &et.t[i]) == ALBEDO_OK, "%scase %zu: submit: %s", tag, i,
+              albedo_last_error());
+        free(bytes);
+    }
+    if (!et.t || !et.refs) {
+        CHECK(0, "%sout of memory for %zu tickets", tag, n);
+        free(et.t), free(et.refs);
+        et.t = NULL, et.n = 0;
+    }
+    return et;
+}
+
+static void tickets_free(engine_tickets *et) {
+    for (size_t i = 0; et->t && i < et->n; i++) albedo_ticket_free(et->t[i]);
+    free(et->t), free(et->refs);
+    et->t = NULL;
+    et->refs = NULL;
+}
+
 /* Every case as an engine ticket (image bytes in, prefix built by the image
  * worker on the device, K/V in the device pool), all submitted at once so
  * that up to max_batch run together (prompt chunks beside decode rows) and
@@ -240,25 +378,8 @@ static void check_engine_cases(albedo_model *gm, json_t *cases, const char *imag
     CHECK(albedo_engine_new(gm, &ep, &E) == ALBEDO_OK, "engine: %s", albedo_last_error());
     if (!E) return;
     const size_t n = json_array_size(cases);
-    albedo_ticket **t = calloc(n, sizeof *t);
-    albedo_spatial_ref(*refs)[16] = calloc(n, sizeof *refs);
-    for (size_t i = 0; i < n && t && refs; i++) {
-        json_t *c = json_array_get(cases, i);
-        const char *image = json_string_value(json_object_get(c, "image"));
-        albedo_request r = case_request(c, refs[i]);
-        r.image = NULL;
-        unsigned char *bytes = NULL;
-        size_t len = 0;
-        if (image) {
-            char path[4096];
-            snprintf(path, sizeof path, "%s/%s", image_dir, image);
-            bytes = read_all(path, &len);
-            CHECK(bytes != NULL, "read %s", path);
-        }
-        CHECK(albedo_engine_submit(E, &r, bytes, len, NULL, &t[i]) == ALBEDO_OK, "case %zu: submit: %s", i,
-              albedo_last_error());
-        free(bytes);
-    }
+    engine_tickets et = submit_cases(E, cases, n, image_dir, "");
+    albedo_ticket **t = et.t;
     int n_ok = 0, n_same = 0;
     const long picks0 = mdc_device_picks(), graphs0 = mdc_paged_graph_steps();
     for (size_t i = 0; i < n && t; i++) {
@@ -279,7 +400,6 @@ static void check_engine_cases(albedo_model *gm, json_t *cases, const char *imag
         if (k && rw && text_task(c)) compare_text_runs(label, k, rw, res);
         n_same += k && res->n_tokens == k->n_tokens && !memcmp(res->tokens, k->tokens, (size_t)res->n_tokens * 4);
     }
-    for (size_t i = 0; i < n && t; i++) albedo_ticket_free(t[i]);
     albedo_engine_stats es;
     albedo_engine_get_stats(E, &es);
     const long picks = mdc_device_picks() - picks0, graphs = mdc_paged_graph_steps() - graphs0;
@@ -300,7 +420,6 @@ static void check_engine_cases(albedo_model *gm, json_t *cases, const char *imag
     int n_free = 0, n_total = 0;
     engine_debug_blocks(E, 1, &n_free, &n_total);
     CHECK(n_free == n_total, "every KV block is back in the device pool (%d of %d free)", n_free, n_total);
-    free(t);
-    free(refs);
+    tickets_free(&et);
     albedo_engine_free(E);
 }

@@ -196,71 +196,16 @@ static void check_graph(albedo_model *gm, albedo_session *gpu, const char *image
 
 /* Every case through fp8 experts (fm) against the float32 CPU session cs. */
 static void check_fp8_experts(albedo_session *cs, albedo_model *fm, json_t *cases, const char *image_dir) {
-    albedo_session *fs = NULL;
-    CHECK(albedo_session_new(fm, &fs) == ALBEDO_OK, "fp8 session: %s", albedo_last_error());
-    if (!fs) return;
-    const char *cur = NULL;
-    albedo_image *ic = NULL, *i8 = NULL;
-    static kept kc;
-    tf_count tc = {0};
-    int n_cases = 0, n_ident = 0;
-    double worst_rel = 0, worst_abs = 0, sum_rel = 0;
-    size_t i;
-    json_t *c;
-    json_array_foreach(cases, i, c) {
-        const char *image = json_string_value(json_object_get(c, "image"));
-        char label[256], path[4096];
-        snprintf(label, sizeof label, "case %zu (%s %s) [fp8 experts]", i, image ? image : "text-only",
-                 json_string_value(json_object_get(c, "task")));
-        if (image && (!cur || strcmp(cur, image))) {
-            albedo_image_free(ic), albedo_image_free(i8);
-            ic = i8 = NULL;
-            cur = image;
-            snprintf(path, sizeof path, "%s/%s", image_dir, image);
-            CHECK(albedo_image_encode_file(cs, path, &ic) == ALBEDO_OK, "%s: %s", label, albedo_session_error(cs));
-            CHECK(albedo_image_encode_file(fs, path, &i8) == ALBEDO_OK, "%s: %s", label, albedo_session_error(fs));
-        }
-        if (image && (!ic || !i8)) continue;
-        albedo_spatial_ref refs[16];
-        albedo_request r = case_request(c, refs);
-        r.image = image ? ic : NULL;
-        rows *rc = calloc(1, sizeof *rc), *rf = calloc(1, sizeof *rf);
-        const albedo_result *res = rc && rf ? run(cs, &r, rc, label) : NULL;
-        if (res) keep(&kc, res);
-        r.image = image ? i8 : NULL;
-        const albedo_result *rs = res ? run(fs, &r, rf, label) : NULL;
-        if (rs && rc->first && rf->first) {
-            n_cases++;
-            const int same = rs->n_tokens == kc.n_tokens && !memcmp(rs->tokens, kc.tokens, (size_t)kc.n_tokens * 4);
-            n_ident += same;
-            double d = 0;
-            for (int k = 0; k < rc->vocab; k++) {
-                const double a = fabs((double)rc->first[k] - rf->first[k]);
-                if (a > d) d = a;
-            }
-            const double rel = rel_l2(rf->first, rc->first, (size_t)rc->vocab);
-            sum_rel += rel;
-            if (rel > worst_rel) worst_rel = rel;
-            if (d > worst_abs) worst_abs = d;
-            printf("  %-48s first logits vs f32 CPU: rel L2 %.2e, max abs %.3f; %d/%d tokens%s\n", label, rel, d,
-                   rs->n_tokens, kc.n_tokens, same ? " (identical)" : "");
-            CHECK(rel <= FP8X_LOGITS_TOL, "%s: first logits rel L2 %.3g > %g", label, rel, FP8X_LOGITS_TOL);
-            if (is_text_task(c)) teacher_force(fs, image ? i8 : NULL, &kc, rc, FP8X_MARGIN, "CPU", &tc, label);
-        }
-        if (rc) free(rc->first);
-        if (rf) free(rf->first);
-        free(rc), free(rf);
-    }
+    const pair_spec ps = {"fp8 experts", "f32 CPU", FP8X_LOGITS_TOL, FP8X_MARGIN, is_text_task, NULL, NULL, 0};
+    const pair_stats st = compare_models(cs, fm, cases, image_dir, &ps);
+    const tf_count tc = st.tc;
     const double agree = tc.rows ? (double)tc.agree / tc.rows : 0;
     printf("  fp8 experts vs f32 CPU: %d/%d cases fed identical tokens; first logits rel L2 mean %.2e, worst %.2e, "
            "max abs %.3f; teacher-forced top-1 %d/%d rows (%.2f%%), %d/%d rows with CPU margin >= %.1f\n",
-           n_ident, n_cases, n_cases ? sum_rel / n_cases : 0, worst_rel, worst_abs, tc.agree, tc.rows, 100 * agree,
-           tc.agree_m, tc.rows_m, FP8X_MARGIN);
-    CHECK(n_cases == (int)json_array_size(cases), "fp8 experts: %d of %zu cases ran", n_cases, json_array_size(cases));
+           st.n_ident, st.n_cases, st.n_cases ? st.sum_rel / st.n_cases : 0, st.worst_rel, st.worst_abs, tc.agree,
+           tc.rows, 100 * agree, tc.agree_m, tc.rows_m, FP8X_MARGIN);
     CHECK(tc.rows > 0 && agree >= FP8X_AGREE, "fp8 experts: teacher-forced top-1 agreement %.4f < %g", agree,
           FP8X_AGREE);
-    albedo_image_free(ic), albedo_image_free(i8);
-    albedo_session_free(fs);
 }
 
 /* md3-alt (synth.c: 12 experts, top-3 from layer 2 of 4, width 56, 3 heads,

@@ -157,80 +157,20 @@ static int has_spatial_refs(json_t *c) {
 static kept *f8_kept[MAX_CASES];
 static rows *f8_rows[MAX_CASES];
 
+static int forced_fp8(json_t *c) { return is_text_task(c) && !has_spatial_refs(c); }
+
 /* Every case with the fp8 cache (fm) against the bf16 cache (gs, on gm). */
 static void check_fp8(albedo_model *fm, albedo_session *gs, json_t *cases, const char *image_dir) {
-    albedo_session *fs = NULL;
-    CHECK(albedo_session_new(fm, &fs) == ALBEDO_OK, "fp8 session: %s", albedo_last_error());
-    if (!fs) return;
-    const char *cur = NULL;
-    albedo_image *ib = NULL, *i8 = NULL;
-    static kept kb;
-    tf_count tc = {0};
-    int n_cases = 0, n_ident = 0, n_text = 0, n_text_ident = 0;
-    double worst_rel = 0, worst_abs = 0, sum_rel = 0;
-    size_t i;
-    json_t *c;
-    json_array_foreach(cases, i, c) {
-        const char *image = json_string_value(json_object_get(c, "image"));
-        char label[256], path[4096];
-        snprintf(label, sizeof label, "case %zu (%s %s) [fp8 kv]", i, image ? image : "text-only",
-                 json_string_value(json_object_get(c, "task")));
-        if (image && (!cur || strcmp(cur, image))) {
-            albedo_image_free(ib), albedo_image_free(i8);
-            ib = i8 = NULL;
-            cur = image;
-            snprintf(path, sizeof path, "%s/%s", image_dir, image);
-            CHECK(albedo_image_encode_file(gs, path, &ib) == ALBEDO_OK, "%s: %s", label, albedo_session_error(gs));
-            CHECK(albedo_image_encode_file(fs, path, &i8) == ALBEDO_OK, "%s: %s", label, albedo_session_error(fs));
-        }
-        if (image && (!ib || !i8)) continue;
-        albedo_spatial_ref refs[16];
-        albedo_request r = case_request(c, refs);
-        r.image = image ? ib : NULL;
-        rows *rb = calloc(1, sizeof *rb), *rf = calloc(1, sizeof *rf);
-        const albedo_result *res = rb && rf ? run(gs, &r, rb, label) : NULL;
-        if (res) keep(&kb, res);
-        r.image = image ? i8 : NULL;
-        const albedo_result *rs = res ? run(fs, &r, rf, label) : NULL;
-        if (rs && rb->first && rf->first) {
-            n_cases++;
-            const int same = rs->n_tokens == kb.n_tokens && !memcmp(rs->tokens, kb.tokens, (size_t)kb.n_tokens * 4);
-            n_ident += same;
-            double d = 0;
-            for (int k = 0; k < rb->vocab; k++) {
-                double a = fabs((double)rb->first[k] - rf->first[k]);
-                if (a > d) d = a;
-            }
-            const double rel = rel_l2(rf->first, rb->first, (size_t)rb->vocab);
-            sum_rel += rel;
-            if (rel > worst_rel) worst_rel = rel;
-            if (d > worst_abs) worst_abs = d;
-            printf("  %-44s first logits vs bf16 cache: rel L2 %.2e, max abs %.3f; %d/%d tokens%s\n", label, rel, d,
-                   rs->n_tokens, kb.n_tokens, same ? " (identical)" : "");
-            CHECK(rel <= FP8_LOGITS_TOL, "%s: first logits rel L2 %.3g > %g", label, rel, FP8_LOGITS_TOL);
-            if (i < MAX_CASES && (f8_kept[i] = malloc(sizeof(kept)))) {
-                keep(f8_kept[i], rs);
-                f8_rows[i] = rf, rf = NULL;
-            }
-            if (is_text_task(c) && !has_spatial_refs(c)) {
-                n_text++, n_text_ident += same;
-                teacher_force(fs, image ? i8 : NULL, &kb, rb, FP8_MARGIN, "bf16", &tc, label);
-            }
-        }
-        if (rb) free(rb->first);
-        if (rf) free(rf->first);
-        free(rb), free(rf);
-    }
+    const pair_spec ps = {"fp8 kv", "bf16", FP8_LOGITS_TOL, FP8_MARGIN, forced_fp8, f8_kept, f8_rows, MAX_CASES};
+    const pair_stats st = compare_models(gs, fm, cases, image_dir, &ps);
+    const tf_count tc = st.tc;
     const double agree = tc.rows ? (double)tc.agree / tc.rows : 0;
     printf("  fp8 KV cache vs bf16: %d/%d cases fed identical tokens (%d/%d captions and plain queries); first "
            "logits rel L2 mean %.2e, worst %.2e, max abs %.3f; teacher-forced top-1 %d/%d rows (%.2f%%), %d/%d "
            "rows with bf16 margin >= %.1f\n",
-           n_ident, n_cases, n_text_ident, n_text, n_cases ? sum_rel / n_cases : 0, worst_rel, worst_abs, tc.agree,
-           tc.rows, 100 * agree, tc.agree_m, tc.rows_m, FP8_MARGIN);
-    CHECK(n_cases == (int)json_array_size(cases), "fp8: %d of %zu cases ran", n_cases, json_array_size(cases));
+           st.n_ident, st.n_cases, st.n_forced_ident, st.n_forced, st.n_cases ? st.sum_rel / st.n_cases : 0,
+           st.worst_rel, st.worst_abs, tc.agree, tc.rows, 100 * agree, tc.agree_m, tc.rows_m, FP8_MARGIN);
     CHECK(tc.rows > 0 && agree >= FP8_AGREE, "fp8: teacher-forced top-1 agreement %.4f < %g", agree, FP8_AGREE);
-    albedo_image_free(ib), albedo_image_free(i8);
-    albedo_session_free(fs);
 }
 
 /* The engine on the fp8 pool: every case as a ticket; each completes, and
@@ -245,24 +185,8 @@ static void check_engine_fp8(albedo_model *fm, json_t *cases, const char *image_
     CHECK(albedo_engine_new(fm, &ep, &E) == ALBEDO_OK, "fp8 engine: %s", albedo_last_error());
     if (!E) return;
     const size_t n = json_array_size(cases) < MAX_CASES ? json_array_size(cases) : MAX_CASES;
-    albedo_ticket **t = calloc(n, sizeof *t);
-    albedo_spatial_ref(*refs)[16] = calloc(n, sizeof *refs);
-    for (size_t i = 0; i < n && t && refs; i++) {
-        json_t *c = json_array_get(cases, i);
-        const char *image = json_string_value(json_object_get(c, "image"));
-        albedo_request r = case_request(c, refs[i]);
-        r.image = NULL;
-        unsigned char *bytes = NULL;
-        size_t len = 0;
-        if (image) {
-            char path[4096];
-            snprintf(path, sizeof path, "%s/%s", image_dir, image);
-            bytes = read_all(path, &len);
-        }
-        CHECK(albedo_engine_submit(E, &r, bytes, len, NULL, &t[i]) == ALBEDO_OK, "fp8 case %zu: submit: %s", i,
-              albedo_last_error());
-        free(bytes);
-    }
+    engine_tickets et = submit_cases(E, cases, n, image_dir, "fp8 ");
+    albedo_ticket **t = et.t;
     int n_ok = 0, n_same = 0;
     for (size_t i = 0; i < n && t; i++) {
         if (!t[i]) continue;
@@ -278,15 +202,13 @@ static void check_engine_fp8(albedo_model *fm, json_t *cases, const char *image_
         n_same += f8_kept[i] && res->n_tokens == f8_kept[i]->n_tokens &&
                   !memcmp(res->tokens, f8_kept[i]->tokens, (size_t)res->n_tokens * 4);
     }
-    for (size_t i = 0; i < n && t; i++) albedo_ticket_free(t[i]);
+    tickets_free(&et);
     int n_free = 0, n_total = 0;
     engine_debug_blocks(E, 1, &n_free, &n_total);
     printf("  fp8 engine batch 8: %d/%zu cases done, %d fed exactly the fp8 session's tokens; pool %d blocks\n", n_ok,
            n, n_same, n_total);
     CHECK(n_ok == (int)n, "fp8 engine: %d of %zu cases done", n_ok, n);
     CHECK(n_free == n_total, "every fp8 KV block is back in the pool (%d of %d free)", n_free, n_total);
-    free(t);
-    free(refs);
     albedo_engine_free(E);
 }
 
