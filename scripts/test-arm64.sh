@@ -19,7 +19,7 @@ mkdir -p "$out"
     -Wall -Wextra -Wpedantic -Wshadow -Wstrict-prototypes \
     -I"$root/include" -I"$root/src" -I"$root/tests" \
     -DALBEDO_SOURCE_DIR="\"$root\"" \
-    "$root/src/cpu/ops_ref.c" "$root/src/cpu/ops_cpu.c" "$root/src/cpu/ops_neon.c" \
+    "$root/src/cpu/ops_ref.c" "$root/src/cpu/ops_cpu.c" "$root/src/cpu/ops_generic.c" "$root/src/cpu/ops_neon.c" \
     "$root/src/cpu/threadpool.c" "$root/src/error.c" "$root/tests/test_ops.c" \
     -lm -lpthread -o "$out/test_ops"
 "$QEMU" "$out/test_ops"
