@@ -173,7 +173,12 @@ albedo_status cuda_rope_kv(cuda_ctx *c, const cuda_rope *r);
  * spread over the SMs, merged by the last block); larger T runs the
  * tensor-core flash kernel (64 queries × 64 keys per tile, online softmax).
  * Needs D % 8 == 0, D <= 128, H % Hkv == 0, and q, k, v 16-byte aligned
- * with every stride a multiple of 8 elements. */
+ * with every stride a multiple of 8 elements.
+ * The decode kernel (T <= 8) reads the keys and values before position
+ * pos0 (a segment's pos0_s) before its PDL wait, that is possibly while the
+ * kernels issued ahead of it still run: those must have been written by
+ * earlier steps (rope_kv writes only from pos0 on). q and the keys from
+ * pos0 on are read after the wait. */
 typedef struct cuda_attn {
     int T, S, H, Hkv, D;
     int pos0, n_prefix;

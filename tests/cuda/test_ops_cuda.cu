@@ -743,6 +743,18 @@ static void test_attentions(void) {
     if (!g_small) test_attention(1, 1, 4100, 2, 2, 64, 4099, 0, 1, 0, 1);
     test_attention(1, 1, 741, 32, 32, 64, 740, 730, 1, 1, 1);
     test_attention(3, 1, 100, 4, 4, 64, 99, 0, 1, 1, 1);
+    /* The decode kernel's other lane layouts: D/8 = 1, 5, 12, 16 groups of
+     * 8 dims, so 32, 6, 2, 2 key slots a tile (D > 64: the key rows in two
+     * loads, the values in two batches). */
+    test_attention(1, 1, 300, 3, 3, 8, 299, 0, 1);
+    test_attention(1, 2, 333, 4, 2, 40, 331, 0, 1);
+    test_attention(1, 1, 741, 4, 4, 96, 740, 730, 1);
+    test_attention(2, 1, 517, 4, 4, 128, 516, 0, 1, 1);
+    test_attention(1, 3, 203, 2, 1, 128, 200, 0, 1, 0, 1);
+    /* Many rows × heads: one chunk a row, so each warp walks several tiles
+     * (the later ones loaded at the end of the one before). */
+    test_attention(4, 2, 700, 160, 32, 64, 698, 0, 1);
+    test_attention(1, 2, 1100, 600, 100, 64, 1098, 730, 1, 1, 1);
 
     /* Bad arguments come back as statuses. */
     cuda_attn a;
