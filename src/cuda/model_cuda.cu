@@ -213,7 +213,7 @@ struct mdc_state {
     float *xg;         /* [seqs, dim]: the last row of each sequence of a paged step */
     int32_t *meta;     /* paged steps: rows, segments, block tables, gathered rows (see paged_meta) */
     int32_t *ids;      /* [8]: ids[0] = bos */
-    int *pos_dev;      /* [1]: the decode graph's position */
+    int *pos_dev;      /* [4]: the decode graph's position, then the two ids its pick masks (-1: none) */
     unsigned char *kv; /* [n_layers][2][Hkv][max_ctx][D] of kv_es bytes */
     /* vision */
     uint8_t *crops;    /* [vcap, cs, cs, 3] */
@@ -229,7 +229,7 @@ struct mdc_state {
     /* host */
     float *stage; /* pinned: [STAGE_ROWS, dim] rows up, one row (hidden) down, the position */
     float *stage_hidden;
-    int *stage_pos;
+    int *stage_pos;    /* [3]: position and masked ids, up in one copy */
     float *logits_pin; /* pinned [vocab], when logits_host could not be page-locked */
     float *logits_host, *hidden_host;
     int reg_logits;
@@ -450,7 +450,7 @@ static size_t state_layout(mdc_state *s, const mdc_model *m, int max_ctx, unsign
     CARVE(pick_ids, int32_t, nseq);
     CARVE(pick_mask, int32_t, 2 * nseq);
     CARVE(pick_ctr, uint64_t, nseq);
-    CARVE(pos_dev, int, 1);
+    CARVE(pos_dev, int, 4);
     CARVE(kv, unsigned char,
           (s->flags & MDC_KV) ? (size_t)d->n_layers * 2 * m->Hkv *(size_t)max_ctx * m->D * m->kv_es : 0);
     CARVE(crops, uint8_t, (size_t)s->vcap * d->crop_size * d->crop_size * 3);
@@ -738,7 +738,7 @@ albedo_status mdc_state_new_ex(mdc_model *m, int max_ctx, int rows, int seqs, in
         ce = cudaHostAlloc((void **)&s->meta_h, s->meta_cap * sizeof(int32_t), cudaHostAllocDefault);
     if (ce == cudaSuccess && s->meta_cap)
         ce = cudaHostAlloc((void **)&s->down_hidden, (size_t)seqs * m->d.dim * sizeof(float), cudaHostAllocDefault);
-    if (ce == cudaSuccess && s->meta_cap &&
+    if (ce == cudaSuccess &&
         (ce = cudaHostAlloc((void **)&s->pick_hmem, (size_t)seqs * 20, cudaHostAllocDefault)) == cudaSuccess) {
         s->pick_ctr_h = (uint64_t *)s->pick_hmem;
         s->pick_ids_h = (int32_t *)(s->pick_hmem + (size_t)seqs * 8);
@@ -957,11 +957,36 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
     return ALBEDO_OK;
 }
 
-/* Capture the one-row decode step with the position read from pos_dev. */
+static std::atomic<long> g_device_picks(0);
+
+long mdc_device_picks(void) { return g_device_picks.load(); }
+
+/* logits row r: the ids mask[2r], mask[2r+1] (those >= 0) set to -inf. */
+__global__ void mask_logits_kernel(float *logits, int V, const int32_t *mask) {
+    pdl_trigger();
+    pdl_wait();
+    const int id = mask[2 * blockIdx.x + threadIdx.x];
+    if (id >= 0 && id < V) logits[(size_t)blockIdx.x * V + id] = -INFINITY;
+}
+
+/* A session's greedy pick from its logits row: the ids mask[0..1] (those
+ * >= 0, device memory) set to -inf, then the argmax into pick_ids[0] (the
+ * first index on a tie, NaN never: sampler_argmax's rule). Part of the
+ * decode graph, where mask is pos_dev + 1, uploaded with the position. */
+static albedo_status greedy_pick(mdc_state *s, const int32_t *mask, errbuf *e) {
+    const int V = s->m->d.vocab;
+    LAUNCH(mask_logits_kernel, 1, 2, s->logits, V, mask);
+    OPK(cuda_argmax(s->ctx, s->pick_ids, s->logits, 1, V, V));
+    return ALBEDO_OK;
+}
+
+/* Capture the one-row decode step with the position read from pos_dev, and
+ * the greedy pick of its token (greedy_pick). */
 static albedo_status capture_decode(mdc_state *s, errbuf *e) {
     CK(cudaStreamBeginCapture(s->st, cudaStreamCaptureModeThreadLocal));
     errbuf sub;
     albedo_status st = text_layers(s, 1, 0, s->pos_dev, 0, 1, &sub);
+    if (!st) st = greedy_pick(s, s->pos_dev + 1, &sub);
     cudaGraph_t g = NULL;
     cudaError_t ce = cudaStreamEndCapture(s->st, &g);
     if (st) {
@@ -979,7 +1004,7 @@ static albedo_status capture_decode(mdc_state *s, errbuf *e) {
 }
 
 albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int pos0, int n_prefix, int want_logits,
-                               errbuf *e) {
+                               const int32_t *pick_mask, int n_mask, int32_t *pick_id, errbuf *e) {
     const mdc_desc *d = &s->m->d;
     if (s->sticky) {
         albedo_status st = s->sticky;
@@ -989,9 +1014,15 @@ albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int p
     if (!(s->flags & MDC_KV)) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: a forward on a state without a KV cache");
     if (T < 1 || pos0 < 0 || pos0 + T > s->max_ctx)
         return errf(e, ALBEDO_ERR_LIMIT, "context length %d exceeds the maximum of %d positions", pos0 + T, s->max_ctx);
+    if (pick_id && (!want_logits || n_mask < 0 || n_mask > 2))
+        return errf(e, ALBEDO_ERR_INTERNAL, "cuda: a pick needs the logits and at most 2 masked ids");
     CK(cudaSetDevice(s->m->device));
     const size_t row = (size_t)d->dim * sizeof(float);
     const int use_graph = s->graphs && T == 1 && want_logits && pos0 >= n_prefix;
+    /* The ids the pick masks, uploaded with the position (-1: none; a step
+     * whose logits come down masks nothing). */
+    s->stage_pos[1] = pick_id && n_mask > 0 ? pick_mask[0] : -1;
+    s->stage_pos[2] = pick_id && n_mask > 1 ? pick_mask[1] : -1;
     if (use_graph && !s->graph) {
         /* Captured on an idle stream, before this step's uploads. A capture
          * that fails leaves the session on eager launches (the reason is kept
@@ -1012,22 +1043,32 @@ albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int p
     }
     s->last_graph = 0;
     if (use_graph && s->graph) {
-        *s->stage_pos = pos0;
-        CK(cudaMemcpyAsync(s->pos_dev, s->stage_pos, sizeof(int), cudaMemcpyHostToDevice, s->st));
+        s->stage_pos[0] = pos0;
+        CK(cudaMemcpyAsync(s->pos_dev, s->stage_pos, 3 * sizeof(int), cudaMemcpyHostToDevice, s->st));
         CK(cudaGraphLaunch(s->graph, s->st));
         s->last_graph = 1;
     } else {
         albedo_status st = text_layers(s, T, pos0, NULL, n_prefix, want_logits, e);
         if (st) return st;
+        if (pick_id) {
+            CK(cudaMemcpyAsync(s->pos_dev + 1, s->stage_pos + 1, 2 * sizeof(int), cudaMemcpyHostToDevice, s->st));
+            if ((st = greedy_pick(s, s->pos_dev + 1, e))) return st;
+        }
     }
     CK(cudaMemcpyAsync(s->stage_hidden, s->x + (size_t)(T - 1) * d->dim, row, cudaMemcpyDeviceToHost, s->st));
     float *lg = s->reg_logits ? s->logits_host : s->logits_pin;
-    if (want_logits)
+    if (pick_id)
+        CK(cudaMemcpyAsync(s->pick_ids_h, s->pick_ids, sizeof(int32_t), cudaMemcpyDeviceToHost, s->st));
+    else if (want_logits)
         CK(cudaMemcpyAsync(lg, s->logits, (size_t)d->vocab * sizeof(float), cudaMemcpyDeviceToHost, s->st));
     albedo_status st = finish(s, e);
     if (st) return st;
     memcpy(s->hidden_host, s->stage_hidden, row);
-    if (want_logits && !s->reg_logits) memcpy(s->logits_host, s->logits_pin, (size_t)d->vocab * sizeof(float));
+    if (pick_id) {
+        *pick_id = s->pick_ids_h[0];
+        g_device_picks++;
+    } else if (want_logits && !s->reg_logits)
+        memcpy(s->logits_host, s->logits_pin, (size_t)d->vocab * sizeof(float));
     return ALBEDO_OK;
 }
 
@@ -1041,18 +1082,6 @@ __global__ void gather_rows_kernel(float *dst, const float *src, const int32_t *
     float *o = dst + (size_t)blockIdx.x * C;
     for (int i = threadIdx.x; i < C; i += blockDim.x) o[i] = r[i];
 }
-
-/* logits row r: the ids mask[2r], mask[2r+1] (those >= 0) set to -inf. */
-__global__ void mask_logits_kernel(float *logits, int V, const int32_t *mask) {
-    pdl_trigger();
-    pdl_wait();
-    const int id = mask[2 * blockIdx.x + threadIdx.x];
-    if (id >= 0 && id < V) logits[(size_t)blockIdx.x * V + id] = -INFINITY;
-}
-
-static std::atomic<long> g_device_picks(0);
-
-long mdc_device_picks(void) { return g_device_picks.load(); }
 
 static std::atomic<long> g_paged_graph_steps(0);
 
