@@ -250,6 +250,11 @@ struct mdc_state {
     /* decode graph */
     int graphs; /* allowed */
     cudaGraphExec_t graph;
+    /* The decode graph's second branch (text_layers): fc1 on ctx2's stream
+     * beside qkv, rotary and attention; made at the first capture unless
+     * ALBEDO_CUDA_FORK=0. */
+    cuda_ctx *ctx2;
+    cudaEvent_t ev_fork, ev_join;
     int n_captured, last_graph;
     char graph_err[512];  /* why capturing failed, if it did */
     md3_state *md3;       /* Moondream 3's working memory, or NULL */
@@ -688,6 +693,9 @@ void mdc_state_free(mdc_state *s) {
     cudaFreeHost(s->pick_hmem);
     md3_state_free(s->md3);
     cudaFree(s->mem);
+    if (s->ev_fork) cudaEventDestroy(s->ev_fork);
+    if (s->ev_join) cudaEventDestroy(s->ev_join);
+    cuda_ctx_free(s->ctx2);
     cuda_ctx_free(s->ctx);
     free(s);
 }
@@ -913,10 +921,26 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
     const mdc_desc *d = &m->d;
     const int dim = d->dim, dimp = round8(dim), ffp = round8(d->ff_dim), qd = m->H * m->D;
     const size_t head = (size_t)s->max_ctx * m->D, layer = 2 * (size_t)m->Hkv * head; /* elements */
+    /* The decode graph (pos_dev) forks each dense layer: fc1 = gelu(h·W1)
+     * needs only h, so it streams its weights on ctx2's stream while qkv,
+     * rotary and the attention run, and the attention's latency hides
+     * behind it. proj then waits for both and adds into x before fc2, the
+     * order of the eager path, so the sums are the same. */
+    const int fork = pos_dev && s->ctx2;
     for (int l = 0; l < d->n_layers; l++) {
         const dtblock *b = &m->tb[l];
         unsigned char *kc = s->kv + (size_t)l * layer * m->kv_es, *vc = kc + (size_t)m->Hkv * head * m->kv_es;
+        const int moe = m->md3 && md3_layer_moe(m->md3, l), par = fork && !moe;
         OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->x, DT_F32, dim, T, dim, b->ln_w, b->ln_b, DT_F32, 1e-5f));
+        if (par) {
+            cudaStream_t st2 = (cudaStream_t)cuda_ctx_stream(s->ctx2);
+            CK(cudaEventRecord(s->ev_fork, s->st));
+            CK(cudaStreamWaitEvent(st2, s->ev_fork, 0));
+            albedo_status st =
+                cuda_linear(s->ctx2, s->f, DT_BF16, ffp, s->h, dimp, T, &b->fc1.w, CUDA_ACT_GELU_TANH, 0);
+            if (st) return errf(e, st, "cuda: %s", cuda_ctx_error(s->ctx2));
+            CK(cudaEventRecord(s->ev_join, st2));
+        }
         OPK(cuda_linear(s->ctx, s->qkv, DT_BF16, m->qkvw, s->h, dimp, T, &b->qkv.w, CUDA_ACT_NONE, 0));
         if (m->md3) { /* Moondream 3: tau scales q and v before rotary and the cache */
             albedo_status st = md3_tau(m->md3, s->md3, s->ctx, l, s->qkv, m->qkvw, T, T, pos0, pos_dev, NULL, 0, e);
@@ -939,13 +963,14 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
         a.out = s->att, a.ldo = qd;
         a.kv_fp8 = m->kv_fp8, a.k_scale = m->k_scale, a.v_scale = m->v_scale;
         OPK(cuda_attention(s->ctx, &a));
+        if (par) CK(cudaStreamWaitEvent(s->st, s->ev_join, 0));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->att, qd, T, &b->proj.w, CUDA_ACT_NONE, 1));
-        if (m->md3 && md3_layer_moe(m->md3, l)) { /* Moondream 3's experts: x += moe(h) */
+        if (moe) { /* Moondream 3's experts: x += moe(h) */
             albedo_status st = md3_moe(m->md3, s->md3, s->ctx, l, s->h, dimp, s->x, dim, T, T, e);
             if (st) return st;
             continue;
         }
-        OPK(cuda_linear(s->ctx, s->f, DT_BF16, ffp, s->h, dimp, T, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
+        if (!par) OPK(cuda_linear(s->ctx, s->f, DT_BF16, ffp, s->h, dimp, T, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->f, ffp, T, &b->fc2.w, CUDA_ACT_NONE, 1));
     }
     if (want_logits) {
@@ -983,6 +1008,25 @@ static albedo_status greedy_pick(mdc_state *s, const int32_t *mask, errbuf *e) {
 /* Capture the one-row decode step with the position read from pos_dev, and
  * the greedy pick of its token (greedy_pick). */
 static albedo_status capture_decode(mdc_state *s, errbuf *e) {
+    const char *fenv = getenv("ALBEDO_CUDA_FORK");
+    if (!s->ctx2 && !(fenv && fenv[0] == '0')) {
+        /* The second branch's context (its stream, scratch and settings)
+         * and the fork / join events. Without them the graph is one chain. */
+        errbuf sub;
+        if (cuda_ctx_new(s->m->device, &s->ctx2, &sub) == ALBEDO_OK) {
+            if (!getenv("ALBEDO_CUDA_GEMV_MAX_T")) cuda_ctx_set_gemv_max(s->ctx2, 2);
+            if (cudaEventCreateWithFlags(&s->ev_fork, cudaEventDisableTiming) != cudaSuccess ||
+                cudaEventCreateWithFlags(&s->ev_join, cudaEventDisableTiming) != cudaSuccess ||
+                cudaStreamSynchronize((cudaStream_t)cuda_ctx_stream(s->ctx2)) != cudaSuccess) {
+                if (s->ev_fork) cudaEventDestroy(s->ev_fork);
+                if (s->ev_join) cudaEventDestroy(s->ev_join);
+                s->ev_fork = s->ev_join = NULL;
+                cuda_ctx_free(s->ctx2);
+                s->ctx2 = NULL;
+                cudaGetLastError();
+            }
+        }
+    }
     CK(cudaStreamBeginCapture(s->st, cudaStreamCaptureModeThreadLocal));
     errbuf sub;
     albedo_status st = text_layers(s, 1, 0, s->pos_dev, 0, 1, &sub);
