@@ -255,6 +255,8 @@ struct mdc_state {
      * ALBEDO_CUDA_FORK=0. */
     cuda_ctx *ctx2;
     cudaEvent_t ev_fork, ev_join;
+    int fork;  /* 1: fc1 on the branch; 2: fc1 and fc2 (into y2) */
+    float *y2; /* [dim]: the branch's fc2 output, added into x after the join */
     int n_captured, last_graph;
     char graph_err[512];  /* why capturing failed, if it did */
     md3_state *md3;       /* Moondream 3's working memory, or NULL */
@@ -456,6 +458,7 @@ static size_t state_layout(mdc_state *s, const mdc_model *m, int max_ctx, unsign
     CARVE(pick_mask, int32_t, 2 * nseq);
     CARVE(pick_ctr, uint64_t, nseq);
     CARVE(pos_dev, int, 4);
+    CARVE(y2, float, d->dim);
     CARVE(kv, unsigned char,
           (s->flags & MDC_KV) ? (size_t)d->n_layers * 2 * m->Hkv *(size_t)max_ctx * m->D * m->kv_es : 0);
     CARVE(crops, uint8_t, (size_t)s->vcap * d->crop_size * d->crop_size * 3);
@@ -921,12 +924,14 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
     const mdc_desc *d = &m->d;
     const int dim = d->dim, dimp = round8(dim), ffp = round8(d->ff_dim), qd = m->H * m->D;
     const size_t head = (size_t)s->max_ctx * m->D, layer = 2 * (size_t)m->Hkv * head; /* elements */
-    /* The decode graph (pos_dev) forks each dense layer: fc1 = gelu(h·W1)
-     * needs only h, so it streams its weights on ctx2's stream while qkv,
-     * rotary and the attention run, and the attention's latency hides
-     * behind it. proj then waits for both and adds into x before fc2, the
-     * order of the eager path, so the sums are the same. */
-    const int fork = pos_dev && s->ctx2;
+    /* The decode graph (pos_dev) forks each dense layer: the MLP needs only
+     * h, so it streams its weights on ctx2's stream while qkv, rotary, the
+     * attention and proj run on the main one, and the attention's latency
+     * hides behind it. fork 2: fc1, then fc2 into y2 (not added), and after
+     * the join x += y2, so x gets proj's sum then fc2's as on the eager
+     * path (the GEMV adds (dot + bias) into y), bit for bit. fork 1: fc1
+     * alone on the branch, proj after the join, then fc2 += as before. */
+    const int fork = pos_dev && s->ctx2 ? s->fork : 0;
     for (int l = 0; l < d->n_layers; l++) {
         const dtblock *b = &m->tb[l];
         unsigned char *kc = s->kv + (size_t)l * layer * m->kv_es, *vc = kc + (size_t)m->Hkv * head * m->kv_es;
@@ -938,6 +943,8 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
             CK(cudaStreamWaitEvent(st2, s->ev_fork, 0));
             albedo_status st =
                 cuda_linear(s->ctx2, s->f, DT_BF16, ffp, s->h, dimp, T, &b->fc1.w, CUDA_ACT_GELU_TANH, 0);
+            if (!st && fork == 2)
+                st = cuda_linear(s->ctx2, s->y2, DT_F32, dim, s->f, ffp, T, &b->fc2.w, CUDA_ACT_NONE, 0);
             if (st) return errf(e, st, "cuda: %s", cuda_ctx_error(s->ctx2));
             CK(cudaEventRecord(s->ev_join, st2));
         }
@@ -963,11 +970,16 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
         a.out = s->att, a.ldo = qd;
         a.kv_fp8 = m->kv_fp8, a.k_scale = m->k_scale, a.v_scale = m->v_scale;
         OPK(cuda_attention(s->ctx, &a));
-        if (par) CK(cudaStreamWaitEvent(s->st, s->ev_join, 0));
+        if (fork == 1 && par) CK(cudaStreamWaitEvent(s->st, s->ev_join, 0));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->att, qd, T, &b->proj.w, CUDA_ACT_NONE, 1));
         if (moe) { /* Moondream 3's experts: x += moe(h) */
             albedo_status st = md3_moe(m->md3, s->md3, s->ctx, l, s->h, dimp, s->x, dim, T, T, e);
             if (st) return st;
+            continue;
+        }
+        if (fork == 2 && par) {
+            CK(cudaStreamWaitEvent(s->st, s->ev_join, 0));
+            OPK(cuda_add(s->ctx, s->x, DT_F32, s->y2, DT_F32, (size_t)dim));
             continue;
         }
         if (!par) OPK(cuda_linear(s->ctx, s->f, DT_BF16, ffp, s->h, dimp, T, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
@@ -1009,6 +1021,7 @@ static albedo_status greedy_pick(mdc_state *s, const int32_t *mask, errbuf *e) {
  * the greedy pick of its token (greedy_pick). */
 static albedo_status capture_decode(mdc_state *s, errbuf *e) {
     const char *fenv = getenv("ALBEDO_CUDA_FORK");
+    s->fork = fenv && fenv[0] == '1' ? 1 : 2; /* "0": one chain; "1": only fc1 on the branch */
     if (!s->ctx2 && !(fenv && fenv[0] == '0')) {
         /* The second branch's context (its stream, scratch and settings)
          * and the fork / join events. Without them the graph is one chain. */
