@@ -932,11 +932,18 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
      * path (the GEMV adds (dot + bias) into y), bit for bit. fork 1: fc1
      * alone on the branch, proj after the join, then fc2 += as before. */
     const int fork = pos_dev && s->ctx2 ? s->fork : 0;
+    int pend = 0; /* y2 still to be added into x: by the next layernorm (cuda_add_layernorm) */
     for (int l = 0; l < d->n_layers; l++) {
         const dtblock *b = &m->tb[l];
         unsigned char *kc = s->kv + (size_t)l * layer * m->kv_es, *vc = kc + (size_t)m->Hkv * head * m->kv_es;
         const int moe = m->md3 && md3_layer_moe(m->md3, l), par = fork && !moe;
-        OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->x, DT_F32, dim, T, dim, b->ln_w, b->ln_b, DT_F32, 1e-5f));
+        if (pend)
+            OPK(cuda_add_layernorm(s->ctx, s->h, DT_BF16, dimp, s->x, dim, s->y2, dim, T, dim, b->ln_w, b->ln_b, DT_F32,
+                                   1e-5f));
+        else
+            OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->x, DT_F32, dim, T, dim, b->ln_w, b->ln_b, DT_F32,
+                                  1e-5f));
+        pend = 0;
         if (par) {
             cudaStream_t st2 = (cudaStream_t)cuda_ctx_stream(s->ctx2);
             CK(cudaEventRecord(s->ev_fork, s->st));
@@ -977,18 +984,23 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
             if (st) return st;
             continue;
         }
-        if (fork == 2 && par) {
+        if (fork == 2 && par) { /* y2 joins x in the next layernorm */
             CK(cudaStreamWaitEvent(s->st, s->ev_join, 0));
-            OPK(cuda_add(s->ctx, s->x, DT_F32, s->y2, DT_F32, (size_t)dim));
+            pend = 1;
             continue;
         }
         if (!par) OPK(cuda_linear(s->ctx, s->f, DT_BF16, ffp, s->h, dimp, T, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->f, ffp, T, &b->fc2.w, CUDA_ACT_NONE, 1));
     }
+    if (pend && !want_logits) OPK(cuda_add(s->ctx, s->x, DT_F32, s->y2, DT_F32, (size_t)dim));
     if (want_logits) {
         uint16_t *hl = s->h + (size_t)(T - 1) * dimp;
-        OPK(cuda_layernorm(s->ctx, hl, DT_BF16, s->x + (size_t)(T - 1) * dim, DT_F32, 1, dim, m->tpost_w, m->tpost_b,
-                           DT_F32, 1e-5f));
+        if (pend) /* T == 1: the decode graph */
+            OPK(cuda_add_layernorm(s->ctx, hl, DT_BF16, dimp, s->x, dim, s->y2, dim, 1, dim, m->tpost_w, m->tpost_b,
+                                   DT_F32, 1e-5f));
+        else
+            OPK(cuda_layernorm(s->ctx, hl, DT_BF16, s->x + (size_t)(T - 1) * dim, DT_F32, 1, dim, m->tpost_w,
+                               m->tpost_b, DT_F32, 1e-5f));
         OPK(cuda_linear(s->ctx, s->logits, DT_F32, d->vocab, hl, dimp, 1, &m->lm_head.w, CUDA_ACT_NONE, 0));
     }
     return ALBEDO_OK;
