@@ -8,7 +8,9 @@
  *      over 741 keys, proj GEMV (+= x), fc1 GEMV + gelu, fc2 GEMV (+= x)}
  *      -> LN -> lm_head GEMV -> argmax, all in one graph whose argmax
  *      feeds the next replay's embedding; against the floor = bytes read
- *      per token / the copy bandwidth measured in the same run;
+ *      per token / the copy bandwidth measured in the same run; and the
+ *      same step with the MLP on a second stream beside the attention
+ *      (the model runner's decode graph, docs/CUDA.md);
  *   2. prefill of the 730-token image prefix (T = 730, bidirectional),
  *      and 3. the vision encoder's 27 layers over 9 crops (T = 6561): the
  *      linears alone through cuBLASLt, attention alone, and whole layers,
@@ -207,8 +209,8 @@ typedef struct text {
     int32_t *ids;
     int what;
     /* Whole decode steps as the model runner's decode graph: 1 fc1 on G2's
-     * stream; 2 fc1 and fc2 (into y2, then x += y2); 3 the same with the
-     * add in the next layernorm (cuda_add_layernorm: the model's form). */
+     * stream; 2 fc1 and fc2 (into y2, then x += y2: the model's form); 3
+     * the same with the add in the next layernorm (cuda_add_layernorm). */
     int fork;
     float *y2; /* [TC] */
 } text;
@@ -505,7 +507,8 @@ int main(int argc, char **argv) {
     cuda_ctx_set_pdl(G, 0);
     const float dec_nopdl_ms = time_step(text_step, &tm, reps);
     const float dec_ms2 = (cuda_ctx_set_pdl(G, 1), time_step(text_step, &tm, reps));
-    /* The model runner's decode graph: fc1 forked beside the attention. */
+    /* The model runner's decode graph forks the MLP beside the attention
+     * (model_cuda.cu, text_layers): three forms of it. */
     CK(cudaMalloc((void **)&tm.y2, TC * sizeof(float)));
     tm.fork = 1;
     const float dec_fork_ms = time_step(text_step, &tm, reps);
@@ -588,8 +591,9 @@ int main(int argc, char **argv) {
            100.0 * floor_ms / dec_ms);
     printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, same graph again (run-to-run)", dec_ms2, 1e3 / dec_ms2);
     printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, fc1 forked beside attention", dec_fork_ms, 1e3 / dec_fork_ms);
-    printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, fc1+fc2 forked, then x += y2", dec_fork2_ms, 1e3 / dec_fork2_ms);
-    printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, fc1+fc2 forked, add in next LN (model)", dec_fork3_ms,
+    printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, fc1+fc2 forked, x += y2 (model's)", dec_fork2_ms,
+           1e3 / dec_fork2_ms);
+    printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, fc1+fc2 forked, add in next LN", dec_fork3_ms,
            1e3 / dec_fork3_ms);
     printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, graph without PDL", dec_nopdl_ms, 1e3 / dec_nopdl_ms);
     printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, eager launches", eager_ms, 1e3 / eager_ms);
