@@ -1040,9 +1040,9 @@ static albedo_status capture_decode(mdc_state *s, errbuf *e) {
                 s->ev_fork = s->ev_join = NULL;
                 cuda_ctx_free(s->ctx2);
                 s->ctx2 = NULL;
-                cudaGetLastError();
             }
         }
+        cudaGetLastError(); /* a failed allocation must not surface at the next launch */
     }
     CK(cudaStreamBeginCapture(s->st, cudaStreamCaptureModeThreadLocal));
     errbuf sub;
