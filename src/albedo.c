@@ -272,6 +272,11 @@ albedo_status albedo_session_new(albedo_model *m, albedo_session **out) {
         albedo_session_free(s);
         return fail(&e, st);
     }
+    /* A GPU session picks its greedy tokens on the device: only the id
+     * comes down, not the logits row (generate.c, step_pick; docs/CUDA.md).
+     * ALBEDO_CUDA_DEVICE_PICK=0 keeps every pick on the host. */
+    const char *dp = getenv("ALBEDO_CUDA_DEVICE_PICK");
+    s->st.dev_pick = m->cuda && !(dp && dp[0] == '0') ? MD_PICK_GREEDY : 0;
     *out = s;
     return ALBEDO_OK;
 }

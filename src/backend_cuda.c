@@ -243,7 +243,12 @@ albedo_status md_cuda_forward_batch(md_state *s, const float *emb, txt_seg *segs
     if (n_seg != 1 || segs[0].blocks || segs[0].k != s->k_cache)
         return errf(e, ALBEDO_ERR_UNSUPPORTED, "the CUDA backend runs one sequence on the session's own cache");
     const txt_seg *g = &segs[0];
-    albedo_status st = mdc_text_forward(s->cu, emb, g->T, g->pos0, g->n_prefix, g->logits != NULL, e);
+    /* A blocking session's greedy pick (generate.c, step_pick): the argmax
+     * on the device, only the id down. */
+    md_pick *pk = g->pick && !g->logits ? g->pick : NULL;
+    if (pk && pk->temperature > 0.0f) return errf(e, ALBEDO_ERR_INTERNAL, "a session's device pick must be greedy");
+    albedo_status st = mdc_text_forward(s->cu, emb, g->T, g->pos0, g->n_prefix, g->logits != NULL || pk,
+                                        pk ? pk->mask : NULL, pk ? pk->n_mask : 0, pk ? &pk->id : NULL, e);
     if (st) return st;
     const md_config *c = &s->m->cfg;
     if (g->hidden != s->hidden) memcpy(g->hidden, s->hidden, (size_t)c->dim * sizeof(float));

@@ -176,14 +176,16 @@ static int pick(gen *g, float *logits) {
 /* A step of T rows and the pick of the next token from its logits, with
  * ids mask[0 .. n_mask) excluded: argmax when greedy, else the request's
  * temperature and top-p. Where the state allows it (an engine ticket of a
- * GPU model, no on_logits hook) the pick runs on the device and only the id
+ * GPU model: every pick; a blocking session of one: argmax picks; neither
+ * with an on_logits hook) the pick runs on the device and only the id
  * comes back (docs/CUDA.md): argmax as on the host, sampling with the
  * device's draws, a hash of (seed, pick number). Otherwise the logits come
  * back and the host masks them and picks. */
 static albedo_status step_pick(gen *g, const float *emb, int T, const int32_t *mask, int n_mask, int greedy, int *tok) {
     albedo_session *s = g->s;
-    if (s->st.dev_pick && !s->on_logits && n_mask <= 2) {
-        md_pick pk = {.temperature = greedy ? 0.0f : g->r->temperature,
+    const float temp = greedy ? 0.0f : g->r->temperature;
+    if (s->st.dev_pick && !s->on_logits && n_mask <= 2 && (s->st.dev_pick == MD_PICK_ALL || temp <= 0.0f)) {
+        md_pick pk = {.temperature = temp,
                       .top_p = g->r->top_p,
                       .seed = g->r->seed,
                       .counter = g->n_pick++,

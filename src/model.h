@@ -188,6 +188,8 @@ typedef struct md_pick {
     int32_t id;
 } md_pick;
 
+enum { MD_PICK_GREEDY = 1, MD_PICK_ALL = 2 }; /* md_state.dev_pick */
+
 /* Working memory of one session: buffers sized from the config, the KV
  * cache and the ops context (threads). */
 typedef struct md_state {
@@ -216,9 +218,11 @@ typedef struct md_state {
     int32_t *moe_rows;    /* [T*k] token of each (expert-sorted) assignment */
     float *moe_roww;      /* [T*k] its weight */
     int32_t *moe_count;   /* [E + 1] assignments per expert, then offsets */
-    /* Device picks: dev_pick says the forwards of this state's owner (an
-     * engine ticket of a GPU model) may pick on the device; the generation
-     * loops then set pick for a step's duration (generate.c, step_pick). */
+    /* Device picks: dev_pick says which picks the forwards of this state's
+     * owner may make on the device: MD_PICK_ALL for an engine ticket of a
+     * GPU model, MD_PICK_GREEDY (argmax only, so the tokens are the host's)
+     * for a blocking session of one; the generation loops then set pick
+     * for a step's duration (generate.c, step_pick). */
     int dev_pick;
     md_pick *pick;
 } md_state;

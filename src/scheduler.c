@@ -530,7 +530,7 @@ static albedo_session *light_session(albedo_engine *E, errbuf *e) {
     /* A GPU step picks the next token on the device (generate.c's
      * step_pick), or copies the logits row into the ticket's pinned row
      * (lpin_take). */
-    s->st.dev_pick = E->dev_pick;
+    s->st.dev_pick = E->dev_pick ? MD_PICK_ALL : 0;
     return s;
 }
 

@@ -320,13 +320,17 @@ albedo_status text_forward_batch(md_state *s, const float *emb, txt_seg *segs, i
 }
 
 albedo_status text_forward(md_state *s, const float *emb, int T, int pos0, int n_prefix, int want_logits, errbuf *e) {
+    /* A GPU session's device pick (generate.c, step_pick) replaces the
+     * logits row. */
+    md_pick *pk = want_logits && s->cu ? s->pick : NULL;
     txt_seg g = {.k = s->k_cache,
                  .v = s->v_cache,
                  .pos0 = pos0,
                  .T = T,
                  .n_prefix = n_prefix,
                  .hidden = s->hidden,
-                 .logits = want_logits ? s->logits : NULL};
+                 .logits = want_logits && !pk ? s->logits : NULL,
+                 .pick = pk};
     return text_forward_batch(s, emb, &g, 1, NULL, e);
 }
 

@@ -8,7 +8,9 @@
  *      over 741 keys, proj GEMV (+= x), fc1 GEMV + gelu, fc2 GEMV (+= x)}
  *      -> LN -> lm_head GEMV -> argmax, all in one graph whose argmax
  *      feeds the next replay's embedding; against the floor = bytes read
- *      per token / the copy bandwidth measured in the same run;
+ *      per token / the copy bandwidth measured in the same run; and the
+ *      same step with the MLP on a second stream beside the attention
+ *      (the model runner's decode graph, docs/CUDA.md);
  *   2. prefill of the 730-token image prefix (T = 730, bidirectional),
  *      and 3. the vision encoder's 27 layers over 9 crops (T = 6561): the
  *      linears alone through cuBLASLt, attention alone, and whole layers,
@@ -35,6 +37,10 @@
 
 static cuda_ctx *G;
 static cudaStream_t S;
+/* The forked decode graph's second branch (model_cuda.cu, text_layers):
+ * fc1 on G2's stream beside qkv, rotary and attention. */
+static cuda_ctx *G2;
+static cudaEvent_t EV_FORK, EV_JOIN;
 
 #define CK(call)                                                                                   \
     do {                                                                                           \
@@ -202,6 +208,11 @@ typedef struct text {
     uint16_t *h, *qkv, *att, *f;
     int32_t *ids;
     int what;
+    /* Whole decode steps as the model runner's decode graph: 1 fc1 on G2's
+     * stream; 2 fc1 and fc2 (into y2, then x += y2: the model's form); 3
+     * the same with the add in the next layernorm (cuda_add_layernorm). */
+    int fork;
+    float *y2; /* [TC] */
 } text;
 
 /* what: 0 the whole step; 1 the linears alone; 2, 3, 4 the 24 layernorms,
@@ -212,10 +223,27 @@ static void text_step(void *arg) {
     /* Decode embeds the token the last replay chose; a prefill's rows (the
      * image embeddings) are already in x. */
     if (all && T == 1) OP(cuda_embed(G, m->x, m->wte, TV, TC, m->ids, 1));
+    const int fork = all && T == 1 ? m->fork : 0;
+    int pend = 0; /* fork 3: y2 to be added by the next layernorm */
     for (int i = 0; i < TL; i++) {
         tlayer *L = &m->l[i];
-        if (all || m->what == 2)
+        if (pend)
+            OP(cuda_add_layernorm(G, m->h, DT_BF16, TC, m->x, TC, m->y2, TC, 1, TC, L->ln_g, L->ln_b, DT_BF16, 1e-5f));
+        else if (all || m->what == 2)
             OP(cuda_layernorm(G, m->h, DT_BF16, m->x, DT_F32, T, TC, L->ln_g, L->ln_b, DT_BF16, 1e-5f));
+        pend = 0;
+        if (fork) {
+            cudaStream_t s2 = (cudaStream_t)cuda_ctx_stream(G2);
+            CK(cudaEventRecord(EV_FORK, S));
+            CK(cudaStreamWaitEvent(s2, EV_FORK, 0));
+            if (cuda_linear(G2, m->f, DT_BF16, TF, m->h, TC, T, &L->fc1, CUDA_ACT_GELU_TANH, 0) != ALBEDO_OK ||
+                (m->fork >= 2 &&
+                 cuda_linear(G2, m->y2, DT_F32, TC, m->f, TF, T, &L->fc2, CUDA_ACT_NONE, 0) != ALBEDO_OK)) {
+                fprintf(stderr, "fc1 on the second stream: %s\n", cuda_ctx_error(G2));
+                exit(1);
+            }
+            CK(cudaEventRecord(EV_JOIN, s2));
+        }
         if (all || m->what == 1) OP(cuda_linear(G, m->qkv, DT_BF16, 3 * TC, m->h, TC, T, &L->qkv, CUDA_ACT_NONE, 0));
         if (all || m->what == 3) {
             cuda_rope r;
@@ -235,16 +263,29 @@ static void text_step(void *arg) {
             a.out = m->att, a.ldo = TC;
             OP(cuda_attention(G, &a));
         }
+        if (fork == 1) CK(cudaStreamWaitEvent(S, EV_JOIN, 0));
+        if (fork >= 2) {
+            OP(cuda_linear(G, m->x, DT_F32, TC, m->att, TC, T, &L->proj, CUDA_ACT_NONE, 1));
+            CK(cudaStreamWaitEvent(S, EV_JOIN, 0));
+            if (fork == 2)
+                OP(cuda_add(G, m->x, DT_F32, m->y2, DT_F32, TC));
+            else
+                pend = 1;
+            continue;
+        }
         if (all || m->what == 1) {
             OP(cuda_linear(G, m->x, DT_F32, TC, m->att, TC, T, &L->proj, CUDA_ACT_NONE, 1));
-            OP(cuda_linear(G, m->f, DT_BF16, TF, m->h, TC, T, &L->fc1, CUDA_ACT_GELU_TANH, 0));
+            if (!fork) OP(cuda_linear(G, m->f, DT_BF16, TF, m->h, TC, T, &L->fc1, CUDA_ACT_GELU_TANH, 0));
             OP(cuda_linear(G, m->x, DT_F32, TC, m->f, TF, T, &L->fc2, CUDA_ACT_NONE, 1));
         }
     }
     /* Logits of the last row only. */
     const float *xl = m->x + (size_t)(T - 1) * TC;
     uint16_t *hl = m->h + (size_t)(T - 1) * TC;
-    if (all) OP(cuda_layernorm(G, hl, DT_BF16, xl, DT_F32, 1, TC, m->post_g, m->post_b, DT_BF16, 1e-5f));
+    if (pend)
+        OP(cuda_add_layernorm(G, hl, DT_BF16, TC, m->x, TC, m->y2, TC, 1, TC, m->post_g, m->post_b, DT_BF16, 1e-5f));
+    else if (all)
+        OP(cuda_layernorm(G, hl, DT_BF16, xl, DT_F32, 1, TC, m->post_g, m->post_b, DT_BF16, 1e-5f));
     if (all || m->what == 1) OP(cuda_linear(G, m->logits, DT_F32, TV, hl, TC, 1, &m->head, CUDA_ACT_NONE, 0));
     if (all) OP(cuda_argmax(G, m->ids, m->logits, 1, TV, TV));
 }
@@ -382,6 +423,13 @@ int main(int argc, char **argv) {
         return 1;
     }
     S = (cudaStream_t)cuda_ctx_stream(G);
+    if (cuda_ctx_new(0, &G2, &e) != ALBEDO_OK) {
+        fprintf(stderr, "cuda_ctx_new: %s\n", e.msg);
+        return 1;
+    }
+    CK(cudaEventCreateWithFlags(&EV_FORK, cudaEventDisableTiming));
+    CK(cudaEventCreateWithFlags(&EV_JOIN, cudaEventDisableTiming));
+    CK(cudaDeviceSynchronize());
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     int rt = 0, drv = 0;
@@ -459,6 +507,16 @@ int main(int argc, char **argv) {
     cuda_ctx_set_pdl(G, 0);
     const float dec_nopdl_ms = time_step(text_step, &tm, reps);
     const float dec_ms2 = (cuda_ctx_set_pdl(G, 1), time_step(text_step, &tm, reps));
+    /* The model runner's decode graph forks the MLP beside the attention
+     * (model_cuda.cu, text_layers): three forms of it. */
+    CK(cudaMalloc((void **)&tm.y2, TC * sizeof(float)));
+    tm.fork = 1;
+    const float dec_fork_ms = time_step(text_step, &tm, reps);
+    tm.fork = 2;
+    const float dec_fork2_ms = time_step(text_step, &tm, reps);
+    tm.fork = 3;
+    const float dec_fork3_ms = time_step(text_step, &tm, reps);
+    tm.fork = 0;
     /* The weight GEMVs alone (no attention, norms, rope, argmax), with and
      * without PDL, and the other kernels of the step by kind. */
     tm.what = 1;
@@ -532,6 +590,11 @@ int main(int argc, char **argv) {
            "decode b=1, depth 740, CUDA graph", dec_ms, 1e3 / dec_ms, floor_ms, dbytes / 1e9,
            100.0 * floor_ms / dec_ms);
     printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, same graph again (run-to-run)", dec_ms2, 1e3 / dec_ms2);
+    printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, fc1 forked beside attention", dec_fork_ms, 1e3 / dec_fork_ms);
+    printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, fc1+fc2 forked, x += y2 (model's)", dec_fork2_ms,
+           1e3 / dec_fork2_ms);
+    printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, fc1+fc2 forked, add in next LN", dec_fork3_ms,
+           1e3 / dec_fork3_ms);
     printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, graph without PDL", dec_nopdl_ms, 1e3 / dec_nopdl_ms);
     printf("%-46s %10.3f %9.0f tok/s\n", "decode b=1, eager launches", eager_ms, 1e3 / eager_ms);
     printf("%-46s %10.3f %9.0f GB/s   %.0f%% of copy bandwidth (%.2f GB of weights)\n",
@@ -557,6 +620,7 @@ int main(int argc, char **argv) {
            vis_att_flops / (vis_att_ms * 1e-3) / 1e12, 100.0 * vis_att_flops / (vis_att_ms * 1e-3) / P);
     printf("\nlast token %d, non-finite logits %d; linear paths: cuBLASLt+epilogue %ld, +bias kernel %ld, GEMV %ld\n",
            tok, nonfinite, fused, unfused, gemv);
+    cuda_ctx_free(G2);
     cuda_ctx_free(G);
     return nonfinite || tok < 0 || tok >= TV ? 1 : 0;
 }

@@ -20,12 +20,15 @@
  *   (rows padded by 16 bytes: ldmatrix rows land in distinct banks).
  *
  *   attn_decode_kernel (T <= 8: decode). Flash-decoding: the visible keys
- *   are cut into chunks so that about two blocks per SM run even for one
- *   query; a block scores its chunk (one key per thread, 16-byte loads),
- *   takes the chunk's softmax, sums P·V with 8 dims per thread, and writes
+ *   are cut into chunks (128 keys, a 32-key tile per warp, while that
+ *   leaves at most ~8 blocks per SM; at least ~2 blocks per SM); each warp
+ *   scores its tiles (one key per lane, 16-byte loads), keeps its own
+ *   online softmax with shuffles and sums P·V with 8 dims per lane, with no
+ *   block barrier; one barrier merges the warps, and the block writes
  *   (m, l, o) to scratch. The last block of a (row, head) to finish — an
  *   arrival counter — merges the chunks and resets the counter, so the
- *   whole op is one launch and graph replays need no memset.
+ *   whole op is one launch and graph replays need no memset. Keys before
+ *   the step's first position are loaded before the PDL wait.
  */
 #include "cuda_internal.cuh"
 
@@ -356,33 +359,58 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
 
 /* ---- split-key decode attention ------------------------------------------------- */
 
-#define DEC_THREADS 128
-#define DEC_MAX_CHUNK 2048
-#define DEC_VPRE 8 /* value rows each P·V thread keeps in flight */
+#define DEC_WARPS 4
+#define DEC_THREADS (DEC_WARPS * 32)
+#define DEC_TILE 32       /* keys a warp takes at once: one per lane for the scores */
+#define DEC_KP 8          /* K pieces (8 dims each) a lane holds at once: 64 dims */
+#define DEC_VP 8          /* V pieces a lane holds at once */
+#define DEC_MERGE 8       /* chunk partials the merging block loads at once */
+#define DEC_KEYS_PREF 128 /* keys a block prefers: one tile per warp */
 
-/* K/V are loaded through the read-only path (kvt<F8>::ld): they are not
- * written during the kernel. */
+__device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+/* One block = one chunk of keys of one (query row, head); each warp walks
+ * its 32-key tiles with its own online softmax, so no block barrier sits
+ * between the scores, the softmax and P·V:
+ *
+ *   scores   lane = key: its whole K row (up to 64 dims a batch), dot with
+ *            q from this warp's shared copy; the tile's max by shuffles.
+ *   P·V      lane = (8-dim group dg, key slot ks): ng = D/8 groups and
+ *            32/ng slots; a lane sums the keys ks, ks + slots, ... of the
+ *            tile over its 8 dims, each key's weight shuffled from the lane
+ *            that scored it.
+ *
+ * Before the PDL wait, each warp loads its first tile's K and V rows into
+ * registers and asks L2 for the rest: every key before pos0 (the step's
+ * first position) was written by an earlier step, so the loads overlap
+ * the kernels still running ahead (rope_kv, the qkv GEMV). Keys from pos0
+ * on (this step's rope writes) and q are read after the wait. Then one
+ * barrier merges the warps (m, l, o) in shared memory; with several
+ * chunks each block writes its partial and the last to arrive (an
+ * arrival counter, reset by that block) merges them, one load of all
+ * chunks per output dim. Scores are in log2 units (scale_log2). */
 template <bool F8>
-__global__ void __launch_bounds__(DEC_THREADS)
+__global__ void __launch_bounds__(DEC_THREADS, 4)
     attn_decode_kernel(cuda_attn a, float scale_log2, int chunk, int n_chunks, float *part, int *count) {
     typedef kvt<F8> K8;
     typedef typename K8::T KT;
-    pdl_trigger();
-    pdl_wait();
-    __shared__ float qs[128];
-    __shared__ float red[32];
-    __shared__ float acc_s[DEC_THREADS * 8];
+    typedef typename K8::C KC;
+    __shared__ __align__(16) float qs[DEC_WARPS][128];
+    __shared__ float acc_s[DEC_WARPS][256]; /* [warp][slot * D + d] */
+    __shared__ float ml_s[DEC_WARPS][2];
     __shared__ int is_last;
-    extern __shared__ float sc[]; /* [chunk] */
+    pdl_trigger();
 
-    const int tid = threadIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tid = threadIdx.x;
     const int ci = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
     const int s = z / a.T, t = z % a.T;
     const int g = h / (a.H / a.Hkv);
     const int D = a.D;
-    /* With a device position (graph replay) or segments, the keys visible
-     * now are spread over the launch's n_chunks blocks: chunks of at most
-     * the launch's chunk (sized from the capacity a.S). */
+    /* Positions, segments and block tables were uploaded before the step's
+     * first kernel, so they may be read before the wait. With a device
+     * position (graph replay) or segments, the keys visible now are spread
+     * over the launch's n_chunks blocks: chunks of at most the launch's
+     * chunk (sized from the capacity a.S). */
     int pos0 = a.pos_dev ? *a.pos_dev : a.pos0, n_prefix = a.n_prefix, T = a.T;
     long qo = s * a.q_seq, os = s * a.o_seq, ks = s * a.k_seq, vs = s * a.v_seq;
     if (a.seg) {
@@ -401,106 +429,190 @@ __global__ void __launch_bounds__(DEC_THREADS)
     const int p = pos0 + t;
     const int kend = key_end(p, n_prefix, S);
     const int j0 = ci * chunk, j1 = j0 + chunk < kend ? j0 + chunk : kend;
-    const bf16 *q = (const bf16 *)a.q + qo + (long)t * a.ldq + (long)h * D;
     const KT *k = (const KT *)a.k + ks + (long)g * a.k_head;
     const KT *v = (const KT *)a.v + vs + (long)g * a.v_head;
 
-    /* P·V's thread = (8-dim group dg, key slot). Its first DEC_VPRE values
-     * are loaded now, before the scores: they depend on nothing computed
-     * here, so their latency hides behind the scores and the softmax. */
-    const int ng = D / 8, nslots = DEC_THREADS / ng;
-    const int dg = tid % ng, slot = tid / ng;
-    typename K8::C vpre[DEC_VPRE];
+    const int ng = D / 8, nslot = 32 / ng, kpl = (32 + nslot - 1) / nslot;
+    const int dg = lane % ng, ksl = lane / ng;
+    const bool vlane = ksl < nslot;
+    const int nk = ng < DEC_KP ? ng : DEC_KP;
+
+    /* Before the wait: the first tile's old keys and values into registers,
+     * the later tiles' old rows into L2. */
+    const int jt0 = j0 + warp * DEC_TILE;
+    KC kr[DEC_KP], vr[DEC_VP];
+    {
+        const int j = jt0 + lane;
+        const bool ok = j < j1 && j < pos0;
+        const KT *row = ok ? k + key_row(bt, bs, j) * a.ldk : k;
 #pragma unroll
-    for (int u = 0; u < DEC_VPRE; u++) {
-        const int j = j0 + slot + u * nslots;
-        vpre[u] = K8::zero();
-        if (slot < nslots && j < j1) vpre[u] = K8::ld(v + key_row(bt, bs, j) * a.ldv + dg * 8);
+        for (int c = 0; c < DEC_KP; c++) kr[c] = ok && c < nk ? K8::ld(row + c * 8) : K8::zero();
+#pragma unroll
+        for (int u = 0; u < DEC_VP; u++) {
+            const int jj = jt0 + ksl + u * nslot;
+            vr[u] = vlane && u < kpl && jj < j1 && jj < pos0 ? K8::ld(v + key_row(bt, bs, jj) * a.ldv + dg * 8)
+                                                             : K8::zero();
+        }
+        for (int jt = jt0 + DEC_WARPS * DEC_TILE; jt < j1; jt += DEC_WARPS * DEC_TILE) {
+            const int jl = jt + lane;
+            if (jl < j1 && jl < pos0) {
+                const long r = key_row(bt, bs, jl);
+                for (int b = 0; b < D * (int)sizeof(KT); b += 128) {
+                    prefetch_l2((const char *)(k + r * a.ldk) + b);
+                    prefetch_l2((const char *)(v + r * a.ldv) + b);
+                }
+            }
+        }
+    }
+    pdl_wait();
+
+    /* q (rotated by the step's rope) into this warp's copy. */
+    const bf16 *q = (const bf16 *)a.q + qo + (long)t * a.ldq + (long)h * D;
+    for (int d = 2 * lane; d < D; d += 64) {
+        const float2 f = __bfloat1622float2(*(const __nv_bfloat162 *)(q + d));
+        qs[warp][d] = f.x, qs[warp][d + 1] = f.y;
+    }
+    __syncwarp();
+
+    /* The first tile's new keys and values (from pos0 on: this step's). */
+    {
+        const int j = jt0 + lane;
+        if (j < j1 && j >= pos0) {
+            const KT *row = k + key_row(bt, bs, j) * a.ldk;
+#pragma unroll
+            for (int c = 0; c < DEC_KP; c++)
+                if (c < nk) kr[c] = K8::ld(row + c * 8);
+        }
+#pragma unroll
+        for (int u = 0; u < DEC_VP; u++) {
+            const int jj = jt0 + ksl + u * nslot;
+            if (vlane && u < kpl && jj < j1 && jj >= pos0) vr[u] = K8::ld(v + key_row(bt, bs, jj) * a.ldv + dg * 8);
+        }
     }
 
-    for (int d = tid; d < D; d += DEC_THREADS) qs[d] = __bfloat162float(q[d]);
-    __syncthreads();
-
-    /* Scores: one key per thread, its whole row loaded before the first use. */
-    float mx = -INFINITY;
-    for (int j = j0 + tid; j < j1; j += DEC_THREADS) {
-        const KT *kr = k + key_row(bt, bs, j) * a.ldk;
+    float m = -INFINITY, l = 0.0f, acc[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) acc[e] = 0.0f;
+    for (int jt = jt0; jt < j1; jt += DEC_WARPS * DEC_TILE) {
+        const int j = jt + lane;
         float dot = 0.0f;
-        for (int b8 = 0; b8 < D / 8; b8 += 8) { /* 64 dims a batch: one batch for D <= 64 */
-            typename K8::C kv[8];
 #pragma unroll
-            for (int c8 = 0; c8 < 8; c8++)
-                if (b8 + c8 < D / 8) kv[c8] = K8::ld(kr + (b8 + c8) * 8);
+        for (int c = 0; c < DEC_KP; c++) {
+            if (c >= nk) break;
+            float kf[8];
+            K8::cvt(kr[c], kf);
+            const float4 q0 = *(const float4 *)&qs[warp][c * 8], q1 = *(const float4 *)&qs[warp][c * 8 + 4];
+            dot = fmaf(q0.x, kf[0], dot), dot = fmaf(q0.y, kf[1], dot), dot = fmaf(q0.z, kf[2], dot);
+            dot = fmaf(q0.w, kf[3], dot), dot = fmaf(q1.x, kf[4], dot), dot = fmaf(q1.y, kf[5], dot);
+            dot = fmaf(q1.z, kf[6], dot), dot = fmaf(q1.w, kf[7], dot);
+        }
+        /* Heads wider than 64: the rest of the row, 64 dims at a time. */
+        for (int b8 = DEC_KP; b8 < ng; b8 += DEC_KP) {
+            KC kx[DEC_KP];
+            const KT *row = k + (j < j1 ? key_row(bt, bs, j) : 0) * a.ldk;
 #pragma unroll
-            for (int c8 = 0; c8 < 8; c8++) {
-                if (b8 + c8 >= D / 8) break;
+            for (int c = 0; c < DEC_KP; c++) kx[c] = j < j1 && b8 + c < ng ? K8::ld(row + (b8 + c) * 8) : K8::zero();
+#pragma unroll
+            for (int c = 0; c < DEC_KP; c++) {
+                if (b8 + c >= ng) break;
                 float kf[8];
-                K8::cvt(kv[c8], kf);
+                K8::cvt(kx[c], kf);
 #pragma unroll
-                for (int e = 0; e < 8; e++) dot = fmaf(qs[(b8 + c8) * 8 + e], kf[e], dot);
+                for (int e = 0; e < 8; e++) dot = fmaf(qs[warp][(b8 + c) * 8 + e], kf[e], dot);
             }
         }
         /* Inside [0, kend) every key but a non-prefix future one is visible. */
-        const float x = visible(p, j, n_prefix) ? dot * scale_log2 : -INFINITY;
-        sc[j - j0] = x;
-        mx = fmaxf(mx, x);
-    }
-    const float M = block_max(mx, red);
-    float ls = 0.0f;
-    for (int j = j0 + tid; j < j1; j += DEC_THREADS) {
-        const float pv = M == -INFINITY ? 0.0f : exp2f(sc[j - j0] - M);
-        sc[j - j0] = pv;
-        ls += pv;
-    }
-    const float L = block_sum(ls, red); /* its barriers also publish sc */
-
-    float acc[8];
+        const float x = j < j1 && visible(p, j, n_prefix) ? dot * scale_log2 : -INFINITY;
+        /* Online softmax over the warp's tiles: the tile's first key is
+         * visible, so mn is finite. */
+        const float mn = fmaxf(m, warp_max(x));
+        const float alpha = exp2f(m - mn), pj = exp2f(x - mn);
+        l = fmaf(l, alpha, pj);
 #pragma unroll
-    for (int e = 0; e < 8; e++) acc[e] = 0.0f;
-    if (slot < nslots) {
+        for (int e = 0; e < 8; e++) acc[e] *= alpha;
+        m = mn;
+        /* P·V: the slot's keys in batches of DEC_VP values. */
 #pragma unroll
-        for (int u = 0; u < DEC_VPRE; u++) {
-            const int j = j0 + slot + u * nslots;
-            if (j >= j1) break;
-            const float w = sc[j - j0];
+        for (int u = 0; u < DEC_VP; u++) {
+            if (u >= kpl) break;
+            const int kk = ksl + u * nslot;
+            const float w = __shfl_sync(0xffffffffu, pj, kk & 31);
             float vf[8];
-            K8::cvt(vpre[u], vf);
-#pragma unroll
-            for (int e = 0; e < 8; e++) acc[e] = fmaf(w, vf[e], acc[e]);
-        }
-        /* The rest (long chunks) in batches of DEC_VPRE loads in flight. */
-        for (int jb = j0 + slot + DEC_VPRE * nslots; jb < j1; jb += DEC_VPRE * nslots) {
-#pragma unroll
-            for (int u = 0; u < DEC_VPRE; u++) {
-                const int j = jb + u * nslots;
-                if (j < j1) vpre[u] = K8::ld(v + key_row(bt, bs, j) * a.ldv + dg * 8);
-            }
-#pragma unroll
-            for (int u = 0; u < DEC_VPRE; u++) {
-                const int j = jb + u * nslots;
-                if (j >= j1) break;
-                const float w = sc[j - j0];
-                float vf[8];
-                K8::cvt(vpre[u], vf);
+            K8::cvt(vr[u], vf);
+            if (vlane && kk < 32 && jt + kk < j1) {
 #pragma unroll
                 for (int e = 0; e < 8; e++) acc[e] = fmaf(w, vf[e], acc[e]);
             }
         }
+        for (int u0 = DEC_VP; u0 < kpl; u0 += DEC_VP) { /* few dims a lane: more keys a slot */
+            KC vx[DEC_VP];
 #pragma unroll
-        for (int e = 0; e < 8; e++) acc_s[slot * D + dg * 8 + e] = acc[e];
+            for (int u = 0; u < DEC_VP; u++) {
+                const int kk = ksl + (u0 + u) * nslot;
+                vx[u] = vlane && u0 + u < kpl && kk < 32 && jt + kk < j1
+                            ? K8::ld(v + key_row(bt, bs, jt + kk) * a.ldv + dg * 8)
+                            : K8::zero();
+            }
+#pragma unroll
+            for (int u = 0; u < DEC_VP; u++) {
+                if (u0 + u >= kpl) break;
+                const int kk = ksl + (u0 + u) * nslot;
+                const float w = __shfl_sync(0xffffffffu, pj, kk & 31);
+                float vf[8];
+                K8::cvt(vx[u], vf);
+                if (vlane && kk < 32 && jt + kk < j1) {
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[e] = fmaf(w, vf[e], acc[e]);
+                }
+            }
+        }
+        /* The warp's next tile (long chunks: wide batches, deep contexts),
+         * its rows already asked into L2 before the wait. */
+        const int jt2 = jt + DEC_WARPS * DEC_TILE, jn = jt2 + lane;
+        const KT *row = k + (jn < j1 ? key_row(bt, bs, jn) : 0) * a.ldk;
+#pragma unroll
+        for (int c = 0; c < DEC_KP; c++) kr[c] = jn < j1 && c < nk ? K8::ld(row + c * 8) : K8::zero();
+#pragma unroll
+        for (int u = 0; u < DEC_VP; u++) {
+            const int jj = jt2 + ksl + u * nslot;
+            vr[u] = vlane && u < kpl && jj < j1 ? K8::ld(v + key_row(bt, bs, jj) * a.ldv + dg * 8) : K8::zero();
+        }
     }
+    l = warp_sum(l);
+    if (vlane) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc_s[warp][ksl * D + dg * 8 + e] = acc[e];
+    }
+    if (lane == 0) ml_s[warp][0] = m, ml_s[warp][1] = l;
     __syncthreads();
+
+    /* The block's (M, L, o): its warps' partials rescaled to the block max. */
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < DEC_WARPS; w++) M = fmaxf(M, ml_s[w][0]);
+    float L = 0.0f, o = 0.0f;
+#pragma unroll
+    for (int w = 0; w < DEC_WARPS; w++) {
+        const float mw = ml_s[w][0];
+        if (mw == -INFINITY) continue;
+        const float wt = exp2f(mw - M);
+        L = fmaf(wt, ml_s[w][1], L);
+        if (tid < D) {
+            float ow = 0.0f;
+            for (int sl = 0; sl < nslot; sl++) ow += acc_s[w][sl * D + tid];
+            o = fmaf(wt, ow, o);
+        }
+    }
+    const float vsc = F8 ? a.v_scale : 1.0f; /* the values' scale, applied once */
+    bf16 *out = (bf16 *)a.out + os + (long)t * a.ldo + (long)h * D;
+    if (n_chunks == 1) {
+        if (tid < D) out[tid] = __float2bfloat16_rn(o / L * vsc);
+        return;
+    }
     const long base = ((long)z * a.H + h) * n_chunks;
     float *mine = part + (base + ci) * ATTN_DSTRIDE;
-    for (int d = tid; d < D; d += DEC_THREADS) {
-        float o = 0.0f;
-        for (int sl = 0; sl < nslots; sl++) o += acc_s[sl * D + d];
-        mine[d] = o;
-    }
-    if (tid == 0) {
-        mine[128] = M;
-        mine[129] = L;
-    }
+    if (tid < D) mine[tid] = o;
+    if (tid == 0) mine[128] = M, mine[129] = L;
 
     /* The last block of this (row, head) merges the chunks. */
     __threadfence();
@@ -509,57 +621,34 @@ __global__ void __launch_bounds__(DEC_THREADS)
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    const float *pp = part + base * ATTN_DSTRIDE;
-    bf16 *out = (bf16 *)a.out + os + (long)t * a.ldo + (long)h * D;
-    const float vsc = F8 ? a.v_scale : 1.0f; /* the values' scale, applied once */
-    if (n_chunks <= DEC_THREADS * 4) {
-        /* Every chunk's (m, l) at once into shared memory, the weights
-         * 2^(m - M) once, then each output dim's partials 8 loads at a
-         * time: a few dependent loads instead of two chains of n_chunks. */
-        float *mw = acc_s, *lw = acc_s + DEC_THREADS * 4;
-        float mloc = -INFINITY;
-        for (int c = tid; c < n_chunks; c += DEC_THREADS) {
-            const float *pc = pp + (long)c * ATTN_DSTRIDE;
-            mw[c] = __ldcg(pc + 128);
-            lw[c] = __ldcg(pc + 129);
-            mloc = fmaxf(mloc, mw[c]);
-        }
-        const float Mx = block_max(mloc, red); /* its barriers also publish mw, lw */
-        float dloc = 0.0f;
-        for (int c = tid; c < n_chunks; c += DEC_THREADS) {
-            const float w = mw[c] == -INFINITY ? 0.0f : exp2f(mw[c] - Mx);
-            mw[c] = w;
-            dloc += w * lw[c];
-        }
-        const float den = block_sum(dloc, red); /* ... and the weights */
-        for (int d = tid; d < D; d += DEC_THREADS) {
-            float num = 0.0f;
-            int c = 0;
-            for (; c + 8 <= n_chunks; c += 8) {
-                float pv[8];
+    if (tid < D) {
+        const float *pp = part + base * ATTN_DSTRIDE;
+        float Mx = -INFINITY, num = 0.0f, den = 0.0f;
+        for (int c0 = 0; c0 < n_chunks; c0 += DEC_MERGE) {
+            float mc[DEC_MERGE], lc[DEC_MERGE], oc[DEC_MERGE];
 #pragma unroll
-                for (int u = 0; u < 8; u++) pv[u] = __ldcg(pp + (long)(c + u) * ATTN_DSTRIDE + d);
+            for (int u = 0; u < DEC_MERGE; u++) {
+                const float *pc = pp + (long)(c0 + u) * ATTN_DSTRIDE;
+                const bool in = c0 + u < n_chunks;
+                mc[u] = in ? __ldcg(pc + 128) : -INFINITY;
+                lc[u] = in ? __ldcg(pc + 129) : 0.0f;
+                oc[u] = in ? __ldcg(pc + tid) : 0.0f;
+            }
+            float bm = Mx;
 #pragma unroll
-                for (int u = 0; u < 8; u++) num = fmaf(mw[c + u], pv[u], num);
+            for (int u = 0; u < DEC_MERGE; u++) bm = fmaxf(bm, mc[u]);
+            if (bm == -INFINITY) continue;
+            const float r = exp2f(Mx - bm);
+            num *= r, den *= r;
+#pragma unroll
+            for (int u = 0; u < DEC_MERGE; u++) {
+                const float wt = exp2f(mc[u] - bm); /* 0 for an empty chunk (-inf) */
+                num = fmaf(wt, oc[u], num);
+                den = fmaf(wt, lc[u], den);
             }
-            for (; c < n_chunks; c++) num = fmaf(mw[c], __ldcg(pp + (long)c * ATTN_DSTRIDE + d), num);
-            out[d] = __float2bfloat16_rn(F8 ? num / den * vsc : num / den);
+            Mx = bm;
         }
-    } else {
-        float Mx = -INFINITY;
-        for (int c = 0; c < n_chunks; c++) Mx = fmaxf(Mx, __ldcg(pp + (long)c * ATTN_DSTRIDE + 128));
-        for (int d = tid; d < D; d += DEC_THREADS) {
-            float num = 0.0f, den = 0.0f;
-            for (int c = 0; c < n_chunks; c++) {
-                const float *pc = pp + (long)c * ATTN_DSTRIDE;
-                const float mc = __ldcg(pc + 128);
-                if (mc == -INFINITY) continue;
-                const float w = exp2f(mc - Mx);
-                num += w * __ldcg(pc + d);
-                den += w * __ldcg(pc + 129);
-            }
-            out[d] = __float2bfloat16_rn(F8 ? num / den * vsc : num / den);
-        }
+        out[tid] = __float2bfloat16_rn(num / den * vsc);
     }
     if (tid == 0) count[z * a.H + h] = 0;
 }
@@ -578,10 +667,6 @@ albedo_status cuda_attention_init(cuda_ctx *c) {
                                    (int)fa_shape<DP>::bytes));
     FA_INSTANCES(FA_ATTR)
 #undef FA_ATTR
-    CU_TRY(c, cudaFuncSetAttribute(attn_decode_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   DEC_MAX_CHUNK * (int)sizeof(float)));
-    CU_TRY(c, cudaFuncSetAttribute(attn_decode_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   DEC_MAX_CHUNK * (int)sizeof(float)));
     return ALBEDO_OK;
 }
 
@@ -625,30 +710,31 @@ albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a) {
         return cuda_fail(c, ALBEDO_ERR_INTERNAL, "cuda_attention: no kernel for D=%d", a->D);
     }
 
-    /* Decode: enough chunks for ~2 blocks per SM, each at most DEC_MAX_CHUNK
-     * keys and a multiple of 32, within the partial-result scratch. */
+    /* Decode: chunks of DEC_KEYS_PREF keys (a tile per warp) while that
+     * makes at most ~8 blocks per SM; at least ~2 blocks per SM; multiples
+     * of 32 keys; within the partial-result scratch. */
     const long rows = (long)a->n_seq * a->T * a->H;
     CU_ARG(c, (long)a->n_seq * a->T <= 65535);
     const int kmax = a->S; /* no row sees past key S-1 (with pos_dev: the capacity) */
-    int n_chunks = (int)((2L * c->n_sm + rows - 1) / rows);
-    const int min_chunks = (kmax + DEC_MAX_CHUNK - 1) / DEC_MAX_CHUNK;
-    if (n_chunks < min_chunks) n_chunks = min_chunks;
-    if (n_chunks > (kmax + 31) / 32) n_chunks = (kmax + 31) / 32;
-    if (n_chunks < 1) n_chunks = 1;
-    int chunk = (kmax + n_chunks - 1) / n_chunks;
-    chunk = (chunk + 31) / 32 * 32;
-    if (chunk > DEC_MAX_CHUNK) chunk = DEC_MAX_CHUNK;
-    n_chunks = (kmax + chunk - 1) / chunk;
+    const long fill = (2L * c->n_sm + rows - 1) / rows, most = (8L * c->n_sm + rows - 1) / rows;
+    long n = (kmax + DEC_KEYS_PREF - 1) / DEC_KEYS_PREF;
+    if (n > most) n = most;
+    if (n < fill) n = fill;
+    if (n > ATTN_SLOTS / rows) n = ATTN_SLOTS / rows;
+    if (n > (kmax + 31) / 32) n = (kmax + 31) / 32;
+    if (n < 1) n = 1;
+    const int chunk = (int)((kmax + n - 1) / n + 31) / 32 * 32;
+    const int n_chunks = (kmax + chunk - 1) / chunk;
     if (rows * n_chunks > ATTN_SLOTS)
         return cuda_fail(c, ALBEDO_ERR_LIMIT, "cuda_attention: %ld query rows × heads × %d key chunks exceed %d slots",
                          rows, n_chunks, ATTN_SLOTS);
     const dim3 grid(n_chunks, a->H, a->n_seq * a->T);
     if (a->kv_fp8)
-        CU_TRY(c, (launch_k(c, attn_decode_kernel<true>, dim3(grid), dim3(DEC_THREADS), chunk * sizeof(float), *a, sl2,
-                            chunk, n_chunks, c->attn_part, c->attn_count)));
+        CU_TRY(c, (launch_k(c, attn_decode_kernel<true>, dim3(grid), dim3(DEC_THREADS), 0, *a, sl2, chunk, n_chunks,
+                            c->attn_part, c->attn_count)));
     else
-        CU_TRY(c, (launch_k(c, attn_decode_kernel<false>, dim3(grid), dim3(DEC_THREADS), chunk * sizeof(float), *a, sl2,
-                            chunk, n_chunks, c->attn_part, c->attn_count)));
+        CU_TRY(c, (launch_k(c, attn_decode_kernel<false>, dim3(grid), dim3(DEC_THREADS), 0, *a, sl2, chunk, n_chunks,
+                            c->attn_part, c->attn_count)));
     CU_LAUNCHED(c);
     return ALBEDO_OK;
 }

@@ -213,7 +213,7 @@ struct mdc_state {
     float *xg;         /* [seqs, dim]: the last row of each sequence of a paged step */
     int32_t *meta;     /* paged steps: rows, segments, block tables, gathered rows (see paged_meta) */
     int32_t *ids;      /* [8]: ids[0] = bos */
-    int *pos_dev;      /* [1]: the decode graph's position */
+    int *pos_dev;      /* [4]: the decode graph's position, then the two ids its pick masks (-1: none) */
     unsigned char *kv; /* [n_layers][2][Hkv][max_ctx][D] of kv_es bytes */
     /* vision */
     uint8_t *crops;    /* [vcap, cs, cs, 3] */
@@ -229,7 +229,7 @@ struct mdc_state {
     /* host */
     float *stage; /* pinned: [STAGE_ROWS, dim] rows up, one row (hidden) down, the position */
     float *stage_hidden;
-    int *stage_pos;
+    int *stage_pos;    /* [3]: position and masked ids, up in one copy */
     float *logits_pin; /* pinned [vocab], when logits_host could not be page-locked */
     float *logits_host, *hidden_host;
     int reg_logits;
@@ -250,6 +250,13 @@ struct mdc_state {
     /* decode graph */
     int graphs; /* allowed */
     cudaGraphExec_t graph;
+    /* The decode graph's second branch (text_layers): fc1 on ctx2's stream
+     * beside qkv, rotary and attention; made at the first capture unless
+     * ALBEDO_CUDA_FORK=0. */
+    cuda_ctx *ctx2;
+    cudaEvent_t ev_fork, ev_join;
+    int fork;  /* 1: fc1 on the branch; 2: fc1 and fc2 (into y2) */
+    float *y2; /* [dim]: the branch's fc2 output, added into x after the join */
     int n_captured, last_graph;
     char graph_err[512];  /* why capturing failed, if it did */
     md3_state *md3;       /* Moondream 3's working memory, or NULL */
@@ -450,7 +457,8 @@ static size_t state_layout(mdc_state *s, const mdc_model *m, int max_ctx, unsign
     CARVE(pick_ids, int32_t, nseq);
     CARVE(pick_mask, int32_t, 2 * nseq);
     CARVE(pick_ctr, uint64_t, nseq);
-    CARVE(pos_dev, int, 1);
+    CARVE(pos_dev, int, 4);
+    CARVE(y2, float, d->dim);
     CARVE(kv, unsigned char,
           (s->flags & MDC_KV) ? (size_t)d->n_layers * 2 * m->Hkv *(size_t)max_ctx * m->D * m->kv_es : 0);
     CARVE(crops, uint8_t, (size_t)s->vcap * d->crop_size * d->crop_size * 3);
@@ -688,6 +696,9 @@ void mdc_state_free(mdc_state *s) {
     cudaFreeHost(s->pick_hmem);
     md3_state_free(s->md3);
     cudaFree(s->mem);
+    if (s->ev_fork) cudaEventDestroy(s->ev_fork);
+    if (s->ev_join) cudaEventDestroy(s->ev_join);
+    cuda_ctx_free(s->ctx2);
     cuda_ctx_free(s->ctx);
     free(s);
 }
@@ -738,7 +749,7 @@ albedo_status mdc_state_new_ex(mdc_model *m, int max_ctx, int rows, int seqs, in
         ce = cudaHostAlloc((void **)&s->meta_h, s->meta_cap * sizeof(int32_t), cudaHostAllocDefault);
     if (ce == cudaSuccess && s->meta_cap)
         ce = cudaHostAlloc((void **)&s->down_hidden, (size_t)seqs * m->d.dim * sizeof(float), cudaHostAllocDefault);
-    if (ce == cudaSuccess && s->meta_cap &&
+    if (ce == cudaSuccess &&
         (ce = cudaHostAlloc((void **)&s->pick_hmem, (size_t)seqs * 20, cudaHostAllocDefault)) == cudaSuccess) {
         s->pick_ctr_h = (uint64_t *)s->pick_hmem;
         s->pick_ids_h = (int32_t *)(s->pick_hmem + (size_t)seqs * 8);
@@ -913,10 +924,30 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
     const mdc_desc *d = &m->d;
     const int dim = d->dim, dimp = round8(dim), ffp = round8(d->ff_dim), qd = m->H * m->D;
     const size_t head = (size_t)s->max_ctx * m->D, layer = 2 * (size_t)m->Hkv * head; /* elements */
+    /* The decode graph (pos_dev) forks each dense layer: the MLP needs only
+     * h, so it streams its weights on ctx2's stream while qkv, rotary, the
+     * attention and proj run on the main one, and the attention's latency
+     * hides behind it. fork 2: fc1, then fc2 into y2 (not added), and after
+     * proj and the join x += y2, so x gets proj's sum then fc2's as on the
+     * eager path (the GEMV adds (dot + bias) into y), bit for bit. fork 1:
+     * fc1 alone on the branch, proj after the join, then fc2 += as before. */
+    const int fork = pos_dev && s->ctx2 ? s->fork : 0;
     for (int l = 0; l < d->n_layers; l++) {
         const dtblock *b = &m->tb[l];
         unsigned char *kc = s->kv + (size_t)l * layer * m->kv_es, *vc = kc + (size_t)m->Hkv * head * m->kv_es;
+        const int moe = m->md3 && md3_layer_moe(m->md3, l), par = fork && !moe;
         OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->x, DT_F32, dim, T, dim, b->ln_w, b->ln_b, DT_F32, 1e-5f));
+        if (par) {
+            cudaStream_t st2 = (cudaStream_t)cuda_ctx_stream(s->ctx2);
+            CK(cudaEventRecord(s->ev_fork, s->st));
+            CK(cudaStreamWaitEvent(st2, s->ev_fork, 0));
+            albedo_status st =
+                cuda_linear(s->ctx2, s->f, DT_BF16, ffp, s->h, dimp, T, &b->fc1.w, CUDA_ACT_GELU_TANH, 0);
+            if (!st && fork == 2)
+                st = cuda_linear(s->ctx2, s->y2, DT_F32, dim, s->f, ffp, T, &b->fc2.w, CUDA_ACT_NONE, 0);
+            if (st) return errf(e, st, "cuda: %s", cuda_ctx_error(s->ctx2));
+            CK(cudaEventRecord(s->ev_join, st2));
+        }
         OPK(cuda_linear(s->ctx, s->qkv, DT_BF16, m->qkvw, s->h, dimp, T, &b->qkv.w, CUDA_ACT_NONE, 0));
         if (m->md3) { /* Moondream 3: tau scales q and v before rotary and the cache */
             albedo_status st = md3_tau(m->md3, s->md3, s->ctx, l, s->qkv, m->qkvw, T, T, pos0, pos_dev, NULL, 0, e);
@@ -939,13 +970,23 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
         a.out = s->att, a.ldo = qd;
         a.kv_fp8 = m->kv_fp8, a.k_scale = m->k_scale, a.v_scale = m->v_scale;
         OPK(cuda_attention(s->ctx, &a));
+        if (fork == 1 && par) CK(cudaStreamWaitEvent(s->st, s->ev_join, 0));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->att, qd, T, &b->proj.w, CUDA_ACT_NONE, 1));
-        if (m->md3 && md3_layer_moe(m->md3, l)) { /* Moondream 3's experts: x += moe(h) */
+        if (moe) { /* Moondream 3's experts: x += moe(h) */
             albedo_status st = md3_moe(m->md3, s->md3, s->ctx, l, s->h, dimp, s->x, dim, T, T, e);
             if (st) return st;
             continue;
         }
-        OPK(cuda_linear(s->ctx, s->f, DT_BF16, ffp, s->h, dimp, T, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
+        if (fork == 2 && par) {
+            /* The join. A small kernel here keeps the next layernorm a plain
+             * link of the PDL chain: with the join on the layernorm itself
+             * (cuda_add_layernorm, one kernel fewer) bench_decode's step took
+             * 1.24 ms instead of 1.18 on an H100. */
+            CK(cudaStreamWaitEvent(s->st, s->ev_join, 0));
+            OPK(cuda_add(s->ctx, s->x, DT_F32, s->y2, DT_F32, (size_t)dim));
+            continue;
+        }
+        if (!par) OPK(cuda_linear(s->ctx, s->f, DT_BF16, ffp, s->h, dimp, T, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->f, ffp, T, &b->fc2.w, CUDA_ACT_NONE, 1));
     }
     if (want_logits) {
@@ -957,11 +998,56 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
     return ALBEDO_OK;
 }
 
-/* Capture the one-row decode step with the position read from pos_dev. */
+static std::atomic<long> g_device_picks(0);
+
+long mdc_device_picks(void) { return g_device_picks.load(); }
+
+/* logits row r: the ids mask[2r], mask[2r+1] (those >= 0) set to -inf. */
+__global__ void mask_logits_kernel(float *logits, int V, const int32_t *mask) {
+    pdl_trigger();
+    pdl_wait();
+    const int id = mask[2 * blockIdx.x + threadIdx.x];
+    if (id >= 0 && id < V) logits[(size_t)blockIdx.x * V + id] = -INFINITY;
+}
+
+/* A session's greedy pick from its logits row: the ids mask[0..1] (those
+ * >= 0, device memory) set to -inf, then the argmax into pick_ids[0] (the
+ * first index on a tie, NaN never: sampler_argmax's rule). Part of the
+ * decode graph, where mask is pos_dev + 1, uploaded with the position. */
+static albedo_status greedy_pick(mdc_state *s, const int32_t *mask, errbuf *e) {
+    const int V = s->m->d.vocab;
+    LAUNCH(mask_logits_kernel, 1, 2, s->logits, V, mask);
+    OPK(cuda_argmax(s->ctx, s->pick_ids, s->logits, 1, V, V));
+    return ALBEDO_OK;
+}
+
+/* Capture the one-row decode step with the position read from pos_dev, and
+ * the greedy pick of its token (greedy_pick). */
 static albedo_status capture_decode(mdc_state *s, errbuf *e) {
+    const char *fenv = getenv("ALBEDO_CUDA_FORK");
+    s->fork = fenv && fenv[0] == '1' ? 1 : 2; /* "0": one chain; "1": only fc1 on the branch */
+    if (!s->ctx2 && !(fenv && fenv[0] == '0')) {
+        /* The second branch's context (its stream, scratch and settings)
+         * and the fork / join events. Without them the graph is one chain. */
+        errbuf sub;
+        if (cuda_ctx_new(s->m->device, &s->ctx2, &sub) == ALBEDO_OK) {
+            if (!getenv("ALBEDO_CUDA_GEMV_MAX_T")) cuda_ctx_set_gemv_max(s->ctx2, 2);
+            if (cudaEventCreateWithFlags(&s->ev_fork, cudaEventDisableTiming) != cudaSuccess ||
+                cudaEventCreateWithFlags(&s->ev_join, cudaEventDisableTiming) != cudaSuccess ||
+                cudaStreamSynchronize((cudaStream_t)cuda_ctx_stream(s->ctx2)) != cudaSuccess) {
+                if (s->ev_fork) cudaEventDestroy(s->ev_fork);
+                if (s->ev_join) cudaEventDestroy(s->ev_join);
+                s->ev_fork = s->ev_join = NULL;
+                cuda_ctx_free(s->ctx2);
+                s->ctx2 = NULL;
+            }
+        }
+        cudaGetLastError(); /* a failed allocation must not surface at the next launch */
+    }
     CK(cudaStreamBeginCapture(s->st, cudaStreamCaptureModeThreadLocal));
     errbuf sub;
     albedo_status st = text_layers(s, 1, 0, s->pos_dev, 0, 1, &sub);
+    if (!st) st = greedy_pick(s, s->pos_dev + 1, &sub);
     cudaGraph_t g = NULL;
     cudaError_t ce = cudaStreamEndCapture(s->st, &g);
     if (st) {
@@ -979,7 +1065,7 @@ static albedo_status capture_decode(mdc_state *s, errbuf *e) {
 }
 
 albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int pos0, int n_prefix, int want_logits,
-                               errbuf *e) {
+                               const int32_t *pick_mask, int n_mask, int32_t *pick_id, errbuf *e) {
     const mdc_desc *d = &s->m->d;
     if (s->sticky) {
         albedo_status st = s->sticky;
@@ -989,9 +1075,15 @@ albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int p
     if (!(s->flags & MDC_KV)) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: a forward on a state without a KV cache");
     if (T < 1 || pos0 < 0 || pos0 + T > s->max_ctx)
         return errf(e, ALBEDO_ERR_LIMIT, "context length %d exceeds the maximum of %d positions", pos0 + T, s->max_ctx);
+    if (pick_id && (!want_logits || n_mask < 0 || n_mask > 2))
+        return errf(e, ALBEDO_ERR_INTERNAL, "cuda: a pick needs the logits and at most 2 masked ids");
     CK(cudaSetDevice(s->m->device));
     const size_t row = (size_t)d->dim * sizeof(float);
     const int use_graph = s->graphs && T == 1 && want_logits && pos0 >= n_prefix;
+    /* The ids the pick masks, uploaded with the position (-1: none; a step
+     * whose logits come down masks nothing). */
+    s->stage_pos[1] = pick_id && n_mask > 0 ? pick_mask[0] : -1;
+    s->stage_pos[2] = pick_id && n_mask > 1 ? pick_mask[1] : -1;
     if (use_graph && !s->graph) {
         /* Captured on an idle stream, before this step's uploads. A capture
          * that fails leaves the session on eager launches (the reason is kept
@@ -1012,22 +1104,32 @@ albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int p
     }
     s->last_graph = 0;
     if (use_graph && s->graph) {
-        *s->stage_pos = pos0;
-        CK(cudaMemcpyAsync(s->pos_dev, s->stage_pos, sizeof(int), cudaMemcpyHostToDevice, s->st));
+        s->stage_pos[0] = pos0;
+        CK(cudaMemcpyAsync(s->pos_dev, s->stage_pos, 3 * sizeof(int), cudaMemcpyHostToDevice, s->st));
         CK(cudaGraphLaunch(s->graph, s->st));
         s->last_graph = 1;
     } else {
         albedo_status st = text_layers(s, T, pos0, NULL, n_prefix, want_logits, e);
         if (st) return st;
+        if (pick_id) {
+            CK(cudaMemcpyAsync(s->pos_dev + 1, s->stage_pos + 1, 2 * sizeof(int), cudaMemcpyHostToDevice, s->st));
+            if ((st = greedy_pick(s, s->pos_dev + 1, e))) return st;
+        }
     }
     CK(cudaMemcpyAsync(s->stage_hidden, s->x + (size_t)(T - 1) * d->dim, row, cudaMemcpyDeviceToHost, s->st));
     float *lg = s->reg_logits ? s->logits_host : s->logits_pin;
-    if (want_logits)
+    if (pick_id)
+        CK(cudaMemcpyAsync(s->pick_ids_h, s->pick_ids, sizeof(int32_t), cudaMemcpyDeviceToHost, s->st));
+    else if (want_logits)
         CK(cudaMemcpyAsync(lg, s->logits, (size_t)d->vocab * sizeof(float), cudaMemcpyDeviceToHost, s->st));
     albedo_status st = finish(s, e);
     if (st) return st;
     memcpy(s->hidden_host, s->stage_hidden, row);
-    if (want_logits && !s->reg_logits) memcpy(s->logits_host, s->logits_pin, (size_t)d->vocab * sizeof(float));
+    if (pick_id) {
+        *pick_id = s->pick_ids_h[0];
+        g_device_picks++;
+    } else if (want_logits && !s->reg_logits)
+        memcpy(s->logits_host, s->logits_pin, (size_t)d->vocab * sizeof(float));
     return ALBEDO_OK;
 }
 
@@ -1041,18 +1143,6 @@ __global__ void gather_rows_kernel(float *dst, const float *src, const int32_t *
     float *o = dst + (size_t)blockIdx.x * C;
     for (int i = threadIdx.x; i < C; i += blockDim.x) o[i] = r[i];
 }
-
-/* logits row r: the ids mask[2r], mask[2r+1] (those >= 0) set to -inf. */
-__global__ void mask_logits_kernel(float *logits, int V, const int32_t *mask) {
-    pdl_trigger();
-    pdl_wait();
-    const int id = mask[2 * blockIdx.x + threadIdx.x];
-    if (id >= 0 && id < V) logits[(size_t)blockIdx.x * V + id] = -INFINITY;
-}
-
-static std::atomic<long> g_device_picks(0);
-
-long mdc_device_picks(void) { return g_device_picks.load(); }
 
 static std::atomic<long> g_paged_graph_steps(0);
 

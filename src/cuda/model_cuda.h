@@ -211,11 +211,15 @@ void mdc_prefix_free(mdc_prefix *p); /* NULL is a no-op */
 /* text_forward on the device: emb_host [T, dim] at positions pos0.., K/V
  * into the cache, n_prefix the bidirectional prefix. hidden_host (the
  * state's) gets the last row before post_ln; logits_host too when
- * want_logits. A step of one row with logits at pos0 >= n_prefix replays a
+ * want_logits, unless pick_id is not NULL: then the ids pick_mask[0 ..
+ * n_mask) (n_mask <= 2) are set to -inf on the device, the argmax (first
+ * index on a tie, NaN never) lands in *pick_id, and the logits row stays on
+ * the device. A step of one row with logits at pos0 >= n_prefix replays a
  * CUDA graph (captured at the session's first such step, with the position
- * read from device memory) unless ALBEDO_CUDA_GRAPH=0. */
+ * and the masked ids read from device memory; the argmax is part of it)
+ * unless ALBEDO_CUDA_GRAPH=0. */
 albedo_status mdc_text_forward(mdc_state *s, const float *emb_host, int T, int pos0, int n_prefix, int want_logits,
-                               errbuf *e);
+                               const int32_t *pick_mask, int n_mask, int32_t *pick_id, errbuf *e);
 
 /* For tests: layer l's keys and values at positions 0 .. n_pos-1 as float
  * [n_pos, Hkv*D] (the CPU cache's layout). */

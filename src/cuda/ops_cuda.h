@@ -106,6 +106,12 @@ albedo_status cuda_layernorm(cuda_ctx *c, void *y, dtype ydt, const void *x, dty
  * columns C..ld-1 of y are not written). cuda_layernorm is ldx = ldy = C. */
 albedo_status cuda_layernorm_ld(cuda_ctx *c, void *y, dtype ydt, int ldy, const void *x, dtype xdt, int ldx, int T,
                                 int C, const void *g, const void *b, dtype pdt, float eps);
+/* x[T, ldx] += r[T, ldr] (float32), then y = layernorm(x) as above, in one
+ * kernel (the decode graph adds its branch's fc2 output this way). The new
+ * x and y equal cuda_add followed by cuda_layernorm_ld bit for bit. Needs
+ * C <= 4096; y must not overlap x or r. */
+albedo_status cuda_add_layernorm(cuda_ctx *c, void *y, dtype ydt, int ldy, float *x, int ldx, const float *r, int ldr,
+                                 int T, int C, const void *g, const void *b, dtype pdt, float eps);
 
 /* In place on n elements of dtype dt. */
 albedo_status cuda_gelu_tanh(cuda_ctx *c, void *x, dtype dt, size_t n);
@@ -173,7 +179,12 @@ albedo_status cuda_rope_kv(cuda_ctx *c, const cuda_rope *r);
  * spread over the SMs, merged by the last block); larger T runs the
  * tensor-core flash kernel (64 queries × 64 keys per tile, online softmax).
  * Needs D % 8 == 0, D <= 128, H % Hkv == 0, and q, k, v 16-byte aligned
- * with every stride a multiple of 8 elements. */
+ * with every stride a multiple of 8 elements.
+ * The decode kernel (T <= 8) reads the keys and values before position
+ * pos0 (a segment's pos0_s) before its PDL wait, that is possibly while the
+ * kernels issued ahead of it still run: those must have been written by
+ * earlier steps (rope_kv writes only from pos0 on). q and the keys from
+ * pos0 on are read after the wait. */
 typedef struct cuda_attn {
     int T, S, H, Hkv, D;
     int pos0, n_prefix;
