@@ -35,6 +35,7 @@
  * Nothing here synchronises with the host or allocates: both paths can be
  * captured into a CUDA graph.
  */
+#include <limits.h>
 #include <mma.h>
 #include <stdio.h>
 
@@ -796,14 +797,14 @@ static constexpr int moe_mma_smem(int mb, int bk, int st, int f8) {
  * ldmatrix land in distinct banks). K % 8 == 0 as for moe_gemm_kernel.
  * F8: e4m3 W stages widened into one bf16 tile each K step (exact), the row
  * scales applied in the epilogue. */
-template <int UP, int MB, int BK, int ST, int F8>
-__global__ void __launch_bounds__(128)
+template <int UP, int MB, int BK, int ST, int F8, int WM>
+__global__ void __launch_bounds__(WM * 64, WM == 4 ? 2 : 1)
     moe_mma_kernel(const int2 *tiles, const int *n_tiles, const int *off, const int32_t *rows, const bf16 *A, int lda,
                    const void *W, long w_exp, int ldw, const float *sc, long sc_exp, int N, int Kd, int I, bf16 *act,
                    int ldact, float *y, int ldy) {
-    constexpr int NT = 128, KP = BK + 8, PC = BK / 8, KB = BK + 16, WR = MOE_MMA_WR;
+    constexpr int NT = WM * 64, KP = BK + 8, PC = BK / 8, KB = BK + 16, WR = MOE_MMA_WR;
     constexpr int A_BYTES = MB * KP * 2, W_BYTES = F8 ? WR * KB : WR * KP * 2, STAGE = A_BYTES + W_BYTES;
-    constexpr int MS = MB / 32; /* 16-row slabs per warp */
+    constexpr int MS = MB / (16 * WM); /* 16-row slabs per warp */
     extern __shared__ __align__(128) unsigned char smem[];
     bf16 *wide = (bf16 *)(smem + ST * STAGE);                       /* F8: [WR][KP] */
     int *arow = (int *)(smem + ST * STAGE + (F8 ? WR * KP * 2 : 0)); /* [MB]: A's source row, -1 past the tile */
@@ -813,33 +814,38 @@ __global__ void __launch_bounds__(128)
     const int2 tl = tiles[blockIdx.x];
     const int e = tl.x, r0 = tl.y, nr = min(MB, off[e + 1] - r0);
     const int n0 = blockIdx.y * (UP ? WR / 2 : WR);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp % WM, wn = warp / WM;
     const int mr = (nr + 15) & ~15; /* rows loaded: whole slabs */
     for (int r = tid; r < MB; r += NT) arow[r] = r < nr ? (UP ? rows[r0 + r] : r0 + r) : -1;
     __syncthreads();
 
     /* Each thread copies the same pieces every K step: A rows ar + i·(NT/PC)
      * at column kc, W rows wr0 + i·(NT/WPC) at column wc. Their sources and
-     * validity are fixed here; a step adds k0. */
+     * validity are fixed here; a step adds k0. (With 8 warps, 128 registers
+     * a thread: A's sources are read from arow at each step instead, and the
+     * fragments are single-buffered; 16 warps an SM hide the latency.) */
+    constexpr int NB = WM == 2 ? 2 : 1; /* fragment buffers */
     constexpr int WPC = F8 ? BK / 16 : PC, WE = F8 ? 16 : 8; /* W pieces per row, elements per piece */
     constexpr int AI = MB * PC / NT, WI = WR * WPC / NT;     /* pieces per thread */
     constexpr int ARS = NT / PC, WRS = NT / WPC;             /* row step between a thread's pieces */
     const int ar = tid / PC, kc = (tid % PC) * 8, wr0 = tid / WPC, wc = (tid % WPC) * WE;
-    const bf16 *asrc[AI];
+    const bf16 *asrc[NB == 2 ? AI : 1];
     unsigned aok = 0, wok = 0;
+    if constexpr (NB == 2) {
 #pragma unroll
-    for (int i = 0; i < AI; i++) {
-        const int r = ar + i * ARS, src = r < mr ? arow[r] : -1;
-        asrc[i] = A + (src >= 0 ? (long)src * lda + kc : 0);
-        if (src >= 0) aok |= 1u << i;
+        for (int i = 0; i < AI; i++) {
+            const int r = ar + i * ARS, src = r < mr ? arow[r] : -1;
+            asrc[i] = A + (src >= 0 ? (long)src * lda + kc : 0);
+            if (src >= 0) aok |= 1u << i;
+        }
     }
     const unsigned char *wsrc = (const unsigned char *)W + (F8 ? e * w_exp : e * w_exp * 2);
-    long woff[WI];
+    int woff[WI]; /* bytes within the expert (cuda_moe_mlp checks they fit an int) */
 #pragma unroll
     for (int i = 0; i < WI; i++) {
         const int r = wr0 + i * WRS, n = n0 + (UP && r >= WR / 2 ? r - WR / 2 : r);
         const int wrow = UP && r >= WR / 2 ? I + n : n;
-        woff[i] = n < N ? ((long)wrow * ldw + wc) * (F8 ? 1 : 2) : 0;
+        woff[i] = n < N ? (wrow * ldw + wc) * (F8 ? 1 : 2) : 0;
         if (n < N) wok |= 1u << i;
     }
 
@@ -850,8 +856,13 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
         for (int i = 0; i < AI; i++) {
             if (ar + i * ARS >= mr) break; /* rows grow with i: the rest are past the slabs too */
-            const int ok = (aok >> i & 1u) && ka;
-            cp16(sa + (ar + i * ARS) * KP + kc, ok ? asrc[i] + k0 : A, ok);
+            if constexpr (NB == 2) {
+                const int ok = (aok >> i & 1u) && ka;
+                cp16(sa + (ar + i * ARS) * KP + kc, ok ? asrc[i] + k0 : A, ok);
+            } else {
+                const int src = arow[ar + i * ARS], ok = src >= 0 && ka;
+                cp16(sa + (ar + i * ARS) * KP + kc, ok ? A + (long)src * lda + kc + k0 : A, ok);
+            }
         }
 #pragma unroll
         for (int i = 0; i < WI; i++) {
@@ -883,7 +894,7 @@ __global__ void __launch_bounds__(128)
     }
     /* fragments of one k16 step: every ldmatrix of the step is issued before
      * its first mma, and the next step's before this step's mmas */
-    uint32_t fa[2][MS][4], fb[2][8][2];
+    uint32_t fa[NB][MS][4], fb[NB][8][2];
     auto frags = [&](int buf, const bf16 *sa, const bf16 *sb, int kk) {
 #pragma unroll
         for (int j = 0; j < 8; j += 2) {
@@ -895,7 +906,7 @@ __global__ void __launch_bounds__(128)
         }
 #pragma unroll
         for (int i = 0; i < MS; i++) {
-            const int m0 = (wm + 2 * i) * 16;
+            const int m0 = (wm + WM * i) * 16;
             if (m0 >= nr) break; /* slabs grow with i */
             moe_ldsm_x4(fa[buf][i], sa + (m0 + a_r) * KP + kk + a_k);
         }
@@ -918,14 +929,15 @@ __global__ void __launch_bounds__(128)
         } else {
             sb = (const bf16 *)(smem + (kt % ST) * STAGE + A_BYTES);
         }
-        frags(0, sa, sb, 0);
+        if (NB == 2) frags(0, sa, sb, 0);
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
-            const int cur = (kk / 16) & 1;
-            if (kk + 16 < BK) frags(cur ^ 1, sa, sb, kk + 16);
+            const int cur = NB == 2 ? (kk / 16) & 1 : 0;
+            if (NB == 1) frags(0, sa, sb, kk);
+            else if (kk + 16 < BK) frags(cur ^ 1, sa, sb, kk + 16);
 #pragma unroll
             for (int i = 0; i < MS; i++) {
-                if ((wm + 2 * i) * 16 >= nr) break;
+                if ((wm + WM * i) * 16 >= nr) break;
 #pragma unroll
                 for (int j = 0; j < 8; j++) moe_mma16816(acc[i][j], fa[cur][i], fb[cur][j][0], fb[cur][j][1]);
             }
@@ -938,7 +950,7 @@ __global__ void __launch_bounds__(128)
     const int g = lane >> 2, t2 = (lane & 3) * 2;
 #pragma unroll
     for (int i = 0; i < MS; i++) {
-        const int m0 = (wm + 2 * i) * 16;
+        const int m0 = (wm + WM * i) * 16;
         if (m0 >= nr) break;
 #pragma unroll
         for (int j = 0; j < (UP ? 4 : 8); j++) {
@@ -1065,7 +1077,7 @@ static albedo_status moe_gemms(cuda_ctx *c, const cuda_moe *m, const moe_scr *s,
 
 /* The same on moe_mma_kernel: fc1 in blocks of 64 columns (both halves),
  * fc2 in blocks of 128. */
-template <int MB, int BK, int ST, int F8>
+template <int MB, int BK, int ST, int F8, int WM>
 static albedo_status moe_mmas(cuda_ctx *c, const cuda_moe *m, const moe_scr *s, int max_tiles) {
     const int D = m->dim, I = m->inner;
     const void *w1 = F8 ? (const void *)m->q1 : (const void *)m->w1;
@@ -1073,15 +1085,15 @@ static albedo_status moe_mmas(cuda_ctx *c, const cuda_moe *m, const moe_scr *s, 
     const int ldw1 = F8 ? m->ldq1 : m->ld1, ldw2 = F8 ? m->ldq2 : m->ld2, k1 = F8 ? moe_pad8(D) : m->ld1;
     const long w1e = (long)2 * I * ldw1, w2e = (long)D * ldw2;
     constexpr int sm = moe_mma_smem(MB, BK, ST, F8);
-    CU_TRY(c, cudaFuncSetAttribute(moe_mma_kernel<1, MB, BK, ST, F8>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
-    CU_TRY(c, cudaFuncSetAttribute(moe_mma_kernel<0, MB, BK, ST, F8>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
-    CU_TRY(c, launch_k(c, moe_mma_kernel<1, MB, BK, ST, F8>, dim3(max_tiles, (I + MOE_MMA_WR / 2 - 1) / (MOE_MMA_WR / 2)),
-                       dim3(128), sm, (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off,
+    CU_TRY(c, cudaFuncSetAttribute(moe_mma_kernel<1, MB, BK, ST, F8, WM>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
+    CU_TRY(c, cudaFuncSetAttribute(moe_mma_kernel<0, MB, BK, ST, F8, WM>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
+    CU_TRY(c, launch_k(c, moe_mma_kernel<1, MB, BK, ST, F8, WM>, dim3(max_tiles, (I + MOE_MMA_WR / 2 - 1) / (MOE_MMA_WR / 2)),
+                       dim3(WM * 64), sm, (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off,
                        (const int32_t *)s->rows, (const bf16 *)m->h, m->ldh, w1, w1e, ldw1, m->s1, (long)2 * I, I, k1,
                        I, s->act, s->ldact, (float *)NULL, 0));
     CU_LAUNCHED(c);
-    CU_TRY(c, launch_k(c, moe_mma_kernel<0, MB, BK, ST, F8>, dim3(max_tiles, (D + MOE_MMA_WR - 1) / MOE_MMA_WR),
-                       dim3(128), sm, (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off,
+    CU_TRY(c, launch_k(c, moe_mma_kernel<0, MB, BK, ST, F8, WM>, dim3(max_tiles, (D + MOE_MMA_WR - 1) / MOE_MMA_WR),
+                       dim3(WM * 64), sm, (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off,
                        (const int32_t *)s->rows, (const bf16 *)s->act, s->ldact, w2, w2e, ldw2, m->s2, (long)D, D,
                        s->ldact, 0, (bf16 *)NULL, 0, s->y, D));
     CU_LAUNCHED(c);
@@ -1090,7 +1102,7 @@ static albedo_status moe_mmas(cuda_ctx *c, const cuda_moe *m, const moe_scr *s, 
 
 /* Grouped GEMM shapes (cuda_moe.gemm): 1-4 moe_gemm_kernel (WMMA), 5-7
  * moe_mma_kernel: tile rows, K step, stages. */
-static int moe_tile_rows(int g) { return g == 3 || g == 4 || g == 5 || g == 6 ? 128 : 64; }
+static int moe_tile_rows(int g) { return g == 1 || g == 2 || g == 7 ? 64 : 128; }
 
 template <int F8> static albedo_status moe_grouped(cuda_ctx *c, const cuda_moe *m, const moe_scr *s, int g, int mt) {
     switch (g) {
@@ -1098,9 +1110,11 @@ template <int F8> static albedo_status moe_grouped(cuda_ctx *c, const cuda_moe *
     case 2: return moe_gemms<64, 64, 3, F8>(c, m, s, mt);
     case 3: return moe_gemms<128, 32, 2, F8>(c, m, s, mt);
     case 4: return moe_gemms<128, 64, 3, F8>(c, m, s, mt);
-    case 5: return moe_mmas<128, 64, 3, F8>(c, m, s, mt);
-    case 6: return moe_mmas<128, 32, 4, F8>(c, m, s, mt);
-    default: return moe_mmas<64, 64, 3, F8>(c, m, s, mt);
+    case 5: return moe_mmas<128, 64, 3, F8, 2>(c, m, s, mt);
+    case 6: return moe_mmas<128, 32, 4, F8, 2>(c, m, s, mt);
+    case 7: return moe_mmas<64, 64, 3, F8, 2>(c, m, s, mt);
+    case 8: return moe_mmas<128, 64, 3, F8, 4>(c, m, s, mt);
+    default: return moe_mmas<128, 32, 4, F8, 4>(c, m, s, mt);
     }
 }
 
@@ -1118,6 +1132,8 @@ albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
         CU_ARG(c, is_aligned(m->w1, 16) && is_aligned(m->w2, 16) && is_aligned(m->h, 16) && m->scratch);
     }
     CU_ARG(c, (long)T * K <= CUDA_MOE_MAX_ASSIGN);
+    /* moe_mma_kernel addresses an expert's weights with int byte offsets */
+    CU_ARG(c, (long)2 * I * (f8 ? m->ldq1 : 2L * m->ld1) <= INT_MAX && (long)D * (f8 ? m->ldq2 : 2L * m->ld2) <= INT_MAX);
     if (!T) return ALBEDO_OK;
     /* The padding columns D..ld1 of h and of W1, and I..ld2 of act and W2,
      * are zeros (the caller's h and weights; act's are written here). */

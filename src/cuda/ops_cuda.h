@@ -320,7 +320,8 @@ typedef struct cuda_moe {
     int path; /* 0: by T; 1: the GEMVs; 2: grouped (for tests) */
     int gemm; /* grouped GEMM tiles (rows, K step, stages): WMMA 1: 64, 32, 2; 2: 64, 64, 3;
                * 3: 128, 32, 2; 4: 128, 64, 3; mma.sync 5: 128, 64, 3; 6: 128, 32, 4;
-               * 7: 64, 64, 3; 0: by T·K (below) */
+               * 7: 64, 64, 3; the same on 8 warps 8: 128, 64, 3; 9: 128, 32, 4;
+               * 0: by T·K (below) */
 } cuda_moe;
 /* The tiles measured best on an H100: for fewer than CUDA_MOE_GEMM_LARGE_TK
  * assignments (a prompt: bound by reading the touched experts), and from
@@ -332,7 +333,7 @@ typedef struct cuda_moe {
 #define CUDA_MOE_GEMM_SMALL 5
 #define CUDA_MOE_GEMM_LARGE 5
 #define CUDA_MOE_GEMM_LARGE_TK 1024
-#define CUDA_MOE_GEMM_SHAPES 7
+#define CUDA_MOE_GEMM_SHAPES 9
 size_t cuda_moe_scratch_bytes(int T, int E, int K, int dim, int inner);
 
 /* Per-row e4m3 quantisation (FP8 experts): for each of the rows rows of w

@@ -1705,6 +1705,7 @@ static void test_md3_ops(void) {
         test_moe(64, 64, 8, 2048, 1024, 2, 0, 4);
         test_moe(64, 64, 8, 2048, 1024, 2, 0, 5); /* the mma.sync tiles at full shape */
         test_moe(64, 64, 8, 2048, 1024, 2, 0, 7);
+        test_moe(64, 64, 8, 2048, 1024, 2, 0, 8);
     }
     /* FP8 experts: the quantiser, then the GEMVs and every grouped tile shape
      * on the same odd sizes and several E/K, md3-small's and Moondream 3's
@@ -1729,6 +1730,7 @@ static void test_md3_ops(void) {
         test_moe(64, 64, 8, 2048, 1024, 2, 0, 4, 1);
         test_moe(64, 64, 8, 2048, 1024, 2, 0, 5, 1);
         test_moe(64, 64, 8, 2048, 1024, 2, 0, 7, 1);
+        test_moe(64, 64, 8, 2048, 1024, 2, 0, 8, 1);
     }
     /* Bad arguments come back as statuses. */
     cuda_moe m;
