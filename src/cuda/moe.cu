@@ -18,18 +18,21 @@
  *           expert: Σ_k w_k·act_k·W2[e_k][n], added into x in rank order).
  *           T > 4 (prefill): the T·k assignments grouped by expert on the
  *           device — moe_sort_kernel (one block: a histogram, offsets, a
- *           list of 128-row tiles per expert, each assignment's place) — then
- *           a grouped GEMM over the tiles for each weight matrix
- *           (moe_gemm_kernel, bf16 tensor cores through WMMA, fp32
- *           accumulation, cp.async double buffering; rows of A gathered by
- *           token for fc1; the GeGLU epilogue fused into fc1's), and
+ *           list of 64- or 128-row tiles per expert, each assignment's
+ *           place) — then a grouped GEMM over the tiles for each weight
+ *           matrix (moe_mma_kernel: bf16 mma.sync.m16n8k16 with ldmatrix
+ *           fragments, fp32 accumulators in registers, a cp.async multi-stage
+ *           pipeline, 16-row slabs past a tile's end skipped; rows of A
+ *           gathered by token for fc1; the GeGLU epilogue fused into fc1's,
+ *           from the registers; moe_gemm_kernel, the earlier WMMA form, stays
+ *           selectable for comparison: cuda_moe.gemm 1-4), and
  *           moe_combine_kernel: x[t] += Σ_k w_k·y[place(t, k)], in a fixed
  *           order, so the result does not depend on the order of atomics.
  *   FP8     the same with e4m3 experts and a float scale per row
  *           (cuda_moe.q1/q2, s1/s2; docs/CUDA.md, FP8 experts):
  *           moe_up_gemv_f8_kernel / moe_down_gemv_f8_kernel (8-byte weight
  *           loads, each input piece shared by several rows), and
- *           moe_gemm_kernel<..., F8 = 1> (e4m3 W stages widened to a bf16
+ *           moe_mma_kernel<..., F8 = 1> (e4m3 W stages widened to a bf16
  *           tile in shared memory each K step, the scale in the epilogue);
  *           quant_e4m3_rows_kernel makes them at upload.
  * Nothing here synchronises with the host or allocates: both paths can be
@@ -806,7 +809,7 @@ __global__ void __launch_bounds__(WM * 64, WM == 4 ? 2 : 1)
     constexpr int A_BYTES = MB * KP * 2, W_BYTES = F8 ? WR * KB : WR * KP * 2, STAGE = A_BYTES + W_BYTES;
     constexpr int MS = MB / (16 * WM); /* 16-row slabs per warp */
     extern __shared__ __align__(128) unsigned char smem[];
-    bf16 *wide = (bf16 *)(smem + ST * STAGE);                       /* F8: [WR][KP] */
+    bf16 *wide = (bf16 *)(smem + ST * STAGE);                        /* F8: [WR][KP] */
     int *arow = (int *)(smem + ST * STAGE + (F8 ? WR * KP * 2 : 0)); /* [MB]: A's source row, -1 past the tile */
     pdl_trigger();
     pdl_wait();
@@ -824,7 +827,7 @@ __global__ void __launch_bounds__(WM * 64, WM == 4 ? 2 : 1)
      * validity are fixed here; a step adds k0. (With 8 warps, 128 registers
      * a thread: A's sources are read from arow at each step instead, and the
      * fragments are single-buffered; 16 warps an SM hide the latency.) */
-    constexpr int NB = WM == 2 ? 2 : 1; /* fragment buffers */
+    constexpr int NB = WM == 2 ? 2 : 1;                      /* fragment buffers */
     constexpr int WPC = F8 ? BK / 16 : PC, WE = F8 ? 16 : 8; /* W pieces per row, elements per piece */
     constexpr int AI = MB * PC / NT, WI = WR * WPC / NT;     /* pieces per thread */
     constexpr int ARS = NT / PC, WRS = NT / WPC;             /* row step between a thread's pieces */
@@ -868,8 +871,10 @@ __global__ void __launch_bounds__(WM * 64, WM == 4 ? 2 : 1)
         for (int i = 0; i < WI; i++) {
             const int ok = (wok >> i & 1u) && kw;
             const unsigned char *src = ok ? wsrc + woff[i] + (long)k0 * (F8 ? 1 : 2) : (const unsigned char *)W;
-            if constexpr (F8) cp16(sb + (wr0 + i * WRS) * KB + wc, src, ok);
-            else cp16((bf16 *)sb + (wr0 + i * WRS) * KP + wc, src, ok);
+            if constexpr (F8)
+                cp16(sb + (wr0 + i * WRS) * KB + wc, src, ok);
+            else
+                cp16((bf16 *)sb + (wr0 + i * WRS) * KP + wc, src, ok);
         }
     };
 
@@ -933,8 +938,10 @@ __global__ void __launch_bounds__(WM * 64, WM == 4 ? 2 : 1)
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             const int cur = NB == 2 ? (kk / 16) & 1 : 0;
-            if (NB == 1) frags(0, sa, sb, kk);
-            else if (kk + 16 < BK) frags(cur ^ 1, sa, sb, kk + 16);
+            if (NB == 1)
+                frags(0, sa, sb, kk);
+            else if (kk + 16 < BK)
+                frags(cur ^ 1, sa, sb, kk + 16);
 #pragma unroll
             for (int i = 0; i < MS; i++) {
                 if ((wm + WM * i) * 16 >= nr) break;
@@ -972,11 +979,14 @@ __global__ void __launch_bounds__(WM * 64, WM == 4 ? 2 : 1)
                     const float g0 = acc[i][j + 4][2 * h] * u0, g1 = acc[i][j + 4][2 * h + 1] * u1;
                     const float o0 = gelu_erf_f(v0) * (g0 + 1.0f), o1 = gelu_erf_f(v1) * (g1 + 1.0f);
                     bf16 *dst = act + p * ldact + n;
-                    if (two) *(__nv_bfloat162 *)dst = __floats2bfloat162_rn(o0, o1);
-                    else *dst = __float2bfloat16_rn(o0);
+                    if (two)
+                        *(__nv_bfloat162 *)dst = __floats2bfloat162_rn(o0, o1);
+                    else
+                        *dst = __float2bfloat16_rn(o0);
                 } else {
                     float *dst = y + p * ldy + n;
-                    if (two && (ldy & 1) == 0) *(float2 *)dst = make_float2(v0, v1);
+                    if (two && (ldy & 1) == 0)
+                        *(float2 *)dst = make_float2(v0, v1);
                     else {
                         dst[0] = v0;
                         if (two) dst[1] = v1;
@@ -1085,12 +1095,15 @@ static albedo_status moe_mmas(cuda_ctx *c, const cuda_moe *m, const moe_scr *s, 
     const int ldw1 = F8 ? m->ldq1 : m->ld1, ldw2 = F8 ? m->ldq2 : m->ld2, k1 = F8 ? moe_pad8(D) : m->ld1;
     const long w1e = (long)2 * I * ldw1, w2e = (long)D * ldw2;
     constexpr int sm = moe_mma_smem(MB, BK, ST, F8);
-    CU_TRY(c, cudaFuncSetAttribute(moe_mma_kernel<1, MB, BK, ST, F8, WM>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
-    CU_TRY(c, cudaFuncSetAttribute(moe_mma_kernel<0, MB, BK, ST, F8, WM>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
-    CU_TRY(c, launch_k(c, moe_mma_kernel<1, MB, BK, ST, F8, WM>, dim3(max_tiles, (I + MOE_MMA_WR / 2 - 1) / (MOE_MMA_WR / 2)),
-                       dim3(WM * 64), sm, (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off,
-                       (const int32_t *)s->rows, (const bf16 *)m->h, m->ldh, w1, w1e, ldw1, m->s1, (long)2 * I, I, k1,
-                       I, s->act, s->ldact, (float *)NULL, 0));
+    CU_TRY(c, cudaFuncSetAttribute(moe_mma_kernel<1, MB, BK, ST, F8, WM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   sm));
+    CU_TRY(c, cudaFuncSetAttribute(moe_mma_kernel<0, MB, BK, ST, F8, WM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   sm));
+    CU_TRY(c, launch_k(c, moe_mma_kernel<1, MB, BK, ST, F8, WM>,
+                       dim3(max_tiles, (I + MOE_MMA_WR / 2 - 1) / (MOE_MMA_WR / 2)), dim3(WM * 64), sm,
+                       (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off, (const int32_t *)s->rows,
+                       (const bf16 *)m->h, m->ldh, w1, w1e, ldw1, m->s1, (long)2 * I, I, k1, I, s->act, s->ldact,
+                       (float *)NULL, 0));
     CU_LAUNCHED(c);
     CU_TRY(c, launch_k(c, moe_mma_kernel<0, MB, BK, ST, F8, WM>, dim3(max_tiles, (D + MOE_MMA_WR - 1) / MOE_MMA_WR),
                        dim3(WM * 64), sm, (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off,
@@ -1133,7 +1146,8 @@ albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
     }
     CU_ARG(c, (long)T * K <= CUDA_MOE_MAX_ASSIGN);
     /* moe_mma_kernel addresses an expert's weights with int byte offsets */
-    CU_ARG(c, (long)2 * I * (f8 ? m->ldq1 : 2L * m->ld1) <= INT_MAX && (long)D * (f8 ? m->ldq2 : 2L * m->ld2) <= INT_MAX);
+    CU_ARG(c,
+           (long)2 * I * (f8 ? m->ldq1 : 2L * m->ld1) <= INT_MAX && (long)D * (f8 ? m->ldq2 : 2L * m->ld2) <= INT_MAX);
     if (!T) return ALBEDO_OK;
     /* The padding columns D..ld1 of h and of W1, and I..ld2 of act and W2,
      * are zeros (the caller's h and weights; act's are written here). */
@@ -1166,8 +1180,8 @@ albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
     }
     const int TK = T * K;
     const int g = m->gemm >= 1 && m->gemm <= CUDA_MOE_GEMM_SHAPES ? m->gemm
-                  : TK >= CUDA_MOE_GEMM_LARGE_TK                    ? CUDA_MOE_GEMM_LARGE
-                                                                    : CUDA_MOE_GEMM_SMALL;
+                  : TK >= CUDA_MOE_GEMM_LARGE_TK                  ? CUDA_MOE_GEMM_LARGE
+                                                                  : CUDA_MOE_GEMM_SMALL;
     const int mb = moe_tile_rows(g);
     const int max_tiles = TK / mb + E + 1;
     CU_TRY(c, launch_k(c, moe_sort_kernel, dim3(1), dim3(1024), (size_t)2 * E * sizeof(int), m->sel, TK, K, E, mb,
