@@ -790,12 +790,16 @@ static constexpr int moe_mma_smem(int mb, int bk, int st, int f8) {
  * places of expert e) times 128 rows of W[e]ᵀ: UP, columns n0..n0+63 of
  * both halves (W rows n and I + n), act[p][n] = gelu_erf(a)·(g + 1) as bf16
  * straight from the accumulators (the a and g sums of a column sit in the
- * same lane); down, columns n0..n0+127, y[p][n] float32. 4 warps, 2 × 2:
- * warp (wm, wn) owns the 16-row slabs wm, wm + 2, ... of the tile (the
- * slabs interleaved, so that a part-filled tile splits its rows evenly
- * between the two warps of each column half) and 64 W rows (UP: 32 of each
- * half): 8 n8 tiles per slab, fp32 accumulators in registers. Slabs past
- * the tile's last row issue no ldmatrix and no mma. K steps of BK through
+ * same lane); down, columns n0..n0+127, y[p][n] float32. WM × 2 warps
+ * (WM = 2: 255 registers, 2 blocks an SM, fragments double-buffered; WM =
+ * 4: at most 128 registers, 16 warps an SM, which hides mma.sync's latency
+ * better: ncu showed the 4-warp form at 2 warps a scheduler, the tensor pipe
+ * 36 % busy, stalled on fixed-latency dependencies): warp (wm, wn) owns the
+ * 16-row slabs wm, wm + WM, ... of the tile (the slabs interleaved, so that
+ * a part-filled tile splits its rows evenly between the warps of a column
+ * half) and 64 W rows (UP: 32 of each half): 8 n8 tiles per slab, fp32
+ * accumulators in registers. Slabs past the tile's last row issue no
+ * ldmatrix and no mma. K steps of BK through
  * an ST-stage cp.async pipeline, rows padded by 16 bytes (the 8 rows of an
  * ldmatrix land in distinct banks). K % 8 == 0 as for moe_gemm_kernel.
  * F8: e4m3 W stages widened into one bf16 tile each K step (exact), the row
