@@ -2,7 +2,7 @@
  * bench_moe.cu — Moondream 3's expert MLP (cuda_moe_mlp, src/cuda/moe.cu) at
  * full shapes: 64 experts, top-8, dim 2048, inner 1024, random bf16 weights
  * (never zeros) and random distinct experts per token. For T = 1 and 4
- * (the GEMV path) and 16 and 730 (the grouped path, with each of its tile
+ * (the GEMV path) and 16, 64 and 730 (the grouped path, with each of its tile
  * shapes), the median of 20 device-event-timed runs after warm-up, as
  * milliseconds, TFLOP/s (2·T·k·3·dim·inner) and the bandwidth over the
  * weights of the experts the tokens touch (each read once: the floor).
@@ -10,7 +10,7 @@
  * cuda_quant_e4m3_rows of the same weights: half the bytes).
  * Also cuda_moe_route and the tau kernels at decode shapes.
  *
- *   bench_moe [runs=20]
+ *   bench_moe [runs=20 [T [gemm]]]     (T, gemm: only that size / tile shape, e.g. under ncu)
  */
 #include <math.h>
 #include <stdio.h>
@@ -72,6 +72,7 @@ static unsigned rnd_u(void) {
 
 int main(int argc, char **argv) {
     const int runs = argc > 1 ? atoi(argv[1]) : 20;
+    const int only_t = argc > 2 ? atoi(argv[2]) : 0, only_g = argc > 3 ? atoi(argv[3]) : -1;
     const int E = 64, K = 8, D = 2048, I = 1024, TMAX = 730;
     errbuf e;
     if (cuda_ctx_new(0, &G, &e) != ALBEDO_OK) {
@@ -123,17 +124,19 @@ int main(int argc, char **argv) {
     printf("bench_moe: %s, %d SMs; experts %d top-%d, dim %d, inner %d; median of %d runs\n", prop.name,
            prop.multiProcessorCount, E, K, D, I, runs);
     printf("%-34s %10s %10s %12s\n", "cuda_moe_mlp", "ms", "TFLOP/s", "weights GB/s");
-    const int Ts[] = {1, 4, 16, 730};
-    for (int ti = 0; ti < 4; ti++) {
+    const int Ts[] = {1, 4, 16, 64, 730};
+    for (int ti = 0; ti < 5; ti++) {
         const int T = Ts[ti];
+        if (only_t && T != only_t) continue;
         int used[64] = {0}, n_used = 0;
         for (int i = 0; i < T * K; i++)
             if (!used[hs[i]]++) n_used++;
         const double flop = 2.0 * T * K * 3.0 * D * I;
-        for (int gf = 0; gf <= 9; gf++) {
-            const int g = gf % 5, f8 = gf >= 5;
+        for (int gf = 0; gf < 2 * (CUDA_MOE_GEMM_SHAPES + 1); gf++) {
+            const int g = gf % (CUDA_MOE_GEMM_SHAPES + 1), f8 = gf > CUDA_MOE_GEMM_SHAPES;
             const double bytes = (double)n_used * 3.0 * D * I * (f8 ? 1 : 2);
             if (T <= CUDA_MOE_GEMV_MAX_T ? g > 0 : g == 0) continue;
+            if (only_g >= 0 && g != only_g) continue;
             cuda_moe m;
             memset(&m, 0, sizeof m);
             m.T = T, m.E = E, m.K = K, m.dim = D, m.inner = I, m.w1 = (const uint16_t *)w1, m.ld1 = D;
@@ -155,6 +158,10 @@ int main(int argc, char **argv) {
                      g ? "grouped, tiles " : "GEMVs", g);
             printf("%-34s %10.4f %10.1f %12.0f\n", what, med, flop / (med * 1e-3) / 1e12, bytes / (med * 1e-3) / 1e9);
         }
+    }
+    if (only_t) {
+        cuda_ctx_free(G);
+        return 0;
     }
     /* routing and tau at decode shapes */
     float *lg, *scores, *alpha;

@@ -18,23 +18,27 @@
  *           expert: Σ_k w_k·act_k·W2[e_k][n], added into x in rank order).
  *           T > 4 (prefill): the T·k assignments grouped by expert on the
  *           device — moe_sort_kernel (one block: a histogram, offsets, a
- *           list of 128-row tiles per expert, each assignment's place) — then
- *           a grouped GEMM over the tiles for each weight matrix
- *           (moe_gemm_kernel, bf16 tensor cores through WMMA, fp32
- *           accumulation, cp.async double buffering; rows of A gathered by
- *           token for fc1; the GeGLU epilogue fused into fc1's), and
+ *           list of 64- or 128-row tiles per expert, each assignment's
+ *           place) — then a grouped GEMM over the tiles for each weight
+ *           matrix (moe_mma_kernel: bf16 mma.sync.m16n8k16 with ldmatrix
+ *           fragments, fp32 accumulators in registers, a cp.async multi-stage
+ *           pipeline, 16-row slabs past a tile's end skipped; rows of A
+ *           gathered by token for fc1; the GeGLU epilogue fused into fc1's,
+ *           from the registers; moe_gemm_kernel, the earlier WMMA form, stays
+ *           selectable for comparison: cuda_moe.gemm 1-4), and
  *           moe_combine_kernel: x[t] += Σ_k w_k·y[place(t, k)], in a fixed
  *           order, so the result does not depend on the order of atomics.
  *   FP8     the same with e4m3 experts and a float scale per row
  *           (cuda_moe.q1/q2, s1/s2; docs/CUDA.md, FP8 experts):
  *           moe_up_gemv_f8_kernel / moe_down_gemv_f8_kernel (8-byte weight
  *           loads, each input piece shared by several rows), and
- *           moe_gemm_kernel<..., F8 = 1> (e4m3 W stages widened to a bf16
+ *           moe_mma_kernel<..., F8 = 1> (e4m3 W stages widened to a bf16
  *           tile in shared memory each K step, the scale in the epilogue);
  *           quant_e4m3_rows_kernel makes them at upload.
  * Nothing here synchronises with the host or allocates: both paths can be
  * captured into a CUDA graph.
  */
+#include <limits.h>
 #include <mma.h>
 #include <stdio.h>
 
@@ -752,6 +756,251 @@ __global__ void __launch_bounds__(MB * 2)
     }
 }
 
+/* ---- prefill: the grouped GEMM on mma.sync ------------------------------------------------- */
+
+/* ldmatrix / mma.sync helpers (attention.cu keeps its own copies). */
+__device__ __forceinline__ void moe_ldsm_x4(uint32_t r[4], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(p)));
+}
+
+/* c += a·b: a 16×16 bf16 (row), b 16×8 bf16 (col), c 16×8 f32. Lane (g =
+ * lane/4, t = lane%4) holds c: (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1). */
+__device__ __forceinline__ void moe_mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+#define MOE_MMA_WR 128 /* W rows of a block: 64 columns of both fc1 halves, or 128 of fc2 */
+
+/* Shared memory of moe_mma_kernel<MB, BK, ST, F8>: ST stages of the A tile
+ * [MB][BK + 8] bf16 and the W tile [128][BK + 8] bf16 (F8: [128][BK + 16]
+ * e4m3 bytes, then one bf16 tile they are widened into), and MB source
+ * rows of A. */
+static constexpr int moe_mma_smem(int mb, int bk, int st, int f8) {
+    return st * (mb * (bk + 8) * 2 + MOE_MMA_WR * (f8 ? bk + 16 : (bk + 8) * 2)) +
+           (f8 ? MOE_MMA_WR * (bk + 8) * 2 : 0) + mb * 4;
+}
+
+/* The grouped GEMM of moe_gemm_kernel on mma.sync.m16n8k16 with ldmatrix
+ * fragments. Block (x: tile, y: output columns): the tile's rows (up to MB
+ * places of expert e) times 128 rows of W[e]ᵀ: UP, columns n0..n0+63 of
+ * both halves (W rows n and I + n), act[p][n] = gelu_erf(a)·(g + 1) as bf16
+ * straight from the accumulators (the a and g sums of a column sit in the
+ * same lane); down, columns n0..n0+127, y[p][n] float32. WM × 2 warps
+ * (WM = 2: 255 registers, 2 blocks an SM, fragments double-buffered; WM =
+ * 4: at most 128 registers, 16 warps an SM, which hides mma.sync's latency
+ * better: ncu showed the 4-warp form at 2 warps a scheduler, the tensor pipe
+ * 36 % busy, stalled on fixed-latency dependencies): warp (wm, wn) owns the
+ * 16-row slabs wm, wm + WM, ... of the tile (the slabs interleaved, so that
+ * a part-filled tile splits its rows evenly between the warps of a column
+ * half) and 64 W rows (UP: 32 of each half): 8 n8 tiles per slab, fp32
+ * accumulators in registers. Slabs past the tile's last row issue no
+ * ldmatrix and no mma. K steps of BK through
+ * an ST-stage cp.async pipeline, rows padded by 16 bytes (the 8 rows of an
+ * ldmatrix land in distinct banks). K % 8 == 0 as for moe_gemm_kernel.
+ * F8: e4m3 W stages widened into one bf16 tile each K step (exact), the row
+ * scales applied in the epilogue. */
+template <int UP, int MB, int BK, int ST, int F8, int WM>
+__global__ void __launch_bounds__(WM * 64, WM == 4 ? 2 : 1)
+    moe_mma_kernel(const int2 *tiles, const int *n_tiles, const int *off, const int32_t *rows, const bf16 *A, int lda,
+                   const void *W, long w_exp, int ldw, const float *sc, long sc_exp, int N, int Kd, int I, bf16 *act,
+                   int ldact, float *y, int ldy) {
+    constexpr int NT = WM * 64, KP = BK + 8, PC = BK / 8, KB = BK + 16, WR = MOE_MMA_WR;
+    constexpr int A_BYTES = MB * KP * 2, W_BYTES = F8 ? WR * KB : WR * KP * 2, STAGE = A_BYTES + W_BYTES;
+    constexpr int MS = MB / (16 * WM); /* 16-row slabs per warp */
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16 *wide = (bf16 *)(smem + ST * STAGE);                        /* F8: [WR][KP] */
+    int *arow = (int *)(smem + ST * STAGE + (F8 ? WR * KP * 2 : 0)); /* [MB]: A's source row, -1 past the tile */
+    pdl_trigger();
+    pdl_wait();
+    if ((int)blockIdx.x >= *n_tiles) return;
+    const int2 tl = tiles[blockIdx.x];
+    const int e = tl.x, r0 = tl.y, nr = min(MB, off[e + 1] - r0);
+    const int n0 = blockIdx.y * (UP ? WR / 2 : WR);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp % WM, wn = warp / WM;
+    const int mr = (nr + 15) & ~15; /* rows loaded: whole slabs */
+    for (int r = tid; r < MB; r += NT) arow[r] = r < nr ? (UP ? rows[r0 + r] : r0 + r) : -1;
+    __syncthreads();
+
+    /* Each thread copies the same pieces every K step: A rows ar + i·(NT/PC)
+     * at column kc, W rows wr0 + i·(NT/WPC) at column wc. Their sources and
+     * validity are fixed here; a step adds k0. (With 8 warps, 128 registers
+     * a thread: A's sources are read from arow at each step instead, and the
+     * fragments are single-buffered; 16 warps an SM hide the latency.) */
+    constexpr int NB = WM == 2 ? 2 : 1;                      /* fragment buffers */
+    constexpr int WPC = F8 ? BK / 16 : PC, WE = F8 ? 16 : 8; /* W pieces per row, elements per piece */
+    constexpr int AI = MB * PC / NT, WI = WR * WPC / NT;     /* pieces per thread */
+    constexpr int ARS = NT / PC, WRS = NT / WPC;             /* row step between a thread's pieces */
+    const int ar = tid / PC, kc = (tid % PC) * 8, wr0 = tid / WPC, wc = (tid % WPC) * WE;
+    const bf16 *asrc[NB == 2 ? AI : 1];
+    unsigned aok = 0, wok = 0;
+    if constexpr (NB == 2) {
+#pragma unroll
+        for (int i = 0; i < AI; i++) {
+            const int r = ar + i * ARS, src = r < mr ? arow[r] : -1;
+            asrc[i] = A + (src >= 0 ? (long)src * lda + kc : 0);
+            if (src >= 0) aok |= 1u << i;
+        }
+    }
+    const unsigned char *wsrc = (const unsigned char *)W + (F8 ? e * w_exp : e * w_exp * 2);
+    int woff[WI]; /* bytes within the expert (cuda_moe_mlp checks they fit an int) */
+#pragma unroll
+    for (int i = 0; i < WI; i++) {
+        const int r = wr0 + i * WRS, n = n0 + (UP && r >= WR / 2 ? r - WR / 2 : r);
+        const int wrow = UP && r >= WR / 2 ? I + n : n;
+        woff[i] = n < N ? (wrow * ldw + wc) * (F8 ? 1 : 2) : 0;
+        if (n < N) wok |= 1u << i;
+    }
+
+    auto load = [&](int stage, int k0) {
+        bf16 *sa = (bf16 *)(smem + stage * STAGE);
+        unsigned char *sb = smem + stage * STAGE + A_BYTES;
+        const int ka = k0 + kc < Kd, kw = k0 + wc < Kd;
+#pragma unroll
+        for (int i = 0; i < AI; i++) {
+            if (ar + i * ARS >= mr) break; /* rows grow with i: the rest are past the slabs too */
+            if constexpr (NB == 2) {
+                const int ok = (aok >> i & 1u) && ka;
+                cp16(sa + (ar + i * ARS) * KP + kc, ok ? asrc[i] + k0 : A, ok);
+            } else {
+                const int src = arow[ar + i * ARS], ok = src >= 0 && ka;
+                cp16(sa + (ar + i * ARS) * KP + kc, ok ? A + (long)src * lda + kc + k0 : A, ok);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < WI; i++) {
+            const int ok = (wok >> i & 1u) && kw;
+            const unsigned char *src = ok ? wsrc + woff[i] + (long)k0 * (F8 ? 1 : 2) : (const unsigned char *)W;
+            if constexpr (F8)
+                cp16(sb + (wr0 + i * WRS) * KB + wc, src, ok);
+            else
+                cp16((bf16 *)sb + (wr0 + i * WRS) * KP + wc, src, ok);
+        }
+    };
+
+    float acc[MS][8][4];
+#pragma unroll
+    for (int i = 0; i < MS; i++)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
+    /* the warp's W rows: n8 tiles j and j + 1 from one ldmatrix.x4 (j even) */
+    const int wbase = UP ? wn * 32 : wn * 64;
+    /* ldmatrix lane addressing: A, rows lane % 16 at k + 8·(lane / 16);
+     * W, rows (lane % 8) + 8·(lane / 16) at k + 8·((lane / 8) % 2) */
+    const int a_r = lane & 15, a_k = (lane >> 4) * 8;
+    const int b_r = (lane & 7) + ((lane >> 4) << 3), b_k = ((lane >> 3) & 1) * 8;
+    const int nk = (Kd + BK - 1) / BK;
+#pragma unroll
+    for (int s0 = 0; s0 < ST - 1; s0++) {
+        if (s0 < nk) load(s0, s0 * BK);
+        cp_commit();
+    }
+    /* fragments of one k16 step: every ldmatrix of the step is issued before
+     * its first mma, and the next step's before this step's mmas */
+    uint32_t fa[NB][MS][4], fb[NB][8][2];
+    auto frags = [&](int buf, const bf16 *sa, const bf16 *sb, int kk) {
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) {
+            /* UP: j < 4 the a half, j >= 4 the g half (W rows 64..) */
+            const int wr = UP ? (j < 4 ? wbase + j * 8 : WR / 2 + wbase + (j - 4) * 8) : wbase + j * 8;
+            uint32_t r[4];
+            moe_ldsm_x4(r, sb + (wr + b_r) * KP + kk + b_k);
+            fb[buf][j][0] = r[0], fb[buf][j][1] = r[1], fb[buf][j + 1][0] = r[2], fb[buf][j + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int i = 0; i < MS; i++) {
+            const int m0 = (wm + WM * i) * 16;
+            if (m0 >= nr) break; /* slabs grow with i */
+            moe_ldsm_x4(fa[buf][i], sa + (m0 + a_r) * KP + kk + a_k);
+        }
+    };
+    for (int kt = 0; kt < nk; kt++) {
+        cp_wait<ST - 2>(); /* stage kt has landed (this thread's pieces) */
+        __syncthreads();   /* ... everyone's; and stage kt - 1 (and the widened tile) is free again */
+        if (kt + ST - 1 < nk) load((kt + ST - 1) % ST, (kt + ST - 1) * BK);
+        cp_commit();
+        const bf16 *sa = (const bf16 *)(smem + (kt % ST) * STAGE), *sb;
+        if constexpr (F8) {
+            const unsigned char *s8 = smem + (kt % ST) * STAGE + A_BYTES;
+#pragma unroll
+            for (int i = 0; i < WR * (BK / 8) / NT; i++) {
+                const int idx = tid + i * NT, r = idx / (BK / 8), c8 = (idx % (BK / 8)) * 8;
+                *(uint4 *)(wide + r * KP + c8) = fp8x8_to_bf16x8(*(const uint2 *)(s8 + r * KB + c8));
+            }
+            __syncthreads();
+            sb = wide;
+        } else {
+            sb = (const bf16 *)(smem + (kt % ST) * STAGE + A_BYTES);
+        }
+        if (NB == 2) frags(0, sa, sb, 0);
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            const int cur = NB == 2 ? (kk / 16) & 1 : 0;
+            if (NB == 1)
+                frags(0, sa, sb, kk);
+            else if (kk + 16 < BK)
+                frags(cur ^ 1, sa, sb, kk + 16);
+#pragma unroll
+            for (int i = 0; i < MS; i++) {
+                if ((wm + WM * i) * 16 >= nr) break;
+#pragma unroll
+                for (int j = 0; j < 8; j++) moe_mma16816(acc[i][j], fa[cur][i], fb[cur][j][0], fb[cur][j][1]);
+            }
+        }
+    }
+    cp_wait<0>();
+    /* epilogue from the accumulators: lane (g, t) holds rows g, g + 8 of
+     * the slab, columns 2t, 2t + 1 of each n8 tile */
+    const float *se = F8 ? sc + e * sc_exp : NULL;
+    const int g = lane >> 2, t2 = (lane & 3) * 2;
+#pragma unroll
+    for (int i = 0; i < MS; i++) {
+        const int m0 = (wm + WM * i) * 16;
+        if (m0 >= nr) break;
+#pragma unroll
+        for (int j = 0; j < (UP ? 4 : 8); j++) {
+            const int n = n0 + wbase + j * 8 + t2;
+            if (n >= N) continue;
+            const int two = n + 1 < N;
+            float s0 = 1.0f, s1 = 1.0f, u0 = 1.0f, u1 = 1.0f;
+            if (F8) {
+                s0 = se[n], s1 = two ? se[n + 1] : 0.0f;
+                if (UP) u0 = se[I + n], u1 = two ? se[I + n + 1] : 0.0f;
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int r = m0 + g + 8 * h;
+                if (r >= nr) continue;
+                const long p = r0 + r;
+                const float v0 = acc[i][j][2 * h] * s0, v1 = acc[i][j][2 * h + 1] * s1;
+                if (UP) {
+                    const float g0 = acc[i][j + 4][2 * h] * u0, g1 = acc[i][j + 4][2 * h + 1] * u1;
+                    const float o0 = gelu_erf_f(v0) * (g0 + 1.0f), o1 = gelu_erf_f(v1) * (g1 + 1.0f);
+                    bf16 *dst = act + p * ldact + n;
+                    if (two)
+                        *(__nv_bfloat162 *)dst = __floats2bfloat162_rn(o0, o1);
+                    else
+                        *dst = __float2bfloat16_rn(o0);
+                } else {
+                    float *dst = y + p * ldy + n;
+                    if (two && (ldy & 1) == 0)
+                        *(float2 *)dst = make_float2(v0, v1);
+                    else {
+                        dst[0] = v0;
+                        if (two) dst[1] = v1;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /* x[t][n] += Σ_k w[t,k]·y[slot[t,k]][n], k in rank order. */
 __global__ void moe_combine_kernel(float *x, int ldx, const float *y, int ldy, const int32_t *slot, const float *wt,
                                    int T, int N, int K) {
@@ -840,6 +1089,52 @@ static albedo_status moe_gemms(cuda_ctx *c, const cuda_moe *m, const moe_scr *s,
     return ALBEDO_OK;
 }
 
+/* The same on moe_mma_kernel: fc1 in blocks of 64 columns (both halves),
+ * fc2 in blocks of 128. */
+template <int MB, int BK, int ST, int F8, int WM>
+static albedo_status moe_mmas(cuda_ctx *c, const cuda_moe *m, const moe_scr *s, int max_tiles) {
+    const int D = m->dim, I = m->inner;
+    const void *w1 = F8 ? (const void *)m->q1 : (const void *)m->w1;
+    const void *w2 = F8 ? (const void *)m->q2 : (const void *)m->w2;
+    const int ldw1 = F8 ? m->ldq1 : m->ld1, ldw2 = F8 ? m->ldq2 : m->ld2, k1 = F8 ? moe_pad8(D) : m->ld1;
+    const long w1e = (long)2 * I * ldw1, w2e = (long)D * ldw2;
+    constexpr int sm = moe_mma_smem(MB, BK, ST, F8);
+    CU_TRY(c, cudaFuncSetAttribute(moe_mma_kernel<1, MB, BK, ST, F8, WM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   sm));
+    CU_TRY(c, cudaFuncSetAttribute(moe_mma_kernel<0, MB, BK, ST, F8, WM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   sm));
+    CU_TRY(c, launch_k(c, moe_mma_kernel<1, MB, BK, ST, F8, WM>,
+                       dim3(max_tiles, (I + MOE_MMA_WR / 2 - 1) / (MOE_MMA_WR / 2)), dim3(WM * 64), sm,
+                       (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off, (const int32_t *)s->rows,
+                       (const bf16 *)m->h, m->ldh, w1, w1e, ldw1, m->s1, (long)2 * I, I, k1, I, s->act, s->ldact,
+                       (float *)NULL, 0));
+    CU_LAUNCHED(c);
+    CU_TRY(c, launch_k(c, moe_mma_kernel<0, MB, BK, ST, F8, WM>, dim3(max_tiles, (D + MOE_MMA_WR - 1) / MOE_MMA_WR),
+                       dim3(WM * 64), sm, (const int2 *)s->tiles, (const int *)s->n_tiles, (const int *)s->off,
+                       (const int32_t *)s->rows, (const bf16 *)s->act, s->ldact, w2, w2e, ldw2, m->s2, (long)D, D,
+                       s->ldact, 0, (bf16 *)NULL, 0, s->y, D));
+    CU_LAUNCHED(c);
+    return ALBEDO_OK;
+}
+
+/* Grouped GEMM shapes (cuda_moe.gemm): 1-4 moe_gemm_kernel (WMMA), 5-7
+ * moe_mma_kernel: tile rows, K step, stages. */
+static int moe_tile_rows(int g) { return g == 1 || g == 2 || g == 7 ? 64 : 128; }
+
+template <int F8> static albedo_status moe_grouped(cuda_ctx *c, const cuda_moe *m, const moe_scr *s, int g, int mt) {
+    switch (g) {
+    case 1: return moe_gemms<64, 32, 2, F8>(c, m, s, mt);
+    case 2: return moe_gemms<64, 64, 3, F8>(c, m, s, mt);
+    case 3: return moe_gemms<128, 32, 2, F8>(c, m, s, mt);
+    case 4: return moe_gemms<128, 64, 3, F8>(c, m, s, mt);
+    case 5: return moe_mmas<128, 64, 3, F8, 2>(c, m, s, mt);
+    case 6: return moe_mmas<128, 32, 4, F8, 2>(c, m, s, mt);
+    case 7: return moe_mmas<64, 64, 3, F8, 2>(c, m, s, mt);
+    case 8: return moe_mmas<128, 64, 3, F8, 4>(c, m, s, mt);
+    default: return moe_mmas<128, 32, 4, F8, 4>(c, m, s, mt);
+    }
+}
+
 albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
     const int T = m->T, E = m->E, K = m->K, D = m->dim, I = m->inner;
     CU_ARG(c, T >= 0 && E >= 1 && K >= 1 && K <= CUDA_MOE_MAX_K && K <= E && E <= 4096);
@@ -854,6 +1149,9 @@ albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
         CU_ARG(c, is_aligned(m->w1, 16) && is_aligned(m->w2, 16) && is_aligned(m->h, 16) && m->scratch);
     }
     CU_ARG(c, (long)T * K <= CUDA_MOE_MAX_ASSIGN);
+    /* moe_mma_kernel addresses an expert's weights with int byte offsets */
+    CU_ARG(c,
+           (long)2 * I * (f8 ? m->ldq1 : 2L * m->ld1) <= INT_MAX && (long)D * (f8 ? m->ldq2 : 2L * m->ld2) <= INT_MAX);
     if (!T) return ALBEDO_OK;
     /* The padding columns D..ld1 of h and of W1, and I..ld2 of act and W2,
      * are zeros (the caller's h and weights; act's are written here). */
@@ -885,25 +1183,15 @@ albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
         return ALBEDO_OK;
     }
     const int TK = T * K;
-    const int g = m->gemm >= 1 && m->gemm <= 4   ? m->gemm
-                  : TK >= CUDA_MOE_GEMM_LARGE_TK ? CUDA_MOE_GEMM_LARGE
-                                                 : CUDA_MOE_GEMM_SMALL;
-    const int mb = g <= 2 ? 64 : 128;
+    const int g = m->gemm >= 1 && m->gemm <= CUDA_MOE_GEMM_SHAPES ? m->gemm
+                  : TK >= CUDA_MOE_GEMM_LARGE_TK                  ? CUDA_MOE_GEMM_LARGE
+                                                                  : CUDA_MOE_GEMM_SMALL;
+    const int mb = moe_tile_rows(g);
     const int max_tiles = TK / mb + E + 1;
     CU_TRY(c, launch_k(c, moe_sort_kernel, dim3(1), dim3(1024), (size_t)2 * E * sizeof(int), m->sel, TK, K, E, mb,
                        s.off, s.tiles, s.n_tiles, s.rows, s.slot));
     CU_LAUNCHED(c);
-    albedo_status st;
-    if (f8)
-        st = g == 1   ? moe_gemms<64, 32, 2, 1>(c, m, &s, max_tiles)
-             : g == 2 ? moe_gemms<64, 64, 3, 1>(c, m, &s, max_tiles)
-             : g == 3 ? moe_gemms<128, 32, 2, 1>(c, m, &s, max_tiles)
-                      : moe_gemms<128, 64, 3, 1>(c, m, &s, max_tiles);
-    else
-        st = g == 1   ? moe_gemms<64, 32, 2, 0>(c, m, &s, max_tiles)
-             : g == 2 ? moe_gemms<64, 64, 3, 0>(c, m, &s, max_tiles)
-             : g == 3 ? moe_gemms<128, 32, 2, 0>(c, m, &s, max_tiles)
-                      : moe_gemms<128, 64, 3, 0>(c, m, &s, max_tiles);
+    const albedo_status st = f8 ? moe_grouped<1>(c, m, &s, g, max_tiles) : moe_grouped<0>(c, m, &s, g, max_tiles);
     if (st) return st;
     const long n = (long)T * D;
     const int blocks = (int)((n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096);

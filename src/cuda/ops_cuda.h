@@ -329,19 +329,24 @@ typedef struct cuda_moe {
     int ldq1, ldq2;
     const float *s1, *s2;
     int path; /* 0: by T; 1: the GEMVs; 2: grouped (for tests) */
-    int gemm; /* grouped GEMM tiles (rows, K step, stages): 1: 64, 32, 2; 2: 64, 64, 3;
-               * 3: 128, 32, 2; 4: 128, 64, 3; 0: by T·K (below) */
+    int gemm; /* grouped GEMM tiles (rows, K step, stages): WMMA 1: 64, 32, 2; 2: 64, 64, 3;
+               * 3: 128, 32, 2; 4: 128, 64, 3; mma.sync 5: 128, 64, 3; 6: 128, 32, 4;
+               * 7: 64, 64, 3; the same on 8 warps 8: 128, 64, 3; 9: 128, 32, 4;
+               * 0: by T·K (below) */
 } cuda_moe;
-/* The tiles measured best on an H100: for fewer than CUDA_MOE_GEMM_LARGE_TK
- * assignments (a prompt: bound by reading the touched experts), and from
- * there on (an image prefix: by the matrix units). bench/cuda/bench_moe.cu's
- * uniform random routing favours 128-row tiles at 730 rows (0.58 against
- * 0.62 ms), but the model's own routing does not: the synthetic Moondream
- * 3's 730-position prefix took 15.5-15.8 ms with 64-row tiles and 16.5 with
- * 128-row ones (bench_e2e, same lease). */
-#define CUDA_MOE_GEMM_SMALL 2
-#define CUDA_MOE_GEMM_LARGE 2
+/* The tiles measured best on an H100 (bench/cuda/bench_moe.cu, one lease;
+ * docs/CUDA.md, Moondream 3): for fewer than CUDA_MOE_GEMM_LARGE_TK
+ * assignments (decode steps of 5 or more rows, prompts: bound by reading the
+ * touched experts) the mma.sync kernel on 4 warps, 128-row tiles (64 rows
+ * of 2048 × 8 experts: 0.342 ms against the WMMA tiles' 0.352; fp8 0.310
+ * against 0.329); from there on (an image prefix: 730 rows × 8) the same on
+ * 8 warps (0.451 ms against 0.627; fp8 0.463 against 0.682). (The WMMA
+ * kernel kept 64-row tiles for the model's uneven routing; the mma.sync
+ * kernel skips the 16-row slabs past a group's last row.) */
+#define CUDA_MOE_GEMM_SMALL 5
+#define CUDA_MOE_GEMM_LARGE 8
 #define CUDA_MOE_GEMM_LARGE_TK 1024
+#define CUDA_MOE_GEMM_SHAPES 9
 size_t cuda_moe_scratch_bytes(int T, int E, int K, int dim, int inner);
 
 /* Per-row e4m3 quantisation (FP8 experts): for each of the rows rows of w

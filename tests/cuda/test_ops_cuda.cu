@@ -1751,7 +1751,7 @@ static void test_md3_ops(void) {
     test_moe(3, 13, 3, 131, 40, 2, 0);
     test_moe(37, 13, 3, 131, 40, 0, 0);
     test_moe(37, 13, 3, 131, 40, 1, 0);
-    for (int g = 1; g <= 4; g++) { /* every tile shape; one expert with several tiles */
+    for (int g = 1; g <= CUDA_MOE_GEMM_SHAPES; g++) { /* every tile shape; one expert with several tiles */
         test_moe(37, 13, 3, 131, 40, 2, 0, g);
         test_moe(300, 5, 2, 200, 72, 2, 1, g);
     }
@@ -1761,6 +1761,9 @@ static void test_md3_ops(void) {
         test_moe(2, 64, 8, 2048, 1024, 2, 0);
         test_moe(30, 64, 8, 2048, 1024, 0, 1);
         test_moe(64, 64, 8, 2048, 1024, 2, 0, 4);
+        test_moe(64, 64, 8, 2048, 1024, 2, 0, 5); /* the mma.sync tiles at full shape */
+        test_moe(64, 64, 8, 2048, 1024, 2, 0, 7);
+        test_moe(64, 64, 8, 2048, 1024, 2, 0, 8);
     }
     /* FP8 experts: the quantiser, then the GEMVs and every grouped tile shape
      * on the same odd sizes and several E/K, md3-small's and Moondream 3's
@@ -1771,7 +1774,7 @@ static void test_md3_ops(void) {
     test_moe(1, 13, 3, 131, 40, 0, 0, 0, 1);
     test_moe(3, 13, 3, 131, 40, 1, 0, 0, 1);
     test_moe(4, 7, 7, 72, 24, 0, 0, 0, 1); /* K = E */
-    for (int g = 1; g <= 4; g++) {
+    for (int g = 1; g <= CUDA_MOE_GEMM_SHAPES; g++) {
         test_moe(37, 13, 3, 131, 40, 2, 0, g, 1);
         test_moe(300, 5, 2, 200, 72, 2, 1, g, 1);
         test_moe(90, 16, 16, 40, 136, 2, 0, g, 1); /* K = 16 */
@@ -1783,6 +1786,9 @@ static void test_md3_ops(void) {
         test_moe(30, 64, 8, 2048, 1024, 0, 1, 0, 1);
         test_moe(64, 64, 8, 2048, 1024, 2, 0, 2, 1);
         test_moe(64, 64, 8, 2048, 1024, 2, 0, 4, 1);
+        test_moe(64, 64, 8, 2048, 1024, 2, 0, 5, 1);
+        test_moe(64, 64, 8, 2048, 1024, 2, 0, 7, 1);
+        test_moe(64, 64, 8, 2048, 1024, 2, 0, 8, 1);
     }
     /* Bad arguments come back as statuses. */
     cuda_moe m;
