@@ -71,6 +71,12 @@
  * blocks, and forks copy the partial block on the device. The bookkeeping
  * below is the same for both.
  *
+ * Timing: with ALBEDO_TRACE=FILE (trace.h) each ticket records when it
+ * passes each point above (admission, its light session, the image
+ * worker's decode, crops and device work, its thread's start, each post and
+ * the step that served it, the end of its loops, its reaping) and the
+ * engine its steps; albedo_engine_free writes a breakdown per phase to FILE.
+ *
  * Locking: one mutex (mu) guards the queues, the states and the rendezvous
  * fields of every ticket, the counters, the pool's bookkeeping (block
  * tables, free list) and the prefix cache. A step's math runs with mu
@@ -90,6 +96,7 @@
 
 #include "kvcache.h"
 #include "session.h"
+#include "trace.h"
 
 /* Second half of the prefix key of an albedo_image (the first is its id):
  * content keys of image bytes are hashes and never meet it in practice. */
@@ -141,6 +148,7 @@ struct albedo_ticket {
     int th_started;
     albedo_status status;
     errbuf err;
+    tk_trace tr; /* ALBEDO_TRACE (trace.h): timestamps, when the engine traces */
 };
 
 /* One thread of the image worker, with its own state (ops threads, or on a
@@ -208,8 +216,16 @@ struct albedo_engine {
     int *lpin_free, n_lpin_free;
     int dev_pick;
     albedo_engine_stats stats; /* counters, under mu */
+    eng_trace *tr;             /* ALBEDO_TRACE (trace.h), or NULL: set before the threads start */
+    int n_submitted;           /* under mu: the trace's ticket ids */
     errbuf err;
 };
+
+/* Timestamp field x of a ticket's trace when engine E traces. */
+#define TR_AT(E, x)                  \
+    do {                             \
+        if ((E)->tr) (x) = now_ms(); \
+    } while (0)
 
 albedo_engine_params albedo_engine_params_default(void) {
     albedo_engine_params p = {.max_batch = 16,
@@ -236,7 +252,7 @@ static albedo_status cancel_status(albedo_ticket *t, double now, const char *whe
 /* ---- the request side ------------------------------------------------------ */
 
 static int step_due(const albedo_engine *E, double now, double *wake);
-static int run_step(albedo_engine *E);
+static int run_step(albedo_engine *E, albedo_ticket *self);
 
 /* gen_io.forward: post the rows, sleep until a step served them. The post
  * that completes a step runs it on this thread: a request alone in the
@@ -264,9 +280,21 @@ static albedo_status tk_forward(void *user, const float *emb, int T, int pos0, i
         t->served = 0;
         t->posted = 1;
         E->events++;
+        if (E->tr) {
+            if (!t->tr.n_post++)
+                t->tr.first_post = now;
+            else
+                t->tr.host_ms += now - t->tr.last_served;
+        }
         double wake = INFINITY;
-        if (E->stepping || !step_due(E, now, &wake) || !run_step(E)) pthread_cond_signal(&E->cv);
+        if (E->stepping || !step_due(E, now, &wake) || !run_step(E, t)) pthread_cond_signal(&E->cv);
         while (!t->served) pthread_cond_wait(&t->cv, &E->mu);
+        if (E->tr) {
+            const double served = now_ms();
+            if (!t->tr.first_served) t->tr.first_served = served;
+            t->tr.wait_ms += served - now;
+            t->tr.last_served = served;
+        }
         st = t->step_st;
         if (st) errf(e, st, "%s", t->step_err);
     }
@@ -278,8 +306,10 @@ static albedo_status tk_forward(void *user, const float *emb, int T, int pos0, i
 static void tk_run(albedo_ticket *t) {
     albedo_engine *E = t->eng;
     t->t_gen_start = now_ms();
+    t->tr.gen0 = t->t_gen_start;
     gen_io io = {.forward = tk_forward, .user = t, .image_pos = t->has_image ? E->m->cfg.prefix_attn : 0};
     albedo_status st = gen_run_io(t->sess, &t->req, &io, &t->err);
+    TR_AT(E, t->tr.gen1);
     pthread_mutex_lock(&E->mu);
     t->status = st;
     t->finished = 1;
@@ -305,8 +335,11 @@ static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket
     albedo_status st = img_decode(t->image, t->image_len, &E->m->limits, &im, &sub);
     free(t->image); /* the bytes are not needed past this point */
     t->image = NULL;
+    TR_AT(E, t->tr.b_decode);
     if (!st) st = img_make_crops(&im, c->crop_size, c->patch, c->overlap_margin, c->max_crops, &crops, &sub);
     img_free(&im);
+    TR_AT(E, t->tr.b_crops);
+    t->tr.crops = crops.n;
     if (st) {
         img_crops_free(&crops);
         return errf(&t->err, st, "image: %s", sub.msg);
@@ -314,6 +347,7 @@ static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket
     if (W->st.cu) { /* backend_cuda.c: vision and the prefix on the GPU, K/V into the device pool */
         st = md_cuda_prefix_paged(&W->st, &crops, E->pool.k, E->pool.v, E->pool.block, t->seq.blocks, t->seq.n_blocks,
                                   &t->err);
+        TR_AT(E, t->tr.b_dev);
         img_crops_free(&crops);
         return st;
     }
@@ -329,7 +363,9 @@ static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket
                  .T = c->prefix_attn,
                  .n_prefix = c->prefix_attn,
                  .hidden = W->hidden};
-    return text_forward_batch(&W->st, W->emb, &g, 1, NULL, &t->err);
+    st = text_forward_batch(&W->st, W->emb, &g, 1, NULL, &t->err);
+    TR_AT(E, t->tr.b_dev);
+    return st;
 }
 
 static void *worker_main(void *arg) {
@@ -347,6 +383,7 @@ static void *worker_main(void *arg) {
         W->n_busy++;
         pthread_mutex_unlock(&E->mu);
         const double b0 = now_ms();
+        t->tr.b_start = b0;
         albedo_status st = build_prefix(E, wt, t);
         const double took = now_ms() - b0;
         pthread_mutex_lock(&E->mu);
@@ -506,6 +543,12 @@ static void tk_end(albedo_engine *E, albedo_ticket *t, albedo_status st) {
         t->cb.on_done(t->cb.user, t, st, res);
         pthread_mutex_lock(&E->mu);
     }
+    if (E->tr) {
+        t->tr.submit = t->t_submit;
+        t->tr.admit = t->t_admit;
+        t->tr.done = now_ms();
+        etr_ticket(E->tr, &t->tr);
+    }
     t->state = TK_DONE;
     pthread_cond_broadcast(&t->cv);
 }
@@ -581,7 +624,9 @@ static albedo_status go_running(albedo_ticket *t) {
         pthread_cond_broadcast(&t->cv);
         return ALBEDO_OK;
     }
-    return start_thread(t);
+    albedo_status st = start_thread(t);
+    TR_AT(t->eng, t->tr.run);
+    return st;
 }
 
 /* End every queued ticket that was cancelled or whose deadline passed,
@@ -772,6 +817,7 @@ static void admit(albedo_engine *E) {
         pthread_mutex_unlock(&E->mu);
         if (!st && !t->caller && !(t->sess = light_session(E, &t->err)))
             st = errf(&t->err, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for a request");
+        TR_AT(E, t->tr.sess);
         if (!st && need_worker) st = worker_start(E, &t->err);
         pthread_mutex_lock(&E->mu);
         E->in_admit = 0;
@@ -781,6 +827,7 @@ static void admit(albedo_engine *E) {
         }
         lpin_take(E, t);
         t->cached = hit != NULL;
+        t->tr.cached = hit || !t->has_image;
         t->ahead = ahead;
         E->run[E->n_run++] = t;
         if (t->has_image && !hit) {
@@ -810,6 +857,7 @@ static void collect(albedo_engine *E) {
             continue;
         }
         albedo_status st = t->build_st;
+        if (!t->tr.collect) TR_AT(E, t->tr.collect);
         /* A finished prefix is kept even if its request was cancelled
          * meanwhile: the work is done. On OOM it is just not cached. A
          * ticket admitted ahead caches it at once and waits for a slot. */
@@ -855,6 +903,7 @@ static void reap(albedo_engine *E) {
             pthread_mutex_lock(&E->mu);
             t->th_started = 0;
         }
+        TR_AT(E, t->tr.reap);
         tk_end(E, t, st);
     }
 }
@@ -919,7 +968,7 @@ static void serve_error(albedo_ticket *t, albedo_status st, const char *msg) {
  * a prompt beyond the token budget split over steps (its rows are causal).
  * Called with mu held and no step running; runs the math with mu released.
  * Returns 0 if there was nothing to run. */
-static int run_step(albedo_engine *E) {
+static int run_step(albedo_engine *E, albedo_ticket *self) {
     const md_config *c = &E->m->cfg;
     int n = 0, rows = 0;
     for (int pass = 0; pass < 2; pass++)
@@ -969,13 +1018,19 @@ static int run_step(albedo_engine *E) {
                (size_t)E->take[i] * c->dim * sizeof(float));
         r0 += E->take[i];
     }
+    const double d0 = E->tr ? now_ms() : 0;
     if (!st) st = text_forward_batch(&E->st, E->emb, E->segs, n, E->logits, &E->err);
-    const double took = now_ms() - t0;
+    const double t1 = now_ms(), took = t1 - t0;
     pthread_mutex_lock(&E->mu);
     E->stepping = 0;
     E->last_step_ms = took;
+    if (E->tr) {
+        etr_step(E->tr, t0, d0, t1, n, rows, self != NULL);
+        if (self) self->tr.own_steps++;
+    }
     for (int i = 0; i < n; i++) {
         albedo_ticket *t = E->step[i];
+        if (E->tr) t->tr.step_ms += t1 - d0;
         t->done_rows += E->take[i];
         if (t->T == 1) t->decode_steps++;
         if (st) {
@@ -1030,6 +1085,7 @@ static void *sched_main(void *arg) {
     pthread_mutex_lock(&E->mu);
     for (;;) {
         const unsigned long seen = E->events;
+        etr_wake(E->tr);
         forget(E);
         collect(E);
         reap(E);
@@ -1044,7 +1100,7 @@ static void *sched_main(void *arg) {
         E->stats.kv_blocks_used = E->pool.n_blocks - E->pool.n_free;
         if (E->stop && !E->q_head && !E->n_run) break;
         double wake = next_deadline(E);
-        if (!E->stepping && step_due(E, now_ms(), &wake) && run_step(E)) continue;
+        if (!E->stepping && step_due(E, now_ms(), &wake) && run_step(E, NULL)) continue;
         if (E->events != seen) continue;
         if (wake == INFINITY) {
             while (E->events == seen) pthread_cond_wait(&E->cv, &E->mu);
@@ -1089,6 +1145,7 @@ albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *par
         return st;
     }
     E->m = m;
+    E->tr = etr_new();
     if (!p.kv_bytes && !m->cuda) p.kv_bytes = default_kv_bytes();
     E->p = p;
     const md_config *c = &m->cfg;
@@ -1190,6 +1247,7 @@ void albedo_engine_free(albedo_engine *E) {
     }
     for (int i = 0; i < W->n_th; i++) worker_thread_free(&W->th[i]);
     free(W->th);
+    etr_free(E->tr);
     kv_prefix_free(&E->pool, &E->pc);
     kv_pool_free(&E->pool);
     md_state_free(&E->st);
@@ -1297,6 +1355,7 @@ albedo_status albedo_engine_submit(albedo_engine *E, const albedo_request *r, co
         error_set_last(e.msg);
         return ALBEDO_ERR_LIMIT;
     }
+    t->tr.id = E->n_submitted++;
     enqueue(E, t);
     pthread_mutex_unlock(&E->mu);
     *out = t;
