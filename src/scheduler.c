@@ -198,6 +198,7 @@ struct albedo_engine {
     int n_run;
     int ahead;       /* images built beyond max_batch (encode_ahead) */
     double build_ms; /* under mu: moving average of the image worker's builds */
+    double host_ms;  /* under mu: the same of their host part (decode, crops) */
     img_worker w;
     uint64_t *forget; /* [n_forget][2] keys of freed albedo_images */
     int n_forget, cap_forget;
@@ -327,7 +328,7 @@ static void *tk_main(void *arg) {
 
 /* Decode t's image, run the vision encoder and prefill the prefix into t's
  * blocks. Runs on the worker thread with mu released. */
-static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket *t) {
+static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket *t, double *host_end) {
     const md_config *c = &E->m->cfg;
     img_rgb im = {0};
     img_crops crops = {0};
@@ -338,7 +339,8 @@ static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket
     TR_AT(E, t->tr.b_decode);
     if (!st) st = img_make_crops(&im, c->crop_size, c->patch, c->overlap_margin, c->max_crops, &crops, &sub);
     img_free(&im);
-    TR_AT(E, t->tr.b_crops);
+    *host_end = now_ms();
+    t->tr.b_crops = *host_end;
     t->tr.crops = crops.n;
     if (st) {
         img_crops_free(&crops);
@@ -384,11 +386,15 @@ static void *worker_main(void *arg) {
         pthread_mutex_unlock(&E->mu);
         const double b0 = now_ms();
         t->tr.b_start = b0;
-        albedo_status st = build_prefix(E, wt, t);
-        const double took = now_ms() - b0;
+        double host_end = b0;
+        albedo_status st = build_prefix(E, wt, t, &host_end);
+        const double took = now_ms() - b0, host = host_end - b0;
         pthread_mutex_lock(&E->mu);
         W->n_busy--;
-        if (!st) E->build_ms = E->build_ms > 0 ? 0.75 * E->build_ms + 0.25 * took : took;
+        if (!st) {
+            E->build_ms = E->build_ms > 0 ? 0.75 * E->build_ms + 0.25 * took : took;
+            E->host_ms = E->host_ms > 0 ? 0.75 * E->host_ms + 0.25 * host : host;
+        }
         t->built = 1;
         t->build_st = st;
         E->events++;
@@ -712,7 +718,14 @@ static void promote_ahead(albedo_engine *E) {
  * then the runs that take slots before t (tickets built ahead already, and
  * those queued before it that could start at once) spread over the slots.
  * So an image built ahead waits little for its slot and does not slow the
- * builds of the requests that hold one. Called with mu held. */
+ * builds of the requests that hold one.
+ *
+ * With one slot (max_batch 1), only the build's host part (decode, crops)
+ * is to end by then: there a step is the device's only work, and a build's
+ * vision and prefix beside it slow both (ALBEDO_TRACE on an H100, Moondream
+ * 2: the cached-image request beside a build 9.4 → 20 ms, the build 27 →
+ * 33 ms, so the cold request's latency 36 → 44 ms), while the decode and
+ * crops on the host cost the device nothing. Called with mu held. */
 static int slot_in_time(const albedo_engine *E, const albedo_ticket *t) {
     if (E->build_ms <= 0) return 1; /* no build timed yet */
     const double step = E->last_step_ms > 0.5 ? E->last_step_ms : 0.5;
@@ -729,7 +742,8 @@ static int slot_in_time(const albedo_engine *E, const albedo_ticket *t) {
     }
     for (const albedo_ticket *q = E->q_head; q && q != t && q->t_submit <= t->t_submit; q = q->next)
         if (queued_ready(E, q)) before += q->decode_budget * step;
-    return soonest + before / E->p.max_batch <= E->build_ms;
+    const double lead = E->p.max_batch == 1 && E->host_ms > 0 ? E->host_ms : E->build_ms;
+    return soonest + before / E->p.max_batch <= lead;
 }
 
 /* Admit queue heads while a slot and their blocks are free. FIFO: a head
