@@ -51,8 +51,10 @@
  * ALBEDO_ENCODE_AHEAD sets it), each once it would have a slot by the time
  * its build ends (slot_in_time: the running requests' bounds on their
  * remaining steps times the last step's duration, and the runs queued
- * before it, against the builds' moving average), so that it neither
- * waits long for a slot nor slows the builds of requests that hold one.
+ * before it, against the builds' moving average; at max_batch 1 against
+ * that of their host part, decode and crops, alone), so that it neither
+ * waits long for a slot nor slows the builds of requests that hold one
+ * (nor, at batch 1, the only running request's steps).
  * Their prefix is built while the running
  * requests decode, enters the prefix cache at once, and the ticket takes a
  * slot when one frees, after any ticket queued before it that could start
