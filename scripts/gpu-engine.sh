@@ -5,8 +5,9 @@
 #
 #   1. test_ops_cuda      every kernel (paged rope / attention included)
 #   2. test_model_cuda    sessions and engine tickets against the CPU f32 path
-#   3. albedo bench chartqa --backend cuda   (BATCHES, MODES, IMAGES; REPEAT
-#      times), and on the CPU (CPU_BATCHES, CPU_MODES, CPU_IMAGES)
+#   3. albedo bench chartqa --backend cuda   (BATCHES, MODES, IMAGES, WARMUP:
+#      its --warmup, 8 by default; REPEAT times), and on the CPU (CPU_BATCHES,
+#      CPU_MODES, CPU_IMAGES)
 #   (SANITIZE=1 adds compute-sanitizer memcheck over test_ops_cuda --small;
 #    DECODE=1 bench_decode, E2E=1 bench_e2e (sessions); SKIP_TESTS=1 skips
 #    the two tests.)
@@ -46,7 +47,7 @@ fi
 if [ -n "${BATCHES:-}" ]; then
     for r in $(seq 1 "${REPEAT:-1}"); do
         step "chartqa$r" 12 "$B/albedo" bench chartqa --synthetic md2 --backend cuda --batch "$BATCHES" \
-            --mode "${MODES:-direct,cot}" --images "${IMAGES:-32}"
+            --mode "${MODES:-direct,cot}" --images "${IMAGES:-32}" --warmup "${WARMUP:-8}"
     done
 fi
 if [ -n "${CPU_BATCHES:-}" ]; then # the CPU path of the same build, for the record

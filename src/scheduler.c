@@ -51,8 +51,10 @@
  * ALBEDO_ENCODE_AHEAD sets it), each once it would have a slot by the time
  * its build ends (slot_in_time: the running requests' bounds on their
  * remaining steps times the last step's duration, and the runs queued
- * before it, against the builds' moving average), so that it neither
- * waits long for a slot nor slows the builds of requests that hold one.
+ * before it, against the builds' moving average; at max_batch 1 against
+ * that of their host part, decode and crops, alone), so that it neither
+ * waits long for a slot nor slows the builds of requests that hold one
+ * (nor, at batch 1, the only running request's steps).
  * Their prefix is built while the running
  * requests decode, enters the prefix cache at once, and the ticket takes a
  * slot when one frees, after any ticket queued before it that could start
@@ -70,6 +72,12 @@
  * attention, several image workers build prefixes straight into device
  * blocks, and forks copy the partial block on the device. The bookkeeping
  * below is the same for both.
+ *
+ * Timing: with ALBEDO_TRACE=FILE (trace.h) each ticket records when it
+ * passes each point above (admission, its light session, the image
+ * worker's decode, crops and device work, its thread's start, each post and
+ * the step that served it, the end of its loops, its reaping) and the
+ * engine its steps; albedo_engine_free writes a breakdown per phase to FILE.
  *
  * Locking: one mutex (mu) guards the queues, the states and the rendezvous
  * fields of every ticket, the counters, the pool's bookkeeping (block
@@ -90,6 +98,7 @@
 
 #include "kvcache.h"
 #include "session.h"
+#include "trace.h"
 
 /* Second half of the prefix key of an albedo_image (the first is its id):
  * content keys of image bytes are hashes and never meet it in practice. */
@@ -141,6 +150,7 @@ struct albedo_ticket {
     int th_started;
     albedo_status status;
     errbuf err;
+    tk_trace tr; /* ALBEDO_TRACE (trace.h): timestamps, when the engine traces */
 };
 
 /* One thread of the image worker, with its own state (ops threads, or on a
@@ -190,6 +200,7 @@ struct albedo_engine {
     int n_run;
     int ahead;       /* images built beyond max_batch (encode_ahead) */
     double build_ms; /* under mu: moving average of the image worker's builds */
+    double host_ms;  /* under mu: the same of their host part (decode, crops) */
     img_worker w;
     uint64_t *forget; /* [n_forget][2] keys of freed albedo_images */
     int n_forget, cap_forget;
@@ -208,8 +219,16 @@ struct albedo_engine {
     int *lpin_free, n_lpin_free;
     int dev_pick;
     albedo_engine_stats stats; /* counters, under mu */
+    eng_trace *tr;             /* ALBEDO_TRACE (trace.h), or NULL: set before the threads start */
+    int n_submitted;           /* under mu: the trace's ticket ids */
     errbuf err;
 };
+
+/* Timestamp field x of a ticket's trace when engine E traces. */
+#define TR_AT(E, x)                  \
+    do {                             \
+        if ((E)->tr) (x) = now_ms(); \
+    } while (0)
 
 albedo_engine_params albedo_engine_params_default(void) {
     albedo_engine_params p = {.max_batch = 16,
@@ -236,7 +255,7 @@ static albedo_status cancel_status(albedo_ticket *t, double now, const char *whe
 /* ---- the request side ------------------------------------------------------ */
 
 static int step_due(const albedo_engine *E, double now, double *wake);
-static int run_step(albedo_engine *E);
+static int run_step(albedo_engine *E, albedo_ticket *self);
 
 /* gen_io.forward: post the rows, sleep until a step served them. The post
  * that completes a step runs it on this thread: a request alone in the
@@ -264,9 +283,21 @@ static albedo_status tk_forward(void *user, const float *emb, int T, int pos0, i
         t->served = 0;
         t->posted = 1;
         E->events++;
+        if (E->tr) {
+            if (!t->tr.n_post++)
+                t->tr.first_post = now;
+            else
+                t->tr.host_ms += now - t->tr.last_served;
+        }
         double wake = INFINITY;
-        if (E->stepping || !step_due(E, now, &wake) || !run_step(E)) pthread_cond_signal(&E->cv);
+        if (E->stepping || !step_due(E, now, &wake) || !run_step(E, t)) pthread_cond_signal(&E->cv);
         while (!t->served) pthread_cond_wait(&t->cv, &E->mu);
+        if (E->tr) {
+            const double served = now_ms();
+            if (!t->tr.first_served) t->tr.first_served = served;
+            t->tr.wait_ms += served - now;
+            t->tr.last_served = served;
+        }
         st = t->step_st;
         if (st) errf(e, st, "%s", t->step_err);
     }
@@ -278,8 +309,10 @@ static albedo_status tk_forward(void *user, const float *emb, int T, int pos0, i
 static void tk_run(albedo_ticket *t) {
     albedo_engine *E = t->eng;
     t->t_gen_start = now_ms();
+    t->tr.gen0 = t->t_gen_start;
     gen_io io = {.forward = tk_forward, .user = t, .image_pos = t->has_image ? E->m->cfg.prefix_attn : 0};
     albedo_status st = gen_run_io(t->sess, &t->req, &io, &t->err);
+    TR_AT(E, t->tr.gen1);
     pthread_mutex_lock(&E->mu);
     t->status = st;
     t->finished = 1;
@@ -297,7 +330,7 @@ static void *tk_main(void *arg) {
 
 /* Decode t's image, run the vision encoder and prefill the prefix into t's
  * blocks. Runs on the worker thread with mu released. */
-static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket *t) {
+static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket *t, double *host_end) {
     const md_config *c = &E->m->cfg;
     img_rgb im = {0};
     img_crops crops = {0};
@@ -305,8 +338,12 @@ static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket
     albedo_status st = img_decode(t->image, t->image_len, &E->m->limits, &im, &sub);
     free(t->image); /* the bytes are not needed past this point */
     t->image = NULL;
+    TR_AT(E, t->tr.b_decode);
     if (!st) st = img_make_crops(&im, c->crop_size, c->patch, c->overlap_margin, c->max_crops, &crops, &sub);
     img_free(&im);
+    *host_end = now_ms();
+    t->tr.b_crops = *host_end;
+    t->tr.crops = crops.n;
     if (st) {
         img_crops_free(&crops);
         return errf(&t->err, st, "image: %s", sub.msg);
@@ -314,6 +351,7 @@ static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket
     if (W->st.cu) { /* backend_cuda.c: vision and the prefix on the GPU, K/V into the device pool */
         st = md_cuda_prefix_paged(&W->st, &crops, E->pool.k, E->pool.v, E->pool.block, t->seq.blocks, t->seq.n_blocks,
                                   &t->err);
+        TR_AT(E, t->tr.b_dev);
         img_crops_free(&crops);
         return st;
     }
@@ -329,7 +367,9 @@ static albedo_status build_prefix(albedo_engine *E, img_thread *W, albedo_ticket
                  .T = c->prefix_attn,
                  .n_prefix = c->prefix_attn,
                  .hidden = W->hidden};
-    return text_forward_batch(&W->st, W->emb, &g, 1, NULL, &t->err);
+    st = text_forward_batch(&W->st, W->emb, &g, 1, NULL, &t->err);
+    TR_AT(E, t->tr.b_dev);
+    return st;
 }
 
 static void *worker_main(void *arg) {
@@ -347,11 +387,16 @@ static void *worker_main(void *arg) {
         W->n_busy++;
         pthread_mutex_unlock(&E->mu);
         const double b0 = now_ms();
-        albedo_status st = build_prefix(E, wt, t);
-        const double took = now_ms() - b0;
+        t->tr.b_start = b0;
+        double host_end = b0;
+        albedo_status st = build_prefix(E, wt, t, &host_end);
+        const double took = now_ms() - b0, host = host_end - b0;
         pthread_mutex_lock(&E->mu);
         W->n_busy--;
-        if (!st) E->build_ms = E->build_ms > 0 ? 0.75 * E->build_ms + 0.25 * took : took;
+        if (!st) {
+            E->build_ms = E->build_ms > 0 ? 0.75 * E->build_ms + 0.25 * took : took;
+            E->host_ms = E->host_ms > 0 ? 0.75 * E->host_ms + 0.25 * host : host;
+        }
         t->built = 1;
         t->build_st = st;
         E->events++;
@@ -506,6 +551,12 @@ static void tk_end(albedo_engine *E, albedo_ticket *t, albedo_status st) {
         t->cb.on_done(t->cb.user, t, st, res);
         pthread_mutex_lock(&E->mu);
     }
+    if (E->tr) {
+        t->tr.submit = t->t_submit;
+        t->tr.admit = t->t_admit;
+        t->tr.done = now_ms();
+        etr_ticket(E->tr, &t->tr);
+    }
     t->state = TK_DONE;
     pthread_cond_broadcast(&t->cv);
 }
@@ -581,7 +632,9 @@ static albedo_status go_running(albedo_ticket *t) {
         pthread_cond_broadcast(&t->cv);
         return ALBEDO_OK;
     }
-    return start_thread(t);
+    albedo_status st = start_thread(t);
+    TR_AT(t->eng, t->tr.run);
+    return st;
 }
 
 /* End every queued ticket that was cancelled or whose deadline passed,
@@ -667,7 +720,14 @@ static void promote_ahead(albedo_engine *E) {
  * then the runs that take slots before t (tickets built ahead already, and
  * those queued before it that could start at once) spread over the slots.
  * So an image built ahead waits little for its slot and does not slow the
- * builds of the requests that hold one. Called with mu held. */
+ * builds of the requests that hold one.
+ *
+ * With one slot (max_batch 1), only the build's host part (decode, crops)
+ * is to end by then: there a step is the device's only work, and a build's
+ * vision and prefix beside it slow both (ALBEDO_TRACE on an H100, Moondream
+ * 2: the cached-image request beside a build 9.4 → 20 ms, the build 27 →
+ * 33 ms, so the cold request's latency 36 → 44 ms), while the decode and
+ * crops on the host cost the device nothing. Called with mu held. */
 static int slot_in_time(const albedo_engine *E, const albedo_ticket *t) {
     if (E->build_ms <= 0) return 1; /* no build timed yet */
     const double step = E->last_step_ms > 0.5 ? E->last_step_ms : 0.5;
@@ -684,7 +744,8 @@ static int slot_in_time(const albedo_engine *E, const albedo_ticket *t) {
     }
     for (const albedo_ticket *q = E->q_head; q && q != t && q->t_submit <= t->t_submit; q = q->next)
         if (queued_ready(E, q)) before += q->decode_budget * step;
-    return soonest + before / E->p.max_batch <= E->build_ms;
+    const double lead = E->p.max_batch == 1 && E->host_ms > 0 ? E->host_ms : E->build_ms;
+    return soonest + before / E->p.max_batch <= lead;
 }
 
 /* Admit queue heads while a slot and their blocks are free. FIFO: a head
@@ -772,6 +833,7 @@ static void admit(albedo_engine *E) {
         pthread_mutex_unlock(&E->mu);
         if (!st && !t->caller && !(t->sess = light_session(E, &t->err)))
             st = errf(&t->err, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for a request");
+        TR_AT(E, t->tr.sess);
         if (!st && need_worker) st = worker_start(E, &t->err);
         pthread_mutex_lock(&E->mu);
         E->in_admit = 0;
@@ -781,6 +843,7 @@ static void admit(albedo_engine *E) {
         }
         lpin_take(E, t);
         t->cached = hit != NULL;
+        t->tr.cached = hit || !t->has_image;
         t->ahead = ahead;
         E->run[E->n_run++] = t;
         if (t->has_image && !hit) {
@@ -810,6 +873,7 @@ static void collect(albedo_engine *E) {
             continue;
         }
         albedo_status st = t->build_st;
+        if (!t->tr.collect) TR_AT(E, t->tr.collect);
         /* A finished prefix is kept even if its request was cancelled
          * meanwhile: the work is done. On OOM it is just not cached. A
          * ticket admitted ahead caches it at once and waits for a slot. */
@@ -855,6 +919,7 @@ static void reap(albedo_engine *E) {
             pthread_mutex_lock(&E->mu);
             t->th_started = 0;
         }
+        TR_AT(E, t->tr.reap);
         tk_end(E, t, st);
     }
 }
@@ -919,7 +984,7 @@ static void serve_error(albedo_ticket *t, albedo_status st, const char *msg) {
  * a prompt beyond the token budget split over steps (its rows are causal).
  * Called with mu held and no step running; runs the math with mu released.
  * Returns 0 if there was nothing to run. */
-static int run_step(albedo_engine *E) {
+static int run_step(albedo_engine *E, albedo_ticket *self) {
     const md_config *c = &E->m->cfg;
     int n = 0, rows = 0;
     for (int pass = 0; pass < 2; pass++)
@@ -969,13 +1034,19 @@ static int run_step(albedo_engine *E) {
                (size_t)E->take[i] * c->dim * sizeof(float));
         r0 += E->take[i];
     }
+    const double d0 = E->tr ? now_ms() : 0;
     if (!st) st = text_forward_batch(&E->st, E->emb, E->segs, n, E->logits, &E->err);
-    const double took = now_ms() - t0;
+    const double t1 = now_ms(), took = t1 - t0;
     pthread_mutex_lock(&E->mu);
     E->stepping = 0;
     E->last_step_ms = took;
+    if (E->tr) {
+        etr_step(E->tr, t0, d0, t1, n, rows, self != NULL);
+        if (self) self->tr.own_steps++;
+    }
     for (int i = 0; i < n; i++) {
         albedo_ticket *t = E->step[i];
+        if (E->tr) t->tr.step_ms += t1 - d0;
         t->done_rows += E->take[i];
         if (t->T == 1) t->decode_steps++;
         if (st) {
@@ -1030,6 +1101,7 @@ static void *sched_main(void *arg) {
     pthread_mutex_lock(&E->mu);
     for (;;) {
         const unsigned long seen = E->events;
+        etr_wake(E->tr);
         forget(E);
         collect(E);
         reap(E);
@@ -1044,7 +1116,7 @@ static void *sched_main(void *arg) {
         E->stats.kv_blocks_used = E->pool.n_blocks - E->pool.n_free;
         if (E->stop && !E->q_head && !E->n_run) break;
         double wake = next_deadline(E);
-        if (!E->stepping && step_due(E, now_ms(), &wake) && run_step(E)) continue;
+        if (!E->stepping && step_due(E, now_ms(), &wake) && run_step(E, NULL)) continue;
         if (E->events != seen) continue;
         if (wake == INFINITY) {
             while (E->events == seen) pthread_cond_wait(&E->cv, &E->mu);
@@ -1089,6 +1161,7 @@ albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *par
         return st;
     }
     E->m = m;
+    E->tr = etr_new();
     if (!p.kv_bytes && !m->cuda) p.kv_bytes = default_kv_bytes();
     E->p = p;
     const md_config *c = &m->cfg;
@@ -1190,6 +1263,7 @@ void albedo_engine_free(albedo_engine *E) {
     }
     for (int i = 0; i < W->n_th; i++) worker_thread_free(&W->th[i]);
     free(W->th);
+    etr_free(E->tr);
     kv_prefix_free(&E->pool, &E->pc);
     kv_pool_free(&E->pool);
     md_state_free(&E->st);
@@ -1297,6 +1371,7 @@ albedo_status albedo_engine_submit(albedo_engine *E, const albedo_request *r, co
         error_set_last(e.msg);
         return ALBEDO_ERR_LIMIT;
     }
+    t->tr.id = E->n_submitted++;
     enqueue(E, t);
     pthread_mutex_unlock(&E->mu);
     *out = t;

@@ -52,7 +52,7 @@ static void usage(FILE *f) {
             "  albedo bench (--synthetic md2|md3 | --model DIR) [--threads N] [--repeats N] [--weights W] [--json]\n"
             "                       stage timings and peak resident memory\n"
             "  albedo bench chartqa (--synthetic md2|md3 | --model DIR) [--batch 1,4,16,64] [--mode direct,cot]\n"
-            "        [--images N] [--threads N] [--backend NAME] [--weights W] [--kv-dtype D] [--json]\n"
+            "        [--images N] [--threads N] [--backend NAME] [--weights W] [--kv-dtype D] [--warmup N] [--json]\n"
             "  albedo synth --preset md2|md2-small|md3|md3-small --out DIR [--seed N] [--legacy-f16]\n"
             "        [--tokenizer FILE] [--shard-mb N]\n"
             "  albedo batch [FILE.jsonl|-] --model DIR   one JSON request per line, one result per line\n"
@@ -478,9 +478,9 @@ static int synthetic_dir(const char *preset, char *out, size_t cap) {
 }
 
 /* albedo bench chartqa (--synthetic md2|md3 | --model DIR) [--batch 1,4,16,64]
- *   [--mode direct,cot] [--images N] [--threads N] [--weights W] [--kv-dtype D] [--json] */
+ *   [--mode direct,cot] [--images N] [--threads N] [--weights W] [--kv-dtype D] [--warmup N] [--json] */
 static int cmd_bench_chartqa(int argc, char **argv) {
-    albedo_chartqa_opts co = {.batches = {1, 4, 16, 64}, .n_batches = 4, .modes = 3, .n_images = 4};
+    albedo_chartqa_opts co = {.batches = {1, 4, 16, 64}, .n_batches = 4, .modes = 3, .n_images = 4, .warmup = -1};
     opts o;
     memset(&o, 0, sizeof o);
     for (int i = 3; i < argc; i++) {
@@ -505,6 +505,8 @@ static int cmd_bench_chartqa(int argc, char **argv) {
             co.n_threads = o.threads;
         else if (!strcmp(a, "--images") && !parse_int(v, &co.n_images) && co.n_images > 0)
             continue;
+        else if (!strcmp(a, "--warmup") && !parse_int(v, &co.warmup) && co.warmup >= 0)
+            continue;
         else if (!strcmp(a, "--mode"))
             co.modes = (strstr(v, "direct") ? 1 : 0) | (strstr(v, "cot") ? 2 : 0);
         else if (!strcmp(a, "--batch")) {
@@ -520,6 +522,9 @@ static int cmd_bench_chartqa(int argc, char **argv) {
             return fprintf(stderr, "albedo: bench chartqa: unknown or bad option %s %s\n", a, v), 2;
     }
     if (!co.modes || !co.n_batches) return fprintf(stderr, "albedo: bench chartqa: nothing to run\n"), 2;
+    /* Warm-up by default on a GPU (what a process does once: lazy kernel
+     * loading, the image worker's start), none on the CPU. */
+    if (co.warmup < 0) co.warmup = o.backend && !strncmp(o.backend, "cuda", 4) ? 8 : 0;
     char dir[4300];
     if (o.synthetic) {
         if (synthetic_dir(o.synthetic, dir, sizeof dir)) return 1;

@@ -11,6 +11,7 @@ typedef struct albedo_chartqa_opts {
     int n_images;  /* charts; two questions each */
     int n_threads; /* engine ops threads, 0 = the model's */
     int json;      /* one JSON line per row instead of the table */
+    int warmup;    /* untimed requests on other charts of the same sizes before each row */
 } albedo_chartqa_opts;
 
 /* Run the workload on m for every batch size and mode; prints the table.
