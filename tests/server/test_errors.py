@@ -271,8 +271,8 @@ def tight():
 
 
 def test_queue_full_and_timeout(tight):
-    """Four long requests at once: one runs, one waits, two get 429; the long
-    ones pass their deadline (504). Independent of the machine's speed: the
+    """Four long requests at once: one runs, one waits, the others get 429;
+    the long ones pass their deadline (504). Independent of the machine's speed: the
     requests are sent together, and a 1900-token generation takes longer than
     0.1 s on any CPU this model runs on (the LM head alone is 6.5 M
     multiply-adds per token)."""
@@ -293,7 +293,10 @@ def test_queue_full_and_timeout(tight):
     for t in threads:
         t.join()
     statuses = sorted(r[0] for r in results)
-    assert statuses.count(429) == 2, statuses
+    # Capacity is two (one running, one queued), so at least two of the four
+    # are refused; three are when the engine has not yet admitted the first
+    # by the time the others arrive (seen under TSan on a loaded machine).
+    assert statuses.count(429) >= 2, statuses
     for st, _, out in results:
         if st == 429:
             assert_error(st, out, 429, "queue_full")
