@@ -6,8 +6,9 @@
 #   1. test_ops_cuda      every kernel (paged rope / attention included)
 #   2. test_model_cuda    sessions and engine tickets against the CPU f32 path
 #   3. albedo bench chartqa --backend cuda   (BATCHES, MODES, IMAGES, WARMUP:
-#      its --warmup, 8 by default; REPEAT times), and on the CPU (CPU_BATCHES,
-#      CPU_MODES, CPU_IMAGES)
+#      its --warmup, 8 by default; REPEAT times; MODEL md2 or md3; WEIGHTS:
+#      its --weights, e.g. fp8 for Moondream 3's experts), and on the CPU
+#      (CPU_BATCHES, CPU_MODES, CPU_IMAGES)
 #   (SANITIZE=1 adds compute-sanitizer memcheck over test_ops_cuda --small;
 #    DECODE=1 bench_decode, E2E=1 bench_e2e (sessions); SKIP_TESTS=1 skips
 #    the two tests.)
@@ -44,14 +45,22 @@ fi
 if [ "${E2E:-0}" = 1 ]; then
     step e2e 26 "$B/bench_e2e" --image tests/data/images/rocket.jpg
 fi
+# The GPT-2 BPE vocabulary (like Moondream's) gives the prompts their real
+# length; BYTE_TOKENIZER=1 keeps the synthetic byte-level one (~3x longer).
+TOK=()
+if [ "${BYTE_TOKENIZER:-0}" != 1 ]; then
+    gunzip -c tests/data/tokenizer/gpt2.tokenizer.json.gz >"$ALBEDO_CACHE/gpt2.tokenizer.json"
+    TOK=(--tokenizer "$ALBEDO_CACHE/gpt2.tokenizer.json")
+fi
 if [ -n "${BATCHES:-}" ]; then
     for r in $(seq 1 "${REPEAT:-1}"); do
-        step "chartqa$r" 12 "$B/albedo" bench chartqa --synthetic md2 --backend cuda --batch "$BATCHES" \
-            --mode "${MODES:-direct,cot}" --images "${IMAGES:-32}" --warmup "${WARMUP:-8}"
+        step "chartqa$r" 12 "$B/albedo" bench chartqa --synthetic "${MODEL:-md2}" "${TOK[@]}" --backend cuda \
+            --batch "$BATCHES" --mode "${MODES:-direct,cot}" --images "${IMAGES:-32}" --warmup "${WARMUP:-8}" \
+            ${WEIGHTS:+--weights "$WEIGHTS"}
     done
 fi
 if [ -n "${CPU_BATCHES:-}" ]; then # the CPU path of the same build, for the record
-    step chartqa-cpu 8 timeout "${CPU_TIMEOUT:-180}" "$B/albedo" bench chartqa --synthetic md2 \
+    step chartqa-cpu 8 timeout "${CPU_TIMEOUT:-180}" "$B/albedo" bench chartqa --synthetic md2 "${TOK[@]}" \
         --batch "$CPU_BATCHES" --mode "${CPU_MODES:-direct}" --images "${CPU_IMAGES:-2}"
 fi
 echo "gpu-engine: $([ $fail -eq 0 ] && echo all passed || echo FAILURES)"

@@ -14,6 +14,7 @@
  * Options are named after the REST API's fields (spec/api.md §2).
  */
 #define _POSIX_C_SOURCE 200809L
+#include <dirent.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -53,6 +54,7 @@ static void usage(FILE *f) {
             "                       stage timings and peak resident memory\n"
             "  albedo bench chartqa (--synthetic md2|md3 | --model DIR) [--batch 1,4,16,64] [--mode direct,cot]\n"
             "        [--images N] [--threads N] [--backend NAME] [--weights W] [--kv-dtype D] [--warmup N] [--json]\n"
+            "        [--tokenizer FILE]   (with --synthetic: that tokenizer instead of the byte-level one)\n"
             "  albedo synth --preset md2|md2-small|md3|md3-small --out DIR [--seed N] [--legacy-f16]\n"
             "        [--tokenizer FILE] [--shard-mb N]\n"
             "  albedo batch [FILE.jsonl|-] --model DIR   one JSON request per line, one result per line\n"
@@ -442,7 +444,7 @@ static int cmd_synth(opts *o) {
 }
 
 /* The synthetic full-size model lives in a cache directory, written once. */
-static int synthetic_dir(const char *preset, char *out, size_t cap) {
+static int synthetic_dir_base(const char *preset, char *out, size_t cap) {
     const char *base = getenv("ALBEDO_CACHE");
     char tmp[4096];
     if (!base) {
@@ -462,7 +464,8 @@ static int synthetic_dir(const char *preset, char *out, size_t cap) {
             *p = '/';
         }
     mkdir(parent, 0755);
-    snprintf(out, cap, "%s/synthetic-%s", base, preset);
+    if (snprintf(out, cap, "%s/synthetic-%s", base, preset) >= (int)cap)
+        return fprintf(stderr, "albedo: the cache path %s is too long\n", base), -1;
     char probe[8192];
     struct stat sb;
     /* tokenizer.json is written last: its presence means the model (one file
@@ -475,6 +478,57 @@ static int synthetic_dir(const char *preset, char *out, size_t cap) {
         return -1;
     }
     return 0;
+}
+
+static int copy_file(const char *from, const char *to) {
+    FILE *a = fopen(from, "rb"), *b = a ? fopen(to, "wb") : NULL;
+    char buf[1 << 16];
+    size_t n;
+    int rc = !a || !b;
+    while (!rc && (n = fread(buf, 1, sizeof buf, a)) > 0) rc = fwrite(buf, 1, n, b) != n;
+    if (a && ferror(a)) rc = 1;
+    if (a) fclose(a);
+    if (b && fclose(b)) rc = 1;
+    if (rc && b) remove(to);
+    return rc;
+}
+
+/* The synthetic model with another tokenizer (--tokenizer FILE): a sibling
+ * directory named after the file's contents, whose weights and config are
+ * links to the cached model's and whose tokenizer.json is a copy of FILE. A
+ * real BPE vocabulary (tests/data/tokenizer/gpt2.tokenizer.json.gz, like
+ * Moondream's) makes prompts as long as the real model's; the synthetic
+ * byte-level one makes them about three times longer. */
+static int synthetic_dir(const char *preset, const char *tokenizer, char *out, size_t cap) {
+    char base[4300];
+    if (synthetic_dir_base(preset, base, sizeof base)) return -1;
+    if (!tokenizer) return snprintf(out, cap, "%s", base) >= (int)cap ? -1 : 0;
+    FILE *f = fopen(tokenizer, "rb");
+    if (!f) return fprintf(stderr, "albedo: --tokenizer %s: cannot open it\n", tokenizer), -1;
+    uint64_t h = 1469598103934665603ull; /* FNV-1a of the contents */
+    for (int c; (c = getc(f)) != EOF;) h = (h ^ (uint64_t)c) * 1099511628211ull;
+    fclose(f);
+    if (snprintf(out, cap, "%s-tok%016llx", base, (unsigned long long)h) >= (int)cap) return -1;
+    char probe[8192];
+    struct stat sb;
+    snprintf(probe, sizeof probe, "%s/tokenizer.json", out);
+    if (stat(probe, &sb) == 0) return 0;
+    mkdir(out, 0755);
+    DIR *d = opendir(base);
+    if (!d) return fprintf(stderr, "albedo: %s: cannot list it\n", base), -1;
+    int rc = 0;
+    for (struct dirent *de; !rc && (de = readdir(d));) {
+        if (de->d_name[0] == '.' || !strcmp(de->d_name, "tokenizer.json")) continue;
+        char from[8192], to[8192];
+        snprintf(from, sizeof from, "%s/%s", base, de->d_name);
+        snprintf(to, sizeof to, "%s/%s", out, de->d_name);
+        if (symlink(from, to) && errno != EEXIST)
+            rc = fprintf(stderr, "albedo: cannot link %s: %s\n", to, strerror(errno));
+    }
+    closedir(d);
+    /* The tokenizer last: its presence means the directory is complete. */
+    if (!rc && copy_file(tokenizer, probe)) rc = fprintf(stderr, "albedo: cannot write %s\n", probe);
+    return rc ? -1 : 0;
 }
 
 /* albedo bench chartqa (--synthetic md2|md3 | --model DIR) [--batch 1,4,16,64]
@@ -501,6 +555,8 @@ static int cmd_bench_chartqa(int argc, char **argv) {
             o.weights = v;
         else if (!strcmp(a, "--kv-dtype"))
             o.kv_dtype = v;
+        else if (!strcmp(a, "--tokenizer"))
+            o.tokenizer = v;
         else if (!strcmp(a, "--threads") && !parse_int(v, &o.threads))
             co.n_threads = o.threads;
         else if (!strcmp(a, "--images") && !parse_int(v, &co.n_images) && co.n_images > 0)
@@ -527,7 +583,7 @@ static int cmd_bench_chartqa(int argc, char **argv) {
     if (co.warmup < 0) co.warmup = o.backend && !strncmp(o.backend, "cuda", 4) ? 8 : 0;
     char dir[4300];
     if (o.synthetic) {
-        if (synthetic_dir(o.synthetic, dir, sizeof dir)) return 1;
+        if (synthetic_dir(o.synthetic, o.tokenizer, dir, sizeof dir)) return 1;
         o.model = dir;
     }
     if (!o.model) return fprintf(stderr, "albedo: bench chartqa needs --synthetic md2|md3 or --model DIR\n"), 2;
@@ -623,7 +679,7 @@ static int cmd_bench(opts *o) {
     char dir[4300];
     if (check_precision(o)) return 2;
     if (o->synthetic) {
-        if (synthetic_dir(o->synthetic, dir, sizeof dir)) return 1;
+        if (synthetic_dir(o->synthetic, o->tokenizer, dir, sizeof dir)) return 1;
         o->model = dir;
     }
     albedo_model *m = NULL;

@@ -4,8 +4,10 @@
  *
  * Chart-like images are rendered here (axes, bars, a line series, rows of
  * text-like blocks) at ChartQA's typical sizes and written as PNG bytes;
- * each gets two questions (~40-token prompts), so the second can reuse the
- * first's cached image prefix. Outputs have forced lengths so that random
+ * each gets two questions (~40-token prompts with a BPE vocabulary like
+ * Moondream's: --tokenizer with the repository's GPT-2 one; the synthetic
+ * model's byte-level tokenizer makes them about three times longer), so the
+ * second can reuse the first's cached image prefix. Outputs have forced lengths so that random
  * weights give the real ones: direct = 3 tokens; CoT = reasoning with
  * max_tokens 15 for the reasoning and 15 for the answer, ~30 tokens. All
  * requests are queued at once; per max batch size the table gives req/s
@@ -292,10 +294,14 @@ static int run_one(albedo_model *m, int batch, int cot, int n_threads, const byt
 }
 
 static const char *const QUESTIONS[][2] = {
-    {"What is the value of the tallest bar in the chart?", "How many bars are above the red line series?"},
-    {"Which category has the lowest value in this chart?", "What is the difference between the first two bars?"},
-    {"In which year did the line reach its highest point?", "What is the sum of the two largest values shown?"},
-    {"What is the average of all the bars in the chart?", "Is the last bar taller than the first one, yes or no?"},
+    {"What is the value of the tallest bar in the chart, according to the labels on the vertical axis?",
+     "How many of the bars in this chart are above the red line series at their position?"},
+    {"Which category on the horizontal axis has the lowest value in this chart, and what is it?",
+     "What is the difference between the values of the first two bars from the left in the chart?"},
+    {"In which year did the line series reach its highest point over the whole period shown?",
+     "What is the sum of the two largest values shown in the chart, rounded to one decimal place?"},
+    {"What is the average of all the bars in the chart, taken over every category shown?",
+     "Is the last bar on the right of the chart taller than the first one on the left, yes or no?"},
 };
 
 int albedo_bench_chartqa(albedo_model *m, const albedo_chartqa_opts *o) {
@@ -327,6 +333,17 @@ int albedo_bench_chartqa(albedo_model *m, const albedo_chartqa_opts *o) {
      * cached (or being built, and then waits for it). */
     if (!o->json) {
         printf("model: %s\n", albedo_model_describe(m));
+        /* The questions' own tokens (the prompt template adds a few): with a
+         * byte-level synthetic tokenizer about three times the real count. */
+        double n_tok[2] = {0, 0};
+        for (int cot = 0; cot < 2; cot++)
+            for (int i = 0; i < n_jobs; i++) {
+                char q[512];
+                albedo_request r = make_request(&jobs[i], cot, q, sizeof q);
+                n_tok[cot] += albedo_tokenize(m, r.question, NULL, 0);
+            }
+        printf("prompts: %.1f tokens direct, %.1f CoT (mean, the question's text)\n", n_tok[0] / n_jobs,
+               n_tok[1] / n_jobs);
         printf("workload: %d charts (ChartQA sizes), %d questions; direct = 3 tokens, CoT = 15 reasoning + 15 answer; "
                "%d warm-up requests a row\n",
                n_img, n_jobs, o->warmup > 0 ? o->warmup : 0);

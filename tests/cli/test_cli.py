@@ -13,6 +13,8 @@ Usage: test_cli.py BUILD_DIR   (prints "N passed, N failed"; exit 1 on failure)
 import gzip
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -194,6 +196,31 @@ def main():
         passed += 1
     else:
         print(f"FAIL bench md3-small q8 --json: exit {r.returncode}: {r.stdout.strip()[:200]} {r.stderr.strip()[:200]}")
+        failed += 1
+    # `albedo bench chartqa` on a synthetic md2-small written into a fresh
+    # cache, with its byte-level tokenizer and then with --tokenizer (the
+    # GPT-2 vocabulary): a table row of 2 requests each, and the BPE prompts
+    # under half as long; the second model directory links the first's weights.
+    cache = os.path.join(build, "cli-cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    env = dict(os.environ, ALBEDO_CACHE=cache)
+    counts = []
+    for extra in ([], ["--tokenizer", tok]):
+        r = subprocess.run([albedo, "bench", "chartqa", "--synthetic", "md2-small", "--batch", "1", "--mode", "direct",
+                            "--images", "1", "--threads", "1"] + extra, capture_output=True, text=True, env=env)
+        m = re.search(r"prompts: ([0-9.]+) tokens direct", r.stdout)
+        rows = [x.split("|") for x in r.stdout.splitlines() if x.startswith("| direct ")]
+        ok = r.returncode == 0 and m and len(rows) == 1 and rows[0][3].strip() == "2"
+        counts.append(float(m.group(1)) if ok else None)
+        if not ok:
+            print(f"FAIL bench chartqa {extra}: exit {r.returncode}: {r.stdout[-300:]} {r.stderr[-300:]}")
+    linked = [d for d in os.listdir(cache) if d.startswith("synthetic-md2-small-tok")] if os.path.isdir(cache) else []
+    if (None not in counts and counts[1] < counts[0] / 2 and len(linked) == 1
+            and os.path.islink(os.path.join(cache, linked[0], "model.safetensors"))
+            and open(os.path.join(cache, linked[0], "tokenizer.json"), "rb").read() == open(tok, "rb").read()):
+        passed += 1
+    else:
+        print(f"FAIL bench chartqa --tokenizer: prompt tokens {counts}, directories {linked}")
         failed += 1
     # The legacy F16 model: every case through `albedo batch` (one process,
     # each image encoded once), whose lines carry the same settings.
