@@ -1720,6 +1720,33 @@ static void test_moe(int T, int E, int K, int dim, int I, int path, int skew, in
         cmp cm = compare(&x, T, dim, ldx, ref, dim);
         report(what, &cm, 1e-3);
         free(ref), free(y), free(act);
+        /* .store (the decode graph's branch): x = Σ into a poisoned buffer,
+         * every element written, the padding and guards left alone, and
+         * x0 + Σ equal to the added form bit for bit. */
+        buf xs = buf_new(DT_F32, (size_t)T * ldx);
+        up(&xs);
+        m.x = (float *)dp(&xs), m.store = 1;
+        st = cuda_moe_mlp(G, &m);
+        char what_s[200];
+        snprintf(what_s, sizeof what_s, "%s, stored", what);
+        check_st(st, what_s);
+        if (down(&xs) == 0 && st == ALBEDO_OK) {
+            long bad = -1, damaged = 0;
+            for (int t = 0; t < T; t++)
+                for (int n = 0; n < ldx; n++) {
+                    const long i = (long)t * ldx + n;
+                    const float v = bget(&xs, i), a = bget(&x, i);
+                    if (n < dim && bad < 0) {
+                        const float sum = x0[i] + v;
+                        if (memcmp(&sum, &a, 4)) bad = i;
+                    }
+                    if (n >= dim) damaged += !bpoison(&xs, i);
+                }
+            for (long g = 0; g < GUARD; g++) damaged += !bpoison(&xs, -1 - g) + !bpoison(&xs, (long)xs.n + g);
+            CHECK(bad < 0, "%s: x0 + stored sum differs from the added form at %ld", what_s, bad);
+            CHECK(damaged == 0, "%s: %ld padding or guard elements written", what_s, damaged);
+        }
+        buf_free(&xs);
     }
     free(hf), free(w1f), free(w2f), free(x0), free(sel), free(wt), free(sc1), free(sc2);
     cudaFree(dsel), cudaFree(dwt), cudaFree(scr), cudaFree(dsc1), cudaFree(dsc2);
