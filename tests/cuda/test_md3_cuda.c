@@ -19,6 +19,11 @@
  *   graph    a session with CUDA graphs off gives the same tokens as one
  *            with them (the decode graph holds tau, the router and the expert
  *            GEMVs, with the position read from device memory)
+ *   fork     the decode graph with every layer's MLP (the experts: router,
+ *            top-k, GEMVs, their sum stored) on a second stream against one
+ *            captured with ALBEDO_CUDA_FORK=0: the same tokens, every logits
+ *            row's top-1 and margin bit-identical; the engine at batch 1
+ *            forked and not: the same tokens in every case
  *   engine   every case as an engine ticket on the GPU (image workers build
  *            the prefixes into the device pool; steps mix prompt chunks and
  *            decode rows of several sequences, tau at each row's own

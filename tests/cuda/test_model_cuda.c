@@ -16,6 +16,10 @@
  *            logits row with a margin below 0.1 (text identical when none)
  *   graph    a session with CUDA graphs off gives the same tokens as the one
  *            with them (decode steps replay one graph per session)
+ *   fork     the decode graph with each layer's MLP on a second stream
+ *            against one captured with ALBEDO_CUDA_FORK=0: the same tokens,
+ *            every logits row's top-1 and margin bit-identical; the engine
+ *            at batch 1 forked and not: the same tokens in every case
  *   errors   a missing device comes back as a status; Moondream 3 loads
  *   picks    the engine's decode steps pick their tokens on the device (the
  *            engine checks above run through them); sampled requests give
