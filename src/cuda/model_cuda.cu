@@ -25,6 +25,9 @@
  *     layernorm(last row) → linear → logits f32 [51200]
  *   the engine's paged steps: the same over all segments' rows, then the
  *     logits rows down, or masked and picked on the device (pick_rows)
+ *   decode steps (the session's graph, the engine's one-row-a-sequence
+ *     steps): each layer's MLP (Moondream 3: router, top-k, experts) on a
+ *     second stream beside qkv … proj, joined by x += y2 (mlp_branch)
  *   KV caches (session, prefix slots, pool): bf16, or e4m3 bytes with
  *     kv_fp8 (one scale per tensor: k_scale, v_scale; docs/CUDA.md)
  *   Moondream 3 (model_cuda_md3.cu): md3_tau after the qkv linear (q, v
