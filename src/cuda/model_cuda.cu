@@ -25,6 +25,9 @@
  *     layernorm(last row) → linear → logits f32 [51200]
  *   the engine's paged steps: the same over all segments' rows, then the
  *     logits rows down, or masked and picked on the device (pick_rows)
+ *   decode steps (the session's graph, the engine's one-row-a-sequence
+ *     steps): each layer's MLP (Moondream 3: router, top-k, experts) on a
+ *     second stream beside qkv … proj, joined by x += y2 (mlp_branch)
  *   KV caches (session, prefix slots, pool): bf16, or e4m3 bytes with
  *     kv_fp8 (one scale per tensor: k_scale, v_scale; docs/CUDA.md)
  *   Moondream 3 (model_cuda_md3.cu): md3_tau after the qkv linear (q, v
@@ -239,6 +242,7 @@ struct mdc_state {
     float *down_hidden;
     cudaGraphExec_t *pgraph; /* [seqs + 1]: the decode step of n sequences */
     int *pseen;              /* [seqs + 1]: eager steps of n sequences so far */
+    unsigned char *pfork;    /* [seqs + 1]: whether pgraph[n] was captured forked */
     int *gorder;             /* [seqs]: the segment of each gathered row */
     /* device picks (mdc_pick): per gathered row the picked id, the two
      * masked ids (-1: none) and the draw's counter; pinned mirrors */
@@ -250,13 +254,14 @@ struct mdc_state {
     /* decode graph */
     int graphs; /* allowed */
     cudaGraphExec_t graph;
-    /* The decode graph's second branch (text_layers): fc1 on ctx2's stream
-     * beside qkv, rotary and attention; made at the first capture unless
-     * ALBEDO_CUDA_FORK=0. */
+    /* The decode steps' second branch (mlp_branch): the MLP (or the
+     * experts) on ctx2's stream beside qkv, rotary and attention; made at
+     * the first forked step (fork_ready) unless ALBEDO_CUDA_FORK=0. */
     cuda_ctx *ctx2;
     cudaEvent_t ev_fork, ev_join;
-    int fork;  /* 1: fc1 on the branch; 2: fc1 and fc2 (into y2) */
-    float *y2; /* [dim]: the branch's fc2 output, added into x after the join */
+    int fork;        /* 0: one chain; 1: fc1 of dense layers on the branch; 2: the whole MLP (into y2) */
+    int fork_layers; /* layers the last forked capture or paged step branched */
+    float *y2;       /* [fork_rows, dim]: the branch's output, added into x after the join */
     int n_captured, last_graph;
     char graph_err[512];  /* why capturing failed, if it did */
     md3_state *md3;       /* Moondream 3's working memory, or NULL */
@@ -433,6 +438,23 @@ static void upload(upl *u) {
 /* ---- a session's memory plan --------------------------------------------------------- */
 
 /* Carve the state's buffers out of one allocation (base NULL: size only). */
+/* Rows a linear runs over for T rows: T up to the GEMV's 2, else a bucket,
+ * so that a context's 64 cuBLASLt plans cover every step size (the rows
+ * past T hold stale, finite values and their outputs are never read). */
+static int gemm_rows(int T, int cap) {
+    static const int b[] = {4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512};
+    int r = T;
+    if (T > 2) {
+        r = (T + 127) / 128 * 128;
+        for (size_t i = 0; i < sizeof b / sizeof b[0]; i++)
+            if (T <= b[i]) {
+                r = b[i];
+                break;
+            }
+    }
+    return r < cap ? r : cap;
+}
+
 static size_t state_layout(mdc_state *s, const mdc_model *m, int max_ctx, unsigned char *base) {
     const mdc_desc *d = &m->d;
     size_t off = 0;
@@ -458,7 +480,8 @@ static size_t state_layout(mdc_state *s, const mdc_model *m, int max_ctx, unsign
     CARVE(pick_mask, int32_t, 2 * nseq);
     CARVE(pick_ctr, uint64_t, nseq);
     CARVE(pos_dev, int, 4);
-    CARVE(y2, float, d->dim);
+    /* a session's decode step has one row; a paged decode step one a sequence (the linears' bucket) */
+    CARVE(y2, float, (size_t)(s->meta_cap ? gemm_rows(s->seqs, s->rows) : 1) * d->dim);
     CARVE(kv, unsigned char,
           (s->flags & MDC_KV) ? (size_t)d->n_layers * 2 * m->Hkv *(size_t)max_ctx * m->D * m->kv_es : 0);
     CARVE(crops, uint8_t, (size_t)s->vcap * d->crop_size * d->crop_size * 3);
@@ -687,6 +710,7 @@ void mdc_state_free(mdc_state *s) {
         if (s->pgraph[n]) cudaGraphExecDestroy(s->pgraph[n]);
     free(s->pgraph);
     free(s->pseen);
+    free(s->pfork);
     free(s->gorder);
     if (s->reg_logits) cudaHostUnregister(s->logits_host);
     cudaFreeHost(s->stage);
@@ -764,8 +788,9 @@ albedo_status mdc_state_new_ex(mdc_model *m, int max_ctx, int rows, int seqs, in
     if (s->meta_cap) {
         s->pgraph = (cudaGraphExec_t *)calloc((size_t)seqs + 1, sizeof *s->pgraph);
         s->pseen = (int *)calloc((size_t)seqs + 1, sizeof *s->pseen);
+        s->pfork = (unsigned char *)calloc((size_t)seqs + 1, 1);
         s->gorder = (int *)calloc((size_t)seqs, sizeof *s->gorder);
-        if (!s->pgraph || !s->pseen || !s->gorder) {
+        if (!s->pgraph || !s->pseen || !s->pfork || !s->gorder) {
             mdc_state_free(s);
             return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory");
         }
@@ -916,6 +941,59 @@ albedo_status mdc_vision_crops(mdc_state *s, const uint8_t *crops_host, int n, f
 
 /* ---- text ----------------------------------------------------------------------------------- */
 
+/* The decode steps' second context and its fork / join events, made at the
+ * first forked step; s->fork from ALBEDO_CUDA_FORK ("0": one chain; "1":
+ * only dense layers' fc1 on the branch; else the whole MLP, the experts
+ * included). Returns the fork mode to use: 0 without a second context. */
+static int fork_ready(mdc_state *s) {
+    const char *fenv = getenv("ALBEDO_CUDA_FORK");
+    s->fork = fenv && fenv[0] == '0' ? 0 : fenv && fenv[0] == '1' ? 1 : 2;
+    if (s->fork && !s->ctx2) {
+        errbuf sub;
+        if (cuda_ctx_new(s->m->device, &s->ctx2, &sub) == ALBEDO_OK) {
+            if (!getenv("ALBEDO_CUDA_GEMV_MAX_T")) cuda_ctx_set_gemv_max(s->ctx2, 2);
+            if (cudaEventCreateWithFlags(&s->ev_fork, cudaEventDisableTiming) != cudaSuccess ||
+                cudaEventCreateWithFlags(&s->ev_join, cudaEventDisableTiming) != cudaSuccess ||
+                cudaStreamSynchronize((cudaStream_t)cuda_ctx_stream(s->ctx2)) != cudaSuccess) {
+                if (s->ev_fork) cudaEventDestroy(s->ev_fork);
+                if (s->ev_join) cudaEventDestroy(s->ev_join);
+                s->ev_fork = s->ev_join = NULL;
+                cuda_ctx_free(s->ctx2);
+                s->ctx2 = NULL;
+            }
+        }
+        cudaGetLastError(); /* a failed allocation must not surface at the next launch */
+    }
+    return s->ctx2 ? s->fork : 0;
+}
+
+/* The branch of a forked layer, on ctx2's stream after the layernorm that
+ * wrote h (rows 0..T-1; the linears over Tl >= T): dense layers fc1 and,
+ * with fork 2, fc2 into y2 (not added); MoE layers (fork 2 only) the router,
+ * the top-k and the experts, their sum stored into y2 (cuda_moe.store). The
+ * join (ev_join) follows. Only h is read and only f, y2 and the experts'
+ * own buffers (md3_state's rlog, sel, wt, scratch; tau on the main stream
+ * uses f and scores there) are written, so it can run beside the
+ * attention. */
+static albedo_status mlp_branch(mdc_state *s, int l, int moe, int fork, int T, int Tl, errbuf *e) {
+    const mdc_model *m = s->m;
+    const dtblock *b = &m->tb[l];
+    const int dim = m->d.dim, dimp = round8(dim), ffp = round8(m->d.ff_dim);
+    cudaStream_t st2 = (cudaStream_t)cuda_ctx_stream(s->ctx2);
+    CK(cudaEventRecord(s->ev_fork, s->st));
+    CK(cudaStreamWaitEvent(st2, s->ev_fork, 0));
+    if (moe) {
+        albedo_status st = md3_moe(m->md3, s->md3, s->ctx2, l, s->h, dimp, s->y2, dim, T, Tl, 1, e);
+        if (st) return st;
+    } else {
+        albedo_status st = cuda_linear(s->ctx2, s->f, DT_BF16, ffp, s->h, dimp, Tl, &b->fc1.w, CUDA_ACT_GELU_TANH, 0);
+        if (!st && fork == 2) st = cuda_linear(s->ctx2, s->y2, DT_F32, dim, s->f, ffp, Tl, &b->fc2.w, CUDA_ACT_NONE, 0);
+        if (st) return errf(e, st, "cuda: %s", cuda_ctx_error(s->ctx2));
+    }
+    CK(cudaEventRecord(s->ev_join, st2));
+    return ALBEDO_OK;
+}
+
 /* The decoder over x rows 0..T-1 at positions pos0.. (or *pos_dev when not
  * NULL: the graph's form, T = 1), the last row's logits when want_logits. */
 static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_dev, int n_prefix, int want_logits,
@@ -924,29 +1002,25 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
     const mdc_desc *d = &m->d;
     const int dim = d->dim, dimp = round8(dim), ffp = round8(d->ff_dim), qd = m->H * m->D;
     const size_t head = (size_t)s->max_ctx * m->D, layer = 2 * (size_t)m->Hkv * head; /* elements */
-    /* The decode graph (pos_dev) forks each dense layer: the MLP needs only
-     * h, so it streams its weights on ctx2's stream while qkv, rotary, the
+    /* The decode graph (pos_dev) forks each layer: the MLP needs only h, so
+     * it streams its weights on ctx2's stream while qkv, tau, rotary, the
      * attention and proj run on the main one, and the attention's latency
-     * hides behind it. fork 2: fc1, then fc2 into y2 (not added), and after
-     * proj and the join x += y2, so x gets proj's sum then fc2's as on the
-     * eager path (the GEMV adds (dot + bias) into y), bit for bit. fork 1:
-     * fc1 alone on the branch, proj after the join, then fc2 += as before. */
+     * hides behind it. fork 2: the whole MLP into y2 (fc2 not added; the
+     * experts' sum stored), and after proj and the join x += y2, so x gets
+     * proj's sum then the MLP's as on the eager path (the GEMVs add their
+     * finished sum into y), bit for bit. fork 1: dense layers' fc1 alone on
+     * the branch, proj after the join, then fc2 += as before. */
     const int fork = pos_dev && s->ctx2 ? s->fork : 0;
+    int n_forked = 0;
     for (int l = 0; l < d->n_layers; l++) {
         const dtblock *b = &m->tb[l];
         unsigned char *kc = s->kv + (size_t)l * layer * m->kv_es, *vc = kc + (size_t)m->Hkv * head * m->kv_es;
-        const int moe = m->md3 && md3_layer_moe(m->md3, l), par = fork && !moe;
+        const int moe = m->md3 && md3_layer_moe(m->md3, l), par = fork == 2 || (fork == 1 && !moe);
         OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->x, DT_F32, dim, T, dim, b->ln_w, b->ln_b, DT_F32, 1e-5f));
         if (par) {
-            cudaStream_t st2 = (cudaStream_t)cuda_ctx_stream(s->ctx2);
-            CK(cudaEventRecord(s->ev_fork, s->st));
-            CK(cudaStreamWaitEvent(st2, s->ev_fork, 0));
-            albedo_status st =
-                cuda_linear(s->ctx2, s->f, DT_BF16, ffp, s->h, dimp, T, &b->fc1.w, CUDA_ACT_GELU_TANH, 0);
-            if (!st && fork == 2)
-                st = cuda_linear(s->ctx2, s->y2, DT_F32, dim, s->f, ffp, T, &b->fc2.w, CUDA_ACT_NONE, 0);
-            if (st) return errf(e, st, "cuda: %s", cuda_ctx_error(s->ctx2));
-            CK(cudaEventRecord(s->ev_join, st2));
+            albedo_status st = mlp_branch(s, l, moe, fork, T, T, e);
+            if (st) return st;
+            n_forked++;
         }
         OPK(cuda_linear(s->ctx, s->qkv, DT_BF16, m->qkvw, s->h, dimp, T, &b->qkv.w, CUDA_ACT_NONE, 0));
         if (m->md3) { /* Moondream 3: tau scales q and v before rotary and the cache */
@@ -972,23 +1046,24 @@ static albedo_status text_layers(mdc_state *s, int T, int pos0, const int *pos_d
         OPK(cuda_attention(s->ctx, &a));
         if (fork == 1 && par) CK(cudaStreamWaitEvent(s->st, s->ev_join, 0));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->att, qd, T, &b->proj.w, CUDA_ACT_NONE, 1));
-        if (moe) { /* Moondream 3's experts: x += moe(h) */
-            albedo_status st = md3_moe(m->md3, s->md3, s->ctx, l, s->h, dimp, s->x, dim, T, T, e);
-            if (st) return st;
-            continue;
-        }
-        if (fork == 2 && par) {
+        if (fork == 2) {
             /* The join. A small kernel here keeps the next layernorm a plain
              * link of the PDL chain: with the join on the layernorm itself
              * (cuda_add_layernorm, one kernel fewer) bench_decode's step took
              * 1.24 ms instead of 1.18 on an H100. */
             CK(cudaStreamWaitEvent(s->st, s->ev_join, 0));
-            OPK(cuda_add(s->ctx, s->x, DT_F32, s->y2, DT_F32, (size_t)dim));
+            OPK(cuda_add(s->ctx, s->x, DT_F32, s->y2, DT_F32, (size_t)T * dim));
+            continue;
+        }
+        if (moe) { /* Moondream 3's experts: x += moe(h) */
+            albedo_status st = md3_moe(m->md3, s->md3, s->ctx, l, s->h, dimp, s->x, dim, T, T, 0, e);
+            if (st) return st;
             continue;
         }
         if (!par) OPK(cuda_linear(s->ctx, s->f, DT_BF16, ffp, s->h, dimp, T, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->f, ffp, T, &b->fc2.w, CUDA_ACT_NONE, 1));
     }
+    if (pos_dev) s->fork_layers = n_forked;
     if (want_logits) {
         uint16_t *hl = s->h + (size_t)(T - 1) * dimp;
         OPK(cuda_layernorm(s->ctx, hl, DT_BF16, s->x + (size_t)(T - 1) * dim, DT_F32, 1, dim, m->tpost_w, m->tpost_b,
@@ -1024,26 +1099,7 @@ static albedo_status greedy_pick(mdc_state *s, const int32_t *mask, errbuf *e) {
 /* Capture the one-row decode step with the position read from pos_dev, and
  * the greedy pick of its token (greedy_pick). */
 static albedo_status capture_decode(mdc_state *s, errbuf *e) {
-    const char *fenv = getenv("ALBEDO_CUDA_FORK");
-    s->fork = fenv && fenv[0] == '1' ? 1 : 2; /* "0": one chain; "1": only fc1 on the branch */
-    if (!s->ctx2 && !(fenv && fenv[0] == '0')) {
-        /* The second branch's context (its stream, scratch and settings)
-         * and the fork / join events. Without them the graph is one chain. */
-        errbuf sub;
-        if (cuda_ctx_new(s->m->device, &s->ctx2, &sub) == ALBEDO_OK) {
-            if (!getenv("ALBEDO_CUDA_GEMV_MAX_T")) cuda_ctx_set_gemv_max(s->ctx2, 2);
-            if (cudaEventCreateWithFlags(&s->ev_fork, cudaEventDisableTiming) != cudaSuccess ||
-                cudaEventCreateWithFlags(&s->ev_join, cudaEventDisableTiming) != cudaSuccess ||
-                cudaStreamSynchronize((cudaStream_t)cuda_ctx_stream(s->ctx2)) != cudaSuccess) {
-                if (s->ev_fork) cudaEventDestroy(s->ev_fork);
-                if (s->ev_join) cudaEventDestroy(s->ev_join);
-                s->ev_fork = s->ev_join = NULL;
-                cuda_ctx_free(s->ctx2);
-                s->ctx2 = NULL;
-            }
-        }
-        cudaGetLastError(); /* a failed allocation must not surface at the next launch */
-    }
+    fork_ready(s); /* without a second context the graph is one chain */
     CK(cudaStreamBeginCapture(s->st, cudaStreamCaptureModeThreadLocal));
     errbuf sub;
     albedo_status st = text_layers(s, 1, 0, s->pos_dev, 0, 1, &sub);
@@ -1144,9 +1200,19 @@ __global__ void gather_rows_kernel(float *dst, const float *src, const int32_t *
     for (int i = threadIdx.x; i < C; i += blockDim.x) o[i] = r[i];
 }
 
-static std::atomic<long> g_paged_graph_steps(0);
+static std::atomic<long> g_paged_graph_steps(0), g_paged_fork_steps(0);
 
 long mdc_paged_graph_steps(void) { return g_paged_graph_steps.load(); }
+long mdc_paged_fork_steps(void) { return g_paged_fork_steps.load(); }
+
+/* The most sequences a forked paged decode step has: ALBEDO_CUDA_FORK_SEQS,
+ * else FORK_SEQS_DEFAULT (docs/CUDA.md, The engine on the GPU: measured). */
+#define FORK_SEQS_DEFAULT (1 << 30)
+static int fork_seqs(const mdc_state *s) {
+    const char *v = getenv("ALBEDO_CUDA_FORK_SEQS");
+    const int n = v && *v ? atoi(v) : FORK_SEQS_DEFAULT;
+    return n < s->seqs ? n : s->seqs;
+}
 
 /* The device picks of a step's gathered rows 0 .. n_logits-1 (those whose
  * segment has a pick and no host logits): masks, one argmax over the rows,
@@ -1180,23 +1246,6 @@ static albedo_status pick_rows(mdc_state *s, const mdc_seg *segs, int n_logits, 
     return ALBEDO_OK;
 }
 
-/* Rows a linear runs over for T rows: T up to the GEMV's 2, else a bucket,
- * so that a context's 64 cuBLASLt plans cover every step size (the rows
- * past T hold stale, finite values and their outputs are never read). */
-static int gemm_rows(int T, int cap) {
-    static const int b[] = {4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512};
-    int r = T;
-    if (T > 2) {
-        r = (T + 127) / 128 * 128;
-        for (size_t i = 0; i < sizeof b / sizeof b[0]; i++)
-            if (T <= b[i]) {
-                r = b[i];
-                break;
-            }
-    }
-    return r < cap ? r : cap;
-}
-
 /* A paged step's shape and where its metadata lies in meta (ints):
  *   rows  [T][2]        position and pool row of each input row
  *   segA  [nA][4]       {row0, T, pos0, n_prefix}: segments of <= 8 rows (decode kernel)
@@ -1220,17 +1269,27 @@ static void plan_offsets(paged_plan *pl, int bt_ld) {
 /* The decoder over the step's rows (x rows 0..T-1), K/V through the block
  * tables into the pool (kl, vl: per-layer device bases [rows, Hkv*D]);
  * then the last row of every segment gathered into xg and, for the first
- * n_logits of them, the logits. */
+ * n_logits of them, the logits. fork (decode steps; 0 for others): each
+ * layer's MLP or experts on ctx2's stream beside the attention, as in
+ * text_layers (mlp_branch; y2 holds a decode step's rows). */
 static albedo_status text_layers_paged(mdc_state *s, const paged_plan *pl, void *const *kl, void *const *vl, int bs,
-                                       errbuf *e) {
+                                       int fork, errbuf *e) {
     const mdc_model *m = s->m;
     const mdc_desc *d = &m->d;
     const int dim = d->dim, dimp = round8(dim), ffp = round8(d->ff_dim), qd = m->H * m->D, kvd = m->Hkv * m->D;
     const int T = pl->T, Tl = gemm_rows(T, s->rows);
+    if (fork && (!s->ctx2 || T > s->seqs)) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: a forked step of %d rows", T);
+    int n_forked = 0;
     for (int l = 0; l < d->n_layers; l++) {
         const dtblock *b = &m->tb[l];
         void *kc = kl[l], *vc = vl[l];
+        const int moe = m->md3 && md3_layer_moe(m->md3, l), par = fork == 2 || (fork == 1 && !moe);
         OPK(cuda_layernorm_ld(s->ctx, s->h, DT_BF16, dimp, s->x, DT_F32, dim, T, dim, b->ln_w, b->ln_b, DT_F32, 1e-5f));
+        if (par) {
+            albedo_status st = mlp_branch(s, l, moe, fork, T, Tl, e);
+            if (st) return st;
+            n_forked++;
+        }
         OPK(cuda_linear(s->ctx, s->qkv, DT_BF16, m->qkvw, s->h, dimp, Tl, &b->qkv.w, CUDA_ACT_NONE, 0));
         if (m->md3) { /* Moondream 3: tau, each row at its own position (meta's rows: position, pool row) */
             albedo_status st = md3_tau(m->md3, s->md3, s->ctx, l, s->qkv, m->qkvw, T, Tl, 0, NULL, s->meta, 2, e);
@@ -1266,15 +1325,22 @@ static albedo_status text_layers_paged(mdc_state *s, const paged_plan *pl, void 
                 OPK(cuda_attention(s->ctx, &a));
             }
         }
+        if (fork == 1 && par) CK(cudaStreamWaitEvent(s->st, s->ev_join, 0));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->att, qd, Tl, &b->proj.w, CUDA_ACT_NONE, 1));
-        if (m->md3 && md3_layer_moe(m->md3, l)) { /* the experts over the step's T rows (not the bucket) */
-            albedo_status st = md3_moe(m->md3, s->md3, s->ctx, l, s->h, dimp, s->x, dim, T, Tl, e);
+        if (fork == 2) { /* the join: x += the branch's rows */
+            CK(cudaStreamWaitEvent(s->st, s->ev_join, 0));
+            OPK(cuda_add(s->ctx, s->x, DT_F32, s->y2, DT_F32, (size_t)T * dim));
+            continue;
+        }
+        if (moe) { /* the experts over the step's T rows (not the bucket) */
+            albedo_status st = md3_moe(m->md3, s->md3, s->ctx, l, s->h, dimp, s->x, dim, T, Tl, 0, e);
             if (st) return st;
             continue;
         }
-        OPK(cuda_linear(s->ctx, s->f, DT_BF16, ffp, s->h, dimp, Tl, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
+        if (!par) OPK(cuda_linear(s->ctx, s->f, DT_BF16, ffp, s->h, dimp, Tl, &b->fc1.w, CUDA_ACT_GELU_TANH, 0));
         OPK(cuda_linear(s->ctx, s->x, DT_F32, dim, s->f, ffp, Tl, &b->fc2.w, CUDA_ACT_NONE, 1));
     }
+    if (fork) s->fork_layers = n_forked;
     LAUNCH(gather_rows_kernel, pl->n_seg, 256, s->xg, (const float *)s->x, (const int32_t *)(s->meta + pl->o_lidx),
            dim);
     if (pl->n_logits) {
@@ -1361,10 +1427,10 @@ static albedo_status upload_rows(mdc_state *s, const float *emb_host, int T, err
 /* Capture the decode step of n one-row sequences (metadata at its fixed
  * offsets for that n). */
 static albedo_status capture_paged(mdc_state *s, const paged_plan *pl, void *const *kl, void *const *vl, int bs,
-                                   errbuf *e) {
+                                   int fork, errbuf *e) {
     CK(cudaStreamBeginCapture(s->st, cudaStreamCaptureModeThreadLocal));
     errbuf sub;
-    albedo_status st = text_layers_paged(s, pl, kl, vl, bs, &sub);
+    albedo_status st = text_layers_paged(s, pl, kl, vl, bs, fork, &sub);
     cudaGraph_t g = NULL;
     cudaError_t ce = cudaStreamEndCapture(s->st, &g);
     if (st) {
@@ -1377,6 +1443,7 @@ static albedo_status capture_paged(mdc_state *s, const paged_plan *pl, void *con
     if (ce != cudaSuccess)
         return errf(e, cuda_status_of(ce), "cuda: capturing a paged decode graph: %s", cudaGetErrorString(ce));
     s->pgraph[pl->n_seg] = ex;
+    s->pfork[pl->n_seg] = fork != 0;
     s->n_captured++;
     return ALBEDO_OK;
 }
@@ -1394,11 +1461,16 @@ albedo_status mdc_forward_paged(mdc_state *s, void *const *kl, void *const *vl, 
      * per number of sequences, captured at the second step of that size
      * (the first has run cuBLASLt's heuristics for its shapes). */
     const int decode = pl.T == n_seg && pl.n_logits == n_seg && pl.nB == 0;
+    /* Decode steps of up to fork_seqs sequences fork each layer's MLP
+     * (text_layers_paged), eager or captured alike, so the eager step before
+     * a capture has run the branch's cuBLASLt heuristics too. A graph keeps
+     * the fork it was captured with. */
+    const int fork = decode && n_seg <= fork_seqs(s) ? fork_ready(s) : 0;
     s->last_graph = 0;
     if (decode && s->graphs && !s->pgraph[n_seg] && ++s->pseen[n_seg] >= 2) {
         errbuf sub;
         CK(cudaStreamSynchronize(s->st));
-        if (capture_paged(s, &pl, kl, vl, bs, &sub)) {
+        if (capture_paged(s, &pl, kl, vl, bs, fork, &sub)) {
             s->graphs = 0;
             snprintf(s->graph_err, sizeof s->graph_err, "%s", sub.msg);
             cudaGetLastError();
@@ -1411,9 +1483,11 @@ albedo_status mdc_forward_paged(mdc_state *s, void *const *kl, void *const *vl, 
         CK(cudaGraphLaunch(s->pgraph[n_seg], s->st));
         s->last_graph = 1;
         g_paged_graph_steps++;
+        if (s->pfork[n_seg]) g_paged_fork_steps++;
     } else {
-        st = text_layers_paged(s, &pl, kl, vl, bs, e);
+        st = text_layers_paged(s, &pl, kl, vl, bs, fork, e);
         if (st) return st;
+        if (fork) g_paged_fork_steps++;
     }
     /* The hidden rows through pinned staging; each logits row straight into
      * its destination (the engine page-locks its requests' buffers), or,
@@ -1456,7 +1530,7 @@ albedo_status mdc_image_prefix_paged(mdc_state *s, const uint8_t *crops_host, in
     st = paged_fill(s, &g, 1, bs, &pl, s->gorder, e);
     if (st) return st;
     CK(cudaMemcpyAsync(s->meta, s->meta_h, pl.n_ints * sizeof(int32_t), cudaMemcpyHostToDevice, s->st));
-    st = text_layers_paged(s, &pl, kl, vl, bs, e);
+    st = text_layers_paged(s, &pl, kl, vl, bs, 0, e);
     if (st) return st;
     /* The blocks are read by other streams (the engine's steps) next. */
     return finish(s, e);
@@ -1661,3 +1735,5 @@ void mdc_graph_stats(const mdc_state *s, int *last_used_graph, int *n_captured) 
 }
 
 const char *mdc_graph_error(const mdc_state *s) { return s->graph_err; }
+
+int mdc_fork_layers(const mdc_state *s) { return s->fork_layers; }

@@ -174,6 +174,9 @@ long mdc_device_picks(void);
 /* Paged steps that replayed a decode graph since the process started (all
  * states; for tests). */
 long mdc_paged_graph_steps(void);
+/* Paged decode steps that ran forked (their MLP beside the attention, on a
+ * second stream; replayed or eager) since the process started (for tests). */
+long mdc_paged_fork_steps(void);
 
 /* The engine's batched step: emb_host [ΣT, dim] (segment after segment)
  * through the decoder at once on a state made with block_size bs; K/V into
@@ -230,6 +233,9 @@ void mdc_graph_stats(const mdc_state *s, int *last_used_graph, int *n_captured);
 /* Why capturing the decode graph failed ("" if it did not; the session then
  * runs eagerly). */
 const char *mdc_graph_error(const mdc_state *s);
+/* For tests: the layers whose MLP (or experts) the last forked decode graph
+ * or paged step ran on the second stream (0 if none was forked). */
+int mdc_fork_layers(const mdc_state *s);
 
 #ifdef __cplusplus
 }

@@ -400,7 +400,7 @@ albedo_status md3_tau(const md3_model *m, md3_state *s, cuda_ctx *ctx, int l, ui
 }
 
 albedo_status md3_moe(const md3_model *m, md3_state *s, cuda_ctx *ctx, int l, const uint16_t *h, int ldh, float *x,
-                      int ldx, int T, int Tg, errbuf *e) {
+                      int ldx, int T, int Tg, int store, errbuf *e) {
     const md3_layer *L = &m->L[l];
     if (T > Tg || Tg > s->max_ctx) return errf(e, ALBEDO_ERR_INTERNAL, "cuda: %d (%d) rows for the experts", T, Tg);
     OPK3(cuda_linear(ctx, s->rlog, DT_F32, m->E, h, ldh, Tg, &L->router, CUDA_ACT_NONE, 0));
@@ -411,6 +411,7 @@ albedo_status md3_moe(const md3_model *m, md3_state *s, cuda_ctx *ctx, int l, co
     mm.w1 = L->w1, mm.ld1 = m->dimp, mm.w2 = L->w2, mm.ld2 = m->Ip;
     mm.q1 = L->q1, mm.ldq1 = m->dimq, mm.q2 = L->q2, mm.ldq2 = m->Iq, mm.s1 = L->s1, mm.s2 = L->s2;
     mm.h = h, mm.ldh = ldh, mm.sel = s->sel, mm.wt = s->wt, mm.x = x, mm.ldx = ldx, mm.scratch = s->scratch;
+    mm.store = store;
     mm.gemm = (long)T * m->K >= CUDA_MOE_GEMM_LARGE_TK ? s->gemm_large : s->gemm_small;
     OPK3(cuda_moe_mlp(ctx, &mm));
     return ALBEDO_OK;

@@ -49,10 +49,14 @@ int md3_layer_moe(const md3_model *m, int l);
 albedo_status md3_tau(const md3_model *m, md3_state *s, cuda_ctx *ctx, int l, uint16_t *qkv, int ldq, int T, int Tg,
                       int pos0, const int *pos_dev, const int *pos_rows, int pos_stride, errbuf *e);
 /* x [T, ldx] += the experts of layer l on h [T, ldh] (bf16, padding
- * columns zeros); the router linear over Tg >= T rows. The expert path
- * follows T alone (GEMVs up to CUDA_MOE_GEMV_MAX_T rows, grouped GEMMs
- * above), so a graph captured for T rows replays for any routing. */
+ * columns zeros), or x = their sum with store (the decode steps' second
+ * branch, joined into the residual later: the same float sum); the router
+ * linear over Tg >= T rows. The expert path follows T alone (GEMVs up to
+ * CUDA_MOE_GEMV_MAX_T rows, grouped GEMMs above), so a graph captured for T
+ * rows replays for any routing. Writes the state's rlog, sel, wt and
+ * scratch only (md3_tau writes f and scores), so the two may run on two
+ * streams at once. */
 albedo_status md3_moe(const md3_model *m, md3_state *s, cuda_ctx *ctx, int l, const uint16_t *h, int ldh, float *x,
-                      int ldx, int T, int Tg, errbuf *e);
+                      int ldx, int T, int Tg, int store, errbuf *e);
 
 #endif

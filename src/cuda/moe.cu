@@ -360,7 +360,7 @@ __global__ void __launch_bounds__(MOE_GEMV_WARPS * 32)
  * and warp 0 sums w_k times those in rank order into x[t][n]. */
 __global__ void __launch_bounds__(CUDA_MOE_MAX_K * 32)
     moe_down_gemv_kernel(float *xo, int ldx, const bf16 *act, int ldact, const int32_t *sel, const float *wt,
-                         const bf16 *w2, long w_exp, int ldw, int N, int I, int K) {
+                         const bf16 *w2, long w_exp, int ldw, int N, int I, int K, int store) {
     __shared__ float part[CUDA_MOE_MAX_K];
     pdl_trigger();
     pdl_wait();
@@ -385,7 +385,8 @@ __global__ void __launch_bounds__(CUDA_MOE_MAX_K * 32)
     if (threadIdx.x == 0) {
         float acc = 0.0f;
         for (int j = 0; j < K; j++) acc += part[j];
-        xo[(long)t * ldx + n] += acc;
+        float *o = xo + (long)t * ldx + n;
+        *o = store ? acc : *o + acc;
     }
 }
 
@@ -468,7 +469,7 @@ __global__ void __launch_bounds__(MOE_GEMV_WARPS * 32)
  * into x[t][n0 + r]. */
 __global__ void moe_down_gemv_f8_kernel(float *xo, int ldx, const bf16 *act, int ldact, const int32_t *sel,
                                         const float *wt, const uint8_t *q2, const float *s2, int ldq, int N, int I,
-                                        int K) {
+                                        int K, int store) {
     __shared__ float part[CUDA_MOE_MAX_K][MOE_F8_DOWN_N];
     pdl_trigger();
     pdl_wait();
@@ -512,7 +513,8 @@ __global__ void moe_down_gemv_f8_kernel(float *xo, int ldx, const bf16 *act, int
     if (threadIdx.x < MOE_F8_DOWN_N && n0 + (int)threadIdx.x < N) {
         float sum = 0.0f;
         for (int j = 0; j < K; j++) sum += part[j][threadIdx.x];
-        xo[(long)t * ldx + n0 + threadIdx.x] += sum;
+        float *o = xo + (long)t * ldx + n0 + threadIdx.x;
+        *o = store ? sum : *o + sum;
     }
 }
 
@@ -1001,9 +1003,9 @@ __global__ void __launch_bounds__(WM * 64, WM == 4 ? 2 : 1)
     }
 }
 
-/* x[t][n] += Σ_k w[t,k]·y[slot[t,k]][n], k in rank order. */
+/* x[t][n] += Σ_k w[t,k]·y[slot[t,k]][n], k in rank order (store: x[t][n] = Σ). */
 __global__ void moe_combine_kernel(float *x, int ldx, const float *y, int ldy, const int32_t *slot, const float *wt,
-                                   int T, int N, int K) {
+                                   int T, int N, int K, int store) {
     pdl_trigger();
     pdl_wait();
     const long n_all = (long)T * N;
@@ -1011,7 +1013,8 @@ __global__ void moe_combine_kernel(float *x, int ldx, const float *y, int ldy, c
         const int t = (int)(i / N), n = (int)(i % N);
         float acc = 0.0f;
         for (int k = 0; k < K; k++) acc = fmaf(wt[(long)t * K + k], y[(long)slot[(long)t * K + k] * ldy + n], acc);
-        x[(long)t * ldx + n] += acc;
+        float *o = x + (long)t * ldx + n;
+        *o = store ? acc : *o + acc;
     }
 }
 
@@ -1168,7 +1171,7 @@ albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
         CU_LAUNCHED(c);
         CU_TRY(c, launch_k(c, moe_down_gemv_f8_kernel, dim3((D + MOE_F8_DOWN_N - 1) / MOE_F8_DOWN_N, T), dim3(32 * K),
                            0, m->x, m->ldx, (const bf16 *)s.act, s.ldact, m->sel, m->wt, m->q2, m->s2, m->ldq2, D,
-                           s.ldact, K));
+                           s.ldact, K, m->store != 0));
         CU_LAUNCHED(c);
         return ALBEDO_OK;
     }
@@ -1178,7 +1181,7 @@ albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
                            (const bf16 *)m->w1, w1e, m->ld1, m->ld1, I, K));
         CU_LAUNCHED(c);
         CU_TRY(c, launch_k(c, moe_down_gemv_kernel, dim3(D, T), dim3(32 * K), 0, m->x, m->ldx, (const bf16 *)s.act,
-                           s.ldact, m->sel, m->wt, (const bf16 *)m->w2, w2e, m->ld2, D, s.ldact, K));
+                           s.ldact, m->sel, m->wt, (const bf16 *)m->w2, w2e, m->ld2, D, s.ldact, K, m->store != 0));
         CU_LAUNCHED(c);
         return ALBEDO_OK;
     }
@@ -1196,7 +1199,7 @@ albedo_status cuda_moe_mlp(cuda_ctx *c, const cuda_moe *m) {
     const long n = (long)T * D;
     const int blocks = (int)((n + 255) / 256 < 4096 ? (n + 255) / 256 : 4096);
     CU_TRY(c, launch_k(c, moe_combine_kernel, dim3(blocks), dim3(256), 0, m->x, m->ldx, (const float *)s.y, D,
-                       (const int32_t *)s.slot, m->wt, T, D, K));
+                       (const int32_t *)s.slot, m->wt, T, D, K, m->store != 0));
     CU_LAUNCHED(c);
     return ALBEDO_OK;
 }

@@ -294,7 +294,7 @@ albedo_status cuda_tau_scale(cuda_ctx *c, const cuda_tau *a);
  * wt [T, K] (float32, text.c's order of operations). K <= CUDA_MOE_MAX_K. */
 albedo_status cuda_moe_route(cuda_ctx *c, int32_t *sel, float *wt, const float *logits, long ldl, int T, int E, int K);
 
-/* The mixture-of-experts MLP of T tokens, added into x:
+/* The mixture-of-experts MLP of T tokens, added into x (or stored: .store):
  *   x[t] += Σ_k wt[t,k] · (gelu_erf(a) · (g + 1)) · W2[e]ᵀ,  e = sel[t,k],
  *   a = h[t]·W1[e][0:I]ᵀ, g = h[t]·W1[e][I:2I]ᵀ.
  * W1 [E, 2I, ld1] and W2 [E, dim, ld2] bf16 (ld1 >= dim, ld2 >= I, both
@@ -328,8 +328,11 @@ typedef struct cuda_moe {
     const uint8_t *q1, *q2;
     int ldq1, ldq2;
     const float *s1, *s2;
-    int path; /* 0: by T; 1: the GEMVs; 2: grouped (for tests) */
-    int gemm; /* grouped GEMM tiles (rows, K step, stages): WMMA 1: 64, 32, 2; 2: 64, 64, 3;
+    int path;  /* 0: by T; 1: the GEMVs; 2: grouped (for tests) */
+    int store; /* 1: x[t] = Σ (x only written: the decode graph's branch, whose
+                * sum joins x later); 0: x[t] += Σ. The same float sum either
+                * way, so x + (stored Σ) equals the added form bit for bit. */
+    int gemm;  /* grouped GEMM tiles (rows, K step, stages): WMMA 1: 64, 32, 2; 2: 64, 64, 3;
                * 3: 128, 32, 2; 4: 128, 64, 3; mma.sync 5: 128, 64, 3; 6: 128, 32, 4;
                * 7: 64, 64, 3; the same on 8 warps 8: 128, 64, 3; 9: 128, 32, 4;
                * 0: by T·K (below) */

@@ -102,6 +102,66 @@ static void compare_text_runs(const char *label, const kept *cpu, const rows *cp
     }
 }
 
+/* ---- the forked decode graph against one chain -------------------------------------- */
+
+/* A session whose decode graph forks every layer's MLP (Moondream 3's
+ * experts too) beside the attention (the default) against one captured with
+ * ALBEDO_CUDA_FORK=0 (one chain): the same tokens and every logits row's
+ * top-1 and margin equal bit for bit (the fork is designed bit-identical),
+ * with n_layers layers forked in the first and none in the second. */
+static void check_fork(albedo_model *gm, const char *image_path) {
+    const int n_layers = gm->cfg.n_layers;
+    albedo_session *sf = NULL, *s1 = NULL;
+    CHECK(albedo_session_new(gm, &sf) == ALBEDO_OK, "session: %s", albedo_last_error());
+    CHECK(albedo_session_new(gm, &s1) == ALBEDO_OK, "session: %s", albedo_last_error());
+    albedo_image *a = NULL, *b = NULL;
+    if (sf) CHECK(albedo_image_encode_file(sf, image_path, &a) == ALBEDO_OK, "%s", albedo_session_error(sf));
+    if (s1) CHECK(albedo_image_encode_file(s1, image_path, &b) == ALBEDO_OK, "%s", albedo_session_error(s1));
+    if (a && b) {
+        albedo_request r = albedo_request_default(ALBEDO_SKILL_CAPTION);
+        r.temperature = 0;
+        r.max_tokens = 40;
+        r.ignore_eos = 1;
+        r.image = a;
+        rows *ra = calloc(1, sizeof *ra), *rb = calloc(1, sizeof *rb);
+        static kept kf;
+        int used = 0, n_cap = 0;
+        const albedo_result *x = run(sf, &r, ra, "forked graph");
+        if (x) keep(&kf, x);
+        mdc_graph_stats(sf->st.cu, &used, &n_cap);
+        const int lf = mdc_fork_layers(sf->st.cu);
+        CHECK(used == 1 && n_cap == 1, "forked: decode steps replay one graph (used %d, captured %d: %s)", used, n_cap,
+              mdc_graph_error(sf->st.cu));
+        CHECK(lf == n_layers, "the decode graph forks all %d layers (forked %d)", n_layers, lf);
+        setenv("ALBEDO_CUDA_FORK", "0", 1);
+        r.image = b;
+        const albedo_result *y = run(s1, &r, rb, "one chain");
+        unsetenv("ALBEDO_CUDA_FORK");
+        mdc_graph_stats(s1->st.cu, &used, &n_cap);
+        const int l1 = mdc_fork_layers(s1->st.cu);
+        CHECK(used == 1 && n_cap == 1 && l1 == 0, "ALBEDO_CUDA_FORK=0: one chain (used %d, captured %d, forked %d)",
+              used, n_cap, l1);
+        if (x && y) {
+            CHECK(y->n_tokens == kf.n_tokens && !memcmp(y->tokens, kf.tokens, (size_t)kf.n_tokens * 4),
+                  "forked and one-chain graphs feed the same tokens (%d and %d)", kf.n_tokens, y->n_tokens);
+            const int n = ra->n < 4096 ? ra->n : 4096;
+            int bad = -1;
+            for (int j = 0; j < n && bad < 0; j++)
+                if (ra->top[j] != rb->top[j] || memcmp(&ra->margin[j], &rb->margin[j], sizeof(float))) bad = j;
+            CHECK(ra->n == rb->n && ra->n > 30 && bad < 0,
+                  "forked vs one chain: %d and %d logits rows, first differing row %d (margins %.9g, %.9g)", ra->n,
+                  rb->n, bad, bad >= 0 ? ra->margin[bad] : 0.0, bad >= 0 ? rb->margin[bad] : 0.0);
+            printf("  forked graph (%d layers) vs one chain: %d logits rows, %s\n", lf, ra->n,
+                   bad < 0 && ra->n == rb->n ? "bit-identical" : "different");
+        }
+        free(ra->first), free(ra), free(rb->first), free(rb);
+    }
+    albedo_image_free(a);
+    albedo_image_free(b);
+    albedo_session_free(sf);
+    albedo_session_free(s1);
+}
+
 /* ---- teacher forcing: a reference run's tokens through another session -------------- */
 
 static int argmax_row(const float *v, int n) {
@@ -367,9 +427,13 @@ static void tickets_free(engine_tickets *et) {
  * reference check at MARGIN, and those text_task accepts must feed the CPU
  * float32 run's tokens (cpu_k[i], cpu_r[i], where not NULL) as the session
  * runs do. With graphs (ALBEDO_CUDA_GRAPH unset) some decode steps must
- * replay a graph; with ALBEDO_CUDA_GRAPH=0 none. */
+ * replay a graph; with ALBEDO_CUDA_GRAPH=0 none. Decode steps fork their
+ * MLP beside the attention (eager or replayed) unless ALBEDO_CUDA_FORK=0.
+ * keep_out (n entries, or NULL): each case's result kept, for
+ * compare_engine_runs. */
 static void check_engine_cases(albedo_model *gm, json_t *cases, const char *image_dir, int max_batch, size_t kv_bytes,
-                               kept *const *cpu_k, rows *const *cpu_r, size_t n_cpu, int (*text_task)(json_t *)) {
+                               kept *const *cpu_k, rows *const *cpu_r, size_t n_cpu, int (*text_task)(json_t *),
+                               kept **keep_out) {
     albedo_engine_params ep = albedo_engine_params_default();
     ep.max_batch = max_batch;
     ep.kv_bytes = kv_bytes;
@@ -381,7 +445,7 @@ static void check_engine_cases(albedo_model *gm, json_t *cases, const char *imag
     engine_tickets et = submit_cases(E, cases, n, image_dir, "");
     albedo_ticket **t = et.t;
     int n_ok = 0, n_same = 0;
-    const long picks0 = mdc_device_picks(), graphs0 = mdc_paged_graph_steps();
+    const long picks0 = mdc_device_picks(), graphs0 = mdc_paged_graph_steps(), forks0 = mdc_paged_fork_steps();
     for (size_t i = 0; i < n && t; i++) {
         if (!t[i]) continue;
         json_t *c = json_array_get(cases, i);
@@ -394,6 +458,7 @@ static void check_engine_cases(albedo_model *gm, json_t *cases, const char *imag
         CHECK(st == ALBEDO_OK, "%s: %s", label, albedo_ticket_error(t[i]));
         if (st || !res) continue;
         n_ok++;
+        if (keep_out && (keep_out[i] = calloc(1, sizeof(kept)))) keep(keep_out[i], res);
         check_case_thr(label, c, res, MARGIN);
         const kept *k = i < n_cpu ? cpu_k[i] : NULL;
         const rows *rw = i < n_cpu ? cpu_r[i] : NULL;
@@ -403,17 +468,21 @@ static void check_engine_cases(albedo_model *gm, json_t *cases, const char *imag
     albedo_engine_stats es;
     albedo_engine_get_stats(E, &es);
     const long picks = mdc_device_picks() - picks0, graphs = mdc_paged_graph_steps() - graphs0;
-    const char *genv = getenv("ALBEDO_CUDA_GRAPH");
-    const int want_graphs = !(genv && genv[0] == '0');
+    const long forks = mdc_paged_fork_steps() - forks0;
+    const char *genv = getenv("ALBEDO_CUDA_GRAPH"), *fenv = getenv("ALBEDO_CUDA_FORK");
+    const int want_graphs = !(genv && genv[0] == '0'), want_forks = !(fenv && fenv[0] == '0');
     printf("  engine batch %d: %d/%zu cases done, %d fed exactly the cpu f32 tokens; %llu steps, %.2f sequences a "
-           "step; prefix hits %llu, misses %llu; %ld tokens picked on the device; %ld steps replayed a graph\n",
+           "step; prefix hits %llu, misses %llu; %ld tokens picked on the device; %ld steps replayed a graph, %ld "
+           "forked\n",
            max_batch, n_ok, n, n_same, (unsigned long long)es.steps,
            es.steps ? (double)es.step_sequences / es.steps : 0.0, (unsigned long long)es.prefix_hits,
-           (unsigned long long)es.prefix_misses, picks, graphs);
+           (unsigned long long)es.prefix_misses, picks, graphs, forks);
     CHECK(n_ok == (int)n, "engine batch %d: %d of %zu cases done", max_batch, n_ok, n);
     CHECK(picks > 0, "the engine's decode steps pick on the device");
     CHECK(want_graphs ? graphs > 0 : graphs == 0, "decode steps replay graphs only when allowed (%ld, graphs %s)",
           graphs, want_graphs ? "on" : "off");
+    CHECK(want_forks ? forks > 0 : forks == 0, "decode steps fork only when allowed (%ld, ALBEDO_CUDA_FORK %s)", forks,
+          fenv ? fenv : "unset");
     CHECK(es.prefix_hits > 0, "later cases of an image fork its cached prefix (hits %llu)",
           (unsigned long long)es.prefix_hits);
     if (max_batch > 1) CHECK(es.step_sequences > es.steps, "steps batch several sequences");
@@ -422,4 +491,24 @@ static void check_engine_cases(albedo_model *gm, json_t *cases, const char *imag
     CHECK(n_free == n_total, "every KV block is back in the device pool (%d of %d free)", n_free, n_total);
     tickets_free(&et);
     albedo_engine_free(E);
+}
+
+/* Two engine runs of the same n cases (check_engine_cases' keep_out) fed the
+ * same tokens in every case: the forked decode steps against one chain at
+ * batch 1, where each step's GEMVs make the fork bit-identical. Frees both. */
+static void compare_engine_runs(const char *label, kept **a, kept **b, size_t n) {
+    int n_same = 0, n_cmp = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (a[i] && b[i]) {
+            n_cmp++;
+            const int same = a[i]->n_tokens == b[i]->n_tokens &&
+                             !memcmp(a[i]->tokens, b[i]->tokens, (size_t)a[i]->n_tokens * sizeof(int32_t));
+            CHECK(same, "%s: case %zu fed %d and %d tokens, not the same", label, i, a[i]->n_tokens, b[i]->n_tokens);
+            n_same += same;
+        }
+        free(a[i]), free(b[i]);
+        a[i] = b[i] = NULL;
+    }
+    CHECK(n_cmp == (int)n, "%s: %d of %zu cases in both runs", label, n_cmp, n);
+    printf("  %s: %d of %d cases identical\n", label, n_same, n_cmp);
 }

@@ -19,6 +19,11 @@
  *   graph    a session with CUDA graphs off gives the same tokens as one
  *            with them (the decode graph holds tau, the router and the expert
  *            GEMVs, with the position read from device memory)
+ *   fork     the decode graph with every layer's MLP (the experts: router,
+ *            top-k, GEMVs, their sum stored) on a second stream against one
+ *            captured with ALBEDO_CUDA_FORK=0: the same tokens, every logits
+ *            row's top-1 and margin bit-identical; the engine at batch 1
+ *            forked and not: the same tokens in every case
  *   engine   every case as an engine ticket on the GPU (image workers build
  *            the prefixes into the device pool; steps mix prompt chunks and
  *            decode rows of several sequences, tau at each row's own
@@ -298,12 +303,25 @@ int main(void) {
         char path[4200];
         snprintf(path, sizeof path, "%s/chelsea.jpg", image_dir);
         check_graph(gm, gs, path);
+        check_fork(gm, path); /* the experts on the decode graph's second branch */
         json_t *cases = json_object_get(root, "cases");
-        check_engine_cases(gm, cases, image_dir, 8, 0, cpu_kept, cpu_rows, MAX_CASES, is_text_task);
-        /* A small pool (blocks evicted and reused), one sequence at a time. */
-        check_engine_cases(gm, cases, image_dir, 1, (size_t)16 << 20, cpu_kept, cpu_rows, MAX_CASES, is_text_task);
+        check_engine_cases(gm, cases, image_dir, 8, 0, cpu_kept, cpu_rows, MAX_CASES, is_text_task, NULL);
+        /* A small pool (blocks evicted and reused), one sequence at a time;
+         * then the same with one-chain decode steps: the same tokens. */
+        static kept *e_fork[MAX_CASES], *e_chain[MAX_CASES];
+        const int keep_all = json_array_size(cases) <= MAX_CASES;
+        check_engine_cases(gm, cases, image_dir, 1, (size_t)16 << 20, cpu_kept, cpu_rows, MAX_CASES, is_text_task,
+                           keep_all ? e_fork : NULL);
+        setenv("ALBEDO_CUDA_FORK", "0", 1);
+        check_engine_cases(gm, cases, image_dir, 1, (size_t)16 << 20, cpu_kept, cpu_rows, MAX_CASES, is_text_task,
+                           keep_all ? e_chain : NULL);
+        unsetenv("ALBEDO_CUDA_FORK");
+        CHECK(keep_all, "at most %d cases", MAX_CASES);
+        if (keep_all)
+            compare_engine_runs("engine batch 1, forked vs one chain", e_fork, e_chain, json_array_size(cases));
         setenv("ALBEDO_CUDA_GRAPH", "0", 1);
-        check_engine_cases(gm, cases, image_dir, 4, (size_t)64 << 20, cpu_kept, cpu_rows, MAX_CASES, is_text_task);
+        check_engine_cases(gm, cases, image_dir, 4, (size_t)64 << 20, cpu_kept, cpu_rows, MAX_CASES, is_text_task,
+                           NULL);
         unsetenv("ALBEDO_CUDA_GRAPH");
     }
     for (int i = 0; i < MAX_CASES; i++) {

@@ -16,6 +16,10 @@
  *            logits row with a margin below 0.1 (text identical when none)
  *   graph    a session with CUDA graphs off gives the same tokens as the one
  *            with them (decode steps replay one graph per session)
+ *   fork     the decode graph with each layer's MLP on a second stream
+ *            against one captured with ALBEDO_CUDA_FORK=0: the same tokens,
+ *            every logits row's top-1 and margin bit-identical; the engine
+ *            at batch 1 forked and not: the same tokens in every case
  *   errors   a missing device comes back as a status; Moondream 3 loads
  *   picks    the engine's decode steps pick their tokens on the device (the
  *            engine checks above run through them); sampled requests give
@@ -143,8 +147,10 @@ static void run_cases(albedo_session *cpu, albedo_session *gpu, json_t *cases, c
 
 /* ---- the engine on the GPU (gpu_runs.h) ---------------------------------------------------- */
 
-static void check_engine(albedo_model *gm, json_t *cases, const char *image_dir, int max_batch, size_t kv_bytes) {
-    check_engine_cases(gm, cases, image_dir, max_batch, kv_bytes, cpu_kept, cpu_rows, MAX_CASES, is_text_task);
+static void check_engine(albedo_model *gm, json_t *cases, const char *image_dir, int max_batch, size_t kv_bytes,
+                         kept **keep_out) {
+    check_engine_cases(gm, cases, image_dir, max_batch, kv_bytes, cpu_kept, cpu_rows, MAX_CASES, is_text_task,
+                       keep_out);
 }
 
 /* ---- the fp8 (e4m3) KV cache ------------------------------------------------------------- */
@@ -396,12 +402,22 @@ int main(void) {
         char path[4200];
         snprintf(path, sizeof path, "%s/chelsea.jpg", image_dir);
         check_graph(gm, gs, path);
+        check_fork(gm, path);
         json_t *cases = json_object_get(root, "cases");
-        check_engine(gm, cases, image_dir, 8, 0);
-        /* A small pool (blocks evicted and reused), one sequence at a time. */
-        check_engine(gm, cases, image_dir, 1, (size_t)16 << 20);
+        check_engine(gm, cases, image_dir, 8, 0, NULL);
+        /* A small pool (blocks evicted and reused), one sequence at a time;
+         * then the same with one-chain decode steps: the same tokens. */
+        static kept *e_fork[MAX_CASES], *e_chain[MAX_CASES];
+        const int keep_all = json_array_size(cases) <= MAX_CASES;
+        check_engine(gm, cases, image_dir, 1, (size_t)16 << 20, keep_all ? e_fork : NULL);
+        setenv("ALBEDO_CUDA_FORK", "0", 1);
+        check_engine(gm, cases, image_dir, 1, (size_t)16 << 20, keep_all ? e_chain : NULL);
+        unsetenv("ALBEDO_CUDA_FORK");
+        CHECK(keep_all, "at most %d cases", MAX_CASES);
+        if (keep_all)
+            compare_engine_runs("engine batch 1, forked vs one chain", e_fork, e_chain, json_array_size(cases));
         setenv("ALBEDO_CUDA_GRAPH", "0", 1);
-        check_engine(gm, cases, image_dir, 4, (size_t)64 << 20);
+        check_engine(gm, cases, image_dir, 4, (size_t)64 << 20, NULL);
         unsetenv("ALBEDO_CUDA_GRAPH");
         check_engine_sampling(gm, path);
         albedo_model *fm = load_fp8(gen_dir);

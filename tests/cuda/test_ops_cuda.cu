@@ -1720,6 +1720,41 @@ static void test_moe(int T, int E, int K, int dim, int I, int path, int skew, in
         cmp cm = compare(&x, T, dim, ldx, ref, dim);
         report(what, &cm, 1e-3);
         free(ref), free(y), free(act);
+        /* .store (the decode steps' branch): x = Σ into a poisoned buffer,
+         * every element written, the padding and guards left alone, and
+         * x0 + Σ equal to the added form bit for bit. That needs the op to
+         * give the same sums on every run: the added form is run again
+         * first, and a second run that differs fails as such. */
+        buf xr = buf_new(DT_F32, (size_t)T * ldx), xs = buf_new(DT_F32, (size_t)T * ldx);
+        for (size_t i = 0; i < xr.n; i++) bset(&xr, (long)i, x0[i]);
+        up(&xr), up(&xs);
+        m.x = (float *)dp(&xr);
+        albedo_status st2 = cuda_moe_mlp(G, &m);
+        m.x = (float *)dp(&xs), m.store = 1;
+        if (!st2) st2 = cuda_moe_mlp(G, &m);
+        m.store = 0;
+        char what_s[200];
+        snprintf(what_s, sizeof what_s, "%s, stored", what);
+        check_st(st2, what_s);
+        if (down(&xr) == 0 && down(&xs) == 0 && st2 == ALBEDO_OK) {
+            long diff = -1, bad = -1, damaged = 0;
+            for (int t = 0; t < T; t++)
+                for (int n = 0; n < dim; n++) {
+                    const long i = (long)t * ldx + n;
+                    const float a = bget(&x, i), a2 = bget(&xr, i), sum = x0[i] + bget(&xs, i);
+                    if (diff < 0 && memcmp(&a, &a2, 4)) diff = i;
+                    if (bad < 0 && memcmp(&sum, &a, 4)) bad = i;
+                }
+            for (int t = 0; t < T; t++)
+                for (int n = dim; n < ldx; n++) damaged += !bpoison(&xs, (long)t * ldx + n);
+            for (long g = 0; g < GUARD; g++) damaged += !bpoison(&xs, -1 - g) + !bpoison(&xs, (long)xs.n + g);
+            CHECK(diff < 0, "%s: two runs of the added form differ at %ld (%.9g, %.9g): not deterministic", what, diff,
+                  diff >= 0 ? bget(&x, diff) : 0.0, diff >= 0 ? bget(&xr, diff) : 0.0);
+            CHECK(diff >= 0 || bad < 0, "%s: x0 + the stored sum differs from the added form at %ld", what_s, bad);
+            CHECK(damaged == 0, "%s: %ld padding or guard elements written", what_s, damaged);
+        }
+        buf_free(&xr);
+        buf_free(&xs);
     }
     free(hf), free(w1f), free(w2f), free(x0), free(sel), free(wt), free(sc1), free(sc2);
     cudaFree(dsel), cudaFree(dwt), cudaFree(scr), cudaFree(dsc1), cudaFree(dsc2);
