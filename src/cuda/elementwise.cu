@@ -79,61 +79,6 @@ __global__ void __launch_bounds__(256)
         yr[i] = from_f<YT>((to_f(xr[i]) - mean) * inv * ld_param(g, p_f32, i) + ld_param(b, p_f32, i));
 }
 
-/* x += r, then y = layernorm(x), per row of C <= 256 * LN_REG float32
- * (the decode graph's branch output added into the residual, fused into
- * the layernorm that reads it next: one kernel instead of two). The sum is
- * add_kernel's (x + r in float32) and the statistics layernorm_kernel's
- * register path, term for term, so the results are theirs bit for bit. */
-template <typename YT>
-__global__ void __launch_bounds__(256)
-    add_layernorm_kernel(YT *__restrict__ y, int ldy, float *__restrict__ x, int ldx, const float *__restrict__ r,
-                         int ldr, int C, const void *g, const void *b, int p_f32, float eps) {
-    pdl_trigger();
-    __shared__ float red[32];
-    float *xr = x + (size_t)blockIdx.x * ldx;
-    const float *rr = r + (size_t)blockIdx.x * ldr;
-    YT *yr = y + (size_t)blockIdx.x * ldy;
-    float gv[LN_REG], bv[LN_REG], xv[LN_REG];
-#pragma unroll
-    for (int u = 0; u < LN_REG; u++) {
-        const int i = threadIdx.x + u * blockDim.x;
-        gv[u] = i < C ? ld_param(g, p_f32, i) : 0.0f;
-        bv[u] = i < C ? ld_param(b, p_f32, i) : 0.0f;
-    }
-    pdl_wait();
-    /* Every load before the first store: a store between them would order
-     * each pair of loads after it (one L2 round trip per element). */
-#pragma unroll
-    for (int u = 0; u < LN_REG; u++) {
-        const int i = threadIdx.x + u * blockDim.x;
-        xv[u] = i < C ? xr[i] + rr[i] : 0.0f;
-    }
-#pragma unroll
-    for (int u = 0; u < LN_REG; u++) {
-        const int i = threadIdx.x + u * blockDim.x;
-        if (i < C) xr[i] = xv[u];
-    }
-    float s = 0.0f;
-#pragma unroll
-    for (int u = 0; u < LN_REG; u++)
-        if (threadIdx.x + u * blockDim.x < (unsigned)C) s += xv[u];
-    const float mean = block_sum(s, red) / C;
-    float v = 0.0f;
-#pragma unroll
-    for (int u = 0; u < LN_REG; u++)
-        if (threadIdx.x + u * blockDim.x < (unsigned)C) {
-            const float d = xv[u] - mean;
-            v += d * d;
-        }
-    const float var = block_sum(v, red) / C;
-    const float inv = 1.0f / sqrtf(var + eps);
-#pragma unroll
-    for (int u = 0; u < LN_REG; u++) {
-        const int i = threadIdx.x + u * blockDim.x;
-        if (i < C) yr[i] = from_f<YT>((xv[u] - mean) * inv * gv[u] + bv[u]);
-    }
-}
-
 /* The same with one warp per row, 8 rows per block: no block barriers, so
  * many rows (vision's 6561, a prefix's 730) stream at memory speed. */
 template <typename XT, typename YT>
@@ -209,22 +154,6 @@ albedo_status cuda_layernorm_ld(cuda_ctx *c, void *y, dtype ydt, int ldy, const 
 albedo_status cuda_layernorm(cuda_ctx *c, void *y, dtype ydt, const void *x, dtype xdt, int T, int C, const void *g,
                              const void *b, dtype pdt, float eps) {
     return cuda_layernorm_ld(c, y, ydt, C, x, xdt, C, T, C, g, b, pdt, eps);
-}
-
-albedo_status cuda_add_layernorm(cuda_ctx *c, void *y, dtype ydt, int ldy, float *x, int ldx, const float *r, int ldr,
-                                 int T, int C, const void *g, const void *b, dtype pdt, float eps) {
-    CU_ARG(c, T >= 0 && C > 0 && C <= 256 * LN_REG && is_act_dt(ydt) && is_act_dt(pdt));
-    CU_ARG(c, ldx >= C && ldy >= C && ldr >= C && y != (void *)x && r != x);
-    if (T == 0) return ALBEDO_OK;
-    const int pf = pdt == DT_F32;
-    if (ydt == DT_F32)
-        CU_TRY(c, (launch_k(c, add_layernorm_kernel<float>, dim3(T), dim3(256), 0, (float *)y, ldy, x, ldx, r, ldr, C,
-                            g, b, pf, eps)));
-    else
-        CU_TRY(c, (launch_k(c, add_layernorm_kernel<bf16>, dim3(T), dim3(256), 0, (bf16 *)y, ldy, x, ldx, r, ldr, C, g,
-                            b, pf, eps)));
-    CU_LAUNCHED(c);
-    return ALBEDO_OK;
 }
 
 /* ---- gelu, add ------------------------------------------------------------ */

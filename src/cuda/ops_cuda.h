@@ -106,13 +106,6 @@ albedo_status cuda_layernorm(cuda_ctx *c, void *y, dtype ydt, const void *x, dty
  * columns C..ld-1 of y are not written). cuda_layernorm is ldx = ldy = C. */
 albedo_status cuda_layernorm_ld(cuda_ctx *c, void *y, dtype ydt, int ldy, const void *x, dtype xdt, int ldx, int T,
                                 int C, const void *g, const void *b, dtype pdt, float eps);
-/* x[T, ldx] += r[T, ldr] (float32), then y = layernorm(x) as above, in one
- * kernel (the decode graph adds its branch's fc2 output this way). The new
- * x and y equal cuda_add followed by cuda_layernorm_ld bit for bit. Needs
- * C <= 4096; y must not overlap x or r. */
-albedo_status cuda_add_layernorm(cuda_ctx *c, void *y, dtype ydt, int ldy, float *x, int ldx, const float *r, int ldr,
-                                 int T, int C, const void *g, const void *b, dtype pdt, float eps);
-
 /* In place on n elements of dtype dt. */
 albedo_status cuda_gelu_tanh(cuda_ctx *c, void *x, dtype dt, size_t n);
 albedo_status cuda_gelu_erf(cuda_ctx *c, void *x, dtype dt, size_t n);

@@ -408,52 +408,6 @@ static void test_layernorm_ld(int T, int C, dtype xdt, dtype ydt) {
     buf_free(&x), buf_free(&g), buf_free(&bb), buf_free(&y);
 }
 
-/* cuda_add_layernorm: x [T, C + 3] += r [T, C + 1], y [T, ldy] =
- * layernorm(x). The new x must be the host's float32 x + r exactly, y must
- * match the reference, and cuda_layernorm_ld over the new x must give y bit
- * for bit (the fused kernel is the two kernels' arithmetic). */
-static void test_add_layernorm(int T, int C, dtype ydt, dtype pdt) {
-    const int ldx = C + 3, ldr = C + 1, ldy = (C + 7) / 8 * 8 + 8;
-    buf x = buf_new(DT_F32, (size_t)T * ldx), r = buf_new(DT_F32, (size_t)T * ldr);
-    buf g = buf_new(pdt, C), bb = buf_new(pdt, C);
-    buf y = buf_new(ydt, (size_t)T * ldy), y2 = buf_new(ydt, (size_t)T * ldy);
-    float *xf = fill(&x, T, C, ldx, -1.5f, 2.5f), *rf = fill(&r, T, C, ldr, -1.0f, 1.0f);
-    float *gf = fill(&g, 1, C, C, 0.5f, 1.5f);
-    float *bf = fill(&bb, 1, C, C, -0.5f, 0.5f);
-    up(&x), up(&r), up(&g), up(&bb), up(&y), up(&y2);
-    char what[160];
-    snprintf(what, sizeof what, "add_layernorm T=%d C=%d y=%s p=%s", T, C, dts(ydt), dts(pdt));
-    albedo_status st = cuda_add_layernorm(G, dp(&y), ydt, ldy, (float *)dp(&x), ldx, (const float *)dp(&r), ldr, T, C,
-                                          dp(&g), dp(&bb), pdt, 1e-5f);
-    check_st(st, what);
-    if (st == ALBEDO_OK)
-        check_st(cuda_layernorm_ld(G, dp(&y2), ydt, ldy, dp(&x), DT_F32, ldx, T, C, dp(&g), dp(&bb), pdt, 1e-5f), what);
-    if (st == ALBEDO_OK && down(&y) == 0 && down(&x) == 0 && down(&y2) == 0) {
-        float *xs = (float *)malloc((size_t)T * C * sizeof *xs), *ref = (float *)malloc((size_t)T * C * sizeof *ref);
-        long bad_x = 0, bad_y = 0;
-        for (int t = 0; t < T; t++)
-            for (int i = 0; i < C; i++) {
-                const float s = xf[(size_t)t * ldx + i] + rf[(size_t)t * ldr + i];
-                xs[(size_t)t * C + i] = s;
-                bad_x += bget(&x, (long)t * ldx + i) != s;
-                const size_t o = ((size_t)t * ldy + i + GUARD) * y.es; /* element offsets past the guard */
-                bad_y += memcmp(y.h + o, y2.h + o, y.es) != 0;
-            }
-        CHECK(bad_x == 0, "%s: x = x + r exactly (%ld elements differ)", what, bad_x);
-        CHECK(bad_y == 0, "%s: y equal to layernorm_ld over the new x bit for bit (%ld differ)", what, bad_y);
-        op_vec G2 = {gf, DT_F32}, B2 = {bf, DT_F32};
-        O(REF)->layernorm(REF, ref, xs, T, C, G2, B2, 1e-5f);
-        cmp c = compare(&y, T, C, ldy, ref, C);
-        report(what, &c, ydt == DT_BF16 ? 1e-2 : 1e-5);
-        free(xs), free(ref);
-    }
-    CHECK(cuda_add_layernorm(G, dp(&y), ydt, ldy, (float *)dp(&x), ldx, (const float *)dp(&r), ldr, T, 4097, dp(&g),
-                             dp(&bb), pdt, 1e-5f) == ALBEDO_ERR_INVALID_ARGUMENT,
-          "add_layernorm: C > 4096 is refused");
-    free(xf), free(rf), free(gf), free(bf);
-    buf_free(&x), buf_free(&r), buf_free(&g), buf_free(&bb), buf_free(&y), buf_free(&y2);
-}
-
 static void test_gelu(dtype dt, int erf_kind, size_t n) {
     buf x = buf_new(dt, n);
     float *xf = fill(&x, 1, (int)n, (int)n, -5, 5);
@@ -1885,9 +1839,6 @@ static void test_kernels(void) {
     test_layernorm(2061, 77, DT_BF16, DT_BF16, DT_F32, 0);
     test_layernorm(2100, 1151, DT_F32, DT_F32, DT_F32, 1);
     test_layernorm(730, 2048, DT_F32, DT_F32, DT_BF16, 0); /* a prefix: still a block per row */
-    test_add_layernorm(1, 2048, DT_BF16, DT_F32);          /* the decode graph's form */
-    test_add_layernorm(3, 1151, DT_F32, DT_BF16);
-    test_add_layernorm(2, 4096, DT_BF16, DT_BF16);
     test_layernorm_ld(2050, 588, DT_F32, DT_BF16);
     test_layernorm_ld(6, 588, DT_F32, DT_BF16);
     test_layernorm_ld(3, 1151, DT_F32, DT_F32);
