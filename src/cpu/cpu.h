@@ -78,12 +78,15 @@ typedef struct cpu_gemm {
  *   y[i][j] = sum_b d_x[i][b] d_w[j][b] (sum_{k in b} (q_x[i][k] + 128) q_w[j][k] - 128 sum_k q_w[j][k])
  *
  * (vpdpbusd multiplies unsigned by signed bytes; the column sums of the
- * weights undo the offset). A packed panel is kb blocks of CPU_QBLK_BYTES(nr)
- * bytes, each: the weights as [8][nr][4] bytes (quad u of column j holds
- * weights 4u..4u+3 of the block, the layout whose 32-bit lanes vpdpbusd
- * reads), nr float scales d_w, and nr int32 corrections -128 sum q_w. Q4's
- * nibbles are packed as nibble - 8, so both formats share the kernel. */
-#define CPU_QBLK_BYTES(nr) ((size_t)(nr)*40)
+ * weights undo the offset), where for Q4 each half of a block (weights
+ * 0..15, 16..31) is such a term with its own d_w (ops.h qformat). A packed
+ * panel is kb blocks of CPU_QBLK_BYTES(nr) bytes, each: the weights as
+ * [8][nr][4] bytes (quad u of column j holds weights 4u..4u+3 of the block,
+ * the layout whose 32-bit lanes vpdpbusd reads), then [2][nr] float scales
+ * d_w and [2][nr] int32 corrections -128 sum q_w, of the block (Q8: the
+ * second of each pair unused) or of its two halves (Q4). Q4's nibbles are
+ * packed as nibble - 8, so both formats share the kernel. */
+#define CPU_QBLK_BYTES(nr) ((size_t)(nr)*48)
 typedef struct cpu_qgemm {
     int mr, nr, kb; /* register tile rows, panel width, K block in 32-weight blocks */
     int xs_block;   /* 1: x scaled per block of 32 (d_x[i][b]); 0: one scale per row */
@@ -93,9 +96,10 @@ typedef struct cpu_qgemm {
     /* y[i][j] = init + sum over the nb blocks of wp, for i < mr, j < ncols;
      * x: rows of u8 (ldx bytes apart) starting at the first block of wp;
      * dx: d_x per block (lddx floats a row, first block at dx[0]; with
-     * xs_block 0 only dx[i * lddx] is read). init as cpu_gemm.kernel. */
+     * xs_block 0 only dx[i * lddx] is read). init as cpu_gemm.kernel.
+     * halves: 1 when wp was packed from Q4 (two scales per block). */
     void (*kernel)(int mr, int nb, const uint8_t *x, size_t ldx, const float *dx, size_t lddx, const void *wp, float *y,
-                   size_t ldy, int ncols, const float *bias, int accumulate);
+                   size_t ldy, int ncols, const float *bias, int accumulate, int halves);
     /* x[0..K) to q[0..32 nb) (u8, q_x + 128; 128 past K) and d[0..nb),
      * nb = ceil(K/32): as cpu_quantize_u8 (bit for bit). */
     void (*quantize)(const float *x, int K, int per_block, uint8_t *q, float *d);

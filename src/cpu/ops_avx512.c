@@ -826,46 +826,50 @@ static void rope_row_avx512(float *x, int H, int D, int half, const float *ct, c
 /* Decode (T = 1) in 512-bit vectors, two blocks (64 weights) per step, for
  * K a multiple of 64 up to Q_PAIRS_MAX pairs; other shapes take gemv_q_x86.
  * vpdpbusd multiplies unsigned by signed bytes, so one side is offset and
- * the offset's share is subtracted through the start value of each block's
- * sum (lane 0 of the block's lanes), from sums of x made once per call:
+ * the offset's share is subtracted through the start values of the sums,
+ * made from x once per call:
  *   Q4: nibbles n in 0..15 (unsigned) against int8 x: sum (n - 8) x =
- *       sum n x - 8 sum x;
+ *       sum n x - 8 sum x, per lane (each lane's own four bytes of x: the
+ *       lanes of a block's two sub-blocks have different scales);
  *   Q8: q_w + 128 (a flip of the sign bit) against int8 x: sum q_w x =
- *       sum (q_w + 128) x - 128 sum x.
- * The two f16 scales of a pair come out of one load of its first bytes by
- * vpermw (a word per lane in the order of the sums' lanes), widened by
- * vcvtph2ps: per pair about ten instructions, few enough that the stream
- * of weights, not the arithmetic, sets the pace. Per row: y = sum_b d_w d_x
- * (sum of block b's lanes), as gemv_q_x86 computes it. */
+ *       sum (q_w + 128) x - 128 sum x, in lane 0 of each block's lanes.
+ * The scales of a pair come out of one load of its first bytes by vpermw
+ * (a word per lane in the order of the sums' lanes; Q4's 8-bit codes then
+ * made halves by a shift, a shift and a mask) and are widened by vcvtph2ps:
+ * per pair about ten instructions (Q4 thirteen), few enough that the stream
+ * of weights, not the arithmetic, sets the pace. Per row: y = sum over
+ * lanes of d_w d_x s, as gemv_q_x86 computes it. */
 #define Q_PAIRS_MAX 256
 
 /* Per pair p of x: the start values (corr) and the d_x of each lane (dxv);
  * for Q4 also x in the order of the nibble vector, [x0[0:16] x1[0:16]
- * x0[16:32] x1[16:32]] (xr); lanes of block 1 start at lane l1 (Q4: 4,
- * Q8: 8). */
+ * x0[16:32] x1[16:32]] (xr); lanes of block 1 are 4..7 and 12..15 (Q4),
+ * 8..15 (Q8). */
 INLINE void q_t1_prep(const dtype DT, int np, const int8_t *xq, const float *dx, __m512i *corr, __m512 *dxv,
                       __m512i *xr) {
-    const int off = DT == DT_Q4 ? -8 : -128;
     for (int p = 0; p < np; p++) {
-        int sx[2];
-        for (int h = 0; h < 2; h++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(xq + (size_t)(2 * p + h) * 32));
-            /* sum of 32 signed bytes: vpdpbusd with all-ones unsigned */
-            const __m256i s8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), xv);
-            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
-            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
-            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
-            sx[h] = _mm_cvtsi128_si32(s4);
-        }
         const float d0 = dx[2 * p], d1 = dx[2 * p + 1];
         if (DT == DT_Q4) {
-            corr[p] = _mm512_mask_set1_epi32(_mm512_maskz_set1_epi32(0x0001, off * sx[0]), 0x0010, off * sx[1]);
-            dxv[p] = _mm512_mask_blend_ps(0xf0f0, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
             const __m512i x =
                 _mm512_loadu_si512((const void *)(xq + (size_t)p * 64)); /* [x0 lo, x0 hi, x1 lo, x1 hi] */
             xr[p] = _mm512_shuffle_i64x2(x, x, _MM_SHUFFLE(3, 1, 2, 0));
+            /* each lane starts at -8 times the sum of its own four x bytes:
+             * the sub-blocks' scales differ, so no lane may carry another's */
+            const __m512i s4 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), xr[p]);
+            corr[p] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(s4, 3));
+            dxv[p] = _mm512_mask_blend_ps(0xf0f0, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
         } else {
-            corr[p] = _mm512_mask_set1_epi32(_mm512_maskz_set1_epi32(0x0001, off * sx[0]), 0x0100, off * sx[1]);
+            int sx[2];
+            for (int h = 0; h < 2; h++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(xq + (size_t)(2 * p + h) * 32));
+                /* sum of 32 signed bytes: vpdpbusd with all-ones unsigned */
+                const __m256i s8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), xv);
+                __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+                s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+                s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+                sx[h] = _mm_cvtsi128_si32(s4);
+            }
+            corr[p] = _mm512_mask_set1_epi32(_mm512_maskz_set1_epi32(0x0001, -128 * sx[0]), 0x0100, -128 * sx[1]);
             dxv[p] = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
         }
     }
@@ -873,7 +877,8 @@ INLINE void q_t1_prep(const dtype DT, int np, const int8_t *xq, const float *dx,
 
 /* acc + one pair of blocks (at b0) of a weight row against pair p of x. */
 INLINE __m512 q_t1_pair(const dtype DT, const uint8_t *b0, size_t bb, int p, const __m512i *corr, const __m512 *dxv,
-                        const __m512i *xr, const int8_t *xq, __m512i sidx, __m512i low4, __m512i sign, __m512 acc) {
+                        const __m512i *xr, const int8_t *xq, __m512i sidx, __m512i low4, __m512i sign, __m256i cshift,
+                        __m512 acc) {
     const uint8_t *b1 = b0 + bb;
     _mm_prefetch((const char *)b0 + QPF_AHEAD, _MM_HINT_T0);
     __m512i v, xv;
@@ -885,8 +890,12 @@ INLINE __m512 q_t1_pair(const dtype DT, const uint8_t *b0, size_t bb, int p, con
         /* [n0 lo, n1 lo, n0 hi, n1 hi]: weights 0..15 of both blocks, then 16..31 */
         v = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4), 1), low4);
         xv = xr[p];
-        sc = _mm512_castsi512_si256(_mm512_permutexvar_epi16(
+        /* the code word c0 | c1 << 8 of each block, then the lane's code
+         * (c0 for lanes 0..7, c1 for 8..15) in the high byte, then the
+         * half q4_code_f16 makes of it: sign in bit 15, magnitude in 7..13 */
+        const __m256i cw = _mm512_castsi512_si256(_mm512_permutexvar_epi16(
             sidx, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(const void *)b0))));
+        sc = _mm256_and_si256(_mm256_srai_epi16(_mm256_sllv_epi16(cw, cshift), 1), _mm256_set1_epi16((short)0xBF80));
     } else {
         _mm_prefetch((const char *)b0 + QPF_AHEAD + 64, _MM_HINT_T0);
         v = _mm512_xor_si512(
@@ -908,11 +917,13 @@ INLINE void gemv_q_t1_dt(const dtype DT, int K, const int8_t *xq, const uint8_t 
     __m512i corr[Q_PAIRS_MAX], xr[DT == DT_Q4 ? Q_PAIRS_MAX : 1];
     __m512 dxv[Q_PAIRS_MAX];
     q_t1_prep(DT, np, xq, (const float *)(const void *)(xq + (size_t)nb * 32), corr, dxv, xr);
-    /* Words of the pair's first bytes holding d0 and d1, one per lane. */
+    /* Words of the pair's first bytes holding the scales of block 0 and
+     * block 1 (Q8: d; Q4: both sub-block codes), one per lane. */
     static const int16_t sidx4[32] = {0, 0, 0, 0, 9, 9, 9, 9, 0, 0, 0, 0, 9, 9, 9, 9};
     static const int16_t sidx8[32] = {0, 0, 0, 0, 0, 0, 0, 0, 17, 17, 17, 17, 17, 17, 17, 17};
     const __m512i sidx = _mm512_loadu_si512(DT == DT_Q4 ? sidx4 : sidx8);
     const __m512i low4 = _mm512_set1_epi8(15), sign = _mm512_set1_epi8((char)0x80);
+    const __m256i cshift = _mm256_setr_epi16(8, 8, 8, 8, 8, 8, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0);
     for (int n = n0; n < n1; n++) {
         const uint8_t *wr = w + (size_t)n * rb;
         /* Two accumulators in registers (pairs in twos: an array indexed by
@@ -920,10 +931,10 @@ INLINE void gemv_q_t1_dt(const dtype DT, int K, const int8_t *xq, const uint8_t 
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
         int p = 0;
         for (; p + 2 <= np; p += 2) {
-            acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, acc0);
-            acc1 = q_t1_pair(DT, wr + (size_t)(p + 1) * 2 * bb, bb, p + 1, corr, dxv, xr, xq, sidx, low4, sign, acc1);
+            acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, cshift, acc0);
+            acc1 = q_t1_pair(DT, wr + (size_t)(p + 1) * 2 * bb, bb, p + 1, corr, dxv, xr, xq, sidx, low4, sign, cshift, acc1);
         }
-        if (p < np) acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, acc0);
+        if (p < np) acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, cshift, acc0);
         y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (b ? cpu_ld(b, bdt, (size_t)n) : 0.0f);
     }
 }
@@ -945,14 +956,18 @@ static void gemv_q_avx512(int T, int K, const void *xq, size_t ldxq, const void 
  * x rows goes by). Register tile QMR = 6 rows of x x 32 columns: 12 int32
  * accumulators for the current block (started at the -128 sum q_w
  * correction), 12 float accumulators they are scaled into at the end of
- * each block, 2 weight vectors; x is broadcast 4 bytes at a time. Per
- * block of 32: 8 vpdpbusd per accumulator (64 products each) and one
- * convert and one FMA (two with per-block x scales). */
+ * each block (Q4: of each half block, whose scales differ), 2 weight
+ * vectors; x is broadcast 4 bytes at a time. Per block of 32: 8 vpdpbusd
+ * per accumulator (64 products each) and one convert and one FMA (two with
+ * per-block x scales; Q4 twice as many). */
 #ifndef QMR
 #define QMR 6
 #endif
 #define QNR 32
 #define QKB 16
+/* Byte offsets in a packed block (cpu.h): scales [2][QNR], corrections [2][QNR]. */
+#define QOFF_D (QNR * 32)
+#define QOFF_C (QNR * 40)
 
 /* Pack 16 rows (row r at w + r * rb, the first rn of them real) of blocks
  * [b0, b0+nb) into half h (columns 16h..16h+15) of each panel block: a
@@ -1015,17 +1030,33 @@ INLINE void qpack_half(const dtype DT, char *dst, const char *w, size_t rb, int 
             const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
             const __m512i u[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
                                   _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+            __m512i sum1 = _mm512_setzero_si512();
             for (int q = 0; q < 4; q++) {
                 const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(u[q], low4), eight);
                 const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi32(u[q], 4), low4), eight);
                 _mm512_storeu_si512(pb + (size_t)q * QNR * 4, lo);
                 _mm512_storeu_si512(pb + (size_t)(q + 4) * QNR * 4, hi);
-                sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, ones, lo), ones, hi);
+                sum = _mm512_dpbusd_epi32(sum, ones, lo);
+                sum1 = _mm512_dpbusd_epi32(sum1, ones, hi);
             }
+            /* the codes c0 | c1 << 8 of each row as the halves of q4_code_f16 */
+            const __m512i c = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rm, idx, src, 1);
+            const __m512i m7 = _mm512_set1_epi32(0x7F), s8 = _mm512_set1_epi32(0x80);
+            const __m512i h0 = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(c, m7), 7),
+                                               _mm512_slli_epi32(_mm512_and_si512(c, s8), 8));
+            const __m512i c1 = _mm512_srli_epi32(c, 8);
+            const __m512i h1 = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(c1, m7), 7),
+                                               _mm512_slli_epi32(_mm512_and_si512(c1, s8), 8));
+            _mm512_storeu_ps(pb + QOFF_D, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h0)));
+            _mm512_storeu_ps(pb + QOFF_D + QNR * 4, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h1)));
+            _mm512_storeu_si512(pb + QOFF_C, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
+            _mm512_storeu_si512(pb + QOFF_C + QNR * 4,
+                                _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum1, 7)));
+            continue;
         }
         const __m512i d = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rm, idx, src, 1);
-        _mm512_storeu_ps(pb + QNR * 32, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d)));
-        _mm512_storeu_si512(pb + QNR * 36, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
+        _mm512_storeu_ps(pb + QOFF_D, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d)));
+        _mm512_storeu_si512(pb + QOFF_C, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
     }
 }
 
@@ -1040,35 +1071,40 @@ static void qpack_avx512(void *dst, const void *w, dtype dt, size_t rb, int nrow
     }
 }
 
-INLINE void qtile(const int M, const int NV, const int XS, int nb, const uint8_t *x, size_t ldx, const float *dx,
-                  size_t lddx, const char *wp, float *y, size_t ldy, __mmask16 m0, __mmask16 m1, const float *bias,
-                  int accumulate) {
+INLINE void qtile(const int M, const int NV, const int XS, const int HALVES, int nb, const uint8_t *x, size_t ldx,
+                  const float *dx, size_t lddx, const char *wp, float *y, size_t ldy, __mmask16 m0, __mmask16 m1,
+                  const float *bias, int accumulate) {
     __m512 f[QMR][2];
     for (int i = 0; i < M; i++)
         for (int v = 0; v < NV; v++) f[i][v] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const char *pb = wp + (size_t)b * CPU_QBLK_BYTES(QNR);
         const uint8_t *xb = x + (size_t)b * 32;
-        __m512i s[QMR][2];
-        for (int v = 0; v < NV; v++) {
-            const __m512i c = _mm512_loadu_si512(pb + QNR * 36 + 64 * v);
-            for (int i = 0; i < M; i++) s[i][v] = c;
-        }
-        for (int u = 0; u < 8; u++) {
-            __m512i w[2];
-            for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_si512(pb + (size_t)u * QNR * 4 + 64 * v);
-            for (int i = 0; i < M; i++) {
-                int32_t x4;
-                memcpy(&x4, xb + (size_t)i * ldx + 4 * u, 4);
-                const __m512i xv = _mm512_set1_epi32(x4);
-                for (int v = 0; v < NV; v++) s[i][v] = _mm512_dpbusd_epi32(s[i][v], xv, w[v]);
+        /* Q8: one pass over the block's 8 quads; Q4: a pass per half (quads
+         * 0..3 are weights 0..15), each scaled by its own d_w */
+        for (int hf = 0; hf < (HALVES ? 2 : 1); hf++) {
+            const int u0 = HALVES ? 4 * hf : 0, u1 = HALVES ? u0 + 4 : 8;
+            __m512i s[QMR][2];
+            for (int v = 0; v < NV; v++) {
+                const __m512i c = _mm512_loadu_si512(pb + QOFF_C + QNR * 4 * hf + 64 * v);
+                for (int i = 0; i < M; i++) s[i][v] = c;
             }
-        }
-        for (int v = 0; v < NV; v++) {
-            const __m512 dw = _mm512_loadu_ps(pb + QNR * 32 + 64 * v);
-            for (int i = 0; i < M; i++) {
-                const __m512 sc = XS ? _mm512_mul_ps(dw, _mm512_set1_ps(dx[(size_t)i * lddx + b])) : dw;
-                f[i][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][v]), sc, f[i][v]);
+            for (int u = u0; u < u1; u++) {
+                __m512i w[2];
+                for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_si512(pb + (size_t)u * QNR * 4 + 64 * v);
+                for (int i = 0; i < M; i++) {
+                    int32_t x4;
+                    memcpy(&x4, xb + (size_t)i * ldx + 4 * u, 4);
+                    const __m512i xv = _mm512_set1_epi32(x4);
+                    for (int v = 0; v < NV; v++) s[i][v] = _mm512_dpbusd_epi32(s[i][v], xv, w[v]);
+                }
+            }
+            for (int v = 0; v < NV; v++) {
+                const __m512 dw = _mm512_loadu_ps(pb + QOFF_D + QNR * 4 * hf + 64 * v);
+                for (int i = 0; i < M; i++) {
+                    const __m512 sc = XS ? _mm512_mul_ps(dw, _mm512_set1_ps(dx[(size_t)i * lddx + b])) : dw;
+                    f[i][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][v]), sc, f[i][v]);
+                }
             }
         }
     }
@@ -1091,21 +1127,25 @@ INLINE void qtile(const int M, const int NV, const int XS, int nb, const uint8_t
 #define QXS 0
 #endif
 
-#define QTILE_CASES(NV)                                                                              \
-    switch (mr) {                                                                                    \
-    case 1: qtile(1, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
-    case 2: qtile(2, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
-    case 3: qtile(3, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
-    case 4: qtile(4, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
-    case 5: qtile(5, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
-    default: qtile(QMR, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break; \
+#define QTILE_CASES(NV, H)                                                                              \
+    switch (mr) {                                                                                       \
+    case 1: qtile(1, NV, QXS, H, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 2: qtile(2, NV, QXS, H, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 3: qtile(3, NV, QXS, H, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 4: qtile(4, NV, QXS, H, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 5: qtile(5, NV, QXS, H, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    default: qtile(QMR, NV, QXS, H, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break; \
     }
 
 static void qgemm_avx512(int mr, int nb, const uint8_t *x, size_t ldx, const float *dx, size_t lddx, const void *wpv,
-                         float *y, size_t ldy, int ncols, const float *bias, int accumulate) {
+                         float *y, size_t ldy, int ncols, const float *bias, int accumulate, int halves) {
     const char *wp = wpv;
     const __mmask16 m0 = mask16(ncols), m1 = mask16(ncols - 16 > 0 ? ncols - 16 : 0);
-    if (ncols > 16) QTILE_CASES(2) else QTILE_CASES(1)
+    if (halves) {
+        if (ncols > 16) QTILE_CASES(2, 1) else QTILE_CASES(1, 1)
+    } else {
+        if (ncols > 16) QTILE_CASES(2, 0) else QTILE_CASES(1, 0)
+    }
 }
 
 /* cpu_quantize_u8 in vectors: the same d, the same products x * (127 / d')
