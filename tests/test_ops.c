@@ -242,8 +242,17 @@ static void test_linears(void) {
  *   BF16 precision on the packed float path (T >= small_t): the dequantised
  *     weights are rounded to bf16 as well (ops.h), each by at most 2^-9 of
  *     itself, so the error is within sum_k |x_k w_k| / 256 (plus the above).
- * Guard blocks with a NaN scale follow the matrix: a kernel reading past
- * the last row produces NaN. */
+ * Guard blocks with a NaN scale (Q8; Q4's scale codes have no NaN, its
+ * guard has large scales) follow the matrix: a kernel reading past the
+ * last row produces NaN or a wrong sum.
+ *
+ * With w_spread set, each row and each half block (16 weights) gets its own
+ * power-of-two magnitude, 2^-18 .. 2^4: Q4's two sub-block scales of a block
+ * then differ by up to 2^22, so a kernel that applies one half's scale to
+ * the other is far outside the tolerance, and the scale codes run from
+ * subnormal halves to the largest code (weights beyond 15 clip to it, on
+ * both sides alike: the reference reads the same blocks). */
+static int w_spread;
 
 static void test_linear_q(int T, int K, int N, dtype dt, int bdt, int xpad, int ypad) {
     const int ldx = K + xpad, ldy = N + ypad;
@@ -253,7 +262,10 @@ static void test_linear_q(int T, int K, int N, dtype dt, int bdt, int xpad, int 
     float *wd = malloc((size_t)N * K * sizeof *wd);
     unsigned char *w = malloc((size_t)N * rb + guard_bytes);
     if (!wf || !bf || !wd || !w) abort();
-    for (size_t i = 0; i < (size_t)N * K; i++) wf[i] = rnd(-1, 1);
+    for (size_t i = 0; i < (size_t)N * K; i++) {
+        const size_t n = i / (size_t)K, h = (i % (size_t)K) / 16;
+        wf[i] = rnd(-1, 1) * (w_spread ? ldexpf(1.0f, (int)((n * 7 + h * 5) % 23) - 18) : 1.0f);
+    }
     for (int i = 0; i < N; i++) bf[i] = rnd(-1, 1);
     for (int n = 0; n < N; n++) {
         q_quantize_row(dt, wf + (size_t)n * K, K, w + (size_t)n * rb);
@@ -363,6 +375,29 @@ static void test_qformat(void) {
             if (K > 2) CHECK(out[1] == 0.0f, "%s: zero not exact (%g)", dt == DT_Q8 ? "q8" : "q4", out[1]);
         }
     }
+    /* Q4's halves have their own scales: a half 1000 times smaller than
+     * the other keeps its own relative precision, from 2^-20 (subnormal
+     * codes) to 8 (near the largest code). Bound: amax_half / 8, plus what
+     * a subnormal code's step (2^-17) costs. */
+    for (int e = -20; e <= 3; e++) {
+        float v[64], out[64];
+        unsigned char buf[2 * Q4_BLOCK_BYTES];
+        for (int k = 0; k < 64; k++) v[k] = ldexpf(rnd(-1, 1), e) * ((k / 16) % 2 ? 1e-3f : 1.0f);
+        q_quantize_row(DT_Q4, v, 64, buf);
+        q_dequantize_row(DT_Q4, buf, 64, out);
+        double worst = 0.0;
+        for (int h = 0; h < 4; h++) {
+            float amax = 0.0f;
+            for (int k = 16 * h; k < 16 * h + 16; k++) amax = fmaxf(amax, fabsf(v[k]));
+            for (int k = 16 * h; k < 16 * h + 16; k++)
+                worst = fmax(worst, fabs(out[k] - v[k]) / (amax / 8.0 * 1.01 + 8 * ldexp(1.0, -17)));
+        }
+        CHECK(worst <= 1.0, "q4 halves of magnitudes 2^%d and 2^%d / 1000: error %.3g of the bound", e, e, worst);
+    }
+    CHECK(q4_code_scale(0x00) == 0.0f && q4_code_scale(0x80) == 0.0f && q4_code_scale(0x7F) == 1.875f &&
+              q4_code_scale(0xFF) == -1.875f && q4_code_scale(0x78) == 1.0f && q4_code_scale(0x08) == ldexpf(1.0f, -14) &&
+              q4_code_scale(0x01) == ldexpf(1.0f, -17),
+          "q4 scale codes: the half of (c & 0x7f) << 7 with c's sign");
 }
 
 /* Every table's x quantiser of the integer matrix product against the
@@ -433,6 +468,18 @@ static void test_linears_q(void) {
     test_linear_q(30, 2048 + 40, 70, DT_Q8, DT_BF16, 3, 1);
     test_linear_q(31, 1100, 45, DT_Q4, DT_F32, 0, 2);
     test_linear_q(130, 520, 97, DT_Q8, -1, 1, 0);
+    /* weights of very different magnitudes per row and half block (Q4's
+     * sub-block scales, every code range) through every path: decode pairs,
+     * odd K, small T, the integer matrix product */
+    w_spread = 1;
+    for (int d = 0; d < 2; d++) {
+        const dtype dt = d ? DT_Q4 : DT_Q8;
+        test_linear_q(1, 640, 33, dt, DT_F32, 0, 0);
+        test_linear_q(1, 100, 29, dt, -1, 1, 1);
+        test_linear_q(3, 192, 31, dt, DT_BF16, 0, 2);
+        test_linear_q(37, 1100, 45, dt, DT_F32, 2, 0);
+    }
+    w_spread = 0;
     test_quantize_u8();
 }
 
