@@ -395,8 +395,8 @@ static void test_qformat(void) {
         CHECK(worst <= 1.0, "q4 halves of magnitudes 2^%d and 2^%d / 1000: error %.3g of the bound", e, e, worst);
     }
     CHECK(q4_code_scale(0x00) == 0.0f && q4_code_scale(0x80) == 0.0f && q4_code_scale(0x7F) == 1.875f &&
-              q4_code_scale(0xFF) == -1.875f && q4_code_scale(0x78) == 1.0f && q4_code_scale(0x08) == ldexpf(1.0f, -14) &&
-              q4_code_scale(0x01) == ldexpf(1.0f, -17),
+              q4_code_scale(0xFF) == -1.875f && q4_code_scale(0x78) == 1.0f &&
+              q4_code_scale(0x08) == ldexpf(1.0f, -14) && q4_code_scale(0x01) == ldexpf(1.0f, -17),
           "q4 scale codes: the half of (c & 0x7f) << 7 with c's sign");
 }
 

@@ -278,8 +278,8 @@ static void check_store(const char *label, const char *dir, const char *fmt, alb
     albedo_model *ms = load(out, NULL); /* stored format, no conversion */
     if (!ms) return;
     dtype want = !strcmp(fmt, "q8") ? DT_Q8 : DT_Q4;
-    CHECK(ms->w.tb[0].qkv.dt == DT_Q8 && ms->w.tb[ms->cfg.n_layers - 1].qkv.dt == want &&
-              ms->w.tb[0].proj.dt == want && ms->w.lm_head.dt == DT_Q8 && ms->w.quant_mem == NULL,
+    CHECK(ms->w.tb[0].qkv.dt == DT_Q8 && ms->w.tb[ms->cfg.n_layers - 1].qkv.dt == want && ms->w.tb[0].proj.dt == want &&
+              ms->w.lm_head.dt == DT_Q8 && ms->w.quant_mem == NULL,
           "%s: stored linears (and the Q8 LM head and layer 0 qkv) not mapped as blocks", fmt);
     for (int l = 0; l < ms->cfg.n_layers; l++)
         if (ms->w.tb[l].moe)

@@ -78,9 +78,11 @@ INLINE void gemv_q_row(const int TN, const dtype DT, int nb, const int8_t *xq, s
                     _mm256_loadu_si256((const __m256i *)(const void *)(xq + (size_t)t * ldxq + (size_t)(b + h) * 32));
                 const __m256i s = QDOT(_mm256_abs_epi8(xv), _mm256_sign_epi8(w, xv));
                 if (h == 0)
-                    acc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(dx[t][b])), acc[t][0]);
+                    acc[t][0] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(dx[t][b])), acc[t][0]);
                 else
-                    acc[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(dx[t][b + 1])), acc[t][1]);
+                    acc[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(dx[t][b + 1])),
+                                                acc[t][1]);
             }
         }
     }

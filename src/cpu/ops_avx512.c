@@ -932,9 +932,11 @@ INLINE void gemv_q_t1_dt(const dtype DT, int K, const int8_t *xq, const uint8_t 
         int p = 0;
         for (; p + 2 <= np; p += 2) {
             acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, cshift, acc0);
-            acc1 = q_t1_pair(DT, wr + (size_t)(p + 1) * 2 * bb, bb, p + 1, corr, dxv, xr, xq, sidx, low4, sign, cshift, acc1);
+            acc1 = q_t1_pair(DT, wr + (size_t)(p + 1) * 2 * bb, bb, p + 1, corr, dxv, xr, xq, sidx, low4, sign, cshift,
+                             acc1);
         }
-        if (p < np) acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, cshift, acc0);
+        if (p < np)
+            acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, cshift, acc0);
         y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (b ? cpu_ld(b, bdt, (size_t)n) : 0.0f);
     }
 }

@@ -464,8 +464,8 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) static void gemv_q_dot(int T, 
                 } else {
                     h[0] = q4_code_f16(blk[0]), h[1] = q4_code_f16(blk[1]);
                 }
-                const float32x4_t dwv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_lane_u16(
-                    &h[1], vld1_lane_u16(&h[0], vdup_n_u16(0), 0), 1)));
+                const float32x4_t dwv =
+                    vcvt_f32_f16(vreinterpret_f16_u16(vld1_lane_u16(&h[1], vld1_lane_u16(&h[0], vdup_n_u16(0), 0), 1)));
                 const float dw0 = vgetq_lane_f32(dwv, 0), dw1 = vgetq_lane_f32(dwv, 1);
                 for (int t = 0; t < tn; t++) {
                     const int8_t *xb = xq + (size_t)(t0 + t) * ldxq + (size_t)k * 32;
