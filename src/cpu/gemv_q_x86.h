@@ -38,13 +38,18 @@ INLINE __m256i q_block(const dtype DT, const uint8_t *blk) {
     return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
 }
 
-/* d_w of each of the 8 lanes of a block's sums. */
+/* d_w of each of the 8 lanes of a block's sums. Q4: the two codes, each
+ * put in the high byte of four words (vpshufb), made halves as
+ * q4_code_f16 makes them (an arithmetic shift by one and a mask: sign in
+ * bit 15, magnitude in bits 7..13) and widened. */
 INLINE __m256 q_scales(const dtype DT, const uint8_t *blk) {
-    if (DT == DT_Q4)
-        return _mm256_set_m128(_mm_set1_ps(_cvtsh_ss(q4_code_f16(blk[1]))),
-                               _mm_set1_ps(_cvtsh_ss(q4_code_f16(blk[0]))));
     uint16_t h;
     memcpy(&h, blk, 2);
+    if (DT == DT_Q4) {
+        const __m128i idx = _mm_setr_epi8(-128, 0, -128, 0, -128, 0, -128, 0, -128, 1, -128, 1, -128, 1, -128, 1);
+        const __m128i c = _mm_shuffle_epi8(_mm_cvtsi32_si128(h), idx);
+        return _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(c, 1), _mm_set1_epi16((short)0xBF80)));
+    }
     return _mm256_set1_ps(_cvtsh_ss(h));
 }
 
