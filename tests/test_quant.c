@@ -136,6 +136,10 @@ static double run_format(const char *label, const char *dir, const char *fmt, co
     CHECK(vis_same, "%s: vision weights must stay as stored (img_emb identical)", fmt);
     CHECK(mq->w.lm_head.dt == DT_Q8, "%s: the LM head is Q8 in every recipe (quant.c), not %s", fmt,
           dtype_name(mq->w.lm_head.dt));
+    char tag[8];
+    snprintf(tag, sizeof tag, ", %s,", fmt); /* "(text 128x3, q4, vision ..." */
+    CHECK(strstr(albedo_model_describe(mq), tag) != NULL, "%s: albedo_model_describe does not name the recipe: %s", fmt,
+          albedo_model_describe(mq));
     albedo_session *sr = NULL, *sq = NULL;
     CHECK(albedo_session_new(mref, &sr) == ALBEDO_OK && albedo_session_new(mq, &sq) == ALBEDO_OK, "sessions: %s",
           albedo_last_error());
