@@ -394,6 +394,19 @@ static void test_qformat(void) {
         }
         CHECK(worst <= 1.0, "q4 halves of magnitudes 2^%d and 2^%d / 1000: error %.3g of the bound", e, e, worst);
     }
+    /* weights beyond the largest code's reach (|w| > 15) clip to it, finite,
+     * and leave the other half alone */
+    {
+        float v[32], out[32];
+        unsigned char buf[Q4_BLOCK_BYTES];
+        for (int k = 0; k < 32; k++) v[k] = k < 16 ? (k % 2 ? -1e30f : 3e9f) : rnd(-1, 1);
+        q_quantize_row(DT_Q4, v, 32, buf);
+        q_dequantize_row(DT_Q4, buf, 32, out);
+        int ok = 1;
+        for (int k = 0; k < 32; k++)
+            ok &= isfinite(out[k]) && fabsf(out[k]) <= 15.0f && (k < 16 || fabsf(out[k] - v[k]) <= 1.0f / 8 + 1e-6f);
+        CHECK(ok, "q4: weights of 3e9 and -1e30 clip to the largest code without harm");
+    }
     CHECK(q4_code_scale(0x00) == 0.0f && q4_code_scale(0x80) == 0.0f && q4_code_scale(0x7F) == 1.875f &&
               q4_code_scale(0xFF) == -1.875f && q4_code_scale(0x78) == 1.0f &&
               q4_code_scale(0x08) == ldexpf(1.0f, -14) && q4_code_scale(0x01) == ldexpf(1.0f, -17),

@@ -33,13 +33,20 @@ size_t q_row_bytes(dtype dt, int K) {
  * is a library call on baseline x86-64. */
 static float q_round(float v) { return (float)(int32_t)(v + (v >= 0.0f ? 0.5f : -0.5f)); }
 
+/* The Q4 level (-8..7) nearest to t = w / d. t is clamped first: a weight
+ * far beyond the largest scale (|w| > 15, clipped) must not overflow the
+ * integer conversion of q_round. */
+static float q4_level(float t) {
+    const float q = q_round(t < -9.0f ? -9.0f : t > 9.0f ? 9.0f : t);
+    return q < -8.0f ? -8.0f : q > 7.0f ? 7.0f : q;
+}
+
 /* Squared error of a Q4 sub-block (16 weights) at scale d. */
 static float q4_sse(const float *v, float d) {
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     float e = 0.0f;
     for (int i = 0; i < Q_BLOCK / 2; i++) {
-        float q = q_round(v[i] * id);
-        q = q < -8.0f ? -8.0f : q > 7.0f ? 7.0f : q;
+        const float q = q4_level(v[i] * id);
         e += (v[i] - d * q) * (v[i] - d * q);
     }
     return e;
@@ -106,9 +113,7 @@ void q_quantize_row(dtype dt, const float *x, int K, void *dst) {
             const float i0 = d0 != 0.0f ? 1.0f / d0 : 0.0f, i1 = d1 != 0.0f ? 1.0f / d1 : 0.0f;
             uint8_t *qs = p + 2;
             for (int i = 0; i < Q_BLOCK / 2; i++) {
-                int lo = (int)q_round(v[i] * i0) + 8, hi = (int)q_round(v[i + 16] * i1) + 8;
-                lo = lo < 0 ? 0 : lo > 15 ? 15 : lo;
-                hi = hi < 0 ? 0 : hi > 15 ? 15 : hi;
+                const int lo = (int)q4_level(v[i] * i0) + 8, hi = (int)q4_level(v[i + 16] * i1) + 8;
                 qs[i] = (uint8_t)(lo | hi << 4);
             }
             p += Q4_BLOCK_BYTES;
