@@ -239,6 +239,12 @@ static void test_linears(void) {
  *     to int8 per block as above, or per row (cpu_qgemm.xs_block 0), where
  *     max|x_block(k)| becomes the row's max|x|; its bytes are checked
  *     against cpu_quantize_u8, the portable quantiser (test_quantize_u8);
+ *     Q4 W is packed with its two sub-block scales folded into one per
+ *     block (cpu_q4_fold, cpu.h; bytes checked by test_qpack), which moves
+ *     each weight of the smaller-scale sub-block by at most |s| / 32 (s the
+ *     larger scale; |s| / 16 at the one clipped level), a rounding of the
+ *     same order as x's, left inside the same bound (not widened), with
+ *     the w_spread cases below as its hardest test;
  *   BF16 precision on the packed float path (T >= small_t): the dequantised
  *     weights are rounded to bf16 as well (ops.h), each by at most 2^-9 of
  *     itself, so the error is within sum_k |x_k w_k| / 256 (plus the above).
@@ -445,6 +451,93 @@ static void test_quantize_u8(void) {
     }
 }
 
+/* Every table's W packer of the integer matrix product, byte for byte
+ * against the layout of cpu.h (cpu_qgemm): Q8 levels and f16 scales as
+ * stored, Q4 levels and scales folded as cpu_q4_fold says (the linear
+ * tests above bound the product's error; this pins the fold itself).
+ * Random raw blocks: every scale code of either sign, sub-block scales of
+ * any ratio (levels rounding to nearest even at the halfway points), equal
+ * magnitudes of opposite signs (the one level that clips, 128 -> 127),
+ * zero codes; a partial panel and a block range starting past block 0. */
+static void test_qpack(void) {
+    enum { K = 100, NB = (K + 31) / 32 };
+    for (int ci = 0; ci < n_ctx; ci++) {
+        const cpu_kernels *kk = ((const cpu_table *)(const void *)ctxs[ci]->tab)->k;
+        if (!kk->qgemm || ops_n_threads(ctxs[ci]) != 1) continue;
+        const cpu_qgemm *g = kk->qgemm;
+        for (int di = 0; di < 2; di++) {
+            const dtype dt = di ? DT_Q4 : DT_Q8;
+            const size_t rb = q_row_bytes(dt, K), bb = dt == DT_Q8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
+            const int rows[3] = {1, g->nr - 3, g->nr};
+            int clipped = 0;
+            for (int ir = 0; ir < 3; ir++) {
+                const int nrows = rows[ir];
+                unsigned char *w = malloc((size_t)g->nr * rb);
+                char *pk = malloc((size_t)NB * CPU_QBLK_BYTES(g->nr));
+                if (!w || !pk) abort();
+                for (size_t i = 0; i < (size_t)g->nr * rb; i++) w[i] = (unsigned char)rng_next();
+                for (int r = 0; r < g->nr; r++)
+                    for (int b = 0; b < NB; b++) {
+                        unsigned char *blk = w + (size_t)r * rb + (size_t)b * bb;
+                        if (dt == DT_Q8) {
+                            const uint16_t dh = f32_to_f16(rnd(-2, 2));
+                            memcpy(blk, &dh, 2);
+                            for (int k = 0; k < 32; k++)
+                                if (blk[2 + k] == 0x80) blk[2 + k] = 0x81; /* -127..127 */
+                        } else if ((r + b) % 4 == 1) {
+                            blk[1] = blk[0] ^ 0x80; /* |d0| = |d1|, opposite signs */
+                        } else if ((r + b) % 4 == 2) {
+                            blk[(r / 4) % 2] = (r / 8) % 2 ? 0x80 : 0x00; /* one sub-block's scale 0 */
+                        }
+                    }
+                const int b0 = 1, nb = NB - 1;
+                memset(pk, 0x5a, (size_t)NB * CPU_QBLK_BYTES(g->nr));
+                g->pack(pk, w, dt, rb, nrows, b0, nb);
+                int bad = 0;
+                for (int b = 0; b < nb; b++) {
+                    const char *pb = pk + (size_t)b * CPU_QBLK_BYTES(g->nr);
+                    for (int r = 0; r < g->nr; r++) {
+                        const unsigned char *blk = w + (size_t)r * rb + (size_t)(b0 + b) * bb;
+                        float dw = 0.0f, got_d;
+                        int8_t want[32];
+                        int32_t corr = 0, got_c;
+                        if (dt == DT_Q8) {
+                            uint16_t dh;
+                            memcpy(&dh, blk, 2);
+                            dw = f16_to_f32(dh);
+                            memcpy(want, blk + 2, 32);
+                        } else {
+                            const float d0 = q4_code_scale(blk[0]), d1 = q4_code_scale(blk[1]);
+                            const float sc = cpu_q4_fold_big(d0, d1);
+                            dw = sc / 16.0f;
+                            for (int k = 0; k < 32; k++) {
+                                const int nib = k < 16 ? blk[2 + k] & 15 : blk[2 + k - 16] >> 4;
+                                want[k] = cpu_q4_fold(nib - 8, k < 16 ? d0 : d1, sc);
+                                clipped += r < nrows && nib == 0 && want[k] == 127;
+                            }
+                        }
+                        if (r >= nrows) dw = 0.0f;
+                        for (int k = 0; k < 32; k++) {
+                            corr += want[k];
+                            if (r < nrows && (int8_t)pb[(size_t)(k / 4) * g->nr * 4 + (size_t)r * 4 + k % 4] != want[k])
+                                bad++;
+                        }
+                        memcpy(&got_d, pb + (size_t)g->nr * 32 + (size_t)r * 4, 4);
+                        memcpy(&got_c, pb + (size_t)g->nr * 36 + (size_t)r * 4, 4);
+                        bad += memcmp(&got_d, &dw, 4) != 0 && !(got_d == 0.0f && dw == 0.0f);
+                        bad += r < nrows && got_c != -128 * corr;
+                    }
+                }
+                CHECK(bad == 0, "qgemm pack %s %s nrows=%d: %d bytes, scales or corrections differ from cpu.h",
+                      ctx_label[ci], dt == DT_Q8 ? "q8" : "q4", nrows, bad);
+                free(w), free(pk);
+            }
+            if (dt == DT_Q4)
+                CHECK(clipped > 0, "qgemm pack %s q4: no level clipped to 127 (case not reached)", ctx_label[ci]);
+        }
+    }
+}
+
 static void test_linears_q(void) {
     static const int Ts[] = {1, 2, 3, 4, 5, 7, 13, 23, 24, 47, 48, 100};
     static const int Ks[] = {1, 17, 32, 33, 100, 288, 1000, 2048};
@@ -494,6 +587,7 @@ static void test_linears_q(void) {
     }
     w_spread = 0;
     test_quantize_u8();
+    test_qpack();
 }
 
 /* ---- attention ---------------------------------------------------------------------- */

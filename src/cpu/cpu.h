@@ -6,6 +6,8 @@
 #ifndef ALBEDO_CPU_H
 #define ALBEDO_CPU_H
 
+#include <math.h>
+
 #include "../ops.h"
 
 /* A fixed pool of threads; the calling thread works too. */
@@ -78,15 +80,29 @@ typedef struct cpu_gemm {
  *   y[i][j] = sum_b d_x[i][b] d_w[j][b] (sum_{k in b} (q_x[i][k] + 128) q_w[j][k] - 128 sum_k q_w[j][k])
  *
  * (vpdpbusd multiplies unsigned by signed bytes; the column sums of the
- * weights undo the offset), where for Q4 each half of a block (weights
- * 0..15, 16..31) is such a term with its own d_w (ops.h qformat). A packed
- * panel is kb blocks of CPU_QBLK_BYTES(nr) bytes, each: the weights as
- * [8][nr][4] bytes (quad u of column j holds weights 4u..4u+3 of the block,
- * the layout whose 32-bit lanes vpdpbusd reads), then [2][nr] float scales
- * d_w and [2][nr] int32 corrections -128 sum q_w, of the block (Q8: the
- * second of each pair unused) or of its two halves (Q4). Q4's nibbles are
- * packed as nibble - 8, so both formats share the kernel. */
-#define CPU_QBLK_BYTES(nr) ((size_t)(nr)*48)
+ * weights undo the offset). A packed panel is kb blocks of CPU_QBLK_BYTES(nr)
+ * bytes, each: the weights as [8][nr][4] bytes (quad u of column j holds
+ * weights 4u..4u+3 of the block, the layout whose 32-bit lanes vpdpbusd
+ * reads), nr float scales d_w, and nr int32 corrections -128 sum q_w.
+ * Q4's two sub-block scales are folded into one per block while packing
+ * (cpu_q4_fold), so both formats share the kernel and its one scale per
+ * block. */
+#define CPU_QBLK_BYTES(nr) ((size_t)(nr)*40)
+
+/* The Q4 fold of cpu_qgemm.pack, per row and block: with d0, d1 the
+ * sub-block scales (q4_code_scale), s is the one of larger magnitude (d0
+ * on ties) and d_w = s / 16; level q = nibble - 8 of sub-block i is packed
+ * as the int8 min(rint(q * (16 d_i / s)), 127), rounded to nearest even in
+ * float arithmetic as written (0 when s = 0). The larger sub-block's
+ * levels stay exact (16 q); the other's move by at most half a unit, |s| / 32
+ * in weight terms, and 128 (q = -8, d_i = -s) clips to 127 (|s| / 16).
+ * Exactly this, bit for bit: tests/test_ops.c checks the packed bytes. */
+static inline float cpu_q4_fold_big(float d0, float d1) { return fabsf(d1) > fabsf(d0) ? d1 : d0; }
+static inline int8_t cpu_q4_fold(int q, float di, float s) {
+    if (s == 0.0f) return 0;
+    const float v = rintf((float)q * (16.0f * di / s));
+    return (int8_t)(v > 127.0f ? 127.0f : v);
+}
 typedef struct cpu_qgemm {
     int mr, nr, kb; /* register tile rows, panel width, K block in 32-weight blocks */
     int xs_block;   /* 1: x scaled per block of 32 (d_x[i][b]); 0: one scale per row */
@@ -96,10 +112,9 @@ typedef struct cpu_qgemm {
     /* y[i][j] = init + sum over the nb blocks of wp, for i < mr, j < ncols;
      * x: rows of u8 (ldx bytes apart) starting at the first block of wp;
      * dx: d_x per block (lddx floats a row, first block at dx[0]; with
-     * xs_block 0 only dx[i * lddx] is read). init as cpu_gemm.kernel.
-     * halves: 1 when wp was packed from Q4 (two scales per block). */
+     * xs_block 0 only dx[i * lddx] is read). init as cpu_gemm.kernel. */
     void (*kernel)(int mr, int nb, const uint8_t *x, size_t ldx, const float *dx, size_t lddx, const void *wp, float *y,
-                   size_t ldy, int ncols, const float *bias, int accumulate, int halves);
+                   size_t ldy, int ncols, const float *bias, int accumulate);
     /* x[0..K) to q[0..32 nb) (u8, q_x + 128; 128 past K) and d[0..nb),
      * nb = ceil(K/32): as cpu_quantize_u8 (bit for bit). */
     void (*quantize)(const float *x, int K, int per_block, uint8_t *q, float *d);

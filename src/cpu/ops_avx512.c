@@ -17,7 +17,8 @@
  *                    than it saves (measured on Zen 5, T = 16 and 32).
  *   attention:       q.k and p.v through the same tile (ops_cpu.c), exp here.
  *   Q8/Q4 weights:   T >= 24 integer products (vpdpbusd, cpu_qgemm): panels
- *                    of 32 rows of signed bytes, tile 6 x 32; T = 1 a 512-bit
+ *                    of 32 rows of signed bytes (Q4's two sub-block scales
+ *                    folded into one per block while packing), tile 6 x 32; T = 1 a 512-bit
  *                    GEMV over block pairs; other small T gemv_q_x86.h.
  *                    These need AVX512-VNNI (as the rest of the table's
  *                    block-format kernels do).
@@ -958,18 +959,17 @@ static void gemv_q_avx512(int T, int K, const void *xq, size_t ldxq, const void 
  * x rows goes by). Register tile QMR = 6 rows of x x 32 columns: 12 int32
  * accumulators for the current block (started at the -128 sum q_w
  * correction), 12 float accumulators they are scaled into at the end of
- * each block (Q4: of each half block, whose scales differ), 2 weight
- * vectors; x is broadcast 4 bytes at a time. Per block of 32: 8 vpdpbusd
- * per accumulator (64 products each) and one convert and one FMA (two with
- * per-block x scales; Q4 twice as many). */
+ * each block, 2 weight vectors; x is broadcast 4 bytes at a time. Per
+ * block of 32: 8 vpdpbusd per accumulator (64 products each) and one
+ * convert and one FMA (two with per-block x scales). Q4 blocks take the
+ * same kernel: their two sub-block scales are folded into one while
+ * packing (cpu_q4_fold, cpu.h; about 40 vector instructions per 16 rows
+ * and block, against the thousands of vpdpbusd a packed block then gets). */
 #ifndef QMR
 #define QMR 6
 #endif
 #define QNR 32
 #define QKB 16
-/* Byte offsets in a packed block (cpu.h): scales [2][QNR], corrections [2][QNR]. */
-#define QOFF_D (QNR * 32)
-#define QOFF_C (QNR * 40)
 
 /* Pack 16 rows (row r at w + r * rb, the first rn of them real) of blocks
  * [b0, b0+nb) into half h (columns 16h..16h+15) of each panel block: a
@@ -980,6 +980,30 @@ INLINE __m256i q_row8(const char *p, int ok) {
 }
 INLINE __m128i q_row4(const char *p, int ok) {
     return ok ? _mm_loadu_si128((const __m128i *)(const void *)p) : _mm_setzero_si128();
+}
+
+/* The Q4 scales of the codes in the low byte of each 32-bit lane of c
+ * (q4_code_f16, then widened as f16). */
+INLINE __m512 q4_codes_ps(__m512i c) {
+    const __m512i m7 = _mm512_set1_epi32(0x7F), s8 = _mm512_set1_epi32(0x80);
+    const __m512i h =
+        _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(c, m7), 7), _mm512_slli_epi32(_mm512_and_si512(c, s8), 8));
+    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+}
+
+/* cpu_q4_fold of the four int8 levels in each 32-bit lane of v, lane j's
+ * factor 16 d_i / s in f[j]: each byte widened to float, multiplied,
+ * rounded to nearest even, clipped at 127 and put back in its place. */
+INLINE __m512i q4_fold_quads(__m512i v, __m512 f) {
+    const __m512i top = _mm512_set1_epi32(127), byte = _mm512_set1_epi32(0xFF);
+    __m512i r = _mm512_setzero_si512();
+    for (int k = 0; k < 4; k++) {
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * k), 24));
+        const __m512i l = _mm512_min_epi32(
+            _mm512_cvt_roundps_epi32(_mm512_mul_ps(q, f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), top);
+        r = _mm512_or_si512(r, _mm512_slli_epi32(_mm512_and_si512(l, byte), 8 * k));
+    }
+    return r;
 }
 
 INLINE void qpack_half(const dtype DT, char *dst, const char *w, size_t rb, int rn, int b0, int nb, int h) {
@@ -1032,33 +1056,30 @@ INLINE void qpack_half(const dtype DT, char *dst, const char *w, size_t rb, int 
             const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
             const __m512i u[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
                                   _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
-            __m512i sum1 = _mm512_setzero_si512();
+            /* the codes c0 | c1 << 8 of each row, widened as q4_code_f16 */
+            const __m512i c = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rm, idx, src, 1);
+            const __m512 d0 = q4_codes_ps(c), d1 = q4_codes_ps(_mm512_srli_epi32(c, 8));
+            const __m512 s =
+                _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(d1), _mm512_abs_ps(d0), _CMP_GT_OQ), d0, d1);
+            const __mmask16 nz = _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+            const __m512 s16 = _mm512_set1_ps(16.0f);
+            const __m512 f0 = _mm512_maskz_div_ps(nz, _mm512_mul_ps(s16, d0), s);
+            const __m512 f1 = _mm512_maskz_div_ps(nz, _mm512_mul_ps(s16, d1), s);
             for (int q = 0; q < 4; q++) {
-                const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(u[q], low4), eight);
-                const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi32(u[q], 4), low4), eight);
+                const __m512i lo = q4_fold_quads(_mm512_sub_epi8(_mm512_and_si512(u[q], low4), eight), f0);
+                const __m512i hi =
+                    q4_fold_quads(_mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi32(u[q], 4), low4), eight), f1);
                 _mm512_storeu_si512(pb + (size_t)q * QNR * 4, lo);
                 _mm512_storeu_si512(pb + (size_t)(q + 4) * QNR * 4, hi);
-                sum = _mm512_dpbusd_epi32(sum, ones, lo);
-                sum1 = _mm512_dpbusd_epi32(sum1, ones, hi);
+                sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, ones, lo), ones, hi);
             }
-            /* the codes c0 | c1 << 8 of each row as the halves of q4_code_f16 */
-            const __m512i c = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rm, idx, src, 1);
-            const __m512i m7 = _mm512_set1_epi32(0x7F), s8 = _mm512_set1_epi32(0x80);
-            const __m512i h0 = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(c, m7), 7),
-                                               _mm512_slli_epi32(_mm512_and_si512(c, s8), 8));
-            const __m512i c1 = _mm512_srli_epi32(c, 8);
-            const __m512i h1 = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(c1, m7), 7),
-                                               _mm512_slli_epi32(_mm512_and_si512(c1, s8), 8));
-            _mm512_storeu_ps(pb + QOFF_D, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h0)));
-            _mm512_storeu_ps(pb + QOFF_D + QNR * 4, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h1)));
-            _mm512_storeu_si512(pb + QOFF_C, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
-            _mm512_storeu_si512(pb + QOFF_C + QNR * 4,
-                                _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum1, 7)));
+            _mm512_storeu_ps(pb + QNR * 32, _mm512_div_ps(s, s16));
+            _mm512_storeu_si512(pb + QNR * 36, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
             continue;
         }
         const __m512i d = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rm, idx, src, 1);
-        _mm512_storeu_ps(pb + QOFF_D, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d)));
-        _mm512_storeu_si512(pb + QOFF_C, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
+        _mm512_storeu_ps(pb + QNR * 32, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d)));
+        _mm512_storeu_si512(pb + QNR * 36, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
     }
 }
 
@@ -1073,40 +1094,35 @@ static void qpack_avx512(void *dst, const void *w, dtype dt, size_t rb, int nrow
     }
 }
 
-INLINE void qtile(const int M, const int NV, const int XS, const int HALVES, int nb, const uint8_t *x, size_t ldx,
-                  const float *dx, size_t lddx, const char *wp, float *y, size_t ldy, __mmask16 m0, __mmask16 m1,
-                  const float *bias, int accumulate) {
+INLINE void qtile(const int M, const int NV, const int XS, int nb, const uint8_t *x, size_t ldx, const float *dx,
+                  size_t lddx, const char *wp, float *y, size_t ldy, __mmask16 m0, __mmask16 m1, const float *bias,
+                  int accumulate) {
     __m512 f[QMR][2];
     for (int i = 0; i < M; i++)
         for (int v = 0; v < NV; v++) f[i][v] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const char *pb = wp + (size_t)b * CPU_QBLK_BYTES(QNR);
         const uint8_t *xb = x + (size_t)b * 32;
-        /* Q8: one pass over the block's 8 quads; Q4: a pass per half (quads
-         * 0..3 are weights 0..15), each scaled by its own d_w */
-        for (int hf = 0; hf < (HALVES ? 2 : 1); hf++) {
-            const int u0 = HALVES ? 4 * hf : 0, u1 = HALVES ? u0 + 4 : 8;
-            __m512i s[QMR][2];
-            for (int v = 0; v < NV; v++) {
-                const __m512i c = _mm512_loadu_si512(pb + QOFF_C + QNR * 4 * hf + 64 * v);
-                for (int i = 0; i < M; i++) s[i][v] = c;
+        __m512i s[QMR][2];
+        for (int v = 0; v < NV; v++) {
+            const __m512i c = _mm512_loadu_si512(pb + QNR * 36 + 64 * v);
+            for (int i = 0; i < M; i++) s[i][v] = c;
+        }
+        for (int u = 0; u < 8; u++) {
+            __m512i w[2];
+            for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_si512(pb + (size_t)u * QNR * 4 + 64 * v);
+            for (int i = 0; i < M; i++) {
+                int32_t x4;
+                memcpy(&x4, xb + (size_t)i * ldx + 4 * u, 4);
+                const __m512i xv = _mm512_set1_epi32(x4);
+                for (int v = 0; v < NV; v++) s[i][v] = _mm512_dpbusd_epi32(s[i][v], xv, w[v]);
             }
-            for (int u = u0; u < u1; u++) {
-                __m512i w[2];
-                for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_si512(pb + (size_t)u * QNR * 4 + 64 * v);
-                for (int i = 0; i < M; i++) {
-                    int32_t x4;
-                    memcpy(&x4, xb + (size_t)i * ldx + 4 * u, 4);
-                    const __m512i xv = _mm512_set1_epi32(x4);
-                    for (int v = 0; v < NV; v++) s[i][v] = _mm512_dpbusd_epi32(s[i][v], xv, w[v]);
-                }
-            }
-            for (int v = 0; v < NV; v++) {
-                const __m512 dw = _mm512_loadu_ps(pb + QOFF_D + QNR * 4 * hf + 64 * v);
-                for (int i = 0; i < M; i++) {
-                    const __m512 sc = XS ? _mm512_mul_ps(dw, _mm512_set1_ps(dx[(size_t)i * lddx + b])) : dw;
-                    f[i][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][v]), sc, f[i][v]);
-                }
+        }
+        for (int v = 0; v < NV; v++) {
+            const __m512 dw = _mm512_loadu_ps(pb + QNR * 32 + 64 * v);
+            for (int i = 0; i < M; i++) {
+                const __m512 sc = XS ? _mm512_mul_ps(dw, _mm512_set1_ps(dx[(size_t)i * lddx + b])) : dw;
+                f[i][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i][v]), sc, f[i][v]);
             }
         }
     }
@@ -1129,25 +1145,21 @@ INLINE void qtile(const int M, const int NV, const int XS, const int HALVES, int
 #define QXS 0
 #endif
 
-#define QTILE_CASES(NV, H)                                                                              \
-    switch (mr) {                                                                                       \
-    case 1: qtile(1, NV, QXS, H, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
-    case 2: qtile(2, NV, QXS, H, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
-    case 3: qtile(3, NV, QXS, H, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
-    case 4: qtile(4, NV, QXS, H, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
-    case 5: qtile(5, NV, QXS, H, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
-    default: qtile(QMR, NV, QXS, H, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break; \
+#define QTILE_CASES(NV)                                                                              \
+    switch (mr) {                                                                                    \
+    case 1: qtile(1, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 2: qtile(2, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 3: qtile(3, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 4: qtile(4, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    case 5: qtile(5, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break;    \
+    default: qtile(QMR, NV, QXS, nb, x, ldx, dx, lddx, wp, y, ldy, m0, m1, bias, accumulate); break; \
     }
 
 static void qgemm_avx512(int mr, int nb, const uint8_t *x, size_t ldx, const float *dx, size_t lddx, const void *wpv,
-                         float *y, size_t ldy, int ncols, const float *bias, int accumulate, int halves) {
+                         float *y, size_t ldy, int ncols, const float *bias, int accumulate) {
     const char *wp = wpv;
     const __mmask16 m0 = mask16(ncols), m1 = mask16(ncols - 16 > 0 ? ncols - 16 : 0);
-    if (halves) {
-        if (ncols > 16) QTILE_CASES(2, 1) else QTILE_CASES(1, 1)
-    } else {
-        if (ncols > 16) QTILE_CASES(2, 0) else QTILE_CASES(1, 0)
-    }
+    if (ncols > 16) QTILE_CASES(2) else QTILE_CASES(1)
 }
 
 /* cpu_quantize_u8 in vectors: the same d, the same products x * (127 / d')

@@ -447,7 +447,7 @@ static void qlin_task(void *arg, int task, int thread) {
                 const int n0 = p * nr;
                 g->kernel(m, bn, xt, j->ldxq, dxt, j->lddx, wp + (size_t)(p - p0) * panel_bytes,
                           j->y + (size_t)t * j->ldy + n0, j->ldy, imin(nr, N - n0),
-                          (b0 == 0 && L->b) ? bias + (n0 - p0 * nr) : NULL, b0 > 0, L->dt == DT_Q4);
+                          (b0 == 0 && L->b) ? bias + (n0 - p0 * nr) : NULL, b0 > 0);
             }
         }
     }
