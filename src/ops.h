@@ -52,8 +52,9 @@ typedef struct op_linear {
  * not a multiple of 4 bytes); kernels read them with memcpy or unaligned
  * loads. The reference (ops_ref.c) dequantises a row with q_dequantize_row
  * and multiplies in float32; fast backends may also quantise x to int8 per
- * block of 32 (d_x = max|x|/127) for integer dot products, which the op
- * tests allow for (tests/test_ops.c). */
+ * block of 32 (d_x = max|x|/127) for integer dot products, and the integer
+ * prefill folds Q4's two scales into one per block (cpu/cpu.h,
+ * cpu_q4_fold), which the op tests allow for (tests/test_ops.c). */
 #define Q_BLOCK 32
 #define Q8_BLOCK_BYTES 34
 #define Q4_BLOCK_BYTES 18

@@ -509,10 +509,11 @@ static void test_qpack(void) {
                         } else {
                             const float d0 = q4_code_scale(blk[0]), d1 = q4_code_scale(blk[1]);
                             const float sc = cpu_q4_fold_big(d0, d1);
+                            const int32_t f0 = cpu_q4_fold_factor(d0, sc), f1 = cpu_q4_fold_factor(d1, sc);
                             dw = sc / 16.0f;
                             for (int k = 0; k < 32; k++) {
                                 const int nib = k < 16 ? blk[2 + k] & 15 : blk[2 + k - 16] >> 4;
-                                want[k] = cpu_q4_fold(nib - 8, k < 16 ? d0 : d1, sc);
+                                want[k] = cpu_q4_fold(nib - 8, k < 16 ? f0 : f1);
                                 clipped += r < nrows && nib == 0 && want[k] == 127;
                             }
                         }
