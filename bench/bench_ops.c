@@ -8,7 +8,8 @@
  * With "q", only the text linears over Q8 and Q4 weights (BF16 precision;
  * "b": the same over bf16 weights),
  * and with a fifth argument only those whose name contains it
- * ("bench_ops 2 auto 5 q prefill").
+ * ("bench_ops 2 auto 5 q prefill"). ALBEDO_BENCH_CPU=1 times by the
+ * process's CPU time instead of the wall clock (bench_ms, below).
  *
  * Build (the CPU backend alone), from the repository root on x86-64:
  *   gcc -std=c11 -O3 -Iinclude -Isrc -DALBEDO_X86=1 -c src/cpu/ops_avx2.c -mavx2 -mfma -mf16c
@@ -28,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cpu/cpu.h"
 
@@ -70,6 +72,18 @@ static void cpu_name(char *out, size_t n) {
 #define ALBEDO_COMMIT "unknown"
 #endif
 
+/* The clock of the timings: wall (now_ms), or with ALBEDO_BENCH_CPU=1 in
+ * the environment the process's CPU time, which other work on a shared
+ * machine disturbs far less (with one thread it is the op's own time; with
+ * more it adds the threads' times, so compare at the same count). */
+static int cpu_clock;
+static double bench_ms(void) {
+    if (!cpu_clock) return now_ms();
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
 static int runs = 7;
 
 static void bench_linear(ops_ctx *c, const char *what, int T, int K, int N, dtype dt, ops_precision prec) {
@@ -109,9 +123,9 @@ static void bench_linear(ops_ctx *c, const char *what, int T, int K, int N, dtyp
     double *ms = malloc((size_t)reps * sizeof *ms);
     for (int r = -1; r < reps; r++) {
         op_linear L = {w[(r + copies) % copies], NULL, dt, DT_F32, N, K};
-        double t0 = now_ms();
+        double t0 = bench_ms();
         ops_of(c)->linear(c, y, N, x, K, T, &L);
-        if (r >= 0) ms[r] = now_ms() - t0;
+        if (r >= 0) ms[r] = bench_ms() - t0;
     }
     double m = median(ms, reps), best = ms[0]; /* sorted by median() */
     printf("| %-22s | %4d | %5d | %5d | %-4s | %-4s | %8.3f | %8.1f | %8.1f | %6.1f | %6.1f |\n", what, T, K, N,
@@ -168,9 +182,9 @@ static void bench_attention(ops_ctx *c, const char *what, int T, int S, int H, i
                      NULL,
                      0,
                      kvdt};
-        double t0 = now_ms();
+        double t0 = bench_ms();
         ops_of(c)->attention(c, &a);
-        if (r >= 0) ms[r] = now_ms() - t0;
+        if (r >= 0) ms[r] = bench_ms() - t0;
     }
     double m = median(ms, reps);
     printf("| %-18s %4s | %4d | %5d | %2d | %3d | %8.3f | %8.1f | %8.1f |\n", what, kvdt == DT_BF16 ? "bf16" : "f32", T,
@@ -184,7 +198,7 @@ static void bench_ew(ops_ctx *c, const char *what, int kind, size_t n) {
     double *ms = malloc((size_t)runs * sizeof *ms);
     for (int r = -1; r < runs; r++) {
         fill(x, n, 9);
-        double t0 = now_ms();
+        double t0 = bench_ms();
         if (kind == 0)
             ops_of(c)->gelu_tanh(c, x, n);
         else if (kind == 1)
@@ -194,11 +208,11 @@ static void bench_ew(ops_ctx *c, const char *what, int kind, size_t n) {
         else {
             float *g = malloc(1152 * 4), *b = malloc(1152 * 4);
             fill(g, 1152, 1), fill(b, 1152, 2);
-            t0 = now_ms();
+            t0 = bench_ms();
             ops_of(c)->layernorm(c, y, x, (int)(n / 1152), 1152, (op_vec){g, DT_F32}, (op_vec){b, DT_F32}, 1e-5f);
             free(g), free(b);
         }
-        if (r >= 0) ms[r] = now_ms() - t0;
+        if (r >= 0) ms[r] = bench_ms() - t0;
     }
     double m = median(ms, runs);
     printf("| %-22s | %9zu | %9.3f | %8.2f |\n", what, n, m, n / (m * 1e6));
@@ -212,6 +226,8 @@ int main(int argc, char **argv) {
     const int only_q = argc > 4 && argv[4][0] == 'q'; /* only the Q8/Q4 linears */
     const int only_b = argc > 4 && argv[4][0] == 'b'; /* only the bf16 text linears */
     const char *only = argc > 5 ? argv[5] : NULL;     /* ... whose name contains this */
+    const char *cc = getenv("ALBEDO_BENCH_CPU");
+    cpu_clock = cc && cc[0] == '1';
     ops_ctx *c;
     errbuf e;
     if (ops_ctx_new(backend, threads, OPS_F32, &c, &e) != ALBEDO_OK) {
@@ -220,9 +236,10 @@ int main(int argc, char **argv) {
     }
     char cpu[256];
     cpu_name(cpu, sizeof cpu);
-    printf("bench_ops: %s, %d threads, backend %s, median (and best) of %d runs, commit %s, "
+    printf("bench_ops: %s, %d threads, backend %s, median (and best) of %d runs, %s, commit %s, "
            "compiler %s\n\n",
-           cpu, ops_n_threads(c), ops_backend_name(c), runs, ALBEDO_COMMIT, __VERSION__);
+           cpu, ops_n_threads(c), ops_backend_name(c), runs, cpu_clock ? "CPU time" : "wall clock", ALBEDO_COMMIT,
+           __VERSION__);
 
     printf("| linear                 |    T |     K |     N | W    | prec |       ms |  GFLOP/s |"
            "     best |   GB/s |   best |\n");

@@ -222,12 +222,13 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
             if (c->moe_experts)
                 snprintf(moe, sizeof moe, ", moe %d experts top-%d from layer %d", c->moe_experts, c->moe_topk,
                          c->moe_start);
+            /* the recipe from layer 0's proj: the q4 recipe keeps its qkv in Q8 (quant.c) */
             snprintf(m->describe, sizeof m->describe,
                      "%s (text %dx%d%s%s, vision %dx%d, vocab %d), backend %s, %s, %d threads",
                      c->md3 ? "moondream3" : "moondream2", c->dim, c->n_layers, moe,
-                     m->w.tb[0].qkv.dt == DT_Q8   ? ", q8"
-                     : m->w.tb[0].qkv.dt == DT_Q4 ? ", q4"
-                                                  : "",
+                     m->w.tb[0].proj.dt == DT_Q8   ? ", q8"
+                     : m->w.tb[0].proj.dt == DT_Q4 ? ", q4"
+                                                   : "",
                      c->enc_dim, c->enc_layers, c->vocab, m->cuda ? md_cuda_describe(m) : ops_backend_name(probe),
                      m->params.precision == ALBEDO_PRECISION_BF16 ? "bf16" : "f32",
                      m->params.n_threads > 0 ? m->params.n_threads : ops_default_threads());

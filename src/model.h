@@ -146,6 +146,10 @@ void md_weights_release(md_weights *w);
  * their file dtype. Runs on all cores. 16/32-bit sources must be read-only
  * file mappings: their pages are released from the process once copied. */
 albedo_status md_weights_quantize(md_weights *w, const md_config *c, dtype dt, errbuf *e);
+/* "albedo.version" of the files `albedo quantize` writes (quant.c): 2 since
+ * Q4 blocks carry two sub-block scale codes (ops.h qformat); weights.c
+ * refuses q4 files of another version. */
+#define QUANT_FORMAT_VERSION "2"
 void md_weights_quant_free(md_weights *w);
 /* "bf16" (or NULL / ""), "q8", "q4" → DT_BF16, DT_Q8, DT_Q4. */
 albedo_status md_weights_format(const char *name, dtype *dt, errbuf *e);

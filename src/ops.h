@@ -34,26 +34,40 @@ typedef struct op_linear {
  * A [N, K] matrix is stored row-major, row n at n * q_row_bytes(dt, K) bytes;
  * a row is ceil(K/32) blocks of 32 consecutive weights along K, in order.
  * The last block of a row is zero-padded when K is not a multiple of 32.
- * Every block is symmetric with its own scale d (IEEE half, little-endian):
+ * Every block is symmetric: scaled integers with no offset.
  *
- *   DT_Q8, 34 bytes: d (f16), q[32] int8 in [-127, 127];   w[i] = d * q[i]
- *     d = max|w| / 127, q = round(w / d).
- *   DT_Q4, 18 bytes: d (f16), qs[16] bytes; weight i < 16 is the low nibble
- *     of qs[i], weight i + 16 its high nibble; w[i] = d * (nibble - 8)
- *     nibble = clamp(round(w / d) + 8, 0, 15); d is the scale of least
- *     squared error among m / -8 (m the weight of largest magnitude, sign
- *     kept) and nearby candidates with their least-squares refinements
- *     (q_quantize_row). Readers need only d and the nibbles.
+ *   DT_Q8, 34 bytes: d (f16, little-endian), q[32] int8 in [-127, 127];
+ *     w[i] = d * q[i], d = max|w| / 127, q = round(w / d).
+ *   DT_Q4, 18 bytes: c[2] scale codes, qs[16] bytes; weight i < 16 is the
+ *     low nibble of qs[i] and has scale d0 = q4_code_scale(c[0]); weight
+ *     i + 16 is the high nibble and has scale d1 = q4_code_scale(c[1]):
+ *     w[i] = d_(i/16) * (nibble - 8). Two sub-blocks of 16 weights, each
+ *     with its own 8-bit scale (sign, 4-bit exponent, 3-bit mantissa), in
+ *     the two bytes a single f16 scale took before (format version 2,
+ *     docs/QUANT.md): nibble = clamp(round(w / d) + 8, 0, 15), d the code
+ *     of least squared error for the sub-block (q_quantize_row). Readers
+ *     need only the codes and the nibbles.
  *
  * Bytes per weight: Q8 1.0625, Q4 0.5625. Scales are unaligned (a block is
  * not a multiple of 4 bytes); kernels read them with memcpy or unaligned
  * loads. The reference (ops_ref.c) dequantises a row with q_dequantize_row
  * and multiplies in float32; fast backends may also quantise x to int8 per
- * block of 32 (d_x = max|x|/127) for integer dot products, which the op
- * tests allow for (tests/test_ops.c). */
+ * block of 32 (d_x = max|x|/127) for integer dot products, and the integer
+ * prefill folds Q4's two scales into one per block (cpu/cpu.h,
+ * cpu_q4_fold), which the op tests allow for (tests/test_ops.c). */
 #define Q_BLOCK 32
 #define Q8_BLOCK_BYTES 34
 #define Q4_BLOCK_BYTES 18
+
+/* The scale of a Q4 sub-block code c: bit 7 the sign, bits 0..6 the
+ * magnitude m read as the IEEE half whose bits are m << 7 (exponent field
+ * m >> 3 in 0..15, mantissa m & 7 in its top three bits): 0 for m = 0,
+ * 2^-17 .. 2^-14 * 0.875 (subnormal) for m < 8, else
+ * 2^((m >> 3) - 15) * (1 + (m & 7) / 8), at most 1.875 (|w| <= 15).
+ * Fast kernels make the same half from the code with shifts and masks and
+ * widen it as they widen f16 (vcvtph2ps, fcvt). */
+static inline uint16_t q4_code_f16(uint8_t c) { return (uint16_t)((c & 0x7Fu) << 7 | (c & 0x80u) << 8); }
+static inline float q4_code_scale(uint8_t c) { return f16_to_f32(q4_code_f16(c)); }
 
 /* Bytes of one row of K weights in block format dt (0 for other dtypes). */
 size_t q_row_bytes(dtype dt, int K);

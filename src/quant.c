@@ -9,8 +9,8 @@
  *           mlp.fc1.weight [E, 2·inner, dim] and mlp.fc2.weight
  *           [E, dim, inner], each seen as one [E·rows, K] matrix: row r of
  *           expert e is row e·rows + r, at (e·rows + r)·q_row_bytes(K)
- *           (md_expert_linear); and the LM head, in Q8 in both recipes
- *           (text_mats). The vision encoder keeps 16 bits (it runs once
+ *           (md_expert_linear); and the LM head, in Q8 in both recipes,
+ *           as is the first layer's attn.qkv (text_mats). The vision encoder keeps 16 bits (it runs once
  *           per image, compute-bound); the region model keeps its dtype.
  *           The routers stay as stored: [E, dim] is tiny and routing is
  *           sensitive (a flipped top-8 choice changes the whole MLP).
@@ -24,9 +24,11 @@
  *   stored: model.safetensors with each quantised weight as a U8 tensor
  *           [N, q_row_bytes(K)] (experts: [E, rows, q_row_bytes(K)]) under
  *           its usual name, and "__metadata__" {"albedo.format": "q8"|"q4",
- *           "albedo.version": "1"}; weights.c binds those tensors as DT_Q8 /
+ *           "albedo.version": "2"}; weights.c binds those tensors as DT_Q8 /
  *           DT_Q4 in place (mapped, no copy); a q4 file's Q8 tensors (the
- *           LM head) are told apart by their row bytes.
+ *           LM head, layer 0's attn.qkv) are told apart by their row bytes.
+ *           Version 2 is Q4 with two scale codes per block (ops.h); a
+ *           version 1 q4 file (one f16 scale) is refused, q8 is unchanged.
  */
 #define _DEFAULT_SOURCE /* madvise */
 #define _POSIX_C_SOURCE 200809L
@@ -66,13 +68,17 @@ typedef struct qmat {
 
 /* The matrices quant.c converts, in a fixed order, with the format of each
  * in recipe fmt; returns their count. The recipes: "q8" is Q8 throughout;
- * "q4" is Q4 but for the LM head, which stays Q8 (its 51200 rows are a
- * tenth of the bytes Q4 saves, and the logits are what the argmax reads). */
+ * "q4" is Q4 but for two matrices that stay Q8: the LM head (its 51200 rows
+ * are a tenth of the bytes Q4 saves, and the logits are what the argmax
+ * reads) and the first layer's attn.qkv, the most sensitive linear for its
+ * size (docs/QUANT.md: the K and V it makes of every position, the image
+ * prefix's included, feed every later token, and its error passes through
+ * every later layer): about 1% of Moondream 2's decoder bytes. */
 static int text_mats(md_weights *w, const md_config *c, dtype fmt, qmat *out) {
     int n = 0;
     for (int i = 0; i < c->n_layers; i++) {
         txt_block *t = &w->tb[i];
-        out[n++] = (qmat){&t->qkv.w, &t->qkv.dt, t->qkv.n_out, t->qkv.n_in, 0, fmt};
+        out[n++] = (qmat){&t->qkv.w, &t->qkv.dt, t->qkv.n_out, t->qkv.n_in, 0, i == 0 ? DT_Q8 : fmt};
         out[n++] = (qmat){&t->proj.w, &t->proj.dt, t->proj.n_out, t->proj.n_in, 0, fmt};
         if (!t->moe) {
             out[n++] = (qmat){&t->fc1.w, &t->fc1.dt, t->fc1.n_out, t->fc1.n_in, 0, fmt};
@@ -275,7 +281,7 @@ albedo_status albedo_model_quantize(const char *dir, const albedo_model_params *
                 }
                 k++;
             }
-        const char *meta[] = {"albedo.format", dt == DT_Q8 ? "q8" : "q4", "albedo.version", "1"};
+        const char *meta[] = {"albedo.format", dt == DT_Q8 ? "q8" : "q4", "albedo.version", QUANT_FORMAT_VERSION};
         snprintf(path, sizeof path, "%s/model.safetensors", out_dir);
         st = st_write_meta(path, ts, k, meta, 2, &e);
     }

@@ -95,8 +95,14 @@ static int legacy_rename(const char *n, char *out, size_t cap) {
 
 /* Add the tensors of one file to the index under their canonical names. */
 static albedo_status index_file(name_index *ix, const st_file *f, errbuf *e) {
-    const char *fmt = st_meta(f, "albedo.format");
+    const char *fmt = st_meta(f, "albedo.format"), *ver = st_meta(f, "albedo.version");
     const dtype qdt = !fmt ? DT_U8 : !strcmp(fmt, "q8") ? DT_Q8 : !strcmp(fmt, "q4") ? DT_Q4 : DT_U8;
+    /* Q4 blocks changed in version 2 (one f16 scale became two 8-bit
+     * codes, ops.h qformat); read as version 2 they would be garbage. */
+    if (qdt == DT_Q4 && (!ver || strcmp(ver, QUANT_FORMAT_VERSION)))
+        return errf(e, ALBEDO_ERR_MODEL_FORMAT,
+                    "q4 weights of albedo.version %s, this build reads version %s: run albedo quantize again",
+                    ver ? ver : "(none)", QUANT_FORMAT_VERSION);
     for (int i = 0; i < st_count(f); i++) {
         const st_tensor *t = st_at(f, i);
         char buf[512], out[600];

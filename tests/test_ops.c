@@ -239,11 +239,26 @@ static void test_linears(void) {
  *     to int8 per block as above, or per row (cpu_qgemm.xs_block 0), where
  *     max|x_block(k)| becomes the row's max|x|; its bytes are checked
  *     against cpu_quantize_u8, the portable quantiser (test_quantize_u8);
+ *     Q4 W is packed with its two sub-block scales folded into one per
+ *     block (cpu_q4_fold, cpu.h; bytes checked by test_qpack), which moves
+ *     each weight of the smaller-scale sub-block by at most |s| / 32 (s the
+ *     larger scale; |s| / 16 at the one clipped level), a rounding of the
+ *     same order as x's, left inside the same bound (not widened), with
+ *     the w_spread cases below as its hardest test;
  *   BF16 precision on the packed float path (T >= small_t): the dequantised
  *     weights are rounded to bf16 as well (ops.h), each by at most 2^-9 of
  *     itself, so the error is within sum_k |x_k w_k| / 256 (plus the above).
- * Guard blocks with a NaN scale follow the matrix: a kernel reading past
- * the last row produces NaN. */
+ * Guard blocks with a NaN scale (Q8; Q4's scale codes have no NaN, its
+ * guard has large scales) follow the matrix: a kernel reading past the
+ * last row produces NaN or a wrong sum.
+ *
+ * With w_spread set, each row and each half block (16 weights) gets its own
+ * power-of-two magnitude, 2^-18 .. 2^4: Q4's two sub-block scales of a block
+ * then differ by up to 2^22, so a kernel that applies one half's scale to
+ * the other is far outside the tolerance, and the scale codes run from
+ * subnormal halves to the largest code (weights beyond 15 clip to it, on
+ * both sides alike: the reference reads the same blocks). */
+static int w_spread;
 
 static void test_linear_q(int T, int K, int N, dtype dt, int bdt, int xpad, int ypad) {
     const int ldx = K + xpad, ldy = N + ypad;
@@ -253,7 +268,10 @@ static void test_linear_q(int T, int K, int N, dtype dt, int bdt, int xpad, int 
     float *wd = malloc((size_t)N * K * sizeof *wd);
     unsigned char *w = malloc((size_t)N * rb + guard_bytes);
     if (!wf || !bf || !wd || !w) abort();
-    for (size_t i = 0; i < (size_t)N * K; i++) wf[i] = rnd(-1, 1);
+    for (size_t i = 0; i < (size_t)N * K; i++) {
+        const size_t n = i / (size_t)K, h = (i % (size_t)K) / 16;
+        wf[i] = rnd(-1, 1) * (w_spread ? ldexpf(1.0f, (int)((n * 7 + h * 5) % 23) - 18) : 1.0f);
+    }
     for (int i = 0; i < N; i++) bf[i] = rnd(-1, 1);
     for (int n = 0; n < N; n++) {
         q_quantize_row(dt, wf + (size_t)n * K, K, w + (size_t)n * rb);
@@ -363,6 +381,42 @@ static void test_qformat(void) {
             if (K > 2) CHECK(out[1] == 0.0f, "%s: zero not exact (%g)", dt == DT_Q8 ? "q8" : "q4", out[1]);
         }
     }
+    /* Q4's halves have their own scales: a half 1000 times smaller than
+     * the other keeps its own relative precision, from 2^-20 (subnormal
+     * codes) to 8 (near the largest code). Bound: amax_half / 8, plus what
+     * a subnormal code's step (2^-17) costs. */
+    for (int e = -20; e <= 3; e++) {
+        float v[64], out[64];
+        unsigned char buf[2 * Q4_BLOCK_BYTES];
+        for (int k = 0; k < 64; k++) v[k] = ldexpf(rnd(-1, 1), e) * ((k / 16) % 2 ? 1e-3f : 1.0f);
+        q_quantize_row(DT_Q4, v, 64, buf);
+        q_dequantize_row(DT_Q4, buf, 64, out);
+        double worst = 0.0;
+        for (int h = 0; h < 4; h++) {
+            float amax = 0.0f;
+            for (int k = 16 * h; k < 16 * h + 16; k++) amax = fmaxf(amax, fabsf(v[k]));
+            for (int k = 16 * h; k < 16 * h + 16; k++)
+                worst = fmax(worst, fabs(out[k] - v[k]) / (amax / 8.0 * 1.01 + 8 * ldexp(1.0, -17)));
+        }
+        CHECK(worst <= 1.0, "q4 halves of magnitudes 2^%d and 2^%d / 1000: error %.3g of the bound", e, e, worst);
+    }
+    /* weights beyond the largest code's reach (|w| > 15) clip to it, finite,
+     * and leave the other half alone */
+    {
+        float v[32], out[32];
+        unsigned char buf[Q4_BLOCK_BYTES];
+        for (int k = 0; k < 32; k++) v[k] = k < 16 ? (k % 2 ? -1e30f : 3e9f) : rnd(-1, 1);
+        q_quantize_row(DT_Q4, v, 32, buf);
+        q_dequantize_row(DT_Q4, buf, 32, out);
+        int ok = 1;
+        for (int k = 0; k < 32; k++)
+            ok &= isfinite(out[k]) && fabsf(out[k]) <= 15.0f && (k < 16 || fabsf(out[k] - v[k]) <= 1.0f / 8 + 1e-6f);
+        CHECK(ok, "q4: weights of 3e9 and -1e30 clip to the largest code without harm");
+    }
+    CHECK(q4_code_scale(0x00) == 0.0f && q4_code_scale(0x80) == 0.0f && q4_code_scale(0x7F) == 1.875f &&
+              q4_code_scale(0xFF) == -1.875f && q4_code_scale(0x78) == 1.0f &&
+              q4_code_scale(0x08) == ldexpf(1.0f, -14) && q4_code_scale(0x01) == ldexpf(1.0f, -17),
+          "q4 scale codes: the half of (c & 0x7f) << 7 with c's sign");
 }
 
 /* Every table's x quantiser of the integer matrix product against the
@@ -394,6 +448,94 @@ static void test_quantize_u8(void) {
                           "quantize_u8 %s K=%d kind %d per_block %d: differs from cpu_quantize_u8", ctx_label[ci], K,
                           kind, pb);
                 }
+    }
+}
+
+/* Every table's W packer of the integer matrix product, byte for byte
+ * against the layout of cpu.h (cpu_qgemm): Q8 levels and f16 scales as
+ * stored, Q4 levels and scales folded as cpu_q4_fold says (the linear
+ * tests above bound the product's error; this pins the fold itself).
+ * Random raw blocks: every scale code of either sign, sub-block scales of
+ * any ratio (levels rounding to nearest even at the halfway points), equal
+ * magnitudes of opposite signs (the one level that clips, 128 -> 127),
+ * zero codes; a partial panel and a block range starting past block 0. */
+static void test_qpack(void) {
+    enum { K = 100, NB = (K + 31) / 32 };
+    for (int ci = 0; ci < n_ctx; ci++) {
+        const cpu_kernels *kk = ((const cpu_table *)(const void *)ctxs[ci]->tab)->k;
+        if (!kk->qgemm || ops_n_threads(ctxs[ci]) != 1) continue;
+        const cpu_qgemm *g = kk->qgemm;
+        for (int di = 0; di < 2; di++) {
+            const dtype dt = di ? DT_Q4 : DT_Q8;
+            const size_t rb = q_row_bytes(dt, K), bb = dt == DT_Q8 ? Q8_BLOCK_BYTES : Q4_BLOCK_BYTES;
+            const int rows[3] = {1, g->nr - 3, g->nr};
+            int clipped = 0;
+            for (int ir = 0; ir < 3; ir++) {
+                const int nrows = rows[ir];
+                unsigned char *w = malloc((size_t)g->nr * rb);
+                char *pk = malloc((size_t)NB * CPU_QBLK_BYTES(g->nr));
+                if (!w || !pk) abort();
+                for (size_t i = 0; i < (size_t)g->nr * rb; i++) w[i] = (unsigned char)rng_next();
+                for (int r = 0; r < g->nr; r++)
+                    for (int b = 0; b < NB; b++) {
+                        unsigned char *blk = w + (size_t)r * rb + (size_t)b * bb;
+                        if (dt == DT_Q8) {
+                            const uint16_t dh = f32_to_f16(rnd(-2, 2));
+                            memcpy(blk, &dh, 2);
+                            for (int k = 0; k < 32; k++)
+                                if (blk[2 + k] == 0x80) blk[2 + k] = 0x81; /* -127..127 */
+                        } else if ((r + b) % 4 == 1) {
+                            blk[1] = blk[0] ^ 0x80; /* |d0| = |d1|, opposite signs */
+                        } else if ((r + b) % 4 == 2) {
+                            blk[(r / 4) % 2] = (r / 8) % 2 ? 0x80 : 0x00; /* one sub-block's scale 0 */
+                        }
+                    }
+                const int b0 = 1, nb = NB - 1;
+                memset(pk, 0x5a, (size_t)NB * CPU_QBLK_BYTES(g->nr));
+                g->pack(pk, w, dt, rb, nrows, b0, nb);
+                int bad = 0;
+                for (int b = 0; b < nb; b++) {
+                    const char *pb = pk + (size_t)b * CPU_QBLK_BYTES(g->nr);
+                    for (int r = 0; r < g->nr; r++) {
+                        const unsigned char *blk = w + (size_t)r * rb + (size_t)(b0 + b) * bb;
+                        float dw = 0.0f, got_d;
+                        int8_t want[32];
+                        int32_t corr = 0, got_c;
+                        if (dt == DT_Q8) {
+                            uint16_t dh;
+                            memcpy(&dh, blk, 2);
+                            dw = f16_to_f32(dh);
+                            memcpy(want, blk + 2, 32);
+                        } else {
+                            const float d0 = q4_code_scale(blk[0]), d1 = q4_code_scale(blk[1]);
+                            const float sc = cpu_q4_fold_big(d0, d1);
+                            const int32_t f0 = cpu_q4_fold_factor(d0, sc), f1 = cpu_q4_fold_factor(d1, sc);
+                            dw = sc / 16.0f;
+                            for (int k = 0; k < 32; k++) {
+                                const int nib = k < 16 ? blk[2 + k] & 15 : blk[2 + k - 16] >> 4;
+                                want[k] = cpu_q4_fold(nib - 8, k < 16 ? f0 : f1);
+                                clipped += r < nrows && nib == 0 && want[k] == 127;
+                            }
+                        }
+                        if (r >= nrows) dw = 0.0f;
+                        for (int k = 0; k < 32; k++) {
+                            corr += want[k];
+                            if (r < nrows && (int8_t)pb[(size_t)(k / 4) * g->nr * 4 + (size_t)r * 4 + k % 4] != want[k])
+                                bad++;
+                        }
+                        memcpy(&got_d, pb + (size_t)g->nr * 32 + (size_t)r * 4, 4);
+                        memcpy(&got_c, pb + (size_t)g->nr * 36 + (size_t)r * 4, 4);
+                        bad += memcmp(&got_d, &dw, 4) != 0 && !(got_d == 0.0f && dw == 0.0f);
+                        bad += r < nrows && got_c != -128 * corr;
+                    }
+                }
+                CHECK(bad == 0, "qgemm pack %s %s nrows=%d: %d bytes, scales or corrections differ from cpu.h",
+                      ctx_label[ci], dt == DT_Q8 ? "q8" : "q4", nrows, bad);
+                free(w), free(pk);
+            }
+            if (dt == DT_Q4)
+                CHECK(clipped > 0, "qgemm pack %s q4: no level clipped to 127 (case not reached)", ctx_label[ci]);
+        }
     }
 }
 
@@ -433,7 +575,20 @@ static void test_linears_q(void) {
     test_linear_q(30, 2048 + 40, 70, DT_Q8, DT_BF16, 3, 1);
     test_linear_q(31, 1100, 45, DT_Q4, DT_F32, 0, 2);
     test_linear_q(130, 520, 97, DT_Q8, -1, 1, 0);
+    /* weights of very different magnitudes per row and half block (Q4's
+     * sub-block scales, every code range) through every path: decode pairs,
+     * odd K, small T, the integer matrix product */
+    w_spread = 1;
+    for (int d = 0; d < 2; d++) {
+        const dtype dt = d ? DT_Q4 : DT_Q8;
+        test_linear_q(1, 640, 33, dt, DT_F32, 0, 0);
+        test_linear_q(1, 100, 29, dt, -1, 1, 1);
+        test_linear_q(3, 192, 31, dt, DT_BF16, 0, 2);
+        test_linear_q(37, 1100, 45, dt, DT_F32, 2, 0);
+    }
+    w_spread = 0;
     test_quantize_u8();
+    test_qpack();
 }
 
 /* ---- attention ---------------------------------------------------------------------- */

@@ -12,14 +12,15 @@
  *              asserted (md2-small on the default backend; md3-small, its
  *              MoE experts quantised too, on the float-activation `generic`
  *              table, with the default backend's figure reported and held
- *              above 95%: see run_model); q4 reported (target 85%, not met)
+ *              above 95%: see run_model); q4 >= 85% asserted on md2-small
+ *              (default backend), reported on md3-small
  *   logits     relative L2 error of each case's first logits row (reported;
  *              q8 <= 5%, q4 <= 25% asserted as sanity bounds)
  *   prefix     relative L2 error of the image prefix's KV cache (reported)
  *   img_emb    the vision encoder keeps 16-bit weights in every format, so
  *              img_emb is the float32 path's exactly; checked through the
  *              bound weight pointers. The LM head is Q8 in both recipes
- *              (quant.c), also when stored.
+ *              (quant.c), and so is layer 0's attn.qkv, also when stored.
  *   experts    (md3-small) every expert slice that md_expert_linear makes of
  *              the block-format tensors — fc1 (as text.c runs it), its GELU
  *              and gate halves, fc2 — holds exactly the blocks q_quantize_row makes of the
@@ -116,8 +117,9 @@ static double run_format(const char *label, const char *dir, const char *fmt, co
     const md_config *mc = &mq->cfg;
     for (int l = 0; l < mc->n_layers; l++) {
         const txt_block *t = &mq->w.tb[l], *tr = &mref->w.tb[l];
-        CHECK(t->qkv.dt == want && t->proj.dt == want, "%s %s: layer %d attention linears not converted", label, fmt,
-              l);
+        /* the q4 recipe keeps layer 0's attn.qkv in Q8 (quant.c text_mats) */
+        CHECK(t->qkv.dt == (l == 0 ? DT_Q8 : want) && t->proj.dt == want,
+              "%s %s: layer %d attention linears not converted as the recipe says", label, fmt, l);
         if (t->moe)
             CHECK(t->exp_fc1_dt == want && t->exp_fc2_dt == want && t->router.dt == tr->router.dt,
                   "%s %s: layer %d experts not converted (or router changed)", label, fmt, l);
@@ -134,6 +136,10 @@ static double run_format(const char *label, const char *dir, const char *fmt, co
     CHECK(vis_same, "%s: vision weights must stay as stored (img_emb identical)", fmt);
     CHECK(mq->w.lm_head.dt == DT_Q8, "%s: the LM head is Q8 in every recipe (quant.c), not %s", fmt,
           dtype_name(mq->w.lm_head.dt));
+    char tag[8];
+    snprintf(tag, sizeof tag, ", %s,", fmt); /* "(text 128x3, q4, vision ..." */
+    CHECK(strstr(albedo_model_describe(mq), tag) != NULL, "%s: albedo_model_describe does not name the recipe: %s", fmt,
+          albedo_model_describe(mq));
     albedo_session *sr = NULL, *sq = NULL;
     CHECK(albedo_session_new(mref, &sr) == ALBEDO_OK && albedo_session_new(mq, &sq) == ALBEDO_OK, "sessions: %s",
           albedo_last_error());
@@ -231,6 +237,41 @@ static int first_logits(albedo_model *m, float *out) {
     return rc;
 }
 
+/* A q4 file of format version 1 (one f16 scale per Q4 block, before the
+ * sub-block codes) is refused with a message, not read as version 2: the
+ * stored file's "albedo.version" is set to "1" in place, then restored. */
+static void check_old_version(const char *dir) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    FILE *f = fopen(path, "r+b");
+    CHECK(f != NULL, "open %s", path);
+    if (!f) return;
+    uint8_t len8[8];
+    char *hdr = NULL, *at = NULL;
+    long vpos = -1;
+    if (fread(len8, 1, 8, f) == 8) {
+        uint64_t n = 0;
+        for (int i = 7; i >= 0; i--) n = n << 8 | len8[i];
+        hdr = n < (1u << 26) ? calloc(n + 1, 1) : NULL;
+        if (hdr && fread(hdr, 1, n, f) == n) at = strstr(hdr, "\"albedo.version\"");
+        if (at) at = strchr(at + 16, '"'); /* the value's opening quote */
+        if (at && at[1] == '2' && at[2] == '"') vpos = 8 + (long)(at + 1 - hdr);
+    }
+    CHECK(vpos > 0, "%s: no \"albedo.version\": \"2\" in the header", path);
+    if (vpos > 0) {
+        fseek(f, vpos, SEEK_SET), fputc('1', f), fflush(f);
+        albedo_model_params p = albedo_model_params_default();
+        albedo_model *m = NULL;
+        albedo_status st = albedo_model_load(dir, &p, &m);
+        CHECK(st == ALBEDO_ERR_MODEL_FORMAT && !m && strstr(albedo_last_error(), "albedo.version 1"),
+              "q4 file of version 1: status %d: %s", (int)st, albedo_last_error());
+        albedo_model_free(m);
+        fseek(f, vpos, SEEK_SET), fputc('2', f);
+    }
+    fclose(f);
+    free(hdr);
+}
+
 static void check_store(const char *label, const char *dir, const char *fmt, albedo_model *mload) {
     char out[4096];
     snprintf(out, sizeof out, "%s/%s-%s", ALBEDO_BINARY_DIR, label, fmt);
@@ -241,8 +282,9 @@ static void check_store(const char *label, const char *dir, const char *fmt, alb
     albedo_model *ms = load(out, NULL); /* stored format, no conversion */
     if (!ms) return;
     dtype want = !strcmp(fmt, "q8") ? DT_Q8 : DT_Q4;
-    CHECK(ms->w.tb[0].qkv.dt == want && ms->w.lm_head.dt == DT_Q8 && ms->w.quant_mem == NULL,
-          "%s: stored linears (and the Q8 LM head) not mapped as blocks", fmt);
+    CHECK(ms->w.tb[0].qkv.dt == DT_Q8 && ms->w.tb[ms->cfg.n_layers - 1].qkv.dt == want && ms->w.tb[0].proj.dt == want &&
+              ms->w.lm_head.dt == DT_Q8 && ms->w.quant_mem == NULL,
+          "%s: stored linears (and the Q8 LM head and layer 0 qkv) not mapped as blocks", fmt);
     for (int l = 0; l < ms->cfg.n_layers; l++)
         if (ms->w.tb[l].moe)
             CHECK(ms->w.tb[l].exp_fc1_dt == want && ms->w.tb[l].exp_fc2_dt == want,
@@ -257,6 +299,7 @@ static void check_store(const char *label, const char *dir, const char *fmt, alb
     printf("%s %s: albedo quantize -> %s loads mapped, logits identical to load-time quantisation\n", label, fmt, out);
     free(a), free(b);
     albedo_model_free(ms);
+    if (want == DT_Q4) check_old_version(out);
 }
 
 /* ---- expert slices in block format --------------------------------------------------- */
@@ -396,11 +439,10 @@ static void run_model(const char *label, const char *dir, const char *cases_path
         printf("%s %s: teacher-forced top-1 agreement %.2f%% (issue #3 target %.0f%%), first_logits rel L2 worst "
                "%.4f\n",
                label, fmts[f], pct, min_agree[f], wf);
-        /* Q8 meets its target and is asserted. Q4 does not yet reach 85%
-         * on md2-small (83.2%: uniform random weights, 32-weight blocks;
-         * docs/QUANT.md): its quality is reported, not claimed, until a
-         * richer 4-bit format lands (issue #3 stays open for it). */
-        if (f == 0 && !md3)
+        /* Both targets are asserted on md2-small. md3-small's q4 is
+         * reported (about 70%: expert inner width 40, many steps with
+         * small margins; docs/QUANT.md). */
+        if (!md3)
             CHECK(pct >= min_agree[f], "%s %s: top-1 agreement %.2f%% < %.0f%%", label, fmts[f], pct, min_agree[f]);
         if (f == 0 && md3) {
             CHECK(pct >= 95.0, "%s %s: top-1 agreement %.2f%% < 95%% (default backend floor)", label, fmts[f], pct);

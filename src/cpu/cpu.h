@@ -6,6 +6,8 @@
 #ifndef ALBEDO_CPU_H
 #define ALBEDO_CPU_H
 
+#include <math.h>
+
 #include "../ops.h"
 
 /* A fixed pool of threads; the calling thread works too. */
@@ -81,9 +83,34 @@ typedef struct cpu_gemm {
  * weights undo the offset). A packed panel is kb blocks of CPU_QBLK_BYTES(nr)
  * bytes, each: the weights as [8][nr][4] bytes (quad u of column j holds
  * weights 4u..4u+3 of the block, the layout whose 32-bit lanes vpdpbusd
- * reads), nr float scales d_w, and nr int32 corrections -128 sum q_w. Q4's
- * nibbles are packed as nibble - 8, so both formats share the kernel. */
+ * reads), nr float scales d_w, and nr int32 corrections -128 sum q_w.
+ * Q4's two sub-block scales are folded into one per block while packing
+ * (cpu_q4_fold), so both formats share the kernel and its one scale per
+ * block. */
 #define CPU_QBLK_BYTES(nr) ((size_t)(nr)*40)
+
+/* The Q4 fold of cpu_qgemm.pack, per row and block: with d0, d1 the
+ * sub-block scales (q4_code_scale), s is the one of larger magnitude (d0
+ * on ties) and d_w = s / 16; sub-block i gets the 16-bit factor
+ * F_i = rint(16 d_i / s * 1024) (float arithmetic as written, to nearest
+ * even; 0 when s = 0), |F_i| <= 16384, and its level q = nibble - 8
+ * becomes the int8 min(floor((32 q F_i + 2^14) / 2^15), 127) — the
+ * rounding multiply vpmulhrsw does on 32 q and F_i. The larger
+ * sub-block's levels stay exact (F = 16384: 16 q); the other's move by at
+ * most half a unit plus 1/256 (|s| / 32 in weight terms), and 128
+ * (q = -8, d_i = -s) clips to 127 (|s| / 16). Exactly this, bit for bit:
+ * tests/test_ops.c checks the packed bytes. */
+static inline float cpu_q4_fold_big(float d0, float d1) { return fabsf(d1) > fabsf(d0) ? d1 : d0; }
+static inline int32_t cpu_q4_fold_factor(float di, float s) {
+    return s == 0.0f ? 0 : (int32_t)rintf(16.0f * di / s * 1024.0f);
+}
+static inline int8_t cpu_q4_fold(int q, int32_t f) {
+    /* floor((32 q f + 2^14) / 2^15) without shifting a negative number:
+     * 32 q f >= -2^22, so the offset 2^23 keeps it nonnegative */
+    const int32_t v = ((32 * q * f + (1 << 14) + (1 << 23)) >> 15) - (1 << 8);
+    return (int8_t)(v > 127 ? 127 : v);
+}
+
 typedef struct cpu_qgemm {
     int mr, nr, kb; /* register tile rows, panel width, K block in 32-weight blocks */
     int xs_block;   /* 1: x scaled per block of 32 (d_x[i][b]); 0: one scale per row */

@@ -13,6 +13,8 @@
  * x arrives quantised per block of 32 (cpu_quantize_x: int8 q_x, float d_x).
  * One block of one weight row against one row of x:
  *   s = sum_i q_w[i] q_x[i]  (exact in int32)    y += (d_w d_x) s
+ * where Q4's two sub-blocks have their own d_w: lanes 0..3 of s hold
+ * weights 0..15 (scale d0), lanes 4..7 weights 16..31 (d1).
  * vpdpbusd needs one unsigned operand: |q_x| and q_w with the sign of q_x
  * give the same products (vpsignb; q_w is never -128: Q8 stops at -127 and
  * Q4 spans -8..7). The 8 lanes of s are kept, converted and scaled per
@@ -36,10 +38,19 @@ INLINE __m256i q_block(const dtype DT, const uint8_t *blk) {
     return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
 }
 
-INLINE float q_scale(const uint8_t *blk) {
+/* d_w of each of the 8 lanes of a block's sums. Q4: the two codes, each
+ * put in the high byte of four words (vpshufb), made halves as
+ * q4_code_f16 makes them (an arithmetic shift by one and a mask: sign in
+ * bit 15, magnitude in bits 7..13) and widened. */
+INLINE __m256 q_scales(const dtype DT, const uint8_t *blk) {
     uint16_t h;
     memcpy(&h, blk, 2);
-    return _cvtsh_ss(h);
+    if (DT == DT_Q4) {
+        const __m128i idx = _mm_setr_epi8(-128, 0, -128, 0, -128, 0, -128, 0, -128, 1, -128, 1, -128, 1, -128, 1);
+        const __m128i c = _mm_shuffle_epi8(_mm_cvtsi32_si128(h), idx);
+        return _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(c, 1), _mm_set1_epi16((short)0xBF80)));
+    }
+    return _mm256_set1_ps(_cvtsh_ss(h));
 }
 
 INLINE float q_hsum8(__m256 v) {
@@ -66,15 +77,17 @@ INLINE void gemv_q_row(const int TN, const dtype DT, int nb, const int8_t *xq, s
         if (DT == DT_Q8) _mm_prefetch((const char *)blk + QPF_AHEAD + 64, _MM_HINT_T0);
         for (int h = 0; h < 2 && b + h < nb; h++) {
             const __m256i w = q_block(DT, blk + h * bb);
-            const float dw = q_scale(blk + h * bb);
+            const __m256 dw = q_scales(DT, blk + h * bb);
             for (int t = 0; t < TN; t++) {
                 const __m256i xv =
                     _mm256_loadu_si256((const __m256i *)(const void *)(xq + (size_t)t * ldxq + (size_t)(b + h) * 32));
                 const __m256i s = QDOT(_mm256_abs_epi8(xv), _mm256_sign_epi8(w, xv));
                 if (h == 0)
-                    acc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * dx[t][b]), acc[t][0]);
+                    acc[t][0] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(dx[t][b])), acc[t][0]);
                 else
-                    acc[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * dx[t][b + 1]), acc[t][1]);
+                    acc[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(dx[t][b + 1])),
+                                                acc[t][1]);
             }
         }
     }

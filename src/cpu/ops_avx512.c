@@ -17,7 +17,8 @@
  *                    than it saves (measured on Zen 5, T = 16 and 32).
  *   attention:       q.k and p.v through the same tile (ops_cpu.c), exp here.
  *   Q8/Q4 weights:   T >= 24 integer products (vpdpbusd, cpu_qgemm): panels
- *                    of 32 rows of signed bytes, tile 6 x 32; T = 1 a 512-bit
+ *                    of 32 rows of signed bytes (Q4's two sub-block scales
+ *                    folded into one per block while packing), tile 6 x 32; T = 1 a 512-bit
  *                    GEMV over block pairs; other small T gemv_q_x86.h.
  *                    These need AVX512-VNNI (as the rest of the table's
  *                    block-format kernels do).
@@ -826,46 +827,50 @@ static void rope_row_avx512(float *x, int H, int D, int half, const float *ct, c
 /* Decode (T = 1) in 512-bit vectors, two blocks (64 weights) per step, for
  * K a multiple of 64 up to Q_PAIRS_MAX pairs; other shapes take gemv_q_x86.
  * vpdpbusd multiplies unsigned by signed bytes, so one side is offset and
- * the offset's share is subtracted through the start value of each block's
- * sum (lane 0 of the block's lanes), from sums of x made once per call:
+ * the offset's share is subtracted through the start values of the sums,
+ * made from x once per call:
  *   Q4: nibbles n in 0..15 (unsigned) against int8 x: sum (n - 8) x =
- *       sum n x - 8 sum x;
+ *       sum n x - 8 sum x, per lane (each lane's own four bytes of x: the
+ *       lanes of a block's two sub-blocks have different scales);
  *   Q8: q_w + 128 (a flip of the sign bit) against int8 x: sum q_w x =
- *       sum (q_w + 128) x - 128 sum x.
- * The two f16 scales of a pair come out of one load of its first bytes by
- * vpermw (a word per lane in the order of the sums' lanes), widened by
- * vcvtph2ps: per pair about ten instructions, few enough that the stream
- * of weights, not the arithmetic, sets the pace. Per row: y = sum_b d_w d_x
- * (sum of block b's lanes), as gemv_q_x86 computes it. */
+ *       sum (q_w + 128) x - 128 sum x, in lane 0 of each block's lanes.
+ * The scales of a pair come out of one load of its first bytes by vpermw
+ * (a word per lane in the order of the sums' lanes; Q4's 8-bit codes then
+ * made halves by a shift, a shift and a mask) and are widened by vcvtph2ps:
+ * per pair about ten instructions (Q4 thirteen), few enough that the stream
+ * of weights, not the arithmetic, sets the pace. Per row: y = sum over
+ * lanes of d_w d_x s, as gemv_q_x86 computes it. */
 #define Q_PAIRS_MAX 256
 
 /* Per pair p of x: the start values (corr) and the d_x of each lane (dxv);
  * for Q4 also x in the order of the nibble vector, [x0[0:16] x1[0:16]
- * x0[16:32] x1[16:32]] (xr); lanes of block 1 start at lane l1 (Q4: 4,
- * Q8: 8). */
+ * x0[16:32] x1[16:32]] (xr); lanes of block 1 are 4..7 and 12..15 (Q4),
+ * 8..15 (Q8). */
 INLINE void q_t1_prep(const dtype DT, int np, const int8_t *xq, const float *dx, __m512i *corr, __m512 *dxv,
                       __m512i *xr) {
-    const int off = DT == DT_Q4 ? -8 : -128;
     for (int p = 0; p < np; p++) {
-        int sx[2];
-        for (int h = 0; h < 2; h++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(xq + (size_t)(2 * p + h) * 32));
-            /* sum of 32 signed bytes: vpdpbusd with all-ones unsigned */
-            const __m256i s8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), xv);
-            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
-            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
-            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
-            sx[h] = _mm_cvtsi128_si32(s4);
-        }
         const float d0 = dx[2 * p], d1 = dx[2 * p + 1];
         if (DT == DT_Q4) {
-            corr[p] = _mm512_mask_set1_epi32(_mm512_maskz_set1_epi32(0x0001, off * sx[0]), 0x0010, off * sx[1]);
-            dxv[p] = _mm512_mask_blend_ps(0xf0f0, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
             const __m512i x =
                 _mm512_loadu_si512((const void *)(xq + (size_t)p * 64)); /* [x0 lo, x0 hi, x1 lo, x1 hi] */
             xr[p] = _mm512_shuffle_i64x2(x, x, _MM_SHUFFLE(3, 1, 2, 0));
+            /* each lane starts at -8 times the sum of its own four x bytes:
+             * the sub-blocks' scales differ, so no lane may carry another's */
+            const __m512i s4 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), xr[p]);
+            corr[p] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(s4, 3));
+            dxv[p] = _mm512_mask_blend_ps(0xf0f0, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
         } else {
-            corr[p] = _mm512_mask_set1_epi32(_mm512_maskz_set1_epi32(0x0001, off * sx[0]), 0x0100, off * sx[1]);
+            int sx[2];
+            for (int h = 0; h < 2; h++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(const void *)(xq + (size_t)(2 * p + h) * 32));
+                /* sum of 32 signed bytes: vpdpbusd with all-ones unsigned */
+                const __m256i s8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), xv);
+                __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+                s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+                s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+                sx[h] = _mm_cvtsi128_si32(s4);
+            }
+            corr[p] = _mm512_mask_set1_epi32(_mm512_maskz_set1_epi32(0x0001, -128 * sx[0]), 0x0100, -128 * sx[1]);
             dxv[p] = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
         }
     }
@@ -873,7 +878,8 @@ INLINE void q_t1_prep(const dtype DT, int np, const int8_t *xq, const float *dx,
 
 /* acc + one pair of blocks (at b0) of a weight row against pair p of x. */
 INLINE __m512 q_t1_pair(const dtype DT, const uint8_t *b0, size_t bb, int p, const __m512i *corr, const __m512 *dxv,
-                        const __m512i *xr, const int8_t *xq, __m512i sidx, __m512i low4, __m512i sign, __m512 acc) {
+                        const __m512i *xr, const int8_t *xq, __m512i sidx, __m512i low4, __m512i sign, __m256i cshift,
+                        __m512 acc) {
     const uint8_t *b1 = b0 + bb;
     _mm_prefetch((const char *)b0 + QPF_AHEAD, _MM_HINT_T0);
     __m512i v, xv;
@@ -885,8 +891,12 @@ INLINE __m512 q_t1_pair(const dtype DT, const uint8_t *b0, size_t bb, int p, con
         /* [n0 lo, n1 lo, n0 hi, n1 hi]: weights 0..15 of both blocks, then 16..31 */
         v = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4), 1), low4);
         xv = xr[p];
-        sc = _mm512_castsi512_si256(_mm512_permutexvar_epi16(
+        /* the code word c0 | c1 << 8 of each block, then the lane's code
+         * (c0 for lanes 0..7, c1 for 8..15) in the high byte, then the
+         * half q4_code_f16 makes of it: sign in bit 15, magnitude in 7..13 */
+        const __m256i cw = _mm512_castsi512_si256(_mm512_permutexvar_epi16(
             sidx, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(const void *)b0))));
+        sc = _mm256_and_si256(_mm256_srai_epi16(_mm256_sllv_epi16(cw, cshift), 1), _mm256_set1_epi16((short)0xBF80));
     } else {
         _mm_prefetch((const char *)b0 + QPF_AHEAD + 64, _MM_HINT_T0);
         v = _mm512_xor_si512(
@@ -908,11 +918,13 @@ INLINE void gemv_q_t1_dt(const dtype DT, int K, const int8_t *xq, const uint8_t 
     __m512i corr[Q_PAIRS_MAX], xr[DT == DT_Q4 ? Q_PAIRS_MAX : 1];
     __m512 dxv[Q_PAIRS_MAX];
     q_t1_prep(DT, np, xq, (const float *)(const void *)(xq + (size_t)nb * 32), corr, dxv, xr);
-    /* Words of the pair's first bytes holding d0 and d1, one per lane. */
+    /* Words of the pair's first bytes holding the scales of block 0 and
+     * block 1 (Q8: d; Q4: both sub-block codes), one per lane. */
     static const int16_t sidx4[32] = {0, 0, 0, 0, 9, 9, 9, 9, 0, 0, 0, 0, 9, 9, 9, 9};
     static const int16_t sidx8[32] = {0, 0, 0, 0, 0, 0, 0, 0, 17, 17, 17, 17, 17, 17, 17, 17};
     const __m512i sidx = _mm512_loadu_si512(DT == DT_Q4 ? sidx4 : sidx8);
     const __m512i low4 = _mm512_set1_epi8(15), sign = _mm512_set1_epi8((char)0x80);
+    const __m256i cshift = _mm256_setr_epi16(8, 8, 8, 8, 8, 8, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0);
     for (int n = n0; n < n1; n++) {
         const uint8_t *wr = w + (size_t)n * rb;
         /* Two accumulators in registers (pairs in twos: an array indexed by
@@ -920,10 +932,12 @@ INLINE void gemv_q_t1_dt(const dtype DT, int K, const int8_t *xq, const uint8_t 
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
         int p = 0;
         for (; p + 2 <= np; p += 2) {
-            acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, acc0);
-            acc1 = q_t1_pair(DT, wr + (size_t)(p + 1) * 2 * bb, bb, p + 1, corr, dxv, xr, xq, sidx, low4, sign, acc1);
+            acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, cshift, acc0);
+            acc1 = q_t1_pair(DT, wr + (size_t)(p + 1) * 2 * bb, bb, p + 1, corr, dxv, xr, xq, sidx, low4, sign, cshift,
+                             acc1);
         }
-        if (p < np) acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, acc0);
+        if (p < np)
+            acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, cshift, acc0);
         y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (b ? cpu_ld(b, bdt, (size_t)n) : 0.0f);
     }
 }
@@ -947,7 +961,12 @@ static void gemv_q_avx512(int T, int K, const void *xq, size_t ldxq, const void 
  * correction), 12 float accumulators they are scaled into at the end of
  * each block, 2 weight vectors; x is broadcast 4 bytes at a time. Per
  * block of 32: 8 vpdpbusd per accumulator (64 products each) and one
- * convert and one FMA (two with per-block x scales). */
+ * convert and one FMA (two with per-block x scales). Q4 blocks take the
+ * same kernel: their two sub-block scales are folded into one while
+ * packing (cpu_q4_fold, cpu.h: ten instructions per 64 levels, vpmulhrsw
+ * on 16-bit lanes), which makes a Q4 pack about 2.5x as long as a plain
+ * nibble unpack and costs 4-5% of a Q4 linear at T = 730 (one thread, CPU
+ * time; a float fold, four conversions per 64 levels, cost more). */
 #ifndef QMR
 #define QMR 6
 #endif
@@ -963,6 +982,37 @@ INLINE __m256i q_row8(const char *p, int ok) {
 }
 INLINE __m128i q_row4(const char *p, int ok) {
     return ok ? _mm_loadu_si128((const __m128i *)(const void *)p) : _mm_setzero_si128();
+}
+
+/* The Q4 scales of the codes in the low byte of each 32-bit lane of c
+ * (q4_code_f16, then widened as f16). */
+INLINE __m512 q4_codes_ps(__m512i c) {
+    const __m512i m7 = _mm512_set1_epi32(0x7F), s8 = _mm512_set1_epi32(0x80);
+    const __m512i h =
+        _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(c, m7), 7), _mm512_slli_epi32(_mm512_and_si512(c, s8), 8));
+    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+}
+
+/* The factors cpu_q4_fold_factor(d, s) of each lane, in both 16-bit
+ * halves of it. */
+INLINE __m512i q4_fold_factors(__m512 d, __m512 s, __mmask16 nz) {
+    const __m512 f =
+        _mm512_mul_ps(_mm512_maskz_div_ps(nz, _mm512_mul_ps(_mm512_set1_ps(16.0f), d), s), _mm512_set1_ps(1024.0f));
+    const __m512i fi = _mm512_cvt_roundps_epi32(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_or_si512(_mm512_and_si512(fi, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(fi, 16));
+}
+
+/* cpu_q4_fold of the 64 int8 levels of v by the factors f (each 32-bit
+ * lane a row, its factor in both 16-bit halves): the even and the odd
+ * bytes as 16-bit 32 q (a shift of the byte to the top, an arithmetic
+ * shift by 3), vpmulhrsw, clipped at 127, the two put back together. */
+INLINE __m512i q4_fold_quads(__m512i v, __m512i f) {
+    const __m512i top = _mm512_set1_epi16(127);
+    const __m512i ev = _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 3);
+    const __m512i od = _mm512_srai_epi16(_mm512_and_si512(v, _mm512_set1_epi16((short)0xFF00)), 3);
+    const __m512i re = _mm512_min_epi16(_mm512_mulhrs_epi16(ev, f), top);
+    const __m512i ro = _mm512_min_epi16(_mm512_mulhrs_epi16(od, f), top);
+    return _mm512_mask_blend_epi8((__mmask64)0xAAAAAAAAAAAAAAAAull, re, _mm512_slli_epi16(ro, 8));
 }
 
 INLINE void qpack_half(const dtype DT, char *dst, const char *w, size_t rb, int rn, int b0, int nb, int h) {
@@ -1015,13 +1065,24 @@ INLINE void qpack_half(const dtype DT, char *dst, const char *w, size_t rb, int 
             const __m512i t2 = _mm512_unpacklo_epi32(z[2], z[3]), t3 = _mm512_unpackhi_epi32(z[2], z[3]);
             const __m512i u[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
                                   _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+            /* the codes c0 | c1 << 8 of each row, widened as q4_code_f16 */
+            const __m512i c = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rm, idx, src, 1);
+            const __m512 d0 = q4_codes_ps(c), d1 = q4_codes_ps(_mm512_srli_epi32(c, 8));
+            const __m512 s =
+                _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(d1), _mm512_abs_ps(d0), _CMP_GT_OQ), d0, d1);
+            const __mmask16 nz = _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+            const __m512i f0 = q4_fold_factors(d0, s, nz), f1 = q4_fold_factors(d1, s, nz);
             for (int q = 0; q < 4; q++) {
-                const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(u[q], low4), eight);
-                const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi32(u[q], 4), low4), eight);
+                const __m512i lo = q4_fold_quads(_mm512_sub_epi8(_mm512_and_si512(u[q], low4), eight), f0);
+                const __m512i hi =
+                    q4_fold_quads(_mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi32(u[q], 4), low4), eight), f1);
                 _mm512_storeu_si512(pb + (size_t)q * QNR * 4, lo);
                 _mm512_storeu_si512(pb + (size_t)(q + 4) * QNR * 4, hi);
                 sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, ones, lo), ones, hi);
             }
+            _mm512_storeu_ps(pb + QNR * 32, _mm512_div_ps(s, _mm512_set1_ps(16.0f)));
+            _mm512_storeu_si512(pb + QNR * 36, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
+            continue;
         }
         const __m512i d = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rm, idx, src, 1);
         _mm512_storeu_ps(pb + QNR * 32, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d)));

@@ -424,8 +424,9 @@ static void rope_row_neon(float *x, int H, int D, int half, const float *ct, con
 #define QT_MAX 4
 
 /* Q8/Q4 weights against x quantised per block of 32 (cpu_quantize_x):
- * per block, sum_i q_w[i] q_x[i] by SDOT (exact in int32), scaled by
- * d_w d_x in float, as gemv_q_x86.h does; one weight row at a time. */
+ * per block (Q4: per half block, whose scales differ), sum_i q_w[i] q_x[i]
+ * by SDOT (exact in int32), scaled by d_w d_x in float, as gemv_q_x86.h
+ * does; one weight row at a time. */
 __attribute__((target("arch=armv8.2-a+dotprod"))) static void gemv_q_dot(int T, int K, const void *xqv, size_t ldxq,
                                                                          const void *w, dtype dt, const void *b,
                                                                          dtype bdt, int n0, int n1, float *y,
@@ -454,15 +455,31 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) static void gemv_q_dot(int T, 
                     w0 = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(qs, low4)), eight);
                     w1 = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(qs, 4)), eight);
                 }
-                uint16_t h;
-                memcpy(&h, blk, 2);
-                const float dw = vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+                /* Q8: one d for the block; Q4: d0 for weights 0..15 (w0), d1
+                 * for 16..31 (w1), from their codes (ops.h q4_code_f16) */
+                uint16_t h[2];
+                if (dt == DT_Q8) {
+                    memcpy(&h[0], blk, 2);
+                    h[1] = h[0];
+                } else {
+                    h[0] = q4_code_f16(blk[0]), h[1] = q4_code_f16(blk[1]);
+                }
+                const float32x4_t dwv =
+                    vcvt_f32_f16(vreinterpret_f16_u16(vld1_lane_u16(&h[1], vld1_lane_u16(&h[0], vdup_n_u16(0), 0), 1)));
+                const float dw0 = vgetq_lane_f32(dwv, 0), dw1 = vgetq_lane_f32(dwv, 1);
                 for (int t = 0; t < tn; t++) {
                     const int8_t *xb = xq + (size_t)(t0 + t) * ldxq + (size_t)k * 32;
                     const float dx = ((const float *)(const void *)(xq + (size_t)(t0 + t) * ldxq + (size_t)nb * 32))[k];
-                    int32x4_t s = vdotq_s32(vdupq_n_s32(0), w0, vld1q_s8(xb));
-                    s = vdotq_s32(s, w1, vld1q_s8(xb + 16));
-                    acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(s), dw * dx);
+                    if (dt == DT_Q8) {
+                        int32x4_t s = vdotq_s32(vdupq_n_s32(0), w0, vld1q_s8(xb));
+                        s = vdotq_s32(s, w1, vld1q_s8(xb + 16));
+                        acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(s), dw0 * dx);
+                    } else {
+                        const int32x4_t s0 = vdotq_s32(vdupq_n_s32(0), w0, vld1q_s8(xb));
+                        const int32x4_t s1 = vdotq_s32(vdupq_n_s32(0), w1, vld1q_s8(xb + 16));
+                        acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(s0), dw0 * dx);
+                        acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(s1), dw1 * dx);
+                    }
                 }
             }
             for (int t = 0; t < tn; t++) y[(size_t)(t0 + t) * ldy + n] = vaddvq_f32(acc[t]) + bn;

@@ -33,41 +33,84 @@ size_t q_row_bytes(dtype dt, int K) {
  * is a library call on baseline x86-64. */
 static float q_round(float v) { return (float)(int32_t)(v + (v >= 0.0f ? 0.5f : -0.5f)); }
 
-/* Squared error of a Q4 block of scale d (as stored: f16). */
-static float q4_sse(const float *v, float d) {
-    d = f16_to_f32(f32_to_f16(d));
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    float e = 0.0f;
-    for (int i = 0; i < Q_BLOCK; i++) {
-        float q = q_round(v[i] * id);
-        q = q < -8.0f ? -8.0f : q > 7.0f ? 7.0f : q;
-        e += (v[i] - d * q) * (v[i] - d * q);
-    }
-    return e;
+/* The Q4 level (-8..7) nearest to t = w / d. t is clamped first: a weight
+ * far beyond the largest scale (|w| > 15, clipped) must not overflow the
+ * integer conversion of q_round. */
+static float q4_level(float t) {
+    t = t < -9.0f ? -9.0f : t;
+    t = t > 9.0f ? 9.0f : t;
+    float q = q_round(t);
+    q = q < -8.0f ? -8.0f : q;
+    return q > 7.0f ? 7.0f : q;
 }
 
-/* The Q4 scale of a block: m / -8 (m the weight of largest magnitude) maps m
- * exactly, but 4 bits leave the rounding error large, so nearby scales are
- * tried too, each with its least-squares refinement d = sum(v q) / sum(q q)
- * for the levels it picks, and the one of least squared error is kept
- * (the search of llama.cpp's make_qx_quants, reduced). */
-static float q4_scale(const float *v, float m) {
-    if (m == 0.0f) return 0.0f;
-    float best = m / -8.0f, best_e = q4_sse(v, best);
-    for (int is = -3; is <= 3; is++) {
-        const float d = m / (-8.0f + 0.25f * (float)is), id = 1.0f / d;
-        float sxq = 0.0f, sqq = 0.0f;
-        for (int i = 0; i < Q_BLOCK; i++) {
-            float q = q_round(v[i] * id);
-            q = q < -8.0f ? -8.0f : q > 7.0f ? 7.0f : q;
-            sxq += v[i] * q, sqq += q * q;
-        }
-        const float cand[2] = {d, sqq > 0.0f ? sxq / sqq : d};
-        for (int c = 0; c < 2; c++) {
-            const float e = q4_sse(v, cand[c]);
-            if (e < best_e) best_e = e, best = cand[c];
+/* The magnitude code (0..127) nearest to |d|: the f16 of d rounded to three
+ * mantissa bits, clamped to the largest code. */
+static int q4_mag_code(float d) {
+    const int c = (f32_to_f16(fabsf(d)) + 64) >> 7;
+    return c > 0x7F ? 0x7F : c;
+}
+
+/* q4_code_scale of magnitude code m (0..127), without the call to
+ * f16_to_f32: m * 2^-17 for the subnormal halves (m < 8), else the float
+ * of exponent (m >> 3) - 15 and mantissa (m & 7) / 8. Exact, the same
+ * value. */
+static float q4_mag_scale(int m) {
+    if (m < 8) return (float)m * 0x1p-17f;
+    const uint32_t u = (uint32_t)((m >> 3) - 15 + 127) << 23 | (uint32_t)(m & 7) << 20;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* The scale code of a Q4 sub-block: the code of least squared error among
+ * all codes whose magnitude lies between a / 10 and a / 5.5 (a = max|w|),
+ * with either sign. The best scale maps the largest weight near -8 or +7
+ * (a / 8 or a / 7 give it no rounding error); the codes are a few
+ * percent apart (three mantissa bits), so the range holds about eight
+ * magnitudes and the search is exhaustive over what can win. The sign
+ * chooses which side of the asymmetric grid -8..7 the largest weight takes.
+ *
+ * The squared error of candidate j (code c0 + j / 2, sign j % 2) is
+ * sum_i (v[i] - d_j q4_level(v[i] / d_j))^2, summed in the order of i; the
+ * first candidate of least error wins. All candidates are evaluated side by
+ * side (the loop over j innermost, in groups of Q4_CAND_GROUP with unused
+ * slots at scale 0), which compilers vectorise: the same sums, in the same
+ * order, as one candidate after another, a few times faster. */
+#define Q4_CAND_GROUP 8
+#define Q4_CAND_MAX 64
+static uint8_t q4_code(const float *v) {
+    float a = 0.0f;
+    for (int i = 0; i < Q_BLOCK / 2; i++)
+        if (fabsf(v[i]) > a) a = fabsf(v[i]);
+    if (a == 0.0f) return 0;
+    int c1 = q4_mag_code(a / 5.5f), c0 = q4_mag_code(a / 10.0f);
+    if (c0 < 1) c0 = 1;
+    if (c1 < c0) c1 = c0;
+    if (c1 - c0 + 1 > Q4_CAND_MAX / 2) c0 = c1 + 1 - Q4_CAND_MAX / 2; /* never: a / 5.5 is < 2 a / 10 */
+    const int nc = 2 * (c1 - c0 + 1), ng = (nc + Q4_CAND_GROUP - 1) / Q4_CAND_GROUP;
+    float d[Q4_CAND_MAX], id[Q4_CAND_MAX], e[Q4_CAND_MAX];
+    for (int j = 0; j < ng * Q4_CAND_GROUP; j++) {
+        const float m = j < nc ? q4_mag_scale(c0 + j / 2) : 0.0f;
+        d[j] = j % 2 ? -m : m;
+        id[j] = d[j] != 0.0f ? 1.0f / d[j] : 0.0f;
+        e[j] = 0.0f;
+    }
+    for (int g = 0; g < ng; g++) {
+        float *eg = e + g * Q4_CAND_GROUP;
+        const float *dg = d + g * Q4_CAND_GROUP, *ig = id + g * Q4_CAND_GROUP;
+        for (int i = 0; i < Q_BLOCK / 2; i++) {
+            const float x = v[i];
+            for (int j = 0; j < Q4_CAND_GROUP; j++) {
+                const float q = q4_level(x * ig[j]);
+                eg[j] += (x - dg[j] * q) * (x - dg[j] * q);
+            }
         }
     }
+    uint8_t best = (uint8_t)c1;
+    float best_e = INFINITY;
+    for (int j = 0; j < nc; j++)
+        if (e[j] < best_e) best_e = e[j], best = (uint8_t)((c0 + j / 2) | (j % 2) << 7);
     return best;
 }
 
@@ -77,15 +120,16 @@ void q_quantize_row(dtype dt, const float *x, int K, void *dst) {
         float v[Q_BLOCK];
         const int kn = K - k0 < Q_BLOCK ? K - k0 : Q_BLOCK;
         for (int i = 0; i < Q_BLOCK; i++) v[i] = i < kn ? x[k0 + i] : 0.0f;
-        float amax = 0.0f, m = 0.0f;
-        for (int i = 0; i < Q_BLOCK; i++)
-            if (fabsf(v[i]) > amax) amax = fabsf(v[i]), m = v[i];
-        /* The scale is stored as f16; quantise with the stored value so that
-         * d * q reproduces the weights as closely as the format allows. */
-        const uint16_t dh = f32_to_f16(dt == DT_Q8 ? amax / 127.0f : q4_scale(v, m));
-        const float d = f16_to_f32(dh), id = d != 0.0f ? 1.0f / d : 0.0f;
-        memcpy(p, &dh, 2);
         if (dt == DT_Q8) {
+            float amax = 0.0f;
+            for (int i = 0; i < Q_BLOCK; i++)
+                if (fabsf(v[i]) > amax) amax = fabsf(v[i]);
+            /* The scale is stored as f16; quantise with the stored value so
+             * that d * q reproduces the weights as closely as the format
+             * allows. */
+            const uint16_t dh = f32_to_f16(amax / 127.0f);
+            const float d = f16_to_f32(dh), id = d != 0.0f ? 1.0f / d : 0.0f;
+            memcpy(p, &dh, 2);
             int8_t *q = (int8_t *)(p + 2);
             for (int i = 0; i < Q_BLOCK; i++) {
                 float r = q_round(v[i] * id);
@@ -93,11 +137,12 @@ void q_quantize_row(dtype dt, const float *x, int K, void *dst) {
             }
             p += Q8_BLOCK_BYTES;
         } else {
+            p[0] = q4_code(v), p[1] = q4_code(v + 16);
+            const float d0 = q4_code_scale(p[0]), d1 = q4_code_scale(p[1]);
+            const float i0 = d0 != 0.0f ? 1.0f / d0 : 0.0f, i1 = d1 != 0.0f ? 1.0f / d1 : 0.0f;
             uint8_t *qs = p + 2;
             for (int i = 0; i < Q_BLOCK / 2; i++) {
-                int lo = (int)q_round(v[i] * id) + 8, hi = (int)q_round(v[i + 16] * id) + 8;
-                lo = lo < 0 ? 0 : lo > 15 ? 15 : lo;
-                hi = hi < 0 ? 0 : hi > 15 ? 15 : hi;
+                const int lo = (int)q4_level(v[i] * i0) + 8, hi = (int)q4_level(v[i + 16] * i1) + 8;
                 qs[i] = (uint8_t)(lo | hi << 4);
             }
             p += Q4_BLOCK_BYTES;
@@ -108,19 +153,20 @@ void q_quantize_row(dtype dt, const float *x, int K, void *dst) {
 void q_dequantize_row(dtype dt, const void *src, int K, float *out) {
     const uint8_t *p = src;
     for (int k0 = 0; k0 < K; k0 += Q_BLOCK) {
-        uint16_t dh;
-        memcpy(&dh, p, 2);
-        const float d = f16_to_f32(dh);
         const int kn = K - k0 < Q_BLOCK ? K - k0 : Q_BLOCK;
         if (dt == DT_Q8) {
+            uint16_t dh;
+            memcpy(&dh, p, 2);
+            const float d = f16_to_f32(dh);
             const int8_t *q = (const int8_t *)(p + 2);
             for (int i = 0; i < kn; i++) out[k0 + i] = d * (float)q[i];
             p += Q8_BLOCK_BYTES;
         } else {
+            const float d[2] = {q4_code_scale(p[0]), q4_code_scale(p[1])};
             const uint8_t *qs = p + 2;
             for (int i = 0; i < kn; i++) {
                 const int nib = i < 16 ? qs[i] & 15 : qs[i - 16] >> 4;
-                out[k0 + i] = d * (float)(nib - 8);
+                out[k0 + i] = d[i >> 4] * (float)(nib - 8);
             }
             p += Q4_BLOCK_BYTES;
         }
