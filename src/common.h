@@ -1,5 +1,5 @@
 /*
- * common.h — small shared pieces of the library: dtypes, 16-bit float
+ * common.h — small shared pieces of the library: dtypes, 16- and 8-bit float
  * conversions and the error buffer every fallible internal function fills.
  * Not a grab bag: anything model-specific lives in its stage file.
  */
@@ -25,8 +25,9 @@ typedef enum dtype {
     DT_I32,
     DT_I64,
     DT_BOOL,
-    DT_Q8, /* albedo's 8-bit block format (ops.h) */
-    DT_Q4, /* albedo's 4-bit block format (ops.h) */
+    DT_Q8,   /* albedo's 8-bit block format (ops.h) */
+    DT_Q4,   /* albedo's 4-bit block format (ops.h) */
+    DT_E4M3, /* OCP fp8 e4m3 (the fp8 KV cache): below */
     DT_COUNT
 } dtype;
 
@@ -50,6 +51,42 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 float f16_to_f32(uint16_t h);
 uint16_t f32_to_f16(float f);
+
+/* fp8 e4m3 (OCP "E4M3FN", CUDA's __NV_E4M3): sign, 4 exponent bits (bias 7),
+ * 3 mantissa bits; no infinities, S.1111.111 is NaN, the largest finite
+ * value 448, normals down to 2^-6, subnormals m * 2^-9. Widening is exact.
+ * Narrowing is CUDA's __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3):
+ * round to nearest even, every finite |x| beyond 448 (and infinity)
+ * saturated to ±448, NaN to NaN (0x7f with x's sign). */
+static inline float e4m3_to_f32(uint8_t b) {
+    const uint32_t e = (b >> 3) & 15u, m = b & 7u;
+    if (e == 0) return (b & 0x80u ? -0x1p-9f : 0x1p-9f) * (float)m; /* subnormal (and zero): exact */
+    uint32_t u = (e == 15 && m == 7) ? 0x7fc00000u : ((e + 120u) << 23) | (m << 20);
+    u |= (uint32_t)(b & 0x80u) << 24;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline uint8_t f32_to_e4m3(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint8_t sign = (uint8_t)((u >> 24) & 0x80u);
+    u &= 0x7fffffffu;
+    if (u > 0x7f800000u) return sign | 0x7fu;         /* NaN */
+    if (u >= 0x43e00000u) return sign | 0x7eu;        /* >= 448 (and inf): 448 */
+    if (u < 0x3a800000u) return sign;                 /* < 2^-10: rounds to 0 (a tie too) */
+    const int e = (int)(u >> 23) - 127;               /* -10 .. 8 */
+    const uint32_t man = (u & 0x7fffffu) | 0x800000u; /* 24 bits, value man * 2^(e - 23) */
+    const int sh = e >= -6 ? 20 : 14 - e;             /* normals keep 3 bits, subnormals steps of 2^-9 */
+    uint32_t q = man >> sh;
+    const uint32_t rem = man & ((1u << sh) - 1), half = 1u << (sh - 1);
+    if (rem > half || (rem == half && (q & 1u))) q++;          /* to nearest even */
+    if (e < -6) return sign | (uint8_t)q;                      /* 0..8 steps of 2^-9 (8 is 2^-6, the same bits) */
+    int ex = e + 7;                                            /* 1 .. 15 */
+    if (q == 16) q = 8, ex++;                                  /* rounded up to the next power of two */
+    if (ex > 15 || (ex == 15 && q == 15)) return sign | 0x7eu; /* not reached (|x| < 448 here); kept for safety */
+    return sign | (uint8_t)(ex << 3) | (uint8_t)(q & 7u);
+}
 
 /* Error buffer: the detail message that becomes albedo_last_error(). */
 typedef struct errbuf {

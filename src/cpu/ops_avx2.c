@@ -289,9 +289,27 @@ static float softmax_avx2(float *s, int n, float scale) {
     return total;
 }
 
-/* 8 KV elements of dtype dt (DT_F32 or DT_BF16) at element i of row p; left
- * (< 8: a tail) of them exist, the rest read as zero and are not touched. */
+/* 8 e4m3 bytes (the low 8 of b) widened to float in registers, exactly:
+ * the bit trick of ops_avx512.c's e4m3x16 (sign-extend, shift the exponent
+ * and mantissa into a float's, times 2^120), NaN for S.1111.111. */
+static inline __m256 e4m3x8(__m128i b) {
+    const __m256i t = _mm256_slli_epi32(_mm256_cvtepi8_epi32(b), 20);
+    const __m256i em = _mm256_set1_epi32(0x07f00000);
+    const __m256 nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(t, em), em));
+    const __m256 f = _mm256_castsi256_ps(_mm256_and_si256(t, _mm256_set1_epi32((int)0x87f00000u)));
+    return _mm256_blendv_ps(_mm256_mul_ps(f, _mm256_set1_ps(0x1p120f)), _mm256_set1_ps(NAN), nan);
+}
+
+/* 8 KV elements of dtype dt (DT_F32, DT_BF16 or DT_E4M3) at element i of
+ * row p; left (< 8: a tail) of them exist, the rest read as zero and are
+ * not touched. */
 static inline __m256 ldkv8(const void *p, dtype dt, size_t i, int left, __m256i m) {
+    if (dt == DT_E4M3) {
+        const uint8_t *b = (const uint8_t *)p + i;
+        uint64_t u = 0;
+        memcpy(&u, b, left >= 8 ? 8 : (size_t)left);
+        return e4m3x8(_mm_cvtsi64_si128((long long)u));
+    }
     if (dt != DT_BF16) return _mm256_maskload_ps((const float *)p + i, m);
     const uint16_t *h = (const uint16_t *)p + i;
     __m128i u;

@@ -461,8 +461,28 @@ INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
  * prefetchers do not follow across pages: prefetch ATTN_PF rows ahead. */
 #define ATTN_PF 8
 
-/* 16 KV elements of dtype DT (DT_F32 or DT_BF16) at element i of row p. */
+/* 16 e4m3 bytes widened to float in registers (exact, as e4m3_to_f32).
+ * Sign-extended to 32 bits and shifted left by 20, a byte's exponent and
+ * mantissa land in the low exponent bits and the top of the mantissa of a
+ * float, and its sign in the float's sign (bits 27..30 hold copies of the
+ * sign and are cleared): as float bits that is the e4m3 value times 2^-120
+ * for normals and subnormals alike (e4m3 subnormals become float
+ * subnormals), so one multiply by 2^120 finishes it. S.1111.111 (NaN) is
+ * the one byte whose bits 20..26 are all set; its lanes become NaN. */
+INLINE __m512 e4m3x16(__m128i b) {
+    const __m512i t = _mm512_slli_epi32(_mm512_cvtepi8_epi32(b), 20);
+    const __m512i em = _mm512_set1_epi32(0x07f00000);
+    const __mmask16 nan = _mm512_cmpeq_epi32_mask(_mm512_and_si512(t, em), em);
+    const __m512 f = _mm512_castsi512_ps(_mm512_and_si512(t, _mm512_set1_epi32((int)0x87f00000u)));
+    return _mm512_mask_mul_ps(_mm512_set1_ps(NAN), (__mmask16)~nan, f, _mm512_set1_ps(0x1p120f));
+}
+
+/* 16 KV elements of dtype DT (DT_F32, DT_BF16 or DT_E4M3) at element i of row p. */
 INLINE __m512 ldkv(const dtype DT, const void *p, size_t i, __mmask16 m) {
+    if (DT == DT_E4M3) {
+        const uint8_t *b = (const uint8_t *)p + i;
+        return e4m3x16(m == 0xffff ? _mm_loadu_si128((const __m128i *)b) : _mm_maskz_loadu_epi8(m, b));
+    }
     return DT == DT_BF16 ? ld16((const uint16_t *)p + i, DT_BF16, m) : ld16((const float *)p + i, DT_F32, m);
 }
 
@@ -497,6 +517,8 @@ INLINE void dot_rows_dt(const dtype DT, float *out, const float *q, const void *
 static void dot_rows_avx512(float *out, const float *q, const void *k, dtype kdt, size_t ldk, int n, int D) {
     if (kdt == DT_BF16)
         dot_rows_dt(DT_BF16, out, q, k, ldk, n, D);
+    else if (kdt == DT_E4M3)
+        dot_rows_dt(DT_E4M3, out, q, k, ldk, n, D);
     else
         dot_rows_dt(DT_F32, out, q, k, ldk, n, D);
 }
@@ -539,6 +561,8 @@ INLINE void axpy_rows_dt(const dtype DT, float *out, const float *p, const void 
 static void axpy_rows_avx512(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D, float s) {
     if (vdt == DT_BF16)
         axpy_rows_dt(DT_BF16, out, p, v, ldv, n, D, s);
+    else if (vdt == DT_E4M3)
+        axpy_rows_dt(DT_E4M3, out, p, v, ldv, n, D, s);
     else
         axpy_rows_dt(DT_F32, out, p, v, ldv, n, D, s);
 }
@@ -702,6 +726,8 @@ static void attn_part_avx512(const op_attn *a, int t, int j0, int j1, float *sc,
         attn_part_bf16(a, t, j0, j1, sc, m, l, o, qeo, qeo + (size_t)a->H * ((a->D + 31) / 32) * 32);
     } else if (a->kv_dt == DT_BF16) {
         attn_part_dt(DT_BF16, a, t, j0, j1, sc, m, l, o);
+    } else if (a->kv_dt == DT_E4M3) {
+        attn_part_dt(DT_E4M3, a, t, j0, j1, sc, m, l, o);
     } else {
         attn_part_dt(DT_F32, a, t, j0, j1, sc, m, l, o);
     }
