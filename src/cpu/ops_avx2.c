@@ -290,14 +290,14 @@ static float softmax_avx2(float *s, int n, float scale) {
 }
 
 /* 8 e4m3 bytes (the low 8 of b) widened to float in registers, exactly:
- * the bit trick of ops_avx512.c's e4m3x16 (sign-extend, shift the exponent
- * and mantissa into a float's, times 2^120), NaN for S.1111.111. */
+ * the half trick of ops_avx512.c's e4m3x16 (sign-extend to 16 bits, shift
+ * the exponent and mantissa into a half's, vcvtph2ps, times 2^8; never a
+ * float subnormal operand), NaN for S.1111.111. */
 static inline __m256 e4m3x8(__m128i b) {
-    const __m256i t = _mm256_slli_epi32(_mm256_cvtepi8_epi32(b), 20);
-    const __m256i em = _mm256_set1_epi32(0x07f00000);
-    const __m256 nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(t, em), em));
-    const __m256 f = _mm256_castsi256_ps(_mm256_and_si256(t, _mm256_set1_epi32((int)0x87f00000u)));
-    return _mm256_blendv_ps(_mm256_mul_ps(f, _mm256_set1_ps(0x1p120f)), _mm256_set1_ps(NAN), nan);
+    const __m128i h = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(b), 7), _mm_set1_epi16((short)0xbf80));
+    const __m128i nan16 = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x3f80)), _mm_set1_epi16(0x3f80));
+    const __m256 nan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nan16));
+    return _mm256_blendv_ps(_mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f)), _mm256_set1_ps(NAN), nan);
 }
 
 /* 8 KV elements of dtype dt (DT_F32, DT_BF16 or DT_E4M3) at element i of
