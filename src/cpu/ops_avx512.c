@@ -736,7 +736,7 @@ static void attn_part_bf16(const op_attn *a, int t, int j0, int j1, float *sc, f
  * (unpack works within 128-bit lanes), so q and the output accumulators
  * live in that order (qp, op: per head D floats). Every product is the
  * exact float product of ops_ref.c. */
-#define E4M3_SUB(i) ((i) == 0 ? 0 : (i) == 1 ? 0x3b00 : (i) < 4 ? 0x3b80 | ((i)-2) << 6 : 0x3c00 | ((i)-4) << 5)
+#define E4M3_SUB(i) ((i) == 0 ? 0 : (i) == 1 ? 0x3b00 : (i) < 4 ? 0x3b80 | ((i)&1) << 6 : 0x3c00 | ((i)&3) << 5)
 #define E4M3_BF16(i) ((i) == 0x7f ? 0x7fc0 : (i) >= 8 ? (((i) >> 3) + 120) << 7 | ((i)&7) << 4 : E4M3_SUB(i))
 #define E4M3_X4(i) E4M3_BF16(i), E4M3_BF16((i) + 1), E4M3_BF16((i) + 2), E4M3_BF16((i) + 3)
 #define E4M3_X16(i) E4M3_X4(i), E4M3_X4((i) + 4), E4M3_X4((i) + 8), E4M3_X4((i) + 12)
