@@ -6,7 +6,7 @@
  *   albedo query   [IMAGE] QUESTION [--reasoning] [--spatial-refs JSON]
  *   albedo detect  IMAGE OBJECT [--max-objects N]
  *   albedo point   IMAGE OBJECT
- *   albedo bench   (--synthetic md2|md3 | --model DIR) [--threads N] [--weights bf16|q8|q4|fp8] [--json]
+ *   albedo bench   (--synthetic md2|md3 | --model DIR) [--threads N] [--weights bf16|q8|q4|fp8] [--kv-dtype fp8] [--json]
  *   albedo synth   --preset md2|md2-small|md3|md3-small --out DIR [--seed N] [--legacy-f16] [--shard-mb N]
  *   albedo tokenize --model DIR TEXT
  *   albedo quantize --model DIR --weights q8|q4 --out DIR2
