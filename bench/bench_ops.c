@@ -15,7 +15,7 @@
  *   gcc -std=c11 -O3 -Iinclude -Isrc -DALBEDO_X86=1 -c src/cpu/ops_avx2.c -mavx2 -mfma -mf16c
  *   gcc -std=c11 -O3 -Iinclude -Isrc -DALBEDO_X86=1 -c src/cpu/ops_avx512.c -mavx512f
  *       -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mavx512vnni -mfma -mf16c -mavx2
- *   gcc -std=c11 -O3 -Iinclude -Isrc -DALBEDO_X86=1 src/cpu/ops_ref.c src/cpu/ops_cpu.c
+ *   gcc -std=c11 -O3 -Iinclude -Isrc -DALBEDO_X86=1 src/cpu/ops_ref.c src/cpu/ops_cpu.c src/cpu/ops_generic.c
  *       src/cpu/threadpool.c src/error.c bench/bench_ops.c ops_avx2.o ops_avx512.o -lm -lpthread
  *
  * Decode-sized linears (T <= 4) cycle through enough copies of the weights
