@@ -6,7 +6,8 @@
  *   bench_ops [threads=all] [backend=auto] [runs=7] [q]
  *
  * With "q", only the text linears over Q8 and Q4 weights (BF16 precision;
- * "b": the same over bf16 weights),
+ * "b": the same over bf16 weights; "a": only the text attention, over
+ * float32, bf16 and e4m3 caches),
  * and with a fifth argument only those whose name contains it
  * ("bench_ops 2 auto 5 q prefill"). ALBEDO_BENCH_CPU=1 times by the
  * process's CPU time instead of the wall clock (bench_ms, below).
@@ -15,7 +16,7 @@
  *   gcc -std=c11 -O3 -Iinclude -Isrc -DALBEDO_X86=1 -c src/cpu/ops_avx2.c -mavx2 -mfma -mf16c
  *   gcc -std=c11 -O3 -Iinclude -Isrc -DALBEDO_X86=1 -c src/cpu/ops_avx512.c -mavx512f
  *       -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mavx512vnni -mfma -mf16c -mavx2
- *   gcc -std=c11 -O3 -Iinclude -Isrc -DALBEDO_X86=1 src/cpu/ops_ref.c src/cpu/ops_cpu.c
+ *   gcc -std=c11 -O3 -Iinclude -Isrc -DALBEDO_X86=1 src/cpu/ops_ref.c src/cpu/ops_cpu.c src/cpu/ops_generic.c
  *       src/cpu/threadpool.c src/error.c bench/bench_ops.c ops_avx2.o ops_avx512.o -lm -lpthread
  *
  * Decode-sized linears (T <= 4) cycle through enough copies of the weights
@@ -145,7 +146,7 @@ static void bench_linear(ops_ctx *c, const char *what, int T, int K, int N, dtyp
 static void bench_attention(ops_ctx *c, const char *what, int T, int S, int H, int D, int pos0, int n_prefix,
                             dtype kvdt) {
     const int copies = T == 1 ? 8 : 1;
-    const size_t kv = (size_t)S * H * D, es = kvdt == DT_BF16 ? 2 : 4;
+    const size_t kv = (size_t)S * H * D, es = kv_elem_bytes(kvdt);
     float *q = malloc((size_t)T * H * D * 4), *o = malloc((size_t)T * H * D * 4);
     float *k = malloc(kv * copies * 4), *v = malloc(kv * copies * 4);
     fill(q, (size_t)T * H * D, 3), fill(k, kv * copies, 4), fill(v, kv * copies, 5);
@@ -153,6 +154,11 @@ static void bench_attention(ops_ctx *c, const char *what, int T, int S, int H, i
         for (size_t i = 0; i < kv * copies; i++) {
             ((uint16_t *)(void *)k)[i] = f32_to_bf16(k[i]);
             ((uint16_t *)(void *)v)[i] = f32_to_bf16(v[i]);
+        }
+    if (kvdt == DT_E4M3) /* the same buffers as e4m3 bytes (the first quarter) */
+        for (size_t i = 0; i < kv * copies; i++) {
+            ((uint8_t *)(void *)k)[i] = f32_to_e4m3(k[i]);
+            ((uint8_t *)(void *)v)[i] = f32_to_e4m3(v[i]);
         }
     double flops = 0;
     for (int t = 0; t < T; t++) {
@@ -187,8 +193,11 @@ static void bench_attention(ops_ctx *c, const char *what, int T, int S, int H, i
         if (r >= 0) ms[r] = bench_ms() - t0;
     }
     double m = median(ms, reps);
-    printf("| %-18s %4s | %4d | %5d | %2d | %3d | %8.3f | %8.1f | %8.1f |\n", what, kvdt == DT_BF16 ? "bf16" : "f32", T,
-           S, H, D, m, flops / (m * 1e6), flops / (ms[0] * 1e6));
+    printf("| %-18s %4s | %4d | %5d | %2d | %3d | %8.3f | %8.1f | %8.1f |\n", what,
+           kvdt == DT_E4M3   ? "e4m3"
+           : kvdt == DT_BF16 ? "bf16"
+                             : "f32",
+           T, S, H, D, m, flops / (m * 1e6), flops / (ms[0] * 1e6));
     free(q), free(k), free(v), free(o), free(ms);
 }
 
@@ -225,6 +234,7 @@ int main(int argc, char **argv) {
     if (argc > 3) runs = atoi(argv[3]) > 0 ? atoi(argv[3]) : runs;
     const int only_q = argc > 4 && argv[4][0] == 'q'; /* only the Q8/Q4 linears */
     const int only_b = argc > 4 && argv[4][0] == 'b'; /* only the bf16 text linears */
+    const int only_a = argc > 4 && argv[4][0] == 'a'; /* only the text attention */
     const char *only = argc > 5 ? argv[5] : NULL;     /* ... whose name contains this */
     const char *cc = getenv("ALBEDO_BENCH_CPU");
     cpu_clock = cc && cc[0] == '1';
@@ -256,6 +266,16 @@ int main(int argc, char **argv) {
         {"decode fc1", 1, 2048, 8192},         {"decode fc2", 1, 8192, 2048},
         {"decode lm_head", 1, 2048, 51200},    {"decode fc1 T=4", 4, 2048, 8192},
     };
+    if (only_a) {
+        printf("| attention           kv  |    T |     S |  H |   D |       ms |  GFLOP/s |     best |\n");
+        printf("|-------------------------|-----:|------:|---:|----:|---------:|---------:|---------:|\n");
+        static const dtype kdt[] = {DT_F32, DT_BF16, DT_E4M3};
+        for (int i = 0; i < 3; i++) bench_attention(c, "text prompt after image", 10, 740, 32, 64, 730, 730, kdt[i]);
+        for (int i = 0; i < 3; i++) bench_attention(c, "decode", 1, 740, 32, 64, 739, 730, kdt[i]);
+        for (int i = 0; i < 3; i++) bench_attention(c, "decode deep", 1, 2048, 32, 64, 2047, 730, kdt[i]);
+        ops_ctx_free(c);
+        return 0;
+    }
     if (only_q || only_b) {
         /* block formats: prefill (integer products where the table has them) and decode */
         for (int d = only_b ? 2 : 0; d < 3; d++)
@@ -282,12 +302,16 @@ int main(int argc, char **argv) {
     bench_attention(c, "vision (bidirectional)", 729, 729, 16, 72, 0, 729, DT_F32);
     bench_attention(c, "text prefill", 730, 730, 32, 64, 0, 730, DT_F32);
     bench_attention(c, "text prefill", 730, 730, 32, 64, 0, 730, DT_BF16);
+    bench_attention(c, "text prefill", 730, 730, 32, 64, 0, 730, DT_E4M3);
     bench_attention(c, "text prompt after image", 10, 740, 32, 64, 730, 730, DT_F32);
     bench_attention(c, "text prompt after image", 10, 740, 32, 64, 730, 730, DT_BF16);
+    bench_attention(c, "text prompt after image", 10, 740, 32, 64, 730, 730, DT_E4M3);
     bench_attention(c, "decode", 1, 740, 32, 64, 739, 730, DT_F32);
     bench_attention(c, "decode", 1, 740, 32, 64, 739, 730, DT_BF16);
+    bench_attention(c, "decode", 1, 740, 32, 64, 739, 730, DT_E4M3);
     bench_attention(c, "decode deep", 1, 2048, 32, 64, 2047, 730, DT_F32);
     bench_attention(c, "decode deep", 1, 2048, 32, 64, 2047, 730, DT_BF16);
+    bench_attention(c, "decode deep", 1, 2048, 32, 64, 2047, 730, DT_E4M3);
 
     printf("\n| elementwise            |         n |        ms |  Gelem/s |\n");
     printf("|------------------------|----------:|----------:|---------:|\n");

@@ -122,8 +122,10 @@ typedef struct albedo_model_params {
                                    ALBEDO_ERR_UNSUPPORTED, as for Moondream 2; docs/CUDA.md) */
     const char *kv_dtype;       /* KV cache: NULL, "auto" or "bf16" = the backend's own (bf16
                                    on cuda; the CPU's follows precision); "fp8" = e4m3 with one
-                                   scale per tensor, half the bytes (backend cuda on an sm_89+
-                                   GPU only, else ALBEDO_ERR_UNSUPPORTED; docs/CUDA.md) */
+                                   scale per tensor, half the bytes of bf16: on the CPU backends
+                                   (docs/QUANT.md) and on sm_89+ GPUs (older cards:
+                                   ALBEDO_ERR_UNSUPPORTED; docs/CUDA.md). Other values:
+                                   ALBEDO_ERR_INVALID_ARGUMENT */
 } albedo_model_params;
 
 ALBEDO_API albedo_model_params albedo_model_params_default(void);

@@ -196,9 +196,11 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
         const int fp8 = kd && !strcmp(kd, "fp8");
         if (kd && *kd && !fp8 && strcmp(kd, "auto") && strcmp(kd, "bf16"))
             st = errf(&e, ALBEDO_ERR_INVALID_ARGUMENT, "kv_dtype '%s': expected auto, bf16 or fp8", kd);
+        /* fp8 on the CPU backends: every cache element is one e4m3 byte
+         * (ops.h op_attn.kv_dt), written by text.c from the float32 row in
+         * both precisions; on cuda the device caches (backend_cuda.c). */
         else if (fp8 && !md_cuda_requested(m->params.backend))
-            st = errf(&e, ALBEDO_ERR_UNSUPPORTED,
-                      "kv_dtype fp8 (an e4m3 KV cache) needs backend cuda on an sm_89 or newer GPU");
+            m->kv_dt = DT_E4M3;
         m->params.kv_dtype = fp8 ? "fp8" : NULL;
     }
     if (!st && m->params.weights && !strcmp(m->params.weights, "fp8")) {
@@ -224,14 +226,15 @@ albedo_status albedo_model_load(const char *dir, const albedo_model_params *para
                          c->moe_start);
             /* the recipe from layer 0's proj: the q4 recipe keeps its qkv in Q8 (quant.c) */
             snprintf(m->describe, sizeof m->describe,
-                     "%s (text %dx%d%s%s, vision %dx%d, vocab %d), backend %s, %s, %d threads",
+                     "%s (text %dx%d%s%s, vision %dx%d, vocab %d), backend %s, %s, %d threads%s",
                      c->md3 ? "moondream3" : "moondream2", c->dim, c->n_layers, moe,
                      m->w.tb[0].proj.dt == DT_Q8   ? ", q8"
                      : m->w.tb[0].proj.dt == DT_Q4 ? ", q4"
                                                    : "",
                      c->enc_dim, c->enc_layers, c->vocab, m->cuda ? md_cuda_describe(m) : ops_backend_name(probe),
                      m->params.precision == ALBEDO_PRECISION_BF16 ? "bf16" : "f32",
-                     m->params.n_threads > 0 ? m->params.n_threads : ops_default_threads());
+                     m->params.n_threads > 0 ? m->params.n_threads : ops_default_threads(),
+                     !m->cuda && m->kv_dt == DT_E4M3 ? ", fp8 KV cache" : "");
         }
         ops_ctx_free(probe);
     }

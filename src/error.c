@@ -53,10 +53,10 @@ static const struct {
     const char *name;
     size_t size;
 } dtypes[DT_COUNT] = {
-    [DT_F32] = {"F32", 4}, [DT_F16] = {"F16", 2}, [DT_BF16] = {"BF16", 2}, [DT_F64] = {"F64", 8},
-    [DT_I8] = {"I8", 1},   [DT_U8] = {"U8", 1},   [DT_I16] = {"I16", 2},   [DT_U16] = {"U16", 2},
-    [DT_I32] = {"I32", 4}, [DT_I64] = {"I64", 8}, [DT_BOOL] = {"BOOL", 1}, [DT_Q8] = {"Q8", 0},
-    [DT_Q4] = {"Q4", 0},
+    [DT_F32] = {"F32", 4}, [DT_F16] = {"F16", 2},      [DT_BF16] = {"BF16", 2}, [DT_F64] = {"F64", 8},
+    [DT_I8] = {"I8", 1},   [DT_U8] = {"U8", 1},        [DT_I16] = {"I16", 2},   [DT_U16] = {"U16", 2},
+    [DT_I32] = {"I32", 4}, [DT_I64] = {"I64", 8},      [DT_BOOL] = {"BOOL", 1}, [DT_Q8] = {"Q8", 0},
+    [DT_Q4] = {"Q4", 0},   [DT_E4M3] = {"F8_E4M3", 1},
 };
 
 const char *dtype_name(dtype t) { return (unsigned)t < DT_COUNT ? dtypes[t].name : "?"; }

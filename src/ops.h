@@ -101,13 +101,16 @@ typedef struct op_attn {
      * sequence's cache can live in fixed-size blocks of a shared pool. */
     const int32_t *blocks;
     int block_size;
-    /* Element type of k and v: DT_F32 (the zero value) or DT_BF16 (the KV
-     * cache of BF16 precision; widened exactly to float when read). */
+    /* Element type of k and v: DT_F32 (the zero value), DT_BF16 (the KV
+     * cache of BF16 precision) or DT_E4M3 (the fp8 cache, kv_dtype "fp8":
+     * a byte e4m3(x), one per-tensor scale of 1, as the CUDA backend's
+     * default; common.h). Every kind is widened exactly to float when read
+     * and the attention's arithmetic stays float32. */
     dtype kv_dt;
 } op_attn;
 
-/* Bytes of one element of a KV cache of dtype dt (DT_F32 or DT_BF16). */
-static inline size_t kv_elem_bytes(dtype dt) { return dt == DT_BF16 ? 2 : 4; }
+/* Bytes of one element of a KV cache of dtype dt (DT_F32, DT_BF16, DT_E4M3). */
+static inline size_t kv_elem_bytes(dtype dt) { return dt == DT_E4M3 ? 1 : dt == DT_BF16 ? 2 : 4; }
 
 /* Row j of the keys (or values, with ld = ldv and base = v) of a. */
 static inline const void *op_attn_row(const op_attn *a, const void *base, int ld, int j) {
@@ -117,6 +120,7 @@ static inline const void *op_attn_row(const op_attn *a, const void *base, int ld
 }
 /* Element i of a KV row of dtype dt. */
 static inline float kv_get(const void *row, dtype dt, size_t i) {
+    if (dt == DT_E4M3) return e4m3_to_f32(((const uint8_t *)row)[i]);
     return dt == DT_BF16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 

@@ -222,9 +222,13 @@ static void *seg_row(const txt_seg *g, void *base, size_t row_bytes, int pos) {
     return (char *)base + r * row_bytes;
 }
 
-/* A row of n floats into the cache's element type. */
+/* A row of n floats into the cache's element type: one rounding from
+ * float32 for bf16 and for e4m3 (the fp8 cache, scale 1; common.h). */
 static void kv_store(void *dst, const float *src, int n, dtype dt) {
-    if (dt == DT_BF16) {
+    if (dt == DT_E4M3) {
+        uint8_t *b = dst;
+        for (int i = 0; i < n; i++) b[i] = f32_to_e4m3(src[i]);
+    } else if (dt == DT_BF16) {
         uint16_t *h = dst;
         for (int i = 0; i < n; i++) h[i] = f32_to_bf16(src[i]);
     } else {

@@ -594,9 +594,24 @@ static void test_linears_q(void) {
 /* ---- attention ---------------------------------------------------------------------- */
 
 /* k and v [rows, ld] as a KV cache of dtype dt: the floats themselves, or
- * a bf16 copy (the caller's floats rounded to it, so that both sides of a
- * comparison see the same values). Free with free(). */
+ * a bf16 or e4m3 copy (the caller's floats rounded to it, so that both
+ * sides of a comparison see the same values). For e4m3 each value is first
+ * scaled by a power of two in 2^-6 .. 2^2 picked by a hash of its bits
+ * (equal floats, equal bytes: the paged test's pool and contiguous copy
+ * agree), so that the cache holds bytes of nine exponents, subnormals
+ * included (test_attention_e4m3_bytes covers every byte; NaN poison stays
+ * NaN: byte 0x7f). Free with free(). */
 static void *kv_copy(float *x, size_t n, dtype dt) {
+    if (dt == DT_E4M3) {
+        uint8_t *b = malloc(n + 64);
+        for (size_t i = 0; i < n; i++) {
+            uint32_t u;
+            memcpy(&u, &x[i], 4);
+            b[i] = f32_to_e4m3(x[i] * ldexpf(1.0f, (int)((u ^ (u >> 13)) % 9) - 6));
+            x[i] = e4m3_to_f32(b[i]);
+        }
+        return b;
+    }
     if (dt != DT_BF16) return NULL;
     uint16_t *h = malloc(n * sizeof *h + 64);
     for (size_t i = 0; i < n; i++) {
@@ -606,10 +621,13 @@ static void *kv_copy(float *x, size_t n, dtype dt) {
     return h;
 }
 
+static const char *kv_str(dtype dt) { return dt == DT_E4M3 ? "e4m3" : dt == DT_BF16 ? "bf16" : "f32"; }
+
 static void test_attention_dt(int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int pad, dtype kvdt);
 static void test_attention(int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int pad) {
     test_attention_dt(T, S, H, Hkv, D, pos0, n_prefix, pad, DT_F32);
     test_attention_dt(T, S, H, Hkv, D, pos0, n_prefix, pad, DT_BF16);
+    test_attention_dt(T, S, H, Hkv, D, pos0, n_prefix, pad, DT_E4M3);
 }
 
 static void test_attention_dt(int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int pad, dtype kvdt) {
@@ -630,7 +648,7 @@ static void test_attention_dt(int T, int S, int H, int Hkv, int D, int pos0, int
     void *kh = kv_copy(k, (size_t)S * ldk, kvdt), *vh = kv_copy(v, (size_t)S * ldv, kvdt);
     op_attn a = {T,   S,   H,   Hkv, D,    pos0, n_prefix, 1.0f / sqrtf((float)D), q, k, v, ref,
                  ldq, ldk, ldv, ldo, NULL, 0,    DT_F32};
-    if (kvdt == DT_BF16) a.k = kh, a.v = vh, a.kv_dt = DT_BF16;
+    if (kvdt != DT_F32) a.k = kh, a.v = vh, a.kv_dt = kvdt;
     ops_ref_table()->attention(ref_ctx, &a);
     for (int ci = 0; ci < n_ctx; ci++) {
         ops_ctx *c = ctxs[ci];
@@ -651,8 +669,8 @@ static void test_attention_dt(int T, int S, int H, int Hkv, int D, int pos0, int
         CHECK(worst <= 1.0 && !ops_failed(c),
               "attention %s x%d kv %s T=%d S=%d H=%d Hkv=%d D=%d pos0=%d n_prefix=%d: worst [%d,%d] got "
               "%.9g want %.9g",
-              ctx_label[ci], ops_n_threads(c), kvdt == DT_BF16 ? "bf16" : "f32", T, S, H, Hkv, D, pos0, n_prefix, wt,
-              wi, o[(size_t)wt * ldo + wi], ref[(size_t)wt * ldo + wi]);
+              ctx_label[ci], ops_n_threads(c), kv_str(kvdt), T, S, H, Hkv, D, pos0, n_prefix, wt, wi,
+              o[(size_t)wt * ldo + wi], ref[(size_t)wt * ldo + wi]);
         int dmg = guard_damage(o, T, H * D, ldo);
         CHECK(dmg == 0, "attention %s x%d T=%d S=%d H=%d D=%d: %d poisoned floats written", ctx_label[ci],
               ops_n_threads(c), T, S, H, D, dmg);
@@ -668,6 +686,7 @@ static void test_attention_paged_dt(int T, int S, int H, int Hkv, int D, int pos
 static void test_attention_paged(int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int bs) {
     test_attention_paged_dt(T, S, H, Hkv, D, pos0, n_prefix, bs, DT_F32);
     test_attention_paged_dt(T, S, H, Hkv, D, pos0, n_prefix, bs, DT_BF16);
+    test_attention_paged_dt(T, S, H, Hkv, D, pos0, n_prefix, bs, DT_E4M3);
 }
 
 static void test_attention_paged_dt(int T, int S, int H, int Hkv, int D, int pos0, int n_prefix, int bs, dtype kvdt) {
@@ -692,11 +711,11 @@ static void test_attention_paged_dt(int T, int S, int H, int Hkv, int D, int pos
     void *pkh = kv_copy(pk, (size_t)pool_rows * ldk, kvdt), *pvh = kv_copy(pv, (size_t)pool_rows * ldk, kvdt);
     op_attn a = {T,   S,   H,   Hkv, D,    pos0, n_prefix, 1.0f / sqrtf((float)D), q, k, v, ref,
                  ldq, ldk, ldk, ldo, NULL, 0,    DT_F32};
-    if (kvdt == DT_BF16) a.k = kh, a.v = vh, a.kv_dt = DT_BF16;
+    if (kvdt != DT_F32) a.k = kh, a.v = vh, a.kv_dt = kvdt;
     ops_ref_table()->attention(ref_ctx, &a);
     op_attn p = a;
-    p.k = kvdt == DT_BF16 ? (const void *)pkh : (const void *)pk;
-    p.v = kvdt == DT_BF16 ? (const void *)pvh : (const void *)pv;
+    p.k = kvdt != DT_F32 ? (const void *)pkh : (const void *)pk;
+    p.v = kvdt != DT_F32 ? (const void *)pvh : (const void *)pv;
     p.blocks = blocks;
     p.block_size = bs;
     for (int ci = -1; ci < n_ctx; ci++) {
@@ -710,14 +729,105 @@ static void test_attention_paged_dt(int T, int S, int H, int Hkv, int D, int pos
             if (!(e <= worst)) worst = isnan(e) ? INFINITY : e;
         }
         CHECK(worst <= 1.0, "paged attention %s kv %s T=%d S=%d bs=%d: worst %.3g", ci < 0 ? "ref" : ctx_label[ci],
-              kvdt == DT_BF16 ? "bf16" : "f32", T, S, bs, worst);
+              kv_str(kvdt), T, S, bs, worst);
     }
     free(kh), free(vh), free(pkh), free(pvh);
     free(blocks);
     ffree(q), ffree(k), ffree(v), ffree(pk), ffree(pv), ffree(ref), ffree(o);
 }
 
+/* The e4m3 conversions (common.h) against their definition: every byte's
+ * value from its fields; narrowing every float of a dense sample equal to
+ * the nearest e4m3 value (ties to the even byte, |x| > 448 to ±448, NaN
+ * to 0x7f with its sign); every byte's value round trips. */
+static void test_e4m3_convert(void) {
+    float val[256];
+    int bad = 0;
+    for (int b = 0; b < 256; b++) {
+        const int e = (b >> 3) & 15, m = b & 7;
+        double want = e ? ldexp(1.0 + m / 8.0, e - 7) : ldexp(m / 8.0, -6);
+        if (b & 0x80) want = -want;
+        val[b] = e4m3_to_f32((uint8_t)b);
+        if ((b & 0x7f) == 0x7f)
+            bad += !isnan(val[b]);
+        else
+            bad += (double)val[b] != want || !!signbit(val[b]) != !!(b & 0x80);
+        if ((b & 0x7f) != 0x7f) bad += f32_to_e4m3(val[b]) != b;
+    }
+    CHECK(bad == 0 && val[0x7e] == 448.0f && val[0x01] == 0x1p-9f, "e4m3 bytes: %d wrong", bad);
+    bad = 0;
+    for (uint64_t i = 0; i < (1ull << 32); i += 4099) {
+        const uint32_t u = (uint32_t)i;
+        float f;
+        memcpy(&f, &u, 4);
+        int want;
+        if (isnan(f)) {
+            want = 0x7f;
+        } else {
+            const double a = fabs((double)f);
+            want = 0;
+            for (int b = 1; b < 0x7f; b++) { /* positive bytes ascend; a tie keeps the even one */
+                const double d = fabs(a - val[b]), dw = fabs(a - val[want]);
+                if (d < dw || (d == dw && !(b & 1))) want = b;
+            }
+        }
+        want |= (int)(u >> 24) & 0x80;
+        if (f32_to_e4m3(f) != want && bad++ < 5)
+            fprintf(stderr, "  e4m3 of %a: got 0x%02x want 0x%02x\n", (double)f, f32_to_e4m3(f), want);
+    }
+    CHECK(bad == 0, "e4m3 narrowing: %d wrong", bad);
+}
+
+/* Every e4m3 byte through every table's widening, exactly: one query row
+ * over S identical keys of zero and identical value rows holding all 256
+ * bytes (D = 256, so the tail masks see them too at D = 250), so every
+ * softmax weight is 1/S and the output is the value row (NaN where the byte
+ * is NaN) up to the rounding of S·v·(1/S). Then a NaN byte in a key must
+ * make every output NaN. T = 1 (decode kernels) and T = 3 (the packed
+ * prompt path), unpaged and paged. */
+static void test_attention_e4m3_bytes(int T, int D, int paged) {
+    const int S = T + 2, ld = D, rows = 16; /* paged: 8 blocks of 2 rows, used in reverse */
+    uint8_t *k = calloc((size_t)rows * ld + 64, 1), *v = malloc((size_t)rows * ld + 64);
+    float *q = fbuf((size_t)T * D), *o = fbuf((size_t)T * D);
+    for (int j = 0; j < rows; j++)
+        for (int d = 0; d < D; d++) v[(size_t)j * ld + d] = (uint8_t)(d * 37 + (256 - D));
+    for (int i = 0; i < T * D; i++) q[i] = rnd(-1, 1);
+    int32_t blocks[8];
+    for (int b = 0; b < 8; b++) blocks[b] = 7 - b;
+    op_attn a = {T,      S, 1, 1, D, S - T, S, 0.125f, q, k, v, o, D, ld, ld, D, paged ? blocks : NULL, paged ? 2 : 0,
+                 DT_E4M3};
+    for (int ci = -1; ci < n_ctx; ci++) {
+        ops_ctx *c = ci < 0 ? ref_ctx : ctxs[ci];
+        const char *label = ci < 0 ? "ref" : ctx_label[ci];
+        for (int nanpass = 0; nanpass < 2; nanpass++) {
+            for (int j = 0; j < rows; j++) k[(size_t)j * ld + D / 3] = nanpass ? 0x7f : 0;
+            for (size_t i = 0; i < (size_t)T * D + GUARD; i++) o[i] = poison_f();
+            (ci < 0 ? ops_ref_table() : ops_of(c))->attention(c, &a);
+            int bad = 0, wi = -1;
+            for (int t = 0; t < T; t++)
+                for (int d = 0; d < D; d++) {
+                    const float got = o[(size_t)t * D + d], want = e4m3_to_f32(v[d]);
+                    const int ok = nanpass || isnan(want) ? isnan(got) : fabsf(got - want) <= 1e-6f * fabsf(want);
+                    if (!ok && bad++ == 0) wi = t * D + d;
+                }
+            CHECK(bad == 0, "e4m3 bytes %s T=%d D=%d%s%s: %d wrong, first [%d] byte 0x%02x got %.9g", label, T, D,
+                  paged ? " paged" : "", nanpass ? " (NaN key)" : "", bad, wi, wi < 0 ? 0 : v[wi % D],
+                  wi < 0 ? 0.0 : (double)o[wi]);
+            CHECK(guard_damage(o, T, D, D) == 0, "e4m3 bytes %s: guard written", label);
+        }
+    }
+    free(k), free(v);
+    ffree(q), ffree(o);
+}
+
 static void test_attentions(void) {
+    test_e4m3_convert();
+    for (int paged = 0; paged < 2; paged++) {
+        test_attention_e4m3_bytes(1, 256, paged);
+        test_attention_e4m3_bytes(1, 250, paged);
+        test_attention_e4m3_bytes(3, 256, paged);
+        test_attention_e4m3_bytes(3, 250, paged);
+    }
     test_attention_paged(1, 200, 4, 2, 64, 199, 100, 64); /* decode over a paged cache */
     test_attention_paged(1, 150, 3, 3, 72, 149, 0, 16);
     test_attention_paged(40, 200, 4, 4, 64, 160, 130, 64); /* prompt after a paged prefix */

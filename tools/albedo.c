@@ -6,7 +6,7 @@
  *   albedo query   [IMAGE] QUESTION [--reasoning] [--spatial-refs JSON]
  *   albedo detect  IMAGE OBJECT [--max-objects N]
  *   albedo point   IMAGE OBJECT
- *   albedo bench   (--synthetic md2|md3 | --model DIR) [--threads N] [--weights bf16|q8|q4|fp8] [--json]
+ *   albedo bench   (--synthetic md2|md3 | --model DIR) [--threads N] [--weights bf16|q8|q4|fp8] [--kv-dtype fp8] [--json]
  *   albedo synth   --preset md2|md2-small|md3|md3-small --out DIR [--seed N] [--legacy-f16] [--shard-mb N]
  *   albedo tokenize --model DIR TEXT
  *   albedo quantize --model DIR --weights q8|q4 --out DIR2
@@ -50,7 +50,8 @@ static void usage(FILE *f) {
             "  albedo query [IMAGE] QUESTION [--reasoning] [--spatial-refs '[[x,y],[x1,y1,x2,y2]]']\n"
             "  albedo detect IMAGE OBJECT\n"
             "  albedo point IMAGE OBJECT\n"
-            "  albedo bench (--synthetic md2|md3 | --model DIR) [--threads N] [--repeats N] [--weights W] [--json]\n"
+            "  albedo bench (--synthetic md2|md3 | --model DIR) [--threads N] [--repeats N] [--weights W]\n"
+            "        [--kv-dtype D] [--json]\n"
             "                       stage timings and peak resident memory\n"
             "  albedo bench chartqa (--synthetic md2|md3 | --model DIR) [--batch 1,4,16,64] [--mode direct,cot]\n"
             "        [--images N] [--threads N] [--backend NAME] [--weights W] [--kv-dtype D] [--warmup N] [--json]\n"
@@ -79,8 +80,8 @@ static void usage(FILE *f) {
             "                       stored; q8/q4 on the CPU, docs/QUANT.md); fp8: Moondream 3's experts as\n"
             "                       e4m3 (--backend cuda on an sm_89+ GPU; docs/CUDA.md)\n"
             "  --max-context N      KV-cache positions (default: the model's)\n"
-            "  --kv-dtype auto|fp8  KV cache: the backend's own (default), or e4m3 with half the bytes\n"
-            "                       (--backend cuda on an sm_89+ GPU; docs/CUDA.md)\n"
+            "  --kv-dtype auto|fp8  KV cache: the backend's own (default), or e4m3 with half the bytes of\n"
+            "                       bf16 (CPU backends, docs/QUANT.md; cuda on sm_89+ GPUs, docs/CUDA.md)\n"
             "  --stream             print text as it is generated\n"
             "  --json               print the REST API's response object\n",
             albedo_version());

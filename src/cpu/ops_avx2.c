@@ -289,9 +289,27 @@ static float softmax_avx2(float *s, int n, float scale) {
     return total;
 }
 
-/* 8 KV elements of dtype dt (DT_F32 or DT_BF16) at element i of row p; left
- * (< 8: a tail) of them exist, the rest read as zero and are not touched. */
+/* 8 e4m3 bytes (the low 8 of b) widened to float in registers, exactly:
+ * the half trick of ops_avx512.c's e4m3x16 (sign-extend to 16 bits, shift
+ * the exponent and mantissa into a half's, vcvtph2ps, times 2^8; never a
+ * float subnormal operand), NaN for S.1111.111. */
+static inline __m256 e4m3x8(__m128i b) {
+    const __m128i h = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(b), 7), _mm_set1_epi16((short)0xbf80));
+    const __m128i nan16 = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x3f80)), _mm_set1_epi16(0x3f80));
+    const __m256 nan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(nan16));
+    return _mm256_blendv_ps(_mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f)), _mm256_set1_ps(NAN), nan);
+}
+
+/* 8 KV elements of dtype dt (DT_F32, DT_BF16 or DT_E4M3) at element i of
+ * row p; left (< 8: a tail) of them exist, the rest read as zero and are
+ * not touched. */
 static inline __m256 ldkv8(const void *p, dtype dt, size_t i, int left, __m256i m) {
+    if (dt == DT_E4M3) {
+        const uint8_t *b = (const uint8_t *)p + i;
+        uint64_t u = 0;
+        memcpy(&u, b, left >= 8 ? 8 : (size_t)left);
+        return e4m3x8(_mm_cvtsi64_si128((long long)u));
+    }
     if (dt != DT_BF16) return _mm256_maskload_ps((const float *)p + i, m);
     const uint16_t *h = (const uint16_t *)p + i;
     __m128i u;

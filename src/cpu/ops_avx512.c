@@ -462,8 +462,31 @@ INLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
  * prefetchers do not follow across pages: prefetch ATTN_PF rows ahead. */
 #define ATTN_PF 8
 
-/* 16 KV elements of dtype DT (DT_F32 or DT_BF16) at element i of row p. */
+/* 16 e4m3 bytes widened to float in registers (exact, as e4m3_to_f32).
+ * Sign-extended to 16 bits and shifted left by 7, a byte's exponent and
+ * mantissa land in the low exponent bits and the top of the mantissa of an
+ * IEEE half and its sign in the half's sign (bit 14, a copy of the sign, is
+ * cleared): as a half that is the e4m3 value times 2^-8 for normals and
+ * subnormals alike (e4m3 subnormals become half subnormals, which vcvtph2ps
+ * widens exactly), so a multiply by 2^8 finishes it. Not the same trick on
+ * float bits (shift by 20, times 2^120): e4m3 subnormals would be float
+ * subnormals there, and a multiply with a subnormal operand is slow on this
+ * core (decode attention 3x slower at ~1.5 % subnormal elements). S.1111.111
+ * (NaN) is the one byte whose half bits are 0x3f80 (or 0xbf80); its lanes
+ * become NaN. */
+INLINE __m512 e4m3x16(__m128i b) {
+    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7), _mm256_set1_epi16((short)0xbf80));
+    const __mmask16 nan =
+        _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, _mm256_set1_epi16(0x3f80)), _mm256_set1_epi16(0x3f80));
+    return _mm512_mask_mul_ps(_mm512_set1_ps(NAN), (__mmask16)~nan, _mm512_cvtph_ps(h), _mm512_set1_ps(256.0f));
+}
+
+/* 16 KV elements of dtype DT (DT_F32, DT_BF16 or DT_E4M3) at element i of row p. */
 INLINE __m512 ldkv(const dtype DT, const void *p, size_t i, __mmask16 m) {
+    if (DT == DT_E4M3) {
+        const uint8_t *b = (const uint8_t *)p + i;
+        return e4m3x16(m == 0xffff ? _mm_loadu_si128((const __m128i *)b) : _mm_maskz_loadu_epi8(m, b));
+    }
     return DT == DT_BF16 ? ld16((const uint16_t *)p + i, DT_BF16, m) : ld16((const float *)p + i, DT_F32, m);
 }
 
@@ -498,6 +521,8 @@ INLINE void dot_rows_dt(const dtype DT, float *out, const float *q, const void *
 static void dot_rows_avx512(float *out, const float *q, const void *k, dtype kdt, size_t ldk, int n, int D) {
     if (kdt == DT_BF16)
         dot_rows_dt(DT_BF16, out, q, k, ldk, n, D);
+    else if (kdt == DT_E4M3)
+        dot_rows_dt(DT_E4M3, out, q, k, ldk, n, D);
     else
         dot_rows_dt(DT_F32, out, q, k, ldk, n, D);
 }
@@ -540,6 +565,8 @@ INLINE void axpy_rows_dt(const dtype DT, float *out, const float *p, const void 
 static void axpy_rows_avx512(float *out, const float *p, const void *v, dtype vdt, size_t ldv, int n, int D, float s) {
     if (vdt == DT_BF16)
         axpy_rows_dt(DT_BF16, out, p, v, ldv, n, D, s);
+    else if (vdt == DT_E4M3)
+        axpy_rows_dt(DT_E4M3, out, p, v, ldv, n, D, s);
     else
         axpy_rows_dt(DT_F32, out, p, v, ldv, n, D, s);
 }
@@ -696,6 +723,114 @@ static void attn_part_bf16(const op_attn *a, int t, int j0, int j1, float *sc, f
             }
 }
 
+/* The e4m3 cache with AVX512-VBMI (decode, D a multiple of 64 up to 256):
+ * 64 bytes per load, widened by table lookups instead of arithmetic. The
+ * bf16 form of an e4m3 magnitude (exact: bf16 has e4m3's range and more
+ * mantissa) is split into a high and a low byte table of 128 entries, each
+ * two zmm; vpermt2b looks up 64 bytes at once from their low 7 bits, the
+ * sign joins the high byte, and interleaving low and high bytes gives 64
+ * bf16, widened to float as the bf16 path does (even words << 16, odd words
+ * & 0xffff0000). Per 16 elements that is about 2 operations instead of the
+ * 6 of e4m3x16: the float arithmetic path is bound by them, not by memory.
+ * The four float vectors of a 64-byte chunk hold elements
+ *   d(v, e) = 16 (e / 4) + 8 (v / 2) + 2 (e % 4) + v % 2    (vector v, lane e)
+ * (unpack works within 128-bit lanes), so q and the output accumulators
+ * live in that order (qp, op: per head D floats). Every product is the
+ * exact float product of ops_ref.c. */
+#define E4M3_SUB(i) ((i) == 0 ? 0 : (i) == 1 ? 0x3b00 : (i) < 4 ? 0x3b80 | ((i)&1) << 6 : 0x3c00 | ((i)&3) << 5)
+#define E4M3_BF16(i) ((i) == 0x7f ? 0x7fc0 : (i) >= 8 ? (((i) >> 3) + 120) << 7 | ((i)&7) << 4 : E4M3_SUB(i))
+#define E4M3_X4(i) E4M3_BF16(i), E4M3_BF16((i) + 1), E4M3_BF16((i) + 2), E4M3_BF16((i) + 3)
+#define E4M3_X16(i) E4M3_X4(i), E4M3_X4((i) + 4), E4M3_X4((i) + 8), E4M3_X4((i) + 12)
+static const uint16_t e4m3_bf16[128] = {E4M3_X16(0),  E4M3_X16(16), E4M3_X16(32), E4M3_X16(48),
+                                        E4M3_X16(64), E4M3_X16(80), E4M3_X16(96), E4M3_X16(112)};
+
+__attribute__((target("avx512vbmi"))) static void attn_part_e4m3_vbmi(const op_attn *a, int t, int j0, int j1,
+                                                                      float *sc, float *m, float *l, float *o,
+                                                                      float *qp, float *op) {
+    const int D = a->D, H = a->H, nc = D / 64, group = a->H / a->Hkv, n = j1 - j0;
+    __m512i hi0, hi1, lo0, lo1; /* the tables: entries 0..63 and 64..127 */
+    {
+        __m256i hb[4], lb[4];
+        for (int i = 0; i < 4; i++) {
+            const __m512i w = _mm512_loadu_si512(e4m3_bf16 + 32 * i);
+            hb[i] = _mm512_cvtepi16_epi8(_mm512_srli_epi16(w, 8));
+            lb[i] = _mm512_cvtepi16_epi8(w);
+        }
+        hi0 = _mm512_inserti64x4(_mm512_castsi256_si512(hb[0]), hb[1], 1);
+        hi1 = _mm512_inserti64x4(_mm512_castsi256_si512(hb[2]), hb[3], 1);
+        lo0 = _mm512_inserti64x4(_mm512_castsi256_si512(lb[0]), lb[1], 1);
+        lo1 = _mm512_inserti64x4(_mm512_castsi256_si512(lb[2]), lb[3], 1);
+    }
+    const __m512i sign = _mm512_set1_epi8((char)0x80), oddm = _mm512_set1_epi32((int)0xffff0000u);
+    /* 64 e4m3 bytes at p as four float vectors in the order above */
+#define E4M3_WIDEN64(p, f)                                                                                           \
+    do {                                                                                                             \
+        const __m512i b_ = _mm512_loadu_si512(p);                                                                    \
+        const __m512i h_ =                                                                                           \
+            _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, b_, hi1), b_, sign, 0xf8); /* hi | (b & 0x80) */ \
+        const __m512i l_ = _mm512_permutex2var_epi8(lo0, b_, lo1);                                                   \
+        const __m512i w0_ = _mm512_unpacklo_epi8(l_, h_), w1_ = _mm512_unpackhi_epi8(l_, h_);                        \
+        f[0] = _mm512_castsi512_ps(_mm512_slli_epi32(w0_, 16));                                                      \
+        f[1] = _mm512_castsi512_ps(_mm512_and_si512(w0_, oddm));                                                     \
+        f[2] = _mm512_castsi512_ps(_mm512_slli_epi32(w1_, 16));                                                      \
+        f[3] = _mm512_castsi512_ps(_mm512_and_si512(w1_, oddm));                                                     \
+    } while (0)
+    const float *q = a->q + (size_t)t * a->ldq;
+    for (int h = 0; h < H; h++)
+        for (int c = 0; c < nc; c++)
+            for (int v = 0; v < 4; v++)
+                for (int e = 0; e < 16; e++)
+                    qp[(size_t)h * D + 64 * c + 16 * v + e] =
+                        q[(size_t)h * D + 64 * c + 16 * (e / 4) + 8 * (v / 2) + 2 * (e % 4) + v % 2];
+    const __m128 scale = _mm_set1_ps(a->scale);
+    for (int j = j0; j < j1; j++) {
+        const uint8_t *kr = op_attn_row(a, a->k, a->ldk, j);
+        for (int h0 = 0; h0 < H; h0 += 4) {
+            __m512 acc[4];
+            for (int i = 0; i < 4; i++) {
+                acc[i] = _mm512_setzero_ps();
+                const int h = h0 + i;
+                if (h >= H) continue;
+                const uint8_t *kh = kr + (size_t)(h / group) * D;
+                const float *qh = qp + (size_t)h * D;
+                for (int c = 0; c < nc; c++) {
+                    __m512 f[4];
+                    E4M3_WIDEN64(kh + 64 * c, f);
+                    for (int v = 0; v < 4; v++)
+                        acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 64 * c + 16 * v), f[v], acc[i]);
+                }
+            }
+            float s4[4];
+            _mm_storeu_ps(s4, _mm_mul_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), scale));
+            for (int i = 0; i < 4 && h0 + i < H; i++) sc[(size_t)(h0 + i) * n + (j - j0)] = s4[i];
+        }
+    }
+    part_softmax(sc, n, H, m, l);
+    for (size_t i = 0; i < (size_t)H * D; i++) op[i] = 0.0f;
+    for (int j = j0; j < j1; j++) {
+        const uint8_t *vr = op_attn_row(a, a->v, a->ldv, j);
+        for (int h = 0; h < H; h++) {
+            const __m512 p = _mm512_set1_ps(sc[(size_t)h * n + (j - j0)]);
+            const uint8_t *vh = vr + (size_t)(h / group) * D;
+            float *oh = op + (size_t)h * D;
+            for (int c = 0; c < nc; c++) {
+                __m512 f[4];
+                E4M3_WIDEN64(vh + 64 * c, f);
+                for (int v = 0; v < 4; v++)
+                    _mm512_storeu_ps(oh + 64 * c + 16 * v,
+                                     _mm512_fmadd_ps(p, f[v], _mm512_loadu_ps(oh + 64 * c + 16 * v)));
+            }
+        }
+    }
+#undef E4M3_WIDEN64
+    for (int h = 0; h < H; h++)
+        for (int c = 0; c < nc; c++)
+            for (int v = 0; v < 4; v++)
+                for (int e = 0; e < 16; e++)
+                    o[(size_t)h * D + 64 * c + 16 * (e / 4) + 8 * (v / 2) + 2 * (e % 4) + v % 2] =
+                        op[(size_t)h * D + 64 * c + 16 * v + e];
+}
+
 static void attn_part_avx512(const op_attn *a, int t, int j0, int j1, float *sc, float *m, float *l, float *o) {
     if (a->kv_dt == DT_BF16 && a->D <= 256) {
         /* scratch after the scores: qeo and oeo */
@@ -703,6 +838,12 @@ static void attn_part_avx512(const op_attn *a, int t, int j0, int j1, float *sc,
         attn_part_bf16(a, t, j0, j1, sc, m, l, o, qeo, qeo + (size_t)a->H * ((a->D + 31) / 32) * 32);
     } else if (a->kv_dt == DT_BF16) {
         attn_part_dt(DT_BF16, a, t, j0, j1, sc, m, l, o);
+    } else if (a->kv_dt == DT_E4M3 && a->D % 64 == 0 && a->D <= 256 && __builtin_cpu_supports("avx512vbmi")) {
+        /* scratch after the scores: qp and op (ATTN_PART_SCRATCH's room for qeo and oeo) */
+        float *qp = sc + (((size_t)a->H * (size_t)(j1 - j0) + 15) & ~(size_t)15);
+        attn_part_e4m3_vbmi(a, t, j0, j1, sc, m, l, o, qp, qp + (size_t)a->H * a->D);
+    } else if (a->kv_dt == DT_E4M3) {
+        attn_part_dt(DT_E4M3, a, t, j0, j1, sc, m, l, o);
     } else {
         attn_part_dt(DT_F32, a, t, j0, j1, sc, m, l, o);
     }

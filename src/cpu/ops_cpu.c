@@ -728,9 +728,26 @@ static void attn_block_task(void *arg, int task, int thread) {
     /* With paged keys the block size is a multiple of nr (checked by the
      * caller), so a panel never straddles two blocks. */
     const size_t es = kv_elem_bytes(a->kv_dt);
-    for (int p = 0; p < nkp; p++)
-        gm->pack(kt + (size_t)p * D * nr, (const char *)op_attn_row(a, a->k, a->ldk, p * nr) + (size_t)g * D * es,
-                 a->kv_dt, (size_t)a->ldk, imin(nr, Lmax - p * nr), 0, D, D);
+    /* e4m3 caches: widened through a table of the 256 bytes' values (the
+     * packs know float, bf16 and f16 only); the panel layout is the pack's,
+     * [D][nr] with rows past the keys zero. */
+    float f8[256];
+    if (a->kv_dt == DT_E4M3)
+        for (int b = 0; b < 256; b++) f8[b] = e4m3_to_f32((uint8_t)b);
+    for (int p = 0; p < nkp; p++) {
+        float *dst = kt + (size_t)p * D * nr;
+        const int rows = imin(nr, Lmax - p * nr);
+        if (a->kv_dt != DT_E4M3) {
+            gm->pack(dst, (const char *)op_attn_row(a, a->k, a->ldk, p * nr) + (size_t)g * D * es, a->kv_dt,
+                     (size_t)a->ldk, rows, 0, D, D);
+            continue;
+        }
+        for (int i = 0; i < nr; i++) {
+            const uint8_t *src =
+                i < rows ? (const uint8_t *)op_attn_row(a, a->k, a->ldk, p * nr + i) + (size_t)g * D : NULL;
+            for (int d = 0; d < D; d++) dst[(size_t)d * nr + i] = src ? f8[src[d]] : 0.0f;
+        }
+    }
     for (int dp = 0; dp < ndp; dp++) {
         const int nc = imin(nr, D - dp * nr);
         float *dst = vp + (size_t)dp * j->Spad * nr;
@@ -739,6 +756,8 @@ static void attn_block_task(void *arg, int task, int thread) {
             const size_t c0 = (size_t)g * D + (size_t)dp * nr;
             if (a->kv_dt == DT_F32)
                 memcpy(dst + (size_t)s * nr, (const float *)src + c0, (size_t)nc * 4);
+            else if (a->kv_dt == DT_E4M3)
+                for (int i = 0; i < nc; i++) dst[(size_t)s * nr + i] = f8[((const uint8_t *)src)[c0 + (size_t)i]];
             else
                 for (int i = 0; i < nc; i++) dst[(size_t)s * nr + i] = kv_get(src, a->kv_dt, c0 + (size_t)i);
             memset(dst + (size_t)s * nr + nc, 0, (size_t)(nr - nc) * 4);

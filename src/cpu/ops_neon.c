@@ -269,8 +269,20 @@ static float softmax_neon(float *s, int n, float scale) {
 
 /* Column tails in scalar code here and below: partial vector loads inside
  * these loops made GCC 12 keep the accumulators on the stack. */
-/* 4 KV elements of dtype dt (DT_F32 or DT_BF16) at element i of row p. */
+/* 4 KV elements of dtype dt (DT_F32, DT_BF16 or DT_E4M3) at element i of
+ * row p. e4m3 is widened in registers with the bit trick of ops_avx512.c's
+ * e4m3x16 (sign-extend, shift the exponent and mantissa into a float's,
+ * times 2^120; NaN for S.1111.111): exact. */
 static inline float32x4_t ldkv4(const void *p, dtype dt, size_t i) {
+    if (dt == DT_E4M3) {
+        uint32_t w;
+        memcpy(&w, (const uint8_t *)p + i, 4);
+        const int32x4_t x = vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_u32(vdup_n_u32(w)))));
+        const uint32x4_t t = vshlq_n_u32(vreinterpretq_u32_s32(x), 20), em = vdupq_n_u32(0x07f00000u);
+        const uint32x4_t nan = vceqq_u32(vandq_u32(t, em), em);
+        const float32x4_t f = vmulq_n_f32(vreinterpretq_f32_u32(vandq_u32(t, vdupq_n_u32(0x87f00000u))), 0x1p120f);
+        return vbslq_f32(nan, vdupq_n_f32(NAN), f);
+    }
     if (dt == DT_BF16) return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t *)p + i), 16));
     return vld1q_f32((const float *)p + i);
 }
