@@ -120,33 +120,10 @@ static json_t *load_cases(const char *path) {
 }
 
 int main(void) {
-    const char *shared = test_shared_dir();
-    char data[2048], image_dir[4096], tok2[4096], tok3[4096], gen2[4096], gen3[4096], c2[4096], c3[4096];
-    snprintf(data, sizeof data, "%s/tests/data", test_source_dir());
-    if (shared) {
-        snprintf(image_dir, sizeof image_dir, "%s/fixtures/images", shared);
-        snprintf(c2, sizeof c2, "%s/fixtures/reference/md2-small/cases.json", shared);
-        snprintf(c3, sizeof c3, "%s/fixtures/reference/md3-small/cases.json", shared);
-        snprintf(tok2, sizeof tok2, "%s/fixtures/models/md2-small/tokenizer.json", shared);
-        snprintf(tok3, sizeof tok3, "%s/fixtures/models/md3-small/tokenizer.json", shared);
-    } else {
-        printf("note: ../shared is absent: models regenerated from their seeds, cases from tests/data\n");
-        snprintf(image_dir, sizeof image_dir, "%s/images", data);
-        snprintf(c2, sizeof c2, "%s/md2-small/cases.json", data);
-        snprintf(c3, sizeof c3, "%s/md3-small/cases.json", data);
-        snprintf(tok2, sizeof tok2, "%s/precision-gpt2.tokenizer.json", ALBEDO_BINARY_DIR);
-        snprintf(tok3, sizeof tok3, "%s", tok2);
-        char gz[4200];
-        snprintf(gz, sizeof gz, "%s/tokenizer/gpt2.tokenizer.json.gz", data);
-        CHECK(gunzip(gz, tok2) == 0, "cannot decompress %s", gz);
-    }
-    snprintf(gen2, sizeof gen2, "%s/precision-md2-small", ALBEDO_BINARY_DIR);
-    snprintf(gen3, sizeof gen3, "%s/precision-md3-small", ALBEDO_BINARY_DIR);
-    CHECK(albedo_synth_write(gen2, "md2-small", 20261127, 0, tok2) == ALBEDO_OK, "synth md2-small: %s",
-          albedo_last_error());
-    CHECK(albedo_synth_write(gen3, "md3-small", 31337, 0, tok3) == ALBEDO_OK, "synth md3-small: %s",
-          albedo_last_error());
-    json_t *r2 = load_cases(c2), *r3 = load_cases(c3);
+    small_models sm;
+    if (small_models_make(&sm, "precision")) TEST_MAIN_END();
+    const char *image_dir = sm.image_dir, *gen2 = sm.model2, *gen3 = sm.model3;
+    json_t *r2 = load_cases(sm.cases2), *r3 = load_cases(sm.cases3);
     if (r2) run_model("md2-small", gen2, json_object_get(r2, "cases"), image_dir);
     if (r3) run_model("md3-small", gen3, json_object_get(r3, "cases"), image_dir);
     json_decref(r2), json_decref(r3);
