@@ -564,12 +564,16 @@ static void test_linears_q(void) {
     test_linear_q(1, 2048, 256, DT_Q8, DT_BF16, 0, 0);
     test_linear_q(1, 8192, 64, DT_Q4, DT_BF16, 0, 0);
     /* decode rows over whole block pairs (the 512-bit T = 1 kernels), odd
-     * pair counts and N, with and without bias */
+     * pair counts and N, with and without bias; Q4 over block quads (K a
+     * multiple of 128: two row streams a thread, and the odd row alone) */
     for (int d = 0; d < 2; d++) {
         test_linear_q(1, 64, 3, d ? DT_Q4 : DT_Q8, DT_F32, 0, 0);
         test_linear_q(1, 192, 31, d ? DT_Q4 : DT_Q8, -1, 1, 2);
         test_linear_q(1, 640, 33, d ? DT_Q4 : DT_Q8, DT_BF16, 0, 1);
     }
+    test_linear_q(1, 128, 1, DT_Q4, DT_F32, 0, 0);
+    test_linear_q(1, 384, 2, DT_Q4, -1, 1, 2);
+    test_linear_q(1, 1024, 7, DT_Q4, DT_BF16, 0, 1);
     /* the integer matrix product: several K blocks of 16 blocks, a partial
      * block, partial panels, tiles of every height */
     test_linear_q(30, 2048 + 40, 70, DT_Q8, DT_BF16, 3, 1);
