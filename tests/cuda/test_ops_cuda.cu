@@ -3,7 +3,7 @@
  * scalar CPU reference (src/cpu/ops_ref.c, through ops_ctx_new("ref")).
  *
  * Inputs are seeded random, never zero, at sizes that are not multiples of
- * any tile (64-row attention tiles, 8-element vectors, 4-warp GEMV blocks),
+ * any tile (64- and 128-row attention tiles, 8-element vectors, 4-warp GEMV blocks),
  * with row strides wider than the rows. Every device buffer has GUARD
  * poisoned elements on both sides, and outputs (and their row padding, and
  * the KV-cache slots no op may touch) are poisoned before each run: after
