@@ -260,6 +260,15 @@ __device__ __forceinline__ float ex2(float x) {
  * ~250 registers: 8 warps an SM instead of 16, and on the H100 that lost
  * more than the shared-memory reads gained (docs/CUDA.md); only MS = 1 is
  * instantiated now. */
+/* The register bound below was measured on sm_90 only; other targets keep
+ * the kernel's earlier unbounded form (ptxas then spills nothing at D = 72),
+ * and their contexts default to the 64-row geometry (ctx.cu). */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 900
+#define FA_MIN_BLOCKS(...) 1
+#else
+#define FA_MIN_BLOCKS(...) (__VA_ARGS__)
+#endif
+
 template <int MS, int NW, int DP> struct fa_geom {
     static constexpr int BQ = 16 * MS * NW, THREADS = 32 * NW;
     /* One slab: up to 128 registers, 16 warps an SM; two: 8. Heads wider
@@ -276,7 +285,7 @@ template <int MS, int NW, int DP> struct fa_geom {
  * exponent: p = 2^(s·scale_log2 − m·scale_log2), one FMA and one ex2 a
  * score. */
 template <int DP, bool PG, bool F8, int MS, int NW>
-__global__ void __launch_bounds__(fa_geom<MS, NW, DP>::THREADS, fa_geom<MS, NW, DP>::MIN_BLOCKS)
+__global__ void __launch_bounds__(fa_geom<MS, NW, DP>::THREADS, FA_MIN_BLOCKS(fa_geom<MS, NW, DP>::MIN_BLOCKS))
     flash_attn_kernel(cuda_attn a, float scale_log2) {
     pdl_trigger();
     pdl_wait();

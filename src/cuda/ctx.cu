@@ -104,9 +104,13 @@ albedo_status cuda_ctx_new(int device, cuda_ctx **out, errbuf *e) {
     /* ALBEDO_CUDA_GEMV_MAX_T (1..8) moves the GEMV/cuBLASLt switch, for measuring it. */
     env = getenv("ALBEDO_CUDA_GEMV_MAX_T");
     c->gemv_max_t = env && atoi(env) >= 1 && atoi(env) <= 8 ? atoi(env) : 8;
-    /* ALBEDO_CUDA_FLASH=N picks the flash kernel's geometry, for measuring it. */
+    /* ALBEDO_CUDA_FLASH=N picks the flash kernel's geometry, for measuring
+     * it; the 128-row default was measured on sm_90 (H100), other cards keep
+     * the 64-row blocks they had. */
     env = getenv("ALBEDO_CUDA_FLASH");
-    cuda_ctx_set_flash(c, env ? atoi(env) : CUDA_FLASH_128);
+    int cc_major = 0;
+    cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, c->device);
+    cuda_ctx_set_flash(c, env ? atoi(env) : cc_major == 9 ? CUDA_FLASH_128 : CUDA_FLASH_64);
     st = cuda_attention_init(c);
     if (st != ALBEDO_OK) return new_fail(c, e, st);
     *out = c;
