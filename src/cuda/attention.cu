@@ -5,8 +5,8 @@
  *   flash_attn_kernel (T > 8: vision crops, prefill), FlashAttention-2
  *   style on mma.sync (m16n8k16, bf16 in, fp32 accumulate; sm_80+). One
  *   block = 128 query rows of one head of one sequence, 8 warps of 16 rows
- *   each (64 rows as 4 warps for T <= 64 and heads wider than 80; the
- *   geometries: fa_geom, cuda_ctx_set_flash). Key/value tiles of 64 rows
+ *   each (64 rows as 4 warps for T <= 64, heads wider than 80 and cards
+ *   other than sm_90; fa_geom, cuda_ctx_set_flash). Key/value tiles of 64 rows
  *   are copied into shared memory with cp.async into a ring of three
  *   buffers, two tiles ahead, one barrier a tile (two buffers and two
  *   barriers for 64-row blocks). Each warp keeps its Q fragments, its
