@@ -18,6 +18,10 @@
  *      through the same cuda_linear is measured beside it).
  *
  *   bench_decode [replays=100]
+ *   bench_decode [replays] attn    only the flash attention, under each
+ *                                  block geometry (cuda_ctx_set_flash):
+ *                                  vision's 27 layers, the 730-token
+ *                                  prefix's 24, a 20-row prompt's 24
  * Build: cmake -S . -B build-cuda -DALBEDO_CUDA=ON && cmake --build build-cuda --target bench_decode
  * Pass -DALBEDO_COMMIT='"<hash>"' (CMAKE_CUDA_FLAGS) to have the commit printed.
  */
@@ -394,6 +398,96 @@ static void vision_init(vision *m) {
 
 /* ---- main ------------------------------------------------------------------------------------ */
 
+/* The image prefix's attention in the engine's forms: through a block
+ * table over a token-major pool (segments), or over e4m3 head-major caches. */
+typedef struct pform {
+    cuda_attn a;
+} pform;
+
+static void pform_step(void *arg) {
+    pform *p = (pform *)arg;
+    for (int i = 0; i < TL; i++) OP(cuda_attention(G, &p->a));
+}
+
+/* The flash kernel alone under each block geometry: vision (27 layers, 9
+ * crops), the image prefix (24 layers, 730 rows, bidirectional) on a
+ * session's cache, through the engine's block table, and over e4m3 caches,
+ * and a prompt (24 layers, 20 rows at position 730 over the cache). */
+static int attn_only(int reps) {
+    static text tm;
+    static vision vm;
+    text_init(&tm, PREFIX);
+    vision_init(&vm);
+    /* The paged form: an identity block table of 16-position blocks over a
+     * token-major pool ([rows][3·TC]: the qkv rows' k and v parts). */
+    pform pg, f8;
+    memset(&pg, 0, sizeof pg);
+    {
+        const int bs = 16, nb = (PREFIX + bs - 1) / bs;
+        int seg[4] = {0, PREFIX, 0, PREFIX}, bt[64];
+        for (int i = 0; i < nb; i++) bt[i] = i;
+        /* On S, after dalloc's zeroing there (a legacy-stream copy could land first). */
+        int *dseg = (int *)dalloc(sizeof seg), *dbt = (int *)dalloc(sizeof bt);
+        CK(cudaMemcpyAsync(dseg, seg, sizeof seg, cudaMemcpyHostToDevice, S));
+        CK(cudaMemcpyAsync(dbt, bt, sizeof bt, cudaMemcpyHostToDevice, S));
+        CK(cudaStreamSynchronize(S));
+        cuda_attn *a = &pg.a;
+        a->T = PREFIX, a->S = PREFIX, a->H = TH, a->Hkv = TH, a->D = TD, a->n_prefix = PREFIX, a->n_seq = 1;
+        a->scale = 0.125f, a->seg = dseg, a->blocks = dbt, a->block_size = bs, a->blocks_ld = nb;
+        a->q = tm.qkv, a->ldq = 3 * TC;
+        a->k = tm.qkv + TC, a->ldk = 3 * TC, a->k_head = TD;
+        a->v = tm.qkv + 2 * TC, a->ldv = 3 * TC, a->v_head = TD;
+        a->out = tm.att, a->ldo = TC;
+    }
+    /* e4m3 caches [TH][NCTX][TD] of random values 2^-4 .. 2^2 (never NaN). */
+    memset(&f8, 0, sizeof f8);
+    {
+        const size_t n = (size_t)TH * NCTX * TD;
+        uint8_t *hb = (uint8_t *)malloc(n);
+        for (size_t i = 0; i < n; i++) hb[i] = (uint8_t)((rand() & 0x80) | ((3 + rand() % 6) << 3) | (rand() & 7));
+        uint8_t *kc = (uint8_t *)dalloc(n), *vc = (uint8_t *)dalloc(n);
+        CK(cudaMemcpyAsync(kc, hb, n, cudaMemcpyHostToDevice, S));
+        CK(cudaMemcpyAsync(vc, hb, n, cudaMemcpyHostToDevice, S));
+        CK(cudaStreamSynchronize(S));
+        free(hb);
+        cuda_attn *a = &f8.a;
+        a->T = PREFIX, a->S = PREFIX, a->H = TH, a->Hkv = TH, a->D = TD, a->n_prefix = PREFIX, a->n_seq = 1;
+        a->scale = 0.125f, a->kv_fp8 = 1, a->k_scale = 0.5f, a->v_scale = 0.25f;
+        a->q = tm.qkv, a->ldq = 3 * TC;
+        a->k = kc, a->ldk = TD, a->k_head = (long)NCTX * TD;
+        a->v = vc, a->ldv = TD, a->v_head = (long)NCTX * TD;
+        a->out = tm.att, a->ldo = TC;
+    }
+    CK(cudaStreamSynchronize(S));
+    const double vis_flops = 4.0 * CROPS * (double)VTOK * VTOK * VD * VH * VL;
+    const double pre_flops = 4.0 * PREFIX * (double)PREFIX * TD * TH * TL;
+    static const int geoms[] = {CUDA_FLASH_64, CUDA_FLASH_128, CUDA_FLASH_128 | CUDA_FLASH_PAD16,
+                                CUDA_FLASH_64 | CUDA_FLASH_PAD16, CUDA_FLASH_128};
+    static const char *names[] = {"64 rows, 4 warps x 16", "128 rows, 8 warps x 16 (default)",
+                                  "128 rows, D 72 padded to 80", "64 rows, D 72 padded to 80",
+                                  "128 rows, 8 warps x 16 (default, again)"};
+    printf("%-40s %10s %8s %10s %8s %10s %10s %10s\n", "flash geometry (ms)", "vision", "TFLOP/s", "prefix", "TFLOP/s",
+           "paged", "e4m3", "prompt 20");
+    for (int i = 0; i < (int)(sizeof geoms / sizeof geoms[0]); i++) {
+        cuda_ctx_set_flash(G, geoms[i]);
+        vm.what = 2;
+        const float vis_ms = time_step(vision_step, &vm, reps);
+        tm.what = 4, tm.T = PREFIX, tm.pos0 = 0, tm.n_prefix = PREFIX;
+        const float pre_ms = time_step(text_step, &tm, reps);
+        const float pg_ms = time_step(pform_step, &pg, reps);
+        const float f8_ms = time_step(pform_step, &f8, reps);
+        tm.T = 20, tm.pos0 = PREFIX, tm.n_prefix = PREFIX;
+        const float pr_ms = time_step(text_step, &tm, reps);
+        printf("%-40s %10.3f %8.0f %10.3f %8.0f %10.3f %10.3f %10.3f\n", names[i], vis_ms,
+               vis_flops / (vis_ms * 1e-3) / 1e12, pre_ms, pre_flops / (pre_ms * 1e-3) / 1e12, pg_ms, f8_ms, pr_ms);
+    }
+    cuda_ctx_set_flash(G, CUDA_FLASH_128);
+    CK(cudaDeviceSynchronize());
+    cuda_ctx_free(G2);
+    cuda_ctx_free(G);
+    return 0;
+}
+
 typedef struct gemm_arg {
     cuda_linear_w L;
     uint16_t *x, *y;
@@ -430,6 +524,7 @@ int main(int argc, char **argv) {
            prop.name, prop.major, prop.minor, prop.multiProcessorCount, prop.l2CacheSize / 1048576.0,
            prop.totalGlobalMem / 1073741824.0, rt, drv, ALBEDO_COMMIT);
     printf("Moondream 2 shapes, random bf16 weights; medians of %d graph replays after warm-up\n\n", reps);
+    if (argc > 2 && strcmp(argv[2], "attn") == 0) return attn_only(reps);
 
     /* Copy bandwidth: 1 GiB device-to-device, counting bytes read + written. */
     const size_t cb = (size_t)1 << 30;

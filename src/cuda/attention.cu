@@ -4,20 +4,27 @@
  *
  *   flash_attn_kernel (T > 8: vision crops, prefill), FlashAttention-2
  *   style on mma.sync (m16n8k16, bf16 in, fp32 accumulate; sm_80+). One
- *   block = 64 query rows of one head of one sequence, 4 warps of 16 rows
- *   each. Key/value tiles of 64 rows are copied into shared memory with
- *   cp.async, tile i+1 while tile i is computed. Each warp keeps its Q
- *   fragments, its 16×64 score tile S, and its 16×DP output O in
- *   registers: S = Q·Kᵀ (K fragments by ldmatrix), masking and the online
- *   softmax on the accumulators (a row's running max m and sum l; a quad
- *   of lanes shares a row), P rounded to bf16 and reused in place as the A
- *   operand of O += P·V (V fragments by ldmatrix.trans). Nothing goes back
- *   through shared memory. The head dimension is padded with zeros to DP,
- *   a multiple of 16 (72 -> 80). Only key tiles that some row of the block
- *   can see are visited.
+ *   block = 128 query rows of one head of one sequence, 8 warps of 16 rows
+ *   each (64 rows as 4 warps for T <= 64, heads wider than 80 and cards
+ *   other than sm_90; fa_geom, cuda_ctx_set_flash). Key/value tiles of 64 rows
+ *   are copied into shared memory with cp.async into a ring of three
+ *   buffers, two tiles ahead, one barrier a tile (two buffers and two
+ *   barriers for 64-row blocks). Each warp keeps its Q fragments, its
+ *   16×64 score tile S, and its 16×DP output O in registers: S = Q·Kᵀ (K
+ *   fragments by ldmatrix), masking and the online softmax on the
+ *   accumulators (raw scores; p = 2^(s·scale·log2e − m·scale·log2e), one
+ *   FMA and one ex2 each; O rescaled only when a row's max moved), P
+ *   rounded to bf16 and reused in place as the A operand of O += P·V (V
+ *   fragments by ldmatrix.trans) and of l += P·1 (the row sums on the
+ *   tensor cores). Nothing goes back through shared memory. The head
+ *   dimension is padded with zeros to DP, a multiple of 8 (72 has its own
+ *   instance: k = 8 MMAs for its last 8 dims and 9 output tiles, no
+ *   padding), the next of 64, 72, 80, 96, 128. Only key tiles that some
+ *   row of the block can see are visited.
  *
- *     Qs [64][DP+8] bf16   Ks, Vs [2][64][DP+8]
- *   (rows padded by 16 bytes: ldmatrix rows land in distinct banks).
+ *     Qs [BQ][LDK] bf16   Ks, Vs [3 or 2][64][LDK]
+ *   (LDK = DP or DP + 8, an odd number of 16-byte units: the 8 rows of an
+ *   ldmatrix land in distinct banks).
  *
  *   attn_decode_kernel (T <= 8: decode). Flash-decoding: the visible keys
  *   are cut into chunks (128 keys, a 32-key tile per warp, while that
@@ -45,13 +52,19 @@ __device__ __forceinline__ int key_end(int p, int n_prefix, int S) {
 
 /* ---- flash attention (tensor cores) ------------------------------------------ */
 
-#define FA_BQ 64
-#define FA_BK 64
-#define FA_WARPS 4
+#define FA_BK 64 /* keys a tile */
 
+/* Shared-memory rows of DP bf16 (DP a multiple of 8): an odd number of
+ * 16-byte units, so that the 8 rows one ldmatrix reads fall in distinct
+ * banks (72 needs no padding, 64 and 80 take 8 more). */
 template <int DP> struct fa_shape {
-    static constexpr int LDK = DP + 8; /* Q/K/V smem row, bf16 */
-    static constexpr size_t bytes = (size_t)5 * 64 * LDK * 2;
+    static constexpr int LDK = (DP / 8) % 2 ? DP : DP + 8;
+    /* K/V buffers: three for blocks of 128 rows and more (one barrier a
+     * tile, loads two tiles ahead), two below (the 64-row blocks keep their
+     * 4 blocks an SM). */
+    static constexpr __host__ __device__ int stages(int bq) { return bq >= 128 ? 3 : 2; }
+    /* Q [BQ][LDK], K and V [stages][64][LDK] */
+    static constexpr size_t bytes(int bq) { return (size_t)(bq + 2 * stages(bq) * FA_BK) * LDK * 2; }
 };
 
 /* 16-byte asynchronous copy global -> shared (sm_80+); src_bytes 0 writes
@@ -60,13 +73,20 @@ __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int src
     const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(sa), "l"(gmem), "r"(src_bytes) : "memory");
 }
+/* The same with a predicate: !in writes zeros and leaves gmem untouched
+ * (ignore-src), so gmem may point past the matrix. */
+__device__ __forceinline__ void cp_async16_if(void *smem, const void *gmem, bool in) {
+    const unsigned sa = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("{\n\t.reg .pred p;\n\tsetp.eq.u32 p, %2, 0;\n\t"
+                 "cp.async.cg.shared.global [%0], [%1], 16, p;\n\t}" ::"r"(sa),
+                 "l"(gmem), "r"((unsigned)in)
+                 : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-/* Start copying rows [r0, r0 + 64) of a [rows, D] bf16 matrix (row stride
- * ld) into smem [64][LDK], zero-filling columns D..DP-1 and rows >= n_rows. */
 /* Cache row of key j: through the block table bt when paged. */
 __device__ __forceinline__ long key_row(const int32_t *bt, int bs, int j) {
     return bt ? (long)bt[j / bs] * bs + j % bs : (long)j;
@@ -99,7 +119,7 @@ template <int DP>
 __device__ __forceinline__ void fa_load_tile_f8(bf16 *dst, const uint8_t *src, long ld, int r0, int n_rows, int D,
                                                 const int32_t *bt, int bs) {
     constexpr int LDK = fa_shape<DP>::LDK, CH = DP / 8;
-    for (int idx = threadIdx.x; idx < 64 * CH; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < FA_BK * CH; idx += blockDim.x) {
         const int r = idx / CH, ch = idx % CH;
         uint4 v = make_uint4(0, 0, 0, 0);
         if (r0 + r < n_rows && ch * 8 < D)
@@ -108,23 +128,69 @@ __device__ __forceinline__ void fa_load_tile_f8(bf16 *dst, const uint8_t *src, l
     }
 }
 
-template <int DP>
+/* A thread's part of the K/V tile copies in plain layouts (no block table),
+ * tiles taken in order: CH 16-byte chunks a row, RP = THREADS / CH rows a
+ * pass; thread t < RP·CH copies chunk t % CH of rows t / CH + RP·u, u <
+ * PASSES, from pointers that step a tile at a time. A chunk costs a 64-bit
+ * add, a compare and the copy (the per-chunk index arithmetic of
+ * fa_load_tile_async was a third of the loop's instructions). */
+template <int DP, int THREADS> struct fa_copier {
+    static constexpr int LDK = fa_shape<DP>::LDK, CH = DP / 8, RP = THREADS / CH, PASSES = (FA_BK + RP - 1) / RP;
+    int row, sm;         /* the first row (FA_BK: a spare thread, copies nothing); its smem offset */
+    bool col_in;         /* the chunk holds data (else zeros: columns D..DP-1) */
+    const bf16 *gk, *gv; /* the chunk in the next tile's first row of K and V */
+    __device__ __forceinline__ fa_copier(const bf16 *k, long ldk, const bf16 *v, long ldv, int D) {
+        const int t = threadIdx.x, col = t % CH;
+        row = t < RP * CH ? t / CH : FA_BK;
+        col_in = col * 8 < D;
+        sm = row * LDK + col * 8;
+        gk = k + (long)row * ldk + col * 8, gv = v + (long)row * ldv + col * 8;
+    }
+    /* Start copying the next tile's rows [r0, r0 + 64) of K and V (row
+     * strides ldk, ldv) into dk, dv [64][LDK], zeros for columns D..DP-1
+     * and rows >= n_rows. */
+    __device__ __forceinline__ void next(bf16 *dk, bf16 *dv, long ldk, long ldv, int r0, int n_rows) {
+        const bf16 *pk = gk, *pv = gv;
+#pragma unroll
+        for (int u = 0; u < PASSES; u++) {
+            const int r = row + u * RP;
+            if (r < FA_BK) {
+                const bool in = col_in && r0 + r < n_rows;
+                cp_async16_if(dk + sm + u * RP * LDK, pk, in);
+                cp_async16_if(dv + sm + u * RP * LDK, pv, in);
+            }
+            pk += RP * ldk, pv += RP * ldv;
+        }
+        gk += FA_BK * ldk, gv += FA_BK * ldv;
+    }
+};
+
+/* Start copying rows [r0, r0 + 64) of a [rows, D] bf16 matrix (row stride
+ * ld; rows through the block table when paged) into smem [64][LDK],
+ * zero-filling columns D..DP-1 and rows >= n_rows. */
+template <int DP, int THREADS>
 __device__ __forceinline__ void fa_load_tile_async(bf16 *dst, const bf16 *src, long ld, int r0, int n_rows, int D,
                                                    const int32_t *bt = nullptr, int bs = 1) {
-    constexpr int LDK = fa_shape<DP>::LDK, CH = DP / 8;
-    for (int idx = threadIdx.x; idx < 64 * CH; idx += blockDim.x) {
-        const int r = idx / CH, ch = idx % CH;
-        const bool in = r0 + r < n_rows && ch * 8 < D;
-        cp_async16(dst + r * LDK + ch * 8, in ? src + key_row(bt, bs, r0 + r) * ld + ch * 8 : src, in ? 16 : 0);
+    constexpr int LDK = fa_shape<DP>::LDK, CH = DP / 8, N = FA_BK * CH;
+    const bf16 *tile = src + (long)r0 * ld; /* plain layout: the tile's first row */
+#pragma unroll
+    for (int u = 0; u < (N + THREADS - 1) / THREADS; u++) {
+        const int idx = threadIdx.x + u * THREADS;
+        if (N % THREADS == 0 || idx < N) {
+            const int r = idx / CH, ch = idx % CH;
+            const bool in = r0 + r < n_rows && ch * 8 < D;
+            const bf16 *row = bt ? src + key_row(bt, bs, r0 + r) * ld : tile + r * ld;
+            cp_async16(dst + r * LDK + ch * 8, in ? row + ch * 8 : src, in ? 16 : 0);
+        }
     }
 }
 
-/* Copy rows [r0, r0 + 64) of a [rows, D] bf16 matrix (row stride ld) into
- * smem [64][LDK], zero-filling columns D..DP-1 and rows >= n_rows. */
-template <int DP>
+/* Copy rows [r0, r0 + ROWS) of a [rows, D] bf16 matrix (row stride ld) into
+ * smem [ROWS][LDK], zero-filling columns D..DP-1 and rows >= n_rows. */
+template <int DP, int ROWS>
 __device__ __forceinline__ void fa_load_tile(bf16 *dst, const bf16 *src, long ld, int r0, int n_rows, int D) {
     constexpr int LDK = fa_shape<DP>::LDK, CH = DP / 8;
-    for (int idx = threadIdx.x; idx < 64 * CH; idx += blockDim.x) {
+    for (int idx = threadIdx.x; idx < ROWS * CH; idx += blockDim.x) {
         const int r = idx / CH, ch = idx % CH;
         uint4 v = make_uint4(0, 0, 0, 0);
         if (r0 + r < n_rows && ch * 8 < D) v = *(const uint4 *)(src + (long)(r0 + r) * ld + ch * 8);
@@ -139,12 +205,19 @@ __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void *p) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_u32(p)));
 }
-__device__ __forceinline__ void ldsm_x2(uint32_t &r0, uint32_t &r1, const void *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(smem_u32(p)));
+__device__ __forceinline__ void ldsm_x2(uint32_t r[2], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_u32(p)));
 }
 __device__ __forceinline__ void ldsm_x4_t(uint32_t r[4], const void *p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x2_t(uint32_t r[2], const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
                  : "r"(smem_u32(p)));
 }
 
@@ -158,29 +231,74 @@ __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+/* The k = 8 form, for a head dimension's last 8 dims (72 = 4·16 + 8):
+ * a 16×8: (g, 2t..2t+1), (g+8, ..); b 8×8: (2t..2t+1, g). */
+__device__ __forceinline__ void mma1688(float c[4], const uint32_t a[2], uint32_t b) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+                 "{%4, %5}, {%6}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(b));
+}
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *(uint32_t *)&v;
 }
 
+/* 2^x on the special-function unit (exp2f adds a denormal fix-up that a
+ * softmax weight below 2^-126 does not need; -inf gives 0). */
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* Block geometries: MS 16-row slabs a warp, NW warps, BQ = 16·MS·NW query
+ * rows a block. The K/V tiles a block copies serve BQ queries, so 128 rows
+ * halve the copies (L2 reads, cp.async work) of 64. Two slabs a warp (MS =
+ * 2) let each K and V fragment loaded by ldmatrix feed two MMAs, but take
+ * ~250 registers: 8 warps an SM instead of 16, and on the H100 that lost
+ * more than the shared-memory reads gained (docs/CUDA.md); only MS = 1 is
+ * instantiated now. */
+/* The register bound below was measured on sm_90 only; other targets keep
+ * the kernel's earlier unbounded form (ptxas then spills nothing at D = 72),
+ * and their contexts default to the 64-row geometry (ctx.cu). */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 900
+#define FA_MIN_BLOCKS(...) 1
+#else
+#define FA_MIN_BLOCKS(...) (__VA_ARGS__)
+#endif
+
+template <int MS, int NW, int DP> struct fa_geom {
+    static constexpr int BQ = 16 * MS * NW, THREADS = 32 * NW;
+    /* One slab: up to 128 registers, 16 warps an SM; two: 8. Heads wider
+     * than 80 (one slab, 4 warps) get what they need, as before. */
+    static constexpr int MIN_BLOCKS = DP > 80 ? 1 : (MS == 2 ? 8 : 16) / NW;
+};
+
 /* PG: the segment / paged forms (cuda_attn.seg, .blocks). A separate
- * instance, because their bookkeeping in registers took the plain form
- * from 127 to 130 registers, 3 blocks an SM instead of 4 (vision attention
- * 4.5 → 5.4 ms on an H100); without PG the shape comes from the kernel
- * parameters as before. */
-template <int DP, bool PG, bool F8 = false>
-__global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, float scale_log2) {
+ * instance, because their bookkeeping in registers cost the plain form its
+ * occupancy (vision attention 4.5 → 5.4 ms on an H100 when they shared
+ * one); without PG the shape comes from the kernel parameters. Under the
+ * 128-register bound the PG forms spill a few bytes (4 to 40 at DP 64/72,
+ * ptxas -v), the plain ones nothing. Scores stay raw (unscaled) until the
+ * exponent: p = 2^(s·scale_log2 − m·scale_log2), one FMA and one ex2 a
+ * score. */
+template <int DP, bool PG, bool F8, int MS, int NW>
+__global__ void __launch_bounds__(fa_geom<MS, NW, DP>::THREADS, FA_MIN_BLOCKS(fa_geom<MS, NW, DP>::MIN_BLOCKS))
+    flash_attn_kernel(cuda_attn a, float scale_log2) {
     pdl_trigger();
     pdl_wait();
-    constexpr int LDK = fa_shape<DP>::LDK, KS = DP / 16, NT = FA_BK / 8, OT = DP / 8;
+    constexpr int BQ = fa_geom<MS, NW, DP>::BQ;
+    constexpr int LDK = fa_shape<DP>::LDK, KS = DP / 16, K8 = DP % 16 != 0, NT = FA_BK / 8, OT = DP / 8;
+    constexpr int NB = fa_shape<DP>::stages(BQ);
     extern __shared__ __align__(128) unsigned char smem[];
     bf16 *Qs = (bf16 *)smem;
-    bf16 *Ks = Qs + 64 * LDK; /* two buffers: tile i+1 loads while tile i computes */
-    bf16 *Vs = Ks + 2 * 64 * LDK;
+    bf16 *Ks = Qs + BQ * LDK; /* NB buffers, a ring: later tiles load while tile i computes */
+    bf16 *Vs = Ks + NB * FA_BK * LDK;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    const int q0 = blockIdx.x * FA_BQ, h = blockIdx.y, s = blockIdx.z;
+    const int q0 = blockIdx.x * BQ, h = blockIdx.y, s = blockIdx.z;
     const int hk = h / (a.H / a.Hkv);
     /* This sequence's rows, positions and keys (segments: its own). */
     int T = a.T, pos0 = a.pos0, n_prefix = a.n_prefix, S = a.S;
@@ -200,160 +318,241 @@ __global__ void __launch_bounds__(FA_WARPS * 32) flash_attn_kernel(cuda_attn a, 
     const KT *v = (const KT *)a.v + vs + (long)hk * a.v_head;
 
     /* The last row of the block sees the furthest key. */
-    const int last = (q0 + FA_BQ < T ? q0 + FA_BQ : T) - 1;
+    const int last = (q0 + BQ < T ? q0 + BQ : T) - 1;
     const int kend = key_end(pos0 + last, n_prefix, S);
     const int n_tiles = (kend + FA_BK - 1) / FA_BK;
 
+    /* Start copying K/V tile r0/64 into buffer b (bf16 caches; the
+     * segment form, whose pool rows go through the block table, the
+     * generic way). */
+    fa_copier<DP, NW * 32> cp((const bf16 *)k, a.ldk, (const bf16 *)v, a.ldv, a.D);
+    auto load_kv = [&](int b, int r0) {
+        if constexpr (!F8) {
+            if constexpr (PG) {
+                fa_load_tile_async<DP, NW * 32>(Ks + b * FA_BK * LDK, k, a.ldk, r0, kend, a.D, bt, bs);
+                fa_load_tile_async<DP, NW * 32>(Vs + b * FA_BK * LDK, v, a.ldv, r0, kend, a.D, bt, bs);
+            } else {
+                cp.next(Ks + b * FA_BK * LDK, Vs + b * FA_BK * LDK, a.ldk, a.ldv, r0, kend);
+            }
+            cp_async_commit();
+        }
+    };
     if constexpr (F8) {
         fa_load_tile_f8<DP>(Ks, k, a.ldk, 0, kend, a.D, bt, bs);
         fa_load_tile_f8<DP>(Vs, v, a.ldv, 0, kend, a.D, bt, bs);
     } else {
-        fa_load_tile_async<DP>(Ks, k, a.ldk, 0, kend, a.D, bt, bs);
-        fa_load_tile_async<DP>(Vs, v, a.ldv, 0, kend, a.D, bt, bs);
-        cp_async_commit();
+        load_kv(0, 0);
+        if (NB == 3 && n_tiles > 1) load_kv(1, FA_BK);
     }
-    fa_load_tile<DP>(Qs, q + (long)q0 * a.ldq, a.ldq, 0, T - q0, a.D);
+    fa_load_tile<DP, BQ>(Qs, q + (long)q0 * a.ldq, a.ldq, 0, T - q0, a.D);
     __syncthreads();
 
-    /* This warp's Q fragments (rows warp·16 .. +15), kept for every tile. */
-    uint32_t qf[KS][4];
+    /* This warp's Q fragments (slab ms: rows (warp·MS + ms)·16 .. +15),
+     * kept for every tile; qh: the last 8 dims when DP is an odd multiple
+     * of 8. */
+    uint32_t qf[MS][KS][4], qh[MS][2];
 #pragma unroll
-    for (int kk = 0; kk < KS; kk++) ldsm_x4(qf[kk], Qs + (warp * 16 + (lane & 15)) * LDK + kk * 16 + (lane >> 4) * 8);
-
-    /* This lane's two rows (g and g + 8 of the warp's 16) and their state. */
-    const int p0 = pos0 + q0 + warp * 16 + g, p1 = p0 + 8;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
-    float o[OT][4];
+    for (int ms = 0; ms < MS; ms++) {
+        const bf16 *qrow = Qs + ((warp * MS + ms) * 16 + (lane & 15)) * LDK;
 #pragma unroll
-    for (int i = 0; i < OT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+        for (int kk = 0; kk < KS; kk++) ldsm_x4(qf[ms][kk], qrow + kk * 16 + (lane >> 4) * 8);
+        if constexpr (K8) ldsm_x2(qh[ms], qrow + KS * 16);
+    }
 
-    for (int it = 0; it < n_tiles; it++) {
+    /* This lane's rows: g and g + 8 of each slab, and their state: the
+     * running max m in raw score units, the output O, and the row sums l
+     * as one more 8-column tile of O, P times a tile of ones on the tensor
+     * cores: every lane of a quad gets its rows' whole sum (of the bf16 P
+     * that O sums too), with no adds or shuffles. */
+    int p0[MS];
+    float m0[MS], m1[MS];
+    float o[MS][OT][4], l[MS][4];
+#pragma unroll
+    for (int ms = 0; ms < MS; ms++) {
+        p0[ms] = pos0 + q0 + (warp * MS + ms) * 16 + g;
+        m0[ms] = m1[ms] = -INFINITY;
+        l[ms][0] = l[ms][1] = l[ms][2] = l[ms][3] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < OT; i++) o[ms][i][0] = o[ms][i][1] = o[ms][i][2] = o[ms][i][3] = 0.0f;
+    }
+    const uint32_t ones = 0x3f803f80u; /* two bf16 1.0 */
+
+    for (int it = 0, buf = 0; it < n_tiles; it++, buf = buf + 1 == NB ? 0 : buf + 1) {
         const int j0 = it * FA_BK;
-        const bf16 *Kb = Ks + (it & 1) * 64 * LDK, *Vb = Vs + (it & 1) * 64 * LDK;
+        const bf16 *Kb = Ks + buf * FA_BK * LDK, *Vb = Vs + buf * FA_BK * LDK;
         if constexpr (F8) {
             /* Tile it was stored by the loop before (or the prologue); tile
-             * it+1 goes into the other buffer after this tile's math. */
-        } else if (it + 1 < n_tiles) {
+             * it+1 goes into the next buffer after this tile's math. */
+        } else if (NB == 2 && it + 1 < n_tiles) {
             /* The other buffer was released by the barrier ending the last tile. */
-            fa_load_tile_async<DP>(Ks + ((it + 1) & 1) * 64 * LDK, k, a.ldk, j0 + FA_BK, kend, a.D, bt, bs);
-            fa_load_tile_async<DP>(Vs + ((it + 1) & 1) * 64 * LDK, v, a.ldv, j0 + FA_BK, kend, a.D, bt, bs);
-            cp_async_commit();
+            load_kv(buf ^ 1, j0 + FA_BK);
             cp_async_wait<1>(); /* this thread's copies of tile it have landed */
+        } else if (NB == 3 && it + 1 < n_tiles) {
+            cp_async_wait<1>(); /* tile it+1 may still be in flight */
         } else {
             cp_async_wait<0>();
         }
-        __syncthreads(); /* ... and every thread's */
+        __syncthreads(); /* ... and every thread's; (NB = 3) every warp is done with tile it-1 */
+        if constexpr (!F8 && NB == 3) {
+            if (it + 2 < n_tiles) {
+                /* Into tile it-1's buffer, released by the barrier above. */
+                load_kv(buf == 0 ? 2 : buf - 1, j0 + 2 * FA_BK);
+            }
+        }
 
-        /* S = Q·Kᵀ: 16 rows × 64 keys, NT tiles of 8 keys. */
-        float sc[NT][4];
+        /* S = Q·Kᵀ: per slab 16 rows × 64 keys, NT tiles of 8 keys. Each
+         * ldmatrix.x4 brings two key tiles' fragments for 16 dims, used by
+         * every slab. */
+        float sc[MS][NT][4];
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+        for (int ms = 0; ms < MS; ms++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) sc[ms][nt][0] = sc[ms][nt][1] = sc[ms][nt][2] = sc[ms][nt][3] = 0.0f;
+#pragma unroll
+        for (int np = 0; np < NT; np += 2)
 #pragma unroll
             for (int kk = 0; kk < KS; kk++) {
-                uint32_t b0, b1;
-                ldsm_x2(b0, b1, Kb + (nt * 8 + (lane & 7)) * LDK + kk * 16 + ((lane >> 3) & 1) * 8);
-                mma16816(sc[nt], qf[kk], b0, b1);
+                uint32_t b[4];
+                ldsm_x4(b, Kb + ((np + (lane >> 4)) * 8 + (lane & 7)) * LDK + kk * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+                for (int ms = 0; ms < MS; ms++) {
+                    mma16816(sc[ms][np], qf[ms][kk], b[0], b[1]);
+                    mma16816(sc[ms][np + 1], qf[ms][kk], b[2], b[3]);
+                }
+            }
+        if constexpr (K8) {
+            /* The last 8 dims: four key tiles an ldmatrix.x4, k = 8 MMAs. */
+#pragma unroll
+            for (int nq = 0; nq < NT; nq += 4) {
+                uint32_t b[4];
+                ldsm_x4(b, Kb + ((nq + (lane >> 3)) * 8 + (lane & 7)) * LDK + KS * 16);
+#pragma unroll
+                for (int ms = 0; ms < MS; ms++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) mma1688(sc[ms][nq + i], qh[ms], b[i]);
             }
         }
 
-        /* Mask, scale (log2 domain), row maxima over the quad. A tile that
-         * every row of the block sees whole (all of vision's but the last;
-         * a prefix's below the diagonal) skips the mask. */
-        float mx0 = -INFINITY, mx1 = -INFINITY;
+        /* Mask and the rows' maxima over the quad (raw scores: the scale
+         * is positive, so the max commutes with it). A tile that every row
+         * of the block sees whole (all of vision's but the last; a prefix's
+         * below the diagonal) skips the mask. */
         const int jl = j0 + FA_BK - 1;
         const bool whole = jl < kend && (jl <= pos0 + q0 || (pos0 + last < n_prefix && jl < n_prefix));
-        if (whole) {
+        uint32_t pa[MS][NT / 2][4];
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++)
+        for (int ms = 0; ms < MS; ms++) {
+            float mx0 = -INFINITY, mx1 = -INFINITY;
+            if (!whole) {
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    sc[nt][e] *= scale_log2;
-                    sc[nt][2 + e] *= scale_log2;
-                    mx0 = fmaxf(mx0, sc[nt][e]);
-                    mx1 = fmaxf(mx1, sc[nt][2 + e]);
-                }
-        } else {
+                for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++)
+                    for (int e = 0; e < 2; e++) {
+                        const int j = j0 + nt * 8 + 2 * t4 + e;
+                        const bool in = j < kend;
+                        if (!(in && visible(p0[ms], j, n_prefix))) sc[ms][nt][e] = -INFINITY;
+                        if (!(in && visible(p0[ms] + 8, j, n_prefix))) sc[ms][nt][2 + e] = -INFINITY;
+                    }
+            }
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int j = j0 + nt * 8 + 2 * t4 + e;
-                    const bool in = j < kend;
-                    sc[nt][e] = in && visible(p0, j, n_prefix) ? sc[nt][e] * scale_log2 : -INFINITY;
-                    sc[nt][2 + e] = in && visible(p1, j, n_prefix) ? sc[nt][2 + e] * scale_log2 : -INFINITY;
-                    mx0 = fmaxf(mx0, sc[nt][e]);
-                    mx1 = fmaxf(mx1, sc[nt][2 + e]);
-                }
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        /* A row that has seen no key yet keeps m = -inf and o = l = 0. */
-        const float b0s = mn0 == -INFINITY ? 0.0f : mn0, b1s = mn1 == -INFINITY ? 0.0f : mn1;
-        const float al0 = exp2f(m0 - b0s), al1 = exp2f(m1 - b1s);
-        m0 = mn0, m1 = mn1;
+            for (int nt = 0; nt < NT; nt++) {
+                mx0 = fmaxf(mx0, fmaxf(sc[ms][nt][0], sc[ms][nt][1]));
+                mx1 = fmaxf(mx1, fmaxf(sc[ms][nt][2], sc[ms][nt][3]));
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            const float mn0 = fmaxf(m0[ms], mx0), mn1 = fmaxf(m1[ms], mx1);
+            /* A row that has seen no key yet keeps m = -inf and o = l = 0. */
+            const float b0s = mn0 == -INFINITY ? 0.0f : mn0 * scale_log2;
+            const float b1s = mn1 == -INFINITY ? 0.0f : mn1 * scale_log2;
+            /* The old sums' factor: exactly 1 while a row's max stands. */
+            const float al0 = m0[ms] == mn0 ? 1.0f : ex2(fmaf(m0[ms], scale_log2, -b0s));
+            const float al1 = m1[ms] == mn1 ? 1.0f : ex2(fmaf(m1[ms], scale_log2, -b1s));
+            const bool rescale = __any_sync(0xffffffffu, m0[ms] != mn0 || m1[ms] != mn1);
+            m0[ms] = mn0, m1[ms] = mn1;
 
-        /* P = 2^(S - m), rounded to bf16 straight into A fragments: score
-         * tiles 2c and 2c+1 are the 16 keys of chunk c. */
-        uint32_t pa[NT / 2][4];
-        float ls0 = 0.0f, ls1 = 0.0f;
+            /* P = 2^(S·scale − m), rounded to bf16 straight into A
+             * fragments: score tiles 2c and 2c+1 are the 16 keys of chunk c. */
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            const float x0 = exp2f(sc[nt][0] - b0s), x1 = exp2f(sc[nt][1] - b0s);
-            const float y0 = exp2f(sc[nt][2] - b1s), y1 = exp2f(sc[nt][3] - b1s);
-            ls0 += x0 + x1;
-            ls1 += y0 + y1;
-            pa[nt / 2][(nt & 1) * 2 + 0] = pack_bf16(x0, x1);
-            pa[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(y0, y1);
+            for (int nt = 0; nt < NT; nt++) {
+                const float x0 = ex2(fmaf(sc[ms][nt][0], scale_log2, -b0s));
+                const float x1 = ex2(fmaf(sc[ms][nt][1], scale_log2, -b0s));
+                const float y0 = ex2(fmaf(sc[ms][nt][2], scale_log2, -b1s));
+                const float y1 = ex2(fmaf(sc[ms][nt][3], scale_log2, -b1s));
+                pa[ms][nt / 2][(nt & 1) * 2 + 0] = pack_bf16(x0, x1);
+                pa[ms][nt / 2][(nt & 1) * 2 + 1] = pack_bf16(y0, y1);
+            }
+            if (rescale) { /* else no row of the warp found a new max: O and l stand */
+#pragma unroll
+                for (int i = 0; i < OT; i++) {
+                    o[ms][i][0] *= al0, o[ms][i][1] *= al0;
+                    o[ms][i][2] *= al1, o[ms][i][3] *= al1;
+                }
+                l[ms][0] *= al0, l[ms][1] *= al0;
+                l[ms][2] *= al1, l[ms][3] *= al1;
+            }
         }
-        l0 = l0 * al0 + ls0;
-        l1 = l1 * al1 + ls1;
+
+        /* O += P·V: V fragments by transposing loads (two 8-dim tiles an
+         * ldmatrix.x4; an odd last one by .x2), each used by every slab. */
+#pragma unroll
+        for (int c = 0; c < NT / 2; c++) {
+            const bf16 *vrow = Vb + (c * 16 + (lane & 15)) * LDK;
+#pragma unroll
+            for (int ot = 0; ot + 1 < OT; ot += 2) {
+                uint32_t vb[4];
+                ldsm_x4_t(vb, vrow + (ot + (lane >> 4)) * 8);
+#pragma unroll
+                for (int ms = 0; ms < MS; ms++) {
+                    mma16816(o[ms][ot], pa[ms][c], vb[0], vb[1]);
+                    mma16816(o[ms][ot + 1], pa[ms][c], vb[2], vb[3]);
+                }
+            }
+            if constexpr (OT % 2) {
+                uint32_t vb[2];
+                ldsm_x2_t(vb, vrow + (OT - 1) * 8);
+#pragma unroll
+                for (int ms = 0; ms < MS; ms++) mma16816(o[ms][OT - 1], pa[ms][c], vb[0], vb[1]);
+            }
+#pragma unroll
+            for (int ms = 0; ms < MS; ms++) mma16816(l[ms], pa[ms][c], ones, ones);
+        }
+        if constexpr (F8) {
+            /* The next buffer held tile it+1-NB, released by the barrier
+             * that began this tile (or the last one's end barrier). */
+            if (it + 1 < n_tiles) {
+                const int nb = buf + 1 == NB ? 0 : buf + 1;
+                fa_load_tile_f8<DP>(Ks + nb * FA_BK * LDK, k, a.ldk, j0 + FA_BK, kend, a.D, bt, bs);
+                fa_load_tile_f8<DP>(Vs + nb * FA_BK * LDK, v, a.ldv, j0 + FA_BK, kend, a.D, bt, bs);
+            }
+        }
+        if (NB == 2) __syncthreads(); /* every warp is done with this K/V buffer */
+    }
+
+    /* The two rows' outputs of each slab (every column of l holds the row's sum). */
+    bf16 *out = (bf16 *)a.out + os + (long)h * a.D;
+#pragma unroll
+    for (int ms = 0; ms < MS; ms++) {
+        float s0 = l[ms][0], s1 = l[ms][2];
+        if constexpr (F8) { /* the values' scale, once per row */
+            s0 /= a.v_scale;
+            s1 /= a.v_scale;
+        }
+        const float r0 = 1.0f / s0, r1 = 1.0f / s1;
+        const int t0 = q0 + (warp * MS + ms) * 16 + g, t1 = t0 + 8;
 #pragma unroll
         for (int i = 0; i < OT; i++) {
-            o[i][0] *= al0, o[i][1] *= al0;
-            o[i][2] *= al1, o[i][3] *= al1;
+            const int d = i * 8 + 2 * t4;
+            if (d >= a.D) continue; /* D is a multiple of 8: both columns or neither */
+            if (t0 < T)
+                *(__nv_bfloat162 *)(out + (long)t0 * a.ldo + d) =
+                    __floats2bfloat162_rn(o[ms][i][0] * r0, o[ms][i][1] * r0);
+            if (t1 < T)
+                *(__nv_bfloat162 *)(out + (long)t1 * a.ldo + d) =
+                    __floats2bfloat162_rn(o[ms][i][2] * r1, o[ms][i][3] * r1);
         }
-
-        /* O += P·V: V fragments by transposing loads, two 8-dim tiles at once. */
-#pragma unroll
-        for (int c = 0; c < NT / 2; c++)
-#pragma unroll
-            for (int ot = 0; ot < OT; ot += 2) {
-                uint32_t vb[4];
-                ldsm_x4_t(vb, Vb + (c * 16 + (lane & 15)) * LDK + (ot + (lane >> 4)) * 8);
-                mma16816(o[ot], pa[c], vb[0], vb[1]);
-                mma16816(o[ot + 1], pa[c], vb[2], vb[3]);
-            }
-        if constexpr (F8) {
-            /* The other buffer was released by the barrier that began this tile. */
-            if (it + 1 < n_tiles) {
-                fa_load_tile_f8<DP>(Ks + ((it + 1) & 1) * 64 * LDK, k, a.ldk, j0 + FA_BK, kend, a.D, bt, bs);
-                fa_load_tile_f8<DP>(Vs + ((it + 1) & 1) * 64 * LDK, v, a.ldv, j0 + FA_BK, kend, a.D, bt, bs);
-            }
-        }
-        __syncthreads(); /* every warp is done with this K/V buffer */
-    }
-
-    /* Row sums over the quad, then the two rows' outputs. */
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const int t0 = q0 + warp * 16 + g, t1 = t0 + 8;
-    bf16 *out = (bf16 *)a.out + os + (long)h * a.D;
-    if constexpr (F8) { /* the values' scale, once per row */
-        l0 /= a.v_scale;
-        l1 /= a.v_scale;
-    }
-#pragma unroll
-    for (int i = 0; i < OT; i++) {
-        const int d = i * 8 + 2 * t4;
-        if (d >= a.D) continue; /* D is a multiple of 8: both columns or neither */
-        if (t0 < T) *(__nv_bfloat162 *)(out + (long)t0 * a.ldo + d) = __floats2bfloat162_rn(o[i][0] / l0, o[i][1] / l0);
-        if (t1 < T) *(__nv_bfloat162 *)(out + (long)t1 * a.ldo + d) = __floats2bfloat162_rn(o[i][2] / l1, o[i][3] / l1);
     }
 }
 
@@ -655,19 +854,67 @@ __global__ void __launch_bounds__(DEC_THREADS, 4)
 
 /* ---- launcher ---------------------------------------------------------------------- */
 
-#define FA_INSTANCES(X) X(64) X(80) X(96) X(128)
+/* One flash instance: with a, launch it; without, raise its dynamic
+ * shared-memory limit (at context creation). */
+template <int DP, bool PG, bool F8, int MS, int NW>
+static albedo_status fa_run(cuda_ctx *c, const cuda_attn *a, float sl2) {
+    typedef fa_geom<MS, NW, DP> G;
+    const size_t bytes = fa_shape<DP>::bytes(G::BQ);
+    if (!a) {
+        CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP, PG, F8, MS, NW>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+        return ALBEDO_OK;
+    }
+    const dim3 grid((a->T + G::BQ - 1) / G::BQ, a->H, a->n_seq);
+    CU_TRY(c, (launch_k(c, flash_attn_kernel<DP, PG, F8, MS, NW>, grid, dim3(G::THREADS), bytes, *a, sl2)));
+    CU_LAUNCHED(c);
+    return ALBEDO_OK;
+}
+
+/* The block geometry (cuda_ctx_set_flash): 128 rows as 8 warps of one
+ * slab by default (up to 64 rows, or heads wider than 80: 64 rows as 4
+ * warps, as before); CUDA_FLASH_64: 64 rows as 4 warps (the kernel
+ * before) everywhere. Measured and dropped (docs/CUDA.md): 256 rows as 16
+ * warps (MS = 1, NW = 16) and 128 as 4 warps of two slabs (MS = 2). */
+template <int DP, bool PG, bool F8> static albedo_status fa_geometry(cuda_ctx *c, const cuda_attn *a, float sl2) {
+    if (c->flash & CUDA_FLASH_64) return fa_run<DP, PG, F8, 1, 4>(c, a, sl2);
+    /* A few rows (a short prompt) finish sooner in blocks of 4 warps. */
+    if constexpr (DP > 80)
+        return fa_run<DP, PG, F8, 1, 4>(c, a, sl2);
+    else if (a && a->T <= 64)
+        return fa_run<DP, PG, F8, 1, 4>(c, a, sl2);
+    else
+        return fa_run<DP, PG, F8, 1, 8>(c, a, sl2);
+}
+
+/* The form: e4m3 caches (the segment form's instance covers the plain
+ * layout too), segments or block tables, or the plain layout. */
+template <int DP> static albedo_status fa_form(cuda_ctx *c, const cuda_attn *a, float sl2) {
+    if (a->kv_fp8) return fa_geometry<DP, true, true>(c, a, sl2);
+    if (a->seg || a->blocks) return fa_geometry<DP, true, false>(c, a, sl2);
+    return fa_geometry<DP, false, false>(c, a, sl2);
+}
+
+template <int DP> static albedo_status fa_init(cuda_ctx *c) {
+    const int keep = c->flash;
+    albedo_status st = ALBEDO_OK;
+    for (int geom = CUDA_FLASH_128; geom <= CUDA_FLASH_64 && st == ALBEDO_OK; geom++) {
+        c->flash = geom;
+        st = fa_geometry<DP, false, false>(c, nullptr, 0.0f);
+        if (st == ALBEDO_OK) st = fa_geometry<DP, true, false>(c, nullptr, 0.0f);
+        if (st == ALBEDO_OK) st = fa_geometry<DP, true, true>(c, nullptr, 0.0f);
+    }
+    c->flash = keep;
+    return st;
+}
 
 albedo_status cuda_attention_init(cuda_ctx *c) {
-#define FA_ATTR(DP)                                                                                                \
-    CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,      \
-                                   (int)fa_shape<DP>::bytes));                                                     \
-    CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,       \
-                                   (int)fa_shape<DP>::bytes));                                                     \
-    CU_TRY(c, cudaFuncSetAttribute(flash_attn_kernel<DP, true, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
-                                   (int)fa_shape<DP>::bytes));
-    FA_INSTANCES(FA_ATTR)
-#undef FA_ATTR
-    return ALBEDO_OK;
+    albedo_status st = fa_init<64>(c);
+    if (st == ALBEDO_OK) st = fa_init<72>(c);
+    if (st == ALBEDO_OK) st = fa_init<80>(c);
+    if (st == ALBEDO_OK) st = fa_init<96>(c);
+    if (st == ALBEDO_OK) st = fa_init<128>(c);
+    return st;
 }
 
 static int aligned8(long v) { return v % 8 == 0; }
@@ -690,24 +937,13 @@ albedo_status cuda_attention(cuda_ctx *c, const cuda_attn *a) {
         CU_ARG(c, !a->pos_dev);
         CU_ARG(c, is_aligned(a->out, 4) && a->ldo % 2 == 0 && a->o_seq % 2 == 0); /* bf16 pairs are stored */
         CU_ARG(c, a->n_seq <= 65535 && a->H <= 65535);
-        const dim3 grid((a->T + FA_BQ - 1) / FA_BQ, a->H, a->n_seq), block(FA_WARPS * 32);
-#define FA_CASE(DP)                                                                                                    \
-    if (a->D <= DP) {                                                                                                  \
-        if (a->kv_fp8) /* the segment form's instance covers the plain layout too */                                   \
-            CU_TRY(c, (launch_k(c, flash_attn_kernel<DP, true, true>, dim3(grid), dim3(block), fa_shape<DP>::bytes,    \
-                                *a, sl2)));                                                                            \
-        else if (a->seg || a->blocks)                                                                                  \
-            CU_TRY(c,                                                                                                  \
-                   (launch_k(c, flash_attn_kernel<DP, true>, dim3(grid), dim3(block), fa_shape<DP>::bytes, *a, sl2))); \
-        else                                                                                                           \
-            CU_TRY(c, (launch_k(c, flash_attn_kernel<DP, false>, dim3(grid), dim3(block), fa_shape<DP>::bytes, *a,     \
-                                sl2)));                                                                                \
-        CU_LAUNCHED(c);                                                                                                \
-        return ALBEDO_OK;                                                                                              \
-    }
-        FA_INSTANCES(FA_CASE)
-#undef FA_CASE
-        return cuda_fail(c, ALBEDO_ERR_INTERNAL, "cuda_attention: no kernel for D=%d", a->D);
+        /* Head dims pad to the next instance; 72 (vision) has its own, with
+         * k = 8 MMAs for its last 8 dims (CUDA_FLASH_PAD16: pad it to 80). */
+        if (a->D <= 64) return fa_form<64>(c, a, sl2);
+        if (a->D <= 72 && !(c->flash & CUDA_FLASH_PAD16)) return fa_form<72>(c, a, sl2);
+        if (a->D <= 80) return fa_form<80>(c, a, sl2);
+        if (a->D <= 96) return fa_form<96>(c, a, sl2);
+        return fa_form<128>(c, a, sl2);
     }
 
     /* Decode: chunks of DEC_KEYS_PREF keys (a tile per warp) while that

@@ -35,6 +35,8 @@ void cuda_ctx_counters(const cuda_ctx *c, long *lt_fused, long *lt_unfused, long
 
 void cuda_ctx_set_gemv_max(cuda_ctx *c, int t) { c->gemv_max_t = t < 1 ? 1 : t > 8 ? 8 : t; }
 
+void cuda_ctx_set_flash(cuda_ctx *c, int variant) { c->flash = variant & (CUDA_FLASH_64 | CUDA_FLASH_PAD16); }
+
 void cuda_ctx_set_pdl(cuda_ctx *c, int on) {
     int major = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c->device);
@@ -102,6 +104,13 @@ albedo_status cuda_ctx_new(int device, cuda_ctx **out, errbuf *e) {
     /* ALBEDO_CUDA_GEMV_MAX_T (1..8) moves the GEMV/cuBLASLt switch, for measuring it. */
     env = getenv("ALBEDO_CUDA_GEMV_MAX_T");
     c->gemv_max_t = env && atoi(env) >= 1 && atoi(env) <= 8 ? atoi(env) : 8;
+    /* ALBEDO_CUDA_FLASH=N picks the flash kernel's geometry, for measuring
+     * it; the 128-row default was measured on sm_90 (H100), other cards keep
+     * the 64-row blocks they had. */
+    env = getenv("ALBEDO_CUDA_FLASH");
+    int cc_major = 0;
+    cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, c->device);
+    cuda_ctx_set_flash(c, env ? atoi(env) : cc_major == 9 ? CUDA_FLASH_128 : CUDA_FLASH_64);
     st = cuda_attention_init(c);
     if (st != ALBEDO_OK) return new_fail(c, e, st);
     *out = c;

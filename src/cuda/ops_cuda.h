@@ -61,6 +61,14 @@ void cuda_ctx_set_pdl(cuda_ctx *c, int on);
 /* cuda_linear runs the GEMV for T <= t rows (1..8; default 8, or
  * ALBEDO_CUDA_GEMV_MAX_T) and cuBLASLt above. */
 void cuda_ctx_set_gemv_max(cuda_ctx *c, int t);
+/* The flash attention kernel's block geometry (cuda_attention, T > 8), for
+ * measuring and testing both: CUDA_FLASH_128 (default, or
+ * ALBEDO_CUDA_FLASH=N) is 128 query rows a block, 8 warps of 16 (64 rows,
+ * 4 warps, for T <= 64 or D > 80); CUDA_FLASH_64 the earlier 64 rows, 4
+ * warps of 16, everywhere. Or'ed with CUDA_FLASH_PAD16, D = 72 runs padded
+ * to 80 instead of with k = 8 MMAs for its last 8 dims. */
+enum { CUDA_FLASH_128 = 0, CUDA_FLASH_64 = 1, CUDA_FLASH_PAD16 = 4 };
+void cuda_ctx_set_flash(cuda_ctx *c, int variant);
 
 albedo_status cuda_alloc(cuda_ctx *c, void **p, size_t bytes);
 void cuda_free(void *p); /* NULL is a no-op */

@@ -3,7 +3,7 @@
  * scalar CPU reference (src/cpu/ops_ref.c, through ops_ctx_new("ref")).
  *
  * Inputs are seeded random, never zero, at sizes that are not multiples of
- * any tile (64-row attention tiles, 8-element vectors, 4-warp GEMV blocks),
+ * any tile (64- and 128-row attention tiles, 8-element vectors, 4-warp GEMV blocks),
  * with row strides wider than the rows. Every device buffer has GUARD
  * poisoned elements on both sides, and outputs (and their row padding, and
  * the KV-cache slots no op may touch) are poisoned before each run: after
@@ -22,7 +22,9 @@
  *   argmax and embedding: exact; sampling: kept set exact, frequencies
  *     within 5 standard deviations.
  *
- *   test_ops_cuda [--small]   (--small: sanitizer-sized cases only)
+ *   test_ops_cuda [--small] [--attn]   (--small: sanitizer-sized cases only;
+ *                                       --attn: the attention kernels alone,
+ *                                       plain and paged, and the T = 20 chain)
  * Prints "N passed, N failed"; exit status 1 on failure, 77 without a GPU.
  *
  * FP8 KV caches (cuda_rope / cuda_attention with kv_fp8; buffers of dtype
@@ -603,6 +605,8 @@ static void test_rope(int T, int H, int Hkv, int D, int R, int pos0, int with_ca
 
 /* ---- attention ----------------------------------------------------------------------- */
 
+static int g_flash; /* the flash geometry set last (set_flash), named in flash cases */
+
 /* layout 0: packed qkv rows [n_seq*T, 3*H*D (+pad)] with S == T (vision);
  * layout 1: q [n_seq*T, H*D + 8], k/v head-major caches [n_seq][Hkv][n_ctx][D]. */
 /* dyn (decode, layout 1, S == pos0 + T): the position comes from device
@@ -681,9 +685,11 @@ static void test_attention(int n_seq, int T, int S, int H, int Hkv, int D, int p
     up(&out);
     a.out = (uint16_t *)dp(&out), a.ldo = ldo, a.o_seq = (long)T * ldo;
     char what[200];
-    snprintf(what, sizeof what, "attention seq=%d T=%d S=%d H=%d/%d D=%d pos0=%d prefix=%d %s%s%s", n_seq, T, S, H, Hkv,
-             D, pos0, n_prefix, layout == 0 ? "qkv" : "cache", dyn ? " (device pos, capacity S+700)" : "",
-             f8 ? " e4m3" : "");
+    char geom[24] = "";
+    if (T > 8) snprintf(geom, sizeof geom, " flash=%d", g_flash);
+    snprintf(what, sizeof what, "attention seq=%d T=%d S=%d H=%d/%d D=%d pos0=%d prefix=%d %s%s%s%s", n_seq, T, S, H,
+             Hkv, D, pos0, n_prefix, layout == 0 ? "qkv" : "cache", dyn ? " (device pos, capacity S+700)" : "",
+             f8 ? " e4m3" : "", geom);
     albedo_status st = cuda_attention(G, &a);
     check_st(st, what);
     if (down(&out) == 0 && st == ALBEDO_OK) {
@@ -708,16 +714,48 @@ static void test_attention(int n_seq, int T, int S, int H, int Hkv, int D, int p
     buf_free(&qkv), buf_free(&q), buf_free(&kc), buf_free(&vc), buf_free(&out);
 }
 
-static void test_attentions(void) {
+/* The flash kernel's cases (T > 8), run under every block geometry
+ * (cuda_ctx_set_flash). */
+static void test_flash_cases(void) {
     /* Vision-like: bidirectional, packed qkv, several crops in one launch. */
     test_attention(2, 129, 129, 3, 3, 72, 0, 129, 0);
     if (!g_small) test_attention(2, 729, 729, 2, 2, 72, 0, 729, 0);
     /* Prefill: causal with a bidirectional prefix that ends mid-block, GQA. */
     test_attention(1, 77, 107, 4, 2, 64, 30, 50, 1);
+    test_attention(1, 77, 107, 3, 3, 72, 30, 50, 1);
+    /* A prefix ending inside the second 128-row block, rows in three. */
+    test_attention(1, 300, 300, 2, 2, 64, 0, 150, 1);
     /* Plain causal, queries 0.., S not a multiple of 64. */
     test_attention(1, 130, 130, 2, 1, 64, 0, 0, 1);
     test_attention(2, 9, 9, 2, 2, 64, 0, 0, 1);
     if (!g_small) test_attention(1, 730, 730, 2, 2, 64, 0, 730, 1);
+    /* Other head widths: each instance (40 runs padded to 64; 80, 96, 128). */
+    test_attention(1, 45, 45, 2, 2, 40, 0, 20, 1);
+    test_attention(2, 100, 100, 2, 2, 80, 0, 100, 0);
+    test_attention(1, 70, 90, 2, 1, 96, 20, 30, 1);
+    test_attention(1, 140, 140, 2, 2, 128, 0, 60, 1);
+    /* e4m3 caches (kv_fp8): prefill with a prefix (flash, the segment
+     * instance over the plain layout), causal. */
+    test_attention(1, 77, 107, 4, 2, 64, 30, 50, 1, 0, 1);
+    test_attention(1, 130, 130, 2, 1, 64, 0, 0, 1, 0, 1);
+    test_attention(1, 40, 60, 3, 3, 72, 20, 30, 1, 0, 1);
+    if (!g_small) test_attention(1, 730, 730, 2, 2, 64, 0, 730, 1, 0, 1);
+}
+
+/* Every block geometry of the flash kernel (ops_cuda.h), the default first. */
+static const int FLASH_VARIANTS[] = {CUDA_FLASH_128, CUDA_FLASH_64, CUDA_FLASH_128 | CUDA_FLASH_PAD16};
+
+static void set_flash(int v) {
+    g_flash = v;
+    cuda_ctx_set_flash(G, v);
+}
+
+static void test_attentions(void) {
+    for (size_t i = 0; i < sizeof FLASH_VARIANTS / sizeof FLASH_VARIANTS[0]; i++) {
+        set_flash(FLASH_VARIANTS[i]);
+        test_flash_cases();
+    }
+    set_flash(CUDA_FLASH_128);
     /* Decode over the cache. */
     test_attention(1, 1, 741, 4, 4, 64, 740, 730, 1);
     test_attention(3, 1, 100, 4, 4, 64, 99, 0, 1);
@@ -732,11 +770,7 @@ static void test_attentions(void) {
     test_attention(1, 3, 103, 4, 2, 64, 100, 0, 1, 1);
     test_attention(1, 1, 5, 2, 2, 64, 4, 0, 1, 1);
     test_attention(1, 1, 2048, 2, 2, 64, 2047, 730, 1, 1);
-    /* e4m3 caches (kv_fp8): prefill with a prefix (flash, the segment
-     * instance over the plain layout), causal, decode, the graph form. */
-    test_attention(1, 77, 107, 4, 2, 64, 30, 50, 1, 0, 1);
-    test_attention(1, 130, 130, 2, 1, 64, 0, 0, 1, 0, 1);
-    if (!g_small) test_attention(1, 730, 730, 2, 2, 64, 0, 730, 1, 0, 1);
+    /* e4m3 caches (kv_fp8), the decode kernel: decode, the graph form. */
     test_attention(1, 1, 741, 4, 4, 64, 740, 730, 1, 0, 1);
     test_attention(1, 3, 103, 4, 2, 64, 100, 0, 1, 0, 1);
     test_attention(1, 2, 57, 3, 3, 72, 55, 0, 1, 0, 1);
@@ -860,8 +894,9 @@ static void test_paged_attention(int n_seq, const int *Ts, const int *pos0s, con
     a.seg = dseg, a.blocks = dbt, a.block_size = bs, a.blocks_ld = ld;
     a.kv_fp8 = f8, a.k_scale = ks, a.v_scale = vs;
     char what[200];
+    const char *kernel = maxT <= 8 ? "decode" : g_flash == CUDA_FLASH_64 ? "flash 64" : "flash";
     snprintf(what, sizeof what, "paged attention %d seqs, T<=%d, S<=%d, H=%d/%d D=%d block %d (%s%s)", n_seq, maxT,
-             maxS, H, Hkv, D, bs, maxT <= 8 ? "decode" : "flash", f8 ? ", e4m3" : "");
+             maxS, H, Hkv, D, bs, kernel, f8 ? ", e4m3" : "");
     albedo_status st = cuda_attention(G, &a);
     check_st(st, what);
     if (down(&out) == 0 && st == ALBEDO_OK) {
@@ -955,6 +990,28 @@ static void test_paged_rope(int T, int H, int Hkv, int D, int R, int f8 = 0) {
     buf_free(&x), buf_free(&kc), buf_free(&vc);
 }
 
+/* Prompt chunks through the flash kernel's segment form: varied lengths, a
+ * bidirectional prefix, a chunk starting mid-block, GQA, odd blocks and
+ * D = 72. */
+static void test_paged_flash(int f8) {
+    {
+        int T[] = {77, 9, 130}, p[] = {730, 5, 0}, pf[] = {730, 0, 50};
+        test_paged_attention(3, T, p, pf, 4, 2, 64, 16, f8);
+    }
+    {
+        int T[] = {730}, p[] = {0}, pf[] = {730};
+        if (!g_small) test_paged_attention(1, T, p, pf, 4, 4, 64, 16, f8);
+    }
+    {
+        int T[] = {20, 65}, p[] = {11, 100}, pf[] = {0, 0};
+        test_paged_attention(2, T, p, pf, 3, 3, 72, 5, f8);
+    }
+    {
+        int T[] = {200, 12}, p[] = {0, 40}, pf[] = {150, 0};
+        test_paged_attention(2, T, p, pf, 3, 3, 72, 7, f8);
+    }
+}
+
 static void test_paged(void) {
     test_paged_rope(5, 4, 2, 64, 32);
     test_paged_rope(13, 3, 3, 72, 40);
@@ -972,20 +1029,11 @@ static void test_paged(void) {
         int T[] = {1, 5, 3, 1}, p[] = {200, 31, 0, 77}, pf[] = {0, 0, 2, 0};
         test_paged_attention(4, T, p, pf, 3, 3, 72, 16);
     }
-    /* Prompt chunks (flash): varied lengths, a bidirectional prefix, a
-     * chunk starting mid-block, GQA. */
-    {
-        int T[] = {77, 9, 130}, p[] = {730, 5, 0}, pf[] = {730, 0, 50};
-        test_paged_attention(3, T, p, pf, 4, 2, 64, 16);
-    }
-    {
-        int T[] = {730}, p[] = {0}, pf[] = {730};
-        if (!g_small) test_paged_attention(1, T, p, pf, 4, 4, 64, 16);
-    }
-    {
-        int T[] = {20, 65}, p[] = {11, 100}, pf[] = {0, 0};
-        test_paged_attention(2, T, p, pf, 3, 3, 72, 5);
-    }
+    /* Prompt chunks (flash), in its default geometry and the 64-row one. */
+    test_paged_flash(0);
+    set_flash(CUDA_FLASH_64);
+    test_paged_flash(0);
+    set_flash(CUDA_FLASH_128);
     /* Many sequences (a full batch), one row each. */
     {
         int T[40], p[40], pf[40];
@@ -1005,18 +1053,10 @@ static void test_paged(void) {
         int T[] = {1, 5, 3, 1}, p[] = {200, 31, 0, 77}, pf[] = {0, 0, 2, 0};
         test_paged_attention(4, T, p, pf, 3, 3, 72, 16, 1);
     }
-    {
-        int T[] = {77, 9, 130}, p[] = {730, 5, 0}, pf[] = {730, 0, 50};
-        test_paged_attention(3, T, p, pf, 4, 2, 64, 16, 1);
-    }
-    {
-        int T[] = {730}, p[] = {0}, pf[] = {730};
-        if (!g_small) test_paged_attention(1, T, p, pf, 4, 4, 64, 16, 1);
-    }
-    {
-        int T[] = {20, 65}, p[] = {11, 100}, pf[] = {0, 0};
-        test_paged_attention(2, T, p, pf, 3, 3, 72, 5, 1);
-    }
+    test_paged_flash(1);
+    set_flash(CUDA_FLASH_64);
+    test_paged_flash(1);
+    set_flash(CUDA_FLASH_128);
 }
 
 /* ---- sampling -------------------------------------------------------------------------- */
@@ -1878,10 +1918,12 @@ static void test_kernels(void) {
 }
 
 int main(int argc, char **argv) {
-    int only_md3 = 0; /* --md3: Moondream 3's kernels alone (a quick sanitizer run) */
+    int only_md3 = 0;  /* --md3: Moondream 3's kernels alone (a quick sanitizer run) */
+    int only_attn = 0; /* --attn: the attention kernels alone (likewise) */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--small")) g_small = 1;
         if (!strcmp(argv[i], "--md3")) only_md3 = 1;
+        if (!strcmp(argv[i], "--attn")) only_attn = 1;
     }
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
@@ -1902,8 +1944,14 @@ int main(int argc, char **argv) {
     printf("device: %s (sm_%d%d, %d SMs)%s\n", prop.name, prop.major, prop.minor, prop.multiProcessorCount,
            g_small ? ", small sizes" : "");
 
-    if (!only_md3) test_kernels();
-    test_md3_ops();
+    if (only_attn) {
+        test_attentions();
+        test_paged();
+        test_chain(20);
+    } else {
+        if (!only_md3) test_kernels();
+        test_md3_ops();
+    }
 
     cudaError_t le = cudaDeviceSynchronize();
     CHECK(le == cudaSuccess, "no asynchronous CUDA error (%s)", cudaGetErrorString(le));
