@@ -110,6 +110,13 @@ albedo_status errf(errbuf *e, albedo_status st, const char *fmt, ...)
 /* Thread-local last error used by the public API. */
 void error_set_last(const char *msg);
 
+/* n bytes (free() them) aligned to 2 MiB and, on Linux, advised into
+ * transparent huge pages: for what decode streams every token (quantised
+ * weights, KV caches). With 4 KiB pages a core's hardware prefetcher stops
+ * at every page boundary (PERFORMANCE.md: q4 decode on the 2-core Zen 5).
+ * Pages are still faulted in on first touch, 2 MiB at a time. */
+void *big_alloc(size_t n);
+
 /* Monotonic clock in milliseconds. */
 double now_ms(void);
 

@@ -1,13 +1,18 @@
 /*
  * error.c — status messages, the thread-local last error, and the few helpers
- * of common.h (dtype names, float16 conversion, file reading, clock).
+ * of common.h (dtype names, float16 conversion, file reading, clock, large
+ * allocations).
  */
+#define _DEFAULT_SOURCE /* madvise */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "common.h"
 
@@ -106,6 +111,16 @@ uint16_t f32_to_f16(float f) {
     uint32_t h = sign | ((uint32_t)exp << 10) | (man >> 13), rem = man & 0x1fffu;
     if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) h++;
     return (uint16_t)h;
+}
+
+void *big_alloc(size_t n) {
+    void *p = NULL;
+    if (n == 0 || posix_memalign(&p, (size_t)2 << 20, n)) return NULL;
+#ifdef MADV_HUGEPAGE
+    /* advice only: where the system refuses (THP "never"), 4 KiB pages */
+    if (n >= ((size_t)2 << 20)) madvise(p, n, MADV_HUGEPAGE);
+#endif
+    return p;
 }
 
 double now_ms(void) {

@@ -43,8 +43,8 @@ albedo_status kv_pool_init_mem(kv_pool *p, int n_layers, int kvd, size_t elem, i
     for (int l = 0; ok && !p->dev && l < n_layers; l++) {
         /* Pages never written are never faulted in: a large budget costs
          * address space, not memory, until it is used. */
-        p->k[l] = malloc(nb * (size_t)block * (size_t)kvd * elem);
-        p->v[l] = malloc(nb * (size_t)block * (size_t)kvd * elem);
+        p->k[l] = big_alloc(nb * (size_t)block * (size_t)kvd * elem);
+        p->v[l] = big_alloc(nb * (size_t)block * (size_t)kvd * elem);
         ok = p->k[l] && p->v[l];
     }
     if (!ok) {

@@ -175,7 +175,8 @@ albedo_status md_weights_quantize(md_weights *w, const md_config *c, dtype dt, e
     float *rows = malloc(QUANT_TASKS * max_k * sizeof *rows);
     ops_ctx *ctx = NULL;
     albedo_status st = ALBEDO_OK;
-    if (posix_memalign(&mem, 64, total) || !rows)
+    mem = big_alloc(total); /* in huge pages: decode streams it every token */
+    if (!mem || !rows)
         st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "out of memory for %.1f MB of %s weights", (double)total / 1e6,
                   dtype_name(dt));
     if (!st) st = ops_ctx_new("generic", 0, OPS_F32, &ctx, e); /* 0 threads: every core */

@@ -389,8 +389,8 @@ albedo_status md_state_init_ex(md_state *s, const albedo_model *m, int n_threads
     for (int l = 0; l < c->n_layers && with_kv; l++) {
         /* Untouched pages of the cache are never faulted in, so a short
          * conversation costs only the positions it uses. */
-        s->k_cache[l] = malloc((size_t)s->max_ctx * kvd * kv_elem_bytes(m->kv_dt));
-        s->v_cache[l] = malloc((size_t)s->max_ctx * kvd * kv_elem_bytes(m->kv_dt));
+        s->k_cache[l] = big_alloc((size_t)s->max_ctx * kvd * kv_elem_bytes(m->kv_dt));
+        s->v_cache[l] = big_alloc((size_t)s->max_ctx * kvd * kv_elem_bytes(m->kv_dt));
         if (!s->k_cache[l] || !s->v_cache[l]) goto oom;
     }
     return md_state_reserve(s, 64, e);
