@@ -982,6 +982,9 @@ static void rope_row_avx512(float *x, int H, int D, int half, const float *ct, c
  * of weights, not the arithmetic, sets the pace. Per row: y = sum over
  * lanes of d_w d_x s, as gemv_q_x86 computes it. */
 #define Q_PAIRS_MAX 256
+#ifndef Q_PF_AHEAD
+#define Q_PF_AHEAD 6144 /* bytes ahead of each of a thread's two streams */
+#endif
 
 /* Per pair p of x: the start values (corr) and the d_x of each lane (dxv);
  * for Q4 also x in the order of the nibble vector, [x0[0:16] x1[0:16]
@@ -1022,7 +1025,7 @@ INLINE __m512 q_t1_pair(const dtype DT, const uint8_t *b0, size_t bb, int p, con
                         const __m512i *xr, const int8_t *xq, __m512i sidx, __m512i low4, __m512i sign, __m256i cshift,
                         __m512 acc) {
     const uint8_t *b1 = b0 + bb;
-    _mm_prefetch((const char *)b0 + QPF_AHEAD, _MM_HINT_T0);
+    _mm_prefetch((const char *)b0 + Q_PF_AHEAD, _MM_HINT_T0);
     __m512i v, xv;
     __m256i sc;
     if (DT == DT_Q4) {
@@ -1039,7 +1042,7 @@ INLINE __m512 q_t1_pair(const dtype DT, const uint8_t *b0, size_t bb, int p, con
             sidx, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(const void *)b0))));
         sc = _mm256_and_si256(_mm256_srai_epi16(_mm256_sllv_epi16(cw, cshift), 1), _mm256_set1_epi16((short)0xBF80));
     } else {
-        _mm_prefetch((const char *)b0 + QPF_AHEAD + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)b0 + Q_PF_AHEAD + 64, _MM_HINT_T0);
         v = _mm512_xor_si512(
             _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(const void *)(b0 + 2))),
                                _mm256_loadu_si256((const __m256i *)(const void *)(b1 + 2)), 1),
@@ -1050,6 +1053,31 @@ INLINE __m512 q_t1_pair(const dtype DT, const uint8_t *b0, size_t bb, int p, con
     }
     const __m512i s = _mm512_dpbusd_epi32(corr[p], v, xv);
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(_mm512_cvtph_ps(sc), dxv[p]), acc);
+}
+
+/* One row (w0) or two (w0, w1: two streams, as gemv_q4_t1_quads reads
+ * them) through the pairs: two accumulators a row, in registers (pairs in
+ * twos: an array indexed by p & 1 would live in memory, a store-to-load
+ * chain per pair). */
+INLINE void q_t1_rows(const dtype DT, int two, int np, size_t bb, const uint8_t *w0, const uint8_t *w1,
+                      const __m512i *corr, const __m512 *dxv, const __m512i *xr, const int8_t *xq, __m512i sidx,
+                      __m512i low4, __m512i sign, __m256i cshift, float *y0, float *y1) {
+    __m512 a00 = _mm512_setzero_ps(), a01 = _mm512_setzero_ps(), a10 = _mm512_setzero_ps(), a11 = _mm512_setzero_ps();
+    int p = 0;
+    for (; p + 2 <= np; p += 2) {
+        const size_t o = (size_t)p * 2 * bb;
+        a00 = q_t1_pair(DT, w0 + o, bb, p, corr, dxv, xr, xq, sidx, low4, sign, cshift, a00);
+        if (two) a10 = q_t1_pair(DT, w1 + o, bb, p, corr, dxv, xr, xq, sidx, low4, sign, cshift, a10);
+        a01 = q_t1_pair(DT, w0 + o + 2 * bb, bb, p + 1, corr, dxv, xr, xq, sidx, low4, sign, cshift, a01);
+        if (two) a11 = q_t1_pair(DT, w1 + o + 2 * bb, bb, p + 1, corr, dxv, xr, xq, sidx, low4, sign, cshift, a11);
+    }
+    if (p < np) {
+        const size_t o = (size_t)p * 2 * bb;
+        a00 = q_t1_pair(DT, w0 + o, bb, p, corr, dxv, xr, xq, sidx, low4, sign, cshift, a00);
+        if (two) a10 = q_t1_pair(DT, w1 + o, bb, p, corr, dxv, xr, xq, sidx, low4, sign, cshift, a10);
+    }
+    *y0 = _mm512_reduce_add_ps(_mm512_add_ps(a00, a01));
+    if (two) *y1 = _mm512_reduce_add_ps(_mm512_add_ps(a10, a11));
 }
 
 INLINE void gemv_q_t1_dt(const dtype DT, int K, const int8_t *xq, const uint8_t *w, const void *b, dtype bdt, int n0,
@@ -1066,21 +1094,18 @@ INLINE void gemv_q_t1_dt(const dtype DT, int K, const int8_t *xq, const uint8_t 
     const __m512i sidx = _mm512_loadu_si512(DT == DT_Q4 ? sidx4 : sidx8);
     const __m512i low4 = _mm512_set1_epi8(15), sign = _mm512_set1_epi8((char)0x80);
     const __m256i cshift = _mm256_setr_epi16(8, 8, 8, 8, 8, 8, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0);
-    for (int n = n0; n < n1; n++) {
-        const uint8_t *wr = w + (size_t)n * rb;
-        /* Two accumulators in registers (pairs in twos: an array indexed by
-         * p & 1 would live in memory, a store-to-load chain per pair). */
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        int p = 0;
-        for (; p + 2 <= np; p += 2) {
-            acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, cshift, acc0);
-            acc1 = q_t1_pair(DT, wr + (size_t)(p + 1) * 2 * bb, bb, p + 1, corr, dxv, xr, xq, sidx, low4, sign, cshift,
-                             acc1);
-        }
-        if (p < np)
-            acc0 = q_t1_pair(DT, wr + (size_t)p * 2 * bb, bb, p, corr, dxv, xr, xq, sidx, low4, sign, cshift, acc0);
-        y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (b ? cpu_ld(b, bdt, (size_t)n) : 0.0f);
+    /* two streams a thread: the first and the second half of its rows */
+    const int h = (n1 - n0) / 2;
+    for (int i = 0; i < h; i++) {
+        const int r0 = n0 + i, r1 = r0 + h;
+        q_t1_rows(DT, 1, np, bb, w + (size_t)r0 * rb, w + (size_t)r1 * rb, corr, dxv, xr, xq, sidx, low4, sign, cshift,
+                  &y[r0], &y[r1]);
     }
+    if ((n1 - n0) % 2)
+        q_t1_rows(DT, 0, np, bb, w + (size_t)(n1 - 1) * rb, NULL, corr, dxv, xr, xq, sidx, low4, sign, cshift,
+                  &y[n1 - 1], NULL);
+    if (b)
+        for (int n = n0; n < n1; n++) y[n] += cpu_ld(b, bdt, (size_t)n);
 }
 
 /* Q4 decode over four blocks (128 weights, 72 bytes) a step, for K a
@@ -1105,7 +1130,7 @@ INLINE void gemv_q_t1_dt(const dtype DT, int K, const int8_t *xq, const uint8_t 
  * from L2), two read ~38, as fast as this kernel computes from L2 (~41).
  * Each stream prefetches 6 KiB ahead (4 and 8 KiB measured slower). */
 #define Q4_QUADS_MAX 128
-#define Q4_PF_AHEAD 6144
+#define Q4_PF_AHEAD Q_PF_AHEAD
 
 typedef struct q4_t1_x {
     __m512i xlo, xhi, clo, chi;
@@ -1182,8 +1207,7 @@ static void gemv_q4_t1_quads(int K, const int8_t *xq, const uint8_t *w, const vo
     if ((n1 - n0) % 2) {
         const int r = n1 - 1;
         __m512 a0 = _mm512_setzero_ps();
-        for (int q = 0; q < nq; q++)
-            a0 = q4_t1_quad(w + (size_t)r * rb + (size_t)q * 72, &x[q], &ix, a0);
+        for (int q = 0; q < nq; q++) a0 = q4_t1_quad(w + (size_t)r * rb + (size_t)q * 72, &x[q], &ix, a0);
         y[r] = _mm512_reduce_add_ps(a0) + (b ? cpu_ld(b, bdt, (size_t)r) : 0.0f);
     }
 }
