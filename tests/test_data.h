@@ -1,14 +1,16 @@
 /*
  * test_data.h — small helpers the model-level tests share: the relative L2
  * error of two float arrays, unpacking tests/data's gzipped files, and the
- * two small models regenerated from their seeds with their cases.
- * Include after test.h and albedo.h; link zlib.
+ * two small models regenerated from their seeds with their cases, and
+ * loading a cases file. Include after test.h and albedo.h; link zlib and
+ * jansson.
  */
 #ifndef ALBEDO_TEST_DATA_H
 #define ALBEDO_TEST_DATA_H
 
 #include <math.h>
 #include <stdio.h>
+#include <jansson.h>
 #include <zlib.h>
 
 /* ||a - b|| / ||b|| (1 when b is all zeros). */
@@ -74,6 +76,14 @@ static inline int small_models_make(small_models *sm, const char *prefix) {
     const int ok3 = albedo_synth_write(sm->model3, "md3-small", 31337, 0, tok3) == ALBEDO_OK;
     CHECK(ok3, "synth md3-small: %s", albedo_last_error());
     return ok2 && ok3 ? 0 : -1;
+}
+
+/* A fixture's cases file as JSON, or NULL after a failed CHECK. */
+static inline json_t *load_cases(const char *path) {
+    json_error_t je;
+    json_t *root = json_load_file(path, 0, &je);
+    CHECK(root != NULL, "%s: %s", path, je.text);
+    return root;
 }
 
 #endif

@@ -390,13 +390,6 @@ static void run_model(const char *label, const char *dir, albedo_precision prec,
     albedo_model_free(mb), albedo_model_free(m8);
 }
 
-static json_t *load_cases(const char *path) {
-    json_error_t je;
-    json_t *root = json_load_file(path, 0, &je);
-    CHECK(root != NULL, "%s: %s", path, je.text);
-    return root;
-}
-
 int main(void) {
     small_models sm;
     if (small_models_make(&sm, "kvfp8")) TEST_MAIN_END();

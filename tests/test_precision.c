@@ -112,13 +112,6 @@ static void run_model(const char *label, const char *dir, json_t *cases, const c
     albedo_model_free(mf), albedo_model_free(mb);
 }
 
-static json_t *load_cases(const char *path) {
-    json_error_t je;
-    json_t *root = json_load_file(path, 0, &je);
-    CHECK(root != NULL, "%s: %s", path, je.text);
-    return root;
-}
-
 int main(void) {
     small_models sm;
     if (small_models_make(&sm, "precision")) TEST_MAIN_END();
