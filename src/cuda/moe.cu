@@ -562,8 +562,12 @@ albedo_status cuda_quant_e4m3_rows(cuda_ctx *c, uint8_t *q, int ldq, float *scal
 
 /* One block. Counts, offsets off[E + 1], tiles (expert, first place) of up
  * to mb rows, and each assignment's place: rows[place] = its token,
- * slot[a] = place. Places within an expert are in the order of the atomics;
- * nothing downstream depends on that order. */
+ * slot[a] = place. Places within an expert follow the assignments' order
+ * (one warp walks them 32 at a time; lanes of the same expert take
+ * consecutive places in lane order, __match_any_sync), so that every run
+ * puts the same rows in the same tiles. Places taken in the order of
+ * atomics made the e4m3 grouped GEMM on mma.sync differ in the last bits
+ * from run to run (docs/CUDA.md, Open items (Moondream 3), item 5). */
 __global__ void moe_sort_kernel(const int32_t *sel, int TK, int K, int E, int mb, int *off, int2 *tiles, int *n_tiles,
                                 int32_t *rows, int32_t *slot) {
     pdl_trigger();
@@ -586,10 +590,22 @@ __global__ void moe_sort_kernel(const int32_t *sel, int TK, int K, int E, int mb
         *n_tiles = nt;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < TK; i += blockDim.x) {
-        const int p = atomicAdd(&cur[sel[i]], 1);
-        rows[p] = i / K;
-        slot[i] = p;
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
+    const unsigned below = (1u << lane) - 1;
+    for (int b = 0; b < TK; b += 32) {
+        const int i = b + lane;
+        const unsigned on = __ballot_sync(0xffffffffu, i < TK);
+        if (i < TK) {
+            const int e = sel[i];
+            const unsigned same = __match_any_sync(on, e);
+            const int p = cur[e] + __popc(same & below);
+            rows[p] = i / K;
+            slot[i] = p;
+            __syncwarp(on);
+            if ((same & below) == 0) cur[e] += __popc(same); /* the lowest lane of the group */
+        }
+        __syncwarp();
     }
 }
 
