@@ -1748,8 +1748,8 @@ static void test_moe(int T, int E, int K, int dim, int I, int path, int skew, in
              * placed an expert's rows in the order of atomics; it places them
              * in the assignments' order now. docs/CUDA.md, Open items
              * (Moondream 3), item 5.) */
-            CHECK(diff < 0, "%s: two runs of the added form differ at %ld (%.9g, %.9g): not deterministic", what,
-                  diff, diff >= 0 ? bget(&x, diff) : 0.0, diff >= 0 ? bget(&xr, diff) : 0.0);
+            CHECK(diff < 0, "%s: two runs of the added form differ at %ld (%.9g, %.9g): not deterministic", what, diff,
+                  diff >= 0 ? bget(&x, diff) : 0.0, diff >= 0 ? bget(&xr, diff) : 0.0);
             CHECK(diff >= 0 || bad < 0, "%s: x0 + the stored sum differs from the added form at %ld", what_s, bad);
             CHECK(damaged == 0, "%s: %ld padding or guard elements written", what_s, damaged);
         }
