@@ -118,6 +118,12 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.returncode != 0:
+            # what the server said (a sanitizer's report, an error) shows with the failing test
+            drain = getattr(self, "_drain", None)
+            if drain is not None:
+                drain.join(5)
+            print("server stderr:\n" + "".join(self.log))
         return self.proc.returncode
 
 
