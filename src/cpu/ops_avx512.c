@@ -982,9 +982,7 @@ static void rope_row_avx512(float *x, int H, int D, int half, const float *ct, c
  * of weights, not the arithmetic, sets the pace. Per row: y = sum over
  * lanes of d_w d_x s, as gemv_q_x86 computes it. */
 #define Q_PAIRS_MAX 256
-#ifndef Q_PF_AHEAD
 #define Q_PF_AHEAD 6144 /* bytes ahead of each of a thread's two streams */
-#endif
 
 /* Per pair p of x: the start values (corr) and the d_x of each lane (dxv);
  * for Q4 also x in the order of the nibble vector, [x0[0:16] x1[0:16]
@@ -1130,7 +1128,6 @@ INLINE void gemv_q_t1_dt(const dtype DT, int K, const int8_t *xq, const uint8_t 
  * from L2), two read ~38, as fast as this kernel computes from L2 (~41).
  * Each stream prefetches 6 KiB ahead (4 and 8 KiB measured slower). */
 #define Q4_QUADS_MAX 128
-#define Q4_PF_AHEAD Q_PF_AHEAD
 
 typedef struct q4_t1_x {
     __m512i xlo, xhi, clo, chi;
@@ -1161,8 +1158,8 @@ typedef struct q4_t1_idx {
 
 /* acc + four blocks (at b) of one row against quad x. */
 INLINE __m512 q4_t1_quad(const uint8_t *b, const q4_t1_x *x, const q4_t1_idx *ix, __m512 acc) {
-    _mm_prefetch((const char *)b + Q4_PF_AHEAD, _MM_HINT_T0);
-    _mm_prefetch((const char *)b + Q4_PF_AHEAD + 64, _MM_HINT_T0);
+    _mm_prefetch((const char *)b + Q_PF_AHEAD, _MM_HINT_T0);
+    _mm_prefetch((const char *)b + Q_PF_AHEAD + 64, _MM_HINT_T0);
     const __m512i a = _mm512_loadu_si512((const void *)b);
     const __m512i v = _mm512_permutex2var_epi16(a, ix->data, _mm512_loadu_si512((const void *)(b + 8)));
     const __m512i lo = _mm512_and_si512(v, ix->low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), ix->low4);
