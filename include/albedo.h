@@ -344,7 +344,8 @@ typedef struct albedo_submit_params {
 
 ALBEDO_API albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *params, albedo_engine **out);
 /* Cancels what is queued or running, waits for the scheduler, frees. Tickets
- * stay valid (all ended) until albedo_ticket_free. */
+ * stay valid (all ended) until albedo_ticket_free, which may come after this
+ * or meanwhile on another thread. */
 ALBEDO_API void albedo_engine_free(albedo_engine *e);
 
 /* Queue a request. image: encoded image bytes (JPEG, PNG, WebP, GIF), or

@@ -194,6 +194,7 @@ struct albedo_engine {
     pthread_cond_t cv; /* wakes the scheduler (monotonic clock) */
     pthread_t th;
     int th_started, stop;
+    int refs; /* under mu: the owner's, and one per submitted ticket not yet freed */
     albedo_ticket *q_head, *q_tail;
     int n_queued;
     albedo_ticket **run; /* [max_batch + ahead] admitted: encoding, waiting or running */
@@ -1160,6 +1161,7 @@ albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *par
         error_set_last(e.msg);
         return st;
     }
+    E->refs = 1;
     E->m = m;
     E->tr = etr_new();
     if (!p.kv_bytes && !m->cuda) p.kv_bytes = default_kv_bytes();
@@ -1243,6 +1245,20 @@ albedo_status albedo_engine_new(albedo_model *m, const albedo_engine_params *par
     return ALBEDO_OK;
 }
 
+/* The engine's struct (its lock, which tickets take) outlives
+ * albedo_engine_free until the last ticket is freed: a ticket may be freed
+ * after the engine, or while another thread frees it. */
+static void engine_unref(albedo_engine *E) {
+    pthread_mutex_lock(&E->mu);
+    const int last = --E->refs == 0;
+    pthread_mutex_unlock(&E->mu);
+    if (!last) return;
+    pthread_cond_destroy(&E->w.cv);
+    pthread_cond_destroy(&E->cv);
+    pthread_mutex_destroy(&E->mu);
+    free(E);
+}
+
 void albedo_engine_free(albedo_engine *E) {
     if (!E) return;
     if (E->th_started) {
@@ -1277,10 +1293,7 @@ void albedo_engine_free(albedo_engine *E) {
     if (E->lpin) md_cuda_host_pin(E->lpin, 0, 0);
     free(E->lpin);
     free(E->lpin_free);
-    pthread_cond_destroy(&W->cv);
-    pthread_cond_destroy(&E->cv);
-    pthread_mutex_destroy(&E->mu);
-    free(E);
+    engine_unref(E);
 }
 
 static char *dup_str(const char *s) {
@@ -1372,6 +1385,7 @@ albedo_status albedo_engine_submit(albedo_engine *E, const albedo_request *r, co
         return ALBEDO_ERR_LIMIT;
     }
     t->tr.id = E->n_submitted++;
+    E->refs++;
     enqueue(E, t);
     pthread_mutex_unlock(&E->mu);
     *out = t;
@@ -1430,7 +1444,9 @@ void albedo_ticket_free(albedo_ticket *t) {
     if (!t) return;
     albedo_ticket_cancel(t);
     albedo_ticket_wait(t, NULL);
+    albedo_engine *E = t->eng;
     tk_destroy(t);
+    engine_unref(E);
 }
 
 void albedo_engine_get_stats(albedo_engine *E, albedo_engine_stats *out) {

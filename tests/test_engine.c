@@ -268,6 +268,42 @@ static void test_cancel(albedo_model *m) {
     albedo_engine_free(e);
 }
 
+/* Tickets outlive their engine (albedo.h): freeing the engine cancels
+ * them, and each is read and freed after it, or by another thread while the
+ * engine is freed (the server's reaper does; ASan and TSan watch this). */
+static void *free_ticket_thread(void *arg) {
+    albedo_ticket_free(arg);
+    return NULL;
+}
+
+static void test_outlive(albedo_model *m) {
+    albedo_engine_params ep = albedo_engine_params_default();
+    ep.max_batch = 1;
+    ep.kv_bytes = block_bytes(m, ep.block_size) * 200;
+    ep.n_threads = 2;
+    albedo_engine *e = NULL;
+    CHECK(albedo_engine_new(m, &ep, &e) == ALBEDO_OK, "engine: %s", albedo_last_error());
+    if (!e) return;
+    albedo_request r = long_request(400);
+    albedo_ticket *run = NULL, *queued = NULL, *other = NULL;
+    CHECK(albedo_engine_submit(e, &r, NULL, 0, NULL, &run) == ALBEDO_OK, "submit");
+    CHECK(albedo_engine_submit(e, &r, NULL, 0, NULL, &queued) == ALBEDO_OK, "submit");
+    CHECK(albedo_engine_submit(e, &r, NULL, 0, NULL, &other) == ALBEDO_OK, "submit");
+    pthread_t th;
+    const int started = !pthread_create(&th, NULL, free_ticket_thread, other);
+    CHECK(started, "cannot start a thread");
+    if (!started) albedo_ticket_free(other);
+    albedo_engine_free(e);
+    if (started) pthread_join(th, NULL);
+    CHECK(albedo_ticket_poll(run) && albedo_ticket_poll(queued), "a ticket had not ended when its engine was freed");
+    CHECK(albedo_ticket_wait(run, NULL) == ALBEDO_ERR_CANCELLED, "running request: %s", albedo_ticket_error(run));
+    CHECK(albedo_ticket_wait(queued, NULL) == ALBEDO_ERR_CANCELLED, "queued request: %s", albedo_ticket_error(queued));
+    CHECK(albedo_ticket_json(run, 0) == NULL, "a cancelled ticket has a result");
+    albedo_ticket_cancel(run); /* no effect once ended */
+    albedo_ticket_free(queued);
+    albedo_ticket_free(run); /* the last: the engine's struct goes with it */
+}
+
 static void test_limits(albedo_model *m) {
     albedo_engine_params ep = albedo_engine_params_default();
     ep.max_batch = 1;
@@ -837,7 +873,7 @@ int main(void) {
         const char *only = getenv("ALBEDO_TEST_ONLY");
         if (!only || !strcmp(only, "limits")) test_limits(m);
         if (!only || !strcmp(only, "fairness")) test_fairness(m);
-        if (!only || !strcmp(only, "cancel")) test_cancel(m), test_queued_deadline(m);
+        if (!only || !strcmp(only, "cancel")) test_cancel(m), test_queued_deadline(m), test_outlive(m);
         if (!only || !strcmp(only, "prefix")) test_prefix(m, image_dir);
         if (!only || !strcmp(only, "chunks")) test_chunks(m);
         if (!only || !strcmp(only, "overlap")) test_overlap(m, image_dir);
