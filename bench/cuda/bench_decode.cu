@@ -312,8 +312,11 @@ static void text_init(text *m, int T_max) {
         }
     m->cos_t = (float *)dalloc((size_t)NCTX * half * 4);
     m->sin_t = (float *)dalloc((size_t)NCTX * half * 4);
-    CK(cudaMemcpy(m->cos_t, cs, (size_t)NCTX * half * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(m->sin_t, sn, (size_t)NCTX * half * 4, cudaMemcpyHostToDevice));
+    /* On S, after dalloc's zeroing there: S does not wait for the legacy
+     * stream that a plain cudaMemcpy uses. */
+    CK(cudaMemcpyAsync(m->cos_t, cs, (size_t)NCTX * half * 4, cudaMemcpyHostToDevice, S));
+    CK(cudaMemcpyAsync(m->sin_t, sn, (size_t)NCTX * half * 4, cudaMemcpyHostToDevice, S));
+    CK(cudaStreamSynchronize(S));
     free(cs), free(sn);
     m->x = rand_f32((size_t)T_max * TC);
     m->h = (uint16_t *)dalloc((size_t)T_max * TC * 2);
