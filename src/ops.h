@@ -73,6 +73,16 @@ static inline float q4_code_scale(uint8_t c) { return f16_to_f32(q4_code_f16(c))
 size_t q_row_bytes(dtype dt, int K);
 /* Quantise K floats into one row of dt (q_row_bytes(dt, K) bytes at dst). */
 void q_quantize_row(dtype dt, const float *x, int K, void *dst);
+/* One Q4 block: the 32 weights v (zero-padded) into its 18 bytes. */
+typedef void (*q4_block_fn)(const float *v, uint8_t *dst);
+/* q_quantize_row with the Q4 blocks made by q4_block: the same bytes when
+ * q4_block is one of cpu_q4_search's. */
+void q_quantize_row_with(q4_block_fn q4_block, dtype dt, const float *x, int K, void *dst);
+/* The Q4 block quantiser of kernel set `name` ("ref", "avx2", "avx512";
+ * NULL or "auto": the fastest this CPU has), NULL where that set is missing
+ * here. Each makes the reference's bytes, bit for bit (tests/test_ops.c):
+ * only the speed of the scale search differs. */
+q4_block_fn cpu_q4_search(const char *name);
 /* Dequantise one row of K weights of dt into out[0..K). */
 void q_dequantize_row(dtype dt, const void *src, int K, float *out);
 

@@ -132,7 +132,8 @@ typedef struct quant_job {
     int n_rows, n_in;
     char *dst;
     size_t rb;
-    float **rowbuf; /* one [K] buffer per task */
+    float **rowbuf;       /* one [K] buffer per task */
+    q4_block_fn q4_block; /* the fastest Q4 quantiser here (the same bytes) */
 } quant_job;
 
 static void quant_task(void *arg, int task) {
@@ -142,7 +143,7 @@ static void quant_task(void *arg, int task) {
     float *row = j->rowbuf[task];
     for (size_t n = r0; n < r1; n++) {
         weight_row(j->src, j->src_dt, j->n_in, n, row);
-        q_quantize_row(j->dt, row, j->n_in, j->dst + n * j->rb);
+        q_quantize_row_with(j->q4_block, j->dt, row, j->n_in, j->dst + n * j->rb);
     }
 }
 
@@ -192,7 +193,8 @@ albedo_status md_weights_quantize(md_weights *w, const md_config *c, dtype dt, e
     for (int i = 0; i < n; i++) {
         const qmat *q = &ms[i];
         if (*q->dt == q->want) continue;
-        quant_job j = {*q->w, *q->dt, q->want, q->n_rows, q->n_in, p, q_row_bytes(q->want, q->n_in), rowbuf};
+        quant_job j = {
+            *q->w, *q->dt, q->want, q->n_rows, q->n_in, p, q_row_bytes(q->want, q->n_in), rowbuf, cpu_q4_search(NULL)};
         ops_parallel_for(ctx, QUANT_TASKS, quant_task, &j);
         /* 16/32-bit sources are the mapped checkpoint; a block-format source
          * may be an earlier call's copy (freed below), never released. */

@@ -424,6 +424,52 @@ static void test_qformat(void) {
  * scale: the linear tests above bound the product's error by the rounding
  * of x that this defines. Rows of odd lengths, one all zero, one with a
  * single nonzero, and values exactly halfway between two steps. */
+/* Every Q4 scale search of this CPU picks the reference's codes, bit for
+ * bit, through q_quantize_row_with: weights of many magnitudes and shapes
+ * (normal-like, uniform, one outlier, equal values, which tie candidates,
+ * subnormal and huge, zeros, infinities and NaN), rows that end mid-block. */
+static void test_q4_search(void) {
+    static const char *names[] = {"avx2", "avx512"};
+    int n_tested = 0;
+    for (int ni = 0; ni < 2; ni++) {
+        q4_block_fn f = cpu_q4_search(names[ni]);
+        if (!f) continue;
+        n_tested++;
+        int bad = 0, first = -1;
+        enum { K = 100, ROWS = 4000 };
+        static float v[K];
+        static unsigned char want[4 * Q4_BLOCK_BYTES], got[4 * Q4_BLOCK_BYTES];
+        for (int r = 0; r < ROWS && !bad; r++) {
+            const int kind = r % 10;
+            const float scale = ldexpf(1.0f, (int)(rng_next() % 60) - 40); /* 2^-40 .. 2^19 */
+            for (int k = 0; k < K; k++) {
+                float x = rnd(-1, 1);
+                switch (kind) {
+                case 0: x = (rnd(-1, 1) + rnd(-1, 1) + rnd(-1, 1)) * scale; break;
+                case 1: x *= scale; break;
+                case 2: x = k % 16 == 3 ? 50.0f * x : x; break;
+                case 3: x = k % 7 ? 0.25f : -0.25f; break;
+                case 4: x = ldexpf(x, -130); break; /* subnormal floats */
+                case 5: x = k % 5 ? 0.0f : x; break;
+                case 6: x = k % 11 ? x * 1e30f : x; break;
+                case 7: x = k == r % K ? (r % 3 ? INFINITY : -INFINITY) : x; break;
+                case 8: x = k == r % K ? NAN : x; break;
+                default: x = rnd(-1, 1) * (float)(k % 16 + 1); break;
+                }
+                v[k] = x;
+            }
+            const int len = r % 4 == 0 ? K : 1 + (int)(rng_next() % K);
+            q_quantize_row(DT_Q4, v, len, want);
+            q_quantize_row_with(f, DT_Q4, v, len, got);
+            if (memcmp(want, got, q_row_bytes(DT_Q4, len))) bad = 1, first = r;
+        }
+        CHECK(!bad, "q4 scale search %s: row %d (kind %d) differs from the reference's bytes", names[ni], first,
+              first % 10);
+    }
+    printf("q4 scale search: %d SIMD form(s) match the reference\n", n_tested);
+    CHECK(cpu_q4_search(NULL) && cpu_q4_search("ref") && !cpu_q4_search("nonesuch"), "cpu_q4_search's choices");
+}
+
 static void test_quantize_u8(void) {
     static const int Ks[] = {1, 15, 17, 31, 32, 33, 64, 100, 1000};
     uint8_t qa[1024], qb[1024];
@@ -544,6 +590,7 @@ static void test_linears_q(void) {
     static const int Ks[] = {1, 17, 32, 33, 100, 288, 1000, 2048};
     static const int Ns[] = {1, 3, 31, 200};
     test_qformat();
+    test_q4_search();
     int i = 0;
     for (int ik = 0; ik < 8; ik++)
         for (int in = 0; in < 4; in++)

@@ -196,6 +196,25 @@ static inline size_t cpu_qx_row_bytes(int K) {
 }
 void cpu_quantize_x(const float *x, int K, void *dst);
 
+/* The Q4 scale search's pieces (ops_ref.c, q4_block_ref), shared by its
+ * SIMD forms so that they weigh the same candidates in the same order.
+ * q4_absmax: max |v[i]| of a sub-block v[16] (NaNs ignored). q4_range: the
+ * number nc of candidates for that maximum a (0 when a = 0: code 0),
+ * candidate j being magnitude code c0 + j / 2 (*c0 set) with sign j % 2, of
+ * scale d_j = ±q4_code_scale(c0 + j / 2). The error of candidate j is the
+ * sum over i = 0..15, in that order, of (v[i] - d_j·q)^2 with q =
+ * q4_level(v[i]·(1 / d_j)), each operation rounded to float (no fused
+ * multiply-adds). q4_pick: the code of least error e[j] (the first of
+ * equals; NaN errors never win). */
+#define Q4_CAND_MAX 64
+float q4_absmax(const float *v);
+int q4_range(float a, int *c0);
+uint8_t q4_pick(const float *e, int nc, int c0);
+void q4_block_ref(const float *v, uint8_t *dst);
+/* The SIMD quantisers; NULL where not compiled in or not supported here. */
+q4_block_fn q4_search_avx512(void);
+q4_block_fn q4_search_avx2(void);
+
 /* The drivers (ops_cpu.c), the entries of every table but the reference. */
 void cpu_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T, const op_linear *L);
 void cpu_layernorm(ops_ctx *c, float *y, const float *x, int T, int C, op_vec g, op_vec b, float eps);

@@ -490,6 +490,73 @@ INLINE __m256i qdot_avx2(__m256i u, __m256i s) {
 #define QT_MAX 2 /* 16 ymm registers: 8 accumulators */
 #include "gemv_q_x86.h"
 
+/* ---- the Q4 block quantiser (cpu.h, q4_range; ops_avx512.c has the
+ * reasoning): eight candidates a vector, two vectors at a time. */
+static inline __m256 q4_level8(__m256 t) {
+    t = _mm256_min_ps(_mm256_set1_ps(9.0f), _mm256_max_ps(_mm256_set1_ps(-9.0f), t));
+    const __m256 ge = _mm256_cmp_ps(t, _mm256_setzero_ps(), _CMP_GE_OQ);
+    const __m256 h = _mm256_blendv_ps(_mm256_set1_ps(-0.5f), _mm256_set1_ps(0.5f), ge);
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvttps_epi32(_mm256_add_ps(t, h)));
+    return _mm256_min_ps(_mm256_set1_ps(7.0f), _mm256_max_ps(_mm256_set1_ps(-8.0f), q));
+}
+
+static uint8_t q4_code_avx2(const float *v) {
+    int c0 = 0;
+    const int nc = q4_range(q4_absmax(v), &c0);
+    if (!nc) return 0;
+    float e[Q4_CAND_MAX];
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int g = 0; g < nc; g += 16) {
+        __m256 d[2], id[2], ev[2];
+        for (int u = 0; u < 2; u++) {
+            const __m256i j = _mm256_add_epi32(_mm256_set1_epi32(g + 8 * u), lane);
+            const __m256i m = _mm256_add_epi32(_mm256_set1_epi32(c0), _mm256_srli_epi32(j, 1));
+            const __m256i nrm = _mm256_or_si256(
+                _mm256_slli_epi32(_mm256_add_epi32(_mm256_srli_epi32(m, 3), _mm256_set1_epi32(112)), 23),
+                _mm256_slli_epi32(_mm256_and_si256(m, _mm256_set1_epi32(7)), 20));
+            const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(0x1p-17f));
+            __m256 mag = _mm256_blendv_ps(_mm256_castsi256_ps(nrm), sub,
+                                          _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), m)));
+            mag = _mm256_castsi256_ps(_mm256_xor_si256(
+                _mm256_castps_si256(mag), _mm256_slli_epi32(_mm256_and_si256(j, _mm256_set1_epi32(1)), 31)));
+            const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nc), j));
+            d[u] = _mm256_and_ps(live, mag);
+            id[u] = _mm256_and_ps(live, _mm256_div_ps(_mm256_set1_ps(1.0f), mag));
+            ev[u] = _mm256_setzero_ps();
+        }
+        for (int i = 0; i < Q_BLOCK / 2; i++) {
+            const __m256 x = _mm256_set1_ps(v[i]);
+            for (int u = 0; u < 2; u++) {
+                const __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(d[u], q4_level8(_mm256_mul_ps(x, id[u]))));
+                ev[u] = _mm256_add_ps(ev[u], _mm256_mul_ps(r, r));
+            }
+        }
+        _mm256_storeu_ps(e + g, ev[0]);
+        _mm256_storeu_ps(e + g + 8, ev[1]);
+    }
+    return q4_pick(e, nc, c0);
+}
+
+static void q4_block_avx2(const float *v, uint8_t *p) {
+    p[0] = q4_code_avx2(v), p[1] = q4_code_avx2(v + 16);
+    const float d0 = q4_code_scale(p[0]), d1 = q4_code_scale(p[1]);
+    const __m256 i0 = _mm256_set1_ps(d0 != 0.0f ? 1.0f / d0 : 0.0f), i1 = _mm256_set1_ps(d1 != 0.0f ? 1.0f / d1 : 0.0f);
+    int32_t n[16];
+    for (int u = 0; u < 2; u++) {
+        const __m256i lo = _mm256_cvttps_epi32(q4_level8(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * u), i0)));
+        const __m256i hi = _mm256_cvttps_epi32(q4_level8(_mm256_mul_ps(_mm256_loadu_ps(v + 16 + 8 * u), i1)));
+        const __m256i b = _mm256_or_si256(_mm256_add_epi32(lo, _mm256_set1_epi32(8)),
+                                          _mm256_slli_epi32(_mm256_add_epi32(hi, _mm256_set1_epi32(8)), 4));
+        _mm256_storeu_si256((__m256i *)(n + 8 * u), b);
+    }
+    for (int i = 0; i < 16; i++) p[2 + i] = (uint8_t)n[i];
+}
+
+q4_block_fn q4_search_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") ? q4_block_avx2 : NULL;
+}
+
 static const cpu_kernels kernels = {
     .f32 = &gemm_f32,
     .bf16 = NULL,

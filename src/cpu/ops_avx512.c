@@ -1491,6 +1491,83 @@ static const cpu_table table_novnni = {CPU_DRIVER_OPS("avx512"), &kernels_novnni
 
 /* F16C and FMA come with every AVX-512 CPU; checked anyway since this file
  * is compiled to use them. */
+/* ---- the Q4 block quantiser (cpu.h, q4_range) ------------------------------------
+ *
+ * Sixteen candidate scales a vector, the sub-block's weights broadcast one
+ * after another: each lane sums its candidate's squared errors in weight
+ * order with the reference's operations (q4_level: clamp to ±9, round half
+ * away from zero by adding ±0.5 and truncating, clamp to -8..7; then
+ * x - d·q, squared, added: separate roundings, as in ops_ref.c). The
+ * max/min operand order keeps the reference's NaN behaviour: a NaN passes
+ * the clamps and truncates to INT_MIN, like the scalar conversion. The
+ * candidates' scales are made from their codes as q4_mag_scale makes them
+ * (exact either way), their reciprocals by IEEE division, as 1.0f / d. */
+INLINE __m512 q4_level16(__m512 t) {
+    t = _mm512_min_ps(_mm512_set1_ps(9.0f), _mm512_max_ps(_mm512_set1_ps(-9.0f), t));
+    const __mmask16 ge = _mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_GE_OQ);
+    const __m512 h = _mm512_mask_blend_ps(ge, _mm512_set1_ps(-0.5f), _mm512_set1_ps(0.5f));
+    const __m512 q = _mm512_cvtepi32_ps(_mm512_cvttps_epi32(_mm512_add_ps(t, h)));
+    return _mm512_min_ps(_mm512_set1_ps(7.0f), _mm512_max_ps(_mm512_set1_ps(-8.0f), q));
+}
+
+static uint8_t q4_code_avx512(const float *v) {
+    const __m512 x16 = _mm512_loadu_ps(v);
+    const __m512 ax = _mm512_abs_ps(x16);
+    const __mmask16 num = _mm512_cmp_ps_mask(ax, ax, _CMP_ORD_Q);
+    const float a = _mm512_mask_reduce_max_ps(num, ax); /* -inf when every weight is NaN */
+    int c0 = 0;
+    const int nc = q4_range(a > 0.0f ? a : 0.0f, &c0);
+    if (!nc) return 0;
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    float best_e = INFINITY;
+    int best = -1;
+    for (int g = 0; g < nc; g += 16) {
+        const __m512i j = _mm512_add_epi32(_mm512_set1_epi32(g), lane);
+        const __m512i m = _mm512_add_epi32(_mm512_set1_epi32(c0), _mm512_srli_epi32(j, 1));
+        const __m512i nrm =
+            _mm512_or_si512(_mm512_slli_epi32(_mm512_add_epi32(_mm512_srli_epi32(m, 3), _mm512_set1_epi32(112)), 23),
+                            _mm512_slli_epi32(_mm512_and_si512(m, _mm512_set1_epi32(7)), 20));
+        const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(m), _mm512_set1_ps(0x1p-17f));
+        __m512 mag =
+            _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(m, _mm512_set1_epi32(8)), _mm512_castsi512_ps(nrm), sub);
+        mag = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(mag),
+                                                   _mm512_slli_epi32(_mm512_and_si512(j, _mm512_set1_epi32(1)), 31)));
+        const __mmask16 live = _mm512_cmplt_epi32_mask(j, _mm512_set1_epi32(nc));
+        const __m512 d = _mm512_maskz_mov_ps(live, mag), id = _mm512_maskz_div_ps(live, _mm512_set1_ps(1.0f), mag);
+        __m512 e = _mm512_setzero_ps();
+        for (int i = 0; i < Q_BLOCK / 2; i++) {
+            const __m512 x = _mm512_set1_ps(v[i]);
+            const __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(d, q4_level16(_mm512_mul_ps(x, id))));
+            e = _mm512_add_ps(e, _mm512_mul_ps(r, r));
+        }
+        /* q4_pick over this group: the first lane of the least error below
+         * the best so far (NaN and infinite errors never win) */
+        const __mmask16 ok = live & _mm512_cmp_ps_mask(e, _mm512_set1_ps(best_e), _CMP_LT_OQ);
+        if (ok) {
+            best_e = _mm512_mask_reduce_min_ps(ok, e);
+            best = g + __builtin_ctz(ok & _mm512_cmp_ps_mask(e, _mm512_set1_ps(best_e), _CMP_EQ_OQ));
+        }
+    }
+    return best < 0 ? (uint8_t)(c0 + nc / 2 - 1) : (uint8_t)((c0 + best / 2) | (best % 2) << 7);
+}
+
+static void q4_block_avx512(const float *v, uint8_t *p) {
+    p[0] = q4_code_avx512(v), p[1] = q4_code_avx512(v + 16);
+    const float d0 = q4_code_scale(p[0]), d1 = q4_code_scale(p[1]);
+    const float i0 = d0 != 0.0f ? 1.0f / d0 : 0.0f, i1 = d1 != 0.0f ? 1.0f / d1 : 0.0f;
+    const __m512i eight = _mm512_set1_epi32(8);
+    const __m512i lo =
+        _mm512_add_epi32(_mm512_cvttps_epi32(q4_level16(_mm512_mul_ps(_mm512_loadu_ps(v), _mm512_set1_ps(i0)))), eight);
+    const __m512i hi = _mm512_add_epi32(
+        _mm512_cvttps_epi32(q4_level16(_mm512_mul_ps(_mm512_loadu_ps(v + 16), _mm512_set1_ps(i1)))), eight);
+    _mm_storeu_si128((__m128i *)(p + 2), _mm512_cvtepi32_epi8(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4))));
+}
+
+q4_block_fn q4_search_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") ? q4_block_avx512 : NULL;
+}
+
 static int cpu_has_avx512(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

@@ -944,11 +944,25 @@ void cpu_rope(ops_ctx *c, float *x, int ldx, int T, int H, int D, int R, int pos
     tp_run(c->tp, cdiv(T, j.rows_per), rope_task, &j);
 }
 
+q4_block_fn cpu_q4_search(const char *name) {
+    if (!name || !strcmp(name, "auto")) {
+        q4_block_fn f = q4_search_avx512();
+        if (!f) f = q4_search_avx2();
+        return f ? f : q4_block_ref;
+    }
+    if (!strcmp(name, "ref")) return q4_block_ref;
+    if (!strcmp(name, "avx512")) return q4_search_avx512();
+    if (!strcmp(name, "avx2")) return q4_search_avx2();
+    return NULL;
+}
+
 /* ISA tables not compiled into this build. */
 #if !defined(ALBEDO_X86)
 const ops *ops_avx512_table(void) { return NULL; }
 const ops *ops_avx512_nobf16_table(void) { return NULL; }
 const ops *ops_avx2_table(void) { return NULL; }
+q4_block_fn q4_search_avx512(void) { return NULL; }
+q4_block_fn q4_search_avx2(void) { return NULL; }
 #endif
 #if !defined(ALBEDO_ARM64)
 const ops *ops_neon_table(void) { return NULL; }

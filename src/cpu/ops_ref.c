@@ -76,19 +76,41 @@ static float q4_mag_scale(int m) {
  * first candidate of least error wins. All candidates are evaluated side by
  * side (the loop over j innermost, in groups of Q4_CAND_GROUP with unused
  * slots at scale 0), which compilers vectorise: the same sums, in the same
- * order, as one candidate after another, a few times faster. */
+ * order, as one candidate after another, a few times faster. The SIMD
+ * searches (cpu_q4_search) share q4_range and q4_pick and keep that
+ * order, so they pick the same codes. */
 #define Q4_CAND_GROUP 8
-#define Q4_CAND_MAX 64
-static uint8_t q4_code(const float *v) {
+
+float q4_absmax(const float *v) {
     float a = 0.0f;
     for (int i = 0; i < Q_BLOCK / 2; i++)
         if (fabsf(v[i]) > a) a = fabsf(v[i]);
+    return a;
+}
+
+int q4_range(float a, int *c0_out) {
     if (a == 0.0f) return 0;
     int c1 = q4_mag_code(a / 5.5f), c0 = q4_mag_code(a / 10.0f);
     if (c0 < 1) c0 = 1;
     if (c1 < c0) c1 = c0;
     if (c1 - c0 + 1 > Q4_CAND_MAX / 2) c0 = c1 + 1 - Q4_CAND_MAX / 2; /* never: a / 5.5 is < 2 a / 10 */
-    const int nc = 2 * (c1 - c0 + 1), ng = (nc + Q4_CAND_GROUP - 1) / Q4_CAND_GROUP;
+    *c0_out = c0;
+    return 2 * (c1 - c0 + 1);
+}
+
+uint8_t q4_pick(const float *e, int nc, int c0) {
+    uint8_t best = (uint8_t)(c0 + nc / 2 - 1); /* c1: kept only when no error is below infinity */
+    float best_e = INFINITY;
+    for (int j = 0; j < nc; j++)
+        if (e[j] < best_e) best_e = e[j], best = (uint8_t)((c0 + j / 2) | (j % 2) << 7);
+    return best;
+}
+
+static uint8_t q4_code(const float *v) {
+    int c0 = 0;
+    const int nc = q4_range(q4_absmax(v), &c0);
+    if (!nc) return 0;
+    const int ng = (nc + Q4_CAND_GROUP - 1) / Q4_CAND_GROUP;
     float d[Q4_CAND_MAX], id[Q4_CAND_MAX], e[Q4_CAND_MAX];
     for (int j = 0; j < ng * Q4_CAND_GROUP; j++) {
         const float m = j < nc ? q4_mag_scale(c0 + j / 2) : 0.0f;
@@ -107,14 +129,23 @@ static uint8_t q4_code(const float *v) {
             }
         }
     }
-    uint8_t best = (uint8_t)c1;
-    float best_e = INFINITY;
-    for (int j = 0; j < nc; j++)
-        if (e[j] < best_e) best_e = e[j], best = (uint8_t)((c0 + j / 2) | (j % 2) << 7);
-    return best;
+    return q4_pick(e, nc, c0);
 }
 
-void q_quantize_row(dtype dt, const float *x, int K, void *dst) {
+void q4_block_ref(const float *v, uint8_t *p) {
+    p[0] = q4_code(v), p[1] = q4_code(v + 16);
+    const float d0 = q4_code_scale(p[0]), d1 = q4_code_scale(p[1]);
+    const float i0 = d0 != 0.0f ? 1.0f / d0 : 0.0f, i1 = d1 != 0.0f ? 1.0f / d1 : 0.0f;
+    uint8_t *qs = p + 2;
+    for (int i = 0; i < Q_BLOCK / 2; i++) {
+        const int lo = (int)q4_level(v[i] * i0) + 8, hi = (int)q4_level(v[i + 16] * i1) + 8;
+        qs[i] = (uint8_t)(lo | hi << 4);
+    }
+}
+
+void q_quantize_row(dtype dt, const float *x, int K, void *dst) { q_quantize_row_with(q4_block_ref, dt, x, K, dst); }
+
+void q_quantize_row_with(q4_block_fn q4_block, dtype dt, const float *x, int K, void *dst) {
     uint8_t *p = dst;
     for (int k0 = 0; k0 < K; k0 += Q_BLOCK) {
         float v[Q_BLOCK];
@@ -137,14 +168,7 @@ void q_quantize_row(dtype dt, const float *x, int K, void *dst) {
             }
             p += Q8_BLOCK_BYTES;
         } else {
-            p[0] = q4_code(v), p[1] = q4_code(v + 16);
-            const float d0 = q4_code_scale(p[0]), d1 = q4_code_scale(p[1]);
-            const float i0 = d0 != 0.0f ? 1.0f / d0 : 0.0f, i1 = d1 != 0.0f ? 1.0f / d1 : 0.0f;
-            uint8_t *qs = p + 2;
-            for (int i = 0; i < Q_BLOCK / 2; i++) {
-                const int lo = (int)q4_level(v[i] * i0) + 8, hi = (int)q4_level(v[i + 16] * i1) + 8;
-                qs[i] = (uint8_t)(lo | hi << 4);
-            }
+            q4_block(v, p);
             p += Q4_BLOCK_BYTES;
         }
     }
