@@ -191,7 +191,8 @@ def main():
         b = json.loads(r.stdout) if r.returncode == 0 else {}
     except ValueError:
         b = {}
-    keys = ("vision_crop_ms", "prefill730_tok_s", "decode_d740_tok_s", "e2e_ms", "e2e_ttft_ms", "peak_rss_mb")
+    keys = ("vision_crop_ms", "prefill730_tok_s", "decode_d740_tok_s", "e2e_ms", "e2e_ttft_ms", "peak_rss_mb",
+            "load_ms", "first_request_ms")
     if all(isinstance(b.get(k), (int, float)) and b[k] > 0 for k in keys) and b.get("e2e_output_tokens") == 32:
         passed += 1
     else:
