@@ -78,7 +78,7 @@ typedef void (*q4_block_fn)(const float *v, uint8_t *dst);
 /* q_quantize_row with the Q4 blocks made by q4_block: the same bytes when
  * q4_block is one of cpu_q4_search's. */
 void q_quantize_row_with(q4_block_fn q4_block, dtype dt, const float *x, int K, void *dst);
-/* The Q4 block quantiser of kernel set `name` ("ref", "avx2", "avx512";
+/* The Q4 block quantiser of kernel set `name` ("ref", "avx2", "avx512", "neon";
  * NULL or "auto": the fastest this CPU has), NULL where that set is missing
  * here. Each makes the reference's bytes, bit for bit (tests/test_ops.c):
  * only the speed of the scale search differs. */

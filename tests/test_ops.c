@@ -429,9 +429,9 @@ static void test_qformat(void) {
  * (normal-like, uniform, one outlier, equal values, which tie candidates,
  * subnormal and huge, zeros, infinities and NaN), rows that end mid-block. */
 static void test_q4_search(void) {
-    static const char *names[] = {"avx2", "avx512"};
+    static const char *names[] = {"avx2", "avx512", "neon"};
     int n_tested = 0;
-    for (int ni = 0; ni < 2; ni++) {
+    for (int ni = 0; ni < 3; ni++) {
         q4_block_fn f = cpu_q4_search(names[ni]);
         if (!f) continue;
         n_tested++;

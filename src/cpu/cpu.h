@@ -214,6 +214,7 @@ void q4_block_ref(const float *v, uint8_t *dst);
 /* The SIMD quantisers; NULL where not compiled in or not supported here. */
 q4_block_fn q4_search_avx512(void);
 q4_block_fn q4_search_avx2(void);
+q4_block_fn q4_search_neon(void);
 
 /* The drivers (ops_cpu.c), the entries of every table but the reference. */
 void cpu_linear(ops_ctx *c, float *y, int ldy, const float *x, int ldx, int T, const op_linear *L);

@@ -948,11 +948,13 @@ q4_block_fn cpu_q4_search(const char *name) {
     if (!name || !strcmp(name, "auto")) {
         q4_block_fn f = q4_search_avx512();
         if (!f) f = q4_search_avx2();
+        if (!f) f = q4_search_neon();
         return f ? f : q4_block_ref;
     }
     if (!strcmp(name, "ref")) return q4_block_ref;
     if (!strcmp(name, "avx512")) return q4_search_avx512();
     if (!strcmp(name, "avx2")) return q4_search_avx2();
+    if (!strcmp(name, "neon")) return q4_search_neon();
     return NULL;
 }
 
@@ -966,5 +968,6 @@ q4_block_fn q4_search_avx2(void) { return NULL; }
 #endif
 #if !defined(ALBEDO_ARM64)
 const ops *ops_neon_table(void) { return NULL; }
+q4_block_fn q4_search_neon(void) { return NULL; }
 const ops *ops_neon_base_table(void) { return NULL; }
 #endif

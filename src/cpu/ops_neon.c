@@ -18,6 +18,7 @@
  */
 #include <arm_neon.h>
 #include <math.h>
+#include <string.h>
 
 #include "cpu.h"
 
@@ -556,6 +557,76 @@ static const cpu_kernels kernels = {
     .add = add_neon,
     .rope_row = rope_row_neon,
 };
+
+/* ---- the Q4 block quantiser (cpu.h, q4_range; ops_avx512.c has the
+ * reasoning): sixteen candidates in four vectors. NEON's fmax/fmin would
+ * pass a NaN through differently from the reference's comparisons, so the
+ * clamps are comparisons and selects, as written there; the truncation is
+ * the reference's own (fcvtzs). */
+INLINE float32x4_t q4_level4(float32x4_t t) {
+    const float32x4_t lo9 = vdupq_n_f32(-9.0f), hi9 = vdupq_n_f32(9.0f);
+    t = vbslq_f32(vcltq_f32(t, lo9), lo9, t);
+    t = vbslq_f32(vcgtq_f32(t, hi9), hi9, t);
+    const float32x4_t h = vbslq_f32(vcgeq_f32(t, vdupq_n_f32(0.0f)), vdupq_n_f32(0.5f), vdupq_n_f32(-0.5f));
+    float32x4_t q = vcvtq_f32_s32(vcvtq_s32_f32(vaddq_f32(t, h)));
+    const float32x4_t lo8 = vdupq_n_f32(-8.0f), hi7 = vdupq_n_f32(7.0f);
+    q = vbslq_f32(vcltq_f32(q, lo8), lo8, q);
+    return vbslq_f32(vcgtq_f32(q, hi7), hi7, q);
+}
+
+static uint8_t q4_code_neon(const float *v) {
+    int c0 = 0;
+    const int nc = q4_range(q4_absmax(v), &c0);
+    if (!nc) return 0;
+    float d[Q4_CAND_MAX], id[Q4_CAND_MAX], e[Q4_CAND_MAX];
+    for (int j = 0; j < (nc + 15) / 16 * 16; j++) {
+        const int m = c0 + j / 2;
+        float f = 0.0f;
+        if (j < nc) {
+            if (m < 8) {
+                f = (float)m * 0x1p-17f;
+            } else {
+                const uint32_t u = (uint32_t)((m >> 3) + 112) << 23 | (uint32_t)(m & 7) << 20;
+                memcpy(&f, &u, 4);
+            }
+        }
+        d[j] = j % 2 ? -f : f;
+        id[j] = d[j] != 0.0f ? 1.0f / d[j] : 0.0f;
+    }
+    for (int g = 0; g < nc; g += 16) {
+        float32x4_t dv[4], iv[4], ev[4];
+        for (int u = 0; u < 4; u++) {
+            dv[u] = vld1q_f32(d + g + 4 * u);
+            iv[u] = vld1q_f32(id + g + 4 * u);
+            ev[u] = vdupq_n_f32(0.0f);
+        }
+        for (int i = 0; i < Q_BLOCK / 2; i++) {
+            const float32x4_t x = vdupq_n_f32(v[i]);
+            for (int u = 0; u < 4; u++) {
+                const float32x4_t r = vsubq_f32(x, vmulq_f32(dv[u], q4_level4(vmulq_f32(x, iv[u]))));
+                ev[u] = vaddq_f32(ev[u], vmulq_f32(r, r));
+            }
+        }
+        for (int u = 0; u < 4; u++) vst1q_f32(e + g + 4 * u, ev[u]);
+    }
+    return q4_pick(e, nc, c0);
+}
+
+static void q4_block_neon(const float *v, uint8_t *p) {
+    p[0] = q4_code_neon(v), p[1] = q4_code_neon(v + 16);
+    const float d0 = q4_code_scale(p[0]), d1 = q4_code_scale(p[1]);
+    const float32x4_t i0 = vdupq_n_f32(d0 != 0.0f ? 1.0f / d0 : 0.0f), i1 = vdupq_n_f32(d1 != 0.0f ? 1.0f / d1 : 0.0f);
+    for (int u = 0; u < 4; u++) {
+        const int32x4_t lo = vcvtq_s32_f32(q4_level4(vmulq_f32(vld1q_f32(v + 4 * u), i0)));
+        const int32x4_t hi = vcvtq_s32_f32(q4_level4(vmulq_f32(vld1q_f32(v + 16 + 4 * u), i1)));
+        const int32x4_t b = vorrq_s32(vaddq_s32(lo, vdupq_n_s32(8)), vshlq_n_s32(vaddq_s32(hi, vdupq_n_s32(8)), 4));
+        int32_t n[4];
+        vst1q_s32(n, b);
+        for (int k = 0; k < 4; k++) p[2 + 4 * u + k] = (uint8_t)n[k];
+    }
+}
+
+q4_block_fn q4_search_neon(void) { return q4_block_neon; }
 
 static const cpu_table table = {CPU_DRIVER_OPS("neon"), &kernels};
 
