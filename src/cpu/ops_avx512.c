@@ -1130,21 +1130,16 @@ INLINE void gemv_q_t1_dt(const dtype DT, int K, const int8_t *xq, const uint8_t 
 #define Q4_QUADS_MAX 128
 
 typedef struct q4_t1_x {
-    __m512i xlo, xhi, clo, chi;
+    __m512i xlo, xhi;
     __m512 dx;
 } q4_t1_x;
 
 INLINE void q4_t1_prep(int nq, const int8_t *xq, const float *dx, q4_t1_x *x) {
-    const __m512i ones = _mm512_set1_epi8(1);
     for (int q = 0; q < nq; q++) {
         const __m512i a = _mm512_loadu_si512((const void *)(xq + (size_t)q * 128));
         const __m512i b = _mm512_loadu_si512((const void *)(xq + (size_t)q * 128 + 64));
         x[q].xlo = _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(2, 0, 2, 0));
         x[q].xhi = _mm512_shuffle_i64x2(a, b, _MM_SHUFFLE(3, 1, 3, 1));
-        x[q].clo = _mm512_sub_epi32(_mm512_setzero_si512(),
-                                    _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, x[q].xlo), 3));
-        x[q].chi = _mm512_sub_epi32(_mm512_setzero_si512(),
-                                    _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, x[q].xhi), 3));
         const float *d = dx + (size_t)q * 4;
         const __m256 d01 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(d[0])), _mm_set1_ps(d[1]), 1);
         const __m256 d23 = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(d[2])), _mm_set1_ps(d[3]), 1);
@@ -1156,8 +1151,17 @@ typedef struct q4_t1_idx {
     __m512i data, code, shift, low4;
 } q4_t1_idx;
 
+/* Each lane's start value: -8 times the sum of its four x bytes (the
+ * nibbles are unsigned), made per quad where it is used, for both streams:
+ * kept in q4_t1_x it doubled x's footprint in L1 (20 KiB at K = 8192). */
+INLINE __m512i q4_t1_corr(__m512i xv) {
+    return _mm512_sub_epi32(_mm512_setzero_si512(),
+                            _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), xv), 3));
+}
+
 /* acc + four blocks (at b) of one row against quad x. */
-INLINE __m512 q4_t1_quad(const uint8_t *b, const q4_t1_x *x, const q4_t1_idx *ix, __m512 acc) {
+INLINE __m512 q4_t1_quad(const uint8_t *b, const q4_t1_x *x, __m512i clo, __m512i chi, const q4_t1_idx *ix,
+                         __m512 acc) {
     _mm_prefetch((const char *)b + Q_PF_AHEAD, _MM_HINT_T0);
     _mm_prefetch((const char *)b + Q_PF_AHEAD + 64, _MM_HINT_T0);
     const __m512i a = _mm512_loadu_si512((const void *)b);
@@ -1165,8 +1169,8 @@ INLINE __m512 q4_t1_quad(const uint8_t *b, const q4_t1_x *x, const q4_t1_idx *ix
     const __m512i lo = _mm512_and_si512(v, ix->low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), ix->low4);
     const __m512i cw = _mm512_sllv_epi16(_mm512_permutexvar_epi16(ix->code, a), ix->shift);
     const __m512i sc = _mm512_and_si512(_mm512_srai_epi16(cw, 1), _mm512_set1_epi16((short)0xBF80));
-    const __m512 slo = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(x->clo, lo, x->xlo));
-    const __m512 shi = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(x->chi, hi, x->xhi));
+    const __m512 slo = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(clo, lo, x->xlo));
+    const __m512 shi = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(chi, hi, x->xhi));
     const __m512 t = _mm512_fmadd_ps(slo, _mm512_cvtph_ps(_mm512_castsi512_si256(sc)),
                                      _mm512_mul_ps(shi, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(sc, 1))));
     return _mm512_fmadd_ps(t, x->dx, acc);
@@ -1195,8 +1199,9 @@ static void gemv_q4_t1_quads(int K, const int8_t *xq, const uint8_t *w, const vo
         const uint8_t *w0 = w + (size_t)r0 * rb, *w1 = w + (size_t)r1 * rb;
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
         for (int q = 0; q < nq; q++) {
-            a0 = q4_t1_quad(w0 + (size_t)q * 72, &x[q], &ix, a0);
-            a1 = q4_t1_quad(w1 + (size_t)q * 72, &x[q], &ix, a1);
+            const __m512i clo = q4_t1_corr(x[q].xlo), chi = q4_t1_corr(x[q].xhi);
+            a0 = q4_t1_quad(w0 + (size_t)q * 72, &x[q], clo, chi, &ix, a0);
+            a1 = q4_t1_quad(w1 + (size_t)q * 72, &x[q], clo, chi, &ix, a1);
         }
         y[r0] = _mm512_reduce_add_ps(a0) + (b ? cpu_ld(b, bdt, (size_t)r0) : 0.0f);
         y[r1] = _mm512_reduce_add_ps(a1) + (b ? cpu_ld(b, bdt, (size_t)r1) : 0.0f);
@@ -1204,7 +1209,9 @@ static void gemv_q4_t1_quads(int K, const int8_t *xq, const uint8_t *w, const vo
     if ((n1 - n0) % 2) {
         const int r = n1 - 1;
         __m512 a0 = _mm512_setzero_ps();
-        for (int q = 0; q < nq; q++) a0 = q4_t1_quad(w + (size_t)r * rb + (size_t)q * 72, &x[q], &ix, a0);
+        for (int q = 0; q < nq; q++)
+            a0 = q4_t1_quad(w + (size_t)r * rb + (size_t)q * 72, &x[q], q4_t1_corr(x[q].xlo), q4_t1_corr(x[q].xhi), &ix,
+                            a0);
         y[r] = _mm512_reduce_add_ps(a0) + (b ? cpu_ld(b, bdt, (size_t)r) : 0.0f);
     }
 }
