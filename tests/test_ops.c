@@ -467,6 +467,19 @@ static void test_q4_search(void) {
               first % 10);
     }
     printf("q4 scale search: %d SIMD form(s) match the reference\n", n_tested);
+    /* NaN weights quantise to zero (in both formats), the rest of the block
+     * as usual, finite */
+    for (int di = 0; di < 2; di++) {
+        const dtype dt = di ? DT_Q4 : DT_Q8;
+        float v[32], out[32];
+        unsigned char buf[Q8_BLOCK_BYTES];
+        for (int k = 0; k < 32; k++) v[k] = k == 5 || k == 20 ? NAN : rnd(-1, 1);
+        q_quantize_row(dt, v, 32, buf);
+        q_dequantize_row(dt, buf, 32, out);
+        int ok = out[5] == 0.0f && out[20] == 0.0f;
+        for (int k = 0; k < 32; k++) ok &= isfinite(out[k]);
+        CHECK(ok, "%s: NaN weights quantise to 0 (got %g, %g), the others finite", di ? "q4" : "q8", out[5], out[20]);
+    }
     CHECK(cpu_q4_search(NULL) && cpu_q4_search("ref") && !cpu_q4_search("nonesuch"), "cpu_q4_search's choices");
 }
 

@@ -493,6 +493,7 @@ INLINE __m256i qdot_avx2(__m256i u, __m256i s) {
 /* ---- the Q4 block quantiser (cpu.h, q4_range; ops_avx512.c has the
  * reasoning): eight candidates a vector, two vectors at a time. */
 static inline __m256 q4_level8(__m256 t) {
+    t = _mm256_and_ps(t, _mm256_cmp_ps(t, t, _CMP_ORD_Q)); /* NaN: 0, as q_round */
     t = _mm256_min_ps(_mm256_set1_ps(9.0f), _mm256_max_ps(_mm256_set1_ps(-9.0f), t));
     const __m256 ge = _mm256_cmp_ps(t, _mm256_setzero_ps(), _CMP_GE_OQ);
     const __m256 h = _mm256_blendv_ps(_mm256_set1_ps(-0.5f), _mm256_set1_ps(0.5f), ge);

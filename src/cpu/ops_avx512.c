@@ -1504,12 +1504,13 @@ static const cpu_table table_novnni = {CPU_DRIVER_OPS("avx512"), &kernels_novnni
  * after another: each lane sums its candidate's squared errors in weight
  * order with the reference's operations (q4_level: clamp to ±9, round half
  * away from zero by adding ±0.5 and truncating, clamp to -8..7; then
- * x - d·q, squared, added: separate roundings, as in ops_ref.c). The
- * max/min operand order keeps the reference's NaN behaviour: a NaN passes
- * the clamps and truncates to INT_MIN, like the scalar conversion. The
+ * x - d·q, squared, added: separate roundings, as in ops_ref.c). A NaN t
+ * rounds to 0 as in q_round (the conversion would give INT_MIN); the
+ * max/min operand order is the reference's comparisons'. The
  * candidates' scales are made from their codes as q4_mag_scale makes them
  * (exact either way), their reciprocals by IEEE division, as 1.0f / d. */
 INLINE __m512 q4_level16(__m512 t) {
+    t = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, t, _CMP_ORD_Q), t);
     t = _mm512_min_ps(_mm512_set1_ps(9.0f), _mm512_max_ps(_mm512_set1_ps(-9.0f), t));
     const __mmask16 ge = _mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_GE_OQ);
     const __m512 h = _mm512_mask_blend_ps(ge, _mm512_set1_ps(-0.5f), _mm512_set1_ps(0.5f));

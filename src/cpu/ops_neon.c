@@ -561,9 +561,10 @@ static const cpu_kernels kernels = {
 /* ---- the Q4 block quantiser (cpu.h, q4_range; ops_avx512.c has the
  * reasoning): sixteen candidates in four vectors. NEON's fmax/fmin would
  * pass a NaN through differently from the reference's comparisons, so the
- * clamps are comparisons and selects, as written there; the truncation is
- * the reference's own (fcvtzs). */
+ * clamps are comparisons and selects, as written there; a NaN t rounds to
+ * 0, as in q_round. */
 INLINE float32x4_t q4_level4(float32x4_t t) {
+    t = vbslq_f32(vceqq_f32(t, t), t, vdupq_n_f32(0.0f));
     const float32x4_t lo9 = vdupq_n_f32(-9.0f), hi9 = vdupq_n_f32(9.0f);
     t = vbslq_f32(vcltq_f32(t, lo9), lo9, t);
     t = vbslq_f32(vcgtq_f32(t, hi9), hi9, t);

@@ -30,8 +30,13 @@ size_t q_row_bytes(dtype dt, int K) {
 
 /* Round half away from zero; |v| stays far below 2^31 here (at most 128 plus
  * rounding), and the truncating conversion is one instruction where floorf
- * is a library call on baseline x86-64. */
-static float q_round(float v) { return (float)(int32_t)(v + (v >= 0.0f ? 0.5f : -0.5f)); }
+ * is a library call on baseline x86-64. NaN (a NaN weight, or an infinite
+ * one times a zero or infinite reciprocal) rounds to 0: converting it to
+ * int is undefined, and the hardware disagrees (x86 INT_MIN, AArch64 0). */
+static float q_round(float v) {
+    if (v != v) return 0.0f;
+    return (float)(int32_t)(v + (v >= 0.0f ? 0.5f : -0.5f));
+}
 
 /* The Q4 level (-8..7) nearest to t = w / d. t is clamped first: a weight
  * far beyond the largest scale (|w| > 15, clipped) must not overflow the
