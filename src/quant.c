@@ -190,11 +190,11 @@ albedo_status md_weights_quantize(md_weights *w, const md_config *c, dtype dt, e
     float *rowbuf[QUANT_TASKS];
     for (int i = 0; i < QUANT_TASKS; i++) rowbuf[i] = rows + (size_t)i * max_k;
     char *p = mem;
+    const q4_block_fn q4b = cpu_q4_search(NULL);
     for (int i = 0; i < n; i++) {
         const qmat *q = &ms[i];
         if (*q->dt == q->want) continue;
-        quant_job j = {
-            *q->w, *q->dt, q->want, q->n_rows, q->n_in, p, q_row_bytes(q->want, q->n_in), rowbuf, cpu_q4_search(NULL)};
+        quant_job j = {*q->w, *q->dt, q->want, q->n_rows, q->n_in, p, q_row_bytes(q->want, q->n_in), rowbuf, q4b};
         ops_parallel_for(ctx, QUANT_TASKS, quant_task, &j);
         /* 16/32-bit sources are the mapped checkpoint; a block-format source
          * may be an earlier call's copy (freed below), never released. */

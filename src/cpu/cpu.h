@@ -209,6 +209,9 @@ void cpu_quantize_x(const float *x, int K, void *dst);
 #define Q4_CAND_MAX 64
 float q4_absmax(const float *v);
 int q4_range(float a, int *c0);
+/* d[j] = d_j and id[j] = 1 / d_j (as 1.0f / d[j]) for j < nc, zeros for
+ * nc <= j < n. */
+void q4_scales(int c0, int nc, int n, float *d, float *id);
 uint8_t q4_pick(const float *e, int nc, int c0);
 void q4_block_ref(const float *v, uint8_t *dst);
 /* The SIMD quantisers; NULL where not compiled in or not supported here. */

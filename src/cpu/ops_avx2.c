@@ -505,30 +505,19 @@ static uint8_t q4_code_avx2(const float *v) {
     int c0 = 0;
     const int nc = q4_range(q4_absmax(v), &c0);
     if (!nc) return 0;
-    float e[Q4_CAND_MAX];
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    float d[Q4_CAND_MAX], id[Q4_CAND_MAX], e[Q4_CAND_MAX];
+    q4_scales(c0, nc, (nc + 15) / 16 * 16, d, id);
     for (int g = 0; g < nc; g += 16) {
-        __m256 d[2], id[2], ev[2];
+        __m256 dv[2], iv[2], ev[2];
         for (int u = 0; u < 2; u++) {
-            const __m256i j = _mm256_add_epi32(_mm256_set1_epi32(g + 8 * u), lane);
-            const __m256i m = _mm256_add_epi32(_mm256_set1_epi32(c0), _mm256_srli_epi32(j, 1));
-            const __m256i nrm = _mm256_or_si256(
-                _mm256_slli_epi32(_mm256_add_epi32(_mm256_srli_epi32(m, 3), _mm256_set1_epi32(112)), 23),
-                _mm256_slli_epi32(_mm256_and_si256(m, _mm256_set1_epi32(7)), 20));
-            const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(0x1p-17f));
-            __m256 mag = _mm256_blendv_ps(_mm256_castsi256_ps(nrm), sub,
-                                          _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), m)));
-            mag = _mm256_castsi256_ps(_mm256_xor_si256(
-                _mm256_castps_si256(mag), _mm256_slli_epi32(_mm256_and_si256(j, _mm256_set1_epi32(1)), 31)));
-            const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nc), j));
-            d[u] = _mm256_and_ps(live, mag);
-            id[u] = _mm256_and_ps(live, _mm256_div_ps(_mm256_set1_ps(1.0f), mag));
+            dv[u] = _mm256_loadu_ps(d + g + 8 * u);
+            iv[u] = _mm256_loadu_ps(id + g + 8 * u);
             ev[u] = _mm256_setzero_ps();
         }
         for (int i = 0; i < Q_BLOCK / 2; i++) {
             const __m256 x = _mm256_set1_ps(v[i]);
             for (int u = 0; u < 2; u++) {
-                const __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(d[u], q4_level8(_mm256_mul_ps(x, id[u]))));
+                const __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(dv[u], q4_level8(_mm256_mul_ps(x, iv[u]))));
                 ev[u] = _mm256_add_ps(ev[u], _mm256_mul_ps(r, r));
             }
         }
@@ -551,11 +540,6 @@ static void q4_block_avx2(const float *v, uint8_t *p) {
         _mm256_storeu_si256((__m256i *)(n + 8 * u), b);
     }
     for (int i = 0; i < 16; i++) p[2 + i] = (uint8_t)n[i];
-}
-
-q4_block_fn q4_search_avx2(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") ? q4_block_avx2 : NULL;
 }
 
 static const cpu_kernels kernels = {
@@ -586,3 +570,5 @@ const ops *ops_avx2_table(void) {
      * __builtin_cpu_supports than some compilers offer. */
     return &table.ops;
 }
+
+q4_block_fn q4_search_avx2(void) { return ops_avx2_table() ? q4_block_avx2 : NULL; }

@@ -1496,8 +1496,6 @@ static const cpu_table table_f32 = {CPU_DRIVER_OPS("avx512"), &kernels_f32};
 static const cpu_kernels kernels_novnni = AVX512_KERNELS(NULL, NULL, NULL, NULL);
 static const cpu_table table_novnni = {CPU_DRIVER_OPS("avx512"), &kernels_novnni};
 
-/* F16C and FMA come with every AVX-512 CPU; checked anyway since this file
- * is compiled to use them. */
 /* ---- the Q4 block quantiser (cpu.h, q4_range) ------------------------------------
  *
  * Sixteen candidate scales a vector, the sub-block's weights broadcast one
@@ -1571,17 +1569,16 @@ static void q4_block_avx512(const float *v, uint8_t *p) {
     _mm_storeu_si128((__m128i *)(p + 2), _mm512_cvtepi32_epi8(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4))));
 }
 
-q4_block_fn q4_search_avx512(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") ? q4_block_avx512 : NULL;
-}
-
+/* F16C and FMA come with every AVX-512 CPU; checked anyway since this file
+ * is compiled to use them. */
 static int cpu_has_avx512(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") &&
            __builtin_cpu_supports("fma");
 }
+
+q4_block_fn q4_search_avx512(void) { return cpu_has_avx512() ? q4_block_avx512 : NULL; }
 
 const ops *ops_avx512_table(void) {
     if (!cpu_has_avx512()) return NULL;

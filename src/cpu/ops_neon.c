@@ -18,7 +18,6 @@
  */
 #include <arm_neon.h>
 #include <math.h>
-#include <string.h>
 
 #include "cpu.h"
 
@@ -580,20 +579,7 @@ static uint8_t q4_code_neon(const float *v) {
     const int nc = q4_range(q4_absmax(v), &c0);
     if (!nc) return 0;
     float d[Q4_CAND_MAX], id[Q4_CAND_MAX], e[Q4_CAND_MAX];
-    for (int j = 0; j < (nc + 15) / 16 * 16; j++) {
-        const int m = c0 + j / 2;
-        float f = 0.0f;
-        if (j < nc) {
-            if (m < 8) {
-                f = (float)m * 0x1p-17f;
-            } else {
-                const uint32_t u = (uint32_t)((m >> 3) + 112) << 23 | (uint32_t)(m & 7) << 20;
-                memcpy(&f, &u, 4);
-            }
-        }
-        d[j] = j % 2 ? -f : f;
-        id[j] = d[j] != 0.0f ? 1.0f / d[j] : 0.0f;
-    }
+    q4_scales(c0, nc, (nc + 15) / 16 * 16, d, id);
     for (int g = 0; g < nc; g += 16) {
         float32x4_t dv[4], iv[4], ev[4];
         for (int u = 0; u < 4; u++) {

@@ -111,18 +111,22 @@ uint8_t q4_pick(const float *e, int nc, int c0) {
     return best;
 }
 
+void q4_scales(int c0, int nc, int n, float *d, float *id) {
+    for (int j = 0; j < n; j++) {
+        const float m = j < nc ? q4_mag_scale(c0 + j / 2) : 0.0f;
+        d[j] = j % 2 ? -m : m;
+        id[j] = d[j] != 0.0f ? 1.0f / d[j] : 0.0f;
+    }
+}
+
 static uint8_t q4_code(const float *v) {
     int c0 = 0;
     const int nc = q4_range(q4_absmax(v), &c0);
     if (!nc) return 0;
     const int ng = (nc + Q4_CAND_GROUP - 1) / Q4_CAND_GROUP;
     float d[Q4_CAND_MAX], id[Q4_CAND_MAX], e[Q4_CAND_MAX];
-    for (int j = 0; j < ng * Q4_CAND_GROUP; j++) {
-        const float m = j < nc ? q4_mag_scale(c0 + j / 2) : 0.0f;
-        d[j] = j % 2 ? -m : m;
-        id[j] = d[j] != 0.0f ? 1.0f / d[j] : 0.0f;
-        e[j] = 0.0f;
-    }
+    q4_scales(c0, nc, ng * Q4_CAND_GROUP, d, id);
+    for (int j = 0; j < ng * Q4_CAND_GROUP; j++) e[j] = 0.0f;
     for (int g = 0; g < ng; g++) {
         float *eg = e + g * Q4_CAND_GROUP;
         const float *dg = d + g * Q4_CAND_GROUP, *ig = id + g * Q4_CAND_GROUP;
