@@ -219,6 +219,19 @@ static int on_text_count(void *user, const char *text, size_t len) {
     return 0;
 }
 
+/* An engine that runs one request at a time (max_batch 1; max_queue when
+ * > 0), 200 KV blocks, 2 threads; NULL (a failed check) if it cannot start. */
+static albedo_engine *serial_engine(albedo_model *m, int max_queue) {
+    albedo_engine_params ep = albedo_engine_params_default();
+    ep.max_batch = 1;
+    if (max_queue > 0) ep.max_queue = max_queue;
+    ep.kv_bytes = block_bytes(m, ep.block_size) * 200;
+    ep.n_threads = 2;
+    albedo_engine *e = NULL;
+    CHECK(albedo_engine_new(m, &ep, &e) == ALBEDO_OK, "engine: %s", albedo_last_error());
+    return e;
+}
+
 static albedo_request long_request(int max_tokens) {
     albedo_request r = albedo_request_default(ALBEDO_SKILL_QUERY);
     r.question = "Tell me a long story about the sea.";
@@ -229,12 +242,7 @@ static albedo_request long_request(int max_tokens) {
 }
 
 static void test_cancel(albedo_model *m) {
-    albedo_engine_params ep = albedo_engine_params_default();
-    ep.max_batch = 1;
-    ep.kv_bytes = block_bytes(m, ep.block_size) * 200;
-    ep.n_threads = 2;
-    albedo_engine *e = NULL;
-    CHECK(albedo_engine_new(m, &ep, &e) == ALBEDO_OK, "engine: %s", albedo_last_error());
+    albedo_engine *e = serial_engine(m, 0);
     if (!e) return;
     flag f = {.mu = PTHREAD_MUTEX_INITIALIZER};
     albedo_submit_params sp = {.on_text = on_text_count, .user = &f};
@@ -277,12 +285,7 @@ static void *free_ticket_thread(void *arg) {
 }
 
 static void test_outlive(albedo_model *m) {
-    albedo_engine_params ep = albedo_engine_params_default();
-    ep.max_batch = 1;
-    ep.kv_bytes = block_bytes(m, ep.block_size) * 200;
-    ep.n_threads = 2;
-    albedo_engine *e = NULL;
-    CHECK(albedo_engine_new(m, &ep, &e) == ALBEDO_OK, "engine: %s", albedo_last_error());
+    albedo_engine *e = serial_engine(m, 0);
     if (!e) return;
     albedo_request r = long_request(400);
     albedo_ticket *run = NULL, *queued = NULL, *other = NULL;
@@ -305,13 +308,7 @@ static void test_outlive(albedo_model *m) {
 }
 
 static void test_limits(albedo_model *m) {
-    albedo_engine_params ep = albedo_engine_params_default();
-    ep.max_batch = 1;
-    ep.max_queue = 2;
-    ep.kv_bytes = block_bytes(m, ep.block_size) * 200;
-    ep.n_threads = 2;
-    albedo_engine *e = NULL;
-    CHECK(albedo_engine_new(m, &ep, &e) == ALBEDO_OK, "engine: %s", albedo_last_error());
+    albedo_engine *e = serial_engine(m, 2);
     if (!e) return;
     albedo_request r = long_request(300);
     albedo_ticket *t[8] = {0};
@@ -353,12 +350,7 @@ static void on_done_idx(void *user, albedo_ticket *t, albedo_status st, const al
 }
 
 static void test_fairness(albedo_model *m) {
-    albedo_engine_params ep = albedo_engine_params_default();
-    ep.max_batch = 1;
-    ep.kv_bytes = block_bytes(m, ep.block_size) * 200;
-    ep.n_threads = 2;
-    albedo_engine *e = NULL;
-    CHECK(albedo_engine_new(m, &ep, &e) == ALBEDO_OK, "engine: %s", albedo_last_error());
+    albedo_engine *e = serial_engine(m, 0);
     if (!e) return;
     flag f = {.mu = PTHREAD_MUTEX_INITIALIZER};
     order_rec rec[6];
@@ -400,12 +392,7 @@ static int on_text_gate(void *user, const char *text, size_t len) {
 }
 
 static void test_queued_deadline(albedo_model *m) {
-    albedo_engine_params ep = albedo_engine_params_default();
-    ep.max_batch = 1;
-    ep.kv_bytes = block_bytes(m, ep.block_size) * 200;
-    ep.n_threads = 2;
-    albedo_engine *e = NULL;
-    CHECK(albedo_engine_new(m, &ep, &e) == ALBEDO_OK, "engine: %s", albedo_last_error());
+    albedo_engine *e = serial_engine(m, 0);
     if (!e) return;
     gate g = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
     albedo_submit_params held = {.on_text = on_text_gate, .user = &g};
