@@ -624,6 +624,9 @@ static int cmp_ms(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+/* The 10-word question of the end-to-end figure and of the first request. */
+#define BENCH_QUESTION "What is the highest value shown in this chart today?"
+
 /* The end-to-end figure of issue #3: a 640x480 image (RGB pixels in: the
  * crops, every crop through the vision encoder, the 730-position prefix), a
  * 10-word question and 32 answer tokens (greedy, end of sequence ignored),
@@ -646,7 +649,7 @@ static int bench_e2e(albedo_model *m, int repeats, double *e2e_ms, double *ttft_
             rgb[i] = (uint8_t)(((i / 3) % W) / 3 + (x & 31)); /* a gradient with noise */
         }
         albedo_request q = albedo_model_request_default(m, ALBEDO_SKILL_QUERY);
-        q.question = "What is the highest value shown in this chart today?"; /* 10 words */
+        q.question = BENCH_QUESTION;
         q.max_tokens = 32;
         q.ignore_eos = 1;
         q.temperature = 0.0f;
@@ -694,7 +697,7 @@ static int cmd_bench(opts *o) {
     {
         albedo_session *s = NULL;
         albedo_request q = albedo_model_request_default(m, ALBEDO_SKILL_QUERY);
-        q.question = "What is the highest value shown in this chart today?";
+        q.question = BENCH_QUESTION;
         q.max_tokens = 1;
         q.temperature = 0.0f;
         const albedo_result *res = NULL;
