@@ -18,6 +18,8 @@
  *      through the same cuda_linear is measured beside it).
  *
  *   bench_decode [replays=100]
+ *   bench_decode [replays] linear  one text forward's 96 linears over 1..128
+ *                                  rows, GEMV against cuBLASLt
  *   bench_decode [replays] attn    only the flash attention, under each
  *                                  block geometry (cuda_ctx_set_flash):
  *                                  vision's 27 layers, the 730-token
@@ -502,6 +504,73 @@ static void gemm_step(void *arg) {
     OP(cuda_linear(G, g->y, DT_BF16, g->L.n_out, g->x, g->L.n_in, g->T, &g->L, CUDA_ACT_NONE, 0));
 }
 
+/* ---- the text model's linears over a few rows: GEMV, skinny GEMM, cuBLASLt ---- */
+
+typedef struct rows_arg {
+    cuda_linear_w L[TL][4]; /* qkv, proj, fc1, fc2 of 24 layers: 2.4 GB, never in L2 */
+    uint16_t *x, *h, *f;
+    float *y;
+    int T;
+} rows_arg;
+
+static void rows_step(void *arg) {
+    rows_arg *r = (rows_arg *)arg;
+    for (int l = 0; l < TL; l++) {
+        OP(cuda_linear(G, r->h, DT_BF16, 3 * TC, r->x, TC, r->T, &r->L[l][0], CUDA_ACT_NONE, 0));
+        OP(cuda_linear(G, r->y, DT_F32, TC, r->x, TC, r->T, &r->L[l][1], CUDA_ACT_NONE, 1));
+        OP(cuda_linear(G, r->f, DT_BF16, TF, r->x, TC, r->T, &r->L[l][2], CUDA_ACT_GELU_TANH, 0));
+        OP(cuda_linear(G, r->y, DT_F32, TC, r->f, TF, r->T, &r->L[l][3], CUDA_ACT_NONE, 1));
+    }
+}
+
+/* bench_decode [reps] linear: one text forward's 96 linears over T rows
+ * through the GEMV and through cuBLASLt, as the weights' bytes over the
+ * time: where cuda_linear's switch (cuda_ctx_set_gemv_max) belongs. */
+static int linear_only(int reps) {
+    rows_arg *r = (rows_arg *)calloc(1, sizeof *r);
+    size_t bytes = 0;
+    for (int l = 0; l < TL; l++) {
+        r->L[l][0] = lin(3 * TC, TC), r->L[l][1] = lin(TC, TC), r->L[l][2] = lin(TF, TC), r->L[l][3] = lin(TC, TF);
+        for (int i = 1; i < 4; i += 2) { /* float32 biases where the output is float32, as the model runner's */
+            CK(cudaFree((void *)r->L[l][i].b));
+            r->L[l][i].b = rand_f32(TC);
+            r->L[l][i].bdt = DT_F32;
+        }
+        for (int i = 0; i < 4; i++) bytes += lin_bytes(&r->L[l][i]);
+    }
+    r->x = rand_bf16((size_t)128 * TC, -1, 1);
+    r->f = rand_bf16((size_t)128 * TF, -1, 1);
+    r->h = (uint16_t *)dalloc((size_t)128 * 3 * TC * 2);
+    r->y = rand_f32((size_t)128 * TC);
+    CK(cudaStreamSynchronize(S));
+    static const int Ts[] = {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128};
+    printf("one text forward's 96 linears (%.2f GB of weights) over T rows: ms (GB/s)\n", bytes / 1e9);
+    printf("%4s %20s %20s\n", "T", "GEMV (T <= 8)", "cuBLASLt");
+    for (size_t i = 0; i < sizeof Ts / sizeof Ts[0]; i++) {
+        r->T = Ts[i];
+        printf("%4d", r->T);
+        for (int path = 0; path < 2; path++) {
+            if (path == 0 && r->T > 8) {
+                printf(" %20s", "-");
+                continue;
+            }
+            cuda_ctx_set_gemv_max(G, path == 0 ? 8 : 1);
+            if (path == 1 && r->T == 1) { /* T = 1 is always the GEMV's */
+                printf(" %20s", "-");
+                continue;
+            }
+            const float ms = time_step(rows_step, r, reps);
+            printf(" %9.3f (%6.0f)   ", ms, bytes / (ms * 1e-3) / 1e9);
+        }
+        printf("\n");
+    }
+    cuda_ctx_set_gemv_max(G, 8);
+    CK(cudaDeviceSynchronize());
+    cuda_ctx_free(G2);
+    cuda_ctx_free(G);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     int reps = argc > 1 ? atoi(argv[1]) : 100;
     if (reps < 50) reps = 50;
@@ -528,6 +597,7 @@ int main(int argc, char **argv) {
            prop.totalGlobalMem / 1073741824.0, rt, drv, ALBEDO_COMMIT);
     printf("Moondream 2 shapes, random bf16 weights; medians of %d graph replays after warm-up\n\n", reps);
     if (argc > 2 && strcmp(argv[2], "attn") == 0) return attn_only(reps);
+    if (argc > 2 && strcmp(argv[2], "linear") == 0) return linear_only(reps);
 
     /* Copy bandwidth: 1 GiB device-to-device, counting bytes read + written. */
     const size_t cb = (size_t)1 << 30;
