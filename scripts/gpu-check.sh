@@ -14,6 +14,9 @@
 #                        crops) at 1, 2 and all threads, when it was built
 #   (DECODE_REPS, E2E_REPEATS, MOE_REPS set the benchmarks' repeats (100, 20,
 #   20); FP8=1 adds bench_e2e with the fp8 KV cache (--kv-dtype fp8);
+#   CEILINGS=1 adds what the libraries reach at the same shapes: bench_ceilings
+#   (cuBLASLt's heuristic against its fastest candidate, FP8 forms) and
+#   bench/cuda/torch_ceilings.py (PyTorch's attention backends, TunableOp);
 #   SANITIZE=1 adds compute-sanitizer memcheck over test_ops_cuda --small and
 #   test_md3_cuda; MD3=1 writes the full-size synthetic Moondream 3, 18 GB, to
 #   $ALBEDO_CACHE/synthetic-md3 with the albedo CLI and runs bench_e2e on it.)
@@ -49,6 +52,10 @@ if [ "${FP8:-0}" = 1 ]; then
 fi
 step moe 16 "$B/bench_moe" "${MOE_REPS:-20}"
 [ -x "$B/bench_image" ] && step image 24 "$B/bench_image"
+if [ "${CEILINGS:-0}" = 1 ]; then
+    step ceilings 60 "$B/bench_ceilings"
+    step torch_ceilings 30 python3 bench/cuda/torch_ceilings.py
+fi
 if [ "${MD3:-0}" = 1 ]; then
     M3="$ALBEDO_CACHE/synthetic-md3"
     [ -f "$M3/tokenizer.json" ] || step synth_md3 1 "$B/albedo" synth --preset md3 --out "$M3" --seed 1
