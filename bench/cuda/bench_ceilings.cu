@@ -14,7 +14,8 @@
  *      so the two see the same numbers).
  *
  * Shapes: vision T = 6561 (9 crops) and 13122 (two images), the image
- * prefix T = 768 (730 in its row bucket) and 1536, and a 32-row prompt.
+ * prefix at its 730 rows (a session's), at 768 (the engine's row bucket)
+ * and 1536 (two images), and a 32-row prompt.
  * Medians of 20 timed runs (50 below 4096 rows) after 3 warm-up runs,
  * CUDA events, random data.
  *
