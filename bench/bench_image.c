@@ -3,7 +3,7 @@
  * crops the vision encoder reads (src/image.c), step by step, median of N
  * runs, at 1, 2 and all threads. Prints a table per image:
  *
- *   decode            img_decode (libjpeg-turbo / libpng)
+ *   decode            img_decode (libjpeg-turbo / Wuffs)
  *   global resize     the image to crop x crop (Lanczos, Pillow-exact)
  *   tiled resize      the image to the tiling's size
  *   crops             img_make_crops (both resizes and the crop copies)

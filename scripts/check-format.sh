@@ -7,7 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 cf=$(command -v clang-format-14 || command -v clang-format) || { echo "check-format: clang-format is missing"; exit 1; }
-files=$(git ls-files '*.c' '*.h' '*.cu' '*.cuh')
+files=$(git ls-files '*.c' '*.h' '*.cu' '*.cuh' ':!:third_party/*')
 if [ "${1:-}" = "--fix" ]; then
   echo "$files" | xargs "$cf" -i --style=file
   exit 0

@@ -423,9 +423,10 @@ static void test_bad_input(void) {
     expect_status("BMP", tmp, sizeof tmp, NULL, ALBEDO_ERR_UNSUPPORTED, "BMP");
 
     /* Every test file cut in half, and cut just short of its end. */
-    static const char *files[] = {"baseline.jpg",     "progressive.jpg", "cmyk.jpg",        "grey.png",
-                                  "interlaced.png",   "rgb16.png",       "lossy.webp",      "lossless_alpha.webp",
-                                  "anim_offset.webp", "pillow.gif",      "offset_trans.gif"};
+    static const char *files[] = {
+        "baseline.jpg", "progressive.jpg",        "cmyk.jpg",         "grey.png",   "interlaced.png",   "rgb16.png",
+        "lossy.webp",   "lossless_alpha.webp",    "anim_offset.webp", "pillow.gif", "offset_trans.gif", "grey_trns.png",
+        "rgba16.png",   "pal_trns_interlaced.png"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
         size_t len;
         uint8_t *buf = read_data(files[i], &len);
@@ -473,6 +474,16 @@ static void test_bad_input(void) {
         copy[len / 2] ^= 0x55; /* inside IDAT: its CRC no longer matches */
         expect_status("PNG with a bad IDAT CRC", copy, len, NULL, ALBEDO_ERR_IMAGE, "PNG");
         free(copy);
+        free(buf);
+    }
+    /* A greyscale file's tRNS chunk is taken out before decoding (image.c);
+     * its checksum must still be checked. It follows the 33 bytes of
+     * signature and IHDR and holds 2 bytes. */
+    buf = read_data("grey_trns.png", &len);
+    if (buf) {
+        CHECK(len > 47 && !memcmp(buf + 37, "tRNS", 4), "grey_trns.png: tRNS right after IHDR");
+        buf[45] ^= 0x01; /* its CRC */
+        expect_status("PNG with a bad tRNS CRC", buf, len, NULL, ALBEDO_ERR_IMAGE, "tRNS");
         free(buf);
     }
 

@@ -224,6 +224,29 @@ def main():
     g16 = r.integers(0, 600, (37, 53), dtype=np.uint16)
     files["grey16.png"] = png_raw(53, 37, 0, 16, b"".join(b"\x00" + row.astype(">u2").tobytes() for row in g16))
     files["interlaced.png"] = png_raw(53, 37, 2, 8, adam7(N, lambda row: row.tobytes()), interlace=1)
+    # The other PNG colour types, depths and transparencies (each one a
+    # different path through the decoder's pixel formats).
+    g8 = N[:, :, 0]
+    files["grey_alpha.png"] = save(Image.fromarray(np.dstack([g8, N[:, :, 1]]), "LA"), "PNG")
+    la16 = r.integers(0, 65536, (37, 53, 2), dtype=np.uint16)
+    files["grey_alpha16.png"] = png_raw(53, 37, 4, 16, b"".join(b"\x00" + row.astype(">u2").tobytes() for row in la16))
+    rgba16 = r.integers(0, 65536, (37, 53, 4), dtype=np.uint16)
+    files["rgba16.png"] = png_raw(53, 37, 6, 16, b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgba16))
+    files["pal8.png"] = save(Image.fromarray(N).quantize(200), "PNG")
+    g2 = (g8 >> 6).astype(np.uint8)  # 2-bit grey, four pixels a byte
+    g2p = np.pad(g2, ((0, 0), (0, (-g2.shape[1]) % 4)))
+    g2b = (g2p[:, 0::4] << 6) | (g2p[:, 1::4] << 4) | (g2p[:, 2::4] << 2) | g2p[:, 3::4]
+    files["grey2.png"] = png_raw(53, 37, 0, 2, b"".join(b"\x00" + row.astype(np.uint8).tobytes() for row in g2b))
+    files["grey_trns.png"] = png_raw(53, 37, 0, 8, b"".join(b"\x00" + row.tobytes() for row in g8),
+                                     trns=struct.pack(">H", int(g8[0, 0])))
+    files["rgb_trns.png"] = png_raw(53, 37, 2, 8, b"".join(b"\x00" + row.tobytes() for row in N),
+                                    trns=struct.pack(">HHH", *(int(v) for v in N[0, 0])))
+    files["grey16_trns_interlaced.png"] = png_raw(
+        53, 37, 0, 16, adam7(g16, lambda row: row.astype(">u2").tobytes()), interlace=1, trns=struct.pack(">H", 300))
+    p8 = (N[:, :, 0] // 2).astype(np.uint8)
+    plte = bytes(np.random.default_rng(7).integers(0, 256, 128 * 3, dtype=np.uint8))
+    files["pal_trns_interlaced.png"] = png_raw(53, 37, 3, 8, adam7(p8, lambda row: row.tobytes()), interlace=1,
+                                               plte=plte, trns=bytes(range(0, 256, 4)))
     files["baseline.jpg"] = save(im, "JPEG", quality=85)
     files["progressive.jpg"] = save(Image.fromarray(N), "JPEG", quality=80, progressive=True, subsampling=1)
     files["grey.jpg"] = save(im.convert("L"), "JPEG", quality=80)
