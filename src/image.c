@@ -273,41 +273,57 @@ static void bgra_to_rgb(const uint8_t *s, uint8_t *d, size_t n, int wide, int gr
     }
 }
 
-/* The tRNS chunk of a greyscale or RGB file (before the image data), as
- * offset and length, or 0. Wuffs turns the pixels of its colour into
- * transparent black; Pillow keeps their colour and convert("RGB") drops the
- * transparency, so such a chunk is taken out of the bytes Wuffs sees. */
-static size_t png_find_trns(const uint8_t *buf, size_t len, size_t *n) {
-    for (size_t p = 8; len >= 12 && p <= len - 12;) {
-        const uint32_t L = be32(buf + p);
-        if (L > len - 12 - p || !memcmp(buf + p + 4, "IDAT", 4)) return 0;
-        if (!memcmp(buf + p + 4, "tRNS", 4)) {
-            *n = 12 + (size_t)L;
-            return p;
-        }
-        p += 12 + (size_t)L;
-    }
-    return 0;
+/* Chunks before the image data that Wuffs reads otherwise than Pillow, so
+ * they are taken out of the bytes it sees:
+ *   - tRNS of a greyscale or RGB file: Wuffs turns the pixels of its colour
+ *     into transparent black; Pillow keeps their colour and convert("RGB")
+ *     drops the transparency;
+ *   - acTL (APNG): Wuffs decodes the animation's first frame, which is not
+ *     the IDAT image when that is only the default image; Pillow's first
+ *     frame is the IDAT image, which Wuffs decodes when there is no acTL. */
+static int png_dropped(const uint8_t *type, int ctype) {
+    return !memcmp(type, "acTL", 4) || ((ctype == 0 || ctype == 2) && !memcmp(type, "tRNS", 4));
 }
 
 static albedo_status decode_png_bytes(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out, errbuf *e);
 
 static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out, errbuf *e) {
-    size_t n = 0, at = len >= 33 && (buf[25] == 0 || buf[25] == 2) ? png_find_trns(buf, len, &n) : 0;
-    if (!at) return decode_png_bytes(buf, len, lim, out, e);
-    /* Its checksum still counts. */
+    /* The whole chunks before IDAT (they end at `end`); how many to drop. */
+    const int ctype = len >= 33 ? buf[25] : -1;
+    size_t end = 8, drop = 0;
+    while (len >= 12 && end <= len - 12) {
+        const uint32_t L = be32(buf + end);
+        if (L > len - 12 - end || !memcmp(buf + end + 4, "IDAT", 4)) break;
+        drop += png_dropped(buf + end + 4, ctype);
+        end += 12 + (size_t)L;
+    }
+    if (!drop) return decode_png_bytes(buf, len, lim, out, e);
+    uint8_t *copy = malloc(len);
     wuffs_crc32__ieee_hasher *crc = wuffs_crc32__ieee_hasher__alloc();
-    if (!crc) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "PNG: out of memory");
-    const uint32_t sum =
-        wuffs_crc32__ieee_hasher__update_u32(crc, wuffs_base__make_slice_u8((uint8_t *)buf + at + 4, n - 8));
-    free(crc);
-    if (sum != be32(buf + at + n - 4)) return errf(e, ALBEDO_ERR_IMAGE, "PNG: bad checksum (tRNS)");
-    uint8_t *copy = malloc(len - n);
-    if (!copy) return errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "PNG: out of memory");
-    memcpy(copy, buf, at);
-    memcpy(copy + at, buf + at + n, len - at - n);
-    albedo_status st = decode_png_bytes(copy, len - n, lim, out, e);
+    albedo_status st = ALBEDO_OK;
+    if (!copy || !crc) st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "PNG: out of memory");
+    size_t n = 8;
+    if (!st) memcpy(copy, buf, 8);
+    for (size_t p = 8; !st && p < end;) {
+        const size_t c = 12 + (size_t)be32(buf + p);
+        if (!png_dropped(buf + p + 4, ctype)) {
+            memcpy(copy + n, buf + p, c);
+            n += c;
+        } else { /* its checksum still counts */
+            const wuffs_base__slice_u8 data = wuffs_base__make_slice_u8((uint8_t *)buf + p + 4, c - 8);
+            if (wuffs_crc32__ieee_hasher__initialize(crc, sizeof__wuffs_crc32__ieee_hasher(), WUFFS_VERSION, 0).repr)
+                st = errf(e, ALBEDO_ERR_INTERNAL, "PNG: cannot start a CRC-32");
+            else if (wuffs_crc32__ieee_hasher__update_u32(crc, data) != be32(buf + p + c - 4))
+                st = errf(e, ALBEDO_ERR_IMAGE, "PNG: bad checksum (%.4s)", (const char *)buf + p + 4);
+        }
+        p += c;
+    }
+    if (!st) {
+        memcpy(copy + n, buf + end, len - end);
+        st = decode_png_bytes(copy, n + len - end, lim, out, e);
+    }
     free(copy);
+    free(crc);
     return st;
 }
 

@@ -486,6 +486,14 @@ static void test_bad_input(void) {
         expect_status("PNG with a bad tRNS CRC", buf, len, NULL, ALBEDO_ERR_IMAGE, "tRNS");
         free(buf);
     }
+    /* So is an APNG's acTL (right after IHDR, 8 bytes). */
+    buf = read_data("apng_default.png", &len);
+    if (buf) {
+        CHECK(len > 53 && !memcmp(buf + 37, "acTL", 4), "apng_default.png: acTL right after IHDR");
+        buf[52] ^= 0x01; /* its CRC */
+        expect_status("APNG with a bad acTL CRC", buf, len, NULL, ALBEDO_ERR_IMAGE, "acTL");
+        free(buf);
+    }
 
     /* A PNG header claiming 100000x100000 (no image data at all): refused
      * with the limits before anything is decoded or allocated. */

@@ -243,6 +243,12 @@ def main():
                                     trns=struct.pack(">HHH", *(int(v) for v in N[0, 0])))
     files["grey16_trns_interlaced.png"] = png_raw(
         53, 37, 0, 16, adam7(g16, lambda row: row.astype(">u2").tobytes()), interlace=1, trns=struct.pack(">H", 300))
+    # APNG: the IDAT image is the first frame, or only the default image
+    # before an animation of other frames; Pillow's first frame is it both ways.
+    frames = [Image.fromarray(np.roll(N, 7 * k, axis=1)) for k in range(3)]
+    files["apng.png"] = save(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=100)
+    files["apng_default.png"] = save(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=100,
+                                     default_image=True)
     p8 = (N[:, :, 0] // 2).astype(np.uint8)
     plte = bytes(np.random.default_rng(7).integers(0, 256, 128 * 3, dtype=np.uint8))
     files["pal_trns_interlaced.png"] = png_raw(53, 37, 3, 8, adam7(p8, lambda row: row.tobytes()), interlace=1,
