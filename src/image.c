@@ -273,60 +273,6 @@ static void bgra_to_rgb(const uint8_t *s, uint8_t *d, size_t n, int wide, int gr
     }
 }
 
-/* Chunks before the image data that Wuffs reads otherwise than Pillow, so
- * they are taken out of the bytes it sees:
- *   - tRNS of a greyscale or RGB file: Wuffs turns the pixels of its colour
- *     into transparent black; Pillow keeps their colour and convert("RGB")
- *     drops the transparency;
- *   - acTL (APNG): Wuffs decodes the animation's first frame, which is not
- *     the IDAT image when that is only the default image; Pillow's first
- *     frame is the IDAT image, which Wuffs decodes when there is no acTL. */
-static int png_dropped(const uint8_t *type, int ctype) {
-    return !memcmp(type, "acTL", 4) || ((ctype == 0 || ctype == 2) && !memcmp(type, "tRNS", 4));
-}
-
-static albedo_status decode_png_bytes(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out, errbuf *e);
-
-static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out, errbuf *e) {
-    /* The whole chunks before IDAT (they end at `end`); how many to drop. */
-    const int ctype = len >= 33 ? buf[25] : -1;
-    size_t end = 8, drop = 0;
-    while (len >= 12 && end <= len - 12) {
-        const uint32_t L = be32(buf + end);
-        if (L > len - 12 - end || !memcmp(buf + end + 4, "IDAT", 4)) break;
-        drop += png_dropped(buf + end + 4, ctype);
-        end += 12 + (size_t)L;
-    }
-    if (!drop) return decode_png_bytes(buf, len, lim, out, e);
-    uint8_t *copy = malloc(len);
-    wuffs_crc32__ieee_hasher *crc = wuffs_crc32__ieee_hasher__alloc();
-    albedo_status st = ALBEDO_OK;
-    if (!copy || !crc) st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "PNG: out of memory");
-    size_t n = 8;
-    if (!st) memcpy(copy, buf, 8);
-    for (size_t p = 8; !st && p < end;) {
-        const size_t c = 12 + (size_t)be32(buf + p);
-        if (!png_dropped(buf + p + 4, ctype)) {
-            memcpy(copy + n, buf + p, c);
-            n += c;
-        } else { /* its checksum still counts */
-            const wuffs_base__slice_u8 data = wuffs_base__make_slice_u8((uint8_t *)buf + p + 4, c - 8);
-            if (wuffs_crc32__ieee_hasher__initialize(crc, sizeof__wuffs_crc32__ieee_hasher(), WUFFS_VERSION, 0).repr)
-                st = errf(e, ALBEDO_ERR_INTERNAL, "PNG: cannot start a CRC-32");
-            else if (wuffs_crc32__ieee_hasher__update_u32(crc, data) != be32(buf + p + c - 4))
-                st = errf(e, ALBEDO_ERR_IMAGE, "PNG: bad checksum (%.4s)", (const char *)buf + p + 4);
-        }
-        p += c;
-    }
-    if (!st) {
-        memcpy(copy + n, buf + end, len - end);
-        st = decode_png_bytes(copy, n + len - end, lim, out, e);
-    }
-    free(copy);
-    free(crc);
-    return st;
-}
-
 static albedo_status decode_png_bytes(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out, errbuf *e) {
     /* IHDR must be the first chunk; its size is checked against the limits
      * before the decoder sees the file, so an absurd header costs nothing. */
@@ -346,10 +292,9 @@ static albedo_status decode_png_bytes(const uint8_t *buf, size_t len, const img_
         st = png_fail(s, "header", e);
         goto done;
     }
+    /* The IHDR that check_dims passed above. */
     const int w = (int)wuffs_base__pixel_config__width(&ic.pixcfg),
               h = (int)wuffs_base__pixel_config__height(&ic.pixcfg);
-    st = check_dims("PNG", w, h, lim, e);
-    if (st != ALBEDO_OK) goto done;
     /* Greyscale or RGB of at most 8 bits straight into the output; alpha,
      * palettes and 16-bit samples through BGRA, converted above. */
     const uint32_t native = wuffs_base__pixel_config__pixel_format(&ic.pixcfg).repr;
@@ -393,6 +338,58 @@ done:
     free(tmp);
     free(work);
     free(dec);
+    return st;
+}
+
+/* Chunks before the image data that Wuffs reads otherwise than Pillow, so
+ * they are taken out of the bytes it sees:
+ *   - tRNS of a greyscale or RGB file: Wuffs turns the pixels of its colour
+ *     into transparent black; Pillow keeps their colour and convert("RGB")
+ *     drops the transparency;
+ *   - acTL (APNG): Wuffs decodes the animation's first frame, which is not
+ *     the IDAT image when that is only the default image; Pillow's first
+ *     frame is the IDAT image, which Wuffs decodes when there is no acTL. */
+static int png_dropped(const uint8_t *type, int ctype) {
+    return !memcmp(type, "acTL", 4) || ((ctype == 0 || ctype == 2) && !memcmp(type, "tRNS", 4));
+}
+
+static albedo_status decode_png(const uint8_t *buf, size_t len, const img_limits *lim, img_rgb *out, errbuf *e) {
+    /* The whole chunks before IDAT (they end at `end`); how many to drop. */
+    const int ctype = len >= 33 ? buf[25] : -1;
+    size_t end = 8, drop = 0;
+    while (len >= 12 && end <= len - 12) {
+        const uint32_t L = be32(buf + end);
+        if (L > len - 12 - end || !memcmp(buf + end + 4, "IDAT", 4)) break;
+        drop += png_dropped(buf + end + 4, ctype);
+        end += 12 + (size_t)L;
+    }
+    if (!drop) return decode_png_bytes(buf, len, lim, out, e);
+    uint8_t *copy = malloc(len);
+    wuffs_crc32__ieee_hasher *crc = wuffs_crc32__ieee_hasher__alloc();
+    albedo_status st = ALBEDO_OK;
+    if (!copy || !crc) st = errf(e, ALBEDO_ERR_OUT_OF_MEMORY, "PNG: out of memory");
+    size_t n = 8;
+    if (!st) memcpy(copy, buf, 8);
+    for (size_t p = 8; !st && p < end;) {
+        const size_t c = 12 + (size_t)be32(buf + p);
+        if (!png_dropped(buf + p + 4, ctype)) {
+            memcpy(copy + n, buf + p, c);
+            n += c;
+        } else { /* its checksum still counts */
+            const wuffs_base__slice_u8 data = wuffs_base__make_slice_u8((uint8_t *)buf + p + 4, c - 8);
+            if (wuffs_crc32__ieee_hasher__initialize(crc, sizeof__wuffs_crc32__ieee_hasher(), WUFFS_VERSION, 0).repr)
+                st = errf(e, ALBEDO_ERR_INTERNAL, "PNG: cannot start a CRC-32");
+            else if (wuffs_crc32__ieee_hasher__update_u32(crc, data) != be32(buf + p + c - 4))
+                st = errf(e, ALBEDO_ERR_IMAGE, "PNG: bad checksum (%.4s)", (const char *)buf + p + 4);
+        }
+        p += c;
+    }
+    if (!st) {
+        memcpy(copy + n, buf + end, len - end);
+        st = decode_png_bytes(copy, n + len - end, lim, out, e);
+    }
+    free(copy);
+    free(crc);
     return st;
 }
 

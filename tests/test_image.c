@@ -476,22 +476,21 @@ static void test_bad_input(void) {
         free(copy);
         free(buf);
     }
-    /* A greyscale file's tRNS chunk is taken out before decoding (image.c);
-     * its checksum must still be checked. It follows the 33 bytes of
-     * signature and IHDR and holds 2 bytes. */
-    buf = read_data("grey_trns.png", &len);
-    if (buf) {
-        CHECK(len > 47 && !memcmp(buf + 37, "tRNS", 4), "grey_trns.png: tRNS right after IHDR");
-        buf[45] ^= 0x01; /* its CRC */
-        expect_status("PNG with a bad tRNS CRC", buf, len, NULL, ALBEDO_ERR_IMAGE, "tRNS");
-        free(buf);
-    }
-    /* So is an APNG's acTL (right after IHDR, 8 bytes). */
-    buf = read_data("apng_default.png", &len);
-    if (buf) {
-        CHECK(len > 53 && !memcmp(buf + 37, "acTL", 4), "apng_default.png: acTL right after IHDR");
-        buf[52] ^= 0x01; /* its CRC */
-        expect_status("APNG with a bad acTL CRC", buf, len, NULL, ALBEDO_ERR_IMAGE, "acTL");
+    /* Chunks that image.c takes out before decoding (a greyscale file's
+     * tRNS, an APNG's acTL) must still have their checksum checked. Each
+     * follows the 33 bytes of signature and IHDR; a byte of its CRC flipped. */
+    static const struct {
+        const char *file, *chunk, *what;
+        size_t crc_byte;
+    } taken_out[] = {{"grey_trns.png", "tRNS", "PNG with a bad tRNS CRC", 45},
+                     {"apng_default.png", "acTL", "APNG with a bad acTL CRC", 52}};
+    for (size_t i = 0; i < sizeof taken_out / sizeof taken_out[0]; i++) {
+        buf = read_data(taken_out[i].file, &len);
+        if (!buf) continue;
+        CHECK(len > taken_out[i].crc_byte + 1 && !memcmp(buf + 37, taken_out[i].chunk, 4), "%s: %s right after IHDR",
+              taken_out[i].file, taken_out[i].chunk);
+        buf[taken_out[i].crc_byte] ^= 0x01;
+        expect_status(taken_out[i].what, buf, len, NULL, ALBEDO_ERR_IMAGE, taken_out[i].chunk);
         free(buf);
     }
 
