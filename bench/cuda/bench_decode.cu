@@ -466,11 +466,22 @@ static int attn_only(int reps) {
     CK(cudaStreamSynchronize(S));
     const double vis_flops = 4.0 * CROPS * (double)VTOK * VTOK * VD * VH * VL;
     const double pre_flops = 4.0 * PREFIX * (double)PREFIX * TD * TH * TL;
-    static const int geoms[] = {CUDA_FLASH_64, CUDA_FLASH_128, CUDA_FLASH_128 | CUDA_FLASH_PAD16,
-                                CUDA_FLASH_64 | CUDA_FLASH_PAD16, CUDA_FLASH_128};
-    static const char *names[] = {"64 rows, 4 warps x 16", "128 rows, 8 warps x 16 (default)",
-                                  "128 rows, D 72 padded to 80", "64 rows, D 72 padded to 80",
-                                  "128 rows, 8 warps x 16 (default, again)"};
+    /* On sm_90a the default runs the wgmma kernels where they apply (T > 64,
+     * D <= 72, bf16); CUDA_FLASH_MMA the mma.sync one. */
+    static const int geoms[] = {CUDA_FLASH_128 | CUDA_FLASH_MMA,
+                                CUDA_FLASH_128,
+                                CUDA_FLASH_128 | CUDA_FLASH_WGALT,
+                                CUDA_FLASH_64,
+                                CUDA_FLASH_128 | CUDA_FLASH_PAD16 | CUDA_FLASH_MMA,
+                                CUDA_FLASH_128 | CUDA_FLASH_MMA,
+                                CUDA_FLASH_128};
+    static const char *names[] = {"mma.sync 128 rows, 8 warps x 16",
+                                  "default (sm_90a: wgmma)",
+                                  "wgmma, the other kernel a head width",
+                                  "mma.sync 64 rows, 4 warps x 16",
+                                  "mma.sync 128 rows, D 72 padded to 80",
+                                  "mma.sync 128 rows (again)",
+                                  "default (again)"};
     printf("%-40s %10s %8s %10s %8s %10s %10s %10s\n", "flash geometry (ms)", "vision", "TFLOP/s", "prefix", "TFLOP/s",
            "paged", "e4m3", "prompt 20");
     for (int i = 0; i < (int)(sizeof geoms / sizeof geoms[0]); i++) {

@@ -1,6 +1,6 @@
 /*
  * attention.cu — softmax(mask(q·kᵀ·scale))·v for bf16 q/k/v (ops_cuda.h,
- * cuda_attention), in two kernels:
+ * cuda_attention), in two kernels and, on sm_90a, two more:
  *
  *   flash_attn_kernel (T > 8: vision crops, prefill), FlashAttention-2
  *   style on mma.sync (m16n8k16, bf16 in, fp32 accumulate; sm_80+). One
@@ -26,6 +26,14 @@
  *   (LDK = DP or DP + 8, an odd number of 16-byte units: the 8 rows of an
  *   ldmatrix land in distinct banks).
  *
+ *   flash_wg_kernel and flash_wgp_kernel (sm_90a, T > 64, D of 64 or 72,
+ *   bf16 caches): the same attention on the warpgroup MMA (wgmma.cuh), Q
+ *   and K read by the tensor cores straight from shared memory; vision's D
+ *   = 72 in blocks of two warpgroups, two blocks an SM; the text model's D =
+ *   64 (prefix, prompts, the engine's segments and block tables) in blocks
+ *   of three warpgroups that overlap each tile's softmax with the next
+ *   tile's Q·Kᵀ. docs/CUDA.md, *wgmma attention*.
+ *
  *   attn_decode_kernel (T <= 8: decode). Flash-decoding: the visible keys
  *   are cut into chunks (128 keys, a 32-key tile per warp, while that
  *   leaves at most ~8 blocks per SM; at least ~2 blocks per SM); each warp
@@ -38,6 +46,9 @@
  *   the step's first position are loaded before the PDL wait.
  */
 #include "cuda_internal.cuh"
+#include "wgmma.cuh"
+
+#include <type_traits>
 
 #define LOG2E 1.4426950408889634f
 
@@ -556,6 +567,461 @@ __global__ void __launch_bounds__(fa_geom<MS, NW, DP>::THREADS, FA_MIN_BLOCKS(fa
     }
 }
 
+/* ---- flash attention on wgmma (sm_90a) ------------------------------------------ */
+
+/* The same attention as flash_attn_kernel (plain layout: no segments,
+ * block tables or e4m3), on the warpgroup MMA of sm_90a (wgmma.cuh): one
+ * block = 128 query rows of one head of one sequence, two warpgroups of 64
+ * rows. Each warpgroup keeps its Q fragments in registers and takes K and V
+ * straight from shared memory (no ldmatrix), so a warp issues far fewer
+ * instructions a tile than with mma.sync: S = Q·Kᵀ as DK/16 wgmma of
+ * m64n64k16 (D padded with zeros to DK, a multiple of 16: 72 → 80),
+ * the online softmax on the accumulators as in flash_attn_kernel, then
+ * O += P·V as 4 wgmma of m64n(D+8)k16, B the V tile in its transposed
+ * (MN-major) form. V's 8 extra columns are ones, so the same MMAs leave
+ * each row's sum of P (the bf16 P that O sums) in O's last 8 columns.
+ *
+ * K/V tiles of 64 keys in a ring of three buffers, loads two tiles ahead,
+ * one barrier a tile (as flash_attn_kernel), stored as the core matrices
+ * wgmma reads: K [key/8][DK/8][8][8], V [(D+8)/8][key/8][8][8], so that
+ * chunk idx of a tile's copy lands at idx·8 elements and every 8 threads
+ * write 128 contiguous bytes. V's ones columns are written once. */
+template <int DP> struct wg_shape {
+    static constexpr int DK = (DP + 15) / 16 * 16, KG = DK / 8; /* Q·Kᵀ's padded dims, 8-dim groups */
+    static constexpr int NV = DP + 8, VG = NV / 8;              /* P·V's columns, ones included */
+    static constexpr int KT = FA_BK * DK, VT = FA_BK * NV;      /* elements a K / V tile */
+    static constexpr int ROWS = 128, THREADS = 256, NB = 3;     /* flash_wg_kernel's block */
+    /* Q [ROWS][DK] (core matrices), K and V [NB] tiles. */
+    static constexpr size_t bytes() { return ((size_t)ROWS * DK + NB * (KT + VT)) * 2; }
+};
+
+template <int DP>
+__global__ void __launch_bounds__(wg_shape<DP>::THREADS, 2) flash_wg_kernel(cuda_attn a, float scale_log2) {
+    pdl_trigger();
+    pdl_wait();
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    typedef wg_shape<DP> W;
+    constexpr int DK = W::DK, KG = W::KG, NV = W::NV, VG = W::VG, KS = DK / 16, NT = FA_BK / 8;
+    constexpr int KCH = FA_BK * KG, VCH = FA_BK * (DP / 8); /* 16-byte chunks a tile */
+    constexpr int WG_ROWS = W::ROWS, WG_THREADS = W::THREADS, NB = W::NB;
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16 *Qs = (bf16 *)smem;
+    bf16 *Ks = Qs + WG_ROWS * DK; /* NB buffers of KT */
+    bf16 *Vs = Ks + NB * W::KT;   /* NB buffers of VT */
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int q0 = blockIdx.x * WG_ROWS, h = blockIdx.y, s = blockIdx.z;
+    const int hk = h / (a.H / a.Hkv);
+    const int T = a.T, pos0 = a.pos0, n_prefix = a.n_prefix, S = a.S;
+    const bf16 *q = (const bf16 *)a.q + s * a.q_seq + (long)h * a.D;
+    const bf16 *k = (const bf16 *)a.k + s * a.k_seq + (long)hk * a.k_head;
+    const bf16 *v = (const bf16 *)a.v + s * a.v_seq + (long)hk * a.v_head;
+
+    const int last = (q0 + WG_ROWS < T ? q0 + WG_ROWS : T) - 1;
+    const int kend = key_end(pos0 + last, n_prefix, S);
+    const int n_tiles = (kend + FA_BK - 1) / FA_BK;
+
+    /* V's ones columns, in every buffer (the copies never touch them). */
+    for (int i = threadIdx.x; i < NB * FA_BK * 8; i += WG_THREADS) {
+        const int b = i / (FA_BK * 8), e = i % (FA_BK * 8);
+        Vs[b * W::VT + (VG - 1) * FA_BK * 8 + e] = __float2bfloat16(1.0f);
+    }
+    /* Copy tile r0/64 into its buffer: K chunk idx is key (idx/8/KG)·8 +
+     * idx%8, dims ((idx/8)%KG)·8 (zeros past D); V chunk idx is key idx%64,
+     * dims (idx/64)·8. */
+    auto load_kv = [&](int r0) {
+        const int b = (r0 / FA_BK) % NB;
+        bf16 *dk = Ks + b * W::KT, *dv = Vs + b * W::VT;
+#pragma unroll
+        for (int u = 0; u < (KCH + WG_THREADS - 1) / WG_THREADS; u++) {
+            const int idx = threadIdx.x + u * WG_THREADS;
+            if (KCH % WG_THREADS == 0 || idx < KCH) {
+                const int r = (idx / 8 / KG) * 8 + idx % 8, c = (idx / 8) % KG;
+                const bool in = r0 + r < kend && c * 8 < a.D;
+                cp_async16_if(dk + idx * 8, k + (long)(r0 + r) * a.ldk + c * 8, in);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < (VCH + WG_THREADS - 1) / WG_THREADS; u++) {
+            const int idx = threadIdx.x + u * WG_THREADS;
+            if (VCH % WG_THREADS == 0 || idx < VCH) {
+                const int r = idx % FA_BK, c = idx / FA_BK;
+                const bool in = r0 + r < kend && c * 8 < a.D;
+                cp_async16_if(dv + idx * 8, v + (long)(r0 + r) * a.ldv + c * 8, in);
+            }
+        }
+        cp_async_commit();
+    };
+    load_kv(0);
+    if (n_tiles > 1) load_kv(FA_BK);
+    /* Q as core matrices like K's, 64 rows a warpgroup: chunk idx at idx·8. */
+    for (int idx = threadIdx.x; idx < WG_ROWS * KG; idx += WG_THREADS) {
+        const int r = (idx / 8 / KG) * 8 + idx % 8, c = (idx / 8) % KG;
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (q0 + r < T && c * 8 < a.D) x = *(const uint4 *)(q + (long)(q0 + r) * a.ldq + c * 8);
+        *(uint4 *)(Qs + idx * 8) = x;
+    }
+    const int row0 = warp * 16;                 /* this warp's rows: warpgroup·64 + (warp % 4)·16 */
+    const bf16 *Qw = Qs + (warp / 4) * 64 * DK; /* its warpgroup's */
+    const int p0 = pos0 + q0 + row0 + g;        /* this lane's rows: p0 and p0 + 8 */
+    float m0 = -INFINITY, m1 = -INFINITY;
+    float o[NV / 2];
+#pragma unroll
+    for (int i = 0; i < NV / 2; i++) o[i] = 0.0f;
+
+    for (int it = 0; it < n_tiles; it++) {
+        const int j0 = it * FA_BK;
+        if (it + 1 < n_tiles)
+            cp_async_wait<1>();
+        else
+            cp_async_wait<0>();
+        wg_fence_smem();
+        __syncthreads(); /* tile it is in; every warpgroup is done with tile it-1 */
+        if (it + 2 < n_tiles) load_kv(j0 + 2 * FA_BK);
+        const bf16 *Kb = Ks + (it % NB) * W::KT, *Vb = Vs + (it % NB) * W::VT;
+
+        /* S = Q·Kᵀ: 64 rows × 64 keys a warpgroup. */
+        float sc[32];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++)
+            wgmma_m64n64k16_ss(sc, wg_desc(Qw + kk * 16 * 8, 128, KG * 128), wg_desc(Kb + kk * 16 * 8, 128, KG * 128),
+                               kk > 0);
+        wg_commit();
+        wg_wait<0>();
+        wg_hold(sc);
+
+        const int jl = j0 + FA_BK - 1;
+        const bool whole = jl < kend && (jl <= pos0 + q0 || (pos0 + last < n_prefix && jl < n_prefix));
+        if (!whole) {
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int j = j0 + nt * 8 + 2 * t4 + e;
+                    const bool in = j < kend;
+                    if (!(in && visible(p0, j, n_prefix))) sc[4 * nt + e] = -INFINITY;
+                    if (!(in && visible(p0 + 8, j, n_prefix))) sc[4 * nt + 2 + e] = -INFINITY;
+                }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            mx0 = fmaxf(mx0, fmaxf(sc[4 * nt], sc[4 * nt + 1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[4 * nt + 2], sc[4 * nt + 3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float b0s = mn0 == -INFINITY ? 0.0f : mn0 * scale_log2;
+        const float b1s = mn1 == -INFINITY ? 0.0f : mn1 * scale_log2;
+        const float al0 = m0 == mn0 ? 1.0f : ex2(fmaf(m0, scale_log2, -b0s));
+        const float al1 = m1 == mn1 ? 1.0f : ex2(fmaf(m1, scale_log2, -b1s));
+        const bool rescale = __any_sync(0xffffffffu, m0 != mn0 || m1 != mn1);
+        m0 = mn0, m1 = mn1;
+
+        /* P = 2^(S·scale − m) as bf16 A fragments: keys 16c..16c+15 are
+         * score tiles 2c and 2c+1. */
+        uint32_t pa[NT / 2][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const float x0 = ex2(fmaf(sc[4 * nt + 0], scale_log2, -b0s));
+            const float x1 = ex2(fmaf(sc[4 * nt + 1], scale_log2, -b0s));
+            const float y0 = ex2(fmaf(sc[4 * nt + 2], scale_log2, -b1s));
+            const float y1 = ex2(fmaf(sc[4 * nt + 3], scale_log2, -b1s));
+            pa[nt / 2][(nt & 1) * 2 + 0] = pack_bf16(x0, x1);
+            pa[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(y0, y1);
+        }
+        if (rescale) {
+#pragma unroll
+            for (int i = 0; i < NV / 8; i++) {
+                o[4 * i + 0] *= al0, o[4 * i + 1] *= al0;
+                o[4 * i + 2] *= al1, o[4 * i + 3] *= al1;
+            }
+        }
+
+        /* O (and the row sums) += P·V. */
+        wg_fence();
+#pragma unroll
+        for (int c = 0; c < NT / 2; c++) {
+            const uint64_t bd = wg_desc(Vb + c * 16 * 8, 128, FA_BK * 16);
+            if constexpr (NV == 80)
+                wgmma_m64n80k16<1>(o, pa[c], bd, 1);
+            else
+                wgmma_m64n72k16<1>(o, pa[c], bd, 1);
+        }
+        wg_commit();
+        wg_wait<0>();
+        wg_hold(o);
+    }
+
+    /* Each row's sum is in O's last 8 columns (every one of them). */
+    bf16 *out = (bf16 *)a.out + s * a.o_seq + (long)h * a.D;
+    const float r0 = 1.0f / o[4 * (VG - 1)], r1 = 1.0f / o[4 * (VG - 1) + 2];
+    const int t0 = q0 + row0 + g, t1 = t0 + 8;
+#pragma unroll
+    for (int i = 0; i < DP / 8; i++) {
+        const int d = i * 8 + 2 * t4;
+        if (d >= a.D) continue;
+        if (t0 < T)
+            *(__nv_bfloat162 *)(out + (long)t0 * a.ldo + d) = __floats2bfloat162_rn(o[4 * i] * r0, o[4 * i + 1] * r0);
+        if (t1 < T)
+            *(__nv_bfloat162 *)(out + (long)t1 * a.ldo + d) =
+                __floats2bfloat162_rn(o[4 * i + 2] * r1, o[4 * i + 3] * r1);
+    }
+#endif
+}
+
+/* The pipelined form (FlashAttention-3's overlap within a warpgroup), the
+ * text model's (D = 64): one block = three warpgroups of 64 rows, one block
+ * an SM, Q in shared memory, four K/V buffers. Each tile it: issue S(it+1)
+ * = Q·K(it+1)ᵀ, run the softmax of S(it) while it computes, wait for
+ * P·V(it−1), rescale O, issue O += P(it)·V(it), wait for S(it+1) only (two
+ * S register sets). Loads run one tile ahead: the buffer of tile it+2 held
+ * tile it−2, whose P·V every warpgroup has waited for before the barrier.
+ * A 730-row prefix of 32 heads is 128 blocks, one wave of an H100's or
+ * H200's 132 SMs. PG: segments and block tables (the engine's prefix and
+ * prompt steps), as flash_attn_kernel's PG form. */
+template <int DP> struct wgp_shape {
+    static constexpr int ROWS = 192, THREADS = 384, NBUF = 4;
+    static constexpr size_t bytes() {
+        return ((size_t)ROWS * wg_shape<DP>::DK + NBUF * (wg_shape<DP>::KT + wg_shape<DP>::VT)) * 2;
+    }
+};
+
+template <int DP, bool PG>
+__global__ void __launch_bounds__(wgp_shape<DP>::THREADS, 1) flash_wgp_kernel(cuda_attn a, float scale_log2) {
+    pdl_trigger();
+    pdl_wait();
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    typedef wg_shape<DP> W;
+    typedef wgp_shape<DP> P;
+    constexpr int DK = W::DK, KG = W::KG, NV = W::NV, VG = W::VG, KS = DK / 16, NT = FA_BK / 8;
+    constexpr int ROWS = P::ROWS, THREADS = P::THREADS, NBUF = P::NBUF;
+    constexpr int KCH = FA_BK * KG, VCH = FA_BK * (DP / 8);
+    extern __shared__ __align__(128) unsigned char smem[];
+    bf16 *Qs = (bf16 *)smem;
+    bf16 *Ks = Qs + ROWS * DK;
+    bf16 *Vs = Ks + NBUF * W::KT;
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int q0 = blockIdx.x * ROWS, h = blockIdx.y, s = blockIdx.z;
+    const int hk = h / (a.H / a.Hkv);
+    int T = a.T, pos0 = a.pos0, n_prefix = a.n_prefix, S = a.S;
+    long qs = s * a.q_seq, os = s * a.o_seq, ks = s * a.k_seq, vs = s * a.v_seq;
+    if (PG && a.seg) {
+        const int *sg = a.seg + 4 * s;
+        T = sg[1], pos0 = sg[2], n_prefix = sg[3], S = pos0 + T;
+        qs = (long)sg[0] * a.ldq, os = (long)sg[0] * a.ldo;
+    }
+    if (PG && a.blocks) ks = vs = 0;
+    if (PG && q0 >= T) return; /* a shorter segment than the launch's longest */
+    const int32_t *bt = PG && a.blocks ? a.blocks + (long)s * a.blocks_ld : nullptr;
+    const int bs = PG && a.blocks ? a.block_size : 1;
+    const bf16 *q = (const bf16 *)a.q + qs + (long)h * a.D;
+    const bf16 *k = (const bf16 *)a.k + ks + (long)hk * a.k_head;
+    const bf16 *v = (const bf16 *)a.v + vs + (long)hk * a.v_head;
+
+    const int last = (q0 + ROWS < T ? q0 + ROWS : T) - 1;
+    const int kend = key_end(pos0 + last, n_prefix, S);
+    const int n_tiles = (kend + FA_BK - 1) / FA_BK;
+
+    for (int i = threadIdx.x; i < NBUF * FA_BK * 8; i += THREADS) {
+        const int b = i / (FA_BK * 8), e = i % (FA_BK * 8);
+        Vs[b * W::VT + (VG - 1) * FA_BK * 8 + e] = __float2bfloat16(1.0f);
+    }
+    auto load_kv = [&](int r0) {
+        const int b = (r0 / FA_BK) % NBUF;
+        bf16 *dk = Ks + b * W::KT, *dv = Vs + b * W::VT;
+#pragma unroll
+        for (int u = 0; u < (KCH + THREADS - 1) / THREADS; u++) {
+            const int idx = threadIdx.x + u * THREADS;
+            if (KCH % THREADS == 0 || idx < KCH) {
+                const int r = (idx / 8 / KG) * 8 + idx % 8, c = (idx / 8) % KG;
+                const bool in = r0 + r < kend && c * 8 < a.D;
+                const long row = PG && bt ? (in ? key_row(bt, bs, r0 + r) : 0) : r0 + r;
+                cp_async16_if(dk + idx * 8, k + row * a.ldk + c * 8, in);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < (VCH + THREADS - 1) / THREADS; u++) {
+            const int idx = threadIdx.x + u * THREADS;
+            if (VCH % THREADS == 0 || idx < VCH) {
+                const int r = idx % FA_BK, c = idx / FA_BK;
+                const bool in = r0 + r < kend && c * 8 < a.D;
+                const long row = PG && bt ? (in ? key_row(bt, bs, r0 + r) : 0) : r0 + r;
+                cp_async16_if(dv + idx * 8, v + row * a.ldv + c * 8, in);
+            }
+        }
+        cp_async_commit();
+    };
+    load_kv(0);
+    if (n_tiles > 1) load_kv(FA_BK);
+    for (int idx = threadIdx.x; idx < ROWS * KG; idx += THREADS) {
+        const int r = (idx / 8 / KG) * 8 + idx % 8, c = (idx / 8) % KG;
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (q0 + r < T && c * 8 < a.D) x = *(const uint4 *)(q + (long)(q0 + r) * a.ldq + c * 8);
+        *(uint4 *)(Qs + idx * 8) = x;
+    }
+    const int row0 = warp * 16;
+    const bf16 *Qw = Qs + (warp / 4) * 64 * DK;
+    const int p0 = pos0 + q0 + row0 + g;
+    float m0 = -INFINITY, m1 = -INFINITY;
+    float o[NV / 2];
+#pragma unroll
+    for (int i = 0; i < NV / 2; i++) o[i] = 0.0f;
+
+    auto issue_s = [&](float(&sc)[32], int it) {
+        const bf16 *Kb = Ks + (it % NBUF) * W::KT;
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++)
+            wgmma_m64n64k16_ss(sc, wg_desc(Qw + kk * 16 * 8, 128, KG * 128), wg_desc(Kb + kk * 16 * 8, 128, KG * 128),
+                               kk > 0);
+        wg_commit();
+    };
+
+    /* Tile 0 (and its K); the loads of tile 1 are in flight. */
+    float sa[32], sb[32];
+    if (n_tiles > 1)
+        cp_async_wait<1>();
+    else
+        cp_async_wait<0>();
+    wg_fence_smem();
+    __syncthreads();
+    issue_s(sa, 0);
+    wg_wait<0>();
+    wg_hold(sa);
+
+    /* One tile: cur holds S(it); nxt receives S(it+1). */
+    auto tile = [&](float(&cur)[32], float(&nxt)[32], int it, auto more_t) {
+        constexpr bool more = decltype(more_t)::value;
+        const int j0 = it * FA_BK;
+        if constexpr (more) {
+            /* Tile it+1 is in (every thread's copies), and every warpgroup
+             * is past P·V(it−2): its buffer takes tile it+2. */
+            cp_async_wait<0>();
+            wg_fence_smem();
+            __syncthreads();
+            if (it + 2 < n_tiles) load_kv((it + 2) * FA_BK);
+            issue_s(nxt, it + 1);
+        }
+        const int jl = j0 + FA_BK - 1;
+        const bool whole = jl < kend && (jl <= pos0 + q0 || (pos0 + last < n_prefix && jl < n_prefix));
+        if (!whole) {
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int j = j0 + nt * 8 + 2 * t4 + e;
+                    const bool in = j < kend;
+                    if (!(in && visible(p0, j, n_prefix))) cur[4 * nt + e] = -INFINITY;
+                    if (!(in && visible(p0 + 8, j, n_prefix))) cur[4 * nt + 2 + e] = -INFINITY;
+                }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            mx0 = fmaxf(mx0, fmaxf(cur[4 * nt], cur[4 * nt + 1]));
+            mx1 = fmaxf(mx1, fmaxf(cur[4 * nt + 2], cur[4 * nt + 3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float b0s = mn0 == -INFINITY ? 0.0f : mn0 * scale_log2;
+        const float b1s = mn1 == -INFINITY ? 0.0f : mn1 * scale_log2;
+        const float al0 = m0 == mn0 ? 1.0f : ex2(fmaf(m0, scale_log2, -b0s));
+        const float al1 = m1 == mn1 ? 1.0f : ex2(fmaf(m1, scale_log2, -b1s));
+        const bool rescale = __any_sync(0xffffffffu, m0 != mn0 || m1 != mn1);
+        m0 = mn0, m1 = mn1;
+        uint32_t pa[NT / 2][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const float x0 = ex2(fmaf(cur[4 * nt + 0], scale_log2, -b0s));
+            const float x1 = ex2(fmaf(cur[4 * nt + 1], scale_log2, -b0s));
+            const float y0 = ex2(fmaf(cur[4 * nt + 2], scale_log2, -b1s));
+            const float y1 = ex2(fmaf(cur[4 * nt + 3], scale_log2, -b1s));
+            pa[nt / 2][(nt & 1) * 2 + 0] = pack_bf16(x0, x1);
+            pa[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(y0, y1);
+        }
+        /* P·V(it−1) is done (committed before S(it+1)). */
+        if constexpr (more)
+            wg_wait<1>();
+        else
+            wg_wait<0>();
+        wg_hold(o);
+        if (rescale) {
+#pragma unroll
+            for (int i = 0; i < NV / 8; i++) {
+                o[4 * i + 0] *= al0, o[4 * i + 1] *= al0;
+                o[4 * i + 2] *= al1, o[4 * i + 3] *= al1;
+            }
+        }
+        const bf16 *Vb = Vs + (it % NBUF) * W::VT;
+        wg_fence();
+#pragma unroll
+        for (int c = 0; c < NT / 2; c++) {
+            const uint64_t bd = wg_desc(Vb + c * 16 * 8, 128, FA_BK * 16);
+            if constexpr (NV == 80)
+                wgmma_m64n80k16<1>(o, pa[c], bd, 1);
+            else
+                wgmma_m64n72k16<1>(o, pa[c], bd, 1);
+        }
+        wg_commit();
+        if constexpr (more) {
+            wg_wait<1>(); /* S(it+1) */
+            wg_hold(nxt);
+        } else {
+            wg_wait<0>();
+            wg_hold(o);
+        }
+    };
+    /* Constant wait counts in each copy (ptxas serializes the wgmma when it
+     * cannot tell which group a wait retires). */
+    const std::true_type mid;
+    const std::false_type end;
+    int it = 0;
+    for (; it + 2 < n_tiles; it += 2) {
+        tile(sa, sb, it, mid);
+        tile(sb, sa, it + 1, mid);
+    }
+    if (it + 1 < n_tiles) {
+        tile(sa, sb, it, mid);
+        tile(sb, sa, it + 1, end);
+    } else {
+        tile(sa, sb, it, end);
+    }
+
+    bf16 *out = (bf16 *)a.out + os + (long)h * a.D;
+    const float r0 = 1.0f / o[4 * (VG - 1)], r1 = 1.0f / o[4 * (VG - 1) + 2];
+    const int t0 = q0 + row0 + g, t1 = t0 + 8;
+#pragma unroll
+    for (int i = 0; i < DP / 8; i++) {
+        const int d = i * 8 + 2 * t4;
+        if (d >= a.D) continue;
+        if (t0 < T)
+            *(__nv_bfloat162 *)(out + (long)t0 * a.ldo + d) = __floats2bfloat162_rn(o[4 * i] * r0, o[4 * i + 1] * r0);
+        if (t1 < T)
+            *(__nv_bfloat162 *)(out + (long)t1 * a.ldo + d) =
+                __floats2bfloat162_rn(o[4 * i + 2] * r1, o[4 * i + 3] * r1);
+    }
+#endif
+}
+
+/* Whether this build carries sm_90a code for the card: set by the one
+ * thread of wg_probe_kernel. */
+__global__ void wg_probe_kernel(int *out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    *out = 1;
+#else
+    *out = 0;
+#endif
+}
+
 /* ---- split-key decode attention ------------------------------------------------- */
 
 #define DEC_WARPS 4
@@ -887,10 +1353,52 @@ template <int DP, bool PG, bool F8> static albedo_status fa_geometry(cuda_ctx *c
         return fa_run<DP, PG, F8, 1, 8>(c, a, sl2);
 }
 
+/* The wgmma kernels (sm_90a): with a, launch the one for this head width
+ * and form; without, raise their shared-memory limits. The plain layout
+ * runs flash_wg_kernel at D = 72 (vision) and flash_wgp_kernel at D = 64
+ * (the text model), CUDA_FLASH_WGALT the other way round; segments and
+ * block tables run flash_wgp_kernel's PG form (D = 64 only). */
+template <int DP> static albedo_status wg_run(cuda_ctx *c, const cuda_attn *a, float sl2) {
+    const int wb = (int)wg_shape<DP>::bytes(), pb = (int)wgp_shape<DP>::bytes();
+    if (!a) {
+        CU_TRY(c, cudaFuncSetAttribute(flash_wg_kernel<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, wb));
+        CU_TRY(c, cudaFuncSetAttribute(flash_wgp_kernel<DP, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, pb));
+        if constexpr (DP == 64)
+            CU_TRY(c,
+                   cudaFuncSetAttribute(flash_wgp_kernel<DP, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, pb));
+        return ALBEDO_OK;
+    }
+    const bool pg = a->seg || a->blocks;
+    if (pg || (DP == 64) != !!(c->flash & CUDA_FLASH_WGALT)) {
+        const dim3 grid((a->T + wgp_shape<DP>::ROWS - 1) / wgp_shape<DP>::ROWS, a->H, a->n_seq);
+        const dim3 block(wgp_shape<DP>::THREADS);
+        if constexpr (DP == 64) {
+            if (pg) {
+                CU_TRY(c, (launch_k(c, flash_wgp_kernel<DP, true>, grid, block, (size_t)pb, *a, sl2)));
+                CU_LAUNCHED(c);
+                return ALBEDO_OK;
+            }
+        }
+        CU_TRY(c, (launch_k(c, flash_wgp_kernel<DP, false>, grid, block, (size_t)pb, *a, sl2)));
+    } else {
+        const dim3 grid((a->T + wg_shape<DP>::ROWS - 1) / wg_shape<DP>::ROWS, a->H, a->n_seq);
+        CU_TRY(c, (launch_k(c, flash_wg_kernel<DP>, grid, dim3(wg_shape<DP>::THREADS), (size_t)wb, *a, sl2)));
+    }
+    CU_LAUNCHED(c);
+    return ALBEDO_OK;
+}
+
 /* The form: e4m3 caches (the segment form's instance covers the plain
- * layout too), segments or block tables, or the plain layout. */
+ * layout too), segments or block tables, or the plain layout. On sm_90a,
+ * more than 64 rows at D of 64 or 72 run the wgmma kernels (wg_run), bf16
+ * caches only, segments and block tables at D = 64 only; CUDA_FLASH_MMA
+ * and CUDA_FLASH_64 keep flash_attn_kernel. */
 template <int DP> static albedo_status fa_form(cuda_ctx *c, const cuda_attn *a, float sl2) {
     if (a->kv_fp8) return fa_geometry<DP, true, true>(c, a, sl2);
+    if constexpr (DP == 64 || DP == 72)
+        if (c->wgmma && !(c->flash & (CUDA_FLASH_MMA | CUDA_FLASH_64)) && a->T > 64 &&
+            (DP == 64 || !(a->seg || a->blocks)))
+            return wg_run<DP>(c, a, sl2);
     if (a->seg || a->blocks) return fa_geometry<DP, true, false>(c, a, sl2);
     return fa_geometry<DP, false, false>(c, a, sl2);
 }
@@ -908,8 +1416,31 @@ template <int DP> static albedo_status fa_init(cuda_ctx *c) {
     return st;
 }
 
+/* Whether the card runs this build's sm_90a code (the wgmma kernel): a
+ * compute capability 9.0 card, and wg_probe_kernel's answer. */
+static albedo_status wg_detect(cuda_ctx *c) {
+    int major = 0, minor = 0;
+    c->wgmma = 0;
+    CU_TRY(c, cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c->device));
+    CU_TRY(c, cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, c->device));
+    if (major != 9 || minor != 0) return ALBEDO_OK;
+    int *flag = nullptr, got = 0;
+    CU_TRY(c, cudaMalloc((void **)&flag, sizeof(int)));
+    wg_probe_kernel<<<1, 1, 0, c->stream>>>(flag);
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) e = cudaMemcpyAsync(&got, flag, sizeof got, cudaMemcpyDeviceToHost, c->stream);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(c->stream);
+    cudaFree(flag);
+    CU_TRY(c, e);
+    c->wgmma = got == 1;
+    return ALBEDO_OK;
+}
+
 albedo_status cuda_attention_init(cuda_ctx *c) {
-    albedo_status st = fa_init<64>(c);
+    albedo_status st = wg_detect(c);
+    if (st == ALBEDO_OK && c->wgmma) st = wg_run<64>(c, nullptr, 0.0f);
+    if (st == ALBEDO_OK && c->wgmma) st = wg_run<72>(c, nullptr, 0.0f);
+    if (st == ALBEDO_OK) st = fa_init<64>(c);
     if (st == ALBEDO_OK) st = fa_init<72>(c);
     if (st == ALBEDO_OK) st = fa_init<80>(c);
     if (st == ALBEDO_OK) st = fa_init<96>(c);

@@ -35,7 +35,9 @@ void cuda_ctx_counters(const cuda_ctx *c, long *lt_fused, long *lt_unfused, long
 
 void cuda_ctx_set_gemv_max(cuda_ctx *c, int t) { c->gemv_max_t = t < 1 ? 1 : t > 8 ? 8 : t; }
 
-void cuda_ctx_set_flash(cuda_ctx *c, int variant) { c->flash = variant & (CUDA_FLASH_64 | CUDA_FLASH_PAD16); }
+void cuda_ctx_set_flash(cuda_ctx *c, int variant) {
+    c->flash = variant & (CUDA_FLASH_64 | CUDA_FLASH_PAD16 | CUDA_FLASH_MMA | CUDA_FLASH_WGALT);
+}
 
 void cuda_ctx_set_pdl(cuda_ctx *c, int on) {
     int major = 0;

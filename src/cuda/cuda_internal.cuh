@@ -52,6 +52,7 @@ struct cuda_ctx {
     int pdl;          /* launch our kernels with programmatic dependent launch (sm_90+) */
     int gemv_max_t;   /* cuda_linear runs the GEMV up to this many rows, cuBLASLt above */
     int flash;        /* the flash attention kernel's block geometry (cuda_ctx_set_flash) */
+    int wgmma;        /* the card runs this build's sm_90a code: the wgmma attention kernel */
     long n_lt_fused, n_lt_unfused, n_gemv;
     char err[512];
 };

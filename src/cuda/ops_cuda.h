@@ -66,8 +66,13 @@ void cuda_ctx_set_gemv_max(cuda_ctx *c, int t);
  * ALBEDO_CUDA_FLASH=N) is 128 query rows a block, 8 warps of 16 (64 rows,
  * 4 warps, for T <= 64 or D > 80); CUDA_FLASH_64 the earlier 64 rows, 4
  * warps of 16, everywhere. Or'ed with CUDA_FLASH_PAD16, D = 72 runs padded
- * to 80 instead of with k = 8 MMAs for its last 8 dims. */
-enum { CUDA_FLASH_128 = 0, CUDA_FLASH_64 = 1, CUDA_FLASH_PAD16 = 4 };
+ * to 80 instead of with k = 8 MMAs for its last 8 dims. On a card that
+ * runs this build's sm_90a code, more than 64 rows at D of 64 or 72 with
+ * bf16 caches run the wgmma kernels instead (segments and block tables at
+ * D = 64 only), unless CUDA_FLASH_MMA or CUDA_FLASH_64 is or'ed in;
+ * CUDA_FLASH_WGALT swaps which of the two runs the plain layout at each
+ * width (attention.cu). */
+enum { CUDA_FLASH_128 = 0, CUDA_FLASH_64 = 1, CUDA_FLASH_PAD16 = 4, CUDA_FLASH_MMA = 8, CUDA_FLASH_WGALT = 16 };
 void cuda_ctx_set_flash(cuda_ctx *c, int variant);
 
 albedo_status cuda_alloc(cuda_ctx *c, void **p, size_t bytes);

@@ -731,6 +731,8 @@ static void test_flash_cases(void) {
     if (!g_small) test_attention(1, 730, 730, 2, 2, 64, 0, 730, 1);
     /* Other head widths: each instance (40 runs padded to 64; 80, 96, 128). */
     test_attention(1, 45, 45, 2, 2, 40, 0, 20, 1);
+    test_attention(1, 100, 100, 2, 2, 40, 0, 20, 1);
+    test_attention(3, 70, 70, 2, 2, 56, 0, 70, 0);
     test_attention(2, 100, 100, 2, 2, 80, 0, 100, 0);
     test_attention(1, 70, 90, 2, 1, 96, 20, 30, 1);
     test_attention(1, 140, 140, 2, 2, 128, 0, 60, 1);
@@ -743,7 +745,12 @@ static void test_flash_cases(void) {
 }
 
 /* Every block geometry of the flash kernel (ops_cuda.h), the default first. */
-static const int FLASH_VARIANTS[] = {CUDA_FLASH_128, CUDA_FLASH_64, CUDA_FLASH_128 | CUDA_FLASH_PAD16};
+/* (On sm_90a the default runs the wgmma kernels where they apply: T > 64,
+ * D <= 72, bf16 caches; CUDA_FLASH_WGALT swaps which of the two runs the
+ * plain layout at D = 64 and 72; CUDA_FLASH_MMA and CUDA_FLASH_64 keep the
+ * mma.sync kernel.) */
+static const int FLASH_VARIANTS[] = {CUDA_FLASH_128, CUDA_FLASH_128 | CUDA_FLASH_WGALT, CUDA_FLASH_128 | CUDA_FLASH_MMA,
+                                     CUDA_FLASH_64, CUDA_FLASH_128 | CUDA_FLASH_PAD16};
 
 static void set_flash(int v) {
     g_flash = v;
@@ -1007,6 +1014,10 @@ static void test_paged_flash(int f8) {
         test_paged_attention(2, T, p, pf, 3, 3, 72, 5, f8);
     }
     {
+        int T[] = {100, 70, 3}, p[] = {0, 33, 7}, pf[] = {60, 0, 9};
+        test_paged_attention(3, T, p, pf, 4, 2, 64, 5, f8);
+    }
+    {
         int T[] = {200, 12}, p[] = {0, 40}, pf[] = {150, 0};
         test_paged_attention(2, T, p, pf, 3, 3, 72, 7, f8);
     }
@@ -1029,7 +1040,10 @@ static void test_paged(void) {
         int T[] = {1, 5, 3, 1}, p[] = {200, 31, 0, 77}, pf[] = {0, 0, 2, 0};
         test_paged_attention(4, T, p, pf, 3, 3, 72, 16);
     }
-    /* Prompt chunks (flash), in its default geometry and the 64-row one. */
+    /* Prompt chunks (flash), in its default geometry (on sm_90a the wgmma
+     * kernel at D = 64), the mma.sync one's and the 64-row one. */
+    test_paged_flash(0);
+    set_flash(CUDA_FLASH_128 | CUDA_FLASH_MMA);
     test_paged_flash(0);
     set_flash(CUDA_FLASH_64);
     test_paged_flash(0);
