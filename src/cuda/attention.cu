@@ -595,182 +595,218 @@ template <int DP> struct wg_shape {
     static constexpr size_t bytes() { return ((size_t)ROWS * DK + NB * (KT + VT)) * 2; }
 };
 
+/* ---- the two wgmma kernels' common steps (inlined into each) ---- */
+
+/* V's ones columns in all nb buffers (the copies never touch them), then Q
+ * rows [q0, q0 + ROWS) as core matrices: chunk idx is row (idx/8/KG)·8 +
+ * idx%8, dims ((idx/8)%KG)·8, zeros past T and D. */
+template <int DP, int ROWS, int THREADS>
+__device__ __forceinline__ void wg_prologue(bf16 *Qs, bf16 *Vs, int nb, const bf16 *q, long ldq, int q0, int T, int D) {
+    typedef wg_shape<DP> W;
+    for (int i = threadIdx.x; i < nb * FA_BK * 8; i += THREADS)
+        Vs[(i / (FA_BK * 8)) * W::VT + (W::VG - 1) * FA_BK * 8 + i % (FA_BK * 8)] = __float2bfloat16(1.0f);
+    for (int idx = threadIdx.x; idx < ROWS * W::KG; idx += THREADS) {
+        const int r = (idx / 8 / W::KG) * 8 + idx % 8, c = (idx / 8) % W::KG;
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (q0 + r < T && c * 8 < D) x = *(const uint4 *)(q + (long)(q0 + r) * ldq + c * 8);
+        *(uint4 *)(Qs + idx * 8) = x;
+    }
+}
+
+/* Start copying keys [r0, r0 + 64) of K and V (rows through the block table
+ * bt when given) into dk, dv, one commit group: K chunk idx is key
+ * (idx/8/KG)·8 + idx%8, dims ((idx/8)%KG)·8; V chunk idx is key idx%64,
+ * dims (idx/64)·8; zeros past kend and D. */
+template <int DP, int THREADS>
+__device__ __forceinline__ void wg_load_kv(bf16 *dk, bf16 *dv, const bf16 *k, long ldk, const bf16 *v, long ldv, int r0,
+                                           int kend, int D, const int32_t *bt, int bs) {
+    typedef wg_shape<DP> W;
+    constexpr int KCH = FA_BK * W::KG, VCH = FA_BK * (DP / 8);
+#pragma unroll
+    for (int u = 0; u < (KCH + THREADS - 1) / THREADS; u++) {
+        const int idx = threadIdx.x + u * THREADS;
+        if (KCH % THREADS == 0 || idx < KCH) {
+            const int r = (idx / 8 / W::KG) * 8 + idx % 8, c = (idx / 8) % W::KG;
+            const bool in = r0 + r < kend && c * 8 < D;
+            const long row = bt ? (in ? key_row(bt, bs, r0 + r) : 0) : r0 + r;
+            cp_async16_if(dk + idx * 8, k + row * ldk + c * 8, in);
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < (VCH + THREADS - 1) / THREADS; u++) {
+        const int idx = threadIdx.x + u * THREADS;
+        if (VCH % THREADS == 0 || idx < VCH) {
+            const int r = idx % FA_BK, c = idx / FA_BK;
+            const bool in = r0 + r < kend && c * 8 < D;
+            const long row = bt ? (in ? key_row(bt, bs, r0 + r) : 0) : r0 + r;
+            cp_async16_if(dv + idx * 8, v + row * ldv + c * 8, in);
+        }
+    }
+    cp_async_commit();
+}
+
+/* Issue S = Q·Kᵀ for the warpgroup's 64 rows (Qw) and the tile Kb (one commit group). */
+template <int DP> __device__ __forceinline__ void wg_issue_s(float (&sc)[32], const bf16 *Qw, const bf16 *Kb) {
+    typedef wg_shape<DP> W;
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < W::DK / 16; kk++)
+        wgmma_m64n64k16_ss(sc, wg_desc(Qw + kk * 16 * 8, 128, W::KG * 128), wg_desc(Kb + kk * 16 * 8, 128, W::KG * 128),
+                           kk > 0);
+    wg_commit();
+}
+
+/* The online softmax of a tile's scores x (keys j0 + 8·nt + 2·t4 + e) for
+ * the lane's rows at positions p0 and p0 + 8: the mask (unless whole), the
+ * new maxima m0, m1 (raw score units), the old sums' factors al0, al1, and
+ * P = 2^(S·scale − m) as bf16 A fragments (keys 16c..16c+15 are score tiles
+ * 2c and 2c+1). Returns whether a row of the warp has a new max. */
+__device__ __forceinline__ bool wg_softmax(float (&x)[32], int j0, bool whole, int kend, int p0, int n_prefix, int t4,
+                                           float scale_log2, float &m0, float &m1, uint32_t (&pa)[4][4], float &al0,
+                                           float &al1) {
+    if (!whole) {
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int j = j0 + nt * 8 + 2 * t4 + e;
+                const bool in = j < kend;
+                if (!(in && visible(p0, j, n_prefix))) x[4 * nt + e] = -INFINITY;
+                if (!(in && visible(p0 + 8, j, n_prefix))) x[4 * nt + 2 + e] = -INFINITY;
+            }
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) {
+        mx0 = fmaxf(mx0, fmaxf(x[4 * nt], x[4 * nt + 1]));
+        mx1 = fmaxf(mx1, fmaxf(x[4 * nt + 2], x[4 * nt + 3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    /* A row that has seen no key yet keeps m = -inf. */
+    const float b0s = mn0 == -INFINITY ? 0.0f : mn0 * scale_log2;
+    const float b1s = mn1 == -INFINITY ? 0.0f : mn1 * scale_log2;
+    al0 = m0 == mn0 ? 1.0f : ex2(fmaf(m0, scale_log2, -b0s));
+    al1 = m1 == mn1 ? 1.0f : ex2(fmaf(m1, scale_log2, -b1s));
+    const bool rescale = __any_sync(0xffffffffu, m0 != mn0 || m1 != mn1);
+    m0 = mn0, m1 = mn1;
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++) {
+        const float x0 = ex2(fmaf(x[4 * nt + 0], scale_log2, -b0s));
+        const float x1 = ex2(fmaf(x[4 * nt + 1], scale_log2, -b0s));
+        const float y0 = ex2(fmaf(x[4 * nt + 2], scale_log2, -b1s));
+        const float y1 = ex2(fmaf(x[4 * nt + 3], scale_log2, -b1s));
+        pa[nt / 2][(nt & 1) * 2 + 0] = pack_bf16(x0, x1);
+        pa[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(y0, y1);
+    }
+    return rescale;
+}
+
+template <int N> __device__ __forceinline__ void wg_scale_o(float (&o)[N], float al0, float al1) {
+#pragma unroll
+    for (int i = 0; i < N / 4; i++) {
+        o[4 * i + 0] *= al0, o[4 * i + 1] *= al0;
+        o[4 * i + 2] *= al1, o[4 * i + 3] *= al1;
+    }
+}
+
+/* Issue O (and the row sums) += P·V of the tile Vb (one commit group). */
+template <int DP>
+__device__ __forceinline__ void wg_issue_pv(float (&o)[wg_shape<DP>::NV / 2], const uint32_t (&pa)[4][4],
+                                            const bf16 *Vb) {
+    wg_fence();
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        const uint64_t bd = wg_desc(Vb + c * 16 * 8, 128, FA_BK * 16);
+        if constexpr (wg_shape<DP>::NV == 80)
+            wgmma_m64n80k16<1>(o, pa[c], bd, 1);
+        else
+            wgmma_m64n72k16<1>(o, pa[c], bd, 1);
+    }
+    wg_commit();
+}
+
+/* The lane's rows t0 and t0 + 8 of O over their sums (O's last 8 columns). */
+template <int DP>
+__device__ __forceinline__ void wg_store(const float (&o)[wg_shape<DP>::NV / 2], bf16 *out, long ldo, int t0, int T,
+                                         int D, int t4) {
+    constexpr int VG = wg_shape<DP>::VG;
+    const float r0 = 1.0f / o[4 * (VG - 1)], r1 = 1.0f / o[4 * (VG - 1) + 2];
+#pragma unroll
+    for (int i = 0; i < DP / 8; i++) {
+        const int d = i * 8 + 2 * t4;
+        if (d >= D) continue;
+        if (t0 < T)
+            *(__nv_bfloat162 *)(out + (long)t0 * ldo + d) = __floats2bfloat162_rn(o[4 * i] * r0, o[4 * i + 1] * r0);
+        if (t0 + 8 < T)
+            *(__nv_bfloat162 *)(out + (long)(t0 + 8) * ldo + d) =
+                __floats2bfloat162_rn(o[4 * i + 2] * r1, o[4 * i + 3] * r1);
+    }
+}
+
 template <int DP>
 __global__ void __launch_bounds__(wg_shape<DP>::THREADS, 2) flash_wg_kernel(cuda_attn a, float scale_log2) {
     pdl_trigger();
     pdl_wait();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef wg_shape<DP> W;
-    constexpr int DK = W::DK, KG = W::KG, NV = W::NV, VG = W::VG, KS = DK / 16, NT = FA_BK / 8;
-    constexpr int KCH = FA_BK * KG, VCH = FA_BK * (DP / 8); /* 16-byte chunks a tile */
-    constexpr int WG_ROWS = W::ROWS, WG_THREADS = W::THREADS, NB = W::NB;
+    constexpr int ROWS = W::ROWS, THREADS = W::THREADS, NB = W::NB;
     extern __shared__ __align__(128) unsigned char smem[];
     bf16 *Qs = (bf16 *)smem;
-    bf16 *Ks = Qs + WG_ROWS * DK; /* NB buffers of KT */
+    bf16 *Ks = Qs + ROWS * W::DK; /* NB buffers of KT */
     bf16 *Vs = Ks + NB * W::KT;   /* NB buffers of VT */
 
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    const int q0 = blockIdx.x * WG_ROWS, h = blockIdx.y, s = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t4 = lane & 3;
+    const int q0 = blockIdx.x * ROWS, h = blockIdx.y, s = blockIdx.z;
     const int hk = h / (a.H / a.Hkv);
-    const int T = a.T, pos0 = a.pos0, n_prefix = a.n_prefix, S = a.S;
+    const int T = a.T, pos0 = a.pos0, n_prefix = a.n_prefix;
     const bf16 *q = (const bf16 *)a.q + s * a.q_seq + (long)h * a.D;
     const bf16 *k = (const bf16 *)a.k + s * a.k_seq + (long)hk * a.k_head;
     const bf16 *v = (const bf16 *)a.v + s * a.v_seq + (long)hk * a.v_head;
-
-    const int last = (q0 + WG_ROWS < T ? q0 + WG_ROWS : T) - 1;
-    const int kend = key_end(pos0 + last, n_prefix, S);
+    const int last = (q0 + ROWS < T ? q0 + ROWS : T) - 1; /* it sees the furthest key */
+    const int kend = key_end(pos0 + last, n_prefix, a.S);
     const int n_tiles = (kend + FA_BK - 1) / FA_BK;
-
-    /* V's ones columns, in every buffer (the copies never touch them). */
-    for (int i = threadIdx.x; i < NB * FA_BK * 8; i += WG_THREADS) {
-        const int b = i / (FA_BK * 8), e = i % (FA_BK * 8);
-        Vs[b * W::VT + (VG - 1) * FA_BK * 8 + e] = __float2bfloat16(1.0f);
-    }
-    /* Copy tile r0/64 into its buffer: K chunk idx is key (idx/8/KG)·8 +
-     * idx%8, dims ((idx/8)%KG)·8 (zeros past D); V chunk idx is key idx%64,
-     * dims (idx/64)·8. */
-    auto load_kv = [&](int r0) {
-        const int b = (r0 / FA_BK) % NB;
-        bf16 *dk = Ks + b * W::KT, *dv = Vs + b * W::VT;
-#pragma unroll
-        for (int u = 0; u < (KCH + WG_THREADS - 1) / WG_THREADS; u++) {
-            const int idx = threadIdx.x + u * WG_THREADS;
-            if (KCH % WG_THREADS == 0 || idx < KCH) {
-                const int r = (idx / 8 / KG) * 8 + idx % 8, c = (idx / 8) % KG;
-                const bool in = r0 + r < kend && c * 8 < a.D;
-                cp_async16_if(dk + idx * 8, k + (long)(r0 + r) * a.ldk + c * 8, in);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < (VCH + WG_THREADS - 1) / WG_THREADS; u++) {
-            const int idx = threadIdx.x + u * WG_THREADS;
-            if (VCH % WG_THREADS == 0 || idx < VCH) {
-                const int r = idx % FA_BK, c = idx / FA_BK;
-                const bool in = r0 + r < kend && c * 8 < a.D;
-                cp_async16_if(dv + idx * 8, v + (long)(r0 + r) * a.ldv + c * 8, in);
-            }
-        }
-        cp_async_commit();
+    auto load = [&](int it) {
+        wg_load_kv<DP, THREADS>(Ks + (it % NB) * W::KT, Vs + (it % NB) * W::VT, k, a.ldk, v, a.ldv, it * FA_BK, kend,
+                                a.D, nullptr, 1);
     };
-    load_kv(0);
-    if (n_tiles > 1) load_kv(FA_BK);
-    /* Q as core matrices like K's, 64 rows a warpgroup: chunk idx at idx·8. */
-    for (int idx = threadIdx.x; idx < WG_ROWS * KG; idx += WG_THREADS) {
-        const int r = (idx / 8 / KG) * 8 + idx % 8, c = (idx / 8) % KG;
-        uint4 x = make_uint4(0, 0, 0, 0);
-        if (q0 + r < T && c * 8 < a.D) x = *(const uint4 *)(q + (long)(q0 + r) * a.ldq + c * 8);
-        *(uint4 *)(Qs + idx * 8) = x;
-    }
-    const int row0 = warp * 16;                 /* this warp's rows: warpgroup·64 + (warp % 4)·16 */
-    const bf16 *Qw = Qs + (warp / 4) * 64 * DK; /* its warpgroup's */
-    const int p0 = pos0 + q0 + row0 + g;        /* this lane's rows: p0 and p0 + 8 */
+    load(0);
+    if (n_tiles > 1) load(1);
+    wg_prologue<DP, ROWS, THREADS>(Qs, Vs, NB, q, a.ldq, q0, T, a.D);
+    const int row0 = warp * 16;                    /* this warp's rows: warpgroup·64 + (warp % 4)·16 */
+    const bf16 *Qw = Qs + (warp / 4) * 64 * W::DK; /* its warpgroup's */
+    const int p0 = pos0 + q0 + row0 + (lane >> 2); /* this lane's rows: p0 and p0 + 8 */
     float m0 = -INFINITY, m1 = -INFINITY;
-    float o[NV / 2];
+    float o[W::NV / 2];
 #pragma unroll
-    for (int i = 0; i < NV / 2; i++) o[i] = 0.0f;
+    for (int i = 0; i < W::NV / 2; i++) o[i] = 0.0f;
 
     for (int it = 0; it < n_tiles; it++) {
-        const int j0 = it * FA_BK;
+        const int j0 = it * FA_BK, jl = j0 + FA_BK - 1;
         if (it + 1 < n_tiles)
             cp_async_wait<1>();
         else
             cp_async_wait<0>();
         wg_fence_smem();
         __syncthreads(); /* tile it is in; every warpgroup is done with tile it-1 */
-        if (it + 2 < n_tiles) load_kv(j0 + 2 * FA_BK);
-        const bf16 *Kb = Ks + (it % NB) * W::KT, *Vb = Vs + (it % NB) * W::VT;
-
-        /* S = Q·Kᵀ: 64 rows × 64 keys a warpgroup. */
-        float sc[32];
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < KS; kk++)
-            wgmma_m64n64k16_ss(sc, wg_desc(Qw + kk * 16 * 8, 128, KG * 128), wg_desc(Kb + kk * 16 * 8, 128, KG * 128),
-                               kk > 0);
-        wg_commit();
+        if (it + 2 < n_tiles) load(it + 2);
+        float sc[32], al0, al1;
+        uint32_t pa[4][4];
+        wg_issue_s<DP>(sc, Qw, Ks + (it % NB) * W::KT);
         wg_wait<0>();
         wg_hold(sc);
-
-        const int jl = j0 + FA_BK - 1;
+        /* Tiles every row of the block sees whole skip the mask. */
         const bool whole = jl < kend && (jl <= pos0 + q0 || (pos0 + last < n_prefix && jl < n_prefix));
-        if (!whole) {
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int j = j0 + nt * 8 + 2 * t4 + e;
-                    const bool in = j < kend;
-                    if (!(in && visible(p0, j, n_prefix))) sc[4 * nt + e] = -INFINITY;
-                    if (!(in && visible(p0 + 8, j, n_prefix))) sc[4 * nt + 2 + e] = -INFINITY;
-                }
-        }
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            mx0 = fmaxf(mx0, fmaxf(sc[4 * nt], sc[4 * nt + 1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[4 * nt + 2], sc[4 * nt + 3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float b0s = mn0 == -INFINITY ? 0.0f : mn0 * scale_log2;
-        const float b1s = mn1 == -INFINITY ? 0.0f : mn1 * scale_log2;
-        const float al0 = m0 == mn0 ? 1.0f : ex2(fmaf(m0, scale_log2, -b0s));
-        const float al1 = m1 == mn1 ? 1.0f : ex2(fmaf(m1, scale_log2, -b1s));
-        const bool rescale = __any_sync(0xffffffffu, m0 != mn0 || m1 != mn1);
-        m0 = mn0, m1 = mn1;
-
-        /* P = 2^(S·scale − m) as bf16 A fragments: keys 16c..16c+15 are
-         * score tiles 2c and 2c+1. */
-        uint32_t pa[NT / 2][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            const float x0 = ex2(fmaf(sc[4 * nt + 0], scale_log2, -b0s));
-            const float x1 = ex2(fmaf(sc[4 * nt + 1], scale_log2, -b0s));
-            const float y0 = ex2(fmaf(sc[4 * nt + 2], scale_log2, -b1s));
-            const float y1 = ex2(fmaf(sc[4 * nt + 3], scale_log2, -b1s));
-            pa[nt / 2][(nt & 1) * 2 + 0] = pack_bf16(x0, x1);
-            pa[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(y0, y1);
-        }
-        if (rescale) {
-#pragma unroll
-            for (int i = 0; i < NV / 8; i++) {
-                o[4 * i + 0] *= al0, o[4 * i + 1] *= al0;
-                o[4 * i + 2] *= al1, o[4 * i + 3] *= al1;
-            }
-        }
-
-        /* O (and the row sums) += P·V. */
-        wg_fence();
-#pragma unroll
-        for (int c = 0; c < NT / 2; c++) {
-            const uint64_t bd = wg_desc(Vb + c * 16 * 8, 128, FA_BK * 16);
-            if constexpr (NV == 80)
-                wgmma_m64n80k16<1>(o, pa[c], bd, 1);
-            else
-                wgmma_m64n72k16<1>(o, pa[c], bd, 1);
-        }
-        wg_commit();
+        if (wg_softmax(sc, j0, whole, kend, p0, n_prefix, t4, scale_log2, m0, m1, pa, al0, al1))
+            wg_scale_o(o, al0, al1);
+        wg_issue_pv<DP>(o, pa, Vs + (it % NB) * W::VT);
         wg_wait<0>();
         wg_hold(o);
     }
-
-    /* Each row's sum is in O's last 8 columns (every one of them). */
-    bf16 *out = (bf16 *)a.out + s * a.o_seq + (long)h * a.D;
-    const float r0 = 1.0f / o[4 * (VG - 1)], r1 = 1.0f / o[4 * (VG - 1) + 2];
-    const int t0 = q0 + row0 + g, t1 = t0 + 8;
-#pragma unroll
-    for (int i = 0; i < DP / 8; i++) {
-        const int d = i * 8 + 2 * t4;
-        if (d >= a.D) continue;
-        if (t0 < T)
-            *(__nv_bfloat162 *)(out + (long)t0 * a.ldo + d) = __floats2bfloat162_rn(o[4 * i] * r0, o[4 * i + 1] * r0);
-        if (t1 < T)
-            *(__nv_bfloat162 *)(out + (long)t1 * a.ldo + d) =
-                __floats2bfloat162_rn(o[4 * i + 2] * r1, o[4 * i + 3] * r1);
-    }
+    wg_store<DP>(o, (bf16 *)a.out + s * a.o_seq + (long)h * a.D, a.ldo, q0 + row0 + (lane >> 2), T, a.D, t4);
 #endif
 }
 
@@ -798,15 +834,13 @@ __global__ void __launch_bounds__(wgp_shape<DP>::THREADS, 1) flash_wgp_kernel(cu
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     typedef wg_shape<DP> W;
     typedef wgp_shape<DP> P;
-    constexpr int DK = W::DK, KG = W::KG, NV = W::NV, VG = W::VG, KS = DK / 16, NT = FA_BK / 8;
     constexpr int ROWS = P::ROWS, THREADS = P::THREADS, NBUF = P::NBUF;
-    constexpr int KCH = FA_BK * KG, VCH = FA_BK * (DP / 8);
     extern __shared__ __align__(128) unsigned char smem[];
     bf16 *Qs = (bf16 *)smem;
-    bf16 *Ks = Qs + ROWS * DK;
+    bf16 *Ks = Qs + ROWS * W::DK;
     bf16 *Vs = Ks + NBUF * W::KT;
 
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t4 = lane & 3;
     const int q0 = blockIdx.x * ROWS, h = blockIdx.y, s = blockIdx.z;
     const int hk = h / (a.H / a.Hkv);
     int T = a.T, pos0 = a.pos0, n_prefix = a.n_prefix, S = a.S;
@@ -823,67 +857,25 @@ __global__ void __launch_bounds__(wgp_shape<DP>::THREADS, 1) flash_wgp_kernel(cu
     const bf16 *q = (const bf16 *)a.q + qs + (long)h * a.D;
     const bf16 *k = (const bf16 *)a.k + ks + (long)hk * a.k_head;
     const bf16 *v = (const bf16 *)a.v + vs + (long)hk * a.v_head;
-
     const int last = (q0 + ROWS < T ? q0 + ROWS : T) - 1;
     const int kend = key_end(pos0 + last, n_prefix, S);
     const int n_tiles = (kend + FA_BK - 1) / FA_BK;
-
-    for (int i = threadIdx.x; i < NBUF * FA_BK * 8; i += THREADS) {
-        const int b = i / (FA_BK * 8), e = i % (FA_BK * 8);
-        Vs[b * W::VT + (VG - 1) * FA_BK * 8 + e] = __float2bfloat16(1.0f);
-    }
-    auto load_kv = [&](int r0) {
-        const int b = (r0 / FA_BK) % NBUF;
-        bf16 *dk = Ks + b * W::KT, *dv = Vs + b * W::VT;
-#pragma unroll
-        for (int u = 0; u < (KCH + THREADS - 1) / THREADS; u++) {
-            const int idx = threadIdx.x + u * THREADS;
-            if (KCH % THREADS == 0 || idx < KCH) {
-                const int r = (idx / 8 / KG) * 8 + idx % 8, c = (idx / 8) % KG;
-                const bool in = r0 + r < kend && c * 8 < a.D;
-                const long row = PG && bt ? (in ? key_row(bt, bs, r0 + r) : 0) : r0 + r;
-                cp_async16_if(dk + idx * 8, k + row * a.ldk + c * 8, in);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < (VCH + THREADS - 1) / THREADS; u++) {
-            const int idx = threadIdx.x + u * THREADS;
-            if (VCH % THREADS == 0 || idx < VCH) {
-                const int r = idx % FA_BK, c = idx / FA_BK;
-                const bool in = r0 + r < kend && c * 8 < a.D;
-                const long row = PG && bt ? (in ? key_row(bt, bs, r0 + r) : 0) : r0 + r;
-                cp_async16_if(dv + idx * 8, v + row * a.ldv + c * 8, in);
-            }
-        }
-        cp_async_commit();
+    auto load = [&](int it) {
+        wg_load_kv<DP, THREADS>(Ks + (it % NBUF) * W::KT, Vs + (it % NBUF) * W::VT, k, a.ldk, v, a.ldv, it * FA_BK,
+                                kend, a.D, bt, bs);
     };
-    load_kv(0);
-    if (n_tiles > 1) load_kv(FA_BK);
-    for (int idx = threadIdx.x; idx < ROWS * KG; idx += THREADS) {
-        const int r = (idx / 8 / KG) * 8 + idx % 8, c = (idx / 8) % KG;
-        uint4 x = make_uint4(0, 0, 0, 0);
-        if (q0 + r < T && c * 8 < a.D) x = *(const uint4 *)(q + (long)(q0 + r) * a.ldq + c * 8);
-        *(uint4 *)(Qs + idx * 8) = x;
-    }
+    load(0);
+    if (n_tiles > 1) load(1);
+    wg_prologue<DP, ROWS, THREADS>(Qs, Vs, NBUF, q, a.ldq, q0, T, a.D);
     const int row0 = warp * 16;
-    const bf16 *Qw = Qs + (warp / 4) * 64 * DK;
-    const int p0 = pos0 + q0 + row0 + g;
+    const bf16 *Qw = Qs + (warp / 4) * 64 * W::DK;
+    const int p0 = pos0 + q0 + row0 + (lane >> 2);
     float m0 = -INFINITY, m1 = -INFINITY;
-    float o[NV / 2];
+    float o[W::NV / 2];
 #pragma unroll
-    for (int i = 0; i < NV / 2; i++) o[i] = 0.0f;
+    for (int i = 0; i < W::NV / 2; i++) o[i] = 0.0f;
 
-    auto issue_s = [&](float(&sc)[32], int it) {
-        const bf16 *Kb = Ks + (it % NBUF) * W::KT;
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < KS; kk++)
-            wgmma_m64n64k16_ss(sc, wg_desc(Qw + kk * 16 * 8, 128, KG * 128), wg_desc(Kb + kk * 16 * 8, 128, KG * 128),
-                               kk > 0);
-        wg_commit();
-    };
-
-    /* Tile 0 (and its K); the loads of tile 1 are in flight. */
+    /* Tile 0's S; tile 1's copies are in flight. */
     float sa[32], sb[32];
     if (n_tiles > 1)
         cp_async_wait<1>();
@@ -891,87 +883,37 @@ __global__ void __launch_bounds__(wgp_shape<DP>::THREADS, 1) flash_wgp_kernel(cu
         cp_async_wait<0>();
     wg_fence_smem();
     __syncthreads();
-    issue_s(sa, 0);
+    wg_issue_s<DP>(sa, Qw, Ks);
     wg_wait<0>();
     wg_hold(sa);
 
-    /* One tile: cur holds S(it); nxt receives S(it+1). */
+    /* Tile it: cur holds S(it), nxt receives S(it+1). The wait counts are
+     * constants in each copy (ptxas serializes the wgmma when it cannot
+     * tell which group a wait retires), hence the two forms. */
     auto tile = [&](float(&cur)[32], float(&nxt)[32], int it, auto more_t) {
         constexpr bool more = decltype(more_t)::value;
-        const int j0 = it * FA_BK;
+        const int j0 = it * FA_BK, jl = j0 + FA_BK - 1;
         if constexpr (more) {
             /* Tile it+1 is in (every thread's copies), and every warpgroup
              * is past P·V(it−2): its buffer takes tile it+2. */
             cp_async_wait<0>();
             wg_fence_smem();
             __syncthreads();
-            if (it + 2 < n_tiles) load_kv((it + 2) * FA_BK);
-            issue_s(nxt, it + 1);
+            if (it + 2 < n_tiles) load(it + 2);
+            wg_issue_s<DP>(nxt, Qw, Ks + ((it + 1) % NBUF) * W::KT);
         }
-        const int jl = j0 + FA_BK - 1;
         const bool whole = jl < kend && (jl <= pos0 + q0 || (pos0 + last < n_prefix && jl < n_prefix));
-        if (!whole) {
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int j = j0 + nt * 8 + 2 * t4 + e;
-                    const bool in = j < kend;
-                    if (!(in && visible(p0, j, n_prefix))) cur[4 * nt + e] = -INFINITY;
-                    if (!(in && visible(p0 + 8, j, n_prefix))) cur[4 * nt + 2 + e] = -INFINITY;
-                }
-        }
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            mx0 = fmaxf(mx0, fmaxf(cur[4 * nt], cur[4 * nt + 1]));
-            mx1 = fmaxf(mx1, fmaxf(cur[4 * nt + 2], cur[4 * nt + 3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float b0s = mn0 == -INFINITY ? 0.0f : mn0 * scale_log2;
-        const float b1s = mn1 == -INFINITY ? 0.0f : mn1 * scale_log2;
-        const float al0 = m0 == mn0 ? 1.0f : ex2(fmaf(m0, scale_log2, -b0s));
-        const float al1 = m1 == mn1 ? 1.0f : ex2(fmaf(m1, scale_log2, -b1s));
-        const bool rescale = __any_sync(0xffffffffu, m0 != mn0 || m1 != mn1);
-        m0 = mn0, m1 = mn1;
-        uint32_t pa[NT / 2][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            const float x0 = ex2(fmaf(cur[4 * nt + 0], scale_log2, -b0s));
-            const float x1 = ex2(fmaf(cur[4 * nt + 1], scale_log2, -b0s));
-            const float y0 = ex2(fmaf(cur[4 * nt + 2], scale_log2, -b1s));
-            const float y1 = ex2(fmaf(cur[4 * nt + 3], scale_log2, -b1s));
-            pa[nt / 2][(nt & 1) * 2 + 0] = pack_bf16(x0, x1);
-            pa[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(y0, y1);
-        }
+        float al0, al1;
+        uint32_t pa[4][4];
+        const bool rescale = wg_softmax(cur, j0, whole, kend, p0, n_prefix, t4, scale_log2, m0, m1, pa, al0, al1);
         /* P·V(it−1) is done (committed before S(it+1)). */
         if constexpr (more)
             wg_wait<1>();
         else
             wg_wait<0>();
         wg_hold(o);
-        if (rescale) {
-#pragma unroll
-            for (int i = 0; i < NV / 8; i++) {
-                o[4 * i + 0] *= al0, o[4 * i + 1] *= al0;
-                o[4 * i + 2] *= al1, o[4 * i + 3] *= al1;
-            }
-        }
-        const bf16 *Vb = Vs + (it % NBUF) * W::VT;
-        wg_fence();
-#pragma unroll
-        for (int c = 0; c < NT / 2; c++) {
-            const uint64_t bd = wg_desc(Vb + c * 16 * 8, 128, FA_BK * 16);
-            if constexpr (NV == 80)
-                wgmma_m64n80k16<1>(o, pa[c], bd, 1);
-            else
-                wgmma_m64n72k16<1>(o, pa[c], bd, 1);
-        }
-        wg_commit();
+        if (rescale) wg_scale_o(o, al0, al1);
+        wg_issue_pv<DP>(o, pa, Vs + (it % NBUF) * W::VT);
         if constexpr (more) {
             wg_wait<1>(); /* S(it+1) */
             wg_hold(nxt);
@@ -980,8 +922,6 @@ __global__ void __launch_bounds__(wgp_shape<DP>::THREADS, 1) flash_wgp_kernel(cu
             wg_hold(o);
         }
     };
-    /* Constant wait counts in each copy (ptxas serializes the wgmma when it
-     * cannot tell which group a wait retires). */
     const std::true_type mid;
     const std::false_type end;
     int it = 0;
@@ -995,20 +935,7 @@ __global__ void __launch_bounds__(wgp_shape<DP>::THREADS, 1) flash_wgp_kernel(cu
     } else {
         tile(sa, sb, it, end);
     }
-
-    bf16 *out = (bf16 *)a.out + os + (long)h * a.D;
-    const float r0 = 1.0f / o[4 * (VG - 1)], r1 = 1.0f / o[4 * (VG - 1) + 2];
-    const int t0 = q0 + row0 + g, t1 = t0 + 8;
-#pragma unroll
-    for (int i = 0; i < DP / 8; i++) {
-        const int d = i * 8 + 2 * t4;
-        if (d >= a.D) continue;
-        if (t0 < T)
-            *(__nv_bfloat162 *)(out + (long)t0 * a.ldo + d) = __floats2bfloat162_rn(o[4 * i] * r0, o[4 * i + 1] * r0);
-        if (t1 < T)
-            *(__nv_bfloat162 *)(out + (long)t1 * a.ldo + d) =
-                __floats2bfloat162_rn(o[4 * i + 2] * r1, o[4 * i + 3] * r1);
-    }
+    wg_store<DP>(o, (bf16 *)a.out + os + (long)h * a.D, a.ldo, q0 + row0 + (lane >> 2), T, a.D, t4);
 #endif
 }
 
